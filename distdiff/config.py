@@ -1,0 +1,292 @@
+"""Typed configuration: dataclasses with one help string per field, YAML files, CLI overrides.
+
+Every field can be set in YAML (``section: {field: value}``) or on the command line as
+``--section.field VALUE``; unknown names and invalid values are rejected, all at once, before
+any work starts.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message lists every problem found."""
+
+
+def _f(default, help: str):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class EnvConfig:
+    id: str = _f("Walker2d-v5", "Gymnasium environment id the planner acts in.")
+    obs_dim: int = _f(17, "Observation size; checked against the dataset.")
+    act_dim: int = _f(6, "Action size; checked against the dataset.")
+    max_episode_steps: int = _f(1000, "Episode step limit (truncation).")
+
+
+@dataclass
+class DataConfig:
+    dataset_id: str = _f("mujoco/walker2d/medium-v0", "Minari dataset id, looked up under MINARI_DATASETS_PATH first.")
+    download: bool = _f(False, "Download the dataset from Minari's remote if it is not local (needs internet).")
+    normalizer: str = _f("gaussian", "Per-dimension normalizer: gaussian or minmax.")
+    discount: float = _f(0.997, "Discount of the return-to-go that the value net predicts.")
+    termination_penalty: float = _f(-100.0, "Reward added at a true termination (not at truncation).")
+
+
+@dataclass
+class ModelConfig:
+    horizon: int = _f(32, "Planning horizon H: rows (s_j, a_j) per trajectory.")
+    dim: int = _f(32, "Base channel width of the denoiser U-Net.")
+    dim_mults: Tuple[int, ...] = _f((1, 2, 4), "Channel multipliers per U-Net level; H must be divisible by 2**(levels-1).")
+    value_dim: int = _f(32, "Base channel width of the value network.")
+    kernel_size: int = _f(5, "Temporal convolution kernel size.")
+
+
+@dataclass
+class DiffusionConfig:
+    n_steps: int = _f(20, "Number of diffusion timesteps T.")
+    schedule: str = _f("cosine", "Beta schedule: linear, cosine or sigmoid.")
+    prediction: str = _f("x0", "What the denoiser predicts: x0 (clean trajectory) or epsilon (noise, the seed's Alg. 1.1).")
+    action_weight: float = _f(10.0, "Loss weight of the first action a_0 (the one executed).")
+    clip_denoised: bool = _f(True, "Clip the predicted clean trajectory to the normalized data range while sampling.")
+
+
+@dataclass
+class GuidanceConfig:
+    scale: float = _f(0.0, "Guidance scale k in τ ← τ + k∇V; 0 samples unguided.")
+    n_guide_steps: int = _f(2, "Gradient steps per denoising step.")
+    t_stopgrad: int = _f(2, "No guidance at noise levels t < t_stopgrad.")
+    scale_grad_by_std: bool = _f(True, "Scale the value gradient by the posterior variance σ_t².")
+    n_candidates: int = _f(1, "Plans sampled per state; the one with the highest V is executed (needs the value net if > 1).")
+
+
+@dataclass
+class PlannerConfig:
+    sampler: str = _f("ddim", "ddpm (ancestral, all T steps) or ddim (fewer steps, for acting).")
+    ddim_steps: int = _f(5, "Denoising steps of the DDIM sampler.")
+    ddim_eta: float = _f(0.0, "DDIM stochasticity η (0 deterministic, 1 ≈ DDPM).")
+    execution: str = _f("receding", "open_loop: execute the plan's H actions (the seed's Alg. 2); receding: replan every replan_every steps.")
+    replan_every: int = _f(8, "Steps between plans in receding-horizon mode.")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = _f(20000, "Gradient steps of offline pretraining.")
+    batch_size: int = _f(64, "Trajectory windows per gradient step.")
+    lr: float = _f(2e-4, "Adam learning rate of the denoiser.")
+    value_lr: float = _f(2e-4, "Adam learning rate of the value net.")
+    train_value: bool = _f(True, "Train the value net (needed for guidance and candidate selection).")
+    grad_clip: float = _f(1.0, "Gradient norm clip; 0 disables.")
+    ema_decay: float = _f(0.995, "EMA decay of the weights used for planning.")
+    ema_every: int = _f(10, "Gradient steps between EMA updates.")
+    ema_start: int = _f(1000, "Steps before the EMA starts tracking (copies the weights until then).")
+    log_every: int = _f(100, "Gradient steps between TensorBoard scalars.")
+    checkpoint_every: int = _f(2000, "Gradient steps between checkpoints.")
+    seed: int = _f(0, "Seed of torch, numpy and the data sampler.")
+    device: str = _f("auto", "auto (cuda when present), cpu or cuda.")
+    num_threads: int = _f(1, "torch threads per process (1 is fastest on small machines).")
+
+
+@dataclass
+class EvalConfig:
+    episodes: int = _f(10, "Evaluation episodes.")
+    num_envs: int = _f(10, "Environments stepped together, planned in one sampler batch.")
+    measure_alignment: bool = _f(True, "Replay each plan's actions in a shadow env to measure the alignment error.")
+    seed: int = _f(10_000, "Seed of the evaluation envs and sampler.")
+
+
+@dataclass
+class Config:
+    env: EnvConfig = field(default_factory=EnvConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def to_dict(self) -> Dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for section in out.values():
+            for k, v in section.items():
+                if isinstance(v, tuple):
+                    section[k] = list(v)
+        return out
+
+
+def _sections():
+    return {f.name: f.type if isinstance(f.type, type) else typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+def _coerce(value, tp, where: str):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return None if value is None else _coerce(value, args[0], where)
+    if origin in (tuple, Tuple):
+        if isinstance(value, str):
+            value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(v, typing.get_args(tp)[0], where) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        raise ConfigError(f"{where}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
+    if tp is float:
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+    if tp is str:
+        return str(value)
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def from_dict(data: Optional[Dict[str, Any]], base: Optional[Config] = None) -> Config:
+    """Merge a nested dict into ``base`` (defaults if None); unknown keys are errors."""
+    cfg = dataclasses.replace(base) if base else Config()
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(data).__name__}")
+    sections = _sections()
+    errors = []
+    for name, values in data.items():
+        if name not in sections:
+            errors.append(f"unknown section {name!r}; sections are {sorted(sections)}")
+            continue
+        if not isinstance(values, dict):
+            errors.append(f"section {name!r} must be a mapping")
+            continue
+        section = dataclasses.replace(getattr(cfg, name))
+        hints = typing.get_type_hints(type(section))
+        for key, value in values.items():
+            if key not in hints:
+                errors.append(f"unknown field {name}.{key}; fields are {sorted(hints)}")
+                continue
+            try:
+                setattr(section, key, _coerce(value, hints[key], f"{name}.{key}"))
+            except ConfigError as e:
+                errors.append(str(e))
+        setattr(cfg, name, section)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def _nest(overrides: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    nested: Dict[str, Dict[str, Any]] = {}
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def load(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] = None) -> Config:
+    """Load a YAML config (defaults if ``path`` is None), apply dotted overrides, validate."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        cfg = from_dict(yaml.safe_load(path.read_text()), cfg)
+    if overrides:
+        cfg = from_dict(_nest(overrides), cfg)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    from distdiff.diffusion.schedules import SCHEDULES  # torch-only, imported late to keep config light
+
+    e: List[str] = []
+
+    def need(cond: bool, msg: str):
+        if not cond:
+            e.append(msg)
+
+    need(cfg.env.obs_dim > 0 and cfg.env.act_dim > 0, "env.obs_dim and env.act_dim must be positive")
+    need(cfg.env.max_episode_steps > 0, "env.max_episode_steps must be positive")
+    need(cfg.data.normalizer in ("gaussian", "minmax"), f"data.normalizer must be gaussian or minmax, got {cfg.data.normalizer!r}")
+    need(0.0 < cfg.data.discount <= 1.0, f"data.discount must be in (0, 1], got {cfg.data.discount}")
+    need(cfg.model.horizon > 0, f"model.horizon must be positive, got {cfg.model.horizon}")
+    need(len(cfg.model.dim_mults) > 0 and all(m > 0 for m in cfg.model.dim_mults), "model.dim_mults must be positive integers")
+    if cfg.model.horizon > 0 and cfg.model.dim_mults:
+        factor = 2 ** (len(cfg.model.dim_mults) - 1)
+        need(cfg.model.horizon % factor == 0, f"model.horizon {cfg.model.horizon} must be a multiple of {factor} for dim_mults {cfg.model.dim_mults}")
+    need(cfg.model.dim > 0 and cfg.model.value_dim > 0, "model.dim and model.value_dim must be positive")
+    need(cfg.model.kernel_size % 2 == 1, "model.kernel_size must be odd")
+    need(cfg.diffusion.n_steps >= 1, "diffusion.n_steps must be >= 1")
+    need(cfg.diffusion.schedule in SCHEDULES, f"diffusion.schedule must be one of {sorted(SCHEDULES)}, got {cfg.diffusion.schedule!r}")
+    need(cfg.diffusion.prediction in ("x0", "epsilon"), f"diffusion.prediction must be x0 or epsilon, got {cfg.diffusion.prediction!r}")
+    need(cfg.diffusion.action_weight > 0, "diffusion.action_weight must be positive")
+    need(cfg.guidance.scale >= 0, "guidance.scale must be >= 0")
+    need(cfg.guidance.n_guide_steps >= 1, "guidance.n_guide_steps must be >= 1")
+    need(cfg.guidance.n_candidates >= 1, "guidance.n_candidates must be >= 1")
+    if cfg.guidance.scale > 0 or cfg.guidance.n_candidates > 1:
+        need(cfg.train.train_value, "guidance (scale > 0 or n_candidates > 1) needs the value net: set train.train_value true")
+    need(cfg.planner.sampler in ("ddpm", "ddim"), f"planner.sampler must be ddpm or ddim, got {cfg.planner.sampler!r}")
+    need(1 <= cfg.planner.ddim_steps <= cfg.diffusion.n_steps, f"planner.ddim_steps must be in [1, diffusion.n_steps={cfg.diffusion.n_steps}]")
+    need(0.0 <= cfg.planner.ddim_eta <= 1.0, "planner.ddim_eta must be in [0, 1]")
+    need(cfg.planner.execution in ("open_loop", "receding"), f"planner.execution must be open_loop or receding, got {cfg.planner.execution!r}")
+    need(1 <= cfg.planner.replan_every <= cfg.model.horizon, f"planner.replan_every must be in [1, model.horizon={cfg.model.horizon}]")
+    need(cfg.train.steps >= 0 and cfg.train.batch_size > 0, "train.steps must be >= 0 and train.batch_size > 0")
+    need(cfg.train.lr > 0 and cfg.train.value_lr > 0, "learning rates must be positive")
+    need(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
+    need(cfg.train.ema_every >= 1 and cfg.train.log_every >= 1 and cfg.train.checkpoint_every >= 1, "train.ema_every, log_every and checkpoint_every must be >= 1")
+    need(cfg.train.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
+    need(cfg.train.num_threads >= 1, "train.num_threads must be >= 1")
+    need(cfg.eval.episodes >= 1 and cfg.eval.num_envs >= 1, "eval.episodes and eval.num_envs must be >= 1")
+    if e:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(e))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one ``--section.field`` flag per config field, with its help."""
+    parser.add_argument("--config", type=Path, default=None, help="YAML config file (defaults are used for missing fields).")
+    for name, section_type in _sections().items():
+        group = parser.add_argument_group(f"{name} (config section)")
+        hints = typing.get_type_hints(section_type)
+        for f in dataclasses.fields(section_type):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(hints[f.name], "VALUE")
+            group.add_argument(f"--{name}.{f.name}", dest=f"cfg__{name}__{f.name}", default=None, metavar=metavar,
+                               help=f"{f.metadata.get('help', '')} (default: {default})")
+
+
+def from_args(args: argparse.Namespace, base: Optional[Config] = None) -> Config:
+    """Build the config from ``--config`` (or ``base``, e.g. a checkpoint's) and the ``--section.field`` flags."""
+    overrides = {}
+    for key, value in vars(args).items():
+        if key.startswith("cfg__") and value is not None:
+            _, section, name = key.split("__", 2)
+            overrides[f"{section}.{name}"] = value
+    if base is None:
+        return load(args.config, overrides)
+    cfg = from_dict(_nest(overrides), base)
+    validate(cfg)
+    return cfg
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

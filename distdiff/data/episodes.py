@@ -1,0 +1,48 @@
+"""Episodes as Minari stores them: T+1 observations, T actions, rewards and end flags."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Episode:
+    observations: np.ndarray  # [T+1, obs_dim]; the last is the state after the final action
+    actions: np.ndarray  # [T, act_dim]
+    rewards: np.ndarray  # [T]
+    terminated: bool  # a true terminal state (the walker fell), not a time limit
+    truncated: bool
+
+    def __post_init__(self):
+        self.observations = np.asarray(self.observations, dtype=np.float32)
+        self.actions = np.asarray(self.actions, dtype=np.float32)
+        self.rewards = np.asarray(self.rewards, dtype=np.float32)
+        t = len(self.actions)
+        if self.observations.shape[0] != t + 1 or self.rewards.shape[0] != t:
+            raise ValueError(
+                f"an episode needs T+1 observations and T actions and rewards; got "
+                f"{self.observations.shape[0]}, {t}, {self.rewards.shape[0]}"
+            )
+        if t < 1:
+            raise ValueError("an episode needs at least one step")
+
+    def __len__(self) -> int:
+        return len(self.actions)
+
+    @property
+    def episode_return(self) -> float:
+        return float(self.rewards.sum())
+
+
+def discounted_returns_to_go(rewards: np.ndarray, discount: float, terminal_bonus: float = 0.0) -> np.ndarray:
+    """``G[t] = Σ_{k≥t} γ^{k−t} r_k`` for t in [0, T], with ``terminal_bonus`` added to the last reward.
+
+    ``G[T] = 0``: nothing is earned after the last observation. No bootstrap at truncation.
+    """
+    rewards = np.asarray(rewards, dtype=np.float64).copy()
+    rewards[-1] += terminal_bonus
+    out = np.zeros(len(rewards) + 1)
+    for t in range(len(rewards) - 1, -1, -1):
+        out[t] = rewards[t] + discount * out[t + 1]
+    return out

@@ -1,0 +1,154 @@
+"""Reading and writing Minari datasets (local first, remote download on request)."""
+from __future__ import annotations
+
+import os
+from typing import List, NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from distdiff.data.episodes import Episode
+
+# D4RL's Walker2d reference returns (Fu et al. 2020), so normalized scores are comparable.
+WALKER2D_REF_MIN_SCORE = 1.629008
+WALKER2D_REF_MAX_SCORE = 4592.3
+REFERENCE_SCORES = {"Walker2d": (WALKER2D_REF_MIN_SCORE, WALKER2D_REF_MAX_SCORE)}
+
+
+class DatasetError(RuntimeError):
+    """A dataset that is missing, unreachable or does not match the config."""
+
+
+class LoadedDataset(NamedTuple):
+    dataset_id: str
+    env_id: Optional[str]
+    episodes: List[Episode]
+    ref_min_score: Optional[float]
+    ref_max_score: Optional[float]
+
+
+def datasets_root() -> str:
+    return os.environ.get("MINARI_DATASETS_PATH", os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
+
+
+def reference_scores(env_id: str):
+    """(random, expert) reference returns of an env id such as ``Walker2d-v5``, or (None, None)."""
+    return REFERENCE_SCORES.get(env_id.split("-")[0], (None, None))
+
+
+def normalized_score(episode_return, ref_min: Optional[float], ref_max: Optional[float]):
+    """D4RL's score, 100·(R − R_random)/(R_expert − R_random); None without references."""
+    if ref_min is None or ref_max is None:
+        return None
+    return 100.0 * (np.asarray(episode_return, dtype=np.float64) - ref_min) / (ref_max - ref_min)
+
+
+def dataset_exists(dataset_id: str) -> bool:
+    import minari
+
+    return dataset_id in minari.list_local_datasets()
+
+
+def _missing_message(dataset_id: str, why: str) -> str:
+    return (
+        f"dataset {dataset_id!r} is not available: {why}\n"
+        f"Local datasets are looked up under MINARI_DATASETS_PATH={datasets_root()}.\n"
+        f"Either download it (with internet): --data.download true, or make a local one:\n"
+        f"  python launch/collect.py --policy random --episodes 50 --dataset-id local/walker2d/random-v0\n"
+        f"and pass --data.dataset_id local/walker2d/random-v0."
+    )
+
+
+def load_minari(dataset_id: str, *, download: bool = False):
+    import minari
+
+    try:
+        return minari.load_dataset(dataset_id, download=False)
+    except FileNotFoundError:
+        if not download:
+            raise DatasetError(_missing_message(dataset_id, "it is not in the local Minari store")) from None
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as e:  # network stacks raise many unrelated types; all mean "not downloadable now"
+        raise DatasetError(_missing_message(dataset_id, f"download failed ({type(e).__name__}: {e})")) from e
+
+
+def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[int] = None, act_dim: Optional[int] = None,
+                  env_id: Optional[str] = None) -> LoadedDataset:
+    """Load every episode, checking the dataset's env and shapes against what the config expects."""
+    ds = load_minari(dataset_id, download=download)
+    spec = ds.spec.env_spec
+    ds_env = spec.id if spec is not None else None
+    obs_shape, act_shape = ds.spec.observation_space.shape, ds.spec.action_space.shape
+    problems = []
+    if env_id is not None and ds_env is not None and ds_env.split("-")[0] != env_id.split("-")[0]:
+        problems.append(f"it was recorded in {ds_env}, the config's env is {env_id}")
+    if obs_dim is not None and tuple(obs_shape or ()) != (obs_dim,):
+        problems.append(f"observations have shape {obs_shape}, the config's env.obs_dim is {obs_dim}")
+    if act_dim is not None and tuple(act_shape or ()) != (act_dim,):
+        problems.append(f"actions have shape {act_shape}, the config's env.act_dim is {act_dim}")
+    if problems:
+        raise DatasetError(f"dataset {dataset_id!r} does not match the config: " + "; ".join(problems))
+    episodes = [
+        Episode(
+            observations=ep.observations,
+            actions=ep.actions,
+            rewards=ep.rewards,
+            terminated=bool(np.asarray(ep.terminations)[-1]),
+            truncated=bool(np.asarray(ep.truncations)[-1]),
+        )
+        for ep in ds.iterate_episodes()
+    ]
+    meta = ds.storage.metadata
+    return LoadedDataset(dataset_id, ds_env, episodes, meta.get("ref_min_score"), meta.get("ref_max_score"))
+
+
+def write_episodes(
+    dataset_id: str,
+    episodes: Sequence[Episode],
+    *,
+    env_id: str,
+    algorithm_name: str,
+    description: str = "",
+    overwrite: bool = False,
+):
+    """Write a Minari dataset; an existing id is refused unless ``overwrite``."""
+    import gymnasium as gym
+    import minari
+    from minari.data_collector import EpisodeBuffer
+
+    if not episodes:
+        raise DatasetError("no episodes to write")
+    if dataset_exists(dataset_id):
+        if not overwrite:
+            raise DatasetError(f"dataset {dataset_id!r} already exists under {datasets_root()}; pass --overwrite to replace it")
+        minari.delete_dataset(dataset_id)
+    ref_min, ref_max = reference_scores(env_id)
+    env = gym.make(env_id)
+    buffers = [
+        EpisodeBuffer(
+            id=i,
+            observations=ep.observations.astype(np.float64),
+            actions=ep.actions.astype(np.float32),
+            rewards=ep.rewards.astype(np.float64),
+            terminations=np.eye(1, len(ep), len(ep) - 1, dtype=bool)[0] & ep.terminated,
+            truncations=np.eye(1, len(ep), len(ep) - 1, dtype=bool)[0] & ep.truncated,
+        )
+        for i, ep in enumerate(episodes)
+    ]
+    try:
+        return minari.create_dataset_from_buffers(
+            dataset_id=dataset_id,
+            buffer=buffers,
+            env=env.spec,
+            algorithm_name=algorithm_name,
+            author="distdiff",
+            author_email="n/a",
+            code_permalink="n/a",
+            eval_env=env.spec,
+            ref_min_score=ref_min,
+            ref_max_score=ref_max,
+            description=description or f"{len(episodes)} {env_id} episodes collected by distdiff ({algorithm_name})",
+            data_format="hdf5",
+        )
+    finally:
+        env.close()

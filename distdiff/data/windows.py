@@ -1,0 +1,86 @@
+"""Training windows of horizon H over episodes, with padding masks and value targets."""
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+import torch
+
+from distdiff.data.episodes import Episode, discounted_returns_to_go
+from distdiff.layout import TrajectoryLayout
+from distdiff.normalizer import Normalizer
+
+
+class Batch(NamedTuple):
+    x_start: torch.Tensor  # [B, H, D] normalized trajectories
+    mask: torch.Tensor  # [B, H, D] 1 on real entries, 0 on padding
+    cond: torch.Tensor  # [B, obs_dim] normalized s_0
+    returns: torch.Tensor  # [B] discounted return-to-go from s_0 (raw reward units)
+
+
+def fit_normalizer(episodes: Sequence[Episode], layout: TrajectoryLayout, kind: str) -> Normalizer:
+    rows = np.concatenate([np.concatenate([ep.observations[:-1], ep.actions], axis=1) for ep in episodes])
+    if rows.shape[1] != layout.transition_dim:
+        raise ValueError(f"episode rows have {rows.shape[1]} dims, layout expects {layout.transition_dim}")
+    return Normalizer.fit(rows, kind=kind)
+
+
+class WindowDataset:
+    """All windows ``(episode, start)`` with ``start`` in ``[0, T)``.
+
+    Row ``j`` of a window is ``[s_{start+j}, a_{start+j}]``. Past the episode's end, states
+    repeat the last observation and actions the last action; those entries are masked.
+    The last observation s_T is a real state (its row's action is padding).
+    """
+
+    def __init__(
+        self,
+        episodes: Sequence[Episode],
+        *,
+        layout: TrajectoryLayout,
+        horizon: int,
+        normalizer: Normalizer,
+        discount: float,
+        termination_penalty: float = 0.0,
+    ):
+        if not episodes:
+            raise ValueError("no episodes to make windows from")
+        self.layout, self.horizon, self.normalizer = layout, horizon, normalizer
+        state_norm = normalizer.slice(layout.state_slice)
+        action_norm = normalizer.slice(layout.action_slice)
+        self.observations = np.concatenate([state_norm.normalize(ep.observations) for ep in episodes]).astype(np.float32)
+        self.actions = np.concatenate([action_norm.normalize(ep.actions) for ep in episodes]).astype(np.float32)
+        lengths = np.array([len(ep) for ep in episodes])
+        self.obs_offset = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
+        self.act_offset = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+        self.lengths = lengths
+        self.window_episode = np.repeat(np.arange(len(episodes)), lengths)
+        self.window_start = np.concatenate([np.arange(n) for n in lengths])
+        rtg = [
+            discounted_returns_to_go(ep.rewards, discount, termination_penalty if ep.terminated else 0.0)
+            for ep in episodes
+        ]
+        self.returns = np.concatenate([g[:-1] for g in rtg]).astype(np.float32)
+
+    def __len__(self) -> int:
+        return len(self.window_start)
+
+    @property
+    def n_transitions(self) -> int:
+        return int(self.lengths.sum())
+
+    def get(self, index: np.ndarray) -> Batch:
+        ep = self.window_episode[index]
+        steps = self.window_start[index][:, None] + np.arange(self.horizon)[None, :]
+        length = self.lengths[ep][:, None]
+        obs = self.observations[self.obs_offset[ep][:, None] + np.minimum(steps, length)]
+        act = self.actions[self.act_offset[ep][:, None] + np.minimum(steps, length - 1)]
+        mask = np.concatenate([
+            np.broadcast_to((steps <= length)[..., None], obs.shape),
+            np.broadcast_to((steps < length)[..., None], act.shape),
+        ], axis=-1).astype(np.float32)
+        x = torch.from_numpy(np.concatenate([obs, act], axis=-1))
+        return Batch(x, torch.from_numpy(mask), x[:, 0, self.layout.state_slice].clone(), torch.from_numpy(self.returns[index]))
+
+    def sample(self, batch_size: int, rng: np.random.Generator) -> Batch:
+        return self.get(rng.integers(0, len(self), size=batch_size))

@@ -1,0 +1,40 @@
+"""Evaluation of a planner in the real env: returns, normalized score, alignment error."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from distdiff.config import Config
+from distdiff.data.minari_io import reference_scores
+from distdiff.planner import Planner
+from distdiff.rollout import EpisodeResult, make_env, run_episodes, summarize
+
+
+def evaluate(planner: Planner, cfg: Config, *, episodes: Optional[int] = None, seed: Optional[int] = None,
+             progress: Optional[Callable[[EpisodeResult], None]] = None) -> dict:
+    episodes = episodes or cfg.eval.episodes
+    seed = cfg.eval.seed if seed is None else seed
+    n_envs = min(cfg.eval.num_envs, episodes)
+    envs = [make_env(cfg.env.id, cfg.env.max_episode_steps) for _ in range(n_envs)]
+    shadows = [make_env(cfg.env.id) for _ in range(n_envs)] if cfg.eval.measure_alignment else None
+    generator = torch.Generator(device=planner.device).manual_seed(seed)
+    try:
+        results = run_episodes(
+            lambda obs: planner.plan(obs, generator=generator),
+            envs,
+            n_episodes=episodes,
+            execution=cfg.planner.execution,
+            horizon=cfg.model.horizon,
+            replan_every=cfg.planner.replan_every,
+            seed=seed,
+            state_normalizer=planner.state_normalizer,
+            shadows=shadows,
+            progress=progress,
+        )
+    finally:
+        for env in envs + (shadows or []):
+            env.close()
+    summary = summarize(results, *reference_scores(cfg.env.id))
+    summary["guidance_scale"] = cfg.guidance.scale
+    return summary

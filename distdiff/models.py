@@ -1,0 +1,41 @@
+"""Builds the diffusion, denoiser and value net that a config describes."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+from distdiff.config import Config
+from distdiff.diffusion.gaussian import GaussianDiffusion
+from distdiff.diffusion.schedules import make_beta_schedule
+from distdiff.layout import TrajectoryLayout
+from distdiff.nn.temporal import TemporalUnet, ValueNet
+from distdiff.normalizer import Normalizer
+
+
+class Models(NamedTuple):
+    diffusion: GaussianDiffusion
+    denoiser: TemporalUnet
+    value: ValueNet
+
+
+def layout_of(cfg: Config) -> TrajectoryLayout:
+    return TrajectoryLayout(cfg.env.obs_dim, cfg.env.act_dim)
+
+
+def build_models(cfg: Config, normalizer: Normalizer) -> Models:
+    layout = layout_of(cfg)
+    m = cfg.model
+    clip = (normalizer.clip_min, normalizer.clip_max) if cfg.diffusion.clip_denoised else (None, None)
+    diffusion = GaussianDiffusion(
+        betas=make_beta_schedule(cfg.diffusion.schedule, cfg.diffusion.n_steps),
+        layout=layout,
+        horizon=m.horizon,
+        prediction=cfg.diffusion.prediction,
+        action_weight=cfg.diffusion.action_weight,
+        clip_min=clip[0],
+        clip_max=clip[1],
+    )
+    denoiser = TemporalUnet(horizon=m.horizon, transition_dim=layout.transition_dim, dim=m.dim,
+                            dim_mults=m.dim_mults, kernel_size=m.kernel_size)
+    value = ValueNet(horizon=m.horizon, transition_dim=layout.transition_dim, dim=m.value_dim,
+                     dim_mults=m.dim_mults, kernel_size=m.kernel_size)
+    return Models(diffusion, denoiser, value)

@@ -1,0 +1,69 @@
+"""Per-dimension normalizers fitted on the dataset and saved in every checkpoint."""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+import torch
+
+KINDS = ("gaussian", "minmax")
+
+
+class Normalizer:
+    """Affine per-dimension map ``x ↦ (x − shift) / scale`` over the last axis.
+
+    ``gaussian``: shift = mean, scale = std. ``minmax``: maps [min, max] to [−1, 1].
+    ``clip_min``/``clip_max`` are the normalized data's per-dimension range, used to clip
+    the sampler's estimate of the clean trajectory.
+    """
+
+    def __init__(self, *, kind: str, shift, scale, clip_min, clip_max):
+        if kind not in KINDS:
+            raise ValueError(f"unknown normalizer {kind!r}; choose one of {list(KINDS)}")
+        self.kind = kind
+        self.shift = torch.as_tensor(np.asarray(shift), dtype=torch.float32)
+        self.scale = torch.as_tensor(np.asarray(scale), dtype=torch.float32)
+        self.clip_min = torch.as_tensor(np.asarray(clip_min), dtype=torch.float32)
+        self.clip_max = torch.as_tensor(np.asarray(clip_max), dtype=torch.float32)
+
+    @classmethod
+    def fit(cls, data: np.ndarray, *, kind: str = "gaussian", eps: float = 1e-6) -> "Normalizer":
+        data = np.asarray(data, dtype=np.float64).reshape(-1, np.shape(data)[-1])
+        if kind == "gaussian":
+            shift, scale = data.mean(0), np.maximum(data.std(0), eps)
+        elif kind == "minmax":
+            lo, hi = data.min(0), data.max(0)
+            shift, scale = (hi + lo) / 2, np.maximum((hi - lo) / 2, eps)
+        else:
+            raise ValueError(f"unknown normalizer {kind!r}; choose one of {list(KINDS)}")
+        normed = (data - shift) / scale
+        return cls(kind=kind, shift=shift, scale=scale, clip_min=normed.min(0), clip_max=normed.max(0))
+
+    @property
+    def dim(self) -> int:
+        return int(self.shift.shape[0])
+
+    def _params(self, x, *names):
+        if isinstance(x, torch.Tensor):
+            return [getattr(self, n).to(device=x.device, dtype=x.dtype) for n in names]
+        return [getattr(self, n).numpy().astype(np.asarray(x).dtype, copy=False) for n in names]
+
+    def normalize(self, x):
+        shift, scale = self._params(x, "shift", "scale")
+        return (x - shift) / scale
+
+    def unnormalize(self, x):
+        shift, scale = self._params(x, "shift", "scale")
+        return x * scale + shift
+
+    def slice(self, s: slice) -> "Normalizer":
+        """The normalizer of a slice of the dimensions (e.g. the states of a trajectory row)."""
+        return Normalizer(kind=self.kind, shift=self.shift[s], scale=self.scale[s], clip_min=self.clip_min[s], clip_max=self.clip_max[s])
+
+    def state_dict(self) -> Dict[str, object]:
+        return {"kind": self.kind, "shift": self.shift.clone(), "scale": self.scale.clone(),
+                "clip_min": self.clip_min.clone(), "clip_max": self.clip_max.clone()}
+
+    @classmethod
+    def from_state_dict(cls, state: Dict[str, object]) -> "Normalizer":
+        return cls(**state)

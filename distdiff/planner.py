@@ -1,0 +1,84 @@
+"""The planner: observations → sampled trajectories → actions."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import numpy as np
+import torch
+
+from distdiff.config import Config, GuidanceConfig, PlannerConfig
+from distdiff.diffusion.gaussian import GaussianDiffusion
+from distdiff.diffusion.guidance import ValueGuide
+from distdiff.normalizer import Normalizer
+
+
+class Plan(NamedTuple):
+    states: np.ndarray  # [B, H, obs_dim], env units; states[:, 0] is the given observation
+    actions: np.ndarray  # [B, H, act_dim], env units
+    values: Optional[np.ndarray]  # [B] V of the chosen plan (standardized), None without value net
+    trajectories: torch.Tensor  # [B, H, D] normalized, as sampled
+
+
+class Planner:
+    def __init__(
+        self,
+        *,
+        diffusion: GaussianDiffusion,
+        denoiser: torch.nn.Module,
+        value: Optional[torch.nn.Module],
+        normalizer: Normalizer,
+        guidance: GuidanceConfig,
+        planner: PlannerConfig,
+        device: str | torch.device = "cpu",
+    ):
+        if (guidance.scale > 0 or guidance.n_candidates > 1) and value is None:
+            raise ValueError("guidance and candidate selection need a value network")
+        self.diffusion, self.denoiser, self.value = diffusion, denoiser, value
+        self.normalizer = normalizer
+        self.layout = diffusion.layout
+        self.state_normalizer = normalizer.slice(self.layout.state_slice)
+        self.guidance, self.cfg = guidance, planner
+        self.device = torch.device(device)
+        self.guide = None
+        if value is not None and guidance.scale > 0:
+            self.guide = ValueGuide(
+                value,
+                scale=guidance.scale,
+                n_steps=guidance.n_guide_steps,
+                t_stopgrad=guidance.t_stopgrad,
+                posterior_variance=diffusion.posterior_variance if guidance.scale_grad_by_std else None,
+            )
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, diffusion, denoiser, value, normalizer, device="cpu") -> "Planner":
+        return cls(diffusion=diffusion, denoiser=denoiser, value=value if cfg.train.train_value else None,
+                   normalizer=normalizer, guidance=cfg.guidance, planner=cfg.planner, device=device)
+
+    def sample(self, cond: torch.Tensor, generator: Optional[torch.Generator] = None):
+        if self.cfg.sampler == "ddim":
+            return self.diffusion.ddim_sample_loop(self.denoiser, cond, n_steps=self.cfg.ddim_steps, eta=self.cfg.ddim_eta,
+                                                   guide=self.guide, generator=generator)
+        return self.diffusion.p_sample_loop(self.denoiser, cond, guide=self.guide, generator=generator)
+
+    @torch.no_grad()
+    def plan(self, observations: np.ndarray, generator: Optional[torch.Generator] = None) -> Plan:
+        obs = np.asarray(observations, dtype=np.float32)
+        if obs.ndim != 2 or obs.shape[1] != self.layout.obs_dim:
+            raise ValueError(f"observations must be [batch, {self.layout.obs_dim}], got {obs.shape}")
+        b, n = obs.shape[0], self.guidance.n_candidates
+        cond = self.state_normalizer.normalize(torch.from_numpy(obs).to(self.device))
+        cond = cond.repeat_interleave(n, dim=0)
+        x = self.sample(cond, generator).trajectories
+        values = None
+        if self.value is not None:
+            t0 = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            values = self.value(x, t0).reshape(b, n)
+            best = values.argmax(dim=1)
+            x = x.reshape(b, n, *x.shape[1:])[torch.arange(b), best]
+            values = values[torch.arange(b), best].cpu().numpy()
+        # Exactness of s_0: write the given observation back rather than trusting the round trip
+        # through the normalizer's float arithmetic.
+        raw = self.normalizer.unnormalize(x).cpu().numpy()
+        states = self.layout.states(raw)
+        states[:, 0] = obs
+        return Plan(states=states, actions=self.layout.actions(raw), values=values, trajectories=x)

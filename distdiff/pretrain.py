@@ -1,0 +1,96 @@
+"""Offline pretraining of denoiser and value net on a Minari dataset (Alg. 1.1 and the value)."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from distdiff import config as config_lib
+from distdiff.checkpoint import load_checkpoint, save_checkpoint
+from distdiff.config import Config
+from distdiff.data.minari_io import load_episodes
+from distdiff.data.windows import WindowDataset, fit_normalizer
+from distdiff.models import layout_of
+from distdiff.normalizer import Normalizer
+from distdiff.training import Trainer, resolve_device, seed_everything
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def load_windows(cfg: Config, normalizer: Optional[Normalizer] = None):
+    """The config's dataset as training windows; fits the normalizer unless one is given."""
+    data = load_episodes(cfg.data.dataset_id, download=cfg.data.download, obs_dim=cfg.env.obs_dim,
+                         act_dim=cfg.env.act_dim, env_id=cfg.env.id)
+    layout = layout_of(cfg)
+    normalizer = normalizer or fit_normalizer(data.episodes, layout, cfg.data.normalizer)
+    windows = WindowDataset(data.episodes, layout=layout, horizon=cfg.model.horizon, normalizer=normalizer,
+                            discount=cfg.data.discount, termination_penalty=cfg.data.termination_penalty)
+    return data, windows
+
+
+def checkpoint_payload(trainer: Trainer, rng: np.random.Generator) -> dict:
+    return {**trainer.state_dict(), "data_rng": rng.bit_generator.state}
+
+
+def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> Path:
+    """Train until ``cfg.train.steps`` gradient steps; returns the checkpoint path.
+
+    Checkpoints every ``train.checkpoint_every`` steps, at the end, and on Ctrl-C, so an
+    interrupted run loses at most one interval and ``resume=True`` continues its step count.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = run_dir / CHECKPOINT
+    torch.set_num_threads(cfg.train.num_threads)
+    device = resolve_device(cfg.train.device)
+    state = None
+    if resume:
+        state = load_checkpoint(ckpt_path)
+    seed_everything(cfg.train.seed)
+    config_lib.save(cfg, run_dir / "config.yaml")
+    normalizer = Normalizer.from_state_dict(state["normalizer"]) if state else None
+    _, windows = load_windows(cfg, normalizer)
+    if state:
+        trainer = Trainer.from_checkpoint(state, cfg=cfg, device=device)
+    else:
+        trainer = Trainer(cfg, windows.normalizer, value_mean=float(windows.returns.mean()),
+                          value_std=float(windows.returns.std()), device=device)
+    rng = np.random.default_rng(cfg.train.seed)
+    if state and "data_rng" in state:
+        rng.bit_generator.state = state["data_rng"]
+
+    writer = SummaryWriter(str(run_dir))
+    save = lambda: save_checkpoint(ckpt_path, checkpoint_payload(trainer, rng))  # noqa: E731
+    bar = tqdm(total=cfg.train.steps, initial=trainer.step, desc="pretrain", disable=quiet, dynamic_ncols=True)
+    t0, step0 = time.perf_counter(), trainer.step
+    try:
+        while trainer.step < cfg.train.steps:
+            losses = trainer.update(windows.sample(cfg.train.batch_size, rng))
+            if losses is None:
+                if trainer.skipped_updates > 100:
+                    raise FloatingPointError("more than 100 non-finite updates; stopping with the last good checkpoint intact")
+                continue
+            bar.update(1)
+            if trainer.step % cfg.train.log_every == 0:
+                for k, v in losses.items():
+                    writer.add_scalar(k, v, trainer.step)
+                rate = (trainer.step - step0) / (time.perf_counter() - t0)
+                writer.add_scalar("perf/updates_per_s", rate, trainer.step)
+                bar.set_postfix(denoiser=f"{losses['losses/denoiser']:.4f}", value=f"{losses['losses/value']:.4f}")
+            if trainer.step % cfg.train.checkpoint_every == 0:
+                save()
+    except KeyboardInterrupt:
+        save()
+        bar.close()
+        writer.close()
+        raise
+    bar.close()
+    save()
+    writer.close()
+    return ckpt_path

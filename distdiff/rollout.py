@@ -1,0 +1,177 @@
+"""Executing plans in real MuJoCo envs, and measuring how well plans match reality.
+
+The alignment error of a plan is the per-step RMSE, in normalized state units, between its
+states and the states reached by executing its actions from the same start. It is measured
+in a shadow copy of the env set to the real env's physics state, so the real episode is not
+disturbed and receding-horizon plans are judged over their whole horizon.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, NamedTuple, Optional
+
+import gymnasium as gym
+import numpy as np
+
+from distdiff.data.episodes import Episode
+from distdiff.normalizer import Normalizer
+from distdiff.planner import Plan
+
+PlanFn = Callable[[np.ndarray], Plan]
+
+
+class EpisodeResult(NamedTuple):
+    episode: Episode
+    plan_errors: np.ndarray  # [n_measured_plans, H] RMSE per horizon step, NaN past a termination
+    n_plans: int
+
+
+def make_env(env_id: str, max_episode_steps: Optional[int] = None) -> gym.Env:
+    return gym.make(env_id, max_episode_steps=max_episode_steps)
+
+
+def physics_state(env: gym.Env):
+    data = env.unwrapped.data
+    return data.qpos.copy(), data.qvel.copy()
+
+
+def replay_actions(shadow: gym.Env, qpos, qvel, actions: np.ndarray) -> np.ndarray:
+    """States reached by executing ``actions`` from (qpos, qvel); NaN rows after a termination."""
+    env = shadow.unwrapped
+    env.set_state(qpos, qvel)
+    reached = np.full((len(actions), env.observation_space.shape[0]), np.nan)
+    reached[0] = env._get_obs()
+    low, high = env.action_space.low, env.action_space.high
+    for j in range(1, len(actions)):
+        obs, _, terminated, _, _ = env.step(np.clip(actions[j - 1], low, high))
+        reached[j] = obs
+        if terminated:
+            break
+    return reached
+
+
+def alignment_errors(planned: np.ndarray, reached: np.ndarray, state_normalizer: Normalizer) -> np.ndarray:
+    """RMSE per horizon step between planned and reached states, in normalized units."""
+    diff = state_normalizer.normalize(np.asarray(planned, np.float64)) - state_normalizer.normalize(np.asarray(reached, np.float64))
+    return np.sqrt(np.mean(diff**2, axis=-1))
+
+
+def run_episodes(
+    plan_fn: PlanFn,
+    envs: List[gym.Env],
+    *,
+    n_episodes: int,
+    execution: str,
+    horizon: int,
+    replan_every: int,
+    seed: int,
+    state_normalizer: Optional[Normalizer] = None,
+    shadows: Optional[List[gym.Env]] = None,
+    measure_every: int = 1,
+    progress: Optional[Callable[[EpisodeResult], None]] = None,
+) -> List[EpisodeResult]:
+    """Run ``n_episodes`` over the given envs, all active envs planned in one batch.
+
+    ``execution``: ``open_loop`` executes each plan's ``horizon`` actions (the seed's Alg. 2),
+    ``receding`` replans every ``replan_every`` steps. Episode ``i`` resets with seed
+    ``seed + i``. With ``shadows`` (one per env) every ``measure_every``-th plan's alignment
+    error is measured.
+    """
+    if execution not in ("open_loop", "receding"):
+        raise ValueError(f"unknown execution mode {execution!r}")
+    steps_per_plan = horizon if execution == "open_loop" else replan_every
+    n = len(envs)
+    obs = [None] * n
+    traj = [None] * n
+    plans = [None] * n
+    cursor = np.zeros(n, dtype=int)
+    plans_made = np.zeros(n, dtype=int)
+    errors: List[list] = [[] for _ in range(n)]
+    started = 0
+    results: List[EpisodeResult] = []
+
+    def start(i):
+        nonlocal started
+        o, _ = envs[i].reset(seed=seed + started)
+        started += 1
+        obs[i] = o
+        traj[i] = {"obs": [o], "act": [], "rew": []}
+        plans[i], cursor[i], plans_made[i], errors[i] = None, 0, 0, []
+
+    active = []
+    for i in range(min(n, n_episodes)):
+        start(i)
+        active.append(i)
+    while active:
+        need = [i for i in active if plans[i] is None or cursor[i] >= steps_per_plan]
+        if need:
+            plan = plan_fn(np.stack([obs[i] for i in need]))
+            for k, i in enumerate(need):
+                plans[i] = (plan.states[k], plan.actions[k])
+                cursor[i] = 0
+                if shadows is not None and state_normalizer is not None and plans_made[i] % measure_every == 0:
+                    reached = replay_actions(shadows[i], *physics_state(envs[i]), plan.actions[k])
+                    errors[i].append(alignment_errors(plan.states[k], reached, state_normalizer))
+                plans_made[i] += 1
+        still = []
+        for i in active:
+            env = envs[i]
+            action = np.clip(plans[i][1][cursor[i]], env.action_space.low, env.action_space.high)
+            o, r, terminated, truncated, _ = env.step(action)
+            cursor[i] += 1
+            obs[i] = o
+            traj[i]["obs"].append(o)
+            traj[i]["act"].append(action)
+            traj[i]["rew"].append(r)
+            if terminated or truncated:
+                ep = Episode(np.array(traj[i]["obs"]), np.array(traj[i]["act"]), np.array(traj[i]["rew"]),
+                             bool(terminated), bool(truncated and not terminated))
+                err = np.array(errors[i]) if errors[i] else np.zeros((0, horizon))
+                result = EpisodeResult(ep, err, int(plans_made[i]))
+                results.append(result)
+                if progress is not None:
+                    progress(result)
+                if started < n_episodes:
+                    start(i)
+                    still.append(i)
+            else:
+                still.append(i)
+        active = still
+    return results
+
+
+def random_episodes(env: gym.Env, n_episodes: int, seed: int, progress=None) -> List[Episode]:
+    env.action_space.seed(seed)
+    out = []
+    for e in range(n_episodes):
+        o, _ = env.reset(seed=seed + e)
+        obs, act, rew = [o], [], []
+        while True:
+            a = env.action_space.sample()
+            o, r, terminated, truncated, _ = env.step(a)
+            obs.append(o)
+            act.append(a)
+            rew.append(r)
+            if terminated or truncated:
+                break
+        out.append(Episode(np.array(obs), np.array(act), np.array(rew), bool(terminated), bool(truncated and not terminated)))
+        if progress is not None:
+            progress(out[-1])
+    return out
+
+
+def summarize(results: List[EpisodeResult], ref_min=None, ref_max=None) -> dict:
+    from distdiff.data.minari_io import normalized_score
+
+    returns = np.array([r.episode.episode_return for r in results])
+    errs = [r.plan_errors for r in results if len(r.plan_errors)]
+    per_step = np.nanmean(np.concatenate(errs), axis=0) if errs else None
+    score = normalized_score(returns, ref_min, ref_max)
+    return {
+        "episodes": len(results),
+        "return_mean": float(returns.mean()),
+        "return_std": float(returns.std()),
+        "normalized_score": None if score is None else float(score.mean()),
+        "episode_length_mean": float(np.mean([len(r.episode) for r in results])),
+        "alignment_error": None if per_step is None else float(np.nanmean(per_step)),
+        "alignment_error_per_step": None if per_step is None else [float(v) for v in per_step],
+    }

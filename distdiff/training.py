@@ -1,0 +1,172 @@
+"""The learner's math: denoiser and value updates, EMA, checkpoints. No I/O loops here."""
+from __future__ import annotations
+
+import copy
+import math
+import random
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from distdiff.checkpoint import CheckpointError
+from distdiff.config import Config, from_dict
+from distdiff.data.windows import Batch
+from distdiff.models import build_models
+from distdiff.normalizer import Normalizer
+from distdiff.planner import Planner
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is cuda but no CUDA device is visible to torch")
+    return torch.device(name)
+
+
+@torch.no_grad()
+def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -> None:
+    for t, s in zip(target.parameters(), source.parameters()):
+        t.lerp_(s, 1.0 - decay)
+    for t, s in zip(target.buffers(), source.buffers()):
+        t.copy_(s)
+
+
+class Trainer:
+    """Owns the denoiser, value net, their EMA copies and optimizers.
+
+    ``value_mean``/``value_std`` standardize the value targets (returns-to-go) so that one
+    learning rate and one guidance scale fit any reward scale.
+    """
+
+    def __init__(self, cfg: Config, normalizer: Normalizer, *, value_mean: float, value_std: float, device="cpu"):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.normalizer = normalizer
+        self.value_mean, self.value_std = float(value_mean), max(float(value_std), 1e-6)
+        self.diffusion, self.denoiser, self.value = (m.to(self.device) for m in build_models(cfg, normalizer))
+        self.ema_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False)
+        self.ema_value = copy.deepcopy(self.value).requires_grad_(False)
+        self.opt_denoiser = torch.optim.Adam(self.denoiser.parameters(), lr=cfg.train.lr)
+        self.opt_value = torch.optim.Adam(self.value.parameters(), lr=cfg.train.value_lr)
+        self.step = 0
+        self.skipped_updates = 0
+
+    def _clip(self, module) -> float:
+        params = [p for p in module.parameters() if p.grad is not None]
+        max_norm = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def update(self, batch: Batch) -> Optional[Dict[str, float]]:
+        """One gradient step on both nets. Returns the losses, or None when the step was
+        skipped because a loss or gradient was not finite (nothing reaches the weights then)."""
+        x, mask, cond, returns = (v.to(self.device, non_blocking=True) for v in batch)
+        self.denoiser.train()
+        loss_d = self.diffusion.loss(self.denoiser, x, cond, mask=mask)
+        loss_v = torch.zeros((), device=self.device)
+        if self.cfg.train.train_value:
+            t = torch.randint(0, self.diffusion.n_steps, (x.shape[0],), device=self.device)
+            x_t = self.diffusion.layout.condition(self.diffusion.q_sample(x, t, torch.randn_like(x)), cond)
+            target = (returns - self.value_mean) / self.value_std
+            loss_v = torch.nn.functional.mse_loss(self.value(x_t, t), target)
+        self.opt_denoiser.zero_grad(set_to_none=True)
+        self.opt_value.zero_grad(set_to_none=True)
+        if not (torch.isfinite(loss_d) and torch.isfinite(loss_v)):
+            self.skipped_updates += 1
+            return None
+        (loss_d + loss_v).backward()
+        grad_d = self._clip(self.denoiser)
+        grad_v = self._clip(self.value) if self.cfg.train.train_value else 0.0
+        if not (math.isfinite(grad_d) and math.isfinite(grad_v)):
+            self.opt_denoiser.zero_grad(set_to_none=True)
+            self.opt_value.zero_grad(set_to_none=True)
+            self.skipped_updates += 1
+            return None
+        self.opt_denoiser.step()
+        if self.cfg.train.train_value:
+            self.opt_value.step()
+        self.step += 1
+        self._update_ema()
+        return {"losses/denoiser": float(loss_d.detach()), "losses/value": float(loss_v.detach()),
+                "losses/denoiser_grad_norm": grad_d, "losses/value_grad_norm": grad_v}
+
+    def _update_ema(self) -> None:
+        tc = self.cfg.train
+        if self.step < tc.ema_start:
+            self.ema_denoiser.load_state_dict(self.denoiser.state_dict())
+            self.ema_value.load_state_dict(self.value.state_dict())
+        elif self.step % tc.ema_every == 0:
+            ema_update(self.ema_denoiser, self.denoiser, tc.ema_decay)
+            ema_update(self.ema_value, self.value, tc.ema_decay)
+
+    # ----- weights and planners ------------------------------------------------------------
+    def weights(self) -> Dict[str, Dict[str, torch.Tensor]]:
+        """The EMA weights on CPU: what rollout workers plan with."""
+        cpu = lambda m: {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()}  # noqa: E731
+        return {"denoiser": cpu(self.ema_denoiser), "value": cpu(self.ema_value)}
+
+    def planner(self) -> Planner:
+        return Planner.from_config(self.cfg, diffusion=self.diffusion, denoiser=self.ema_denoiser.eval(),
+                                   value=self.ema_value.eval(), normalizer=self.normalizer, device=self.device)
+
+    # ----- checkpoints --------------------------------------------------------------------------
+    def state_dict(self) -> Dict[str, object]:
+        return {
+            "config": self.cfg.to_dict(),
+            "step": self.step,
+            "skipped_updates": self.skipped_updates,
+            "normalizer": self.normalizer.state_dict(),
+            "value_stats": {"mean": self.value_mean, "std": self.value_std},
+            "denoiser": self.denoiser.state_dict(),
+            "value": self.value.state_dict(),
+            "ema_denoiser": self.ema_denoiser.state_dict(),
+            "ema_value": self.ema_value.state_dict(),
+            "opt_denoiser": self.opt_denoiser.state_dict(),
+            "opt_value": self.opt_value.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        try:
+            self.denoiser.load_state_dict(state["denoiser"])
+            self.value.load_state_dict(state["value"])
+            self.ema_denoiser.load_state_dict(state["ema_denoiser"])
+            self.ema_value.load_state_dict(state["ema_value"])
+            self.opt_denoiser.load_state_dict(state["opt_denoiser"])
+            self.opt_value.load_state_dict(state["opt_value"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint does not fit this model config: {e}") from e
+        self.step = int(state["step"])
+        self.skipped_updates = int(state.get("skipped_updates", 0))
+        if "torch_rng" in state:
+            torch.set_rng_state(state["torch_rng"].cpu())
+
+    @classmethod
+    def from_checkpoint(cls, state: Dict[str, object], *, cfg: Optional[Config] = None, device="cpu") -> "Trainer":
+        cfg = cfg or from_dict(state["config"])
+        stats = state["value_stats"]
+        trainer = cls(cfg, Normalizer.from_state_dict(state["normalizer"]), value_mean=stats["mean"],
+                      value_std=stats["std"], device=device)
+        trainer.load_state_dict(state)
+        return trainer
+
+
+def planner_from_checkpoint(state: Dict[str, object], cfg: Optional[Config] = None, device="cpu") -> Planner:
+    """A planner with the checkpoint's EMA weights (no optimizers built)."""
+    cfg = cfg or from_dict(state["config"])
+    normalizer = Normalizer.from_state_dict(state["normalizer"])
+    diffusion, denoiser, value = build_models(cfg, normalizer)
+    try:
+        denoiser.load_state_dict(state["ema_denoiser"])
+        value.load_state_dict(state["ema_value"])
+    except (KeyError, RuntimeError) as e:
+        raise CheckpointError(f"checkpoint does not fit this model config: {e}") from e
+    return Planner.from_config(cfg, diffusion=diffusion.to(device), denoiser=denoiser.to(device).eval(),
+                               value=value.to(device).eval(), normalizer=normalizer, device=device)

@@ -1,0 +1,59 @@
+"""Evaluate a checkpoint in the real env: returns, normalized score and the alignment error
+(RMSE between planned states and the states reached by executing the planned actions).
+
+    python launch/evaluate.py --checkpoint runs/pretrain-X/checkpoint.pt --episodes 10 --guidance 0.1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from distdiff.cli import fail, limit_threads, write_json
+
+limit_threads()
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from distdiff import config as config_lib  # noqa: E402
+from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from distdiff.evaluation import evaluate  # noqa: E402
+from distdiff.training import planner_from_checkpoint  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt (or its run dir).")
+    p.add_argument("--episodes", type=int, default=None, help="Episodes to run (default eval.episodes).")
+    p.add_argument("--guidance", type=float, default=None, help="Guidance scale k (same as --guidance.scale).")
+    p.add_argument("--out", type=Path, default=None, help="Summary JSON (default eval.json next to the checkpoint).")
+    config_lib.add_arguments(p)
+    args = p.parse_args(argv)
+    if args.guidance is not None:
+        args.cfg__guidance__scale = args.guidance
+    if args.episodes is not None:
+        args.cfg__eval__episodes = args.episodes
+    try:
+        state = load_checkpoint(args.checkpoint)
+        cfg = config_lib.from_args(args, base=config_lib.from_dict(state["config"]))
+        torch.set_num_threads(cfg.train.num_threads)
+        planner = planner_from_checkpoint(state, cfg)
+    except (config_lib.ConfigError, CheckpointError, ValueError) as e:
+        fail(str(e))
+    bar = tqdm(total=cfg.eval.episodes, desc="evaluate", dynamic_ncols=True)
+    summary = evaluate(planner, cfg, progress=lambda r: bar.update(1))
+    bar.close()
+    summary["checkpoint"] = str(args.checkpoint)
+    summary["step"] = int(state["step"])
+    ckpt = args.checkpoint if args.checkpoint.is_file() else args.checkpoint / "checkpoint.pt"
+    out = args.out or ckpt.parent / "eval.json"
+    write_json(out, summary)
+    print(json.dumps({k: v for k, v in summary.items() if k != "alignment_error_per_step"}))
+    print(f"summary: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""Offline pretraining of the diffusion planner (denoiser + value) on a Minari dataset.
+
+    python launch/pretrain.py --config configs/walker2d.yaml --data.dataset_id local/walker2d/sac-medium-v0
+    tensorboard --logdir runs/
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from distdiff.cli import default_run_dir, fail, limit_threads
+
+limit_threads()
+
+from distdiff import config as config_lib  # noqa: E402
+from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from distdiff.data.minari_io import DatasetError  # noqa: E402
+from distdiff.pretrain import CHECKPOINT, pretrain  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default=None, help="Minari dataset id (same as --data.dataset_id).")
+    p.add_argument("--run-dir", type=Path, default=None, help="Where checkpoints and TensorBoard logs go (default runs/pretrain-TIME).")
+    p.add_argument("--resume", action="store_true", help="Continue the run in --run-dir from its checkpoint (same step count).")
+    config_lib.add_arguments(p)
+    args = p.parse_args(argv)
+    if args.dataset:
+        args.cfg__data__dataset_id = args.dataset
+    try:
+        if args.resume:
+            if args.run_dir is None:
+                fail("--resume needs --run-dir")
+            base = config_lib.from_dict(load_checkpoint(args.run_dir / CHECKPOINT)["config"])
+            cfg = config_lib.from_args(args, base=base)
+        else:
+            cfg = config_lib.from_args(args)
+        run_dir = args.run_dir or default_run_dir("pretrain")
+        print(f"pretraining on {cfg.data.dataset_id} -> {run_dir}", flush=True)
+        path = pretrain(cfg, run_dir, resume=args.resume)
+    except (config_lib.ConfigError, DatasetError, CheckpointError, FloatingPointError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        print("interrupted; checkpoint saved", file=sys.stderr)
+        return 130
+    print(f"checkpoint: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
