@@ -38,6 +38,8 @@ class EnvConfig:
 class DataConfig:
     dataset_id: str = _f("mujoco/walker2d/medium-v0", "Minari dataset id, looked up under MINARI_DATASETS_PATH first.")
     download: bool = _f(False, "Download the dataset from Minari's remote if it is not local (needs internet).")
+    fallback_dataset_id: str = _f("local/walker2d/random-v0", "Local dataset used when dataset_id is neither local nor downloadable; collected with a random policy if missing. Empty: no fallback.")
+    fallback_episodes: int = _f(200, "Episodes the fallback dataset is collected with.")
     normalizer: str = _f("gaussian", "Per-dimension normalizer: gaussian or minmax.")
     discount: float = _f(0.997, "Discount of the return-to-go that the value net predicts.")
     termination_penalty: float = _f(-100.0, "Reward added at a true termination (not at truncation).")
@@ -106,6 +108,28 @@ class EvalConfig:
 
 
 @dataclass
+class OnlineConfig:
+    num_actors: int = _f(2, "Rollout actors (each a Ray actor with a CPU copy of the planner).")
+    envs_per_actor: int = _f(2, "Envs per actor, planned together in one sampler batch.")
+    actor_num_cpus: float = _f(0.0, "CPUs reserved per rollout actor; 0 = share what the learner leaves (fractional on laptops).")
+    learner_num_cpus: float = _f(1.0, "CPUs reserved for the learner actor.")
+    learner_num_gpus: float = _f(-1.0, "GPUs for the learner; -1 = one if the cluster has any, else CPU.")
+    env_steps: int = _f(100_000, "Budget: real env steps collected in phase 2 (0 = unlimited).")
+    updates: int = _f(0, "Budget: learner updates in phase 2 (0 = unlimited).")
+    wall_time_s: float = _f(0.0, "Budget: seconds of phase 2 (0 = unlimited).")
+    updates_per_env_step: float = _f(0.25, "Learner updates owed per collected env step.")
+    updates_per_call: int = _f(25, "Updates per learner call (one replay sample of that many batches).")
+    broadcast_every: int = _f(50, "Learner updates between weight broadcasts (a new weights version).")
+    replay_capacity: int = _f(200_000, "Online transitions kept in the replay (FIFO).")
+    offline_ratio: float = _f(0.5, "Fraction of each batch drawn from the offline dataset.")
+    measure_every: int = _f(4, "Actors measure the alignment error of every N-th plan (costs H shadow env steps).")
+    checkpoint_every: int = _f(500, "Learner updates between run checkpoints (learner, replay, counters).")
+    figure_every: int = _f(500, "Learner updates between plan-vs-real figures in TensorBoard.")
+    max_nonfinite: int = _f(20, "Consecutive non-finite updates that stop the run.")
+    actor_max_restarts: int = _f(-1, "Restarts Ray gives a dead rollout actor (-1 = unlimited).")
+
+
+@dataclass
 class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -115,6 +139,7 @@ class Config:
     planner: PlannerConfig = field(default_factory=PlannerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    online: OnlineConfig = field(default_factory=OnlineConfig)
 
     def to_dict(self) -> Dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -257,6 +282,17 @@ def validate(cfg: Config) -> None:
     need(cfg.train.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
     need(cfg.train.num_threads >= 1, "train.num_threads must be >= 1")
     need(cfg.eval.episodes >= 1 and cfg.eval.num_envs >= 1, "eval.episodes and eval.num_envs must be >= 1")
+    o = cfg.online
+    need(o.num_actors >= 1 and o.envs_per_actor >= 1, "online.num_actors and online.envs_per_actor must be >= 1")
+    need(o.actor_num_cpus >= 0 and o.learner_num_cpus >= 0, "online CPU reservations must be >= 0")
+    need(o.env_steps >= 0 and o.updates >= 0 and o.wall_time_s >= 0, "online budgets must be >= 0")
+    need(o.env_steps > 0 or o.updates > 0 or o.wall_time_s > 0, "online needs a budget: env_steps, updates or wall_time_s")
+    need(o.updates_per_env_step >= 0, "online.updates_per_env_step must be >= 0")
+    need(o.updates_per_call >= 1 and o.broadcast_every >= 1, "online.updates_per_call and broadcast_every must be >= 1")
+    need(o.replay_capacity >= cfg.model.horizon, "online.replay_capacity must hold at least one horizon")
+    need(0.0 <= o.offline_ratio <= 1.0, "online.offline_ratio must be in [0, 1]")
+    need(o.measure_every >= 1 and o.checkpoint_every >= 1 and o.figure_every >= 1, "online.measure_every, checkpoint_every and figure_every must be >= 1")
+    need(o.max_nonfinite >= 1, "online.max_nonfinite must be >= 1")
     if e:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))
 

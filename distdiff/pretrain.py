@@ -12,7 +12,7 @@ from tqdm import tqdm
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint, save_checkpoint
 from distdiff.config import Config
-from distdiff.data.minari_io import load_episodes
+from distdiff.data.minari_io import load_or_collect
 from distdiff.data.windows import WindowDataset, fit_normalizer
 from distdiff.models import layout_of
 from distdiff.normalizer import Normalizer
@@ -23,8 +23,10 @@ CHECKPOINT = "checkpoint.pt"
 
 def load_windows(cfg: Config, normalizer: Optional[Normalizer] = None):
     """The config's dataset as training windows; fits the normalizer unless one is given."""
-    data = load_episodes(cfg.data.dataset_id, download=cfg.data.download, obs_dim=cfg.env.obs_dim,
-                         act_dim=cfg.env.act_dim, env_id=cfg.env.id)
+    d = cfg.data
+    data = load_or_collect(d.dataset_id, download=d.download, fallback_id=d.fallback_dataset_id,
+                           fallback_episodes=d.fallback_episodes, env_id=cfg.env.id, obs_dim=cfg.env.obs_dim,
+                           act_dim=cfg.env.act_dim, max_episode_steps=cfg.env.max_episode_steps, seed=cfg.train.seed)
     layout = layout_of(cfg)
     normalizer = normalizer or fit_normalizer(data.episodes, layout, cfg.data.normalizer)
     windows = WindowDataset(data.episodes, layout=layout, horizon=cfg.model.horizon, normalizer=normalizer,

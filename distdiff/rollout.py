@@ -19,10 +19,19 @@ from distdiff.planner import Plan
 PlanFn = Callable[[np.ndarray], Plan]
 
 
+class PlanCheck(NamedTuple):
+    """One plan beside what its actions really did: for plan-vs-real figures."""
+
+    planned_states: np.ndarray  # [H, obs_dim]
+    planned_actions: np.ndarray  # [H, act_dim]
+    reached_states: np.ndarray  # [H, obs_dim], NaN past a termination
+
+
 class EpisodeResult(NamedTuple):
     episode: Episode
     plan_errors: np.ndarray  # [n_measured_plans, H] RMSE per horizon step, NaN past a termination
     n_plans: int
+    first_check: Optional[PlanCheck]  # the episode's first measured plan
 
 
 def make_env(env_id: str, max_episode_steps: Optional[int] = None) -> gym.Env:
@@ -86,6 +95,7 @@ def run_episodes(
     cursor = np.zeros(n, dtype=int)
     plans_made = np.zeros(n, dtype=int)
     errors: List[list] = [[] for _ in range(n)]
+    checks: List[Optional[PlanCheck]] = [None] * n
     started = 0
     results: List[EpisodeResult] = []
 
@@ -95,7 +105,7 @@ def run_episodes(
         started += 1
         obs[i] = o
         traj[i] = {"obs": [o], "act": [], "rew": []}
-        plans[i], cursor[i], plans_made[i], errors[i] = None, 0, 0, []
+        plans[i], cursor[i], plans_made[i], errors[i], checks[i] = None, 0, 0, [], None
 
     active = []
     for i in range(min(n, n_episodes)):
@@ -111,6 +121,8 @@ def run_episodes(
                 if shadows is not None and state_normalizer is not None and plans_made[i] % measure_every == 0:
                     reached = replay_actions(shadows[i], *physics_state(envs[i]), plan.actions[k])
                     errors[i].append(alignment_errors(plan.states[k], reached, state_normalizer))
+                    if checks[i] is None:
+                        checks[i] = PlanCheck(plan.states[k], plan.actions[k], reached)
                 plans_made[i] += 1
         still = []
         for i in active:
@@ -126,7 +138,7 @@ def run_episodes(
                 ep = Episode(np.array(traj[i]["obs"]), np.array(traj[i]["act"]), np.array(traj[i]["rew"]),
                              bool(terminated), bool(truncated and not terminated))
                 err = np.array(errors[i]) if errors[i] else np.zeros((0, horizon))
-                result = EpisodeResult(ep, err, int(plans_made[i]))
+                result = EpisodeResult(ep, err, int(plans_made[i]), checks[i])
                 results.append(result)
                 if progress is not None:
                     progress(result)

@@ -18,6 +18,10 @@ class DatasetError(RuntimeError):
     """A dataset that is missing, unreachable or does not match the config."""
 
 
+class DatasetMissing(DatasetError):
+    """Not in the local store and not downloadable (offline, or download not asked for)."""
+
+
 class LoadedDataset(NamedTuple):
     dataset_id: str
     env_id: Optional[str]
@@ -65,11 +69,11 @@ def load_minari(dataset_id: str, *, download: bool = False):
         return minari.load_dataset(dataset_id, download=False)
     except FileNotFoundError:
         if not download:
-            raise DatasetError(_missing_message(dataset_id, "it is not in the local Minari store")) from None
+            raise DatasetMissing(_missing_message(dataset_id, "it is not in the local Minari store")) from None
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as e:  # network stacks raise many unrelated types; all mean "not downloadable now"
-        raise DatasetError(_missing_message(dataset_id, f"download failed ({type(e).__name__}: {e})")) from e
+        raise DatasetMissing(_missing_message(dataset_id, f"download failed ({type(e).__name__}: {e})")) from e
 
 
 def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[int] = None, act_dim: Optional[int] = None,
@@ -152,3 +156,26 @@ def write_episodes(
         )
     finally:
         env.close()
+
+
+def load_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallback_episodes: int, env_id: str,
+                    obs_dim: int, act_dim: int, max_episode_steps: int, seed: int = 0, log=print) -> LoadedDataset:
+    """Load ``dataset_id``; when it cannot be had and a fallback is configured, load the local
+    ``fallback_id``, collecting it with a random policy first if it does not exist yet."""
+    try:
+        return load_episodes(dataset_id, download=download, obs_dim=obs_dim, act_dim=act_dim, env_id=env_id)
+    except DatasetMissing as e:
+        if not fallback_id or fallback_episodes < 1:
+            raise
+        log(f"warning: {str(e).splitlines()[0]}; using the local dataset {fallback_id!r} instead")
+    if not dataset_exists(fallback_id):
+        from distdiff.rollout import make_env, random_episodes
+
+        log(f"collecting {fallback_episodes} random-policy episodes into {fallback_id!r} under {datasets_root()}")
+        env = make_env(env_id, max_episode_steps)
+        try:
+            episodes = random_episodes(env, fallback_episodes, seed)
+        finally:
+            env.close()
+        write_episodes(fallback_id, episodes, env_id=env_id, algorithm_name="random")
+    return load_episodes(fallback_id, obs_dim=obs_dim, act_dim=act_dim, env_id=env_id)

@@ -1,0 +1,30 @@
+# `make quickstart` runs the main job end to end; `make test` runs the tests.
+# Both create .venv and install distdiff on first use (CPU torch; see README for CUDA).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN_DIR ?= runs/quickstart
+
+.PHONY: install quickstart test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: install
+	$(PY) launch/pretrain.py --config configs/smoke.yaml --run-dir $(RUN_DIR)
+	$(PY) launch/evaluate.py --checkpoint $(RUN_DIR)/checkpoint.pt
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) bench/planner.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,302 @@
+"""The main job: offline pretraining, then Algorithm 2 online alignment on Ray.
+
+Rollout actors each keep one rollout task in flight; results are collected in completion
+order with ``ray.wait``, forwarded to the replay actor, and the learner trains on replay
+samples at a fixed ratio of updates per collected env step. Every ``broadcast_every``
+updates the learner publishes a new weights version: one object, passed by reference to
+every actor (fire-and-forget), so the weights are stored once per version, never per actor.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+import ray
+from ray.exceptions import RayActorError, RayTaskError
+from tqdm import tqdm
+
+from distdiff import config as config_lib
+from distdiff.checkpoint import load_checkpoint, save_checkpoint
+from distdiff.cli import write_json
+from distdiff.config import Config
+from distdiff.data.minari_io import normalized_score, reference_scores
+from distdiff.distributed import actors
+from distdiff.evaluation import evaluate
+from distdiff.models import build_models, layout_of
+from distdiff.normalizer import Normalizer
+from distdiff.planner import Planner
+from distdiff.pretrain import load_windows, pretrain
+
+CHECKPOINT, REPLAY = "checkpoint.pt", "replay.pt"
+
+
+def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: Callable[[str], None] = print) -> bool:
+    """Connect to a running cluster (``address``, ``RAY_ADDRESS`` or a local ``ray start``), else
+    start an embedded one. Returns True when this process started Ray (and must stop it)."""
+    if ray.is_initialized():
+        log("ray: using the already initialized Ray instance")
+        return False
+    address = address or os.environ.get("RAY_ADDRESS")
+    try:
+        ray.init(address=address or "auto", logging_level="warning")
+        log(f"ray: connected to the cluster at {address or 'auto (local ray start)'}: {ray.cluster_resources()}")
+        return False
+    except ConnectionError:
+        if address:
+            raise
+    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning")
+    log(f"ray: no running cluster found; started an embedded local Ray: {ray.cluster_resources()}")
+    return True
+
+
+class Counters:
+    """Run progress that a checkpoint must carry to resume where it stopped."""
+
+    FIELDS = ("env_steps", "updates", "episodes", "version", "worker_restarts", "skipped_updates")
+
+    def __init__(self, **values):
+        for f in self.FIELDS:
+            setattr(self, f, int(values.get(f, 0)))
+
+    def to_dict(self) -> Dict[str, int]:
+        return {f: getattr(self, f) for f in self.FIELDS}
+
+
+def local_planner(cfg: Config, normalizer: Normalizer, weights: Dict[str, Dict]) -> Planner:
+    diffusion, denoiser, value = build_models(cfg, normalizer)
+    denoiser.load_state_dict(weights["denoiser"])
+    value.load_state_dict(weights["value"])
+    return Planner.from_config(cfg, diffusion=diffusion, denoiser=denoiser.eval(), value=value.eval(), normalizer=normalizer)
+
+
+class OnlineRun:
+    """Owns the actors of one run and the driver loop."""
+
+    def __init__(self, cfg: Config, run_dir: Path, state: Dict[str, object], offline_episodes, counters: Counters,
+                 replay_state: Optional[Dict[str, object]] = None, log: Callable[[str], None] = print,
+                 progress: bool = True):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.cfg, self.run_dir, self.log, self.progress = cfg, run_dir, log, progress
+        self.counters = counters
+        self.normalizer = Normalizer.from_state_dict(state["normalizer"])
+        res = actors.resources(cfg)
+        log(f"actors: {cfg.online.num_actors} rollout actors x {cfg.online.envs_per_actor} envs "
+            f"({res['actor_cpus']:.3g} CPU each), learner on {'GPU' if res['learner_gpus'] else 'CPU'}")
+        cfg_dict = cfg.to_dict()
+        self.learner = actors.make_learner(cfg, res, config=cfg_dict, checkpoint=ray.put(state),
+                                           version=counters.version, max_nonfinite=cfg.online.max_nonfinite)
+        self.replay = actors.make_replay(
+            offline_episodes=ray.put(offline_episodes) if cfg.online.offline_ratio > 0 else [],
+            normalizer=self.normalizer.state_dict(), layout=layout_of(cfg), horizon=cfg.model.horizon,
+            discount=cfg.data.discount, termination_penalty=cfg.data.termination_penalty,
+            capacity=cfg.online.replay_capacity, offline_ratio=cfg.online.offline_ratio, seed=cfg.train.seed)
+        if replay_state is not None:
+            self.replay.load_state_dict.remote(replay_state)
+        self.workers = [actors.make_worker(cfg, res, config=cfg_dict, normalizer=self.normalizer.state_dict(), worker_id=i)
+                        for i in range(cfg.online.num_actors)]
+        self.writer = SummaryWriter(str(run_dir))
+        self.weights_ref = None
+        self.ref_min, self.ref_max = reference_scores(cfg.env.id)
+        self.last_example = None
+
+    # ----- weights ---------------------------------------------------------------------------
+    def broadcast(self) -> None:
+        """Publish a new version and hand the one object to every actor, without waiting."""
+        self.weights_ref = self.learner.publish.remote()
+        self.counters.version += 1
+        for w in self.workers:
+            w.set_weights.remote(self.weights_ref)
+
+    # ----- checkpoints -----------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        learner_state, replay_state = ray.get([self.learner.state_dict.remote(), self.replay.state_dict.remote()])
+        save_checkpoint(self.run_dir / REPLAY, {"replay": replay_state})
+        save_checkpoint(self.run_dir / CHECKPOINT, {**learner_state, "run": self.counters.to_dict()})
+
+    # ----- logging ---------------------------------------------------------------------------
+    def log_rollout(self, result: Dict[str, object], t0: float, env_steps0: int) -> None:
+        step = self.counters.env_steps
+        w = self.writer
+        for ret in result["returns"]:
+            w.add_scalar("charts/episode_return", ret, step)
+            score = normalized_score(ret, self.ref_min, self.ref_max)
+            if score is not None:
+                w.add_scalar("charts/normalized_score", float(score), step)
+        for n in result["lengths"]:
+            w.add_scalar("charts/episode_length", n, step)
+        errors = result["plan_errors"]
+        if len(errors):
+            per_step = np.nanmean(errors, axis=0)
+            w.add_scalar("rollout/alignment_error", float(np.nanmean(per_step)), step)
+            for j, v in enumerate(per_step):
+                if np.isfinite(v):
+                    w.add_scalar(f"rollout/alignment_error_step/{j:02d}", float(v), step)
+        w.add_scalar("perf/weights_lag", self.counters.version - result["version"], step)
+        w.add_scalar("perf/env_steps_per_s", (step - env_steps0) / max(time.perf_counter() - t0, 1e-9), step)
+        w.add_scalar("faults/worker_restarts", self.counters.worker_restarts, step)
+        if result["example"] is not None:
+            self.last_example = result["example"]
+
+    def log_train(self, stats: Dict[str, float], replay_size: int, t0: float, updates0: int) -> None:
+        step = self.counters.updates
+        for k, v in stats.items():
+            if k.startswith("losses/"):
+                self.writer.add_scalar(k, v, step)
+        self.writer.add_scalar("perf/updates_per_s", (step - updates0) / max(time.perf_counter() - t0, 1e-9), step)
+        self.writer.add_scalar("perf/windows_per_s", stats["windows"] / max(stats["seconds"], 1e-9), step)
+        self.writer.add_scalar("replay/size", replay_size, step)
+        self.writer.add_scalar("faults/skipped_updates", self.counters.skipped_updates, step)
+
+    def log_figure(self) -> None:
+        if self.last_example is None:
+            return
+        from distdiff.plots import plan_vs_real_figure
+
+        self.writer.add_figure("rollout/plan_vs_real", plan_vs_real_figure(self.last_example), self.counters.updates)
+
+    # ----- the loop --------------------------------------------------------------------------
+    def budget_left(self, t_start: float, env0: int, upd0: int) -> bool:
+        o = self.cfg.online
+        if o.env_steps and self.counters.env_steps - env0 >= o.env_steps:
+            return False
+        if o.updates and self.counters.updates - upd0 >= o.updates:
+            return False
+        if o.wall_time_s and time.perf_counter() - t_start >= o.wall_time_s:
+            return False
+        return True
+
+    def run(self) -> None:
+        o, c = self.cfg.online, self.counters
+        self.broadcast()
+        rollouts = {w.rollout.remote(): i for i, w in enumerate(self.workers)}
+        failures = [0] * len(self.workers)
+        train_ref = size_ref = None
+        t0, env0, upd0 = time.perf_counter(), c.env_steps, c.updates
+        next_ckpt = (c.updates // o.checkpoint_every + 1) * o.checkpoint_every
+        next_fig = (c.updates // o.figure_every + 1) * o.figure_every
+        since_broadcast = 0
+        bar = tqdm(total=o.env_steps or None, desc="online", unit="step", disable=not self.progress, dynamic_ncols=True)
+        collecting = True
+        while rollouts or train_ref is not None:
+            waiting = list(rollouts) + ([train_ref] if train_ref is not None else [])
+            ready, _ = ray.wait(waiting, num_returns=1)
+            ref = ready[0]
+            if ref is train_ref:
+                try:
+                    stats, size = ray.get([train_ref, size_ref])
+                except RayTaskError as e:
+                    raise RuntimeError(f"the learner failed: {e.cause if hasattr(e, 'cause') else e}") from e
+                train_ref = None
+                c.updates += int(stats["updates"])
+                c.skipped_updates += int(stats["skipped"])
+                since_broadcast += int(stats["updates"])
+                self.log_train(stats, size, t0, upd0)
+                if since_broadcast >= o.broadcast_every:
+                    self.broadcast()
+                    since_broadcast = 0
+                if c.updates >= next_fig:
+                    self.log_figure()
+                    next_fig += o.figure_every
+                if c.updates >= next_ckpt:
+                    self.checkpoint()
+                    next_ckpt += o.checkpoint_every
+            else:
+                i = rollouts.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except RayActorError:
+                    # The actor died with this task; Ray restarts it. It gets the newest weights
+                    # before the resubmitted task, which the per-caller task order guarantees.
+                    c.worker_restarts += 1
+                    failures[i] += 1
+                    self.log(f"rollout actor {i} died; restarting it (restart #{c.worker_restarts})")
+                    if failures[i] > 3 and o.actor_max_restarts >= 0:
+                        self.log(f"rollout actor {i} keeps dying; dropping it")
+                        continue
+                    if collecting:
+                        self.workers[i].set_weights.remote(self.weights_ref)
+                        rollouts[self.workers[i].rollout.remote()] = i
+                    continue
+                failures[i] = 0
+                self.replay.add.remote(result["episodes"])
+                c.env_steps += result["env_steps"]
+                c.episodes += len(result["episodes"])
+                bar.update(result["env_steps"])
+                self.log_rollout(result, t0, env0)
+                collecting = collecting and self.budget_left(t0, env0, upd0)
+                if collecting:
+                    rollouts[self.workers[i].rollout.remote()] = i
+            owed = int(o.updates_per_env_step * (c.env_steps - env0)) - (c.updates - upd0)
+            if o.updates:
+                owed = min(owed, o.updates - (c.updates - upd0))
+            if train_ref is None and collecting and owed >= 1:
+                n = min(o.updates_per_call, owed)
+                train_ref = self.learner.train.remote(self.replay.sample.remote(n, self.cfg.train.batch_size))
+                size_ref = self.replay.size.remote()
+            if collecting and not rollouts:
+                raise RuntimeError("no rollout actor is left alive")
+        bar.close()
+        self.broadcast()
+        self.checkpoint()
+
+    def final_weights(self) -> Dict[str, object]:
+        return ray.get(self.weights_ref)
+
+    def close(self) -> None:
+        self.writer.close()
+        for a in self.workers + [self.replay, self.learner]:
+            ray.kill(a)
+
+
+def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None, resume: bool = False,
+          log: Callable[[str], None] = print, progress: bool = True) -> Dict[str, object]:
+    """Phase 1 (pretraining, unless ``init`` or ``resume``) then phase 2 (online alignment), then
+    a final evaluation. Needs Ray initialized (see :func:`connect`). Returns the metrics summary."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    replay_state = None
+    if resume:
+        state = load_checkpoint(run_dir / CHECKPOINT)
+        counters = Counters(**state.get("run", {}))
+        if (run_dir / REPLAY).is_file():
+            replay_state = load_checkpoint(run_dir / REPLAY)["replay"]
+        log(f"resuming {run_dir} at env step {counters.env_steps}, update {counters.updates}")
+    elif init is not None:
+        state = load_checkpoint(init)
+        counters = Counters()
+        log(f"phase 1 skipped: starting from {init}")
+    else:
+        log(f"phase 1: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps)")
+        state = load_checkpoint(pretrain(cfg, run_dir / "pretrain", quiet=not progress))
+        counters = Counters()
+    config_lib.save(cfg, run_dir / "config.yaml")
+    normalizer = Normalizer.from_state_dict(state["normalizer"])
+    data, _ = load_windows(cfg, normalizer)
+    log(f"phase 2: online alignment with {cfg.online.num_actors} actors -> {run_dir} (tensorboard --logdir {run_dir})")
+    run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state, log=log, progress=progress)
+    try:
+        run.run()
+        weights = run.final_weights()
+    finally:
+        run.close()
+    log("final evaluation")
+    summary = evaluate(local_planner(cfg, normalizer, weights["weights"]), cfg)
+    metrics = {
+        "return_mean": summary["return_mean"],
+        "return_std": summary["return_std"],
+        "normalized_score": summary["normalized_score"],
+        "alignment_error": summary["alignment_error"],
+        "alignment_error_per_step": summary["alignment_error_per_step"],
+        "env_steps": counters.env_steps,
+        "updates": counters.updates,
+        "episodes": counters.episodes,
+        "weights_version": int(weights["version"]),
+        "worker_restarts": counters.worker_restarts,
+        "skipped_updates": counters.skipped_updates,
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    return metrics

@@ -1,0 +1,76 @@
+"""Learner: fine-tunes denoiser and value on replay batches (Alg. 2) and publishes weights."""
+from __future__ import annotations
+
+import time
+from typing import Dict, List
+
+import torch
+
+from distdiff.config import from_dict
+from distdiff.data.windows import Batch
+from distdiff.training import Trainer, resolve_device, seed_everything
+
+
+class NonFiniteError(FloatingPointError):
+    pass
+
+
+class Learner:
+    """Wraps a :class:`Trainer`; ``version`` counts published weights.
+
+    Updates are the same ε/x₀-loss (denoiser) and noised-trajectory regression (value) as
+    pretraining, now on diffused real trajectories from the replay, so that what the planner
+    samples moves towards what the real dynamics produce.
+    """
+
+    def __init__(self, *, config: Dict[str, object], checkpoint: Dict[str, object], version: int = 0,
+                 device: str = "auto", max_nonfinite: int = 20):
+        cfg = from_dict(config)
+        torch.set_num_threads(cfg.train.num_threads)
+        seed_everything(cfg.train.seed + 1)
+        self.device = resolve_device(device)
+        self.trainer = Trainer.from_checkpoint(checkpoint, cfg=cfg, device=self.device)
+        self.version = version
+        self.max_nonfinite = max_nonfinite
+        self.consecutive_nonfinite = 0
+        self.updates = 0
+
+    def train(self, batches: List[Batch]) -> Dict[str, float]:
+        """One update per batch; non-finite ones are skipped. Raises after ``max_nonfinite``
+        skipped in a row, before anything bad reaches the weights."""
+        t0 = time.perf_counter()
+        sums: Dict[str, float] = {}
+        done = skipped = 0
+        for batch in batches:
+            losses = self.trainer.update(batch)
+            if losses is None:
+                skipped += 1
+                self.consecutive_nonfinite += 1
+                if self.consecutive_nonfinite >= self.max_nonfinite:
+                    raise NonFiniteError(f"{self.consecutive_nonfinite} non-finite updates in a row; the run stops "
+                                         "with its last checkpoint intact")
+                continue
+            self.consecutive_nonfinite = 0
+            done += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v
+        self.updates += done
+        out = {k: v / max(done, 1) for k, v in sums.items()}
+        out.update({"updates": done, "skipped": skipped, "seconds": time.perf_counter() - t0,
+                    "windows": done * (batches[0].x_start.shape[0] if batches else 0)})
+        return out
+
+    def publish(self) -> Dict[str, object]:
+        """A new weights version: CPU EMA weights, returned once and shared by reference."""
+        self.version += 1
+        return {"version": self.version, "weights": self.trainer.weights()}
+
+    def state_dict(self) -> Dict[str, object]:
+        return {**self.trainer.state_dict(), "version": self.version}
+
+    def step(self) -> int:
+        return self.trainer.step
+
+    def device_name(self) -> str:
+        return str(self.device)
+

@@ -1,0 +1,111 @@
+"""Replay: FIFO over online trajectories, mixed with offline windows at a fixed ratio."""
+from __future__ import annotations
+
+from collections import deque
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from distdiff.data.episodes import Episode
+from distdiff.data.windows import Batch, WindowDataset
+from distdiff.layout import TrajectoryLayout
+from distdiff.normalizer import Normalizer
+
+
+def _own(ep: Episode) -> Episode:
+    # Arrays that arrive through Ray are zero-copy views of the object store; copying them lets
+    # the store free the sender's object instead of keeping it pinned for the replay's lifetime.
+    return Episode(np.array(ep.observations, copy=True), np.array(ep.actions, copy=True),
+                   np.array(ep.rewards, copy=True), ep.terminated, ep.truncated)
+
+
+class Replay:
+    def __init__(
+        self,
+        *,
+        offline_episodes: Sequence[Episode],
+        normalizer: Dict[str, object],
+        layout: TrajectoryLayout,
+        horizon: int,
+        discount: float,
+        termination_penalty: float,
+        capacity: int,
+        offline_ratio: float,
+        seed: int = 0,
+    ):
+        self.normalizer = Normalizer.from_state_dict(normalizer)
+        self._window_args = dict(layout=layout, horizon=horizon, normalizer=self.normalizer, discount=discount,
+                                 termination_penalty=termination_penalty)
+        self.offline = WindowDataset(offline_episodes, **self._window_args) if len(offline_episodes) else None
+        self.capacity = capacity
+        self.offline_ratio = offline_ratio
+        self.episodes: deque = deque()
+        self.transitions = 0
+        self.added_episodes = 0
+        self._online: Optional[WindowDataset] = None
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, episodes: List[Episode]) -> int:
+        """Store episodes (evicting the oldest beyond capacity); returns the online size."""
+        for ep in episodes:
+            self.episodes.append(_own(ep))
+            self.transitions += len(ep)
+            self.added_episodes += 1
+        while self.transitions > self.capacity and len(self.episodes) > 1:
+            self.transitions -= len(self.episodes.popleft())
+        self._online = None
+        return self.transitions
+
+    def size(self) -> int:
+        return self.transitions
+
+    def _online_windows(self) -> Optional[WindowDataset]:
+        if self._online is None and self.episodes:
+            self._online = WindowDataset(list(self.episodes), **self._window_args)
+        return self._online
+
+    def sample(self, n_batches: int, batch_size: int) -> List[Batch]:
+        online = self._online_windows()
+        n_off = batch_size if online is None else int(round(batch_size * self.offline_ratio))
+        if self.offline is None:
+            if online is None:
+                raise RuntimeError("the replay is empty: no offline data and no online episodes yet")
+            n_off = 0
+        out = []
+        for _ in range(n_batches):
+            parts = []
+            if n_off:
+                parts.append(self.offline.sample(n_off, self.rng))
+            if batch_size - n_off:
+                parts.append(online.sample(batch_size - n_off, self.rng))
+            out.append(Batch(*(torch.cat(field) for field in zip(*parts))) if len(parts) > 1 else parts[0])
+        return out
+
+    # ----- checkpoints: tensors only, so that torch.load(weights_only=True) reads them -----
+    def state_dict(self) -> Dict[str, object]:
+        eps = list(self.episodes)
+        return {
+            "lengths": torch.tensor([len(e) for e in eps], dtype=torch.long),
+            "observations": torch.from_numpy(np.concatenate([e.observations for e in eps])) if eps else torch.zeros(0),
+            "actions": torch.from_numpy(np.concatenate([e.actions for e in eps])) if eps else torch.zeros(0),
+            "rewards": torch.from_numpy(np.concatenate([e.rewards for e in eps])) if eps else torch.zeros(0),
+            "terminated": torch.tensor([e.terminated for e in eps], dtype=torch.bool),
+            "truncated": torch.tensor([e.truncated for e in eps], dtype=torch.bool),
+            "added_episodes": self.added_episodes,
+            "rng": self.rng.bit_generator.state,
+        }
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        self.episodes.clear()
+        self.transitions = 0
+        o = a = 0
+        obs, act, rew = state["observations"].numpy(), state["actions"].numpy(), state["rewards"].numpy()
+        for i, n in enumerate(state["lengths"].tolist()):
+            ep = Episode(obs[o:o + n + 1], act[a:a + n], rew[a:a + n], bool(state["terminated"][i]), bool(state["truncated"][i]))
+            self.episodes.append(ep)
+            self.transitions += n
+            o, a = o + n + 1, a + n
+        self.added_episodes = int(state["added_episodes"])
+        self.rng.bit_generator.state = state["rng"]
+        self._online = None

@@ -1,0 +1,104 @@
+"""Rollout worker: a CPU copy of the planner and a few envs, executing plans for real.
+
+Kept light on imports (torch, gymnasium, numpy): many of these run on one machine.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict
+
+import numpy as np
+import torch
+
+from distdiff.config import from_dict
+from distdiff.models import build_models
+from distdiff.normalizer import Normalizer
+from distdiff.planner import Planner
+from distdiff.rollout import make_env, run_episodes
+
+log = logging.getLogger(__name__)
+
+
+class RolloutWorker:
+    def __init__(self, *, config: Dict[str, object], normalizer: Dict[str, object], worker_id: int):
+        cfg = from_dict(config)
+        torch.set_num_threads(1)
+        self.cfg = cfg
+        self.worker_id = worker_id
+        self.normalizer = Normalizer.from_state_dict(normalizer)
+        diffusion, denoiser, value = build_models(cfg, self.normalizer)
+        self.denoiser, self.value = denoiser.eval().requires_grad_(False), value.eval().requires_grad_(False)
+        self.planner = Planner.from_config(cfg, diffusion=diffusion, denoiser=self.denoiser, value=self.value,
+                                           normalizer=self.normalizer)
+        self.version = -1
+        self.tasks = 0
+        self.env_rebuilds = 0
+        self._make_envs()
+
+    def _make_envs(self) -> None:
+        n = self.cfg.online.envs_per_actor
+        self.envs = [make_env(self.cfg.env.id, self.cfg.env.max_episode_steps) for _ in range(n)]
+        self.shadows = [make_env(self.cfg.env.id) for _ in range(n)]
+
+    def _close_envs(self) -> None:
+        for env in self.envs + self.shadows:
+            env.close()
+
+    def set_weights(self, payload: Dict[str, object]) -> int:
+        if payload["version"] > self.version:
+            self.denoiser.load_state_dict(payload["weights"]["denoiser"])
+            self.value.load_state_dict(payload["weights"]["value"])
+            self.version = int(payload["version"])
+        return self.version
+
+    def _seed(self) -> int:
+        # Independent streams per (run seed, worker, task); stable across restarts of the run.
+        return int(np.random.SeedSequence([self.cfg.train.seed, self.worker_id, self.tasks]).generate_state(1)[0] >> 1)
+
+    def rollout(self) -> Dict[str, object]:
+        """One episode per env with the current weights; the real trajectories and their stats."""
+        if self.version < 0:
+            raise RuntimeError("rollout before set_weights: a worker must never plan with random weights")
+        seed = self._seed()
+        self.tasks += 1
+        version = self.version
+        try:
+            results = self._run(seed)
+        except (RuntimeError, ValueError, FloatingPointError) as e:
+            # A simulator that went unstable (MuJoCo warnings escalate to errors) must not kill
+            # the worker: rebuild the envs and try the task once more.
+            log.warning("worker %d: env failed (%s); rebuilding envs", self.worker_id, e)
+            self.env_rebuilds += 1
+            self._close_envs()
+            self._make_envs()
+            results = self._run(seed)
+        errors = [r.plan_errors for r in results if len(r.plan_errors)]
+        return {
+            "worker_id": self.worker_id,
+            "version": version,
+            "episodes": [r.episode for r in results],
+            "returns": [r.episode.episode_return for r in results],
+            "lengths": [len(r.episode) for r in results],
+            "plan_errors": np.concatenate(errors) if errors else np.zeros((0, self.cfg.model.horizon)),
+            "env_steps": int(sum(len(r.episode) for r in results)),
+            "env_rebuilds": self.env_rebuilds,
+            "example": next((r.first_check for r in results if r.first_check is not None), None),
+        }
+
+    def _run(self, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        return run_episodes(
+            lambda obs: self.planner.plan(obs, generator=generator),
+            self.envs,
+            n_episodes=len(self.envs),
+            execution=self.cfg.planner.execution,
+            horizon=self.cfg.model.horizon,
+            replan_every=self.cfg.planner.replan_every,
+            seed=seed % (2**31),
+            state_normalizer=self.planner.state_normalizer,
+            shadows=self.shadows,
+            measure_every=self.cfg.online.measure_every,
+        )
+
+    def ping(self) -> Dict[str, object]:
+        return {"worker_id": self.worker_id, "version": self.version, "tasks": self.tasks}

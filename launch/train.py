@@ -1,0 +1,79 @@
+"""The main job: pretrain a diffusion planner offline, then align it online with many Ray
+rollout actors, a shared replay and a learner (Algorithm 2), and evaluate it.
+
+    ray start --head                       # optional: otherwise an embedded local Ray is started
+    python launch/train.py --num-actors 32
+    tensorboard --logdir runs/
+
+Connects to RAY_ADDRESS or a local `ray start` cluster if there is one. Ends with metrics.json
+(return_mean, normalized_score, alignment_error, env_steps, updates, weights_version) in the
+run dir. Ctrl-C saves a checkpoint; --resume RUN_DIR continues it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from distdiff.cli import default_run_dir, fail, limit_threads
+
+limit_threads()
+
+from distdiff import config as config_lib  # noqa: E402
+from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from distdiff.data.minari_io import DatasetError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-actors", type=int, default=None, help="Rollout actors (same as --online.num_actors).")
+    p.add_argument("--dataset", default=None, help="Minari dataset id (same as --data.dataset_id).")
+    p.add_argument("--init", type=Path, default=None, help="Start phase 2 from this checkpoint (skips pretraining).")
+    p.add_argument("--run-dir", type=Path, default=None, help="Output dir (default runs/train-TIME).")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="Continue a run from its checkpoint and replay.")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, a local cluster, or embedded).")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all).")
+    config_lib.add_arguments(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.num_actors is not None:
+        args.cfg__online__num_actors = args.num_actors
+    if args.dataset:
+        args.cfg__data__dataset_id = args.dataset
+    if args.resume and args.init:
+        fail("--resume and --init exclude each other")
+    try:
+        if args.resume:
+            base = config_lib.from_dict(load_checkpoint(args.resume / "checkpoint.pt")["config"])
+            cfg = config_lib.from_args(args, base=base)
+        else:
+            cfg = config_lib.from_args(args)
+    except (config_lib.ConfigError, CheckpointError) as e:
+        fail(str(e))
+    import ray
+
+    from distdiff.distributed.driver import connect, train
+
+    run_dir = args.resume or args.run_dir or default_run_dir("train")
+    started = connect(args.address, args.num_cpus)
+    try:
+        metrics = train(cfg, run_dir, init=args.init, resume=args.resume is not None)
+    except (config_lib.ConfigError, DatasetError, CheckpointError) as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        print(f"interrupted; resume with: python launch/train.py --resume {run_dir}", file=sys.stderr)
+        return 130
+    finally:
+        if started:
+            ray.shutdown()
+    print(json.dumps({k: v for k, v in metrics.items() if k != "alignment_error_per_step"}))
+    print(f"metrics: {Path(run_dir) / 'metrics.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
