@@ -26,7 +26,7 @@ def save_checkpoint(path: str | Path, payload: Dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"format": FORMAT, "version": VERSION, **payload}, tmp)
+    torch.save({**payload, "format": FORMAT, "format_version": VERSION}, tmp)
     os.replace(tmp, path)
     return path
 
@@ -43,6 +43,6 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> Dict[str, Any]:
         raise CheckpointError(f"{path} is not a readable distdiff checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a distdiff checkpoint")
-    if payload.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {payload.get('version')}, this distdiff reads {VERSION}")
+    if payload.get("format_version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {payload.get('format_version')}, this distdiff reads {VERSION}")
     return payload

@@ -40,6 +40,9 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
         log("ray: using the already initialized Ray instance")
         return False
     address = address or os.environ.get("RAY_ADDRESS")
+    # `ray start` turns token auth on by default, but a driver only presents the token from
+    # ~/.ray/auth_token (or RAY_AUTH_TOKEN[_PATH]) when RAY_AUTH_MODE says so.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         ray.init(address=address or "auto", logging_level="warning")
         log(f"ray: connected to the cluster at {address or 'auto (local ray start)'}: {ray.cluster_resources()}")

@@ -66,7 +66,7 @@ class Learner:
         return {"version": self.version, "weights": self.trainer.weights()}
 
     def state_dict(self) -> Dict[str, object]:
-        return {**self.trainer.state_dict(), "version": self.version}
+        return {**self.trainer.state_dict(), "weights_version": self.version}
 
     def step(self) -> int:
         return self.trainer.step
