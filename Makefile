@@ -17,8 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 quickstart: install
-	$(PY) launch/pretrain.py --config configs/smoke.yaml --run-dir $(RUN_DIR)
-	$(PY) launch/evaluate.py --checkpoint $(RUN_DIR)/checkpoint.pt
+	$(PY) launch/train.py --config configs/smoke.yaml --run-dir $(RUN_DIR)
 
 test: install
 	$(PY) -m pytest -q

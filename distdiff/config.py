@@ -110,7 +110,7 @@ class EvalConfig:
 @dataclass
 class OnlineConfig:
     num_actors: int = _f(2, "Rollout actors (each a Ray actor with a CPU copy of the planner).")
-    envs_per_actor: int = _f(2, "Envs per actor, planned together in one sampler batch.")
+    envs_per_actor: int = _f(16, "Envs per actor, planned together in one sampler batch.")
     actor_num_cpus: float = _f(0.0, "CPUs reserved per rollout actor; 0 = share what the learner leaves (fractional on laptops).")
     learner_num_cpus: float = _f(1.0, "CPUs reserved for the learner actor.")
     learner_num_gpus: float = _f(-1.0, "GPUs for the learner; -1 = one if the cluster has any, else CPU.")
@@ -118,11 +118,12 @@ class OnlineConfig:
     updates: int = _f(0, "Budget: learner updates in phase 2 (0 = unlimited).")
     wall_time_s: float = _f(0.0, "Budget: seconds of phase 2 (0 = unlimited).")
     updates_per_env_step: float = _f(0.25, "Learner updates owed per collected env step.")
+    max_update_lag: int = _f(500, "Rollouts pause while the learner owes more updates than this, so the update/step ratio holds.")
     updates_per_call: int = _f(25, "Updates per learner call (one replay sample of that many batches).")
     broadcast_every: int = _f(50, "Learner updates between weight broadcasts (a new weights version).")
     replay_capacity: int = _f(200_000, "Online transitions kept in the replay (FIFO).")
     offline_ratio: float = _f(0.5, "Fraction of each batch drawn from the offline dataset.")
-    measure_every: int = _f(4, "Actors measure the alignment error of every N-th plan (costs H shadow env steps).")
+    measure_every: int = _f(16, "Actors measure the alignment error of every N-th plan (costs H shadow env steps).")
     checkpoint_every: int = _f(500, "Learner updates between run checkpoints (learner, replay, counters).")
     figure_every: int = _f(500, "Learner updates between plan-vs-real figures in TensorBoard.")
     max_nonfinite: int = _f(20, "Consecutive non-finite updates that stop the run.")
@@ -190,6 +191,13 @@ def _coerce(value, tp, where: str):
 
 def from_dict(data: Optional[Dict[str, Any]], base: Optional[Config] = None) -> Config:
     """Merge a nested dict into ``base`` (defaults if None); unknown keys are errors."""
+    cfg, errors = _merge(data, base)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return cfg
+
+
+def _merge(data: Optional[Dict[str, Any]], base: Optional[Config]):
     cfg = dataclasses.replace(base) if base else Config()
     data = data or {}
     if not isinstance(data, dict):
@@ -214,9 +222,7 @@ def from_dict(data: Optional[Dict[str, Any]], base: Optional[Config] = None) -> 
             except ConfigError as e:
                 errors.append(str(e))
         setattr(cfg, name, section)
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    return cfg
+    return cfg, errors
 
 
 def _nest(overrides: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
@@ -229,22 +235,28 @@ def _nest(overrides: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
 
 def load(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] = None) -> Config:
     """Load a YAML config (defaults if ``path`` is None), apply dotted overrides, validate."""
-    cfg = Config()
+    cfg, errors = Config(), []
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        cfg = from_dict(yaml.safe_load(path.read_text()), cfg)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        cfg, errors = _merge(data, cfg)
     if overrides:
-        cfg = from_dict(_nest(overrides), cfg)
-    validate(cfg)
+        cfg, more = _merge(_nest(overrides), cfg)
+        errors += more
+    validate(cfg, errors)
     return cfg
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
+    """Raise one ConfigError listing every problem (``errors``: problems already found)."""
     from distdiff.diffusion.schedules import SCHEDULES  # torch-only, imported late to keep config light
 
-    e: List[str] = []
+    e: List[str] = list(errors or [])
 
     def need(cond: bool, msg: str):
         if not cond:
@@ -288,6 +300,7 @@ def validate(cfg: Config) -> None:
     need(o.env_steps >= 0 and o.updates >= 0 and o.wall_time_s >= 0, "online budgets must be >= 0")
     need(o.env_steps > 0 or o.updates > 0 or o.wall_time_s > 0, "online needs a budget: env_steps, updates or wall_time_s")
     need(o.updates_per_env_step >= 0, "online.updates_per_env_step must be >= 0")
+    need(o.max_update_lag >= o.updates_per_call, "online.max_update_lag must be >= online.updates_per_call")
     need(o.updates_per_call >= 1 and o.broadcast_every >= 1, "online.updates_per_call and broadcast_every must be >= 1")
     need(o.replay_capacity >= cfg.model.horizon, "online.replay_capacity must hold at least one horizon")
     need(0.0 <= o.offline_ratio <= 1.0, "online.offline_ratio must be in [0, 1]")
@@ -319,8 +332,8 @@ def from_args(args: argparse.Namespace, base: Optional[Config] = None) -> Config
             overrides[f"{section}.{name}"] = value
     if base is None:
         return load(args.config, overrides)
-    cfg = from_dict(_nest(overrides), base)
-    validate(cfg)
+    cfg, errors = _merge(_nest(overrides), base)
+    validate(cfg, errors)
     return cfg
 
 

@@ -43,17 +43,21 @@ class Normalizer:
     def dim(self) -> int:
         return int(self.shift.shape[0])
 
-    def _params(self, x, *names):
+    def _params(self, x):
+        """``x`` as floats (integers would truncate the parameters), with shift and scale to match."""
         if isinstance(x, torch.Tensor):
-            return [getattr(self, n).to(device=x.device, dtype=x.dtype) for n in names]
-        return [getattr(self, n).numpy().astype(np.asarray(x).dtype, copy=False) for n in names]
+            x = x if torch.is_floating_point(x) else x.to(torch.get_default_dtype())
+            return x, self.shift.to(device=x.device, dtype=x.dtype), self.scale.to(device=x.device, dtype=x.dtype)
+        x = np.asarray(x)
+        x = x if np.issubdtype(x.dtype, np.floating) else x.astype(np.float64)
+        return x, self.shift.numpy().astype(x.dtype, copy=False), self.scale.numpy().astype(x.dtype, copy=False)
 
     def normalize(self, x):
-        shift, scale = self._params(x, "shift", "scale")
+        x, shift, scale = self._params(x)
         return (x - shift) / scale
 
     def unnormalize(self, x):
-        shift, scale = self._params(x, "shift", "scale")
+        x, shift, scale = self._params(x)
         return x * scale + shift
 
     def slice(self, s: slice) -> "Normalizer":

@@ -79,6 +79,7 @@ class Planner:
         # Exactness of s_0: write the given observation back rather than trusting the round trip
         # through the normalizer's float arithmetic.
         raw = self.normalizer.unnormalize(x).cpu().numpy()
-        states = self.layout.states(raw)
-        states[:, 0] = obs
+        given = np.asarray(observations)
+        states = self.layout.states(raw).astype(np.result_type(raw.dtype, given.dtype))
+        states[:, 0] = given
         return Plan(states=states, actions=self.layout.actions(raw), values=values, trajectories=x)

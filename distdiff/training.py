@@ -39,6 +39,30 @@ def ema_update(target: torch.nn.Module, source: torch.nn.Module, decay: float) -
         t.copy_(s)
 
 
+def flat_weights(module: torch.nn.Module) -> np.ndarray:
+    """All state-dict tensors of ``module`` as one float32 array (in state-dict order).
+
+    One contiguous NumPy array travels through Ray's object store zero-copy: a reader maps it
+    instead of unpickling one tensor at a time, which makes a broadcast cost a memcpy per actor.
+    """
+    return torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in module.state_dict().values()]).numpy()
+
+
+@torch.no_grad()
+def load_flat_weights(module: torch.nn.Module, flat: np.ndarray) -> None:
+    state = module.state_dict()
+    total = sum(t.numel() for t in state.values())
+    if flat.shape != (total,):
+        raise ValueError(f"flat weights have {flat.shape} entries, the module needs ({total},)")
+    # Arrays from Ray's object store are read-only views; torch wants writable memory to wrap.
+    flat = np.require(flat, dtype=np.float32, requirements="W")
+    offset = 0
+    for t in state.values():
+        n = t.numel()
+        t.copy_(torch.from_numpy(flat[offset:offset + n]).view_as(t))
+        offset += n
+
+
 class Trainer:
     """Owns the denoiser, value net, their EMA copies and optimizers.
 
@@ -107,10 +131,9 @@ class Trainer:
             ema_update(self.ema_value, self.value, tc.ema_decay)
 
     # ----- weights and planners ------------------------------------------------------------
-    def weights(self) -> Dict[str, Dict[str, torch.Tensor]]:
-        """The EMA weights on CPU: what rollout workers plan with."""
-        cpu = lambda m: {k: v.detach().to("cpu", copy=True) for k, v in m.state_dict().items()}  # noqa: E731
-        return {"denoiser": cpu(self.ema_denoiser), "value": cpu(self.ema_value)}
+    def weights(self) -> Dict[str, np.ndarray]:
+        """The EMA weights, flat, on CPU: what rollout workers plan with (see :func:`flat_weights`)."""
+        return {"denoiser": flat_weights(self.ema_denoiser), "value": flat_weights(self.ema_value)}
 
     def planner(self) -> Planner:
         return Planner.from_config(self.cfg, diffusion=self.diffusion, denoiser=self.ema_denoiser.eval(),

@@ -32,6 +32,8 @@ def main(argv=None) -> int:
         if args.resume:
             if args.run_dir is None:
                 fail("--resume needs --run-dir")
+            if args.config is not None:
+                fail("--resume continues with the run's own config; drop --config (override fields with --section.field)")
             base = config_lib.from_dict(load_checkpoint(args.run_dir / CHECKPOINT)["config"])
             cfg = config_lib.from_args(args, base=base)
         else:
@@ -42,7 +44,8 @@ def main(argv=None) -> int:
     except (config_lib.ConfigError, DatasetError, CheckpointError, FloatingPointError) as e:
         fail(str(e))
     except KeyboardInterrupt:
-        print("interrupted; checkpoint saved", file=sys.stderr)
+        saved = (run_dir / CHECKPOINT).is_file()
+        print("interrupted; " + ("checkpoint saved in " + str(run_dir) if saved else "no checkpoint was written yet"), file=sys.stderr)
         return 130
     print(f"checkpoint: {path}")
     return 0

@@ -48,6 +48,8 @@ def main(argv=None) -> int:
         fail("--resume and --init exclude each other")
     try:
         if args.resume:
+            if args.config is not None:
+                fail("--resume continues with the run's own config; drop --config (override fields with --section.field)")
             base = config_lib.from_dict(load_checkpoint(args.resume / "checkpoint.pt")["config"])
             cfg = config_lib.from_args(args, base=base)
         else:

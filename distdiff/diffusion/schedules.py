@@ -14,6 +14,9 @@ def linear_beta_schedule(n_steps: int, beta_start: float = 1e-4, beta_end: float
     The endpoints are those of the 1000-step paper scaled by 1000/n so that short chains still
     reach ᾱ_T ≈ 0.
     """
+    if n_steps == 1:
+        # One step must take data all the way to the noise the samplers start from.
+        return torch.tensor([MAX_BETA], dtype=torch.float64)
     scale = 1000.0 / n_steps
     return torch.linspace(scale * beta_start, min(scale * beta_end, MAX_BETA), n_steps, dtype=torch.float64)
 

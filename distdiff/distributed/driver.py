@@ -29,6 +29,7 @@ from distdiff.models import build_models, layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.planner import Planner
 from distdiff.pretrain import load_windows, pretrain
+from distdiff.training import load_flat_weights
 
 CHECKPOINT, REPLAY = "checkpoint.pt", "replay.pt"
 
@@ -68,10 +69,10 @@ class Counters:
         return {f: getattr(self, f) for f in self.FIELDS}
 
 
-def local_planner(cfg: Config, normalizer: Normalizer, weights: Dict[str, Dict]) -> Planner:
+def local_planner(cfg: Config, normalizer: Normalizer, weights: Dict[str, np.ndarray]) -> Planner:
     diffusion, denoiser, value = build_models(cfg, normalizer)
-    denoiser.load_state_dict(weights["denoiser"])
-    value.load_state_dict(weights["value"])
+    load_flat_weights(denoiser, weights["denoiser"])
+    load_flat_weights(value, weights["value"])
     return Planner.from_config(cfg, diffusion=diffusion, denoiser=denoiser.eval(), value=value.eval(), normalizer=normalizer)
 
 
@@ -172,10 +173,18 @@ class OnlineRun:
             return False
         return True
 
+    def owed_updates(self, env0: int, upd0: int) -> int:
+        o, c = self.cfg.online, self.counters
+        owed = int(o.updates_per_env_step * (c.env_steps - env0)) - (c.updates - upd0)
+        if o.updates:
+            owed = min(owed, o.updates - (c.updates - upd0))
+        return owed
+
     def run(self) -> None:
         o, c = self.cfg.online, self.counters
         self.broadcast()
         rollouts = {w.rollout.remote(): i for i, w in enumerate(self.workers)}
+        parked: List[int] = []  # workers waiting for the learner to catch up
         failures = [0] * len(self.workers)
         train_ref = size_ref = None
         t0, env0, upd0 = time.perf_counter(), c.env_steps, c.updates
@@ -184,6 +193,13 @@ class OnlineRun:
         since_broadcast = 0
         bar = tqdm(total=o.env_steps or None, desc="online", unit="step", disable=not self.progress, dynamic_ncols=True)
         collecting = True
+
+        def submit(i: int) -> None:
+            if self.owed_updates(env0, upd0) > o.max_update_lag:
+                parked.append(i)
+            else:
+                rollouts[self.workers[i].rollout.remote()] = i
+
         while rollouts or train_ref is not None:
             waiting = list(rollouts) + ([train_ref] if train_ref is not None else [])
             ready, _ = ray.wait(waiting, num_returns=1)
@@ -192,7 +208,7 @@ class OnlineRun:
                 try:
                     stats, size = ray.get([train_ref, size_ref])
                 except RayTaskError as e:
-                    raise RuntimeError(f"the learner failed: {e.cause if hasattr(e, 'cause') else e}") from e
+                    raise RuntimeError(f"the learner failed: {e}") from e
                 train_ref = None
                 c.updates += int(stats["updates"])
                 c.skipped_updates += int(stats["skipped"])
@@ -207,6 +223,11 @@ class OnlineRun:
                 if c.updates >= next_ckpt:
                     self.checkpoint()
                     next_ckpt += o.checkpoint_every
+                collecting = collecting and self.budget_left(t0, env0, upd0)
+                if collecting:
+                    waiting_workers, parked[:] = list(parked), []
+                    for i in waiting_workers:
+                        submit(i)
             else:
                 i = rollouts.pop(ref)
                 try:
@@ -219,10 +240,9 @@ class OnlineRun:
                     self.log(f"rollout actor {i} died; restarting it (restart #{c.worker_restarts})")
                     if failures[i] > 3 and o.actor_max_restarts >= 0:
                         self.log(f"rollout actor {i} keeps dying; dropping it")
-                        continue
-                    if collecting:
+                    elif collecting:
                         self.workers[i].set_weights.remote(self.weights_ref)
-                        rollouts[self.workers[i].rollout.remote()] = i
+                        submit(i)
                     continue
                 failures[i] = 0
                 self.replay.add.remote(result["episodes"])
@@ -232,15 +252,15 @@ class OnlineRun:
                 self.log_rollout(result, t0, env0)
                 collecting = collecting and self.budget_left(t0, env0, upd0)
                 if collecting:
-                    rollouts[self.workers[i].rollout.remote()] = i
-            owed = int(o.updates_per_env_step * (c.env_steps - env0)) - (c.updates - upd0)
-            if o.updates:
-                owed = min(owed, o.updates - (c.updates - upd0))
+                    submit(i)
+            owed = self.owed_updates(env0, upd0)
             if train_ref is None and collecting and owed >= 1:
                 n = min(o.updates_per_call, owed)
                 train_ref = self.learner.train.remote(self.replay.sample.remote(n, self.cfg.train.batch_size))
                 size_ref = self.replay.size.remote()
-            if collecting and not rollouts:
+            if collecting and not rollouts and train_ref is None:
+                if parked:
+                    raise RuntimeError("rollouts are parked for the learner but the learner has nothing to do")
                 raise RuntimeError("no rollout actor is left alive")
         bar.close()
         self.broadcast()

@@ -15,6 +15,7 @@ from distdiff.models import build_models
 from distdiff.normalizer import Normalizer
 from distdiff.planner import Planner
 from distdiff.rollout import make_env, run_episodes
+from distdiff.training import load_flat_weights
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,8 @@ class RolloutWorker:
 
     def set_weights(self, payload: Dict[str, object]) -> int:
         if payload["version"] > self.version:
-            self.denoiser.load_state_dict(payload["weights"]["denoiser"])
-            self.value.load_state_dict(payload["weights"]["value"])
+            load_flat_weights(self.denoiser, payload["weights"]["denoiser"])
+            load_flat_weights(self.value, payload["weights"]["value"])
             self.version = int(payload["version"])
         return self.version
 

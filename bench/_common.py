@@ -1,0 +1,27 @@
+"""Helpers shared by the benchmarks (not part of the library)."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from distdiff.models import build_models
+from distdiff.normalizer import Normalizer
+from distdiff.training import Trainer, flat_weights
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def unit_normalizer(cfg) -> Normalizer:
+    d = cfg.env.obs_dim + cfg.env.act_dim
+    return Normalizer(kind="gaussian", shift=np.zeros(d), scale=np.ones(d), clip_min=-5 * np.ones(d), clip_max=5 * np.ones(d))
+
+
+def fresh_weights(cfg, version: int = 1) -> dict:
+    """A weights payload as the learner publishes it, from untrained nets."""
+    _, denoiser, value = build_models(cfg, unit_normalizer(cfg))
+    return {"version": version, "weights": {"denoiser": flat_weights(denoiser), "value": flat_weights(value)}}
+
+
+def fresh_checkpoint(cfg) -> dict:
+    return Trainer(cfg, unit_normalizer(cfg), value_mean=0.0, value_std=1.0).state_dict()

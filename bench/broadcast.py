@@ -1,0 +1,70 @@
+"""Weight broadcast: time until 1, 8 and 32 rollout actors hold a new version, and object-store
+usage over 100 broadcasts. Targets: 32 actors ≤ 2× one actor; flat object-store memory.
+
+Prints one JSON line. Uses real RolloutWorker actors (default config) with fractional CPUs.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+import ray
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT, fresh_checkpoint, unit_normalizer  # noqa: E402
+
+from distdiff import config as config_lib  # noqa: E402
+from distdiff.distributed.actors import LearnerActor, RolloutWorkerActor  # noqa: E402
+
+
+def plasma():
+    from ray._private.internal_api import memory_summary
+
+    m = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", memory_summary(stats_only=True))
+    return {"mib": int(m.group(1)), "objects": int(m.group(2))}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"))
+    p.add_argument("--sizes", default="1,8,32")
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args()
+    cfg = config_lib.load(args.config, {"online.envs_per_actor": 1})
+    sizes = [int(s) for s in args.sizes.split(",")]
+    ray.init(include_dashboard=False, logging_level="warning")
+    env = {"env_vars": {"OMP_NUM_THREADS": "1"}}
+    learner = LearnerActor.options(num_cpus=0, runtime_env=env).remote(config=cfg.to_dict(), checkpoint=fresh_checkpoint(cfg), device="cpu")
+    t0 = time.perf_counter()
+    workers = [RolloutWorkerActor.options(num_cpus=0.01, runtime_env=env).remote(
+        config=cfg.to_dict(), normalizer=unit_normalizer(cfg).state_dict(), worker_id=i) for i in range(max(sizes))]
+    ray.get([w.ping.remote() for w in workers])
+    out = {"actor_startup_s": time.perf_counter() - t0, "broadcast_s": {}}
+    for n in sizes:
+        times = []
+        for _ in range(args.repeats):
+            ref = learner.publish.remote()
+            ray.wait([ref])
+            t = time.perf_counter()
+            ray.get([w.set_weights.remote(ref) for w in workers[:n]])
+            times.append(time.perf_counter() - t)
+        out["broadcast_s"][str(n)] = sorted(times)[len(times) // 2]
+    out["ratio_32_to_1"] = out["broadcast_s"][str(max(sizes))] / out["broadcast_s"][str(min(sizes))]
+    before = plasma()
+    for _ in range(100):
+        ref = learner.publish.remote()
+        for w in workers:
+            w.set_weights.remote(ref)
+    ray.get([w.ping.remote() for w in workers])
+    time.sleep(2)
+    out["object_store_before"], out["object_store_after_100"] = before, plasma()
+    print(json.dumps(out))
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

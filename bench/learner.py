@@ -1,0 +1,54 @@
+"""Learner throughput: updates/s and trajectory windows/s for the default model.
+
+    python bench/learner.py                 # CPU (one thread)
+    python bench/learner.py --device cuda   # on a CUDA machine
+Prints one JSON line. Target on an H100: ≥ 10× the 2-core CPU figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT, fresh_checkpoint  # noqa: E402
+
+import torch  # noqa: E402
+
+from distdiff import config as config_lib  # noqa: E402
+from distdiff.data.windows import Batch  # noqa: E402
+from distdiff.distributed.learner import Learner  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--updates", type=int, default=100)
+    args = p.parse_args()
+    overrides = {"train.batch_size": args.batch_size} if args.batch_size else {}
+    cfg = config_lib.load(args.config, overrides)
+    learner = Learner(config=cfg.to_dict(), checkpoint=fresh_checkpoint(cfg), device=args.device)
+    b, h, d = cfg.train.batch_size, cfg.model.horizon, cfg.env.obs_dim + cfg.env.act_dim
+    batches = [Batch(torch.randn(b, h, d), torch.ones(b, h, d), torch.randn(b, cfg.env.obs_dim), torch.randn(b))
+               for _ in range(10)]
+    learner.train(batches[:3])
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    n = 0
+    while n < args.updates:
+        learner.train(batches)
+        n += len(batches)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - t0
+    print(json.dumps({"device": args.device, "batch_size": b, "updates_per_s": n / elapsed,
+                      "windows_per_s": n * b / elapsed, "torch_threads": torch.get_num_threads()}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Planner speed on one core: env steps/s while planning, vs random actions in the same run.
+
+Prints one JSON line:
+{"random_env_steps_per_s": …, "default": {"ms_per_plan": …, "env_steps_per_s": …, "ratio_to_random": …},
+ "diffuser_settings": {…}}
+
+"default" is configs/walker2d.yaml's acting config with online.envs_per_actor envs planned in one
+batch (what a rollout actor does); "diffuser_settings" is Diffuser's published Walker2d setting
+(H=32, 20 DDPM steps, 64 candidates, 2 guide steps, replan every step, one env). Weights are
+untrained: speed does not depend on them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from distdiff import config as config_lib  # noqa: E402
+from distdiff.models import build_models  # noqa: E402
+from distdiff.normalizer import Normalizer  # noqa: E402
+from distdiff.planner import Planner  # noqa: E402
+from distdiff.rollout import make_env, run_episodes  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def random_rate(env_id: str, steps: int) -> float:
+    env = make_env(env_id, 1000)
+    env.reset(seed=0)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        _, _, term, trunc, _ = env.step(env.action_space.sample())
+        if term or trunc:
+            env.reset()
+    return steps / (time.perf_counter() - t0)
+
+
+def planner_rate(cfg, n_envs: int, seconds: float) -> dict:
+    d = cfg.env.obs_dim + cfg.env.act_dim
+    normalizer = Normalizer(kind="gaussian", shift=np.zeros(d), scale=np.ones(d), clip_min=-5 * np.ones(d), clip_max=5 * np.ones(d))
+    diffusion, denoiser, value = build_models(cfg, normalizer)
+    planner = Planner.from_config(cfg, diffusion=diffusion, denoiser=denoiser.eval(), value=value.eval(), normalizer=normalizer)
+    gen = torch.Generator().manual_seed(0)
+    plan_times = []
+
+    def plan_fn(obs):
+        t = time.perf_counter()
+        p = planner.plan(obs, generator=gen)
+        plan_times.append(time.perf_counter() - t)
+        return p
+
+    envs = [make_env(cfg.env.id, cfg.env.max_episode_steps) for _ in range(n_envs)]
+    steps, t0 = 0, time.perf_counter()
+    seed = 0
+    while time.perf_counter() - t0 < seconds:
+        results = run_episodes(plan_fn, envs, n_episodes=n_envs, execution=cfg.planner.execution,
+                               horizon=cfg.model.horizon, replan_every=cfg.planner.replan_every, seed=seed)
+        steps += sum(len(r.episode) for r in results)
+        seed += n_envs
+    elapsed = time.perf_counter() - t0
+    return {"ms_per_plan": 1000 * float(np.mean(plan_times)), "env_steps_per_s": steps / elapsed, "envs": n_envs}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"))
+    p.add_argument("--seconds", type=float, default=20.0, help="Wall time per planner measurement.")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    cfg = config_lib.load(args.config)
+    diffuser = config_lib.load(args.config, {
+        "model.horizon": 32, "diffusion.n_steps": 20, "planner.sampler": "ddpm", "guidance.n_candidates": 64,
+        "guidance.scale": 0.1, "guidance.n_guide_steps": 2, "planner.execution": "receding", "planner.replan_every": 1})
+    rand = random_rate(cfg.env.id, 5000)
+    out = {"random_env_steps_per_s": rand}
+    for name, c, n in (("default", cfg, cfg.online.envs_per_actor), ("diffuser_settings", diffuser, 1)):
+        r = planner_rate(c, n, args.seconds)
+        r["ratio_to_random"] = r["env_steps_per_s"] / rand
+        out[name] = r
+    out["torch_threads"] = torch.get_num_threads()
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()

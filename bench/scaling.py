@@ -1,0 +1,58 @@
+"""Rollout scaling: env steps/s with 1 rollout actor and with N (default: nproc) in one run.
+
+Prints one JSON line with "efficiency" = rate(N) / (N × rate(1)). Target ≥ 0.9.
+Actors plan with untrained default-config weights (speed does not depend on them).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import ray
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT, fresh_weights, unit_normalizer  # noqa: E402
+
+from distdiff import config as config_lib  # noqa: E402
+from distdiff.distributed.actors import RolloutWorkerActor  # noqa: E402
+
+
+def rate(cfg, n: int, seconds: float, weights_ref) -> float:
+    workers = [RolloutWorkerActor.options(num_cpus=1, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}).remote(
+        config=cfg.to_dict(), normalizer=unit_normalizer(cfg).state_dict(), worker_id=i) for i in range(n)]
+    ray.get([w.set_weights.remote(weights_ref) for w in workers])
+    ray.get([w.rollout.remote() for w in workers])  # warm up
+    steps, t0 = 0, time.perf_counter()
+    pending = {w.rollout.remote(): w for w in workers}
+    while time.perf_counter() - t0 < seconds:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        w = pending.pop(ready[0])
+        steps += ray.get(ready[0])["env_steps"]
+        pending[w.rollout.remote()] = w
+    elapsed = time.perf_counter() - t0
+    for w in workers:
+        ray.kill(w)
+    return steps / elapsed
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"))
+    p.add_argument("--workers", type=int, default=os.cpu_count())
+    p.add_argument("--seconds", type=float, default=30.0)
+    args = p.parse_args()
+    cfg = config_lib.load(args.config)
+    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="warning")
+    ref = ray.put(fresh_weights(cfg))
+    one = rate(cfg, 1, args.seconds, ref)
+    many = rate(cfg, args.workers, args.seconds, ref)
+    print(json.dumps({"workers": args.workers, "one_worker_env_steps_per_s": one, "n_workers_env_steps_per_s": many,
+                      "efficiency": many / (args.workers * one), "envs_per_actor": cfg.online.envs_per_actor}))
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Shared fixtures of the fast CPU test suite.
+
+Threads are pinned to one before torch is imported: on the 2-core test machines a second
+BLAS thread only slows the tiny models down. Datasets live in a per-session temporary
+MINARI_DATASETS_PATH, so tests never touch ~/.minari, ../shared or the network.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(1)
+
+TINY_DATASET_ID = "local/walker2d/tiny-v0"
+TINY_EPISODES = 20
+TINY_MAX_EPISODE_STEPS = 100
+
+
+@pytest.fixture(scope="session", autouse=True)
+def minari_root(tmp_path_factory):
+    """A fresh Minari store for the whole session (autouse: no test can reach ~/.minari).
+
+    Set in os.environ, so subprocesses and worker processes started later inherit it.
+    """
+    root = tmp_path_factory.mktemp("minari_datasets")
+    old = os.environ.get("MINARI_DATASETS_PATH")
+    os.environ["MINARI_DATASETS_PATH"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("MINARI_DATASETS_PATH", None)
+    else:
+        os.environ["MINARI_DATASETS_PATH"] = old
+
+
+@pytest.fixture(scope="session")
+def tiny_episodes():
+    """Random-policy Walker2d-v5 episodes (deterministic: seed 0)."""
+    from distdiff.rollout import make_env, random_episodes
+
+    env = make_env("Walker2d-v5", TINY_MAX_EPISODE_STEPS)
+    try:
+        return random_episodes(env, TINY_EPISODES, seed=0)
+    finally:
+        env.close()
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(minari_root, tiny_episodes):
+    """Id of a small random-policy Walker2d-v5 dataset written into ``minari_root``."""
+    from distdiff.data.minari_io import write_episodes
+
+    write_episodes(TINY_DATASET_ID, tiny_episodes, env_id="Walker2d-v5", algorithm_name="random")
+    return TINY_DATASET_ID
+
+
+@pytest.fixture(scope="session")
+def subprocess_env(minari_root):
+    """Environment for launch-script subprocesses: the session's Minari store, one thread."""
+    env = dict(os.environ)
+    env.update(MINARI_DATASETS_PATH=str(minari_root), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray for the whole run (Ray 2.60 has no local_mode): 2 CPUs, no dashboard."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield
+    ray.shutdown()

@@ -1,0 +1,160 @@
+"""Checkpoints restore a learner exactly and refuse anything that is not a distdiff checkpoint."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from _helpers import assert_same, make_trainer, snapshot
+from distdiff import config
+from distdiff.checkpoint import VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from distdiff.training import Trainer, planner_from_checkpoint
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_episodes, tmp_path_factory):
+    trainer, windows = make_trainer(tiny_episodes[:3], **{"train.ema_start": 2, "train.ema_every": 1})
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        trainer.update(windows.sample(8, rng))
+    trainer.skipped_updates = 2  # as if two bad batches had been skipped
+    path = save_checkpoint(tmp_path_factory.mktemp("ckpt") / "run" / "checkpoint.pt", trainer.state_dict())
+    return trainer, windows, path
+
+
+def test_save_is_atomic_and_loadable(trained):
+    _, _, path = trained
+    assert path.is_file()
+    assert not path.with_name(path.name + ".tmp").exists()
+    state = load_checkpoint(path)
+    assert state["format"] == "distdiff.checkpoint" and state["step"] == 5
+    assert load_checkpoint(path.parent)["step"] == 5  # a run directory works too
+
+
+def test_from_checkpoint_restores_everything(trained):
+    trainer, _, path = trained
+    restored = Trainer.from_checkpoint(load_checkpoint(path))
+    assert restored.step == trainer.step == 5
+    assert restored.skipped_updates == 2
+    assert_same(snapshot(restored), snapshot(trainer))
+    assert restored.cfg == trainer.cfg
+    assert (restored.value_mean, restored.value_std) == (trainer.value_mean, trainer.value_std)
+    for name in ("shift", "scale", "clip_min", "clip_max"):
+        assert torch.equal(getattr(restored.normalizer, name), getattr(trainer.normalizer, name))
+
+
+def test_training_continues_identically_after_restore(tiny_episodes, tmp_path):
+    """Optimizer moments and the torch RNG come back too: the next update is the same."""
+    trainer, windows = make_trainer(tiny_episodes[:3])
+    rng = np.random.default_rng(0)
+    for _ in range(3):
+        trainer.update(windows.sample(8, rng))
+    path = save_checkpoint(tmp_path / "checkpoint.pt", trainer.state_dict())
+    batch = windows.sample(8, rng)
+    losses = trainer.update(batch)
+    restored = Trainer.from_checkpoint(load_checkpoint(path))
+    assert restored.update(batch) == losses
+    assert_same(snapshot(restored), snapshot(trainer))
+
+
+def test_planner_from_checkpoint_plans_like_the_trainer(trained, tiny_episodes):
+    trainer, _, path = trained
+    planner = planner_from_checkpoint(load_checkpoint(path))
+    obs = np.stack([ep.observations[0] for ep in tiny_episodes[:3]])
+    a = planner.plan(obs, generator=torch.Generator().manual_seed(0))
+    b = trainer.planner().plan(obs, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a.trajectories, b.trajectories)
+    np.testing.assert_array_equal(a.actions, b.actions)
+
+
+def test_checkpoint_for_another_model_config_is_refused(trained):
+    trainer, _, path = trained
+    state = load_checkpoint(path)
+    other = config.from_dict({"model": {"dim": 16}}, trainer.cfg)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        Trainer.from_checkpoint(state, cfg=other)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        planner_from_checkpoint(state, other)
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        pytest.param(np.random.default_rng(0).bytes(4096), id="random-4k"),
+        pytest.param(b"", id="empty"),
+        pytest.param(b'{"a": 1}', id="json"),
+        pytest.param(b"PK\x03\x04garbage", id="broken-zip"),
+        pytest.param(b"hello world", id="text"),
+        pytest.param(b"q", id="pickle-opcode-q"),
+        pytest.param(b"M", id="pickle-opcode-M"),
+    ],
+)
+def test_unreadable_files_are_refused(tmp_path, content):
+    path = tmp_path / "checkpoint.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError) as info:
+        load_checkpoint(path)
+    assert str(path) in str(info.value)
+
+
+def test_truncated_checkpoint_is_refused(trained, tmp_path):
+    _, _, path = trained
+    data = path.read_bytes()
+    cut = tmp_path / "checkpoint.pt"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError):
+        load_checkpoint(cut)
+
+
+def test_foreign_torch_file_is_refused(tmp_path):
+    path = tmp_path / "foreign.pt"
+    torch.save({"a": 1}, path)
+    with pytest.raises(CheckpointError, match="not a distdiff checkpoint"):
+        load_checkpoint(path)
+    torch.save([torch.zeros(3)], path)
+    with pytest.raises(CheckpointError, match="not a distdiff checkpoint"):
+        load_checkpoint(path)
+
+
+def test_other_checkpoint_format_version_is_refused(trained, tmp_path):
+    _, _, path = trained
+    payload = torch.load(path, weights_only=True)
+    keys = [k for k, v in payload.items() if "version" in k and v == VERSION]
+    assert keys, "the checkpoint must record its format version"
+    for k in keys:
+        payload[k] = 99
+    other = tmp_path / "checkpoint.pt"
+    torch.save(payload, other)
+    with pytest.raises(CheckpointError, match="99"):
+        load_checkpoint(other)
+
+
+def test_missing_checkpoint_is_refused(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        load_checkpoint(tmp_path)  # a directory without checkpoint.pt
+
+
+class _Payload:
+    """Unpickling this would create a file: loading must never run code from a checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_loading_never_runs_pickled_code(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": "distdiff.checkpoint", "version": VERSION, "format_version": VERSION,
+                "evil": _Payload(str(marker))}, path)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError):
+        load_checkpoint(path)
+    assert not marker.exists()
+    os.remove(path)

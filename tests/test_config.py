@@ -1,0 +1,108 @@
+"""Typed config: every invalid value and unknown name is reported, all at once, before any work."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from _helpers import ROOT
+from distdiff import config
+from distdiff.config import Config, ConfigError
+
+
+def _error(overrides=None, path=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        config.load(path, overrides)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("path", [ROOT / "configs/smoke.yaml", ROOT / "configs/walker2d.yaml", None], ids=["smoke", "walker2d", "defaults"])
+def test_shipped_configs_are_valid(path):
+    cfg = config.load(path)
+    assert cfg.env.obs_dim == 17 and cfg.env.act_dim == 6
+
+
+def test_overrides_are_typed():
+    cfg = config.load(ROOT / "configs/smoke.yaml", {"model.horizon": "16", "train.train_value": "false",
+                                             "guidance.scale": "0", "guidance.n_candidates": 1,
+                                             "model.dim_mults": "1,2,4", "train.lr": "1e-3"})
+    assert cfg.model.horizon == 16 and cfg.model.dim_mults == (1, 2, 4)
+    assert cfg.train.train_value is False and cfg.train.lr == 1e-3 and cfg.guidance.scale == 0.0
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        ({"model.horizon": -8}, "model.horizon must be positive"),
+        ({"diffusion.schedule": "quadratic"}, "diffusion.schedule must be one of ['cosine', 'linear', 'sigmoid']"),
+        ({"guidance.scale": 0.1, "train.train_value": False}, "needs the value net"),
+        ({"guidance.scale": 0.0, "guidance.n_candidates": 4, "train.train_value": False}, "needs the value net"),
+        ({"model.horizon": 6, "model.dim_mults": [1, 2, 4]}, "model.horizon 6 must be a multiple of 4"),
+        ({"diffusion.prediction": "v"}, "diffusion.prediction"),
+        ({"planner.ddim_steps": 50, "diffusion.n_steps": 10}, "planner.ddim_steps"),
+        ({"data.discount": 1.5}, "data.discount"),
+        ({"guidance.scale": -1.0}, "guidance.scale"),
+        ({"model.kernel_size": 4}, "kernel_size"),
+    ],
+)
+def test_invalid_values_are_rejected(overrides, expected):
+    assert expected in _error(overrides)
+
+
+def test_all_problems_are_reported_at_once():
+    message = _error({"model.horizon": -8, "diffusion.schedule": "quadratic", "guidance.scale": 0.5,
+                      "train.train_value": False, "planner.sampler": "euler"})
+    for part in ("model.horizon", "diffusion.schedule", "needs the value net", "planner.sampler"):
+        assert part in message, part
+
+
+def test_unknown_field_and_section_are_rejected():
+    message = _error({"model.width": 3, "model.dims": 4})
+    assert "model.width" in message and "model.dims" in message
+    assert "horizon" in message  # the valid fields are listed
+    assert "unknown section 'modle'" in _error({"modle.dim": 3})
+
+
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        ({"model.horizon": "abc"}, "model.horizon: expected an integer"),
+        ({"model.horizon": 8.5}, "model.horizon: expected an integer"),
+        ({"train.train_value": "maybe"}, "train.train_value: expected true or false"),
+        ({"train.lr": "fast"}, "train.lr: expected a number"),
+    ],
+)
+def test_badly_typed_values_are_rejected(overrides, expected):
+    assert expected in _error(overrides)
+
+
+def test_unknown_field_in_yaml_is_rejected(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("model: {horizon: 8, hieght: 3}\n")
+    message = _error(path=path)
+    assert "model.hieght" in message
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "missing.yaml")
+
+
+def test_save_load_and_dict_round_trips(tmp_path):
+    cfg = config.load(ROOT / "configs/smoke.yaml", {"model.dim_mults": [1, 2, 2, 2], "model.horizon": 16})
+    config.save(cfg, tmp_path / "config.yaml")
+    assert config.load(tmp_path / "config.yaml") == cfg
+    assert config.from_dict(cfg.to_dict()) == cfg  # what checkpoints store
+
+
+def test_command_line_flags():
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    args = parser.parse_args(["--config", str(ROOT / "configs/smoke.yaml"), "--model.dim", "16", "--train.steps", "7"])
+    cfg = config.from_args(args)
+    assert cfg.model.dim == 16 and cfg.train.steps == 7 and cfg.model.horizon == 8
+    # on top of a base (a checkpoint's config), flags are validated too
+    bad = parser.parse_args(["--model.horizon", "-1"])
+    with pytest.raises(ConfigError, match="model.horizon"):
+        config.from_args(bad, base=Config())
+
+
+def test_config_error_is_a_value_error():
+    assert issubclass(ConfigError, ValueError)

@@ -1,0 +1,251 @@
+"""Gaussian diffusion: forward process statistics, the loss, and the samplers' output law."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from _helpers import (
+    LAYOUT,
+    MU,
+    SIGMA,
+    alphas_cumprod64,
+    ddim_output_law,
+    ddpm_output_law,
+    exact_denoiser,
+    free_entries,
+    gaussian_diffusion,
+)
+from distdiff.diffusion.gaussian import GaussianDiffusion
+from distdiff.diffusion.schedules import make_beta_schedule
+from distdiff.layout import TrajectoryLayout
+
+N_SAMPLES = 6000  # trajectories per sampler run; 3-4 free entries each per dim
+
+
+def _cond(n: int, value: float = 0.3) -> torch.Tensor:
+    return torch.full((n, LAYOUT.obs_dim), value)
+
+
+# ----- forward process ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("schedule,n_steps", [("linear", 10), ("cosine", 10), ("sigmoid", 20), ("cosine", 100)])
+@pytest.mark.parametrize("where", ["last", "middle"])
+def test_q_sample_moments(schedule, n_steps, where):
+    d = gaussian_diffusion(schedule, n_steps)
+    t_index = n_steps - 1 if where == "last" else n_steps // 2
+    a = float(alphas_cumprod64(d)[t_index])
+    x_start = torch.full((50_000, 2, 2), 40.0)  # large, so √ᾱ_T·x0 stands out of the noise at t = T−1
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(x_start.shape, generator=g)
+    t = torch.full((x_start.shape[0],), t_index, dtype=torch.long)
+    x_t = d.q_sample(x_start, t, noise).double()
+    n = x_t.numel()
+    want_mean, want_std = math.sqrt(a) * 40.0, math.sqrt(1 - a)
+    assert abs(x_t.mean().item() - want_mean) < 5 * want_std / math.sqrt(n) + 1e-4 * abs(want_mean)
+    assert abs(x_t.std().item() / want_std - 1) < 5 / math.sqrt(2 * n) + 1e-4
+    # and not merely the noise: at t = T−1 the signal must be (almost) gone but still present
+    if where == "last":
+        assert want_mean < 0.5 and want_std > 0.99
+
+
+def test_q_sample_and_the_two_inversions_agree():
+    d = gaussian_diffusion("cosine", 20)
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(64, 4, 2, generator=g, dtype=torch.float64)
+    eps = torch.randn(64, 4, 2, generator=g, dtype=torch.float64)
+    t = torch.arange(64) % 15  # where 1/√ᾱ is moderate, so float32 buffers stay accurate
+    x_t = d.q_sample(x0, t, eps)
+    torch.testing.assert_close(d.predict_start_from_noise(x_t, t, eps), x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(d.predict_noise_from_start(x_t, t, x0), eps, atol=1e-4, rtol=1e-4)
+
+
+def test_constructor_validation():
+    with pytest.raises(ValueError, match="prediction"):
+        gaussian_diffusion(prediction="v")
+    with pytest.raises(ValueError, match="betas"):
+        GaussianDiffusion(betas=torch.tensor([0.1, 1.0]), layout=LAYOUT, horizon=4)
+    with pytest.raises(ValueError, match="both"):
+        gaussian_diffusion(clip_min=torch.zeros(2))
+
+
+# ----- loss -----------------------------------------------------------------------------------
+
+def _oracle(target, *, garbage_mask=None):
+    """A model that returns ``target`` exactly, except (garbage) where ``garbage_mask`` is 1."""
+    def model(x, t):
+        out = target.clone()
+        if garbage_mask is not None:
+            out = torch.where(garbage_mask.bool(), torch.full_like(out, 1e3), out)
+        return out
+    return model
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0"])
+def test_loss_ignores_the_clamped_state_and_padding(prediction):
+    layout = TrajectoryLayout(obs_dim=3, act_dim=2)
+    d = GaussianDiffusion(betas=make_beta_schedule("cosine", 10), layout=layout, horizon=6,
+                          prediction=prediction, action_weight=10.0)
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(5, 6, 5, generator=g)
+    noise = torch.randn(5, 6, 5, generator=g)
+    t = torch.randint(0, 10, (5,), generator=g)
+    target = noise if prediction == "epsilon" else x0
+    s0 = layout.condition_mask(6).expand(5, 6, 5)
+    assert d.loss(_oracle(target), x0, x0[:, 0, :3], t=t, noise=noise).item() == 0.0
+    # Garbage on s_0 costs nothing: it is clamped while sampling and carries no signal.
+    assert d.loss(_oracle(target, garbage_mask=s0), x0, x0[:, 0, :3], t=t, noise=noise).item() == 0.0
+    # Garbage on padded entries costs nothing once they are masked.
+    pad = torch.zeros(5, 6, 5)
+    pad[:, 4:] = 1.0
+    loss = d.loss(_oracle(target, garbage_mask=pad), x0, x0[:, 0, :3], t=t, noise=noise, mask=1 - pad)
+    assert loss.item() == 0.0
+    assert d.loss(_oracle(target, garbage_mask=pad), x0, x0[:, 0, :3], t=t, noise=noise).item() > 1.0
+
+
+def test_loss_weights_the_first_action():
+    layout = TrajectoryLayout(obs_dim=2, act_dim=2)
+    d = GaussianDiffusion(betas=make_beta_schedule("cosine", 10), layout=layout, horizon=4,
+                          prediction="x0", action_weight=10.0)
+    x0 = torch.zeros(1, 4, 4)
+    t = torch.zeros(1, dtype=torch.long)
+
+    def off_by_one(row, col):
+        def model(x, t):
+            out = torch.zeros_like(x)
+            out[:, row, col] = 1.0
+            return out
+        return model
+
+    first_action = d.loss(off_by_one(0, 2), x0, x0[:, 0, :2], t=t).item()
+    later_action = d.loss(off_by_one(2, 2), x0, x0[:, 0, :2], t=t).item()
+    state = d.loss(off_by_one(1, 0), x0, x0[:, 0, :2], t=t).item()
+    assert later_action > 0
+    assert first_action == pytest.approx(10.0 * later_action)
+    assert state == pytest.approx(later_action)
+
+
+# ----- samplers: output law with the ideal denoiser --------------------------------------------
+
+def _run(d, sampler, *, n=N_SAMPLES, seed=0, **kw):
+    g = torch.Generator().manual_seed(seed)
+    den = exact_denoiser(d)
+    if sampler == "ddpm":
+        return d.p_sample_loop(den, _cond(n), generator=g).trajectories
+    return d.ddim_sample_loop(den, _cond(n), generator=g, **kw).trajectories
+
+
+# (schedule, sampler, kwargs) over T = 100 steps: schemes whose discretization error for this data
+# is below 5% of sigma (their exact output law is checked, with any step count, further down).
+NEAR_EXACT = [
+    ("cosine", "ddpm", {}),
+    ("linear", "ddpm", {}),
+    ("cosine", "ddim", {"n_steps": 100, "eta": 0.0}),
+    ("linear", "ddim", {"n_steps": 100, "eta": 0.0}),
+    ("cosine", "ddim", {"n_steps": 100, "eta": 1.0}),
+    ("linear", "ddim", {"n_steps": 100, "eta": 1.0}),
+    ("cosine", "ddim", {"n_steps": 50, "eta": 0.0}),
+    ("linear", "ddim", {"n_steps": 50, "eta": 0.0}),
+    ("cosine", "ddim", {"n_steps": 50, "eta": 1.0}),
+]
+
+
+def _ids(v):
+    return "-".join(map(str, v.values())) if isinstance(v, dict) else str(v)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0"])
+@pytest.mark.parametrize("schedule,sampler,kw", NEAR_EXACT, ids=_ids)
+def test_sampler_recovers_the_data_gaussian(prediction, schedule, sampler, kw):
+    """With the ideal denoiser the samples are N(mu, sigma²) per free entry."""
+    d = gaussian_diffusion(schedule, 100, prediction)
+    x = _run(d, sampler, **kw)
+    assert torch.isfinite(x).all()
+    for dim, values in enumerate(free_entries(x)):
+        mu, sigma = MU[dim].item(), SIGMA[dim].item()
+        assert abs(values.mean().item() - mu) < 0.05 * sigma, f"dim {dim}: mean {values.mean():.3f} != {mu}"
+        assert abs(values.std().item() / sigma - 1) < 0.07, f"dim {dim}: std {values.std():.3f} != {sigma}"
+
+
+def test_a_sampler_that_ignores_the_data_fails_the_check():
+    """Guard against a vacuous check: a denoiser for the wrong Gaussian must be caught."""
+    d = gaussian_diffusion("cosine", 100, "x0")
+    wrong = exact_denoiser(d, mu=MU, sigma=SIGMA * 1.25)
+    x = d.p_sample_loop(wrong, _cond(N_SAMPLES), generator=torch.Generator().manual_seed(0)).trajectories
+    states, _ = free_entries(x)
+    assert abs(states.std().item() / SIGMA[0].item() - 1) > 0.15
+
+
+LAW_CASES = [
+    ("ddpm", "cosine", 10, {}),
+    ("ddpm", "linear", 20, {}),
+    ("ddim", "cosine", 50, {"n_steps": 1, "eta": 0.0}),
+    ("ddim", "cosine", 50, {"n_steps": 3, "eta": 0.0}),
+    ("ddim", "cosine", 50, {"n_steps": 5, "eta": 1.0}),
+    ("ddim", "linear", 50, {"n_steps": 10, "eta": 0.5}),
+    ("ddim", "sigmoid", 20, {"n_steps": 20, "eta": 0.0}),
+]
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0"])
+@pytest.mark.parametrize("sampler,schedule,T,kw", LAW_CASES, ids=_ids)
+def test_sampler_matches_closed_form_law(prediction, sampler, schedule, T, kw):
+    """Few-step samplers do not return N(mu, sigma²), but exactly the Gaussian law of their update
+    rule, computed independently in closed form: checks every coefficient of the samplers."""
+    d = gaussian_diffusion(schedule, T, prediction)
+    x = _run(d, sampler, **kw)
+    for dim, values in enumerate(free_entries(x)):
+        mu, sigma = MU[dim].item(), SIGMA[dim].item()
+        if sampler == "ddpm":
+            m, s = ddpm_output_law(d, mu, sigma)
+        else:
+            m, s = ddim_output_law(d, kw["n_steps"], kw["eta"], mu, sigma)
+        n = values.numel()
+        assert abs(values.mean().item() - m) < 5 * s / math.sqrt(n) + 1e-3, (dim, values.mean().item(), m)
+        assert abs(values.std().item() / s - 1) < 5 / math.sqrt(2 * n) + 1e-3, (dim, values.std().item(), s)
+
+
+@pytest.mark.parametrize("sampler,kw", [("ddpm", {}), ("ddim", {"n_steps": 7, "eta": 0.0}), ("ddim", {"n_steps": 7, "eta": 1.0})])
+def test_epsilon_and_x0_parametrizations_sample_the_same(sampler, kw):
+    """Same ideal denoiser in both parametrizations and the same seed: the same samples."""
+    a = _run(gaussian_diffusion("cosine", 30, "epsilon"), sampler, n=256, **kw)
+    b = _run(gaussian_diffusion("cosine", 30, "x0"), sampler, n=256, **kw)
+    torch.testing.assert_close(a, b, atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("sampler,kw", [("ddpm", {}), ("ddim", {"n_steps": 5, "eta": 0.0}), ("ddim", {"n_steps": 5, "eta": 1.0})])
+def test_same_generator_seed_same_samples(sampler, kw):
+    d = gaussian_diffusion("cosine", 20, "x0")
+    assert torch.equal(_run(d, sampler, n=64, seed=3, **kw), _run(d, sampler, n=64, seed=3, **kw))
+    assert not torch.equal(_run(d, sampler, n=64, seed=3, **kw), _run(d, sampler, n=64, seed=4, **kw))
+
+
+@pytest.mark.parametrize("sampler,kw", [("ddpm", {}), ("ddim", {"n_steps": 5, "eta": 0.0}), ("ddim", {"n_steps": 5, "eta": 1.0})])
+def test_clip_range_bounds_the_samples(sampler, kw):
+    lo, hi = torch.tensor([-1.0, -0.5]), torch.tensor([1.0, 0.25])
+    d = gaussian_diffusion("cosine", 20, "epsilon", clip_min=lo, clip_max=hi)
+    x = _run(d, sampler, n=2000, **kw)
+    states, actions = free_entries(x)
+    for values, a, b in ((states, lo[0], hi[0]), (actions, lo[1], hi[1])):
+        assert values.min() >= a - 1e-5 and values.max() <= b + 1e-5
+    # the data's mean 1.5 lies above the state's clip range: the clip is active, not vacuous
+    assert (states > hi[0] - 1e-3).float().mean() > 0.2
+
+
+def test_ddim_step_count_is_validated():
+    d = gaussian_diffusion("cosine", 10)
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match="n_steps"):
+            d.ddim_sample_loop(exact_denoiser(d), _cond(2), n_steps=bad)
+
+
+def test_return_chain_has_one_entry_per_step():
+    d = gaussian_diffusion("cosine", 12, "x0")
+    den = exact_denoiser(d)
+    ddpm = d.p_sample_loop(den, _cond(3), return_chain=True)
+    assert ddpm.chain.shape == (3, 13, 4, 2)
+    assert torch.equal(ddpm.chain[:, -1], ddpm.trajectories)
+    ddim = d.ddim_sample_loop(den, _cond(3), n_steps=4, return_chain=True)
+    assert ddim.chain.shape == (3, 5, 4, 2)
+    assert torch.equal(ddim.chain[:, -1], ddim.trajectories)

@@ -1,0 +1,202 @@
+"""The distributed actor-learner on a real local Ray (2 CPUs, no dashboard)."""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from distdiff import config as config_lib
+from distdiff.checkpoint import load_checkpoint
+from distdiff.distributed import actors
+from distdiff.distributed.driver import Counters, OnlineRun, train
+from distdiff.distributed.learner import Learner, NonFiniteError
+from distdiff.pretrain import load_windows, pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+TAGS = [
+    "charts/episode_return", "charts/normalized_score", "rollout/alignment_error", "losses/denoiser", "losses/value",
+    "perf/env_steps_per_s", "perf/updates_per_s", "perf/weights_lag", "replay/size", "faults/worker_restarts",
+]
+
+
+def tiny_config(dataset_id: str, **overrides):
+    base = {
+        "data.dataset_id": dataset_id, "env.max_episode_steps": 60, "train.steps": 30, "eval.episodes": 1,
+        "eval.num_envs": 1, "online.num_actors": 2, "online.envs_per_actor": 1, "online.env_steps": 200,
+        "online.updates_per_env_step": 0.2, "online.updates_per_call": 5, "online.broadcast_every": 5,
+        "online.checkpoint_every": 10, "online.figure_every": 10,
+    }
+    base.update(overrides)
+    return config_lib.load(ROOT / "configs" / "smoke.yaml", base)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_dataset, tmp_path_factory):
+    cfg = tiny_config(tiny_dataset)
+    path = pretrain(cfg, tmp_path_factory.mktemp("pretrained"), quiet=True)
+    return cfg, path
+
+
+def start_run(cfg, run_dir, checkpoint_path):
+    state = load_checkpoint(checkpoint_path)
+    data, _ = load_windows(cfg, None)
+    return OnlineRun(cfg, Path(run_dir), state, data.episodes, Counters(), log=lambda s: None, progress=False)
+
+
+def read_tags(run_dir: Path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    return set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+
+
+def test_two_worker_run_finishes_and_logs(ray_session, pretrained, tmp_path):
+    cfg, ckpt = pretrained
+    metrics = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+    assert metrics["env_steps"] >= cfg.online.env_steps
+    assert metrics["updates"] > 0 and metrics["weights_version"] > 1
+    for key in ("return_mean", "normalized_score", "alignment_error", "env_steps", "updates", "weights_version"):
+        assert metrics[key] is not None
+    assert (tmp_path / "metrics.json").is_file()
+    scalars, images = read_tags(tmp_path)
+    assert not set(TAGS) - scalars, f"missing tags: {set(TAGS) - scalars}"
+    assert "rollout/alignment_error_step/01" in scalars
+    assert "rollout/plan_vs_real" in images
+
+
+def test_every_worker_plans_with_the_newest_weights(ray_session, pretrained, tmp_path):
+    cfg, ckpt = pretrained
+    run = start_run(cfg, tmp_path, ckpt)
+    try:
+        for _ in range(3):
+            run.broadcast()
+        results = ray.get([w.rollout.remote() for w in run.workers])
+        assert [r["version"] for r in results] == [run.counters.version] * len(run.workers) == [3, 3]
+    finally:
+        run.close()
+
+
+def plasma_usage():
+    from ray._private.internal_api import memory_summary
+
+    m = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", memory_summary(stats_only=True))
+    return int(m.group(1)), int(m.group(2))
+
+
+def test_object_store_stays_flat_over_100_broadcasts(ray_session, pretrained, tmp_path):
+    cfg, ckpt = pretrained
+    run = start_run(cfg, tmp_path, ckpt)
+    try:
+        run.broadcast()
+        ray.get([w.ping.remote() for w in run.workers])
+        before = plasma_usage()
+        for _ in range(100):
+            run.broadcast()
+        assert ray.get([w.ping.remote() for w in run.workers])[0]["version"] == 101
+        time.sleep(1.0)
+        after = plasma_usage()
+        # Old versions are freed once every actor has moved on: at most a couple stay alive.
+        assert after[1] <= before[1] + 2, (before, after)
+        assert after[0] <= before[0] + 2, (before, after)
+    finally:
+        run.close()
+
+
+def test_killed_worker_is_replaced_and_nothing_delivered_is_lost(ray_session, pretrained, tmp_path):
+    cfg, ckpt = pretrained
+    cfg = tiny_config(cfg.data.dataset_id, **{"online.env_steps": 400})
+    run = start_run(cfg, tmp_path, ckpt)
+    killed = threading.Event()
+
+    def killer():
+        while run.counters.env_steps == 0:
+            time.sleep(0.05)
+        ray.kill(run.workers[0], no_restart=False)
+        killed.set()
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        run.run()
+        assert killed.is_set()
+        assert run.counters.worker_restarts >= 1
+        assert run.counters.env_steps >= cfg.online.env_steps
+        added = ray.get(run.replay.state_dict.remote())["added_episodes"]
+        assert added == run.counters.episodes
+        # The restarted worker was handed the newest weights and plans again.
+        assert ray.get(run.workers[0].ping.remote())["version"] == run.counters.version
+    finally:
+        run.close()
+
+
+def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path):
+    cfg, ckpt = pretrained
+    first = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    replay_before = load_checkpoint(tmp_path / "replay.pt")["replay"]["added_episodes"]
+    assert saved["run"]["env_steps"] == first["env_steps"] and saved["step"] > cfg.train.steps
+    second = train(cfg, tmp_path, resume=True, log=lambda s: None, progress=False)
+    assert second["env_steps"] >= first["env_steps"] + cfg.online.env_steps
+    assert second["updates"] > first["updates"]
+    assert second["weights_version"] > first["weights_version"]
+    replay_after = load_checkpoint(tmp_path / "replay.pt")["replay"]["added_episodes"]
+    assert replay_after == replay_before + (second["episodes"] - first["episodes"])
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] > saved["step"]
+
+
+def test_nan_batch_is_skipped_and_repeated_failure_stops(pretrained):
+    cfg, ckpt = pretrained
+    state = load_checkpoint(ckpt)
+    learner = Learner(config=cfg.to_dict(), checkpoint=state, device="cpu", max_nonfinite=3)
+    _, windows = load_windows(cfg, learner.trainer.normalizer)
+    rng = np.random.default_rng(0)
+    good = windows.sample(8, rng)
+    bad = good._replace(x_start=good.x_start.clone())
+    bad.x_start[0, 1, 0] = float("nan")
+    weights = {k: v.clone() for k, v in learner.trainer.denoiser.state_dict().items()}
+    stats = learner.train([bad])
+    assert stats["skipped"] == 1 and stats["updates"] == 0
+    assert all(torch.equal(weights[k], v) for k, v in learner.trainer.denoiser.state_dict().items())
+    stats = learner.train([bad, good])
+    assert stats["skipped"] == 1 and stats["updates"] == 1
+    assert all(torch.isfinite(p).all() for p in learner.trainer.denoiser.parameters())
+    with pytest.raises(NonFiniteError):
+        learner.train([bad, bad, bad])
+
+
+def test_train_script_connects_to_a_ray_start_cluster(pretrained, tmp_path, subprocess_env):
+    cfg, ckpt = pretrained
+    config_lib.save(cfg, tmp_path / "tiny.yaml")
+    address = "127.0.0.1:6391"
+    env = dict(subprocess_env, RAY_ADDRESS=address, RAY_AUTH_MODE="token")
+    ray_bin = str(Path(sys.executable).parent / "ray")
+    # `ray start --block` in its own process group: stopping the group stops exactly this
+    # cluster. `ray stop` would also kill the test session's own Ray, and with it pytest.
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--port=6391", "--num-cpus=2",
+                             "--include-dashboard=false", "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while subprocess.run([ray_bin, "status", "--address", address], env=env, capture_output=True).returncode:
+            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+            time.sleep(1)
+        out = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(tmp_path / "tiny.yaml"),
+                              "--init", str(ckpt), "--run-dir", str(tmp_path / "run"), "--num-actors", "2"],
+                             env=env, capture_output=True, text=True, timeout=400)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "connected to the cluster" in out.stdout
+        assert (tmp_path / "run" / "metrics.json").is_file()
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(timeout=60)

@@ -1,0 +1,194 @@
+"""Smoke runs of the launch scripts as a user runs them: separate processes, configs/smoke.yaml."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from _helpers import ROOT
+from distdiff.checkpoint import load_checkpoint
+from distdiff.data.minari_io import WALKER2D_REF_MAX_SCORE, WALKER2D_REF_MIN_SCORE, dataset_exists, load_episodes
+from distdiff.rollout import make_env, random_episodes
+from distdiff.training import Trainer
+
+SMOKE = "configs/smoke.yaml"
+WEIGHTS = ("denoiser", "value", "ema_denoiser", "ema_value")
+
+
+def run(script, *args, env, timeout=120):
+    return subprocess.run([sys.executable, f"launch/{script}", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def ok(proc):
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def pretrain(run_dir, *args, env, dataset):
+    # no fallback: a dataset that is not found must fail, not silently collect another one
+    return run("pretrain.py", "--config", SMOKE, "--data.dataset_id", dataset, "--data.fallback_dataset_id", "",
+               "--run-dir", run_dir, *args, env=env)
+
+
+@pytest.fixture(scope="module")
+def run30(tmp_path_factory, tiny_dataset, subprocess_env):
+    run_dir = tmp_path_factory.mktemp("runs") / "pretrain30"
+    proc = ok(pretrain(run_dir, "--train.steps", 30, env=subprocess_env, dataset=tiny_dataset))
+    assert tiny_dataset in proc.stdout
+    return run_dir
+
+
+@pytest.mark.parametrize("script", ["collect.py", "pretrain.py", "evaluate.py"])
+def test_help(script, subprocess_env):
+    proc = ok(run(script, "--help", env=subprocess_env))
+    assert "usage" in proc.stdout
+    if script != "collect.py":
+        assert "--model.horizon" in proc.stdout and "Planning horizon" in proc.stdout  # every config field
+
+
+def test_collect_random(minari_root, subprocess_env):
+    proc = ok(run("collect.py", "--policy", "random", "--episodes", 3, "--max-episode-steps", 30,
+                  "--dataset-id", "local/walker2d/collected-v0", "--seed", 4, env=subprocess_env))
+    assert "wrote local/walker2d/collected-v0: 3 episodes" in proc.stdout
+    data = load_episodes("local/walker2d/collected-v0", obs_dim=17, act_dim=6, env_id="Walker2d-v5")
+    assert data.env_id == "Walker2d-v5"
+    assert (data.ref_min_score, data.ref_max_score) == (WALKER2D_REF_MIN_SCORE, WALKER2D_REF_MAX_SCORE)
+    # exactly what the seeded random policy produces in-process
+    env = make_env("Walker2d-v5", 30)
+    try:
+        expected = random_episodes(env, 3, seed=4)
+    finally:
+        env.close()
+    assert len(data.episodes) == 3
+    for a, b in zip(data.episodes, expected):
+        assert np.array_equal(a.observations, b.observations) and np.array_equal(a.actions, b.actions)
+        assert (a.terminated, a.truncated) == (b.terminated, b.truncated)
+
+
+def test_collect_refuses_an_existing_id(tiny_dataset, tiny_episodes, subprocess_env):
+    proc = run("collect.py", "--policy", "random", "--episodes", 2, "--dataset-id", tiny_dataset, env=subprocess_env)
+    assert proc.returncode != 0
+    assert "already exists" in proc.stderr and "--overwrite" in proc.stderr
+    assert len(load_episodes(tiny_dataset).episodes) == len(tiny_episodes)
+
+
+def test_collect_refuses_an_id_without_version(minari_root, subprocess_env):
+    proc = run("collect.py", "--policy", "random", "--episodes", 1, "--dataset-id", "local/walker2d/noversion",
+               env=subprocess_env)
+    assert proc.returncode != 0 and "-vN" in proc.stderr
+    assert not dataset_exists("local/walker2d/noversion")
+
+
+def test_pretrain_writes_a_checkpoint(run30, tiny_dataset):
+    state = load_checkpoint(run30 / "checkpoint.pt")
+    assert state["step"] == 30
+    assert state["config"]["data"]["dataset_id"] == tiny_dataset
+    assert state["config"]["model"]["horizon"] == 8  # configs/smoke.yaml
+    assert (run30 / "config.yaml").is_file()
+    assert list(run30.glob("events.out.tfevents.*")), "TensorBoard logs"
+
+
+def test_resume_continues_the_step_count_exactly(run30, tmp_path, tiny_dataset, subprocess_env):
+    resumed = tmp_path / "resumed"
+    shutil.copytree(run30, resumed)
+    ok(run("pretrain.py", "--run-dir", resumed, "--resume", "--train.steps", 40, env=subprocess_env))
+    state = load_checkpoint(resumed / "checkpoint.pt")
+    assert state["step"] == 40
+    # 30 + 10 resumed steps are the same 40 steps as one uninterrupted run: weights, optimizer
+    # moments, data sampler and torch RNG all continue where they were
+    ok(pretrain(tmp_path / "straight", "--train.steps", 40, env=subprocess_env, dataset=tiny_dataset))
+    straight = load_checkpoint(tmp_path / "straight" / "checkpoint.pt")
+    assert straight["step"] == 40
+    for name in WEIGHTS:
+        for k, v in straight[name].items():
+            assert torch.equal(state[name][k], v), f"{name}.{k}"
+    # and it did train on from step 30: the weights moved
+    first = load_checkpoint(run30 / "checkpoint.pt")
+    assert any(not torch.equal(first["denoiser"][k], v) for k, v in state["denoiser"].items())
+
+
+def test_interrupted_pretrain_saves_a_resumable_checkpoint(tmp_path, tiny_dataset, subprocess_env):
+    run_dir = tmp_path / "interrupted"
+    args = ["--config", SMOKE, "--data.dataset_id", tiny_dataset, "--data.fallback_dataset_id", "",
+            "--run-dir", run_dir, "--train.steps", 100_000, "--train.checkpoint_every", 100_000]
+    proc = subprocess.Popen([sys.executable, "launch/pretrain.py", *map(str, args)], cwd=ROOT, env=subprocess_env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        # the TensorBoard writer is created right before the training loop starts
+        while not list(run_dir.glob("events.out.tfevents.*")) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        time.sleep(1.0)  # some gradient steps
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stderr[-3000:]
+    assert "interrupted" in stderr
+    state = load_checkpoint(run_dir / "checkpoint.pt")
+    assert 0 < state["step"] < 100_000
+    assert Trainer.from_checkpoint(state).step == state["step"]
+
+
+def test_pretrain_rejects_an_invalid_config_before_any_work(tmp_path, tiny_dataset, subprocess_env):
+    run_dir = tmp_path / "never"
+    proc = pretrain(run_dir, "--model.horizon", -1, "--diffusion.schedule", "bogus",
+                    env=subprocess_env, dataset=tiny_dataset)
+    assert proc.returncode != 0
+    assert "model.horizon" in proc.stderr and "diffusion.schedule" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_pretrain_on_a_missing_dataset_says_how_to_make_one(tmp_path, minari_root, subprocess_env):
+    proc = pretrain(tmp_path / "run", env=subprocess_env, dataset="local/walker2d/missing-v0")
+    assert proc.returncode != 0
+    assert "local/walker2d/missing-v0" in proc.stderr and "collect.py" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_evaluate(run30, subprocess_env):
+    proc = ok(run("evaluate.py", "--checkpoint", run30 / "checkpoint.pt", "--episodes", 2,
+                  "--env.max_episode_steps", 60, env=subprocess_env))
+    summary = json.loads((run30 / "eval.json").read_text())
+    assert {"return_mean", "return_std", "normalized_score", "alignment_error"} <= summary.keys()
+    assert summary["episodes"] == 2 and summary["step"] == 30
+    for key in ("return_mean", "return_std", "normalized_score", "alignment_error"):
+        assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
+    assert summary["return_std"] >= 0 and summary["alignment_error"] >= 0
+    want = 100 * (summary["return_mean"] - WALKER2D_REF_MIN_SCORE) / (WALKER2D_REF_MAX_SCORE - WALKER2D_REF_MIN_SCORE)
+    assert summary["normalized_score"] == pytest.approx(want)
+    assert summary["episode_length_mean"] <= 60
+    # plans start at the real state: (almost) no error at horizon step 0, float32 rounding at most
+    assert summary["alignment_error_per_step"][0] < 1e-5
+    assert "summary:" in proc.stdout
+
+
+def test_evaluate_refuses_a_corrupt_checkpoint(tmp_path, subprocess_env):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"\x00garbage" * 100)
+    proc = run("evaluate.py", "--checkpoint", bad, "--episodes", 1, env=subprocess_env)
+    assert proc.returncode != 0
+    assert str(bad) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_collect_with_a_checkpoint_policy(run30, minari_root, subprocess_env):
+    ok(run("collect.py", "--policy", run30 / "checkpoint.pt", "--episodes", 2, "--max-episode-steps", 30,
+           "--num-envs", 2, "--dataset-id", "local/walker2d/planner-v0", env=subprocess_env))
+    data = load_episodes("local/walker2d/planner-v0", obs_dim=17, act_dim=6, env_id="Walker2d-v5")
+    assert len(data.episodes) == 2
+    for ep in data.episodes:
+        assert 1 <= len(ep) <= 30
+        assert ep.terminated or ep.truncated
+        assert np.all(np.abs(ep.actions) <= 1.0)  # clipped to the action space

@@ -1,0 +1,112 @@
+"""Minari datasets: write -> load round trip, refusals with clear messages, reference scores."""
+from __future__ import annotations
+
+import dataclasses
+
+import minari
+import numpy as np
+import pytest
+
+from distdiff.data.minari_io import (
+    WALKER2D_REF_MAX_SCORE,
+    WALKER2D_REF_MIN_SCORE,
+    DatasetError,
+    dataset_exists,
+    load_episodes,
+    normalized_score,
+    write_episodes,
+)
+from distdiff.rollout import make_env, random_episodes
+
+
+def _assert_same_episodes(loaded, original):
+    assert len(loaded) == len(original)
+    for a, b in zip(loaded, original):
+        assert np.array_equal(a.observations, b.observations)
+        assert np.array_equal(a.actions, b.actions)
+        assert np.array_equal(a.rewards, b.rewards)
+        assert (a.terminated, a.truncated) == (b.terminated, b.truncated)
+
+
+def test_tiny_dataset_round_trip(tiny_dataset, tiny_episodes):
+    data = load_episodes(tiny_dataset, obs_dim=17, act_dim=6, env_id="Walker2d-v5")
+    assert data.dataset_id == tiny_dataset
+    assert data.env_id == "Walker2d-v5"
+    _assert_same_episodes(data.episodes, tiny_episodes)
+    assert (data.ref_min_score, data.ref_max_score) == (WALKER2D_REF_MIN_SCORE, WALKER2D_REF_MAX_SCORE)
+
+
+def test_round_trip_keeps_termination_and_truncation_flags(minari_root):
+    env = make_env("Walker2d-v5", 14)  # short limit: some episodes fall, others hit the limit
+    try:
+        episodes = random_episodes(env, 8, seed=0)
+    finally:
+        env.close()
+    # and one that neither terminated nor was truncated (a collection cut short)
+    episodes.append(dataclasses.replace(episodes[0], terminated=False, truncated=False))
+    flags = {(ep.terminated, ep.truncated) for ep in episodes}
+    assert flags == {(True, False), (False, True), (False, False)}, "the fixture must cover every flag combination"
+    write_episodes("local/test/flags-v0", episodes, env_id="Walker2d-v5", algorithm_name="random")
+    _assert_same_episodes(load_episodes("local/test/flags-v0").episodes, episodes)
+
+
+def test_existing_id_is_refused_without_overwrite(tiny_dataset, tiny_episodes):
+    with pytest.raises(DatasetError) as info:
+        write_episodes(tiny_dataset, tiny_episodes[:2], env_id="Walker2d-v5", algorithm_name="random")
+    assert "already exists" in str(info.value) and "--overwrite" in str(info.value)
+    assert len(load_episodes(tiny_dataset).episodes) == len(tiny_episodes), "the refused write must not touch the data"
+
+
+def test_overwrite_replaces_the_dataset(minari_root, tiny_episodes):
+    write_episodes("local/test/overwrite-v0", tiny_episodes[:3], env_id="Walker2d-v5", algorithm_name="random")
+    write_episodes("local/test/overwrite-v0", tiny_episodes[5:7], env_id="Walker2d-v5", algorithm_name="random",
+                   overwrite=True)
+    _assert_same_episodes(load_episodes("local/test/overwrite-v0").episodes, tiny_episodes[5:7])
+
+
+def test_no_episodes_is_refused(minari_root):
+    with pytest.raises(DatasetError, match="no episodes"):
+        write_episodes("local/test/empty-v0", [], env_id="Walker2d-v5", algorithm_name="random")
+    assert not dataset_exists("local/test/empty-v0")
+
+
+@pytest.mark.parametrize(
+    "kwargs,expected",
+    [
+        ({"obs_dim": 11}, ["obs_dim", "11", "(17,)"]),
+        ({"act_dim": 3}, ["act_dim", "3", "(6,)"]),
+        ({"env_id": "Hopper-v5"}, ["Walker2d-v5", "Hopper-v5"]),
+    ],
+)
+def test_mismatch_with_the_config_is_a_clear_error(tiny_dataset, kwargs, expected):
+    with pytest.raises(DatasetError) as info:
+        load_episodes(tiny_dataset, **kwargs)
+    message = str(info.value)
+    assert tiny_dataset in message and "does not match the config" in message
+    for part in expected:
+        assert part in message
+
+
+def test_all_mismatches_are_reported_at_once(tiny_dataset):
+    with pytest.raises(DatasetError) as info:
+        load_episodes(tiny_dataset, obs_dim=11, act_dim=3)
+    assert "obs_dim" in str(info.value) and "act_dim" in str(info.value)
+
+
+def test_missing_dataset_points_to_collect(minari_root):
+    with pytest.raises(DatasetError) as info:
+        load_episodes("local/walker2d/does-not-exist-v0")
+    message = str(info.value)
+    assert "local/walker2d/does-not-exist-v0" in message
+    assert "collect.py" in message
+    assert str(minari_root) in message  # where it was looked for
+
+
+def test_minari_normalized_score_uses_the_stored_reference_scores(tiny_dataset, tiny_episodes):
+    ds = minari.load_dataset(tiny_dataset)
+    returns = np.array([ep.episode_return for ep in tiny_episodes] + [WALKER2D_REF_MIN_SCORE, WALKER2D_REF_MAX_SCORE])
+    scores = minari.get_normalized_score(ds, returns)
+    np.testing.assert_allclose(scores[-2:], [0.0, 1.0], atol=1e-12)
+    # distdiff reports D4RL's percent convention, Minari a fraction
+    np.testing.assert_allclose(100 * scores, normalized_score(returns, WALKER2D_REF_MIN_SCORE, WALKER2D_REF_MAX_SCORE))
+    assert normalized_score(returns, None, None) is None

@@ -1,0 +1,135 @@
+"""The conditioning state s_0 is exact after sampling, with the real networks and through Planner.plan."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from _helpers import LAYOUT, SMOKE_CONFIG, exact_denoiser, gaussian_diffusion
+from distdiff import config
+from distdiff.config import GuidanceConfig, PlannerConfig
+from distdiff.data.windows import fit_normalizer
+from distdiff.diffusion.guidance import ValueGuide
+from distdiff.models import build_models, layout_of
+from distdiff.normalizer import Normalizer
+from distdiff.planner import Planner
+from distdiff.rollout import make_env
+
+
+@pytest.fixture(scope="module")
+def smoke_models(tiny_episodes):
+    cfg = config.load(SMOKE_CONFIG)
+    torch.manual_seed(0)
+    normalizer = fit_normalizer(tiny_episodes, layout_of(cfg), cfg.data.normalizer)
+    diffusion, denoiser, value = build_models(cfg, normalizer)
+    return cfg, normalizer, diffusion, denoiser.eval(), value.eval()
+
+
+@pytest.fixture(scope="module")
+def observations(tiny_episodes):
+    """Real Walker2d states (float32, as stored), from several episodes and steps."""
+    return np.stack([ep.observations[min(3 * i, len(ep))] for i, ep in enumerate(tiny_episodes[:6])])
+
+
+SAMPLERS = [("ddpm", {}), ("ddim", {"n_steps": 3, "eta": 0.0}), ("ddim", {"n_steps": 3, "eta": 1.0})]
+
+
+@pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
+@pytest.mark.parametrize("sampler,kw", SAMPLERS, ids=["ddpm", "ddim-eta0", "ddim-eta1"])
+def test_s0_exact_after_sampling_with_the_real_networks(smoke_models, observations, sampler, kw, guided):
+    cfg, normalizer, diffusion, denoiser, value = smoke_models
+    layout = diffusion.layout
+    cond = normalizer.slice(layout.state_slice).normalize(torch.from_numpy(observations))
+    # a large scale: the value gradient on s_0 is far from zero, only the re-clamp keeps it
+    guide = ValueGuide(value, scale=5.0, n_steps=2, t_stopgrad=0) if guided else None
+    g = torch.Generator().manual_seed(0)
+    if sampler == "ddpm":
+        out = diffusion.p_sample_loop(denoiser, cond, guide=guide, generator=g, return_chain=True)
+    else:
+        out = diffusion.ddim_sample_loop(denoiser, cond, guide=guide, generator=g, return_chain=True, **kw)
+    assert out.trajectories.shape == (len(observations), cfg.model.horizon, layout.transition_dim)
+    assert torch.isfinite(out.trajectories).all()
+    assert torch.equal(layout.first_state(out.trajectories), cond)
+    for k in range(out.chain.shape[1]):  # every intermediate step, too
+        assert torch.equal(layout.first_state(out.chain[:, k]), cond)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+@pytest.mark.parametrize("scale,n_candidates", [(0.0, 1), (0.1, 1), (1.0, 3)])
+def test_plan_starts_exactly_at_the_observation(smoke_models, observations, sampler, scale, n_candidates):
+    cfg, normalizer, diffusion, denoiser, value = smoke_models
+    guidance = dataclasses.replace(cfg.guidance, scale=scale, n_candidates=n_candidates)
+    planner_cfg = dataclasses.replace(cfg.planner, sampler=sampler)
+    planner = Planner(diffusion=diffusion, denoiser=denoiser, value=value, normalizer=normalizer,
+                      guidance=guidance, planner=planner_cfg)
+    plan = planner.plan(observations, generator=torch.Generator().manual_seed(0))
+    b, h = len(observations), cfg.model.horizon
+    assert plan.states.shape == (b, h, cfg.env.obs_dim) and plan.actions.shape == (b, h, cfg.env.act_dim)
+    assert plan.values.shape == (b,) and plan.trajectories.shape == (b, h, cfg.env.obs_dim + cfg.env.act_dim)
+    assert np.array_equal(plan.states[:, 0], observations)
+    state_norm = normalizer.slice(diffusion.layout.state_slice)
+    assert torch.equal(diffusion.layout.first_state(plan.trajectories), state_norm.normalize(torch.from_numpy(observations)))
+    # the rest of the plan is the sampled trajectory in env units
+    raw = normalizer.unnormalize(plan.trajectories).numpy()
+    np.testing.assert_array_equal(plan.actions, raw[..., diffusion.layout.action_slice])
+    np.testing.assert_array_equal(plan.states[:, 1:], raw[:, 1:, diffusion.layout.state_slice])
+
+
+def test_plan_starts_exactly_at_a_float64_env_observation(smoke_models, tiny_episodes):
+    cfg, normalizer, diffusion, denoiser, value = smoke_models
+    env = make_env(cfg.env.id)
+    try:
+        obs, _ = env.reset(seed=0)
+    finally:
+        env.close()
+    assert obs.dtype == np.float64
+    planner = Planner(diffusion=diffusion, denoiser=denoiser, value=value, normalizer=normalizer,
+                      guidance=cfg.guidance, planner=cfg.planner)
+    plan = planner.plan(obs[None], generator=torch.Generator().manual_seed(0))
+    assert np.array_equal(plan.states[:, 0], obs[None])
+
+
+def test_plan_rejects_badly_shaped_observations(smoke_models, observations):
+    cfg, normalizer, diffusion, denoiser, value = smoke_models
+    planner = Planner(diffusion=diffusion, denoiser=denoiser, value=value, normalizer=normalizer,
+                      guidance=cfg.guidance, planner=cfg.planner)
+    with pytest.raises(ValueError, match="observations"):
+        planner.plan(observations[:, :5])
+    with pytest.raises(ValueError, match="observations"):
+        planner.plan(observations[0])
+
+
+def test_guidance_without_value_net_is_refused(smoke_models):
+    cfg, normalizer, diffusion, denoiser, _ = smoke_models
+    for guidance in (GuidanceConfig(scale=0.1), GuidanceConfig(scale=0.0, n_candidates=2)):
+        with pytest.raises(ValueError, match="value network"):
+            Planner(diffusion=diffusion, denoiser=denoiser, value=None, normalizer=normalizer,
+                    guidance=guidance, planner=cfg.planner)
+
+
+class ActionSum(torch.nn.Module):
+    def forward(self, x, t):
+        return LAYOUT.actions(x).sum(dim=(-1, -2))
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_plan_executes_the_best_of_its_candidates(sampler):
+    d = gaussian_diffusion("cosine", 20, "x0")
+    normalizer = Normalizer(kind="gaussian", shift=[0.5, -1.0], scale=[2.0, 0.5], clip_min=[-3, -3], clip_max=[3, 3])
+    n = 4
+    planner = Planner(diffusion=d, denoiser=exact_denoiser(d), value=ActionSum(), normalizer=normalizer,
+                      guidance=GuidanceConfig(scale=0.0, n_candidates=n),
+                      planner=PlannerConfig(sampler=sampler, ddim_steps=4, ddim_eta=1.0))
+    obs = np.array([[0.0], [1.0], [2.0]], dtype=np.float32)
+    plan = planner.plan(obs, generator=torch.Generator().manual_seed(5))
+    # the same draws, by hand: every candidate, then the argmax of V per observation
+    cond = normalizer.slice(LAYOUT.state_slice).normalize(torch.from_numpy(obs)).repeat_interleave(n, dim=0)
+    candidates = planner.sample(cond, torch.Generator().manual_seed(5)).trajectories.reshape(3, n, 4, 2)
+    values = ActionSum()(candidates.reshape(3 * n, 4, 2), None).reshape(3, n)
+    best = values.argmax(dim=1)
+    assert (values.max(dim=1).values > values.min(dim=1).values).all()  # the choice matters
+    assert torch.equal(plan.trajectories, candidates[torch.arange(3), best])
+    np.testing.assert_array_equal(plan.values, values.max(dim=1).values.numpy())
+    np.testing.assert_array_equal(plan.states[:, 0], obs)

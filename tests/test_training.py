@@ -1,0 +1,119 @@
+"""The learner: it overfits a fixed batch, skips non-finite updates untouched, tracks an EMA."""
+from __future__ import annotations
+
+import math
+from copy import deepcopy
+
+import numpy as np
+import pytest
+import torch
+
+from _helpers import assert_same, make_trainer, snapshot
+from distdiff.training import ema_update, load_flat_weights
+
+
+def test_overfits_a_fixed_batch(tiny_episodes):
+    trainer, windows = make_trainer(tiny_episodes[:4])
+    batch = windows.sample(8, np.random.default_rng(0))
+    # a fixed evaluation: every timestep, fixed noise, the same windows
+    g = torch.Generator().manual_seed(1)
+    reps = 32
+    t = torch.arange(8 * reps) % trainer.diffusion.n_steps
+    x, mask, cond, returns = (v.repeat(reps, *([1] * (v.ndim - 1))) for v in batch)
+    noise = torch.randn(x.shape, generator=g)
+    x_t = trainer.diffusion.layout.condition(trainer.diffusion.q_sample(x, t, noise), cond)
+    target = (returns - trainer.value_mean) / trainer.value_std
+
+    @torch.no_grad()
+    def evaluate():
+        loss_d = trainer.diffusion.loss(trainer.denoiser, x, cond, mask=mask, t=t, noise=noise).item()
+        loss_v = torch.nn.functional.mse_loss(trainer.value(x_t, t), target).item()
+        return loss_d, loss_v
+
+    d0, v0 = evaluate()
+    for _ in range(250):
+        assert trainer.update(batch) is not None
+    d1, v1 = evaluate()
+    assert trainer.step == 250 and trainer.skipped_updates == 0
+    assert d1 < 0.5 * d0, f"denoiser loss {d0:.3f} -> {d1:.3f}"
+    assert v1 < 0.5 * v0, f"value loss {v0:.3f} -> {v1:.3f}"
+
+
+def test_update_reports_finite_losses(tiny_episodes):
+    trainer, windows = make_trainer(tiny_episodes[:2])
+    out = trainer.update(windows.sample(8, np.random.default_rng(0)))
+    assert set(out) == {"losses/denoiser", "losses/value", "losses/denoiser_grad_norm", "losses/value_grad_norm"}
+    assert all(math.isfinite(v) for v in out.values())
+    assert trainer.step == 1
+
+
+def _poison(batch, where):
+    x, mask, cond, returns = (v.clone() for v in batch)
+    if where == "x_start":
+        x[2, 3, -1] = float("nan")
+    elif where == "cond":
+        cond[1, 0] = float("inf")
+    elif where == "returns":
+        returns[0] = float("nan")
+    return type(batch)(x, mask, cond, returns)
+
+
+@pytest.mark.parametrize("where", ["x_start", "cond", "returns"])
+def test_non_finite_batch_is_skipped_and_changes_nothing(tiny_episodes, where):
+    trainer, windows = make_trainer(tiny_episodes[:2], **{"train.ema_start": 0, "train.ema_every": 1})
+    rng = np.random.default_rng(0)
+    for _ in range(3):  # past the first step, so Adam has moments that a bad step could corrupt
+        trainer.update(windows.sample(8, rng))
+    before = snapshot(trainer)
+    assert trainer.update(_poison(windows.sample(8, rng), where)) is None
+    assert trainer.skipped_updates == 1
+    assert trainer.step == 3
+    assert_same(snapshot(trainer), before)
+    assert all(p.grad is None for p in trainer.denoiser.parameters())
+    # and training goes on normally afterwards
+    out = trainer.update(windows.sample(8, rng))
+    assert out is not None and all(math.isfinite(v) for v in out.values())
+    assert trainer.step == 4
+    assert all(torch.isfinite(v).all() for v in snapshot(trainer).values() if torch.is_tensor(v))
+
+
+def test_ema_copies_until_start_then_lags(tiny_episodes):
+    trainer, windows = make_trainer(tiny_episodes[:2], **{"train.ema_start": 2, "train.ema_every": 1,
+                                                          "train.ema_decay": 0.75})
+    rng = np.random.default_rng(0)
+    trainer.update(windows.sample(8, rng))
+    for a, b in zip(trainer.ema_denoiser.parameters(), trainer.denoiser.parameters()):
+        assert torch.equal(a, b)
+    previous = [p.clone() for p in trainer.ema_denoiser.parameters()]
+    trainer.update(windows.sample(8, rng))
+    for old, ema, online in zip(previous, trainer.ema_denoiser.parameters(), trainer.denoiser.parameters()):
+        torch.testing.assert_close(ema, 0.75 * old + 0.25 * online)
+    assert any(not torch.equal(e, o) for e, o in zip(trainer.ema_denoiser.parameters(), trainer.denoiser.parameters()))
+    # planners and rollout workers get the EMA weights
+    weights = trainer.weights()
+    copy = deepcopy(trainer.denoiser)
+    for p in copy.parameters():
+        torch.nn.init.zeros_(p)
+    load_flat_weights(copy, weights["denoiser"])
+    for (k, v), w in zip(trainer.ema_denoiser.state_dict().items(), copy.state_dict().values()):
+        assert torch.equal(w, v), k
+    assert trainer.planner().denoiser is trainer.ema_denoiser
+
+
+def test_ema_update_is_a_lerp():
+    target, source = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    want = [0.9 * t.detach() + 0.1 * s.detach() for t, s in zip(target.parameters(), source.parameters())]
+    ema_update(target, source, 0.9)
+    for t, w in zip(target.parameters(), want):
+        torch.testing.assert_close(t.detach(), w)
+
+
+def test_no_value_training_without_guidance(tiny_episodes):
+    trainer, windows = make_trainer(tiny_episodes[:2], **{"train.train_value": False, "guidance.scale": 0.0,
+                                                          "guidance.n_candidates": 1})
+    before = {k: v.clone() for k, v in trainer.value.state_dict().items()}
+    out = trainer.update(windows.sample(8, np.random.default_rng(0)))
+    assert out["losses/value"] == 0.0
+    for k, v in trainer.value.state_dict().items():
+        assert torch.equal(v, before[k])
+    assert trainer.planner().value is None
