@@ -61,8 +61,12 @@ def main():
     t0 = time.perf_counter()
     ckpt = args.init or pretrain(cfg, args.out / "prior", quiet=True)
     t_pretrain = time.perf_counter() - t0
+    # Pretraining had the machine to itself; online, the learner shares it with rollout actors,
+    # and a second math thread competing with them is far slower than one.
+    cfg = config_lib.load(None, {**{f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()},
+                                 "train.num_threads": 1})
     prior = keep(evaluate(planner_from_checkpoint(load_checkpoint(ckpt), cfg), cfg))
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
     t1 = time.perf_counter()
     metrics = train(cfg, args.out / "aligned", init=ckpt, log=lambda s: print(s, file=sys.stderr), progress=False)
     t_online = time.perf_counter() - t1

@@ -36,7 +36,7 @@ def main():
     args = p.parse_args()
     cfg = config_lib.load(args.config, {"online.envs_per_actor": 1})
     sizes = [int(s) for s in args.sizes.split(",")]
-    ray.init(include_dashboard=False, logging_level="warning")
+    ray.init(address="local", include_dashboard=False, logging_level="warning")
     env = {"env_vars": {"OMP_NUM_THREADS": "1"}}
     learner = LearnerActor.options(num_cpus=0, runtime_env=env).remote(config=cfg.to_dict(), checkpoint=fresh_checkpoint(cfg), device="cpu")
     t0 = time.perf_counter()

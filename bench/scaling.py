@@ -45,7 +45,7 @@ def main():
     p.add_argument("--seconds", type=float, default=30.0)
     args = p.parse_args()
     cfg = config_lib.load(args.config)
-    ray.init(num_cpus=args.workers, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, logging_level="warning")
     ref = ray.put(fresh_weights(cfg))
     one = rate(cfg, 1, args.seconds, ref)
     many = rate(cfg, args.workers, args.seconds, ref)

@@ -38,7 +38,10 @@ def main(argv=None) -> int:
     p.add_argument("--dataset-id", required=True, help="Minari id, ending in -vN (e.g. local/walker2d/random-v0).")
     p.add_argument("--env", default="Walker2d-v5", help="Gymnasium env id (random policy; a checkpoint uses its own).")
     p.add_argument("--max-episode-steps", type=int, default=1000)
-    p.add_argument("--num-envs", type=int, default=8, help="Envs planned together (checkpoint policy).")
+    p.add_argument("--num-envs", type=int, default=8, help="Envs planned together (checkpoint policy), per actor.")
+    p.add_argument("--num-actors", type=int, default=1,
+                   help="Collect with this many parallel Ray actors (1: in this process). Connects to RAY_ADDRESS or a "
+                        "local `ray start` cluster if there is one, else starts an embedded Ray.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="Replace an existing dataset with this id.")
     args = p.parse_args(argv)
@@ -49,15 +52,37 @@ def main(argv=None) -> int:
     if dataset_exists(args.dataset_id) and not args.overwrite:
         fail(f"dataset {args.dataset_id!r} already exists under {datasets_root()}; pass --overwrite to replace it")
 
+    if args.num_actors < 1:
+        fail("--num-actors must be >= 1")
+    state = None
+    if args.policy != "random":
+        try:
+            state = load_checkpoint(Path(args.policy))
+        except CheckpointError as e:
+            fail(str(e))
     bar = tqdm(total=args.episodes, desc="collect", dynamic_ncols=True)
-    if args.policy == "random":
+    if args.num_actors > 1:
+        import ray
+
+        from distdiff.distributed.driver import collect_episodes, connect
+
+        started = connect()
+        try:
+            env_id = args.env if state is None else config_lib.from_dict(state["config"]).env.id
+            episodes = collect_episodes(args.episodes, num_actors=args.num_actors, env_id=env_id,
+                                        max_episode_steps=args.max_episode_steps, seed=args.seed, checkpoint=state,
+                                        envs_per_actor=args.num_envs, progress=bar.update)
+        finally:
+            if started:
+                ray.shutdown()
+        algorithm = "random" if state is None else f"distdiff:{args.policy}"
+    elif args.policy == "random":
         env_id, algorithm = args.env, "random"
         env = make_env(env_id, args.max_episode_steps)
         episodes = random_episodes(env, args.episodes, args.seed, progress=lambda ep: bar.update(1))
         env.close()
     else:
         try:
-            state = load_checkpoint(Path(args.policy))
             cfg = config_lib.from_dict(state["config"])
             torch.set_num_threads(cfg.train.num_threads)
             planner = planner_from_checkpoint(state, cfg)

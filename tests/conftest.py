@@ -71,6 +71,6 @@ def ray_session():
     """One local Ray for the whole run (Ray 2.60 has no local_mode): 2 CPUs, no dashboard."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
     yield
     ray.shutdown()

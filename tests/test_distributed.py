@@ -200,3 +200,17 @@ def test_train_script_connects_to_a_ray_start_cluster(pretrained, tmp_path, subp
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
+
+
+def test_parallel_collection_with_random_and_planner_policies(ray_session, pretrained):
+    from distdiff.distributed.driver import collect_episodes
+
+    cfg, ckpt = pretrained
+    random_eps = collect_episodes(7, num_actors=2, env_id="Walker2d-v5", max_episode_steps=30, seed=3)
+    assert len(random_eps) == 7
+    assert all(1 <= len(ep) <= 30 and ep.observations.shape == (len(ep) + 1, 17) for ep in random_eps)
+    # distinct seeds per task: no two episodes start in the same state
+    assert len({ep.observations[0].tobytes() for ep in random_eps}) == 7
+    planned = collect_episodes(3, num_actors=2, env_id="Walker2d-v5", max_episode_steps=30, seed=3,
+                               checkpoint=load_checkpoint(ckpt), envs_per_actor=2)
+    assert len(planned) == 3 and all(ep.actions.shape[1] == 6 for ep in planned)

@@ -15,6 +15,19 @@ from distdiff.distributed.worker import RolloutWorker
 _THREADS = {"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}}
 
 RolloutWorkerActor = ray.remote(RolloutWorker)
+
+
+def _random_episodes(env_id: str, max_episode_steps: int, n_episodes: int, seed: int):
+    from distdiff.rollout import make_env, random_episodes
+
+    env = make_env(env_id, max_episode_steps)
+    try:
+        return random_episodes(env, n_episodes, seed)
+    finally:
+        env.close()
+
+
+random_episodes_task = ray.remote(runtime_env=_THREADS)(_random_episodes)
 ReplayActor = ray.remote(Replay)
 LearnerActor = ray.remote(Learner)
 

@@ -51,7 +51,7 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
     except ConnectionError:
         if address:
             raise
-    ray.init(num_cpus=num_cpus, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="warning")
     log(f"ray: no running cluster found; started an embedded local Ray: {ray.cluster_resources()}")
     return True
 
@@ -273,6 +273,53 @@ class OnlineRun:
         self.writer.close()
         for a in self.workers + [self.replay, self.learner]:
             ray.kill(a)
+
+
+def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episode_steps: int, seed: int,
+                     checkpoint: Optional[Dict[str, object]] = None, envs_per_actor: int = 4,
+                     progress: Optional[Callable[[int], None]] = None) -> List:
+    """``n_episodes`` episodes from ``num_actors`` parallel actors: random actions, or the EMA
+    planner of ``checkpoint`` (the same rollout workers as training)."""
+    from distdiff.training import flat_weights, planner_from_checkpoint
+
+    episodes: List = []
+    if checkpoint is None:
+        per_task = max(1, min(10, n_episodes // max(num_actors, 1)))
+        tasks = (n_episodes + per_task - 1) // per_task
+        refs = [actors.random_episodes_task.options(num_cpus=1.0 / num_actors if num_actors > 1 else 1).remote(
+            env_id, max_episode_steps, per_task, seed + k * per_task) for k in range(tasks)]
+        while refs:
+            ready, refs = ray.wait(refs, num_returns=1)
+            got = ray.get(ready[0])
+            episodes.extend(got)
+            if progress:
+                progress(len(got))
+        return episodes[:n_episodes]
+    cfg = config_lib.from_dict(checkpoint["config"])
+    cfg = config_lib.from_dict({"online": {"envs_per_actor": envs_per_actor, "measure_every": 10**9},
+                                "env": {"max_episode_steps": max_episode_steps}, "train": {"seed": seed}}, cfg)
+    planner = planner_from_checkpoint(checkpoint, cfg)
+    weights = ray.put({"version": 1, "weights": {"denoiser": flat_weights(planner.denoiser), "value": flat_weights(planner.value)}})
+    res = {"actor_cpus": 1.0 / num_actors if num_actors > 1 else 1.0}
+    workers = [actors.make_worker(cfg, res, config=cfg.to_dict(), normalizer=planner.normalizer.state_dict(), worker_id=i)
+               for i in range(num_actors)]
+    try:
+        for w in workers:
+            w.set_weights.remote(weights)
+        pending = {w.rollout.remote(): w for w in workers}
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            w = pending.pop(ready[0])
+            got = ray.get(ready[0])["episodes"]
+            episodes.extend(got)
+            if progress:
+                progress(len(got))
+            if len(episodes) + len(pending) * envs_per_actor < n_episodes:
+                pending[w.rollout.remote()] = w
+    finally:
+        for w in workers:
+            ray.kill(w)
+    return episodes[:n_episodes]
 
 
 def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None, resume: bool = False,
