@@ -214,3 +214,13 @@ def test_parallel_collection_with_random_and_planner_policies(ray_session, pretr
     planned = collect_episodes(3, num_actors=2, env_id="Walker2d-v5", max_episode_steps=30, seed=3,
                                checkpoint=load_checkpoint(ckpt), envs_per_actor=2)
     assert len(planned) == 3 and all(ep.actions.shape[1] == 6 for ep in planned)
+
+
+def test_init_checkpoint_that_does_not_fit_the_config_fails_before_any_actor(pretrained, tmp_path):
+    from distdiff.checkpoint import CheckpointError
+
+    cfg, ckpt = pretrained
+    other = tiny_config(cfg.data.dataset_id, **{"model.dim": 16})
+    with pytest.raises(CheckpointError, match="does not fit"):
+        train(other, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+    assert not (tmp_path / "config.yaml").exists()

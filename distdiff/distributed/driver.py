@@ -29,7 +29,7 @@ from distdiff.models import build_models, layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.planner import Planner
 from distdiff.pretrain import load_windows, pretrain
-from distdiff.training import load_flat_weights
+from distdiff.training import load_flat_weights, planner_from_checkpoint
 
 CHECKPOINT, REPLAY = "checkpoint.pt", "replay.pt"
 
@@ -280,7 +280,7 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
                      progress: Optional[Callable[[int], None]] = None) -> List:
     """``n_episodes`` episodes from ``num_actors`` parallel actors: random actions, or the EMA
     planner of ``checkpoint`` (the same rollout workers as training)."""
-    from distdiff.training import flat_weights, planner_from_checkpoint
+    from distdiff.training import flat_weights
 
     episodes: List = []
     if checkpoint is None:
@@ -343,6 +343,8 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         log(f"phase 1: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps)")
         state = load_checkpoint(pretrain(cfg, run_dir / "pretrain", quiet=not progress))
         counters = Counters()
+    # Fail here, with the checkpoint's path in the message, rather than inside an actor.
+    planner_from_checkpoint(state, cfg)
     config_lib.save(cfg, run_dir / "config.yaml")
     normalizer = Normalizer.from_state_dict(state["normalizer"])
     data, _ = load_windows(cfg, normalizer)
@@ -351,6 +353,10 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     try:
         run.run()
         weights = run.final_weights()
+    except KeyboardInterrupt:
+        log(f"interrupted: saving a checkpoint; resume with --resume {run_dir}")
+        run.checkpoint()
+        raise
     finally:
         run.close()
     log("final evaluation")
