@@ -1,10 +1,14 @@
 """Figures: a plan beside what its actions really did."""
 from __future__ import annotations
 
+import warnings
+from typing import List, NamedTuple, Sequence
+
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 
 from distdiff.rollout import PlanCheck  # noqa: E402
@@ -32,3 +36,136 @@ def plan_vs_real_figure(check: PlanCheck, max_dims: int = 6):
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+# ----- diagnostics figures (launch/visualize.py) ---------------------------------------------
+
+
+class DimGroup(NamedTuple):
+    """Dimensions plotted together in one panel."""
+
+    title: str
+    dims: List[int]  # indices into the state or action vector
+    names: List[str]  # one per dim
+    unit: str  # y-axis unit in raw env units
+
+
+# Walker2d-v5 observation: qpos[1:] (torso height, torso angle, 6 joint angles) + qvel (9).
+_WALKER_POS = ["torso z", "torso angle", "thigh R", "leg R", "foot R", "thigh L", "leg L", "foot L"]
+_WALKER_VEL = ["ẋ", "ż", "torso ω", "thigh R ω", "leg R ω", "foot R ω", "thigh L ω", "leg L ω", "foot L ω"]
+_WALKER_ACT = ["thigh R", "leg R", "foot R", "thigh L", "leg L", "foot L"]
+
+
+def state_groups(env_id: str, obs_dim: int) -> List[DimGroup]:
+    """Position-like and velocity dims of the env's observation (Walker2d named), else one group."""
+    if env_id.startswith("Walker2d") and obs_dim == 17:
+        return [DimGroup("positions (qpos[1:])", list(range(8)), _WALKER_POS, "z: m, angles: rad"),
+                DimGroup("velocities (qvel)", list(range(8, 17)), _WALKER_VEL, "ẋ, ż: m/s, ω: rad/s")]
+    return [DimGroup("state", list(range(obs_dim)), [f"s[{d}]" for d in range(obs_dim)], "env units")]
+
+
+def action_group(env_id: str, act_dim: int) -> DimGroup:
+    if env_id.startswith("Walker2d") and act_dim == 6:
+        return DimGroup("actions (joint torque commands)", list(range(6)), _WALKER_ACT, "control in [-1, 1]")
+    return DimGroup("actions", list(range(act_dim)), [f"a[{d}]" for d in range(act_dim)], "env units")
+
+
+def _ylabel(group: DimGroup, units: str) -> str:
+    return "normalized (z-score)" if units == "normalized" else f"raw ({group.unit})"
+
+
+def _style_legend(ax, group: DimGroup, solid: str, dashed: str):
+    handles = [Line2D([], [], color=f"C{i % 10}", label=n) for i, n in enumerate(group.names)]
+    handles += [Line2D([], [], color="k", label=solid), Line2D([], [], color="k", linestyle="--", label=dashed)]
+    ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+
+
+def figure1(plan_states: np.ndarray, plan_actions: np.ndarray, real_states: np.ndarray, real_actions: np.ndarray,
+            groups: Sequence[DimGroup], act_group: DimGroup, *, units: str = "raw", title: str = ""):
+    """The seed's Figure 1: a plan sampled from a real start state against the dataset's
+    continuation from that state, one panel per dimension group (states) plus the actions.
+
+    Each panel holds two lines per dim, in the dim's color: the plan (solid, first) and the
+    dataset (dashed, second). The dataset's continuation may be shorter than the plan when its
+    episode ends. ``units`` (``raw`` or ``normalized``) only labels the axes: pass the series
+    already in those units.
+    """
+    panels = [(g, plan_states, real_states) for g in groups] + [(act_group, plan_actions, real_actions)]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9.5, 3.0 * len(panels)), squeeze=False)
+    for ax, (g, plan, real) in zip(axes[:, 0], panels):
+        for i, d in enumerate(g.dims):
+            ax.plot(np.arange(len(plan)), plan[:, d], color=f"C{i % 10}", linewidth=1.6)
+            ax.plot(np.arange(len(real)), real[:, d], color=f"C{i % 10}", linewidth=1.2, linestyle="--")
+        ax.set_title(g.title, fontsize=10)
+        ax.set_xlabel("horizon step")
+        ax.set_ylabel(_ylabel(g, units), fontsize=9)
+        ax.grid(alpha=0.3)
+        _style_legend(ax, g, "plan (sampled)", "dataset (real)")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+class AlignmentRun(NamedTuple):
+    """One checkpoint's plans from shared start states, beside what their actions really did."""
+
+    label: str
+    planned_states: np.ndarray  # [H, obs_dim] of the first start, in the figure's units
+    reached_states: np.ndarray  # [H, obs_dim], NaN past a termination
+    errors: np.ndarray  # [n_starts, H] RMSE per horizon step, normalized units, NaN past a termination
+
+
+def alignment_figure(runs: Sequence[AlignmentRun], groups: Sequence[DimGroup], *, units: str = "raw", title: str = ""):
+    """Per checkpoint (one row each): planned vs reached states of the first start state, one panel
+    per dimension group; last row: the alignment error (RMSE per horizon step, normalized units)
+    of every checkpoint, the mean over start states bold and each start thin."""
+    n_rows, n_cols = len(runs) + 1, len(groups)
+    fig = plt.figure(figsize=(6.0 * n_cols + 1.5, 3.0 * n_rows))
+    grid = fig.add_gridspec(n_rows, n_cols)
+    for r, run in enumerate(runs):
+        for c, g in enumerate(groups):
+            ax = fig.add_subplot(grid[r, c])
+            steps = np.arange(len(run.planned_states))
+            for i, d in enumerate(g.dims):
+                ax.plot(steps, run.planned_states[:, d], color=f"C{i % 10}", linewidth=1.6)
+                ax.plot(steps, run.reached_states[:, d], color=f"C{i % 10}", linewidth=1.2, linestyle="--")
+            ax.set_title(f"{run.label}: {g.title}", fontsize=9)
+            ax.set_xlabel("horizon step")
+            ax.set_ylabel(_ylabel(g, units), fontsize=8)
+            ax.grid(alpha=0.3)
+            _style_legend(ax, g, "planned", "reached (executing the plan)")
+    ax = fig.add_subplot(grid[n_rows - 1, :])
+    for k, run in enumerate(runs):
+        steps = np.arange(run.errors.shape[1])
+        for e in run.errors:
+            ax.plot(steps, e, color=f"C{k}", alpha=0.25, linewidth=0.8)
+        with warnings.catch_warnings():  # all-NaN steps (every start fell) stay NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            mean = np.nanmean(np.where(np.isfinite(run.errors), run.errors, np.nan), axis=0)
+            overall = np.nanmean(mean)
+        ax.plot(steps, mean, color=f"C{k}", linewidth=2.0, marker="o", markersize=3,
+                label=f"{run.label} (mean {overall:.3f})")
+    ax.set_title("alignment error per horizon step", fontsize=10)
+    ax.set_xlabel("horizon step")
+    ax.set_ylabel("RMSE (normalized state units)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def save_figure(fig, stem, formats: Sequence[str] = ("png", "svg"), dpi: int = 110) -> List[str]:
+    """Save ``fig`` as ``stem.<fmt>`` for each format; returns the paths."""
+    from pathlib import Path
+
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        p = stem.with_suffix(f".{fmt}")
+        fig.savefig(p, dpi=dpi, bbox_inches="tight")
+        paths.append(str(p))
+    return paths

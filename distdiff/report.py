@@ -1,0 +1,176 @@
+"""Diagnostics of a checkpoint (launch/visualize.py): the data behind the seed's Figure 1, the
+plan-vs-reality alignment from shared start states, and the Markdown report."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+
+from distdiff.config import Config
+from distdiff.data.episodes import Episode
+from distdiff.data.minari_io import DatasetMissing, LoadedDataset, dataset_exists, load_episodes
+from distdiff.planner import Planner
+from distdiff.rollout import PlanCheck, alignment_errors, make_env, physics_state, replay_actions
+
+
+def load_dataset(cfg: Config, dataset_id: Optional[str] = None, log: Callable[[str], None] = print) -> LoadedDataset:
+    """The dataset of Figure 1's start state: ``dataset_id`` when given, else the config's
+    ``data.dataset_id``, else (when that is not local) its local ``data.fallback_dataset_id``,
+    which is what pretraining used offline. Never downloads or collects."""
+    kw = dict(obs_dim=cfg.env.obs_dim, act_dim=cfg.env.act_dim, env_id=cfg.env.id)
+    if dataset_id:
+        return load_episodes(dataset_id, **kw)
+    try:
+        return load_episodes(cfg.data.dataset_id, **kw)
+    except DatasetMissing:
+        fallback = cfg.data.fallback_dataset_id
+        if not fallback or not dataset_exists(fallback):
+            raise
+    log(f"dataset {cfg.data.dataset_id!r} is not local; using the fallback dataset {fallback!r} (pass --dataset to choose)")
+    return load_episodes(fallback, **kw)
+
+
+class Figure1Data(NamedTuple):
+    episode: int
+    start: int
+    plan_states: np.ndarray  # [H, obs_dim] raw; plan_states[0] is real_states[0] exactly
+    plan_actions: np.ndarray  # [H, act_dim] raw
+    real_states: np.ndarray  # [<=H, obs_dim] the dataset's s_t .. s_{t+H-1}
+    real_actions: np.ndarray  # [<=H, act_dim] the dataset's a_t .. a_{t+H-1}
+
+
+def pick_start(episodes: Sequence[Episode], horizon: int, episode: Optional[int] = None, start: Optional[int] = None):
+    """(episode, start): by default the first episode with a full horizon of continuation
+    (else the longest), from the middle of its admissible starts."""
+    if episode is None:
+        full = [i for i, ep in enumerate(episodes) if len(ep) >= horizon]
+        episode = full[0] if full else int(np.argmax([len(ep) for ep in episodes]))
+    if not 0 <= episode < len(episodes):
+        raise ValueError(f"--data-episode {episode} is out of range: the dataset has {len(episodes)} episodes")
+    n = len(episodes[episode])
+    if start is None:
+        start = max(0, (n - horizon) // 2)
+    if not 0 <= start < n:
+        raise ValueError(f"--data-start {start} is out of range: episode {episode} has {n} steps")
+    return episode, start
+
+
+def figure1_data(planner: Planner, episodes: Sequence[Episode], *, episode: Optional[int] = None,
+                 start: Optional[int] = None, generator: Optional[torch.Generator] = None) -> Figure1Data:
+    """A plan conditioned on a real dataset state, beside the dataset's continuation from it."""
+    horizon = planner.diffusion.horizon
+    episode, start = pick_start(episodes, horizon, episode, start)
+    ep = episodes[episode]
+    s0 = ep.observations[start]
+    plan = planner.plan(s0[None], generator=generator)
+    return Figure1Data(episode, start, plan.states[0], plan.actions[0],
+                       ep.observations[start:start + horizon], ep.actions[start:start + horizon])
+
+
+def in_units(planner: Planner, states: np.ndarray, actions: Optional[np.ndarray], units: str):
+    """(states, actions) in ``raw`` env units (unchanged) or ``normalized`` by the planner's normalizer."""
+    if units == "raw":
+        return states, actions
+    if units != "normalized":
+        raise ValueError(f"units must be raw or normalized, got {units!r}")
+    layout = planner.layout
+    s = planner.normalizer.slice(layout.state_slice).normalize(np.asarray(states, np.float64))
+    a = None if actions is None else planner.normalizer.slice(layout.action_slice).normalize(np.asarray(actions, np.float64))
+    return s, a
+
+
+class StartCheck(NamedTuple):
+    seed: int
+    qpos: np.ndarray  # physics state after env.reset(seed=seed)
+    qvel: np.ndarray
+    check: PlanCheck  # the plan from this start beside what its actions did
+    errors: np.ndarray  # [H] RMSE per horizon step (normalized units), NaN past a termination
+
+
+def alignment_starts(planner: Planner, env_id: str, seeds: Sequence[int],
+                     generator: Optional[torch.Generator] = None) -> List[StartCheck]:
+    """Plans from the real start states ``env.reset(seed=s)``, one batch, each replayed from the
+    same physics state in a shadow env (as the training metric does)."""
+    env, shadow = make_env(env_id), make_env(env_id)
+    try:
+        starts = []
+        for s in seeds:
+            obs, _ = env.reset(seed=int(s))
+            starts.append((int(s), obs, *physics_state(env)))
+        plan = planner.plan(np.stack([o for _, o, _, _ in starts]), generator=generator)
+        out = []
+        for k, (s, _, qpos, qvel) in enumerate(starts):
+            reached = replay_actions(shadow, qpos, qvel, plan.actions[k])
+            errors = alignment_errors(plan.states[k], reached, planner.state_normalizer)
+            out.append(StartCheck(s, qpos, qvel, PlanCheck(plan.states[k], plan.actions[k], reached), errors))
+        return out
+    finally:
+        env.close()
+        shadow.close()
+
+
+def mean_error(errors: np.ndarray) -> Optional[float]:
+    e = np.asarray(errors, dtype=np.float64)
+    e = e[np.isfinite(e)]
+    return float(e.mean()) if e.size else None
+
+
+def _fmt(v, spec=".3f") -> str:
+    return "n/a" if v is None else format(v, spec)
+
+
+def _rel(path, base: Path) -> str:
+    return Path(os.path.relpath(Path(path), base)).as_posix()
+
+
+def render_report(out_dir: Path, *, title: str, rows: Sequence[Dict[str, object]], episodes: int,
+                  figure1: Optional[Dict[str, object]], alignment: Optional[Dict[str, object]],
+                  video: Optional[Dict[str, object]], notes: Sequence[str] = ()) -> str:
+    """The Markdown of report.md; every path is written relative to ``out_dir``.
+
+    rows: one per checkpoint: label, checkpoint, step, and the evaluation summary's
+    return_mean, return_std, normalized_score, alignment_error, plus alignment_starts (the
+    mean error of the alignment figure's start states).
+    """
+    lines = [f"# {title}", ""]
+    lines += ["## Summary", ""]
+    if episodes > 0:
+        lines.append(f"Evaluation: {episodes} episode(s) per checkpoint in the real env "
+                     "(`distdiff.evaluation.evaluate`). Alignment error: RMSE between planned states and the states "
+                     "reached by executing the planned actions from the same start, normalized state units, "
+                     "averaged over horizon steps.")
+    else:
+        lines.append("Evaluation skipped (`--episodes 0`).")
+    lines += ["", "| checkpoint | step | return (mean ± std) | normalized score | alignment error (evaluation) "
+              "| alignment error (figure's start states) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ret = "n/a" if r.get("return_mean") is None else f"{r['return_mean']:.1f} ± {r['return_std']:.1f}"
+        lines.append(f"| {r['label']} (`{r['checkpoint']}`) | {r['step']} | {ret} | {_fmt(r.get('normalized_score'), '.1f')} "
+                     f"| {_fmt(r.get('alignment_error'))} | {_fmt(r.get('alignment_starts'))} |")
+    lines.append("")
+    if figure1 is not None:
+        lines += ["## Figure 1: a plan from a real dataset state", "",
+                  f"Dataset `{figure1['dataset']}`, episode {figure1['episode']}, step {figure1['start']}: the plan "
+                  f"sampled conditioned on that state (solid) against the dataset's own continuation (dashed), "
+                  f"{figure1['units']} units.", "",
+                  f"![Figure 1]({_rel(figure1['png'], out_dir)})", "",
+                  f"Vector version: [{Path(figure1['svg']).name}]({_rel(figure1['svg'], out_dir)})", ""]
+    if alignment is not None:
+        lines += ["## Alignment: planned vs reached states", "",
+                  f"Start states: `env.reset(seed=s)` for s in {list(alignment['seeds'])} (the same for every checkpoint). "
+                  f"Top: the first start's planned (solid) and reached (dashed) states, {alignment['units']} units; "
+                  "bottom: RMSE per horizon step in normalized units.", "",
+                  f"![Alignment]({_rel(alignment['png'], out_dir)})", "",
+                  f"Vector version: [{Path(alignment['svg']).name}]({_rel(alignment['svg'], out_dir)})", ""]
+    if video is not None:
+        lines += ["## Imagined plan vs real rollout", "",
+                  f"[{Path(video['path']).name}]({_rel(video['path'], out_dir)}) ({video['frames']} frames, "
+                  f"{video['fps']:g} fps): left, the plan's states imposed on the simulator (x integrated from the "
+                  f"planned forward velocity); right, the plan's actions executed from the same start "
+                  f"(`env.reset(seed={video['seed']})`).", ""]
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    return "\n".join(lines)

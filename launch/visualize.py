@@ -1,0 +1,244 @@
+"""Diagnostics of a checkpoint, as files and in TensorBoard:
+
+  figure1.png/.svg        the seed's Figure 1: a plan sampled conditioned on a real dataset state
+                          against the dataset's own continuation (states by group, actions)
+  alignment.png/.svg      planned states vs the states reached by executing the planned actions
+                          from the same real start states (env.reset(seed=s)), and the alignment
+                          error (RMSE per horizon step, normalized units); with --compare, a
+                          second checkpoint from the same start states
+  plan_vs_real.mp4/.gif   the plan's states imposed on the simulator (left) beside the real
+                          execution of its actions (right): H+1 frames
+  report.md               return, normalized score, alignment error; embeds the above
+  summary.json, events.*  the numbers; TensorBoard: tensorboard --logdir OUT
+
+    python launch/visualize.py --checkpoint runs/pretrain-X/checkpoint.pt
+    python launch/visualize.py --checkpoint runs/online/ --compare runs/pretrain-X/ --episodes 5
+
+Rendering is headless: MUJOCO_GL=egl (Debian: libegl1 libgl1 libopengl0 libgl1-mesa-dri) or
+osmesa (libosmesa6); when MUJOCO_GL is unset the script picks the one installed. MP4 needs the
+imageio-ffmpeg package, else a GIF is written.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from distdiff.cli import fail, limit_threads, write_json
+
+limit_threads()
+
+from distdiff.render import configure_gl  # noqa: E402  (light: must run before anything imports mujoco)
+
+configure_gl()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from distdiff import config as config_lib  # noqa: E402
+from distdiff import plots, render  # noqa: E402
+from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from distdiff.data.minari_io import DatasetError  # noqa: E402
+from distdiff.evaluation import evaluate  # noqa: E402
+from distdiff.report import (alignment_starts, figure1_data, in_units, load_dataset, mean_error,  # noqa: E402
+                             render_report)
+from distdiff.training import planner_from_checkpoint  # noqa: E402
+
+
+def _even_size(text: str) -> int:
+    v = int(text)
+    if v < 16 or v % 2:
+        raise argparse.ArgumentTypeError(f"{v}: frame sizes must be even and at least 16 (H.264 needs even sizes)")
+    return v
+
+
+def _non_negative(text: str) -> int:
+    v = int(text)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v} is negative")
+    return v
+
+
+def _positive(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v}: must be at least 1")
+    return v
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt (or its run dir).")
+    p.add_argument("--dataset", default=None, metavar="ID",
+                   help="Minari dataset of Figure 1's start state (default: the checkpoint's data.dataset_id, or its "
+                        "local data.fallback_dataset_id when that is not local).")
+    p.add_argument("--episodes", type=_non_negative, default=2, metavar="N",
+                   help="Evaluation episodes per checkpoint for the report's return, score and alignment error "
+                        "(default 2; 0 skips evaluation).")
+    p.add_argument("--out", type=Path, default=None, metavar="DIR",
+                   help="Output directory, also the TensorBoard log dir (default: viz/ next to the checkpoint).")
+    p.add_argument("--compare", type=Path, default=None, metavar="PATH",
+                   help="A second checkpoint (same env) shown beside the first in the alignment figure and report.")
+    p.add_argument("--starts", type=_positive, default=4, metavar="K",
+                   help="Real start states of the alignment figure: env.reset(seed=SEED+i), i < K (default 4).")
+    p.add_argument("--seed", type=int, default=None,
+                   help="Seed of the start states, the sampler and the evaluation (default: the checkpoint's eval.seed).")
+    p.add_argument("--data-episode", type=_non_negative, default=None, metavar="I",
+                   help="Dataset episode of Figure 1 (default: the first with a full horizon of continuation).")
+    p.add_argument("--data-start", type=_non_negative, default=None, metavar="T",
+                   help="Step of that episode to start from (default: the middle of the admissible starts).")
+    p.add_argument("--units", choices=("raw", "normalized"), default="raw",
+                   help="Units of the state and action plots: raw env units (m, rad, m/s, rad/s; actions in [-1, 1]) "
+                        "or normalized by the checkpoint's normalizer (default raw). Alignment errors are always normalized.")
+    p.add_argument("--width", type=_even_size, default=240, help="Width of each video panel in pixels (default 240).")
+    p.add_argument("--height", type=_even_size, default=240, help="Height of the video frames in pixels (default 240).")
+    p.add_argument("--fps", type=float, default=8.0, help="Video frames per second (default 8: slow motion).")
+    p.add_argument("--video-format", choices=("auto", "mp4", "gif"), default="auto",
+                   help="auto (default): MP4 when imageio-ffmpeg is installed, else GIF.")
+    p.add_argument("--no-video", action="store_true", help="Skip the rendered video (no OpenGL needed).")
+    return p
+
+
+def _ckpt_file(path: Path) -> Path:
+    return path if path.is_file() else path / "checkpoint.pt"
+
+
+def _load(path: Path):
+    state = load_checkpoint(path)
+    cfg = config_lib.from_dict(state["config"])
+    return state, cfg, planner_from_checkpoint(state, cfg)
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if args.fps <= 0:
+        fail(f"--fps must be positive, got {args.fps}")
+    if args.video_format == "mp4" and not args.no_video and not render.ffmpeg_available():
+        fail("--video-format mp4 needs the imageio-ffmpeg package (pip install imageio-ffmpeg); or use gif")
+    try:
+        state, cfg, planner = _load(args.checkpoint)
+        runs = [("checkpoint", args.checkpoint, state, cfg, planner)]
+        if args.compare is not None:
+            state2, cfg2, planner2 = _load(args.compare)
+            mine = (cfg.env.id, cfg.env.obs_dim, cfg.env.act_dim)
+            theirs = (cfg2.env.id, cfg2.env.obs_dim, cfg2.env.act_dim)
+            if mine != theirs:
+                raise ValueError(f"--compare {args.compare} is for env {theirs}, --checkpoint is for {mine}")
+            runs.append(("compare", args.compare, state2, cfg2, planner2))
+        torch.set_num_threads(cfg.train.num_threads)
+        data = load_dataset(cfg, args.dataset)
+    except DatasetError as e:
+        fail(f"{e}\n(visualize.py takes the dataset id as --dataset ID)")
+    except (config_lib.ConfigError, CheckpointError, ValueError) as e:
+        fail(str(e))
+    labels = []
+    for kind, path, *_ in runs:
+        name = _ckpt_file(path).resolve().parent.name
+        labels.append(name if name not in labels else f"{name} ({kind})")
+    out = args.out or _ckpt_file(args.checkpoint).parent / "viz"
+    seed = cfg.eval.seed if args.seed is None else args.seed
+
+    def gen(p):  # the same sampler noise for every checkpoint
+        return torch.Generator(device=p.device).manual_seed(seed)
+
+    # Figure 1: a plan from a real dataset state against the dataset's continuation
+    try:
+        f1 = figure1_data(planner, data.episodes, episode=args.data_episode, start=args.data_start, generator=gen(planner))
+    except ValueError as e:
+        fail(str(e))
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    step = int(state["step"])
+    out.mkdir(parents=True, exist_ok=True)
+    writer = SummaryWriter(str(out))
+    notes, written = [], []
+    try:
+        ps, pa = in_units(planner, f1.plan_states, f1.plan_actions, args.units)
+        rs, ra = in_units(planner, f1.real_states, f1.real_actions, args.units)
+        groups = plots.state_groups(cfg.env.id, cfg.env.obs_dim)
+        fig = plots.figure1(ps, pa, rs, ra, groups, plots.action_group(cfg.env.id, cfg.env.act_dim), units=args.units,
+                            title=f"{labels[0]}: plan from {data.dataset_id} episode {f1.episode} step {f1.start} "
+                                  f"vs the dataset's continuation")
+        fig1 = plots.save_figure(fig, out / "figure1")
+        writer.add_figure("diagnostics/figure1", fig, step)  # closes the figure
+        written += fig1
+        if len(f1.real_states) < len(f1.plan_states):
+            notes.append(f"Figure 1: the dataset episode ends {len(f1.real_states) - 1} steps after the start state, "
+                         f"before the plan's horizon of {len(f1.plan_states)}.")
+
+        # Alignment: the same real start states for every checkpoint
+        seeds = [seed + i for i in range(args.starts)]
+        align_runs, starts_of = [], []
+        for label, (_, _, _, c, p) in zip(labels, runs):
+            checks = alignment_starts(p, c.env.id, seeds, generator=gen(p))
+            starts_of.append(checks)
+            planned, _ = in_units(p, checks[0].check.planned_states, None, args.units)
+            reached, _ = in_units(p, checks[0].check.reached_states, None, args.units)
+            align_runs.append(plots.AlignmentRun(label, planned, reached, np.stack([s.errors for s in checks])))
+        fig = plots.alignment_figure(align_runs, groups, units=args.units,
+                                     title=f"plans from env.reset(seed=s), s = {seeds[0]}..{seeds[-1]}, "
+                                           f"vs executing their actions")
+        align = plots.save_figure(fig, out / "alignment")
+        writer.add_figure("diagnostics/alignment", fig, step)
+        written += align
+        for label, run in zip(labels, align_runs):
+            if mean_error(run.errors) is not None:
+                writer.add_scalar(f"diagnostics/alignment_error_starts/{label}", mean_error(run.errors), step)
+
+        # Video: the first start's plan imposed on the simulator beside the real execution of its actions
+        video = None
+        problem = "--no-video" if args.no_video else render.gl_problem(cfg.env.id)
+        if problem is None:
+            first = starts_of[0][0]
+            env = render.make_render_env(cfg.env.id, args.width, args.height)
+            try:
+                frames = render.plan_vs_real_frames(env, first.check.planned_states, first.check.planned_actions,
+                                                    first.qpos, first.qvel)
+            finally:
+                env.close()
+            path = render.write_video(out / "plan_vs_real", frames, args.fps, args.video_format)
+            render.add_video(writer, "diagnostics/plan_vs_real", frames, args.fps, step)
+            video = {"path": path, "frames": len(frames), "fps": args.fps, "seed": first.seed}
+            written.append(str(path))
+        elif args.no_video:
+            notes.append("No video: --no-video was given.")
+        else:
+            print(f"warning: no video: {problem}", file=sys.stderr)
+            notes.append(f"No video: {problem}.")
+
+        # Evaluation in the real env
+        rows = []
+        for label, (_, path, st, c, p) in zip(labels, runs):
+            row = {"label": label, "checkpoint": str(path), "step": int(st["step"]),
+                   "alignment_starts": mean_error(np.stack([s.errors for s in starts_of[len(rows)]]))}
+            if args.episodes > 0:
+                print(f"evaluating {label}: {args.episodes} episode(s)", flush=True)
+                summary = evaluate(p, c, episodes=args.episodes, seed=seed)
+                row.update(summary)
+                for k in ("return_mean", "normalized_score", "alignment_error"):
+                    if summary.get(k) is not None:
+                        writer.add_scalar(f"diagnostics/{k}/{label}", summary[k], step)
+            rows.append(row)
+
+        fig1_info = {"dataset": data.dataset_id, "episode": f1.episode, "start": f1.start, "units": args.units,
+                     "png": fig1[0], "svg": fig1[1]}
+        align_info = {"seeds": seeds, "units": args.units, "png": align[0], "svg": align[1]}
+        md = render_report(out, title=f"Diagnostics of {labels[0]}", rows=rows, episodes=args.episodes,
+                           figure1=fig1_info, alignment=align_info, video=video, notes=notes)
+        (out / "report.md").write_text(md)
+        writer.add_text("diagnostics/report", md, step)
+        write_json(out / "summary.json", {"rows": rows, "figure1": {k: v for k, v in fig1_info.items()},
+                                          "alignment_seeds": seeds,
+                                          "video": None if video is None else {**video, "path": str(video["path"])}})
+        written += [str(out / "report.md"), str(out / "summary.json")]
+    finally:
+        writer.close()
+    for f in written:
+        print(f"wrote {f}")
+    print(f"report: {out / 'report.md'}   TensorBoard: tensorboard --logdir {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

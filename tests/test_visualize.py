@@ -1,0 +1,169 @@
+"""Diagnostics (launch/visualize.py): Figure 1, imposing states on the simulator, the plan-vs-real
+video, the report, and the script as a user runs it."""
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from _helpers import ROOT, SMOKE_CONFIG
+from distdiff import config, plots, render
+from distdiff.checkpoint import load_checkpoint
+from distdiff.report import alignment_starts, figure1_data, load_dataset
+from distdiff.rollout import make_env
+from distdiff.training import planner_from_checkpoint
+
+WIDTH, HEIGHT = 64, 48
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory, tiny_dataset):
+    from distdiff.pretrain import pretrain
+
+    cfg = config.load(SMOKE_CONFIG, overrides={"data.dataset_id": tiny_dataset, "train.steps": 20})
+    return pretrain(cfg, tmp_path_factory.mktemp("viz") / "run", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def planner_cfg(tiny_ckpt):
+    state = load_checkpoint(tiny_ckpt)
+    cfg = config.from_dict(state["config"])
+    return planner_from_checkpoint(state, cfg), cfg
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("visualize_script", ROOT / "launch" / "visualize.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_figure1_panels_lines_and_exact_start(planner_cfg, tiny_dataset):
+    import torch
+
+    planner, cfg = planner_cfg
+    data = load_dataset(cfg)
+    assert data.dataset_id == tiny_dataset
+    f1 = figure1_data(planner, data.episodes, episode=3, start=2, generator=torch.Generator().manual_seed(0))
+    h = cfg.model.horizon
+    s0 = data.episodes[3].observations[2]
+    assert f1.plan_states.shape == (h, 17) and f1.plan_actions.shape == (h, 6)
+    assert np.array_equal(f1.plan_states[0], s0) and np.array_equal(f1.real_states[0], s0)  # exact conditioning
+    groups = plots.state_groups(cfg.env.id, cfg.env.obs_dim)
+    fig = plots.figure1(f1.plan_states, f1.plan_actions, f1.real_states, f1.real_actions, groups,
+                        plots.action_group(cfg.env.id, cfg.env.act_dim))
+    try:
+        assert len(fig.axes) == 3  # positions, velocities, actions
+        assert [len(ax.lines) for ax in fig.axes] == [2 * 8, 2 * 9, 2 * 6]  # plan + dataset per dim
+        for ax, g in zip(fig.axes[:2], groups):
+            plan_lines = ax.lines[0::2]
+            assert [line.get_ydata()[0] for line in plan_lines] == [s0[d] for d in g.dims]  # exact, in the figure
+            assert all(len(line.get_xdata()) == h for line in plan_lines)
+        for ax in fig.axes:
+            assert ax.get_xlabel() == "horizon step" and "raw" in ax.get_ylabel()
+            assert ax.get_legend() is not None
+    finally:
+        plots.plt.close(fig)
+
+
+def test_imposing_an_observation_reads_it_back(tiny_episodes):
+    env = make_env("Walker2d-v5")
+    try:
+        env.reset(seed=0)
+        for ep in tiny_episodes[:3]:
+            for obs in ep.observations[:: max(1, len(ep) // 4)]:
+                render.impose_observation(env, obs, x=1.25)
+                assert np.allclose(env.unwrapped._get_obs(), obs, rtol=0, atol=1e-6)
+                assert env.unwrapped.data.qpos[0] == 1.25
+    finally:
+        env.close()
+    xs = render.integrate_x(np.array([[0.0] * 8 + [1.0] + [0.0] * 8, [0.0] * 8 + [3.0] + [0.0] * 8,
+                                      [0.0] * 17]), dt=0.5, x0=2.0)
+    assert np.allclose(xs, [2.0, 2.5, 4.0])
+
+
+def test_plan_vs_real_video(planner_cfg, tmp_path):
+    problem = render.gl_problem(width=WIDTH, height=HEIGHT)
+    if problem is not None:
+        pytest.skip(f"no headless OpenGL backend here: {problem}")
+    planner, cfg = planner_cfg
+    start = alignment_starts(planner, cfg.env.id, [5])[0]
+    h = cfg.model.horizon
+    env = render.make_render_env(cfg.env.id, WIDTH, HEIGHT)
+    try:
+        # the plan's s_0 imposed on the simulator looks exactly like the real start state
+        imposed = render.render_states(env, start.check.planned_states[:1], x0=start.qpos[0])[0]
+        real, _, _ = render.render_rollout(env, start.qpos, start.qvel, start.check.planned_actions[:1])
+        assert np.array_equal(imposed, real[0])
+        frames = render.plan_vs_real_frames(env, start.check.planned_states, start.check.planned_actions,
+                                            start.qpos, start.qvel)
+    finally:
+        env.close()
+    assert frames.shape == (h + 1, HEIGHT, 2 * WIDTH, 3)
+    for fmt in ("auto", "gif"):
+        path = render.write_video(tmp_path / f"video_{fmt}", frames, fps=8, fmt=fmt)
+        assert path.is_file()
+        if fmt == "auto" and render.ffmpeg_available():
+            assert path.suffix == ".mp4"
+        video = render.read_video(path)
+        assert video.shape == (h + 1, HEIGHT, 2 * WIDTH, 3)
+        assert all(f.astype(np.float64).var() > 0 for f in video)
+
+
+@pytest.fixture(scope="module")
+def viz_run(tiny_ckpt, subprocess_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("viz_out")
+    proc = subprocess.run([sys.executable, "launch/visualize.py", "--checkpoint", str(tiny_ckpt), "--compare",
+                           str(tiny_ckpt.parent), "--out", str(out), "--episodes", "1", "--starts", "2",
+                           "--width", str(WIDTH), "--height", str(HEIGHT), "--units", "normalized"],
+                          cwd=ROOT, env=subprocess_env, capture_output=True, text=True, timeout=180)
+    return proc, out
+
+
+def test_script_smoke(viz_run):
+    proc, out = viz_run
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
+    for name in ("figure1.png", "figure1.svg", "alignment.png", "alignment.svg", "report.md", "summary.json"):
+        assert (out / name).is_file(), name
+    assert list(out.glob("events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(out), size_guidance={"images": 0, "tensors": 0}).Reload()
+    tags = acc.Tags()
+    assert {"diagnostics/figure1", "diagnostics/alignment"} <= set(tags["images"])
+    if "No video" not in (out / "report.md").read_text():
+        assert "diagnostics/plan_vs_real" in tags["images"]
+
+
+def test_report_references_existing_files(viz_run):
+    proc, out = viz_run
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (out / "report.md").read_text()
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert {"figure1.png", "alignment.png"} <= set(links)
+    for link in links:
+        assert not link.startswith("/") and (out / link).is_file(), link
+    assert "normalized score" in text and "alignment error" in text
+    assert text.count("| run") == 2  # the checkpoint and --compare, side by side
+    if "No video" not in text:
+        assert any(link.startswith("plan_vs_real.") for link in links)
+
+
+def test_help_and_bad_checkpoint(tmp_path, capsys):
+    script = load_script()
+    help_text = script.parser().format_help()
+    for flag in ("--checkpoint", "--dataset", "--episodes", "--out", "--compare", "--width", "--height", "--units"):
+        assert flag in help_text
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit) as e:
+        script.main(["--checkpoint", str(bad)])
+    assert e.value.code == 2
+    assert "not a readable distdiff checkpoint" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        script.main(["--checkpoint", str(tmp_path / "missing")])
+    assert e.value.code == 2
