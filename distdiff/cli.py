@@ -15,6 +15,15 @@ def limit_threads() -> None:
         os.environ.setdefault(var, "1")
 
 
+def default_ray_auth() -> None:
+    """Present Ray's auth token (~/.ray/auth_token or RAY_AUTH_TOKEN[_PATH]) to clusters.
+
+    `ray start` and embedded clusters run with token auth, but a driver only sends the token
+    when RAY_AUTH_MODE says so, and Ray reads the variable when it is imported: call this first.
+    """
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+
+
 def default_run_dir(kind: str) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 

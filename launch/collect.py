@@ -14,9 +14,10 @@ import re
 import sys
 from pathlib import Path
 
-from distdiff.cli import fail, limit_threads
+from distdiff.cli import default_ray_auth, fail, limit_threads
 
 limit_threads()
+default_ray_auth()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

@@ -16,9 +16,10 @@ import json
 import sys
 from pathlib import Path
 
-from distdiff.cli import default_run_dir, fail, limit_threads
+from distdiff.cli import default_ray_auth, default_run_dir, fail, limit_threads
 
 limit_threads()
+default_ray_auth()
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402

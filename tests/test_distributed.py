@@ -90,7 +90,9 @@ def test_every_worker_plans_with_the_newest_weights(ray_session, pretrained, tmp
 def plasma_usage():
     from ray._private.internal_api import memory_summary
 
-    m = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", memory_summary(stats_only=True))
+    # This session's own cluster, not whatever Ray's address file last recorded.
+    address = ray.get_runtime_context().gcs_address
+    m = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", memory_summary(address=address, stats_only=True))
     return int(m.group(1)), int(m.group(2))
 
 
@@ -146,8 +148,9 @@ def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path)
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
     replay_before = load_checkpoint(tmp_path / "replay.pt")["replay"]["added_episodes"]
     assert saved["run"]["env_steps"] == first["env_steps"] and saved["step"] > cfg.train.steps
-    second = train(cfg, tmp_path, resume=True, log=lambda s: None, progress=False)
-    assert second["env_steps"] >= first["env_steps"] + cfg.online.env_steps
+    longer = tiny_config(cfg.data.dataset_id, **{"online.env_steps": 2 * cfg.online.env_steps})
+    second = train(longer, tmp_path, resume=True, log=lambda s: None, progress=False)
+    assert second["env_steps"] >= 2 * cfg.online.env_steps > first["env_steps"]
     assert second["updates"] > first["updates"]
     assert second["weights_version"] > first["weights_version"]
     replay_after = load_checkpoint(tmp_path / "replay.pt")["replay"]["added_episodes"]

@@ -9,6 +9,7 @@ every actor (fire-and-forget), so the weights are stored once per version, never
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -34,24 +35,40 @@ from distdiff.training import load_flat_weights, planner_from_checkpoint
 CHECKPOINT, REPLAY = "checkpoint.pt", "replay.pt"
 
 
-def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: Callable[[str], None] = print) -> bool:
+def _live_local_cluster() -> Optional[str]:
+    """The address `ray start` recorded on this machine, if a GCS still listens there.
+
+    A stale record (a cluster that was killed) would make ``ray.init(address="auto")`` retry
+    for minutes before failing.
+    """
+    from ray._private.utils import read_ray_address  # Ray is pinned; this is its own lookup
+
+    address = read_ray_address()
+    if not address:
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+    except (OSError, ValueError):
+        return None
+    return address
+
+
+def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: Callable[[str], None] = print,
+            runtime_env: Optional[Dict[str, object]] = None) -> bool:
     """Connect to a running cluster (``address``, ``RAY_ADDRESS`` or a local ``ray start``), else
     start an embedded one. Returns True when this process started Ray (and must stop it)."""
     if ray.is_initialized():
         log("ray: using the already initialized Ray instance")
         return False
-    address = address or os.environ.get("RAY_ADDRESS")
-    # `ray start` turns token auth on by default, but a driver only presents the token from
-    # ~/.ray/auth_token (or RAY_AUTH_TOKEN[_PATH]) when RAY_AUTH_MODE says so.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
-    try:
-        ray.init(address=address or "auto", logging_level="warning")
-        log(f"ray: connected to the cluster at {address or 'auto (local ray start)'}: {ray.cluster_resources()}")
+    if os.environ.get("RAY_AUTH_MODE") is None:
+        log("ray: RAY_AUTH_MODE is unset: a `ray start` cluster will refuse this driver (see distdiff.cli.default_ray_auth)")
+    address = address or os.environ.get("RAY_ADDRESS") or _live_local_cluster()
+    if address:
+        ray.init(address=address, logging_level="warning", runtime_env=runtime_env)
+        log(f"ray: connected to the cluster at {address}: {ray.cluster_resources()}")
         return False
-    except ConnectionError:
-        if address:
-            raise
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="warning", runtime_env=runtime_env)
     log(f"ray: no running cluster found; started an embedded local Ray: {ray.cluster_resources()}")
     return True
 
@@ -81,10 +98,11 @@ class OnlineRun:
 
     def __init__(self, cfg: Config, run_dir: Path, state: Dict[str, object], offline_episodes, counters: Counters,
                  replay_state: Optional[Dict[str, object]] = None, log: Callable[[str], None] = print,
-                 progress: bool = True):
+                 progress: bool = True, on_evaluation: Optional[Callable[[Dict[str, object]], None]] = None):
         from torch.utils.tensorboard import SummaryWriter
 
         self.cfg, self.run_dir, self.log, self.progress = cfg, run_dir, log, progress
+        self.on_evaluation = on_evaluation
         self.counters = counters
         self.normalizer = Normalizer.from_state_dict(state["normalizer"])
         res = actors.resources(cfg)
@@ -120,6 +138,30 @@ class OnlineRun:
         learner_state, replay_state = ray.get([self.learner.state_dict.remote(), self.replay.state_dict.remote()])
         save_checkpoint(self.run_dir / REPLAY, {"replay": replay_state})
         save_checkpoint(self.run_dir / CHECKPOINT, {**learner_state, "run": self.counters.to_dict()})
+
+    def evaluate(self) -> Dict[str, object]:
+        """Checkpoint, then evaluate the newest weights in fresh envs; the run's metrics summary.
+
+        ``on_evaluation`` (e.g. a Ray Tune report) sees the metrics with the checkpoint of the
+        same weights already on disk in the run dir.
+        """
+        self.checkpoint()
+        weights = ray.get(self.weights_ref)
+        summary = evaluate(local_planner(self.cfg, self.normalizer, weights["weights"]), self.cfg)
+        c = self.counters
+        metrics = {
+            **{k: summary[k] for k in ("return_mean", "return_std", "normalized_score", "alignment_error",
+                                       "alignment_error_per_step")},
+            "env_steps": c.env_steps, "updates": c.updates, "episodes": c.episodes,
+            "weights_version": int(weights["version"]), "worker_restarts": c.worker_restarts,
+            "skipped_updates": c.skipped_updates,
+        }
+        for key in ("return_mean", "normalized_score", "alignment_error"):
+            if metrics[key] is not None:
+                self.writer.add_scalar(f"eval/{key}", metrics[key], c.env_steps)
+        if self.on_evaluation is not None:
+            self.on_evaluation(metrics)
+        return metrics
 
     # ----- logging ---------------------------------------------------------------------------
     def log_rollout(self, result: Dict[str, object], t0: float, env_steps0: int) -> None:
@@ -163,46 +205,61 @@ class OnlineRun:
         self.writer.add_figure("rollout/plan_vs_real", plan_vs_real_figure(self.last_example), self.counters.updates)
 
     # ----- the loop --------------------------------------------------------------------------
-    def budget_left(self, t_start: float, env0: int, upd0: int) -> bool:
+    def budget_left(self, t_start: float) -> bool:
+        """Env-step and update budgets count the whole phase 2, across resumes; wall time this process."""
         o = self.cfg.online
-        if o.env_steps and self.counters.env_steps - env0 >= o.env_steps:
+        if o.env_steps and self.counters.env_steps >= o.env_steps:
             return False
-        if o.updates and self.counters.updates - upd0 >= o.updates:
+        if o.updates and self.counters.updates >= o.updates:
             return False
         if o.wall_time_s and time.perf_counter() - t_start >= o.wall_time_s:
             return False
         return True
 
-    def owed_updates(self, env0: int, upd0: int) -> int:
+    def owed_updates(self) -> int:
         o, c = self.cfg.online, self.counters
-        owed = int(o.updates_per_env_step * (c.env_steps - env0)) - (c.updates - upd0)
+        owed = int(o.updates_per_env_step * c.env_steps) - c.updates
         if o.updates:
-            owed = min(owed, o.updates - (c.updates - upd0))
+            owed = min(owed, o.updates - c.updates)
         return owed
 
     def run(self) -> None:
         o, c = self.cfg.online, self.counters
         self.broadcast()
-        rollouts = {w.rollout.remote(): i for i, w in enumerate(self.workers)}
+        collecting = self.budget_left(time.perf_counter())
+        rollouts = {w.rollout.remote(): i for i, w in enumerate(self.workers)} if collecting else {}
         parked: List[int] = []  # workers waiting for the learner to catch up
         failures = [0] * len(self.workers)
+        retry_at: Dict[int, float] = {}  # dead workers, resubmitted after a back-off while Ray restarts them
         train_ref = size_ref = None
         t0, env0, upd0 = time.perf_counter(), c.env_steps, c.updates
         next_ckpt = (c.updates // o.checkpoint_every + 1) * o.checkpoint_every
         next_fig = (c.updates // o.figure_every + 1) * o.figure_every
+        next_eval = (c.updates // o.eval_every + 1) * o.eval_every if o.eval_every else None
         since_broadcast = 0
-        bar = tqdm(total=o.env_steps or None, desc="online", unit="step", disable=not self.progress, dynamic_ncols=True)
-        collecting = True
+        bar = tqdm(total=o.env_steps or None, initial=c.env_steps, desc="online", unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
 
         def submit(i: int) -> None:
-            if self.owed_updates(env0, upd0) > o.max_update_lag:
+            if self.owed_updates() > o.max_update_lag:
                 parked.append(i)
             else:
                 rollouts[self.workers[i].rollout.remote()] = i
 
-        while rollouts or train_ref is not None:
+        while rollouts or train_ref is not None or retry_at:
             waiting = list(rollouts) + ([train_ref] if train_ref is not None else [])
-            ready, _ = ray.wait(waiting, num_returns=1)
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=0.25 if retry_at else None) if waiting else ([], [])
+            now = time.perf_counter()
+            for i in [i for i, t in retry_at.items() if t <= now]:
+                del retry_at[i]
+                if collecting:
+                    # Per-caller task order: the restarted worker loads the newest weights first.
+                    self.workers[i].set_weights.remote(self.weights_ref)
+                    submit(i)
+            if not ready:
+                if not waiting and retry_at:
+                    time.sleep(0.25)
+                continue
             ref = ready[0]
             if ref is train_ref:
                 try:
@@ -223,7 +280,10 @@ class OnlineRun:
                 if c.updates >= next_ckpt:
                     self.checkpoint()
                     next_ckpt += o.checkpoint_every
-                collecting = collecting and self.budget_left(t0, env0, upd0)
+                if next_eval is not None and c.updates >= next_eval:
+                    self.evaluate()
+                    next_eval += o.eval_every
+                collecting = collecting and self.budget_left(t0)
                 if collecting:
                     waiting_workers, parked[:] = list(parked), []
                     for i in waiting_workers:
@@ -233,16 +293,17 @@ class OnlineRun:
                 try:
                     result = ray.get(ref)
                 except RayActorError:
-                    # The actor died with this task; Ray restarts it. It gets the newest weights
-                    # before the resubmitted task, which the per-caller task order guarantees.
-                    c.worker_restarts += 1
+                    # The actor died with this task and Ray restarts it. Calls made while it
+                    # restarts fail at once, so retry after a growing pause, and count one
+                    # restart per death rather than per failed call.
+                    if failures[i] == 0:
+                        c.worker_restarts += 1
+                        self.log(f"rollout actor {i} died; Ray restarts it (restart #{c.worker_restarts})")
                     failures[i] += 1
-                    self.log(f"rollout actor {i} died; restarting it (restart #{c.worker_restarts})")
-                    if failures[i] > 3 and o.actor_max_restarts >= 0:
-                        self.log(f"rollout actor {i} keeps dying; dropping it")
-                    elif collecting:
-                        self.workers[i].set_weights.remote(self.weights_ref)
-                        submit(i)
+                    if failures[i] > 10 and o.actor_max_restarts >= 0:
+                        self.log(f"rollout actor {i} keeps failing; dropping it")
+                    else:
+                        retry_at[i] = time.perf_counter() + min(0.5 * failures[i], 5.0)
                     continue
                 failures[i] = 0
                 self.replay.add.remote(result["episodes"])
@@ -250,24 +311,20 @@ class OnlineRun:
                 c.episodes += len(result["episodes"])
                 bar.update(result["env_steps"])
                 self.log_rollout(result, t0, env0)
-                collecting = collecting and self.budget_left(t0, env0, upd0)
+                collecting = collecting and self.budget_left(t0)
                 if collecting:
                     submit(i)
-            owed = self.owed_updates(env0, upd0)
+            owed = self.owed_updates()
             if train_ref is None and collecting and owed >= 1:
                 n = min(o.updates_per_call, owed)
                 train_ref = self.learner.train.remote(self.replay.sample.remote(n, self.cfg.train.batch_size))
                 size_ref = self.replay.size.remote()
-            if collecting and not rollouts and train_ref is None:
+            if collecting and not rollouts and train_ref is None and not retry_at:
                 if parked:
                     raise RuntimeError("rollouts are parked for the learner but the learner has nothing to do")
                 raise RuntimeError("no rollout actor is left alive")
         bar.close()
         self.broadcast()
-        self.checkpoint()
-
-    def final_weights(self) -> Dict[str, object]:
-        return ray.get(self.weights_ref)
 
     def close(self) -> None:
         self.writer.close()
@@ -323,9 +380,12 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
 
 
 def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None, resume: bool = False,
-          log: Callable[[str], None] = print, progress: bool = True) -> Dict[str, object]:
+          log: Callable[[str], None] = print, progress: bool = True,
+          on_evaluation: Optional[Callable[[Dict[str, object]], None]] = None) -> Dict[str, object]:
     """Phase 1 (pretraining, unless ``init`` or ``resume``) then phase 2 (online alignment), then
-    a final evaluation. Needs Ray initialized (see :func:`connect`). Returns the metrics summary."""
+    a final evaluation. Needs Ray initialized (see :func:`connect`). Returns the final metrics,
+    also written to ``metrics.json``; ``on_evaluation`` is called with each evaluation's metrics
+    (every ``online.eval_every`` updates and at the end), after the checkpoint is written."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     replay_state = None
@@ -349,30 +409,17 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     normalizer = Normalizer.from_state_dict(state["normalizer"])
     data, _ = load_windows(cfg, normalizer)
     log(f"phase 2: online alignment with {cfg.online.num_actors} actors -> {run_dir} (tensorboard --logdir {run_dir})")
-    run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state, log=log, progress=progress)
+    run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state, log=log, progress=progress,
+                    on_evaluation=on_evaluation)
     try:
         run.run()
-        weights = run.final_weights()
+        log("final evaluation")
+        metrics = run.evaluate()
     except KeyboardInterrupt:
         log(f"interrupted: saving a checkpoint; resume with --resume {run_dir}")
         run.checkpoint()
         raise
     finally:
         run.close()
-    log("final evaluation")
-    summary = evaluate(local_planner(cfg, normalizer, weights["weights"]), cfg)
-    metrics = {
-        "return_mean": summary["return_mean"],
-        "return_std": summary["return_std"],
-        "normalized_score": summary["normalized_score"],
-        "alignment_error": summary["alignment_error"],
-        "alignment_error_per_step": summary["alignment_error_per_step"],
-        "env_steps": counters.env_steps,
-        "updates": counters.updates,
-        "episodes": counters.episodes,
-        "weights_version": int(weights["version"]),
-        "worker_restarts": counters.worker_restarts,
-        "skipped_updates": counters.skipped_updates,
-    }
     write_json(run_dir / "metrics.json", metrics)
     return metrics

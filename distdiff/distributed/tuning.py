@@ -1,0 +1,243 @@
+"""Ray Tune sweeps over any config field: the search space lives in YAML.
+
+A sweep file names a base config, fixed overrides, the space (dotted config names → a domain),
+the per-trial resources and the scheduler. Each trial runs :func:`distdiff.distributed.driver.train`
+as a function, inside a placement group that holds its driver, learner and rollout actors, and
+reports every evaluation to Tune with the checkpoint of the same weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+from ray import tune
+
+from distdiff import config as config_lib
+from distdiff.config import Config, ConfigError
+
+DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
+SCHEDULERS = ("asha", "pbt", "fifo")
+REPORTED = ("normalized_score", "alignment_error", "return_mean", "return_std", "env_steps", "updates", "weights_version")
+
+
+@dataclass
+class TrialResources:
+    driver_cpus: float = 0.25
+    learner_cpus: float = 0.5
+    learner_gpus: float = 0.0
+    actor_cpus: float = 0.25
+
+    def bundles(self, num_actors: int) -> List[Dict[str, float]]:
+        learner = {"CPU": self.learner_cpus, **({"GPU": self.learner_gpus} if self.learner_gpus else {})}
+        return [{"CPU": self.driver_cpus}, learner] + [{"CPU": self.actor_cpus} for _ in range(num_actors)]
+
+
+@dataclass
+class SweepSpec:
+    base: Optional[str] = None
+    fixed: Dict[str, Any] = field(default_factory=dict)
+    space: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    name: str = "distdiff-tune"
+    metric: str = "normalized_score"
+    mode: str = "max"
+    num_samples: int = 4
+    max_concurrent: int = 2
+    seed: int = 0
+    scheduler: str = "asha"
+    asha: Dict[str, Any] = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2, "max_t": 100})
+    pbt: Dict[str, Any] = field(default_factory=lambda: {"perturbation_interval": 2, "mutations": []})
+    resources: TrialResources = field(default_factory=TrialResources)
+
+    def trial_config(self, params: Dict[str, Any]) -> Config:
+        """base + fixed + the trial's params, with actor sizes that match the placement group."""
+        r = self.resources
+        sizes = {"online.actor_num_cpus": r.actor_cpus, "online.learner_num_cpus": r.learner_cpus,
+                 "online.learner_num_gpus": r.learner_gpus}
+        return config_lib.load(self.base, {**self.fixed, **params, **sizes})
+
+
+def config_field_names() -> set:
+    defaults = Config()
+    return {f"{s.name}.{f.name}" for s in dataclasses.fields(defaults) for f in dataclasses.fields(getattr(defaults, s.name))}
+
+
+def _check_domain(key: str, dom: Any) -> List[str]:
+    if not isinstance(dom, dict) or len(set(dom) & set(DOMAINS)) != 1:
+        return [f"space.{key}: give exactly one of {list(DOMAINS)} (e.g. {{choice: [a, b]}}), got {dom!r}"]
+    extra = set(dom) - set(DOMAINS) - {"zero"}
+    if extra:
+        return [f"space.{key}: unknown options {sorted(extra)}"]
+    kind = next(k for k in DOMAINS if k in dom)
+    arg = dom[kind]
+    if kind in ("choice", "grid"):
+        if not isinstance(arg, list) or not arg:
+            return [f"space.{key}: {kind} needs a non-empty list"]
+    elif not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) for v in arg) and arg[0] < arg[1]):
+        return [f"space.{key}: {kind} needs [low, high] with low < high, got {arg!r}"]
+    elif kind == "loguniform" and arg[0] <= 0:
+        return [f"space.{key}: loguniform needs low > 0 (add `zero: P` to also try 0 with probability P)"]
+    if "zero" in dom and (kind != "loguniform" or not 0 < float(dom["zero"]) < 1):
+        return [f"space.{key}: `zero` (the probability of an exact 0) goes with loguniform and must be in (0, 1)"]
+    return []
+
+
+def _examples(dom: Dict[str, Any]) -> List[Any]:
+    kind = next(k for k in DOMAINS if k in dom)
+    values = list(dom[kind]) if kind in ("choice", "grid") else list(dom[kind])
+    return values + ([0.0] if "zero" in dom else [])
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and check a sweep file; every problem is reported before any trial starts."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"sweep file {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    known = {f for f in SweepSpec.__dataclass_fields__}
+    errors = [f"unknown sweep option {k!r}; options are {sorted(known)}" for k in raw if k not in known]
+    if errors:
+        raise ConfigError("invalid sweep:\n  " + "\n  ".join(errors))
+    res = raw.pop("resources", {}) or {}
+    try:
+        resources = TrialResources(**res)
+    except TypeError as e:
+        raise ConfigError(f"invalid sweep resources {res!r}: {e}") from None
+    spec = SweepSpec(**raw, resources=resources)
+    if spec.base is not None:
+        spec.base = str((path.parent / spec.base).resolve())
+    if spec.scheduler not in SCHEDULERS:
+        errors.append(f"scheduler must be one of {list(SCHEDULERS)}, got {spec.scheduler!r}")
+    if spec.mode not in ("max", "min"):
+        errors.append(f"mode must be max or min, got {spec.mode!r}")
+    if spec.metric not in REPORTED:
+        errors.append(f"metric must be one of {list(REPORTED)}, got {spec.metric!r}")
+    if not spec.space:
+        errors.append("the space is empty: name at least one config field to sweep")
+    if spec.num_samples < 1 or spec.max_concurrent < 1:
+        errors.append("num_samples and max_concurrent must be >= 1")
+    names = config_field_names()
+    for where, keys in (("space", spec.space), ("fixed", spec.fixed)):
+        errors += [f"{where}: unknown field {k}; see `python launch/train.py --help` for the fields" for k in keys if k not in names]
+    for key, dom in spec.space.items():
+        errors += _check_domain(key, dom)
+    if spec.scheduler == "pbt":
+        for key in spec.pbt.get("mutations", []):
+            if key not in spec.space:
+                errors.append(f"pbt.mutations: {key!r} is not in the space")
+    if errors:
+        raise ConfigError("invalid sweep:\n  " + "\n  ".join(errors))
+    # Unknown field names and invalid values fail here, not in a trial an hour later.
+    try:
+        spec.trial_config({})
+        for key, dom in spec.space.items():
+            for value in _examples(dom):
+                spec.trial_config({key: value})
+    except ConfigError as e:
+        raise ConfigError(f"invalid sweep space: {e}") from None
+    return spec
+
+
+def _domain(dom: Dict[str, Any], rng: random.Random):
+    kind = next(k for k in DOMAINS if k in dom)
+    arg = dom[kind]
+    if kind == "choice":
+        return tune.choice(arg)
+    if kind == "grid":
+        return tune.grid_search(arg)
+    if kind == "uniform":
+        return tune.uniform(*arg)
+    if kind == "randint":
+        return tune.randint(arg[0], arg[1] + 1)
+    if "zero" not in dom:
+        return tune.loguniform(*arg)
+    p_zero, (lo, hi) = float(dom["zero"]), arg
+    return tune.sample_from(lambda _: 0.0 if rng.random() < p_zero else math.exp(rng.uniform(math.log(lo), math.log(hi))))
+
+
+def param_space(spec: SweepSpec) -> Dict[str, Any]:
+    rng = random.Random(spec.seed)
+    return {key: _domain(dom, rng) for key, dom in spec.space.items()}
+
+
+def make_trainable(spec: SweepSpec):
+    """The Tune trainable, sized by a placement group for the trial's driver, learner and actors."""
+    from distdiff.distributed.driver import CHECKPOINT, REPLAY, train
+
+    def trial(params: Dict[str, Any]) -> None:
+        cfg = spec.trial_config(params)
+        run_dir = Path(tune.get_context().get_trial_dir())
+        resume = False
+        restored = tune.get_checkpoint()
+        if restored is not None:
+            # PBT exploitation or a resumed sweep: continue from the reported checkpoint.
+            with restored.as_directory() as d:
+                for name in (CHECKPOINT, REPLAY):
+                    if (Path(d) / name).is_file():
+                        shutil.copy2(Path(d) / name, run_dir / name)
+            resume = (run_dir / CHECKPOINT).is_file()
+
+        def report(metrics: Dict[str, Any]) -> None:
+            with tempfile.TemporaryDirectory() as d:
+                for name in (CHECKPOINT, REPLAY):
+                    if (run_dir / name).is_file():
+                        shutil.copy2(run_dir / name, Path(d) / name)
+                tune.report({k: metrics[k] for k in REPORTED if metrics.get(k) is not None},
+                            checkpoint=tune.Checkpoint.from_directory(d))
+
+        train(cfg, run_dir, resume=resume, log=lambda s: print(s, flush=True), progress=False, on_evaluation=report)
+
+    bundles = spec.resources.bundles(spec.trial_config({}).online.num_actors)
+    return tune.with_resources(trial, tune.PlacementGroupFactory(bundles))
+
+
+def make_scheduler(spec: SweepSpec, space: Dict[str, Any]):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    if spec.scheduler == "asha":
+        return ASHAScheduler(time_attr="training_iteration", **spec.asha)
+    if spec.scheduler == "pbt":
+        mutations = {k: space[k] for k in spec.pbt.get("mutations", [])}
+        return PopulationBasedTraining(time_attr="training_iteration",
+                                       perturbation_interval=spec.pbt.get("perturbation_interval", 2),
+                                       hyperparam_mutations=mutations)
+    return FIFOScheduler()
+
+
+def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False):
+    trainable = make_trainable(spec)
+    path = storage / spec.name
+    if resume:
+        if not tune.Tuner.can_restore(str(path)):
+            raise ConfigError(f"no sweep to resume at {path}")
+        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+    space = param_space(spec)
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
+                                    max_concurrent_trials=spec.max_concurrent, scheduler=make_scheduler(spec, space)),
+        run_config=tune.RunConfig(name=spec.name, storage_path=str(storage.resolve()),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+    )
+
+
+def summarize(results, spec: SweepSpec, storage: Path) -> Dict[str, Path]:
+    """Write the trial table (CSV) and the best trial's config (a YAML that train.py accepts)."""
+    out_dir = storage / spec.name
+    df = results.get_dataframe()
+    columns = ["trial_id"] + [f"config/{k}" for k in spec.space] + [m for m in REPORTED if m in df.columns]
+    table = df[[c for c in columns if c in df.columns]].rename(columns=lambda c: c.removeprefix("config/"))
+    csv_path = out_dir / "trials.csv"
+    table.to_csv(csv_path, index=False)
+    best = results.get_best_result(metric=spec.metric, mode=spec.mode)
+    params = {k: best.config[k] for k in spec.space}
+    best_path = out_dir / "best_config.yaml"
+    config_lib.save(spec.trial_config(params), best_path)
+    return {"table": csv_path, "best_config": best_path, "table_text": table.to_string(index=False)}

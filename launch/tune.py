@@ -1,0 +1,80 @@
+"""Ray Tune sweeps of distdiff training over any config field (β schedule, guidance scale, ...).
+
+    python launch/tune.py --config configs/tune.yaml [--num-samples N] [--max-concurrent M]
+    tensorboard --logdir runs/tune          # every trial side by side
+
+Each trial runs launch/train.py's training as a function inside its own placement group.
+ASHA stops weak trials early (PBT with `scheduler: pbt`). At the end: a table of trials
+(printed, and trials.csv) and best_config.yaml, which `launch/train.py --config` accepts as is.
+An interrupted sweep continues with --resume (finished trials are not run again).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from distdiff.cli import default_ray_auth, fail, limit_threads
+
+limit_threads()
+default_ray_auth()
+
+from distdiff.config import ConfigError  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", type=Path, default=Path("configs/tune.yaml"), help="Sweep file (search space in YAML).")
+    p.add_argument("--num-samples", type=int, default=None, help="Trials to sample (overrides the sweep file).")
+    p.add_argument("--max-concurrent", type=int, default=None, help="Trials at once (overrides the sweep file).")
+    p.add_argument("--storage", type=Path, default=Path("runs/tune"), help="Where trials, checkpoints and logs go.")
+    p.add_argument("--resume", action="store_true", help="Continue the interrupted sweep in --storage.")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, a local cluster, or embedded).")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all).")
+    args = p.parse_args(argv)
+
+    from distdiff.distributed.tuning import load_spec
+
+    try:
+        spec = load_spec(args.config)
+    except ConfigError as e:
+        fail(str(e))
+    if args.num_samples is not None:
+        spec.num_samples = args.num_samples
+    if args.max_concurrent is not None:
+        spec.max_concurrent = args.max_concurrent
+
+    import ray
+
+    from distdiff.distributed.driver import connect
+    from distdiff.distributed.tuning import make_tuner, summarize
+
+    env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH",) if k in os.environ}
+    started = connect(args.address, args.num_cpus, runtime_env={"env_vars": env_vars} if env_vars else None)
+    try:
+        tuner = make_tuner(spec, args.storage, resume=args.resume)
+        results = tuner.fit()
+        unfinished = [r for r in results if r.error is None and not r.metrics.get("done", False)]
+        if unfinished:
+            # Tune turns Ctrl-C into a graceful stop and returns: no table for a sweep cut short.
+            print(f"sweep interrupted with {len(unfinished)} trial(s) unfinished; continue it with: "
+                  f"python launch/tune.py --config {args.config} --storage {args.storage} --resume", file=sys.stderr)
+            return 130
+        if results.num_errors:
+            print(f"warning: {results.num_errors} trial(s) errored; see their error.txt under {args.storage / spec.name}",
+                  file=sys.stderr)
+        out = summarize(results, spec, args.storage)
+    except ConfigError as e:
+        fail(str(e))
+    finally:
+        if started:
+            ray.shutdown()
+    print(out["table_text"])
+    print(f"trials: {out['table']}\nbest config: {out['best_config']}\n"
+          f"train it: python launch/train.py --config {out['best_config']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Ray Tune sweeps: a real 2-trial sweep, interrupted and resumed, and invalid spaces refused."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from distdiff import config as config_lib
+from distdiff.config import ConfigError
+from distdiff.distributed.tuning import load_spec, param_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_sweep(path: Path, dataset_id: str, **extra) -> Path:
+    sweep = {
+        "base": str(ROOT / "configs" / "smoke.yaml"),
+        "name": "sweep",
+        "num_samples": 1,
+        "max_concurrent": 1,
+        "scheduler": "fifo",
+        "resources": {"driver_cpus": 0.25, "learner_cpus": 0.5, "learner_gpus": 0, "actor_cpus": 0.25},
+        "fixed": {"data.dataset_id": dataset_id, "train.steps": 20, "env.max_episode_steps": 40, "online.num_actors": 2,
+                  "online.envs_per_actor": 1, "online.env_steps": 80, "online.updates_per_env_step": 0.1,
+                  "online.updates_per_call": 4, "eval.episodes": 1, "eval.num_envs": 1},
+        "space": {"diffusion.schedule": {"grid": ["linear", "sigmoid"]},
+                  "guidance.scale": {"loguniform": [0.001, 1.0], "zero": 0.5}},
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(sweep))
+    return path
+
+
+def test_invalid_spaces_are_refused_before_any_trial(tiny_dataset, tmp_path, subprocess_env):
+    bad = write_sweep(tmp_path / "bad.yaml", tiny_dataset, space={
+        "diffusion.schedul": {"choice": ["linear"]},
+        "guidance.scale": {"loguniform": [0.0, 1.0]},
+    })
+    with pytest.raises(ConfigError) as err:
+        load_spec(bad)
+    assert "loguniform needs low > 0" in str(err.value)
+    only_unknown = write_sweep(tmp_path / "unknown.yaml", tiny_dataset, space={"diffusion.schedul": {"choice": ["linear"]}})
+    with pytest.raises(ConfigError, match="space: unknown field diffusion.schedul"):
+        load_spec(only_unknown)
+    bad_value = write_sweep(tmp_path / "value.yaml", tiny_dataset, space={"diffusion.schedule": {"choice": ["linear", "zigzag"]}})
+    with pytest.raises(ConfigError, match="zigzag"):
+        load_spec(bad_value)
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "tune.py"), "--config", str(bad), "--storage",
+                          str(tmp_path / "storage")], env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "diffusion.schedul" in out.stderr
+    assert not (tmp_path / "storage").exists()
+
+
+def test_zero_or_loguniform_domain_samples_both(tiny_dataset, tmp_path):
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset))
+    domain = param_space(spec)["guidance.scale"]
+    values = [domain.func(None) for _ in range(200)]
+    zeros = sum(v == 0.0 for v in values)
+    assert 60 < zeros < 140 and all(v == 0.0 or 0.001 <= v <= 1.0 for v in values)
+
+
+def trial_dirs(storage: Path):
+    return sorted(p for p in (storage / "sweep").glob("trial_*") if p.is_dir())
+
+
+def test_sweep_is_interrupted_resumed_and_summarized(ray_session, tiny_dataset, tmp_path, subprocess_env):
+    import ray
+
+    sweep = write_sweep(tmp_path / "sweep.yaml", tiny_dataset)
+    storage = tmp_path / "storage"
+    cmd = [sys.executable, str(ROOT / "launch" / "tune.py"), "--config", str(sweep), "--storage", str(storage),
+           "--num-cpus", "2"]
+    # The sweep runs in its own embedded Ray: hand the cores to it while it runs.
+    ray.shutdown()
+    try:
+        proc = subprocess.Popen(cmd, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 400
+        # max_concurrent 1: the second trial starts once the first has finished.
+        while len(trial_dirs(storage)) < 2:
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            assert time.monotonic() < deadline, "the first trial did not finish in time"
+            time.sleep(1)
+        first = trial_dirs(storage)[0]
+        assert (first / "metrics.json").is_file()
+        first_results = (first / "result.json").read_text()
+        first_metrics = (first / "metrics.json").read_text()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+        assert not (storage / "sweep" / "trials.csv").exists()
+
+        out = subprocess.run(cmd + ["--resume"], env=subprocess_env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    finally:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
+    # The finished trial was not run again (its results carry wall-clock timestamps).
+    assert (first / "result.json").read_text() == first_results
+    assert (first / "metrics.json").read_text() == first_metrics
+    dirs = trial_dirs(storage)
+    assert len(dirs) == 2 and all((d / "metrics.json").is_file() for d in dirs)
+
+    table = (storage / "sweep" / "trials.csv").read_text().splitlines()
+    assert table[0].startswith("trial_id,diffusion.schedule,guidance.scale,normalized_score")
+    assert len(table) == 3
+    # Every trial's TensorBoard events (training scalars) sit under the storage dir.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for d in dirs:
+        acc = EventAccumulator(str(d))
+        acc.Reload()
+        assert "losses/denoiser" in acc.Tags()["scalars"]
+        assert "charts/episode_return" in acc.Tags()["scalars"]
+
+    best = config_lib.load(storage / "sweep" / "best_config.yaml")
+    scores = {json.loads((d / "metrics.json").read_text())["normalized_score"]: d for d in dirs}
+    best_dir = scores[max(scores)]
+    assert best.diffusion.schedule == yaml.safe_load((best_dir / "params.json").read_text())["diffusion.schedule"]
+
+    # The best config starts a training as it is (budgets cut to one update).
+    from distdiff.distributed.driver import train
+
+    short = config_lib.from_dict({"train": {"steps": 5}, "online": {"updates": 1, "env_steps": 0}}, best)
+    metrics = train(short, tmp_path / "from-best", log=lambda s: None, progress=False)
+    assert metrics["updates"] == 1
