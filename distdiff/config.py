@@ -114,6 +114,8 @@ class OnlineConfig:
     actor_num_cpus: float = _f(0.0, "CPUs reserved per rollout actor; 0 = share what the learner leaves (fractional on laptops).")
     learner_num_cpus: float = _f(1.0, "CPUs reserved for the learner actor.")
     learner_num_gpus: float = _f(-1.0, "GPUs for the learner; -1 = one if the cluster has any, else CPU.")
+    learner_resource: str = _f("", "Custom Ray resource the learner asks 0.001 of, so it runs only on nodes started with it (e.g. ray start --resources='{\"learner\": 1}'); empty = any node.")
+    actor_resource: str = _f("", "Custom Ray resource each rollout actor asks 0.001 of, so actors run only on nodes that carry it (e.g. only the CPU nodes, to keep them off the learner's GPU node); empty = any node.")
     env_steps: int = _f(100_000, "Budget: real env steps collected in phase 2 (0 = unlimited).")
     updates: int = _f(0, "Budget: learner updates in phase 2 (0 = unlimited).")
     wall_time_s: float = _f(0.0, "Budget: seconds of phase 2 (0 = unlimited).")
@@ -125,6 +127,7 @@ class OnlineConfig:
     offline_ratio: float = _f(0.5, "Fraction of each batch drawn from the offline dataset.")
     measure_every: int = _f(16, "Actors measure the alignment error of every N-th plan (costs H shadow env steps).")
     checkpoint_every: int = _f(500, "Learner updates between run checkpoints (learner, replay, counters).")
+    eval_every: int = _f(0, "Learner updates between evaluations (checkpoint + eval episodes, reported to Ray Tune); 0 = only at the end.")
     figure_every: int = _f(500, "Learner updates between plan-vs-real figures in TensorBoard.")
     max_nonfinite: int = _f(20, "Consecutive non-finite updates that stop the run.")
     actor_max_restarts: int = _f(-1, "Restarts Ray gives a dead rollout actor (-1 = unlimited).")
@@ -297,6 +300,10 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     o = cfg.online
     need(o.num_actors >= 1 and o.envs_per_actor >= 1, "online.num_actors and online.envs_per_actor must be >= 1")
     need(o.actor_num_cpus >= 0 and o.learner_num_cpus >= 0, "online CPU reservations must be >= 0")
+    for key in ("learner_resource", "actor_resource"):
+        name = getattr(o, key)
+        need(name == "" or (name.strip() == name and name not in ("CPU", "GPU", "memory", "object_store_memory") and not name.startswith("node:")),
+             f"online.{key} must be empty or a custom resource name (not CPU, GPU, memory, object_store_memory, node:..., no surrounding spaces), got {name!r}")
     need(o.env_steps >= 0 and o.updates >= 0 and o.wall_time_s >= 0, "online budgets must be >= 0")
     need(o.env_steps > 0 or o.updates > 0 or o.wall_time_s > 0, "online needs a budget: env_steps, updates or wall_time_s")
     need(o.updates_per_env_step >= 0, "online.updates_per_env_step must be >= 0")
@@ -305,6 +312,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(o.replay_capacity >= cfg.model.horizon, "online.replay_capacity must hold at least one horizon")
     need(0.0 <= o.offline_ratio <= 1.0, "online.offline_ratio must be in [0, 1]")
     need(o.measure_every >= 1 and o.checkpoint_every >= 1 and o.figure_every >= 1, "online.measure_every, checkpoint_every and figure_every must be >= 1")
+    need(o.eval_every >= 0, "online.eval_every must be >= 0")
     need(o.max_nonfinite >= 1, "online.max_nonfinite must be >= 1")
     if e:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))

@@ -1,0 +1,175 @@
+"""Placement by resources on a real multi-node Ray: ``ray.cluster_utils.Cluster`` on this machine.
+
+The cluster has a head (the driver, and the replay with it), a learner node carrying the custom
+resource ``learner`` and a rollout node carrying ``rollout``; with ``online.learner_resource:
+learner`` and ``online.actor_resource: rollout`` the learner must run on the first and the
+rollout actors only on the second, although the learner node has CPUs to spare. A second rollout
+node is then added, the node of a rollout actor removed mid-run, and the run must finish with
+its actors restarted on the node left.
+
+This module needs its own Ray, not the session's ``ray_session`` (one local node, 2 CPUs): its
+fixture disconnects that one if it is up, and afterwards restarts it with the same arguments as
+conftest.py, so tests in later modules that use ``ray_session`` keep working whatever the order.
+It never runs ``ray stop``: that would kill every Ray on the machine.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import ray
+from ray._private.utils import get_ray_address_file
+from ray.cluster_utils import Cluster
+from ray.exceptions import ActorUnavailableError
+
+from distdiff import config as config_lib
+from distdiff.checkpoint import load_checkpoint
+from distdiff.distributed import actors
+from distdiff.distributed.driver import Counters, OnlineRun, train
+from distdiff.pretrain import load_windows, pretrain
+
+ROOT = Path(__file__).resolve().parents[1]
+# conftest.py's ray_session: what this module restores when it found that Ray up.
+SESSION_INIT = dict(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
+
+
+def node_of(actor, timeout: float = 120.0) -> str:
+    """The node an actor runs on, waiting while Ray restarts it (calls fail fast meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ray.get(actor.node_id.remote(), timeout=timeout)
+        except ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def cluster_config(dataset_id: str, **overrides):
+    base = {
+        "data.dataset_id": dataset_id, "env.max_episode_steps": 60, "train.steps": 30, "eval.episodes": 1,
+        "eval.num_envs": 1, "online.num_actors": 2, "online.envs_per_actor": 1, "online.env_steps": 200,
+        "online.updates_per_env_step": 0.2, "online.updates_per_call": 5, "online.broadcast_every": 5,
+        "online.checkpoint_every": 10, "online.figure_every": 10,
+        # placement: learner on the `learner` node, actors (half a CPU each) on `rollout` nodes
+        "online.learner_resource": "learner", "online.actor_resource": "rollout",
+        "online.learner_num_cpus": 1, "online.actor_num_cpus": 0.5,
+    }
+    base.update(overrides)
+    return config_lib.load(ROOT / "configs" / "smoke.yaml", base)
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_dataset, tmp_path_factory):
+    cfg = cluster_config(tiny_dataset)
+    return cfg, pretrain(cfg, tmp_path_factory.mktemp("cluster_pretrained"), quiet=True)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    was_up = ray.is_initialized()
+    if was_up:
+        ray.shutdown()
+    # Cluster() points `ray.init(address="auto")` on this machine at itself; put back what was there.
+    address_file = Path(get_ray_address_file(None))
+    saved_address = address_file.read_text() if address_file.is_file() else None
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        learner = c.add_node(num_cpus=2, resources={"learner": 1})
+        rollout = c.add_node(num_cpus=1, resources={"rollout": 1})
+        ray.init(address=c.address, logging_level="warning")
+        yield SimpleNamespace(cluster=c, head=c.head_node, learner=learner, rollout=rollout)
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        # A stale address there would send later `address="auto"` look-ups (ray.init, Ray's
+        # memory_summary) to this dead cluster.
+        if saved_address is not None:
+            address_file.write_text(saved_address)
+        else:
+            address_file.unlink(missing_ok=True)
+        if was_up:
+            ray.init(**SESSION_INIT)
+
+
+def test_placement_resources_must_be_custom_resource_names():
+    for field in ("online.learner_resource", "online.actor_resource"):
+        for bad in ("GPU", "CPU", "node:127.0.0.1", " learner"):
+            with pytest.raises(config_lib.ConfigError, match=field):
+                cluster_config("local/unused-v0", **{field: bad})
+
+
+def test_learner_and_actors_run_on_the_nodes_their_resources_name(cluster, pretrained, tmp_path, monkeypatch):
+    cfg, ckpt = pretrained
+    res = actors.resources(cfg)
+    assert res["learner_resources"] == {"learner": actors.LABEL_AMOUNT}
+    assert res["actor_resources"] == {"rollout": actors.LABEL_AMOUNT}
+    placed = {"learner": [], "workers": [], "replay": []}
+    make_learner, make_worker, make_replay = actors.make_learner, actors.make_worker, actors.make_replay
+
+    def learner(*args, **kwargs):
+        handle = make_learner(*args, **kwargs)
+        placed["learner"].append(ray.get(handle.node_id.remote(), timeout=120))
+        return handle
+
+    def worker(*args, **kwargs):
+        handle = make_worker(*args, **kwargs)
+        placed["workers"].append(handle.node_id.remote())
+        return handle
+
+    def replay(*args, **kwargs):
+        handle = make_replay(*args, **kwargs)
+        placed["replay"].append(handle.node_id.remote())
+        return handle
+
+    monkeypatch.setattr(actors, "make_learner", learner)
+    monkeypatch.setattr(actors, "make_replay", replay)
+    monkeypatch.setattr(actors, "make_worker", worker)
+    metrics = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+    assert placed["learner"] == [cluster.learner.node_id]
+    assert ray.get(placed["workers"], timeout=60) == [cluster.rollout.node_id] * cfg.online.num_actors
+    # the replay stays with the driver, on the head: losing a rollout node never loses it
+    assert ray.get(placed["replay"], timeout=60) == [cluster.head.node_id]
+    assert metrics["env_steps"] >= cfg.online.env_steps and metrics["updates"] > 0
+    assert (tmp_path / "metrics.json").is_file()
+
+
+def test_run_finishes_on_the_remaining_node_when_a_rollout_node_is_removed(cluster, pretrained, tmp_path):
+    cfg, ckpt = pretrained
+    cfg = cluster_config(cfg.data.dataset_id, **{"online.env_steps": 400})
+    second = cluster.cluster.add_node(num_cpus=1, resources={"rollout": 1})
+    state = load_checkpoint(ckpt)
+    data, _ = load_windows(cfg, None)
+    run = OnlineRun(cfg, tmp_path, state, data.episodes, Counters(), log=lambda s: None, progress=False)
+    try:
+        before = [node_of(w) for w in run.workers]
+        assert set(before) <= {cluster.rollout.node_id, second.node_id}
+        # Remove the node that worker 0 runs on, once rollouts have started to arrive.
+        doomed = cluster.rollout if before[0] == cluster.rollout.node_id else second
+        survivor = second if doomed is cluster.rollout else cluster.rollout
+        removed = threading.Event()
+
+        def remove():
+            deadline = time.monotonic() + 300
+            while run.counters.env_steps == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            cluster.cluster.remove_node(doomed)
+            removed.set()
+
+        thread = threading.Thread(target=remove, daemon=True)
+        thread.start()
+        run.run()
+        thread.join(timeout=120)
+        assert removed.is_set()
+        assert run.counters.worker_restarts >= 1
+        assert run.counters.env_steps >= cfg.online.env_steps
+        after = [node_of(w) for w in run.workers]
+        assert after == [survivor.node_id] * cfg.online.num_actors
+        assert node_of(run.learner) == cluster.learner.node_id
+        # Every delivered trajectory reached the replay.
+        assert ray.get(run.replay.state_dict.remote())["added_episodes"] == run.counters.episodes
+    finally:
+        run.close()
