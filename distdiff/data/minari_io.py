@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -127,6 +128,9 @@ def write_episodes(
             raise DatasetError(f"dataset {dataset_id!r} already exists under {datasets_root()}; pass --overwrite to replace it")
         minari.delete_dataset(dataset_id)
     ref_min, ref_max = reference_scores(env_id)
+    target = os.path.join(datasets_root(), *dataset_id.split("/"))
+    if os.path.exists(target):
+        raise DatasetError(f"{target} exists but holds no readable dataset (an interrupted write?); remove it first")
     env = gym.make(env_id)
     buffers = [
         EpisodeBuffer(
@@ -154,6 +158,10 @@ def write_episodes(
             description=description or f"{len(episodes)} {env_id} episodes collected by distdiff ({algorithm_name})",
             data_format="hdf5",
         )
+    except BaseException:
+        # A half-written dataset would block every later write of this id and load as garbage.
+        shutil.rmtree(target, ignore_errors=True)
+        raise
     finally:
         env.close()
 
