@@ -224,7 +224,8 @@ def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False):
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                                     max_concurrent_trials=spec.max_concurrent, scheduler=make_scheduler(spec, space)),
         run_config=tune.RunConfig(name=spec.name, storage_path=str(storage.resolve()),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=2)),
+                                  # PBT restores trials from other trials' older checkpoints: keep them all.
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=None if spec.scheduler == "pbt" else 2)),
     )
 
 
