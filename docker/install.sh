@@ -5,7 +5,7 @@
 #
 #   bash docker/install.sh                          # torch (the version pinned in pyproject.toml), then distdiff
 #   SKIP_TORCH=1 bash docker/install.sh             # keep a torch already installed (e.g. a CUDA build)
-#   TORCH_PIP_ARGS="--index-url URL" bash docker/install.sh
+#   TORCH_PIP_ARGS="<pip options>" bash docker/install.sh   # e.g. what PyTorch's install selector shows
 #
 # Settings (environment variables):
 #   PYTHON          interpreter to install into (default: python, else python3)
@@ -14,7 +14,7 @@
 #                   CPU-only build (much smaller), or a particular CUDA version, pass the index that
 #                   PyTorch's install selector ("Get Started" page) shows for that torch version, in
 #                   TORCH_PIP_ARGS.
-#   TORCH_PIP_ARGS  extra pip arguments for the torch install only, e.g. "--index-url URL"
+#   TORCH_PIP_ARGS  extra pip arguments for the torch install only (e.g. the selector's index option)
 #   SKIP_TORCH=1    do not install torch; the installed one must match the pin (the GPU image installs
 #                   its CUDA build in a layer of its own first)
 #   EDITABLE=1      pip install -e (default: a regular install)

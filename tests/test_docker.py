@@ -185,5 +185,5 @@ def test_install_sh_installs_the_pinned_torch_then_distdiff():
     assert cmds[1].endswith("-m pip install .")
     cmds = dry_run(SKIP_TORCH="1", EDITABLE="1", EXTRAS="[dev]", PIP_ARGS="--no-cache-dir")
     assert len(cmds) == 1 and cmds[0].endswith("-m pip install --no-cache-dir -e .[dev]")
-    cmds = dry_run(TORCH_PIP_ARGS="--index-url INDEX", TORCH_SPEC="torch==9.9")
-    assert cmds[0].endswith("-m pip install --index-url INDEX torch==9.9")
+    cmds = dry_run(TORCH_PIP_ARGS="--pre --no-deps", TORCH_SPEC="torch==9.9")
+    assert cmds[0].endswith("-m pip install --pre --no-deps torch==9.9")
