@@ -25,13 +25,13 @@ from ray._private.utils import get_ray_address_file
 from ray.cluster_utils import Cluster
 from ray.exceptions import ActorUnavailableError
 
+from _helpers import tiny_online_config
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint
 from distdiff.distributed import actors
 from distdiff.distributed.driver import Counters, OnlineRun, train
 from distdiff.pretrain import load_windows, pretrain
 
-ROOT = Path(__file__).resolve().parents[1]
 # conftest.py's ray_session: what this module restores when it found that Ray up.
 SESSION_INIT = dict(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
 
@@ -49,17 +49,10 @@ def node_of(actor, timeout: float = 120.0) -> str:
 
 
 def cluster_config(dataset_id: str, **overrides):
-    base = {
-        "data.dataset_id": dataset_id, "env.max_episode_steps": 60, "train.steps": 30, "eval.episodes": 1,
-        "eval.num_envs": 1, "online.num_actors": 2, "online.envs_per_actor": 1, "online.env_steps": 200,
-        "online.updates_per_env_step": 0.2, "online.updates_per_call": 5, "online.broadcast_every": 5,
-        "online.checkpoint_every": 10, "online.figure_every": 10,
-        # placement: learner on the `learner` node, actors (half a CPU each) on `rollout` nodes
+    # placement: learner on the `learner` node, actors (half a CPU each) on `rollout` nodes
+    return tiny_online_config(dataset_id, **{
         "online.learner_resource": "learner", "online.actor_resource": "rollout",
-        "online.learner_num_cpus": 1, "online.actor_num_cpus": 0.5,
-    }
-    base.update(overrides)
-    return config_lib.load(ROOT / "configs" / "smoke.yaml", base)
+        "online.learner_num_cpus": 1, "online.actor_num_cpus": 0.5, **overrides})
 
 
 @pytest.fixture(scope="module")

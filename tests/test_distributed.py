@@ -15,9 +15,9 @@ import pytest
 import ray
 import torch
 
+from _helpers import tiny_online_config
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint
-from distdiff.distributed import actors
 from distdiff.distributed.driver import Counters, OnlineRun, train
 from distdiff.distributed.learner import Learner, NonFiniteError
 from distdiff.pretrain import load_windows, pretrain
@@ -29,20 +29,11 @@ TAGS = [
 ]
 
 
-def tiny_config(dataset_id: str, **overrides):
-    base = {
-        "data.dataset_id": dataset_id, "env.max_episode_steps": 60, "train.steps": 30, "eval.episodes": 1,
-        "eval.num_envs": 1, "online.num_actors": 2, "online.envs_per_actor": 1, "online.env_steps": 200,
-        "online.updates_per_env_step": 0.2, "online.updates_per_call": 5, "online.broadcast_every": 5,
-        "online.checkpoint_every": 10, "online.figure_every": 10,
-    }
-    base.update(overrides)
-    return config_lib.load(ROOT / "configs" / "smoke.yaml", base)
 
 
 @pytest.fixture(scope="module")
 def pretrained(tiny_dataset, tmp_path_factory):
-    cfg = tiny_config(tiny_dataset)
+    cfg = tiny_online_config(tiny_dataset)
     path = pretrain(cfg, tmp_path_factory.mktemp("pretrained"), quiet=True)
     return cfg, path
 
@@ -117,7 +108,7 @@ def test_object_store_stays_flat_over_100_broadcasts(ray_session, pretrained, tm
 
 def test_killed_worker_is_replaced_and_nothing_delivered_is_lost(ray_session, pretrained, tmp_path):
     cfg, ckpt = pretrained
-    cfg = tiny_config(cfg.data.dataset_id, **{"online.env_steps": 400})
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": 400})
     run = start_run(cfg, tmp_path, ckpt)
     killed = threading.Event()
 
@@ -148,7 +139,7 @@ def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path)
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
     replay_before = load_checkpoint(tmp_path / "replay.pt")["replay"]["added_episodes"]
     assert saved["run"]["env_steps"] == first["env_steps"] and saved["step"] > cfg.train.steps
-    longer = tiny_config(cfg.data.dataset_id, **{"online.env_steps": 2 * cfg.online.env_steps})
+    longer = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": 2 * cfg.online.env_steps})
     second = train(longer, tmp_path, resume=True, log=lambda s: None, progress=False)
     assert second["env_steps"] >= 2 * cfg.online.env_steps > first["env_steps"]
     assert second["updates"] > first["updates"]
@@ -223,7 +214,7 @@ def test_init_checkpoint_that_does_not_fit_the_config_fails_before_any_actor(pre
     from distdiff.checkpoint import CheckpointError
 
     cfg, ckpt = pretrained
-    other = tiny_config(cfg.data.dataset_id, **{"model.dim": 16})
+    other = tiny_online_config(cfg.data.dataset_id, **{"model.dim": 16})
     with pytest.raises(CheckpointError, match="does not fit"):
         train(other, tmp_path, init=ckpt, log=lambda s: None, progress=False)
     assert not (tmp_path / "config.yaml").exists()
