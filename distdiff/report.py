@@ -122,6 +122,12 @@ def _fmt(v, spec=".3f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
+def _figure_section(title: str, alt: str, caption: str, files: dict, out_dir) -> list:
+    """A report section: caption, the PNG embedded, a link to the SVG."""
+    return [f"## {title}", "", caption, "", f"![{alt}]({_rel(files['png'], out_dir)})", "",
+            f"Vector version: [{Path(files['svg']).name}]({_rel(files['svg'], out_dir)})", ""]
+
+
 def _rel(path, base: Path) -> str:
     return Path(os.path.relpath(Path(path), base)).as_posix()
 
@@ -152,19 +158,17 @@ def render_report(out_dir: Path, *, title: str, rows: Sequence[Dict[str, object]
                      f"| {_fmt(r.get('alignment_error'))} | {_fmt(r.get('alignment_starts'))} |")
     lines.append("")
     if figure1 is not None:
-        lines += ["## Figure 1: a plan from a real dataset state", "",
-                  f"Dataset `{figure1['dataset']}`, episode {figure1['episode']}, step {figure1['start']}: the plan "
-                  f"sampled conditioned on that state (solid) against the dataset's own continuation (dashed), "
-                  f"{figure1['units']} units.", "",
-                  f"![Figure 1]({_rel(figure1['png'], out_dir)})", "",
-                  f"Vector version: [{Path(figure1['svg']).name}]({_rel(figure1['svg'], out_dir)})", ""]
+        lines += _figure_section(
+            "Figure 1: a plan from a real dataset state", "Figure 1",
+            f"Dataset `{figure1['dataset']}`, episode {figure1['episode']}, step {figure1['start']}: the plan "
+            f"sampled conditioned on that state (solid) against the dataset's own continuation (dashed), "
+            f"{figure1['units']} units.", figure1, out_dir)
     if alignment is not None:
-        lines += ["## Alignment: planned vs reached states", "",
-                  f"Start states: `env.reset(seed=s)` for s in {list(alignment['seeds'])} (the same for every checkpoint). "
-                  f"Top: the first start's planned (solid) and reached (dashed) states, {alignment['units']} units; "
-                  "bottom: RMSE per horizon step in normalized units.", "",
-                  f"![Alignment]({_rel(alignment['png'], out_dir)})", "",
-                  f"Vector version: [{Path(alignment['svg']).name}]({_rel(alignment['svg'], out_dir)})", ""]
+        lines += _figure_section(
+            "Alignment: planned vs reached states", "Alignment",
+            f"Start states: `env.reset(seed=s)` for s in {list(alignment['seeds'])} (the same for every checkpoint). "
+            f"Top: the first start's planned (solid) and reached (dashed) states, {alignment['units']} units; "
+            "bottom: RMSE per horizon step in normalized units.", alignment, out_dir)
     if video is not None:
         lines += ["## Imagined plan vs real rollout", "",
                   f"[{Path(video['path']).name}]({_rel(video['path'], out_dir)}) ({video['frames']} frames, "
