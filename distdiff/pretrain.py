@@ -12,7 +12,7 @@ from tqdm import tqdm
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint, save_checkpoint
 from distdiff.config import Config
-from distdiff.data.minari_io import load_or_collect
+from distdiff.data.minari_io import LoadedDataset, load_or_collect
 from distdiff.data.windows import WindowDataset, fit_normalizer
 from distdiff.models import layout_of
 from distdiff.normalizer import Normalizer
@@ -21,12 +21,18 @@ from distdiff.training import Trainer, resolve_device, seed_everything
 CHECKPOINT = "checkpoint.pt"
 
 
-def load_windows(cfg: Config, normalizer: Optional[Normalizer] = None):
-    """The config's dataset as training windows; fits the normalizer unless one is given."""
+def load_data(cfg: Config) -> LoadedDataset:
+    """The config's dataset (or its fallback, collected if missing)."""
     d = cfg.data
-    data = load_or_collect(d.dataset_id, download=d.download, fallback_id=d.fallback_dataset_id,
+    return load_or_collect(d.dataset_id, download=d.download, fallback_id=d.fallback_dataset_id,
                            fallback_episodes=d.fallback_episodes, env_id=cfg.env.id, obs_dim=cfg.env.obs_dim,
                            act_dim=cfg.env.act_dim, max_episode_steps=cfg.env.max_episode_steps, seed=cfg.train.seed)
+
+
+def load_windows(cfg: Config, normalizer: Optional[Normalizer] = None, data: Optional[LoadedDataset] = None):
+    """The config's dataset (``data`` if already loaded) as training windows; fits the
+    normalizer unless one is given."""
+    data = data or load_data(cfg)
     layout = layout_of(cfg)
     normalizer = normalizer or fit_normalizer(data.episodes, layout, cfg.data.normalizer)
     windows = WindowDataset(data.episodes, layout=layout, horizon=cfg.model.horizon, normalizer=normalizer,
@@ -38,7 +44,8 @@ def checkpoint_payload(trainer: Trainer, rng: np.random.Generator) -> dict:
     return {**trainer.state_dict(), "data_rng": rng.bit_generator.state}
 
 
-def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool = False) -> Path:
+def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
+             data: Optional[LoadedDataset] = None) -> Path:
     """Train until ``cfg.train.steps`` gradient steps; returns the checkpoint path.
 
     Checkpoints every ``train.checkpoint_every`` steps, at the end, and on Ctrl-C, so an
@@ -57,7 +64,7 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     seed_everything(cfg.train.seed)
     config_lib.save(cfg, run_dir / "config.yaml")
     normalizer = Normalizer.from_state_dict(state["normalizer"]) if state else None
-    _, windows = load_windows(cfg, normalizer)
+    _, windows = load_windows(cfg, normalizer, data)
     if state:
         trainer = Trainer.from_checkpoint(state, cfg=cfg, device=device)
     else:

@@ -29,7 +29,7 @@ from distdiff.evaluation import evaluate
 from distdiff.models import build_models, layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.planner import Planner
-from distdiff.pretrain import load_windows, pretrain
+from distdiff.pretrain import load_data, pretrain
 from distdiff.training import load_flat_weights, planner_from_checkpoint
 
 CHECKPOINT, REPLAY = "checkpoint.pt", "replay.pt"
@@ -388,7 +388,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     (every ``online.eval_every`` updates and at the end), after the checkpoint is written."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    replay_state = None
+    replay_state = data = None
     if resume:
         state = load_checkpoint(run_dir / CHECKPOINT)
         counters = Counters(**state.get("run", {}))
@@ -401,13 +401,14 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         log(f"phase 1 skipped: starting from {init}")
     else:
         log(f"phase 1: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps)")
-        state = load_checkpoint(pretrain(cfg, run_dir / "pretrain", quiet=not progress))
+        data = load_data(cfg)
+        state = load_checkpoint(pretrain(cfg, run_dir / "pretrain", quiet=not progress, data=data))
         counters = Counters()
     # Fail here, with the checkpoint's path in the message, rather than inside an actor.
     planner_from_checkpoint(state, cfg)
     config_lib.save(cfg, run_dir / "config.yaml")
-    normalizer = Normalizer.from_state_dict(state["normalizer"])
-    data, _ = load_windows(cfg, normalizer)
+    if data is None:
+        data = load_data(cfg)
     log(f"phase 2: online alignment with {cfg.online.num_actors} actors -> {run_dir} (tensorboard --logdir {run_dir})")
     run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state, log=log, progress=progress,
                     on_evaluation=on_evaluation)
