@@ -57,6 +57,8 @@ def test_two_worker_run_finishes_and_logs(ray_session, pretrained, tmp_path):
     metrics = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
     assert metrics["env_steps"] >= cfg.online.env_steps
     assert metrics["updates"] > 0 and metrics["weights_version"] > 1
+    # Updates owed to the last collected steps are run after collection ends.
+    assert metrics["updates"] == int(cfg.online.updates_per_env_step * metrics["env_steps"])
     for key in ("return_mean", "normalized_score", "alignment_error", "env_steps", "updates", "weights_version"):
         assert metrics[key] is not None
     assert (tmp_path / "metrics.json").is_file()

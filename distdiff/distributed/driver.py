@@ -115,7 +115,8 @@ class OnlineRun:
             offline_episodes=ray.put(offline_episodes) if cfg.online.offline_ratio > 0 else [],
             normalizer=self.normalizer.state_dict(), layout=layout_of(cfg), horizon=cfg.model.horizon,
             discount=cfg.data.discount, termination_penalty=cfg.data.termination_penalty,
-            capacity=cfg.online.replay_capacity, offline_ratio=cfg.online.offline_ratio, seed=cfg.train.seed)
+            capacity=cfg.online.replay_capacity, offline_ratio=cfg.online.offline_ratio,
+            return_weighting=cfg.online.return_weighting, seed=cfg.train.seed)
         if replay_state is not None:
             self.replay.load_state_dict.remote(replay_state)
         self.workers = [actors.make_worker(cfg, res, config=cfg_dict, normalizer=self.normalizer.state_dict(), worker_id=i)
@@ -216,6 +217,14 @@ class OnlineRun:
             return False
         return True
 
+    def may_train(self, collecting: bool, t_start: float) -> bool:
+        """Updates run while collecting and, with ``online.finish_updates``, after the env-step
+        budget is spent until the owed ones are done (the wall-time budget still holds)."""
+        o = self.cfg.online
+        if collecting:
+            return True
+        return o.finish_updates and not (o.wall_time_s and time.perf_counter() - t_start >= o.wall_time_s)
+
     def owed_updates(self) -> int:
         o, c = self.cfg.online, self.counters
         owed = int(o.updates_per_env_step * c.env_steps) - c.updates
@@ -315,7 +324,7 @@ class OnlineRun:
                 if collecting:
                     submit(i)
             owed = self.owed_updates()
-            if train_ref is None and collecting and owed >= 1:
+            if train_ref is None and owed >= 1 and self.may_train(collecting, t0):
                 n = min(o.updates_per_call, owed)
                 train_ref = self.learner.train.remote(self.replay.sample.remote(n, self.cfg.train.batch_size))
                 size_ref = self.replay.size.remote()

@@ -1,4 +1,12 @@
-"""Replay: FIFO over online trajectories, mixed with offline windows at a fixed ratio."""
+"""Replay: FIFO over online trajectories, mixed with offline windows at a fixed ratio.
+
+Online windows are drawn uniformly, or, with ``return_weighting`` β > 0, in proportion to
+``exp(β · z)`` where ``z`` is the return of the window's episode in standard deviations below
+the best stored episode. Every real trajectory teaches the denoiser the dynamics, but a planner
+fine-tuned uniformly on its own rollouts also imitates its own falls; weighting by return keeps
+the dynamics signal of all episodes while preferring the behaviour of the better ones (the idea
+of self-imitation learning, Oh et al. 2018, and of return-weighted regression).
+"""
 from __future__ import annotations
 
 from collections import deque
@@ -32,18 +40,23 @@ class Replay:
         termination_penalty: float,
         capacity: int,
         offline_ratio: float,
+        return_weighting: float = 0.0,
         seed: int = 0,
     ):
+        if return_weighting < 0:
+            raise ValueError(f"return_weighting must be >= 0, got {return_weighting}")
         self.normalizer = Normalizer.from_state_dict(normalizer)
         self._window_args = dict(layout=layout, horizon=horizon, normalizer=self.normalizer, discount=discount,
                                  termination_penalty=termination_penalty)
         self.offline = WindowDataset(offline_episodes, **self._window_args) if len(offline_episodes) else None
         self.capacity = capacity
         self.offline_ratio = offline_ratio
+        self.return_weighting = return_weighting
         self.episodes: deque = deque()
         self.transitions = 0
         self.added_episodes = 0
         self._online: Optional[WindowDataset] = None
+        self._online_cdf: Optional[np.ndarray] = None
         self.rng = np.random.default_rng(seed)
 
     def add(self, episodes: List[Episode]) -> int:
@@ -63,7 +76,25 @@ class Replay:
     def _online_windows(self) -> Optional[WindowDataset]:
         if self._online is None and self.episodes:
             self._online = WindowDataset(list(self.episodes), **self._window_args)
+            self._online_cdf = None
+            if self.return_weighting > 0:
+                weights = self.episode_weights()[self._online.window_episode]
+                self._online_cdf = np.cumsum(weights / weights.sum())
         return self._online
+
+    def episode_weights(self) -> np.ndarray:
+        """Relative sampling weight of each stored episode's windows (1 for the best episode)."""
+        returns = np.array([ep.episode_return for ep in self.episodes], dtype=np.float64)
+        if self.return_weighting == 0 or len(returns) < 2:
+            return np.ones(len(returns))
+        z = (returns - returns.max()) / max(returns.std(), 1e-8)
+        return np.exp(self.return_weighting * z)
+
+    def _sample_online(self, online: WindowDataset, n: int) -> Batch:
+        if self._online_cdf is None:
+            return online.sample(n, self.rng)
+        index = np.searchsorted(self._online_cdf, self.rng.random(n) * self._online_cdf[-1], side="right")
+        return online.get(np.minimum(index, len(online) - 1))
 
     def sample(self, n_batches: int, batch_size: int) -> List[Batch]:
         online = self._online_windows()
@@ -78,7 +109,7 @@ class Replay:
             if n_off:
                 parts.append(self.offline.sample(n_off, self.rng))
             if batch_size - n_off:
-                parts.append(online.sample(batch_size - n_off, self.rng))
+                parts.append(self._sample_online(online, batch_size - n_off))
             out.append(Batch(*(torch.cat(field) for field in zip(*parts))) if len(parts) > 1 else parts[0])
         return out
 

@@ -1,0 +1,66 @@
+"""The replay: FIFO capacity, the offline/online mix, return-weighted sampling, checkpoints."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distdiff.data.episodes import Episode
+from distdiff.data.windows import fit_normalizer
+from distdiff.distributed.replay import Replay
+from distdiff.layout import TrajectoryLayout
+
+LAYOUT = TrajectoryLayout(obs_dim=3, act_dim=2)
+
+
+def constant_episode(level: float, length: int, reward: float) -> Episode:
+    """Every state equals ``level``: a sampled window's s_0 tells which episode it came from."""
+    return Episode(np.full((length + 1, 3), level), np.zeros((length, 2)), np.full(length, reward), False, True)
+
+
+def make_replay(offline=(), **kw):
+    norm = fit_normalizer([constant_episode(-1.0, 10, 0.0), constant_episode(1.0, 10, 0.0)], LAYOUT, "gaussian")
+    args = dict(offline_episodes=list(offline), normalizer=norm.state_dict(), layout=LAYOUT, horizon=4, discount=0.99,
+                termination_penalty=0.0, capacity=1000, offline_ratio=0.0, seed=0)
+    args.update(kw)
+    return Replay(**args)
+
+
+def share_from_good(replay: Replay, n: int = 4000) -> float:
+    (batch,) = replay.sample(1, n)
+    return float((batch.cond[:, 0] > 0).float().mean())
+
+
+def test_uniform_sampling_follows_the_window_counts():
+    replay = make_replay()
+    replay.add([constant_episode(1.0, 50, 1.0), constant_episode(-1.0, 50, 0.0)])
+    assert share_from_good(replay) == pytest.approx(0.5, abs=0.04)
+
+
+def test_return_weighting_prefers_the_better_episodes():
+    replay = make_replay(return_weighting=2.0)
+    # Two episodes two standard deviations apart: the worse one is weighted exp(-2·2).
+    replay.add([constant_episode(1.0, 50, 1.0), constant_episode(-1.0, 50, 0.0)])
+    np.testing.assert_allclose(replay.episode_weights(), [1.0, np.exp(-4.0)])
+    assert share_from_good(replay) == pytest.approx(1 / (1 + np.exp(-4.0)), abs=0.02)
+
+
+def test_return_weighting_survives_a_checkpoint_and_eviction():
+    replay = make_replay(return_weighting=2.0, capacity=100)
+    replay.add([constant_episode(-1.0, 50, 5.0), constant_episode(1.0, 50, 1.0), constant_episode(-1.0, 50, 0.0)])
+    assert len(replay.episodes) == 2 and replay.size() == 100  # the oldest went first
+    restored = make_replay(return_weighting=2.0, capacity=100)
+    restored.load_state_dict(replay.state_dict())
+    np.testing.assert_allclose(restored.episode_weights(), replay.episode_weights())
+    assert share_from_good(restored) == pytest.approx(share_from_good(replay), abs=0.03)
+
+
+def test_offline_ratio_sets_the_mix():
+    replay = make_replay(offline=[constant_episode(-1.0, 100, 0.0)], offline_ratio=0.25)
+    replay.add([constant_episode(1.0, 100, 1.0)])
+    (batch,) = replay.sample(1, 64)
+    assert int((batch.cond[:, 0] < 0).sum()) == 16
+
+
+def test_negative_weighting_is_refused():
+    with pytest.raises(ValueError, match="return_weighting"):
+        make_replay(return_weighting=-1.0)
