@@ -43,6 +43,7 @@ class DataConfig:
     normalizer: str = _f("gaussian", "Per-dimension normalizer: gaussian or minmax.")
     discount: float = _f(0.997, "Discount of the return-to-go that the value net predicts.")
     termination_penalty: float = _f(-100.0, "Reward added at a true termination (not at truncation).")
+    start_window_weight: float = _f(1.0, "Windows that begin within an episode's first model.horizon steps are drawn this many times as often, in pretraining and in the replay's offline share: long episodes hold few starts, and a planner that starts badly falls early.")
 
 
 @dataclass
@@ -125,7 +126,7 @@ class OnlineConfig:
     broadcast_every: int = _f(50, "Learner updates between weight broadcasts (a new weights version).")
     replay_capacity: int = _f(200_000, "Online transitions kept in the replay (FIFO).")
     offline_ratio: float = _f(0.5, "Fraction of each batch drawn from the offline dataset.")
-    return_weighting: float = _f(0.0, "β: online windows are sampled ∝ exp(β·z), z = their episode's return in std units below the best stored episode; > 0 prefers the better episodes so that fine-tuning does not imitate the planner's own falls; 0 = uniform.")
+    return_weighting: float = _f(0.0, "β: online windows are sampled ∝ exp(β·z), z = their episode's return in std units below the best stored episode; > 0 prefers the better episodes (self-imitation); 0 = uniform. See bench/README.md for what it did on Walker2d.")
     finish_updates: bool = _f(True, "When the env-step budget is spent, still run the updates owed to the last collected steps (within the update and wall-time budgets).")
     measure_every: int = _f(16, "Actors measure the alignment error of every N-th plan (costs H shadow env steps).")
     checkpoint_every: int = _f(500, "Learner updates between run checkpoints (learner, replay, counters).")
@@ -270,6 +271,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(cfg.env.obs_dim > 0 and cfg.env.act_dim > 0, "env.obs_dim and env.act_dim must be positive")
     need(cfg.env.max_episode_steps > 0, "env.max_episode_steps must be positive")
     need(cfg.data.normalizer in ("gaussian", "minmax"), f"data.normalizer must be gaussian or minmax, got {cfg.data.normalizer!r}")
+    need(cfg.data.start_window_weight > 0, f"data.start_window_weight must be positive, got {cfg.data.start_window_weight}")
     need(0.0 < cfg.data.discount <= 1.0, f"data.discount must be in (0, 1], got {cfg.data.discount}")
     need(cfg.model.horizon > 0, f"model.horizon must be positive, got {cfg.model.horizon}")
     need(len(cfg.model.dim_mults) > 0 and all(m > 0 for m in cfg.model.dim_mults), "model.dim_mults must be positive integers")

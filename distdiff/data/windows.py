@@ -1,7 +1,7 @@
 """Training windows of horizon H over episodes, with padding masks and value targets."""
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -61,6 +61,21 @@ class WindowDataset:
             for ep in episodes
         ]
         self.returns = np.concatenate([g[:-1] for g in rtg]).astype(np.float32)
+        self._cdf: Optional[np.ndarray] = None
+
+    def weight_windows(self, weights: Optional[np.ndarray]) -> None:
+        """Draw window ``i`` in proportion to ``weights[i]`` from now on (None: uniformly)."""
+        if weights is None:
+            self._cdf = None
+            return
+        weights = np.asarray(weights, dtype=np.float64)
+        if weights.shape != (len(self),) or not np.all(weights >= 0) or not weights.sum() > 0:
+            raise ValueError(f"need {len(self)} non-negative window weights with a positive sum")
+        self._cdf = np.cumsum(weights / weights.sum())
+
+    def start_weights(self, weight: float) -> np.ndarray:
+        """``weight`` for windows that begin within an episode's first ``horizon`` steps, else 1."""
+        return np.where(self.window_start < self.horizon, float(weight), 1.0)
 
     def __len__(self) -> int:
         return len(self.window_start)
@@ -83,4 +98,7 @@ class WindowDataset:
         return Batch(x, torch.from_numpy(mask), x[:, 0, self.layout.state_slice].clone(), torch.from_numpy(self.returns[index]))
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> Batch:
-        return self.get(rng.integers(0, len(self), size=batch_size))
+        if self._cdf is None:
+            return self.get(rng.integers(0, len(self), size=batch_size))
+        index = np.searchsorted(self._cdf, rng.random(batch_size) * self._cdf[-1], side="right")
+        return self.get(np.minimum(index, len(self) - 1))

@@ -116,7 +116,8 @@ class OnlineRun:
             normalizer=self.normalizer.state_dict(), layout=layout_of(cfg), horizon=cfg.model.horizon,
             discount=cfg.data.discount, termination_penalty=cfg.data.termination_penalty,
             capacity=cfg.online.replay_capacity, offline_ratio=cfg.online.offline_ratio,
-            return_weighting=cfg.online.return_weighting, seed=cfg.train.seed)
+            return_weighting=cfg.online.return_weighting, start_window_weight=cfg.data.start_window_weight,
+            seed=cfg.train.seed)
         if replay_state is not None:
             self.replay.load_state_dict.remote(replay_state)
         self.workers = [actors.make_worker(cfg, res, config=cfg_dict, normalizer=self.normalizer.state_dict(), worker_id=i)

@@ -41,6 +41,7 @@ class Replay:
         capacity: int,
         offline_ratio: float,
         return_weighting: float = 0.0,
+        start_window_weight: float = 1.0,
         seed: int = 0,
     ):
         if return_weighting < 0:
@@ -49,6 +50,8 @@ class Replay:
         self._window_args = dict(layout=layout, horizon=horizon, normalizer=self.normalizer, discount=discount,
                                  termination_penalty=termination_penalty)
         self.offline = WindowDataset(offline_episodes, **self._window_args) if len(offline_episodes) else None
+        if self.offline is not None and start_window_weight != 1.0:
+            self.offline.weight_windows(self.offline.start_weights(start_window_weight))
         self.capacity = capacity
         self.offline_ratio = offline_ratio
         self.return_weighting = return_weighting
@@ -56,7 +59,6 @@ class Replay:
         self.transitions = 0
         self.added_episodes = 0
         self._online: Optional[WindowDataset] = None
-        self._online_cdf: Optional[np.ndarray] = None
         self.rng = np.random.default_rng(seed)
 
     def add(self, episodes: List[Episode]) -> int:
@@ -76,10 +78,8 @@ class Replay:
     def _online_windows(self) -> Optional[WindowDataset]:
         if self._online is None and self.episodes:
             self._online = WindowDataset(list(self.episodes), **self._window_args)
-            self._online_cdf = None
             if self.return_weighting > 0:
-                weights = self.episode_weights()[self._online.window_episode]
-                self._online_cdf = np.cumsum(weights / weights.sum())
+                self._online.weight_windows(self.episode_weights()[self._online.window_episode])
         return self._online
 
     def episode_weights(self) -> np.ndarray:
@@ -90,11 +90,6 @@ class Replay:
         z = (returns - returns.max()) / max(returns.std(), 1e-8)
         return np.exp(self.return_weighting * z)
 
-    def _sample_online(self, online: WindowDataset, n: int) -> Batch:
-        if self._online_cdf is None:
-            return online.sample(n, self.rng)
-        index = np.searchsorted(self._online_cdf, self.rng.random(n) * self._online_cdf[-1], side="right")
-        return online.get(np.minimum(index, len(online) - 1))
 
     def sample(self, n_batches: int, batch_size: int) -> List[Batch]:
         online = self._online_windows()
@@ -109,7 +104,7 @@ class Replay:
             if n_off:
                 parts.append(self.offline.sample(n_off, self.rng))
             if batch_size - n_off:
-                parts.append(self._sample_online(online, batch_size - n_off))
+                parts.append(online.sample(batch_size - n_off, self.rng))
             out.append(Batch(*(torch.cat(field) for field in zip(*parts))) if len(parts) > 1 else parts[0])
         return out
 
