@@ -44,19 +44,24 @@ def main():
     p.add_argument("--minari-path", default=os.path.join(ROOT, "..", "shared", "data", "minari"))
     p.add_argument("--scale", type=float, default=1.0, help="Multiplies pretraining steps, online env steps and eval episodes.")
     p.add_argument("--pretrain-steps", type=int, default=9000)
-    p.add_argument("--online-env-steps", type=int, default=12000)
-    p.add_argument("--eval-episodes", type=int, default=5)
+    p.add_argument("--online-env-steps", type=int, default=10000)
+    p.add_argument("--eval-episodes", type=int, default=10)
     p.add_argument("--num-actors", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("runs") / "bench-alignment")
     p.add_argument("--init", type=Path, default=None, help="Reuse a pretrained checkpoint instead of pretraining.")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="Override a config field for the whole benchmark, e.g. --set online.return_weighting=0 (repeatable).")
     args = p.parse_args()
+    overrides = dict(item.split("=", 1) for item in args.set if "=" in item)
+    if len(overrides) != len(args.set):
+        p.error("--set takes SECTION.FIELD=VALUE")
     os.environ.setdefault("MINARI_DATASETS_PATH", os.path.abspath(args.minari_path))
     episodes = max(1, int(args.eval_episodes * args.scale))
     cfg = config_lib.load(args.config, {
         "data.dataset_id": args.dataset, "data.fallback_dataset_id": "", "train.steps": int(args.pretrain_steps * args.scale),
         "train.num_threads": os.cpu_count(), "eval.episodes": episodes, "eval.num_envs": episodes,
         "online.env_steps": int(args.online_env_steps * args.scale), "online.num_actors": args.num_actors,
-        "online.envs_per_actor": 4, "online.checkpoint_every": 1000, "online.figure_every": 250,
+        "online.envs_per_actor": 4, "online.checkpoint_every": 1000, "online.figure_every": 250, **overrides,
     })
     t0 = time.perf_counter()
     ckpt = args.init or pretrain(cfg, args.out / "prior", quiet=True)
