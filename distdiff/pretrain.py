@@ -36,9 +36,8 @@ def load_windows(cfg: Config, normalizer: Optional[Normalizer] = None, data: Opt
     layout = layout_of(cfg)
     normalizer = normalizer or fit_normalizer(data.episodes, layout, cfg.data.normalizer)
     windows = WindowDataset(data.episodes, layout=layout, horizon=cfg.model.horizon, normalizer=normalizer,
-                            discount=cfg.data.discount, termination_penalty=cfg.data.termination_penalty)
-    if cfg.data.start_window_weight != 1.0:
-        windows.weight_windows(windows.start_weights(cfg.data.start_window_weight))
+                            discount=cfg.data.discount, termination_penalty=cfg.data.termination_penalty,
+                            start_weight=cfg.data.start_window_weight)
     return data, windows
 
 

@@ -132,8 +132,7 @@ def test_empty_dataset_is_refused():
 def test_start_windows_are_drawn_as_often_as_weighted():
     episodes = [_episode(40, terminated=False, truncated=True, offset=100.0 * k) for k in range(3)]
     norm = fit_normalizer(episodes, LAYOUT, "gaussian")
-    ds = WindowDataset(episodes, layout=LAYOUT, horizon=4, normalizer=norm, discount=0.9)
-    ds.weight_windows(ds.start_weights(9.0))
+    ds = WindowDataset(episodes, layout=LAYOUT, horizon=4, normalizer=norm, discount=0.9, start_weight=9.0)
     batch = ds.sample(20000, np.random.default_rng(0))
     step = np.round(norm.slice(LAYOUT.state_slice).unnormalize(batch.cond.numpy())[:, 0]) % 100
     # 12 start windows of weight 9 against 108 others of weight 1: half the draws.

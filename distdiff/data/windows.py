@@ -42,6 +42,7 @@ class WindowDataset:
         normalizer: Normalizer,
         discount: float,
         termination_penalty: float = 0.0,
+        start_weight: float = 1.0,
     ):
         if not episodes:
             raise ValueError("no episodes to make windows from")
@@ -62,6 +63,10 @@ class WindowDataset:
         ]
         self.returns = np.concatenate([g[:-1] for g in rtg]).astype(np.float32)
         self._cdf: Optional[np.ndarray] = None
+        if start_weight != 1.0:
+            # Episode starts are rare in long episodes: ``start_weight`` draws the windows that
+            # begin within an episode's first ``horizon`` steps that many times as often.
+            self.weight_windows(np.where(self.window_start < horizon, float(start_weight), 1.0))
 
     def weight_windows(self, weights: Optional[np.ndarray]) -> None:
         """Draw window ``i`` in proportion to ``weights[i]`` from now on (None: uniformly)."""
@@ -72,10 +77,6 @@ class WindowDataset:
         if weights.shape != (len(self),) or not np.all(weights >= 0) or not weights.sum() > 0:
             raise ValueError(f"need {len(self)} non-negative window weights with a positive sum")
         self._cdf = np.cumsum(weights / weights.sum())
-
-    def start_weights(self, weight: float) -> np.ndarray:
-        """``weight`` for windows that begin within an episode's first ``horizon`` steps, else 1."""
-        return np.where(self.window_start < self.horizon, float(weight), 1.0)
 
     def __len__(self) -> int:
         return len(self.window_start)

@@ -214,17 +214,16 @@ class OnlineRun:
             return False
         if o.updates and self.counters.updates >= o.updates:
             return False
-        if o.wall_time_s and time.perf_counter() - t_start >= o.wall_time_s:
-            return False
-        return True
+        return not self.out_of_time(t_start)
+
+    def out_of_time(self, t_start: float) -> bool:
+        o = self.cfg.online
+        return bool(o.wall_time_s) and time.perf_counter() - t_start >= o.wall_time_s
 
     def may_train(self, collecting: bool, t_start: float) -> bool:
         """Updates run while collecting and, with ``online.finish_updates``, after the env-step
         budget is spent until the owed ones are done (the wall-time budget still holds)."""
-        o = self.cfg.online
-        if collecting:
-            return True
-        return o.finish_updates and not (o.wall_time_s and time.perf_counter() - t_start >= o.wall_time_s)
+        return collecting or (self.cfg.online.finish_updates and not self.out_of_time(t_start))
 
     def owed_updates(self) -> int:
         o, c = self.cfg.online, self.counters

@@ -2,10 +2,10 @@
 
 Online windows are drawn uniformly, or, with ``return_weighting`` β > 0, in proportion to
 ``exp(β · z)`` where ``z`` is the return of the window's episode in standard deviations below
-the best stored episode. Every real trajectory teaches the denoiser the dynamics, but a planner
-fine-tuned uniformly on its own rollouts also imitates its own falls; weighting by return keeps
-the dynamics signal of all episodes while preferring the behaviour of the better ones (the idea
-of self-imitation learning, Oh et al. 2018, and of return-weighted regression).
+the best stored episode: every real trajectory still teaches the dynamics, while the behaviour
+of the better episodes is preferred (the idea of self-imitation learning, Oh et al. 2018). On
+Walker2d it did not keep the return from falling (bench/README.md). The offline windows may
+oversample episode starts (``start_window_weight``, see :class:`WindowDataset`).
 """
 from __future__ import annotations
 
@@ -49,9 +49,8 @@ class Replay:
         self.normalizer = Normalizer.from_state_dict(normalizer)
         self._window_args = dict(layout=layout, horizon=horizon, normalizer=self.normalizer, discount=discount,
                                  termination_penalty=termination_penalty)
-        self.offline = WindowDataset(offline_episodes, **self._window_args) if len(offline_episodes) else None
-        if self.offline is not None and start_window_weight != 1.0:
-            self.offline.weight_windows(self.offline.start_weights(start_window_weight))
+        self.offline = (WindowDataset(offline_episodes, **self._window_args, start_weight=start_window_weight)
+                        if len(offline_episodes) else None)
         self.capacity = capacity
         self.offline_ratio = offline_ratio
         self.return_weighting = return_weighting
@@ -89,7 +88,6 @@ class Replay:
             return np.ones(len(returns))
         z = (returns - returns.max()) / max(returns.std(), 1e-8)
         return np.exp(self.return_weighting * z)
-
 
     def sample(self, n_batches: int, batch_size: int) -> List[Batch]:
         online = self._online_windows()
