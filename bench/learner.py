@@ -2,7 +2,8 @@
 
     python bench/learner.py                 # CPU (one thread)
     python bench/learner.py --device cuda   # on a CUDA machine
-Prints one JSON line. Target on an H100: ≥ 10× the 2-core CPU figure.
+    python bench/learner.py --device cuda --precision bf16 --compile reduce-overhead
+Prints one JSON line. Target on an H100: ≥ 10× the 2-core CPU figure at the same model.
 """
 from __future__ import annotations
 
@@ -28,26 +29,36 @@ def main():
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--updates", type=int, default=100)
+    p.add_argument("--precision", default="fp32", help="train.precision: fp32 or bf16")
+    p.add_argument("--compile", default="none", help="train.compile: none, default or reduce-overhead")
+    p.add_argument("--warmup", type=int, default=20, help="untimed updates first (compilation, CUDA graph capture)")
     args = p.parse_args()
-    overrides = {"train.batch_size": args.batch_size} if args.batch_size else {}
+    overrides = {"train.precision": args.precision, "train.compile": args.compile}
+    if args.batch_size:
+        overrides["train.batch_size"] = args.batch_size
     cfg = config_lib.load(args.config, overrides)
     learner = Learner(config=cfg.to_dict(), checkpoint=fresh_checkpoint(cfg), device=args.device)
     b, h, d = cfg.train.batch_size, cfg.model.horizon, cfg.env.obs_dim + cfg.env.act_dim
     batches = [Batch(torch.randn(b, h, d), torch.ones(b, h, d), torch.randn(b, cfg.env.obs_dim), torch.randn(b))
                for _ in range(10)]
-    learner.train(batches[:3])
-    if args.device.startswith("cuda"):
+    cuda = args.device.startswith("cuda")
+    t0 = time.perf_counter()
+    learner.train((batches * (args.warmup // len(batches) + 1))[:args.warmup])
+    if cuda:
         torch.cuda.synchronize()
+    warmup_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     n = 0
     while n < args.updates:
         learner.train(batches)
         n += len(batches)
-    if args.device.startswith("cuda"):
+    if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - t0
-    print(json.dumps({"device": args.device, "batch_size": b, "updates_per_s": n / elapsed,
-                      "windows_per_s": n * b / elapsed, "torch_threads": torch.get_num_threads()}))
+    print(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
+                      "batch_size": b, "precision": args.precision, "compile": args.compile,
+                      "updates_per_s": round(n / elapsed, 2), "windows_per_s": round(n * b / elapsed, 1),
+                      "warmup_s": round(warmup_s, 1), "torch_threads": torch.get_num_threads()}))
 
 
 if __name__ == "__main__":

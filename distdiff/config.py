@@ -98,6 +98,8 @@ class TrainConfig:
     seed: int = _f(0, "Seed of torch, numpy and the data sampler.")
     device: str = _f("auto", "auto (cuda when present), cpu or cuda.")
     num_threads: int = _f(1, "torch threads per process (1 is fastest on small machines).")
+    precision: str = _f("fp32", "fp32, or bf16: forward passes under bfloat16 autocast (weights, optimizer and losses stay float32). Pays on GPUs; see bench/README.md.")
+    compile: str = _f("none", "torch.compile the training nets: none, default or reduce-overhead (CUDA graphs). Costs a warm-up of tens of seconds; see bench/README.md.")
 
 
 @dataclass
@@ -299,6 +301,9 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
     need(cfg.train.ema_every >= 1 and cfg.train.log_every >= 1 and cfg.train.checkpoint_every >= 1, "train.ema_every, log_every and checkpoint_every must be >= 1")
     need(cfg.train.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
+    need(cfg.train.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16, got {cfg.train.precision!r}")
+    need(cfg.train.compile in ("none", "default", "reduce-overhead"),
+         f"train.compile must be none, default or reduce-overhead, got {cfg.train.compile!r}")
     need(cfg.train.num_threads >= 1, "train.num_threads must be >= 1")
     need(cfg.eval.episodes >= 1 and cfg.eval.num_envs >= 1, "eval.episodes and eval.num_envs must be >= 1")
     o = cfg.online

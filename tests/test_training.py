@@ -117,3 +117,31 @@ def test_no_value_training_without_guidance(tiny_episodes):
     for k, v in trainer.value.state_dict().items():
         assert torch.equal(v, before[k])
     assert trainer.planner().value is None
+
+
+def test_bf16_autocast_trains_float32_weights(tiny_episodes):
+    fp32, windows = make_trainer(tiny_episodes[:2])
+    bf16, _ = make_trainer(tiny_episodes[:2], **{"train.precision": "bf16"})
+    batch = windows.sample(8, np.random.default_rng(0))
+    torch.manual_seed(1)
+    a = fp32.update(batch)
+    torch.manual_seed(1)
+    b = bf16.update(batch)
+    # same weights, same t and noise: only the forward's rounding differs
+    assert b["losses/denoiser"] == pytest.approx(a["losses/denoiser"], rel=0.05)
+    assert b["losses/value"] == pytest.approx(a["losses/value"], rel=0.05)
+    assert all(p.dtype == torch.float32 for p in bf16.denoiser.parameters())
+    assert all(v.dtype == torch.float32 for st in bf16.opt_denoiser.state.values() for k, v in st.items() if k != "step")
+    first = b["losses/denoiser"]
+    for _ in range(60):
+        out = bf16.update(batch)
+    assert out["losses/denoiser"] < 0.7 * first
+
+
+def test_compiled_nets_share_checkpoints_with_eager_ones(tiny_episodes):
+    eager, _ = make_trainer(tiny_episodes[:2])
+    compiled, _ = make_trainer(tiny_episodes[:2], **{"train.compile": "reduce-overhead"})
+    for key in ("denoiser", "value", "ema_denoiser", "ema_value"):
+        assert compiled.state_dict()[key].keys() == eager.state_dict()[key].keys()
+    compiled.load_state_dict(eager.state_dict())
+    eager.load_state_dict(compiled.state_dict())

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# The GPU learner path in one go: the CUDA tests, then bench/learner.py over precision,
+# torch.compile mode and batch size. Needs only torch (with CUDA), numpy and PyYAML, so it runs
+# on a bare GPU machine from the repo root:  bash bench/cuda_check.sh [OUTDIR]
+# Each line of OUTDIR/learner.jsonl is one bench/learner.py result.
+set -u
+out=${1:-${OUT:-runs/cuda-check}}
+mkdir -p "$out"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.is_available())" | tee -a "$out/gpu.txt"
+timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$out/test_cuda.log"
+
+run() {
+    echo "== learner.py $*"
+    timeout 150 python3 bench/learner.py "$@" | tee -a "$out/learner.jsonl"
+}
+run --device cpu --updates 30 --warmup 3
+run --device cuda --updates 500
+run --device cuda --updates 500 --precision bf16
+run --device cuda --updates 500 --compile default
+run --device cuda --updates 500 --compile reduce-overhead --warmup 30
+run --device cuda --updates 500 --compile reduce-overhead --warmup 30 --precision bf16
+for b in 256 1024; do
+    run --device cuda --updates 300 --batch-size "$b"
+    run --device cuda --updates 300 --batch-size "$b" --precision bf16
+done

@@ -1,0 +1,99 @@
+"""The GPU learner path: skipped where torch sees no CUDA device (CI has none).
+
+Needs only torch, numpy and PyYAML, so it also runs on a bare GPU machine without Ray or
+MuJoCo: ``python -m pytest tests/test_cuda.py``.
+"""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+
+from _helpers import SMOKE_CONFIG, TINY
+from distdiff import config
+from distdiff.data.windows import Batch
+from distdiff.distributed.learner import Learner
+from distdiff.normalizer import Normalizer
+from distdiff.training import Trainer, planner_from_checkpoint, seed_everything
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cfg(**overrides):
+    return config.load(SMOKE_CONFIG, overrides={**TINY, **overrides})
+
+
+def _checkpoint(cfg) -> dict:
+    d = cfg.env.obs_dim + cfg.env.act_dim
+    normalizer = Normalizer(kind="gaussian", shift=np.zeros(d), scale=np.ones(d), clip_min=-5 * np.ones(d),
+                            clip_max=5 * np.ones(d))
+    seed_everything(0)
+    return Trainer(cfg, normalizer, value_mean=0.0, value_std=1.0).state_dict()
+
+
+def _batches(cfg, n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    b, h, d = cfg.train.batch_size, cfg.model.horizon, cfg.env.obs_dim + cfg.env.act_dim
+    return [Batch(torch.randn(b, h, d, generator=g), torch.ones(b, h, d), torch.randn(b, cfg.env.obs_dim, generator=g),
+                  torch.randn(b, generator=g)) for _ in range(n)]
+
+
+def _to_cpu(state):
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    return torch.load(buf, map_location="cpu", weights_only=False)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"train.precision": "bf16"}, {"train.compile": "default"}],
+                         ids=["fp32", "bf16", "compiled"])
+def test_cuda_learner_trains_and_publishes_cpu_weights(overrides):
+    cfg = _cfg(**{"train.ema_start": 0, "train.ema_every": 1, **overrides})
+    learner = Learner(config=cfg.to_dict(), checkpoint=_checkpoint(cfg), device="cuda")
+    assert next(learner.trainer.denoiser.parameters()).is_cuda
+    batches = _batches(cfg, 20)
+    first = learner.train(batches[:1])
+    out = learner.train(batches * 5)
+    assert out["updates"] == 100 and out["skipped"] == 0
+    assert np.isfinite(out["losses/denoiser"]) and out["losses/denoiser"] < first["losses/denoiser"]
+    payload = learner.publish()
+    assert payload["version"] == 1
+    for name, module in (("denoiser", learner.trainer.ema_denoiser), ("value", learner.trainer.ema_value)):
+        flat = payload["weights"][name]
+        assert isinstance(flat, np.ndarray) and flat.dtype == np.float32
+        expected = torch.cat([t.reshape(-1).float().cpu() for t in module.state_dict().values()]).numpy()
+        np.testing.assert_array_equal(flat, expected)
+
+
+def test_cuda_nan_batch_is_skipped_without_touching_the_weights():
+    cfg = _cfg()
+    learner = Learner(config=cfg.to_dict(), checkpoint=_checkpoint(cfg), device="cuda")
+    learner.train(_batches(cfg, 3))
+    before = {k: v.clone() for k, v in learner.trainer.denoiser.state_dict().items()}
+    x, mask, cond, returns = _batches(cfg, 1, seed=1)[0]
+    x[0, 0, 0] = float("nan")
+    out = learner.train([Batch(x, mask, cond, returns)])
+    assert out["skipped"] == 1 and out["updates"] == 0
+    for k, v in learner.trainer.denoiser.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_cuda_checkpoint_resumes_and_plans_on_cpu():
+    cfg = _cfg()
+    learner = Learner(config=cfg.to_dict(), checkpoint=_checkpoint(cfg), device="cuda")
+    learner.train(_batches(cfg, 10))
+    state = _to_cpu(learner.state_dict())
+    # the optimizer moments come along, and CPU training goes on from them
+    cpu = Trainer.from_checkpoint(state, cfg=cfg, device="cpu")
+    assert cpu.step == learner.step() == 10
+    assert cpu.update(_batches(cfg, 1, seed=2)[0]) is not None
+    # a CPU rollout worker plans with what the GPU learner trained
+    gpu_planner, cpu_planner = learner.trainer.planner(), planner_from_checkpoint(state, cfg=cfg)
+    x = torch.randn(4, cfg.model.horizon, cfg.env.obs_dim + cfg.env.act_dim)
+    t = torch.full((4,), 3)
+    with torch.no_grad():
+        a = gpu_planner.denoiser(x.cuda(), t.cuda()).cpu()
+        b = cpu_planner.denoiser(x, t)
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
