@@ -17,12 +17,8 @@ run() {
     timeout 150 python3 bench/learner.py "$@" | tee -a "$out/learner.jsonl"
 }
 run --device cpu --updates 30 --warmup 3
-run --device cuda --updates 500
-run --device cuda --updates 500 --precision bf16
-run --device cuda --updates 500 --compile default
-run --device cuda --updates 500 --compile reduce-overhead --warmup 30
-run --device cuda --updates 500 --compile reduce-overhead --warmup 30 --precision bf16
-for b in 256 1024; do
-    run --device cuda --updates 300 --batch-size "$b"
-    run --device cuda --updates 300 --batch-size "$b" --precision bf16
+for precision in fp32 bf16; do
+    run --device cuda --updates 500 --precision $precision
+    run --device cuda --updates 500 --precision $precision --compile reduce-overhead --warmup 30
+    run --device cuda --updates 200 --precision $precision --batch-size 1024
 done

