@@ -64,3 +64,32 @@ def test_offline_ratio_sets_the_mix():
 def test_negative_weighting_is_refused():
     with pytest.raises(ValueError, match="return_weighting"):
         make_replay(return_weighting=-1.0)
+
+
+def counting_episode(length: int) -> Episode:
+    """State t equals t (the test normalizer is the identity): s_0 of a window is its start step."""
+    obs = np.repeat(np.arange(length + 1, dtype=np.float64)[:, None], 3, axis=1)
+    return Episode(obs, np.zeros((length, 2)), np.ones(length), False, True)
+
+
+def test_online_start_weight_keeps_episode_starts_out_of_online_batches():
+    replay = make_replay(online_start_weight=0.0)
+    replay.add([counting_episode(50), counting_episode(30)])
+    (batch,) = replay.sample(1, 4000)
+    starts = batch.cond[:, 0].numpy()
+    assert starts.min() >= 4  # horizon 4: windows starting at steps 0-3 are never drawn
+    # the other windows are still drawn uniformly: starts 4..49 of the first, 4..29 of the second
+    assert np.mean(starts >= 30) == pytest.approx(20 / (46 + 26), abs=0.03)
+    uniform = make_replay()
+    uniform.add([counting_episode(50), counting_episode(30)])
+    (batch,) = uniform.sample(1, 4000)
+    assert np.mean(batch.cond[:, 0].numpy() < 4) == pytest.approx(8 / 80, abs=0.02)
+
+
+def test_online_start_weight_zero_with_only_short_episodes_still_samples():
+    replay = make_replay(online_start_weight=0.0)
+    replay.add([counting_episode(3)])  # shorter than the horizon: every window is a start
+    (batch,) = replay.sample(1, 100)
+    assert set(batch.cond[:, 0].tolist()) <= {0.0, 1.0, 2.0}
+    with pytest.raises(ValueError, match="online_start_weight"):
+        make_replay(online_start_weight=-1.0)

@@ -5,7 +5,9 @@ Online windows are drawn uniformly, or, with ``return_weighting`` β > 0, in pro
 the best stored episode: every real trajectory still teaches the dynamics, while the behaviour
 of the better episodes is preferred (the idea of self-imitation learning, Oh et al. 2018). On
 Walker2d it did not keep the return from falling (bench/README.md). The offline windows may
-oversample episode starts (``start_window_weight``, see :class:`WindowDataset`).
+oversample episode starts (``start_window_weight``, see :class:`WindowDataset`); the online
+windows that begin an episode can be drawn less often, or never (``online_start_weight``), so
+that the planner does not learn how to start from its own, slow starts.
 """
 from __future__ import annotations
 
@@ -42,10 +44,13 @@ class Replay:
         offline_ratio: float,
         return_weighting: float = 0.0,
         start_window_weight: float = 1.0,
+        online_start_weight: float = 1.0,
         seed: int = 0,
     ):
         if return_weighting < 0:
             raise ValueError(f"return_weighting must be >= 0, got {return_weighting}")
+        if online_start_weight < 0:
+            raise ValueError(f"online_start_weight must be >= 0, got {online_start_weight}")
         self.normalizer = Normalizer.from_state_dict(normalizer)
         self._window_args = dict(layout=layout, horizon=horizon, normalizer=self.normalizer, discount=discount,
                                  termination_penalty=termination_penalty)
@@ -54,6 +59,8 @@ class Replay:
         self.capacity = capacity
         self.offline_ratio = offline_ratio
         self.return_weighting = return_weighting
+        self.online_start_weight = online_start_weight
+        self.horizon = horizon
         self.episodes: deque = deque()
         self.transitions = 0
         self.added_episodes = 0
@@ -76,9 +83,14 @@ class Replay:
 
     def _online_windows(self) -> Optional[WindowDataset]:
         if self._online is None and self.episodes:
-            self._online = WindowDataset(list(self.episodes), **self._window_args)
-            if self.return_weighting > 0:
-                self._online.weight_windows(self.episode_weights()[self._online.window_episode])
+            online = WindowDataset(list(self.episodes), **self._window_args)
+            weights = self.episode_weights()[online.window_episode]
+            weights[online.window_start < self.horizon] *= self.online_start_weight
+            # Only start windows stored so far (short episodes) and a start weight of 0: draw
+            # them uniformly rather than have nothing to draw.
+            if weights.sum() > 0 and not np.all(weights == weights[0]):
+                online.weight_windows(weights)
+            self._online = online
         return self._online
 
     def episode_weights(self) -> np.ndarray:
