@@ -5,6 +5,10 @@ evaluates that prior, runs Algorithm 2 from it on a fixed env-step budget, evalu
 planner with the same evaluation seeds, and prints one JSON line:
 {"prior": {"alignment_error": …, "normalized_score": …}, "aligned": {…}, "behaviour": {"normalized_score": …}}
 
+`alignment_error` is measured on the evaluation episodes, so on the states each planner reaches;
+`alignment_error_data_states` on the same --data-states offline states for both planners.
+`--init PRIOR --aligned CKPT` compares two existing checkpoints without the online phase.
+
 The default budget fits about an hour on a 2-core machine; --scale multiplies every budget for
 bigger machines (e.g. --scale 8 with a GPU learner and 32 actors).
 """
@@ -28,8 +32,9 @@ from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import load_checkpoint  # noqa: E402
 from distdiff.data.minari_io import load_episodes, normalized_score  # noqa: E402
 from distdiff.distributed.driver import train  # noqa: E402
-from distdiff.evaluation import evaluate  # noqa: E402
+from distdiff.evaluation import alignment_on_observations, evaluate  # noqa: E402
 from distdiff.pretrain import pretrain  # noqa: E402
+from distdiff.rollout import make_env  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
@@ -49,9 +54,15 @@ def main():
     p.add_argument("--num-actors", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("runs") / "bench-alignment")
     p.add_argument("--init", type=Path, default=None, help="Reuse a pretrained checkpoint instead of pretraining.")
+    p.add_argument("--aligned", type=Path, default=None,
+                   help="With --init: compare with this aligned checkpoint instead of running the online phase.")
+    p.add_argument("--data-states", type=int, default=256,
+                   help="Offline-data states (fixed seed) on which prior and aligned plans are also compared.")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="Override a config field for the whole benchmark, e.g. --set online.return_weighting=0 (repeatable).")
     args = p.parse_args()
+    if args.aligned and not args.init:
+        p.error("--aligned needs --init (the prior to compare it with)")
     overrides = dict(item.split("=", 1) for item in args.set if "=" in item)
     if len(overrides) != len(args.set):
         p.error("--set takes SECTION.FIELD=VALUE")
@@ -70,14 +81,32 @@ def main():
     # and a second math thread competing with them is far slower than one.
     cfg = config_lib.load(None, {**{f"{s}.{k}": v for s, sec in cfg.to_dict().items() for k, v in sec.items()},
                                  "train.num_threads": 1})
-    prior = keep(evaluate(planner_from_checkpoint(load_checkpoint(ckpt), cfg), cfg))
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
-    t1 = time.perf_counter()
-    metrics = train(cfg, args.out / "aligned", init=ckpt, log=lambda s: print(s, file=sys.stderr), progress=False)
-    t_online = time.perf_counter() - t1
-    ray.shutdown()
-    aligned = keep(evaluate(planner_from_checkpoint(load_checkpoint(args.out / "aligned" / "checkpoint.pt"), cfg), cfg))
     data = load_episodes(args.dataset)
+    # The evaluation's alignment error is measured on the states each planner's own episodes
+    # reach (a planner that falls early is judged near the start); these states are shared.
+    rng = np.random.default_rng(0)
+    all_obs = np.concatenate([e.observations[:-1] for e in data.episodes])
+    env = make_env(cfg.env.id)
+    n_pos = env.unwrapped.model.nq - 1
+    env.close()
+    all_obs = all_obs[np.abs(all_obs[:, n_pos:]).max(axis=1) < 10.0]  # clipped velocities: physics unknown
+    data_states = all_obs[rng.choice(len(all_obs), size=args.data_states, replace=False)]
+
+    def judge(path):
+        planner = planner_from_checkpoint(load_checkpoint(path), cfg)
+        out = keep(evaluate(planner, cfg))
+        out["alignment_error_data_states"] = alignment_on_observations(planner, cfg, data_states)["alignment_error"]
+        return out
+
+    prior = judge(ckpt)
+    metrics = {"env_steps": None, "updates": None}
+    t1 = time.perf_counter()
+    if args.aligned is None:
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
+        metrics = train(cfg, args.out / "aligned", init=ckpt, log=lambda s: print(s, file=sys.stderr), progress=False)
+        ray.shutdown()
+    t_online = time.perf_counter() - t1
+    aligned = judge(args.aligned or args.out / "aligned" / "checkpoint.pt")
     behaviour = normalized_score(np.mean([e.episode_return for e in data.episodes]), data.ref_min_score, data.ref_max_score)
     print(json.dumps({
         "prior": prior, "aligned": aligned, "behaviour": {"normalized_score": float(behaviour)},

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import numpy as np
+
 import torch
 
 from distdiff.config import Config
 from distdiff.data.minari_io import reference_scores
 from distdiff.planner import Planner
-from distdiff.rollout import EpisodeResult, make_env, run_episodes, summarize
+from distdiff.rollout import EpisodeResult, alignment_on_states, make_env, run_episodes, summarize
 
 
 def evaluate(planner: Planner, cfg: Config, *, episodes: Optional[int] = None, seed: Optional[int] = None,
@@ -38,3 +40,20 @@ def evaluate(planner: Planner, cfg: Config, *, episodes: Optional[int] = None, s
     summary = summarize(results, *reference_scores(cfg.env.id))
     summary["guidance_scale"] = cfg.guidance.scale
     return summary
+
+
+def alignment_on_observations(planner: Planner, cfg: Config, observations: np.ndarray, *, seed: Optional[int] = None) -> dict:
+    """Alignment error of one plan from each of the given observations (e.g. states drawn from
+    the offline data): planners compared on the same states, whatever states their own
+    episodes would reach."""
+    seed = cfg.eval.seed if seed is None else seed
+    generator = torch.Generator(device=planner.device).manual_seed(seed)
+    shadow = make_env(cfg.env.id)
+    try:
+        errors = alignment_on_states(lambda obs: planner.plan(obs, generator=generator), shadow,
+                                     np.asarray(observations), planner.state_normalizer)
+    finally:
+        shadow.close()
+    return {"alignment_error": float(np.nanmean(errors)), "alignment_error_step": np.nanmean(errors, axis=0).tolist(),
+            "states": int(len(observations))}
+

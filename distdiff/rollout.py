@@ -58,6 +58,33 @@ def replay_actions(shadow: gym.Env, qpos, qvel, actions: np.ndarray) -> np.ndarr
     return reached
 
 
+def physics_state_from_observation(env: gym.Env, observation: np.ndarray):
+    """(qpos, qvel) of a Gymnasium MuJoCo locomotion env whose observation is qpos without the
+    forward position, then qvel (Walker2d, Hopper, HalfCheetah). The forward position changes
+    neither dynamics nor observation, so 0 stands in for it. Walker2d and Hopper clip observed
+    velocities at ±10: from an observation at the clip the velocity is not known."""
+    model = env.unwrapped.model
+    observation = np.asarray(observation, np.float64)
+    if observation.shape != (model.nq - 1 + model.nv,):
+        raise ValueError(f"{env.spec.id if env.spec else env}: observations of shape {observation.shape} are not "
+                         f"qpos[1:] + qvel ({model.nq - 1} + {model.nv}); cannot set the physics from them")
+    return np.concatenate([[0.0], observation[:model.nq - 1]]), observation[model.nq - 1:].copy()
+
+
+def alignment_on_states(plan_fn: PlanFn, shadow: gym.Env, observations: np.ndarray, state_normalizer: Normalizer,
+                        batch_size: int = 64) -> np.ndarray:
+    """Alignment error [N, H] of one plan from each given state: the same states for every
+    planner compared, unlike an evaluation's, which depend on where each planner walks."""
+    out = []
+    for i in range(0, len(observations), batch_size):
+        obs = observations[i:i + batch_size]
+        plan = plan_fn(obs)
+        for k, o in enumerate(obs):
+            reached = replay_actions(shadow, *physics_state_from_observation(shadow, o), plan.actions[k])
+            out.append(alignment_errors(plan.states[k], reached, state_normalizer))
+    return np.array(out)
+
+
 def alignment_errors(planned: np.ndarray, reached: np.ndarray, state_normalizer: Normalizer) -> np.ndarray:
     """RMSE per horizon step between planned and reached states, in normalized units."""
     diff = state_normalizer.normalize(np.asarray(planned, np.float64)) - state_normalizer.normalize(np.asarray(reached, np.float64))

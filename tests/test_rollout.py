@@ -1,0 +1,82 @@
+"""The alignment error: zero for a plan that the dynamics really produce, positive otherwise,
+measured from physics states rebuilt from observations alone (velocities inside the
+observation's ±10 clip)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distdiff.normalizer import Normalizer
+from distdiff.planner import Plan
+from distdiff.rollout import alignment_on_states, make_env, physics_state_from_observation
+
+H = 8
+
+
+@pytest.fixture(scope="module")
+def walker():
+    env = make_env("Walker2d-v5")
+    yield env
+    env.close()
+
+
+def unit_normalizer(dim):
+    return Normalizer(kind="gaussian", shift=np.zeros(dim), scale=np.ones(dim), clip_min=-1e6 * np.ones(dim),
+                      clip_max=1e6 * np.ones(dim))
+
+
+def real_rollouts(env, n, seed):
+    """n start observations, each with H random actions and the states they really reach."""
+    rng = np.random.default_rng(seed)
+    starts, states, actions = [], [], []
+    attempt = seed
+    while len(starts) < n:
+        obs, _ = env.reset(seed=attempt)
+        attempt += 1
+        for _ in range(int(rng.integers(1, 30))):  # start mid-episode, with a nonzero velocity
+            obs, *_ = env.step(env.action_space.sample() * 0.3)
+        if np.abs(obs[8:]).max() >= 10.0:  # Walker2d clips observed velocities at ±10
+            continue
+        acts = rng.uniform(-0.3, 0.3, size=(H, env.action_space.shape[0]))
+        seq = [obs]
+        for a in acts[:-1]:
+            o, *_ = env.step(a)
+            seq.append(o)
+        starts.append(obs)
+        states.append(np.array(seq))
+        actions.append(acts)
+    return np.array(starts), np.array(states), np.array(actions)
+
+
+def test_physics_state_from_an_observation_reproduces_it(walker):
+    obs, _ = walker.reset(seed=3)
+    for _ in range(10):
+        obs, *_ = walker.step(walker.action_space.sample())
+    qpos, qvel = physics_state_from_observation(walker, obs)
+    walker.unwrapped.set_state(qpos, qvel)
+    np.testing.assert_allclose(walker.unwrapped._get_obs(), obs, atol=1e-12)
+    with pytest.raises(ValueError, match="qpos"):
+        physics_state_from_observation(walker, obs[:-1])
+
+
+def test_a_plan_the_dynamics_produce_has_no_alignment_error(walker):
+    env = make_env("Walker2d-v5")
+    try:
+        starts, states, actions = real_rollouts(env, 5, seed=0)
+    finally:
+        env.close()
+    lookup = {tuple(s): k for k, s in enumerate(starts)}
+
+    def plan_fn(obs, noise=0.0):
+        idx = [lookup[tuple(o)] for o in obs]
+        planned = states[idx].copy()
+        planned[:, 1:] += noise
+        return Plan(states=planned, actions=actions[idx], values=None, trajectories=torch.zeros(0))
+
+    exact = alignment_on_states(plan_fn, walker, starts, unit_normalizer(17), batch_size=2)
+    assert exact.shape == (5, H)
+    np.testing.assert_allclose(exact, 0.0, atol=1e-9)
+    off = alignment_on_states(lambda o: plan_fn(o, noise=0.5), walker, starts, unit_normalizer(17))
+    np.testing.assert_allclose(off[:, 0], 0.0, atol=1e-9)  # s_0 is the given state
+    np.testing.assert_allclose(off[:, 1:], 0.5, atol=1e-9)  # RMSE of a 0.5 offset on every dim
