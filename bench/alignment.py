@@ -51,7 +51,8 @@ def main():
     p.add_argument("--scale", type=float, default=1.0, help="Multiplies pretraining steps, online env steps and eval episodes.")
     p.add_argument("--pretrain-steps", type=int, default=9000)
     p.add_argument("--online-env-steps", type=int, default=10000)
-    p.add_argument("--eval-episodes", type=int, default=10)
+    p.add_argument("--eval-episodes", type=int, default=100,
+                   help="Per planner; 10 left score differences of ~10 points within the noise (bench/README.md).")
     p.add_argument("--num-actors", type=int, default=1)
     p.add_argument("--out", type=Path, default=Path("runs") / "bench-alignment")
     p.add_argument("--init", type=Path, default=None, help="Reuse a pretrained checkpoint instead of pretraining.")
