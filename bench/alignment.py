@@ -115,7 +115,8 @@ def main():
     behaviour = normalized_score(np.mean([e.episode_return for e in data.episodes]), data.ref_min_score, data.ref_max_score)
     print(json.dumps({
         "prior": prior, "aligned": aligned, "behaviour": {"normalized_score": float(behaviour)},
-        "budget": {"pretrain_steps": cfg.train.steps, "online_env_steps": metrics["env_steps"], "online_updates": metrics["updates"],
+        "budget": {"pretrain_steps": None if args.init else cfg.train.steps,  # --init: whatever made that checkpoint
+                   "online_env_steps": metrics["env_steps"], "online_updates": metrics["updates"],
                    "pretrain_s": t_pretrain, "online_s": t_online, "eval_episodes": episodes},
     }))
 
