@@ -26,36 +26,39 @@ def unit_normalizer(dim):
                       clip_max=1e6 * np.ones(dim))
 
 
+def walk(env, actions):
+    """Observations after each action, or None if the walker falls on the way: the replay leaves
+    NaN after a termination, so such a sequence cannot be a plan the dynamics produce."""
+    seen = []
+    for a in actions:
+        obs, _, fell, _, _ = env.step(a)
+        if fell:
+            return None
+        seen.append(obs)
+    return seen
+
+
 def real_rollouts(env, n, seed):
     """n start observations, each with H random actions and the states they really reach.
 
-    Every action comes from ``rng`` (an unseeded action space made CI fail now and then), and a
-    start whose H steps end in a fall is redrawn: the replay leaves NaN after a termination."""
+    Every action comes from ``rng``: an unseeded action space made CI fail now and then."""
     rng = np.random.default_rng(seed)
     n_act = env.action_space.shape[0]
     starts, states, actions = [], [], []
     attempt = seed
     while len(starts) < n:
-        obs, _ = env.reset(seed=attempt)
+        env.reset(seed=attempt)
         attempt += 1
-        fell = False
-        for _ in range(int(rng.integers(1, 30))):  # start mid-episode, with a nonzero velocity
-            obs, _, fell, _, _ = env.step(rng.uniform(-0.3, 0.3, size=n_act))
-            if fell:
-                break
-        if fell or np.abs(obs[8:]).max() >= 10.0:  # Walker2d clips observed velocities at ±10
+        # start mid-episode, with a nonzero velocity
+        warmup = walk(env, rng.uniform(-0.3, 0.3, size=(int(rng.integers(1, 30)), n_act)))
+        if warmup is None or np.abs(warmup[-1][8:]).max() >= 10.0:  # Walker2d clips observed velocities at ±10
             continue
         acts = rng.uniform(-0.3, 0.3, size=(H, n_act))
-        seq = [obs]
-        for a in acts[:-1]:
-            o, _, fell, _, _ = env.step(a)
-            seq.append(o)
-            if fell:
-                break
-        if fell:
+        reached = walk(env, acts[:-1])
+        if reached is None:
             continue
-        starts.append(obs)
-        states.append(np.array(seq))
+        starts.append(warmup[-1])
+        states.append(np.array([warmup[-1], *reached]))
         actions.append(acts)
     return np.array(starts), np.array(states), np.array(actions)
 
