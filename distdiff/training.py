@@ -184,6 +184,11 @@ class Trainer:
             self.opt_value.load_state_dict(state["opt_value"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"checkpoint does not fit this model config: {e}") from e
+        # An optimizer's state dict carries the learning rate it was saved with; the config is
+        # what the user asked for now (fine-tuning from --init with a smaller rate, Tune sweeps).
+        for opt, lr in ((self.opt_denoiser, self.cfg.train.lr), (self.opt_value, self.cfg.train.value_lr)):
+            for group in opt.param_groups:
+                group["lr"] = lr
         self.step = int(state["step"])
         self.skipped_updates = int(state.get("skipped_updates", 0))
         if "torch_rng" in state:

@@ -59,6 +59,18 @@ def test_training_continues_identically_after_restore(tiny_episodes, tmp_path):
     assert_same(snapshot(restored), snapshot(trainer))
 
 
+def test_learning_rates_come_from_the_config_not_the_checkpoint(trained):
+    """Fine-tuning from --init with a smaller rate must not keep the rate the prior was saved with."""
+    trainer, _, path = trained
+    cfg = config.from_dict({"train": {"lr": 1e-5, "value_lr": 3e-5}}, trainer.cfg)
+    restored = Trainer.from_checkpoint(load_checkpoint(path), cfg=cfg)
+    assert [g["lr"] for g in restored.opt_denoiser.param_groups] == [1e-5]
+    assert [g["lr"] for g in restored.opt_value.param_groups] == [3e-5]
+    # the moments still come from the checkpoint
+    moments = restored.opt_denoiser.state_dict()["state"]
+    assert moments and all(int(s["step"]) == 5 for s in moments.values())
+
+
 def test_planner_from_checkpoint_plans_like_the_trainer(trained, tiny_episodes):
     trainer, _, path = trained
     planner = planner_from_checkpoint(load_checkpoint(path))
