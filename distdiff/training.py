@@ -75,8 +75,10 @@ class Trainer:
     learning rate and one guidance scale fit any reward scale.
     """
 
-    def __init__(self, cfg: Config, normalizer: Normalizer, *, value_mean: float, value_std: float, device="cpu"):
+    def __init__(self, cfg: Config, normalizer: Normalizer, *, value_mean: float, value_std: float, device="cpu",
+                 lr_scale: float = 1.0):
         self.cfg = cfg
+        self.lr_scale = float(lr_scale)
         self.device = torch.device(device)
         self.normalizer = normalizer
         self.value_mean, self.value_std = float(value_mean), max(float(value_std), 1e-6)
@@ -85,8 +87,8 @@ class Trainer:
         self.ema_value = copy.deepcopy(self.value).requires_grad_(False)
         # Fused Adam: one kernel for all parameters instead of several per tensor; 3x faster
         # steps on one CPU thread here, and on a GPU it removes most of the step's launches.
-        self.opt_denoiser = torch.optim.Adam(self.denoiser.parameters(), lr=cfg.train.lr, fused=True)
-        self.opt_value = torch.optim.Adam(self.value.parameters(), lr=cfg.train.value_lr, fused=True)
+        self.opt_denoiser = torch.optim.Adam(self.denoiser.parameters(), lr=cfg.train.lr * self.lr_scale, fused=True)
+        self.opt_value = torch.optim.Adam(self.value.parameters(), lr=cfg.train.value_lr * self.lr_scale, fused=True)
         if cfg.train.compile != "none":
             # In place, after the EMA copies were made: state-dict keys stay as they are, and
             # the planning (EMA) nets stay eager.
@@ -188,18 +190,19 @@ class Trainer:
         # what the user asked for now (fine-tuning from --init with a smaller rate, Tune sweeps).
         for opt, lr in ((self.opt_denoiser, self.cfg.train.lr), (self.opt_value, self.cfg.train.value_lr)):
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * self.lr_scale
         self.step = int(state["step"])
         self.skipped_updates = int(state.get("skipped_updates", 0))
         if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"].cpu())
 
     @classmethod
-    def from_checkpoint(cls, state: Dict[str, object], *, cfg: Optional[Config] = None, device="cpu") -> "Trainer":
+    def from_checkpoint(cls, state: Dict[str, object], *, cfg: Optional[Config] = None, device="cpu",
+                        lr_scale: float = 1.0) -> "Trainer":
         cfg = cfg or from_dict(state["config"])
         stats = state["value_stats"]
         trainer = cls(cfg, Normalizer.from_state_dict(state["normalizer"]), value_mean=stats["mean"],
-                      value_std=stats["std"], device=device)
+                      value_std=stats["std"], device=device, lr_scale=lr_scale)
         trainer.load_state_dict(state)
         return trainer
 

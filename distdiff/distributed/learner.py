@@ -29,7 +29,7 @@ class Learner:
         torch.set_num_threads(cfg.train.num_threads)
         seed_everything(cfg.train.seed + 1)
         self.device = resolve_device(device)
-        self.trainer = Trainer.from_checkpoint(checkpoint, cfg=cfg, device=self.device)
+        self.trainer = Trainer.from_checkpoint(checkpoint, cfg=cfg, device=self.device, lr_scale=cfg.online.lr_scale)
         self.version = version
         self.max_nonfinite = max_nonfinite
         self.consecutive_nonfinite = 0
