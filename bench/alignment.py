@@ -49,7 +49,8 @@ def main():
     p.add_argument("--dataset", default="local/walker2d/sac-medium-v0")
     p.add_argument("--minari-path", default=os.path.join(ROOT, "..", "shared", "data", "minari"))
     p.add_argument("--scale", type=float, default=1.0, help="Multiplies pretraining steps, online env steps and eval episodes.")
-    p.add_argument("--pretrain-steps", type=int, default=9000)
+    p.add_argument("--pretrain-steps", type=int, default=30000,
+                   help="9,000 left the prior under-trained: as many offline updates alone doubled its score (bench/README.md).")
     p.add_argument("--online-env-steps", type=int, default=10000)
     p.add_argument("--eval-episodes", type=int, default=100,
                    help="Per planner; 10 left score differences of ~10 points within the noise (bench/README.md).")

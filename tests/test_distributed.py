@@ -173,14 +173,14 @@ def test_nan_batch_is_skipped_and_repeated_failure_stops(pretrained):
 
 def test_learner_fine_tunes_at_the_scaled_rate_and_checkpoints_the_unscaled_config(pretrained):
     cfg, ckpt = pretrained
-    cfg = config_lib.from_dict({"online": {"lr_scale": 0.25}}, cfg)
+    cfg = config_lib.from_dict({"online": {"lr_scale": 0.5}}, cfg)
     learner = Learner(config=cfg.to_dict(), checkpoint=load_checkpoint(ckpt), device="cpu")
-    assert [g["lr"] for g in learner.trainer.opt_denoiser.param_groups] == [0.25 * cfg.train.lr]
-    assert [g["lr"] for g in learner.trainer.opt_value.param_groups] == [0.25 * cfg.train.value_lr]
+    assert [g["lr"] for g in learner.trainer.opt_denoiser.param_groups] == [0.5 * cfg.train.lr]
+    assert [g["lr"] for g in learner.trainer.opt_value.param_groups] == [0.5 * cfg.train.value_lr]
     # resuming from the learner's own checkpoint applies the scale once, not twice
     assert learner.trainer.state_dict()["config"]["train"]["lr"] == cfg.train.lr
     again = Learner(config=cfg.to_dict(), checkpoint=learner.trainer.state_dict(), device="cpu")
-    assert [g["lr"] for g in again.trainer.opt_denoiser.param_groups] == [0.25 * cfg.train.lr]
+    assert [g["lr"] for g in again.trainer.opt_denoiser.param_groups] == [0.5 * cfg.train.lr]
 
 
 def test_train_script_connects_to_a_ray_start_cluster(pretrained, tmp_path, subprocess_env):
