@@ -87,8 +87,9 @@ class Trainer:
         self.ema_value = copy.deepcopy(self.value).requires_grad_(False)
         # Fused Adam: one kernel for all parameters instead of several per tensor; 3x faster
         # steps on one CPU thread here, and on a GPU it removes most of the step's launches.
-        self.opt_denoiser = torch.optim.Adam(self.denoiser.parameters(), lr=cfg.train.lr * self.lr_scale, fused=True)
-        self.opt_value = torch.optim.Adam(self.value.parameters(), lr=cfg.train.value_lr * self.lr_scale, fused=True)
+        self.opt_denoiser = torch.optim.Adam(self.denoiser.parameters(), fused=True)
+        self.opt_value = torch.optim.Adam(self.value.parameters(), fused=True)
+        self._set_learning_rates()
         if cfg.train.compile != "none":
             # In place, after the EMA copies were made: state-dict keys stay as they are, and
             # the planning (EMA) nets stay eager.
@@ -96,6 +97,11 @@ class Trainer:
             self.value.compile(mode=cfg.train.compile)
         self.step = 0
         self.skipped_updates = 0
+
+    def _set_learning_rates(self) -> None:
+        for opt, lr in ((self.opt_denoiser, self.cfg.train.lr), (self.opt_value, self.cfg.train.value_lr)):
+            for group in opt.param_groups:
+                group["lr"] = lr * self.lr_scale
 
     def _clip(self, module) -> torch.Tensor:
         params = [p for p in module.parameters() if p.grad is not None]
@@ -188,9 +194,7 @@ class Trainer:
             raise CheckpointError(f"checkpoint does not fit this model config: {e}") from e
         # An optimizer's state dict carries the learning rate it was saved with; the config is
         # what the user asked for now (fine-tuning from --init with a smaller rate, Tune sweeps).
-        for opt, lr in ((self.opt_denoiser, self.cfg.train.lr), (self.opt_value, self.cfg.train.value_lr)):
-            for group in opt.param_groups:
-                group["lr"] = lr * self.lr_scale
+        self._set_learning_rates()
         self.step = int(state["step"])
         self.skipped_updates = int(state.get("skipped_updates", 0))
         if "torch_rng" in state:
