@@ -59,7 +59,8 @@ class ModelConfig:
 class DiffusionConfig:
     n_steps: int = _f(20, "Number of diffusion timesteps T.")
     schedule: str = _f("cosine", "Beta schedule: linear, cosine or sigmoid.")
-    prediction: str = _f("x0", "What the denoiser predicts: x0 (clean trajectory) or epsilon (noise, the seed's Alg. 1.1).")
+    prediction: str = _f("x0", "What the denoiser predicts: x0 (clean trajectory), epsilon (noise, the seed's Alg. 1.1) "
+                               "or v (√ᾱ·ε − √(1−ᾱ)·x0, Salimans & Ho 2022).")
     action_weight: float = _f(10.0, "Loss weight of the first action a_0 (the one executed).")
     clip_denoised: bool = _f(True, "Clip the predicted clean trajectory to the normalized data range while sampling.")
 
@@ -265,6 +266,7 @@ def load(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] 
 def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     """Raise one ConfigError listing every problem (``errors``: problems already found)."""
     from distdiff.diffusion.schedules import SCHEDULES  # torch-only, imported late to keep config light
+    from distdiff.diffusion.gaussian import PREDICTIONS
 
     e: List[str] = list(errors or [])
 
@@ -287,7 +289,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(cfg.model.kernel_size % 2 == 1, "model.kernel_size must be odd")
     need(cfg.diffusion.n_steps >= 1, "diffusion.n_steps must be >= 1")
     need(cfg.diffusion.schedule in SCHEDULES, f"diffusion.schedule must be one of {sorted(SCHEDULES)}, got {cfg.diffusion.schedule!r}")
-    need(cfg.diffusion.prediction in ("x0", "epsilon"), f"diffusion.prediction must be x0 or epsilon, got {cfg.diffusion.prediction!r}")
+    need(cfg.diffusion.prediction in PREDICTIONS, f"diffusion.prediction must be one of {list(PREDICTIONS)}, got {cfg.diffusion.prediction!r}")
     need(cfg.diffusion.action_weight > 0, "diffusion.action_weight must be positive")
     need(cfg.guidance.scale >= 0, "guidance.scale must be >= 0")
     need(cfg.guidance.n_guide_steps >= 1, "guidance.n_guide_steps must be >= 1")

@@ -46,7 +46,7 @@ def alphas_cumprod64(diffusion: GaussianDiffusion) -> torch.Tensor:
 
 
 def exact_denoiser(diffusion: GaussianDiffusion, mu=MU, sigma=SIGMA):
-    """The ideal ε- or x⁰-prediction network for N(mu, sigma²) data, per entry."""
+    """The ideal ε-, x⁰- or v-prediction network for N(mu, sigma²) data, per entry."""
     a_all = alphas_cumprod64(diffusion)
     mu, var = mu.double(), sigma.double() ** 2
 
@@ -56,7 +56,10 @@ def exact_denoiser(diffusion: GaussianDiffusion, mu=MU, sigma=SIGMA):
         x0 = mu + a.sqrt() * var / (a * var + 1 - a) * (xd - a.sqrt() * mu)
         if diffusion.prediction == "x0":
             return x0.to(x.dtype)
-        return ((xd - a.sqrt() * x0) / (1 - a).sqrt()).to(x.dtype)
+        eps = (xd - a.sqrt() * x0) / (1 - a).sqrt()
+        if diffusion.prediction == "v":
+            return (a.sqrt() * eps - (1 - a).sqrt() * x0).to(x.dtype)
+        return eps.to(x.dtype)
 
     return denoise
 

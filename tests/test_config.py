@@ -38,7 +38,7 @@ def test_overrides_are_typed():
         ({"guidance.scale": 0.1, "train.train_value": False}, "needs the value net"),
         ({"guidance.scale": 0.0, "guidance.n_candidates": 4, "train.train_value": False}, "needs the value net"),
         ({"model.horizon": 6, "model.dim_mults": [1, 2, 4]}, "model.horizon 6 must be a multiple of 4"),
-        ({"diffusion.prediction": "v"}, "diffusion.prediction"),
+        ({"diffusion.prediction": "score"}, "diffusion.prediction"),
         ({"train.precision": "fp16"}, "train.precision must be fp32 or bf16"),
         ({"train.compile": "max-autotune"}, "train.compile must be none, default or reduce-overhead"),
         ({"planner.ddim_steps": 50, "diffusion.n_steps": 10}, "planner.ddim_steps"),

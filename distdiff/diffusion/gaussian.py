@@ -14,7 +14,7 @@ from torch import nn
 
 from distdiff.layout import TrajectoryLayout
 
-PREDICTIONS = ("epsilon", "x0")
+PREDICTIONS = ("epsilon", "x0", "v")
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 Clamp = Callable[[torch.Tensor], torch.Tensor]
@@ -124,6 +124,19 @@ class GaussianDiffusion(nn.Module):
             self.sqrt_recipm1_alphas_cumprod, t, x_t.shape
         )
 
+    def predict_v(self, x_start, t, noise):
+        """v = √ᾱ·ε − √(1−ᾱ)·τ⁰ (Salimans & Ho 2022, "Progressive Distillation", §4)."""
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x_start.shape) * noise
+            - extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * x_start
+        )
+
+    def predict_start_from_v(self, x_t, t, v):
+        return (
+            extract(self.sqrt_alphas_cumprod, t, x_t.shape) * x_t
+            - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v
+        )
+
     def q_posterior(self, x_start, x_t, t):
         mean = extract(self.posterior_mean_coef1, t, x_t.shape) * x_start + extract(
             self.posterior_mean_coef2, t, x_t.shape
@@ -141,7 +154,7 @@ class GaussianDiffusion(nn.Module):
         t: Optional[torch.Tensor] = None,
         noise: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """Weighted DDPM loss (Alg. 1.1): ‖ε − ε_θ(τᵗ, t)‖² or ‖τ⁰ − τ̂⁰_θ(τᵗ, t)‖².
+        """Weighted DDPM loss (Alg. 1.1): ‖ε − ε_θ(τᵗ, t)‖², ‖τ⁰ − τ̂⁰_θ(τᵗ, t)‖² or ‖v − v_θ(τᵗ, t)‖².
 
         ``mask`` ([B, H, D], 1 on real entries) removes episode padding from the loss.
         """
@@ -152,7 +165,12 @@ class GaussianDiffusion(nn.Module):
             noise = torch.randn_like(x_start)
         x_noisy = self.layout.condition(self.q_sample(x_start, t, noise), cond)
         out = model(x_noisy, t)
-        target = noise if self.prediction == "epsilon" else x_start
+        if self.prediction == "epsilon":
+            target = noise
+        elif self.prediction == "v":
+            target = self.predict_v(x_start, t, noise)
+        else:
+            target = x_start
         weights = self.loss_weights.expand_as(x_start)
         if mask is not None:
             weights = weights * mask
@@ -160,10 +178,16 @@ class GaussianDiffusion(nn.Module):
         return (weights * (out - target) ** 2).sum() / denom
 
     # ----- reverse process -----------------------------------------------------------------
+    def _start_from_output(self, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        if self.prediction == "epsilon":
+            return self.predict_start_from_noise(x, t, out)
+        if self.prediction == "v":
+            return self.predict_start_from_v(x, t, out)
+        return out
+
     def model_predictions(self, model: Denoiser, x: torch.Tensor, t: torch.Tensor):
         """Returns ``(x_start, noise)`` estimated by the model, ``x_start`` clipped."""
-        out = model(x, t)
-        x_start = self.predict_start_from_noise(x, t, out) if self.prediction == "epsilon" else out
+        x_start = self._start_from_output(x, t, model(x, t))
         if self.clip_min is not None:
             x_start = torch.maximum(torch.minimum(x_start, self.clip_max), self.clip_min)
         return x_start, self.predict_noise_from_start(x, t, x_start)
