@@ -44,6 +44,7 @@ def test_overrides_are_typed():
         ({"planner.ddim_steps": 50, "diffusion.n_steps": 10}, "planner.ddim_steps"),
         ({"data.discount": 1.5}, "data.discount"),
         ({"online.start_window_weight": -1.0}, "online.start_window_weight must be >= 0"),
+        ({"online.offline_start_window_weight": 0.0}, "online.offline_start_window_weight must be positive"),
         ({"guidance.scale": -1.0}, "guidance.scale"),
         ({"model.kernel_size": 4}, "kernel_size"),
     ],

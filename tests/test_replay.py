@@ -93,3 +93,14 @@ def test_online_start_weight_zero_with_only_short_episodes_still_samples():
     assert set(batch.cond[:, 0].tolist()) <= {0.0, 1.0, 2.0}
     with pytest.raises(ValueError, match="online_start_weight"):
         make_replay(online_start_weight=-1.0)
+
+
+def test_offline_start_weight_oversamples_the_offline_episode_starts():
+    """Phase 2's offline share has its own start weight: with online starts left out, the
+    offline ones are what teaches the planner to start."""
+    replay = make_replay(offline=[counting_episode(80)], offline_ratio=1.0, offline_start_weight=10.0)
+    (batch,) = replay.sample(1, 4000)
+    # 4 start windows of weight 10 against 76 of weight 1
+    assert np.mean(batch.cond[:, 0].numpy() < 4) == pytest.approx(40 / 116, abs=0.03)
+    (batch,) = make_replay(offline=[counting_episode(80)], offline_ratio=1.0).sample(1, 4000)
+    assert np.mean(batch.cond[:, 0].numpy() < 4) == pytest.approx(4 / 80, abs=0.015)

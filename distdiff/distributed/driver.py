@@ -116,7 +116,7 @@ class OnlineRun:
             normalizer=self.normalizer.state_dict(), layout=layout_of(cfg), horizon=cfg.model.horizon,
             discount=cfg.data.discount, termination_penalty=cfg.data.termination_penalty,
             capacity=cfg.online.replay_capacity, offline_ratio=cfg.online.offline_ratio,
-            return_weighting=cfg.online.return_weighting, start_window_weight=cfg.data.start_window_weight,
+            return_weighting=cfg.online.return_weighting, offline_start_weight=cfg.online.offline_start_window_weight,
             online_start_weight=cfg.online.start_window_weight,
             seed=cfg.train.seed)
         if replay_state is not None:

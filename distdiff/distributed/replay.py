@@ -5,7 +5,7 @@ Online windows are drawn uniformly, or, with ``return_weighting`` β > 0, in pro
 the best stored episode: every real trajectory still teaches the dynamics, while the behaviour
 of the better episodes is preferred (the idea of self-imitation learning, Oh et al. 2018). On
 Walker2d it did not keep the return from falling (bench/README.md). The offline windows may
-oversample episode starts (``start_window_weight``, see :class:`WindowDataset`); the online
+oversample episode starts (``offline_start_weight``, see :class:`WindowDataset`); the online
 windows that begin an episode can be drawn less often, or never (``online_start_weight``), so
 that the planner does not learn how to start from its own, slow starts.
 """
@@ -43,7 +43,7 @@ class Replay:
         capacity: int,
         offline_ratio: float,
         return_weighting: float = 0.0,
-        start_window_weight: float = 1.0,
+        offline_start_weight: float = 1.0,
         online_start_weight: float = 1.0,
         seed: int = 0,
     ):
@@ -54,7 +54,7 @@ class Replay:
         self.normalizer = Normalizer.from_state_dict(normalizer)
         self._window_args = dict(layout=layout, horizon=horizon, normalizer=self.normalizer, discount=discount,
                                  termination_penalty=termination_penalty)
-        self.offline = (WindowDataset(offline_episodes, **self._window_args, start_weight=start_window_weight)
+        self.offline = (WindowDataset(offline_episodes, **self._window_args, start_weight=offline_start_weight)
                         if len(offline_episodes) else None)
         self.capacity = capacity
         self.offline_ratio = offline_ratio
