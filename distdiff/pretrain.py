@@ -1,9 +1,12 @@
 """Offline pretraining of denoiser and value net on a Minari dataset (Alg. 1.1 and the value)."""
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -45,6 +48,30 @@ def checkpoint_payload(trainer: Trainer, rng: np.random.Generator) -> dict:
     return {**trainer.state_dict(), "data_rng": rng.bit_generator.state}
 
 
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[threading.Event]:
+    """Ctrl-C sets the yielded event instead of raising wherever the main thread is: a
+    KeyboardInterrupt inside TensorBoard's writer (a ``with lock:`` is not signal-safe,
+    bpo-29988) can leave its close waiting forever, as the interrupted-pretraining test once
+    did. The loop checks the event between steps; a second Ctrl-C raises at once. Off the main
+    thread (e.g. a Tune trial) Python cannot handle signals, and the event is never set."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
              data: Optional[LoadedDataset] = None) -> Path:
     """Train until ``cfg.train.steps`` gradient steps; returns the checkpoint path.
@@ -80,21 +107,24 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     bar = tqdm(total=cfg.train.steps, initial=trainer.step, desc="pretrain", disable=quiet, dynamic_ncols=True)
     t0, step0 = time.perf_counter(), trainer.step
     try:
-        while trainer.step < cfg.train.steps:
-            losses = trainer.update(windows.sample(cfg.train.batch_size, rng))
-            if losses is None:
-                if trainer.skipped_updates > 100:
-                    raise FloatingPointError("more than 100 non-finite updates; stopping with the last good checkpoint intact")
-                continue
-            bar.update(1)
-            if trainer.step % cfg.train.log_every == 0:
-                for k, v in losses.items():
-                    writer.add_scalar(k, v, trainer.step)
-                rate = (trainer.step - step0) / (time.perf_counter() - t0)
-                writer.add_scalar("perf/updates_per_s", rate, trainer.step)
-                bar.set_postfix(denoiser=f"{losses['losses/denoiser']:.4f}", value=f"{losses['losses/value']:.4f}")
-            if trainer.step % cfg.train.checkpoint_every == 0:
-                save()
+        with deferred_interrupt() as interrupted:
+            while trainer.step < cfg.train.steps:
+                if interrupted.is_set():
+                    raise KeyboardInterrupt
+                losses = trainer.update(windows.sample(cfg.train.batch_size, rng))
+                if losses is None:
+                    if trainer.skipped_updates > 100:
+                        raise FloatingPointError("more than 100 non-finite updates; stopping with the last good checkpoint intact")
+                    continue
+                bar.update(1)
+                if trainer.step % cfg.train.log_every == 0:
+                    for k, v in losses.items():
+                        writer.add_scalar(k, v, trainer.step)
+                    rate = (trainer.step - step0) / (time.perf_counter() - t0)
+                    writer.add_scalar("perf/updates_per_s", rate, trainer.step)
+                    bar.set_postfix(denoiser=f"{losses['losses/denoiser']:.4f}", value=f"{losses['losses/value']:.4f}")
+                if trainer.step % cfg.train.checkpoint_every == 0:
+                    save()
     except KeyboardInterrupt:
         save()
         bar.close()

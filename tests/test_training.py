@@ -145,3 +145,19 @@ def test_compiled_nets_share_checkpoints_with_eager_ones(tiny_episodes):
         assert compiled.state_dict()[key].keys() == eager.state_dict()[key].keys()
     compiled.load_state_dict(eager.state_dict())
     eager.load_state_dict(compiled.state_dict())
+
+
+def test_ctrl_c_during_pretraining_is_deferred_to_a_step_boundary():
+    """The first Ctrl-C only asks the loop to stop between steps (a KeyboardInterrupt inside
+    TensorBoard's writer can hang its close); a second one raises at once."""
+    import signal
+
+    from distdiff.pretrain import deferred_interrupt
+
+    before = signal.getsignal(signal.SIGINT)
+    with deferred_interrupt() as interrupted:
+        signal.raise_signal(signal.SIGINT)
+        assert interrupted.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
