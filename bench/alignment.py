@@ -39,10 +39,6 @@ from distdiff.rollout import make_env  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
-def flat(cfg) -> dict:
-    return {f"{section}.{k}": v for section, fields in cfg.to_dict().items() for k, v in fields.items()}
-
-
 def keep(summary):
     return {k: summary[k] for k in ("return_mean", "return_std", "normalized_score", "alignment_error", "episode_length_mean")}
 
@@ -86,7 +82,7 @@ def main():
     t_pretrain = time.perf_counter() - t0
     # Pretraining had the machine to itself; online, the learner shares it with rollout actors,
     # and a second math thread competing with them is far slower than one.
-    cfg = config_lib.load(None, {**flat(cfg), "train.num_threads": 1})
+    cfg = config_lib.from_dict({"train": {"num_threads": 1}}, cfg)
     data = load_episodes(args.dataset)
     # The evaluation's alignment error is measured on the states each planner's own episodes
     # reach (a planner that falls early is judged near the start); these states are shared.
@@ -113,7 +109,7 @@ def main():
     if args.aligned is None:
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
         # judge() evaluates the aligned planner; the run's own final evaluation would repeat it.
-        online_cfg = config_lib.load(None, {**flat(cfg), "eval.episodes": 1, "eval.num_envs": 1})
+        online_cfg = config_lib.from_dict({"eval": {"episodes": 1, "num_envs": 1}}, cfg)
         metrics = train(online_cfg, args.out / "aligned", init=ckpt, log=lambda s: print(s, file=sys.stderr), progress=False)
         ray.shutdown()
     t_online = time.perf_counter() - t1

@@ -49,12 +49,12 @@ def reconstruction(path: Path, dataset: str, n_windows: int, timesteps, seed: in
     mask = batch.mask * (1 - layout.condition_mask(cfg.model.horizon))
     generator = torch.Generator().manual_seed(seed)
     out = {"prediction": cfg.diffusion.prediction, "train_steps": int(state["step"])}
+    states, actions = layout.state_slice, layout.action_slice
     for t in timesteps:
         tt = torch.full((n_windows,), t, dtype=torch.long)
         noise = torch.randn(batch.x_start.shape, generator=generator)
         x_t = layout.condition(diffusion.q_sample(batch.x_start, tt, noise), batch.cond)
         x_hat, _ = diffusion.model_predictions(planner.denoiser, x_t, tt)
-        states, actions = layout.state_slice, layout.action_slice
         out[f"t{t}"] = {
             "input_states": rmse((x_t - batch.x_start)[..., states], mask[..., states]),
             "states": rmse((x_hat - batch.x_start)[..., states], mask[..., states]),
