@@ -151,6 +151,33 @@ def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] > saved["step"]
 
 
+def test_ctrl_c_stops_at_the_next_result_with_a_resumable_checkpoint(ray_session, pretrained, tmp_path, monkeypatch):
+    cfg, ckpt = pretrained
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": 100_000})
+    log_rollout = OnlineRun.log_rollout
+    rollouts_logged, bookkeeping_finished = [], []
+
+    def log_and_interrupt(self, *args):
+        log_rollout(self, *args)
+        rollouts_logged.append(self.counters.env_steps)
+        if len(rollouts_logged) == 1:
+            # Ctrl-C in the middle of the loop's bookkeeping (e.g. a TensorBoard write): it
+            # must not raise here, only stop the loop before the next result.
+            signal.raise_signal(signal.SIGINT)
+            bookkeeping_finished.append(True)
+
+    monkeypatch.setattr(OnlineRun, "log_rollout", log_and_interrupt)
+    messages = []
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path, init=ckpt, log=messages.append, progress=False)
+    assert signal.getsignal(signal.SIGINT) is handler
+    assert bookkeeping_finished and len(rollouts_logged) == 1
+    assert any("interrupted" in m for m in messages)
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["run"]["env_steps"] == rollouts_logged[0] > 0
+
+
 def test_nan_batch_is_skipped_and_repeated_failure_stops(pretrained):
     cfg, ckpt = pretrained
     state = load_checkpoint(ckpt)

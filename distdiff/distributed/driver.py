@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -29,7 +30,7 @@ from distdiff.evaluation import evaluate
 from distdiff.models import build_models, layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.planner import Planner
-from distdiff.pretrain import load_data, pretrain
+from distdiff.pretrain import deferred_interrupt, load_data, pretrain
 from distdiff.training import load_flat_weights, planner_from_checkpoint
 
 CHECKPOINT, REPLAY = "checkpoint.pt", "replay.pt"
@@ -233,7 +234,9 @@ class OnlineRun:
             owed = min(owed, o.updates - c.updates)
         return owed
 
-    def run(self) -> None:
+    def run(self, interrupted: Optional[threading.Event] = None) -> None:
+        """Algorithm 2 until the budget is spent; raises KeyboardInterrupt at the next result
+        once ``interrupted`` is set (see :func:`deferred_interrupt`)."""
         o, c = self.cfg.online, self.counters
         self.broadcast()
         collecting = self.budget_left(time.perf_counter())
@@ -257,8 +260,12 @@ class OnlineRun:
                 rollouts[self.workers[i].rollout.remote()] = i
 
         while rollouts or train_ref is not None or retry_at:
+            if interrupted is not None and interrupted.is_set():
+                raise KeyboardInterrupt
             waiting = list(rollouts) + ([train_ref] if train_ref is not None else [])
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=0.25 if retry_at else None) if waiting else ([], [])
+            # A bounded wait: a Ctrl-C only sets a flag, which a wait for one long rollout
+            # would leave unread.
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=0.25 if retry_at else 1.0) if waiting else ([], [])
             now = time.perf_counter()
             for i in [i for i, t in retry_at.items() if t <= now]:
                 del retry_at[i]
@@ -423,7 +430,10 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state, log=log, progress=progress,
                     on_evaluation=on_evaluation)
     try:
-        run.run()
+        # Ctrl-C during the loop is taken at the next result, never inside a TensorBoard
+        # write (see deferred_interrupt); a second one, or one in the final evaluation, at once.
+        with deferred_interrupt() as interrupted:
+            run.run(interrupted)
         log("final evaluation")
         metrics = run.evaluate()
     except KeyboardInterrupt:
