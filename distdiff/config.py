@@ -89,6 +89,9 @@ class TrainConfig:
     batch_size: int = _f(64, "Trajectory windows per gradient step.")
     lr: float = _f(2e-4, "Adam learning rate of the denoiser.")
     value_lr: float = _f(2e-4, "Adam learning rate of the value net.")
+    lr_schedule: str = _f("constant", "Pretraining's learning-rate schedule: constant, or cosine (half a cosine from the peak rates down to lr_min_ratio of them at train.steps, after warmup_steps of linear warm-up). Phase 2 keeps a constant rate.")
+    warmup_steps: int = _f(0, "Linear warm-up steps of the cosine schedule.")
+    lr_min_ratio: float = _f(0.0, "The cosine schedule's final rate as a fraction of the peak.")
     train_value: bool = _f(True, "Train the value net (needed for guidance and candidate selection).")
     grad_clip: float = _f(1.0, "Gradient norm clip; 0 disables.")
     ema_decay: float = _f(0.995, "EMA decay of the weights used for planning.")
@@ -268,6 +271,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     """Raise one ConfigError listing every problem (``errors``: problems already found)."""
     from distdiff.diffusion.schedules import SCHEDULES  # torch-only, imported late to keep config light
     from distdiff.diffusion.gaussian import PREDICTIONS
+    from distdiff.training import LR_SCHEDULES
 
     e: List[str] = list(errors or [])
 
@@ -305,6 +309,9 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(1 <= cfg.planner.replan_every <= cfg.model.horizon, f"planner.replan_every must be in [1, model.horizon={cfg.model.horizon}]")
     need(cfg.train.steps >= 0 and cfg.train.batch_size > 0, "train.steps must be >= 0 and train.batch_size > 0")
     need(cfg.train.lr > 0 and cfg.train.value_lr > 0, "learning rates must be positive")
+    need(cfg.train.lr_schedule in LR_SCHEDULES, f"train.lr_schedule must be one of {list(LR_SCHEDULES)}, got {cfg.train.lr_schedule!r}")
+    need(cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0")
+    need(0.0 <= cfg.train.lr_min_ratio <= 1.0, "train.lr_min_ratio must be in [0, 1]")
     need(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
     need(cfg.train.ema_every >= 1 and cfg.train.log_every >= 1 and cfg.train.checkpoint_every >= 1, "train.ema_every, log_every and checkpoint_every must be >= 1")
     need(cfg.train.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")

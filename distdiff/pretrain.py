@@ -111,6 +111,7 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
             while trainer.step < cfg.train.steps:
                 if interrupted.is_set():
                     raise KeyboardInterrupt
+                trainer.follow_lr_schedule()
                 losses = trainer.update(windows.sample(cfg.train.batch_size, rng))
                 if losses is None:
                     if trainer.skipped_updates > 100:
@@ -122,6 +123,7 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
                         writer.add_scalar(k, v, trainer.step)
                     rate = (trainer.step - step0) / (time.perf_counter() - t0)
                     writer.add_scalar("perf/updates_per_s", rate, trainer.step)
+                    writer.add_scalar("charts/learning_rate", trainer.opt_denoiser.param_groups[0]["lr"], trainer.step)
                     bar.set_postfix(denoiser=f"{losses['losses/denoiser']:.4f}", value=f"{losses['losses/value']:.4f}")
                 if trainer.step % cfg.train.checkpoint_every == 0:
                     save()

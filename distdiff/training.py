@@ -16,6 +16,25 @@ from distdiff.models import build_models
 from distdiff.normalizer import Normalizer
 from distdiff.planner import Planner
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_multiplier(step: int, *, schedule: str, total: int, warmup: int = 0, min_ratio: float = 0.0) -> float:
+    """Fraction of the peak learning rate for gradient step ``step`` (0-based) of ``total``.
+
+    ``cosine``: linear warm-up over ``warmup`` steps, then half a cosine down to ``min_ratio``
+    at ``total`` (Loshchilov & Hutter 2017, "SGDR", without restarts); past ``total`` it stays
+    there.
+    """
+    if schedule == "constant":
+        return 1.0
+    if schedule != "cosine":
+        raise ValueError(f"unknown lr schedule {schedule!r}; choose one of {list(LR_SCHEDULES)}")
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -98,10 +117,17 @@ class Trainer:
         self.step = 0
         self.skipped_updates = 0
 
-    def _set_learning_rates(self) -> None:
+    def _set_learning_rates(self, multiplier: float = 1.0) -> None:
         for opt, lr in ((self.opt_denoiser, self.cfg.train.lr), (self.opt_value, self.cfg.train.value_lr)):
             for group in opt.param_groups:
-                group["lr"] = lr * self.lr_scale
+                group["lr"] = lr * self.lr_scale * multiplier
+
+    def follow_lr_schedule(self) -> None:
+        """Set the rates of the next step from ``train.lr_schedule`` over ``train.steps``
+        (pretraining's budget; phase 2 never calls this and keeps its constant rate)."""
+        tc = self.cfg.train
+        self._set_learning_rates(lr_multiplier(self.step, schedule=tc.lr_schedule, total=tc.steps,
+                                               warmup=tc.warmup_steps, min_ratio=tc.lr_min_ratio))
 
     def _clip(self, module) -> torch.Tensor:
         params = [p for p in module.parameters() if p.grad is not None]

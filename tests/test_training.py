@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from _helpers import assert_same, make_trainer, snapshot
-from distdiff.training import ema_update, load_flat_weights
+from distdiff.training import Trainer, ema_update, load_flat_weights, lr_multiplier
 
 
 def test_overfits_a_fixed_batch(tiny_episodes):
@@ -98,6 +98,35 @@ def test_ema_copies_until_start_then_lags(tiny_episodes):
     for (k, v), w in zip(trainer.ema_denoiser.state_dict().items(), copy.state_dict().values()):
         assert torch.equal(w, v), k
     assert trainer.planner().denoiser is trainer.ema_denoiser
+
+
+def test_cosine_schedule_warms_up_then_decays_to_its_floor():
+    m = lambda step: lr_multiplier(step, schedule="cosine", total=110, warmup=10, min_ratio=0.1)  # noqa: E731
+    assert [m(s) for s in range(10)] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    assert m(10) == 1.0 and m(60) == pytest.approx(0.55) and m(110) == pytest.approx(0.1)
+    rates = [m(s) for s in range(10, 111)]
+    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert m(500) == pytest.approx(0.1)  # past the budget (e.g. a resumed run given more steps)
+    assert lr_multiplier(7, schedule="constant", total=10) == 1.0
+    with pytest.raises(ValueError, match="lr schedule"):
+        lr_multiplier(0, schedule="step", total=10)
+
+
+def test_pretraining_rates_follow_the_schedule_and_phase_2_keeps_its_own(tiny_episodes):
+    trainer, windows = make_trainer(tiny_episodes[:2], **{"train.lr_schedule": "cosine", "train.steps": 4,
+                                                          "train.lr": 1e-3, "train.value_lr": 2e-3})
+    rng = np.random.default_rng(0)
+    seen = []
+    for _ in range(4):
+        trainer.follow_lr_schedule()
+        seen += [trainer.opt_denoiser.param_groups[0]["lr"], trainer.opt_value.param_groups[0]["lr"]]
+        trainer.update(windows.sample(8, rng))
+    expected = [0.5 * (1 + math.cos(math.pi * s / 4)) for s in range(4)]
+    assert seen == pytest.approx([lr * e for e in expected for lr in (1e-3, 2e-3)])
+    # A phase-2 learner built from this checkpoint starts at its own constant rate, not at
+    # the schedule's end (where the cosine would have left it at zero).
+    learner = Trainer.from_checkpoint(trainer.state_dict(), cfg=trainer.cfg, lr_scale=0.25)
+    assert learner.opt_denoiser.param_groups[0]["lr"] == pytest.approx(0.25e-3)
 
 
 def test_ema_update_is_a_lerp():
