@@ -1,11 +1,15 @@
 """Shared pieces of the launch scripts."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 
 def limit_threads() -> None:
@@ -38,3 +42,27 @@ def write_json(path: Path, data: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(data, indent=2) + "\n")
     os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def deferred_interrupt() -> Iterator[threading.Event]:
+    """Ctrl-C sets the yielded event instead of raising wherever the main thread is: a
+    KeyboardInterrupt inside TensorBoard's writer (a ``with lock:`` is not signal-safe,
+    bpo-29988) can leave its close waiting forever, as the interrupted-pretraining test once
+    did. Loops check the event between steps or results; a second Ctrl-C raises at once. Off the main
+    thread (e.g. a Tune trial) Python cannot handle signals, and the event is never set."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,12 +1,9 @@
 """Offline pretraining of denoiser and value net on a Minari dataset (Alg. 1.1 and the value)."""
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -14,6 +11,7 @@ from tqdm import tqdm
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint, save_checkpoint
+from distdiff.cli import deferred_interrupt
 from distdiff.config import Config
 from distdiff.data.minari_io import LoadedDataset, load_or_collect
 from distdiff.data.windows import WindowDataset, fit_normalizer
@@ -46,30 +44,6 @@ def load_windows(cfg: Config, normalizer: Optional[Normalizer] = None, data: Opt
 
 def checkpoint_payload(trainer: Trainer, rng: np.random.Generator) -> dict:
     return {**trainer.state_dict(), "data_rng": rng.bit_generator.state}
-
-
-@contextlib.contextmanager
-def deferred_interrupt() -> Iterator[threading.Event]:
-    """Ctrl-C sets the yielded event instead of raising wherever the main thread is: a
-    KeyboardInterrupt inside TensorBoard's writer (a ``with lock:`` is not signal-safe,
-    bpo-29988) can leave its close waiting forever, as the interrupted-pretraining test once
-    did. The loop checks the event between steps; a second Ctrl-C raises at once. Off the main
-    thread (e.g. a Tune trial) Python cannot handle signals, and the event is never set."""
-    requested = threading.Event()
-    if threading.current_thread() is not threading.main_thread():
-        yield requested
-        return
-
-    def handler(signum, frame):
-        if requested.is_set():
-            raise KeyboardInterrupt
-        requested.set()
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield requested
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,

@@ -181,7 +181,7 @@ def test_ctrl_c_during_pretraining_is_deferred_to_a_step_boundary():
     TensorBoard's writer can hang its close); a second one raises at once."""
     import signal
 
-    from distdiff.pretrain import deferred_interrupt
+    from distdiff.cli import deferred_interrupt
 
     before = signal.getsignal(signal.SIGINT)
     with deferred_interrupt() as interrupted:

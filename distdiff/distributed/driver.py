@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint, save_checkpoint
-from distdiff.cli import write_json
+from distdiff.cli import deferred_interrupt, write_json
 from distdiff.config import Config
 from distdiff.data.minari_io import normalized_score, reference_scores
 from distdiff.distributed import actors
@@ -30,7 +30,7 @@ from distdiff.evaluation import evaluate
 from distdiff.models import build_models, layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.planner import Planner
-from distdiff.pretrain import deferred_interrupt, load_data, pretrain
+from distdiff.pretrain import load_data, pretrain
 from distdiff.training import load_flat_weights, planner_from_checkpoint
 
 CHECKPOINT, REPLAY = "checkpoint.pt", "replay.pt"
