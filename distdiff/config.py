@@ -69,8 +69,9 @@ class DiffusionConfig:
 class GuidanceConfig:
     scale: float = _f(0.0, "Guidance scale k in τ ← τ + k∇V; 0 samples unguided.")
     n_guide_steps: int = _f(2, "Gradient steps per denoising step.")
-    t_stopgrad: int = _f(2, "No guidance at noise levels t < t_stopgrad.")
-    scale_grad_by_std: bool = _f(True, "Scale the value gradient by the posterior variance σ_t².")
+    t_stopgrad: int = _f(2, "No guidance at noise levels t < t_stopgrad. The starting noise (level T-1) is always "
+                            "guided, so a few-step DDIM sampler is guided even where its steps land below t_stopgrad.")
+    scale_grad_by_std: bool = _f(True, "Scale the value gradient by the posterior variance σ_t² (σ_1² at t = 0, as in Diffuser).")
     n_candidates: int = _f(1, "Plans sampled per state; the one with the highest V is executed (needs the value net if > 1).")
 
 
@@ -302,6 +303,10 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(cfg.guidance.n_candidates >= 1, "guidance.n_candidates must be >= 1")
     if cfg.guidance.scale > 0 or cfg.guidance.n_candidates > 1:
         need(cfg.train.train_value, "guidance (scale > 0 or n_candidates > 1) needs the value net: set train.train_value true")
+    if cfg.guidance.scale > 0:
+        need(0 <= cfg.guidance.t_stopgrad < cfg.diffusion.n_steps,
+             f"guidance.t_stopgrad must be in [0, diffusion.n_steps={cfg.diffusion.n_steps}) when guidance.scale > 0: "
+             "no noise level would be guided")
     need(cfg.planner.sampler in ("ddpm", "ddim"), f"planner.sampler must be ddpm or ddim, got {cfg.planner.sampler!r}")
     need(1 <= cfg.planner.ddim_steps <= cfg.diffusion.n_steps, f"planner.ddim_steps must be in [1, diffusion.n_steps={cfg.diffusion.n_steps}]")
     need(0.0 <= cfg.planner.ddim_eta <= 1.0, "planner.ddim_eta must be in [0, 1]")

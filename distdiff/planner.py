@@ -46,7 +46,8 @@ class Planner:
                 scale=guidance.scale,
                 n_steps=guidance.n_guide_steps,
                 t_stopgrad=guidance.t_stopgrad,
-                posterior_variance=diffusion.posterior_variance if guidance.scale_grad_by_std else None,
+                # Diffuser's clipped σ_t²: the true σ_0² = 0 would switch guidance off at t = 0.
+                posterior_variance=diffusion.posterior_log_variance_clipped.exp() if guidance.scale_grad_by_std else None,
             )
 
     @classmethod

@@ -37,6 +37,7 @@ def test_overrides_are_typed():
         ({"diffusion.schedule": "quadratic"}, "diffusion.schedule must be one of ['cosine', 'linear', 'sigmoid']"),
         ({"guidance.scale": 0.1, "train.train_value": False}, "needs the value net"),
         ({"guidance.scale": 0.0, "guidance.n_candidates": 4, "train.train_value": False}, "needs the value net"),
+        ({"guidance.scale": 0.1, "guidance.t_stopgrad": 20}, "no noise level would be guided"),
         ({"model.horizon": 6, "model.dim_mults": [1, 2, 4]}, "model.horizon 6 must be a multiple of 4"),
         ({"diffusion.prediction": "score"}, "diffusion.prediction"),
         ({"train.precision": "fp16"}, "train.precision must be fp32 or bf16"),

@@ -36,8 +36,9 @@ def _sample(d, sampler, guide, *, seed=0, n=N, **kw):
     return d.ddim_sample_loop(den, _cond(n), guide=guide, generator=g, **kw).trajectories
 
 
-SAMPLERS = [("ddpm", {}), ("ddim", {"n_steps": 5, "eta": 0.0}), ("ddim", {"n_steps": 5, "eta": 1.0})]
-IDS = ["ddpm", "ddim-eta0", "ddim-eta1"]
+SAMPLERS = [("ddpm", {}), ("ddim", {"n_steps": 5, "eta": 0.0}), ("ddim", {"n_steps": 5, "eta": 1.0}),
+            ("ddim", {"n_steps": 2, "eta": 0.0})]
+IDS = ["ddpm", "ddim-eta0", "ddim-eta1", "ddim2"]
 
 
 # ----- the guide step itself ----------------------------------------------------------------
@@ -118,3 +119,18 @@ def test_guidance_raises_the_value_and_keeps_s0(sampler, kw, scaled, value):
     assert (v1 > v0).float().mean() > 0.9
     assert torch.equal(guided[:, 0, LAYOUT.state_slice], cond)
     assert torch.equal(unguided[:, 0, LAYOUT.state_slice], cond)
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0"])
+def test_two_step_ddim_is_guided_with_the_default_stopgrad(prediction):
+    # Both of its steps land on t = 0, below t_stopgrad = 2, where σ_0² = 0 as well: only the
+    # guided starting noise makes the shipped planner (2 DDIM steps) respond to guidance at all.
+    d = gaussian_diffusion("cosine", 20, prediction)
+    post_var = d.posterior_log_variance_clipped.exp()
+    guide = ValueGuide(v_actions, scale=2.0, n_steps=2, t_stopgrad=2, posterior_variance=post_var)
+    kw = {"n_steps": 2, "eta": 0.0}
+    unguided, guided = _sample(d, "ddim", None, **kw), _sample(d, "ddim", guide, **kw)
+    v0, v1 = v_actions(unguided, None), v_actions(guided, None)
+    assert (v1 > v0).float().mean() > 0.9
+    assert (v1 - v0).mean() > 10 * (v1 - v0).std() / N**0.5
+    assert torch.equal(guided[:, 0, LAYOUT.state_slice], _cond(N))

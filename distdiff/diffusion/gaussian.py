@@ -200,10 +200,16 @@ class GaussianDiffusion(nn.Module):
         nonzero = (t != 0).to(x.dtype).reshape(-1, *((1,) * (x.ndim - 1)))
         return mean + nonzero * (0.5 * log_var).exp() * noise
 
-    def _start(self, cond: torch.Tensor, generator) -> torch.Tensor:
+    def _start(self, cond: torch.Tensor, generator, guide: Optional[Guide], clamp: Clamp) -> torch.Tensor:
         shape = (cond.shape[0], self.horizon, self.layout.transition_dim)
-        x = torch.randn(shape, generator=generator, device=cond.device, dtype=cond.dtype)
-        return self.layout.condition(x, cond)
+        x = self.layout.condition(torch.randn(shape, generator=generator, device=cond.device, dtype=cond.dtype), cond)
+        if guide is None:
+            return x
+        # The starting noise x_T is guided too, at level T-1, as in Diffuser. After-step guidance
+        # alone acts only at the levels a step lands on: a 2-step DDIM lands on t = 0 twice, where
+        # t_stopgrad (and σ_0² = 0) switch it off, so its plans would be silently unguided.
+        t = torch.full((x.shape[0],), self.n_steps - 1, device=x.device, dtype=torch.long)
+        return guide(x, t, clamp)
 
     @torch.no_grad()
     def p_sample_loop(
@@ -216,7 +222,7 @@ class GaussianDiffusion(nn.Module):
         return_chain: bool = False,
     ) -> Sample:
         clamp = lambda y: self.layout.condition(y, cond)  # noqa: E731
-        x = self._start(cond, generator)
+        x = self._start(cond, generator, guide, clamp)
         chain = [x] if return_chain else None
         for i in reversed(range(self.n_steps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
@@ -244,7 +250,7 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"DDIM needs 1 <= n_steps <= {self.n_steps}, got {n_steps}")
         clamp = lambda y: self.layout.condition(y, cond)  # noqa: E731
         times = torch.linspace(self.n_steps - 1, 0, n_steps).round().long().tolist()
-        x = self._start(cond, generator)
+        x = self._start(cond, generator, guide, clamp)
         chain = [x] if return_chain else None
         for i, time in enumerate(times):
             t = torch.full((x.shape[0],), time, device=x.device, dtype=torch.long)
