@@ -6,7 +6,9 @@ planner with the same evaluation seeds, and prints one JSON line:
 {"prior": {"alignment_error": …, "normalized_score": …}, "aligned": {…}, "behaviour": {"normalized_score": …}}
 
 `alignment_error` is measured on the evaluation episodes, so on the states each planner reaches;
-`alignment_error_data_states` on the same --data-states offline states for both planners.
+`alignment_error_data_states` on the same --data-states offline states for both planners, and
+`one_step_error_data_states` there too: each planned transition replayed alone from its planned
+state, so how much of the error is transitions the dynamics cannot make, not compounding.
 `--init PRIOR --aligned CKPT` compares two existing checkpoints without the online phase.
 
 The default budget fits about an hour on a 2-core machine; --scale multiplies every budget for
@@ -100,7 +102,9 @@ def main():
         torch.set_num_threads(1)
         planner = planner_from_checkpoint(load_checkpoint(path), cfg)
         out = keep(evaluate(planner, cfg))
-        out["alignment_error_data_states"] = alignment_on_observations(planner, cfg, data_states)["alignment_error"]
+        shared = alignment_on_observations(planner, cfg, data_states)
+        out["alignment_error_data_states"] = shared["alignment_error"]
+        out["one_step_error_data_states"] = shared["one_step_error"]
         return out
 
     prior = judge(ckpt)

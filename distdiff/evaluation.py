@@ -54,6 +54,9 @@ def alignment_on_observations(planner: Planner, cfg: Config, observations: np.nd
                                      np.asarray(observations), planner.state_normalizer)
     finally:
         shadow.close()
-    return {"alignment_error": float(np.nanmean(errors)), "alignment_error_step": np.nanmean(errors, axis=0).tolist(),
+    return {"alignment_error": float(np.nanmean(errors.compounded)),
+            "alignment_error_step": np.nanmean(errors.compounded, axis=0).tolist(),
+            "one_step_error": float(np.nanmean(errors.one_step)),
+            "one_step_error_step": np.nanmean(errors.one_step, axis=0).tolist(),
             "states": int(len(observations))}
 
