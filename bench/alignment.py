@@ -37,7 +37,7 @@ from distdiff.data.minari_io import load_episodes, normalized_score  # noqa: E40
 from distdiff.distributed.driver import train  # noqa: E402
 from distdiff.evaluation import alignment_on_observations, evaluate  # noqa: E402
 from distdiff.pretrain import pretrain  # noqa: E402
-from distdiff.rollout import make_env  # noqa: E402
+from distdiff.rollout import OBSERVED_VELOCITY_CLIP, make_env  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
@@ -93,7 +93,7 @@ def main():
     env = make_env(cfg.env.id)
     n_pos = env.unwrapped.model.nq - 1
     env.close()
-    all_obs = all_obs[np.abs(all_obs[:, n_pos:]).max(axis=1) < 10.0]  # clipped velocities: physics unknown
+    all_obs = all_obs[np.abs(all_obs[:, n_pos:]).max(axis=1) < OBSERVED_VELOCITY_CLIP]  # physics unknown at the clip
     data_states = all_obs[rng.choice(len(all_obs), size=args.data_states, replace=False)]
 
     def judge(path):

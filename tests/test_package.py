@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import distdiff
 
-RAY_FREE = ["distdiff.checkpoint", "distdiff.cli", "distdiff.config", "distdiff.evaluation", "distdiff.layout",
-            "distdiff.models", "distdiff.normalizer", "distdiff.planner", "distdiff.plots", "distdiff.pretrain",
-            "distdiff.report", "distdiff.rollout", "distdiff.training", "distdiff.data.minari_io",
-            "distdiff.data.windows", "distdiff.data.episodes"]
-TORCH_ONLY = ["distdiff.diffusion.gaussian", "distdiff.diffusion.guidance", "distdiff.diffusion.schedules",
-              "distdiff.nn.temporal", "distdiff.layout"]
+PACKAGE = Path(distdiff.__file__).parent
+MODULES = sorted(".".join(("distdiff",) + p.relative_to(PACKAGE).with_suffix("").parts).removesuffix(".__init__")
+                 for p in PACKAGE.rglob("*.py"))
+RAY_FREE = [m for m in MODULES if not m.startswith("distdiff.distributed")]
+TORCH_ONLY = [m for m in MODULES if m.startswith(("distdiff.diffusion", "distdiff.nn"))] + ["distdiff.layout"]
 
 
 def _loaded_after_import(modules):
@@ -21,6 +21,7 @@ def _loaded_after_import(modules):
 
 
 def test_only_the_distributed_layer_imports_ray():
+    assert "distdiff.planner" in RAY_FREE and "distdiff.distributed.driver" in MODULES  # the walk found the tree
     assert "ray" not in _loaded_after_import(RAY_FREE)
 
 

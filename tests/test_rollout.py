@@ -9,7 +9,7 @@ import torch
 
 from distdiff.normalizer import Normalizer
 from distdiff.planner import Plan
-from distdiff.rollout import alignment_on_states, make_env, physics_state_from_observation
+from distdiff.rollout import OBSERVED_VELOCITY_CLIP, alignment_on_states, make_env, physics_state_from_observation
 
 H = 8
 
@@ -75,48 +75,57 @@ def test_physics_state_from_an_observation_reproduces_it(walker):
         physics_state_from_observation(walker, obs[:-1])
 
 
-def test_a_plan_the_dynamics_produce_has_no_alignment_error(walker):
+def walker_rollouts(n, seed):
     env = make_env("Walker2d-v5")
     try:
-        starts, states, actions = real_rollouts(env, 5, seed=0)
+        return real_rollouts(env, n, seed=seed)
     finally:
         env.close()
+
+
+def replaying(starts, states, actions, edit=lambda planned: planned):
+    """A plan function that returns each start's real rollout as its plan, its states first
+    passed through ``edit``."""
     lookup = {tuple(s): k for k, s in enumerate(starts)}
 
-    def plan_fn(obs, noise=0.0):
+    def plan_fn(obs):
         idx = [lookup[tuple(o)] for o in obs]
-        planned = states[idx].copy()
-        planned[:, 1:] += noise
-        return Plan(states=planned, actions=actions[idx], values=None, trajectories=torch.zeros(0))
+        return Plan(states=edit(states[idx].copy()), actions=actions[idx], values=None, trajectories=torch.zeros(0))
 
-    exact = alignment_on_states(plan_fn, walker, starts, unit_normalizer(17), batch_size=2)
+    return plan_fn
+
+
+def test_a_plan_the_dynamics_produce_has_no_alignment_error(walker):
+    starts, states, actions = walker_rollouts(5, seed=0)
+    exact = alignment_on_states(replaying(starts, states, actions), walker, starts, unit_normalizer(17), batch_size=2)
     assert exact.compounded.shape == (5, H) and exact.one_step.shape == (5, H - 1)
     np.testing.assert_allclose(exact.compounded, 0.0, atol=1e-9)
-    clipped = np.abs(states[:, :-1, 8:]).max(axis=2) >= 10.0  # unknown velocity: no restart from there
+    n_pos = walker.unwrapped.model.nq - 1
+    # unknown velocity: no restart from there
+    clipped = np.abs(states[:, :-1, n_pos:]).max(axis=2) >= OBSERVED_VELOCITY_CLIP
     assert clipped.any() and not clipped.all()  # these random rollouts have both kinds
     assert np.isnan(exact.one_step[clipped]).all()
     np.testing.assert_allclose(exact.one_step[~clipped], 0.0, atol=1e-9)
-    off = alignment_on_states(lambda o: plan_fn(o, noise=0.5), walker, starts, unit_normalizer(17)).compounded
+
+    def offset(planned):
+        planned[:, 1:] += 0.5
+        return planned
+
+    off = alignment_on_states(replaying(starts, states, actions, edit=offset), walker, starts, unit_normalizer(17)).compounded
     np.testing.assert_allclose(off[:, 0], 0.0, atol=1e-9)  # s_0 is the given state
     np.testing.assert_allclose(off[:, 1:], 0.5, atol=1e-9)  # RMSE of a 0.5 offset on every dim
 
 
 def test_one_step_error_blames_only_the_transitions_into_and_out_of_a_wrong_state(walker):
-    env = make_env("Walker2d-v5")
-    try:
-        starts, states, actions = real_rollouts(env, 3, seed=1)
-    finally:
-        env.close()
-    lookup = {tuple(s): k for k, s in enumerate(starts)}
     j = H // 2
     positions = slice(1, walker.unwrapped.model.nq)  # joint angles and heights: physics restarts from them
 
-    def plan_fn(obs):
-        planned = states[[lookup[tuple(o)] for o in obs]].copy()
+    def wrong_state(planned):
         planned[:, j, positions] += 0.05
-        return Plan(states=planned, actions=actions[[lookup[tuple(o)] for o in obs]], values=None, trajectories=torch.zeros(0))
+        return planned
 
-    errors = alignment_on_states(plan_fn, walker, starts, unit_normalizer(17))
+    starts, states, actions = walker_rollouts(3, seed=1)
+    errors = alignment_on_states(replaying(starts, states, actions, edit=wrong_state), walker, starts, unit_normalizer(17))
     wrong = np.sqrt(0.05**2 * 8 / 17)  # RMSE of the offset on 8 of 17 dims
     np.testing.assert_allclose(errors.one_step[:, j - 1], wrong, atol=1e-9)  # the step into s_j reaches the true s_j
     assert (errors.one_step[:, j] > 1e-3).all()  # the step out of it starts from the wrong physics
