@@ -265,3 +265,59 @@ def test_return_chain_has_one_entry_per_step():
     ddim = d.ddim_sample_loop(den, _cond(3), n_steps=4, return_chain=True)
     assert ddim.chain.shape == (3, 5, 4, 2)
     assert torch.equal(ddim.chain[:, -1], ddim.trajectories)
+
+
+@pytest.mark.parametrize("sampler,kw", [("ddpm", {}), ("ddim", {"n_steps": 2}), ("ddim", {"n_steps": 1})])
+def test_last_input_is_what_the_last_step_denoised(sampler, kw):
+    # Relabelled plans train the last step on its own input: the sample must be exactly that
+    # step's (clamped) estimate, at the level it ran, whatever the sampler.
+    d = gaussian_diffusion("cosine", 12, "x0")
+    den = exact_denoiser(d)
+    cond = _cond(5)
+    g = torch.Generator().manual_seed(3)
+    out = d.p_sample_loop(den, cond, generator=g) if sampler == "ddpm" else d.ddim_sample_loop(den, cond, generator=g, **kw)
+    want_t = d.n_steps - 1 if kw.get("n_steps") == 1 else 0
+    assert out.last_t.tolist() == [want_t] * 5
+    x_start, _ = d.model_predictions(den, out.last_input, out.last_t)
+    torch.testing.assert_close(LAYOUT.condition(x_start, cond), out.trajectories)
+    assert torch.equal(LAYOUT.first_state(out.last_input), cond)
+
+
+@pytest.mark.parametrize("prediction", ["x0", "epsilon", "v"])
+def test_start_loss_is_zero_for_an_exact_estimate_in_every_parameterization(prediction):
+    d = gaussian_diffusion("cosine", 10, prediction)
+    g = torch.Generator().manual_seed(4)
+    x_t = torch.randn(16, 4, 2, generator=g)
+    t = torch.randint(0, 7, (16,), generator=g)  # where 1/√ᾱ is moderate, so float32 stays exact enough
+    target = torch.randn(16, 4, 2, generator=g)
+    # A network whose estimate of x_start is exactly the target, in each parameterization.
+    exact = {"x0": lambda x, tt: target,
+             "epsilon": lambda x, tt: d.predict_noise_from_start(x, tt, target),
+             "v": lambda x, tt: d.predict_v(target, tt, d.predict_noise_from_start(x, tt, target))}[prediction]
+    assert d.start_loss(exact, x_t, t, target).item() < 1e-6
+
+
+def test_start_loss_weights_entries_and_ignores_unknown_ones():
+    d = gaussian_diffusion("cosine", 10, "x0", action_weight=10.0)
+    g = torch.Generator().manual_seed(4)
+    x_t, target = torch.randn(16, 4, 2, generator=g), torch.randn(16, 4, 2, generator=g)
+    t = torch.zeros(16, dtype=torch.long)
+    # 1 off on every entry: the mean of the weights over the entries that count (s_0 does not).
+    w = d.loss_weights.expand_as(target)
+    assert d.start_loss(lambda x, tt: target + 1.0, x_t, t, target).item() == pytest.approx((w.sum() / (w > 0).sum()).item())
+    # Unknown entries (mask 0, e.g. past a termination) do not count, however wrong.
+    mask = torch.ones_like(target)
+    mask[:, 2:] = 0
+    wrong = target.clone()
+    wrong[:, 2:] += 100.0
+    assert d.start_loss(lambda x, tt: wrong, x_t, t, target, mask=mask).item() < 1e-6
+
+
+def test_start_loss_on_diffused_windows_is_the_x0_training_loss():
+    d = gaussian_diffusion("cosine", 10, "x0")
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.randn(32, 4, 2, generator=g)
+    cond, t, noise = x0[:, 0, LAYOUT.state_slice], torch.randint(0, 10, (32,), generator=g), torch.randn(32, 4, 2, generator=g)
+    net = lambda x, tt: 0.5 * x  # noqa: E731
+    x_t = LAYOUT.condition(d.q_sample(x0, t, noise), cond)
+    torch.testing.assert_close(d.start_loss(net, x_t, t, x0), d.loss(net, x0, cond, t=t, noise=noise))

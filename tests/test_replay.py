@@ -104,3 +104,55 @@ def test_offline_start_weight_oversamples_the_offline_episode_starts():
     assert np.mean(batch.cond[:, 0].numpy() < 4) == pytest.approx(40 / 116, abs=0.03)
     (batch,) = make_replay(offline=[counting_episode(80)], offline_ratio=1.0).sample(1, 4000)
     assert np.mean(batch.cond[:, 0].numpy() < 4) == pytest.approx(4 / 80, abs=0.015)
+
+
+def relabelled_plans(n: int, level: float, horizon: int = 4, fall_at=None):
+    """n plans whose reached states are all ``level`` (NaN from ``fall_at`` on) and whose last
+    inputs are ``level`` too, so a sampled row tells which plan it came from."""
+    from distdiff.rollout import RelabelledPlan
+
+    states = np.full((n, horizon, 3), level, np.float32)
+    if fall_at is not None:
+        states[:, fall_at:] = np.nan
+    return RelabelledPlan(np.full((n, horizon, 5), level, np.float32), np.zeros(n, np.int64), states,
+                          np.full((n, horizon, 2), 0.5, np.float32))
+
+
+def test_relabelled_plans_are_normalized_targets_with_unknown_rows_masked():
+    replay = make_replay(relabel_capacity=10)
+    assert replay.sample_relabelled(1, 4) is None  # nothing to learn from yet
+    replay.add([], relabelled_plans(3, 1.0, fall_at=2))
+    (batch,) = replay.sample_relabelled(1, 8)
+    norm = replay.normalizer
+    want_states = norm.slice(LAYOUT.state_slice).normalize(np.full(3, 1.0, np.float32))
+    want_actions = norm.slice(LAYOUT.action_slice).normalize(np.full(2, 0.5, np.float32))
+    x0 = batch.x_start.numpy()
+    np.testing.assert_allclose(x0[:, :2, LAYOUT.state_slice], np.broadcast_to(want_states, (8, 2, 3)), rtol=1e-6)
+    np.testing.assert_allclose(x0[:, :, LAYOUT.action_slice], np.broadcast_to(want_actions, (8, 4, 2)), rtol=1e-6)
+    assert np.isfinite(x0).all()
+    # Rows past the fall are unknown: masked whole, states and actions.
+    assert batch.mask[:, :2].min() == 1 and batch.mask[:, 2:].max() == 0
+    assert batch.x_t.shape == (8, 4, 5) and batch.t.tolist() == [0] * 8
+
+
+def test_relabelled_plans_are_a_bounded_fifo_that_survives_a_checkpoint():
+    replay = make_replay(relabel_capacity=4)
+    replay.add([], relabelled_plans(3, -1.0))
+    replay.add([], relabelled_plans(3, 1.0))
+    assert replay.relabelled_size() == 4  # two of the older ones went first
+    (batch,) = replay.sample_relabelled(1, 2000)
+    assert float((batch.x_t[:, 0, 0] > 0).float().mean()) == pytest.approx(0.75, abs=0.04)
+    restored = make_replay(relabel_capacity=4)
+    restored.load_state_dict(replay.state_dict())
+    assert restored.relabelled_size() == 4
+    (again,) = restored.sample_relabelled(1, 2000)
+    assert float((again.x_t[:, 0, 0] > 0).float().mean()) == pytest.approx(0.75, abs=0.04)
+
+
+def test_relabelled_plans_are_dropped_when_relabelling_is_off():
+    replay = make_replay()
+    replay.add([constant_episode(1.0, 10, 0.0)], relabelled_plans(3, 1.0))
+    assert replay.relabelled_size() == 0 and replay.sample_relabelled(1, 4) is None
+    restored = make_replay()
+    restored.load_state_dict(replay.state_dict())
+    assert restored.size() == 10

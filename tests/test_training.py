@@ -190,3 +190,43 @@ def test_ctrl_c_during_pretraining_is_deferred_to_a_step_boundary():
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def _relabelled(trainer, windows, seed=0):
+    """A fixed batch of 'relabelled plans': arbitrary sampler inputs at t = 0, real windows as
+    what those plans' actions reached, the last rows unknown."""
+    from distdiff.data.windows import RelabelledBatch
+
+    target = windows.sample(8, np.random.default_rng(seed))
+    x_t = trainer.diffusion.layout.condition(torch.randn(target.x_start.shape, generator=torch.Generator().manual_seed(seed)),
+                                             target.cond)
+    mask = target.mask.clone()
+    mask[:, -2:] = 0
+    return RelabelledBatch(x_t, torch.zeros(8, dtype=torch.long), target.x_start, mask)
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_relabelled_plans_teach_the_last_step_what_its_plans_did(tiny_episodes, weight):
+    trainer, windows = make_trainer(tiny_episodes[:4])
+    rel = _relabelled(trainer, windows)
+    score = lambda: trainer.diffusion.start_loss(trainer.denoiser, rel.x_t, rel.t, rel.x_start, rel.mask).item()  # noqa: E731
+    before = score()
+    rng = np.random.default_rng(1)
+    for _ in range(150):
+        out = trainer.update(windows.sample(8, rng), rel, relabel_weight=weight)
+    assert ("losses/relabelled" in out) == (weight > 0)
+    if weight > 0:
+        assert score() < 0.3 * before, f"relabelled loss {before:.3f} -> {score():.3f}"
+    else:  # diffused windows alone do not teach the sampler's inputs
+        assert score() > 0.5 * before
+
+
+def test_non_finite_relabelled_plans_are_skipped(tiny_episodes):
+    trainer, windows = make_trainer(tiny_episodes[:2])
+    rel = _relabelled(trainer, windows)
+    rel.x_t[0, 1, 0] = float("nan")
+    before = snapshot(trainer)
+    assert trainer.update(windows.sample(8, np.random.default_rng(0)), rel, relabel_weight=1.0) is None
+    assert_same(snapshot(trainer), before)
+    # A plan's unknown rows (zeros under mask 0) are no such problem.
+    assert trainer.update(windows.sample(8, np.random.default_rng(0)), _relabelled(trainer, windows), relabel_weight=1.0)
