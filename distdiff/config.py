@@ -139,9 +139,6 @@ class OnlineConfig:
     offline_start_window_weight: float = _f(10.0, "Like data.start_window_weight, for the offline windows of phase 2's batches: with online starts left out, the offline ones teach starting (×10 at pretraining gave a weaker prior; in fine-tuning it kept the score, bench/README.md).")
     finish_updates: bool = _f(True, "When the env-step budget is spent, still run the updates owed to the last collected steps (within the update and wall-time budgets).")
     measure_every: int = _f(16, "Actors measure the alignment error of every N-th plan (costs H shadow env steps).")
-    relabel_weight: float = _f(0.0, "Weight of the relabelled-plan loss: each measured plan, with its states replaced by the states its actions reached, is the target of the sampler's last denoising step on the input that step was given; it teaches the denoiser what its own plans really do. 0 = off. More relabelled plans need a smaller online.measure_every. See bench/README.md.")
-    relabel_fraction: float = _f(0.5, "Relabelled plans per update, as a fraction of train.batch_size.")
-    relabel_capacity: int = _f(4096, "Relabelled plans kept in the replay (FIFO).")
     checkpoint_every: int = _f(500, "Learner updates between run checkpoints (learner, replay, counters).")
     eval_every: int = _f(0, "Learner updates between evaluations (checkpoint + eval episodes, reported to Ray Tune); 0 = only at the end.")
     figure_every: int = _f(500, "Learner updates between plan-vs-real figures in TensorBoard.")
@@ -347,9 +344,6 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(o.measure_every >= 1 and o.checkpoint_every >= 1 and o.figure_every >= 1, "online.measure_every, checkpoint_every and figure_every must be >= 1")
     need(o.eval_every >= 0, "online.eval_every must be >= 0")
     need(o.max_nonfinite >= 1, "online.max_nonfinite must be >= 1")
-    need(o.relabel_weight >= 0, f"online.relabel_weight must be >= 0, got {o.relabel_weight}")
-    need(0 < o.relabel_fraction and o.relabel_capacity >= 1,
-         "online.relabel_fraction must be positive and online.relabel_capacity >= 1")
     if e:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))
 

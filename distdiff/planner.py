@@ -17,8 +17,6 @@ class Plan(NamedTuple):
     actions: np.ndarray  # [B, H, act_dim], env units
     values: Optional[np.ndarray]  # [B] V of the chosen plan (standardized), None without value net
     trajectories: torch.Tensor  # [B, H, D] normalized, as sampled
-    last_input: Optional[torch.Tensor] = None  # [B, H, D] normalized: what the sampler's last step denoised
-    last_t: Optional[torch.Tensor] = None  # [B] that step's noise level
 
 
 class Planner:
@@ -71,15 +69,13 @@ class Planner:
         b, n = obs.shape[0], self.guidance.n_candidates
         cond = self.state_normalizer.normalize(torch.from_numpy(obs).to(self.device))
         cond = cond.repeat_interleave(n, dim=0)
-        sample = self.sample(cond, generator)
-        x, last_input, last_t = sample.trajectories, sample.last_input, sample.last_t
+        x = self.sample(cond, generator).trajectories
         values = None
         if self.value is not None:
             t0 = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             values = self.value(x, t0).reshape(b, n)
             best = values.argmax(dim=1)
-            pick = lambda y: y.reshape(b, n, *y.shape[1:])[torch.arange(b), best]  # noqa: E731
-            x, last_input, last_t = pick(x), pick(last_input), pick(last_t)
+            x = x.reshape(b, n, *x.shape[1:])[torch.arange(b), best]
             values = values[torch.arange(b), best].cpu().numpy()
         # Exactness of s_0: write the given observation back rather than trusting the round trip
         # through the normalizer's float arithmetic.
@@ -87,5 +83,4 @@ class Planner:
         given = np.asarray(observations)
         states = self.layout.states(raw).astype(np.result_type(raw.dtype, given.dtype))
         states[:, 0] = given
-        return Plan(states=states, actions=self.layout.actions(raw), values=values, trajectories=x,
-                    last_input=last_input, last_t=last_t)
+        return Plan(states=states, actions=self.layout.actions(raw), values=values, trajectories=x)

@@ -27,22 +27,11 @@ class PlanCheck(NamedTuple):
     reached_states: np.ndarray  # [H, obs_dim], NaN past a termination
 
 
-class RelabelledPlan(NamedTuple):
-    """A measured plan relabelled with what its actions really did: the training target of the
-    sampler's last step on the input it was given (see ``GaussianDiffusion.start_loss``)."""
-
-    last_input: np.ndarray  # [H, D] normalized: what the sampler's last denoising step was given
-    t: int  # that step's noise level
-    states: np.ndarray  # [H, obs_dim] env units: the states the plan's actions reached, NaN past a termination
-    actions: np.ndarray  # [H, act_dim] env units: the plan's actions
-
-
 class EpisodeResult(NamedTuple):
     episode: Episode
     plan_errors: np.ndarray  # [n_measured_plans, H] RMSE per horizon step, NaN past a termination
     n_plans: int
     first_check: Optional[PlanCheck]  # the episode's first measured plan
-    relabelled: List[RelabelledPlan]  # the measured plans, when run_episodes was asked to relabel
 
 
 def make_env(env_id: str, max_episode_steps: Optional[int] = None) -> gym.Env:
@@ -137,7 +126,6 @@ def run_episodes(
     state_normalizer: Optional[Normalizer] = None,
     shadows: Optional[List[gym.Env]] = None,
     measure_every: int = 1,
-    relabel: bool = False,
     progress: Optional[Callable[[EpisodeResult], None]] = None,
 ) -> List[EpisodeResult]:
     """Run ``n_episodes`` over the given envs, all active envs planned in one batch.
@@ -145,8 +133,7 @@ def run_episodes(
     ``execution``: ``open_loop`` executes each plan's ``horizon`` actions (the seed's Alg. 2),
     ``receding`` replans every ``replan_every`` steps. Episode ``i`` resets with seed
     ``seed + i``. With ``shadows`` (one per env) every ``measure_every``-th plan's alignment
-    error is measured, and with ``relabel`` each measured plan is also kept as a
-    :class:`RelabelledPlan` (its ``Plan`` must carry the sampler's last input).
+    error is measured.
     """
     if execution not in ("open_loop", "receding"):
         raise ValueError(f"unknown execution mode {execution!r}")
@@ -159,7 +146,6 @@ def run_episodes(
     plans_made = np.zeros(n, dtype=int)
     errors: List[list] = [[] for _ in range(n)]
     checks: List[Optional[PlanCheck]] = [None] * n
-    relabelled: List[List[RelabelledPlan]] = [[] for _ in range(n)]
     started = 0
     results: List[EpisodeResult] = []
 
@@ -169,7 +155,7 @@ def run_episodes(
         started += 1
         obs[i] = o
         traj[i] = {"obs": [o], "act": [], "rew": []}
-        plans[i], cursor[i], plans_made[i], errors[i], checks[i], relabelled[i] = None, 0, 0, [], None, []
+        plans[i], cursor[i], plans_made[i], errors[i], checks[i] = None, 0, 0, [], None
 
     active = []
     for i in range(min(n, n_episodes)):
@@ -187,9 +173,6 @@ def run_episodes(
                     errors[i].append(alignment_errors(plan.states[k], reached, state_normalizer))
                     if checks[i] is None:
                         checks[i] = PlanCheck(plan.states[k], plan.actions[k], reached)
-                    if relabel:
-                        relabelled[i].append(RelabelledPlan(plan.last_input[k].cpu().numpy(), int(plan.last_t[k]),
-                                                            reached.astype(np.float32), plan.actions[k].astype(np.float32)))
                 plans_made[i] += 1
         still = []
         for i in active:
@@ -205,7 +188,7 @@ def run_episodes(
                 ep = Episode(np.array(traj[i]["obs"]), np.array(traj[i]["act"]), np.array(traj[i]["rew"]),
                              bool(terminated), bool(truncated and not terminated))
                 err = np.array(errors[i]) if errors[i] else np.zeros((0, horizon))
-                result = EpisodeResult(ep, err, int(plans_made[i]), checks[i], relabelled[i])
+                result = EpisodeResult(ep, err, int(plans_made[i]), checks[i])
                 results.append(result)
                 if progress is not None:
                     progress(result)

@@ -11,7 +11,7 @@ import torch
 
 from distdiff.checkpoint import CheckpointError
 from distdiff.config import Config, from_dict
-from distdiff.data.windows import Batch, RelabelledBatch
+from distdiff.data.windows import Batch
 from distdiff.models import build_models
 from distdiff.normalizer import Normalizer
 from distdiff.planner import Planner
@@ -137,22 +137,14 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
 
-    def update(self, batch: Batch, relabelled: Optional[RelabelledBatch] = None,
-               relabel_weight: float = 0.0) -> Optional[Dict[str, float]]:
+    def update(self, batch: Batch) -> Optional[Dict[str, float]]:
         """One gradient step on both nets. Returns the losses, or None when the step was
-        skipped because a loss or gradient was not finite (nothing reaches the weights then).
-
-        With ``relabelled`` plans the denoiser's loss also has ``relabel_weight`` times
-        :meth:`GaussianDiffusion.start_loss` on them (phase 2 only)."""
+        skipped because a loss or gradient was not finite (nothing reaches the weights then)."""
         x, mask, cond, returns = (v.to(self.device, non_blocking=True) for v in batch)
         self.denoiser.train()
         zero = torch.zeros((), device=self.device)
         with self._autocast():
             loss_d = self.diffusion.loss(self.denoiser, x, cond, mask=mask).float()
-            loss_r = zero
-            if relabelled is not None and relabel_weight > 0:
-                x_t, t, x_start, known = (v.to(self.device, non_blocking=True) for v in relabelled)
-                loss_r = self.diffusion.start_loss(self.denoiser, x_t, t, x_start, mask=known).float()
             loss_v = zero
             if self.cfg.train.train_value:
                 t = torch.randint(0, self.diffusion.n_steps, (x.shape[0],), device=self.device)
@@ -161,13 +153,13 @@ class Trainer:
                 loss_v = torch.nn.functional.mse_loss(self.value(x_t, t).float(), target)
         self.opt_denoiser.zero_grad(set_to_none=True)
         self.opt_value.zero_grad(set_to_none=True)
-        (loss_d + relabel_weight * loss_r + loss_v).backward()
+        (loss_d + loss_v).backward()
         grad_d = self._clip(self.denoiser)
         grad_v = self._clip(self.value) if self.cfg.train.train_value else zero
         # One host sync per update, not one per check: a GPU learner of this size is bound by
         # kernel launches, and each float() of a CUDA tensor drains the launch queue. A
         # non-finite loss gives non-finite gradients, so this one check covers both.
-        stats = torch.stack([loss_d.detach(), loss_v.detach(), grad_d, grad_v, loss_r.detach()]).tolist()
+        stats = torch.stack([loss_d.detach(), loss_v.detach(), grad_d, grad_v]).tolist()
         if not all(math.isfinite(v) for v in stats):
             self.opt_denoiser.zero_grad(set_to_none=True)
             self.opt_value.zero_grad(set_to_none=True)
@@ -178,11 +170,8 @@ class Trainer:
             self.opt_value.step()
         self.step += 1
         self._update_ema()
-        losses = {"losses/denoiser": stats[0], "losses/value": stats[1],
-                  "losses/denoiser_grad_norm": stats[2], "losses/value_grad_norm": stats[3]}
-        if relabelled is not None and relabel_weight > 0:
-            losses["losses/relabelled"] = stats[4]
-        return losses
+        return {"losses/denoiser": stats[0], "losses/value": stats[1],
+                "losses/denoiser_grad_norm": stats[2], "losses/value_grad_norm": stats[3]}
 
     def _update_ema(self) -> None:
         tc = self.cfg.train

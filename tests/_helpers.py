@@ -158,7 +158,7 @@ def tiny_online_config(dataset_id: str, **overrides):
         "data.dataset_id": dataset_id, "env.max_episode_steps": 60, "train.steps": 30, "eval.episodes": 1,
         "eval.num_envs": 1, "online.num_actors": 2, "online.envs_per_actor": 1, "online.env_steps": 200,
         "online.updates_per_env_step": 0.2, "online.updates_per_call": 5, "online.broadcast_every": 5,
-        "online.checkpoint_every": 10, "online.figure_every": 10, "online.relabel_weight": 1.0,
+        "online.checkpoint_every": 10, "online.figure_every": 10,
     }
     base.update(overrides)
     return config.load(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml", base)

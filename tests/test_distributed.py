@@ -26,7 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 TAGS = [
     "charts/episode_return", "charts/normalized_score", "rollout/alignment_error", "losses/denoiser", "losses/value",
     "perf/env_steps_per_s", "perf/updates_per_s", "perf/weights_lag", "replay/size", "faults/worker_restarts",
-    "losses/relabelled", "replay/relabelled_plans",
 ]
 
 

@@ -9,13 +9,7 @@ import torch
 
 from distdiff.normalizer import Normalizer
 from distdiff.planner import Plan
-from distdiff.rollout import (
-    OBSERVED_VELOCITY_CLIP,
-    alignment_on_states,
-    make_env,
-    physics_state_from_observation,
-    run_episodes,
-)
+from distdiff.rollout import OBSERVED_VELOCITY_CLIP, alignment_on_states, make_env, physics_state_from_observation
 
 H = 8
 
@@ -140,47 +134,3 @@ def test_one_step_error_blames_only_the_transitions_into_and_out_of_a_wrong_stat
     # executed from s_0, the actions still reach the true states: only s_j itself is off
     np.testing.assert_allclose(np.delete(errors.compounded, j, axis=1), 0.0, atol=1e-9)
     np.testing.assert_allclose(errors.compounded[:, j], wrong, atol=1e-9)
-
-
-def test_relabelled_plans_hold_the_states_their_actions_really_reached():
-    env, shadow = make_env("Walker2d-v5", 40), make_env("Walker2d-v5")
-    rng = np.random.default_rng(0)
-    made = []
-
-    def plan_fn(obs):
-        # Plans whose states are nonsense (zeros): relabelling must replace them with reality.
-        n = len(obs)
-        made.append(len(made))
-        return Plan(states=np.zeros((n, H, 17)), actions=rng.uniform(-0.5, 0.5, size=(n, H, 6)), values=None,
-                    trajectories=torch.zeros(0), last_input=torch.full((n, H, 23), float(len(made))),
-                    last_t=torch.full((n,), 3))
-
-    try:
-        (result,) = run_episodes(plan_fn, [env], n_episodes=1, execution="open_loop", horizon=H, replan_every=H,
-                                 seed=0, state_normalizer=unit_normalizer(17), shadows=[shadow], measure_every=1,
-                                 relabel=True)
-    finally:
-        env.close()
-        shadow.close()
-    ep = result.episode
-    assert len(result.relabelled) == result.n_plans == -(-len(ep) // H)
-    for k, plan in enumerate(result.relabelled):
-        # Open loop from the real state: the shadow's replay is what the real episode then did.
-        real = ep.observations[k * H:(k + 1) * H]
-        np.testing.assert_allclose(plan.states[:len(real)], real, atol=1e-5)
-        np.testing.assert_allclose(plan.actions[:len(real) - 1], ep.actions[k * H:k * H + len(real) - 1], atol=1e-6)
-        assert plan.t == 3 and np.all(plan.last_input == k + 1)
-    assert np.isnan(result.relabelled[-1].states).any() == ep.terminated
-
-
-def test_no_relabelled_plans_unless_asked():
-    env, shadow = make_env("Walker2d-v5", 10), make_env("Walker2d-v5")
-    plan_fn = lambda obs: Plan(states=np.zeros((len(obs), H, 17)), actions=np.zeros((len(obs), H, 6)), values=None,  # noqa: E731
-                               trajectories=torch.zeros(0))
-    try:
-        (result,) = run_episodes(plan_fn, [env], n_episodes=1, execution="receding", horizon=H, replan_every=4, seed=0,
-                                 state_normalizer=unit_normalizer(17), shadows=[shadow])
-    finally:
-        env.close()
-        shadow.close()
-    assert len(result.plan_errors) == result.n_plans and result.relabelled == []

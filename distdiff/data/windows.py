@@ -18,15 +18,6 @@ class Batch(NamedTuple):
     returns: torch.Tensor  # [B] discounted return-to-go from s_0 (raw reward units)
 
 
-class RelabelledBatch(NamedTuple):
-    """Plans relabelled with what their actions did, as targets of the sampler's last step."""
-
-    x_t: torch.Tensor  # [B, H, D] normalized: the input the sampler's last step was given
-    t: torch.Tensor  # [B] that step's noise level
-    x_start: torch.Tensor  # [B, H, D] normalized: the plan, its states replaced by the states reached
-    mask: torch.Tensor  # [B, H, D] 1 where known (0 past a termination)
-
-
 def fit_normalizer(episodes: Sequence[Episode], layout: TrajectoryLayout, kind: str) -> Normalizer:
     rows = np.concatenate([np.concatenate([ep.observations[:-1], ep.actions], axis=1) for ep in episodes])
     if rows.shape[1] != layout.transition_dim:

@@ -33,11 +33,6 @@ class Guide(Protocol):
 class Sample(NamedTuple):
     trajectories: torch.Tensor
     chain: Optional[torch.Tensor]
-    # What the last denoising step was given: τ̂⁰_θ(last_input, last_t) is the final estimate
-    # before guidance. A plan relabelled with the states its actions really reach becomes a
-    # target for exactly this call (see :meth:`GaussianDiffusion.start_loss`).
-    last_input: torch.Tensor
-    last_t: torch.Tensor
 
 
 def extract(a: torch.Tensor, t: torch.Tensor, x_shape) -> torch.Tensor:
@@ -176,25 +171,11 @@ class GaussianDiffusion(nn.Module):
             target = self.predict_v(x_start, t, noise)
         else:
             target = x_start
-        return self._weighted_mse(out, target, mask)
-
-    def _weighted_mse(self, out: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        weights = self.loss_weights.expand_as(target)
+        weights = self.loss_weights.expand_as(x_start)
         if mask is not None:
             weights = weights * mask
         denom = (weights > 0).sum().clamp(min=1)
         return (weights * (out - target) ** 2).sum() / denom
-
-    def start_loss(self, model: Denoiser, x_t: torch.Tensor, t: torch.Tensor, x_start: torch.Tensor,
-                   mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """‖τ⁰ − τ̂⁰_θ(x_t, t)‖² at given inputs ``x_t`` rather than ones drawn by :meth:`q_sample`,
-        with the same per-entry weights as :meth:`loss` (``mask``: 1 on known entries).
-
-        Given the sampler's own last input and the plan relabelled with the states its actions
-        reach, this teaches the denoiser what its plans really do, on the inputs it meets when
-        planning (which the diffused windows of :meth:`loss` never are).
-        """
-        return self._weighted_mse(self._start_from_output(x_t, t, model(x_t, t)), x_start, mask)
 
     # ----- reverse process -----------------------------------------------------------------
     def _start_from_output(self, x: torch.Tensor, t: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -245,13 +226,12 @@ class GaussianDiffusion(nn.Module):
         chain = [x] if return_chain else None
         for i in reversed(range(self.n_steps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-            last_input, last_t = x, t
             x = clamp(self.p_sample(model, x, t, generator))
             if guide is not None:
                 x = guide(x, t.clamp(min=1) - 1, clamp)
             if return_chain:
                 chain.append(x)
-        return Sample(x, torch.stack(chain, dim=1) if return_chain else None, last_input, last_t)
+        return Sample(x, torch.stack(chain, dim=1) if return_chain else None)
 
     @torch.no_grad()
     def ddim_sample_loop(
@@ -274,7 +254,6 @@ class GaussianDiffusion(nn.Module):
         chain = [x] if return_chain else None
         for i, time in enumerate(times):
             t = torch.full((x.shape[0],), time, device=x.device, dtype=torch.long)
-            last_input, last_t = x, t
             x_start, noise = self.model_predictions(model, x, t)
             if i + 1 < len(times):
                 t_prev = torch.full_like(t, times[i + 1])
@@ -291,4 +270,4 @@ class GaussianDiffusion(nn.Module):
                 x = guide(x, t_prev, clamp)
             if return_chain:
                 chain.append(x)
-        return Sample(x, torch.stack(chain, dim=1) if return_chain else None, last_input, last_t)
+        return Sample(x, torch.stack(chain, dim=1) if return_chain else None)

@@ -119,7 +119,6 @@ class OnlineRun:
             capacity=cfg.online.replay_capacity, offline_ratio=cfg.online.offline_ratio,
             return_weighting=cfg.online.return_weighting, offline_start_weight=cfg.online.offline_start_window_weight,
             online_start_weight=cfg.online.start_window_weight,
-            relabel_capacity=cfg.online.relabel_capacity if cfg.online.relabel_weight > 0 else 0,
             seed=cfg.train.seed)
         if replay_state is not None:
             self.replay.load_state_dict.remote(replay_state)
@@ -192,7 +191,7 @@ class OnlineRun:
         if result["example"] is not None:
             self.last_example = result["example"]
 
-    def log_train(self, stats: Dict[str, float], replay_size: int, relabelled: int, t0: float, updates0: int) -> None:
+    def log_train(self, stats: Dict[str, float], replay_size: int, t0: float, updates0: int) -> None:
         step = self.counters.updates
         for k, v in stats.items():
             if k.startswith("losses/"):
@@ -200,8 +199,6 @@ class OnlineRun:
         self.writer.add_scalar("perf/updates_per_s", (step - updates0) / max(time.perf_counter() - t0, 1e-9), step)
         self.writer.add_scalar("perf/windows_per_s", stats["windows"] / max(stats["seconds"], 1e-9), step)
         self.writer.add_scalar("replay/size", replay_size, step)
-        if self.cfg.online.relabel_weight > 0:
-            self.writer.add_scalar("replay/relabelled_plans", relabelled, step)
         self.writer.add_scalar("faults/skipped_updates", self.counters.skipped_updates, step)
 
     def log_figure(self) -> None:
@@ -247,7 +244,7 @@ class OnlineRun:
         parked: List[int] = []  # workers waiting for the learner to catch up
         failures = [0] * len(self.workers)
         retry_at: Dict[int, float] = {}  # dead workers, resubmitted after a back-off while Ray restarts them
-        train_ref = size_ref = relabelled_ref = None
+        train_ref = size_ref = None
         t0, env0, upd0 = time.perf_counter(), c.env_steps, c.updates
         next_ckpt = (c.updates // o.checkpoint_every + 1) * o.checkpoint_every
         next_fig = (c.updates // o.figure_every + 1) * o.figure_every
@@ -283,14 +280,14 @@ class OnlineRun:
             ref = ready[0]
             if ref is train_ref:
                 try:
-                    stats, size, relabelled = ray.get([train_ref, size_ref, relabelled_ref])
+                    stats, size = ray.get([train_ref, size_ref])
                 except RayTaskError as e:
                     raise RuntimeError(f"the learner failed: {e}") from e
                 train_ref = None
                 c.updates += int(stats["updates"])
                 c.skipped_updates += int(stats["skipped"])
                 since_broadcast += int(stats["updates"])
-                self.log_train(stats, size, relabelled, t0, upd0)
+                self.log_train(stats, size, t0, upd0)
                 if since_broadcast >= o.broadcast_every:
                     self.broadcast()
                     since_broadcast = 0
@@ -326,7 +323,7 @@ class OnlineRun:
                         retry_at[i] = time.perf_counter() + min(0.5 * failures[i], 5.0)
                     continue
                 failures[i] = 0
-                self.replay.add.remote(result["episodes"], result["relabelled"])
+                self.replay.add.remote(result["episodes"])
                 c.env_steps += result["env_steps"]
                 c.episodes += len(result["episodes"])
                 bar.update(result["env_steps"])
@@ -337,11 +334,8 @@ class OnlineRun:
             owed = self.owed_updates()
             if train_ref is None and owed >= 1 and self.may_train(collecting, t0):
                 n = min(o.updates_per_call, owed)
-                bs = self.cfg.train.batch_size
-                relabelled = (self.replay.sample_relabelled.remote(n, max(1, round(bs * o.relabel_fraction)))
-                              if o.relabel_weight > 0 else None)
-                train_ref = self.learner.train.remote(self.replay.sample.remote(n, bs), relabelled)
-                size_ref, relabelled_ref = self.replay.size.remote(), self.replay.relabelled_size.remote()
+                train_ref = self.learner.train.remote(self.replay.sample.remote(n, self.cfg.train.batch_size))
+                size_ref = self.replay.size.remote()
             if collecting and not rollouts and train_ref is None and not retry_at:
                 if parked:
                     raise RuntimeError("rollouts are parked for the learner but the learner has nothing to do")

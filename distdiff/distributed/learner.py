@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 
 from distdiff.config import from_dict
-from distdiff.data.windows import Batch, RelabelledBatch
+from distdiff.data.windows import Batch
 from distdiff.training import Trainer, resolve_device, seed_everything
 
 
@@ -20,9 +20,7 @@ class Learner:
 
     Updates are the same ε/x₀-loss (denoiser) and noised-trajectory regression (value) as
     pretraining, now on diffused real trajectories from the replay, so that what the planner
-    samples moves towards what the real dynamics produce; with ``online.relabel_weight`` the
-    denoiser also learns what its own plans' actions really did, on the inputs its sampler
-    gave it (relabelled plans, see ``GaussianDiffusion.start_loss``).
+    samples moves towards what the real dynamics produce.
     """
 
     def __init__(self, *, config: Dict[str, object], checkpoint: Dict[str, object], version: int = 0,
@@ -37,16 +35,14 @@ class Learner:
         self.consecutive_nonfinite = 0
         self.updates = 0
 
-    def train(self, batches: List[Batch], relabelled: Optional[List[RelabelledBatch]] = None) -> Dict[str, float]:
-        """One update per batch (with the matching batch of relabelled plans, if given);
-        non-finite ones are skipped. Raises after ``max_nonfinite`` skipped in a row, before
-        anything bad reaches the weights."""
+    def train(self, batches: List[Batch]) -> Dict[str, float]:
+        """One update per batch; non-finite ones are skipped. Raises after ``max_nonfinite``
+        skipped in a row, before anything bad reaches the weights."""
         t0 = time.perf_counter()
         sums: Dict[str, float] = {}
         done = skipped = 0
-        weight = self.trainer.cfg.online.relabel_weight
-        for i, batch in enumerate(batches):
-            losses = self.trainer.update(batch, relabelled[i] if relabelled else None, weight)
+        for batch in batches:
+            losses = self.trainer.update(batch)
             if losses is None:
                 skipped += 1
                 self.consecutive_nonfinite += 1

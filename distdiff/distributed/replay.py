@@ -8,10 +8,6 @@ Walker2d it did not keep the return from falling (bench/README.md). The offline 
 oversample episode starts (``offline_start_weight``, see :class:`WindowDataset`); the online
 windows that begin an episode can be drawn less often, or never (``online_start_weight``), so
 that the planner does not learn how to start from its own, slow starts.
-
-Relabelled plans (``relabel_capacity`` > 0) are kept in a FIFO of their own: each is the input
-a rollout actor's sampler gave its last denoising step, and the plan with its states replaced
-by those its actions reached in the shadow simulator (see ``GaussianDiffusion.start_loss``).
 """
 from __future__ import annotations
 
@@ -22,7 +18,7 @@ import numpy as np
 import torch
 
 from distdiff.data.episodes import Episode
-from distdiff.data.windows import Batch, RelabelledBatch, WindowDataset
+from distdiff.data.windows import Batch, WindowDataset
 from distdiff.layout import TrajectoryLayout
 from distdiff.normalizer import Normalizer
 
@@ -32,12 +28,6 @@ def _own(ep: Episode) -> Episode:
     # the store free the sender's object instead of keeping it pinned for the replay's lifetime.
     return Episode(np.array(ep.observations, copy=True), np.array(ep.actions, copy=True),
                    np.array(ep.rewards, copy=True), ep.terminated, ep.truncated)
-
-
-def _stack(rows) -> RelabelledBatch:
-    x_t, t, x_start, mask = zip(*rows)
-    return RelabelledBatch(torch.from_numpy(np.stack(x_t)), torch.tensor(t, dtype=torch.long),
-                           torch.from_numpy(np.stack(x_start)), torch.from_numpy(np.stack(mask)))
 
 
 class Replay:
@@ -55,7 +45,6 @@ class Replay:
         return_weighting: float = 0.0,
         offline_start_weight: float = 1.0,
         online_start_weight: float = 1.0,
-        relabel_capacity: int = 0,
         seed: int = 0,
     ):
         if return_weighting < 0:
@@ -76,14 +65,10 @@ class Replay:
         self.transitions = 0
         self.added_episodes = 0
         self._online: Optional[WindowDataset] = None
-        self.layout = layout
-        self.relabelled: deque = deque(maxlen=relabel_capacity)
         self.rng = np.random.default_rng(seed)
 
-    def add(self, episodes: List[Episode], relabelled=None) -> int:
-        """Store episodes (evicting the oldest beyond capacity) and, given a stacked
-        ``RelabelledPlan`` (arrays with a leading plan axis), relabelled plans; returns the
-        online size in transitions."""
+    def add(self, episodes: List[Episode]) -> int:
+        """Store episodes (evicting the oldest beyond capacity); returns the online size."""
         for ep in episodes:
             self.episodes.append(_own(ep))
             self.transitions += len(ep)
@@ -91,29 +76,7 @@ class Replay:
         while self.transitions > self.capacity and len(self.episodes) > 1:
             self.transitions -= len(self.episodes.popleft())
         self._online = None
-        if relabelled is not None and self.relabelled.maxlen:
-            self._add_relabelled(relabelled)
         return self.transitions
-
-    def _add_relabelled(self, plans) -> None:
-        states = self.normalizer.slice(self.layout.state_slice).normalize(np.asarray(plans.states, np.float32))
-        actions = self.normalizer.slice(self.layout.action_slice).normalize(np.asarray(plans.actions, np.float32))
-        known = np.isfinite(states).all(axis=-1, keepdims=True)  # rows past a termination are NaN
-        x_start = np.concatenate([np.where(known, states, 0.0), actions], axis=-1).astype(np.float32)
-        mask = np.broadcast_to(known, x_start.shape).astype(np.float32)
-        # np.array copies: what arrived through Ray is a view that would pin the sender's object.
-        for x_t, t, x0, m in zip(np.array(plans.last_input, np.float32), np.asarray(plans.t), x_start, mask):
-            self.relabelled.append((x_t, int(t), x0, m))
-
-    def relabelled_size(self) -> int:
-        return len(self.relabelled)
-
-    def sample_relabelled(self, n_batches: int, batch_size: int) -> Optional[List[RelabelledBatch]]:
-        """``n_batches`` batches of relabelled plans drawn uniformly, or None while there are none."""
-        if not self.relabelled:
-            return None
-        return [_stack([self.relabelled[i] for i in self.rng.integers(0, len(self.relabelled), size=batch_size)])
-                for _ in range(n_batches)]
 
     def size(self) -> int:
         return self.transitions
@@ -167,7 +130,6 @@ class Replay:
             "truncated": torch.tensor([e.truncated for e in eps], dtype=torch.bool),
             "added_episodes": self.added_episodes,
             "rng": self.rng.bit_generator.state,
-            "relabelled": _stack(list(self.relabelled))._asdict() if self.relabelled else None,
         }
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
@@ -183,7 +145,3 @@ class Replay:
         self.added_episodes = int(state["added_episodes"])
         self.rng.bit_generator.state = state["rng"]
         self._online = None
-        self.relabelled.clear()
-        rel = state.get("relabelled")  # None when there were none, absent in replays saved before relabelling
-        if rel is not None:
-            self.relabelled.extend(zip(rel["x_t"].numpy(), rel["t"].tolist(), rel["x_start"].numpy(), rel["mask"].numpy()))

@@ -14,7 +14,7 @@ from distdiff.config import from_dict
 from distdiff.models import build_models
 from distdiff.normalizer import Normalizer
 from distdiff.planner import Planner
-from distdiff.rollout import RelabelledPlan, make_env, run_episodes
+from distdiff.rollout import make_env, run_episodes
 from distdiff.training import load_flat_weights
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,6 @@ class RolloutWorker:
             self._make_envs()
             results = self._run(seed)
         errors = [r.plan_errors for r in results if len(r.plan_errors)]
-        relabelled = [p for r in results for p in r.relabelled]
         return {
             "worker_id": self.worker_id,
             "version": version,
@@ -85,8 +84,6 @@ class RolloutWorker:
             "env_steps": int(sum(len(r.episode) for r in results)),
             "env_rebuilds": self.env_rebuilds,
             "example": next((r.first_check for r in results if r.first_check is not None), None),
-            # Stacked: a few arrays travel through the object store, not one small object per plan.
-            "relabelled": RelabelledPlan(*(np.stack(f) for f in zip(*relabelled))) if relabelled else None,
         }
 
     def _run(self, seed: int):
@@ -102,7 +99,6 @@ class RolloutWorker:
             state_normalizer=self.planner.state_normalizer,
             shadows=self.shadows,
             measure_every=self.cfg.online.measure_every,
-            relabel=self.cfg.online.relabel_weight > 0,
         )
 
     def ping(self) -> Dict[str, object]:
