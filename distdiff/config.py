@@ -78,7 +78,7 @@ class GuidanceConfig:
 @dataclass
 class PlannerConfig:
     sampler: str = _f("ddim", "ddpm (ancestral, all T steps) or ddim (fewer steps, for acting).")
-    ddim_steps: int = _f(5, "Denoising steps of the DDIM sampler.")
+    ddim_steps: int = _f(2, "Denoising steps of the DDIM sampler. On Walker2d 2 steps scored 55.0 against 49.0 for 5 with plans 36 % closer to the dynamics: each step feeds the denoiser's imprecise low-noise estimates back (bench/README.md).")
     ddim_eta: float = _f(0.0, "DDIM stochasticity η (0 deterministic, 1 ≈ DDPM).")
     execution: str = _f("receding", "open_loop: execute the plan's H actions (the seed's Alg. 2); receding: replan every replan_every steps.")
     replan_every: int = _f(8, "Steps between plans in receding-horizon mode.")
@@ -357,8 +357,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         for f in dataclasses.fields(section_type):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
             metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(hints[f.name], "VALUE")
+            # argparse %-formats help strings: a literal % (as in "36 % closer") must be doubled.
+            text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
             group.add_argument(f"--{name}.{f.name}", dest=f"cfg__{name}__{f.name}", default=None, metavar=metavar,
-                               help=f"{f.metadata.get('help', '')} (default: {default})")
+                               help=text)
 
 
 def from_args(args: argparse.Namespace, base: Optional[Config] = None) -> Config:

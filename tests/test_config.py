@@ -22,6 +22,13 @@ def test_shipped_configs_are_valid(path):
     assert cfg.env.obs_dim == 17 and cfg.env.act_dim == 6
 
 
+def test_the_defaults_are_the_walker2d_planner():
+    # `launch/train.py --num-actors 32` without --config must train what configs/walker2d.yaml and
+    # the README describe. The sampler default once differed (5 DDIM steps instead of 2), and
+    # the same prior scored 6 points less with 5 (bench/README.md).
+    assert config.load(None).to_dict() == config.load(ROOT / "configs/walker2d.yaml").to_dict()
+
+
 def test_overrides_are_typed():
     cfg = config.load(ROOT / "configs/smoke.yaml", {"model.horizon": "16", "train.train_value": "false",
                                              "guidance.scale": "0", "guidance.n_candidates": 1,
