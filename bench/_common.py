@@ -19,8 +19,9 @@ def unit_normalizer(cfg) -> Normalizer:
 
 def fresh_weights(cfg, version: int = 1) -> dict:
     """A weights payload as the learner publishes it, from untrained nets."""
-    _, denoiser, value = build_models(cfg, unit_normalizer(cfg))
-    return {"version": version, "weights": {"denoiser": flat_weights(denoiser), "value": flat_weights(value)}}
+    _, denoiser, value, dynamics = build_models(cfg, unit_normalizer(cfg))
+    return {"version": version, "weights": {"denoiser": flat_weights(denoiser), "value": flat_weights(value),
+                                            "dynamics": flat_weights(dynamics)}}
 
 
 def fresh_checkpoint(cfg) -> dict:

@@ -44,8 +44,9 @@ def random_rate(env_id: str, steps: int) -> float:
 def planner_rate(cfg, n_envs: int, seconds: float) -> dict:
     d = cfg.env.obs_dim + cfg.env.act_dim
     normalizer = Normalizer(kind="gaussian", shift=np.zeros(d), scale=np.ones(d), clip_min=-5 * np.ones(d), clip_max=5 * np.ones(d))
-    diffusion, denoiser, value = build_models(cfg, normalizer)
-    planner = Planner.from_config(cfg, diffusion=diffusion, denoiser=denoiser.eval(), value=value.eval(), normalizer=normalizer)
+    diffusion, denoiser, value, dynamics = build_models(cfg, normalizer)
+    planner = Planner.from_config(cfg, diffusion=diffusion, denoiser=denoiser.eval(), value=value.eval(),
+                                  dynamics=dynamics.eval(), normalizer=normalizer)
     gen = torch.Generator().manual_seed(0)
     plan_times = []
 

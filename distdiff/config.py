@@ -53,6 +53,7 @@ class ModelConfig:
     dim_mults: Tuple[int, ...] = _f((1, 2, 4), "Channel multipliers per U-Net level; H must be divisible by 2**(levels-1).")
     value_dim: int = _f(32, "Base channel width of the value network.")
     kernel_size: int = _f(5, "Temporal convolution kernel size.")
+    dynamics_dim: int = _f(256, "Width of the dynamics model (an MLP of 3 hidden layers over (s_j, a_j)), used by planner.dynamics_candidates.")
 
 
 @dataclass
@@ -82,6 +83,7 @@ class PlannerConfig:
     ddim_eta: float = _f(0.0, "DDIM stochasticity η (0 deterministic, 1 ≈ DDPM).")
     execution: str = _f("receding", "open_loop: execute the plan's H actions (the seed's Alg. 2); receding: replan every replan_every steps.")
     replan_every: int = _f(8, "Steps between plans in receding-horizon mode.")
+    dynamics_candidates: int = _f(1, "Plans sampled per state; the one whose states the dynamics model best reproduces from its actions, open loop from s_0, is executed. Costs that many times the sampling (bench/README.md).")
 
 
 @dataclass
@@ -94,6 +96,8 @@ class TrainConfig:
     warmup_steps: int = _f(0, "Linear warm-up steps of the cosine schedule.")
     lr_min_ratio: float = _f(0.0, "The cosine schedule's final rate as a fraction of the peak.")
     train_value: bool = _f(True, "Train the value net (needed for guidance and candidate selection).")
+    train_dynamics: bool = _f(True, "Train the dynamics model on the same windows (needed for planner.dynamics_candidates > 1).")
+    dynamics_lr: float = _f(1e-3, "Adam learning rate of the dynamics model.")
     grad_clip: float = _f(1.0, "Gradient norm clip; 0 disables.")
     ema_decay: float = _f(0.995, "EMA decay of the weights used for planning.")
     ema_every: int = _f(10, "Gradient steps between EMA updates.")
@@ -292,7 +296,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     if cfg.model.horizon > 0 and cfg.model.dim_mults:
         factor = 2 ** (len(cfg.model.dim_mults) - 1)
         need(cfg.model.horizon % factor == 0, f"model.horizon {cfg.model.horizon} must be a multiple of {factor} for dim_mults {cfg.model.dim_mults}")
-    need(cfg.model.dim > 0 and cfg.model.value_dim > 0, "model.dim and model.value_dim must be positive")
+    need(cfg.model.dim > 0 and cfg.model.value_dim > 0 and cfg.model.dynamics_dim > 0, "model.dim, model.value_dim and model.dynamics_dim must be positive")
     need(cfg.model.kernel_size % 2 == 1, "model.kernel_size must be odd")
     need(cfg.diffusion.n_steps >= 1, "diffusion.n_steps must be >= 1")
     need(cfg.diffusion.schedule in SCHEDULES, f"diffusion.schedule must be one of {sorted(SCHEDULES)}, got {cfg.diffusion.schedule!r}")
@@ -301,6 +305,11 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(cfg.guidance.scale >= 0, "guidance.scale must be >= 0")
     need(cfg.guidance.n_guide_steps >= 1, "guidance.n_guide_steps must be >= 1")
     need(cfg.guidance.n_candidates >= 1, "guidance.n_candidates must be >= 1")
+    need(cfg.planner.dynamics_candidates >= 1, "planner.dynamics_candidates must be >= 1")
+    need(cfg.guidance.n_candidates == 1 or cfg.planner.dynamics_candidates == 1,
+         "choose plans by value (guidance.n_candidates > 1) or by dynamics (planner.dynamics_candidates > 1), not both")
+    if cfg.planner.dynamics_candidates > 1:
+        need(cfg.train.train_dynamics, "planner.dynamics_candidates > 1 needs the dynamics model: set train.train_dynamics true")
     if cfg.guidance.scale > 0 or cfg.guidance.n_candidates > 1:
         need(cfg.train.train_value, "guidance (scale > 0 or n_candidates > 1) needs the value net: set train.train_value true")
     if cfg.guidance.scale > 0:
@@ -313,7 +322,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(cfg.planner.execution in ("open_loop", "receding"), f"planner.execution must be open_loop or receding, got {cfg.planner.execution!r}")
     need(1 <= cfg.planner.replan_every <= cfg.model.horizon, f"planner.replan_every must be in [1, model.horizon={cfg.model.horizon}]")
     need(cfg.train.steps >= 0 and cfg.train.batch_size > 0, "train.steps must be >= 0 and train.batch_size > 0")
-    need(cfg.train.lr > 0 and cfg.train.value_lr > 0, "learning rates must be positive")
+    need(cfg.train.lr > 0 and cfg.train.value_lr > 0 and cfg.train.dynamics_lr > 0, "learning rates must be positive")
     need(cfg.train.lr_schedule in LR_SCHEDULES, f"train.lr_schedule must be one of {list(LR_SCHEDULES)}, got {cfg.train.lr_schedule!r}")
     need(cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0")
     need(0.0 <= cfg.train.lr_min_ratio <= 1.0, "train.lr_min_ratio must be in [0, 1]")

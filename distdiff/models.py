@@ -1,12 +1,15 @@
-"""Builds the diffusion, denoiser and value net that a config describes."""
+"""Builds the diffusion, denoiser, value net and dynamics model that a config describes."""
 from __future__ import annotations
 
 from typing import NamedTuple
+
+import torch
 
 from distdiff.config import Config
 from distdiff.diffusion.gaussian import GaussianDiffusion
 from distdiff.diffusion.schedules import make_beta_schedule
 from distdiff.layout import TrajectoryLayout
+from distdiff.nn.dynamics import DynamicsNet
 from distdiff.nn.temporal import TemporalUnet, ValueNet
 from distdiff.normalizer import Normalizer
 
@@ -15,6 +18,7 @@ class Models(NamedTuple):
     diffusion: GaussianDiffusion
     denoiser: TemporalUnet
     value: ValueNet
+    dynamics: DynamicsNet
 
 
 def layout_of(cfg: Config) -> TrajectoryLayout:
@@ -38,4 +42,10 @@ def build_models(cfg: Config, normalizer: Normalizer) -> Models:
                             dim_mults=m.dim_mults, kernel_size=m.kernel_size)
     value = ValueNet(horizon=m.horizon, transition_dim=layout.transition_dim, dim=m.value_dim,
                      dim_mults=m.dim_mults, kernel_size=m.kernel_size)
-    return Models(diffusion, denoiser, value)
+    # From a forked generator: drawing its initial weights from the global one would shift
+    # every later draw (the training noise), so the denoiser and value net train exactly as
+    # they did before the dynamics model existed and the benchmark's prior stays reproducible.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(torch.initial_seed() + 1)
+        dynamics = DynamicsNet(obs_dim=layout.obs_dim, act_dim=layout.act_dim, dim=m.dynamics_dim)
+    return Models(diffusion, denoiser, value, dynamics)

@@ -9,6 +9,7 @@ import torch
 from distdiff.config import Config, GuidanceConfig, PlannerConfig
 from distdiff.diffusion.gaussian import GaussianDiffusion
 from distdiff.diffusion.guidance import ValueGuide
+from distdiff.nn.dynamics import rollout_error
 from distdiff.normalizer import Normalizer
 
 
@@ -27,13 +28,18 @@ class Planner:
         denoiser: torch.nn.Module,
         value: Optional[torch.nn.Module],
         normalizer: Normalizer,
+        dynamics: Optional[torch.nn.Module] = None,
         guidance: GuidanceConfig,
         planner: PlannerConfig,
         device: str | torch.device = "cpu",
     ):
         if (guidance.scale > 0 or guidance.n_candidates > 1) and value is None:
             raise ValueError("guidance and candidate selection need a value network")
-        self.diffusion, self.denoiser, self.value = diffusion, denoiser, value
+        if planner.dynamics_candidates > 1 and dynamics is None:
+            raise ValueError("planner.dynamics_candidates > 1 needs a dynamics model")
+        if planner.dynamics_candidates > 1 and guidance.n_candidates > 1:
+            raise ValueError("choose plans by value (guidance.n_candidates) or by dynamics (planner.dynamics_candidates), not both")
+        self.diffusion, self.denoiser, self.value, self.dynamics = diffusion, denoiser, value, dynamics
         self.normalizer = normalizer
         self.layout = diffusion.layout
         self.state_normalizer = normalizer.slice(self.layout.state_slice)
@@ -51,8 +57,9 @@ class Planner:
             )
 
     @classmethod
-    def from_config(cls, cfg: Config, *, diffusion, denoiser, value, normalizer, device="cpu") -> "Planner":
+    def from_config(cls, cfg: Config, *, diffusion, denoiser, value, normalizer, dynamics=None, device="cpu") -> "Planner":
         return cls(diffusion=diffusion, denoiser=denoiser, value=value if cfg.train.train_value else None,
+                   dynamics=dynamics if cfg.train.train_dynamics else None,
                    normalizer=normalizer, guidance=cfg.guidance, planner=cfg.planner, device=device)
 
     def sample(self, cond: torch.Tensor, generator: Optional[torch.Generator] = None):
@@ -66,10 +73,14 @@ class Planner:
         obs = np.asarray(observations, dtype=np.float32)
         if obs.ndim != 2 or obs.shape[1] != self.layout.obs_dim:
             raise ValueError(f"observations must be [batch, {self.layout.obs_dim}], got {obs.shape}")
-        b, n = obs.shape[0], self.guidance.n_candidates
+        b, n = obs.shape[0], max(self.guidance.n_candidates, self.cfg.dynamics_candidates)
         cond = self.state_normalizer.normalize(torch.from_numpy(obs).to(self.device))
         cond = cond.repeat_interleave(n, dim=0)
         x = self.sample(cond, generator).trajectories
+        if self.cfg.dynamics_candidates > 1:
+            best = rollout_error(self.dynamics, x, self.layout).reshape(b, n).argmin(dim=1)
+            x = x.reshape(b, n, *x.shape[1:])[torch.arange(b), best]
+            n = 1
         values = None
         if self.value is not None:
             t0 = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)

@@ -98,7 +98,8 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
                     rate = (trainer.step - step0) / (time.perf_counter() - t0)
                     writer.add_scalar("perf/updates_per_s", rate, trainer.step)
                     writer.add_scalar("charts/learning_rate", trainer.opt_denoiser.param_groups[0]["lr"], trainer.step)
-                    bar.set_postfix(denoiser=f"{losses['losses/denoiser']:.4f}", value=f"{losses['losses/value']:.4f}")
+                    bar.set_postfix(denoiser=f"{losses['losses/denoiser']:.4f}", value=f"{losses['losses/value']:.4f}",
+                                    dynamics=f"{losses['losses/dynamics']:.4f}")
                 if trainer.step % cfg.train.checkpoint_every == 0:
                     save()
     except KeyboardInterrupt:

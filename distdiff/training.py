@@ -1,4 +1,4 @@
-"""The learner's math: denoiser and value updates, EMA, checkpoints. No I/O loops here."""
+"""The learner's math: denoiser, value and dynamics updates, EMA, checkpoints. No I/O loops here."""
 from __future__ import annotations
 
 import copy
@@ -13,6 +13,7 @@ from distdiff.checkpoint import CheckpointError
 from distdiff.config import Config, from_dict
 from distdiff.data.windows import Batch
 from distdiff.models import build_models
+from distdiff.nn.dynamics import transition_loss
 from distdiff.normalizer import Normalizer
 from distdiff.planner import Planner
 
@@ -88,7 +89,7 @@ def load_flat_weights(module: torch.nn.Module, flat: np.ndarray) -> None:
 
 
 class Trainer:
-    """Owns the denoiser, value net, their EMA copies and optimizers.
+    """Owns the denoiser, value net, dynamics model, their EMA copies and optimizers.
 
     ``value_mean``/``value_std`` standardize the value targets (returns-to-go) so that one
     learning rate and one guidance scale fit any reward scale.
@@ -101,13 +102,15 @@ class Trainer:
         self.device = torch.device(device)
         self.normalizer = normalizer
         self.value_mean, self.value_std = float(value_mean), max(float(value_std), 1e-6)
-        self.diffusion, self.denoiser, self.value = (m.to(self.device) for m in build_models(cfg, normalizer))
+        self.diffusion, self.denoiser, self.value, self.dynamics = (m.to(self.device) for m in build_models(cfg, normalizer))
         self.ema_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False)
         self.ema_value = copy.deepcopy(self.value).requires_grad_(False)
+        self.ema_dynamics = copy.deepcopy(self.dynamics).requires_grad_(False)
         # Fused Adam: one kernel for all parameters instead of several per tensor; 3x faster
         # steps on one CPU thread here, and on a GPU it removes most of the step's launches.
         self.opt_denoiser = torch.optim.Adam(self.denoiser.parameters(), fused=True)
         self.opt_value = torch.optim.Adam(self.value.parameters(), fused=True)
+        self.opt_dynamics = torch.optim.Adam(self.dynamics.parameters(), fused=True)
         self._set_learning_rates()
         if cfg.train.compile != "none":
             # In place, after the EMA copies were made: state-dict keys stay as they are, and
@@ -118,7 +121,8 @@ class Trainer:
         self.skipped_updates = 0
 
     def _set_learning_rates(self, multiplier: float = 1.0) -> None:
-        for opt, lr in ((self.opt_denoiser, self.cfg.train.lr), (self.opt_value, self.cfg.train.value_lr)):
+        tc = self.cfg.train
+        for opt, lr in ((self.opt_denoiser, tc.lr), (self.opt_value, tc.value_lr), (self.opt_dynamics, tc.dynamics_lr)):
             for group in opt.param_groups:
                 group["lr"] = lr * self.lr_scale * multiplier
 
@@ -138,7 +142,7 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
 
     def update(self, batch: Batch) -> Optional[Dict[str, float]]:
-        """One gradient step on both nets. Returns the losses, or None when the step was
+        """One gradient step on every net. Returns the losses, or None when the step was
         skipped because a loss or gradient was not finite (nothing reaches the weights then)."""
         x, mask, cond, returns = (v.to(self.device, non_blocking=True) for v in batch)
         self.denoiser.train()
@@ -151,45 +155,58 @@ class Trainer:
                 x_t = self.diffusion.layout.condition(self.diffusion.q_sample(x, t, torch.randn_like(x)), cond)
                 target = (returns - self.value_mean) / self.value_std
                 loss_v = torch.nn.functional.mse_loss(self.value(x_t, t).float(), target)
-        self.opt_denoiser.zero_grad(set_to_none=True)
-        self.opt_value.zero_grad(set_to_none=True)
-        (loss_d + loss_v).backward()
+            loss_m = zero
+            if self.cfg.train.train_dynamics:
+                # On the clean windows: the planner ranks finished plans, it never asks the
+                # model about noised ones.
+                loss_m = transition_loss(self.dynamics, x, mask, self.diffusion.layout).float()
+        optimizers = (self.opt_denoiser, self.opt_value, self.opt_dynamics)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        (loss_d + loss_v + loss_m).backward()
         grad_d = self._clip(self.denoiser)
         grad_v = self._clip(self.value) if self.cfg.train.train_value else zero
+        grad_m = self._clip(self.dynamics) if self.cfg.train.train_dynamics else zero
         # One host sync per update, not one per check: a GPU learner of this size is bound by
         # kernel launches, and each float() of a CUDA tensor drains the launch queue. A
         # non-finite loss gives non-finite gradients, so this one check covers both.
-        stats = torch.stack([loss_d.detach(), loss_v.detach(), grad_d, grad_v]).tolist()
+        stats = torch.stack([loss_d.detach(), loss_v.detach(), loss_m.detach(), grad_d, grad_v, grad_m]).tolist()
         if not all(math.isfinite(v) for v in stats):
-            self.opt_denoiser.zero_grad(set_to_none=True)
-            self.opt_value.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             self.skipped_updates += 1
             return None
         self.opt_denoiser.step()
         if self.cfg.train.train_value:
             self.opt_value.step()
+        if self.cfg.train.train_dynamics:
+            self.opt_dynamics.step()
         self.step += 1
         self._update_ema()
-        return {"losses/denoiser": stats[0], "losses/value": stats[1],
-                "losses/denoiser_grad_norm": stats[2], "losses/value_grad_norm": stats[3]}
+        return {"losses/denoiser": stats[0], "losses/value": stats[1], "losses/dynamics": stats[2],
+                "losses/denoiser_grad_norm": stats[3], "losses/value_grad_norm": stats[4], "losses/dynamics_grad_norm": stats[5]}
 
     def _update_ema(self) -> None:
         tc = self.cfg.train
         if self.step < tc.ema_start:
-            ema_update(self.ema_denoiser, self.denoiser, 0.0)
-            ema_update(self.ema_value, self.value, 0.0)
+            decay = 0.0
         elif self.step % tc.ema_every == 0:
-            ema_update(self.ema_denoiser, self.denoiser, tc.ema_decay)
-            ema_update(self.ema_value, self.value, tc.ema_decay)
+            decay = tc.ema_decay
+        else:
+            return
+        for target, source in ((self.ema_denoiser, self.denoiser), (self.ema_value, self.value), (self.ema_dynamics, self.dynamics)):
+            ema_update(target, source, decay)
 
     # ----- weights and planners ------------------------------------------------------------
     def weights(self) -> Dict[str, np.ndarray]:
         """The EMA weights, flat, on CPU: what rollout workers plan with (see :func:`flat_weights`)."""
-        return {"denoiser": flat_weights(self.ema_denoiser), "value": flat_weights(self.ema_value)}
+        return {"denoiser": flat_weights(self.ema_denoiser), "value": flat_weights(self.ema_value),
+                "dynamics": flat_weights(self.ema_dynamics)}
 
     def planner(self) -> Planner:
         return Planner.from_config(self.cfg, diffusion=self.diffusion, denoiser=self.ema_denoiser.eval(),
-                                   value=self.ema_value.eval(), normalizer=self.normalizer, device=self.device)
+                                   value=self.ema_value.eval(), dynamics=self.ema_dynamics.eval(),
+                                   normalizer=self.normalizer, device=self.device)
 
     # ----- checkpoints --------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, object]:
@@ -203,12 +220,16 @@ class Trainer:
             "value": self.value.state_dict(),
             "ema_denoiser": self.ema_denoiser.state_dict(),
             "ema_value": self.ema_value.state_dict(),
+            "dynamics": self.dynamics.state_dict(),
+            "ema_dynamics": self.ema_dynamics.state_dict(),
             "opt_denoiser": self.opt_denoiser.state_dict(),
             "opt_value": self.opt_value.state_dict(),
+            "opt_dynamics": self.opt_dynamics.state_dict(),
             "torch_rng": torch.get_rng_state(),
         }
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
+        with_dynamics = has_dynamics(state, self.cfg)
         try:
             self.denoiser.load_state_dict(state["denoiser"])
             self.value.load_state_dict(state["value"])
@@ -216,6 +237,10 @@ class Trainer:
             self.ema_value.load_state_dict(state["ema_value"])
             self.opt_denoiser.load_state_dict(state["opt_denoiser"])
             self.opt_value.load_state_dict(state["opt_value"])
+            if with_dynamics:
+                self.dynamics.load_state_dict(state["dynamics"])
+                self.ema_dynamics.load_state_dict(state["ema_dynamics"])
+                self.opt_dynamics.load_state_dict(state["opt_dynamics"])
         except (KeyError, RuntimeError, ValueError) as e:
             raise CheckpointError(f"checkpoint does not fit this model config: {e}") from e
         # An optimizer's state dict carries the learning rate it was saved with; the config is
@@ -241,11 +266,26 @@ def planner_from_checkpoint(state: Dict[str, object], cfg: Optional[Config] = No
     """A planner with the checkpoint's EMA weights (no optimizers built)."""
     cfg = cfg or from_dict(state["config"])
     normalizer = Normalizer.from_state_dict(state["normalizer"])
-    diffusion, denoiser, value = build_models(cfg, normalizer)
+    diffusion, denoiser, value, dynamics = build_models(cfg, normalizer)
+    with_dynamics = has_dynamics(state, cfg)
     try:
         denoiser.load_state_dict(state["ema_denoiser"])
         value.load_state_dict(state["ema_value"])
+        if with_dynamics:
+            dynamics.load_state_dict(state["ema_dynamics"])
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint does not fit this model config: {e}") from e
     return Planner.from_config(cfg, diffusion=diffusion.to(device), denoiser=denoiser.to(device).eval(),
-                               value=value.to(device).eval(), normalizer=normalizer, device=device)
+                               value=value.to(device).eval(), dynamics=dynamics.to(device).eval(),
+                               normalizer=normalizer, device=device)
+
+
+def has_dynamics(state: Dict[str, object], cfg: Config) -> bool:
+    """Whether a checkpoint holds a dynamics model. Those written before it existed do not: they
+    still load, with a fresh one that trains from there, unless the planner ranks plans by it."""
+    if "ema_dynamics" in state:
+        return True
+    if cfg.planner.dynamics_candidates > 1:
+        raise CheckpointError("planner.dynamics_candidates > 1 needs a checkpoint with a trained dynamics model; "
+                              "this one was written before distdiff trained one: pretrain again, or plan with 1 candidate")
+    return False

@@ -133,10 +133,10 @@ def make_trainer(episodes, **overrides):
 def snapshot(trainer: Trainer) -> dict:
     """Every tensor a step could touch: weights, EMA weights, optimizer moments."""
     out = {}
-    for name in ("denoiser", "value", "ema_denoiser", "ema_value"):
+    for name in ("denoiser", "value", "dynamics", "ema_denoiser", "ema_value", "ema_dynamics"):
         for k, v in getattr(trainer, name).state_dict().items():
             out[f"{name}.{k}"] = v.detach().clone()
-    for name in ("opt_denoiser", "opt_value"):
+    for name in ("opt_denoiser", "opt_value", "opt_dynamics"):
         for pid, st in getattr(trainer, name).state_dict()["state"].items():
             for k, v in st.items():
                 out[f"{name}.{pid}.{k}"] = v.detach().clone() if torch.is_tensor(v) else v

@@ -23,8 +23,8 @@ def smoke_models(tiny_episodes):
     cfg = config.load(SMOKE_CONFIG)
     torch.manual_seed(0)
     normalizer = fit_normalizer(tiny_episodes, layout_of(cfg), cfg.data.normalizer)
-    diffusion, denoiser, value = build_models(cfg, normalizer)
-    return cfg, normalizer, diffusion, denoiser.eval(), value.eval()
+    diffusion, denoiser, value, dynamics = build_models(cfg, normalizer)
+    return cfg, normalizer, diffusion, denoiser.eval(), value.eval(), dynamics.eval()
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ SAMPLERS = [("ddpm", {}), ("ddim", {"n_steps": 3, "eta": 0.0}), ("ddim", {"n_ste
 @pytest.mark.parametrize("guided", [False, True], ids=["unguided", "guided"])
 @pytest.mark.parametrize("sampler,kw", SAMPLERS, ids=["ddpm", "ddim-eta0", "ddim-eta1"])
 def test_s0_exact_after_sampling_with_the_real_networks(smoke_models, observations, sampler, kw, guided):
-    cfg, normalizer, diffusion, denoiser, value = smoke_models
+    cfg, normalizer, diffusion, denoiser, value, _ = smoke_models
     layout = diffusion.layout
     cond = normalizer.slice(layout.state_slice).normalize(torch.from_numpy(observations))
     # a large scale: the value gradient on s_0 is far from zero, only the re-clamp keeps it
@@ -59,7 +59,7 @@ def test_s0_exact_after_sampling_with_the_real_networks(smoke_models, observatio
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 @pytest.mark.parametrize("scale,n_candidates", [(0.0, 1), (0.1, 1), (1.0, 3)])
 def test_plan_starts_exactly_at_the_observation(smoke_models, observations, sampler, scale, n_candidates):
-    cfg, normalizer, diffusion, denoiser, value = smoke_models
+    cfg, normalizer, diffusion, denoiser, value, _ = smoke_models
     guidance = dataclasses.replace(cfg.guidance, scale=scale, n_candidates=n_candidates)
     planner_cfg = dataclasses.replace(cfg.planner, sampler=sampler)
     planner = Planner(diffusion=diffusion, denoiser=denoiser, value=value, normalizer=normalizer,
@@ -78,7 +78,7 @@ def test_plan_starts_exactly_at_the_observation(smoke_models, observations, samp
 
 
 def test_plan_starts_exactly_at_a_float64_env_observation(smoke_models, tiny_episodes):
-    cfg, normalizer, diffusion, denoiser, value = smoke_models
+    cfg, normalizer, diffusion, denoiser, value, _ = smoke_models
     env = make_env(cfg.env.id)
     try:
         obs, _ = env.reset(seed=0)
@@ -92,7 +92,7 @@ def test_plan_starts_exactly_at_a_float64_env_observation(smoke_models, tiny_epi
 
 
 def test_plan_rejects_badly_shaped_observations(smoke_models, observations):
-    cfg, normalizer, diffusion, denoiser, value = smoke_models
+    cfg, normalizer, diffusion, denoiser, value, _ = smoke_models
     planner = Planner(diffusion=diffusion, denoiser=denoiser, value=value, normalizer=normalizer,
                       guidance=cfg.guidance, planner=cfg.planner)
     with pytest.raises(ValueError, match="observations"):
@@ -102,7 +102,7 @@ def test_plan_rejects_badly_shaped_observations(smoke_models, observations):
 
 
 def test_guidance_without_value_net_is_refused(smoke_models):
-    cfg, normalizer, diffusion, denoiser, _ = smoke_models
+    cfg, normalizer, diffusion, denoiser, _, _ = smoke_models
     for guidance in (GuidanceConfig(scale=0.1), GuidanceConfig(scale=0.0, n_candidates=2)):
         with pytest.raises(ValueError, match="value network"):
             Planner(diffusion=diffusion, denoiser=denoiser, value=None, normalizer=normalizer,

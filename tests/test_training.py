@@ -42,7 +42,7 @@ def test_overfits_a_fixed_batch(tiny_episodes):
 def test_update_reports_finite_losses(tiny_episodes):
     trainer, windows = make_trainer(tiny_episodes[:2])
     out = trainer.update(windows.sample(8, np.random.default_rng(0)))
-    assert set(out) == {"losses/denoiser", "losses/value", "losses/denoiser_grad_norm", "losses/value_grad_norm"}
+    assert set(out) == {f"losses/{net}{suffix}" for net in ("denoiser", "value", "dynamics") for suffix in ("", "_grad_norm")}
     assert all(math.isfinite(v) for v in out.values())
     assert trainer.step == 1
 

@@ -88,10 +88,12 @@ class Counters:
 
 
 def local_planner(cfg: Config, normalizer: Normalizer, weights: Dict[str, np.ndarray]) -> Planner:
-    diffusion, denoiser, value = build_models(cfg, normalizer)
-    load_flat_weights(denoiser, weights["denoiser"])
-    load_flat_weights(value, weights["value"])
-    return Planner.from_config(cfg, diffusion=diffusion, denoiser=denoiser.eval(), value=value.eval(), normalizer=normalizer)
+    diffusion, denoiser, value, dynamics = build_models(cfg, normalizer)
+    nets = {"denoiser": denoiser, "value": value, "dynamics": dynamics}
+    for name, flat in weights.items():
+        load_flat_weights(nets[name], flat)
+    return Planner.from_config(cfg, diffusion=diffusion, denoiser=denoiser.eval(), value=value.eval(),
+                               dynamics=dynamics.eval(), normalizer=normalizer)
 
 
 class OnlineRun:
@@ -373,7 +375,8 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
     cfg = config_lib.from_dict({"online": {"envs_per_actor": envs_per_actor, "measure_every": 10**9},
                                 "env": {"max_episode_steps": max_episode_steps}, "train": {"seed": seed}}, cfg)
     planner = planner_from_checkpoint(checkpoint, cfg)
-    weights = ray.put({"version": 1, "weights": {"denoiser": flat_weights(planner.denoiser), "value": flat_weights(planner.value)}})
+    nets = {"denoiser": planner.denoiser, "value": planner.value, "dynamics": planner.dynamics}
+    weights = ray.put({"version": 1, "weights": {name: flat_weights(net) for name, net in nets.items() if net is not None}})
     res = {"actor_cpus": 1.0 / num_actors if num_actors > 1 else 1.0}
     workers = [actors.make_worker(cfg, res, config=cfg.to_dict(), normalizer=planner.normalizer.state_dict(), worker_id=i)
                for i in range(num_actors)]

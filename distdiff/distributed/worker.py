@@ -27,9 +27,11 @@ class RolloutWorker:
         self.cfg = cfg
         self.worker_id = worker_id
         self.normalizer = Normalizer.from_state_dict(normalizer)
-        diffusion, denoiser, value = build_models(cfg, self.normalizer)
-        self.denoiser, self.value = denoiser.eval().requires_grad_(False), value.eval().requires_grad_(False)
-        self.planner = Planner.from_config(cfg, diffusion=diffusion, denoiser=self.denoiser, value=self.value,
+        diffusion, denoiser, value, dynamics = build_models(cfg, self.normalizer)
+        self.nets = {"denoiser": denoiser, "value": value, "dynamics": dynamics}
+        for net in self.nets.values():
+            net.eval().requires_grad_(False)
+        self.planner = Planner.from_config(cfg, diffusion=diffusion, denoiser=denoiser, value=value, dynamics=dynamics,
                                            normalizer=self.normalizer)
         self.version = -1
         self.tasks = 0
@@ -47,8 +49,9 @@ class RolloutWorker:
 
     def set_weights(self, payload: Dict[str, object]) -> int:
         if payload["version"] > self.version:
-            load_flat_weights(self.denoiser, payload["weights"]["denoiser"])
-            load_flat_weights(self.value, payload["weights"]["value"])
+            # A collection run's payload has no dynamics model when its checkpoint trained none.
+            for name, flat in payload["weights"].items():
+                load_flat_weights(self.nets[name], flat)
             self.version = int(payload["version"])
         return self.version
 

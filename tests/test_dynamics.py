@@ -1,0 +1,134 @@
+"""The dynamics model: it learns real transitions, ranks plans by open-loop consistency, and the
+planner executes the candidate it ranks best."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from _helpers import LAYOUT, make_trainer
+from distdiff import config
+from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from distdiff.config import ConfigError
+from distdiff.nn.dynamics import DynamicsNet, rollout_error, transition_loss
+from distdiff.training import Trainer, planner_from_checkpoint
+
+
+def model_rollout(model, s0, actions):
+    states = [s0]
+    for j in range(actions.shape[1] - 1):
+        states.append(model(states[-1], actions[:, j]))
+    return LAYOUT.join(torch.stack(states, dim=1), actions)
+
+
+@torch.no_grad()
+def test_rollout_error_is_zero_for_the_models_own_trajectory_and_grows_with_a_perturbation():
+    torch.manual_seed(0)
+    model = DynamicsNet(obs_dim=LAYOUT.obs_dim, act_dim=LAYOUT.act_dim, dim=32)
+    x = model_rollout(model, torch.randn(3, LAYOUT.obs_dim), torch.randn(3, 8, LAYOUT.act_dim))
+    assert torch.allclose(rollout_error(model, x, LAYOUT), torch.zeros(3), atol=1e-10)
+    bent = x.clone()
+    bent[1, 5, LAYOUT.state_slice] += 0.5
+    err = rollout_error(model, bent, LAYOUT)
+    assert err[1] > 1e-3 and torch.allclose(err[[0, 2]], torch.zeros(2), atol=1e-10)
+
+
+def test_transition_loss_ignores_padding():
+    torch.manual_seed(0)
+    model = DynamicsNet(obs_dim=LAYOUT.obs_dim, act_dim=LAYOUT.act_dim, dim=32)
+    x = torch.randn(2, 6, LAYOUT.transition_dim)
+    mask = torch.ones_like(x)
+    # episode 0 ends at row 3: s_3 is real, a_3 and everything after are padding
+    mask[0, 3, LAYOUT.action_slice] = 0
+    mask[0, 4:] = 0
+    garbage = x.clone()
+    garbage[0, 3, LAYOUT.action_slice] = 1e3
+    garbage[0, 4:] = -1e3
+    assert torch.equal(transition_loss(model, x, mask, LAYOUT), transition_loss(model, garbage, mask, LAYOUT))
+
+
+def test_trainer_learns_the_transitions_of_the_data(tiny_episodes):
+    trainer, windows = make_trainer(tiny_episodes[:4])
+    batch = windows.sample(32, np.random.default_rng(1))
+    layout = trainer.diffusion.layout
+
+    def loss():
+        with torch.no_grad():
+            return transition_loss(trainer.dynamics, batch.x_start, batch.mask, layout).item()
+
+    before = loss()
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        assert trainer.update(windows.sample(16, rng)) is not None
+    assert loss() < 0.5 * before
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_episodes, tmp_path_factory):
+    trainer, windows = make_trainer(tiny_episodes[:4])
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        trainer.update(windows.sample(8, rng))
+    path = tmp_path_factory.mktemp("dyn") / "checkpoint.pt"
+    save_checkpoint(path, trainer.state_dict())
+    return trainer, path
+
+
+def test_planner_executes_the_candidate_the_dynamics_model_ranks_best(trained, tiny_episodes):
+    trainer, path = trained
+    cfg = config.from_dict({"planner": {"dynamics_candidates": 4}, "guidance": {"n_candidates": 1}}, trainer.cfg)
+    planner = planner_from_checkpoint(load_checkpoint(path), cfg)
+    obs = np.stack([ep.observations[2] for ep in tiny_episodes[:3]])
+    plan = planner.plan(obs, generator=torch.Generator().manual_seed(0))
+    # the same draws, unranked: the 4 candidates of each state
+    cond = planner.state_normalizer.normalize(torch.from_numpy(obs)).repeat_interleave(4, dim=0)
+    candidates = planner.sample(cond, torch.Generator().manual_seed(0)).trajectories
+    errors = rollout_error(planner.dynamics, candidates, planner.layout).reshape(3, 4)
+    assert (errors.std(dim=1) > 0).all()  # distinct candidates: a real choice
+    chosen = rollout_error(planner.dynamics, plan.trajectories, planner.layout)
+    torch.testing.assert_close(chosen, errors.min(dim=1).values)
+    np.testing.assert_array_equal(plan.states[:, 0], obs)
+
+
+def test_value_and_dynamics_selection_are_exclusive():
+    with pytest.raises(ConfigError, match="not both"):
+        config.load(None, {"planner.dynamics_candidates": 4, "guidance.n_candidates": 2})
+    with pytest.raises(ConfigError, match="train.train_dynamics"):
+        config.load(None, {"planner.dynamics_candidates": 4, "train.train_dynamics": False})
+
+
+def test_a_checkpoint_without_a_dynamics_model_loads_unless_plans_are_ranked_by_it(trained, tmp_path):
+    trainer, path = trained
+    state = load_checkpoint(path)
+    for key in ("dynamics", "ema_dynamics", "opt_dynamics"):
+        del state[key]
+    old = tmp_path / "old.pt"
+    save_checkpoint(old, state)
+    restored = Trainer.from_checkpoint(load_checkpoint(old))
+    for name in ("denoiser", "value"):
+        for a, b in zip(getattr(restored, name).state_dict().values(), getattr(trainer, name).state_dict().values()):
+            assert torch.equal(a, b)
+    cfg = config.from_dict({"planner": {"dynamics_candidates": 4}, "guidance": {"n_candidates": 1}}, trainer.cfg)
+    with pytest.raises(CheckpointError, match="dynamics"):
+        planner_from_checkpoint(load_checkpoint(old), cfg)
+    with pytest.raises(CheckpointError, match="dynamics"):
+        Trainer.from_checkpoint(load_checkpoint(old), cfg=cfg)
+
+
+def test_the_dynamics_model_does_not_change_how_the_other_nets_train(tiny_episodes):
+    """Its initial weights come from a forked generator and it has its own optimizer: the
+    denoiser and value net train bit for bit as without it (the benchmark's prior stays
+    reproducible)."""
+    runs = []
+    for train_dynamics in (True, False):
+        trainer, windows = make_trainer(tiny_episodes[:2], **{"train.train_dynamics": train_dynamics})
+        rng = np.random.default_rng(0)
+        for _ in range(5):
+            trainer.update(windows.sample(8, rng))
+        runs.append(trainer)
+    for name in ("denoiser", "value"):
+        for a, b in zip(getattr(runs[0], name).state_dict().values(), getattr(runs[1], name).state_dict().values()):
+            assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(runs[0].dynamics.state_dict().values(), runs[1].dynamics.state_dict().values()))
