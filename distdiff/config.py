@@ -96,7 +96,7 @@ class TrainConfig:
     warmup_steps: int = _f(0, "Linear warm-up steps of the cosine schedule.")
     lr_min_ratio: float = _f(0.0, "The cosine schedule's final rate as a fraction of the peak.")
     train_value: bool = _f(True, "Train the value net (needed for guidance and candidate selection).")
-    train_dynamics: bool = _f(True, "Train the dynamics model on the same windows (needed for planner.dynamics_candidates > 1).")
+    train_dynamics: bool = _f(False, "Train the dynamics model on the same windows (needed for planner.dynamics_candidates > 1). Off by default: it costs about a fifth of a CPU update (bench/README.md).")
     dynamics_lr: float = _f(1e-3, "Adam learning rate of the dynamics model.")
     grad_clip: float = _f(1.0, "Gradient norm clip; 0 disables.")
     ema_decay: float = _f(0.995, "EMA decay of the weights used for planning.")

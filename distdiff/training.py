@@ -282,10 +282,9 @@ def planner_from_checkpoint(state: Dict[str, object], cfg: Optional[Config] = No
 
 def has_dynamics(state: Dict[str, object], cfg: Config) -> bool:
     """Whether a checkpoint holds a dynamics model. Those written before it existed do not: they
-    still load, with a fresh one that trains from there, unless the planner ranks plans by it."""
-    if "ema_dynamics" in state:
-        return True
-    if cfg.planner.dynamics_candidates > 1:
-        raise CheckpointError("planner.dynamics_candidates > 1 needs a checkpoint with a trained dynamics model; "
-                              "this one was written before distdiff trained one: pretrain again, or plan with 1 candidate")
-    return False
+    still load, with a fresh one. Either way, ranking plans by an untrained model is refused."""
+    trained = "ema_dynamics" in state and bool(state.get("config", {}).get("train", {}).get("train_dynamics", False))
+    if cfg.planner.dynamics_candidates > 1 and not trained:
+        raise CheckpointError("planner.dynamics_candidates > 1 needs a checkpoint whose run trained the dynamics model "
+                              "(train.train_dynamics true): pretrain with it, or plan with 1 candidate")
+    return "ema_dynamics" in state

@@ -16,6 +16,9 @@ from distdiff.nn.dynamics import DynamicsNet, rollout_error, transition_loss
 from distdiff.training import Trainer, planner_from_checkpoint
 
 
+WITH_DYNAMICS = {"train.train_dynamics": True}
+
+
 def model_rollout(model, s0, actions):
     states = [s0]
     for j in range(actions.shape[1] - 1):
@@ -50,7 +53,7 @@ def test_transition_loss_ignores_padding():
 
 
 def test_trainer_learns_the_transitions_of_the_data(tiny_episodes):
-    trainer, windows = make_trainer(tiny_episodes[:4])
+    trainer, windows = make_trainer(tiny_episodes[:4], **WITH_DYNAMICS)
     batch = windows.sample(32, np.random.default_rng(1))
     layout = trainer.diffusion.layout
 
@@ -67,7 +70,7 @@ def test_trainer_learns_the_transitions_of_the_data(tiny_episodes):
 
 @pytest.fixture(scope="module")
 def trained(tiny_episodes, tmp_path_factory):
-    trainer, windows = make_trainer(tiny_episodes[:4])
+    trainer, windows = make_trainer(tiny_episodes[:4], **WITH_DYNAMICS)
     rng = np.random.default_rng(0)
     for _ in range(20):
         trainer.update(windows.sample(8, rng))
@@ -115,6 +118,17 @@ def test_a_checkpoint_without_a_dynamics_model_loads_unless_plans_are_ranked_by_
         planner_from_checkpoint(load_checkpoint(old), cfg)
     with pytest.raises(CheckpointError, match="dynamics"):
         Trainer.from_checkpoint(load_checkpoint(old), cfg=cfg)
+
+
+def test_a_dynamics_model_that_never_trained_does_not_rank_plans(tiny_episodes, tmp_path):
+    trainer, windows = make_trainer(tiny_episodes[:2])  # train.train_dynamics is off by default
+    trainer.update(windows.sample(8, np.random.default_rng(0)))
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, trainer.state_dict())
+    cfg = config.from_dict({"planner": {"dynamics_candidates": 4}, "guidance": {"n_candidates": 1},
+                            "train": {"train_dynamics": True}}, trainer.cfg)
+    with pytest.raises(CheckpointError, match="train_dynamics"):
+        planner_from_checkpoint(load_checkpoint(path), cfg)
 
 
 def test_the_dynamics_model_does_not_change_how_the_other_nets_train(tiny_episodes):
