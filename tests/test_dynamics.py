@@ -12,6 +12,7 @@ from _helpers import LAYOUT, make_trainer
 from distdiff import config
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from distdiff.config import ConfigError
+from distdiff.distributed.worker import RolloutWorker
 from distdiff.nn.dynamics import DynamicsNet, rollout_error, transition_loss
 from distdiff.training import Trainer, planner_from_checkpoint
 
@@ -146,3 +147,16 @@ def test_the_dynamics_model_does_not_change_how_the_other_nets_train(tiny_episod
         for a, b in zip(getattr(runs[0], name).state_dict().values(), getattr(runs[1], name).state_dict().values()):
             assert torch.equal(a, b)
     assert not all(torch.equal(a, b) for a, b in zip(runs[0].dynamics.state_dict().values(), runs[1].dynamics.state_dict().values()))
+
+
+def test_rollout_workers_rank_plans_with_the_broadcast_dynamics_model(trained):
+    trainer, _ = trained
+    cfg = config.from_dict({"planner": {"dynamics_candidates": 4}, "guidance": {"n_candidates": 1},
+                            "online": {"envs_per_actor": 1}}, trainer.cfg)
+    worker = RolloutWorker(config=cfg.to_dict(), normalizer=trainer.normalizer.state_dict(), worker_id=0)
+    try:
+        worker.set_weights({"version": 1, "weights": trainer.weights()})
+        for a, b in zip(worker.planner.dynamics.state_dict().values(), trainer.ema_dynamics.state_dict().values()):
+            assert torch.equal(a, b)
+    finally:
+        worker._close_envs()
