@@ -19,9 +19,8 @@ def unit_normalizer(cfg) -> Normalizer:
 
 def fresh_weights(cfg, version: int = 1) -> dict:
     """A weights payload as the learner publishes it, from untrained nets."""
-    _, denoiser, value, dynamics = build_models(cfg, unit_normalizer(cfg))
-    return {"version": version, "weights": {"denoiser": flat_weights(denoiser), "value": flat_weights(value),
-                                            "dynamics": flat_weights(dynamics)}}
+    _, denoiser, value, _ = build_models(cfg, unit_normalizer(cfg))
+    return {"version": version, "weights": {"denoiser": flat_weights(denoiser), "value": flat_weights(value)}}
 
 
 def fresh_checkpoint(cfg) -> dict:

@@ -199,9 +199,13 @@ class Trainer:
 
     # ----- weights and planners ------------------------------------------------------------
     def weights(self) -> Dict[str, np.ndarray]:
-        """The EMA weights, flat, on CPU: what rollout workers plan with (see :func:`flat_weights`)."""
-        return {"denoiser": flat_weights(self.ema_denoiser), "value": flat_weights(self.ema_value),
-                "dynamics": flat_weights(self.ema_dynamics)}
+        """The EMA weights, flat, on CPU: what rollout workers plan with (see :func:`flat_weights`).
+        The dynamics model only when it trains: otherwise no planner uses it, and every broadcast
+        would carry its 0.6 MB to every actor for nothing."""
+        out = {"denoiser": flat_weights(self.ema_denoiser), "value": flat_weights(self.ema_value)}
+        if self.cfg.train.train_dynamics:
+            out["dynamics"] = flat_weights(self.ema_dynamics)
+        return out
 
     def planner(self) -> Planner:
         return Planner.from_config(self.cfg, diffusion=self.diffusion, denoiser=self.ema_denoiser.eval(),

@@ -160,3 +160,10 @@ def test_rollout_workers_rank_plans_with_the_broadcast_dynamics_model(trained):
             assert torch.equal(a, b)
     finally:
         worker._close_envs()
+
+
+def test_broadcasts_carry_the_dynamics_model_only_when_it_trains(tiny_episodes):
+    off, _ = make_trainer(tiny_episodes[:2])
+    on, _ = make_trainer(tiny_episodes[:2], **WITH_DYNAMICS)
+    assert set(off.weights()) == {"denoiser", "value"}
+    assert set(on.weights()) == {"denoiser", "value", "dynamics"}

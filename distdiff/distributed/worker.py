@@ -49,7 +49,7 @@ class RolloutWorker:
 
     def set_weights(self, payload: Dict[str, object]) -> int:
         if payload["version"] > self.version:
-            # A collection run's payload has no dynamics model when its checkpoint trained none.
+            # No dynamics model in the payload unless the run trains one (Trainer.weights).
             for name, flat in payload["weights"].items():
                 load_flat_weights(self.nets[name], flat)
             self.version = int(payload["version"])
