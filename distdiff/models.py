@@ -1,7 +1,7 @@
 """Builds the diffusion, denoiser, value net and dynamics model that a config describes."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Dict, NamedTuple
 
 import torch
 
@@ -19,6 +19,10 @@ class Models(NamedTuple):
     denoiser: TemporalUnet
     value: ValueNet
     dynamics: DynamicsNet
+
+    def nets(self) -> Dict[str, torch.nn.Module]:
+        """The networks by the names their weights travel under (see ``Trainer.weights``)."""
+        return {"denoiser": self.denoiser, "value": self.value, "dynamics": self.dynamics}
 
 
 def layout_of(cfg: Config) -> TrajectoryLayout:

@@ -88,6 +88,13 @@ def load_flat_weights(module: torch.nn.Module, flat: np.ndarray) -> None:
         offset += n
 
 
+def load_weights(nets: Dict[str, torch.nn.Module], weights: Dict[str, np.ndarray]) -> None:
+    """Load a published weights dict into the nets of the same names (``Models.nets``); the
+    dynamics model is only in it when the run trains one."""
+    for name, flat in weights.items():
+        load_flat_weights(nets[name], flat)
+
+
 class Trainer:
     """Owns the denoiser, value net, dynamics model, their EMA copies and optimizers.
 

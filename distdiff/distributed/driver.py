@@ -31,7 +31,7 @@ from distdiff.models import build_models, layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.planner import Planner
 from distdiff.pretrain import load_data, pretrain
-from distdiff.training import load_flat_weights, planner_from_checkpoint
+from distdiff.training import load_weights, planner_from_checkpoint
 
 CHECKPOINT, REPLAY = "checkpoint.pt", "replay.pt"
 
@@ -88,12 +88,10 @@ class Counters:
 
 
 def local_planner(cfg: Config, normalizer: Normalizer, weights: Dict[str, np.ndarray]) -> Planner:
-    diffusion, denoiser, value, dynamics = build_models(cfg, normalizer)
-    nets = {"denoiser": denoiser, "value": value, "dynamics": dynamics}
-    for name, flat in weights.items():
-        load_flat_weights(nets[name], flat)
-    return Planner.from_config(cfg, diffusion=diffusion, denoiser=denoiser.eval(), value=value.eval(),
-                               dynamics=dynamics.eval(), normalizer=normalizer)
+    models = build_models(cfg, normalizer)
+    load_weights(models.nets(), weights)
+    return Planner.from_config(cfg, diffusion=models.diffusion, denoiser=models.denoiser.eval(), value=models.value.eval(),
+                               dynamics=models.dynamics.eval(), normalizer=normalizer)
 
 
 class OnlineRun:

@@ -15,7 +15,7 @@ from distdiff.models import build_models
 from distdiff.normalizer import Normalizer
 from distdiff.planner import Planner
 from distdiff.rollout import make_env, run_episodes
-from distdiff.training import load_flat_weights
+from distdiff.training import load_weights
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +27,12 @@ class RolloutWorker:
         self.cfg = cfg
         self.worker_id = worker_id
         self.normalizer = Normalizer.from_state_dict(normalizer)
-        diffusion, denoiser, value, dynamics = build_models(cfg, self.normalizer)
-        self.nets = {"denoiser": denoiser, "value": value, "dynamics": dynamics}
+        models = build_models(cfg, self.normalizer)
+        self.nets = models.nets()
         for net in self.nets.values():
             net.eval().requires_grad_(False)
-        self.planner = Planner.from_config(cfg, diffusion=diffusion, denoiser=denoiser, value=value, dynamics=dynamics,
+        self.planner = Planner.from_config(cfg, diffusion=models.diffusion, denoiser=models.denoiser, value=models.value,
+                                           dynamics=models.dynamics,
                                            normalizer=self.normalizer)
         self.version = -1
         self.tasks = 0
@@ -49,9 +50,7 @@ class RolloutWorker:
 
     def set_weights(self, payload: Dict[str, object]) -> int:
         if payload["version"] > self.version:
-            # No dynamics model in the payload unless the run trains one (Trainer.weights).
-            for name, flat in payload["weights"].items():
-                load_flat_weights(self.nets[name], flat)
+            load_weights(self.nets, payload["weights"])
             self.version = int(payload["version"])
         return self.version
 
