@@ -16,7 +16,7 @@ from distdiff.normalizer import Normalizer
 class Plan(NamedTuple):
     states: np.ndarray  # [B, H, obs_dim], env units; states[:, 0] is the given observation
     actions: np.ndarray  # [B, H, act_dim], env units
-    values: Optional[np.ndarray]  # [B] V of the chosen plan (standardized), None without value net
+    values: Optional[np.ndarray]  # [B] V of the executed plan (standardized) when guided or chosen by V, else None
     trajectories: torch.Tensor  # [B, H, D] normalized, as sampled
 
 
@@ -82,7 +82,8 @@ class Planner:
             x = x.reshape(b, n, *x.shape[1:])[torch.arange(b), best]
             n = 1
         values = None
-        if self.value is not None:
+        # An unguided single-plan planner skips V: its forward pass is a fifth of a 2-step plan.
+        if self.guidance.n_candidates > 1 or self.guide is not None:
             t0 = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             values = self.value(x, t0).reshape(b, n)
             best = values.argmax(dim=1)
