@@ -39,7 +39,8 @@ def main():
     cfg = config_lib.load(args.config, overrides)
     learner = Learner(config=cfg.to_dict(), checkpoint=fresh_checkpoint(cfg), device=args.device)
     b, h, d = cfg.train.batch_size, cfg.model.horizon, cfg.env.obs_dim + cfg.env.act_dim
-    batches = [Batch(torch.randn(b, h, d), torch.ones(b, h, d), torch.randn(b, cfg.env.obs_dim), torch.randn(b))
+    batches = [Batch(torch.randn(b, h, d), torch.ones(b, h, d), torch.randn(b, cfg.env.obs_dim), torch.randn(b),
+                     torch.randn(b))
                for _ in range(10)]
     cuda = args.device.startswith("cuda")
     t0 = time.perf_counter()

@@ -53,6 +53,7 @@ class ModelConfig:
     dim_mults: Tuple[int, ...] = _f((1, 2, 4), "Channel multipliers per U-Net level; H must be divisible by 2**(levels-1).")
     value_dim: int = _f(32, "Base channel width of the value network.")
     kernel_size: int = _f(5, "Temporal convolution kernel size.")
+    returns_condition: bool = _f(False, "Condition the denoiser on the return its window earns (Decision Diffuser, Ajay et al. 2023): the window's reward per step, as a quantile of the offline data's windows; plans are then sampled at guidance.return_quantile. See bench/README.md.")
     dynamics_dim: int = _f(256, "Width of the dynamics model (an MLP of 3 hidden layers over (s_j, a_j)), used by planner.dynamics_candidates.")
 
 
@@ -74,6 +75,8 @@ class GuidanceConfig:
                             "guided, so a few-step DDIM sampler is guided even where its steps land below t_stopgrad.")
     scale_grad_by_std: bool = _f(True, "Scale the value gradient by the posterior variance σ_t² (σ_1² at t = 0, as in Diffuser).")
     n_candidates: int = _f(1, "Plans sampled per state; the one with the highest V is executed (needs the value net if > 1).")
+    return_quantile: float = _f(0.9, "With model.returns_condition: plans are sampled conditioned on this quantile of the offline data's window returns (reward per step over the horizon).")
+    return_scale: float = _f(1.0, "Classifier-free guidance weight w of the return condition (Ho & Salimans 2022): out = out_uncond + w·(out_cond − out_uncond). 1 samples the conditional model (one denoiser pass); > 1 pushes past it at two passes per step.")
 
 
 @dataclass
@@ -97,6 +100,7 @@ class TrainConfig:
     lr_min_ratio: float = _f(0.0, "The cosine schedule's final rate as a fraction of the peak.")
     train_value: bool = _f(True, "Train the value net (needed for guidance and candidate selection).")
     train_dynamics: bool = _f(False, "Train the dynamics model on the same windows (needed for planner.dynamics_candidates > 1). Off by default: it costs about a fifth of a CPU update (bench/README.md).")
+    condition_dropout: float = _f(0.25, "With model.returns_condition: the fraction of training windows whose return is dropped, which trains the unconditional model classifier-free guidance needs.")
     dynamics_lr: float = _f(1e-3, "Adam learning rate of the dynamics model.")
     grad_clip: float = _f(1.0, "Gradient norm clip; 0 disables.")
     ema_decay: float = _f(0.995, "EMA decay of the weights used for planning.")
@@ -305,6 +309,11 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(cfg.guidance.scale >= 0, "guidance.scale must be >= 0")
     need(cfg.guidance.n_guide_steps >= 1, "guidance.n_guide_steps must be >= 1")
     need(cfg.guidance.n_candidates >= 1, "guidance.n_candidates must be >= 1")
+    need(0.0 <= cfg.guidance.return_quantile <= 1.0, f"guidance.return_quantile must be in [0, 1], got {cfg.guidance.return_quantile}")
+    need(cfg.guidance.return_scale >= 0, f"guidance.return_scale must be >= 0, got {cfg.guidance.return_scale}")
+    need(0.0 <= cfg.train.condition_dropout < 1.0, f"train.condition_dropout must be in [0, 1), got {cfg.train.condition_dropout}")
+    if cfg.model.returns_condition and cfg.guidance.return_scale != 1.0:
+        need(cfg.train.condition_dropout > 0, "guidance.return_scale != 1 needs an unconditional model: set train.condition_dropout > 0")
     need(cfg.planner.dynamics_candidates >= 1, "planner.dynamics_candidates must be >= 1")
     need(cfg.guidance.n_candidates == 1 or cfg.planner.dynamics_candidates == 1,
          "choose plans by value (guidance.n_candidates > 1) or by dynamics (planner.dynamics_candidates > 1), not both")

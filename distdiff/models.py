@@ -43,7 +43,7 @@ def build_models(cfg: Config, normalizer: Normalizer) -> Models:
         clip_max=clip[1],
     )
     denoiser = TemporalUnet(horizon=m.horizon, transition_dim=layout.transition_dim, dim=m.dim,
-                            dim_mults=m.dim_mults, kernel_size=m.kernel_size)
+                            dim_mults=m.dim_mults, kernel_size=m.kernel_size, returns_condition=m.returns_condition)
     value = ValueNet(horizon=m.horizon, transition_dim=layout.transition_dim, dim=m.value_dim,
                      dim_mults=m.dim_mults, kernel_size=m.kernel_size)
     # From a forked generator: drawing its initial weights from the global one would shift

@@ -8,7 +8,7 @@ import torch
 
 from distdiff.config import Config, GuidanceConfig, PlannerConfig
 from distdiff.diffusion.gaussian import GaussianDiffusion
-from distdiff.diffusion.guidance import ValueGuide
+from distdiff.diffusion.guidance import ReturnConditioned, ValueGuide
 from distdiff.nn.dynamics import rollout_error
 from distdiff.normalizer import Normalizer
 
@@ -31,6 +31,7 @@ class Planner:
         dynamics: Optional[torch.nn.Module] = None,
         guidance: GuidanceConfig,
         planner: PlannerConfig,
+        returns_condition: bool = False,
         device: str | torch.device = "cpu",
     ):
         if (guidance.scale > 0 or guidance.n_candidates > 1) and value is None:
@@ -45,6 +46,9 @@ class Planner:
         self.state_normalizer = normalizer.slice(self.layout.state_slice)
         self.guidance, self.cfg = guidance, planner
         self.device = torch.device(device)
+        self.model = denoiser
+        if returns_condition:
+            self.model = ReturnConditioned(denoiser, returns=guidance.return_quantile, scale=guidance.return_scale)
         self.guide = None
         if value is not None and guidance.scale > 0:
             self.guide = ValueGuide(
@@ -60,13 +64,14 @@ class Planner:
     def from_config(cls, cfg: Config, *, diffusion, denoiser, value, normalizer, dynamics=None, device="cpu") -> "Planner":
         return cls(diffusion=diffusion, denoiser=denoiser, value=value if cfg.train.train_value else None,
                    dynamics=dynamics if cfg.train.train_dynamics else None,
-                   normalizer=normalizer, guidance=cfg.guidance, planner=cfg.planner, device=device)
+                   normalizer=normalizer, guidance=cfg.guidance, planner=cfg.planner,
+                   returns_condition=cfg.model.returns_condition, device=device)
 
     def sample(self, cond: torch.Tensor, generator: Optional[torch.Generator] = None):
         if self.cfg.sampler == "ddim":
-            return self.diffusion.ddim_sample_loop(self.denoiser, cond, n_steps=self.cfg.ddim_steps, eta=self.cfg.ddim_eta,
+            return self.diffusion.ddim_sample_loop(self.model, cond, n_steps=self.cfg.ddim_steps, eta=self.cfg.ddim_eta,
                                                    guide=self.guide, generator=generator)
-        return self.diffusion.p_sample_loop(self.denoiser, cond, guide=self.guide, generator=generator)
+        return self.diffusion.p_sample_loop(self.model, cond, guide=self.guide, generator=generator)
 
     @torch.no_grad()
     def plan(self, observations: np.ndarray, generator: Optional[torch.Generator] = None) -> Plan:

@@ -71,7 +71,8 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
         trainer = Trainer.from_checkpoint(state, cfg=cfg, device=device)
     else:
         trainer = Trainer(cfg, windows.normalizer, value_mean=float(windows.returns.mean()),
-                          value_std=float(windows.returns.std()), device=device)
+                          value_std=float(windows.returns.std()), device=device,
+                          return_quantiles=windows.return_quantiles())
     rng = np.random.default_rng(cfg.train.seed)
     if state and "data_rng" in state:
         rng.bit_generator.state = state["data_rng"]

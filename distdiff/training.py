@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import random
 from typing import Dict, Optional
@@ -95,20 +96,38 @@ def load_weights(nets: Dict[str, torch.nn.Module], weights: Dict[str, np.ndarray
         load_flat_weights(nets[name], flat)
 
 
+def quantile_of(values: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
+    """Where ``values`` fall in a table of evenly spaced quantiles (``quantiles[i]`` is the
+    i/(n−1) quantile), linearly interpolated and clamped to [0, 1]."""
+    n = quantiles.shape[0]
+    idx = torch.searchsorted(quantiles, values.contiguous()).clamp(1, n - 1)
+    lo, hi = quantiles[idx - 1], quantiles[idx]
+    frac = ((values - lo) / (hi - lo).clamp(min=1e-12)).clamp(0.0, 1.0)
+    return ((idx - 1).to(values.dtype) + frac) / (n - 1)
+
+
 class Trainer:
     """Owns the denoiser, value net, dynamics model, their EMA copies and optimizers.
 
     ``value_mean``/``value_std`` standardize the value targets (returns-to-go) so that one
-    learning rate and one guidance scale fit any reward scale.
+    learning rate and one guidance scale fit any reward scale. ``return_quantiles`` (the
+    offline windows' return quantiles, :meth:`WindowDataset.return_quantiles`) turns window
+    returns into the condition of a return-conditioned denoiser; online windows go through
+    the same table, so a quantile means the same plan quality for the whole run.
     """
 
     def __init__(self, cfg: Config, normalizer: Normalizer, *, value_mean: float, value_std: float, device="cpu",
-                 lr_scale: float = 1.0):
+                 lr_scale: float = 1.0, return_quantiles: Optional[np.ndarray] = None):
         self.cfg = cfg
         self.lr_scale = float(lr_scale)
         self.device = torch.device(device)
         self.normalizer = normalizer
         self.value_mean, self.value_std = float(value_mean), max(float(value_std), 1e-6)
+        if cfg.model.returns_condition and return_quantiles is None:
+            raise ValueError("model.returns_condition needs the offline data's window-return quantiles")
+        self.return_quantiles = None
+        if cfg.model.returns_condition:
+            self.return_quantiles = torch.as_tensor(np.asarray(return_quantiles, dtype=np.float32), device=self.device)
         self.diffusion, self.denoiser, self.value, self.dynamics = (m.to(self.device) for m in build_models(cfg, normalizer))
         self.ema_denoiser = copy.deepcopy(self.denoiser).requires_grad_(False)
         self.ema_value = copy.deepcopy(self.value).requires_grad_(False)
@@ -151,11 +170,16 @@ class Trainer:
     def update(self, batch: Batch) -> Optional[Dict[str, float]]:
         """One gradient step on every net. Returns the losses, or None when the step was
         skipped because a loss or gradient was not finite (nothing reaches the weights then)."""
-        x, mask, cond, returns = (v.to(self.device, non_blocking=True) for v in batch)
+        x, mask, cond, returns, window_returns = (v.to(self.device, non_blocking=True) for v in batch)
         self.denoiser.train()
         zero = torch.zeros((), device=self.device)
+        denoiser = self.denoiser
+        if self.return_quantiles is not None:
+            keep = (torch.rand(x.shape[0], device=self.device) >= self.cfg.train.condition_dropout).float()
+            denoiser = functools.partial(self.denoiser, returns=quantile_of(window_returns, self.return_quantiles),
+                                         returns_mask=keep)
         with self._autocast():
-            loss_d = self.diffusion.loss(self.denoiser, x, cond, mask=mask).float()
+            loss_d = self.diffusion.loss(denoiser, x, cond, mask=mask).float()
             loss_v = zero
             if self.cfg.train.train_value:
                 t = torch.randint(0, self.diffusion.n_steps, (x.shape[0],), device=self.device)
@@ -227,6 +251,7 @@ class Trainer:
             "skipped_updates": self.skipped_updates,
             "normalizer": self.normalizer.state_dict(),
             "value_stats": {"mean": self.value_mean, "std": self.value_std},
+            "return_quantiles": None if self.return_quantiles is None else self.return_quantiles.cpu().tolist(),
             "denoiser": self.denoiser.state_dict(),
             "value": self.value.state_dict(),
             "ema_denoiser": self.ema_denoiser.state_dict(),
@@ -267,8 +292,12 @@ class Trainer:
                         lr_scale: float = 1.0) -> "Trainer":
         cfg = cfg or from_dict(state["config"])
         stats = state["value_stats"]
+        if cfg.model.returns_condition and state.get("return_quantiles") is None:
+            raise CheckpointError("model.returns_condition needs a checkpoint pretrained with it (this one has no "
+                                  "window-return quantiles)")
         trainer = cls(cfg, Normalizer.from_state_dict(state["normalizer"]), value_mean=stats["mean"],
-                      value_std=stats["std"], device=device, lr_scale=lr_scale)
+                      value_std=stats["std"], device=device, lr_scale=lr_scale,
+                      return_quantiles=state.get("return_quantiles"))
         trainer.load_state_dict(state)
         return trainer
 

@@ -37,7 +37,7 @@ def _batches(cfg, n, seed=0):
     g = torch.Generator().manual_seed(seed)
     b, h, d = cfg.train.batch_size, cfg.model.horizon, cfg.env.obs_dim + cfg.env.act_dim
     return [Batch(torch.randn(b, h, d, generator=g), torch.ones(b, h, d), torch.randn(b, cfg.env.obs_dim, generator=g),
-                  torch.randn(b, generator=g)) for _ in range(n)]
+                  torch.randn(b, generator=g), torch.randn(b, generator=g)) for _ in range(n)]
 
 
 def _to_cpu(state):
@@ -72,9 +72,9 @@ def test_cuda_nan_batch_is_skipped_without_touching_the_weights():
     learner = Learner(config=cfg.to_dict(), checkpoint=_checkpoint(cfg), device="cuda")
     learner.train(_batches(cfg, 3))
     before = {k: v.clone() for k, v in learner.trainer.denoiser.state_dict().items()}
-    x, mask, cond, returns = _batches(cfg, 1, seed=1)[0]
-    x[0, 0, 0] = float("nan")
-    out = learner.train([Batch(x, mask, cond, returns)])
+    batch = _batches(cfg, 1, seed=1)[0]
+    batch.x_start[0, 0, 0] = float("nan")
+    out = learner.train([batch])
     assert out["skipped"] == 1 and out["updates"] == 0
     for k, v in learner.trainer.denoiser.state_dict().items():
         assert torch.equal(v, before[k]), k

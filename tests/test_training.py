@@ -19,7 +19,7 @@ def test_overfits_a_fixed_batch(tiny_episodes):
     g = torch.Generator().manual_seed(1)
     reps = 32
     t = torch.arange(8 * reps) % trainer.diffusion.n_steps
-    x, mask, cond, returns = (v.repeat(reps, *([1] * (v.ndim - 1))) for v in batch)
+    x, mask, cond, returns, _ = (v.repeat(reps, *([1] * (v.ndim - 1))) for v in batch)
     noise = torch.randn(x.shape, generator=g)
     x_t = trainer.diffusion.layout.condition(trainer.diffusion.q_sample(x, t, noise), cond)
     target = (returns - trainer.value_mean) / trainer.value_std
@@ -48,19 +48,23 @@ def test_update_reports_finite_losses(tiny_episodes):
 
 
 def _poison(batch, where):
-    x, mask, cond, returns = (v.clone() for v in batch)
+    x, mask, cond, returns, window_returns = (v.clone() for v in batch)
     if where == "x_start":
         x[2, 3, -1] = float("nan")
     elif where == "cond":
         cond[1, 0] = float("inf")
     elif where == "returns":
         returns[0] = float("nan")
-    return type(batch)(x, mask, cond, returns)
+    elif where == "window_returns":
+        window_returns[3] = float("nan")
+    return type(batch)(x, mask, cond, returns, window_returns)
 
 
-@pytest.mark.parametrize("where", ["x_start", "cond", "returns"])
+@pytest.mark.parametrize("where", ["x_start", "cond", "returns", "window_returns"])
 def test_non_finite_batch_is_skipped_and_changes_nothing(tiny_episodes, where):
-    trainer, windows = make_trainer(tiny_episodes[:2], **{"train.ema_start": 0, "train.ema_every": 1})
+    # window returns only reach the loss of a return-conditioned denoiser
+    conditioned = {"model.returns_condition": where == "window_returns"}
+    trainer, windows = make_trainer(tiny_episodes[:2], **{"train.ema_start": 0, "train.ema_every": 1, **conditioned})
     rng = np.random.default_rng(0)
     for _ in range(3):  # past the first step, so Adam has moments that a bad step could corrupt
         trainer.update(windows.sample(8, rng))

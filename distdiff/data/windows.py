@@ -16,6 +16,7 @@ class Batch(NamedTuple):
     mask: torch.Tensor  # [B, H, D] 1 on real entries, 0 on padding
     cond: torch.Tensor  # [B, obs_dim] normalized s_0
     returns: torch.Tensor  # [B] discounted return-to-go from s_0 (raw reward units)
+    window_returns: torch.Tensor  # [B] reward per step the window itself earns (see WindowDataset)
 
 
 def fit_normalizer(episodes: Sequence[Episode], layout: TrajectoryLayout, kind: str) -> Normalizer:
@@ -25,12 +26,26 @@ def fit_normalizer(episodes: Sequence[Episode], layout: TrajectoryLayout, kind: 
     return Normalizer.fit(rows, kind=kind)
 
 
+def _window_sums(rewards: np.ndarray, horizon: int, terminal_bonus: float) -> np.ndarray:
+    """``Σ_{j<horizon} r_{t+j}`` for every start t, over the real steps only."""
+    rewards = np.asarray(rewards, dtype=np.float64).copy()
+    rewards[-1] += terminal_bonus
+    csum = np.concatenate([[0.0], np.cumsum(rewards)])
+    starts = np.arange(len(rewards))
+    return csum[np.minimum(starts + horizon, len(rewards))] - csum[starts]
+
+
 class WindowDataset:
     """All windows ``(episode, start)`` with ``start`` in ``[0, T)``.
 
     Row ``j`` of a window is ``[s_{start+j}, a_{start+j}]``. Past the episode's end, states
     repeat the last observation and actions the last action; those entries are masked.
     The last observation s_T is a real state (its row's action is padding).
+
+    A window's own return is the reward its real transitions earn, the termination penalty
+    included when the episode ends inside it, divided by the horizon: the reward per step of
+    what the window shows, which a return-conditioned denoiser learns to produce (padding
+    earns nothing, so a fall reads as a low return).
     """
 
     def __init__(
@@ -62,6 +77,9 @@ class WindowDataset:
             for ep in episodes
         ]
         self.returns = np.concatenate([g[:-1] for g in rtg]).astype(np.float32)
+        self.window_returns = np.concatenate([
+            _window_sums(ep.rewards, horizon, termination_penalty if ep.terminated else 0.0) for ep in episodes
+        ]).astype(np.float32) / horizon
         self._cdf: Optional[np.ndarray] = None
         if start_weight != 1.0:
             # Episode starts are rare in long episodes: ``start_weight`` draws the windows that
@@ -96,7 +114,13 @@ class WindowDataset:
             np.broadcast_to((steps < length)[..., None], act.shape),
         ], axis=-1).astype(np.float32)
         x = torch.from_numpy(np.concatenate([obs, act], axis=-1))
-        return Batch(x, torch.from_numpy(mask), x[:, 0, self.layout.state_slice].clone(), torch.from_numpy(self.returns[index]))
+        return Batch(x, torch.from_numpy(mask), x[:, 0, self.layout.state_slice].clone(), torch.from_numpy(self.returns[index]),
+                     torch.from_numpy(self.window_returns[index]))
+
+    def return_quantiles(self, n: int = 101) -> np.ndarray:
+        """``n`` evenly spaced quantiles (0 to 1) of the windows' own returns: the table that
+        turns a window return into the quantile a return-conditioned denoiser is given."""
+        return np.quantile(self.window_returns.astype(np.float64), np.linspace(0.0, 1.0, n))
 
     def sample(self, batch_size: int, rng: np.random.Generator) -> Batch:
         if self._cdf is None:

@@ -52,3 +52,28 @@ class ValueGuide:
                 grad = self.posterior_variance[t].reshape(active.shape) * grad
             x = clamp(x + self.scale * active * grad)
         return x
+
+
+class ReturnConditioned:
+    """A return-conditioned denoiser as the samplers' ``model(x, t)``, with classifier-free
+    guidance (Ho & Salimans 2022): ``out = out_∅ + w·(out_R − out_∅)``.
+
+    ``returns`` is the condition the denoiser was trained on (a window return's quantile);
+    ``scale`` w = 1 runs the conditional model alone, w > 1 runs the conditional and the
+    unconditional model in one batch and extrapolates from the second past the first. Both
+    outputs are affine in ``x`` for a fixed ``t``, so mixing them is the same in every
+    parameterization (ε, x₀ or v).
+    """
+
+    def __init__(self, denoiser, *, returns: float, scale: float = 1.0):
+        if scale < 0:
+            raise ValueError(f"scale must be >= 0, got {scale}")
+        self.denoiser, self.returns, self.scale = denoiser, float(returns), float(scale)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        r = torch.full((x.shape[0],), self.returns, device=x.device, dtype=x.dtype)
+        if self.scale == 1.0:
+            return self.denoiser(x, t, returns=r)
+        keep = torch.cat([torch.ones_like(r), torch.zeros_like(r)])
+        cond, uncond = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), returns=torch.cat([r, r]), returns_mask=keep).chunk(2)
+        return uncond + self.scale * (cond - uncond)

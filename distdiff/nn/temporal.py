@@ -6,7 +6,7 @@ timesteps ``[B]``; convolutions run along the horizon with channels = transition
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -67,14 +67,29 @@ def check_horizon(horizon: int, dim_mults: Sequence[int]) -> None:
 
 
 class TemporalUnet(nn.Module):
-    """ε- or x₀-prediction network: ``[B, H, D], [B] → [B, H, D]``."""
+    """ε- or x₀-prediction network: ``[B, H, D], [B] → [B, H, D]``.
 
-    def __init__(self, *, horizon: int, transition_dim: int, dim: int = 32, dim_mults: Sequence[int] = (1, 2, 4), kernel_size: int = 5):
+    With ``returns_condition`` it also takes ``returns`` ``[B]`` (a window return's quantile in
+    [0, 1]) and ``returns_mask`` ``[B]`` (1 to use it), embedded and added to the time
+    embedding as in Decision Diffuser (Ajay et al. 2023); a masked or absent return is the
+    unconditional model that classifier-free guidance subtracts.
+    """
+
+    def __init__(self, *, horizon: int, transition_dim: int, dim: int = 32, dim_mults: Sequence[int] = (1, 2, 4), kernel_size: int = 5,
+                 returns_condition: bool = False):
         super().__init__()
         check_horizon(horizon, dim_mults)
         dims = [transition_dim] + [dim * m for m in dim_mults]
         pairs = list(zip(dims[:-1], dims[1:]))
         self.time_mlp = time_mlp(dim)
+        self.returns_condition = returns_condition
+        self.returns_mlp = None
+        if returns_condition:
+            self.returns_mlp = nn.Sequential(nn.Linear(1, dim), nn.Mish(), nn.Linear(dim, dim * 4), nn.Mish(), nn.Linear(dim * 4, dim))
+            # A zero output layer: the new net starts as the unconditional one, so the return
+            # embedding can be learned on top of a trained prior's weights as well as from scratch.
+            nn.init.zeros_(self.returns_mlp[-1].weight)
+            nn.init.zeros_(self.returns_mlp[-1].bias)
         self.downs = nn.ModuleList()
         for i, (c_in, c_out) in enumerate(pairs):
             last = i == len(pairs) - 1
@@ -95,9 +110,15 @@ class TemporalUnet(nn.Module):
             ]))
         self.final = nn.Sequential(Conv1dBlock(dim, dim, kernel_size), nn.Conv1d(dim, transition_dim, 1))
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, returns: Optional[torch.Tensor] = None,
+                returns_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         x = x.transpose(1, 2)
         emb = self.time_mlp(t)
+        if returns is not None:
+            if self.returns_mlp is None:
+                raise ValueError("this denoiser was built without returns_condition; it cannot take returns")
+            r = self.returns_mlp(returns.to(emb.dtype)[:, None])
+            emb = emb + (r if returns_mask is None else returns_mask.to(emb.dtype)[:, None] * r)
         skips = []
         for block1, block2, down in self.downs:
             x = block2(block1(x, emb), emb)

@@ -1,0 +1,89 @@
+"""Return-conditioned denoising (Decision Diffuser): the quantile table, classifier-free
+guidance, and a planner that plans better windows when asked for a higher return."""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from _helpers import make_trainer
+from distdiff.checkpoint import CheckpointError
+from distdiff.data.episodes import Episode
+from distdiff.diffusion.guidance import ReturnConditioned
+from distdiff.planner import Planner
+from distdiff.training import Trainer, quantile_of
+
+
+def test_quantile_of_inverts_the_table_and_clamps():
+    table = torch.tensor([0.0, 1.0, 3.0, 7.0, 8.0])  # quantiles 0, .25, .5, .75, 1
+    values = torch.tensor([0.0, 1.0, 2.0, 7.0, 7.5, 8.0, -5.0, 20.0])
+    expected = torch.tensor([0.0, 0.25, 0.375, 0.75, 0.875, 1.0, 0.0, 1.0])
+    torch.testing.assert_close(quantile_of(values, table), expected)
+
+
+class Recorder(torch.nn.Module):
+    """Output = the return condition where it is kept, else -1, per sample."""
+
+    def forward(self, x, t, returns=None, returns_mask=None):
+        r = torch.full((x.shape[0],), -1.0) if returns is None else returns
+        if returns_mask is not None:
+            r = torch.where(returns_mask > 0, r, torch.full_like(r, -1.0))
+        return r[:, None, None].expand_as(x)
+
+
+@pytest.mark.parametrize("scale", [0.0, 1.0, 2.5])
+def test_classifier_free_guidance_mixes_conditional_and_unconditional(scale):
+    x, t = torch.zeros(3, 4, 2), torch.zeros(3, dtype=torch.long)
+    out = ReturnConditioned(Recorder(), returns=0.8, scale=scale)(x, t)
+    # conditional 0.8, unconditional -1: w = 0 is the unconditional model, 1 the conditional
+    torch.testing.assert_close(out, torch.full_like(x, -1.0 + scale * 1.8))
+
+
+def test_conditioning_needs_the_quantile_table(tiny_episodes):
+    trainer, _ = make_trainer(tiny_episodes[:2], **{"model.returns_condition": True})
+    with pytest.raises(ValueError, match="quantiles"):
+        Trainer(trainer.cfg, trainer.normalizer, value_mean=0.0, value_std=1.0)
+    state = trainer.state_dict()
+    restored = Trainer.from_checkpoint(state)
+    torch.testing.assert_close(restored.return_quantiles, trainer.return_quantiles)
+    unconditioned, _ = make_trainer(tiny_episodes[:2])
+    with pytest.raises(CheckpointError, match="pretrained with it"):
+        Trainer.from_checkpoint(unconditioned.state_dict(), cfg=trainer.cfg)
+
+
+def _two_speed_episodes(n=16, length=24, seed=0):
+    """Half the episodes act +0.5 on every action dim, half −0.5, from the same kind of states;
+    the reward is the mean action. Only the return tells the two kinds of window apart."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        sign = 1.0 if i % 2 else -1.0
+        actions = (0.5 * sign + 0.05 * rng.standard_normal((length, 6))).astype(np.float32)
+        out.append(Episode(observations=rng.standard_normal((length + 1, 17)).astype(np.float32), actions=actions,
+                           rewards=actions.mean(axis=1), terminated=False, truncated=True))
+    return out
+
+
+def test_a_higher_return_condition_plans_a_higher_return():
+    episodes = _two_speed_episodes()
+    trainer, windows = make_trainer(episodes, **{"model.returns_condition": True, "train.ema_start": 0,
+                                                 "train.ema_every": 1, "train.ema_decay": 0.9,
+                                                 "guidance.scale": 0.0, "guidance.n_candidates": 1})
+    rng = np.random.default_rng(0)
+    for _ in range(400):
+        assert trainer.update(windows.sample(16, rng)) is not None
+    obs = np.stack([ep.observations[3] for ep in episodes[:8]])
+    mean_action = {}
+    for quantile, scale in ((0.1, 1.0), (0.9, 1.0), (0.9, 2.0)):
+        cfg = dataclasses.replace(trainer.cfg, guidance=dataclasses.replace(trainer.cfg.guidance, return_quantile=quantile,
+                                                                            return_scale=scale))
+        planner = Planner.from_config(cfg, diffusion=trainer.diffusion, denoiser=trainer.ema_denoiser.eval(),
+                                      value=trainer.ema_value.eval(), normalizer=trainer.normalizer)
+        plan = planner.plan(obs, generator=torch.Generator().manual_seed(0))
+        np.testing.assert_array_equal(plan.states[:, 0], obs)
+        mean_action[quantile, scale] = float(plan.actions.mean())
+    # the data's two behaviours, chosen by the condition alone
+    assert mean_action[0.1, 1.0] < -0.25 and mean_action[0.9, 1.0] > 0.25, mean_action
+    assert mean_action[0.9, 2.0] > 0.25, mean_action
