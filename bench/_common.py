@@ -26,6 +26,8 @@ def fresh_weights(cfg, version: int = 1) -> dict:
 def fresh_checkpoint(cfg) -> dict:
     """Untrained nets, with the step counter past pretraining as a fine-tuning learner's is
     (the EMA then updates every ``train.ema_every`` steps instead of copying every step)."""
-    state = Trainer(cfg, unit_normalizer(cfg), value_mean=0.0, value_std=1.0).state_dict()
+    # Any increasing table will do for a return-conditioned config: the nets are untrained.
+    state = Trainer(cfg, unit_normalizer(cfg), value_mean=0.0, value_std=1.0,
+                    return_quantiles=np.linspace(-1.0, 1.0, 101)).state_dict()
     state["step"] = cfg.train.steps
     return state

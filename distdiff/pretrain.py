@@ -47,8 +47,12 @@ def checkpoint_payload(trainer: Trainer, rng: np.random.Generator) -> dict:
 
 
 def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
-             data: Optional[LoadedDataset] = None) -> Path:
+             data: Optional[LoadedDataset] = None, init: Optional[str | Path] = None) -> Path:
     """Train until ``cfg.train.steps`` gradient steps; returns the checkpoint path.
+
+    ``init``: start from that checkpoint's weights, normalizer and value statistics instead of
+    fresh ones (see :meth:`Trainer.init_weights_from`), e.g. to add a return condition to a
+    trained prior.
 
     Checkpoints every ``train.checkpoint_every`` steps, at the end, and on Ctrl-C, so an
     interrupted run loses at most one interval and ``resume=True`` continues its step count.
@@ -60,19 +64,23 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     ckpt_path = run_dir / CHECKPOINT
     torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
-    state = None
-    if resume:
-        state = load_checkpoint(ckpt_path)
+    if resume and init is not None:
+        raise ValueError("resume continues this run's own checkpoint; it cannot also start from init")
+    state = load_checkpoint(ckpt_path) if resume else None
+    start = load_checkpoint(init) if init is not None else None
     seed_everything(cfg.train.seed)
     config_lib.save(cfg, run_dir / "config.yaml")
-    normalizer = Normalizer.from_state_dict(state["normalizer"]) if state else None
+    source = state or start
+    normalizer = Normalizer.from_state_dict(source["normalizer"]) if source else None
     _, windows = load_windows(cfg, normalizer, data)
     if state:
         trainer = Trainer.from_checkpoint(state, cfg=cfg, device=device)
     else:
-        trainer = Trainer(cfg, windows.normalizer, value_mean=float(windows.returns.mean()),
-                          value_std=float(windows.returns.std()), device=device,
+        stats = start["value_stats"] if start else {"mean": float(windows.returns.mean()), "std": float(windows.returns.std())}
+        trainer = Trainer(cfg, windows.normalizer, value_mean=stats["mean"], value_std=stats["std"], device=device,
                           return_quantiles=windows.return_quantiles())
+        if start:
+            trainer.init_weights_from(start)
     rng = np.random.default_rng(cfg.train.seed)
     if state and "data_rng" in state:
         rng.bit_generator.state = state["data_rng"]

@@ -287,6 +287,25 @@ class Trainer:
         if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"].cpu())
 
+    def init_weights_from(self, state: Dict[str, object]) -> None:
+        """Start from a checkpoint's nets and their EMA copies, with fresh optimizers and step 0:
+        fine-tuning a prior. A return-conditioned denoiser may start from an unconditioned one:
+        its return embedding is then the zero-initialized one it was built with, so training
+        begins at exactly the old planner."""
+        try:
+            for name in ("denoiser", "ema_denoiser"):
+                missing, unexpected = getattr(self, name).load_state_dict(state[name], strict=False)
+                new = [k for k in missing if k.startswith("returns_mlp.")]
+                if unexpected or len(new) != len(missing):
+                    raise RuntimeError(f"missing keys {sorted(set(missing) - set(new))}, unexpected keys {sorted(unexpected)}")
+            self.value.load_state_dict(state["value"])
+            self.ema_value.load_state_dict(state["ema_value"])
+            if "ema_dynamics" in state:
+                self.dynamics.load_state_dict(state["dynamics"])
+                self.ema_dynamics.load_state_dict(state["ema_dynamics"])
+        except (KeyError, RuntimeError, ValueError) as e:
+            raise CheckpointError(f"checkpoint does not fit this model config: {e}") from e
+
     @classmethod
     def from_checkpoint(cls, state: Dict[str, object], *, cfg: Optional[Config] = None, device="cpu",
                         lr_scale: float = 1.0) -> "Trainer":

@@ -24,6 +24,9 @@ def main(argv=None) -> int:
     p.add_argument("--dataset", default=None, help="Minari dataset id (same as --data.dataset_id).")
     p.add_argument("--run-dir", type=Path, default=None, help="Where checkpoints and TensorBoard logs go (default runs/pretrain-TIME).")
     p.add_argument("--resume", action="store_true", help="Continue the run in --run-dir from its checkpoint (same step count).")
+    p.add_argument("--init", type=Path, default=None,
+                   help="Start from this checkpoint's weights and normalizer (fresh optimizers, step 0): fine-tunes a "
+                        "prior, e.g. with --model.returns_condition true to add a return condition to an unconditioned one.")
     config_lib.add_arguments(p)
     args = p.parse_args(argv)
     if args.dataset:
@@ -32,15 +35,19 @@ def main(argv=None) -> int:
         if args.resume:
             if args.run_dir is None:
                 fail("--resume needs --run-dir")
+            if args.init is not None:
+                fail("--resume continues the run's own checkpoint; drop --init")
             if args.config is not None:
                 fail("--resume continues with the run's own config; drop --config (override fields with --section.field)")
             base = config_lib.from_dict(load_checkpoint(args.run_dir / CHECKPOINT)["config"])
             cfg = config_lib.from_args(args, base=base)
         else:
+            if args.init is not None and not args.init.is_file():
+                fail(f"--init: no checkpoint at {args.init}")
             cfg = config_lib.from_args(args)
         run_dir = args.run_dir or default_run_dir("pretrain")
         print(f"pretraining on {cfg.data.dataset_id} -> {run_dir}", flush=True)
-        path = pretrain(cfg, run_dir, resume=args.resume)
+        path = pretrain(cfg, run_dir, resume=args.resume, init=args.init)
     except (config_lib.ConfigError, DatasetError, CheckpointError, FloatingPointError) as e:
         fail(str(e))
     except KeyboardInterrupt:

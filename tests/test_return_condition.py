@@ -1,5 +1,6 @@
 """Return-conditioned denoising (Decision Diffuser): the quantile table, classifier-free
-guidance, and a planner that plans better windows when asked for a higher return."""
+guidance, a planner that plans better windows when asked for a higher return, and
+adding the condition to a trained prior."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,12 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import make_trainer
-from distdiff.checkpoint import CheckpointError
+from _helpers import make_trainer, tiny_online_config
+from distdiff import config
+from distdiff.checkpoint import CheckpointError, load_checkpoint
+from distdiff.config import ConfigError
 from distdiff.data.episodes import Episode
 from distdiff.diffusion.guidance import ReturnConditioned
 from distdiff.planner import Planner
-from distdiff.training import Trainer, quantile_of
+from distdiff.pretrain import load_windows, pretrain
+from distdiff.training import Trainer, planner_from_checkpoint, quantile_of
 
 
 def test_quantile_of_inverts_the_table_and_clamps():
@@ -87,3 +91,28 @@ def test_a_higher_return_condition_plans_a_higher_return():
     # the data's two behaviours, chosen by the condition alone
     assert mean_action[0.1, 1.0] < -0.25 and mean_action[0.9, 1.0] > 0.25, mean_action
     assert mean_action[0.9, 2.0] > 0.25, mean_action
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"guidance.return_quantile": 1.5}, "guidance.return_quantile"),
+    ({"guidance.return_scale": -1.0}, "guidance.return_scale"),
+    ({"train.condition_dropout": 1.0}, "train.condition_dropout"),
+    ({"model.returns_condition": True, "guidance.return_scale": 3.0, "train.condition_dropout": 0.0}, "unconditional model"),
+])
+def test_bad_return_conditioning_configs_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        config.load(None, overrides)
+
+
+def test_a_return_condition_added_to_a_trained_prior_starts_as_that_prior(tiny_dataset, tmp_path):
+    prior = pretrain(tiny_online_config(tiny_dataset, **{"train.steps": 20}), tmp_path / "prior", quiet=True)
+    cfg = tiny_online_config(tiny_dataset, **{"train.steps": 0, "model.returns_condition": True,
+                                               "guidance.return_quantile": 0.97})
+    added = pretrain(cfg, tmp_path / "conditioned", quiet=True, init=prior)
+    obs = np.stack([ep.observations[0] for ep in load_windows(cfg)[0].episodes[:3]])
+    plans = [planner_from_checkpoint(load_checkpoint(p)).plan(obs, generator=torch.Generator().manual_seed(0))
+             for p in (prior, added)]
+    np.testing.assert_array_equal(plans[0].actions, plans[1].actions)
+    np.testing.assert_array_equal(plans[0].states, plans[1].states)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        pretrain(tiny_online_config(tiny_dataset, **{"model.dim": 16}), tmp_path / "other", quiet=True, init=prior)
