@@ -82,7 +82,6 @@ class TemporalUnet(nn.Module):
         dims = [transition_dim] + [dim * m for m in dim_mults]
         pairs = list(zip(dims[:-1], dims[1:]))
         self.time_mlp = time_mlp(dim)
-        self.returns_condition = returns_condition
         self.returns_mlp = None
         if returns_condition:
             self.returns_mlp = nn.Sequential(nn.Linear(1, dim), nn.Mish(), nn.Linear(dim, dim * 4), nn.Mish(), nn.Linear(dim * 4, dim))
