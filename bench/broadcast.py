@@ -1,5 +1,9 @@
 """Weight broadcast: time until 1, 8 and 32 rollout actors hold a new version, and object-store
 usage over 100 broadcasts. Targets: 32 actors ≤ 2× one actor; flat object-store memory.
+Beside each broadcast it times the same fan-out twice more, to say where the time goes:
+``resend_s`` hands the actors the version they already hold (the object is fetched and
+unpickled, nothing is loaded into the nets), ``empty_call_s`` a call with no argument (Ray's
+dispatch alone).
 
 Prints one JSON line. Uses real RolloutWorker actors (default config) with fractional CPUs.
 """
@@ -43,16 +47,26 @@ def main():
     workers = [RolloutWorkerActor.options(num_cpus=0.01, runtime_env=env).remote(
         config=cfg.to_dict(), normalizer=unit_normalizer(cfg).state_dict(), worker_id=i) for i in range(max(sizes))]
     ray.get([w.ping.remote() for w in workers])
-    out = {"actor_startup_s": time.perf_counter() - t0, "broadcast_s": {}}
+    out = {"actor_startup_s": time.perf_counter() - t0, "broadcast_s": {}, "resend_s": {}, "empty_call_s": {}}
     for n in sizes:
-        times = []
+        times, resend, floor = [], [], []
         for _ in range(args.repeats):
             ref = learner.publish.remote()
             ray.wait([ref])
             t = time.perf_counter()
             ray.get([w.set_weights.remote(ref) for w in workers[:n]])
             times.append(time.perf_counter() - t)
+            # The version every actor already holds: fetched and unpickled, but not loaded.
+            t = time.perf_counter()
+            ray.get([w.set_weights.remote(ref) for w in workers[:n]])
+            resend.append(time.perf_counter() - t)
+            # The same fan-out with nothing to load: Ray's own cost of one call to n actors.
+            t = time.perf_counter()
+            ray.get([w.ping.remote() for w in workers[:n]])
+            floor.append(time.perf_counter() - t)
         out["broadcast_s"][str(n)] = sorted(times)[len(times) // 2]
+        out["resend_s"][str(n)] = sorted(resend)[len(resend) // 2]
+        out["empty_call_s"][str(n)] = sorted(floor)[len(floor) // 2]
     out["ratio_32_to_1"] = out["broadcast_s"][str(max(sizes))] / out["broadcast_s"][str(min(sizes))]
     before = plasma()
     for _ in range(100):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from copy import deepcopy
 
 import numpy as np
@@ -98,9 +99,18 @@ def test_ema_copies_until_start_then_lags(tiny_episodes):
     copy = deepcopy(trainer.denoiser)
     for p in copy.parameters():
         torch.nn.init.zeros_(p)
-    load_flat_weights(copy, weights["denoiser"])
+    # Workers get the weights as read-only views of Ray's object store: loading one must
+    # neither copy it first nor write to it.
+    readonly = weights["denoiser"].copy()
+    readonly.setflags(write=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_flat_weights(copy, readonly)
     for (k, v), w in zip(trainer.ema_denoiser.state_dict().items(), copy.state_dict().values()):
         assert torch.equal(w, v), k
+    assert np.array_equal(readonly, weights["denoiser"])
+    with pytest.raises(ValueError, match="entries"):
+        load_flat_weights(copy, readonly[:-1])
     assert trainer.planner().denoiser is trainer.ema_denoiser
 
 
