@@ -28,7 +28,10 @@ from distdiff.distributed.actors import LearnerActor, RolloutWorkerActor  # noqa
 def plasma():
     from ray._private.internal_api import memory_summary
 
-    m = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", memory_summary(stats_only=True))
+    # This run's own cluster: with no address Ray asks whichever cluster its address file last
+    # recorded, which a `ray start --head` since stopped leaves pointing at a dead one.
+    address = ray.get_runtime_context().gcs_address
+    m = re.search(r"Plasma memory usage (\d+) MiB, (\d+) objects", memory_summary(address=address, stats_only=True))
     return {"mib": int(m.group(1)), "objects": int(m.group(2))}
 
 
@@ -47,26 +50,24 @@ def main():
     workers = [RolloutWorkerActor.options(num_cpus=0.01, runtime_env=env).remote(
         config=cfg.to_dict(), normalizer=unit_normalizer(cfg).state_dict(), worker_id=i) for i in range(max(sizes))]
     ray.get([w.ping.remote() for w in workers])
-    out = {"actor_startup_s": time.perf_counter() - t0, "broadcast_s": {}, "resend_s": {}, "empty_call_s": {}}
+    out = {"actor_startup_s": time.perf_counter() - t0}
+    kinds = ("broadcast_s", "resend_s", "empty_call_s")
     for n in sizes:
-        times, resend, floor = [], [], []
+        def fan_out(method, *args):
+            t = time.perf_counter()
+            ray.get([getattr(w, method).remote(*args) for w in workers[:n]])
+            return time.perf_counter() - t
+
+        times = {k: [] for k in kinds}
         for _ in range(args.repeats):
             ref = learner.publish.remote()
             ray.wait([ref])
-            t = time.perf_counter()
-            ray.get([w.set_weights.remote(ref) for w in workers[:n]])
-            times.append(time.perf_counter() - t)
-            # The version every actor already holds: fetched and unpickled, but not loaded.
-            t = time.perf_counter()
-            ray.get([w.set_weights.remote(ref) for w in workers[:n]])
-            resend.append(time.perf_counter() - t)
-            # The same fan-out with nothing to load: Ray's own cost of one call to n actors.
-            t = time.perf_counter()
-            ray.get([w.ping.remote() for w in workers[:n]])
-            floor.append(time.perf_counter() - t)
-        out["broadcast_s"][str(n)] = sorted(times)[len(times) // 2]
-        out["resend_s"][str(n)] = sorted(resend)[len(resend) // 2]
-        out["empty_call_s"][str(n)] = sorted(floor)[len(floor) // 2]
+            times["broadcast_s"].append(fan_out("set_weights", ref))
+            # The version every actor now holds: fetched and unpickled, but not loaded.
+            times["resend_s"].append(fan_out("set_weights", ref))
+            times["empty_call_s"].append(fan_out("ping"))
+        for k in kinds:
+            out.setdefault(k, {})[str(n)] = sorted(times[k])[len(times[k]) // 2]
     out["ratio_32_to_1"] = out["broadcast_s"][str(max(sizes))] / out["broadcast_s"][str(min(sizes))]
     before = plasma()
     for _ in range(100):

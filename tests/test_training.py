@@ -99,8 +99,8 @@ def test_ema_copies_until_start_then_lags(tiny_episodes):
     copy = deepcopy(trainer.denoiser)
     for p in copy.parameters():
         torch.nn.init.zeros_(p)
-    # Workers get the weights as read-only views of Ray's object store: loading one must
-    # neither copy it first nor write to it.
+    # Workers get the weights as read-only views of Ray's object store: loading one must work
+    # on it as it is, without a warning, and leave it untouched.
     readonly = weights["denoiser"].copy()
     readonly.setflags(write=False)
     with warnings.catch_warnings():
