@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import json
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -80,18 +82,29 @@ def test_sweep_is_interrupted_resumed_and_summarized(ray_session, tiny_dataset, 
     ray.shutdown()
     try:
         proc = subprocess.Popen(cmd, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        lines: "queue.Queue[str]" = queue.Queue()
+        reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+        reader.start()
+        # Interrupt while the second trial is surely mid-run: its actors have just started phase 2
+        # (max_concurrent 1, so the first trial has finished). Trial dirs on storage are no such
+        # signal: Tune makes the next one as the previous trial ends, seconds before it runs.
+        seen, phase2 = [], 0
         deadline = time.monotonic() + 400
-        # max_concurrent 1: the second trial starts once the first has finished.
-        while len(trial_dirs(storage)) < 2:
-            assert proc.poll() is None, proc.stdout.read()[-3000:]
-            assert time.monotonic() < deadline, "the first trial did not finish in time"
-            time.sleep(1)
+        while phase2 < 2:
+            assert time.monotonic() < deadline, "the second trial did not start in time"
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                assert proc.poll() is None, "".join(seen)[-3000:]
+                continue
+            seen.append(line)
+            phase2 += "phase 2: online alignment" in line
         first = trial_dirs(storage)[0]
         assert (first / "metrics.json").is_file()
         first_results = (first / "result.json").read_text()
         first_metrics = (first / "metrics.json").read_text()
         proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=120)
+        assert proc.wait(timeout=120) == 130, "".join(seen + list(lines.queue))[-3000:]
         assert not (storage / "sweep" / "trials.csv").exists()
 
         out = subprocess.run(cmd + ["--resume"], env=subprocess_env, capture_output=True, text=True, timeout=600)
