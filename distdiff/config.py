@@ -86,7 +86,8 @@ class PlannerConfig:
     ddim_eta: float = _f(0.0, "DDIM stochasticity η (0 deterministic, 1 ≈ DDPM).")
     execution: str = _f("receding", "open_loop: execute the plan's H actions (the seed's Alg. 2); receding: replan every replan_every steps.")
     replan_every: int = _f(4, "Steps between plans in receding-horizon mode. On Walker2d 4 scored 57.0 against 54.7 for 8 (episodes 990 steps long against 940), and phase 2 no longer cost return; 2 and 1 scored 57.6 and 57.9 at 2x and 4x the sampling (bench/README.md).")
-    dynamics_candidates: int = _f(1, "Plans sampled per state; the one whose states the dynamics model best reproduces from its actions, open loop from s_0, is executed. Costs that many times the sampling (bench/README.md).")
+    dynamics_candidates: int = _f(1, "Plans sampled per state; the one the dynamics model ranks best (dynamics_rank) is executed. Costs that many times the sampling (bench/README.md).")
+    dynamics_rank: str = _f("error", "How the dynamics model ranks candidates. error: the plan whose states it best reproduces from the plan's actions, open loop from s_0. value: the plan whose actions reach, in the model, the trajectory of highest V (a plan heading for a fall reaches a low-value one, however plausible its own states look).")
 
 
 @dataclass
@@ -319,6 +320,9 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
          "choose plans by value (guidance.n_candidates > 1) or by dynamics (planner.dynamics_candidates > 1), not both")
     if cfg.planner.dynamics_candidates > 1:
         need(cfg.train.train_dynamics, "planner.dynamics_candidates > 1 needs the dynamics model: set train.train_dynamics true")
+    need(cfg.planner.dynamics_rank in ("error", "value"), f"planner.dynamics_rank must be error or value, got {cfg.planner.dynamics_rank!r}")
+    if cfg.planner.dynamics_candidates > 1 and cfg.planner.dynamics_rank == "value":
+        need(cfg.train.train_value, "planner.dynamics_rank value needs the value net: set train.train_value true")
     if cfg.guidance.scale > 0 or cfg.guidance.n_candidates > 1:
         need(cfg.train.train_value, "guidance (scale > 0 or n_candidates > 1) needs the value net: set train.train_value true")
     if cfg.guidance.scale > 0:

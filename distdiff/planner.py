@@ -9,7 +9,7 @@ import torch
 from distdiff.config import Config, GuidanceConfig, PlannerConfig
 from distdiff.diffusion.gaussian import GaussianDiffusion
 from distdiff.diffusion.guidance import ReturnConditioned, ValueGuide
-from distdiff.nn.dynamics import rollout_error
+from distdiff.nn.dynamics import model_rollout, rollout_error
 from distdiff.normalizer import Normalizer
 
 
@@ -38,6 +38,8 @@ class Planner:
             raise ValueError("guidance and candidate selection need a value network")
         if planner.dynamics_candidates > 1 and dynamics is None:
             raise ValueError("planner.dynamics_candidates > 1 needs a dynamics model")
+        if planner.dynamics_candidates > 1 and planner.dynamics_rank == "value" and value is None:
+            raise ValueError("planner.dynamics_rank value needs a value network")
         if planner.dynamics_candidates > 1 and guidance.n_candidates > 1:
             raise ValueError("choose plans by value (guidance.n_candidates) or by dynamics (planner.dynamics_candidates), not both")
         self.diffusion, self.denoiser, self.value, self.dynamics = diffusion, denoiser, value, dynamics
@@ -73,6 +75,13 @@ class Planner:
                                                    guide=self.guide, generator=generator)
         return self.diffusion.p_sample_loop(self.model, cond, guide=self.guide, generator=generator)
 
+    def _dynamics_scores(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B]``, higher is better: how the dynamics model ranks candidate plans ``x``."""
+        if self.cfg.dynamics_rank == "value":
+            t0 = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+            return self.value(model_rollout(self.dynamics, x, self.layout), t0).reshape(-1)
+        return -rollout_error(self.dynamics, x, self.layout)
+
     @torch.no_grad()
     def plan(self, observations: np.ndarray, generator: Optional[torch.Generator] = None) -> Plan:
         obs = np.asarray(observations, dtype=np.float32)
@@ -83,7 +92,7 @@ class Planner:
         cond = cond.repeat_interleave(n, dim=0)
         x = self.sample(cond, generator).trajectories
         if self.cfg.dynamics_candidates > 1:
-            best = rollout_error(self.dynamics, x, self.layout).reshape(b, n).argmin(dim=1)
+            best = self._dynamics_scores(x).reshape(b, n).argmax(dim=1)
             x = x.reshape(b, n, *x.shape[1:])[torch.arange(b), best]
             n = 1
         values = None

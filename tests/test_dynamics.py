@@ -13,14 +13,14 @@ from distdiff import config
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from distdiff.config import ConfigError
 from distdiff.distributed.worker import RolloutWorker
-from distdiff.nn.dynamics import DynamicsNet, rollout_error, transition_loss
+from distdiff.nn.dynamics import DynamicsNet, model_rollout, rollout_error, transition_loss
 from distdiff.training import Trainer, planner_from_checkpoint
 
 
 WITH_DYNAMICS = {"train.train_dynamics": True}
 
 
-def model_rollout(model, s0, actions):
+def own_trajectory(model, s0, actions):
     states = [s0]
     for j in range(actions.shape[1] - 1):
         states.append(model(states[-1], actions[:, j]))
@@ -31,8 +31,9 @@ def model_rollout(model, s0, actions):
 def test_rollout_error_is_zero_for_the_models_own_trajectory_and_grows_with_a_perturbation():
     torch.manual_seed(0)
     model = DynamicsNet(obs_dim=LAYOUT.obs_dim, act_dim=LAYOUT.act_dim, dim=32)
-    x = model_rollout(model, torch.randn(3, LAYOUT.obs_dim), torch.randn(3, 8, LAYOUT.act_dim))
+    x = own_trajectory(model, torch.randn(3, LAYOUT.obs_dim), torch.randn(3, 8, LAYOUT.act_dim))
     assert torch.allclose(rollout_error(model, x, LAYOUT), torch.zeros(3), atol=1e-10)
+    torch.testing.assert_close(model_rollout(model, x, LAYOUT), x)
     bent = x.clone()
     bent[1, 5, LAYOUT.state_slice] += 0.5
     err = rollout_error(model, bent, LAYOUT)
@@ -96,11 +97,49 @@ def test_planner_executes_the_candidate_the_dynamics_model_ranks_best(trained, t
     np.testing.assert_array_equal(plan.states[:, 0], obs)
 
 
+@torch.no_grad()
+def test_model_rollout_keeps_s0_and_the_actions_and_replaces_the_later_states():
+    torch.manual_seed(0)
+    model = DynamicsNet(obs_dim=LAYOUT.obs_dim, act_dim=LAYOUT.act_dim, dim=32)
+    x = torch.randn(2, 6, LAYOUT.transition_dim)
+    reached = model_rollout(model, x, LAYOUT)
+    assert torch.equal(LAYOUT.first_state(reached), LAYOUT.first_state(x))
+    assert torch.equal(LAYOUT.actions(reached), LAYOUT.actions(x))
+    torch.testing.assert_close(LAYOUT.states(reached)[:, 3], model(LAYOUT.states(reached)[:, 2], LAYOUT.actions(x)[:, 2]))
+    assert not torch.allclose(LAYOUT.states(reached)[:, 1:], LAYOUT.states(x)[:, 1:])
+
+
+def test_ranked_by_value_the_planner_executes_the_plan_whose_reached_trajectory_v_rates_highest(trained, tiny_episodes):
+    trainer, path = trained
+    cfg = config.from_dict({"planner": {"dynamics_candidates": 4, "dynamics_rank": "value"},
+                            "guidance": {"n_candidates": 1}}, trainer.cfg)
+    planner = planner_from_checkpoint(load_checkpoint(path), cfg)
+    obs = np.stack([ep.observations[2] for ep in tiny_episodes[:3]])
+    plan = planner.plan(obs, generator=torch.Generator().manual_seed(0))
+    cond = planner.state_normalizer.normalize(torch.from_numpy(obs)).repeat_interleave(4, dim=0)
+    candidates = planner.sample(cond, torch.Generator().manual_seed(0)).trajectories
+    with torch.no_grad():
+        def reached_value(x):
+            return planner.value(model_rollout(planner.dynamics, x, planner.layout), torch.zeros(len(x), dtype=torch.long)).reshape(-1)
+        values = reached_value(candidates).reshape(3, 4)
+        own_values = planner.value(candidates, torch.zeros(12, dtype=torch.long)).reshape(3, 4)
+        assert (values.std(dim=1) > 0).all()
+        torch.testing.assert_close(reached_value(plan.trajectories), values.max(dim=1).values)
+    # V of the reached trajectory is not V of the plan itself: the ranking reads the rollout
+    assert not torch.allclose(values, own_values)
+    np.testing.assert_array_equal(plan.states[:, 0], obs)
+
+
 def test_value_and_dynamics_selection_are_exclusive():
     with pytest.raises(ConfigError, match="not both"):
         config.load(None, {"planner.dynamics_candidates": 4, "guidance.n_candidates": 2})
     with pytest.raises(ConfigError, match="train.train_dynamics"):
         config.load(None, {"planner.dynamics_candidates": 4, "train.train_dynamics": False})
+    with pytest.raises(ConfigError, match="dynamics_rank must be"):
+        config.load(None, {"planner.dynamics_rank": "speed"})
+    with pytest.raises(ConfigError, match="train.train_value"):
+        config.load(None, {"planner.dynamics_candidates": 4, "planner.dynamics_rank": "value",
+                           "train.train_dynamics": True, "train.train_value": False, "guidance.scale": 0.0})
 
 
 def test_a_checkpoint_without_a_dynamics_model_loads_unless_plans_are_ranked_by_it(trained, tmp_path):

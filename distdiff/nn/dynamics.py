@@ -1,7 +1,8 @@
 """A one-step dynamics model s_{j+1} = f(s_j, a_j), in the trajectory's normalized units.
 
-The planner does not plan through it: it only ranks sampled plans by how well their actions,
-rolled out through it from s_0, reproduce their states (:func:`rollout_error`). Ranking samples
+The planner does not plan through it: it only ranks sampled plans, by how well their actions,
+rolled out through it from s_0, reproduce their states (:func:`rollout_error`), or by the value
+of the trajectory that rollout reaches (:func:`model_rollout`). Ranking samples
 from the diffusion prior cannot push a plan off the data the way gradient steps on the model's
 residual do (those lowered the one-step error and raised the compounded one: bench/README.md).
 """
@@ -42,12 +43,18 @@ def transition_loss(model: DynamicsNet, x: torch.Tensor, mask: torch.Tensor, lay
     return (err * valid).sum() / valid.sum().clamp(min=1.0)
 
 
+def model_rollout(model: DynamicsNet, x: torch.Tensor, layout: TrajectoryLayout) -> torch.Tensor:
+    """The trajectory plans ``x`` would make if the world were the model: their actions executed
+    open loop from their s_0, joined with the states the model reaches."""
+    states, actions = layout.states(x), layout.actions(x)
+    reached = [states[:, 0]]
+    for j in range(x.shape[1] - 1):
+        reached.append(model(reached[-1], actions[:, j]))
+    return layout.join(torch.stack(reached, dim=1), actions)
+
+
 def rollout_error(model: DynamicsNet, x: torch.Tensor, layout: TrajectoryLayout) -> torch.Tensor:
     """``[B]``: mean squared distance between the states of plans ``x`` and those the model
     reaches executing their actions open loop from their s_0, as the real env will."""
-    states, actions = layout.states(x), layout.actions(x)
-    current, errors = states[:, 0], []
-    for j in range(x.shape[1] - 1):
-        current = model(current, actions[:, j])
-        errors.append(((current - states[:, j + 1]) ** 2).mean(-1))
-    return torch.stack(errors, dim=1).mean(dim=1)
+    reached = layout.states(model_rollout(model, x, layout))
+    return ((reached[:, 1:] - layout.states(x)[:, 1:]) ** 2).mean(dim=(1, 2))
