@@ -144,10 +144,13 @@ class OnlineRun:
         save_checkpoint(self.run_dir / CHECKPOINT, {**learner_state, "run": self.counters.to_dict()})
 
     def evaluate(self) -> Dict[str, object]:
-        """Checkpoint, then evaluate the newest weights in fresh envs; the run's metrics summary.
+        """Checkpoint, then evaluate the newest weights in fresh envs; the run's metrics summary,
+        also written to ``metrics.json`` (so it holds the latest evaluation).
 
         ``on_evaluation`` (e.g. a Ray Tune report) sees the metrics with the checkpoint of the
-        same weights already on disk in the run dir.
+        same weights and ``metrics.json`` already on disk in the run dir: Tune copies a trial's
+        dir to its storage when it reports a checkpoint, and the final report is the last copy
+        made before the next trial may start.
         """
         self.checkpoint()
         weights = ray.get(self.weights_ref)
@@ -163,6 +166,7 @@ class OnlineRun:
         for key in ("return_mean", "normalized_score", "alignment_error"):
             if metrics[key] is not None:
                 self.writer.add_scalar(f"eval/{key}", metrics[key], c.env_steps)
+        write_json(self.run_dir / "metrics.json", metrics)
         if self.on_evaluation is not None:
             self.on_evaluation(metrics)
         return metrics
@@ -443,5 +447,4 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         raise
     finally:
         run.close()
-    write_json(run_dir / "metrics.json", metrics)
     return metrics
