@@ -41,7 +41,8 @@ class DataConfig:
     fallback_dataset_id: str = _f("local/walker2d/random-v0", "Local dataset used when dataset_id is neither local nor downloadable; collected with a random policy if missing. Empty: no fallback.")
     fallback_episodes: int = _f(200, "Episodes the fallback dataset is collected with.")
     normalizer: str = _f("gaussian", "Per-dimension normalizer: gaussian or minmax.")
-    discount: float = _f(0.997, "Discount of the return-to-go that the value net predicts.")
+    discount: float = _f(0.997, "Discount of the return that the value net predicts.")
+    value_target: str = _f("return_to_go", "What the value net predicts of a window. return_to_go: the discounted return from s_0 to the episode's end (Diffuser's). window: the discounted return of the window's own H transitions, the termination penalty included, i.e. what the plan itself earns; a time limit does not leak into it (bench/README.md).")
     termination_penalty: float = _f(-100.0, "Reward added at a true termination (not at truncation).")
     start_window_weight: float = _f(1.0, "Windows that begin within an episode's first model.horizon steps are drawn this many times as often in pretraining: long episodes hold few starts, and a planner that starts badly falls early. Phase 2's offline share has its own, online.offline_start_window_weight.")
 
@@ -282,6 +283,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     from distdiff.diffusion.schedules import SCHEDULES  # torch-only, imported late to keep config light
     from distdiff.diffusion.gaussian import PREDICTIONS
     from distdiff.training import LR_SCHEDULES
+    from distdiff.data.windows import VALUE_TARGETS
 
     e: List[str] = list(errors or [])
 
@@ -296,6 +298,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(cfg.online.offline_start_window_weight > 0, f"online.offline_start_window_weight must be positive, got {cfg.online.offline_start_window_weight}")
     need(cfg.data.start_window_weight > 0, f"data.start_window_weight must be positive, got {cfg.data.start_window_weight}")
     need(0.0 < cfg.data.discount <= 1.0, f"data.discount must be in (0, 1], got {cfg.data.discount}")
+    need(cfg.data.value_target in VALUE_TARGETS, f"data.value_target must be one of {list(VALUE_TARGETS)}, got {cfg.data.value_target!r}")
     need(cfg.model.horizon > 0, f"model.horizon must be positive, got {cfg.model.horizon}")
     need(len(cfg.model.dim_mults) > 0 and all(m > 0 for m in cfg.model.dim_mults), "model.dim_mults must be positive integers")
     if cfg.model.horizon > 0 and cfg.model.dim_mults:

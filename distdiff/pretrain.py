@@ -17,7 +17,7 @@ from distdiff.data.minari_io import LoadedDataset, load_or_collect
 from distdiff.data.windows import WindowDataset, fit_normalizer
 from distdiff.models import layout_of
 from distdiff.normalizer import Normalizer
-from distdiff.training import Trainer, resolve_device, seed_everything
+from distdiff.training import Trainer, resolve_device, seed_everything, value_target_of
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -38,7 +38,7 @@ def load_windows(cfg: Config, normalizer: Optional[Normalizer] = None, data: Opt
     normalizer = normalizer or fit_normalizer(data.episodes, layout, cfg.data.normalizer)
     windows = WindowDataset(data.episodes, layout=layout, horizon=cfg.model.horizon, normalizer=normalizer,
                             discount=cfg.data.discount, termination_penalty=cfg.data.termination_penalty,
-                            start_weight=cfg.data.start_window_weight)
+                            value_target=cfg.data.value_target, start_weight=cfg.data.start_window_weight)
     return data, windows
 
 
@@ -76,7 +76,11 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     if state:
         trainer = Trainer.from_checkpoint(state, cfg=cfg, device=device)
     else:
-        stats = start["value_stats"] if start else {"mean": float(windows.returns.mean()), "std": float(windows.returns.std())}
+        stats = {"mean": float(windows.returns.mean()), "std": float(windows.returns.std())}
+        # A prior whose value net predicted something else keeps its weights as a start, but
+        # its target statistics would standardize the new targets wrongly.
+        if start and value_target_of(config_lib.from_dict(start["config"])) == value_target_of(cfg):
+            stats = start["value_stats"]
         trainer = Trainer(cfg, windows.normalizer, value_mean=stats["mean"], value_std=stats["std"], device=device,
                           return_quantiles=windows.return_quantiles())
         if start:

@@ -110,6 +110,21 @@ def quantile_of(values: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
     return ((idx - 1).to(values.dtype) + frac) / (n - 1)
 
 
+def value_target_of(cfg: Config) -> tuple:
+    """What the value net of a config predicts: its target statistics hold only for that."""
+    return cfg.data.value_target, cfg.data.discount, cfg.data.termination_penalty, cfg.model.horizon
+
+
+def check_value_target(state: Dict[str, object], cfg: Config) -> None:
+    """Training on from a checkpoint needs the value target it standardized (``value_stats``)."""
+    saved = value_target_of(from_dict(state["config"]))
+    if saved != value_target_of(cfg):
+        raise CheckpointError(
+            f"this checkpoint's value net predicts {saved} (data.value_target, discount, termination_penalty, "
+            f"model.horizon), the config asks for {value_target_of(cfg)}: retrain the value net first with "
+            "launch/pretrain.py --init CHECKPOINT and the new data fields")
+
+
 class Trainer:
     """Owns the denoiser, value net, dynamics model, their EMA copies and optimizers.
 
@@ -315,6 +330,7 @@ class Trainer:
                         lr_scale: float = 1.0) -> "Trainer":
         cfg = cfg or from_dict(state["config"])
         stats = state["value_stats"]
+        check_value_target(state, cfg)
         if cfg.model.returns_condition and state.get("return_quantiles") is None:
             raise CheckpointError("model.returns_condition needs a checkpoint pretrained with it (this one has no "
                                   "window-return quantiles)")

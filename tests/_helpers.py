@@ -125,7 +125,8 @@ def make_trainer(episodes, **overrides):
     layout = layout_of(cfg)
     normalizer = fit_normalizer(episodes, layout, cfg.data.normalizer)
     windows = WindowDataset(episodes, layout=layout, horizon=cfg.model.horizon, normalizer=normalizer,
-                            discount=cfg.data.discount, termination_penalty=cfg.data.termination_penalty)
+                            discount=cfg.data.discount, termination_penalty=cfg.data.termination_penalty,
+                            value_target=cfg.data.value_target)
     trainer = Trainer(cfg, normalizer, value_mean=float(windows.returns.mean()), value_std=float(windows.returns.std()),
                       return_quantiles=windows.return_quantiles())
     return trainer, windows
