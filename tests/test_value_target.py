@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import make_trainer, snapshot, tiny_online_config
+from _helpers import assert_same, make_trainer, snapshot, tiny_online_config
 from distdiff import config
 from distdiff.checkpoint import CheckpointError, load_checkpoint
 from distdiff.config import ConfigError
@@ -101,9 +101,7 @@ def test_the_target_does_not_change_how_the_denoiser_trains(tiny_episodes):
         for _ in range(5):
             trainer.update(windows.sample(8, rng))
         runs.append({k: v for k, v in snapshot(trainer).items() if "denoiser" in k})
-    assert runs[0].keys() == runs[1].keys()
-    for k in runs[0]:
-        assert torch.equal(runs[0][k], runs[1][k]) if torch.is_tensor(runs[0][k]) else runs[0][k] == runs[1][k], k
+    assert_same(*runs)
 
 
 def test_a_checkpoint_trains_on_only_with_its_own_target_and_init_restandardizes(tiny_dataset, tmp_path):
