@@ -151,6 +151,41 @@ def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] > saved["step"]
 
 
+def test_best_evaluation_keeps_its_checkpoint_across_a_resume(ray_session, pretrained, tmp_path, monkeypatch):
+    from distdiff.distributed import driver
+
+    cfg, ckpt = pretrained
+    # Broadcasts every 20 updates, evaluations every 10: half of them come between broadcasts.
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.eval_every": 10, "online.broadcast_every": 20})
+    scores = iter([100.0, 200.0, 300.0, 150.0, 120.0, 110.0, 105.0, 250.0, 101.0, 102.0, 103.0, 104.0])
+    evaluated = []  # (score, the evaluated planner's denoiser weights)
+
+    def scripted_evaluate(planner, cfg, **_):
+        score = next(scores)
+        evaluated.append((score, {k: v.clone() for k, v in planner.denoiser.state_dict().items()}))
+        return {"return_mean": score, "return_std": 0.0, "normalized_score": score / 10, "alignment_error": 0.1,
+                "alignment_error_per_step": [0.1]}
+
+    monkeypatch.setattr(driver, "evaluate", scripted_evaluate)
+    first = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+    assert len(evaluated) >= 3 and first["best"]["return_mean"] == 300.0 == max(s for s, _ in evaluated)
+    best = load_checkpoint(tmp_path / "best.pt")
+    # best.pt holds the very weights that earned the best score, not the last broadcast's.
+    weights = dict(evaluated)[300.0]
+    assert all(torch.equal(best["ema_denoiser"][k], v) for k, v in weights.items())
+    assert best["run"]["updates"] == first["best"]["updates"] < first["updates"]
+
+    # A resumed run only replaces it with a better evaluation than every earlier one.
+    n_first = len(evaluated)
+    longer = tiny_online_config(cfg.data.dataset_id, **{"online.eval_every": 10, "online.broadcast_every": 20,
+                                                   "online.env_steps": 2 * cfg.online.env_steps})
+    second = train(longer, tmp_path, resume=True, log=lambda s: None, progress=False)
+    later = [s for s, _ in evaluated[n_first:]]
+    assert later and max(later) < 300.0
+    assert second["best"] == first["best"]
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == best["step"]
+
+
 def test_ctrl_c_stops_at_the_next_result_with_a_resumable_checkpoint(ray_session, pretrained, tmp_path, monkeypatch):
     cfg, ckpt = pretrained
     cfg = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": 100_000})

@@ -8,7 +8,9 @@ every actor (fire-and-forget), so the weights are stored once per version, never
 """
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -34,6 +36,11 @@ from distdiff.pretrain import load_data, pretrain
 from distdiff.training import check_value_target, load_weights, planner_from_checkpoint
 
 CHECKPOINT, REPLAY = "checkpoint.pt", "replay.pt"
+# The checkpoint of the best evaluation so far and its metrics: phase 2 can lose what it gained
+# (on Walker2d a run whose episodes had reached 64 points fell to 55 within 12k more env steps,
+# bench/README.md 2026-12-04 later), and the last checkpoint alone would keep only the fall.
+BEST, BEST_METRICS = "best.pt", "best.json"
+BEST_KEYS = ("return_mean", "normalized_score", "alignment_error", "env_steps", "updates", "weights_version")
 
 
 def _live_local_cluster() -> Optional[str]:
@@ -127,6 +134,7 @@ class OnlineRun:
                         for i in range(cfg.online.num_actors)]
         self.writer = SummaryWriter(str(run_dir))
         self.weights_ref = None
+        self.published_at = -1  # counters.updates when weights_ref was published
         self.ref_min, self.ref_max = reference_scores(cfg.env.id)
         self.last_example = None
 
@@ -134,6 +142,7 @@ class OnlineRun:
     def broadcast(self) -> None:
         """Publish a new version and hand the one object to every actor, without waiting."""
         self.weights_ref = self.learner.publish.remote()
+        self.published_at = self.counters.updates
         self.counters.version += 1
         for w in self.workers:
             w.set_weights.remote(self.weights_ref)
@@ -153,6 +162,9 @@ class OnlineRun:
         dir to its storage when it reports a checkpoint, and the final report is the last copy
         made before the next trial may start.
         """
+        if self.published_at != self.counters.updates:
+            # Evaluate the weights the checkpoint holds, not the last broadcast's.
+            self.broadcast()
         self.checkpoint()
         weights = ray.get(self.weights_ref)
         summary = evaluate(local_planner(self.cfg, self.normalizer, weights["weights"]), self.cfg)
@@ -167,10 +179,26 @@ class OnlineRun:
         for key in ("return_mean", "normalized_score", "alignment_error"):
             if metrics[key] is not None:
                 self.writer.add_scalar(f"eval/{key}", metrics[key], c.env_steps)
+        metrics["best"] = self.keep_if_best(metrics)
         write_json(self.run_dir / "metrics.json", metrics)
         if self.on_evaluation is not None:
             self.on_evaluation(metrics)
         return metrics
+
+    def keep_if_best(self, metrics: Dict[str, object]) -> Dict[str, object]:
+        """Copy the checkpoint just written to ``best.pt`` if its evaluation's mean return beats
+        every earlier one of this run dir (resumed runs included); the best one's metrics."""
+        path = self.run_dir / BEST_METRICS
+        best = json.loads(path.read_text()) if path.is_file() else None
+        if best is None or metrics["return_mean"] > best["return_mean"]:
+            tmp = self.run_dir / (BEST + ".tmp")
+            shutil.copyfile(self.run_dir / CHECKPOINT, tmp)
+            os.replace(tmp, self.run_dir / BEST)
+            best = {k: metrics[k] for k in BEST_KEYS}
+            write_json(path, best)
+            self.log(f"best evaluation so far: return {best['return_mean']:.1f} at env step {best['env_steps']} "
+                     f"-> {self.run_dir / BEST}")
+        return best
 
     # ----- logging ---------------------------------------------------------------------------
     def log_rollout(self, result: Dict[str, object], t0: float, env_steps0: int) -> None:
