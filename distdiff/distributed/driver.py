@@ -38,7 +38,7 @@ from distdiff.training import check_value_target, load_weights, planner_from_che
 CHECKPOINT, REPLAY = "checkpoint.pt", "replay.pt"
 # The checkpoint of the best evaluation so far and its metrics: phase 2 can lose what it gained
 # (on Walker2d a run whose episodes had reached 64 points fell to 55 within 12k more env steps,
-# bench/README.md 2026-12-04 later), and the last checkpoint alone would keep only the fall.
+# bench/README.md, 2026-12-04 later), and the last checkpoint alone would keep only the fall.
 BEST, BEST_METRICS = "best.pt", "best.json"
 BEST_KEYS = ("return_mean", "normalized_score", "alignment_error", "env_steps", "updates", "weights_version")
 
