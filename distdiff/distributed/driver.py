@@ -43,6 +43,10 @@ BEST, BEST_METRICS = "best.pt", "best.json"
 BEST_KEYS = ("return_mean", "normalized_score", "alignment_error", "env_steps", "updates", "weights_version")
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _live_local_cluster() -> Optional[str]:
     """The address `ray start` recorded on this machine, if a GCS still listens there.
 
@@ -114,7 +118,7 @@ class OnlineRun:
         self.counters = counters
         self.normalizer = Normalizer.from_state_dict(state["normalizer"])
         res = actors.resources(cfg)
-        log(f"actors: {cfg.online.num_actors} rollout actors x {cfg.online.envs_per_actor} envs "
+        log(f"actors: {_count(cfg.online.num_actors, 'rollout actor')} x {_count(cfg.online.envs_per_actor, 'env')} "
             f"({res['actor_cpus']:.3g} CPU each), learner on {'GPU' if res['learner_gpus'] else 'CPU'}")
         cfg_dict = cfg.to_dict()
         self.learner = actors.make_learner(cfg, res, config=cfg_dict, checkpoint=ray.put(state),
@@ -461,7 +465,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     config_lib.save(cfg, run_dir / "config.yaml")
     if data is None:
         data = load_data(cfg)
-    log(f"phase 2: online alignment with {cfg.online.num_actors} actors -> {run_dir} (tensorboard --logdir {run_dir})")
+    log(f"phase 2: online alignment with {_count(cfg.online.num_actors, 'actor')} -> {run_dir} (tensorboard --logdir {run_dir})")
     run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state, log=log, progress=progress,
                     on_evaluation=on_evaluation)
     try:
