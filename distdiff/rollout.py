@@ -32,6 +32,7 @@ class EpisodeResult(NamedTuple):
     plan_errors: np.ndarray  # [n_measured_plans, H] RMSE per horizon step, NaN past a termination
     n_plans: int
     first_check: Optional[PlanCheck]  # the episode's first measured plan
+    seed: int  # the env's reset seed
 
 
 def make_env(env_id: str, max_episode_steps: Optional[int] = None) -> gym.Env:
@@ -146,12 +147,14 @@ def run_episodes(
     plans_made = np.zeros(n, dtype=int)
     errors: List[list] = [[] for _ in range(n)]
     checks: List[Optional[PlanCheck]] = [None] * n
+    seeds = [0] * n
     started = 0
     results: List[EpisodeResult] = []
 
     def start(i):
         nonlocal started
-        o, _ = envs[i].reset(seed=seed + started)
+        seeds[i] = seed + started
+        o, _ = envs[i].reset(seed=seeds[i])
         started += 1
         obs[i] = o
         traj[i] = {"obs": [o], "act": [], "rew": []}
@@ -188,7 +191,7 @@ def run_episodes(
                 ep = Episode(np.array(traj[i]["obs"]), np.array(traj[i]["act"]), np.array(traj[i]["rew"]),
                              bool(terminated), bool(truncated and not terminated))
                 err = np.array(errors[i]) if errors[i] else np.zeros((0, horizon))
-                result = EpisodeResult(ep, err, int(plans_made[i]), checks[i])
+                result = EpisodeResult(ep, err, int(plans_made[i]), checks[i], seeds[i])
                 results.append(result)
                 if progress is not None:
                     progress(result)
@@ -224,6 +227,9 @@ def random_episodes(env: gym.Env, n_episodes: int, seed: int, progress=None) -> 
 def summarize(results: List[EpisodeResult], ref_min=None, ref_max=None) -> dict:
     from distdiff.data.minari_io import normalized_score
 
+    # Seed order, not completion order: per-episode figures of two planners judged on the same
+    # seeds then line up.
+    results = sorted(results, key=lambda r: r.seed)
     returns = np.array([r.episode.episode_return for r in results])
     errs = [r.plan_errors for r in results if len(r.plan_errors)]
     per_step = np.nanmean(np.concatenate(errs), axis=0) if errs else None
@@ -234,6 +240,10 @@ def summarize(results: List[EpisodeResult], ref_min=None, ref_max=None) -> dict:
         "return_std": float(returns.std()),
         "normalized_score": None if score is None else float(score.mean()),
         "episode_length_mean": float(np.mean([len(r.episode) for r in results])),
+        # Episodes cut short by the env's termination (on Walker2d: a fall), not by its time limit.
+        "terminations": int(sum(bool(r.episode.terminated) for r in results)),
+        "episode_returns": [float(v) for v in returns],
+        "episode_lengths": [len(r.episode) for r in results],
         "alignment_error": None if per_step is None else float(np.nanmean(per_step)),
         "alignment_error_per_step": None if per_step is None else [float(v) for v in per_step],
     }

@@ -50,7 +50,8 @@ def main(argv=None) -> int:
     ckpt = args.checkpoint if args.checkpoint.is_file() else args.checkpoint / "checkpoint.pt"
     out = args.out or ckpt.parent / "eval.json"
     write_json(out, summary)
-    print(json.dumps({k: v for k, v in summary.items() if k != "alignment_error_per_step"}))
+    per_item = ("alignment_error_per_step", "episode_returns", "episode_lengths")
+    print(json.dumps({k: v for k, v in summary.items() if k not in per_item}))
     print(f"summary: {out}")
     return 0
 

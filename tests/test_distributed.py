@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TAGS = [
     "charts/episode_return", "charts/normalized_score", "rollout/alignment_error", "losses/denoiser", "losses/value",
     "perf/env_steps_per_s", "perf/updates_per_s", "perf/weights_lag", "replay/size", "faults/worker_restarts",
+    "eval/terminations",
 ]
 
 
@@ -61,6 +62,7 @@ def test_two_worker_run_finishes_and_logs(ray_session, pretrained, tmp_path):
     assert metrics["updates"] == int(cfg.online.updates_per_env_step * metrics["env_steps"])
     for key in ("return_mean", "normalized_score", "alignment_error", "env_steps", "updates", "weights_version"):
         assert metrics[key] is not None
+    assert 0 <= metrics["terminations"] <= cfg.eval.episodes
     assert (tmp_path / "metrics.json").is_file()
     scalars, images = read_tags(tmp_path)
     assert not set(TAGS) - scalars, f"missing tags: {set(TAGS) - scalars}"
@@ -163,8 +165,8 @@ def test_best_evaluation_keeps_its_checkpoint_across_a_resume(ray_session, pretr
     def scripted_evaluate(planner, cfg, **_):
         score = next(scores)
         evaluated.append((score, {k: v.clone() for k, v in planner.denoiser.state_dict().items()}))
-        return {"return_mean": score, "return_std": 0.0, "normalized_score": score / 10, "alignment_error": 0.1,
-                "alignment_error_per_step": [0.1]}
+        return {"return_mean": score, "return_std": 0.0, "normalized_score": score / 10, "terminations": 0,
+                "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
 
     monkeypatch.setattr(driver, "evaluate", scripted_evaluate)
     first = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)

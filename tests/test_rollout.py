@@ -134,3 +134,32 @@ def test_one_step_error_blames_only_the_transitions_into_and_out_of_a_wrong_stat
     # executed from s_0, the actions still reach the true states: only s_j itself is off
     np.testing.assert_allclose(np.delete(errors.compounded, j, axis=1), 0.0, atol=1e-9)
     np.testing.assert_allclose(errors.compounded[:, j], wrong, atol=1e-9)
+
+
+def test_a_summary_lists_episodes_in_seed_order_and_counts_the_falls(walker):
+    from distdiff.data.episodes import Episode
+    from distdiff.rollout import EpisodeResult, run_episodes, summarize
+
+    def still(obs):
+        n = len(obs)
+        return Plan(states=np.repeat(obs[:, None], H, axis=1), actions=np.zeros((n, H, 6)), values=None,
+                    trajectories=torch.zeros(n, H, 23))
+
+    envs = [make_env("Walker2d-v5", max_episode_steps=5) for _ in range(2)]
+    try:
+        results = run_episodes(still, envs, n_episodes=3, execution="receding", horizon=H, replan_every=4, seed=7)
+    finally:
+        for env in envs:
+            env.close()
+    assert sorted(r.seed for r in results) == [7, 8, 9]
+
+    def result(seed, length, fell):
+        ep = Episode(np.zeros((length + 1, 17)), np.zeros((length, 6)), np.full(length, float(seed)), fell, not fell)
+        return EpisodeResult(ep, np.zeros((0, H)), 1, None, seed)
+
+    # completion order: a fall ends an episode early, so it comes back before its elders
+    summary = summarize([result(12, 3, True), result(10, 9, False), result(13, 4, True), result(11, 9, False)])
+    assert summary["terminations"] == 2
+    assert summary["episode_lengths"] == [9, 9, 3, 4]
+    assert summary["episode_returns"] == [90.0, 99.0, 36.0, 52.0]
+    assert summary["episode_length_mean"] == 6.25

@@ -40,7 +40,8 @@ CHECKPOINT, REPLAY = "checkpoint.pt", "replay.pt"
 # (on Walker2d a run whose episodes had reached 64 points fell to 55 within 12k more env steps,
 # bench/README.md, 2026-12-04 later), and the last checkpoint alone would keep only the fall.
 BEST, BEST_METRICS = "best.pt", "best.json"
-BEST_KEYS = ("return_mean", "normalized_score", "alignment_error", "env_steps", "updates", "weights_version")
+BEST_KEYS = ("return_mean", "normalized_score", "terminations", "alignment_error", "env_steps", "updates",
+             "weights_version")
 
 
 def _count(n: int, noun: str) -> str:
@@ -174,13 +175,13 @@ class OnlineRun:
         summary = evaluate(local_planner(self.cfg, self.normalizer, weights["weights"]), self.cfg)
         c = self.counters
         metrics = {
-            **{k: summary[k] for k in ("return_mean", "return_std", "normalized_score", "alignment_error",
-                                       "alignment_error_per_step")},
+            **{k: summary[k] for k in ("return_mean", "return_std", "normalized_score", "terminations",
+                                       "alignment_error", "alignment_error_per_step")},
             "env_steps": c.env_steps, "updates": c.updates, "episodes": c.episodes,
             "weights_version": int(weights["version"]), "worker_restarts": c.worker_restarts,
             "skipped_updates": c.skipped_updates,
         }
-        for key in ("return_mean", "normalized_score", "alignment_error"):
+        for key in ("return_mean", "normalized_score", "terminations", "alignment_error"):
             if metrics[key] is not None:
                 self.writer.add_scalar(f"eval/{key}", metrics[key], c.env_steps)
         metrics["best"] = self.keep_if_best(metrics)
