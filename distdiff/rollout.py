@@ -231,6 +231,7 @@ def summarize(results: List[EpisodeResult], ref_min=None, ref_max=None) -> dict:
     # seeds then line up.
     results = sorted(results, key=lambda r: r.seed)
     returns = np.array([r.episode.episode_return for r in results])
+    lengths = [len(r.episode) for r in results]
     errs = [r.plan_errors for r in results if len(r.plan_errors)]
     per_step = np.nanmean(np.concatenate(errs), axis=0) if errs else None
     score = normalized_score(returns, ref_min, ref_max)
@@ -239,11 +240,11 @@ def summarize(results: List[EpisodeResult], ref_min=None, ref_max=None) -> dict:
         "return_mean": float(returns.mean()),
         "return_std": float(returns.std()),
         "normalized_score": None if score is None else float(score.mean()),
-        "episode_length_mean": float(np.mean([len(r.episode) for r in results])),
+        "episode_length_mean": float(np.mean(lengths)),
         # Episodes cut short by the env's termination (on Walker2d: a fall), not by its time limit.
         "terminations": int(sum(bool(r.episode.terminated) for r in results)),
         "episode_returns": [float(v) for v in returns],
-        "episode_lengths": [len(r.episode) for r in results],
+        "episode_lengths": lengths,
         "alignment_error": None if per_step is None else float(np.nanmean(per_step)),
         "alignment_error_per_step": None if per_step is None else [float(v) for v in per_step],
     }
