@@ -44,7 +44,6 @@ class DataConfig:
     discount: float = _f(0.997, "Discount of the return that the value net predicts.")
     value_target: str = _f("return_to_go", "What the value net predicts of a window. return_to_go: the discounted return from s_0 to the episode's end (Diffuser's). window: the discounted return of the window's own H transitions, the termination penalty included, i.e. what the plan itself earns; a time limit does not leak into it (bench/README.md).")
     termination_penalty: float = _f(-100.0, "Reward added at a true termination (not at truncation).")
-    return_lookahead: int = _f(0, "With model.returns_condition: a window's return condition is its reward per step together with this many steps after it, the steps after a fall earning nothing, so that a fast window on the way to a fall reads low (0: the window's own H steps). On sac-medium-v0 a third of the windows at the 0.97 quantile of their own return precede a fall within 100 steps (bench/README.md).")
     start_window_weight: float = _f(1.0, "Windows that begin within an episode's first model.horizon steps are drawn this many times as often in pretraining: long episodes hold few starts, and a planner that starts badly falls early. Phase 2's offline share has its own, online.offline_start_window_weight.")
 
 
@@ -299,7 +298,6 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(cfg.online.offline_start_window_weight > 0, f"online.offline_start_window_weight must be positive, got {cfg.online.offline_start_window_weight}")
     need(cfg.data.start_window_weight > 0, f"data.start_window_weight must be positive, got {cfg.data.start_window_weight}")
     need(0.0 < cfg.data.discount <= 1.0, f"data.discount must be in (0, 1], got {cfg.data.discount}")
-    need(cfg.data.return_lookahead >= 0, f"data.return_lookahead must be >= 0, got {cfg.data.return_lookahead}")
     need(cfg.data.value_target in VALUE_TARGETS, f"data.value_target must be one of {list(VALUE_TARGETS)}, got {cfg.data.value_target!r}")
     need(cfg.model.horizon > 0, f"model.horizon must be positive, got {cfg.model.horizon}")
     need(len(cfg.model.dim_mults) > 0 and all(m > 0 for m in cfg.model.dim_mults), "model.dim_mults must be positive integers")

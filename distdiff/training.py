@@ -125,23 +125,6 @@ def check_value_target(state: Dict[str, object], cfg: Config) -> None:
             "launch/pretrain.py --init CHECKPOINT and the new data fields")
 
 
-def return_label_of(cfg: Config) -> tuple:
-    """What a return-conditioned denoiser's condition measures: its quantile table holds only for that."""
-    return cfg.data.return_lookahead, cfg.data.termination_penalty, cfg.model.horizon
-
-
-def check_return_label(state: Dict[str, object], cfg: Config) -> None:
-    """Training a return-conditioned checkpoint on needs the window returns its quantile table was made of."""
-    if not cfg.model.returns_condition:
-        return
-    saved = return_label_of(from_dict(state["config"]))
-    if saved != return_label_of(cfg):
-        raise CheckpointError(
-            f"this checkpoint's return condition measures {saved} (data.return_lookahead, termination_penalty, "
-            f"model.horizon), the config asks for {return_label_of(cfg)}: retrain the condition first with "
-            "launch/pretrain.py --init CHECKPOINT and the new data fields")
-
-
 class Trainer:
     """Owns the denoiser, value net, dynamics model, their EMA copies and optimizers.
 
@@ -348,7 +331,6 @@ class Trainer:
         cfg = cfg or from_dict(state["config"])
         stats = state["value_stats"]
         check_value_target(state, cfg)
-        check_return_label(state, cfg)
         if cfg.model.returns_condition and state.get("return_quantiles") is None:
             raise CheckpointError("model.returns_condition needs a checkpoint pretrained with it (this one has no "
                                   "window-return quantiles)")

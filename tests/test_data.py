@@ -68,27 +68,6 @@ def test_a_windows_own_return_is_its_reward_per_step_with_padding_earning_nothin
     assert q[0] == windows.window_returns.min() and q[-1] == windows.window_returns.max() and np.all(np.diff(q) >= 0)
 
 
-def test_a_return_lookahead_makes_a_window_on_the_way_to_a_fall_read_low():
-    # reward 4 per step; one episode falls after 6 steps, the other reaches its time limit
-    fall = _episode(6, terminated=True, rewards=[4.0] * 6)
-    limit = _episode(6, terminated=False, truncated=True, rewards=[4.0] * 6, offset=100.0)
-    norm = fit_normalizer([fall, limit], LAYOUT, "gaussian")
-    make = lambda lookahead: WindowDataset([fall, limit], layout=LAYOUT, horizon=2, normalizer=norm, discount=1.0,  # noqa: E731
-                                           termination_penalty=-100.0, return_lookahead=lookahead)
-    own, ahead = make(0).window_returns, make(3).window_returns
-    # without the lookahead the falling episode's first windows read as fast as the other's
-    np.testing.assert_allclose(own[:4], own[6:10])
-    # with it, a window whose 5-step span (H = 2, L = 3) reaches the fall carries its penalty,
-    # and the steps after the fall earn nothing; the first window's span ends before the fall
-    np.testing.assert_allclose(ahead[:6], np.array([20, 20 - 100, 16 - 100, 12 - 100, 8 - 100, 4 - 100]) / 5)
-    assert own[1:4].min() == 4 and ahead[1:4].max() < 0
-    # the time limit is no fall: the last windows average the steps left, never fewer than H = 2
-    np.testing.assert_allclose(ahead[6:], [4, 4, 4, 4, 4, 2])
-    np.testing.assert_allclose(make(0).window_returns, own)
-    with pytest.raises(ValueError, match="return_lookahead"):
-        make(-1)
-
-
 # ----- windows -----------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -54,17 +54,6 @@ def test_return_weighting_survives_a_checkpoint_and_eviction():
     assert share_from_good(restored) == pytest.approx(share_from_good(replay), abs=0.03)
 
 
-def test_online_and_offline_windows_carry_the_return_lookahead():
-    # reward 1 per step for 20 steps, then a fall: with H = 4 and an 8-step lookahead, the 11
-    # windows whose 12-step span reaches past the fall read below 1 (without it, only the last 3)
-    falls = Episode(np.full((21, 3), 1.0), np.zeros((20, 2)), np.ones(20), True, False)
-    replay = make_replay(offline=[falls], offline_ratio=0.5, return_lookahead=8)
-    replay.add([falls])
-    (batch,) = replay.sample(1, 2000)
-    assert float(batch.window_returns.max()) == 1.0
-    assert float((batch.window_returns < 1).float().mean()) == pytest.approx(11 / 20, abs=0.04)
-
-
 def test_offline_ratio_sets_the_mix():
     replay = make_replay(offline=[constant_episode(-1.0, 100, 0.0)], offline_ratio=0.25)
     replay.add([constant_episode(1.0, 100, 1.0)])

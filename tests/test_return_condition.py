@@ -57,17 +57,6 @@ def test_conditioning_needs_the_quantile_table(tiny_episodes):
         Trainer.from_checkpoint(unconditioned.state_dict(), cfg=trainer.cfg)
 
 
-def test_training_on_needs_the_return_condition_its_quantiles_were_made_of(tiny_episodes):
-    trainer, _ = make_trainer(tiny_episodes[:2], **{"model.returns_condition": True})
-    ahead = dataclasses.replace(trainer.cfg, data=dataclasses.replace(trainer.cfg.data, return_lookahead=16))
-    with pytest.raises(CheckpointError, match="return_lookahead"):
-        Trainer.from_checkpoint(trainer.state_dict(), cfg=ahead)
-    # an unconditioned model has no quantile table to mislabel
-    unconditioned, _ = make_trainer(tiny_episodes[:2])
-    Trainer.from_checkpoint(unconditioned.state_dict(), cfg=dataclasses.replace(
-        unconditioned.cfg, data=dataclasses.replace(unconditioned.cfg.data, return_lookahead=16)))
-
-
 def _two_speed_episodes(n=16, length=24, seed=0):
     """Half the episodes act +0.5 on every action dim, half −0.5, from the same kind of states;
     the reward is the mean action. Only the return tells the two kinds of window apart."""
@@ -107,7 +96,6 @@ def test_a_higher_return_condition_plans_a_higher_return():
 @pytest.mark.parametrize("overrides,message", [
     ({"guidance.return_quantile": 1.5}, "guidance.return_quantile"),
     ({"guidance.return_scale": -1.0}, "guidance.return_scale"),
-    ({"data.return_lookahead": -1}, "data.return_lookahead"),
     ({"train.condition_dropout": 1.0}, "train.condition_dropout"),
     ({"model.returns_condition": True, "guidance.return_scale": 3.0, "train.condition_dropout": 0.0}, "unconditional model"),
 ])

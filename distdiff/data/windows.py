@@ -43,23 +43,6 @@ def _window_sums(rewards: np.ndarray, horizon: int, terminal_bonus: float, disco
     return np.lib.stride_tricks.sliding_window_view(padded, horizon) @ discount ** np.arange(horizon)
 
 
-def window_return_labels(episode: Episode, horizon: int, lookahead: int, terminal_bonus: float) -> np.ndarray:
-    """The reward per step over each window and the ``lookahead`` steps after it: the return a
-    return-conditioned denoiser is trained on.
-
-    After a termination the steps earn nothing, so a window that precedes a fall within the
-    lookahead reads low. An episode that did not terminate (time limit, or still running) has
-    no known future past its last step, so its late windows average the steps it has (never
-    fewer than ``horizon``): a time limit does not read as slowness.
-    """
-    span = horizon + lookahead
-    sums = _window_sums(episode.rewards, span, terminal_bonus)
-    if episode.terminated:
-        return sums / span
-    steps_left = len(episode) - np.arange(len(episode))
-    return sums / np.minimum(span, np.maximum(steps_left, horizon))
-
-
 class WindowDataset:
     """All windows ``(episode, start)`` with ``start`` in ``[0, T)``.
 
@@ -70,9 +53,7 @@ class WindowDataset:
     A window's own return is the reward its real transitions earn, the termination penalty
     included when the episode ends inside it, divided by the horizon: the reward per step of
     what the window shows, which a return-conditioned denoiser learns to produce (padding
-    earns nothing, so a fall reads as a low return). With ``return_lookahead`` L > 0 it is the
-    reward per step of the window and the L steps after it (:func:`window_return_labels`), so
-    that a fast window on the way to a fall does not read as a good one.
+    earns nothing, so a fall reads as a low return).
     """
 
     def __init__(
@@ -86,14 +67,11 @@ class WindowDataset:
         termination_penalty: float = 0.0,
         value_target: str = "return_to_go",
         start_weight: float = 1.0,
-        return_lookahead: int = 0,
     ):
         if not episodes:
             raise ValueError("no episodes to make windows from")
         if value_target not in VALUE_TARGETS:
             raise ValueError(f"unknown value target {value_target!r}; choose one of {list(VALUE_TARGETS)}")
-        if return_lookahead < 0:
-            raise ValueError(f"return_lookahead must be >= 0, got {return_lookahead}")
         self.layout, self.horizon, self.normalizer = layout, horizon, normalizer
         state_norm = normalizer.slice(layout.state_slice)
         action_norm = normalizer.slice(layout.action_slice)
@@ -112,8 +90,8 @@ class WindowDataset:
             returns = [discounted_returns_to_go(ep.rewards, discount, b)[:-1] for ep, b in zip(episodes, bonus)]
         self.returns = np.concatenate(returns).astype(np.float32)
         self.window_returns = np.concatenate([
-            window_return_labels(ep, horizon, return_lookahead, b) for ep, b in zip(episodes, bonus)
-        ]).astype(np.float32)
+            _window_sums(ep.rewards, horizon, b) for ep, b in zip(episodes, bonus)
+        ]).astype(np.float32) / horizon
         self._cdf: Optional[np.ndarray] = None
         if start_weight != 1.0:
             # Episode starts are rare in long episodes: ``start_weight`` draws the windows that

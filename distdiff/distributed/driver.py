@@ -33,7 +33,7 @@ from distdiff.models import build_models, layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.planner import Planner
 from distdiff.pretrain import load_data, pretrain
-from distdiff.training import check_return_label, check_value_target, load_weights, planner_from_checkpoint
+from distdiff.training import check_value_target, load_weights, planner_from_checkpoint
 
 CHECKPOINT, REPLAY = "checkpoint.pt", "replay.pt"
 # The checkpoint of the best evaluation so far and its metrics: phase 2 can lose what it gained
@@ -129,7 +129,7 @@ class OnlineRun:
             normalizer=self.normalizer.state_dict(), layout=layout_of(cfg), horizon=cfg.model.horizon,
             discount=cfg.data.discount, termination_penalty=cfg.data.termination_penalty,
             capacity=cfg.online.replay_capacity, offline_ratio=cfg.online.offline_ratio,
-            value_target=cfg.data.value_target, return_lookahead=cfg.data.return_lookahead,
+            value_target=cfg.data.value_target,
             return_weighting=cfg.online.return_weighting, offline_start_weight=cfg.online.offline_start_window_weight,
             online_start_weight=cfg.online.start_window_weight,
             seed=cfg.train.seed)
@@ -463,7 +463,6 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     # Fail here, with the checkpoint's path in the message, rather than inside an actor.
     planner_from_checkpoint(state, cfg)
     check_value_target(state, cfg)
-    check_return_label(state, cfg)
     config_lib.save(cfg, run_dir / "config.yaml")
     if data is None:
         data = load_data(cfg)

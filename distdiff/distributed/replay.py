@@ -43,7 +43,6 @@ class Replay:
         capacity: int,
         offline_ratio: float,
         value_target: str = "return_to_go",
-        return_lookahead: int = 0,
         return_weighting: float = 0.0,
         offline_start_weight: float = 1.0,
         online_start_weight: float = 1.0,
@@ -55,8 +54,7 @@ class Replay:
             raise ValueError(f"online_start_weight must be >= 0, got {online_start_weight}")
         self.normalizer = Normalizer.from_state_dict(normalizer)
         self._window_args = dict(layout=layout, horizon=horizon, normalizer=self.normalizer, discount=discount,
-                                 termination_penalty=termination_penalty, value_target=value_target,
-                                 return_lookahead=return_lookahead)
+                                 termination_penalty=termination_penalty, value_target=value_target)
         self.offline = (WindowDataset(offline_episodes, **self._window_args, start_weight=offline_start_weight)
                         if len(offline_episodes) else None)
         self.capacity = capacity
