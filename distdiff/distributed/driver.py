@@ -40,8 +40,9 @@ CHECKPOINT, REPLAY = "checkpoint.pt", "replay.pt"
 # (on Walker2d a run whose episodes had reached 64 points fell to 55 within 12k more env steps,
 # bench/README.md, 2026-12-04 later), and the last checkpoint alone would keep only the fall.
 BEST, BEST_METRICS = "best.pt", "best.json"
-BEST_KEYS = ("return_mean", "normalized_score", "terminations", "alignment_error", "env_steps", "updates",
-             "weights_version")
+# An evaluation's figures that go to TensorBoard (eval/…), metrics.json and best.json alike.
+EVAL_SCALARS = ("return_mean", "normalized_score", "terminations", "alignment_error")
+BEST_KEYS = (*EVAL_SCALARS, "env_steps", "updates", "weights_version")
 
 
 def _count(n: int, noun: str) -> str:
@@ -175,13 +176,12 @@ class OnlineRun:
         summary = evaluate(local_planner(self.cfg, self.normalizer, weights["weights"]), self.cfg)
         c = self.counters
         metrics = {
-            **{k: summary[k] for k in ("return_mean", "return_std", "normalized_score", "terminations",
-                                       "alignment_error", "alignment_error_per_step")},
+            **{k: summary[k] for k in (*EVAL_SCALARS, "return_std", "alignment_error_per_step")},
             "env_steps": c.env_steps, "updates": c.updates, "episodes": c.episodes,
             "weights_version": int(weights["version"]), "worker_restarts": c.worker_restarts,
             "skipped_updates": c.skipped_updates,
         }
-        for key in ("return_mean", "normalized_score", "terminations", "alignment_error"):
+        for key in EVAL_SCALARS:
             if metrics[key] is not None:
                 self.writer.add_scalar(f"eval/{key}", metrics[key], c.env_steps)
         metrics["best"] = self.keep_if_best(metrics)
