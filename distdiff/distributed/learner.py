@@ -15,6 +15,17 @@ class NonFiniteError(FloatingPointError):
     pass
 
 
+def to_cpu(obj):
+    """``obj`` with every tensor in its dicts, lists and tuples on CPU."""
+    if torch.is_tensor(obj):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 class Learner:
     """Wraps a :class:`Trainer`; ``version`` counts published weights.
 
@@ -66,7 +77,8 @@ class Learner:
         return {"version": self.version, "weights": self.trainer.weights()}
 
     def state_dict(self) -> Dict[str, object]:
-        return {**self.trainer.state_dict(), "weights_version": self.version}
+        """On CPU: the driver that saves it may run where there is no GPU."""
+        return to_cpu({**self.trainer.state_dict(), "weights_version": self.version})
 
     def step(self) -> int:
         return self.trainer.step
