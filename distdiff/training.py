@@ -341,17 +341,43 @@ class Trainer:
         return trainer
 
 
+PLANNING_NETS = ("denoiser", "value", "dynamics")
+
+
+def prior_of(state: Dict[str, object]) -> Dict[str, Dict[str, torch.Tensor]]:
+    """The planning (EMA) nets phase 2 started from, by net name. A phase-2 checkpoint carries
+    them as ``prior``; any other checkpoint is its own prior."""
+    if "prior" in state:
+        return state["prior"]
+    return {name: state[f"ema_{name}"] for name in PLANNING_NETS if f"ema_{name}" in state}
+
+
+def interpolate(aligned: Dict[str, torch.Tensor], prior: Dict[str, torch.Tensor], prior_weight: float) -> Dict[str, torch.Tensor]:
+    """(1 − w)·aligned + w·prior, entry by entry, for two state dicts of one net: weight-space
+    ensembling of a fine-tuned net with the net it was fine-tuned from (WiSE-FT, Wortsman et al.
+    2022), which keeps what fine-tuning gained with less of what it broke. Non-float entries
+    are the aligned net's."""
+    return {k: torch.lerp(v, prior[k].to(v.dtype), prior_weight) if torch.is_floating_point(v) else v
+            for k, v in aligned.items()}
+
+
 def planner_from_checkpoint(state: Dict[str, object], cfg: Optional[Config] = None, device="cpu") -> Planner:
-    """A planner with the checkpoint's EMA weights (no optimizers built)."""
+    """A planner with the checkpoint's EMA weights (no optimizers built), blended with the
+    prior's by ``online.prior_weight``."""
     cfg = cfg or from_dict(state["config"])
     normalizer = Normalizer.from_state_dict(state["normalizer"])
     diffusion, denoiser, value, dynamics = build_models(cfg, normalizer)
     with_dynamics = has_dynamics(state, cfg)
+    nets = {"denoiser": denoiser, "value": value, "dynamics": dynamics}
+    prior, w = prior_of(state), cfg.online.prior_weight
     try:
-        denoiser.load_state_dict(state["ema_denoiser"])
-        value.load_state_dict(state["ema_value"])
-        if with_dynamics:
-            dynamics.load_state_dict(state["ema_dynamics"])
+        for name, net in nets.items():
+            if name == "dynamics" and not with_dynamics:
+                continue
+            weights = state[f"ema_{name}"]
+            if w > 0 and name in prior:
+                weights = interpolate(weights, prior[name], w)
+            net.load_state_dict(weights)
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint does not fit this model config: {e}") from e
     return Planner.from_config(cfg, diffusion=diffusion.to(device), denoiser=denoiser.to(device).eval(),

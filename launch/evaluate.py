@@ -2,6 +2,10 @@
 (RMSE between planned states and the states reached by executing the planned actions).
 
     python launch/evaluate.py --checkpoint runs/pretrain-X/checkpoint.pt --episodes 10 --guidance 0.1
+
+A phase-2 checkpoint can be judged blended with the prior it started from (see README):
+
+    python launch/evaluate.py --checkpoint runs/train-X/checkpoint.pt --online.prior_weight 0.4
 """
 from __future__ import annotations
 

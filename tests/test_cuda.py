@@ -85,7 +85,7 @@ def test_cuda_checkpoint_resumes_and_plans_on_cpu():
     learner.train(_batches(cfg, 10))
     state = learner.state_dict()
     # a driver with no GPU saves it and plans from it
-    tensors = [state["denoiser"], state["ema_denoiser"], state["opt_denoiser"]["state"]]
+    tensors = [state["denoiser"], state["ema_denoiser"], state["prior"], state["opt_denoiser"]["state"]]
     assert all(not t.is_cuda for d in tensors for t in _tensors(d))
     # the optimizer moments come along, and CPU training goes on from them
     cpu = Trainer.from_checkpoint(state, cfg=cfg, device="cpu")

@@ -188,6 +188,33 @@ def test_best_evaluation_keeps_its_checkpoint_across_a_resume(ray_session, pretr
     assert load_checkpoint(tmp_path / "best.pt")["step"] == best["step"]
 
 
+def test_evaluations_blend_in_the_prior_phase_2_started_from(ray_session, pretrained, tmp_path, monkeypatch):
+    from distdiff.distributed import driver
+
+    cfg, ckpt = pretrained
+    prior = load_checkpoint(ckpt)["ema_denoiser"]
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.prior_weight": 0.25})
+    evaluated = []
+
+    def scripted_evaluate(planner, cfg, **_):
+        evaluated.append({k: v.clone() for k, v in planner.denoiser.state_dict().items()})
+        return {"return_mean": 1.0, "return_std": 0.0, "normalized_score": 0.1, "terminations": 0,
+                "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
+
+    monkeypatch.setattr(driver, "evaluate", scripted_evaluate)
+    train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+    longer = tiny_online_config(cfg.data.dataset_id, **{"online.prior_weight": 0.25,
+                                                   "online.env_steps": 2 * cfg.online.env_steps})
+    train(longer, tmp_path, resume=True, log=lambda s: None, progress=False)
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    # Through the resume, the prior is still the checkpoint phase 2 began with, not the resumed weights.
+    assert all(torch.equal(saved["prior"]["denoiser"][k], v) for k, v in prior.items())
+    assert not all(torch.equal(saved["ema_denoiser"][k], v) for k, v in prior.items())
+    # The final evaluation planned with 3/4 of the aligned weights and 1/4 of the prior's.
+    for k, v in evaluated[-1].items():
+        torch.testing.assert_close(v, 0.75 * saved["ema_denoiser"][k] + 0.25 * prior[k])
+
+
 def test_ctrl_c_stops_at_the_next_result_with_a_resumable_checkpoint(ray_session, pretrained, tmp_path, monkeypatch):
     cfg, ckpt = pretrained
     cfg = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": 100_000})

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from _helpers import assert_same, make_trainer, snapshot
-from distdiff.training import Trainer, ema_update, load_flat_weights, lr_multiplier
+from distdiff import config as config_lib
+from distdiff.training import Trainer, ema_update, load_flat_weights, lr_multiplier, planner_from_checkpoint, prior_of
 
 
 def test_overfits_a_fixed_batch(tiny_episodes):
@@ -204,3 +205,21 @@ def test_ctrl_c_during_pretraining_is_deferred_to_a_step_boundary():
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_planner_blends_a_phase_2_checkpoint_with_its_prior(tiny_episodes):
+    trainer, _ = make_trainer(tiny_episodes[:2])
+    pretrained = trainer.state_dict()
+    aligned = deepcopy(pretrained)
+    aligned["ema_denoiser"] = {k: v + 1.0 for k, v in aligned["ema_denoiser"].items()}
+    aligned["prior"] = prior_of(pretrained)
+
+    def denoiser_of(state, w):
+        cfg = config_lib.from_dict({"online": {"prior_weight": w}}, trainer.cfg)
+        return planner_from_checkpoint(state, cfg).denoiser.state_dict()
+
+    for k, v in denoiser_of(aligned, 0.25).items():
+        torch.testing.assert_close(v, 0.75 * aligned["ema_denoiser"][k] + 0.25 * pretrained["ema_denoiser"][k])
+    assert all(torch.equal(v, aligned["ema_denoiser"][k]) for k, v in denoiser_of(aligned, 0.0).items())
+    # a checkpoint that is not from phase 2 is its own prior
+    assert all(torch.equal(v, pretrained["ema_denoiser"][k]) for k, v in denoiser_of(pretrained, 0.25).items())

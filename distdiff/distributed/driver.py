@@ -29,11 +29,10 @@ from distdiff.config import Config
 from distdiff.data.minari_io import normalized_score, reference_scores
 from distdiff.distributed import actors
 from distdiff.evaluation import evaluate
-from distdiff.models import build_models, layout_of
+from distdiff.models import layout_of
 from distdiff.normalizer import Normalizer
-from distdiff.planner import Planner
 from distdiff.pretrain import load_data, pretrain
-from distdiff.training import check_value_target, load_weights, planner_from_checkpoint
+from distdiff.training import check_value_target, planner_from_checkpoint
 
 CHECKPOINT, REPLAY = "checkpoint.pt", "replay.pt"
 # The checkpoint of the best evaluation so far and its metrics: phase 2 can lose what it gained
@@ -100,13 +99,6 @@ class Counters:
         return {f: getattr(self, f) for f in self.FIELDS}
 
 
-def local_planner(cfg: Config, normalizer: Normalizer, weights: Dict[str, np.ndarray]) -> Planner:
-    models = build_models(cfg, normalizer)
-    load_weights(models.nets(), weights)
-    return Planner.from_config(cfg, diffusion=models.diffusion, denoiser=models.denoiser.eval(), value=models.value.eval(),
-                               dynamics=models.dynamics.eval(), normalizer=normalizer)
-
-
 class OnlineRun:
     """Owns the actors of one run and the driver loop."""
 
@@ -154,10 +146,12 @@ class OnlineRun:
             w.set_weights.remote(self.weights_ref)
 
     # ----- checkpoints -----------------------------------------------------------------------
-    def checkpoint(self) -> None:
+    def checkpoint(self) -> Dict[str, object]:
+        """Write the learner's and the replay's state; the learner's."""
         learner_state, replay_state = ray.get([self.learner.state_dict.remote(), self.replay.state_dict.remote()])
         save_checkpoint(self.run_dir / REPLAY, {"replay": replay_state})
         save_checkpoint(self.run_dir / CHECKPOINT, {**learner_state, "run": self.counters.to_dict()})
+        return learner_state
 
     def evaluate(self) -> Dict[str, object]:
         """Checkpoint, then evaluate the newest weights in fresh envs; the run's metrics summary,
@@ -169,16 +163,17 @@ class OnlineRun:
         made before the next trial may start.
         """
         if self.published_at != self.counters.updates:
-            # Evaluate the weights the checkpoint holds, not the last broadcast's.
+            # The version the checkpoint's weights go by is the one the actors get next.
             self.broadcast()
-        self.checkpoint()
-        weights = ray.get(self.weights_ref)
-        summary = evaluate(local_planner(self.cfg, self.normalizer, weights["weights"]), self.cfg)
+        # The planner the checkpoint makes, so launch/evaluate.py on it judges the same one
+        # (blended with the prior by online.prior_weight).
+        state = self.checkpoint()
+        summary = evaluate(planner_from_checkpoint(state, self.cfg), self.cfg)
         c = self.counters
         metrics = {
             **{k: summary[k] for k in (*EVAL_SCALARS, "return_std", "alignment_error_per_step")},
             "env_steps": c.env_steps, "updates": c.updates, "episodes": c.episodes,
-            "weights_version": int(weights["version"]), "worker_restarts": c.worker_restarts,
+            "weights_version": int(state["weights_version"]), "worker_restarts": c.worker_restarts,
             "skipped_updates": c.skipped_updates,
         }
         for key in EVAL_SCALARS:

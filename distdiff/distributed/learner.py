@@ -8,7 +8,7 @@ import torch
 
 from distdiff.config import from_dict
 from distdiff.data.windows import Batch
-from distdiff.training import Trainer, resolve_device, seed_everything
+from distdiff.training import Trainer, prior_of, resolve_device, seed_everything
 
 
 class NonFiniteError(FloatingPointError):
@@ -41,6 +41,9 @@ class Learner:
         seed_everything(cfg.train.seed + 1)
         self.device = resolve_device(device)
         self.trainer = Trainer.from_checkpoint(checkpoint, cfg=cfg, device=self.device, lr_scale=cfg.online.lr_scale)
+        # What evaluations blend back in (online.prior_weight): kept on CPU, and through resumes
+        # and continuations, so it stays the offline prior.
+        self.prior = to_cpu(prior_of(checkpoint))
         self.version = version
         self.max_nonfinite = max_nonfinite
         self.consecutive_nonfinite = 0
@@ -78,7 +81,7 @@ class Learner:
 
     def state_dict(self) -> Dict[str, object]:
         """On CPU: the driver that saves it may run where there is no GPU."""
-        return to_cpu({**self.trainer.state_dict(), "weights_version": self.version})
+        return to_cpu({**self.trainer.state_dict(), "prior": self.prior, "weights_version": self.version})
 
     def step(self) -> int:
         return self.trainer.step
