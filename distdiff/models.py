@@ -14,6 +14,10 @@ from distdiff.nn.temporal import TemporalUnet, ValueNet
 from distdiff.normalizer import Normalizer
 
 
+# The networks by the names their weights travel and are checkpointed under (see ``Trainer.weights``).
+NETS = ("denoiser", "value", "dynamics")
+
+
 class Models(NamedTuple):
     diffusion: GaussianDiffusion
     denoiser: TemporalUnet
@@ -21,8 +25,7 @@ class Models(NamedTuple):
     dynamics: DynamicsNet
 
     def nets(self) -> Dict[str, torch.nn.Module]:
-        """The networks by the names their weights travel under (see ``Trainer.weights``)."""
-        return {"denoiser": self.denoiser, "value": self.value, "dynamics": self.dynamics}
+        return {name: getattr(self, name) for name in NETS}
 
 
 def layout_of(cfg: Config) -> TrajectoryLayout:

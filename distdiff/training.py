@@ -14,7 +14,7 @@ import torch
 from distdiff.checkpoint import CheckpointError
 from distdiff.config import Config, from_dict
 from distdiff.data.windows import Batch
-from distdiff.models import build_models
+from distdiff.models import NETS, build_models
 from distdiff.nn.dynamics import transition_loss
 from distdiff.normalizer import Normalizer
 from distdiff.planner import Planner
@@ -341,15 +341,12 @@ class Trainer:
         return trainer
 
 
-PLANNING_NETS = ("denoiser", "value", "dynamics")
-
-
 def prior_of(state: Dict[str, object]) -> Dict[str, Dict[str, torch.Tensor]]:
     """The planning (EMA) nets phase 2 started from, by net name. A phase-2 checkpoint carries
     them as ``prior``; any other checkpoint is its own prior."""
     if "prior" in state:
         return state["prior"]
-    return {name: state[f"ema_{name}"] for name in PLANNING_NETS if f"ema_{name}" in state}
+    return {name: state[f"ema_{name}"] for name in NETS if f"ema_{name}" in state}
 
 
 def interpolate(aligned: Dict[str, torch.Tensor], prior: Dict[str, torch.Tensor], prior_weight: float) -> Dict[str, torch.Tensor]:
@@ -366,12 +363,11 @@ def planner_from_checkpoint(state: Dict[str, object], cfg: Optional[Config] = No
     prior's by ``online.prior_weight``."""
     cfg = cfg or from_dict(state["config"])
     normalizer = Normalizer.from_state_dict(state["normalizer"])
-    diffusion, denoiser, value, dynamics = build_models(cfg, normalizer)
+    models = build_models(cfg, normalizer)
     with_dynamics = has_dynamics(state, cfg)
-    nets = {"denoiser": denoiser, "value": value, "dynamics": dynamics}
     prior, w = prior_of(state), cfg.online.prior_weight
     try:
-        for name, net in nets.items():
+        for name, net in models.nets().items():
             if name == "dynamics" and not with_dynamics:
                 continue
             weights = state[f"ema_{name}"]
@@ -380,8 +376,8 @@ def planner_from_checkpoint(state: Dict[str, object], cfg: Optional[Config] = No
             net.load_state_dict(weights)
     except (KeyError, RuntimeError) as e:
         raise CheckpointError(f"checkpoint does not fit this model config: {e}") from e
-    return Planner.from_config(cfg, diffusion=diffusion.to(device), denoiser=denoiser.to(device).eval(),
-                               value=value.to(device).eval(), dynamics=dynamics.to(device).eval(),
+    return Planner.from_config(cfg, diffusion=models.diffusion.to(device), denoiser=models.denoiser.to(device).eval(),
+                               value=models.value.to(device).eval(), dynamics=models.dynamics.to(device).eval(),
                                normalizer=normalizer, device=device)
 
 

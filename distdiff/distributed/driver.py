@@ -147,7 +147,7 @@ class OnlineRun:
 
     # ----- checkpoints -----------------------------------------------------------------------
     def checkpoint(self) -> Dict[str, object]:
-        """Write the learner's and the replay's state; the learner's."""
+        """Write the learner's and the replay's state; returns the learner's."""
         learner_state, replay_state = ray.get([self.learner.state_dict.remote(), self.replay.state_dict.remote()])
         save_checkpoint(self.run_dir / REPLAY, {"replay": replay_state})
         save_checkpoint(self.run_dir / CHECKPOINT, {**learner_state, "run": self.counters.to_dict()})
