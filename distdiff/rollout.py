@@ -127,6 +127,7 @@ def run_episodes(
     state_normalizer: Optional[Normalizer] = None,
     shadows: Optional[List[gym.Env]] = None,
     measure_every: int = 1,
+    max_steps: Optional[int] = None,
     progress: Optional[Callable[[EpisodeResult], None]] = None,
 ) -> List[EpisodeResult]:
     """Run ``n_episodes`` over the given envs, all active envs planned in one batch.
@@ -134,10 +135,13 @@ def run_episodes(
     ``execution``: ``open_loop`` executes each plan's ``horizon`` actions (the seed's Alg. 2),
     ``receding`` replans every ``replan_every`` steps. Episode ``i`` resets with seed
     ``seed + i``. With ``shadows`` (one per env) every ``measure_every``-th plan's alignment
-    error is measured.
+    error is measured. With ``max_steps`` an episode still running after that many steps ends
+    there, truncated, as if the env's time limit were that short.
     """
     if execution not in ("open_loop", "receding"):
         raise ValueError(f"unknown execution mode {execution!r}")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     steps_per_plan = horizon if execution == "open_loop" else replan_every
     n = len(envs)
     obs = [None] * n
@@ -187,6 +191,7 @@ def run_episodes(
             traj[i]["obs"].append(o)
             traj[i]["act"].append(action)
             traj[i]["rew"].append(r)
+            truncated = truncated or (max_steps is not None and len(traj[i]["rew"]) >= max_steps)
             if terminated or truncated:
                 ep = Episode(np.array(traj[i]["obs"]), np.array(traj[i]["act"]), np.array(traj[i]["rew"]),
                              bool(terminated), bool(truncated and not terminated))

@@ -18,7 +18,7 @@ import torch
 from _helpers import tiny_online_config
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint
-from distdiff.distributed.driver import Counters, OnlineRun, train
+from distdiff.distributed.driver import Counters, OnlineRun, rollout_length, train
 from distdiff.distributed.learner import Learner, NonFiniteError
 from distdiff.pretrain import load_windows, pretrain
 
@@ -56,7 +56,7 @@ def read_tags(run_dir: Path):
 def test_two_worker_run_finishes_and_logs(ray_session, pretrained, tmp_path):
     cfg, ckpt = pretrained
     metrics = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
-    assert metrics["env_steps"] >= cfg.online.env_steps
+    assert metrics["env_steps"] == cfg.online.env_steps
     assert metrics["updates"] > 0 and metrics["weights_version"] > 1
     # Updates owed to the last collected steps are run after collection ends.
     assert metrics["updates"] == int(cfg.online.updates_per_env_step * metrics["env_steps"])
@@ -108,6 +108,39 @@ def test_object_store_stays_flat_over_100_broadcasts(ray_session, pretrained, tm
         assert after[0] <= before[0] + 2, (before, after)
     finally:
         run.close()
+
+
+def test_rollouts_share_the_budget_so_no_run_passes_it():
+    # 32 actors x 16 envs x 1,000 steps would be 5x the default budget in the first rollouts alone.
+    free, promised = 100_000, []
+    for idle in range(32, 0, -1):
+        length = rollout_length(free - sum(promised), idle, 16, 1000, 32)
+        promised.append(16 * length)
+    assert promised[0] == 16 * 195 and max(promised) - min(promised) <= 16 and sum(promised) <= free
+    assert rollout_length(10**6, 1, 16, 1000, 32) == 1000
+    # Too little left for an even share of a plan's horizon: the next workers take a horizon each.
+    assert rollout_length(1600, 32, 16, 1000, 32) == 32
+    assert rollout_length(100, 32, 16, 1000, 32) == 6
+    assert rollout_length(15, 1, 16, 1000, 32) == 0
+
+
+def test_a_budget_smaller_than_the_actors_episodes_cuts_them_and_holds(ray_session, pretrained, tmp_path):
+    cfg, ckpt = pretrained
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": 90, "online.envs_per_actor": 2})
+    messages = []
+    state = load_checkpoint(ckpt)
+    data, _ = load_windows(cfg, None)
+    run = OnlineRun(cfg, tmp_path, state, data.episodes, Counters(), log=messages.append, progress=False)
+    try:
+        run.run()
+        stored = ray.get(run.replay.state_dict.remote())
+    finally:
+        run.close()
+    assert cfg.online.env_steps - cfg.online.envs_per_actor < run.counters.env_steps <= cfg.online.env_steps
+    assert int(stored["lengths"].sum()) == run.counters.env_steps
+    assert int(stored["lengths"].max()) < cfg.env.max_episode_steps
+    assert bool((stored["terminated"] | stored["truncated"]).all())
+    assert any("episodes are cut at 22 steps" in m for m in messages)
 
 
 def test_killed_worker_is_replaced_and_nothing_delivered_is_lost(ray_session, pretrained, tmp_path):

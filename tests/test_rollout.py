@@ -163,3 +163,29 @@ def test_a_summary_lists_episodes_in_seed_order_and_counts_the_falls(walker):
     assert summary["episode_lengths"] == [9, 9, 3, 4]
     assert summary["episode_returns"] == [90.0, 99.0, 36.0, 52.0]
     assert summary["episode_length_mean"] == 6.25
+
+
+def test_max_steps_cuts_episodes_as_a_shorter_time_limit_would(walker):
+    from distdiff.rollout import run_episodes
+
+    def still(obs):
+        n = len(obs)
+        return Plan(states=np.repeat(obs[:, None], H, axis=1), actions=np.zeros((n, H, 6)), values=None,
+                    trajectories=torch.zeros(n, H, 23))
+
+    envs = [make_env("Walker2d-v5", max_episode_steps=50) for _ in range(2)]
+    try:
+        cut = run_episodes(still, envs, n_episodes=2, execution="receding", horizon=H, replan_every=4, seed=3,
+                           max_steps=7)
+        whole = run_episodes(still, envs, n_episodes=2, execution="receding", horizon=H, replan_every=4, seed=3)
+        with pytest.raises(ValueError, match="max_steps"):
+            run_episodes(still, envs, n_episodes=1, execution="receding", horizon=H, replan_every=4, seed=3, max_steps=0)
+    finally:
+        for env in envs:
+            env.close()
+    assert [len(r.episode) for r in cut] == [7, 7]
+    assert all(r.episode.truncated and not r.episode.terminated for r in cut)
+    # The cut episodes are the first steps of the uncut ones: the same seeds, the same states.
+    by_seed = {r.seed: r.episode for r in whole}
+    for r in cut:
+        np.testing.assert_array_equal(r.episode.observations, by_seed[r.seed].observations[:8])

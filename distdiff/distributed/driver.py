@@ -86,6 +86,19 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
     return True
 
 
+def rollout_length(free: int, idle: int, envs: int, max_episode_steps: int, min_steps: int) -> int:
+    """Steps each env of the next rollout may take under an env-step budget: ``free`` steps are
+    neither collected nor promised to a running rollout, and ``idle`` workers (this one
+    included) have none running. An even share keeps a run from passing its budget by whole
+    episodes of every actor (with 32 actors x 16 envs, 5x the default budget); where the even
+    share is under ``min_steps`` (a plan's horizon), the next workers take ``min_steps`` each
+    until the budget is spent, rather than every worker a sliver. 0: nothing left for this one."""
+    share = free // (max(idle, 1) * envs)
+    if share < min_steps:
+        share = min(min_steps, free // envs)
+    return max(0, min(max_episode_steps, share))
+
+
 class Counters:
     """Run progress that a checkpoint must carry to resume where it stopped."""
 
@@ -243,13 +256,24 @@ class OnlineRun:
 
     # ----- the loop --------------------------------------------------------------------------
     def budget_left(self, t_start: float) -> bool:
-        """Env-step and update budgets count the whole phase 2, across resumes; wall time this process."""
+        """Env-step and update budgets count the whole phase 2, across resumes; wall time this
+        process. The env-step budget is spent when it cannot give each env of a rollout a step."""
         o = self.cfg.online
-        if o.env_steps and self.counters.env_steps >= o.env_steps:
+        if o.env_steps and o.env_steps - self.counters.env_steps < o.envs_per_actor:
             return False
         if o.updates and self.counters.updates >= o.updates:
             return False
         return not self.out_of_time(t_start)
+
+    def log_budget_share(self) -> None:
+        """Says so when the env-step budget is too small for whole episodes on every env."""
+        o = self.cfg.online
+        length = rollout_length(o.env_steps - self.counters.env_steps, len(self.workers), o.envs_per_actor,
+                                self.cfg.env.max_episode_steps, self.cfg.model.horizon)
+        if o.env_steps and length < self.cfg.env.max_episode_steps:
+            self.log(f"budget: {o.env_steps - self.counters.env_steps} env steps left for "
+                     f"{_count(len(self.workers), 'actor')} x {_count(o.envs_per_actor, 'env')}: episodes are cut "
+                     f"at {length} steps; raise online.env_steps or lower online.envs_per_actor for whole episodes")
 
     def out_of_time(self, t_start: float) -> bool:
         o = self.cfg.online
@@ -273,8 +297,11 @@ class OnlineRun:
         o, c = self.cfg.online, self.counters
         self.broadcast()
         collecting = self.budget_left(time.perf_counter())
-        rollouts = {w.rollout.remote(): i for i, w in enumerate(self.workers)} if collecting else {}
-        parked: List[int] = []  # workers waiting for the learner to catch up
+        if collecting:
+            self.log_budget_share()
+        rollouts: Dict[ray.ObjectRef, int] = {}
+        promised: Dict[ray.ObjectRef, int] = {}  # env steps of the budget each running rollout may take
+        parked: List[int] = []  # workers waiting for the learner to catch up, or for budget
         failures = [0] * len(self.workers)
         retry_at: Dict[int, float] = {}  # dead workers, resubmitted after a back-off while Ray restarts them
         train_ref = size_ref = None
@@ -289,8 +316,28 @@ class OnlineRun:
         def submit(i: int) -> None:
             if self.owed_updates() > o.max_update_lag:
                 parked.append(i)
-            else:
-                rollouts[self.workers[i].rollout.remote()] = i
+                return
+            max_steps = None
+            if o.env_steps:
+                free = o.env_steps - c.env_steps - sum(promised.values())
+                max_steps = rollout_length(free, len(self.workers) - len(rollouts), o.envs_per_actor,
+                                           self.cfg.env.max_episode_steps, self.cfg.model.horizon)
+                if max_steps == 0:
+                    parked.append(i)
+                    return
+            ref = self.workers[i].rollout.remote(max_steps)
+            rollouts[ref] = i
+            if max_steps is not None:
+                promised[ref] = max_steps * o.envs_per_actor
+
+        def submit_parked() -> None:
+            waiting_workers, parked[:] = list(parked), []
+            for i in waiting_workers:
+                submit(i)
+
+        if collecting:
+            for i in range(len(self.workers)):
+                submit(i)
 
         while rollouts or train_ref is not None or retry_at:
             if interrupted is not None and interrupted.is_set():
@@ -335,11 +382,10 @@ class OnlineRun:
                     next_eval += o.eval_every
                 collecting = collecting and self.budget_left(t0)
                 if collecting:
-                    waiting_workers, parked[:] = list(parked), []
-                    for i in waiting_workers:
-                        submit(i)
+                    submit_parked()
             else:
                 i = rollouts.pop(ref)
+                promised.pop(ref, None)
                 try:
                     result = ray.get(ref)
                 except RayActorError:
@@ -363,7 +409,9 @@ class OnlineRun:
                 self.log_rollout(result, t0, env0)
                 collecting = collecting and self.budget_left(t0)
                 if collecting:
+                    # An episode that ended early (a fall) leaves its share of the budget to others.
                     submit(i)
+                    submit_parked()
             owed = self.owed_updates()
             if train_ref is None and owed >= 1 and self.may_train(collecting, t0):
                 n = min(o.updates_per_call, owed)
@@ -371,7 +419,7 @@ class OnlineRun:
                 size_ref = self.replay.size.remote()
             if collecting and not rollouts and train_ref is None and not retry_at:
                 if parked:
-                    raise RuntimeError("rollouts are parked for the learner but the learner has nothing to do")
+                    raise RuntimeError("rollouts are parked but neither the learner nor any rollout is running")
                 raise RuntimeError("no rollout actor is left alive")
         bar.close()
         self.broadcast()

@@ -5,7 +5,7 @@ Kept light on imports (torch, gymnasium, numpy): many of these run on one machin
 from __future__ import annotations
 
 import logging
-from typing import Dict
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -58,15 +58,17 @@ class RolloutWorker:
         # Independent streams per (run seed, worker, task); stable across restarts of the run.
         return int(np.random.SeedSequence([self.cfg.train.seed, self.worker_id, self.tasks]).generate_state(1)[0] >> 1)
 
-    def rollout(self) -> Dict[str, object]:
-        """One episode per env with the current weights; the real trajectories and their stats."""
+    def rollout(self, max_steps: Optional[int] = None) -> Dict[str, object]:
+        """One episode per env with the current weights; the real trajectories and their stats.
+        With ``max_steps``, episodes end (truncated) after that many steps: the driver's share
+        of what is left of an env-step budget."""
         if self.version < 0:
             raise RuntimeError("rollout before set_weights: a worker must never plan with random weights")
         seed = self._seed()
         self.tasks += 1
         version = self.version
         try:
-            results = self._run(seed)
+            results = self._run(seed, max_steps)
         except (RuntimeError, ValueError, FloatingPointError) as e:
             # A simulator that went unstable (MuJoCo warnings escalate to errors) must not kill
             # the worker: rebuild the envs and try the task once more.
@@ -74,7 +76,7 @@ class RolloutWorker:
             self.env_rebuilds += 1
             self._close_envs()
             self._make_envs()
-            results = self._run(seed)
+            results = self._run(seed, max_steps)
         errors = [r.plan_errors for r in results if len(r.plan_errors)]
         return {
             "worker_id": self.worker_id,
@@ -88,7 +90,7 @@ class RolloutWorker:
             "example": next((r.first_check for r in results if r.first_check is not None), None),
         }
 
-    def _run(self, seed: int):
+    def _run(self, seed: int, max_steps: Optional[int]):
         generator = torch.Generator().manual_seed(seed)
         return run_episodes(
             lambda obs: self.planner.plan(obs, generator=generator),
@@ -101,6 +103,7 @@ class RolloutWorker:
             state_normalizer=self.planner.state_normalizer,
             shadows=self.shadows,
             measure_every=self.cfg.online.measure_every,
+            max_steps=max_steps,
         )
 
     def ping(self) -> Dict[str, object]:
