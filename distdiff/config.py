@@ -360,6 +360,9 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
              f"online.{key} must be empty or a custom resource name (not CPU, GPU, memory, object_store_memory, node:..., no surrounding spaces), got {name!r}")
     need(o.env_steps >= 0 and o.updates >= 0 and o.wall_time_s >= 0, "online budgets must be >= 0")
     need(o.env_steps > 0 or o.updates > 0 or o.wall_time_s > 0, "online needs a budget: env_steps, updates or wall_time_s")
+    need(o.env_steps == 0 or o.env_steps >= o.envs_per_actor,
+         f"online.env_steps must be 0 (no limit) or at least online.envs_per_actor ({o.envs_per_actor}): a rollout "
+         f"steps every env at least once, got {o.env_steps}")
     need(o.updates_per_env_step >= 0, "online.updates_per_env_step must be >= 0")
     need(o.max_update_lag >= o.updates_per_call, "online.max_update_lag must be >= online.updates_per_call")
     need(o.updates_per_call >= 1 and o.broadcast_every >= 1, "online.updates_per_call and broadcast_every must be >= 1")

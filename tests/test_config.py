@@ -57,6 +57,7 @@ def test_overrides_are_typed():
         ({"online.start_window_weight": -1.0}, "online.start_window_weight must be >= 0"),
         ({"online.offline_start_window_weight": 0.0}, "online.offline_start_window_weight must be positive"),
         ({"guidance.scale": -1.0}, "guidance.scale"),
+        ({"online.env_steps": 15, "online.envs_per_actor": 16}, "online.env_steps must be 0 (no limit) or at least"),
         ({"online.prior_weight": 1.0}, "online.prior_weight must be in [0, 1)"),
         ({"online.prior_weight": -0.1}, "online.prior_weight must be in [0, 1)"),
         ({"model.kernel_size": 4}, "kernel_size"),
