@@ -134,7 +134,7 @@ class OnlineConfig:
     learner_num_gpus: float = _f(-1.0, "GPUs for the learner; -1 = one if the cluster has any, else CPU.")
     learner_resource: str = _f("", "Custom Ray resource the learner asks 0.001 of, so it runs only on nodes started with it (e.g. ray start --resources='{\"learner\": 1}'); empty = any node.")
     actor_resource: str = _f("", "Custom Ray resource each rollout actor asks 0.001 of, so actors run only on nodes that carry it (e.g. only the CPU nodes, to keep them off the learner's GPU node); empty = any node.")
-    env_steps: int = _f(100_000, "Budget: real env steps collected in phase 2 (0 = unlimited). Each rollout gets a share of what is left, so a run never passes it; when it is smaller than num_actors x envs_per_actor x env.max_episode_steps, episodes are cut (truncated) at the share.")
+    env_steps: int = _f(100_000, "Budget: real env steps collected in phase 2 (0 = unlimited). Each rollout gets a share of what is left, so a run ends within envs_per_actor steps of it and never passes it; when it is smaller than num_actors x envs_per_actor x env.max_episode_steps, episodes are cut (truncated) at the share.")
     updates: int = _f(0, "Budget: learner updates in phase 2 (0 = unlimited).")
     wall_time_s: float = _f(0.0, "Budget: seconds of phase 2 (0 = unlimited).")
     updates_per_env_step: float = _f(0.5, "Learner updates owed per collected env step.")
