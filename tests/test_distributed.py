@@ -143,6 +143,22 @@ def test_a_budget_smaller_than_the_actors_episodes_cuts_them_and_holds(ray_sessi
     assert any("episodes are cut at 22 steps" in m for m in messages)
 
 
+def test_a_run_resumed_while_the_learner_lagged_trains_then_collects(ray_session, pretrained, tmp_path):
+    # Counters as a checkpoint taken mid-run leaves them: 1,000 env steps owe 200 updates, far
+    # more than the lag at which rollouts wait for the learner.
+    cfg, ckpt = pretrained
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": 1100, "online.max_update_lag": 5})
+    data, _ = load_windows(cfg, None)
+    run = OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(env_steps=1000), log=lambda s: None,
+                    progress=False)
+    try:
+        run.run()
+    finally:
+        run.close()
+    assert run.counters.env_steps == 1100
+    assert run.counters.updates == int(cfg.online.updates_per_env_step * 1100)
+
+
 def test_killed_worker_is_replaced_and_nothing_delivered_is_lost(ray_session, pretrained, tmp_path):
     cfg, ckpt = pretrained
     cfg = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": 400})
@@ -273,6 +289,9 @@ def test_ctrl_c_stops_at_the_next_result_with_a_resumable_checkpoint(ray_session
     assert any("interrupted" in m for m in messages)
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
     assert saved["run"]["env_steps"] == rollouts_logged[0] > 0
+    # The learner call in flight at the interrupt is in the checkpoint's weights and in its
+    # counters alike, so a resume does not owe those updates again.
+    assert saved["step"] - load_checkpoint(ckpt)["step"] == saved["run"]["updates"] > 0
 
 
 def test_nan_batch_is_skipped_and_repeated_failure_stops(pretrained):

@@ -335,12 +335,33 @@ class OnlineRun:
             for i in waiting_workers:
                 submit(i)
 
+        def train_more() -> None:
+            nonlocal train_ref, size_ref
+            owed = self.owed_updates()
+            if train_ref is None and owed >= 1 and self.may_train(collecting, t0):
+                n = min(o.updates_per_call, owed)
+                train_ref = self.learner.train.remote(self.replay.sample.remote(n, self.cfg.train.batch_size))
+                size_ref = self.replay.size.remote()
+
+        def count_updates(stats: Dict[str, float]) -> None:
+            nonlocal since_broadcast
+            c.updates += int(stats["updates"])
+            c.skipped_updates += int(stats["skipped"])
+            since_broadcast += int(stats["updates"])
+
         if collecting:
             for i in range(len(self.workers)):
                 submit(i)
+        # Before the loop: a run resumed from a checkpoint taken while the learner lagged has
+        # every worker parked, and only the learner's owed updates can start it.
+        train_more()
 
         while rollouts or train_ref is not None or retry_at:
             if interrupted is not None and interrupted.is_set():
+                if train_ref is not None:
+                    # The checkpoint saved next holds the learner's state after this call:
+                    # its updates must be in the counters too, or a resume would owe them again.
+                    count_updates(ray.get(train_ref))
                 raise KeyboardInterrupt
             waiting = list(rollouts) + ([train_ref] if train_ref is not None else [])
             # A bounded wait: a Ctrl-C only sets a flag, which a wait for one long rollout
@@ -364,9 +385,7 @@ class OnlineRun:
                 except RayTaskError as e:
                     raise RuntimeError(f"the learner failed: {e}") from e
                 train_ref = None
-                c.updates += int(stats["updates"])
-                c.skipped_updates += int(stats["skipped"])
-                since_broadcast += int(stats["updates"])
+                count_updates(stats)
                 self.log_train(stats, size, t0, upd0)
                 if since_broadcast >= o.broadcast_every:
                     self.broadcast()
@@ -412,11 +431,7 @@ class OnlineRun:
                     # An episode that ended early (a fall) leaves its share of the budget to others.
                     submit(i)
                     submit_parked()
-            owed = self.owed_updates()
-            if train_ref is None and owed >= 1 and self.may_train(collecting, t0):
-                n = min(o.updates_per_call, owed)
-                train_ref = self.learner.train.remote(self.replay.sample.remote(n, self.cfg.train.batch_size))
-                size_ref = self.replay.size.remote()
+            train_more()
             if collecting and not rollouts and train_ref is None and not retry_at:
                 if parked:
                     raise RuntimeError("rollouts are parked but neither the learner nor any rollout is running")
