@@ -281,6 +281,8 @@ class Trainer:
             "opt_value": self.opt_value.state_dict(),
             "opt_dynamics": self.opt_dynamics.state_dict(),
             "torch_rng": torch.get_rng_state(),
+            # A GPU learner draws its noise and noise levels from the device's generator.
+            **({"cuda_rng": torch.cuda.get_rng_state(self.device)} if self.device.type == "cuda" else {}),
         }
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
@@ -305,6 +307,8 @@ class Trainer:
         self.skipped_updates = int(state.get("skipped_updates", 0))
         if "torch_rng" in state:
             torch.set_rng_state(state["torch_rng"].cpu())
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.device)
 
     def init_weights_from(self, state: Dict[str, object]) -> None:
         """Start from a checkpoint's nets and their EMA copies, with fresh optimizers and step 0:

@@ -91,6 +91,11 @@ def test_cuda_checkpoint_resumes_and_plans_on_cpu():
     cpu = Trainer.from_checkpoint(state, cfg=cfg, device="cpu")
     assert cpu.step == learner.step() == 10
     assert cpu.update(_batches(cfg, 1, seed=2)[0]) is not None
+    # a resume on the GPU continues the device's random stream, which a CPU learner ignores
+    Learner(config=cfg.to_dict(), checkpoint=state, device="cuda", resumed=True)
+    resumed_draw = torch.rand(3, device="cuda")
+    torch.cuda.set_rng_state(state["cuda_rng"])
+    assert torch.equal(resumed_draw, torch.rand(3, device="cuda"))
     # a CPU rollout worker plans with what the GPU learner trained
     gpu_planner, cpu_planner = learner.trainer.planner(), planner_from_checkpoint(state, cfg=cfg)
     x = torch.randn(4, cfg.model.horizon, cfg.env.obs_dim + cfg.env.act_dim)

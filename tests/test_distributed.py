@@ -195,6 +195,8 @@ def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path)
     longer = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": 2 * cfg.online.env_steps})
     second = train(longer, tmp_path, resume=True, log=lambda s: None, progress=False)
     assert second["env_steps"] >= 2 * cfg.online.env_steps > first["env_steps"]
+    # Rollouts are numbered on from where the first run stopped, so none repeats a seed.
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["run"]["rollouts"] > saved["run"]["rollouts"] > 0
     assert second["updates"] > first["updates"]
     assert second["weights_version"] > first["weights_version"]
     replay_after = load_checkpoint(tmp_path / "replay.pt")["replay"]["added_episodes"]
@@ -324,6 +326,45 @@ def test_learner_fine_tunes_at_the_scaled_rate_and_checkpoints_the_unscaled_conf
     assert learner.trainer.state_dict()["config"]["train"]["lr"] == cfg.train.lr
     again = Learner(config=cfg.to_dict(), checkpoint=learner.trainer.state_dict(), device="cpu")
     assert [g["lr"] for g in again.trainer.opt_denoiser.param_groups] == [0.5 * cfg.train.lr]
+
+
+def test_a_new_phase_2_draws_noise_from_its_seed_and_a_resume_continues_the_checkpoints(pretrained):
+    cfg, ckpt = pretrained
+    state = load_checkpoint(ckpt)
+
+    def first_draw(seed, **kwargs):
+        Learner(config=config_lib.from_dict({"train": {"seed": seed}}, cfg).to_dict(), checkpoint=state, device="cpu",
+                **kwargs)
+        return torch.rand(4)
+
+    assert not torch.equal(first_draw(0), first_draw(1))
+    assert torch.equal(first_draw(0), first_draw(0))
+    torch.set_rng_state(state["torch_rng"])
+    saved_stream = torch.rand(4)
+    assert torch.equal(first_draw(0, resumed=True), saved_stream) and torch.equal(first_draw(1, resumed=True), saved_stream)
+
+
+def test_a_rollout_is_seeded_by_its_number_in_the_run_not_by_the_worker_process(pretrained):
+    from distdiff.distributed.worker import RolloutWorker
+
+    cfg, ckpt = pretrained
+    state = load_checkpoint(ckpt)
+    trainer_weights = Learner(config=cfg.to_dict(), checkpoint=state, device="cpu").publish()
+
+    def episodes(worker, **kwargs):
+        return [ep.observations for ep in worker.rollout(max_steps=5, **kwargs)["episodes"]]
+
+    workers = [RolloutWorker(config=cfg.to_dict(), normalizer=state["normalizer"], worker_id=0) for _ in range(2)]
+    try:
+        for w in workers:
+            w.set_weights(trainer_weights)
+        first = episodes(workers[0], task=7)
+        # A restarted worker (a fresh process) handed rollout 7 again repeats it; rollout 8 differs.
+        assert all(np.array_equal(a, b) for a, b in zip(first, episodes(workers[1], task=7)))
+        assert not all(np.array_equal(a, b) for a, b in zip(first, episodes(workers[1], task=8)))
+    finally:
+        for w in workers:
+            w._close_envs()
 
 
 def test_train_script_connects_to_a_ray_start_cluster(pretrained, tmp_path, subprocess_env):

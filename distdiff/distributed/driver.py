@@ -23,7 +23,7 @@ from ray.exceptions import RayActorError, RayTaskError
 from tqdm import tqdm
 
 from distdiff import config as config_lib
-from distdiff.checkpoint import load_checkpoint, save_checkpoint
+from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from distdiff.cli import deferred_interrupt, write_json
 from distdiff.config import Config
 from distdiff.data.minari_io import normalized_score, reference_scores
@@ -102,10 +102,14 @@ def rollout_length(free: int, idle: int, envs: int, max_episode_steps: int, min_
 class Counters:
     """Run progress that a checkpoint must carry to resume where it stopped."""
 
-    FIELDS = ("env_steps", "updates", "episodes", "version", "worker_restarts", "skipped_updates")
+    FIELDS = ("env_steps", "updates", "episodes", "version", "worker_restarts", "skipped_updates", "rollouts")
 
     def __init__(self, **values):
+        unknown = set(values) - set(self.FIELDS)
+        if unknown:
+            raise ValueError(f"unknown run counters {sorted(unknown)}; known: {list(self.FIELDS)}")
         for f in self.FIELDS:
+            # 0 for a counter that a checkpoint of an older version did not have.
             setattr(self, f, int(values.get(f, 0)))
 
     def to_dict(self) -> Dict[str, int]:
@@ -129,7 +133,8 @@ class OnlineRun:
             f"({res['actor_cpus']:.3g} CPU each), learner on {'GPU' if res['learner_gpus'] else 'CPU'}")
         cfg_dict = cfg.to_dict()
         self.learner = actors.make_learner(cfg, res, config=cfg_dict, checkpoint=ray.put(state),
-                                           version=counters.version, max_nonfinite=cfg.online.max_nonfinite)
+                                           version=counters.version, max_nonfinite=cfg.online.max_nonfinite,
+                                           resumed=counters.updates > 0 or counters.env_steps > 0)
         self.replay = actors.make_replay(
             offline_episodes=ray.put(offline_episodes) if cfg.online.offline_ratio > 0 else [],
             normalizer=self.normalizer.state_dict(), layout=layout_of(cfg), horizon=cfg.model.horizon,
@@ -325,7 +330,10 @@ class OnlineRun:
                 if max_steps == 0:
                     parked.append(i)
                     return
-            ref = self.workers[i].rollout.remote(max_steps)
+            # The run numbers its rollouts, so a restarted actor or a resumed run never
+            # repeats the seeds of rollouts already delivered.
+            ref = self.workers[i].rollout.remote(max_steps, c.rollouts)
+            c.rollouts += 1
             rollouts[ref] = i
             if max_steps is not None:
                 promised[ref] = max_steps * o.envs_per_actor
@@ -505,7 +513,10 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     replay_state = data = None
     if resume:
         state = load_checkpoint(run_dir / CHECKPOINT)
-        counters = Counters(**state.get("run", {}))
+        try:
+            counters = Counters(**state.get("run", {}))
+        except ValueError as e:
+            raise CheckpointError(f"{run_dir / CHECKPOINT}: {e}") from e
         if (run_dir / REPLAY).is_file():
             replay_state = load_checkpoint(run_dir / REPLAY)["replay"]
         log(f"resuming {run_dir} at env step {counters.env_steps}, update {counters.updates}")

@@ -35,19 +35,23 @@ class Learner:
     """
 
     def __init__(self, *, config: Dict[str, object], checkpoint: Dict[str, object], version: int = 0,
-                 device: str = "auto", max_nonfinite: int = 20):
+                 device: str = "auto", max_nonfinite: int = 20, resumed: bool = False):
         cfg = from_dict(config)
         torch.set_num_threads(cfg.train.num_threads)
         seed_everything(cfg.train.seed + 1)
         self.device = resolve_device(device)
         self.trainer = Trainer.from_checkpoint(checkpoint, cfg=cfg, device=self.device, lr_scale=cfg.online.lr_scale)
+        if not resumed:
+            # The checkpoint restored the random streams it was saved with, which a resume
+            # continues; a new phase 2 from a prior draws its own, or every train.seed from
+            # that prior would share one stream of noise and noise levels.
+            seed_everything(cfg.train.seed + 1)
         # What evaluations blend back in (online.prior_weight): kept on CPU, and through resumes
         # and continuations, so it stays the offline prior.
         self.prior = to_cpu(prior_of(checkpoint))
         self.version = version
         self.max_nonfinite = max_nonfinite
         self.consecutive_nonfinite = 0
-        self.updates = 0
 
     def train(self, batches: List[Batch]) -> Dict[str, float]:
         """One update per batch; non-finite ones are skipped. Raises after ``max_nonfinite``
@@ -68,7 +72,6 @@ class Learner:
             done += 1
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
-        self.updates += done
         out = {k: v / max(done, 1) for k, v in sums.items()}
         out.update({"updates": done, "skipped": skipped, "seconds": time.perf_counter() - t0,
                     "windows": done * (batches[0].x_start.shape[0] if batches else 0)})
@@ -85,7 +88,4 @@ class Learner:
 
     def step(self) -> int:
         return self.trainer.step
-
-    def device_name(self) -> str:
-        return str(self.device)
 

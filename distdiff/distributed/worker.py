@@ -54,17 +54,18 @@ class RolloutWorker:
             self.version = int(payload["version"])
         return self.version
 
-    def _seed(self) -> int:
-        # Independent streams per (run seed, worker, task); stable across restarts of the run.
-        return int(np.random.SeedSequence([self.cfg.train.seed, self.worker_id, self.tasks]).generate_state(1)[0] >> 1)
+    def _seed(self, task: int) -> int:
+        # Independent streams per (run seed, worker, task).
+        return int(np.random.SeedSequence([self.cfg.train.seed, self.worker_id, task]).generate_state(1)[0] >> 1)
 
-    def rollout(self, max_steps: Optional[int] = None) -> Dict[str, object]:
+    def rollout(self, max_steps: Optional[int] = None, task: Optional[int] = None) -> Dict[str, object]:
         """One episode per env with the current weights; the real trajectories and their stats.
         With ``max_steps``, episodes end (truncated) after that many steps: the driver's share
-        of what is left of an env-step budget."""
+        of what is left of an env-step budget. ``task`` numbers the rollout within the run and
+        seeds it (default: this worker's own count, which restarts with the process)."""
         if self.version < 0:
             raise RuntimeError("rollout before set_weights: a worker must never plan with random weights")
-        seed = self._seed()
+        seed = self._seed(self.tasks if task is None else task)
         self.tasks += 1
         version = self.version
         try:
