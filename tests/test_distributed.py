@@ -186,6 +186,32 @@ def test_killed_worker_is_replaced_and_nothing_delivered_is_lost(ray_session, pr
         run.close()
 
 
+def test_a_rollout_that_raises_is_retried_counted_and_the_run_goes_on(ray_session, pretrained, tmp_path):
+    from distdiff.distributed.worker import RolloutWorker
+
+    class FailsOnce(RolloutWorker):
+        def rollout(self, max_steps=None, task=None):
+            if self.tasks == 0:
+                self.tasks += 1
+                raise RuntimeError("injected env failure")
+            return super().rollout(max_steps, task)
+
+    cfg, ckpt = pretrained
+    messages = []
+    data, _ = load_windows(cfg, None)
+    run = OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(), log=messages.append, progress=False)
+    ray.kill(run.workers[0])
+    run.workers[0] = ray.remote(FailsOnce).options(num_cpus=0.01).remote(
+        config=cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=0)
+    try:
+        run.run()
+    finally:
+        run.close()
+    assert run.counters.failed_rollouts == 1 and run.counters.worker_restarts == 0
+    assert run.counters.env_steps == cfg.online.env_steps
+    assert any("rollout actor 0 failed a rollout" in m and "injected env failure" in m for m in messages)
+
+
 def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path):
     cfg, ckpt = pretrained
     first = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)

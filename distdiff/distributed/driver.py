@@ -102,7 +102,8 @@ def rollout_length(free: int, idle: int, envs: int, max_episode_steps: int, min_
 class Counters:
     """Run progress that a checkpoint must carry to resume where it stopped."""
 
-    FIELDS = ("env_steps", "updates", "episodes", "version", "worker_restarts", "skipped_updates", "rollouts")
+    FIELDS = ("env_steps", "updates", "episodes", "version", "worker_restarts", "skipped_updates", "rollouts",
+              "failed_rollouts", "env_rebuilds")
 
     def __init__(self, **values):
         unknown = set(values) - set(self.FIELDS)
@@ -192,7 +193,7 @@ class OnlineRun:
             **{k: summary[k] for k in (*EVAL_SCALARS, "return_std", "alignment_error_per_step")},
             "env_steps": c.env_steps, "updates": c.updates, "episodes": c.episodes,
             "weights_version": int(state["weights_version"]), "worker_restarts": c.worker_restarts,
-            "skipped_updates": c.skipped_updates,
+            "skipped_updates": c.skipped_updates, "failed_rollouts": c.failed_rollouts, "env_rebuilds": c.env_rebuilds,
         }
         for key in EVAL_SCALARS:
             if metrics[key] is not None:
@@ -239,6 +240,8 @@ class OnlineRun:
         w.add_scalar("perf/weights_lag", self.counters.version - result["version"], step)
         w.add_scalar("perf/env_steps_per_s", (step - env_steps0) / max(time.perf_counter() - t0, 1e-9), step)
         w.add_scalar("faults/worker_restarts", self.counters.worker_restarts, step)
+        w.add_scalar("faults/failed_rollouts", self.counters.failed_rollouts, step)
+        w.add_scalar("faults/env_rebuilds", self.counters.env_rebuilds, step)
         if result["example"] is not None:
             self.last_example = result["example"]
 
@@ -428,7 +431,21 @@ class OnlineRun:
                     else:
                         retry_at[i] = time.perf_counter() + min(0.5 * failures[i], 5.0)
                     continue
+                except RayTaskError as e:
+                    # The actor lives but its task raised (its envs failed twice in a row, or
+                    # it restarted unseen while it waited and has no weights yet): hand it the
+                    # weights and retry, as for a dead one, until it keeps failing.
+                    c.failed_rollouts += 1
+                    if failures[i] == 0:
+                        self.log(f"rollout actor {i} failed a rollout; retrying it: {str(e).strip().splitlines()[-1]}")
+                    failures[i] += 1
+                    if failures[i] > 10:
+                        self.log(f"rollout actor {i} keeps failing; dropping it")
+                    else:
+                        retry_at[i] = time.perf_counter() + min(0.5 * failures[i], 5.0)
+                    continue
                 failures[i] = 0
+                c.env_rebuilds += result["env_rebuilds"]
                 self.replay.add.remote(result["episodes"])
                 c.env_steps += result["env_steps"]
                 c.episodes += len(result["episodes"])

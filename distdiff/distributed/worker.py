@@ -36,7 +36,6 @@ class RolloutWorker:
                                            normalizer=self.normalizer)
         self.version = -1
         self.tasks = 0
-        self.env_rebuilds = 0
         self._make_envs()
 
     def _make_envs(self) -> None:
@@ -68,13 +67,14 @@ class RolloutWorker:
         seed = self._seed(self.tasks if task is None else task)
         self.tasks += 1
         version = self.version
+        rebuilds = 0
         try:
             results = self._run(seed, max_steps)
         except (RuntimeError, ValueError, FloatingPointError) as e:
             # A simulator that went unstable (MuJoCo warnings escalate to errors) must not kill
             # the worker: rebuild the envs and try the task once more.
             log.warning("worker %d: env failed (%s); rebuilding envs", self.worker_id, e)
-            self.env_rebuilds += 1
+            rebuilds = 1
             self._close_envs()
             self._make_envs()
             results = self._run(seed, max_steps)
@@ -87,7 +87,7 @@ class RolloutWorker:
             "lengths": [len(r.episode) for r in results],
             "plan_errors": np.concatenate(errors) if errors else np.zeros((0, self.cfg.model.horizon)),
             "env_steps": int(sum(len(r.episode) for r in results)),
-            "env_rebuilds": self.env_rebuilds,
+            "env_rebuilds": rebuilds,  # in this task
             "example": next((r.first_check for r in results if r.first_check is not None), None),
         }
 
