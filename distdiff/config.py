@@ -305,9 +305,16 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     if cfg.model.horizon > 0 and cfg.model.dim_mults:
         factor = 2 ** (len(cfg.model.dim_mults) - 1)
         need(cfg.model.horizon % factor == 0, f"model.horizon {cfg.model.horizon} must be a multiple of {factor} for dim_mults {cfg.model.dim_mults}")
-    need(cfg.model.dim > 0 and cfg.model.value_dim > 0 and cfg.model.dynamics_dim > 0, "model.dim, model.value_dim and model.dynamics_dim must be positive")
-    need(cfg.model.kernel_size % 2 == 1, "model.kernel_size must be odd")
-    need(cfg.diffusion.n_steps >= 1, "diffusion.n_steps must be >= 1")
+    need(cfg.model.dynamics_dim > 0, "model.dynamics_dim must be positive")
+    for key in ("dim", "value_dim"):
+        # Both nets embed the noise level sinusoidally: half sines, half cosines, over >= 2 frequencies.
+        need(getattr(cfg.model, key) >= 4 and getattr(cfg.model, key) % 2 == 0,
+             f"model.{key} must be an even number >= 4, got {getattr(cfg.model, key)}")
+    need(not cfg.model.dim_mults or cfg.model.dim_mults[0] == 1,
+         f"model.dim_mults must start with 1 (the U-Net's outer level has model.dim channels), got {cfg.model.dim_mults}")
+    need(cfg.model.kernel_size >= 1 and cfg.model.kernel_size % 2 == 1, "model.kernel_size must be a positive odd number")
+    # T = 1 leaves no posterior step to take variance from (q(x_{t-1} | x_t, x_0) needs t >= 1).
+    need(cfg.diffusion.n_steps >= 2, f"diffusion.n_steps must be >= 2, got {cfg.diffusion.n_steps}")
     need(cfg.diffusion.schedule in SCHEDULES, f"diffusion.schedule must be one of {sorted(SCHEDULES)}, got {cfg.diffusion.schedule!r}")
     need(cfg.diffusion.prediction in PREDICTIONS, f"diffusion.prediction must be one of {list(PREDICTIONS)}, got {cfg.diffusion.prediction!r}")
     need(cfg.diffusion.action_weight > 0, "diffusion.action_weight must be positive")
@@ -364,6 +371,8 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
          f"online.env_steps must be 0 (no limit) or at least online.envs_per_actor ({o.envs_per_actor}): a rollout "
          f"steps every env at least once, got {o.env_steps}")
     need(o.updates_per_env_step >= 0, "online.updates_per_env_step must be >= 0")
+    need(o.updates_per_env_step > 0 or o.env_steps > 0 or o.wall_time_s > 0,
+         "online.updates is the only budget but online.updates_per_env_step is 0: no update would ever run")
     need(o.max_update_lag >= o.updates_per_call, "online.max_update_lag must be >= online.updates_per_call")
     need(o.updates_per_call >= 1 and o.broadcast_every >= 1, "online.updates_per_call and broadcast_every must be >= 1")
     need(o.replay_capacity >= cfg.model.horizon, "online.replay_capacity must hold at least one horizon")

@@ -57,6 +57,9 @@ class GaussianDiffusion(nn.Module):
             raise ValueError(f"unknown prediction {prediction!r}; choose one of {list(PREDICTIONS)}")
         if betas.ndim != 1 or not bool(((betas > 0) & (betas < 1)).all()):
             raise ValueError("betas must be a 1-D tensor with values in (0, 1)")
+        if betas.shape[0] < 2:
+            # The clipped log variance of step 0 borrows step 1's, which T = 1 does not have.
+            raise ValueError(f"a diffusion needs at least 2 steps, got {betas.shape[0]}")
         self.layout = layout
         self.horizon = horizon
         self.prediction = prediction
