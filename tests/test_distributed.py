@@ -212,6 +212,16 @@ def test_a_rollout_that_raises_is_retried_counted_and_the_run_goes_on(ray_sessio
     assert any("rollout actor 0 failed a rollout" in m and "injected env failure" in m for m in messages)
 
 
+def test_a_replay_checkpoint_that_does_not_load_stops_the_resume(ray_session, pretrained, tmp_path):
+    from distdiff.checkpoint import CheckpointError
+
+    cfg, ckpt = pretrained
+    data, _ = load_windows(cfg, None)
+    with pytest.raises(CheckpointError, match="replay.pt does not load into the replay"):
+        OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(env_steps=100),
+                  replay_state={"lengths": torch.zeros(0, dtype=torch.long)}, log=lambda s: None, progress=False)
+
+
 def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path):
     cfg, ckpt = pretrained
     first = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)

@@ -146,7 +146,15 @@ class OnlineRun:
             online_start_weight=cfg.online.start_window_weight,
             seed=cfg.train.seed)
         if replay_state is not None:
-            self.replay.load_state_dict.remote(replay_state)
+            # Waited for: a replay.pt that does not load must stop the resume, not leave the
+            # run to go on from an empty replay.
+            try:
+                ray.get(self.replay.load_state_dict.remote(replay_state))
+            except RayTaskError as e:
+                ray.kill(self.learner)
+                ray.kill(self.replay)
+                raise CheckpointError(f"{run_dir / REPLAY} does not load into the replay: "
+                                      f"{str(e).strip().splitlines()[-1]}") from e
         self.workers = [actors.make_worker(cfg, res, config=cfg_dict, normalizer=self.normalizer.state_dict(), worker_id=i)
                         for i in range(cfg.online.num_actors)]
         self.writer = SummaryWriter(str(run_dir))
