@@ -15,7 +15,7 @@ import yaml
 
 from distdiff import config as config_lib
 from distdiff.config import ConfigError
-from distdiff.distributed.tuning import load_spec, param_space
+from distdiff.distributed.tuning import load_spec, param_space, trial_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +57,21 @@ def test_invalid_spaces_are_refused_before_any_trial(tiny_dataset, tmp_path, sub
                           str(tmp_path / "storage")], env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "diffusion.schedul" in out.stderr
     assert not (tmp_path / "storage").exists()
+
+
+def test_a_trial_reserves_a_bundle_for_each_of_its_own_actors(tiny_dataset, tmp_path):
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset, space={"online.num_actors": {"choice": [1, 3]}})
+    spec = load_spec(sweep)
+    for n in (1, 3):
+        bundles = trial_resources(spec, {"online.num_actors": n}).bundles
+        assert bundles == [{"CPU": 0.25}, {"CPU": 0.5}] + [{"CPU": 0.25}] * n
+    fixed_size = write_sweep(tmp_path / "f.yaml", tiny_dataset, space={"online.actor_num_cpus": {"choice": [0.5, 1.0]}})
+    with pytest.raises(ConfigError, match="online.actor_num_cpus is set by the sweep's `resources`"):
+        load_spec(fixed_size)
+    mutated = write_sweep(tmp_path / "m.yaml", tiny_dataset, scheduler="pbt",
+                          pbt={"mutations": ["online.num_actors"]}, space={"online.num_actors": {"choice": [1, 3]}})
+    with pytest.raises(ConfigError, match="sizes a trial's placement group when it starts"):
+        load_spec(mutated)
 
 
 def test_zero_or_loguniform_domain_samples_both(tiny_dataset, tmp_path):

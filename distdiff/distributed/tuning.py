@@ -24,6 +24,8 @@ from distdiff.config import Config, ConfigError
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "pbt", "fifo")
+# What trial_config takes from the sweep's resources, overriding the base config.
+RESOURCE_FIELDS = ("online.actor_num_cpus", "online.learner_num_cpus", "online.learner_num_gpus")
 REPORTED = ("normalized_score", "alignment_error", "return_mean", "return_std", "env_steps", "updates", "weights_version")
 
 
@@ -58,8 +60,7 @@ class SweepSpec:
     def trial_config(self, params: Dict[str, Any]) -> Config:
         """base + fixed + the trial's params, with actor sizes that match the placement group."""
         r = self.resources
-        sizes = {"online.actor_num_cpus": r.actor_cpus, "online.learner_num_cpus": r.learner_cpus,
-                 "online.learner_num_gpus": r.learner_gpus}
+        sizes = dict(zip(RESOURCE_FIELDS, (r.actor_cpus, r.learner_cpus, r.learner_gpus)))
         return config_lib.load(self.base, {**self.fixed, **params, **sizes})
 
 
@@ -90,7 +91,7 @@ def _check_domain(key: str, dom: Any) -> List[str]:
 
 def _examples(dom: Dict[str, Any]) -> List[Any]:
     kind = next(k for k in DOMAINS if k in dom)
-    values = list(dom[kind]) if kind in ("choice", "grid") else list(dom[kind])
+    values = list(dom[kind])
     return values + ([0.0] if "zero" in dom else [])
 
 
@@ -127,10 +128,16 @@ def load_spec(path: str | Path) -> SweepSpec:
         errors += [f"{where}: unknown field {k}; see `python launch/train.py --help` for the fields" for k in keys if k not in names]
     for key, dom in spec.space.items():
         errors += _check_domain(key, dom)
+    for where, keys in (("space", spec.space), ("fixed", spec.fixed)):
+        errors += [f"{where}: {k} is set by the sweep's `resources`, the same for every trial" for k in keys
+                   if k in RESOURCE_FIELDS]
     if spec.scheduler == "pbt":
         for key in spec.pbt.get("mutations", []):
             if key not in spec.space:
                 errors.append(f"pbt.mutations: {key!r} is not in the space")
+            if key == "online.num_actors":
+                errors.append("pbt.mutations: online.num_actors sizes a trial's placement group when it starts; "
+                              "sweep it in the space without mutating it")
     if errors:
         raise ConfigError("invalid sweep:\n  " + "\n  ".join(errors))
     # Unknown field names and invalid values fail here, not in a trial an hour later.
@@ -193,8 +200,14 @@ def make_trainable(spec: SweepSpec):
 
         train(cfg, run_dir, resume=resume, log=lambda s: print(s, flush=True), progress=False, on_evaluation=report)
 
-    bundles = spec.resources.bundles(spec.trial_config({}).online.num_actors)
-    return tune.with_resources(trial, tune.PlacementGroupFactory(bundles))
+    return tune.with_resources(trial, lambda params: trial_resources(spec, params))
+
+
+def trial_resources(spec: SweepSpec, params: Dict[str, Any]):
+    """A trial's placement group: its driver, learner and one bundle per rollout actor of its
+    own config. Tune puts the actors a trial starts into its group, so an actor beyond the
+    group's bundles would never be placed, and the trial would wait on it forever."""
+    return tune.PlacementGroupFactory(spec.resources.bundles(spec.trial_config(params).online.num_actors))
 
 
 def make_scheduler(spec: SweepSpec, space: Dict[str, Any]):
