@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -42,10 +43,10 @@ class TrajectoryLayout:
     def first_state(self, x):
         return x[..., 0, self.state_slice]
 
-    def first_action(self, x):
-        return x[..., 0, self.action_slice]
-
-    def join(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+    def join(self, states, actions):
+        """States and actions (or their masks) as the rows of trajectories; torch or numpy, as given."""
+        if isinstance(states, np.ndarray):
+            return np.concatenate([states, actions], axis=-1)
         return torch.cat([states, actions], dim=-1)
 
     def condition(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ class Batch(NamedTuple):
 
 
 def fit_normalizer(episodes: Sequence[Episode], layout: TrajectoryLayout, kind: str) -> Normalizer:
-    rows = np.concatenate([np.concatenate([ep.observations[:-1], ep.actions], axis=1) for ep in episodes])
+    rows = np.concatenate([layout.join(ep.observations[:-1], ep.actions) for ep in episodes])
     if rows.shape[1] != layout.transition_dim:
         raise ValueError(f"episode rows have {rows.shape[1]} dims, layout expects {layout.transition_dim}")
     return Normalizer.fit(rows, kind=kind)
@@ -121,12 +121,11 @@ class WindowDataset:
         length = self.lengths[ep][:, None]
         obs = self.observations[self.obs_offset[ep][:, None] + np.minimum(steps, length)]
         act = self.actions[self.act_offset[ep][:, None] + np.minimum(steps, length - 1)]
-        mask = np.concatenate([
-            np.broadcast_to((steps <= length)[..., None], obs.shape),
-            np.broadcast_to((steps < length)[..., None], act.shape),
-        ], axis=-1).astype(np.float32)
-        x = torch.from_numpy(np.concatenate([obs, act], axis=-1))
-        return Batch(x, torch.from_numpy(mask), x[:, 0, self.layout.state_slice].clone(), torch.from_numpy(self.returns[index]),
+        # s_T is real (steps <= length), its action is padding (steps < length).
+        mask = self.layout.join(np.broadcast_to((steps <= length)[..., None], obs.shape),
+                                np.broadcast_to((steps < length)[..., None], act.shape)).astype(np.float32)
+        x = torch.from_numpy(self.layout.join(obs, act))
+        return Batch(x, torch.from_numpy(mask), self.layout.first_state(x).clone(), torch.from_numpy(self.returns[index]),
                      torch.from_numpy(self.window_returns[index]))
 
     def return_quantiles(self, n: int = 101) -> np.ndarray:
