@@ -128,7 +128,7 @@ def check_value_target(state: Dict[str, object], cfg: Config) -> None:
 class Trainer:
     """Owns the denoiser, value net, dynamics model, their EMA copies and optimizers.
 
-    ``value_mean``/``value_std`` standardize the value targets (returns-to-go) so that one
+    ``value_mean``/``value_std`` standardize the value targets (``data.value_target``) so that one
     learning rate and one guidance scale fit any reward scale. ``return_quantiles`` (the
     offline windows' return quantiles, :meth:`WindowDataset.return_quantiles`) turns window
     returns into the condition of a return-conditioned denoiser; online windows go through

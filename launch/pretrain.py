@@ -31,6 +31,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.dataset:
         args.cfg__data__dataset_id = args.dataset
+    run_dir = None
     try:
         if args.resume:
             if args.run_dir is None:
@@ -51,7 +52,7 @@ def main(argv=None) -> int:
     except (config_lib.ConfigError, DatasetError, CheckpointError, FloatingPointError) as e:
         fail(str(e))
     except KeyboardInterrupt:
-        saved = (run_dir / CHECKPOINT).is_file()
+        saved = run_dir is not None and (run_dir / CHECKPOINT).is_file()
         print("interrupted; " + ("checkpoint saved in " + str(run_dir) if saved else "no checkpoint was written yet"), file=sys.stderr)
         return 130
     print(f"checkpoint: {path}")

@@ -60,9 +60,10 @@ class ReturnConditioned:
 
     ``returns`` is the condition the denoiser was trained on (a window return's quantile);
     ``scale`` w = 1 runs the conditional model alone, w > 1 runs the conditional and the
-    unconditional model in one batch and extrapolates from the second past the first. Both
-    outputs are affine in ``x`` for a fixed ``t``, so mixing them is the same in every
-    parameterization (ε, x₀ or v).
+    unconditional model in one batch and extrapolates from the second past the first. For a
+    fixed ``x`` and ``t`` each parameterization (ε, x₀ or v) is an affine function of the
+    others, and affine maps keep affine combinations (weights 1 − w and w), so the mix is the
+    same whichever the network predicts.
     """
 
     def __init__(self, denoiser, *, returns: float, scale: float = 1.0):

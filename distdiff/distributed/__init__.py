@@ -1,2 +1,2 @@
-"""The distributed layer. Only :mod:`distdiff.distributed.actors` and
-:mod:`distdiff.distributed.driver` import Ray; the classes they make into actors are plain."""
+"""The distributed layer. Only :mod:`distdiff.distributed.actors`, :mod:`distdiff.distributed.driver`
+and :mod:`distdiff.distributed.tuning` import Ray; the classes they make into actors are plain."""

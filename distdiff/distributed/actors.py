@@ -101,8 +101,8 @@ def resources(cfg: Config) -> Dict[str, object]:
 
 def make_learner(cfg: Config, res: Dict[str, float], **kwargs):
     return LearnerActor.options(num_cpus=res["learner_cpus"], num_gpus=res["learner_gpus"],
-                                resources=res.get("learner_resources"), runtime_env=_THREADS,
-                                name=None).remote(device="cuda" if res["learner_gpus"] > 0 else "cpu", **kwargs)
+                                resources=res.get("learner_resources"),
+                                runtime_env=_THREADS).remote(device="cuda" if res["learner_gpus"] > 0 else "cpu", **kwargs)
 
 
 def make_replay(**kwargs):
