@@ -10,6 +10,14 @@ from distdiff.normalizer import Normalizer
 from distdiff.training import Trainer, flat_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MINARI_PATH_HELP = "Minari store (default: MINARI_DATASETS_PATH, else ../shared/data/minari next to the repo)."
+
+
+def use_minari_store(path) -> None:
+    """An explicit --minari-path wins over MINARI_DATASETS_PATH, which wins over ../shared."""
+    if path is not None:
+        os.environ["MINARI_DATASETS_PATH"] = os.path.abspath(path)
+    os.environ.setdefault("MINARI_DATASETS_PATH", os.path.join(ROOT, "..", "shared", "data", "minari"))
 
 
 def unit_normalizer(cfg) -> Normalizer:

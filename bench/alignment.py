@@ -25,7 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ROOT  # noqa: E402
+from _common import MINARI_PATH_HELP, ROOT, use_minari_store  # noqa: E402
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
@@ -50,7 +50,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"))
     p.add_argument("--dataset", default="local/walker2d/sac-medium-v0")
-    p.add_argument("--minari-path", default=os.path.join(ROOT, "..", "shared", "data", "minari"))
+    p.add_argument("--minari-path", default=None, help=MINARI_PATH_HELP)
     p.add_argument("--scale", type=float, default=1.0, help="Multiplies pretraining steps, online env steps and eval episodes.")
     p.add_argument("--pretrain-steps", type=int, default=30000,
                    help="9,000 left the prior under-trained: as many offline updates alone doubled its score (bench/README.md).")
@@ -72,7 +72,7 @@ def main():
     overrides = dict(item.split("=", 1) for item in args.set if "=" in item)
     if len(overrides) != len(args.set):
         p.error("--set takes SECTION.FIELD=VALUE")
-    os.environ.setdefault("MINARI_DATASETS_PATH", os.path.abspath(args.minari_path))
+    use_minari_store(args.minari_path)
     episodes = max(1, int(args.eval_episodes * args.scale))
     cfg = config_lib.load(args.config, {
         "data.dataset_id": args.dataset, "data.fallback_dataset_id": "", "train.steps": int(args.pretrain_steps * args.scale),

@@ -12,6 +12,7 @@ anything the dynamics can produce (bench/README.md, 2026-11-29).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -19,7 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ROOT  # noqa: E402
+from _common import MINARI_PATH_HELP, use_minari_store  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -28,7 +29,7 @@ from distdiff.checkpoint import load_checkpoint  # noqa: E402
 from distdiff.config import from_dict  # noqa: E402
 from distdiff.data.minari_io import load_episodes  # noqa: E402
 from distdiff.data.windows import WindowDataset  # noqa: E402
-from distdiff.training import planner_from_checkpoint  # noqa: E402
+from distdiff.training import planner_from_checkpoint, quantile_of  # noqa: E402
 
 
 def rmse(err: torch.Tensor, mask: torch.Tensor) -> float:
@@ -48,13 +49,19 @@ def reconstruction(path: Path, dataset: str, n_windows: int, timesteps, seed: in
     # Padding and the clamped s_0 are not the network's to rebuild.
     mask = batch.mask * (1 - layout.condition_mask(cfg.model.horizon))
     generator = torch.Generator().manual_seed(seed)
-    out = {"prediction": cfg.diffusion.prediction, "train_steps": int(state["step"])}
+    model = planner.denoiser
+    if state.get("return_quantiles") is not None:
+        # A return-conditioned denoiser is asked what it was trained on: each window's own return.
+        model = functools.partial(model, returns=quantile_of(batch.window_returns.float(),
+                                                             torch.tensor(state["return_quantiles"])))
+    out = {"prediction": cfg.diffusion.prediction, "train_steps": int(state["step"]),
+           "condition": "own window return" if model is not planner.denoiser else "none"}
     states, actions = layout.state_slice, layout.action_slice
     for t in timesteps:
         tt = torch.full((n_windows,), t, dtype=torch.long)
         noise = torch.randn(batch.x_start.shape, generator=generator)
         x_t = layout.condition(diffusion.q_sample(batch.x_start, tt, noise), batch.cond)
-        x_hat, _ = diffusion.model_predictions(planner.denoiser, x_t, tt)
+        x_hat, _ = diffusion.model_predictions(model, x_t, tt)
         out[f"t{t}"] = {
             "input_states": rmse((x_t - batch.x_start)[..., states], mask[..., states]),
             "states": rmse((x_hat - batch.x_start)[..., states], mask[..., states]),
@@ -67,12 +74,12 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", type=Path, nargs="+")
     p.add_argument("--dataset", default="local/walker2d/sac-medium-v0")
-    p.add_argument("--minari-path", default=os.path.join(ROOT, "..", "shared", "data", "minari"))
+    p.add_argument("--minari-path", default=None, help=MINARI_PATH_HELP)
     p.add_argument("--windows", type=int, default=512)
     p.add_argument("--timesteps", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     p.add_argument("--seed", type=int, default=1)
     args = p.parse_args()
-    os.environ.setdefault("MINARI_DATASETS_PATH", os.path.abspath(args.minari_path))
+    use_minari_store(args.minari_path)
     torch.set_num_threads(1)
     print(json.dumps({str(c): reconstruction(c, args.dataset, args.windows, args.timesteps, args.seed)
                       for c in args.checkpoints}))

@@ -25,17 +25,23 @@ def rate(cfg, n: int, seconds: float, weights_ref) -> float:
         config=cfg.to_dict(), normalizer=unit_normalizer(cfg).state_dict(), worker_id=i) for i in range(n)]
     ray.get([w.set_weights.remote(weights_ref) for w in workers])
     ray.get([w.rollout.remote() for w in workers])  # warm up
-    steps, t0 = 0, time.perf_counter()
-    pending = {w.rollout.remote(): w for w in workers}
+    # Each worker's rate over its own finished rollouts: the rollouts still running at the
+    # deadline are neither counted nor timed, so N workers are not charged for N - 1
+    # half-done rollouts that one worker would not have.
+    steps, finished = [0] * n, [0.0] * n
+    t0 = time.perf_counter()
+    pending = {w.rollout.remote(): i for i, w in enumerate(workers)}
     while time.perf_counter() - t0 < seconds:
         ready, _ = ray.wait(list(pending), num_returns=1)
-        w = pending.pop(ready[0])
-        steps += ray.get(ready[0])["env_steps"]
-        pending[w.rollout.remote()] = w
-    elapsed = time.perf_counter() - t0
+        i = pending.pop(ready[0])
+        steps[i] += ray.get(ready[0])["env_steps"]
+        finished[i] = time.perf_counter() - t0
+        pending[workers[i].rollout.remote()] = i
     for w in workers:
         ray.kill(w)
-    return steps / elapsed
+    if not all(finished):
+        raise SystemExit(f"a worker finished no rollout in {seconds} s: raise --seconds")
+    return sum(s / t for s, t in zip(steps, finished))
 
 
 def main():

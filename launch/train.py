@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", type=Path, default=None, help="Start phase 2 from this checkpoint (skips pretraining).")
     p.add_argument("--run-dir", type=Path, default=None, help="Output dir (default runs/train-TIME).")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="Continue a run from its checkpoint and replay.")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, a local cluster, or embedded).")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, a local `ray start` cluster, or an embedded Ray); "
+                        "'local' starts an embedded Ray even where a cluster runs.")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all).")
     config_lib.add_arguments(p)
     return p

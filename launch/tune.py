@@ -30,7 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-concurrent", type=int, default=None, help="Trials at once (overrides the sweep file).")
     p.add_argument("--storage", type=Path, default=Path("runs/tune"), help="Where trials, checkpoints and logs go.")
     p.add_argument("--resume", action="store_true", help="Continue the interrupted sweep in --storage.")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, a local cluster, or embedded).")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, a local `ray start` cluster, or an embedded Ray); "
+                        "'local' starts an embedded Ray even where a cluster runs.")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all).")
     args = p.parse_args(argv)
 

@@ -60,8 +60,9 @@ def tiny_dataset(minari_root, tiny_episodes):
 
 @pytest.fixture(scope="session")
 def subprocess_env(minari_root):
-    """Environment for launch-script subprocesses: the session's Minari store, one thread."""
-    env = dict(os.environ)
+    """Environment for launch-script subprocesses: the session's Minari store, one thread, and no
+    RAY_ADDRESS of the caller's (a test that wants a cluster starts its own)."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(MINARI_DATASETS_PATH=str(minari_root), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return env
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -98,6 +100,9 @@ def test_object_store_stays_flat_over_100_broadcasts(ray_session, pretrained, tm
         run.broadcast()
         ray.get([w.ping.remote() for w in run.workers])
         before = plasma_usage()
+        # The weights live in the object store (objects under 100 KiB would be inlined and the
+        # test would prove nothing).
+        assert before[1] >= 1, before
         for _ in range(100):
             run.broadcast()
         assert ray.get([w.ping.remote() for w in run.workers])[0]["version"] == 101
@@ -166,7 +171,8 @@ def test_killed_worker_is_replaced_and_nothing_delivered_is_lost(ray_session, pr
     killed = threading.Event()
 
     def killer():
-        while run.counters.env_steps == 0:
+        deadline = time.monotonic() + 300
+        while run.counters.env_steps == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
         ray.kill(run.workers[0], no_restart=False)
         killed.set()
@@ -403,16 +409,27 @@ def test_a_rollout_is_seeded_by_its_number_in_the_run_not_by_the_worker_process(
             w._close_envs()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def test_train_script_connects_to_a_ray_start_cluster(pretrained, tmp_path, subprocess_env):
     cfg, ckpt = pretrained
     config_lib.save(cfg, tmp_path / "tiny.yaml")
-    address = "127.0.0.1:6391"
-    env = dict(subprocess_env, RAY_ADDRESS=address, RAY_AUTH_MODE="token")
+    gcs_port, client_port = _free_port(), _free_port()
+    address = f"127.0.0.1:{gcs_port}"
+    # A token of its own, so the test needs no ~/.ray/auth_token (which an earlier in-process
+    # ray.init would otherwise have written).
+    env = {k: v for k, v in subprocess_env.items() if k != "RAY_AUTH_TOKEN_PATH"}
+    env.update(RAY_ADDRESS=address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     ray_bin = str(Path(sys.executable).parent / "ray")
     # `ray start --block` in its own process group: stopping the group stops exactly this
     # cluster. `ray stop` would also kill the test session's own Ray, and with it pytest.
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", "--port=6391", "--num-cpus=2",
-                             "--include-dashboard=false", "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
+    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs_port}",
+                             f"--ray-client-server-port={client_port}", "--num-cpus=2", "--include-dashboard=false",
+                             "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120

@@ -127,6 +127,7 @@ def test_interrupted_pretrain_saves_a_resumable_checkpoint(tmp_path, tiny_datase
         # the TensorBoard writer is created right before the training loop starts
         while not list(run_dir.glob("events.out.tfevents.*")) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
+        assert list(run_dir.glob("events.out.tfevents.*")), "pretraining did not start within 60 s"
         time.sleep(1.0)  # some gradient steps
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)

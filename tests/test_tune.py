@@ -92,8 +92,9 @@ def test_sweep_is_interrupted_resumed_and_summarized(ray_session, tiny_dataset, 
     sweep = write_sweep(tmp_path / "sweep.yaml", tiny_dataset)
     storage = tmp_path / "storage"
     cmd = [sys.executable, str(ROOT / "launch" / "tune.py"), "--config", str(sweep), "--storage", str(storage),
-           "--num-cpus", "2"]
-    # The sweep runs in its own embedded Ray: hand the cores to it while it runs.
+           "--num-cpus", "2", "--address", "local"]
+    # The sweep runs in its own embedded Ray, never a cluster the machine may have running:
+    # hand the cores to it while it runs.
     ray.shutdown()
     try:
         proc = subprocess.Popen(cmd, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

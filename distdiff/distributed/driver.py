@@ -70,19 +70,23 @@ def _live_local_cluster() -> Optional[str]:
 def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: Callable[[str], None] = print,
             runtime_env: Optional[Dict[str, object]] = None) -> bool:
     """Connect to a running cluster (``address``, ``RAY_ADDRESS`` or a local ``ray start``), else
-    start an embedded one. Returns True when this process started Ray (and must stop it)."""
+    start an embedded one; ``address="local"`` starts an embedded one whatever runs. Returns True
+    when this process started Ray (and must stop it)."""
     if ray.is_initialized():
         log("ray: using the already initialized Ray instance")
         return False
     if os.environ.get("RAY_AUTH_MODE") is None:
         log("ray: RAY_AUTH_MODE is unset: a `ray start` cluster will refuse this driver (see distdiff.cli.default_ray_auth)")
-    address = address or os.environ.get("RAY_ADDRESS") or _live_local_cluster()
-    if address:
+    embedded = address == "local"
+    if not embedded:
+        address = address or os.environ.get("RAY_ADDRESS") or _live_local_cluster()
+    if address and not embedded:
         ray.init(address=address, logging_level="warning", runtime_env=runtime_env)
         log(f"ray: connected to the cluster at {address}: {ray.cluster_resources()}")
         return False
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="warning", runtime_env=runtime_env)
-    log(f"ray: no running cluster found; started an embedded local Ray: {ray.cluster_resources()}")
+    why = "as --address local asks" if embedded else "no running cluster found"
+    log(f"ray: {why}; started an embedded local Ray: {ray.cluster_resources()}")
     return True
 
 
