@@ -4,13 +4,15 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/quickstart
+# Extra pip options for torch, e.g. the CPU-only index PyTorch's "Get Started" page shows.
+TORCH_PIP_ARGS ?=
 
 .PHONY: install quickstart test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
