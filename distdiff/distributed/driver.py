@@ -366,6 +366,13 @@ class OnlineRun:
                 train_ref = self.learner.train.remote(self.replay.sample.remote(n, self.cfg.train.batch_size))
                 size_ref = self.replay.size.remote()
 
+        def retry_later(i: int, may_drop: bool) -> None:
+            failures[i] += 1
+            if failures[i] > 10 and may_drop:
+                self.log(f"rollout actor {i} keeps failing; dropping it")
+            else:
+                retry_at[i] = time.perf_counter() + min(0.5 * failures[i], 5.0)
+
         def count_updates(stats: Dict[str, float]) -> None:
             nonlocal since_broadcast
             c.updates += int(stats["updates"])
@@ -437,11 +444,7 @@ class OnlineRun:
                     if failures[i] == 0:
                         c.worker_restarts += 1
                         self.log(f"rollout actor {i} died; Ray restarts it (restart #{c.worker_restarts})")
-                    failures[i] += 1
-                    if failures[i] > 10 and o.actor_max_restarts >= 0:
-                        self.log(f"rollout actor {i} keeps failing; dropping it")
-                    else:
-                        retry_at[i] = time.perf_counter() + min(0.5 * failures[i], 5.0)
+                    retry_later(i, may_drop=o.actor_max_restarts >= 0)
                     continue
                 except RayTaskError as e:
                     # The actor lives but its task raised (its envs failed twice in a row, or
@@ -450,11 +453,7 @@ class OnlineRun:
                     c.failed_rollouts += 1
                     if failures[i] == 0:
                         self.log(f"rollout actor {i} failed a rollout; retrying it: {str(e).strip().splitlines()[-1]}")
-                    failures[i] += 1
-                    if failures[i] > 10:
-                        self.log(f"rollout actor {i} keeps failing; dropping it")
-                    else:
-                        retry_at[i] = time.perf_counter() + min(0.5 * failures[i], 5.0)
+                    retry_later(i, may_drop=True)
                     continue
                 failures[i] = 0
                 c.env_rebuilds += result["env_rebuilds"]
