@@ -136,14 +136,16 @@ def test_one_step_error_blames_only_the_transitions_into_and_out_of_a_wrong_stat
     np.testing.assert_allclose(errors.compounded[:, j], wrong, atol=1e-9)
 
 
+def still(obs):
+    """A plan that holds every joint still from the given states."""
+    n = len(obs)
+    return Plan(states=np.repeat(obs[:, None], H, axis=1), actions=np.zeros((n, H, 6)), values=None,
+                trajectories=torch.zeros(n, H, 23))
+
+
 def test_a_summary_lists_episodes_in_seed_order_and_counts_the_falls(walker):
     from distdiff.data.episodes import Episode
     from distdiff.rollout import EpisodeResult, run_episodes, summarize
-
-    def still(obs):
-        n = len(obs)
-        return Plan(states=np.repeat(obs[:, None], H, axis=1), actions=np.zeros((n, H, 6)), values=None,
-                    trajectories=torch.zeros(n, H, 23))
 
     envs = [make_env("Walker2d-v5", max_episode_steps=5) for _ in range(2)]
     try:
@@ -167,11 +169,6 @@ def test_a_summary_lists_episodes_in_seed_order_and_counts_the_falls(walker):
 
 def test_max_steps_cuts_episodes_as_a_shorter_time_limit_would(walker):
     from distdiff.rollout import run_episodes
-
-    def still(obs):
-        n = len(obs)
-        return Plan(states=np.repeat(obs[:, None], H, axis=1), actions=np.zeros((n, H, 6)), values=None,
-                    trajectories=torch.zeros(n, H, 23))
 
     envs = [make_env("Walker2d-v5", max_episode_steps=50) for _ in range(2)]
     try:
