@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,6 +32,22 @@ def test_save_is_atomic_and_loadable(trained):
     state = load_checkpoint(path)
     assert state["format"] == "distdiff.checkpoint" and state["step"] == 5
     assert load_checkpoint(path.parent)["step"] == 5  # a run directory works too
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(trained, monkeypatch, tmp_path):
+    import distdiff.checkpoint as checkpoint_module
+
+    _, _, path = trained
+    copy = save_checkpoint(tmp_path / "checkpoint.pt", load_checkpoint(path))
+
+    def dies_mid_write(obj, f):
+        Path(f).write_bytes(b"PK\x03\x04 half a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", dies_mid_write)
+    with pytest.raises(OSError, match="disk full"):
+        save_checkpoint(copy, {"step": 99})
+    assert load_checkpoint(copy)["step"] == 5
 
 
 def test_from_checkpoint_restores_everything(trained):

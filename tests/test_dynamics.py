@@ -182,7 +182,7 @@ def test_the_dynamics_model_does_not_change_how_the_other_nets_train(tiny_episod
     assert not all(torch.equal(a, b) for a, b in zip(runs[0].dynamics.state_dict().values(), runs[1].dynamics.state_dict().values()))
 
 
-def test_rollout_workers_rank_plans_with_the_broadcast_dynamics_model(trained):
+def test_a_rollout_workers_ranking_planner_holds_the_broadcast_dynamics_model(trained):
     trainer, _ = trained
     cfg = config.from_dict({"planner": {"dynamics_candidates": 4}, "guidance": {"n_candidates": 1},
                             "online": {"envs_per_actor": 1}}, trainer.cfg)
