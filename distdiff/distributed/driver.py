@@ -29,7 +29,7 @@ from distdiff.config import Config
 from distdiff.data.minari_io import normalized_score, reference_scores
 from distdiff.distributed import actors
 from distdiff.evaluation import evaluate
-from distdiff.models import layout_of
+from distdiff.models import NETS, layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.pretrain import load_data, pretrain
 from distdiff.training import check_value_target, planner_from_checkpoint
@@ -46,6 +46,11 @@ BEST_KEYS = (*EVAL_SCALARS, "env_steps", "updates", "weights_version")
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def _cause(error: Exception) -> str:
+    """The last line of a remote error: the exception the actor raised, without Ray's traceback."""
+    return str(error).strip().splitlines()[-1]
 
 
 def _live_local_cluster() -> Optional[str]:
@@ -157,8 +162,7 @@ class OnlineRun:
             except RayTaskError as e:
                 ray.kill(self.learner)
                 ray.kill(self.replay)
-                raise CheckpointError(f"{run_dir / REPLAY} does not load into the replay: "
-                                      f"{str(e).strip().splitlines()[-1]}") from e
+                raise CheckpointError(f"{run_dir / REPLAY} does not load into the replay: {_cause(e)}") from e
         self.workers = [actors.make_worker(cfg, res, config=cfg_dict, normalizer=self.normalizer.state_dict(), worker_id=i)
                         for i in range(cfg.online.num_actors)]
         self.writer = SummaryWriter(str(run_dir))
@@ -285,12 +289,17 @@ class OnlineRun:
             return False
         return not self.out_of_time(t_start)
 
+    def rollout_length(self, free: int, idle: int) -> int:
+        return rollout_length(free, idle, self.cfg.online.envs_per_actor, self.cfg.env.max_episode_steps,
+                              self.cfg.model.horizon)
+
     def log_budget_share(self) -> None:
         """Says so when the env-step budget is too small for whole episodes on every env."""
         o = self.cfg.online
-        length = rollout_length(o.env_steps - self.counters.env_steps, len(self.workers), o.envs_per_actor,
-                                self.cfg.env.max_episode_steps, self.cfg.model.horizon)
-        if o.env_steps and length < self.cfg.env.max_episode_steps:
+        if not o.env_steps:
+            return
+        length = self.rollout_length(o.env_steps - self.counters.env_steps, len(self.workers))
+        if length < self.cfg.env.max_episode_steps:
             self.log(f"budget: {o.env_steps - self.counters.env_steps} env steps left for "
                      f"{_count(len(self.workers), 'actor')} x {_count(o.envs_per_actor, 'env')}: episodes are cut "
                      f"at {length} steps; raise online.env_steps or lower online.envs_per_actor for whole episodes")
@@ -340,8 +349,7 @@ class OnlineRun:
             max_steps = None
             if o.env_steps:
                 free = o.env_steps - c.env_steps - sum(promised.values())
-                max_steps = rollout_length(free, len(self.workers) - len(rollouts), o.envs_per_actor,
-                                           self.cfg.env.max_episode_steps, self.cfg.model.horizon)
+                max_steps = self.rollout_length(free, len(self.workers) - len(rollouts))
                 if max_steps == 0:
                     parked.append(i)
                     return
@@ -452,7 +460,7 @@ class OnlineRun:
                     # weights and retry, as for a dead one, until it keeps failing.
                     c.failed_rollouts += 1
                     if failures[i] == 0:
-                        self.log(f"rollout actor {i} failed a rollout; retrying it: {str(e).strip().splitlines()[-1]}")
+                        self.log(f"rollout actor {i} failed a rollout; retrying it: {_cause(e)}")
                     retry_later(i, may_drop=True)
                     continue
                 failures[i] = 0
@@ -505,7 +513,7 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
     cfg = config_lib.from_dict({"online": {"envs_per_actor": envs_per_actor, "measure_every": 10**9},
                                 "env": {"max_episode_steps": max_episode_steps}, "train": {"seed": seed}}, cfg)
     planner = planner_from_checkpoint(checkpoint, cfg)
-    nets = {"denoiser": planner.denoiser, "value": planner.value, "dynamics": planner.dynamics}
+    nets = {name: getattr(planner, name) for name in NETS}
     weights = ray.put({"version": 1, "weights": {name: flat_weights(net) for name, net in nets.items() if net is not None}})
     res = {"actor_cpus": 1.0 / num_actors if num_actors > 1 else 1.0}
     workers = [actors.make_worker(cfg, res, config=cfg.to_dict(), normalizer=planner.normalizer.state_dict(), worker_id=i)
