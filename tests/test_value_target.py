@@ -35,9 +35,10 @@ def windows_of(episodes, target, horizon=2, discount=0.5):
 
 def test_window_target_by_hand():
     w = windows_of([episode([1, 2, 3, 4], terminated=True), episode([1, 2, 3, 4], terminated=False)], "window")
-    # r_t + 0.5 r_{t+1}; the fall's penalty lands on the last reward, padding earns nothing
+    # r_t + 0.5 r_{t+1}; the fall's penalty lands on the last reward, padding earns nothing after
+    # a fall; after a time limit the last window's one real step stands for both, 4 * (1 + 0.5)
     fell = [1 + 1.0, 2 + 1.5, 3 + 0.5 * (4 - 100), 4 - 100]
-    timed_out = [1 + 1.0, 2 + 1.5, 3 + 2.0, 4]
+    timed_out = [1 + 1.0, 2 + 1.5, 3 + 2.0, 6]
     np.testing.assert_allclose(w.returns, fell + timed_out)
     np.testing.assert_allclose(w.get(np.arange(8)).returns.numpy(), w.returns)
 
@@ -50,6 +51,45 @@ def test_a_time_limit_leaks_into_the_return_to_go_but_not_into_the_window_target
     first = [0, len(short)]
     assert rtg.returns[first[1]] > 2 * rtg.returns[first[0]]
     assert own.returns[first[0]] == own.returns[first[1]] == pytest.approx(1.9)
+
+
+def steady_walk(steps, *, terminated=False, level=0.0):
+    return episode([1.0] * steps, terminated=terminated, level=level)
+
+
+@pytest.mark.parametrize("target", ["return_to_go", "window"])
+def test_a_walk_cut_by_the_step_budget_is_labelled_as_the_same_walk_run_to_the_time_limit(target):
+    # The same steady walk, cut by the budget after 6 steps and run to the limit of 40: every
+    # window of the cut walk is labelled like the window at the same step of the whole walk.
+    cut, whole = steady_walk(6), steady_walk(40, level=10.0)
+    norm = fit_normalizer([cut, whole], LAYOUT, "gaussian")
+    labelled = WindowDataset([cut, whole], layout=LAYOUT, horizon=4, normalizer=norm, discount=0.9,
+                             value_target=target, time_limit=40)
+    np.testing.assert_allclose(labelled.returns[:6], labelled.returns[6:12], rtol=1e-6)
+    np.testing.assert_allclose(labelled.window_returns, 1.0, rtol=1e-6)
+
+
+def test_a_fall_and_the_time_limit_are_not_completed():
+    fell, timed_out = steady_walk(6, terminated=True), steady_walk(40, level=10.0)
+    norm = fit_normalizer([fell, timed_out], LAYOUT, "gaussian")
+    args = dict(layout=LAYOUT, horizon=4, normalizer=norm, discount=0.9, termination_penalty=-100.0)
+    with_limit = WindowDataset([fell, timed_out], **args, time_limit=40)
+    np.testing.assert_array_equal(with_limit.returns, WindowDataset([fell, timed_out], **args).returns)
+    assert with_limit.returns[5] == pytest.approx(1.0 - 100.0) and with_limit.returns[-1] == pytest.approx(1.0)
+    # past a fall the window's padding earns nothing: its last window holds one step and the penalty
+    assert with_limit.window_returns[5] == pytest.approx((1.0 - 100.0) / 4)
+
+
+def test_the_replay_weighs_a_walk_cut_by_the_budget_by_its_pace():
+    slow_but_whole, fast_but_cut = steady_walk(40), episode([3.0] * 10, terminated=False, level=10.0)
+    norm = fit_normalizer([slow_but_whole, fast_but_cut], LAYOUT, "gaussian")
+    replay = Replay(offline_episodes=[], normalizer=norm.state_dict(), layout=LAYOUT, horizon=4, discount=0.9,
+                    termination_penalty=-100.0, capacity=1000, offline_ratio=0.0, return_weighting=1.0,
+                    time_limit=40, seed=0)
+    replay.add([slow_but_whole, fast_but_cut])
+    weights = replay.episode_weights()
+    # completed to the limit, the fast walk earns 120 against 40: it is the best episode
+    assert weights[1] == 1.0 and weights[0] < weights[1]
 
 
 def test_an_unknown_target_is_refused():
@@ -66,7 +106,7 @@ def test_the_replay_gives_online_windows_the_configured_target():
                     termination_penalty=-100.0, capacity=100, offline_ratio=0.0, value_target="window", seed=0)
     replay.add([ep])
     (batch,) = replay.sample(1, 64)
-    assert set(batch.returns.tolist()) <= {2.0, 3.5, 5.0, 4.0}
+    assert set(batch.returns.tolist()) <= {2.0, 3.5, 5.0, 6.0}
 
 
 def faster_and_slower_episodes():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -35,14 +36,31 @@ class Episode:
         return float(self.rewards.sum())
 
 
-def discounted_returns_to_go(rewards: np.ndarray, discount: float, terminal_bonus: float = 0.0) -> np.ndarray:
-    """``G[t] = Σ_{k≥t} γ^{k−t} r_k`` for t in [0, T], with ``terminal_bonus`` added to the last reward.
+def discounted_returns_to_go(rewards: np.ndarray, discount: float, terminal_bonus: float = 0.0,
+                             bootstrap: float = 0.0) -> np.ndarray:
+    """``G[t] = Σ_{k≥t} γ^{k−t} r_k + γ^{T−t}·bootstrap`` for t in [0, T], with ``terminal_bonus``
+    added to the last reward.
 
-    ``G[T] = 0``: nothing is earned after the last observation. No bootstrap at truncation.
+    ``G[T] = bootstrap``: what is earned after the last observation (0 at a fall or a time limit).
     """
     rewards = np.asarray(rewards, dtype=np.float64).copy()
     rewards[-1] += terminal_bonus
     out = np.zeros(len(rewards) + 1)
+    out[-1] = bootstrap
     for t in range(len(rewards) - 1, -1, -1):
         out[t] = rewards[t] + discount * out[t + 1]
     return out
+
+
+def cut_short(ep: Episode, time_limit: Optional[int]) -> int:
+    """How many steps before ``time_limit`` an episode that did not fall was cut (by a step
+    budget, say): 0 for one that fell or ran to the limit."""
+    if time_limit is None or ep.terminated:
+        return 0
+    return max(time_limit - len(ep), 0)
+
+
+def completed_return(ep: Episode, time_limit: Optional[int]) -> float:
+    """The episode's return with the steps it was cut short of credited at its own mean reward:
+    what it would have earned at the time limit had it kept its pace."""
+    return ep.episode_return * (len(ep) + cut_short(ep, time_limit)) / len(ep)

@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-from distdiff.data.episodes import Episode, discounted_returns_to_go
+from distdiff.data.episodes import Episode, cut_short, discounted_returns_to_go
 from distdiff.layout import TrajectoryLayout
 from distdiff.normalizer import Normalizer
 
@@ -30,17 +30,37 @@ def fit_normalizer(episodes: Sequence[Episode], layout: TrajectoryLayout, kind: 
 # - return_to_go: Diffuser's target, the discounted return from s_0 to the episode's end. Where
 #   episodes end at a time limit it mostly measures the steps left before that limit, which no
 #   state shows (on sac-medium-v0 it correlates 0.90 with them and -0.30 with the window's speed).
+#   An episode cut before the limit (by a step budget) is completed to it at its own mean reward,
+#   so that a cut does not read as the end of the episode.
 # - window: the discounted return of the window's own transitions, the termination penalty
 #   included when the episode ends inside it: what the plan itself earns, which V can read off it.
+# Past any end but a fall (a time limit, a cut) a window is credited with the mean of its real
+# steps for the steps it does not show, as a truncation ends nothing (Pardo et al. 2018, "Time
+# Limits in Reinforcement Learning"); past a fall it earns nothing.
 VALUE_TARGETS = ("return_to_go", "window")
 
 
-def _window_sums(rewards: np.ndarray, horizon: int, terminal_bonus: float, discount: float = 1.0) -> np.ndarray:
-    """``Σ_{j<horizon} γ^j r_{t+j}`` for every start t, over the real steps only."""
-    rewards = np.asarray(rewards, dtype=np.float64).copy()
-    rewards[-1] += terminal_bonus
+def _window_sums(ep: Episode, horizon: int, discount: float, termination_penalty: float) -> np.ndarray:
+    """``Σ_{j<horizon} γ^j r_{t+j}`` for every start t over the episode's real steps, the penalty
+    added to the last reward of a fall; an episode that did not fall has its windows scaled up to
+    the whole horizon at the discounted mean of their real steps."""
+    rewards = np.asarray(ep.rewards, dtype=np.float64).copy()
+    if ep.terminated:
+        rewards[-1] += termination_penalty
     padded = np.concatenate([rewards, np.zeros(horizon - 1)])
-    return np.lib.stride_tricks.sliding_window_view(padded, horizon) @ discount ** np.arange(horizon)
+    weights = discount ** np.arange(horizon)
+    sums = np.lib.stride_tricks.sliding_window_view(padded, horizon) @ weights
+    if not ep.terminated:
+        shown = np.minimum(horizon, len(rewards) - np.arange(len(rewards)))
+        cumulative = np.cumsum(weights)
+        sums *= cumulative[-1] / cumulative[shown - 1]
+    return sums
+
+
+def _continuation(ep: Episode, discount: float, time_limit: Optional[int]) -> float:
+    """The discounted return from an episode's last state to the time limit, at its mean reward."""
+    steps = cut_short(ep, time_limit)
+    return float(ep.rewards.mean() * np.sum(discount ** np.arange(steps))) if steps else 0.0
 
 
 class WindowDataset:
@@ -52,8 +72,12 @@ class WindowDataset:
 
     A window's own return is the reward its real transitions earn, the termination penalty
     included when the episode ends inside it, divided by the horizon: the reward per step of
-    what the window shows, which a return-conditioned denoiser learns to produce (padding
-    earns nothing, so a fall reads as a low return).
+    what the window shows, which a return-conditioned denoiser learns to produce. Padding earns
+    nothing after a fall, so a fall reads as a low return; after a truncation the window's real
+    steps stand for the whole of it (see VALUE_TARGETS).
+
+    ``time_limit`` is the env's step limit: an episode shorter than it that did not fall was cut
+    early, and its return-to-go is completed to the limit (None: no episode counts as cut).
     """
 
     def __init__(
@@ -67,6 +91,7 @@ class WindowDataset:
         termination_penalty: float = 0.0,
         value_target: str = "return_to_go",
         start_weight: float = 1.0,
+        time_limit: Optional[int] = None,
     ):
         if not episodes:
             raise ValueError("no episodes to make windows from")
@@ -83,14 +108,14 @@ class WindowDataset:
         self.lengths = lengths
         self.window_episode = np.repeat(np.arange(len(episodes)), lengths)
         self.window_start = np.concatenate([np.arange(n) for n in lengths])
-        bonus = [termination_penalty if ep.terminated else 0.0 for ep in episodes]
         if value_target == "window":
-            returns = [_window_sums(ep.rewards, horizon, b, discount) for ep, b in zip(episodes, bonus)]
+            returns = [_window_sums(ep, horizon, discount, termination_penalty) for ep in episodes]
         else:
-            returns = [discounted_returns_to_go(ep.rewards, discount, b)[:-1] for ep, b in zip(episodes, bonus)]
+            returns = [discounted_returns_to_go(ep.rewards, discount, termination_penalty if ep.terminated else 0.0,
+                                                _continuation(ep, discount, time_limit))[:-1] for ep in episodes]
         self.returns = np.concatenate(returns).astype(np.float32)
         self.window_returns = np.concatenate([
-            _window_sums(ep.rewards, horizon, b) for ep, b in zip(episodes, bonus)
+            _window_sums(ep, horizon, 1.0, termination_penalty) for ep in episodes
         ]).astype(np.float32) / horizon
         self._cdf: Optional[np.ndarray] = None
         if start_weight != 1.0:

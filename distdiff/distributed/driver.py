@@ -152,7 +152,7 @@ class OnlineRun:
             capacity=cfg.online.replay_capacity, offline_ratio=cfg.online.offline_ratio,
             value_target=cfg.data.value_target,
             return_weighting=cfg.online.return_weighting, offline_start_weight=cfg.online.offline_start_window_weight,
-            online_start_weight=cfg.online.start_window_weight,
+            online_start_weight=cfg.online.start_window_weight, time_limit=cfg.env.max_episode_steps,
             seed=cfg.train.seed)
         if replay_state is not None:
             # Waited for: a replay.pt that does not load must stop the resume, not leave the

@@ -2,12 +2,14 @@
 
 Online windows are drawn uniformly, or, with ``return_weighting`` β > 0, in proportion to
 ``exp(β · z)`` where ``z`` is the return of the window's episode in standard deviations below
-the best stored episode: every real trajectory still teaches the dynamics, while the behaviour
-of the better episodes is preferred (the idea of self-imitation learning, Oh et al. 2018). On
-Walker2d it did not keep the return from falling (bench/README.md). The offline windows may
-oversample episode starts (``offline_start_weight``, see :class:`WindowDataset`); the online
-windows that begin an episode can be drawn less often, or never (``online_start_weight``), so
-that the planner does not learn how to start from its own, slow starts.
+the best stored episode (an episode the step budget cut short counted at its own pace up to the
+time limit, see :func:`completed_return`): every real trajectory still teaches the dynamics,
+while the behaviour of the better episodes is preferred (the idea of self-imitation learning,
+Oh et al. 2018). On Walker2d it did not keep the return from falling (bench/README.md). The
+offline windows may oversample episode starts (``offline_start_weight``, see
+:class:`WindowDataset`); the online windows that begin an episode can be drawn less often, or
+never (``online_start_weight``), so that the planner does not learn how to start from its own,
+slow starts.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from distdiff.data.episodes import Episode
+from distdiff.data.episodes import Episode, completed_return
 from distdiff.data.windows import Batch, WindowDataset
 from distdiff.layout import TrajectoryLayout
 from distdiff.normalizer import Normalizer
@@ -46,6 +48,7 @@ class Replay:
         return_weighting: float = 0.0,
         offline_start_weight: float = 1.0,
         online_start_weight: float = 1.0,
+        time_limit: Optional[int] = None,
         seed: int = 0,
     ):
         if return_weighting < 0:
@@ -54,7 +57,8 @@ class Replay:
             raise ValueError(f"online_start_weight must be >= 0, got {online_start_weight}")
         self.normalizer = Normalizer.from_state_dict(normalizer)
         self._window_args = dict(layout=layout, horizon=horizon, normalizer=self.normalizer, discount=discount,
-                                 termination_penalty=termination_penalty, value_target=value_target)
+                                 termination_penalty=termination_penalty, value_target=value_target,
+                                 time_limit=time_limit)
         self.offline = (WindowDataset(offline_episodes, **self._window_args, start_weight=offline_start_weight)
                         if len(offline_episodes) else None)
         self.capacity = capacity
@@ -62,6 +66,7 @@ class Replay:
         self.return_weighting = return_weighting
         self.online_start_weight = online_start_weight
         self.horizon = horizon
+        self.time_limit = time_limit
         self.episodes: deque = deque()
         self.transitions = 0
         self.added_episodes = 0
@@ -96,7 +101,7 @@ class Replay:
 
     def episode_weights(self) -> np.ndarray:
         """Relative sampling weight of each stored episode's windows (1 for the best episode)."""
-        returns = np.array([ep.episode_return for ep in self.episodes], dtype=np.float64)
+        returns = np.array([completed_return(ep, self.time_limit) for ep in self.episodes], dtype=np.float64)
         if self.return_weighting == 0 or len(returns) < 2:
             return np.ones(len(returns))
         z = (returns - returns.max()) / max(returns.std(), 1e-8)
