@@ -31,7 +31,7 @@ class EnvConfig:
     id: str = _f("Walker2d-v5", "Gymnasium environment id the planner acts in.")
     obs_dim: int = _f(17, "Observation size; checked against the dataset.")
     act_dim: int = _f(6, "Action size; checked against the dataset.")
-    max_episode_steps: int = _f(1000, "Episode step limit (truncation).")
+    max_episode_steps: int = _f(1000, "Episode step limit (truncation). Online episodes that an env-step budget cuts short have their return_to_go targets completed up to it.")
 
 
 @dataclass
@@ -42,7 +42,7 @@ class DataConfig:
     fallback_episodes: int = _f(200, "Episodes the fallback dataset is collected with.")
     normalizer: str = _f("gaussian", "Per-dimension normalizer: gaussian or minmax.")
     discount: float = _f(0.997, "Discount of the return that the value net predicts.")
-    value_target: str = _f("return_to_go", "What the value net predicts of a window. return_to_go: the discounted return from s_0 to the episode's end (Diffuser's). window: the discounted return of the window's own H transitions, the termination penalty included, i.e. what the plan itself earns; a time limit does not leak into it (bench/README.md).")
+    value_target: str = _f("return_to_go", "What the value net predicts of a window. return_to_go: the discounted return from s_0 to the episode's end (Diffuser's; online episodes cut short by the env-step budget are completed to env.max_episode_steps at their mean reward). window: the discounted return of the window's own H transitions, the termination penalty included, i.e. what the plan itself earns; a time limit does not leak into it, and past a cut by the env-step budget its real steps stand for the rest (bench/README.md).")
     termination_penalty: float = _f(-100.0, "Reward added at a true termination (not at truncation).")
     start_window_weight: float = _f(1.0, "Windows that begin within an episode's first model.horizon steps are drawn this many times as often in pretraining: long episodes hold few starts, and a planner that starts badly falls early. Phase 2's offline share has its own, online.offline_start_window_weight.")
 

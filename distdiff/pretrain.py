@@ -38,8 +38,7 @@ def load_windows(cfg: Config, normalizer: Optional[Normalizer] = None, data: Opt
     normalizer = normalizer or fit_normalizer(data.episodes, layout, cfg.data.normalizer)
     windows = WindowDataset(data.episodes, layout=layout, horizon=cfg.model.horizon, normalizer=normalizer,
                             discount=cfg.data.discount, termination_penalty=cfg.data.termination_penalty,
-                            value_target=cfg.data.value_target, start_weight=cfg.data.start_window_weight,
-                            time_limit=cfg.env.max_episode_steps)
+                            value_target=cfg.data.value_target, start_weight=cfg.data.start_window_weight)
     return data, windows
 
 

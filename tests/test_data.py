@@ -54,16 +54,15 @@ def test_window_returns_penalize_termination_only():
     np.testing.assert_allclose(batch.returns.numpy(), windows.returns)
 
 
-def test_a_windows_own_return_is_its_reward_per_step_with_padding_earning_nothing_after_a_fall():
+def test_a_windows_own_return_is_its_reward_per_step_with_padding_earning_nothing():
     episodes = [
         _episode(5, terminated=True, rewards=[1, 2, 3, 4, 5]),
         _episode(5, terminated=False, truncated=True, rewards=[1, 2, 3, 4, 5], offset=100.0),
     ]
     norm = fit_normalizer(episodes, LAYOUT, "gaussian")
     windows = WindowDataset(episodes, layout=LAYOUT, horizon=2, normalizer=norm, discount=0.5, termination_penalty=-100.0)
-    # windows (1,2) (2,3) (3,4) (4,5) and (5, padding); the fall's penalty lands in the window holding
-    # the last step, and after the time limit the last step stands for the whole window
-    np.testing.assert_allclose(windows.window_returns, np.array([3, 5, 7, 9 - 100, 5 - 100, 3, 5, 7, 9, 10]) / 2)
+    # windows (1,2) (2,3) (3,4) (4,5) and (5, padding); the fall's penalty lands in the window holding the last step
+    np.testing.assert_allclose(windows.window_returns, np.array([3, 5, 7, 9 - 100, 5 - 100, 3, 5, 7, 9, 5]) / 2)
     np.testing.assert_allclose(windows.get(np.arange(10)).window_returns.numpy(), windows.window_returns)
     q = windows.return_quantiles(5)
     assert q[0] == windows.window_returns.min() and q[-1] == windows.window_returns.max() and np.all(np.diff(q) >= 0)

@@ -104,3 +104,13 @@ def test_offline_start_weight_oversamples_the_offline_episode_starts():
     assert np.mean(batch.cond[:, 0].numpy() < 4) == pytest.approx(40 / 116, abs=0.03)
     (batch,) = make_replay(offline=[counting_episode(80)], offline_ratio=1.0).sample(1, 4000)
     assert np.mean(batch.cond[:, 0].numpy() < 4) == pytest.approx(4 / 80, abs=0.015)
+
+
+def test_offline_episodes_are_never_completed_to_the_time_limit():
+    # A dataset collected with a shorter time limit than the env's: its episodes were not cut.
+    short = constant_episode(1.0, 10, 1.0)
+    replay = make_replay(offline=[short], offline_ratio=1.0, time_limit=1000)
+    replay.add([constant_episode(-1.0, 10, 1.0)])
+    assert replay.offline.returns[0] == pytest.approx(sum(0.99 ** k for k in range(10)))
+    online = replay._online_windows()
+    assert online.returns[0] == pytest.approx(sum(0.99 ** k for k in range(1000)), rel=1e-5)

@@ -35,10 +35,9 @@ def windows_of(episodes, target, horizon=2, discount=0.5):
 
 def test_window_target_by_hand():
     w = windows_of([episode([1, 2, 3, 4], terminated=True), episode([1, 2, 3, 4], terminated=False)], "window")
-    # r_t + 0.5 r_{t+1}; the fall's penalty lands on the last reward, padding earns nothing after
-    # a fall; after a time limit the last window's one real step stands for both, 4 * (1 + 0.5)
+    # r_t + 0.5 r_{t+1}; the fall's penalty lands on the last reward, padding earns nothing
     fell = [1 + 1.0, 2 + 1.5, 3 + 0.5 * (4 - 100), 4 - 100]
-    timed_out = [1 + 1.0, 2 + 1.5, 3 + 2.0, 6]
+    timed_out = [1 + 1.0, 2 + 1.5, 3 + 2.0, 4]
     np.testing.assert_allclose(w.returns, fell + timed_out)
     np.testing.assert_allclose(w.get(np.arange(8)).returns.numpy(), w.returns)
 
@@ -66,7 +65,9 @@ def test_a_walk_cut_by_the_step_budget_is_labelled_as_the_same_walk_run_to_the_t
     labelled = WindowDataset([cut, whole], layout=LAYOUT, horizon=4, normalizer=norm, discount=0.9,
                              value_target=target, time_limit=40)
     np.testing.assert_allclose(labelled.returns[:6], labelled.returns[6:12], rtol=1e-6)
-    np.testing.assert_allclose(labelled.window_returns, 1.0, rtol=1e-6)
+    np.testing.assert_allclose(labelled.window_returns[:12], 1.0, rtol=1e-6)
+    # the whole walk's last windows run past the time limit, where nothing is earned
+    assert labelled.window_returns[-1] == pytest.approx(1 / 4)
 
 
 def test_a_fall_and_the_time_limit_are_not_completed():
@@ -106,7 +107,7 @@ def test_the_replay_gives_online_windows_the_configured_target():
                     termination_penalty=-100.0, capacity=100, offline_ratio=0.0, value_target="window", seed=0)
     replay.add([ep])
     (batch,) = replay.sample(1, 64)
-    assert set(batch.returns.tolist()) <= {2.0, 3.5, 5.0, 6.0}
+    assert set(batch.returns.tolist()) <= {2.0, 3.5, 5.0, 4.0}
 
 
 def faster_and_slower_episodes():

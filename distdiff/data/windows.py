@@ -30,27 +30,27 @@ def fit_normalizer(episodes: Sequence[Episode], layout: TrajectoryLayout, kind: 
 # - return_to_go: Diffuser's target, the discounted return from s_0 to the episode's end. Where
 #   episodes end at a time limit it mostly measures the steps left before that limit, which no
 #   state shows (on sac-medium-v0 it correlates 0.90 with them and -0.30 with the window's speed).
-#   An episode cut before the limit (by a step budget) is completed to it at its own mean reward,
-#   so that a cut does not read as the end of the episode.
 # - window: the discounted return of the window's own transitions, the termination penalty
 #   included when the episode ends inside it: what the plan itself earns, which V can read off it.
-# Past any end but a fall (a time limit, a cut) a window is credited with the mean of its real
-# steps for the steps it does not show, as a truncation ends nothing (Pardo et al. 2018, "Time
-# Limits in Reinforcement Learning"); past a fall it earns nothing.
+# An episode cut short of the time limit (by an env-step budget) did not end there: its
+# return_to_go is completed to the limit at its own mean reward, and a window that runs past the
+# cut is credited with the mean of its real steps for the steps it does not show (Pardo et al.
+# 2018, "Time Limits in Reinforcement Learning"). Past a fall or the time limit, nothing is earned.
 VALUE_TARGETS = ("return_to_go", "window")
 
 
-def _window_sums(ep: Episode, horizon: int, discount: float, termination_penalty: float) -> np.ndarray:
+def _window_sums(ep: Episode, horizon: int, discount: float, termination_penalty: float,
+                 time_limit: Optional[int]) -> np.ndarray:
     """``Σ_{j<horizon} γ^j r_{t+j}`` for every start t over the episode's real steps, the penalty
-    added to the last reward of a fall; an episode that did not fall has its windows scaled up to
-    the whole horizon at the discounted mean of their real steps."""
+    added to the last reward of a fall; an episode cut short of ``time_limit`` has its windows
+    scaled up to the whole horizon at the discounted mean of their real steps."""
     rewards = np.asarray(ep.rewards, dtype=np.float64).copy()
     if ep.terminated:
         rewards[-1] += termination_penalty
     padded = np.concatenate([rewards, np.zeros(horizon - 1)])
     weights = discount ** np.arange(horizon)
     sums = np.lib.stride_tricks.sliding_window_view(padded, horizon) @ weights
-    if not ep.terminated:
+    if cut_short(ep, time_limit):
         shown = np.minimum(horizon, len(rewards) - np.arange(len(rewards)))
         cumulative = np.cumsum(weights)
         sums *= cumulative[-1] / cumulative[shown - 1]
@@ -73,11 +73,10 @@ class WindowDataset:
     A window's own return is the reward its real transitions earn, the termination penalty
     included when the episode ends inside it, divided by the horizon: the reward per step of
     what the window shows, which a return-conditioned denoiser learns to produce. Padding earns
-    nothing after a fall, so a fall reads as a low return; after a truncation the window's real
-    steps stand for the whole of it (see VALUE_TARGETS).
+    nothing, so a fall reads as a low return.
 
     ``time_limit`` is the env's step limit: an episode shorter than it that did not fall was cut
-    early, and its return-to-go is completed to the limit (None: no episode counts as cut).
+    early, and its labels are completed (see VALUE_TARGETS; None: no episode counts as cut).
     """
 
     def __init__(
@@ -109,13 +108,13 @@ class WindowDataset:
         self.window_episode = np.repeat(np.arange(len(episodes)), lengths)
         self.window_start = np.concatenate([np.arange(n) for n in lengths])
         if value_target == "window":
-            returns = [_window_sums(ep, horizon, discount, termination_penalty) for ep in episodes]
+            returns = [_window_sums(ep, horizon, discount, termination_penalty, time_limit) for ep in episodes]
         else:
             returns = [discounted_returns_to_go(ep.rewards, discount, termination_penalty if ep.terminated else 0.0,
                                                 _continuation(ep, discount, time_limit))[:-1] for ep in episodes]
         self.returns = np.concatenate(returns).astype(np.float32)
         self.window_returns = np.concatenate([
-            _window_sums(ep, horizon, 1.0, termination_penalty) for ep in episodes
+            _window_sums(ep, horizon, 1.0, termination_penalty, time_limit) for ep in episodes
         ]).astype(np.float32) / horizon
         self._cdf: Optional[np.ndarray] = None
         if start_weight != 1.0:

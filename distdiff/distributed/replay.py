@@ -57,8 +57,9 @@ class Replay:
             raise ValueError(f"online_start_weight must be >= 0, got {online_start_weight}")
         self.normalizer = Normalizer.from_state_dict(normalizer)
         self._window_args = dict(layout=layout, horizon=horizon, normalizer=self.normalizer, discount=discount,
-                                 termination_penalty=termination_penalty, value_target=value_target,
-                                 time_limit=time_limit)
+                                 termination_penalty=termination_penalty, value_target=value_target)
+        # Only the online episodes are known to run under ``time_limit`` (the env's): an offline
+        # dataset may have been collected with a shorter one, and none of its episodes is cut.
         self.offline = (WindowDataset(offline_episodes, **self._window_args, start_weight=offline_start_weight)
                         if len(offline_episodes) else None)
         self.capacity = capacity
@@ -89,7 +90,7 @@ class Replay:
 
     def _online_windows(self) -> Optional[WindowDataset]:
         if self._online is None and self.episodes:
-            online = WindowDataset(list(self.episodes), **self._window_args)
+            online = WindowDataset(list(self.episodes), **self._window_args, time_limit=self.time_limit)
             weights = self.episode_weights()[online.window_episode]
             weights[online.window_start < self.horizon] *= self.online_start_weight
             # Only start windows stored so far (short episodes) and a start weight of 0: draw
