@@ -26,7 +26,8 @@ from distdiff.pretrain import load_windows, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
 TAGS = [
-    "charts/episode_return", "charts/normalized_score", "rollout/alignment_error", "losses/denoiser", "losses/value",
+    "charts/episode_return", "charts/normalized_score", "charts/episode_length", "charts/reward_per_step",
+    "rollout/alignment_error", "losses/denoiser", "losses/value",
     "perf/env_steps_per_s", "perf/updates_per_s", "perf/weights_lag", "replay/size", "faults/worker_restarts",
     "eval/terminations",
 ]

@@ -244,8 +244,10 @@ class OnlineRun:
             score = normalized_score(ret, self.ref_min, self.ref_max)
             if score is not None:
                 w.add_scalar("charts/normalized_score", float(score), step)
-        for n in result["lengths"]:
+        for ret, n in zip(result["returns"], result["lengths"]):
             w.add_scalar("charts/episode_length", n, step)
+            # Comparable between whole episodes and those a small env-step budget cut short.
+            w.add_scalar("charts/reward_per_step", ret / n, step)
         errors = result["plan_errors"]
         if len(errors):
             per_step = np.nanmean(errors, axis=0)
