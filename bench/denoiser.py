@@ -43,8 +43,9 @@ def reconstruction(path: Path, dataset: str, n_windows: int, timesteps, seed: in
     planner = planner_from_checkpoint(state, cfg)
     diffusion, layout = planner.diffusion, planner.layout
     episodes = load_episodes(dataset, obs_dim=cfg.env.obs_dim, act_dim=cfg.env.act_dim).episodes
+    # The window returns a conditioned denoiser is given, as in its training: falls penalized.
     windows = WindowDataset(episodes, layout=layout, horizon=cfg.model.horizon, normalizer=planner.normalizer,
-                            discount=cfg.data.discount)
+                            discount=cfg.data.discount, termination_penalty=cfg.data.termination_penalty)
     batch = windows.sample(n_windows, np.random.default_rng(seed))
     # Padding and the clamped s_0 are not the network's to rebuild.
     mask = batch.mask * (1 - layout.condition_mask(cfg.model.horizon))

@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     p.add_argument("--episodes", type=int, required=True, help="Number of episodes to collect.")
     p.add_argument("--dataset-id", required=True, help="Minari id, ending in -vN (e.g. local/walker2d/random-v0).")
     p.add_argument("--env", default="Walker2d-v5", help="Gymnasium env id (random policy; a checkpoint uses its own).")
-    p.add_argument("--max-episode-steps", type=int, default=1000)
+    p.add_argument("--max-episode-steps", type=int, default=1000,
+                   help="Time limit: an episode that has not fallen by then ends truncated.")
     p.add_argument("--num-envs", type=int, default=8, help="Envs planned together (checkpoint policy), per actor.")
     p.add_argument("--num-actors", type=int, default=1,
                    help="Collect with this many parallel Ray actors (1: in this process). Connects to RAY_ADDRESS or a "
@@ -53,8 +54,10 @@ def main(argv=None) -> int:
     if dataset_exists(args.dataset_id) and not args.overwrite:
         fail(f"dataset {args.dataset_id!r} already exists under {datasets_root()}; pass --overwrite to replace it")
 
-    if args.num_actors < 1:
-        fail("--num-actors must be >= 1")
+    for flag, value in (("--num-actors", args.num_actors), ("--num-envs", args.num_envs),
+                        ("--max-episode-steps", args.max_episode_steps)):
+        if value < 1:
+            fail(f"{flag} must be >= 1, got {value}")
     state = None
     if args.policy != "random":
         try:

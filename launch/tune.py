@@ -34,6 +34,9 @@ def main(argv=None) -> int:
                         "'local' starts an embedded Ray even where a cluster runs.")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all).")
     args = p.parse_args(argv)
+    for flag, value in (("--num-samples", args.num_samples), ("--max-concurrent", args.max_concurrent)):
+        if value is not None and value < 1:
+            fail(f"{flag} must be >= 1, got {value}")
 
     from distdiff.distributed.tuning import load_spec
 

@@ -88,6 +88,14 @@ def test_collect_refuses_an_id_without_version(minari_root, subprocess_env):
     assert not dataset_exists("local/walker2d/noversion")
 
 
+@pytest.mark.parametrize("flag", ["--max-episode-steps", "--num-envs", "--num-actors"])
+def test_collect_refuses_a_count_below_one(flag, minari_root, subprocess_env):
+    proc = run("collect.py", "--policy", "random", "--episodes", 1, "--dataset-id", "local/walker2d/zero-v0", flag, 0,
+               env=subprocess_env)
+    assert proc.returncode == 2 and f"{flag} must be >= 1" in proc.stderr
+    assert not dataset_exists("local/walker2d/zero-v0")
+
+
 def test_pretrain_writes_a_checkpoint(run30, tiny_dataset):
     state = load_checkpoint(run30 / "checkpoint.pt")
     assert state["step"] == 30

@@ -57,6 +57,12 @@ def test_invalid_spaces_are_refused_before_any_trial(tiny_dataset, tmp_path, sub
                           str(tmp_path / "storage")], env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "diffusion.schedul" in out.stderr
     assert not (tmp_path / "storage").exists()
+    good = write_sweep(tmp_path / "good.yaml", tiny_dataset)
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "tune.py"), "--config", str(good), "--storage",
+                          str(tmp_path / "storage"), "--max-concurrent", "0"], env=subprocess_env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "--max-concurrent must be >= 1" in out.stderr
+    assert not (tmp_path / "storage").exists()
 
 
 def test_a_trial_reserves_a_bundle_for_each_of_its_own_actors(tiny_dataset, tmp_path):
