@@ -54,7 +54,9 @@ def main(argv=None) -> int:
         if args.resume:
             if args.config is not None:
                 fail("--resume continues with the run's own config; drop --config (override fields with --section.field)")
-            base = config_lib.from_dict(load_checkpoint(args.resume / "checkpoint.pt")["config"])
+            from distdiff.distributed.driver import resume_checkpoint
+
+            base = config_lib.from_dict(load_checkpoint(resume_checkpoint(args.resume))["config"])
             cfg = config_lib.from_args(args, base=base)
         else:
             cfg = config_lib.from_args(args)
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
         fail(str(e))
     import ray
 
-    from distdiff.distributed.driver import connect, train
+    from distdiff.distributed.driver import RunFailed, connect, train
 
     run_dir = args.resume or args.run_dir or default_run_dir("train")
     started = connect(args.address, args.num_cpus)
@@ -70,6 +72,8 @@ def main(argv=None) -> int:
         metrics = train(cfg, run_dir, init=args.init, resume=args.resume is not None)
     except (config_lib.ConfigError, DatasetError, CheckpointError) as e:
         fail(str(e))
+    except RunFailed as e:
+        fail(f"{e}\nthe last checkpoint in {run_dir} is intact: python launch/train.py --resume {run_dir}", code=1)
     except KeyboardInterrupt:
         print(f"interrupted; resume with: python launch/train.py --resume {run_dir}", file=sys.stderr)
         return 130

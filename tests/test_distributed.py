@@ -20,7 +20,7 @@ import torch
 from _helpers import tiny_online_config
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint
-from distdiff.distributed.driver import Counters, OnlineRun, rollout_length, train
+from distdiff.distributed.driver import Counters, OnlineRun, resume_checkpoint, rollout_length, train
 from distdiff.distributed.learner import Learner, NonFiniteError
 from distdiff.pretrain import load_windows, pretrain
 
@@ -470,3 +470,43 @@ def test_init_checkpoint_that_does_not_fit_the_config_fails_before_any_actor(pre
     with pytest.raises(CheckpointError, match="does not fit"):
         train(other, tmp_path, init=ckpt, log=lambda s: None, progress=False)
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_a_cluster_too_small_for_the_actors_fails_before_pretraining(ray_session, pretrained, tmp_path):
+    cfg, _ = pretrained
+    greedy = tiny_online_config(cfg.data.dataset_id, **{"online.learner_num_cpus": 2.0})
+    with pytest.raises(config_lib.ConfigError, match="leaves none for the rollout actors"):
+        train(greedy, tmp_path, log=lambda s: None, progress=False)
+    assert not (tmp_path / "pretrain").exists()
+
+
+def test_a_run_stopped_in_phase_1_resumes_pretraining_then_runs_phase_2(ray_session, pretrained, tmp_path):
+    cfg, _ = pretrained
+    pretrain(tiny_online_config(cfg.data.dataset_id, **{"train.steps": 10}), tmp_path / "pretrain", quiet=True)
+    assert resume_checkpoint(tmp_path) == tmp_path / "pretrain" / "checkpoint.pt"
+    logs = []
+    metrics = train(cfg, tmp_path, resume=True, log=logs.append, progress=False)
+    assert any(line.startswith("resuming phase 1") for line in logs)
+    assert load_checkpoint(tmp_path / "pretrain" / "checkpoint.pt")["step"] == cfg.train.steps
+    assert metrics["env_steps"] == cfg.online.env_steps
+    assert resume_checkpoint(tmp_path) == tmp_path / "checkpoint.pt"
+
+
+def test_a_replay_written_just_before_a_crash_is_cut_back_to_its_checkpoint(ray_session, pretrained, tmp_path):
+    from distdiff.distributed.replay import Replay
+    from distdiff.models import layout_of
+
+    cfg, ckpt = pretrained
+    state = load_checkpoint(ckpt)
+    data, _ = load_windows(cfg, None)
+    newer = Replay(offline_episodes=[], normalizer=state["normalizer"], layout=layout_of(cfg), horizon=cfg.model.horizon,
+                   discount=cfg.data.discount, termination_penalty=0.0, capacity=10_000, offline_ratio=0.0)
+    newer.add(data.episodes[:3])
+    logs = []
+    run = OnlineRun(cfg, tmp_path, state, data.episodes, Counters(episodes=1), replay_state=newer.state_dict(),
+                    log=logs.append, progress=False)
+    try:
+        assert ray.get(run.replay.size.remote()) == len(data.episodes[0])
+        assert any("2 episodes newer than" in line for line in logs), logs
+    finally:
+        run.close()

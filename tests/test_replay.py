@@ -106,6 +106,19 @@ def test_offline_start_weight_oversamples_the_offline_episode_starts():
     assert np.mean(batch.cond[:, 0].numpy() < 4) == pytest.approx(4 / 80, abs=0.015)
 
 
+def test_a_replay_saved_after_its_checkpoint_loads_back_to_what_the_checkpoint_counted():
+    # replay.pt is written first; a crash before checkpoint.pt leaves it with episodes the
+    # checkpoint's counters do not have, which the resumed run would collect again.
+    saved = make_replay(capacity=100)
+    saved.add([constant_episode(float(k), 30, 1.0) for k in range(5)])  # the oldest two are evicted
+    state = saved.state_dict()
+    resumed = make_replay(capacity=100)
+    assert resumed.load_state_dict(state, added_episodes=4) == 1
+    assert resumed.added_episodes == 4 and resumed.size() == 60
+    assert [float(ep.observations[0, 0]) for ep in resumed.episodes] == [2.0, 3.0]
+    assert make_replay().load_state_dict(state, added_episodes=5) == 0
+
+
 def test_offline_episodes_are_never_completed_to_the_time_limit():
     # A dataset collected with a shorter time limit than the env's: its episodes were not cut.
     short = constant_episode(1.0, 10, 1.0)

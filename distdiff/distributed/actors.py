@@ -14,7 +14,7 @@ from typing import Dict, Optional
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from distdiff.config import Config
+from distdiff.config import Config, ConfigError
 from distdiff.distributed.learner import Learner
 from distdiff.distributed.replay import Replay
 from distdiff.distributed.worker import RolloutWorker
@@ -93,7 +93,15 @@ def resources(cfg: Config) -> Dict[str, object]:
     gpus = o.learner_num_gpus if o.learner_num_gpus >= 0 else (1.0 if cluster_gpus() >= 1 else 0.0)
     actor_cpus = o.actor_num_cpus
     if actor_cpus == 0:
-        free = max(_actor_cpus_available(cfg), 0.0)
+        free = _actor_cpus_available(cfg)
+        total = float(ray.cluster_resources().get("CPU", 0.0))
+        if free <= 0 and total > 0 and not o.actor_resource:
+            # Ray would wait forever to place the actors.
+            raise ConfigError(
+                f"the learner asks for online.learner_num_cpus={o.learner_num_cpus:g} of this cluster's {total:g} CPUs, "
+                "which leaves none for the rollout actors: give the learner less (--online.learner_num_cpus 0.5) "
+                "or start Ray with more (--num-cpus)")
+        # Up to an autoscaler: an empty cluster, or no node with actor_resource yet.
         actor_cpus = min(1.0, free / o.num_actors) if free > 0 else 0.001
     return {"learner_cpus": o.learner_num_cpus, "learner_gpus": gpus, "actor_cpus": actor_cpus,
             "learner_resources": _label(o.learner_resource), "actor_resources": _label(o.actor_resource)}

@@ -35,6 +35,18 @@ from distdiff.pretrain import load_data, pretrain
 from distdiff.training import check_value_target, planner_from_checkpoint
 
 CHECKPOINT, REPLAY = "checkpoint.pt", "replay.pt"
+PRETRAIN = "pretrain"  # phase 1's run dir inside the run's
+
+
+def resume_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint ``--resume RUN_DIR`` continues from: phase 2's, or phase 1's when the run
+    stopped before phase 2 began."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT).is_file() and (run_dir / PRETRAIN / CHECKPOINT).is_file():
+        return run_dir / PRETRAIN / CHECKPOINT
+    return run_dir / CHECKPOINT
+
+
 # The checkpoint of the best evaluation so far and its metrics: phase 2 can lose what it gained
 # (on Walker2d a run whose episodes had reached 64 points fell to 55 within 12k more env steps,
 # bench/README.md, 2026-12-04 later), and the last checkpoint alone would keep only the fall.
@@ -42,6 +54,11 @@ BEST, BEST_METRICS = "best.pt", "best.json"
 # An evaluation's figures that go to TensorBoard (eval/…), metrics.json and best.json alike.
 EVAL_SCALARS = ("return_mean", "normalized_score", "terminations", "alignment_error")
 BEST_KEYS = (*EVAL_SCALARS, "env_steps", "updates", "weights_version")
+
+
+class RunFailed(RuntimeError):
+    """Phase 2 cannot go on (the learner failed, no rollout actor is left); the last checkpoint
+    in the run dir is intact."""
 
 
 def _count(n: int, noun: str) -> str:
@@ -158,11 +175,14 @@ class OnlineRun:
             # Waited for: a replay.pt that does not load must stop the resume, not leave the
             # run to go on from an empty replay.
             try:
-                ray.get(self.replay.load_state_dict.remote(replay_state))
+                dropped = ray.get(self.replay.load_state_dict.remote(replay_state, counters.episodes))
             except RayTaskError as e:
                 ray.kill(self.learner)
                 ray.kill(self.replay)
                 raise CheckpointError(f"{run_dir / REPLAY} does not load into the replay: {_cause(e)}") from e
+            if dropped:
+                log(f"{run_dir / REPLAY} holds {_count(dropped, 'episode')} newer than {run_dir / CHECKPOINT} "
+                    "(the run stopped between writing the two): dropped, to be collected again")
         self.workers = [actors.make_worker(cfg, res, config=cfg_dict, normalizer=self.normalizer.state_dict(), worker_id=i)
                         for i in range(cfg.online.num_actors)]
         self.writer = SummaryWriter(str(run_dir))
@@ -335,6 +355,7 @@ class OnlineRun:
         parked: List[int] = []  # workers waiting for the learner to catch up, or for budget
         failures = [0] * len(self.workers)
         retry_at: Dict[int, float] = {}  # dead workers, resubmitted after a back-off while Ray restarts them
+        dropped: set = set()  # workers that kept failing: they take no share of the budget
         train_ref = size_ref = None
         t0, env0, upd0 = time.perf_counter(), c.env_steps, c.updates
         next_ckpt = (c.updates // o.checkpoint_every + 1) * o.checkpoint_every
@@ -351,7 +372,7 @@ class OnlineRun:
             max_steps = None
             if o.env_steps:
                 free = o.env_steps - c.env_steps - sum(promised.values())
-                max_steps = self.rollout_length(free, len(self.workers) - len(rollouts))
+                max_steps = self.rollout_length(free, len(self.workers) - len(dropped) - len(rollouts))
                 if max_steps == 0:
                     parked.append(i)
                     return
@@ -380,6 +401,7 @@ class OnlineRun:
             failures[i] += 1
             if failures[i] > 10 and may_drop:
                 self.log(f"rollout actor {i} keeps failing; dropping it")
+                dropped.add(i)
             else:
                 retry_at[i] = time.perf_counter() + min(0.5 * failures[i], 5.0)
 
@@ -422,10 +444,10 @@ class OnlineRun:
             if ref is train_ref:
                 try:
                     stats, size = ray.get([train_ref, size_ref])
-                except RayTaskError as e:
-                    raise RuntimeError(f"the learner failed: {e}") from e
-                train_ref = None
+                except (RayTaskError, RayActorError) as e:
+                    raise RunFailed(f"the learner failed: {_cause(e)}") from e
                 count_updates(stats)
+                train_ref = None
                 self.log_train(stats, size, t0, upd0)
                 if since_broadcast >= o.broadcast_every:
                     self.broadcast()
@@ -480,8 +502,8 @@ class OnlineRun:
             train_more()
             if collecting and not rollouts and train_ref is None and not retry_at:
                 if parked:
-                    raise RuntimeError("rollouts are parked but neither the learner nor any rollout is running")
-                raise RuntimeError("no rollout actor is left alive")
+                    raise RunFailed("rollouts are parked but neither the learner nor any rollout is running")
+                raise RunFailed("no rollout actor is left alive")
         bar.close()
         self.broadcast()
 
@@ -542,14 +564,25 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
 def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None, resume: bool = False,
           log: Callable[[str], None] = print, progress: bool = True,
           on_evaluation: Optional[Callable[[Dict[str, object]], None]] = None) -> Dict[str, object]:
-    """Phase 1 (pretraining, unless ``init`` or ``resume``) then phase 2 (online alignment), then
-    a final evaluation. Needs Ray initialized (see :func:`connect`). Returns the final metrics,
-    also written to ``metrics.json``; ``on_evaluation`` is called with each evaluation's metrics
-    (every ``online.eval_every`` updates and at the end), after the checkpoint is written."""
+    """Phase 1 (pretraining, unless ``init``) then phase 2 (online alignment), then a final
+    evaluation; ``resume`` continues the phase the run in ``run_dir`` stopped in. Needs Ray
+    initialized (see :func:`connect`). Returns the final metrics, also written to
+    ``metrics.json``; ``on_evaluation`` is called with each evaluation's metrics (every
+    ``online.eval_every`` updates and at the end), after the checkpoint is written."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     replay_state = data = None
-    if resume:
+    in_phase_1 = init is None and (not resume or resume_checkpoint(run_dir) != run_dir / CHECKPOINT)
+    if in_phase_1:
+        # A cluster too small for the actors fails now, not after pretraining.
+        actors.resources(cfg)
+    if resume and in_phase_1:
+        # Stopped in phase 1: pretraining continues from its own checkpoint, then phase 2 starts.
+        log(f"resuming phase 1 of {run_dir}: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps)")
+        data = load_data(cfg)
+        state = load_checkpoint(pretrain(cfg, run_dir / PRETRAIN, resume=True, quiet=not progress, data=data))
+        counters = Counters()
+    elif resume:
         state = load_checkpoint(run_dir / CHECKPOINT)
         try:
             counters = Counters(**state.get("run", {}))
@@ -565,7 +598,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     else:
         log(f"phase 1: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps)")
         data = load_data(cfg)
-        state = load_checkpoint(pretrain(cfg, run_dir / "pretrain", quiet=not progress, data=data))
+        state = load_checkpoint(pretrain(cfg, run_dir / PRETRAIN, quiet=not progress, data=data))
         counters = Counters()
     # Fail here, with the checkpoint's path in the message, rather than inside an actor.
     planner_from_checkpoint(state, cfg)

@@ -139,7 +139,11 @@ class Replay:
             "rng": self.rng.bit_generator.state,
         }
 
-    def load_state_dict(self, state: Dict[str, object]) -> None:
+    def load_state_dict(self, state: Dict[str, object], added_episodes: Optional[int] = None) -> int:
+        """Restore a saved replay; returns how many episodes it dropped. ``added_episodes``: keep
+        only what the first that many episodes ever added left in it, i.e. drop the newest ones
+        that a checkpoint taken earlier did not count (a crash between writing ``replay.pt`` and
+        the checkpoint); a resumed run collects them again."""
         self.episodes.clear()
         self.transitions = 0
         o = a = 0
@@ -150,5 +154,11 @@ class Replay:
             self.transitions += n
             o, a = o + n + 1, a + n
         self.added_episodes = int(state["added_episodes"])
+        dropped = 0
+        while added_episodes is not None and self.added_episodes > added_episodes and self.episodes:
+            self.transitions -= len(self.episodes.pop())
+            self.added_episodes -= 1
+            dropped += 1
         self.rng.bit_generator.state = state["rng"]
         self._online = None
+        return dropped
