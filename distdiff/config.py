@@ -134,7 +134,7 @@ class OnlineConfig:
     learner_num_gpus: float = _f(-1.0, "GPUs for the learner; -1 = one if the cluster has any, else CPU.")
     learner_resource: str = _f("", "Custom Ray resource the learner asks 0.001 of, so it runs only on nodes started with it (e.g. ray start --resources='{\"learner\": 1}'); empty = any node.")
     actor_resource: str = _f("", "Custom Ray resource each rollout actor asks 0.001 of, so actors run only on nodes that carry it (e.g. only the CPU nodes, to keep them off the learner's GPU node); empty = any node.")
-    env_steps: int = _f(100_000, "Budget: real env steps collected in phase 2 (0 = unlimited). Each rollout gets a share of what is left, so a run ends within envs_per_actor steps of it and never passes it; when it is smaller than num_actors x envs_per_actor x env.max_episode_steps, episodes are cut (truncated) at the share.")
+    env_steps: int = _f(100_000, "Budget: real env steps collected in phase 2 (0 = unlimited). Each rollout gets a share of what is left, so a run ends at it and never passes it; a share smaller than envs_per_actor whole episodes runs fewer envs, and one smaller than an episode runs one env, its episode cut (truncated) at the share.")
     updates: int = _f(0, "Budget: learner updates in phase 2 (0 = unlimited).")
     wall_time_s: float = _f(0.0, "Budget: seconds of phase 2 (0 = unlimited).")
     updates_per_env_step: float = _f(0.5, "Learner updates owed per collected env step.")
@@ -367,9 +367,6 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
              f"online.{key} must be empty or a custom resource name (not CPU, GPU, memory, object_store_memory, node:..., no surrounding spaces), got {name!r}")
     need(o.env_steps >= 0 and o.updates >= 0 and o.wall_time_s >= 0, "online budgets must be >= 0")
     need(o.env_steps > 0 or o.updates > 0 or o.wall_time_s > 0, "online needs a budget: env_steps, updates or wall_time_s")
-    need(o.env_steps == 0 or o.env_steps >= o.envs_per_actor,
-         f"online.env_steps must be 0 (no limit) or at least online.envs_per_actor ({o.envs_per_actor}): a rollout "
-         f"steps every env at least once, got {o.env_steps}")
     need(o.updates_per_env_step >= 0, "online.updates_per_env_step must be >= 0")
     need(o.updates_per_env_step > 0 or o.env_steps > 0 or o.wall_time_s > 0,
          "online.updates is the only budget but online.updates_per_env_step is 0: no update would ever run")

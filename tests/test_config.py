@@ -57,7 +57,6 @@ def test_overrides_are_typed():
         ({"online.start_window_weight": -1.0}, "online.start_window_weight must be >= 0"),
         ({"online.offline_start_window_weight": 0.0}, "online.offline_start_window_weight must be positive"),
         ({"guidance.scale": -1.0}, "guidance.scale"),
-        ({"online.env_steps": 15, "online.envs_per_actor": 16}, "online.env_steps must be 0 (no limit) or at least"),
         ({"model.dim": 2}, "model.dim must be an even number >= 4"),
         ({"model.value_dim": 5}, "model.value_dim must be an even number >= 4"),
         ({"model.dim_mults": [2, 4]}, "model.dim_mults must start with 1"),

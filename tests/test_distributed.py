@@ -20,7 +20,7 @@ import torch
 from _helpers import tiny_online_config
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint
-from distdiff.distributed.driver import Counters, OnlineRun, resume_checkpoint, rollout_length, train
+from distdiff.distributed.driver import Counters, OnlineRun, resume_checkpoint, rollout_share, train
 from distdiff.distributed.learner import Learner, NonFiniteError
 from distdiff.pretrain import load_windows, pretrain
 
@@ -117,22 +117,27 @@ def test_object_store_stays_flat_over_100_broadcasts(ray_session, pretrained, tm
 
 
 def test_rollouts_share_the_budget_so_no_run_passes_it():
-    # 32 actors x 16 envs x 1,000 steps would be 5x the default budget in the first rollouts alone.
+    # 32 actors x 16 envs x 1,000 steps would be 5x the default budget in their first rollouts.
     free, promised = 100_000, []
     for idle in range(32, 0, -1):
-        length = rollout_length(free - sum(promised), idle, 16, 1000, 32)
-        promised.append(16 * length)
-    assert promised[0] == 16 * 195 and max(promised) - min(promised) <= 16 and sum(promised) <= free
-    assert rollout_length(10**6, 1, 16, 1000, 32) == 1000
-    # Too little left for an even share of a plan's horizon: the next workers take a horizon each.
-    assert rollout_length(1600, 32, 16, 1000, 32) == 32
-    assert rollout_length(100, 32, 16, 1000, 32) == 6
-    assert rollout_length(15, 1, 16, 1000, 32) == 0
+        share = rollout_share(free - sum(promised), idle, 16, 1000, 32)
+        promised.append(share.envs * share.max_steps)
+    assert sum(promised) <= free and max(promised) - min(promised) <= 1000
+    # Whole episodes on as many envs as the share holds, rather than every env cut at ~195 steps.
+    assert rollout_share(100_000, 32, 16, 1000, 32) == (3, 1000)
+    assert rollout_share(10**6, 1, 16, 1000, 32) == (16, 1000)
+    # Less than an episode: one env, cut; less than a horizon each: the next workers take a horizon.
+    assert rollout_share(1600, 2, 16, 1000, 32) == (1, 800)
+    assert rollout_share(1600, 64, 16, 1000, 32) == (1, 32)
+    assert rollout_share(10, 1, 16, 1000, 32) == (1, 10)
+    assert rollout_share(0, 1, 16, 1000, 32) == (0, 0)
 
 
-def test_a_budget_smaller_than_the_actors_episodes_cuts_them_and_holds(ray_session, pretrained, tmp_path):
+def test_a_budget_smaller_than_the_actors_episodes_runs_fewer_of_them_whole_and_holds(ray_session, pretrained,
+                                                                                      tmp_path):
     cfg, ckpt = pretrained
-    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": 90, "online.envs_per_actor": 2})
+    # 2 actors x 3 envs x 60-step episodes: 360 steps; a budget of 250 holds 2 whole episodes per actor
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": 250, "online.envs_per_actor": 3})
     messages = []
     state = load_checkpoint(ckpt)
     data, _ = load_windows(cfg, None)
@@ -142,11 +147,10 @@ def test_a_budget_smaller_than_the_actors_episodes_cuts_them_and_holds(ray_sessi
         stored = ray.get(run.replay.state_dict.remote())
     finally:
         run.close()
-    assert cfg.online.env_steps - cfg.online.envs_per_actor < run.counters.env_steps <= cfg.online.env_steps
+    assert run.counters.env_steps == cfg.online.env_steps
     assert int(stored["lengths"].sum()) == run.counters.env_steps
-    assert int(stored["lengths"].max()) < cfg.env.max_episode_steps
     assert bool((stored["terminated"] | stored["truncated"]).all())
-    assert any("episodes are cut at 22 steps" in m for m in messages)
+    assert any("each rollout runs 2 of its envs, for whole episodes" in m for m in messages), messages
 
 
 def test_a_run_resumed_while_the_learner_lagged_trains_then_collects(ray_session, pretrained, tmp_path):
@@ -197,11 +201,11 @@ def test_a_rollout_that_raises_is_retried_counted_and_the_run_goes_on(ray_sessio
     from distdiff.distributed.worker import RolloutWorker
 
     class FailsOnce(RolloutWorker):
-        def rollout(self, max_steps=None, task=None):
+        def rollout(self, task=None, **share):
             if self.tasks == 0:
                 self.tasks += 1
                 raise RuntimeError("injected env failure")
-            return super().rollout(max_steps, task)
+            return super().rollout(task, **share)
 
     cfg, ckpt = pretrained
     messages = []

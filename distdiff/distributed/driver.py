@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional
 
 import numpy as np
 import ray
@@ -112,17 +112,29 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
     return True
 
 
-def rollout_length(free: int, idle: int, envs: int, max_episode_steps: int, min_steps: int) -> int:
-    """Steps each env of the next rollout may take under an env-step budget: ``free`` steps are
-    neither collected nor promised to a running rollout, and ``idle`` workers (this one
-    included) have none running. An even share keeps a run from passing its budget by whole
-    episodes of every actor (with 32 actors x 16 envs, 5x the default budget); where the even
-    share is under ``min_steps`` (a plan's horizon), the next workers take ``min_steps`` each
-    until the budget is spent, rather than every worker a sliver. 0: nothing left for this one."""
-    share = free // (max(idle, 1) * envs)
+class RolloutShare(NamedTuple):
+    envs: int  # how many of a worker's envs the rollout runs (its first ones)
+    max_steps: int  # steps each of them may take; env.max_episode_steps: whole episodes
+
+
+def rollout_share(free: int, idle: int, envs: int, max_episode_steps: int, min_steps: int) -> RolloutShare:
+    """What the next rollout may collect under an env-step budget. ``free`` steps are neither
+    collected nor promised to a running rollout, and ``idle`` workers (this one included) have
+    none running: each gets an even share, so a run never passes its budget by whole episodes of
+    every actor (32 actors x 16 envs would be 5x the default budget in their first rollouts).
+
+    A share is spent on whole episodes, on as many of the worker's envs as it holds whole
+    episodes for, rather than on every env cut short: a cut episode is mostly its start, and
+    seldom shows the later states and falls a planner meets. Below one episode one env takes
+    the share, cut; below ``min_steps`` (a plan's horizon) the next workers take ``min_steps``
+    each until the budget is spent, rather than every worker a sliver. (0, 0): nothing left."""
+    share = free // max(idle, 1)
     if share < min_steps:
-        share = min(min_steps, free // envs)
-    return max(0, min(max_episode_steps, share))
+        share = min(min_steps, free)
+    if share <= 0:
+        return RolloutShare(0, 0)
+    whole = min(envs, share // max_episode_steps)
+    return RolloutShare(whole, max_episode_steps) if whole else RolloutShare(1, share)
 
 
 class Counters:
@@ -303,28 +315,32 @@ class OnlineRun:
     # ----- the loop --------------------------------------------------------------------------
     def budget_left(self, t_start: float) -> bool:
         """Env-step and update budgets count the whole phase 2, across resumes; wall time this
-        process. The env-step budget is spent when it cannot give each env of a rollout a step."""
+        process."""
         o = self.cfg.online
-        if o.env_steps and o.env_steps - self.counters.env_steps < o.envs_per_actor:
+        if o.env_steps and self.counters.env_steps >= o.env_steps:
             return False
         if o.updates and self.counters.updates >= o.updates:
             return False
         return not self.out_of_time(t_start)
 
-    def rollout_length(self, free: int, idle: int) -> int:
-        return rollout_length(free, idle, self.cfg.online.envs_per_actor, self.cfg.env.max_episode_steps,
-                              self.cfg.model.horizon)
+    def rollout_share(self, free: int, idle: int) -> RolloutShare:
+        return rollout_share(free, idle, self.cfg.online.envs_per_actor, self.cfg.env.max_episode_steps,
+                             self.cfg.model.horizon)
 
     def log_budget_share(self) -> None:
         """Says so when the env-step budget is too small for whole episodes on every env."""
         o = self.cfg.online
         if not o.env_steps:
             return
-        length = self.rollout_length(o.env_steps - self.counters.env_steps, len(self.workers))
-        if length < self.cfg.env.max_episode_steps:
-            self.log(f"budget: {o.env_steps - self.counters.env_steps} env steps left for "
-                     f"{_count(len(self.workers), 'actor')} x {_count(o.envs_per_actor, 'env')}: episodes are cut "
-                     f"at {length} steps; raise online.env_steps or lower online.envs_per_actor for whole episodes")
+        left = o.env_steps - self.counters.env_steps
+        share = self.rollout_share(left, len(self.workers))
+        head = f"budget: {left} env steps left for {_count(len(self.workers), 'actor')} x {_count(o.envs_per_actor, 'env')}"
+        if share.max_steps < self.cfg.env.max_episode_steps:
+            self.log(f"{head}: each rollout runs one env, its episode cut at {share.max_steps} steps; raise "
+                     "online.env_steps or lower online.num_actors for whole episodes")
+        elif share.envs < o.envs_per_actor:
+            self.log(f"{head}: each rollout runs {share.envs} of its envs, for whole episodes; raise "
+                     "online.env_steps or lower online.envs_per_actor to use them all")
 
     def out_of_time(self, t_start: float) -> bool:
         o = self.cfg.online
@@ -369,20 +385,21 @@ class OnlineRun:
             if self.owed_updates() > o.max_update_lag:
                 parked.append(i)
                 return
-            max_steps = None
+            share = None
             if o.env_steps:
                 free = o.env_steps - c.env_steps - sum(promised.values())
-                max_steps = self.rollout_length(free, len(self.workers) - len(dropped) - len(rollouts))
-                if max_steps == 0:
+                share = self.rollout_share(free, len(self.workers) - len(dropped) - len(rollouts))
+                if share.envs == 0:
                     parked.append(i)
                     return
             # The run numbers its rollouts, so a restarted actor or a resumed run never
             # repeats the seeds of rollouts already delivered.
-            ref = self.workers[i].rollout.remote(max_steps, c.rollouts)
+            ref = (self.workers[i].rollout.remote(c.rollouts) if share is None
+                   else self.workers[i].rollout.remote(c.rollouts, max_steps=share.max_steps, n_envs=share.envs))
             c.rollouts += 1
             rollouts[ref] = i
-            if max_steps is not None:
-                promised[ref] = max_steps * o.envs_per_actor
+            if share is not None:
+                promised[ref] = share.envs * share.max_steps
 
         def submit_parked() -> None:
             waiting_workers, parked[:] = list(parked), []

@@ -57,11 +57,13 @@ class RolloutWorker:
         # Independent streams per (run seed, worker, task).
         return int(np.random.SeedSequence([self.cfg.train.seed, self.worker_id, task]).generate_state(1)[0] >> 1)
 
-    def rollout(self, max_steps: Optional[int] = None, task: Optional[int] = None) -> Dict[str, object]:
+    def rollout(self, task: Optional[int] = None, *, max_steps: Optional[int] = None,
+                n_envs: Optional[int] = None) -> Dict[str, object]:
         """One episode per env with the current weights; the real trajectories and their stats.
-        With ``max_steps``, episodes end (truncated) after that many steps: the driver's share
-        of what is left of an env-step budget. ``task`` numbers the rollout within the run and
-        seeds it (default: this worker's own count, which restarts with the process)."""
+        ``task`` numbers the rollout within the run and seeds it (default: this worker's own
+        count, which restarts with the process). The driver's share of what is left of an
+        env-step budget: only the first ``n_envs`` envs run, and their episodes end (truncated)
+        after ``max_steps`` steps."""
         if self.version < 0:
             raise RuntimeError("rollout before set_weights: a worker must never plan with random weights")
         seed = self._seed(self.tasks if task is None else task)
@@ -69,7 +71,7 @@ class RolloutWorker:
         version = self.version
         rebuilds = 0
         try:
-            results = self._run(seed, max_steps)
+            results = self._run(seed, max_steps, n_envs)
         except (RuntimeError, ValueError, FloatingPointError) as e:
             # A simulator that went unstable (MuJoCo warnings escalate to errors) must not kill
             # the worker: rebuild the envs and try the task once more.
@@ -77,7 +79,7 @@ class RolloutWorker:
             rebuilds = 1
             self._close_envs()
             self._make_envs()
-            results = self._run(seed, max_steps)
+            results = self._run(seed, max_steps, n_envs)
         errors = [r.plan_errors for r in results if len(r.plan_errors)]
         return {
             "worker_id": self.worker_id,
@@ -91,12 +93,12 @@ class RolloutWorker:
             "example": next((r.first_check for r in results if r.first_check is not None), None),
         }
 
-    def _run(self, seed: int, max_steps: Optional[int]):
+    def _run(self, seed: int, max_steps: Optional[int], n_envs: Optional[int]):
         generator = torch.Generator().manual_seed(seed)
         return run_episodes(
             lambda obs: self.planner.plan(obs, generator=generator),
             self.envs,
-            n_episodes=len(self.envs),
+            n_episodes=len(self.envs) if n_envs is None else min(n_envs, len(self.envs)),
             execution=self.cfg.planner.execution,
             horizon=self.cfg.model.horizon,
             replan_every=self.cfg.planner.replan_every,
