@@ -223,6 +223,32 @@ def test_a_rollout_that_raises_is_retried_counted_and_the_run_goes_on(ray_sessio
     assert any("rollout actor 0 failed a rollout" in m and "injected env failure" in m for m in messages)
 
 
+def test_a_worker_parked_for_budget_takes_over_the_share_of_one_that_keeps_failing(ray_session, pretrained, tmp_path):
+    from distdiff.distributed.worker import RolloutWorker
+
+    class AlwaysFails(RolloutWorker):
+        def rollout(self, task=None, **share):
+            time.sleep(1.0)  # holds its share of the budget meanwhile
+            raise RuntimeError("injected env failure")
+
+    cfg, ckpt = pretrained
+    messages = []
+    data, _ = load_windows(cfg, None)
+    run = OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(), log=messages.append, progress=False)
+    ray.kill(run.workers[0])
+    run.workers[0] = ray.remote(AlwaysFails).options(num_cpus=0.01).remote(
+        config=cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=0)
+    try:
+        run.run()
+    finally:
+        run.close()
+    # Worker 1 runs out of unpromised budget while worker 0's doomed rollout holds its share;
+    # each failure frees that share for it, so the run reaches its budget instead of stopping
+    # short once worker 0 is dropped (179 of 200 steps before, when the learner had caught up).
+    assert run.counters.env_steps == cfg.online.env_steps
+    assert run.counters.failed_rollouts >= 1
+
+
 def test_a_replay_checkpoint_that_does_not_load_stops_the_resume(ray_session, pretrained, tmp_path):
     from distdiff.checkpoint import CheckpointError
 

@@ -70,6 +70,16 @@ def test_a_walk_cut_by_the_step_budget_is_labelled_as_the_same_walk_run_to_the_t
     assert labelled.window_returns[-1] == pytest.approx(1 / 4)
 
 
+def test_a_walk_cut_just_before_the_time_limit_is_credited_only_up_to_it():
+    # Cut at 38 of 40 steps: the window at step 37 shows one step and had three left, not four.
+    cut = steady_walk(38)
+    norm = fit_normalizer([cut], LAYOUT, "gaussian")
+    labelled = WindowDataset([cut], layout=LAYOUT, horizon=4, normalizer=norm, discount=1.0, value_target="window",
+                             time_limit=40)
+    assert labelled.returns[-1] == pytest.approx(3.0) and labelled.returns[-2] == pytest.approx(4.0)
+    assert labelled.window_returns[-1] == pytest.approx(3 / 4)
+
+
 def test_a_fall_and_the_time_limit_are_not_completed():
     fell, timed_out = steady_walk(6, terminated=True), steady_walk(40, level=10.0)
     norm = fit_normalizer([fell, timed_out], LAYOUT, "gaussian")

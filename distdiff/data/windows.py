@@ -34,8 +34,9 @@ def fit_normalizer(episodes: Sequence[Episode], layout: TrajectoryLayout, kind: 
 #   included when the episode ends inside it: what the plan itself earns, which V can read off it.
 # An episode cut short of the time limit (by an env-step budget) did not end there: its
 # return_to_go is completed to the limit at its own mean reward, and a window that runs past the
-# cut is credited with the mean of its real steps for the steps it does not show (Pardo et al.
-# 2018, "Time Limits in Reinforcement Learning"). Past a fall or the time limit, nothing is earned.
+# cut is credited with the mean of its real steps for those it does not show, up to the limit
+# (Pardo et al. 2018, "Time Limits in Reinforcement Learning"). Past a fall or the time limit,
+# nothing is earned.
 VALUE_TARGETS = ("return_to_go", "window")
 
 
@@ -43,7 +44,8 @@ def _window_sums(ep: Episode, horizon: int, discount: float, termination_penalty
                  time_limit: Optional[int]) -> np.ndarray:
     """``Σ_{j<horizon} γ^j r_{t+j}`` for every start t over the episode's real steps, the penalty
     added to the last reward of a fall; an episode cut short of ``time_limit`` has its windows
-    scaled up to the whole horizon at the discounted mean of their real steps."""
+    scaled up, at the discounted mean of their real steps, to the steps the episode had left
+    before the limit (at most the horizon)."""
     rewards = np.asarray(ep.rewards, dtype=np.float64).copy()
     if ep.terminated:
         rewards[-1] += termination_penalty
@@ -51,9 +53,11 @@ def _window_sums(ep: Episode, horizon: int, discount: float, termination_penalty
     weights = discount ** np.arange(horizon)
     sums = np.lib.stride_tricks.sliding_window_view(padded, horizon) @ weights
     if cut_short(ep, time_limit):
-        shown = np.minimum(horizon, len(rewards) - np.arange(len(rewards)))
+        start = np.arange(len(rewards))
+        shown = np.minimum(horizon, len(rewards) - start)
+        reach = np.minimum(horizon, time_limit - start)
         cumulative = np.cumsum(weights)
-        sums *= cumulative[-1] / cumulative[shown - 1]
+        sums *= cumulative[reach - 1] / cumulative[shown - 1]
     return sums
 
 

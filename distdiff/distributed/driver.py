@@ -421,6 +421,10 @@ class OnlineRun:
                 dropped.add(i)
             else:
                 retry_at[i] = time.perf_counter() + min(0.5 * failures[i], 5.0)
+            if collecting:
+                # The failed rollout's promise is free again: a worker parked for want of budget
+                # takes it (else a dropped worker's share would leave the run stopped short).
+                submit_parked()
 
         def count_updates(stats: Dict[str, float]) -> None:
             nonlocal since_broadcast
@@ -633,6 +637,9 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
             run.run(interrupted)
         log("final evaluation")
         metrics = run.evaluate()
+    except RayActorError as e:
+        # The learner or the replay died (a rollout actor's death is handled in the loop).
+        raise RunFailed(f"an actor of the run died: {_cause(e)}") from e
     except KeyboardInterrupt:
         log(f"interrupted: saving a checkpoint; resume with --resume {run_dir}")
         run.checkpoint()

@@ -140,10 +140,10 @@ class Replay:
         }
 
     def load_state_dict(self, state: Dict[str, object], added_episodes: Optional[int] = None) -> int:
-        """Restore a saved replay; returns how many episodes it dropped. ``added_episodes``: keep
-        only what the first that many episodes ever added left in it, i.e. drop the newest ones
-        that a checkpoint taken earlier did not count (a crash between writing ``replay.pt`` and
-        the checkpoint); a resumed run collects them again."""
+        """Restore a saved replay; returns how many episodes it dropped. ``added_episodes``: drop
+        the newest episodes beyond that count, the ones a checkpoint taken earlier did not count
+        (a crash between writing ``replay.pt`` and the checkpoint); a resumed run collects them
+        again. Older episodes that they pushed out of a full replay are not restored."""
         self.episodes.clear()
         self.transitions = 0
         o = a = 0
