@@ -197,6 +197,22 @@ def test_killed_worker_is_replaced_and_nothing_delivered_is_lost(ray_session, pr
         run.close()
 
 
+def run_with_first_worker(worker_class, pretrained, tmp_path):
+    """A run to its budget whose worker 0 is a ``worker_class``; the run and its log."""
+    cfg, ckpt = pretrained
+    messages = []
+    data, _ = load_windows(cfg, None)
+    run = OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(), log=messages.append, progress=False)
+    ray.kill(run.workers[0])
+    run.workers[0] = ray.remote(worker_class).options(num_cpus=0.01).remote(
+        config=cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=0)
+    try:
+        run.run()
+    finally:
+        run.close()
+    return run, messages
+
+
 def test_a_rollout_that_raises_is_retried_counted_and_the_run_goes_on(ray_session, pretrained, tmp_path):
     from distdiff.distributed.worker import RolloutWorker
 
@@ -207,19 +223,9 @@ def test_a_rollout_that_raises_is_retried_counted_and_the_run_goes_on(ray_sessio
                 raise RuntimeError("injected env failure")
             return super().rollout(task, **share)
 
-    cfg, ckpt = pretrained
-    messages = []
-    data, _ = load_windows(cfg, None)
-    run = OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(), log=messages.append, progress=False)
-    ray.kill(run.workers[0])
-    run.workers[0] = ray.remote(FailsOnce).options(num_cpus=0.01).remote(
-        config=cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=0)
-    try:
-        run.run()
-    finally:
-        run.close()
+    run, messages = run_with_first_worker(FailsOnce, pretrained, tmp_path)
     assert run.counters.failed_rollouts == 1 and run.counters.worker_restarts == 0
-    assert run.counters.env_steps == cfg.online.env_steps
+    assert run.counters.env_steps == pretrained[0].online.env_steps
     assert any("rollout actor 0 failed a rollout" in m and "injected env failure" in m for m in messages)
 
 
@@ -231,21 +237,11 @@ def test_a_worker_parked_for_budget_takes_over_the_share_of_one_that_keeps_faili
             time.sleep(1.0)  # holds its share of the budget meanwhile
             raise RuntimeError("injected env failure")
 
-    cfg, ckpt = pretrained
-    messages = []
-    data, _ = load_windows(cfg, None)
-    run = OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(), log=messages.append, progress=False)
-    ray.kill(run.workers[0])
-    run.workers[0] = ray.remote(AlwaysFails).options(num_cpus=0.01).remote(
-        config=cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=0)
-    try:
-        run.run()
-    finally:
-        run.close()
+    run, _ = run_with_first_worker(AlwaysFails, pretrained, tmp_path)
     # Worker 1 runs out of unpromised budget while worker 0's doomed rollout holds its share;
     # each failure frees that share for it, so the run reaches its budget instead of stopping
     # short once worker 0 is dropped (179 of 200 steps before, when the learner had caught up).
-    assert run.counters.env_steps == cfg.online.env_steps
+    assert run.counters.env_steps == pretrained[0].online.env_steps
     assert run.counters.failed_rollouts >= 1
 
 
