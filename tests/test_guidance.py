@@ -74,6 +74,15 @@ def test_guide_is_off_below_t_stopgrad():
     assert torch.equal(out[2], torch.ones(4, 2))
 
 
+def test_a_non_finite_gradient_leaves_an_inactive_plan_as_it_is():
+    def v_infinite_at_t0(x, t):
+        return x.sum(dim=(-1, -2)) * torch.where(t == 0, torch.tensor(float("inf")), torch.tensor(1.0))
+
+    x = torch.zeros(2, 4, 2)
+    out = ValueGuide(v_infinite_at_t0, scale=1.0, t_stopgrad=1)(x, torch.tensor([0, 3]), lambda y: y)
+    assert torch.equal(out[0], x[0]) and torch.equal(out[1], torch.ones(4, 2))
+
+
 def test_guide_validates_step_count():
     with pytest.raises(ValueError, match="n_steps"):
         ValueGuide(v_sum, scale=1.0, n_steps=0)

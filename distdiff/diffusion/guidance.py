@@ -43,14 +43,16 @@ class ValueGuide:
         return values.detach(), grad
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, clamp: Clamp) -> torch.Tensor:
-        if self.scale == 0.0:
+        active = (t >= self.t_stopgrad).reshape(-1, *((1,) * (x.ndim - 1)))
+        if self.scale == 0.0 or not bool(active.any()):
             return x
-        active = (t >= self.t_stopgrad).to(x.dtype).reshape(-1, *((1,) * (x.ndim - 1)))
         for _ in range(self.n_steps):
             _, grad = self.gradients(x, t)
             if self.posterior_variance is not None:
                 grad = self.posterior_variance[t].reshape(active.shape) * grad
-            x = clamp(x + self.scale * active * grad)
+            # where, not a multiplication by 0: a non-finite gradient of an inactive plan
+            # must leave it as it is, not turn it into NaN.
+            x = clamp(torch.where(active, x + self.scale * grad, x))
         return x
 
 
