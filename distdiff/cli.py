@@ -28,6 +28,14 @@ def default_ray_auth() -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
+def add_ray_arguments(parser) -> None:
+    """Where train.py and tune.py find Ray (see ``distdiff.distributed.driver.connect``)."""
+    parser.add_argument("--address", default=None,
+                        help="Ray cluster address (default: RAY_ADDRESS, a local `ray start` cluster, or an embedded Ray); "
+                             "'local' starts an embedded Ray even where a cluster runs.")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all).")
+
+
 def default_run_dir(kind: str) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 

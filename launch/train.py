@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from distdiff.cli import default_ray_auth, default_run_dir, fail, limit_threads
+from distdiff.cli import add_ray_arguments, default_ray_auth, default_run_dir, fail, limit_threads
 
 limit_threads()
 default_ray_auth()
@@ -35,9 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", type=Path, default=None, help="Start phase 2 from this checkpoint (skips pretraining).")
     p.add_argument("--run-dir", type=Path, default=None, help="Output dir (default runs/train-TIME).")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="Continue a run from its checkpoint and replay.")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, a local `ray start` cluster, or an embedded Ray); "
-                        "'local' starts an embedded Ray even where a cluster runs.")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all).")
+    add_ray_arguments(p)
     config_lib.add_arguments(p)
     return p
 

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-from distdiff.cli import default_ray_auth, fail, limit_threads
+from distdiff.cli import add_ray_arguments, default_ray_auth, fail, limit_threads
 
 limit_threads()
 default_ray_auth()
@@ -30,9 +30,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-concurrent", type=int, default=None, help="Trials at once (overrides the sweep file).")
     p.add_argument("--storage", type=Path, default=Path("runs/tune"), help="Where trials, checkpoints and logs go.")
     p.add_argument("--resume", action="store_true", help="Continue the interrupted sweep in --storage.")
-    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, a local `ray start` cluster, or an embedded Ray); "
-                        "'local' starts an embedded Ray even where a cluster runs.")
-    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all).")
+    add_ray_arguments(p)
     args = p.parse_args(argv)
     for flag, value in (("--num-samples", args.num_samples), ("--max-concurrent", args.max_concurrent)):
         if value is not None and value < 1:

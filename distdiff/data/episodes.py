@@ -60,7 +60,14 @@ def cut_short(ep: Episode, time_limit: Optional[int]) -> int:
     return max(time_limit - len(ep), 0)
 
 
+def continuation(ep: Episode, discount: float, time_limit: Optional[int]) -> float:
+    """The discounted return an episode cut short would have earned from its last state to the
+    time limit at its own mean reward (0 for one that fell or ran to the limit)."""
+    steps = cut_short(ep, time_limit)
+    return float(ep.rewards.mean() * np.sum(discount ** np.arange(steps))) if steps else 0.0
+
+
 def completed_return(ep: Episode, time_limit: Optional[int]) -> float:
     """The episode's return with the steps it was cut short of credited at its own mean reward:
     what it would have earned at the time limit had it kept its pace."""
-    return ep.episode_return * (len(ep) + cut_short(ep, time_limit)) / len(ep)
+    return ep.episode_return + continuation(ep, 1.0, time_limit)

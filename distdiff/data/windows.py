@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 import torch
 
-from distdiff.data.episodes import Episode, cut_short, discounted_returns_to_go
+from distdiff.data.episodes import Episode, continuation, cut_short, discounted_returns_to_go
 from distdiff.layout import TrajectoryLayout
 from distdiff.normalizer import Normalizer
 
@@ -61,12 +61,6 @@ def _window_sums(ep: Episode, horizon: int, discount: float, termination_penalty
     return sums
 
 
-def _continuation(ep: Episode, discount: float, time_limit: Optional[int]) -> float:
-    """The discounted return from an episode's last state to the time limit, at its mean reward."""
-    steps = cut_short(ep, time_limit)
-    return float(ep.rewards.mean() * np.sum(discount ** np.arange(steps))) if steps else 0.0
-
-
 class WindowDataset:
     """All windows ``(episode, start)`` with ``start`` in ``[0, T)``.
 
@@ -115,7 +109,7 @@ class WindowDataset:
             returns = [_window_sums(ep, horizon, discount, termination_penalty, time_limit) for ep in episodes]
         else:
             returns = [discounted_returns_to_go(ep.rewards, discount, termination_penalty if ep.terminated else 0.0,
-                                                _continuation(ep, discount, time_limit))[:-1] for ep in episodes]
+                                                continuation(ep, discount, time_limit))[:-1] for ep in episodes]
         self.returns = np.concatenate(returns).astype(np.float32)
         self.window_returns = np.concatenate([
             _window_sums(ep, horizon, 1.0, termination_penalty, time_limit) for ep in episodes

@@ -394,8 +394,8 @@ class OnlineRun:
                     return
             # The run numbers its rollouts, so a restarted actor or a resumed run never
             # repeats the seeds of rollouts already delivered.
-            ref = (self.workers[i].rollout.remote(c.rollouts) if share is None
-                   else self.workers[i].rollout.remote(c.rollouts, max_steps=share.max_steps, n_envs=share.envs))
+            cut = {} if share is None else {"max_steps": share.max_steps, "n_envs": share.envs}
+            ref = self.workers[i].rollout.remote(c.rollouts, **cut)
             c.rollouts += 1
             rollouts[ref] = i
             if share is not None:
@@ -593,15 +593,13 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     replay_state = data = None
-    in_phase_1 = init is None and (not resume or resume_checkpoint(run_dir) != run_dir / CHECKPOINT)
-    if in_phase_1:
+    if init is None and (not resume or resume_checkpoint(run_dir) != run_dir / CHECKPOINT):
         # A cluster too small for the actors fails now, not after pretraining.
         actors.resources(cfg)
-    if resume and in_phase_1:
-        # Stopped in phase 1: pretraining continues from its own checkpoint, then phase 2 starts.
-        log(f"resuming phase 1 of {run_dir}: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps)")
+        # A resume of a run stopped in phase 1 continues pretraining from its own checkpoint.
+        log(f"{'resuming ' if resume else ''}phase 1: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps)")
         data = load_data(cfg)
-        state = load_checkpoint(pretrain(cfg, run_dir / PRETRAIN, resume=True, quiet=not progress, data=data))
+        state = load_checkpoint(pretrain(cfg, run_dir / PRETRAIN, resume=resume, quiet=not progress, data=data))
         counters = Counters()
     elif resume:
         state = load_checkpoint(run_dir / CHECKPOINT)
@@ -612,15 +610,10 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         if (run_dir / REPLAY).is_file():
             replay_state = load_checkpoint(run_dir / REPLAY)["replay"]
         log(f"resuming {run_dir} at env step {counters.env_steps}, update {counters.updates}")
-    elif init is not None:
+    else:
         state = load_checkpoint(init)
         counters = Counters()
         log(f"phase 1 skipped: starting from {init}")
-    else:
-        log(f"phase 1: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps)")
-        data = load_data(cfg)
-        state = load_checkpoint(pretrain(cfg, run_dir / PRETRAIN, quiet=not progress, data=data))
-        counters = Counters()
     # Fail here, with the checkpoint's path in the message, rather than inside an actor.
     planner_from_checkpoint(state, cfg)
     check_value_target(state, cfg)
