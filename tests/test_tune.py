@@ -15,7 +15,7 @@ import yaml
 
 from distdiff import config as config_lib
 from distdiff.config import ConfigError
-from distdiff.distributed.tuning import load_spec, param_space, trial_resources
+from distdiff.distributed.tuning import load_spec, make_scheduler, make_tuner, param_space, trial_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,10 +74,40 @@ def test_a_trial_reserves_a_bundle_for_each_of_its_own_actors(tiny_dataset, tmp_
     fixed_size = write_sweep(tmp_path / "f.yaml", tiny_dataset, space={"online.actor_num_cpus": {"choice": [0.5, 1.0]}})
     with pytest.raises(ConfigError, match="online.actor_num_cpus is set by the sweep's `resources`"):
         load_spec(fixed_size)
-    mutated = write_sweep(tmp_path / "m.yaml", tiny_dataset, scheduler="pbt",
-                          pbt={"mutations": ["online.num_actors"]}, space={"online.num_actors": {"choice": [1, 3]}})
-    with pytest.raises(ConfigError, match="sizes a trial's placement group when it starts"):
-        load_spec(mutated)
+    # PBT copies a better trial's whole config into another, its number of actors too, whether
+    # or not that field is mutated: a 1-actor trial would start 3 actors in 1 bundle, and wait.
+    for mutations in (["online.num_actors"], ["guidance.scale"]):
+        copied = write_sweep(tmp_path / "m.yaml", tiny_dataset, scheduler="pbt", pbt={"mutations": mutations},
+                             space={"online.num_actors": {"choice": [1, 3]}, "guidance.scale": {"uniform": [0.0, 1.0]}})
+        with pytest.raises(ConfigError, match="sizes a trial's placement group when it starts"):
+            load_spec(copied)
+
+
+def test_scheduler_options_are_checked_and_passed_on(tiny_dataset, tmp_path):
+    typo = write_sweep(tmp_path / "a.yaml", tiny_dataset, scheduler="asha", asha={"grace": 1, "max_t": 10})
+    with pytest.raises(ConfigError, match=r"asha: unknown options \['grace'\]"):
+        load_spec(typo)
+    bad_value = write_sweep(tmp_path / "b.yaml", tiny_dataset, scheduler="asha", asha={"reduction_factor": 1})
+    with pytest.raises(ConfigError, match="invalid sweep asha"):
+        load_spec(bad_value)
+    no_mutation = write_sweep(tmp_path / "c.yaml", tiny_dataset, scheduler="pbt", pbt={"mutations": []})
+    with pytest.raises(ConfigError, match="invalid sweep pbt"):
+        load_spec(no_mutation)
+    spec = load_spec(write_sweep(tmp_path / "d.yaml", tiny_dataset, scheduler="pbt",
+                                 pbt={"mutations": ["guidance.scale"], "quantile_fraction": 0.5, "burn_in_period": 3}))
+    pbt = make_scheduler(spec, param_space(spec))
+    assert (pbt._quantile_fraction, pbt._burn_in_period, pbt._perturbation_interval) == (0.5, 3, 2)
+    # The `zero:` domain of guidance.scale is resampled with its exact zeros.
+    values = [pbt._hyperparam_mutations["guidance.scale"]() for _ in range(100)]
+    assert 0.0 in values and all(v == 0.0 or 0.001 <= v <= 1.0 for v in values)
+
+
+def test_resume_takes_a_relative_storage_path(tiny_dataset, tmp_path, monkeypatch):
+    # The default --storage (runs/tune) is relative, and Tune's storage layer refuses relative paths.
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=f"no sweep to resume at {tmp_path}/runs/tune/sweep"):
+        make_tuner(spec, Path("runs/tune"), resume=True)
 
 
 def test_zero_or_loguniform_domain_samples_both(tiny_dataset, tmp_path):

@@ -8,6 +8,7 @@ reports every evaluation to Tune with the checkpoint of the same weights.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import random
 import shutil
@@ -18,6 +19,8 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+from ray.tune.search.sample import Function
 
 from distdiff import config as config_lib
 from distdiff.config import Config, ConfigError
@@ -131,13 +134,26 @@ def load_spec(path: str | Path) -> SweepSpec:
     for where, keys in (("space", spec.space), ("fixed", spec.fixed)):
         errors += [f"{where}: {k} is set by the sweep's `resources`, the same for every trial" for k in keys
                    if k in RESOURCE_FIELDS]
+    # What the scheduler takes from elsewhere: the metric and mode, and (PBT) the mutations,
+    # which are names of space fields here.
+    taken = {"time_attr", "metric", "mode", "hyperparam_mutations"}
+    for name, cls, own in (("asha", ASHAScheduler, set()), ("pbt", PopulationBasedTraining, {"mutations"})):
+        options = set(inspect.signature(cls).parameters) - taken | own
+        if not isinstance(getattr(spec, name), dict):
+            errors.append(f"{name}: expected a mapping of options, got {getattr(spec, name)!r}")
+            continue
+        unknown = sorted(set(getattr(spec, name)) - options)
+        if unknown:
+            errors.append(f"{name}: unknown options {unknown}; options are {sorted(options)}")
     if spec.scheduler == "pbt":
         for key in spec.pbt.get("mutations", []):
             if key not in spec.space:
                 errors.append(f"pbt.mutations: {key!r} is not in the space")
-            if key == "online.num_actors":
-                errors.append("pbt.mutations: online.num_actors sizes a trial's placement group when it starts; "
-                              "sweep it in the space without mutating it")
+        if "online.num_actors" in spec.space:
+            # PBT hands a trial the whole config of the trial it copies, its number of actors
+            # too, while the trial's placement group keeps the size it started with.
+            errors.append("space: online.num_actors sizes a trial's placement group when it starts, and PBT copies "
+                          "it between trials; fix it under `fixed`, or sweep it with asha or fifo")
     if errors:
         raise ConfigError("invalid sweep:\n  " + "\n  ".join(errors))
     # Unknown field names and invalid values fail here, not in a trial an hour later.
@@ -148,6 +164,11 @@ def load_spec(path: str | Path) -> SweepSpec:
                 spec.trial_config({key: value})
     except ConfigError as e:
         raise ConfigError(f"invalid sweep space: {e}") from None
+    try:
+        make_scheduler(spec, param_space(spec))
+    # Ray's schedulers check some of their values with assert statements.
+    except (TypeError, ValueError, AssertionError, tune.TuneError) as e:
+        raise ConfigError(f"invalid sweep {spec.scheduler}: {e}") from None
     return spec
 
 
@@ -211,19 +232,20 @@ def trial_resources(spec: SweepSpec, params: Dict[str, Any]):
 
 
 def make_scheduler(spec: SweepSpec, space: Dict[str, Any]):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
-
     if spec.scheduler == "asha":
         return ASHAScheduler(time_attr="training_iteration", **spec.asha)
     if spec.scheduler == "pbt":
-        mutations = {k: space[k] for k in spec.pbt.get("mutations", [])}
-        return PopulationBasedTraining(time_attr="training_iteration",
-                                       perturbation_interval=spec.pbt.get("perturbation_interval", 2),
-                                       hyperparam_mutations=mutations)
+        options = {"perturbation_interval": 2, **spec.pbt}
+        # PBT resamples from a plain function but refuses tune.sample_from (the `zero:` domain).
+        mutations = {k: (lambda f=space[k].func: f(None)) if isinstance(space[k], Function) else space[k]
+                     for k in options.pop("mutations", [])}
+        return PopulationBasedTraining(time_attr="training_iteration", hyperparam_mutations=mutations, **options)
     return FIFOScheduler()
 
 
 def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False):
+    # Tune's storage layer (pyarrow) refuses relative paths, the default --storage among them.
+    storage = Path(storage).resolve()
     trainable = make_trainable(spec)
     path = storage / spec.name
     if resume:
@@ -236,7 +258,7 @@ def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False):
         param_space=space,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                                     max_concurrent_trials=spec.max_concurrent, scheduler=make_scheduler(spec, space)),
-        run_config=tune.RunConfig(name=spec.name, storage_path=str(storage.resolve()),
+        run_config=tune.RunConfig(name=spec.name, storage_path=str(storage),
                                   # PBT restores trials from other trials' older checkpoints: keep them all.
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=None if spec.scheduler == "pbt" else 2)),
     )
