@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import minari
 import numpy as np
@@ -13,6 +14,7 @@ from distdiff.data.minari_io import (
     DatasetError,
     dataset_exists,
     load_episodes,
+    load_or_collect,
     normalized_score,
     write_episodes,
 )
@@ -110,3 +112,25 @@ def test_minari_normalized_score_uses_the_stored_reference_scores(tiny_dataset, 
     # distdiff reports D4RL's percent convention, Minari a fraction
     np.testing.assert_allclose(100 * scores, normalized_score(returns, WALKER2D_REF_MIN_SCORE, WALKER2D_REF_MAX_SCORE))
     assert normalized_score(returns, None, None) is None
+
+
+def test_concurrent_runs_collect_the_fallback_dataset_once(minari_root):
+    # Two Tune trials on one machine, neither finding the main dataset: one collects the
+    # fallback, the other waits for it and loads the same episodes.
+    barrier, loaded, logs = threading.Barrier(2), [None, None], [[], []]
+
+    def run(i):
+        barrier.wait()
+        loaded[i] = load_or_collect("local/walker2d/nowhere-v0", download=False, fallback_id="local/test/race-v0",
+                                    fallback_episodes=3, env_id="Walker2d-v5", obs_dim=17, act_dim=6,
+                                    max_episode_steps=10, log=logs[i].append)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(d is not None for d in loaded), "a run failed"
+    assert sum(any("collecting" in line for line in log) for log in logs) == 1
+    _assert_same_episodes(loaded[0].episodes, loaded[1].episodes)
+    assert len(loaded[0].episodes) == 3

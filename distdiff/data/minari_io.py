@@ -6,6 +6,7 @@ import shutil
 from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
+from filelock import FileLock
 
 from distdiff.data.episodes import Episode
 
@@ -176,14 +177,18 @@ def load_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallba
         if not fallback_id or fallback_episodes < 1:
             raise
         log(f"warning: {str(e).splitlines()[0]}; using the local dataset {fallback_id!r} instead")
-    if not dataset_exists(fallback_id):
-        from distdiff.rollout import make_env, random_episodes
+    # Concurrent Tune trials on one machine would each collect it, and the later writer would
+    # find the id taken (or remove a half-written one under the other's feet): one collects.
+    os.makedirs(datasets_root(), exist_ok=True)
+    with FileLock(os.path.join(datasets_root(), f".{fallback_id.replace('/', '__')}.lock")):
+        if not dataset_exists(fallback_id):
+            from distdiff.rollout import make_env, random_episodes
 
-        log(f"collecting {fallback_episodes} random-policy episodes into {fallback_id!r} under {datasets_root()}")
-        env = make_env(env_id, max_episode_steps)
-        try:
-            episodes = random_episodes(env, fallback_episodes, seed)
-        finally:
-            env.close()
-        write_episodes(fallback_id, episodes, env_id=env_id, algorithm_name="random")
+            log(f"collecting {fallback_episodes} random-policy episodes into {fallback_id!r} under {datasets_root()}")
+            env = make_env(env_id, max_episode_steps)
+            try:
+                episodes = random_episodes(env, fallback_episodes, seed)
+            finally:
+                env.close()
+            write_episodes(fallback_id, episodes, env_id=env_id, algorithm_name="random")
     return load_episodes(fallback_id, obs_dim=obs_dim, act_dim=act_dim, env_id=env_id)
