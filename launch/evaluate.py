@@ -35,6 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="Summary JSON (default eval.json next to the checkpoint).")
     config_lib.add_arguments(p)
     args = p.parse_args(argv)
+    if args.config is not None:
+        fail("evaluate plans with the checkpoint's own config; drop --config (override fields with --section.field)")
     if args.guidance is not None:
         args.cfg__guidance__scale = args.guidance
     if args.episodes is not None:

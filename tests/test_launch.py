@@ -190,6 +190,9 @@ def test_evaluate_refuses_a_corrupt_checkpoint(tmp_path, subprocess_env):
     proc = run("evaluate.py", "--checkpoint", bad, "--episodes", 1, env=subprocess_env)
     assert proc.returncode != 0
     assert str(bad) in proc.stderr and "Traceback" not in proc.stderr
+    # A config file would be silently ignored: the checkpoint's own config plans.
+    proc = run("evaluate.py", "--checkpoint", bad, "--config", SMOKE, env=subprocess_env)
+    assert proc.returncode == 2 and "drop --config" in proc.stderr
 
 
 def test_collect_with_a_checkpoint_policy(run30, minari_root, subprocess_env):
