@@ -212,7 +212,8 @@ def _coerce(value, tp, where: str):
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if tp is str:
-        return str(value)
+        # YAML's null: empty ("no fallback", "no custom resource"), not the string "None".
+        return "" if value is None else str(value)
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
@@ -285,6 +286,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     from distdiff.diffusion.gaussian import PREDICTIONS
     from distdiff.training import LR_SCHEDULES
     from distdiff.data.windows import VALUE_TARGETS
+    from distdiff.data.minari_io import DATASET_ID
 
     e: List[str] = list(errors or [])
 
@@ -294,6 +296,11 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
 
     need(cfg.env.obs_dim > 0 and cfg.env.act_dim > 0, "env.obs_dim and env.act_dim must be positive")
     need(cfg.env.max_episode_steps > 0, "env.max_episode_steps must be positive")
+    # Minari parses the -vN version only when it writes, after the fallback has been collected.
+    need(bool(DATASET_ID.match(cfg.data.dataset_id)),
+         f"data.dataset_id must look like namespace/name-vN (Minari needs the -vN version), got {cfg.data.dataset_id!r}")
+    need(not cfg.data.fallback_dataset_id or bool(DATASET_ID.match(cfg.data.fallback_dataset_id)),
+         f"data.fallback_dataset_id must be empty (no fallback) or look like namespace/name-vN, got {cfg.data.fallback_dataset_id!r}")
     need(cfg.data.normalizer in ("gaussian", "minmax"), f"data.normalizer must be gaussian or minmax, got {cfg.data.normalizer!r}")
     need(cfg.online.start_window_weight >= 0, f"online.start_window_weight must be >= 0, got {cfg.online.start_window_weight}")
     need(cfg.online.offline_start_window_weight > 0, f"online.offline_start_window_weight must be positive, got {cfg.online.offline_start_window_weight}")

@@ -10,7 +10,6 @@ minari.get_normalized_score works on the result.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -25,11 +24,9 @@ from tqdm import tqdm  # noqa: E402
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from distdiff.data.minari_io import DatasetError, dataset_exists, datasets_root, write_episodes  # noqa: E402
+from distdiff.data.minari_io import DATASET_ID, DatasetError, dataset_exists, datasets_root, write_episodes  # noqa: E402
 from distdiff.rollout import make_env, random_episodes, run_episodes  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
-
-DATASET_ID = re.compile(r"^([\w.-]+/)*[\w.-]+-v\d+$")
 
 
 def main(argv=None) -> int:

@@ -67,6 +67,9 @@ def test_overrides_are_typed():
         ({"online.prior_weight": 1.0}, "online.prior_weight must be in [0, 1)"),
         ({"online.prior_weight": -0.1}, "online.prior_weight must be in [0, 1)"),
         ({"model.kernel_size": 4}, "kernel_size"),
+        ({"data.dataset_id": "local/walker2d/random"}, "data.dataset_id must look like namespace/name-vN"),
+        ({"data.fallback_dataset_id": "random"}, "data.fallback_dataset_id must be empty (no fallback) or look like"),
+        ({"data.dataset_id": None}, "(Minari needs the -vN version), got ''"),
     ],
 )
 def test_invalid_values_are_rejected(overrides, expected):
@@ -78,6 +81,12 @@ def test_all_problems_are_reported_at_once():
                       "train.train_value": False, "planner.sampler": "euler"})
     for part in ("model.horizon", "diffusion.schedule", "needs the value net", "planner.sampler"):
         assert part in message, part
+
+
+def test_yaml_null_empties_a_text_field():
+    # Not the string "None": actors would wait for a custom resource of that name.
+    cfg = config.from_dict({"data": {"fallback_dataset_id": None}, "online": {"actor_resource": None}})
+    assert cfg.data.fallback_dataset_id == "" and cfg.online.actor_resource == ""
 
 
 def test_unknown_field_and_section_are_rejected():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from typing import List, NamedTuple, Optional, Sequence
 
@@ -14,6 +15,8 @@ from distdiff.data.episodes import Episode
 WALKER2D_REF_MIN_SCORE = 1.629008
 WALKER2D_REF_MAX_SCORE = 4592.3
 REFERENCE_SCORES = {"Walker2d": (WALKER2D_REF_MIN_SCORE, WALKER2D_REF_MAX_SCORE)}
+# What Minari accepts as an id: optional namespaces, a name, and the version it needs.
+DATASET_ID = re.compile(r"^([\w.-]+/)*[\w.-]+-v\d+$")
 
 
 class DatasetError(RuntimeError):
