@@ -52,7 +52,8 @@ def build_models(cfg: Config, normalizer: Normalizer) -> Models:
     # From a forked generator: drawing its initial weights from the global one would shift
     # every later draw (the training noise), so the denoiser and value net train exactly as
     # they did before the dynamics model existed and the benchmark's prior stays reproducible.
+    # Only the CPU generator is reseeded: torch.manual_seed would reseed the GPUs' too, for good.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(torch.initial_seed() + 1)
+        torch.random.default_generator.manual_seed(torch.initial_seed() + 1)
         dynamics = DynamicsNet(obs_dim=layout.obs_dim, act_dim=layout.act_dim, dim=m.dynamics_dim)
     return Models(diffusion, denoiser, value, dynamics)

@@ -12,12 +12,32 @@ from _helpers import LAYOUT, make_trainer
 from distdiff import config
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from distdiff.config import ConfigError
+from distdiff.data.windows import fit_normalizer
+from distdiff.models import build_models, layout_of
 from distdiff.distributed.worker import RolloutWorker
 from distdiff.nn.dynamics import DynamicsNet, model_rollout, rollout_error, transition_loss
 from distdiff.training import Trainer, planner_from_checkpoint
 
 
 WITH_DYNAMICS = {"train.train_dynamics": True}
+
+
+def test_building_the_models_leaves_the_global_generators_as_they_were(tiny_episodes, monkeypatch):
+    # The dynamics model draws its initial weights from a generator of its own. Reseeding a
+    # global one (the GPUs' are reseeded by torch.manual_seed) would shift the training noise.
+    cfg = config.load(None, {"model.dim": 8, "model.value_dim": 8, "model.dynamics_dim": 8, **WITH_DYNAMICS})
+    normalizer = fit_normalizer(tiny_episodes, layout_of(cfg), cfg.data.normalizer)
+    torch.manual_seed(3)
+    _, denoiser, value, dynamics = build_models(cfg, normalizer)
+    after = torch.get_rng_state()
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    torch.manual_seed(3)
+    _, denoiser2, value2, dynamics2 = build_models(cfg, normalizer)
+    assert reseeded == [3], "only the test's own torch.manual_seed may reseed the GPUs"
+    assert torch.equal(torch.get_rng_state(), after)
+    for a, b in ((denoiser, denoiser2), (value, value2), (dynamics, dynamics2)):
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
 
 
 @torch.no_grad()
