@@ -91,8 +91,15 @@ def alignment_on_states(plan_fn: PlanFn, shadow: gym.Env, observations: np.ndarr
 
     The one-step error restarts the physics from every planned state, so it separates plans
     whose transitions the dynamics cannot make from small errors that chaos compounds; it is
-    NaN for a planned state whose velocity is at the observation clip.
+    NaN for a planned state whose velocity is at the observation clip. Given states at the clip
+    are refused: the plans' actions could not be executed from the state they were planned from.
     """
+    at_clip = [i for i, o in enumerate(observations)
+               if np.abs(physics_state_from_observation(shadow, o)[1]).max() >= OBSERVED_VELOCITY_CLIP]
+    if at_clip:
+        raise ValueError(f"{len(at_clip)} of {len(observations)} states (the first: index {at_clip[0]}) have a "
+                         f"velocity at the observation clip (±{OBSERVED_VELOCITY_CLIP}), from which the physics "
+                         f"cannot restart; leave them out")
     compounded, one_step = [], []
     for i in range(0, len(observations), batch_size):
         obs = observations[i:i + batch_size]

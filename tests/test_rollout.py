@@ -115,6 +115,11 @@ def test_a_plan_the_dynamics_produce_has_no_alignment_error(walker):
     np.testing.assert_allclose(off[:, 0], 0.0, atol=1e-9)  # s_0 is the given state
     np.testing.assert_allclose(off[:, 1:], 0.5, atol=1e-9)  # RMSE of a 0.5 offset on every dim
 
+    # A given state at the clip could not be restarted from: refused, not scored.
+    fast = np.concatenate([starts, states[:, :-1][clipped][:1]])
+    with pytest.raises(ValueError, match="1 of 6 states .* velocity at the observation clip"):
+        alignment_on_states(replaying(starts, states, actions), walker, fast, unit_normalizer(17))
+
 
 def test_one_step_error_blames_only_the_transitions_into_and_out_of_a_wrong_state(walker):
     j = H // 2
