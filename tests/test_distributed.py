@@ -20,7 +20,8 @@ import torch
 from _helpers import tiny_online_config
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint
-from distdiff.distributed.driver import Counters, OnlineRun, resume_checkpoint, rollout_share, train
+from distdiff.distributed.driver import (Counters, OnlineRun, checked_resources, resume_checkpoint, rollout_share,
+                                         train)
 from distdiff.distributed.learner import Learner, NonFiniteError
 from distdiff.pretrain import load_windows, pretrain
 
@@ -504,6 +505,21 @@ def test_a_cluster_too_small_for_the_actors_fails_before_pretraining(ray_session
     with pytest.raises(config_lib.ConfigError, match="leaves none for the rollout actors"):
         train(greedy, tmp_path, log=lambda s: None, progress=False)
     assert not (tmp_path / "pretrain").exists()
+
+
+def test_actors_the_cluster_cannot_hold_yet_are_announced(ray_session, pretrained):
+    # Each actor holds a share of the budget: one never placed keeps the run from ending.
+    cfg, _ = pretrained
+
+    def announced(actor_cpus):
+        logs = []
+        checked_resources(tiny_online_config(cfg.data.dataset_id, **{
+            "online.num_actors": 3, "online.actor_num_cpus": actor_cpus, "online.learner_num_cpus": 0.5}), logs.append)
+        return logs
+
+    [line] = announced(1.0)
+    assert "hold 1 of the 3 rollout actors" in line and "lower --num-actors" in line
+    assert announced(0.5) == []  # 3 x 0.5 fit in the 1.5 CPUs the learner leaves
 
 
 def test_a_run_stopped_in_phase_1_resumes_pretraining_then_runs_phase_2(ray_session, pretrained, tmp_path):

@@ -88,12 +88,15 @@ def _actor_cpus_available(cfg: Config) -> float:
 
 def resources(cfg: Config) -> Dict[str, object]:
     """What each actor kind asks for, resolving the config's automatic choices: CPUs, the
-    learner's GPUs, and the custom resources (``{name: LABEL_AMOUNT}`` or None) of both."""
+    learner's GPUs, and the custom resources (``{name: LABEL_AMOUNT}`` or None) of both; and
+    how many rollout actors the cluster's nodes can hold at once (``actors_that_fit``)."""
     o = cfg.online
     gpus = o.learner_num_gpus if o.learner_num_gpus >= 0 else (1.0 if cluster_gpus() >= 1 else 0.0)
     actor_cpus = o.actor_num_cpus
+    free = _actor_cpus_available(cfg)
+    # Nodes an autoscaler has yet to add are not counted: none at all means unknown, not none.
+    fit = o.num_actors if free <= 0 or actor_cpus == 0 else min(o.num_actors, int(free / actor_cpus + 1e-9))
     if actor_cpus == 0:
-        free = _actor_cpus_available(cfg)
         total = float(ray.cluster_resources().get("CPU", 0.0))
         if free <= 0 and total > 0 and not o.actor_resource:
             # Ray would wait forever to place the actors.
@@ -104,7 +107,8 @@ def resources(cfg: Config) -> Dict[str, object]:
         # Up to an autoscaler: an empty cluster, or no node with actor_resource yet.
         actor_cpus = min(1.0, free / o.num_actors) if free > 0 else 0.001
     return {"learner_cpus": o.learner_num_cpus, "learner_gpus": gpus, "actor_cpus": actor_cpus,
-            "learner_resources": _label(o.learner_resource), "actor_resources": _label(o.actor_resource)}
+            "learner_resources": _label(o.learner_resource), "actor_resources": _label(o.actor_resource),
+            "actors_that_fit": fit}
 
 
 def make_learner(cfg: Config, res: Dict[str, float], **kwargs):

@@ -112,6 +112,19 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
     return True
 
 
+def checked_resources(cfg: Config, log: Callable[[str], None]) -> Dict[str, object]:
+    """:func:`actors.resources`, saying when some rollout actors cannot be placed yet: the run
+    cannot end until they start, since each of them holds a share of the budget."""
+    res = actors.resources(cfg)
+    n, fit = cfg.online.num_actors, res["actors_that_fit"]
+    if fit < n:
+        where = f"with {cfg.online.actor_resource!r}" if cfg.online.actor_resource else "of the cluster"
+        log(f"warning: the nodes {where} hold {fit} of the {n} rollout actors at online.actor_num_cpus="
+            f"{cfg.online.actor_num_cpus:g}; the other {n - fit} wait for more nodes (an autoscaler), and the run "
+            f"cannot end before they start: lower --num-actors or --online.actor_num_cpus, or add nodes")
+    return res
+
+
 class RolloutShare(NamedTuple):
     envs: int  # how many of a worker's envs the rollout runs (its first ones)
     max_steps: int  # steps each of them may take; env.max_episode_steps: whole episodes
@@ -167,7 +180,7 @@ class OnlineRun:
         self.on_evaluation = on_evaluation
         self.counters = counters
         self.normalizer = Normalizer.from_state_dict(state["normalizer"])
-        res = actors.resources(cfg)
+        res = checked_resources(cfg, log)
         log(f"actors: {_count(cfg.online.num_actors, 'rollout actor')} x {_count(cfg.online.envs_per_actor, 'env')} "
             f"({res['actor_cpus']:.3g} CPU each), learner on {'GPU' if res['learner_gpus'] else 'CPU'}")
         cfg_dict = cfg.to_dict()
@@ -595,7 +608,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     replay_state = data = None
     if init is None and (not resume or resume_checkpoint(run_dir) != run_dir / CHECKPOINT):
         # A cluster too small for the actors fails now, not after pretraining.
-        actors.resources(cfg)
+        checked_resources(cfg, log)
         # A resume of a run stopped in phase 1 continues pretraining from its own checkpoint.
         log(f"{'resuming ' if resume else ''}phase 1: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps)")
         data = load_data(cfg)
