@@ -1,6 +1,7 @@
 """Figures: a plan beside what its actions really did."""
 from __future__ import annotations
 
+import os
 import warnings
 from typing import List, NamedTuple, Sequence
 
@@ -166,6 +167,9 @@ def save_figure(fig, stem, formats: Sequence[str] = ("png", "svg"), dpi: int = 1
     paths = []
     for fmt in formats:
         p = stem.with_suffix(f".{fmt}")
-        fig.savefig(p, dpi=dpi, bbox_inches="tight")
+        # Through a temporary file: an interrupted rerun leaves the old figure, not half a new one.
+        tmp = p.with_name(p.name + ".tmp")
+        fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
+        os.replace(tmp, p)
         paths.append(str(p))
     return paths

@@ -183,20 +183,24 @@ def write_video(path: Path, frames: Sequence[np.ndarray], fps: float, fmt: str =
     path = Path(path)
     if fmt == "auto":
         fmt = "mp4" if ffmpeg_available() else "gif"
+    if fmt not in ("mp4", "gif"):
+        raise ValueError(f"unknown video format {fmt!r} (mp4, gif or auto)")
+    out = path.with_suffix(f".{fmt}")
+    # Written beside it first (with its suffix, which the writers read): an interrupted rerun
+    # leaves the old video, not a truncated one.
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")
     if fmt == "mp4":
-        out = path.with_suffix(".mp4")
         # macro_block_size=1: never rescale frames (yuv420p only needs even sizes)
-        writer = iio2.get_writer(out, fps=fps, codec="libx264", quality=8, pixelformat="yuv420p", macro_block_size=1)
+        writer = iio2.get_writer(partial, fps=fps, codec="libx264", quality=8, pixelformat="yuv420p",
+                                 macro_block_size=1)
         try:
             for f in frames:
                 writer.append_data(f)
         finally:
             writer.close()
-        return out
-    if fmt != "gif":
-        raise ValueError(f"unknown video format {fmt!r} (mp4, gif or auto)")
-    out = path.with_suffix(".gif")
-    iio.imwrite(out, frames, extension=".gif", duration=1000.0 / fps, loop=0)
+    else:
+        iio.imwrite(partial, frames, extension=".gif", duration=1000.0 / fps, loop=0)
+    os.replace(partial, out)
     return out
 
 

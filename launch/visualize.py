@@ -24,7 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from distdiff.cli import fail, limit_threads, write_json
+from distdiff.cli import fail, limit_threads, write_json, write_text
 
 limit_threads()
 
@@ -226,7 +226,7 @@ def main(argv=None) -> int:
         align_info = {"seeds": seeds, "units": args.units, "png": align[0], "svg": align[1]}
         md = render_report(out, title=f"Diagnostics of {labels[0]}", rows=rows, episodes=args.episodes,
                            figure1=fig1_info, alignment=align_info, video=video, notes=notes)
-        (out / "report.md").write_text(md)
+        write_text(out / "report.md", md)
         writer.add_text("diagnostics/report", md, step)
         write_json(out / "summary.json", {"rows": rows, "figure1": {k: v for k, v in fig1_info.items()},
                                           "alignment_seeds": seeds,
