@@ -141,7 +141,7 @@ class OnlineConfig:
     max_update_lag: int = _f(500, "Rollouts pause while the learner owes more updates than this, so the update/step ratio holds.")
     updates_per_call: int = _f(25, "Updates per learner call (one replay sample of that many batches).")
     broadcast_every: int = _f(50, "Learner updates between weight broadcasts (a new weights version).")
-    replay_capacity: int = _f(200_000, "Online transitions kept in the replay (FIFO).")
+    replay_capacity: int = _f(200_000, "Online transitions kept in the replay (FIFO over whole episodes; at least env.max_episode_steps).")
     offline_ratio: float = _f(0.5, "Fraction of each batch drawn from the offline dataset.")
     lr_scale: float = _f(0.25, "Phase 2's learning rates are train.lr and train.value_lr times this. At 1, 5k updates from a trained Walker2d prior cost it 4-7 points of score, with or without online data; at 0.25 the score held and the online data still aligned (bench/README.md).")
     return_weighting: float = _f(1.0, "β: online windows are sampled ∝ exp(β·z), z = their episode's return in std units below the best stored episode; > 0 prefers the better episodes (self-imitation); 0 = uniform. See bench/README.md for what it did on Walker2d.")
@@ -379,7 +379,9 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
          "online.updates is the only budget but online.updates_per_env_step is 0: no update would ever run")
     need(o.max_update_lag >= o.updates_per_call, "online.max_update_lag must be >= online.updates_per_call")
     need(o.updates_per_call >= 1 and o.broadcast_every >= 1, "online.updates_per_call and broadcast_every must be >= 1")
-    need(o.replay_capacity >= cfg.model.horizon, "online.replay_capacity must hold at least one horizon")
+    need(o.replay_capacity >= max(cfg.model.horizon, cfg.env.max_episode_steps),
+         f"online.replay_capacity must hold a whole episode (env.max_episode_steps={cfg.env.max_episode_steps}) "
+         f"and a horizon, got {o.replay_capacity}")
     need(0.0 <= o.offline_ratio <= 1.0, "online.offline_ratio must be in [0, 1]")
     need(o.lr_scale > 0, f"online.lr_scale must be positive, got {o.lr_scale}")
     need(0.0 <= o.prior_weight < 1.0, f"online.prior_weight must be in [0, 1), got {o.prior_weight}")

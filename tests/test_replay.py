@@ -117,6 +117,10 @@ def test_a_replay_saved_after_its_checkpoint_loads_back_to_what_the_checkpoint_c
     assert resumed.added_episodes == 4 and resumed.size() == 60
     assert [float(ep.observations[0, 0]) for ep in resumed.episodes] == [2.0, 3.0]
     assert make_replay().load_state_dict(state, added_episodes=5) == 0
+    # Resumed with a smaller capacity: the oldest episodes go, as they would on the next add.
+    smaller = make_replay(capacity=60)
+    smaller.load_state_dict(state)
+    assert smaller.size() == 60 and [float(ep.observations[0, 0]) for ep in smaller.episodes] == [3.0, 4.0]
 
 
 def test_offline_episodes_are_never_completed_to_the_time_limit():

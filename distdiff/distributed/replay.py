@@ -80,10 +80,14 @@ class Replay:
             self.episodes.append(_own(ep))
             self.transitions += len(ep)
             self.added_episodes += 1
-        while self.transitions > self.capacity and len(self.episodes) > 1:
-            self.transitions -= len(self.episodes.popleft())
+        self._evict()
         self._online = None
         return self.transitions
+
+    def _evict(self) -> None:
+        # The newest episode stays whatever its length: a replay is never left empty.
+        while self.transitions > self.capacity and len(self.episodes) > 1:
+            self.transitions -= len(self.episodes.popleft())
 
     def size(self) -> int:
         return self.transitions
@@ -159,6 +163,8 @@ class Replay:
             self.transitions -= len(self.episodes.pop())
             self.added_episodes -= 1
             dropped += 1
+        # A run resumed with a smaller online.replay_capacity keeps only what it holds.
+        self._evict()
         self.rng.bit_generator.state = state["rng"]
         self._online = None
         return dropped
