@@ -95,6 +95,14 @@ def test_all_mismatches_are_reported_at_once(tiny_dataset):
     assert "obs_dim" in str(info.value) and "act_dim" in str(info.value)
 
 
+def test_a_dataset_with_nan_is_refused(minari_root, tiny_episodes):
+    broken = [dataclasses.replace(ep, rewards=ep.rewards.copy()) for ep in tiny_episodes[:4]]
+    broken[2].rewards[5] = np.nan
+    write_episodes("local/test/nan-v0", broken, env_id="Walker2d-v5", algorithm_name="random")
+    with pytest.raises(DatasetError, match=r"1 of 4 episodes hold NaN or infinite values \(the first: episode 2\)"):
+        load_episodes("local/test/nan-v0")
+
+
 def test_missing_dataset_points_to_collect(minari_root):
     with pytest.raises(DatasetError) as info:
         load_episodes("local/walker2d/does-not-exist-v0")

@@ -107,6 +107,13 @@ def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[
         )
         for ep in ds.iterate_episodes()
     ]
+    # One NaN would make the normalizer and the value statistics NaN, and every update after
+    # them non-finite and skipped, far from the cause.
+    bad = [i for i, ep in enumerate(episodes)
+           if not all(np.isfinite(a).all() for a in (ep.observations, ep.actions, ep.rewards))]
+    if bad:
+        raise DatasetError(f"dataset {dataset_id!r}: {len(bad)} of {len(episodes)} episodes hold NaN or infinite "
+                           f"values (the first: episode {bad[0]})")
     meta = ds.storage.metadata
     return LoadedDataset(dataset_id, ds_env, episodes, meta.get("ref_min_score"), meta.get("ref_max_score"))
 
