@@ -20,8 +20,8 @@ import torch
 from _helpers import tiny_online_config
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint
-from distdiff.distributed.driver import (Counters, OnlineRun, checked_resources, resume_checkpoint, rollout_share,
-                                         train)
+from distdiff.distributed.driver import (Counters, OnlineRun, RunFailed, checked_resources, resume_checkpoint,
+                                         rollout_share, train)
 from distdiff.distributed.learner import Learner, NonFiniteError
 from distdiff.pretrain import load_windows, pretrain
 
@@ -168,6 +168,54 @@ def test_a_run_resumed_while_the_learner_lagged_trains_then_collects(ray_session
         run.close()
     assert run.counters.env_steps == 1100
     assert run.counters.updates == int(cfg.online.updates_per_env_step * 1100)
+
+
+def test_a_checkpoint_counts_the_updates_of_the_learner_call_in_flight(ray_session, pretrained, tmp_path):
+    # A second Ctrl-C can stop the run mid-call: the checkpoint then holds the learner's state
+    # after that call, and its counters must hold the call's updates, or a resume owes them again.
+    cfg, ckpt = pretrained
+    step0 = load_checkpoint(ckpt)["step"]
+    run = start_run(cfg, tmp_path, ckpt)
+    try:
+        run.train_ref = run.learner.train.remote(run.replay.sample.remote(3, cfg.train.batch_size))
+        run.checkpoint()
+    finally:
+        run.close()
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert saved["step"] == step0 + 3 and saved["run"]["updates"] == 3 and run.train_ref is None
+
+
+@ray.remote
+class Unbuildable:
+    """A rollout actor whose constructor raises, as a restart that cannot build its envs would."""
+
+    def __init__(self):
+        raise RuntimeError("no env here")
+
+    def rollout(self, *args, **kwargs):
+        raise AssertionError("never runs")
+
+    def set_weights(self, ref):
+        raise AssertionError("never runs")
+
+
+def test_an_actor_that_cannot_be_built_is_dropped_not_retried_forever(ray_session, pretrained, tmp_path):
+    # With unlimited restarts (the default) only a constructor that raises makes a death final.
+    cfg, ckpt = pretrained
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.num_actors": 1, "online.actor_max_restarts": -1})
+    messages = []
+    state = load_checkpoint(ckpt)
+    data, _ = load_windows(cfg, None)
+    run = OnlineRun(cfg, tmp_path, state, data.episodes, Counters(), log=messages.append, progress=False)
+    try:
+        ray.kill(run.workers[0])
+        run.workers[0] = Unbuildable.remote()
+        with pytest.raises(RunFailed, match="no rollout actor is left alive"):
+            run.run()
+    finally:
+        run.close()
+    assert any("rollout actor 0 cannot be restarted" in m and "no env here" in m for m in messages), messages
+    assert run.counters.worker_restarts == 0
 
 
 def test_killed_worker_is_replaced_and_nothing_delivered_is_lost(ray_session, pretrained, tmp_path):

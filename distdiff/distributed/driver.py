@@ -215,6 +215,8 @@ class OnlineRun:
         self.published_at = -1  # counters.updates when weights_ref was published
         self.ref_min, self.ref_max = reference_scores(cfg.env.id)
         self.last_example = None
+        self.train_ref = None  # the learner's call in flight
+        self.since_broadcast = 0  # updates since the last broadcast
 
     # ----- weights ---------------------------------------------------------------------------
     def broadcast(self) -> None:
@@ -228,6 +230,9 @@ class OnlineRun:
     # ----- checkpoints -----------------------------------------------------------------------
     def checkpoint(self) -> Dict[str, object]:
         """Write the learner's and the replay's state; returns the learner's."""
+        # The learner's state is read after its call in flight (a Ctrl-C can come mid-call): the
+        # counters must hold that call's updates too, or a resume would owe them again.
+        self.settle_training()
         learner_state, replay_state = ray.get([self.learner.state_dict.remote(), self.replay.state_dict.remote()])
         save_checkpoint(self.run_dir / REPLAY, {"replay": replay_state})
         save_checkpoint(self.run_dir / CHECKPOINT, {**learner_state, "run": self.counters.to_dict()})
@@ -371,6 +376,20 @@ class OnlineRun:
             owed = min(owed, o.updates - c.updates)
         return owed
 
+    def settle_training(self) -> Optional[Dict[str, float]]:
+        """Wait for the learner's call in flight, if any, and count its updates; its stats."""
+        if self.train_ref is None:
+            return None
+        ref, self.train_ref = self.train_ref, None
+        try:
+            stats = ray.get(ref)
+        except (RayTaskError, RayActorError) as e:
+            raise RunFailed(f"the learner failed: {_cause(e)}") from e
+        self.counters.updates += int(stats["updates"])
+        self.counters.skipped_updates += int(stats["skipped"])
+        self.since_broadcast += int(stats["updates"])
+        return stats
+
     def run(self, interrupted: Optional[threading.Event] = None) -> None:
         """Algorithm 2 until the budget is spent; raises KeyboardInterrupt at the next result
         once ``interrupted`` is set (see :func:`deferred_interrupt`)."""
@@ -385,12 +404,11 @@ class OnlineRun:
         failures = [0] * len(self.workers)
         retry_at: Dict[int, float] = {}  # dead workers, resubmitted after a back-off while Ray restarts them
         dropped: set = set()  # workers that kept failing: they take no share of the budget
-        train_ref = size_ref = None
+        size_ref = None
         t0, env0, upd0 = time.perf_counter(), c.env_steps, c.updates
         next_ckpt = (c.updates // o.checkpoint_every + 1) * o.checkpoint_every
         next_fig = (c.updates // o.figure_every + 1) * o.figure_every
         next_eval = (c.updates // o.eval_every + 1) * o.eval_every if o.eval_every else None
-        since_broadcast = 0
         bar = tqdm(total=o.env_steps or None, initial=c.env_steps, desc="online", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
 
@@ -420,16 +438,16 @@ class OnlineRun:
                 submit(i)
 
         def train_more() -> None:
-            nonlocal train_ref, size_ref
+            nonlocal size_ref
             owed = self.owed_updates()
-            if train_ref is None and owed >= 1 and self.may_train(collecting, t0):
+            if self.train_ref is None and owed >= 1 and self.may_train(collecting, t0):
                 n = min(o.updates_per_call, owed)
-                train_ref = self.learner.train.remote(self.replay.sample.remote(n, self.cfg.train.batch_size))
+                self.train_ref = self.learner.train.remote(self.replay.sample.remote(n, self.cfg.train.batch_size))
                 size_ref = self.replay.size.remote()
 
         def retry_later(i: int, may_drop: bool) -> None:
             failures[i] += 1
-            if failures[i] > 10 and may_drop:
+            if failures[i] >= 10 and may_drop:
                 self.log(f"rollout actor {i} keeps failing; dropping it")
                 dropped.add(i)
             else:
@@ -439,12 +457,6 @@ class OnlineRun:
                 # takes it (else a dropped worker's share would leave the run stopped short).
                 submit_parked()
 
-        def count_updates(stats: Dict[str, float]) -> None:
-            nonlocal since_broadcast
-            c.updates += int(stats["updates"])
-            c.skipped_updates += int(stats["skipped"])
-            since_broadcast += int(stats["updates"])
-
         if collecting:
             for i in range(len(self.workers)):
                 submit(i)
@@ -452,14 +464,11 @@ class OnlineRun:
         # every worker parked, and only the learner's owed updates can start it.
         train_more()
 
-        while rollouts or train_ref is not None or retry_at:
+        while rollouts or self.train_ref is not None or retry_at:
             if interrupted is not None and interrupted.is_set():
-                if train_ref is not None:
-                    # The checkpoint saved next holds the learner's state after this call:
-                    # its updates must be in the counters too, or a resume would owe them again.
-                    count_updates(ray.get(train_ref))
+                self.settle_training()
                 raise KeyboardInterrupt
-            waiting = list(rollouts) + ([train_ref] if train_ref is not None else [])
+            waiting = list(rollouts) + ([self.train_ref] if self.train_ref is not None else [])
             # A bounded wait: a Ctrl-C only sets a flag, which a wait for one long rollout
             # would leave unread.
             ready, _ = ray.wait(waiting, num_returns=1, timeout=0.25 if retry_at else 1.0) if waiting else ([], [])
@@ -475,17 +484,12 @@ class OnlineRun:
                     time.sleep(0.25)
                 continue
             ref = ready[0]
-            if ref is train_ref:
-                try:
-                    stats, size = ray.get([train_ref, size_ref])
-                except (RayTaskError, RayActorError) as e:
-                    raise RunFailed(f"the learner failed: {_cause(e)}") from e
-                count_updates(stats)
-                train_ref = None
-                self.log_train(stats, size, t0, upd0)
-                if since_broadcast >= o.broadcast_every:
+            if ref is self.train_ref:
+                stats = self.settle_training()
+                self.log_train(stats, ray.get(size_ref), t0, upd0)
+                if self.since_broadcast >= o.broadcast_every:
                     self.broadcast()
-                    since_broadcast = 0
+                    self.since_broadcast = 0
                 if c.updates >= next_fig:
                     self.log_figure()
                     next_fig += o.figure_every
@@ -503,7 +507,14 @@ class OnlineRun:
                 promised.pop(ref, None)
                 try:
                     result = ray.get(ref)
-                except RayActorError:
+                except RayActorError as e:
+                    if e.actor_init_failed:
+                        # Its constructor raised: Ray never restarts such an actor.
+                        self.log(f"rollout actor {i} cannot be restarted: {_cause(e)}; dropping it")
+                        dropped.add(i)
+                        if collecting:
+                            submit_parked()
+                        continue
                     # The actor died with this task and Ray restarts it. Calls made while it
                     # restarts fail at once, so retry after a growing pause, and count one
                     # restart per death rather than per failed call.
@@ -534,11 +545,12 @@ class OnlineRun:
                     submit(i)
                     submit_parked()
             train_more()
-            if collecting and not rollouts and train_ref is None and not retry_at:
-                if parked:
-                    raise RunFailed("rollouts are parked but neither the learner nor any rollout is running")
-                raise RunFailed("no rollout actor is left alive")
         bar.close()
+        if collecting:
+            # Nothing runs any more, and the budget is not spent.
+            if parked:
+                raise RunFailed("rollouts are parked but neither the learner nor any rollout is running")
+            raise RunFailed("no rollout actor is left alive")
         self.broadcast()
 
     def close(self) -> None:
