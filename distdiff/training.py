@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import math
 import random
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from distdiff.checkpoint import CheckpointError
-from distdiff.config import Config, from_dict
+from distdiff.config import Config, ConfigError, from_dict
 from distdiff.data.windows import Batch
 from distdiff.models import NETS, build_models
 from distdiff.nn.dynamics import transition_loss
@@ -299,7 +300,7 @@ class Trainer:
                 self.ema_dynamics.load_state_dict(state["ema_dynamics"])
                 self.opt_dynamics.load_state_dict(state["opt_dynamics"])
         except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint does not fit this model config: {e}") from e
+            raise misfit(state, self.cfg, e) from e
         # An optimizer's state dict carries the learning rate it was saved with; the config is
         # what the user asked for now (fine-tuning from --init with a smaller rate, Tune sweeps).
         self._set_learning_rates()
@@ -327,7 +328,7 @@ class Trainer:
                 self.dynamics.load_state_dict(state["dynamics"])
                 self.ema_dynamics.load_state_dict(state["ema_dynamics"])
         except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint does not fit this model config: {e}") from e
+            raise misfit(state, self.cfg, e) from e
 
     @classmethod
     def from_checkpoint(cls, state: Dict[str, object], *, cfg: Optional[Config] = None, device="cpu",
@@ -362,6 +363,20 @@ def interpolate(aligned: Dict[str, torch.Tensor], prior: Dict[str, torch.Tensor]
             for k, v in aligned.items()}
 
 
+def misfit(state: Dict[str, object], cfg: Config, error: Exception) -> CheckpointError:
+    """The error for a checkpoint whose nets do not load into the config's: the config fields
+    that differ, rather than PyTorch's line for every tensor of another shape."""
+    try:
+        saved = from_dict(state["config"])
+        fields = [("env", f) for f in ("obs_dim", "act_dim")] + [("model", f.name) for f in dataclasses.fields(cfg.model)]
+        differ = [f"{s}.{f} is {getattr(getattr(saved, s), f)!r} there, {getattr(getattr(cfg, s), f)!r} here"
+                  for s, f in fields if getattr(getattr(saved, s), f) != getattr(getattr(cfg, s), f)]
+    except (KeyError, ConfigError):
+        differ = []
+    detail = "; ".join(differ) if differ else str(error).strip().splitlines()[0]
+    return CheckpointError(f"checkpoint does not fit this model config: {detail}")
+
+
 def planner_from_checkpoint(state: Dict[str, object], cfg: Optional[Config] = None, device="cpu") -> Planner:
     """A planner with the checkpoint's EMA weights (no optimizers built), blended with the
     prior's by ``online.prior_weight``."""
@@ -379,7 +394,7 @@ def planner_from_checkpoint(state: Dict[str, object], cfg: Optional[Config] = No
                 weights = interpolate(weights, prior[name], w)
             net.load_state_dict(weights)
     except (KeyError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint does not fit this model config: {e}") from e
+        raise misfit(state, cfg, e) from e
     return Planner.from_config(cfg, diffusion=models.diffusion.to(device), denoiser=models.denoiser.to(device).eval(),
                                value=models.value.to(device).eval(), dynamics=models.dynamics.to(device).eval(),
                                normalizer=normalizer, device=device)
