@@ -270,7 +270,7 @@ def load(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] 
             raise ConfigError(f"config file {path} does not exist")
         try:
             data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
+        except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
         cfg, errors = _merge(data, cfg)
     if overrides:

@@ -18,6 +18,7 @@ from distdiff.cli import default_ray_auth, fail, limit_threads
 limit_threads()
 default_ray_auth()
 
+import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
@@ -30,7 +31,7 @@ from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--policy", required=True, help="'random' or a distdiff checkpoint path.")
     p.add_argument("--episodes", type=int, required=True, help="Number of episodes to collect.")
     p.add_argument("--dataset-id", required=True, help="Minari id, ending in -vN (e.g. local/walker2d/random-v0).")
@@ -61,6 +62,11 @@ def main(argv=None) -> int:
             state = load_checkpoint(Path(args.policy))
         except CheckpointError as e:
             fail(str(e))
+    else:
+        try:
+            gym.spec(args.env)
+        except gym.error.Error as e:
+            fail(f"--env {args.env}: {e}")
     bar = tqdm(total=args.episodes, desc="collect", dynamic_ncols=True)
     if args.num_actors > 1:
         import ray

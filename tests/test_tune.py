@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -53,6 +54,13 @@ def test_invalid_spaces_are_refused_before_any_trial(tiny_dataset, tmp_path, sub
     bad_value = write_sweep(tmp_path / "value.yaml", tiny_dataset, space={"diffusion.schedule": {"choice": ["linear", "zigzag"]}})
     with pytest.raises(ConfigError, match="zigzag"):
         load_spec(bad_value)
+    for text, expected in (("hello", "must be a mapping of sweep options, got str"), ("a: [b", "is not valid YAML"),
+                           ("space: [guidance.scale]", "space must be a mapping"),
+                           ("num_samples: abc", "num_samples must be an integer")):
+        odd = tmp_path / "odd.yaml"
+        odd.write_text(text)
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            load_spec(odd)
     out = subprocess.run([sys.executable, str(ROOT / "launch" / "tune.py"), "--config", str(bad), "--storage",
                           str(tmp_path / "storage")], env=subprocess_env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "diffusion.schedul" in out.stderr

@@ -15,8 +15,9 @@ from distdiff.data.episodes import Episode
 WALKER2D_REF_MIN_SCORE = 1.629008
 WALKER2D_REF_MAX_SCORE = 4592.3
 REFERENCE_SCORES = {"Walker2d": (WALKER2D_REF_MIN_SCORE, WALKER2D_REF_MAX_SCORE)}
-# What Minari accepts as an id: optional namespaces, a name, and the version it needs.
-DATASET_ID = re.compile(r"^([\w.-]+/)*[\w.-]+-v\d+$")
+# What Minari accepts as an id: optional namespaces, a name, and the version it needs; never a
+# `.` or `..` namespace, which would put the dataset outside the store.
+DATASET_ID = re.compile(r"^((?!\.{1,2}/)[\w.-]+/)*[\w.-]+-v\d+$")
 
 
 class DatasetError(RuntimeError):

@@ -103,12 +103,24 @@ def load_spec(path: str | Path) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"sweep file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"sweep file {path} must be a mapping of sweep options, got {type(raw).__name__}")
+    raw = {k: v for k, v in raw.items() if v is not None}  # an empty option: its default
     known = {f for f in SweepSpec.__dataclass_fields__}
     errors = [f"unknown sweep option {k!r}; options are {sorted(known)}" for k in raw if k not in known]
+    # The option types, before anything uses them.
+    for key, kind in (("fixed", dict), ("space", dict), ("asha", dict), ("pbt", dict), ("resources", dict),
+                      ("num_samples", int), ("max_concurrent", int), ("seed", int), ("name", str), ("metric", str),
+                      ("mode", str), ("scheduler", str), ("base", str)):
+        if key in raw and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
+            errors.append(f"{key} must be {({dict: 'a mapping', int: 'an integer', str: 'a string'})[kind]}, got {raw[key]!r}")
     if errors:
         raise ConfigError("invalid sweep:\n  " + "\n  ".join(errors))
-    res = raw.pop("resources", {}) or {}
+    res = raw.pop("resources", {})
     try:
         resources = TrialResources(**res)
     except TypeError as e:
@@ -139,9 +151,6 @@ def load_spec(path: str | Path) -> SweepSpec:
     taken = {"time_attr", "metric", "mode", "hyperparam_mutations"}
     for name, cls, own in (("asha", ASHAScheduler, set()), ("pbt", PopulationBasedTraining, {"mutations"})):
         options = set(inspect.signature(cls).parameters) - taken | own
-        if not isinstance(getattr(spec, name), dict):
-            errors.append(f"{name}: expected a mapping of options, got {getattr(spec, name)!r}")
-            continue
         unknown = sorted(set(getattr(spec, name)) - options)
         if unknown:
             errors.append(f"{name}: unknown options {unknown}; options are {sorted(options)}")
