@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 quickstart: install
-	$(PY) launch/train.py --config configs/smoke.yaml --run-dir $(RUN_DIR)
+	$(PY) launch/train.py --config configs/smoke.yaml --run-dir $(RUN_DIR) --overwrite
 
 test: install
 	$(PY) -m pytest -q

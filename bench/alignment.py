@@ -47,7 +47,7 @@ def keep(summary):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"))
     p.add_argument("--dataset", default="local/walker2d/sac-medium-v0")
     p.add_argument("--minari-path", default=None, help=MINARI_PATH_HELP)

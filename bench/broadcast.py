@@ -36,7 +36,7 @@ def plasma():
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"))
     p.add_argument("--sizes", default="1,8,32")
     p.add_argument("--repeats", type=int, default=10)

@@ -72,7 +72,7 @@ def reconstruction(path: Path, dataset: str, n_windows: int, timesteps, seed: in
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoints", type=Path, nargs="+")
     p.add_argument("--dataset", default="local/walker2d/sac-medium-v0")
     p.add_argument("--minari-path", default=None, help=MINARI_PATH_HELP)

@@ -24,7 +24,7 @@ from distdiff.distributed.learner import Learner  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"))
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=None)

@@ -69,7 +69,7 @@ def planner_rate(cfg, n_envs: int, seconds: float) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"))
     p.add_argument("--seconds", type=float, default=20.0, help="Wall time per planner measurement.")
     args = p.parse_args()

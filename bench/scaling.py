@@ -45,7 +45,7 @@ def rate(cfg, n: int, seconds: float, weights_ref) -> float:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
     p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"))
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--seconds", type=float, default=30.0)

@@ -1,15 +1,17 @@
 """Shared pieces of the launch scripts."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 
 def limit_threads() -> None:
@@ -33,7 +35,56 @@ def add_ray_arguments(parser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: RAY_ADDRESS, a local `ray start` cluster, or an embedded Ray); "
                              "'local' starts an embedded Ray even where a cluster runs.")
-    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the embedded Ray (default: all).")
+    parser.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs of the embedded Ray (default: all).")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+# What a run writes in its run dir (train.py: phase 1 in pretrain/; evaluate.py: eval.json):
+# --overwrite removes these and nothing else.
+RUN_FILES = ("checkpoint.pt", "replay.pt", "best.pt", "best.json", "metrics.json", "eval.json", "config.yaml")
+
+
+def holds_run(run_dir: Path) -> bool:
+    return (run_dir / "checkpoint.pt").is_file() or (run_dir / "pretrain" / "checkpoint.pt").is_file()
+
+
+def prepare_run_dir(run_dir: Path, *, overwrite: bool, keep: Optional[Path] = None) -> None:
+    """Refuse a --run-dir that is a file, or that holds a run unless ``overwrite``: a new run
+    there would silently replace its checkpoints and mix its TensorBoard curves with the new ones.
+    ``overwrite`` removes the old run's files first, but never ``keep`` (the --init checkpoint)."""
+    check_output(run_dir, "--run-dir", directory=True)
+    if not holds_run(run_dir):
+        return
+    if not overwrite:
+        fail(f"{run_dir} holds a run already: continue it with --resume, choose another --run-dir, "
+             f"or pass --overwrite to replace it")
+    if keep is not None and run_dir.resolve() in (keep.resolve(), *keep.resolve().parents):
+        fail(f"--init {keep} is inside {run_dir}, which --overwrite would clear; start the new run elsewhere")
+    for name in RUN_FILES:
+        (run_dir / name).unlink(missing_ok=True)
+    for events in run_dir.glob("events.out.tfevents.*"):
+        events.unlink()
+    shutil.rmtree(run_dir / "pretrain", ignore_errors=True)
+
+
+def check_output(path: Path, flag: str, *, directory: bool = False) -> None:
+    """Fail now, not after the work, when ``path`` cannot be written as a file (or made a
+    directory)."""
+    if path.exists() and path.is_dir() != directory:
+        fail(f"{flag} {path} is a {'file' if directory else 'directory'}; give a {'directory' if directory else 'file name'}")
+    parent = next((p for p in path.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        fail(f"{flag} {path}: {parent} is a file")
 
 
 def default_run_dir(kind: str) -> Path:

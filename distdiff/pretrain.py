@@ -60,7 +60,6 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     from torch.utils.tensorboard import SummaryWriter
 
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = run_dir / CHECKPOINT
     torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
@@ -69,7 +68,6 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     state = load_checkpoint(ckpt_path) if resume else None
     start = load_checkpoint(init) if init is not None else None
     seed_everything(cfg.train.seed)
-    config_lib.save(cfg, run_dir / "config.yaml")
     source = state or start
     normalizer = Normalizer.from_state_dict(source["normalizer"]) if source else None
     _, windows = load_windows(cfg, normalizer, data)
@@ -89,6 +87,9 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     if state and "data_rng" in state:
         rng.bit_generator.state = state["data_rng"]
 
+    # Only now: a start that fails (no dataset, a checkpoint that does not fit) leaves no run dir.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.save(cfg, run_dir / "config.yaml")
     writer = SummaryWriter(str(run_dir))
     save = lambda: save_checkpoint(ckpt_path, checkpoint_payload(trainer, rng))  # noqa: E731
     bar = tqdm(total=cfg.train.steps, initial=trainer.step, desc="pretrain", disable=quiet, dynamic_ncols=True)

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from distdiff.cli import fail, limit_threads, write_json
+from distdiff.cli import check_output, fail, limit_threads, write_json
 
 limit_threads()
 
@@ -28,7 +28,7 @@ from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt (or its run dir).")
     p.add_argument("--episodes", type=int, default=None, help="Episodes to run (default eval.episodes).")
     p.add_argument("--guidance", type=float, default=None, help="Guidance scale k (same as --guidance.scale).")
@@ -41,6 +41,8 @@ def main(argv=None) -> int:
         args.cfg__guidance__scale = args.guidance
     if args.episodes is not None:
         args.cfg__eval__episodes = args.episodes
+    if args.out is not None:
+        check_output(args.out, "--out")
     try:
         state = load_checkpoint(args.checkpoint)
         cfg = config_lib.from_args(args, base=config_lib.from_dict(state["config"]))

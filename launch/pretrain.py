@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from distdiff.cli import default_run_dir, fail, limit_threads
+from distdiff.cli import default_run_dir, fail, limit_threads, prepare_run_dir
 
 limit_threads()
 
@@ -20,13 +20,14 @@ from distdiff.pretrain import CHECKPOINT, pretrain  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=None, help="Minari dataset id (same as --data.dataset_id).")
     p.add_argument("--run-dir", type=Path, default=None, help="Where checkpoints and TensorBoard logs go (default runs/pretrain-TIME).")
     p.add_argument("--resume", action="store_true", help="Continue the run in --run-dir from its checkpoint (same step count).")
     p.add_argument("--init", type=Path, default=None,
                    help="Start from this checkpoint's weights and normalizer (fresh optimizers, step 0): fine-tunes a "
                         "prior, e.g. with --model.returns_condition true to add a return condition to an unconditioned one.")
+    p.add_argument("--overwrite", action="store_true", help="Start again in a --run-dir that holds a run, replacing its files.")
     config_lib.add_arguments(p)
     args = p.parse_args(argv)
     if args.dataset:
@@ -40,13 +41,17 @@ def main(argv=None) -> int:
                 fail("--resume continues the run's own checkpoint; drop --init")
             if args.config is not None:
                 fail("--resume continues with the run's own config; drop --config (override fields with --section.field)")
+            if args.overwrite:
+                fail("--resume continues the run in --run-dir; --overwrite would remove it")
             base = config_lib.from_dict(load_checkpoint(args.run_dir / CHECKPOINT)["config"])
             cfg = config_lib.from_args(args, base=base)
+            run_dir = args.run_dir
         else:
-            if args.init is not None and not args.init.is_file():
+            if args.init is not None and not (args.init.is_file() or (args.init / CHECKPOINT).is_file()):
                 fail(f"--init: no checkpoint at {args.init}")
             cfg = config_lib.from_args(args)
-        run_dir = args.run_dir or default_run_dir("pretrain")
+            run_dir = args.run_dir or default_run_dir("pretrain")
+            prepare_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
         print(f"pretraining on {cfg.data.dataset_id} -> {run_dir}", flush=True)
         path = pretrain(cfg, run_dir, resume=args.resume, init=args.init)
     except (config_lib.ConfigError, DatasetError, CheckpointError, FloatingPointError) as e:

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from distdiff.cli import add_ray_arguments, default_ray_auth, default_run_dir, fail, limit_threads
+from distdiff.cli import add_ray_arguments, default_ray_auth, default_run_dir, fail, limit_threads, prepare_run_dir
 
 limit_threads()
 default_ray_auth()
@@ -29,12 +29,13 @@ from distdiff.data.minari_io import DatasetError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-actors", type=int, default=None, help="Rollout actors (same as --online.num_actors).")
     p.add_argument("--dataset", default=None, help="Minari dataset id (same as --data.dataset_id).")
     p.add_argument("--init", type=Path, default=None, help="Start phase 2 from this checkpoint (skips pretraining).")
     p.add_argument("--run-dir", type=Path, default=None, help="Output dir (default runs/train-TIME).")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="Continue a run from its checkpoint and replay.")
+    p.add_argument("--overwrite", action="store_true", help="Start again in a --run-dir that holds a run, replacing its files.")
     add_ray_arguments(p)
     config_lib.add_arguments(p)
     return p
@@ -48,6 +49,8 @@ def main(argv=None) -> int:
         args.cfg__data__dataset_id = args.dataset
     if args.resume and args.init:
         fail("--resume and --init exclude each other")
+    if args.resume and (args.overwrite or args.run_dir):
+        fail("--resume continues the run in RUN_DIR; drop --run-dir and --overwrite")
     try:
         if args.resume:
             if args.config is not None:
@@ -65,6 +68,8 @@ def main(argv=None) -> int:
     from distdiff.distributed.driver import RunFailed, connect, train
 
     run_dir = args.resume or args.run_dir or default_run_dir("train")
+    if not args.resume:
+        prepare_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
     started = connect(args.address, args.num_cpus)
     try:
         metrics = train(cfg, run_dir, init=args.init, resume=args.resume is not None)

@@ -24,7 +24,7 @@ from distdiff.config import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=Path("configs/tune.yaml"), help="Sweep file (search space in YAML).")
     p.add_argument("--num-samples", type=int, default=None, help="Trials to sample (overrides the sweep file).")
     p.add_argument("--max-concurrent", type=int, default=None, help="Trials at once (overrides the sweep file).")

@@ -24,7 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from distdiff.cli import fail, limit_threads, write_json, write_text
+from distdiff.cli import check_output, fail, limit_threads, write_json, write_text
 
 limit_threads()
 
@@ -67,7 +67,7 @@ def _positive(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt (or its run dir).")
     p.add_argument("--dataset", default=None, metavar="ID",
                    help="Minari dataset of Figure 1's start state (default: the checkpoint's data.dataset_id, or its "
@@ -136,6 +136,7 @@ def main(argv=None) -> int:
         name = _ckpt_file(path).resolve().parent.name
         labels.append(name if name not in labels else f"{name} ({kind})")
     out = args.out or _ckpt_file(args.checkpoint).parent / "viz"
+    check_output(out, "--out", directory=True)
     seed = cfg.eval.seed if args.seed is None else args.seed
 
     def gen(p):  # the same sampler noise for every checkpoint

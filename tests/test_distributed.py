@@ -548,8 +548,18 @@ def test_init_checkpoint_that_does_not_fit_the_config_fails_before_any_actor(pre
     cfg, ckpt = pretrained
     other = tiny_online_config(cfg.data.dataset_id, **{"model.dim": 16})
     with pytest.raises(CheckpointError, match="does not fit"):
-        train(other, tmp_path, init=ckpt, log=lambda s: None, progress=False)
-    assert not (tmp_path / "config.yaml").exists()
+        train(other, tmp_path / "run", init=ckpt, log=lambda s: None, progress=False)
+    assert not (tmp_path / "run").exists(), "a start that fails leaves no run dir"
+
+
+def test_resuming_a_pretraining_run_points_to_init(pretrained):
+    from distdiff.checkpoint import CheckpointError
+
+    cfg, ckpt = pretrained
+    before = ckpt.stat().st_mtime_ns
+    with pytest.raises(CheckpointError, match=f"holds an offline pretraining run .* --init {ckpt.parent}$"):
+        train(cfg, ckpt.parent, resume=True, log=lambda s: None, progress=False)
+    assert ckpt.stat().st_mtime_ns == before
 
 
 def test_a_cluster_too_small_for_the_actors_fails_before_pretraining(ray_session, pretrained, tmp_path):

@@ -108,6 +108,32 @@ def test_pretrain_writes_a_checkpoint(run30, tiny_dataset):
     assert list(run30.glob("events.out.tfevents.*")), "TensorBoard logs"
 
 
+def test_a_run_dir_that_holds_a_run_is_kept_unless_overwrite(run30, tmp_path, tiny_dataset, subprocess_env):
+    again = tmp_path / "again"
+    shutil.copytree(run30, again)
+    before = (again / "checkpoint.pt").read_bytes()
+    proc = pretrain(again, "--train.steps", 3, env=subprocess_env, dataset=tiny_dataset)
+    assert proc.returncode == 2 and "holds a run already" in proc.stderr and "--overwrite" in proc.stderr
+    assert (again / "checkpoint.pt").read_bytes() == before
+    # --init inside the run dir that --overwrite would clear is refused before anything goes.
+    proc = pretrain(again, "--train.steps", 3, "--overwrite", "--init", again, env=subprocess_env, dataset=tiny_dataset)
+    assert proc.returncode == 2 and "which --overwrite would clear" in proc.stderr
+    ok(pretrain(again, "--train.steps", 3, "--overwrite", env=subprocess_env, dataset=tiny_dataset))
+    assert load_checkpoint(again / "checkpoint.pt")["step"] == 3
+    assert len(list(again.glob("events.out.tfevents.*"))) == 1, "the old run's curves are gone"
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["train.py", "--num-cpus", "0"], "--num-cpus: must be >= 1"),
+    # A prefix of a flag is not taken for it: --diffusion.schedul would have set the schedule.
+    (["train.py", "--diffusion.schedul", "cosine"], "unrecognized arguments: --diffusion.schedul"),
+    (["evaluate.py", "--checkpoint", "nowhere", "--out", "."], "--out . is a directory"),
+])
+def test_bad_arguments_fail_before_any_work(args, expected, subprocess_env):
+    proc = run(*args, env=subprocess_env)
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+
+
 def test_resume_continues_the_step_count_exactly(run30, tmp_path, tiny_dataset, subprocess_env):
     resumed = tmp_path / "resumed"
     shutil.copytree(run30, resumed)

@@ -616,7 +616,6 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     ``metrics.json``; ``on_evaluation`` is called with each evaluation's metrics (every
     ``online.eval_every`` updates and at the end), after the checkpoint is written."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     replay_state = data = None
     if init is None and (not resume or resume_checkpoint(run_dir) != run_dir / CHECKPOINT):
         # A cluster too small for the actors fails now, not after pretraining.
@@ -628,8 +627,11 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         counters = Counters()
     elif resume:
         state = load_checkpoint(run_dir / CHECKPOINT)
+        if "run" not in state:
+            raise CheckpointError(f"{run_dir} holds an offline pretraining run (launch/pretrain.py), which phase 2 "
+                                  f"does not continue: start phase 2 from it with --init {run_dir}")
         try:
-            counters = Counters(**state.get("run", {}))
+            counters = Counters(**state["run"])
         except ValueError as e:
             raise CheckpointError(f"{run_dir / CHECKPOINT}: {e}") from e
         if (run_dir / REPLAY).is_file():
@@ -642,9 +644,11 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     # Fail here, with the checkpoint's path in the message, rather than inside an actor.
     planner_from_checkpoint(state, cfg)
     check_value_target(state, cfg)
-    config_lib.save(cfg, run_dir / "config.yaml")
     if data is None:
         data = load_data(cfg)
+    # Only now: a start that fails (no dataset, a checkpoint that does not fit) leaves no run dir.
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.save(cfg, run_dir / "config.yaml")
     log(f"phase 2: online alignment with {_count(cfg.online.num_actors, 'actor')} -> {run_dir} (tensorboard --logdir {run_dir})")
     run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state, log=log, progress=progress,
                     on_evaluation=on_evaluation)
