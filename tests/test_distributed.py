@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -183,6 +184,11 @@ def test_a_checkpoint_counts_the_updates_of_the_learner_call_in_flight(ray_sessi
     run = start_run(cfg, tmp_path, ckpt)
     try:
         run.train_ref = run.learner.train.remote(run.replay.sample.remote(3, cfg.train.batch_size))
+        # The first Ctrl-C's wait for that call, cut short by a second one:
+        with mock.patch.object(ray, "get", side_effect=KeyboardInterrupt):
+            with pytest.raises(KeyboardInterrupt):
+                run.settle_training()
+        assert run.train_ref is not None, "the call is still to be counted"
         run.checkpoint()
     finally:
         run.close()

@@ -380,11 +380,13 @@ class OnlineRun:
         """Wait for the learner's call in flight, if any, and count its updates; its stats."""
         if self.train_ref is None:
             return None
-        ref, self.train_ref = self.train_ref, None
         try:
-            stats = ray.get(ref)
+            # Kept until it returns: a Ctrl-C during the wait leaves it for the checkpoint to settle.
+            stats = ray.get(self.train_ref)
         except (RayTaskError, RayActorError) as e:
+            self.train_ref = None
             raise RunFailed(f"the learner failed: {_cause(e)}") from e
+        self.train_ref = None
         self.counters.updates += int(stats["updates"])
         self.counters.skipped_updates += int(stats["skipped"])
         self.since_broadcast += int(stats["updates"])
