@@ -178,6 +178,18 @@ def write_episodes(
         env.close()
 
 
+def _collect_random(dataset_id: str, n_episodes: int, env_id: str, max_episode_steps: int, seed: int, log) -> None:
+    from distdiff.rollout import make_env, random_episodes
+
+    log(f"collecting {n_episodes} random-policy episodes into {dataset_id!r} under {datasets_root()}")
+    env = make_env(env_id, max_episode_steps)
+    try:
+        episodes = random_episodes(env, n_episodes, seed)
+    finally:
+        env.close()
+    write_episodes(dataset_id, episodes, env_id=env_id, algorithm_name="random")
+
+
 def load_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallback_episodes: int, env_id: str,
                     obs_dim: int, act_dim: int, max_episode_steps: int, seed: int = 0, log=print) -> LoadedDataset:
     """Load ``dataset_id``; when it cannot be had and a fallback is configured, load the local
@@ -190,16 +202,10 @@ def load_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallba
         log(f"warning: {str(e).splitlines()[0]}; using the local dataset {fallback_id!r} instead")
     # Concurrent Tune trials on one machine would each collect it, and the later writer would
     # find the id taken (or remove a half-written one under the other's feet): one collects.
-    os.makedirs(datasets_root(), exist_ok=True)
-    with FileLock(os.path.join(datasets_root(), f".{fallback_id.replace('/', '__')}.lock")):
-        if not dataset_exists(fallback_id):
-            from distdiff.rollout import make_env, random_episodes
-
-            log(f"collecting {fallback_episodes} random-policy episodes into {fallback_id!r} under {datasets_root()}")
-            env = make_env(env_id, max_episode_steps)
-            try:
-                episodes = random_episodes(env, fallback_episodes, seed)
-            finally:
-                env.close()
-            write_episodes(fallback_id, episodes, env_id=env_id, algorithm_name="random")
+    # The lock only when it is missing: a store that holds it may be read-only.
+    if not dataset_exists(fallback_id):
+        os.makedirs(datasets_root(), exist_ok=True)
+        with FileLock(os.path.join(datasets_root(), f".{fallback_id.replace('/', '__')}.lock")):
+            if not dataset_exists(fallback_id):  # or another run made it while this one waited
+                _collect_random(fallback_id, fallback_episodes, env_id, max_episode_steps, seed, log)
     return load_episodes(fallback_id, obs_dim=obs_dim, act_dim=act_dim, env_id=env_id)
