@@ -5,7 +5,6 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -58,10 +57,11 @@ def holds_run(run_dir: Path) -> bool:
     return (run_dir / "checkpoint.pt").is_file() or (run_dir / "pretrain" / "checkpoint.pt").is_file()
 
 
-def prepare_run_dir(run_dir: Path, *, overwrite: bool, keep: Optional[Path] = None) -> None:
+def check_run_dir(run_dir: Path, *, overwrite: bool, keep: Optional[Path] = None) -> None:
     """Refuse a --run-dir that is a file, or that holds a run unless ``overwrite``: a new run
     there would silently replace its checkpoints and mix its TensorBoard curves with the new ones.
-    ``overwrite`` removes the old run's files first, but never ``keep`` (the --init checkpoint)."""
+    With ``overwrite`` the run clears the old files itself (:func:`clear_run`) once its own inputs
+    have loaded, so a start that fails keeps the old run; never ``keep`` (the --init checkpoint)."""
     check_output(run_dir, "--run-dir", directory=True)
     if not holds_run(run_dir):
         return
@@ -70,11 +70,18 @@ def prepare_run_dir(run_dir: Path, *, overwrite: bool, keep: Optional[Path] = No
              f"or pass --overwrite to replace it")
     if keep is not None and run_dir.resolve() in (keep.resolve(), *keep.resolve().parents):
         fail(f"--init {keep} is inside {run_dir}, which --overwrite would clear; start the new run elsewhere")
-    for name in RUN_FILES:
-        (run_dir / name).unlink(missing_ok=True)
-    for events in run_dir.glob("events.out.tfevents.*"):
-        events.unlink()
-    shutil.rmtree(run_dir / "pretrain", ignore_errors=True)
+
+
+def clear_run(run_dir: Path) -> None:
+    """Remove what a run wrote in ``run_dir`` and in its phase 1's pretrain/, and nothing else
+    (diagnostics such as viz/ stay)."""
+    for d in (run_dir, run_dir / "pretrain"):
+        for name in RUN_FILES:
+            (d / name).unlink(missing_ok=True)
+        for events in d.glob("events.out.tfevents.*"):
+            events.unlink()
+    with contextlib.suppress(OSError):
+        (run_dir / "pretrain").rmdir()  # only once nothing else is left in it
 
 
 def check_output(path: Path, flag: str, *, directory: bool = False) -> None:

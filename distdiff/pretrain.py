@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint, save_checkpoint
-from distdiff.cli import deferred_interrupt
+from distdiff.cli import clear_run, deferred_interrupt
 from distdiff.config import Config
 from distdiff.data.minari_io import LoadedDataset, load_or_collect
 from distdiff.data.windows import WindowDataset, fit_normalizer
@@ -47,12 +47,12 @@ def checkpoint_payload(trainer: Trainer, rng: np.random.Generator) -> dict:
 
 
 def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,
-             data: Optional[LoadedDataset] = None, init: Optional[str | Path] = None) -> Path:
+             data: Optional[LoadedDataset] = None, init: Optional[str | Path] = None, overwrite: bool = False) -> Path:
     """Train until ``cfg.train.steps`` gradient steps; returns the checkpoint path.
 
     ``init``: start from that checkpoint's weights, normalizer and value statistics instead of
     fresh ones (see :meth:`Trainer.init_weights_from`), e.g. to add a return condition to a
-    trained prior.
+    trained prior. ``overwrite``: clear the run in ``run_dir`` once the inputs have loaded.
 
     Checkpoints every ``train.checkpoint_every`` steps, at the end, and on Ctrl-C, so an
     interrupted run loses at most one interval and ``resume=True`` continues its step count.
@@ -87,7 +87,10 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     if state and "data_rng" in state:
         rng.bit_generator.state = state["data_rng"]
 
-    # Only now: a start that fails (no dataset, a checkpoint that does not fit) leaves no run dir.
+    # Only now: a start that fails (no dataset, a checkpoint that does not fit) leaves no run dir,
+    # or the run it was to overwrite.
+    if overwrite:
+        clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, run_dir / "config.yaml")
     writer = SummaryWriter(str(run_dir))

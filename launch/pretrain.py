@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from distdiff.cli import default_run_dir, fail, limit_threads, prepare_run_dir
+from distdiff.cli import check_run_dir, default_run_dir, fail, limit_threads
 
 limit_threads()
 
@@ -51,9 +51,9 @@ def main(argv=None) -> int:
                 fail(f"--init: no checkpoint at {args.init}")
             cfg = config_lib.from_args(args)
             run_dir = args.run_dir or default_run_dir("pretrain")
-            prepare_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
+            check_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
         print(f"pretraining on {cfg.data.dataset_id} -> {run_dir}", flush=True)
-        path = pretrain(cfg, run_dir, resume=args.resume, init=args.init)
+        path = pretrain(cfg, run_dir, resume=args.resume, init=args.init, overwrite=args.overwrite)
     except (config_lib.ConfigError, DatasetError, CheckpointError, FloatingPointError) as e:
         fail(str(e))
     except KeyboardInterrupt:

@@ -18,7 +18,7 @@ import json
 import sys
 from pathlib import Path
 
-from distdiff.cli import add_ray_arguments, default_ray_auth, default_run_dir, fail, limit_threads, prepare_run_dir
+from distdiff.cli import add_ray_arguments, check_run_dir, default_ray_auth, default_run_dir, fail, limit_threads
 
 limit_threads()
 default_ray_auth()
@@ -69,10 +69,10 @@ def main(argv=None) -> int:
 
     run_dir = args.resume or args.run_dir or default_run_dir("train")
     if not args.resume:
-        prepare_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
+        check_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
     started = connect(args.address, args.num_cpus)
     try:
-        metrics = train(cfg, run_dir, init=args.init, resume=args.resume is not None)
+        metrics = train(cfg, run_dir, init=args.init, resume=args.resume is not None, overwrite=args.overwrite)
     except (config_lib.ConfigError, DatasetError, CheckpointError) as e:
         fail(str(e))
     except RunFailed as e:

@@ -558,6 +558,14 @@ def test_init_checkpoint_that_does_not_fit_the_config_fails_before_any_actor(pre
     assert not (tmp_path / "run").exists(), "a start that fails leaves no run dir"
 
 
+def test_a_replay_smaller_than_an_episode_is_refused_before_any_work(pretrained, tmp_path):
+    cfg, ckpt = pretrained
+    small = tiny_online_config(cfg.data.dataset_id, **{"online.replay_capacity": cfg.env.max_episode_steps - 1})
+    with pytest.raises(config_lib.ConfigError, match="online.replay_capacity .* must hold a whole episode"):
+        train(small, tmp_path / "run", init=ckpt, log=lambda s: None, progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_resuming_a_pretraining_run_points_to_init(pretrained):
     from distdiff.checkpoint import CheckpointError
 

@@ -115,12 +115,18 @@ def test_a_run_dir_that_holds_a_run_is_kept_unless_overwrite(run30, tmp_path, ti
     proc = pretrain(again, "--train.steps", 3, env=subprocess_env, dataset=tiny_dataset)
     assert proc.returncode == 2 and "holds a run already" in proc.stderr and "--overwrite" in proc.stderr
     assert (again / "checkpoint.pt").read_bytes() == before
+    # --overwrite clears the old run only once the new one's inputs have loaded.
+    proc = pretrain(again, "--train.steps", 3, "--overwrite", env=subprocess_env, dataset="local/walker2d/missing-v0")
+    assert proc.returncode == 2 and "missing-v0" in proc.stderr
+    assert (again / "checkpoint.pt").read_bytes() == before
     # --init inside the run dir that --overwrite would clear is refused before anything goes.
     proc = pretrain(again, "--train.steps", 3, "--overwrite", "--init", again, env=subprocess_env, dataset=tiny_dataset)
     assert proc.returncode == 2 and "which --overwrite would clear" in proc.stderr
+    (again / "viz").mkdir()
     ok(pretrain(again, "--train.steps", 3, "--overwrite", env=subprocess_env, dataset=tiny_dataset))
     assert load_checkpoint(again / "checkpoint.pt")["step"] == 3
     assert len(list(again.glob("events.out.tfevents.*"))) == 1, "the old run's curves are gone"
+    assert (again / "viz").is_dir(), "what the run did not write stays"
 
 
 @pytest.mark.parametrize("args,expected", [

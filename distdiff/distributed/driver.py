@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from distdiff.cli import deferred_interrupt, write_json
+from distdiff.cli import clear_run, deferred_interrupt, write_json
 from distdiff.config import Config
 from distdiff.data.minari_io import normalized_score, reference_scores
 from distdiff.distributed import actors
@@ -610,14 +610,21 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
 
 
 def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None, resume: bool = False,
-          log: Callable[[str], None] = print, progress: bool = True,
+          overwrite: bool = False, log: Callable[[str], None] = print, progress: bool = True,
           on_evaluation: Optional[Callable[[Dict[str, object]], None]] = None) -> Dict[str, object]:
     """Phase 1 (pretraining, unless ``init``) then phase 2 (online alignment), then a final
-    evaluation; ``resume`` continues the phase the run in ``run_dir`` stopped in. Needs Ray
-    initialized (see :func:`connect`). Returns the final metrics, also written to
-    ``metrics.json``; ``on_evaluation`` is called with each evaluation's metrics (every
-    ``online.eval_every`` updates and at the end), after the checkpoint is written."""
+    evaluation; ``resume`` continues the phase the run in ``run_dir`` stopped in, ``overwrite``
+    clears the run there once the inputs have loaded. Needs Ray initialized (see
+    :func:`connect`). Returns the final metrics, also written to ``metrics.json``;
+    ``on_evaluation`` is called with each evaluation's metrics (every ``online.eval_every``
+    updates and at the end), after the checkpoint is written."""
     run_dir = Path(run_dir)
+    if cfg.online.replay_capacity < cfg.env.max_episode_steps:
+        # Here, not in the config's checks: a checkpoint saved before this check must still
+        # evaluate. The replay keeps its newest episode whatever its length.
+        raise config_lib.ConfigError(
+            f"online.replay_capacity ({cfg.online.replay_capacity}) must hold a whole episode "
+            f"(env.max_episode_steps={cfg.env.max_episode_steps}): pass --online.replay_capacity")
     replay_state = data = None
     if init is None and (not resume or resume_checkpoint(run_dir) != run_dir / CHECKPOINT):
         # A cluster too small for the actors fails now, not after pretraining.
@@ -625,6 +632,8 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         # A resume of a run stopped in phase 1 continues pretraining from its own checkpoint.
         log(f"{'resuming ' if resume else ''}phase 1: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps)")
         data = load_data(cfg)
+        if overwrite:
+            clear_run(run_dir)
         state = load_checkpoint(pretrain(cfg, run_dir / PRETRAIN, resume=resume, quiet=not progress, data=data))
         counters = Counters()
     elif resume:
@@ -648,7 +657,10 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     check_value_target(state, cfg)
     if data is None:
         data = load_data(cfg)
-    # Only now: a start that fails (no dataset, a checkpoint that does not fit) leaves no run dir.
+    # Only now: a start that fails (no dataset, a checkpoint that does not fit) leaves no run dir,
+    # or the run it was to overwrite.
+    if overwrite and init is not None:
+        clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, run_dir / "config.yaml")
     log(f"phase 2: online alignment with {_count(cfg.online.num_actors, 'actor')} -> {run_dir} (tensorboard --logdir {run_dir})")
