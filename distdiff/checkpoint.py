@@ -5,11 +5,13 @@ a distdiff checkpoint, or is truncated, is a :class:`CheckpointError` with the p
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Dict
 
 import torch
+
+from distdiff.cli import replacing
+from distdiff.rundir import checkpoint_file
 
 FORMAT = "distdiff.checkpoint"
 VERSION = 1
@@ -22,17 +24,13 @@ class CheckpointError(RuntimeError):
 def save_checkpoint(path: str | Path, payload: Dict[str, Any]) -> Path:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save({**payload, "format": FORMAT, "format_version": VERSION}, tmp)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        torch.save({**payload, "format": FORMAT, "format_version": VERSION}, tmp)
     return path
 
 
 def load_checkpoint(path: str | Path, map_location="cpu") -> Dict[str, Any]:
-    path = Path(path)
-    if path.is_dir():
-        path = path / "checkpoint.pt"
+    path = checkpoint_file(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:

@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+from distdiff.rundir import holds_run
+
 
 def limit_threads() -> None:
     """One BLAS/OpenMP thread per process unless the user says otherwise: on small machines a
@@ -48,19 +50,10 @@ def positive_int(text: str) -> int:
     return value
 
 
-# What a run writes in its run dir (train.py: phase 1 in pretrain/; evaluate.py: eval.json):
-# --overwrite removes these and nothing else.
-RUN_FILES = ("checkpoint.pt", "replay.pt", "best.pt", "best.json", "metrics.json", "eval.json", "config.yaml")
-
-
-def holds_run(run_dir: Path) -> bool:
-    return (run_dir / "checkpoint.pt").is_file() or (run_dir / "pretrain" / "checkpoint.pt").is_file()
-
-
 def check_run_dir(run_dir: Path, *, overwrite: bool, keep: Optional[Path] = None) -> None:
     """Refuse a --run-dir that is a file, or that holds a run unless ``overwrite``: a new run
     there would silently replace its checkpoints and mix its TensorBoard curves with the new ones.
-    With ``overwrite`` the run clears the old files itself (:func:`clear_run`) once its own inputs
+    With ``overwrite`` the run clears the old files itself (:func:`distdiff.rundir.clear_run`) once its own inputs
     have loaded, so a start that fails keeps the old run; never ``keep`` (the --init checkpoint)."""
     check_output(run_dir, "--run-dir", directory=True)
     if not holds_run(run_dir):
@@ -70,18 +63,6 @@ def check_run_dir(run_dir: Path, *, overwrite: bool, keep: Optional[Path] = None
              f"or pass --overwrite to replace it")
     if keep is not None and run_dir.resolve() in (keep.resolve(), *keep.resolve().parents):
         fail(f"--init {keep} is inside {run_dir}, which --overwrite would clear; start the new run elsewhere")
-
-
-def clear_run(run_dir: Path) -> None:
-    """Remove what a run wrote in ``run_dir`` and in its phase 1's pretrain/, and nothing else
-    (diagnostics such as viz/ stay)."""
-    for d in (run_dir, run_dir / "pretrain"):
-        for name in RUN_FILES:
-            (d / name).unlink(missing_ok=True)
-        for events in d.glob("events.out.tfevents.*"):
-            events.unlink()
-    with contextlib.suppress(OSError):
-        (run_dir / "pretrain").rmdir()  # only once nothing else is left in it
 
 
 def check_output(path: Path, flag: str, *, directory: bool = False) -> None:
@@ -103,12 +84,19 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
-def write_text(path: Path, text: str) -> None:
-    """Write through a temporary file: a crash leaves the old file or the new one, never half."""
+@contextlib.contextmanager
+def replacing(path: Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write, which then replaces it: a crash leaves the old
+    file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    yield tmp
     os.replace(tmp, path)
+
+
+def write_text(path: Path, text: str) -> None:
+    with replacing(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -1,7 +1,6 @@
 """Figures: a plan beside what its actions really did."""
 from __future__ import annotations
 
-import os
 import warnings
 from typing import List, NamedTuple, Sequence
 
@@ -12,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 
+from distdiff.cli import replacing  # noqa: E402
 from distdiff.rollout import PlanCheck  # noqa: E402
 
 
@@ -167,9 +167,8 @@ def save_figure(fig, stem, formats: Sequence[str] = ("png", "svg"), dpi: int = 1
     paths = []
     for fmt in formats:
         p = stem.with_suffix(f".{fmt}")
-        # Through a temporary file: an interrupted rerun leaves the old figure, not half a new one.
-        tmp = p.with_name(p.name + ".tmp")
-        fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
-        os.replace(tmp, p)
+        # An interrupted rerun leaves the old figure, not half a new one.
+        with replacing(p) as tmp:
+            fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
         paths.append(str(p))
     return paths

@@ -11,15 +11,15 @@ from tqdm import tqdm
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint, save_checkpoint
-from distdiff.cli import clear_run, deferred_interrupt
+from distdiff.cli import deferred_interrupt
 from distdiff.config import Config
 from distdiff.data.minari_io import LoadedDataset, load_or_collect
 from distdiff.data.windows import WindowDataset, fit_normalizer
 from distdiff.models import layout_of
 from distdiff.normalizer import Normalizer
+from distdiff.rundir import CHECKPOINT, CONFIG, clear_run
 from distdiff.training import Trainer, resolve_device, seed_everything, value_target_of
 
-CHECKPOINT = "checkpoint.pt"
 
 
 def load_data(cfg: Config) -> LoadedDataset:
@@ -92,7 +92,7 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     if overwrite:
         clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.save(cfg, run_dir / "config.yaml")
+    config_lib.save(cfg, run_dir / CONFIG)
     writer = SummaryWriter(str(run_dir))
     save = lambda: save_checkpoint(ckpt_path, checkpoint_payload(trainer, rng))  # noqa: E731
     bar = tqdm(total=cfg.train.steps, initial=trainer.step, desc="pretrain", disable=quiet, dynamic_ncols=True)

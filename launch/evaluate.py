@@ -24,6 +24,7 @@ from tqdm import tqdm  # noqa: E402
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from distdiff.evaluation import evaluate  # noqa: E402
+from distdiff.rundir import EVAL, checkpoint_file  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
@@ -55,8 +56,7 @@ def main(argv=None) -> int:
     bar.close()
     summary["checkpoint"] = str(args.checkpoint)
     summary["step"] = int(state["step"])
-    ckpt = args.checkpoint if args.checkpoint.is_file() else args.checkpoint / "checkpoint.pt"
-    out = args.out or ckpt.parent / "eval.json"
+    out = args.out or checkpoint_file(args.checkpoint).parent / EVAL
     write_json(out, summary)
     per_item = ("alignment_error_per_step", "episode_returns", "episode_lengths")
     print(json.dumps({k: v for k, v in summary.items() if k not in per_item}))

@@ -16,7 +16,8 @@ limit_threads()
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from distdiff.data.minari_io import DatasetError  # noqa: E402
-from distdiff.pretrain import CHECKPOINT, pretrain  # noqa: E402
+from distdiff.pretrain import pretrain  # noqa: E402
+from distdiff.rundir import CHECKPOINT  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -47,8 +48,6 @@ def main(argv=None) -> int:
             cfg = config_lib.from_args(args, base=base)
             run_dir = args.run_dir
         else:
-            if args.init is not None and not (args.init.is_file() or (args.init / CHECKPOINT).is_file()):
-                fail(f"--init: no checkpoint at {args.init}")
             cfg = config_lib.from_args(args)
             run_dir = args.run_dir or default_run_dir("pretrain")
             check_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)

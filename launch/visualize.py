@@ -24,7 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from distdiff.cli import check_output, fail, limit_threads, write_json, write_text
+from distdiff.cli import check_output, fail, limit_threads, positive_int, write_json, write_text
 
 limit_threads()
 
@@ -42,6 +42,7 @@ from distdiff.data.minari_io import DatasetError  # noqa: E402
 from distdiff.evaluation import evaluate  # noqa: E402
 from distdiff.report import (alignment_starts, figure1_data, in_units, load_dataset, mean_error,  # noqa: E402
                              render_report)
+from distdiff.rundir import checkpoint_file  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
@@ -59,13 +60,6 @@ def _non_negative(text: str) -> int:
     return v
 
 
-def _positive(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v}: must be at least 1")
-    return v
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt (or its run dir).")
@@ -79,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
                    help="Output directory, also the TensorBoard log dir (default: viz/ next to the checkpoint).")
     p.add_argument("--compare", type=Path, default=None, metavar="PATH",
                    help="A second checkpoint (same env) shown beside the first in the alignment figure and report.")
-    p.add_argument("--starts", type=_positive, default=4, metavar="K",
+    p.add_argument("--starts", type=positive_int, default=4, metavar="K",
                    help="Real start states of the alignment figure: env.reset(seed=SEED+i), i < K (default 4).")
     p.add_argument("--seed", type=int, default=None,
                    help="Seed of the start states, the sampler and the evaluation (default: the checkpoint's eval.seed).")
@@ -97,10 +91,6 @@ def parser() -> argparse.ArgumentParser:
                    help="auto (default): MP4 when imageio-ffmpeg is installed, else GIF.")
     p.add_argument("--no-video", action="store_true", help="Skip the rendered video (no OpenGL needed).")
     return p
-
-
-def _ckpt_file(path: Path) -> Path:
-    return path if path.is_file() else path / "checkpoint.pt"
 
 
 def _load(path: Path):
@@ -133,9 +123,9 @@ def main(argv=None) -> int:
         fail(str(e))
     labels = []
     for kind, path, *_ in runs:
-        name = _ckpt_file(path).resolve().parent.name
+        name = checkpoint_file(path).resolve().parent.name
         labels.append(name if name not in labels else f"{name} ({kind})")
-    out = args.out or _ckpt_file(args.checkpoint).parent / "viz"
+    out = args.out or checkpoint_file(args.checkpoint).parent / "viz"
     check_output(out, "--out", directory=True)
     seed = cfg.eval.seed if args.seed is None else args.seed
 

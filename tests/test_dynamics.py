@@ -2,8 +2,6 @@
 planner executes the candidate it ranks best."""
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 import torch

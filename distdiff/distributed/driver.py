@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from distdiff.cli import clear_run, deferred_interrupt, write_json
+from distdiff.cli import deferred_interrupt, replacing, write_json
 from distdiff.config import Config
 from distdiff.data.minari_io import normalized_score, reference_scores
 from distdiff.distributed import actors
@@ -32,25 +32,10 @@ from distdiff.evaluation import evaluate
 from distdiff.models import NETS, layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.pretrain import load_data, pretrain
+from distdiff.rundir import (BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, PRETRAIN, REPLAY, clear_run,
+                             resume_checkpoint)
 from distdiff.training import check_value_target, planner_from_checkpoint
 
-CHECKPOINT, REPLAY = "checkpoint.pt", "replay.pt"
-PRETRAIN = "pretrain"  # phase 1's run dir inside the run's
-
-
-def resume_checkpoint(run_dir: str | Path) -> Path:
-    """The checkpoint ``--resume RUN_DIR`` continues from: phase 2's, or phase 1's when the run
-    stopped before phase 2 began."""
-    run_dir = Path(run_dir)
-    if not (run_dir / CHECKPOINT).is_file() and (run_dir / PRETRAIN / CHECKPOINT).is_file():
-        return run_dir / PRETRAIN / CHECKPOINT
-    return run_dir / CHECKPOINT
-
-
-# The checkpoint of the best evaluation so far and its metrics: phase 2 can lose what it gained
-# (on Walker2d a run whose episodes had reached 64 points fell to 55 within 12k more env steps,
-# bench/README.md, 2026-12-04 later), and the last checkpoint alone would keep only the fall.
-BEST, BEST_METRICS = "best.pt", "best.json"
 # An evaluation's figures that go to TensorBoard (eval/…), metrics.json and best.json alike.
 EVAL_SCALARS = ("return_mean", "normalized_score", "terminations", "alignment_error")
 BEST_KEYS = (*EVAL_SCALARS, "env_steps", "updates", "weights_version")
@@ -265,7 +250,7 @@ class OnlineRun:
             if metrics[key] is not None:
                 self.writer.add_scalar(f"eval/{key}", metrics[key], c.env_steps)
         metrics["best"] = self.keep_if_best(metrics)
-        write_json(self.run_dir / "metrics.json", metrics)
+        write_json(self.run_dir / METRICS, metrics)
         if self.on_evaluation is not None:
             self.on_evaluation(metrics)
         return metrics
@@ -276,9 +261,8 @@ class OnlineRun:
         path = self.run_dir / BEST_METRICS
         best = json.loads(path.read_text()) if path.is_file() else None
         if best is None or metrics["return_mean"] > best["return_mean"]:
-            tmp = self.run_dir / (BEST + ".tmp")
-            shutil.copyfile(self.run_dir / CHECKPOINT, tmp)
-            os.replace(tmp, self.run_dir / BEST)
+            with replacing(self.run_dir / BEST) as tmp:
+                shutil.copyfile(self.run_dir / CHECKPOINT, tmp)
             best = {k: metrics[k] for k in BEST_KEYS}
             write_json(path, best)
             self.log(f"best evaluation so far: return {best['return_mean']:.1f} at env step {best['env_steps']} "
@@ -659,10 +643,10 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         data = load_data(cfg)
     # Only now: a start that fails (no dataset, a checkpoint that does not fit) leaves no run dir,
     # or the run it was to overwrite.
-    if overwrite and init is not None:
+    if overwrite and init is not None:  # (phase 1 cleared it before it began)
         clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.save(cfg, run_dir / "config.yaml")
+    config_lib.save(cfg, run_dir / CONFIG)
     log(f"phase 2: online alignment with {_count(cfg.online.num_actors, 'actor')} -> {run_dir} (tensorboard --logdir {run_dir})")
     run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state, log=log, progress=progress,
                     on_evaluation=on_evaluation)

@@ -24,6 +24,7 @@ from ray.tune.search.sample import Function
 
 from distdiff import config as config_lib
 from distdiff.config import Config, ConfigError
+from distdiff.rundir import CHECKPOINT, REPLAY
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "pbt", "fifo")
@@ -205,7 +206,7 @@ def param_space(spec: SweepSpec) -> Dict[str, Any]:
 
 def make_trainable(spec: SweepSpec):
     """The Tune trainable, sized by a placement group for the trial's driver, learner and actors."""
-    from distdiff.distributed.driver import CHECKPOINT, REPLAY, train
+    from distdiff.distributed.driver import train
 
     def trial(params: Dict[str, Any]) -> None:
         cfg = spec.trial_config(params)

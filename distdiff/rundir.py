@@ -1,0 +1,51 @@
+"""The files of a run dir, named in one place: the code that writes runs and the scripts that
+resume, refuse and clear them all go by these names."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+CHECKPOINT = "checkpoint.pt"
+REPLAY = "replay.pt"
+PRETRAIN = "pretrain"  # train.py's phase 1: a pretraining run dir inside the run's
+CONFIG = "config.yaml"
+METRICS = "metrics.json"
+# The checkpoint of the best evaluation so far and its metrics: phase 2 can lose what it gained
+# (on Walker2d a run whose episodes had reached 64 points fell to 55 within 12k more env steps,
+# bench/README.md, 2026-12-04 later), and the last checkpoint alone would keep only the fall.
+BEST, BEST_METRICS = "best.pt", "best.json"
+EVAL = "eval.json"  # launch/evaluate.py's summary, beside the checkpoint it judged
+# What a run writes, besides its TensorBoard events: --overwrite removes these and nothing else.
+RUN_FILES = (CHECKPOINT, REPLAY, BEST, BEST_METRICS, METRICS, EVAL, CONFIG)
+
+
+def checkpoint_file(path: str | Path) -> Path:
+    """A checkpoint given as itself or as its run dir."""
+    path = Path(path)
+    return path / CHECKPOINT if path.is_dir() else path
+
+
+def resume_checkpoint(run_dir: str | Path) -> Path:
+    """The checkpoint ``--resume RUN_DIR`` continues from: phase 2's, or phase 1's when the run
+    stopped before phase 2 began."""
+    run_dir = Path(run_dir)
+    if not (run_dir / CHECKPOINT).is_file() and (run_dir / PRETRAIN / CHECKPOINT).is_file():
+        return run_dir / PRETRAIN / CHECKPOINT
+    return run_dir / CHECKPOINT
+
+
+def holds_run(run_dir: str | Path) -> bool:
+    return resume_checkpoint(run_dir).is_file()
+
+
+def clear_run(run_dir: str | Path) -> None:
+    """Remove what a run wrote in ``run_dir`` and in its phase 1's dir, and nothing else
+    (diagnostics such as viz/ stay)."""
+    run_dir = Path(run_dir)
+    for d in (run_dir, run_dir / PRETRAIN):
+        for name in RUN_FILES:
+            (d / name).unlink(missing_ok=True)
+        for events in d.glob("events.out.tfevents.*"):
+            events.unlink()
+    with contextlib.suppress(OSError):
+        (run_dir / PRETRAIN).rmdir()  # only once nothing else is left in it
