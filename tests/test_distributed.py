@@ -289,6 +289,24 @@ def test_a_rollout_that_raises_is_retried_counted_and_the_run_goes_on(ray_sessio
     assert any("rollout actor 0 failed a rollout" in m and "injected env failure" in m for m in messages)
 
 
+def test_a_restart_the_driver_did_not_see_is_counted_as_one(ray_session, pretrained, tmp_path):
+    # A worker killed while it had no task running comes back without weights: its next
+    # rollout is the first the driver hears of it.
+    from distdiff.distributed.worker import NoWeights, RolloutWorker
+
+    class RestartedUnseen(RolloutWorker):
+        def rollout(self, task=None, **share):
+            if self.tasks == 0:
+                self.tasks += 1
+                raise NoWeights("rollout before set_weights")
+            return super().rollout(task, **share)
+
+    run, messages = run_with_first_worker(RestartedUnseen, pretrained, tmp_path)
+    assert run.counters.worker_restarts == 1 and run.counters.failed_rollouts == 0
+    assert run.counters.env_steps == pretrained[0].online.env_steps
+    assert any("rollout actor 0 was restarted by Ray" in m for m in messages), messages
+
+
 def test_a_worker_parked_for_budget_takes_over_the_share_of_one_that_keeps_failing(ray_session, pretrained, tmp_path):
     from distdiff.distributed.worker import RolloutWorker
 

@@ -28,6 +28,7 @@ from distdiff.cli import deferred_interrupt, replacing, write_json
 from distdiff.config import Config
 from distdiff.data.minari_io import normalized_score, reference_scores
 from distdiff.distributed import actors
+from distdiff.distributed.worker import NoWeights
 from distdiff.evaluation import evaluate
 from distdiff.models import NETS, layout_of
 from distdiff.normalizer import Normalizer
@@ -510,9 +511,16 @@ class OnlineRun:
                     retry_later(i, may_drop=o.actor_max_restarts >= 0)
                     continue
                 except RayTaskError as e:
-                    # The actor lives but its task raised (its envs failed twice in a row, or
-                    # it restarted unseen while it waited and has no weights yet): hand it the
-                    # weights and retry, as for a dead one, until it keeps failing.
+                    if isinstance(e.cause, NoWeights):
+                        # Ray restarted it while it had no task running (killed while parked,
+                        # or while the broadcast was its only call): a restart all the same.
+                        if failures[i] == 0:
+                            c.worker_restarts += 1
+                            self.log(f"rollout actor {i} was restarted by Ray (restart #{c.worker_restarts})")
+                        retry_later(i, may_drop=o.actor_max_restarts >= 0)
+                        continue
+                    # The actor lives but its task raised (its envs failed twice in a row):
+                    # hand it the weights and retry, as for a dead one, until it keeps failing.
                     c.failed_rollouts += 1
                     if failures[i] == 0:
                         self.log(f"rollout actor {i} failed a rollout; retrying it: {_cause(e)}")

@@ -20,6 +20,12 @@ from distdiff.training import load_weights
 log = logging.getLogger(__name__)
 
 
+class NoWeights(RuntimeError):
+    """A rollout asked of a worker that holds no weights yet. The driver hands every worker
+    weights before its first rollout, so this is a worker whose process Ray restarted while
+    it had no task running: a restart the driver did not see."""
+
+
 class RolloutWorker:
     def __init__(self, *, config: Dict[str, object], normalizer: Dict[str, object], worker_id: int):
         cfg = from_dict(config)
@@ -65,7 +71,7 @@ class RolloutWorker:
         env-step budget: only the first ``n_envs`` envs run, and their episodes end (truncated)
         after ``max_steps`` steps."""
         if self.version < 0:
-            raise RuntimeError("rollout before set_weights: a worker must never plan with random weights")
+            raise NoWeights("rollout before set_weights: a worker must never plan with random weights")
         seed = self._seed(self.tasks if task is None else task)
         self.tasks += 1
         version = self.version
