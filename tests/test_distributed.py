@@ -35,8 +35,6 @@ TAGS = [
 ]
 
 
-
-
 @pytest.fixture(scope="module")
 def pretrained(tiny_dataset, tmp_path_factory):
     cfg = tiny_online_config(tiny_dataset)
@@ -229,48 +227,86 @@ def test_an_actor_that_cannot_be_built_is_dropped_not_retried_forever(ray_sessio
     assert run.counters.worker_restarts == 0
 
 
-def test_killed_worker_is_replaced_and_nothing_delivered_is_lost(ray_session, pretrained, tmp_path):
-    cfg, ckpt = pretrained
-    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": 400})
-    run = start_run(cfg, tmp_path, ckpt)
-    killed = threading.Event()
-
-    def killer():
-        deadline = time.monotonic() + 300
-        while run.counters.env_steps == 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        ray.kill(run.workers[0], no_restart=False)
-        killed.set()
-
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    try:
-        run.run()
-        assert killed.is_set()
-        assert run.counters.worker_restarts >= 1
-        assert run.counters.env_steps >= cfg.online.env_steps
-        added = ray.get(run.replay.state_dict.remote())["added_episodes"]
-        assert added == run.counters.episodes
-        # The restarted worker was handed the newest weights and plans again.
-        assert ray.get(run.workers[0].ping.remote())["version"] == run.counters.version
-    finally:
-        run.close()
-
-
-def run_with_first_worker(worker_class, pretrained, tmp_path):
-    """A run to its budget whose worker 0 is a ``worker_class``; the run and its log."""
+def run_with_worker_class(worker_class, pretrained, tmp_path, worker_ids=(0,), before_run=None):
+    """A run to its budget whose workers ``worker_ids`` are ``worker_class``; the run, its log and
+    the replay's state at the end. ``before_run(run)`` is called once the workers are in place."""
     cfg, ckpt = pretrained
     messages = []
     data, _ = load_windows(cfg, None)
     run = OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(), log=messages.append, progress=False)
-    ray.kill(run.workers[0])
-    run.workers[0] = ray.remote(worker_class).options(num_cpus=0.01).remote(
-        config=cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=0)
     try:
+        for i in worker_ids:
+            ray.kill(run.workers[i])
+            run.workers[i] = ray.remote(worker_class).options(num_cpus=0.01, max_restarts=-1, max_task_retries=0).remote(
+                config=cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=i)
+        if before_run is not None:
+            before_run(run)
         run.run()
+        stored = ray.get(run.replay.state_dict.remote())
     finally:
         run.close()
-    return run, messages
+    return run, messages, stored
+
+
+def test_killed_worker_is_replaced_and_nothing_delivered_is_lost(ray_session, pretrained, tmp_path):
+    # Staged through marker files, so the kill always lands mid-rollout and the restarted
+    # worker always samples again: worker 0 blocks in its second rollout until it is killed,
+    # and worker 1 holds its rollouts from the kill until worker 0 is back.
+    from distdiff.distributed.worker import RolloutWorker
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    def wait_for(path: Path, timeout: float = 120.0) -> None:
+        # Local, so Ray ships it with the actor class (this test module is not importable there).
+        deadline = time.monotonic() + timeout
+        while not path.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{path} never appeared")
+            time.sleep(0.05)
+
+    class Staged(RolloutWorker):
+        def rollout(self, task=None, **share):
+            if self.worker_id == 0 and (marks / "killed").exists():
+                (marks / "back").touch()
+            elif self.worker_id == 0 and self.tasks == 1:
+                (marks / "in_flight").touch()
+                time.sleep(300)
+            elif self.worker_id == 1 and (marks / "killed").exists():
+                wait_for(marks / "back")
+            return super().rollout(task, **share)
+
+    results, at_kill = [], {}
+
+    def before_run(run):
+        log_rollout = run.log_rollout
+
+        def record(result, *args):
+            results.append((result["worker_id"], result["version"], (marks / "killed").exists()))
+            log_rollout(result, *args)
+
+        run.log_rollout = record
+
+        def killer():
+            wait_for(marks / "in_flight")
+            at_kill["version"] = run.counters.version
+            (marks / "killed").touch()
+            ray.kill(run.workers[0], no_restart=False)
+
+        threading.Thread(target=killer, daemon=True).start()
+
+    cfg = tiny_online_config(pretrained[0].data.dataset_id, **{"online.env_steps": 600})
+    run, messages, stored = run_with_worker_class(Staged, (cfg, pretrained[1]), tmp_path, worker_ids=(0, 1),
+                                          before_run=before_run)
+    assert run.counters.worker_restarts == 1 and run.counters.failed_rollouts == 0, messages
+    assert any("rollout actor 0 died" in m for m in messages), messages
+    # Every delivered step is in the replay, and the budget was collected exactly.
+    assert int(stored["lengths"].sum()) == run.counters.env_steps == cfg.online.env_steps
+    assert stored["added_episodes"] == run.counters.episodes
+    after = [version for worker, version, killed in results if worker == 0 and killed]
+    assert after, "the restarted worker never delivered a rollout"
+    # It was handed the weights published at the kill or later before it sampled.
+    assert min(after) >= at_kill["version"]
 
 
 def test_a_rollout_that_raises_is_retried_counted_and_the_run_goes_on(ray_session, pretrained, tmp_path):
@@ -283,7 +319,7 @@ def test_a_rollout_that_raises_is_retried_counted_and_the_run_goes_on(ray_sessio
                 raise RuntimeError("injected env failure")
             return super().rollout(task, **share)
 
-    run, messages = run_with_first_worker(FailsOnce, pretrained, tmp_path)
+    run, messages, _ = run_with_worker_class(FailsOnce, pretrained, tmp_path)
     assert run.counters.failed_rollouts == 1 and run.counters.worker_restarts == 0
     assert run.counters.env_steps == pretrained[0].online.env_steps
     assert any("rollout actor 0 failed a rollout" in m and "injected env failure" in m for m in messages)
@@ -301,7 +337,7 @@ def test_a_restart_the_driver_did_not_see_is_counted_as_one(ray_session, pretrai
                 raise NoWeights("rollout before set_weights")
             return super().rollout(task, **share)
 
-    run, messages = run_with_first_worker(RestartedUnseen, pretrained, tmp_path)
+    run, messages, _ = run_with_worker_class(RestartedUnseen, pretrained, tmp_path)
     assert run.counters.worker_restarts == 1 and run.counters.failed_rollouts == 0
     assert run.counters.env_steps == pretrained[0].online.env_steps
     assert any("rollout actor 0 was restarted by Ray" in m for m in messages), messages
@@ -315,7 +351,7 @@ def test_a_worker_parked_for_budget_takes_over_the_share_of_one_that_keeps_faili
             time.sleep(1.0)  # holds its share of the budget meanwhile
             raise RuntimeError("injected env failure")
 
-    run, _ = run_with_first_worker(AlwaysFails, pretrained, tmp_path)
+    run, _, _ = run_with_worker_class(AlwaysFails, pretrained, tmp_path)
     # Worker 1 runs out of unpromised budget while worker 0's doomed rollout holds its share;
     # each failure frees that share for it, so the run reaches its budget instead of stopping
     # short once worker 0 is dropped (179 of 200 steps before, when the learner had caught up).
