@@ -85,6 +85,42 @@ def test_every_worker_plans_with_the_newest_weights(ray_session, pretrained, tmp
         run.close()
 
 
+def test_a_busy_worker_gets_only_the_newest_version_with_its_next_rollout(ray_session, pretrained, tmp_path):
+    # Versions published during a rollout are not queued behind it: each would stay alive in
+    # the object store and be loaded in turn, to be replaced at once by the next.
+    from distdiff.distributed.worker import RolloutWorker
+
+    class Recording(RolloutWorker):
+        def set_weights(self, payload):
+            self.loaded = getattr(self, "loaded", []) + [payload["version"]]
+            return super().set_weights(payload)
+
+        def rollout(self, task=None, **kwargs):
+            time.sleep(2.0)  # long enough for the broadcasts below to come while it runs
+            return super().rollout(task, **kwargs)
+
+        def loaded_versions(self):
+            return self.loaded
+
+    cfg, ckpt = pretrained
+    run = start_run(cfg, tmp_path, ckpt)
+    try:
+        ray.kill(run.workers[0])
+        run.workers[0] = ray.remote(Recording).options(num_cpus=0.01).remote(
+            config=cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=0)
+        run.broadcast()
+        busy = run.start_rollout(0)
+        for _ in range(5):
+            run.broadcast()
+        assert ray.get(run.workers[1].ping.remote())["version"] == 6, "an idle worker gets each version at once"
+        assert ray.get(busy)["version"] == 1
+        run.rollouts.pop(busy)
+        assert ray.get(run.start_rollout(0))["version"] == 6
+        assert ray.get(run.workers[0].loaded_versions.remote()) == [1, 6]
+    finally:
+        run.close()
+
+
 def plasma_usage():
     from ray._private.internal_api import memory_summary
 

@@ -199,6 +199,8 @@ class OnlineRun:
         self.writer = SummaryWriter(str(run_dir))
         self.weights_ref = None
         self.published_at = -1  # counters.updates when weights_ref was published
+        self.rollouts: Dict[ray.ObjectRef, int] = {}  # running rollouts, by the worker running each
+        self.handed = [-1] * len(self.workers)  # the newest version handed to each worker
         self.ref_min, self.ref_max = reference_scores(cfg.env.id)
         self.last_example = None
         self.train_ref = None  # the learner's call in flight
@@ -206,12 +208,29 @@ class OnlineRun:
 
     # ----- weights ---------------------------------------------------------------------------
     def broadcast(self) -> None:
-        """Publish a new version and hand the one object to every actor, without waiting."""
+        """Publish a new version and hand the one object, without waiting, to every worker with
+        no rollout running. A busy worker gets it with its next rollout instead: a set_weights
+        queued behind a long rollout would keep its version alive in the object store, and have
+        the worker fetch and load every version published meanwhile, to use only the last."""
         self.weights_ref = self.learner.publish.remote()
         self.published_at = self.counters.updates
         self.counters.version += 1
-        for w in self.workers:
-            w.set_weights.remote(self.weights_ref)
+        busy = set(self.rollouts.values())
+        for i, w in enumerate(self.workers):
+            if i not in busy:
+                w.set_weights.remote(self.weights_ref)
+                self.handed[i] = self.counters.version
+
+    def start_rollout(self, i: int, **share) -> ray.ObjectRef:
+        """Worker ``i``'s next rollout, numbered within the run (a restarted actor or a resumed
+        run never repeats the seeds of rollouts already delivered), with the newest weights
+        when the worker has not been handed them."""
+        weights = self.weights_ref if self.handed[i] != self.counters.version else None
+        ref = self.workers[i].rollout.remote(self.counters.rollouts, weights=weights, **share)
+        self.handed[i] = self.counters.version
+        self.counters.rollouts += 1
+        self.rollouts[ref] = i
+        return ref
 
     # ----- checkpoints -----------------------------------------------------------------------
     def checkpoint(self) -> Dict[str, object]:
@@ -385,7 +404,7 @@ class OnlineRun:
         collecting = self.budget_left(time.perf_counter())
         if collecting:
             self.log_budget_share()
-        rollouts: Dict[ray.ObjectRef, int] = {}
+        rollouts = self.rollouts
         promised: Dict[ray.ObjectRef, int] = {}  # env steps of the budget each running rollout may take
         parked: List[int] = []  # workers waiting for the learner to catch up, or for budget
         failures = [0] * len(self.workers)
@@ -410,12 +429,8 @@ class OnlineRun:
                 if share.envs == 0:
                     parked.append(i)
                     return
-            # The run numbers its rollouts, so a restarted actor or a resumed run never
-            # repeats the seeds of rollouts already delivered.
             cut = {} if share is None else {"max_steps": share.max_steps, "n_envs": share.envs}
-            ref = self.workers[i].rollout.remote(c.rollouts, **cut)
-            c.rollouts += 1
-            rollouts[ref] = i
+            ref = self.start_rollout(i, **cut)
             if share is not None:
                 promised[ref] = share.envs * share.max_steps
 
@@ -463,8 +478,6 @@ class OnlineRun:
             for i in [i for i, t in retry_at.items() if t <= now]:
                 del retry_at[i]
                 if collecting:
-                    # Per-caller task order: the restarted worker loads the newest weights first.
-                    self.workers[i].set_weights.remote(self.weights_ref)
                     submit(i)
             if not ready:
                 if not waiting and retry_at:
@@ -495,6 +508,7 @@ class OnlineRun:
                 try:
                     result = ray.get(ref)
                 except RayActorError as e:
+                    self.handed[i] = -1  # whatever it holds now, its next rollout brings the newest weights
                     if e.actor_init_failed:
                         # Its constructor raised: Ray never restarts such an actor.
                         self.log(f"rollout actor {i} cannot be restarted: {_cause(e)}; dropping it")
@@ -511,6 +525,7 @@ class OnlineRun:
                     retry_later(i, may_drop=o.actor_max_restarts >= 0)
                     continue
                 except RayTaskError as e:
+                    self.handed[i] = -1
                     if isinstance(e.cause, NoWeights):
                         # Ray restarted it while it had no task running (killed while parked,
                         # or while the broadcast was its only call): a restart all the same.
@@ -520,7 +535,7 @@ class OnlineRun:
                         retry_later(i, may_drop=o.actor_max_restarts >= 0)
                         continue
                     # The actor lives but its task raised (its envs failed twice in a row):
-                    # hand it the weights and retry, as for a dead one, until it keeps failing.
+                    # retry with the newest weights, as for a dead one, until it keeps failing.
                     c.failed_rollouts += 1
                     if failures[i] == 0:
                         self.log(f"rollout actor {i} failed a rollout; retrying it: {_cause(e)}")
