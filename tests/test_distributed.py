@@ -379,6 +379,42 @@ def test_a_restart_the_driver_did_not_see_is_counted_as_one(ray_session, pretrai
     assert any("rollout actor 0 was restarted by Ray" in m for m in messages), messages
 
 
+def test_a_rollout_that_ray_itself_loses_is_retried_and_the_run_goes_on(ray_session, pretrained, tmp_path):
+    # Ray's memory monitor kills a worker with OutOfMemoryError, which is no RayActorError.
+    from ray.exceptions import OutOfMemoryError
+
+    cfg, ckpt = pretrained
+    messages = []
+    data, _ = load_windows(cfg, None)
+    run = OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(), log=messages.append, progress=False)
+    first, real_get = [], ray.get
+    start_rollout = run.start_rollout
+
+    def start_recording(i, **share):
+        ref = start_rollout(i, **share)
+        if not first:
+            first.append(ref)
+        return ref
+
+    def get(refs, *args, **kwargs):
+        value = real_get(refs, *args, **kwargs)
+        if len(first) == 1 and refs is first[0]:
+            first.append("lost")
+            raise OutOfMemoryError("Task was killed due to the node running low on memory.")
+        return value
+
+    run.start_rollout = start_recording
+    try:
+        with mock.patch.object(ray, "get", get):
+            run.run()
+    finally:
+        run.close()
+    assert first[1:] == ["lost"]
+    assert run.counters.failed_rollouts == 1 and run.counters.worker_restarts == 0
+    assert run.counters.env_steps == cfg.online.env_steps
+    assert any("lost a rollout (OutOfMemoryError)" in m for m in messages), messages
+
+
 def test_a_worker_parked_for_budget_takes_over_the_share_of_one_that_keeps_failing(ray_session, pretrained, tmp_path):
     from distdiff.distributed.worker import RolloutWorker
 

@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 from tqdm import tqdm
 
 from distdiff import config as config_lib
@@ -407,7 +407,8 @@ class OnlineRun:
         rollouts = self.rollouts
         promised: Dict[ray.ObjectRef, int] = {}  # env steps of the budget each running rollout may take
         parked: List[int] = []  # workers waiting for the learner to catch up, or for budget
-        failures = [0] * len(self.workers)
+        failures = [0] * len(self.workers)  # in a row, for the pause before a retry
+        strikes = [0] * len(self.workers)  # in a row, of those that may drop the worker
         retry_at: Dict[int, float] = {}  # dead workers, resubmitted after a back-off while Ray restarts them
         dropped: set = set()  # workers that kept failing: they take no share of the budget
         size_ref = None
@@ -449,7 +450,10 @@ class OnlineRun:
 
         def retry_later(i: int, may_drop: bool) -> None:
             failures[i] += 1
-            if failures[i] >= 10 and may_drop:
+            # Only failures that may drop count towards it: the calls that fail while Ray
+            # restarts a worker are no sign that it keeps failing.
+            strikes[i] += may_drop
+            if strikes[i] >= 10:
                 self.log(f"rollout actor {i} keeps failing; dropping it")
                 dropped.add(i)
             else:
@@ -541,7 +545,16 @@ class OnlineRun:
                         self.log(f"rollout actor {i} failed a rollout; retrying it: {_cause(e)}")
                     retry_later(i, may_drop=True)
                     continue
-                failures[i] = 0
+                except RayError as e:
+                    # Ray itself lost the rollout: its memory monitor killed the worker
+                    # (OutOfMemoryError), or the result went with its node. Retried the same way.
+                    self.handed[i] = -1
+                    c.failed_rollouts += 1
+                    if failures[i] == 0:
+                        self.log(f"rollout actor {i} lost a rollout ({type(e).__name__}); retrying it: {_cause(e)}")
+                    retry_later(i, may_drop=True)
+                    continue
+                failures[i] = strikes[i] = 0
                 c.env_rebuilds += result["env_rebuilds"]
                 self.replay.add.remote(result["episodes"])
                 c.env_steps += result["env_steps"]
