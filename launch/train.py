@@ -26,6 +26,7 @@ default_ray_auth()
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from distdiff.data.minari_io import DatasetError  # noqa: E402
+from distdiff.rundir import holds_run  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,7 +77,9 @@ def main(argv=None) -> int:
     except (config_lib.ConfigError, DatasetError, CheckpointError) as e:
         fail(str(e))
     except RunFailed as e:
-        fail(f"{e}\nthe last checkpoint in {run_dir} is intact: python launch/train.py --resume {run_dir}", code=1)
+        if holds_run(run_dir):
+            fail(f"{e}\nthe last checkpoint in {run_dir} is intact: python launch/train.py --resume {run_dir}", code=1)
+        fail(f"{e}\n{run_dir} holds no checkpoint yet: the run must start again", code=1)
     except KeyboardInterrupt:
         print(f"interrupted; resume with: python launch/train.py --resume {run_dir}", file=sys.stderr)
         return 130

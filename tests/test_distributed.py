@@ -261,6 +261,9 @@ def test_an_actor_that_cannot_be_built_is_dropped_not_retried_forever(ray_sessio
         run.close()
     assert any("rollout actor 0 cannot be restarted" in m and "no env here" in m for m in messages), messages
     assert run.counters.worker_restarts == 0
+    # The learner and the replay were sound: what they held is kept for a resume.
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["run"] == run.counters.to_dict()
+    assert (tmp_path / "replay.pt").is_file()
 
 
 def run_with_worker_class(worker_class, pretrained, tmp_path, worker_ids=(0,), before_run=None):

@@ -387,7 +387,7 @@ class OnlineRun:
         try:
             # Kept until it returns: a Ctrl-C during the wait leaves it for the checkpoint to settle.
             stats = ray.get(self.train_ref)
-        except (RayTaskError, RayActorError) as e:
+        except RayError as e:  # its own error, its death, or Ray's memory monitor killing it
             self.train_ref = None
             raise RunFailed(f"the learner failed: {_cause(e)}") from e
         self.train_ref = None
@@ -569,7 +569,9 @@ class OnlineRun:
             train_more()
         bar.close()
         if collecting:
-            # Nothing runs any more, and the budget is not spent.
+            # Nothing runs any more, and the budget is not spent. The learner and the replay
+            # are sound: a resume (with working rollout actors) goes on from what they hold.
+            self.checkpoint()
             if parked:
                 raise RunFailed("rollouts are parked but neither the learner nor any rollout is running")
             raise RunFailed("no rollout actor is left alive")
@@ -693,8 +695,9 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
             run.run(interrupted)
         log("final evaluation")
         metrics = run.evaluate()
-    except RayActorError as e:
-        # The learner or the replay died (a rollout actor's death is handled in the loop).
+    except RayError as e:
+        # The learner or the replay died or was killed (a rollout actor's death is handled in
+        # the loop).
         raise RunFailed(f"an actor of the run died: {_cause(e)}") from e
     except KeyboardInterrupt:
         log(f"interrupted: saving a checkpoint; resume with --resume {run_dir}")
