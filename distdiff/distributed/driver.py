@@ -497,10 +497,12 @@ class OnlineRun:
                 if c.updates >= next_fig:
                     self.log_figure()
                     next_fig += o.figure_every
+                eval_due = next_eval is not None and c.updates >= next_eval
                 if c.updates >= next_ckpt:
-                    self.checkpoint()
+                    if not eval_due:  # an evaluation writes its own checkpoint first
+                        self.checkpoint()
                     next_ckpt += o.checkpoint_every
-                if next_eval is not None and c.updates >= next_eval:
+                if eval_due:
                     self.evaluate()
                     next_eval += o.eval_every
                 collecting = collecting and self.budget_left(t0)
