@@ -14,15 +14,23 @@ METRICS = "metrics.json"
 # (on Walker2d a run whose episodes had reached 64 points fell to 55 within 12k more env steps,
 # bench/README.md, 2026-12-04 later), and the last checkpoint alone would keep only the fall.
 BEST, BEST_METRICS = "best.pt", "best.json"
-EVAL = "eval.json"  # launch/evaluate.py's summary, beside the checkpoint it judged
+EVAL = "eval.json"  # launch/evaluate.py's summary of checkpoint.pt, beside it
+BEST_EVAL = "best.eval.json"  # and of best.pt
 # What a run writes, besides its TensorBoard events: --overwrite removes these and nothing else.
-RUN_FILES = (CHECKPOINT, REPLAY, BEST, BEST_METRICS, METRICS, EVAL, CONFIG)
+RUN_FILES = (CHECKPOINT, REPLAY, BEST, BEST_METRICS, METRICS, EVAL, BEST_EVAL, CONFIG)
 
 
 def checkpoint_file(path: str | Path) -> Path:
     """A checkpoint given as itself or as its run dir."""
     path = Path(path)
     return path / CHECKPOINT if path.is_dir() else path
+
+
+def eval_file(checkpoint: Path) -> Path:
+    """Where launch/evaluate.py writes its summary of ``checkpoint``: beside it, one per checkpoint
+    (``eval.json`` for ``checkpoint.pt``, ``NAME.eval.json`` for ``NAME.pt``)."""
+    name = EVAL if checkpoint.name == CHECKPOINT else f"{checkpoint.stem}.{EVAL}"
+    return checkpoint.parent / name
 
 
 def resume_checkpoint(run_dir: str | Path) -> Path:

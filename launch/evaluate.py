@@ -24,7 +24,7 @@ from tqdm import tqdm  # noqa: E402
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from distdiff.evaluation import evaluate  # noqa: E402
-from distdiff.rundir import EVAL, checkpoint_file  # noqa: E402
+from distdiff.rundir import BEST, checkpoint_file, eval_file  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt (or its run dir).")
     p.add_argument("--episodes", type=int, default=None, help="Episodes to run (default eval.episodes).")
     p.add_argument("--guidance", type=float, default=None, help="Guidance scale k (same as --guidance.scale).")
-    p.add_argument("--out", type=Path, default=None, help="Summary JSON (default eval.json next to the checkpoint).")
+    p.add_argument("--out", type=Path, default=None,
+                   help="Summary JSON (default beside the checkpoint: eval.json, or NAME.eval.json for NAME.pt).")
     config_lib.add_arguments(p)
     args = p.parse_args(argv)
     if args.config is not None:
@@ -51,12 +52,15 @@ def main(argv=None) -> int:
         planner = planner_from_checkpoint(state, cfg)
     except (config_lib.ConfigError, CheckpointError, ValueError) as e:
         fail(str(e))
+    if checkpoint_file(args.checkpoint).name == BEST and args.cfg__eval__seed is None:
+        print(f"note: {BEST} was chosen by the run's evaluations on eval.seed={cfg.eval.seed}; judged on the same "
+              "episodes it looks better than it is: pass --eval.seed for other ones", file=sys.stderr)
     bar = tqdm(total=cfg.eval.episodes, desc="evaluate", dynamic_ncols=True)
     summary = evaluate(planner, cfg, progress=lambda r: bar.update(1))
     bar.close()
     summary["checkpoint"] = str(args.checkpoint)
     summary["step"] = int(state["step"])
-    out = args.out or checkpoint_file(args.checkpoint).parent / EVAL
+    out = args.out or eval_file(checkpoint_file(args.checkpoint))
     write_json(out, summary)
     per_item = ("alignment_error_per_step", "episode_returns", "episode_lengths")
     print(json.dumps({k: v for k, v in summary.items() if k not in per_item}))

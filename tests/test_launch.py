@@ -225,6 +225,20 @@ def test_evaluate(run30, subprocess_env):
     assert "summary:" in proc.stdout
 
 
+def test_evaluating_best_pt_keeps_its_own_summary_and_warns_of_its_selection(run30, tmp_path, subprocess_env):
+    shutil.copyfile(run30 / "checkpoint.pt", tmp_path / "checkpoint.pt")
+    shutil.copyfile(run30 / "checkpoint.pt", tmp_path / "best.pt")
+    common = ("--episodes", 1, "--env.max_episode_steps", 20)
+    ok(run("evaluate.py", "--checkpoint", tmp_path, *common, env=subprocess_env))
+    proc = ok(run("evaluate.py", "--checkpoint", tmp_path / "best.pt", *common, env=subprocess_env))
+    assert "--eval.seed" in proc.stderr
+    # Neither summary overwrites the other.
+    assert json.loads((tmp_path / "eval.json").read_text())["checkpoint"] == str(tmp_path)
+    assert json.loads((tmp_path / "best.eval.json").read_text())["checkpoint"] == str(tmp_path / "best.pt")
+    proc = ok(run("evaluate.py", "--checkpoint", tmp_path / "best.pt", "--eval.seed", 1, *common, env=subprocess_env))
+    assert "--eval.seed" not in proc.stderr
+
+
 def test_evaluate_refuses_a_corrupt_checkpoint(tmp_path, subprocess_env):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"\x00garbage" * 100)
