@@ -15,13 +15,19 @@ from distdiff.rollout import EpisodeResult, alignment_on_states, make_env, run_e
 
 def evaluate(planner: Planner, cfg: Config, *, episodes: Optional[int] = None, seed: Optional[int] = None,
              progress: Optional[Callable[[EpisodeResult], None]] = None) -> dict:
-    episodes = episodes or cfg.eval.episodes
+    episodes = cfg.eval.episodes if episodes is None else episodes
+    if episodes < 1:
+        raise ValueError(f"an evaluation needs at least one episode, not {episodes}")
     seed = cfg.eval.seed if seed is None else seed
     n_envs = min(cfg.eval.num_envs, episodes)
-    envs = [make_env(cfg.env.id, cfg.env.max_episode_steps) for _ in range(n_envs)]
-    shadows = [make_env(cfg.env.id) for _ in range(n_envs)] if cfg.eval.measure_alignment else None
     generator = torch.Generator(device=planner.device).manual_seed(seed)
+    envs, shadows = [], [] if cfg.eval.measure_alignment else None
     try:
+        # In the try: an env that fails to build must not leave the ones before it open.
+        for _ in range(n_envs):
+            envs.append(make_env(cfg.env.id, cfg.env.max_episode_steps))
+            if shadows is not None:
+                shadows.append(make_env(cfg.env.id))
         results = run_episodes(
             lambda obs: planner.plan(obs, generator=generator),
             envs,

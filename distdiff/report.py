@@ -3,6 +3,7 @@ plan-vs-reality alignment from shared start states, and the Markdown report."""
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
@@ -113,9 +114,16 @@ def alignment_starts(planner: Planner, env_id: str, seeds: Sequence[int],
 
 
 def mean_error(errors: np.ndarray) -> Optional[float]:
-    e = np.asarray(errors, dtype=np.float64)
-    e = e[np.isfinite(e)]
-    return float(e.mean()) if e.size else None
+    """The mean over horizon steps of each step's mean over the starts, as the figures' legends
+    and the evaluation summaries average: steps after a start fell (NaN) leave its earlier,
+    smaller errors no extra weight."""
+    e = np.asarray(errors, dtype=np.float64).reshape(-1, np.shape(errors)[-1])
+    e = np.where(np.isfinite(e), e, np.nan)
+    with warnings.catch_warnings():  # all-NaN steps (every start fell) stay NaN
+        warnings.simplefilter("ignore", RuntimeWarning)
+        per_step = np.nanmean(e, axis=0)
+    per_step = per_step[np.isfinite(per_step)]
+    return float(per_step.mean()) if per_step.size else None
 
 
 def _fmt(v, spec=".3f") -> str:

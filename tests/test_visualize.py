@@ -13,7 +13,7 @@ import pytest
 from _helpers import ROOT, SMOKE_CONFIG
 from distdiff import config, plots, render
 from distdiff.checkpoint import load_checkpoint
-from distdiff.report import alignment_starts, figure1_data, load_dataset
+from distdiff.report import alignment_starts, figure1_data, load_dataset, mean_error
 from distdiff.rollout import make_env
 from distdiff.training import planner_from_checkpoint
 
@@ -167,3 +167,10 @@ def test_help_and_bad_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         script.main(["--checkpoint", str(tmp_path / "missing")])
     assert e.value.code == 2
+
+
+def test_the_reports_mean_error_averages_per_step_means_like_the_figures():
+    # A start that fell after one step: per-step means 0, 1, 2 average to 1, where pooling
+    # every finite entry (0, 1, 2, 0) would give 0.75.
+    assert mean_error(np.array([[0.0, 1.0, 2.0], [0.0, np.nan, np.nan]])) == pytest.approx(1.0)
+    assert mean_error(np.full((2, 3), np.nan)) is None
