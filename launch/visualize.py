@@ -99,6 +99,10 @@ def _load(path: Path):
     return state, cfg, planner_from_checkpoint(state, cfg)
 
 
+def _same_normalizer(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(a[k] == b[k] if isinstance(a[k], str) else torch.equal(a[k], b[k]) for k in a)
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.fps <= 0:
@@ -115,6 +119,9 @@ def main(argv=None) -> int:
             if mine != theirs:
                 raise ValueError(f"--compare {args.compare} is for env {theirs}, --checkpoint is for {mine}")
             runs.append(("compare", args.compare, state2, cfg2, planner2))
+            if not _same_normalizer(state["normalizer"], state2["normalizer"]):
+                print(f"warning: --compare {args.compare} normalizes states differently (another dataset?): each "
+                      "checkpoint's alignment errors are in its own normalized units, not comparable", file=sys.stderr)
         torch.set_num_threads(cfg.train.num_threads)
         data = load_dataset(cfg, args.dataset)
     except DatasetError as e:

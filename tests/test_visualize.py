@@ -130,6 +130,7 @@ def test_script_smoke(viz_run):
     for name in ("figure1.png", "figure1.svg", "alignment.png", "alignment.svg", "report.md", "summary.json"):
         assert (out / name).is_file(), name
     assert list(out.glob("events.out.tfevents.*"))
+    assert "normalizes states differently" not in proc.stderr  # the same checkpoint twice
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(out), size_guidance={"images": 0, "tensors": 0}).Reload()
@@ -174,3 +175,11 @@ def test_the_reports_mean_error_averages_per_step_means_like_the_figures():
     # every finite entry (0, 1, 2, 0) would give 0.75.
     assert mean_error(np.array([[0.0, 1.0, 2.0], [0.0, np.nan, np.nan]])) == pytest.approx(1.0)
     assert mean_error(np.full((2, 3), np.nan)) is None
+
+
+def test_compare_notices_checkpoints_that_normalize_states_differently(tiny_ckpt):
+    # Alignment errors are in each checkpoint's own normalized units.
+    script = load_script()
+    mine = load_checkpoint(tiny_ckpt)["normalizer"]
+    assert script._same_normalizer(mine, {k: v.clone() if hasattr(v, "clone") else v for k, v in mine.items()})
+    assert not script._same_normalizer(mine, {**mine, "scale": mine["scale"] * 2})
