@@ -1,6 +1,7 @@
 """The distributed actor-learner on a real local Ray (2 CPUs, no dashboard)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -11,6 +12,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import List
 from unittest import mock
 
 import numpy as np
@@ -625,42 +627,61 @@ def test_a_rollout_is_seeded_by_its_number_in_the_run_not_by_the_worker_process(
             w._close_envs()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> List[int]:
+    """``n`` distinct ports free now; held together while chosen, so no two are the same."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def test_train_script_connects_to_a_ray_start_cluster(pretrained, tmp_path, subprocess_env):
     cfg, ckpt = pretrained
     config_lib.save(cfg, tmp_path / "tiny.yaml")
-    gcs_port, client_port = _free_port(), _free_port()
-    address = f"127.0.0.1:{gcs_port}"
     # A token of its own, so the test needs no ~/.ray/auth_token (which an earlier in-process
     # ray.init would otherwise have written).
     env = {k: v for k, v in subprocess_env.items() if k != "RAY_AUTH_TOKEN_PATH"}
-    env.update(RAY_ADDRESS=address, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     ray_bin = str(Path(sys.executable).parent / "ray")
-    # `ray start --block` in its own process group: stopping the group stops exactly this
-    # cluster. `ray stop` would also kill the test session's own Ray, and with it pytest.
-    head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs_port}",
-                             f"--ray-client-server-port={client_port}", "--num-cpus=2", "--include-dashboard=false",
-                             "--node-ip-address=127.0.0.1", "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    head = None
     try:
-        deadline = time.monotonic() + 120
-        while subprocess.run([ray_bin, "status", "--address", address], env=env, capture_output=True).returncode:
-            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
-            time.sleep(1)
+        # A port chosen free can be taken before `ray start` binds it: then it exits at once,
+        # and is started again on other ports.
+        for _ in range(3):
+            gcs_port, client_port, agent_port = _free_ports(3)
+            address = env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
+            # `ray start --block` in its own process group: stopping the group stops exactly
+            # this cluster. `ray stop` would also kill the test session's own Ray, and pytest.
+            head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs_port}",
+                                     f"--ray-client-server-port={client_port}",
+                                     f"--dashboard-agent-listen-port={agent_port}", "--num-cpus=2",
+                                     "--include-dashboard=false", "--node-ip-address=127.0.0.1",
+                                     "--disable-usage-stats"],
+                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                    start_new_session=True)
+            deadline = time.monotonic() + 120
+            while head.poll() is None and subprocess.run([ray_bin, "status", "--address", address], env=env,
+                                                         capture_output=True).returncode:
+                assert time.monotonic() < deadline, "ray start --head did not come up"
+                time.sleep(1)
+            if head.poll() is None:
+                break
+        assert head.poll() is None, "ray start --head exited three times"
         out = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(tmp_path / "tiny.yaml"),
                               "--init", str(ckpt), "--run-dir", str(tmp_path / "run"), "--num-actors", "2"],
                              env=env, capture_output=True, text=True, timeout=400)
         assert out.returncode == 0, out.stderr[-3000:]
-        assert "connected to the cluster" in out.stdout
+        assert f"connected to the cluster at {address}" in out.stdout, out.stdout[-3000:]
         assert (tmp_path / "run" / "metrics.json").is_file()
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(timeout=60)
+        if head is not None and head.poll() is None:
+            os.killpg(head.pid, signal.SIGTERM)
+            try:
+                head.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(head.pid, signal.SIGKILL)
+                head.wait(timeout=60)
 
 
 def test_parallel_collection_with_random_and_planner_policies(ray_session, pretrained):
