@@ -140,6 +140,7 @@ def test_sweep_is_interrupted_resumed_and_summarized(ray_session, tiny_dataset, 
     # The sweep runs in its own embedded Ray, never a cluster the machine may have running:
     # hand the cores to it while it runs.
     ray.shutdown()
+    proc = None
     try:
         proc = subprocess.Popen(cmd, env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         lines: "queue.Queue[str]" = queue.Queue()
@@ -172,6 +173,11 @@ def test_sweep_is_interrupted_resumed_and_summarized(ray_session, tiny_dataset, 
         out = subprocess.run(cmd + ["--resume"], env=subprocess_env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     finally:
+        if proc is not None and proc.poll() is None:
+            # A sweep left running after a failed assertion would hold both cores for the
+            # rest of the session.
+            proc.kill()
+            proc.wait(timeout=60)
         ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
     # The finished trial was not run again (its results carry wall-clock timestamps).
     assert (first / "result.json").read_text() == first_results
