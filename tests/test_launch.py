@@ -50,11 +50,11 @@ def run30(tmp_path_factory, tiny_dataset, subprocess_env):
     return run_dir
 
 
-@pytest.mark.parametrize("script", ["collect.py", "pretrain.py", "evaluate.py"])
+@pytest.mark.parametrize("script", ["collect.py", "pretrain.py", "evaluate.py", "train.py", "tune.py", "visualize.py"])
 def test_help(script, subprocess_env):
     proc = ok(run(script, "--help", env=subprocess_env))
     assert "usage" in proc.stdout
-    if script != "collect.py":
+    if script in ("pretrain.py", "evaluate.py", "train.py"):
         assert "--model.horizon" in proc.stdout and "Planning horizon" in proc.stdout  # every config field
 
 
