@@ -76,13 +76,32 @@ def test_two_worker_run_finishes_and_logs(ray_session, pretrained, tmp_path):
 
 
 def test_every_worker_plans_with_the_newest_weights(ray_session, pretrained, tmp_path):
+    from distdiff.distributed.worker import RolloutWorker
+    from distdiff.training import flat_weights
+
+    class Inspectable(RolloutWorker):
+        def held_weights(self):
+            return {name: flat_weights(net) for name, net in self.nets.items()}
+
     cfg, ckpt = pretrained
     run = start_run(cfg, tmp_path, ckpt)
     try:
+        for i in range(len(run.workers)):
+            ray.kill(run.workers[i])
+            run.workers[i] = ray.remote(Inspectable).options(num_cpus=0.01).remote(
+                config=cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=i)
+        published = []
         for _ in range(3):
+            # Updates between versions, so each version's weights differ from the last.
+            ray.get(run.learner.train.remote(run.replay.sample.remote(2, cfg.train.batch_size)))
             run.broadcast()
+            published.append(ray.get(run.weights_ref)["weights"])
         results = ray.get([w.rollout.remote() for w in run.workers])
         assert [r["version"] for r in results] == [run.counters.version] * len(run.workers) == [3, 3]
+        assert not np.array_equal(published[0]["denoiser"], published[2]["denoiser"])
+        for held in ray.get([w.held_weights.remote() for w in run.workers]):
+            # (the dynamics model is only published when the run trains one)
+            assert all(np.array_equal(held[k], v) for k, v in published[2].items())
     finally:
         run.close()
 
