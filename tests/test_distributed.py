@@ -369,6 +369,23 @@ def test_killed_worker_is_replaced_and_nothing_delivered_is_lost(ray_session, pr
     assert min(after) >= at_kill["version"]
 
 
+def test_a_planner_that_raises_is_not_taken_for_an_env_failure(pretrained):
+    # Rebuilding the envs and running the task again cannot fix a planner.
+    from distdiff.distributed.worker import PlanError, RolloutWorker
+
+    cfg, ckpt = pretrained
+    worker = RolloutWorker(config=cfg.to_dict(), normalizer=load_checkpoint(ckpt)["normalizer"], worker_id=0)
+    try:
+        worker.version = 0  # (its initial weights do for this)
+        with mock.patch.object(worker.planner, "plan", side_effect=RuntimeError("shapes do not match")), \
+                mock.patch.object(worker, "_make_envs") as make_envs:
+            with pytest.raises(PlanError, match="shapes do not match"):
+                worker.rollout(0)
+        make_envs.assert_not_called()
+    finally:
+        worker._close_envs()
+
+
 def test_a_rollout_that_raises_is_retried_counted_and_the_run_goes_on(ray_session, pretrained, tmp_path):
     from distdiff.distributed.worker import RolloutWorker
 

@@ -26,6 +26,10 @@ class NoWeights(RuntimeError):
     it had no task running: a restart the driver did not see."""
 
 
+class PlanError(Exception):
+    """The planner raised: a bug or broken weights, which rebuilding the envs cannot fix."""
+
+
 class RolloutWorker:
     def __init__(self, *, config: Dict[str, object], normalizer: Dict[str, object], worker_id: int):
         cfg = from_dict(config)
@@ -104,8 +108,16 @@ class RolloutWorker:
 
     def _run(self, seed: int, max_steps: Optional[int], n_envs: Optional[int]):
         generator = torch.Generator().manual_seed(seed)
+
+        def plan(obs):
+            try:
+                return self.planner.plan(obs, generator=generator)
+            except Exception as e:
+                # Not one of the env failures rollout() rebuilds the envs for.
+                raise PlanError(f"worker {self.worker_id}: the planner failed: {e!r}") from e
+
         return run_episodes(
-            lambda obs: self.planner.plan(obs, generator=generator),
+            plan,
             self.envs,
             n_episodes=len(self.envs) if n_envs is None else min(n_envs, len(self.envs)),
             execution=self.cfg.planner.execution,
