@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     if args.num_actors > 1:
         import ray
 
-        from distdiff.distributed.driver import collect_episodes, connect
+        from distdiff.distributed.driver import RunFailed, collect_episodes, connect
 
         started = connect()
         try:
@@ -79,6 +79,8 @@ def main(argv=None) -> int:
             episodes = collect_episodes(args.episodes, num_actors=args.num_actors, env_id=env_id,
                                         max_episode_steps=args.max_episode_steps, seed=args.seed, checkpoint=state,
                                         envs_per_actor=args.num_envs, progress=bar.update)
+        except RunFailed as e:
+            fail(f"{e}\nnothing was written", code=1)
         finally:
             if started:
                 ray.shutdown()

@@ -734,6 +734,30 @@ def test_parallel_collection_with_random_and_planner_policies(ray_session, pretr
     assert len(planned) == 3 and all(ep.actions.shape[1] == 6 for ep in planned)
 
 
+def test_parallel_collection_retries_a_failed_task_and_keeps_what_it_has(ray_session, pretrained, monkeypatch):
+    from distdiff.distributed import actors
+    from distdiff.distributed.driver import collect_episodes
+    from distdiff.distributed.worker import RolloutWorker
+
+    class FailsFirstTask(RolloutWorker):
+        def rollout(self, task=None, **kwargs):
+            if self.worker_id == 0 and self.tasks == 0:
+                self.tasks += 1
+                raise RuntimeError("injected failure")
+            return super().rollout(task, **kwargs)
+
+    def make_worker(cfg, res, **kwargs):
+        return ray.remote(FailsFirstTask).options(num_cpus=0.01).remote(**kwargs)
+
+    monkeypatch.setattr(actors, "make_worker", make_worker)
+    cfg, ckpt = pretrained
+    planned = collect_episodes(4, num_actors=2, env_id="Walker2d-v5", max_episode_steps=20, seed=3,
+                               checkpoint=load_checkpoint(ckpt), envs_per_actor=1)
+    assert len(planned) == 4
+    # No two tasks shared seeds: every episode starts from its own state.
+    assert len({ep.observations[0].tobytes() for ep in planned}) == 4
+
+
 def test_init_checkpoint_that_does_not_fit_the_config_fails_before_any_actor(pretrained, tmp_path):
     from distdiff.checkpoint import CheckpointError
 

@@ -585,6 +585,9 @@ class OnlineRun:
             ray.kill(a)
 
 
+COLLECT_TRIES = 5  # a collection task that fails this often in a row stops the collection
+
+
 def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episode_steps: int, seed: int,
                      checkpoint: Optional[Dict[str, object]] = None, envs_per_actor: int = 4,
                      progress: Optional[Callable[[int], None]] = None) -> List:
@@ -614,19 +617,35 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
     res = {"actor_cpus": 1.0 / num_actors if num_actors > 1 else 1.0}
     workers = [actors.make_worker(cfg, res, config=cfg.to_dict(), normalizer=planner.normalizer.state_dict(), worker_id=i)
                for i in range(num_actors)]
+    pending: Dict[ray.ObjectRef, tuple] = {}  # rollout -> (worker, task, tries so far)
+
+    def start(i: int, task: int, tries: int = 0) -> None:
+        # The weights with every call: a restarted worker has none, and a worker that holds
+        # them fetches the object but loads nothing.
+        pending[workers[i].rollout.remote(task, weights=weights)] = (i, task, tries)
+
     try:
-        for w in workers:
-            w.set_weights.remote(weights)
-        pending = {w.rollout.remote(): w for w in workers}
+        tasks = iter(range(2**62))  # numbered, so a retried task replays its seeds, and no other does
+        for i in range(num_actors):
+            start(i, next(tasks))
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            w = pending.pop(ready[0])
-            got = ray.get(ready[0])["episodes"]
+            i, task, tries = pending.pop(ready[0])
+            try:
+                got = ray.get(ready[0])["episodes"]
+            except RayError as e:
+                # A worker that died (Ray restarts it) or whose task raised: try again after a
+                # pause, as training does; what was collected so far is kept.
+                if tries + 1 >= COLLECT_TRIES:
+                    raise RunFailed(f"collection task {task} failed {COLLECT_TRIES} times: {_cause(e)}") from e
+                time.sleep(min(0.5 * (tries + 1), 5.0))
+                start(i, task, tries + 1)
+                continue
             episodes.extend(got)
             if progress:
                 progress(len(got))
             if len(episodes) + len(pending) * envs_per_actor < n_episodes:
-                pending[w.rollout.remote()] = w
+                start(i, next(tasks))
     finally:
         for w in workers:
             ray.kill(w)
