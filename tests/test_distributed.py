@@ -20,7 +20,7 @@ import pytest
 import ray
 import torch
 
-from _helpers import tiny_online_config
+from _helpers import assert_same, snapshot, tiny_online_config
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint
 from distdiff.distributed.driver import (Counters, OnlineRun, RunFailed, checked_resources, resume_checkpoint,
@@ -486,11 +486,18 @@ def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path)
     cfg, ckpt = pretrained
     first = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
-    replay_before = load_checkpoint(tmp_path / "replay.pt")["replay"]["added_episodes"]
+    stored = load_checkpoint(tmp_path / "replay.pt")["replay"]
+    replay_before = stored["added_episodes"]
     assert saved["run"]["env_steps"] == first["env_steps"] and saved["step"] > cfg.train.steps
     longer = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": 2 * cfg.online.env_steps})
     second = train(longer, tmp_path, resume=True, log=lambda s: None, progress=False)
-    assert second["env_steps"] >= 2 * cfg.online.env_steps > first["env_steps"]
+    assert second["env_steps"] == 2 * cfg.online.env_steps > first["env_steps"]
+    # The resumed replay went on from the saved one: its episodes first, then the new ones.
+    resumed = load_checkpoint(tmp_path / "replay.pt")["replay"]
+    n, steps = len(stored["lengths"]), int(stored["lengths"].sum())
+    assert torch.equal(resumed["lengths"][:n], stored["lengths"])
+    assert torch.equal(resumed["observations"][:steps + n], stored["observations"])
+    assert int(resumed["lengths"].sum()) == second["env_steps"]
     # Rollouts are numbered on from where the first run stopped, so none repeats a seed.
     assert load_checkpoint(tmp_path / "checkpoint.pt")["run"]["rollouts"] > saved["run"]["rollouts"] > 0
     assert second["updates"] > first["updates"]
@@ -601,10 +608,11 @@ def test_nan_batch_is_skipped_and_repeated_failure_stops(pretrained):
     good = windows.sample(8, rng)
     bad = good._replace(x_start=good.x_start.clone())
     bad.x_start[0, 1, 0] = float("nan")
-    weights = {k: v.clone() for k, v in learner.trainer.denoiser.state_dict().items()}
+    before = snapshot(learner.trainer)
     stats = learner.train([bad])
     assert stats["skipped"] == 1 and stats["updates"] == 0
-    assert all(torch.equal(weights[k], v) for k, v in learner.trainer.denoiser.state_dict().items())
+    # Nothing moved: nets, EMA copies, optimizer moments.
+    assert_same(before, snapshot(learner.trainer))
     stats = learner.train([bad, good])
     assert stats["skipped"] == 1 and stats["updates"] == 1
     assert all(torch.isfinite(p).all() for p in learner.trainer.denoiser.parameters())
