@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -50,12 +51,12 @@ def start_run(cfg, run_dir, checkpoint_path):
     return OnlineRun(cfg, Path(run_dir), state, data.episodes, Counters(), log=lambda s: None, progress=False)
 
 
-def read_tags(run_dir: Path):
+def read_events(run_dir: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()
-    return set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+    return acc
 
 
 def test_two_worker_run_finishes_and_logs(ray_session, pretrained, tmp_path):
@@ -68,11 +69,27 @@ def test_two_worker_run_finishes_and_logs(ray_session, pretrained, tmp_path):
     for key in ("return_mean", "normalized_score", "alignment_error", "env_steps", "updates", "weights_version"):
         assert metrics[key] is not None
     assert 0 <= metrics["terminations"] <= cfg.eval.episodes
-    assert (tmp_path / "metrics.json").is_file()
-    scalars, images = read_tags(tmp_path)
+    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    acc = read_events(tmp_path)
+    scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
     assert not set(TAGS) - scalars, f"missing tags: {set(TAGS) - scalars}"
-    assert "rollout/alignment_error_step/01" in scalars
     assert "rollout/plan_vs_real" in images
+
+    def values(tag):
+        return [e.value for e in acc.Scalars(tag)]
+
+    # The alignment error at every horizon step; at step 0 the plan starts at the real state.
+    steps = sorted(t for t in scalars if t.startswith("rollout/alignment_error_step/"))
+    assert steps == [f"rollout/alignment_error_step/{j:02d}" for j in range(cfg.model.horizon)]
+    assert max(values(steps[0])) < 1e-5 and min(values(steps[-1])) > 0
+    # One point per episode, each a real return; no fault in a run without any.
+    assert len(values("charts/episode_return")) == metrics["episodes"]
+    assert set(values("faults/worker_restarts")) == {0}
+    assert min(values("perf/weights_lag")) >= 0
+    # The replay only grows (its capacity holds the whole budget), up to what was collected.
+    sizes = values("replay/size")
+    assert sizes == sorted(sizes) and 0 < sizes[-1] <= metrics["env_steps"]
+    assert all(np.isfinite(values("losses/denoiser"))) and all(np.isfinite(values("losses/value")))
 
 
 def test_every_worker_plans_with_the_newest_weights(ray_session, pretrained, tmp_path):
