@@ -177,6 +177,9 @@ def test_object_store_stays_flat_over_100_broadcasts(ray_session, pretrained, tm
         before = plasma_usage()
         # The weights live in the object store (objects under 100 KiB would be inlined and the
         # test would prove nothing).
+        payload = ray.get(run.weights_ref)
+        assert sum(w.nbytes for w in payload["weights"].values()) > 100 * 1024
+        del payload  # its arrays map the object: held, they would keep this version alive
         assert before[1] >= 1, before
         for _ in range(100):
             run.broadcast()

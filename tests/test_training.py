@@ -188,6 +188,9 @@ def test_compiled_nets_share_checkpoints_with_eager_ones(tiny_episodes):
     for key in ("denoiser", "value", "ema_denoiser", "ema_value"):
         assert compiled.state_dict()[key].keys() == eager.state_dict()[key].keys()
     compiled.load_state_dict(eager.state_dict())
+    for key in ("denoiser", "value", "ema_denoiser", "ema_value"):
+        mine, theirs = compiled.state_dict()[key], eager.state_dict()[key]
+        assert all(torch.equal(mine[k], theirs[k]) for k in mine), key
     eager.load_state_dict(compiled.state_dict())
 
 
