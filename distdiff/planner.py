@@ -16,7 +16,7 @@ from distdiff.normalizer import Normalizer
 class Plan(NamedTuple):
     states: np.ndarray  # [B, H, obs_dim], env units; states[:, 0] is the given observation
     actions: np.ndarray  # [B, H, act_dim], env units
-    values: Optional[np.ndarray]  # [B] V of the executed plan (standardized) when guided or chosen by V, else None
+    values: Optional[np.ndarray]  # [B] V of the executed plan (standardized) when guided or best of guidance.n_candidates by V, else None
     trajectories: torch.Tensor  # [B, H, D] normalized, as sampled
 
 

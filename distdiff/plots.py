@@ -72,7 +72,7 @@ def action_group(env_id: str, act_dim: int) -> DimGroup:
 
 
 def _ylabel(group: DimGroup, units: str) -> str:
-    return "normalized (z-score)" if units == "normalized" else f"raw ({group.unit})"
+    return "normalized (by the checkpoint's normalizer)" if units == "normalized" else f"raw ({group.unit})"
 
 
 def _style_legend(ax, group: DimGroup, solid: str, dashed: str):

@@ -189,18 +189,21 @@ def write_video(path: Path, frames: Sequence[np.ndarray], fps: float, fmt: str =
     # Written beside it first (with its suffix, which the writers read): an interrupted rerun
     # leaves the old video, not a truncated one.
     partial = out.with_name(f".{out.stem}.partial{out.suffix}")
-    if fmt == "mp4":
-        # macro_block_size=1: never rescale frames (yuv420p only needs even sizes)
-        writer = iio2.get_writer(partial, fps=fps, codec="libx264", quality=8, pixelformat="yuv420p",
-                                 macro_block_size=1)
-        try:
-            for f in frames:
-                writer.append_data(f)
-        finally:
-            writer.close()
-    else:
-        iio.imwrite(partial, frames, extension=".gif", duration=1000.0 / fps, loop=0)
-    os.replace(partial, out)
+    try:
+        if fmt == "mp4":
+            # macro_block_size=1: never rescale frames (yuv420p only needs even sizes)
+            writer = iio2.get_writer(partial, fps=fps, codec="libx264", quality=8, pixelformat="yuv420p",
+                                     macro_block_size=1)
+            try:
+                for f in frames:
+                    writer.append_data(f)
+            finally:
+                writer.close()
+        else:
+            iio.imwrite(partial, frames, extension=".gif", duration=1000.0 / fps, loop=0)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)  # a writer that failed leaves no hidden file behind
     return out
 
 
