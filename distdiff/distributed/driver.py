@@ -411,6 +411,7 @@ class OnlineRun:
         strikes = [0] * len(self.workers)  # in a row, of those that may drop the worker
         retry_at: Dict[int, float] = {}  # dead workers, resubmitted after a back-off while Ray restarts them
         dropped: set = set()  # workers that kept failing: they take no share of the budget
+        draining = False  # after a Ctrl-C: collect the rollouts in flight, start nothing new
         size_ref = None
         t0, env0, upd0 = time.perf_counter(), c.env_steps, c.updates
         next_ckpt = (c.updates // o.checkpoint_every + 1) * o.checkpoint_every
@@ -420,6 +421,8 @@ class OnlineRun:
                    dynamic_ncols=True)
 
         def submit(i: int) -> None:
+            if interrupted is not None and interrupted.is_set():
+                return  # (the loop drains what runs at its next turn)
             if self.owed_updates() > o.max_update_lag:
                 parked.append(i)
                 return
@@ -443,7 +446,7 @@ class OnlineRun:
         def train_more() -> None:
             nonlocal size_ref
             owed = self.owed_updates()
-            if self.train_ref is None and owed >= 1 and self.may_train(collecting, t0):
+            if self.train_ref is None and owed >= 1 and not draining and self.may_train(collecting, t0):
                 n = min(o.updates_per_call, owed)
                 self.train_ref = self.learner.train.remote(self.replay.sample.remote(n, self.cfg.train.batch_size))
                 size_ref = self.replay.size.remote()
@@ -456,7 +459,7 @@ class OnlineRun:
             if strikes[i] >= 10:
                 self.log(f"rollout actor {i} keeps failing; dropping it")
                 dropped.add(i)
-            else:
+            elif not draining:
                 retry_at[i] = time.perf_counter() + min(0.5 * failures[i], 5.0)
             if collecting:
                 # The failed rollout's promise is free again: a worker parked for want of budget
@@ -471,9 +474,14 @@ class OnlineRun:
         train_more()
 
         while rollouts or self.train_ref is not None or retry_at:
-            if interrupted is not None and interrupted.is_set():
-                self.settle_training()
-                raise KeyboardInterrupt
+            if interrupted is not None and interrupted.is_set() and not draining:
+                # Their steps are mostly collected already: keep them rather than run them again
+                # after the resume. A second Ctrl-C stops at once (the checkpoint still follows).
+                draining, collecting = True, False
+                retry_at.clear()
+                if rollouts:
+                    self.log(f"interrupted: waiting for the {_count(len(rollouts), 'rollout')} in flight, to keep "
+                             "their steps (Ctrl-C again to stop now)")
             waiting = list(rollouts) + ([self.train_ref] if self.train_ref is not None else [])
             # A bounded wait: a Ctrl-C only sets a flag, which a wait for one long rollout
             # would leave unread.
@@ -497,7 +505,7 @@ class OnlineRun:
                 if c.updates >= next_fig:
                     self.log_figure()
                     next_fig += o.figure_every
-                eval_due = next_eval is not None and c.updates >= next_eval
+                eval_due = next_eval is not None and c.updates >= next_eval and not draining
                 if c.updates >= next_ckpt:
                     if not eval_due:  # an evaluation writes its own checkpoint first
                         self.checkpoint()
@@ -570,6 +578,8 @@ class OnlineRun:
                     submit_parked()
             train_more()
         bar.close()
+        if draining:
+            raise KeyboardInterrupt
         if collecting:
             # Nothing runs any more, and the budget is not spent. The learner and the replay
             # are sound: a resume (with working rollout actors) goes on from what they hold.
