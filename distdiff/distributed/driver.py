@@ -413,6 +413,7 @@ class OnlineRun:
         dropped: set = set()  # workers that kept failing: they take no share of the budget
         draining = False  # after a Ctrl-C: collect the rollouts in flight, start nothing new
         size_ref = None
+        ahead: Optional[ray.ObjectRef] = None  # a full call's batches, sampled ahead for the next call
         t0, env0, upd0 = time.perf_counter(), c.env_steps, c.updates
         next_ckpt = (c.updates // o.checkpoint_every + 1) * o.checkpoint_every
         next_fig = (c.updates // o.figure_every + 1) * o.figure_every
@@ -444,12 +445,20 @@ class OnlineRun:
                 submit(i)
 
         def train_more() -> None:
-            nonlocal size_ref
+            nonlocal size_ref, ahead
             owed = self.owed_updates()
             if self.train_ref is None and owed >= 1 and not draining and self.may_train(collecting, t0):
                 n = min(o.updates_per_call, owed)
-                self.train_ref = self.learner.train.remote(self.replay.sample.remote(n, self.cfg.train.batch_size))
+                # Batches sampled ahead are a full call's; a shorter call (the last owed
+                # updates) samples its own.
+                batches = ahead if ahead is not None and n == o.updates_per_call else self.replay.sample.remote(
+                    n, self.cfg.train.batch_size)
+                self.train_ref = self.learner.train.remote(batches)
                 size_ref = self.replay.size.remote()
+                # The next call's batches, sampled while this one trains: after new episodes the
+                # replay rebuilds its windows first (~65 ms at 200k transitions, against 7 ms
+                # for the sample), which a GPU learner would otherwise wait for at every call.
+                ahead = self.replay.sample.remote(o.updates_per_call, self.cfg.train.batch_size)
 
         def retry_later(i: int, may_drop: bool) -> None:
             failures[i] += 1
