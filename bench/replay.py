@@ -1,0 +1,78 @@
+"""Replay sampling on the learner's path: the time of one learner call's batches
+(online.updates_per_call × train.batch_size windows) from a full replay, right after an episode
+was added (the replay rebuilds its online windows first) and again without an add.
+
+    python bench/replay.py                        # configs/walker2d.yaml: 200k online transitions
+    python bench/replay.py --episodes 50          # a replay of 50 1,000-step episodes
+
+Episodes are synthetic (Gaussian states, uniform actions): the cost depends on their number and
+length, not on their values. The driver samples the next call's batches while the learner
+trains, so on a fast (GPU) learner this time is hidden as long as it stays below a call's.
+Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import ROOT  # noqa: E402
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from distdiff import config as config_lib  # noqa: E402
+from distdiff.data.episodes import Episode  # noqa: E402
+from distdiff.distributed.replay import Replay  # noqa: E402
+from distdiff.models import layout_of  # noqa: E402
+from distdiff.normalizer import Normalizer  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"))
+    p.add_argument("--episodes", type=int, default=None,
+                   help="online episodes in the replay (default: as many as online.replay_capacity holds)")
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    cfg = config_lib.load(args.config)
+    o, n_steps = cfg.online, cfg.env.max_episode_steps
+    rng = np.random.default_rng(0)
+
+    def episode():
+        return Episode(rng.normal(size=(n_steps + 1, cfg.env.obs_dim)).astype(np.float32),
+                       rng.uniform(-1, 1, size=(n_steps, cfg.env.act_dim)).astype(np.float32),
+                       rng.normal(size=n_steps).astype(np.float32), False, True)
+
+    offline = [episode() for _ in range(200)]
+    data = np.concatenate([np.concatenate([e.observations[:-1], e.actions], axis=1) for e in offline])
+    replay = Replay(offline_episodes=offline, normalizer=Normalizer.fit(data, kind=cfg.data.normalizer).state_dict(),
+                    layout=layout_of(cfg), horizon=cfg.model.horizon, discount=cfg.data.discount,
+                    termination_penalty=cfg.data.termination_penalty, capacity=o.replay_capacity,
+                    offline_ratio=o.offline_ratio, value_target=cfg.data.value_target,
+                    return_weighting=o.return_weighting, offline_start_weight=o.offline_start_window_weight,
+                    online_start_weight=o.start_window_weight, time_limit=n_steps, seed=0)
+    replay.add([episode() for _ in range(args.episodes or o.replay_capacity // n_steps)])
+    after_add, again = [], []
+    for _ in range(args.repeats):
+        replay.add([episode()])
+        t0 = time.perf_counter()
+        replay.sample(o.updates_per_call, cfg.train.batch_size)
+        t1 = time.perf_counter()
+        replay.sample(o.updates_per_call, cfg.train.batch_size)
+        t2 = time.perf_counter()
+        after_add.append(t1 - t0)
+        again.append(t2 - t1)
+    print(json.dumps({"online_transitions": replay.size(), "batches": o.updates_per_call,
+                      "batch_size": cfg.train.batch_size,
+                      "sample_after_add_ms": round(1e3 * statistics.median(after_add), 1),
+                      "sample_ms": round(1e3 * statistics.median(again), 1)}))
+
+
+if __name__ == "__main__":
+    main()
