@@ -406,38 +406,30 @@ def test_a_planner_that_raises_is_not_taken_for_an_env_failure(pretrained):
         worker._close_envs()
 
 
-def test_a_rollout_that_raises_is_retried_counted_and_the_run_goes_on(ray_session, pretrained, tmp_path):
-    from distdiff.distributed.worker import RolloutWorker
+@pytest.mark.parametrize("first_error, restarts, failed, said", [
+    # Its envs failed twice in a row: a failed rollout.
+    ("injected env failure", 0, 1, "rollout actor 0 failed a rollout"),
+    # Killed while it had no task running, it came back without weights: its next rollout is
+    # the first the driver hears of the restart.
+    ("no weights", 1, 0, "rollout actor 0 was restarted by Ray"),
+])
+def test_a_rollout_that_raises_is_retried_counted_and_the_run_goes_on(first_error, restarts, failed, said, ray_session,
+                                                                      pretrained, tmp_path):
+    from distdiff.distributed.worker import NoWeights, RolloutWorker
+
+    error = NoWeights if first_error == "no weights" else RuntimeError
 
     class FailsOnce(RolloutWorker):
         def rollout(self, task=None, **share):
             if self.tasks == 0:
                 self.tasks += 1
-                raise RuntimeError("injected env failure")
+                raise error(first_error)
             return super().rollout(task, **share)
 
     run, messages, _ = run_with_worker_class(FailsOnce, pretrained, tmp_path)
-    assert run.counters.failed_rollouts == 1 and run.counters.worker_restarts == 0
+    assert run.counters.worker_restarts == restarts and run.counters.failed_rollouts == failed
     assert run.counters.env_steps == pretrained[0].online.env_steps
-    assert any("rollout actor 0 failed a rollout" in m and "injected env failure" in m for m in messages)
-
-
-def test_a_restart_the_driver_did_not_see_is_counted_as_one(ray_session, pretrained, tmp_path):
-    # A worker killed while it had no task running comes back without weights: its next
-    # rollout is the first the driver hears of it.
-    from distdiff.distributed.worker import NoWeights, RolloutWorker
-
-    class RestartedUnseen(RolloutWorker):
-        def rollout(self, task=None, **share):
-            if self.tasks == 0:
-                self.tasks += 1
-                raise NoWeights("rollout before set_weights")
-            return super().rollout(task, **share)
-
-    run, messages, _ = run_with_worker_class(RestartedUnseen, pretrained, tmp_path)
-    assert run.counters.worker_restarts == 1 and run.counters.failed_rollouts == 0
-    assert run.counters.env_steps == pretrained[0].online.env_steps
-    assert any("rollout actor 0 was restarted by Ray" in m for m in messages), messages
+    assert any(said in m for m in messages), messages
 
 
 def test_a_rollout_that_ray_itself_loses_is_retried_and_the_run_goes_on(ray_session, pretrained, tmp_path):
