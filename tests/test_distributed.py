@@ -130,7 +130,8 @@ def test_a_busy_worker_gets_only_the_newest_version_with_its_next_rollout(ray_se
 
     class Recording(RolloutWorker):
         def set_weights(self, payload):
-            self.loaded = getattr(self, "loaded", []) + [payload["version"]]
+            if payload["version"] > self.version:
+                self.loaded = getattr(self, "loaded", []) + [payload["version"]]
             return super().set_weights(payload)
 
         def rollout(self, task=None, **kwargs):
@@ -757,26 +758,32 @@ def test_parallel_collection_with_random_and_planner_policies(ray_session, pretr
     assert len(planned) == 3 and all(ep.actions.shape[1] == 6 for ep in planned)
 
 
-def test_parallel_collection_retries_a_failed_task_and_keeps_what_it_has(ray_session, pretrained, monkeypatch):
+@pytest.mark.parametrize("failure", ["raises", "dies"])
+def test_parallel_collection_retries_a_failed_task_and_keeps_what_it_has(failure, ray_session, pretrained, tmp_path,
+                                                                         monkeypatch):
     from distdiff.distributed import actors
     from distdiff.distributed.driver import collect_episodes
     from distdiff.distributed.worker import RolloutWorker
 
-    class FailsFirstTask(RolloutWorker):
+    failed = tmp_path / "failed"
+
+    class FailsOnce(RolloutWorker):
         def rollout(self, task=None, **kwargs):
-            if self.worker_id == 0 and self.tasks == 0:
-                self.tasks += 1
+            if self.worker_id == 0 and not failed.exists():
+                failed.touch()
+                if failure == "dies":
+                    os._exit(1)  # Ray restarts the worker, without the weights it had
                 raise RuntimeError("injected failure")
             return super().rollout(task, **kwargs)
 
     def make_worker(cfg, res, **kwargs):
-        return ray.remote(FailsFirstTask).options(num_cpus=0.01).remote(**kwargs)
+        return ray.remote(FailsOnce).options(num_cpus=0.01, max_restarts=-1, max_task_retries=0).remote(**kwargs)
 
     monkeypatch.setattr(actors, "make_worker", make_worker)
     cfg, ckpt = pretrained
     planned = collect_episodes(4, num_actors=2, env_id="Walker2d-v5", max_episode_steps=20, seed=3,
                                checkpoint=load_checkpoint(ckpt), envs_per_actor=1)
-    assert len(planned) == 4
+    assert failed.exists() and len(planned) == 4
     # No two tasks shared seeds: every episode starts from its own state.
     assert len({ep.observations[0].tobytes() for ep in planned}) == 4
 

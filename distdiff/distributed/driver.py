@@ -19,7 +19,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional
 
 import numpy as np
 import ray
-from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 from tqdm import tqdm
 
 from distdiff import config as config_lib
@@ -219,14 +219,20 @@ class OnlineRun:
         for i, w in enumerate(self.workers):
             if i not in busy:
                 w.set_weights.remote(self.weights_ref)
-                self.handed[i] = self.counters.version
+                # A worker in an unknown state (its last rollout failed: it may be restarting,
+                # and then this call fails unseen) stays so until its next rollout.
+                if self.handed[i] >= 0:
+                    self.handed[i] = self.counters.version
 
     def start_rollout(self, i: int, **share) -> ray.ObjectRef:
         """Worker ``i``'s next rollout, numbered within the run (a restarted actor or a resumed
-        run never repeats the seeds of rollouts already delivered), with the newest weights
-        when the worker has not been handed them."""
-        weights = self.weights_ref if self.handed[i] != self.counters.version else None
-        ref = self.workers[i].rollout.remote(self.counters.rollouts, weights=weights, **share)
+        run never repeats the seeds of rollouts already delivered), preceded by the newest
+        weights when the worker has not been handed them. Calls from one caller run in order;
+        a separate call, not an argument of the rollout, so the version is not pinned in the
+        object store for as long as the rollout runs."""
+        if self.handed[i] != self.counters.version:
+            self.workers[i].set_weights.remote(self.weights_ref)
+        ref = self.workers[i].rollout.remote(self.counters.rollouts, **share)
         self.handed[i] = self.counters.version
         self.counters.rollouts += 1
         self.rollouts[ref] = i
@@ -545,7 +551,10 @@ class OnlineRun:
                     if failures[i] == 0:
                         c.worker_restarts += 1
                         self.log(f"rollout actor {i} died; Ray restarts it (restart #{c.worker_restarts})")
-                    retry_later(i, may_drop=o.actor_max_restarts >= 0)
+                    # A call to an actor Ray is still restarting fails at once: no sign that it
+                    # keeps failing. One whose restarts are spent dies for good, and is dropped.
+                    restarting = isinstance(e, ActorUnavailableError)
+                    retry_later(i, may_drop=o.actor_max_restarts >= 0 and not restarting)
                     continue
                 except RayTaskError as e:
                     self.handed[i] = -1
@@ -604,7 +613,8 @@ class OnlineRun:
             ray.kill(a)
 
 
-COLLECT_TRIES = 5  # a collection task that fails this often in a row stops the collection
+COLLECT_TRIES = 5  # a collection task that fails this often stops the collection
+COLLECT_RESTART_S = 300.0  # and so does a worker that Ray has not restarted within this time
 
 
 def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episode_steps: int, seed: int,
@@ -636,12 +646,13 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
     res = {"actor_cpus": 1.0 / num_actors if num_actors > 1 else 1.0}
     workers = [actors.make_worker(cfg, res, config=cfg.to_dict(), normalizer=planner.normalizer.state_dict(), worker_id=i)
                for i in range(num_actors)]
-    pending: Dict[ray.ObjectRef, tuple] = {}  # rollout -> (worker, task, tries so far)
+    pending: Dict[ray.ObjectRef, tuple] = {}  # rollout -> (worker, task, its failures, restart wait since)
 
-    def start(i: int, task: int, tries: int = 0) -> None:
-        # The weights with every call: a restarted worker has none, and a worker that holds
-        # them fetches the object but loads nothing.
-        pending[workers[i].rollout.remote(task, weights=weights)] = (i, task, tries)
+    def start(i: int, task: int, failures: int = 0, since: Optional[float] = None) -> None:
+        # The weights before every rollout: a restarted worker has none, and a worker that
+        # holds them loads nothing.
+        workers[i].set_weights.remote(weights)
+        pending[workers[i].rollout.remote(task)] = (i, task, failures, since)
 
     try:
         tasks = iter(range(2**62))  # numbered, so a retried task replays its seeds, and no other does
@@ -649,16 +660,26 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
             start(i, next(tasks))
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            i, task, tries = pending.pop(ready[0])
+            i, task, failures, since = pending.pop(ready[0])
             try:
                 got = ray.get(ready[0])["episodes"]
+            except ActorUnavailableError as e:
+                # Ray is restarting the worker, and calls fail at once until it is back.
+                since = time.monotonic() if since is None else since
+                if time.monotonic() - since > COLLECT_RESTART_S:
+                    raise RunFailed(f"rollout actor {i} was not restarted within {COLLECT_RESTART_S:g} s: "
+                                    f"{_cause(e)}") from e
+                time.sleep(1.0)
+                start(i, task, failures, since)
+                continue
             except RayError as e:
-                # A worker that died (Ray restarts it) or whose task raised: try again after a
+                # A worker that died with the task, or whose task raised: try again after a
                 # pause, as training does; what was collected so far is kept.
-                if tries + 1 >= COLLECT_TRIES:
-                    raise RunFailed(f"collection task {task} failed {COLLECT_TRIES} times: {_cause(e)}") from e
-                time.sleep(min(0.5 * (tries + 1), 5.0))
-                start(i, task, tries + 1)
+                failures += 1
+                if failures >= COLLECT_TRIES or (isinstance(e, RayActorError) and e.actor_init_failed):
+                    raise RunFailed(f"collection task {task} failed {failures} times: {_cause(e)}") from e
+                time.sleep(min(0.5 * failures, 5.0))
+                start(i, task, failures)
                 continue
             episodes.extend(got)
             if progress:

@@ -67,16 +67,13 @@ class RolloutWorker:
         # Independent streams per (run seed, worker, task).
         return int(np.random.SeedSequence([self.cfg.train.seed, self.worker_id, task]).generate_state(1)[0] >> 1)
 
-    def rollout(self, task: Optional[int] = None, *, weights: Optional[Dict[str, object]] = None,
-                max_steps: Optional[int] = None, n_envs: Optional[int] = None) -> Dict[str, object]:
-        """One episode per env with the current weights (first loading ``weights``, a
-        :meth:`set_weights` payload, if given); the real trajectories and their stats.
+    def rollout(self, task: Optional[int] = None, *, max_steps: Optional[int] = None,
+                n_envs: Optional[int] = None) -> Dict[str, object]:
+        """One episode per env with the current weights; the real trajectories and their stats.
         ``task`` numbers the rollout within the run and seeds it (default: this worker's own
         count, which restarts with the process). The driver's share of what is left of an
         env-step budget: only the first ``n_envs`` envs run, and their episodes end (truncated)
         after ``max_steps`` steps."""
-        if weights is not None:
-            self.set_weights(weights)
         if self.version < 0:
             raise NoWeights("rollout before set_weights: a worker must never plan with random weights")
         seed = self._seed(self.tasks if task is None else task)
