@@ -103,22 +103,37 @@ def write_json(path: Path, data: dict) -> None:
     write_text(path, json.dumps(data, indent=2) + "\n")
 
 
+class Interrupt(threading.Event):
+    """Set by a first Ctrl-C; ``again`` by a second one, where a third is what raises."""
+
+    def __init__(self):
+        super().__init__()
+        self.again = threading.Event()
+
+
 @contextlib.contextmanager
-def deferred_interrupt() -> Iterator[threading.Event]:
+def deferred_interrupt(raise_at: int = 2) -> Iterator[Interrupt]:
     """Ctrl-C sets the yielded event instead of raising wherever the main thread is: a
     KeyboardInterrupt inside TensorBoard's writer (a ``with lock:`` is not signal-safe,
     bpo-29988) can leave its close waiting forever, as the interrupted-pretraining test once
-    did. Loops check the event between steps or results; a second Ctrl-C raises at once. Off the main
-    thread (e.g. a Tune trial) Python cannot handle signals, and the event is never set."""
-    requested = threading.Event()
+    did. Loops check the event between steps or results. Ctrl-C number ``raise_at`` (2 or 3)
+    raises at once; with 3, the second sets ``again``, for a loop that waits for running work
+    after the first to stop waiting at its next check. Off the main thread (e.g. a Tune trial)
+    Python cannot handle signals, and the event is never set."""
+    if raise_at not in (2, 3):
+        raise ValueError(f"raise_at must be 2 or 3, got {raise_at}")
+    requested = Interrupt()
     if threading.current_thread() is not threading.main_thread():
         yield requested
         return
 
     def handler(signum, frame):
-        if requested.is_set():
+        if not requested.is_set():
+            requested.set()
+        elif raise_at == 3 and not requested.again.is_set():
+            requested.again.set()
+        else:
             raise KeyboardInterrupt
-        requested.set()
 
     previous = signal.signal(signal.SIGINT, handler)
     try:

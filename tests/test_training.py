@@ -208,6 +208,14 @@ def test_ctrl_c_during_pretraining_is_deferred_to_a_step_boundary():
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+    # Phase 2's loop waits for rollouts after the first: the second only asks it to stop waiting.
+    with deferred_interrupt(raise_at=3) as interrupted:
+        signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGINT)
+        assert interrupted.is_set() and interrupted.again.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_a_planner_blends_a_phase_2_checkpoint_with_its_prior(tiny_episodes):

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import socket
-import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional
@@ -24,7 +23,7 @@ from tqdm import tqdm
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from distdiff.cli import deferred_interrupt, replacing, write_json
+from distdiff.cli import Interrupt, deferred_interrupt, replacing, write_json
 from distdiff.config import Config
 from distdiff.data.minari_io import normalized_score, reference_scores
 from distdiff.distributed import actors
@@ -402,9 +401,10 @@ class OnlineRun:
         self.since_broadcast += int(stats["updates"])
         return stats
 
-    def run(self, interrupted: Optional[threading.Event] = None) -> None:
-        """Algorithm 2 until the budget is spent; raises KeyboardInterrupt at the next result
-        once ``interrupted`` is set (see :func:`deferred_interrupt`)."""
+    def run(self, interrupted: Optional[Interrupt] = None) -> None:
+        """Algorithm 2 until the budget is spent. Once ``interrupted`` is set (see
+        :func:`deferred_interrupt`) it starts nothing new and raises KeyboardInterrupt when the
+        rollouts in flight are in, or at its next turn once ``interrupted.again`` is set."""
         o, c = self.cfg.online, self.counters
         self.broadcast()
         collecting = self.budget_left(time.perf_counter())
@@ -417,7 +417,7 @@ class OnlineRun:
         strikes = [0] * len(self.workers)  # in a row, of those that may drop the worker
         retry_at: Dict[int, float] = {}  # dead workers, resubmitted after a back-off while Ray restarts them
         dropped: set = set()  # workers that kept failing: they take no share of the budget
-        draining = False  # after a Ctrl-C: collect the rollouts in flight, start nothing new
+        draining = False  # after a Ctrl-C: the rollouts in flight are collected, nothing new starts
         size_ref = None
         ahead: Optional[ray.ObjectRef] = None  # a full call's batches, sampled ahead for the next call
         t0, env0, upd0 = time.perf_counter(), c.env_steps, c.updates
@@ -427,8 +427,11 @@ class OnlineRun:
         bar = tqdm(total=o.env_steps or None, initial=c.env_steps, desc="online", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
 
+        def stopping() -> bool:
+            return interrupted is not None and interrupted.is_set()
+
         def submit(i: int) -> None:
-            if interrupted is not None and interrupted.is_set():
+            if stopping():
                 return  # (the loop drains what runs at its next turn)
             if self.owed_updates() > o.max_update_lag:
                 parked.append(i)
@@ -453,7 +456,7 @@ class OnlineRun:
         def train_more() -> None:
             nonlocal size_ref, ahead
             owed = self.owed_updates()
-            if self.train_ref is None and owed >= 1 and not draining and self.may_train(collecting, t0):
+            if self.train_ref is None and owed >= 1 and not stopping() and self.may_train(collecting, t0):
                 n = min(o.updates_per_call, owed)
                 # Batches sampled ahead are a full call's; a shorter call (the last owed
                 # updates) samples its own.
@@ -474,7 +477,7 @@ class OnlineRun:
             if strikes[i] >= 10:
                 self.log(f"rollout actor {i} keeps failing; dropping it")
                 dropped.add(i)
-            elif not draining:
+            elif not stopping():
                 retry_at[i] = time.perf_counter() + min(0.5 * failures[i], 5.0)
             if collecting:
                 # The failed rollout's promise is free again: a worker parked for want of budget
@@ -489,14 +492,16 @@ class OnlineRun:
         train_more()
 
         while rollouts or self.train_ref is not None or retry_at:
-            if interrupted is not None and interrupted.is_set() and not draining:
+            if stopping() and interrupted.again.is_set():
+                raise KeyboardInterrupt  # here, between results: the checkpoint follows
+            if stopping() and not draining:
                 # Their steps are mostly collected already: keep them rather than run them again
                 # after the resume. A second Ctrl-C stops at once (the checkpoint still follows).
                 draining, collecting = True, False
                 retry_at.clear()
                 if rollouts:
                     self.log(f"interrupted: waiting for the {_count(len(rollouts), 'rollout')} in flight, to keep "
-                             "their steps (Ctrl-C again to stop now)")
+                             "their steps (Ctrl-C again to stop without them)")
             waiting = list(rollouts) + ([self.train_ref] if self.train_ref is not None else [])
             # A bounded wait: a Ctrl-C only sets a flag, which a wait for one long rollout
             # would leave unread.
@@ -520,7 +525,7 @@ class OnlineRun:
                 if c.updates >= next_fig:
                     self.log_figure()
                     next_fig += o.figure_every
-                eval_due = next_eval is not None and c.updates >= next_eval and not draining
+                eval_due = next_eval is not None and c.updates >= next_eval and not stopping()
                 if c.updates >= next_ckpt:
                     if not eval_due:  # an evaluation writes its own checkpoint first
                         self.checkpoint()
@@ -596,7 +601,7 @@ class OnlineRun:
                     submit_parked()
             train_more()
         bar.close()
-        if draining:
+        if stopping():  # (set while the last rollout ran, the loop may end before it drains)
             raise KeyboardInterrupt
         if collecting:
             # Nothing runs any more, and the budget is not spent. The learner and the replay
@@ -750,9 +755,10 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state, log=log, progress=progress,
                     on_evaluation=on_evaluation)
     try:
-        # Ctrl-C during the loop is taken at the next result, never inside a TensorBoard
-        # write (see deferred_interrupt); a second one, or one in the final evaluation, at once.
-        with deferred_interrupt() as interrupted:
+        # Ctrl-C during the loop is taken between results, never inside a TensorBoard write
+        # (see deferred_interrupt): the first lets the rollouts in flight finish, a second
+        # stops waiting for them; a third, or one in the final evaluation, raises at once.
+        with deferred_interrupt(raise_at=3) as interrupted:
             run.run(interrupted)
         log("final evaluation")
         metrics = run.evaluate()
