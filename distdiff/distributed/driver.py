@@ -496,7 +496,7 @@ class OnlineRun:
                 raise KeyboardInterrupt  # here, between results: the checkpoint follows
             if stopping() and not draining:
                 # Their steps are mostly collected already: keep them rather than run them again
-                # after the resume. A second Ctrl-C stops at once (the checkpoint still follows).
+                # after the resume. A second Ctrl-C stops the wait (the checkpoint still follows).
                 draining, collecting = True, False
                 retry_at.clear()
                 if rollouts:
