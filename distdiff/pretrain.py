@@ -115,8 +115,8 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
                     rate = (trainer.step - step0) / (time.perf_counter() - t0)
                     writer.add_scalar("perf/updates_per_s", rate, trainer.step)
                     writer.add_scalar("charts/learning_rate", trainer.opt_denoiser.param_groups[0]["lr"], trainer.step)
-                    bar.set_postfix(denoiser=f"{losses['losses/denoiser']:.4f}", value=f"{losses['losses/value']:.4f}",
-                                    dynamics=f"{losses['losses/dynamics']:.4f}")
+                    trained = {"denoiser": True, "value": cfg.train.train_value, "dynamics": cfg.train.train_dynamics}
+                    bar.set_postfix({net: f"{losses[f'losses/{net}']:.4f}" for net, on in trained.items() if on})
                 if trainer.step % cfg.train.checkpoint_every == 0:
                     save()
     except KeyboardInterrupt:
