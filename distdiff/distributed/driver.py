@@ -110,6 +110,14 @@ def checked_resources(cfg: Config, log: Callable[[str], None]) -> Dict[str, obje
     return res
 
 
+def _above_progress_bars(log: Callable[[str], None]) -> Callable[[str], None]:
+    def write(message: str) -> None:
+        with tqdm.external_write_mode():
+            log(message)
+
+    return write
+
+
 class RolloutShare(NamedTuple):
     envs: int  # how many of a worker's envs the rollout runs (its first ones)
     max_steps: int  # steps each of them may take; env.max_episode_steps: whole episodes
@@ -161,7 +169,9 @@ class OnlineRun:
                  progress: bool = True, on_evaluation: Optional[Callable[[Dict[str, object]], None]] = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.cfg, self.run_dir, self.log, self.progress = cfg, run_dir, log, progress
+        self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+        # With a progress bar, a message goes above it rather than onto the end of its line.
+        self.log = _above_progress_bars(log) if progress else log
         self.on_evaluation = on_evaluation
         self.counters = counters
         self.normalizer = Normalizer.from_state_dict(state["normalizer"])
