@@ -87,11 +87,15 @@ def fail(message: str, code: int = 2) -> None:
 @contextlib.contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """A temporary file beside ``path`` to write, which then replaces it: a crash leaves the old
-    file or the new one, never half of one."""
+    file or the new one, never half of one, and a writer that raises leaves no temporary file.
+    It is hidden and keeps ``path``'s suffix, from which some writers (video) take the format."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    yield tmp
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_text(path: Path, text: str) -> None:

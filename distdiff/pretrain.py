@@ -21,7 +21,6 @@ from distdiff.rundir import CHECKPOINT, CONFIG, clear_run
 from distdiff.training import Trainer, resolve_device, seed_everything, value_target_of
 
 
-
 def load_data(cfg: Config) -> LoadedDataset:
     """The config's dataset (or its fallback, collected if missing)."""
     d = cfg.data

@@ -21,6 +21,8 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from distdiff.cli import replacing
+
 GL_PACKAGES = "libegl1 libgl1 libopengl0 libgl1-mesa-dri"
 
 
@@ -186,10 +188,8 @@ def write_video(path: Path, frames: Sequence[np.ndarray], fps: float, fmt: str =
     if fmt not in ("mp4", "gif"):
         raise ValueError(f"unknown video format {fmt!r} (mp4, gif or auto)")
     out = path.with_suffix(f".{fmt}")
-    # Written beside it first (with its suffix, which the writers read): an interrupted rerun
-    # leaves the old video, not a truncated one.
-    partial = out.with_name(f".{out.stem}.partial{out.suffix}")
-    try:
+    # An interrupted rerun leaves the old video, not a truncated one.
+    with replacing(out) as partial:
         if fmt == "mp4":
             # macro_block_size=1: never rescale frames (yuv420p only needs even sizes)
             writer = iio2.get_writer(partial, fps=fps, codec="libx264", quality=8, pixelformat="yuv420p",
@@ -201,9 +201,6 @@ def write_video(path: Path, frames: Sequence[np.ndarray], fps: float, fmt: str =
                 writer.close()
         else:
             iio.imwrite(partial, frames, extension=".gif", duration=1000.0 / fps, loop=0)
-        os.replace(partial, out)
-    finally:
-        partial.unlink(missing_ok=True)  # a writer that failed leaves no hidden file behind
     return out
 
 

@@ -28,7 +28,7 @@ def trained(tiny_episodes, tmp_path_factory):
 def test_save_is_atomic_and_loadable(trained):
     _, _, path = trained
     assert path.is_file()
-    assert not path.with_name(path.name + ".tmp").exists()
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left beside it
     state = load_checkpoint(path)
     assert state["format"] == "distdiff.checkpoint" and state["step"] == 5
     assert load_checkpoint(path.parent)["step"] == 5  # a run directory works too
@@ -189,3 +189,16 @@ def test_loading_never_runs_pickled_code(tmp_path):
         load_checkpoint(path)
     assert not marker.exists()
     os.remove(path)
+
+
+def test_a_write_that_fails_leaves_the_old_file_and_nothing_else(tmp_path):
+    from distdiff.cli import replacing
+
+    path = tmp_path / "plan.mp4"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with replacing(path) as tmp:
+            assert tmp.suffix == ".mp4"  # writers that read the format from the name still can
+            tmp.write_text("half")
+            raise RuntimeError("the writer failed")
+    assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["plan.mp4"]
