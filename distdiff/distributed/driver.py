@@ -8,6 +8,7 @@ every actor (fire-and-forget), so the weights are stored once per version, never
 """
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -494,6 +495,44 @@ class OnlineRun:
                 # takes it (else a dropped worker's share would leave the run stopped short).
                 submit_parked()
 
+        def rollout_failed(i: int, e: RayError) -> None:
+            """Count a failed rollout (a death once, not each call that fails while Ray restarts
+            the worker) and retry its worker after a pause, or drop it."""
+            self.handed[i] = -1  # whatever it holds now, its next rollout brings the newest weights
+            if isinstance(e, RayActorError) and e.actor_init_failed:
+                # Its constructor raised: Ray never restarts such an actor.
+                self.log(f"rollout actor {i} cannot be restarted: {_cause(e)}; dropping it")
+                dropped.add(i)
+                if collecting:
+                    submit_parked()
+                return
+            if isinstance(e, RayActorError):
+                # The actor died with this task and Ray restarts it. A call made while it
+                # restarts fails at once (ActorUnavailableError): no sign that it keeps failing.
+                # One whose restarts are spent dies for good, and is dropped.
+                restarted, what = True, "died; Ray restarts it"
+                may_drop = o.actor_max_restarts >= 0 and not isinstance(e, ActorUnavailableError)
+            elif isinstance(e, RayTaskError) and isinstance(e.cause, NoWeights):
+                # Ray restarted it while it had no task running (killed while parked, or while
+                # the broadcast was its only call): a restart all the same.
+                restarted, what, may_drop = True, "was restarted by Ray", o.actor_max_restarts >= 0
+            elif isinstance(e, RayTaskError):
+                # The actor lives but its task raised (its envs failed twice in a row).
+                restarted, what, may_drop = False, f"failed a rollout; retrying it: {_cause(e)}", True
+            else:
+                # Ray itself lost the rollout: its memory monitor killed the worker
+                # (OutOfMemoryError), or the result went with its node.
+                restarted, what = False, f"lost a rollout ({type(e).__name__}); retrying it: {_cause(e)}"
+                may_drop = True
+            if restarted and failures[i] == 0:
+                c.worker_restarts += 1
+                self.log(f"rollout actor {i} {what} (restart #{c.worker_restarts})")
+            elif not restarted:
+                c.failed_rollouts += 1
+                if failures[i] == 0:
+                    self.log(f"rollout actor {i} {what}")
+            retry_later(i, may_drop)
+
         if collecting:
             for i in range(len(self.workers)):
                 submit(i)
@@ -551,51 +590,8 @@ class OnlineRun:
                 promised.pop(ref, None)
                 try:
                     result = ray.get(ref)
-                except RayActorError as e:
-                    self.handed[i] = -1  # whatever it holds now, its next rollout brings the newest weights
-                    if e.actor_init_failed:
-                        # Its constructor raised: Ray never restarts such an actor.
-                        self.log(f"rollout actor {i} cannot be restarted: {_cause(e)}; dropping it")
-                        dropped.add(i)
-                        if collecting:
-                            submit_parked()
-                        continue
-                    # The actor died with this task and Ray restarts it. Calls made while it
-                    # restarts fail at once, so retry after a growing pause, and count one
-                    # restart per death rather than per failed call.
-                    if failures[i] == 0:
-                        c.worker_restarts += 1
-                        self.log(f"rollout actor {i} died; Ray restarts it (restart #{c.worker_restarts})")
-                    # A call to an actor Ray is still restarting fails at once: no sign that it
-                    # keeps failing. One whose restarts are spent dies for good, and is dropped.
-                    restarting = isinstance(e, ActorUnavailableError)
-                    retry_later(i, may_drop=o.actor_max_restarts >= 0 and not restarting)
-                    continue
-                except RayTaskError as e:
-                    self.handed[i] = -1
-                    if isinstance(e.cause, NoWeights):
-                        # Ray restarted it while it had no task running (killed while parked,
-                        # or while the broadcast was its only call): a restart all the same.
-                        if failures[i] == 0:
-                            c.worker_restarts += 1
-                            self.log(f"rollout actor {i} was restarted by Ray (restart #{c.worker_restarts})")
-                        retry_later(i, may_drop=o.actor_max_restarts >= 0)
-                        continue
-                    # The actor lives but its task raised (its envs failed twice in a row):
-                    # retry with the newest weights, as for a dead one, until it keeps failing.
-                    c.failed_rollouts += 1
-                    if failures[i] == 0:
-                        self.log(f"rollout actor {i} failed a rollout; retrying it: {_cause(e)}")
-                    retry_later(i, may_drop=True)
-                    continue
                 except RayError as e:
-                    # Ray itself lost the rollout: its memory monitor killed the worker
-                    # (OutOfMemoryError), or the result went with its node. Retried the same way.
-                    self.handed[i] = -1
-                    c.failed_rollouts += 1
-                    if failures[i] == 0:
-                        self.log(f"rollout actor {i} lost a rollout ({type(e).__name__}); retrying it: {_cause(e)}")
-                    retry_later(i, may_drop=True)
+                    rollout_failed(i, e)
                     continue
                 failures[i] = strikes[i] = 0
                 c.env_rebuilds += result["env_rebuilds"]
@@ -670,7 +666,7 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
         pending[workers[i].rollout.remote(task)] = (i, task, failures, since)
 
     try:
-        tasks = iter(range(2**62))  # numbered, so a retried task replays its seeds, and no other does
+        tasks = itertools.count()  # numbered, so a retried task replays its seeds, and no other does
         for i in range(num_actors):
             start(i, next(tasks))
         while pending:
