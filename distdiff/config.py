@@ -151,7 +151,7 @@ class OnlineConfig:
     finish_updates: bool = _f(True, "When the env-step budget is spent, still run the updates owed to the last collected steps (within the update and wall-time budgets).")
     measure_every: int = _f(16, "Actors measure the alignment error of every N-th plan (costs H shadow env steps).")
     checkpoint_every: int = _f(500, "Learner updates between run checkpoints (learner, replay, counters).")
-    eval_every: int = _f(0, "Learner updates between evaluations (checkpoint + eval episodes, reported to Ray Tune); 0 = only at the end.")
+    eval_every: int = _f(0, "Learner updates between evaluations (checkpoint + eval episodes, reported to Ray Tune; they run in a thread of the driver while training goes on); 0 = only at the end.")
     figure_every: int = _f(500, "Learner updates between plan-vs-real figures in TensorBoard.")
     max_nonfinite: int = _f(20, "Consecutive non-finite updates that stop the run.")
     actor_max_restarts: int = _f(-1, "Restarts Ray gives a dead rollout actor (-1 = unlimited).")

@@ -555,6 +555,53 @@ def test_best_evaluation_keeps_its_checkpoint_across_a_resume(ray_session, pretr
     assert load_checkpoint(tmp_path / "best.pt")["step"] == best["step"]
 
 
+def test_the_loop_goes_on_while_an_evaluation_runs_and_best_pt_is_what_it_evaluated(ray_session, pretrained, tmp_path,
+                                                                                    monkeypatch):
+    from distdiff.distributed import driver
+
+    cfg, ckpt = pretrained
+    # Rollouts wait for the learner (it owes at most 10 updates), so they are still being
+    # collected at the evaluation after 10 updates; checkpoints every 5 come due while it runs.
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.eval_every": 10, "online.checkpoint_every": 5,
+                                                     "online.max_update_lag": 10, "online.env_steps": 400})
+    log_rollout = OnlineRun.log_rollout
+    evaluating = threading.Event()
+    during = []  # env steps of the rollouts delivered while the first evaluation ran
+    evaluated = []  # (return, the evaluated planner's denoiser weights)
+
+    def log_and_count(self, *args):
+        log_rollout(self, *args)
+        if evaluating.is_set():
+            during.append(self.counters.env_steps)
+
+    def scripted_evaluate(planner, cfg, **_):
+        if not evaluated:
+            # The first one lasts until the loop has delivered two rollouts: a loop that waited
+            # for it would deliver none, and this would time out.
+            evaluating.set()
+            deadline = time.monotonic() + 60
+            while len(during) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            evaluating.clear()
+        score = 300.0 if not evaluated else 100.0
+        evaluated.append((score, {k: v.clone() for k, v in planner.denoiser.state_dict().items()}))
+        return {"return_mean": score, "return_std": 0.0, "normalized_score": score / 10, "terminations": 0,
+                "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
+
+    monkeypatch.setattr(OnlineRun, "log_rollout", log_and_count)
+    monkeypatch.setattr(driver, "evaluate", scripted_evaluate)
+    metrics = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+    assert len(during) >= 2
+    best = metrics["best"]
+    assert best["return_mean"] == 300.0 and best["env_steps"] < during[0] <= metrics["env_steps"]
+    assert 10 <= best["updates"] < metrics["updates"]
+    # The checkpoints that came due while it ran waited for it: best.pt is the checkpoint it
+    # evaluated, with the counters it was reported at, not a later one.
+    saved = load_checkpoint(tmp_path / "best.pt")
+    assert all(torch.equal(saved["ema_denoiser"][k], v) for k, v in evaluated[0][1].items())
+    assert saved["run"]["updates"] == best["updates"] and saved["run"]["env_steps"] == best["env_steps"]
+
+
 def test_evaluations_blend_in_the_prior_phase_2_started_from(ray_session, pretrained, tmp_path, monkeypatch):
     from distdiff.distributed import driver
 
@@ -618,6 +665,34 @@ def test_ctrl_c_stops_between_results_with_a_resumable_checkpoint(presses, ray_s
     # Nor did a learner call start: none was in flight at the first result (a call in flight is
     # settled and counted: test_a_checkpoint_counts_the_updates_of_the_learner_call_in_flight).
     assert saved["step"] == load_checkpoint(ckpt)["step"] and saved["run"]["updates"] == 0
+
+
+def test_ctrl_c_during_an_evaluation_waits_for_its_result(ray_session, pretrained, tmp_path, monkeypatch):
+    from distdiff.distributed import driver
+
+    cfg, ckpt = pretrained
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.eval_every": 10, "online.max_update_lag": 10,
+                                                     "online.env_steps": 100_000})
+    evaluations = []
+
+    def interrupted_evaluate(planner, cfg, **_):
+        evaluations.append(threading.current_thread().name)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1.0)  # the loop turns meanwhile: it must not stop without this result
+        return {"return_mean": 300.0, "return_std": 0.0, "normalized_score": 30.0, "terminations": 0,
+                "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
+
+    monkeypatch.setattr(driver, "evaluate", interrupted_evaluate)
+    messages = []
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, tmp_path, init=ckpt, log=messages.append, progress=False)
+    assert evaluations == ["evaluation"]
+    assert any("waiting for" in m and "the evaluation in flight" in m for m in messages), messages
+    # Its result was taken: the run's metrics, and best.pt with the weights it evaluated.
+    reported = json.loads((tmp_path / "metrics.json").read_text())
+    assert reported["return_mean"] == 300.0 and reported["updates"] >= 10
+    assert load_checkpoint(tmp_path / "best.pt")["run"]["updates"] == reported["updates"]
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["run"]["updates"] >= reported["updates"]
 
 
 def test_nan_batch_is_skipped_and_repeated_failure_stops(pretrained):

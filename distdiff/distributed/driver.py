@@ -13,9 +13,11 @@ import json
 import os
 import shutil
 import socket
+import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import ray
@@ -215,6 +217,8 @@ class OnlineRun:
         self.last_example = None
         self.train_ref = None  # the learner's call in flight
         self.since_broadcast = 0  # updates since the last broadcast
+        # The evaluation in flight: its result, and the counters of the checkpoint it evaluates.
+        self.evaluation: Optional[Tuple[Future, Dict[str, int]]] = None
 
     # ----- weights ---------------------------------------------------------------------------
     def broadcast(self) -> None:
@@ -259,37 +263,63 @@ class OnlineRun:
         save_checkpoint(self.run_dir / CHECKPOINT, {**learner_state, "run": self.counters.to_dict()})
         return learner_state
 
-    def evaluate(self) -> Dict[str, object]:
-        """Checkpoint, then evaluate the newest weights in fresh envs; the run's metrics summary,
-        also written to ``metrics.json`` (so it holds the latest evaluation).
+    def start_evaluation(self) -> None:
+        """Checkpoint, then evaluate the newest weights in fresh envs, in a thread of this process
+        beside the loop: rollouts and learner calls go on meanwhile (an evaluation of 100
+        Walker2d episodes takes minutes of one core, which would leave every actor and the
+        learner idle). :meth:`finish_evaluation` takes its result."""
+        if self.published_at != self.counters.updates:
+            # The version the checkpoint's weights go by is the one the actors get next.
+            self.broadcast()
+        state = self.checkpoint()
+        # The counters the checkpoint holds: its evaluation is reported at them, whenever it ends.
+        at = {**self.counters.to_dict(), "weights_version": int(state["weights_version"])}
+        result: Future = Future()
+
+        def work() -> None:
+            try:
+                # The planner the checkpoint makes, so launch/evaluate.py on it judges the same
+                # one (blended with the prior by online.prior_weight).
+                result.set_result(evaluate(planner_from_checkpoint(state, self.cfg), self.cfg))
+            except BaseException as e:  # re-raised in the loop's thread by finish_evaluation
+                result.set_exception(e)
+
+        # A daemon: a run stopped with an evaluation in flight (a second Ctrl-C) must not wait for it.
+        threading.Thread(target=work, name="evaluation", daemon=True).start()
+        self.evaluation = (result, at)
+
+    def finish_evaluation(self) -> Dict[str, object]:
+        """Wait for the evaluation in flight; the run's metrics summary, also written to
+        ``metrics.json`` (so it holds the latest evaluation).
 
         ``on_evaluation`` (e.g. a Ray Tune report) sees the metrics with the checkpoint of the
         same weights and ``metrics.json`` already on disk in the run dir: Tune copies a trial's
         dir to its storage when it reports a checkpoint, and the final report is the last copy
-        made before the next trial may start.
+        made before the next trial may start. No checkpoint is written while an evaluation is
+        in flight, so ``checkpoint.pt`` is still the one evaluated.
         """
-        if self.published_at != self.counters.updates:
-            # The version the checkpoint's weights go by is the one the actors get next.
-            self.broadcast()
-        # The planner the checkpoint makes, so launch/evaluate.py on it judges the same one
-        # (blended with the prior by online.prior_weight).
-        state = self.checkpoint()
-        summary = evaluate(planner_from_checkpoint(state, self.cfg), self.cfg)
-        c = self.counters
+        result, at = self.evaluation
+        self.evaluation = None
+        summary = result.result()
         metrics = {
             **{k: summary[k] for k in (*EVAL_SCALARS, "return_std", "alignment_error_per_step")},
-            "env_steps": c.env_steps, "updates": c.updates, "episodes": c.episodes,
-            "weights_version": int(state["weights_version"]), "worker_restarts": c.worker_restarts,
-            "skipped_updates": c.skipped_updates, "failed_rollouts": c.failed_rollouts, "env_rebuilds": c.env_rebuilds,
+            **{k: at[k] for k in ("env_steps", "updates", "episodes", "weights_version", "worker_restarts",
+                                  "skipped_updates", "failed_rollouts", "env_rebuilds")},
         }
         for key in EVAL_SCALARS:
             if metrics[key] is not None:
-                self.writer.add_scalar(f"eval/{key}", metrics[key], c.env_steps)
+                self.writer.add_scalar(f"eval/{key}", metrics[key], at["env_steps"])
         metrics["best"] = self.keep_if_best(metrics)
         write_json(self.run_dir / METRICS, metrics)
         if self.on_evaluation is not None:
             self.on_evaluation(metrics)
         return metrics
+
+    def evaluate(self) -> Dict[str, object]:
+        """Checkpoint and evaluate the newest weights, waiting for the result (the final
+        evaluation); the metrics summary of :meth:`finish_evaluation`."""
+        self.start_evaluation()
+        return self.finish_evaluation()
 
     def keep_if_best(self, metrics: Dict[str, object]) -> Dict[str, object]:
         """Copy the checkpoint just written to ``best.pt`` if its evaluation's mean return beats
@@ -415,7 +445,8 @@ class OnlineRun:
     def run(self, interrupted: Optional[Interrupt] = None) -> None:
         """Algorithm 2 until the budget is spent. Once ``interrupted`` is set (see
         :func:`deferred_interrupt`) it starts nothing new and raises KeyboardInterrupt when the
-        rollouts in flight are in, or at its next turn once ``interrupted.again`` is set."""
+        rollouts and the evaluation in flight are in, or at its next turn once
+        ``interrupted.again`` is set."""
         o, c = self.cfg.online, self.counters
         self.broadcast()
         collecting = self.budget_left(time.perf_counter())
@@ -540,7 +571,10 @@ class OnlineRun:
         # every worker parked, and only the learner's owed updates can start it.
         train_more()
 
-        while rollouts or self.train_ref is not None or retry_at:
+        while rollouts or self.train_ref is not None or retry_at or self.evaluation is not None:
+            if self.evaluation is not None and self.evaluation[0].done():
+                self.finish_evaluation()
+                continue
             if stopping() and interrupted.again.is_set():
                 raise KeyboardInterrupt  # here, between results: the checkpoint follows
             if stopping() and not draining:
@@ -548,20 +582,22 @@ class OnlineRun:
                 # after the resume. A second Ctrl-C stops the wait (the checkpoint still follows).
                 draining, collecting = True, False
                 retry_at.clear()
-                if rollouts:
-                    self.log(f"interrupted: waiting for the {_count(len(rollouts), 'rollout')} in flight, to keep "
-                             "their steps (Ctrl-C again to stop without them)")
+                what = ([f"the {_count(len(rollouts), 'rollout')} in flight, to keep their steps"] if rollouts else []) \
+                    + (["the evaluation in flight"] if self.evaluation is not None else [])
+                if what:
+                    self.log(f"interrupted: waiting for {' and '.join(what)} (Ctrl-C again to stop without them)")
             waiting = list(rollouts) + ([self.train_ref] if self.train_ref is not None else [])
             # A bounded wait: a Ctrl-C only sets a flag, which a wait for one long rollout
             # would leave unread.
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=0.25 if retry_at else 1.0) if waiting else ([], [])
+            short = retry_at or self.evaluation is not None
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=0.25 if short else 1.0) if waiting else ([], [])
             now = time.perf_counter()
             for i in [i for i, t in retry_at.items() if t <= now]:
                 del retry_at[i]
                 if collecting:
                     submit(i)
             if not ready:
-                if not waiting and retry_at:
+                if not waiting:
                     time.sleep(0.25)
                 continue
             ref = ready[0]
@@ -574,13 +610,17 @@ class OnlineRun:
                 if c.updates >= next_fig:
                     self.log_figure()
                     next_fig += o.figure_every
-                eval_due = next_eval is not None and c.updates >= next_eval and not stopping()
-                if c.updates >= next_ckpt:
+                # While an evaluation runs, checkpoint.pt must stay the weights it evaluates (its
+                # result may copy it to best.pt, or report it to Tune): what comes due meanwhile
+                # waits for a learner call after it ends.
+                idle = self.evaluation is None
+                eval_due = idle and next_eval is not None and c.updates >= next_eval and not stopping()
+                if idle and c.updates >= next_ckpt:
                     if not eval_due:  # an evaluation writes its own checkpoint first
                         self.checkpoint()
                     next_ckpt += o.checkpoint_every
                 if eval_due:
-                    self.evaluate()
+                    self.start_evaluation()
                     next_eval += o.eval_every
                 collecting = collecting and self.budget_left(t0)
                 if collecting:
