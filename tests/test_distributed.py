@@ -602,6 +602,29 @@ def test_the_loop_goes_on_while_an_evaluation_runs_and_best_pt_is_what_it_evalua
     assert saved["run"]["updates"] == best["updates"] and saved["run"]["env_steps"] == best["env_steps"]
 
 
+def test_the_final_evaluation_does_not_repeat_one_of_the_same_weights(ray_session, pretrained, tmp_path, monkeypatch):
+    from distdiff.distributed import driver
+
+    cfg, ckpt = pretrained
+    # An evaluation comes due at every learner call, the last one included.
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.eval_every": 5})
+    evaluated = []
+
+    def scripted_evaluate(planner, cfg, **_):
+        evaluated.append({k: v.clone() for k, v in planner.denoiser.state_dict().items()})
+        return {"return_mean": float(len(evaluated)), "return_std": 0.0, "normalized_score": 0.0, "terminations": 0,
+                "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
+
+    monkeypatch.setattr(driver, "evaluate", scripted_evaluate)
+    metrics = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+    assert len(evaluated) >= 2 and metrics["updates"] == 40
+    for a, b in zip(evaluated, evaluated[1:]):
+        assert not all(torch.equal(a[k], b[k]) for k in a)
+    # The final metrics are at the run's last counters, with the last evaluation's result.
+    assert metrics["return_mean"] == float(len(evaluated))
+    assert metrics["env_steps"] == load_checkpoint(tmp_path / "checkpoint.pt")["run"]["env_steps"] == 200
+
+
 def test_evaluations_blend_in_the_prior_phase_2_started_from(ray_session, pretrained, tmp_path, monkeypatch):
     from distdiff.distributed import driver
 

@@ -219,6 +219,7 @@ class OnlineRun:
         self.since_broadcast = 0  # updates since the last broadcast
         # The evaluation in flight: its result, and the counters of the checkpoint it evaluates.
         self.evaluation: Optional[Tuple[Future, Dict[str, int]]] = None
+        self.evaluated: Optional[Tuple[int, int, Dict[str, object]]] = None  # the last one's learner step, update, result
 
     # ----- weights ---------------------------------------------------------------------------
     def broadcast(self) -> None:
@@ -273,8 +274,15 @@ class OnlineRun:
             self.broadcast()
         state = self.checkpoint()
         # The counters the checkpoint holds: its evaluation is reported at them, whenever it ends.
-        at = {**self.counters.to_dict(), "weights_version": int(state["weights_version"])}
+        at = {**self.counters.to_dict(), "weights_version": int(state["weights_version"]), "step": int(state["step"])}
         result: Future = Future()
+        if self.evaluated is not None and self.evaluated[0] == at["step"]:
+            # No update since the last evaluation (one came due with the last learner call): the
+            # same weights, whose episodes would be the same too.
+            self.log(f"evaluation: no update since the one at update {self.evaluated[1]}; its result stands")
+            result.set_result(self.evaluated[2])
+            self.evaluation = (result, at)
+            return
 
         def work() -> None:
             try:
@@ -301,6 +309,7 @@ class OnlineRun:
         result, at = self.evaluation
         self.evaluation = None
         summary = result.result()
+        self.evaluated = (at["step"], at["updates"], summary)
         metrics = {
             **{k: summary[k] for k in (*EVAL_SCALARS, "return_std", "alignment_error_per_step")},
             **{k: at[k] for k in ("env_steps", "updates", "episodes", "weights_version", "worker_restarts",
