@@ -13,14 +13,28 @@ from distdiff.planner import Planner
 from distdiff.rollout import EpisodeResult, alignment_on_states, make_env, run_episodes, summarize
 
 
+class EvaluationStopped(Exception):
+    """An evaluation's ``stop`` said so before a plan."""
+
+
 def evaluate(planner: Planner, cfg: Config, *, episodes: Optional[int] = None, seed: Optional[int] = None,
-             progress: Optional[Callable[[EpisodeResult], None]] = None) -> dict:
+             progress: Optional[Callable[[EpisodeResult], None]] = None,
+             stop: Optional[Callable[[], bool]] = None) -> dict:
+    """Returns, normalized score, falls and alignment error of ``episodes`` episodes. ``stop``
+    is asked before every plan: when it says so, the evaluation raises EvaluationStopped (a run
+    that ends while one runs beside it must not leave it playing)."""
     episodes = cfg.eval.episodes if episodes is None else episodes
     if episodes < 1:
         raise ValueError(f"an evaluation needs at least one episode, not {episodes}")
     seed = cfg.eval.seed if seed is None else seed
     n_envs = min(cfg.eval.num_envs, episodes)
     generator = torch.Generator(device=planner.device).manual_seed(seed)
+
+    def plan(obs):
+        if stop is not None and stop():
+            raise EvaluationStopped("the evaluation was stopped")
+        return planner.plan(obs, generator=generator)
+
     envs, shadows = [], [] if cfg.eval.measure_alignment else None
     try:
         # In the try: an env that fails to build must not leave the ones before it open.
@@ -29,7 +43,7 @@ def evaluate(planner: Planner, cfg: Config, *, episodes: Optional[int] = None, s
             if shadows is not None:
                 shadows.append(make_env(cfg.env.id))
         results = run_episodes(
-            lambda obs: planner.plan(obs, generator=generator),
+            plan,
             envs,
             n_episodes=episodes,
             execution=cfg.planner.execution,

@@ -27,6 +27,7 @@ from distdiff.checkpoint import load_checkpoint
 from distdiff.distributed.driver import (Counters, OnlineRun, RunFailed, checked_resources, resume_checkpoint,
                                          rollout_share, train)
 from distdiff.distributed.learner import Learner, NonFiniteError
+from distdiff.evaluation import EvaluationStopped
 from distdiff.pretrain import load_windows, pretrain
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -608,21 +609,26 @@ def test_the_final_evaluation_does_not_repeat_one_of_the_same_weights(ray_sessio
     cfg, ckpt = pretrained
     # An evaluation comes due at every learner call, the last one included.
     cfg = tiny_online_config(cfg.data.dataset_id, **{"online.eval_every": 5})
-    evaluated = []
+    planner_from_checkpoint, steps = driver.planner_from_checkpoint, []  # the learner step of each evaluated checkpoint
+
+    def recording_planner(state, cfg):
+        if threading.current_thread().name == "evaluation":
+            steps.append(state["step"])
+        return planner_from_checkpoint(state, cfg)
 
     def scripted_evaluate(planner, cfg, **_):
-        evaluated.append({k: v.clone() for k, v in planner.denoiser.state_dict().items()})
-        return {"return_mean": float(len(evaluated)), "return_std": 0.0, "normalized_score": 0.0, "terminations": 0,
+        return {"return_mean": float(len(steps)), "return_std": 0.0, "normalized_score": 0.0, "terminations": 0,
                 "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
 
+    monkeypatch.setattr(driver, "planner_from_checkpoint", recording_planner)
     monkeypatch.setattr(driver, "evaluate", scripted_evaluate)
     metrics = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
-    assert len(evaluated) >= 2 and metrics["updates"] == 40
-    for a, b in zip(evaluated, evaluated[1:]):
-        assert not all(torch.equal(a[k], b[k]) for k in a)
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert len(steps) >= 2 and metrics["updates"] == 40
+    assert len(set(steps)) == len(steps) and steps[-1] == saved["step"]
     # The final metrics are at the run's last counters, with the last evaluation's result.
-    assert metrics["return_mean"] == float(len(evaluated))
-    assert metrics["env_steps"] == load_checkpoint(tmp_path / "checkpoint.pt")["run"]["env_steps"] == 200
+    assert metrics["return_mean"] == float(len(steps))
+    assert metrics["env_steps"] == saved["run"]["env_steps"] == 200
 
 
 def test_evaluations_blend_in_the_prior_phase_2_started_from(ray_session, pretrained, tmp_path, monkeypatch):
@@ -690,32 +696,86 @@ def test_ctrl_c_stops_between_results_with_a_resumable_checkpoint(presses, ray_s
     assert saved["step"] == load_checkpoint(ckpt)["step"] and saved["run"]["updates"] == 0
 
 
-def test_ctrl_c_during_an_evaluation_waits_for_its_result(ray_session, pretrained, tmp_path, monkeypatch):
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_an_evaluation_waits_for_it_once_and_stops_it_twice(presses, ray_session, pretrained, tmp_path,
+                                                                          monkeypatch):
     from distdiff.distributed import driver
 
     cfg, ckpt = pretrained
     cfg = tiny_online_config(cfg.data.dataset_id, **{"online.eval_every": 10, "online.max_update_lag": 10,
                                                      "online.env_steps": 100_000})
-    evaluations = []
+    messages, evaluations = [], []
 
-    def interrupted_evaluate(planner, cfg, **_):
+    def wait_for(condition) -> None:
+        deadline = time.monotonic() + 30
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def interrupted_evaluate(planner, cfg, *, stop, **_):
         evaluations.append(threading.current_thread().name)
+        # Played on until the loop has said what it waits for: it must not stop without this
+        # result. (Each press waits for the one before: signals sent from a thread in a row
+        # would merge into one.)
         os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(1.0)  # the loop turns meanwhile: it must not stop without this result
+        wait_for(lambda: any("evaluation in flight" in m for m in messages))
+        if presses == 2:
+            # ...and after a second press, until the run stops it: it must not leave it playing.
+            os.kill(os.getpid(), signal.SIGINT)
+            wait_for(stop)
+            evaluations.append("stopped" if stop() else "not stopped")
+            raise EvaluationStopped("stopped")
         return {"return_mean": 300.0, "return_std": 0.0, "normalized_score": 30.0, "terminations": 0,
                 "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
 
     monkeypatch.setattr(driver, "evaluate", interrupted_evaluate)
-    messages = []
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path, init=ckpt, log=messages.append, progress=False)
-    assert evaluations == ["evaluation"]
-    assert any("waiting for" in m and "the evaluation in flight" in m for m in messages), messages
-    # Its result was taken: the run's metrics, and best.pt with the weights it evaluated.
-    reported = json.loads((tmp_path / "metrics.json").read_text())
-    assert reported["return_mean"] == 300.0 and reported["updates"] >= 10
-    assert load_checkpoint(tmp_path / "best.pt")["run"]["updates"] == reported["updates"]
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["run"]["updates"] >= reported["updates"]
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    if presses == 1:
+        assert evaluations == ["evaluation"]
+        assert any("waiting for" in m and "the evaluation in flight" in m for m in messages), messages
+        # Its result was taken: the run's metrics, and best.pt with the weights it evaluated.
+        reported = json.loads((tmp_path / "metrics.json").read_text())
+        assert reported["return_mean"] == 300.0 and reported["updates"] >= 10
+        assert load_checkpoint(tmp_path / "best.pt")["run"]["updates"] == reported["updates"]
+        assert saved["run"]["updates"] >= reported["updates"]
+    else:
+        # Stopped when the run ended, without a result.
+        assert evaluations == ["evaluation", "stopped"]
+        assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "best.pt").exists()
+        assert saved["run"]["updates"] >= 10
+
+
+def test_a_failed_evaluation_stops_the_run_with_what_was_trained_meanwhile(ray_session, pretrained, tmp_path,
+                                                                           monkeypatch):
+    from distdiff.distributed import driver
+
+    cfg, ckpt = pretrained
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.eval_every": 10, "online.max_update_lag": 10,
+                                                     "online.env_steps": 100_000})
+    log_train = OnlineRun.log_train
+    calls_after = []  # learner calls taken while the evaluation ran
+    failing = threading.Event()
+
+    def count_calls(self, *args):
+        log_train(self, *args)
+        if failing.is_set():
+            calls_after.append(self.counters.updates)
+
+    def failing_evaluate(planner, cfg, **_):
+        failing.set()
+        deadline = time.monotonic() + 30
+        while len(calls_after) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        raise RuntimeError("an env blew up")
+
+    monkeypatch.setattr(OnlineRun, "log_train", count_calls)
+    monkeypatch.setattr(driver, "evaluate", failing_evaluate)
+    with pytest.raises(RunFailed, match="evaluation at update .* failed: RuntimeError: an env blew up"):
+        train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+    # The checkpoints that waited for the evaluation are written: nothing trained while it ran is lost.
+    assert len(calls_after) >= 2
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["run"]["updates"] >= calls_after[-1]
 
 
 def test_nan_batch_is_skipped_and_repeated_failure_stops(pretrained):

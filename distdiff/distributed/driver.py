@@ -146,6 +146,12 @@ def rollout_share(free: int, idle: int, envs: int, max_episode_steps: int, min_s
     return RolloutShare(whole, max_episode_steps) if whole else RolloutShare(1, share)
 
 
+class PendingEvaluation(NamedTuple):
+    result: Future  # the evaluation's summary
+    at: Dict[str, int]  # the counters of the checkpoint it evaluates, and its learner step
+    thread: Optional[threading.Thread]  # None when the result is an earlier one's
+
+
 class Counters:
     """Run progress that a checkpoint must carry to resume where it stopped."""
 
@@ -217,8 +223,8 @@ class OnlineRun:
         self.last_example = None
         self.train_ref = None  # the learner's call in flight
         self.since_broadcast = 0  # updates since the last broadcast
-        # The evaluation in flight: its result, and the counters of the checkpoint it evaluates.
-        self.evaluation: Optional[Tuple[Future, Dict[str, int]]] = None
+        self.evaluation: Optional[PendingEvaluation] = None  # the one in flight
+        self.stop_evaluation = threading.Event()  # asked before each of its plans
         self.evaluated: Optional[Tuple[int, int, Dict[str, object]]] = None  # the last one's learner step, update, result
 
     # ----- weights ---------------------------------------------------------------------------
@@ -281,20 +287,23 @@ class OnlineRun:
             # same weights, whose episodes would be the same too.
             self.log(f"evaluation: no update since the one at update {self.evaluated[1]}; its result stands")
             result.set_result(self.evaluated[2])
-            self.evaluation = (result, at)
+            self.evaluation = PendingEvaluation(result, at, None)
             return
 
         def work() -> None:
             try:
                 # The planner the checkpoint makes, so launch/evaluate.py on it judges the same
                 # one (blended with the prior by online.prior_weight).
-                result.set_result(evaluate(planner_from_checkpoint(state, self.cfg), self.cfg))
+                result.set_result(evaluate(planner_from_checkpoint(state, self.cfg), self.cfg,
+                                           stop=self.stop_evaluation.is_set))
             except BaseException as e:  # re-raised in the loop's thread by finish_evaluation
                 result.set_exception(e)
 
-        # A daemon: a run stopped with an evaluation in flight (a second Ctrl-C) must not wait for it.
-        threading.Thread(target=work, name="evaluation", daemon=True).start()
-        self.evaluation = (result, at)
+        # A daemon, and stopped by close(): a run that ends with an evaluation in flight (a
+        # second Ctrl-C, a failure) must not wait for it, nor leave it playing.
+        thread = threading.Thread(target=work, name="evaluation", daemon=True)
+        thread.start()
+        self.evaluation = PendingEvaluation(result, at, thread)
 
     def finish_evaluation(self) -> Dict[str, object]:
         """Wait for the evaluation in flight; the run's metrics summary, also written to
@@ -306,7 +315,7 @@ class OnlineRun:
         made before the next trial may start. No checkpoint is written while an evaluation is
         in flight, so ``checkpoint.pt`` is still the one evaluated.
         """
-        result, at = self.evaluation
+        result, at, _ = self.evaluation
         self.evaluation = None
         summary = result.result()
         self.evaluated = (at["step"], at["updates"], summary)
@@ -580,10 +589,21 @@ class OnlineRun:
         # every worker parked, and only the learner's owed updates can start it.
         train_more()
 
-        while rollouts or self.train_ref is not None or retry_at or self.evaluation is not None:
-            if self.evaluation is not None and self.evaluation[0].done():
+        def take_evaluation() -> None:
+            """Take the evaluation in flight if it has ended. One that failed stops the run,
+            after a checkpoint of the training done while it ran (no checkpoint waits for it
+            any more)."""
+            if self.evaluation is None or not self.evaluation.result.done():
+                return
+            update = self.evaluation.at["updates"]
+            try:
                 self.finish_evaluation()
-                continue
+            except Exception as e:
+                self.checkpoint()
+                raise RunFailed(f"the evaluation at update {update} failed: {type(e).__name__}: {e}") from e
+
+        while rollouts or self.train_ref is not None or retry_at or self.evaluation is not None:
+            take_evaluation()
             if stopping() and interrupted.again.is_set():
                 raise KeyboardInterrupt  # here, between results: the checkpoint follows
             if stopping() and not draining:
@@ -598,7 +618,7 @@ class OnlineRun:
             waiting = list(rollouts) + ([self.train_ref] if self.train_ref is not None else [])
             # A bounded wait: a Ctrl-C only sets a flag, which a wait for one long rollout
             # would leave unread.
-            short = retry_at or self.evaluation is not None
+            short = bool(retry_at) or self.evaluation is not None
             ready, _ = ray.wait(waiting, num_returns=1, timeout=0.25 if short else 1.0) if waiting else ([], [])
             now = time.perf_counter()
             for i in [i for i, t in retry_at.items() if t <= now]:
@@ -621,16 +641,17 @@ class OnlineRun:
                     next_fig += o.figure_every
                 # While an evaluation runs, checkpoint.pt must stay the weights it evaluates (its
                 # result may copy it to best.pt, or report it to Tune): what comes due meanwhile
-                # waits for a learner call after it ends.
+                # waits for the first learner call after it ends, once however many came due.
+                take_evaluation()
                 idle = self.evaluation is None
                 eval_due = idle and next_eval is not None and c.updates >= next_eval and not stopping()
                 if idle and c.updates >= next_ckpt:
                     if not eval_due:  # an evaluation writes its own checkpoint first
                         self.checkpoint()
-                    next_ckpt += o.checkpoint_every
+                    next_ckpt = (c.updates // o.checkpoint_every + 1) * o.checkpoint_every
                 if eval_due:
                     self.start_evaluation()
-                    next_eval += o.eval_every
+                    next_eval = (c.updates // o.eval_every + 1) * o.eval_every
                 collecting = collecting and self.budget_left(t0)
                 if collecting:
                     submit_parked()
@@ -668,6 +689,10 @@ class OnlineRun:
         self.broadcast()
 
     def close(self) -> None:
+        if self.evaluation is not None and self.evaluation.thread is not None:
+            # Its result is not wanted any more; it stops before its next plan.
+            self.stop_evaluation.set()
+            self.evaluation.thread.join(timeout=60)
         self.writer.close()
         for a in self.workers + [self.replay, self.learner]:
             ray.kill(a)
