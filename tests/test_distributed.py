@@ -746,6 +746,22 @@ def test_ctrl_c_during_an_evaluation_waits_for_it_once_and_stops_it_twice(presse
         assert saved["run"]["updates"] >= 10
 
 
+def test_an_evaluation_asks_its_stop_before_every_plan(pretrained):
+    from distdiff.evaluation import evaluate
+    from distdiff.training import planner_from_checkpoint
+
+    cfg, ckpt = pretrained
+    asked = []
+
+    def stop_at_the_third_plan() -> bool:
+        asked.append(True)
+        return len(asked) == 3
+
+    with pytest.raises(EvaluationStopped):
+        evaluate(planner_from_checkpoint(load_checkpoint(ckpt), cfg), cfg, stop=stop_at_the_third_plan)
+    assert len(asked) == 3
+
+
 def test_a_failed_evaluation_stops_the_run_with_what_was_trained_meanwhile(ray_session, pretrained, tmp_path,
                                                                            monkeypatch):
     from distdiff.distributed import driver
