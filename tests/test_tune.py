@@ -21,6 +21,11 @@ from distdiff.distributed.tuning import load_spec, make_scheduler, make_tuner, p
 ROOT = Path(__file__).resolve().parents[1]
 
 
+FIXED = {"train.steps": 20, "env.max_episode_steps": 40, "online.num_actors": 2, "online.envs_per_actor": 1,
+         "online.env_steps": 80, "online.updates_per_env_step": 0.1, "online.updates_per_call": 4, "eval.episodes": 1,
+         "eval.num_envs": 1}
+
+
 def write_sweep(path: Path, dataset_id: str, **extra) -> Path:
     sweep = {
         "base": str(ROOT / "configs" / "smoke.yaml"),
@@ -29,9 +34,7 @@ def write_sweep(path: Path, dataset_id: str, **extra) -> Path:
         "max_concurrent": 1,
         "scheduler": "fifo",
         "resources": {"driver_cpus": 0.25, "learner_cpus": 0.5, "learner_gpus": 0, "actor_cpus": 0.25},
-        "fixed": {"data.dataset_id": dataset_id, "train.steps": 20, "env.max_episode_steps": 40, "online.num_actors": 2,
-                  "online.envs_per_actor": 1, "online.env_steps": 80, "online.updates_per_env_step": 0.1,
-                  "online.updates_per_call": 4, "eval.episodes": 1, "eval.num_envs": 1},
+        "fixed": {"data.dataset_id": dataset_id, **FIXED},
         "space": {"diffusion.schedule": {"grid": ["linear", "sigmoid"]},
                   "guidance.scale": {"loguniform": [0.001, 1.0], "zero": 0.5}},
         **extra,
@@ -102,12 +105,44 @@ def test_scheduler_options_are_checked_and_passed_on(tiny_dataset, tmp_path):
     with pytest.raises(ConfigError, match="invalid sweep pbt"):
         load_spec(no_mutation)
     spec = load_spec(write_sweep(tmp_path / "d.yaml", tiny_dataset, scheduler="pbt",
-                                 pbt={"mutations": ["guidance.scale"], "quantile_fraction": 0.5, "burn_in_period": 3}))
+                                 pbt={"mutations": ["guidance.scale"], "quantile_fraction": 0.5, "burn_in_period": 3},
+                                 fixed={**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 4}))
     pbt = make_scheduler(spec, param_space(spec))
-    assert (pbt._quantile_fraction, pbt._burn_in_period, pbt._perturbation_interval) == (0.5, 3, 2)
+    assert (pbt._quantile_fraction, pbt._burn_in_period, pbt._perturbation_interval) == (0.5, 3, 1000)
+    # Trials are compared at their learner updates, not at their number of reports.
+    assert pbt._time_attr == "updates"
+    asha = load_spec(write_sweep(tmp_path / "e.yaml", tiny_dataset, scheduler="asha", asha={"reduction_factor": 3},
+                                 fixed={**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 4}))
+    asha = make_scheduler(asha, param_space(asha))
+    assert (asha._time_attr, asha._reduction_factor, asha._max_t) == ("updates", 3, 10_000)
+    assert sorted(milestone for milestone, _ in asha._brackets[0]._rungs) == [500, 1500, 4500]  # from grace_period
     # The `zero:` domain of guidance.scale is resampled with its exact zeros.
     values = [pbt._hyperparam_mutations["guidance.scale"]() for _ in range(100)]
     assert 0.0 in values and all(v == 0.0 or 0.001 <= v <= 1.0 for v in values)
+
+
+def test_a_scheduler_needs_evaluations_before_its_first_decision(tiny_dataset, tmp_path):
+    # Its time is learner updates: a trial reports at each evaluation, every online.eval_every.
+    fixed = {**FIXED, "data.dataset_id": tiny_dataset}
+    for scheduler, options, key in (("asha", {"grace_period": 10}, "grace_period"),
+                                    ("pbt", {"mutations": ["guidance.scale"], "perturbation_interval": 10},
+                                     "perturbation_interval")):
+        never = write_sweep(tmp_path / "n.yaml", tiny_dataset, scheduler=scheduler, **{scheduler: options})
+        with pytest.raises(ConfigError, match="online.eval_every is 0"):
+            load_spec(never)
+        late = write_sweep(tmp_path / "l.yaml", tiny_dataset, scheduler=scheduler, **{scheduler: options},
+                           fixed={**fixed, "online.eval_every": 20})
+        with pytest.raises(ConfigError, match=rf"{scheduler}.{key} \(10\) counts learner updates"):
+            load_spec(late)
+        assert load_spec(write_sweep(tmp_path / "ok.yaml", tiny_dataset, scheduler=scheduler, **{scheduler: options},
+                                     fixed={**fixed, "online.eval_every": 10})).scheduler == scheduler
+
+
+def test_the_shipped_sweep_loads():
+    spec = load_spec(ROOT / "configs" / "tune.yaml")
+    scheduler = make_scheduler(spec, param_space(spec))
+    first_rung = min(milestone for milestone, _ in scheduler._brackets[0]._rungs)
+    assert scheduler._time_attr == "updates" and first_rung >= spec.trial_config({}).online.eval_every > 0
 
 
 def test_resume_takes_a_relative_storage_path(tiny_dataset, tmp_path, monkeypatch):

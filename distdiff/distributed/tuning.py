@@ -31,6 +31,7 @@ SCHEDULERS = ("asha", "pbt", "fifo")
 # What trial_config takes from the sweep's resources, overriding the base config.
 RESOURCE_FIELDS = ("online.actor_num_cpus", "online.learner_num_cpus", "online.learner_num_gpus")
 REPORTED = ("normalized_score", "alignment_error", "return_mean", "return_std", "env_steps", "updates", "weights_version")
+TIME_ATTR = "updates"  # the schedulers' time (make_scheduler)
 
 
 @dataclass
@@ -57,8 +58,9 @@ class SweepSpec:
     max_concurrent: int = 2
     seed: int = 0
     scheduler: str = "asha"
-    asha: Dict[str, Any] = field(default_factory=lambda: {"grace_period": 1, "reduction_factor": 2, "max_t": 100})
-    pbt: Dict[str, Any] = field(default_factory=lambda: {"perturbation_interval": 2, "mutations": []})
+    # In learner updates (the schedulers' time): see make_scheduler.
+    asha: Dict[str, Any] = field(default_factory=lambda: {"grace_period": 500, "reduction_factor": 2, "max_t": 10_000})
+    pbt: Dict[str, Any] = field(default_factory=lambda: {"perturbation_interval": 1000, "mutations": []})
     resources: TrialResources = field(default_factory=TrialResources)
 
     def trial_config(self, params: Dict[str, Any]) -> Config:
@@ -168,7 +170,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise ConfigError("invalid sweep:\n  " + "\n  ".join(errors))
     # Unknown field names and invalid values fail here, not in a trial an hour later.
     try:
-        spec.trial_config({})
+        every = spec.trial_config({}).online.eval_every
         for key, dom in spec.space.items():
             for value in _examples(dom):
                 spec.trial_config({key: value})
@@ -179,6 +181,17 @@ def load_spec(path: str | Path) -> SweepSpec:
     # Ray's schedulers check some of their values with assert statements.
     except (TypeError, ValueError, AssertionError, tune.TuneError) as e:
         raise ConfigError(f"invalid sweep {spec.scheduler}: {e}") from None
+    if spec.scheduler != "fifo" and "online.eval_every" not in spec.space:
+        # The scheduler compares trials by what they report, in learner updates.
+        key = "grace_period" if spec.scheduler == "asha" else "perturbation_interval"
+        first = {**getattr(SweepSpec(), spec.scheduler), **getattr(spec, spec.scheduler)}[key]
+        if every == 0:
+            raise ConfigError(f"invalid sweep: {spec.scheduler} compares trials by their evaluations, and "
+                              "online.eval_every is 0 (a trial reports only at its end): set it under `fixed`")
+        if isinstance(first, (int, float)) and first < every:
+            raise ConfigError(f"invalid sweep: {spec.scheduler}.{key} ({first}) counts learner updates, and is "
+                              f"below online.eval_every ({every}), so no trial reports before it: raise it or "
+                              "lower online.eval_every")
     return spec
 
 
@@ -242,14 +255,18 @@ def trial_resources(spec: SweepSpec, params: Dict[str, Any]):
 
 
 def make_scheduler(spec: SweepSpec, space: Dict[str, Any]):
+    """The sweep's scheduler. Its time is a trial's learner updates, not its number of reports:
+    evaluations run beside training and come once however many intervals one spans, so the
+    k-th report of two trials may come after different numbers of updates (a planner whose
+    episodes last longer evaluates slower), and comparing them by report would favour it."""
     if spec.scheduler == "asha":
-        return ASHAScheduler(time_attr="training_iteration", **spec.asha)
+        return ASHAScheduler(time_attr=TIME_ATTR, **{**SweepSpec().asha, **spec.asha})
     if spec.scheduler == "pbt":
-        options = {"perturbation_interval": 2, **spec.pbt}
+        options = {**SweepSpec().pbt, **spec.pbt}
         # PBT resamples from a plain function but refuses tune.sample_from (the `zero:` domain).
         mutations = {k: (lambda f=space[k].func: f(None)) if isinstance(space[k], Function) else space[k]
                      for k in options.pop("mutations", [])}
-        return PopulationBasedTraining(time_attr="training_iteration", hyperparam_mutations=mutations, **options)
+        return PopulationBasedTraining(time_attr=TIME_ATTR, hyperparam_mutations=mutations, **options)
     return FIFOScheduler()
 
 
