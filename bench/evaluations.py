@@ -1,0 +1,74 @@
+"""Mid-run evaluations in phase 2: how much of their time the run still waits for.
+
+Runs the same phase 2 twice from one short-pretrained prior, with a fixed update budget: once
+with only the final evaluation, once with one every ``--eval-every`` updates too. Each
+evaluation is timed where the driver calls it. Prints one JSON line: each run's wall time,
+evaluations and their total time, and ``hidden_share`` = 1 − (extra wall time ÷ extra
+evaluation time): 0 when the run waits for every evaluation, 1 when training hides them all.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import MINARI_PATH_HELP, ROOT, use_minari_store  # noqa: E402
+
+from distdiff import config as config_lib  # noqa: E402
+from distdiff.distributed import driver  # noqa: E402
+from distdiff.pretrain import pretrain  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"))
+    p.add_argument("--dataset", default="local/walker2d/sac-medium-v0")
+    p.add_argument("--minari-path", default=None, help=MINARI_PATH_HELP)
+    p.add_argument("--pretrain-steps", type=int, default=300, help="the prior's offline steps (its quality does not matter here)")
+    p.add_argument("--num-actors", type=int, default=1)
+    p.add_argument("--updates", type=int, default=600, help="phase 2's update budget, in both runs")
+    p.add_argument("--eval-every", type=int, default=150)
+    p.add_argument("--eval-episodes", type=int, default=10)
+    args = p.parse_args()
+    use_minari_store(args.minari_path)
+    base = {"data.dataset_id": args.dataset, "data.fallback_dataset_id": "", "train.steps": args.pretrain_steps,
+            "train.num_threads": 1, "online.num_actors": args.num_actors, "online.env_steps": 0,
+            "online.updates": args.updates, "online.finish_updates": False, "eval.episodes": args.eval_episodes,
+            "eval.num_envs": args.eval_episodes}
+    evaluate, seconds = driver.evaluate, []
+
+    def timed_evaluate(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return evaluate(*a, **kw)
+        finally:
+            seconds.append(time.perf_counter() - t)
+
+    driver.evaluate = timed_evaluate
+    out = {"num_actors": args.num_actors, "updates": args.updates, "eval_every": args.eval_every,
+           "eval_episodes": args.eval_episodes}
+    ray.init(address="local", include_dashboard=False, logging_level="warning")
+    with tempfile.TemporaryDirectory() as tmp:
+        prior = pretrain(config_lib.load(args.config, base), Path(tmp) / "prior", quiet=True)
+        for name, every in (("without", 0), ("with", args.eval_every)):
+            cfg = config_lib.load(args.config, {**base, "online.eval_every": every})
+            seconds.clear()
+            t = time.perf_counter()
+            metrics = driver.train(cfg, Path(tmp) / name, init=prior, log=lambda s: None, progress=False)
+            out[name] = {"phase2_s": time.perf_counter() - t, "updates": metrics["updates"],
+                         "evaluations": len(seconds), "evaluation_s": sum(seconds)}
+    extra = out["with"]["evaluation_s"] - out["without"]["evaluation_s"]
+    out["hidden_share"] = 1 - (out["with"]["phase2_s"] - out["without"]["phase2_s"]) / extra if extra > 0 else None
+    print(json.dumps(out))
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    main()
