@@ -569,19 +569,24 @@ def test_the_loop_goes_on_while_an_evaluation_runs_and_best_pt_is_what_it_evalua
     evaluating = threading.Event()
     during = []  # env steps of the rollouts delivered while the first evaluation ran
     evaluated = []  # (return, the evaluated planner's denoiser weights)
+    messages = []
 
     def log_and_count(self, *args):
         log_rollout(self, *args)
         if evaluating.is_set():
             during.append(self.counters.env_steps)
 
+    def said_slow() -> bool:
+        return any("evaluations come due faster than they end" in m for m in messages)
+
     def scripted_evaluate(planner, cfg, **_):
         if not evaluated:
-            # The first one lasts until the loop has delivered two rollouts: a loop that waited
-            # for it would deliver none, and this would time out.
+            # The first one lasts until the loop has delivered two rollouts, and trained until
+            # the next evaluation came due: a loop that waited for it would do neither, and
+            # this would time out.
             evaluating.set()
             deadline = time.monotonic() + 60
-            while len(during) < 2 and time.monotonic() < deadline:
+            while (len(during) < 2 or not said_slow()) and time.monotonic() < deadline:
                 time.sleep(0.05)
             evaluating.clear()
         score = 300.0 if not evaluated else 100.0
@@ -591,8 +596,8 @@ def test_the_loop_goes_on_while_an_evaluation_runs_and_best_pt_is_what_it_evalua
 
     monkeypatch.setattr(OnlineRun, "log_rollout", log_and_count)
     monkeypatch.setattr(driver, "evaluate", scripted_evaluate)
-    metrics = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
-    assert len(during) >= 2
+    metrics = train(cfg, tmp_path, init=ckpt, log=messages.append, progress=False)
+    assert len(during) >= 2 and said_slow()
     best = metrics["best"]
     assert best["return_mean"] == 300.0 and best["env_steps"] < during[0] <= metrics["env_steps"]
     assert 10 <= best["updates"] < metrics["updates"]

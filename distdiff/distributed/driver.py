@@ -478,6 +478,7 @@ class OnlineRun:
         retry_at: Dict[int, float] = {}  # dead workers, resubmitted after a back-off while Ray restarts them
         dropped: set = set()  # workers that kept failing: they take no share of the budget
         draining = False  # after a Ctrl-C: the rollouts in flight are collected, nothing new starts
+        said_slow = False  # that evaluations come due faster than they end
         size_ref = None
         ahead: Optional[ray.ObjectRef] = None  # a full call's batches, sampled ahead for the next call
         t0, env0, upd0 = time.perf_counter(), c.env_steps, c.updates
@@ -644,6 +645,12 @@ class OnlineRun:
                 # waits for the first learner call after it ends, once however many came due.
                 take_evaluation()
                 idle = self.evaluation is None
+                if not idle and not said_slow and next_eval is not None and c.updates >= next_eval:
+                    said_slow = True
+                    self.log(f"evaluations come due faster than they end (the one at update "
+                             f"{self.evaluation.at['updates']} still runs at update {c.updates}): each starts with the "
+                             f"first learner call after the one before it ended; raise online.eval_every (now "
+                             f"{o.eval_every}) for evenly spaced ones")
                 eval_due = idle and next_eval is not None and c.updates >= next_eval and not stopping()
                 if idle and c.updates >= next_ckpt:
                     if not eval_due:  # an evaluation writes its own checkpoint first
