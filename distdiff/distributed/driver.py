@@ -612,8 +612,8 @@ class OnlineRun:
                 # after the resume. A second Ctrl-C stops the wait (the checkpoint still follows).
                 draining, collecting = True, False
                 retry_at.clear()
-                what = ([f"the {_count(len(rollouts), 'rollout')} in flight, to keep their steps"] if rollouts else []) \
-                    + (["the evaluation in flight"] if self.evaluation is not None else [])
+                what = ([f"the {_count(len(rollouts), 'rollout')} in flight (to keep their steps)"] if rollouts else []) \
+                    + (["the evaluation in flight (to keep its result)"] if self.evaluation is not None else [])
                 if what:
                     self.log(f"interrupted: waiting for {' and '.join(what)} (Ctrl-C again to stop without them)")
             waiting = list(rollouts) + ([self.train_ref] if self.train_ref is not None else [])
