@@ -608,32 +608,30 @@ def test_the_loop_goes_on_while_an_evaluation_runs_and_best_pt_is_what_it_evalua
     assert saved["run"]["updates"] == best["updates"] and saved["run"]["env_steps"] == best["env_steps"]
 
 
-def test_the_final_evaluation_does_not_repeat_one_of_the_same_weights(ray_session, pretrained, tmp_path, monkeypatch):
+def test_an_evaluation_of_weights_already_evaluated_keeps_their_result(ray_session, pretrained, tmp_path, monkeypatch):
     from distdiff.distributed import driver
 
     cfg, ckpt = pretrained
-    # An evaluation comes due at every learner call, the last one included.
-    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.eval_every": 5})
-    planner_from_checkpoint, steps = driver.planner_from_checkpoint, []  # the learner step of each evaluated checkpoint
-
-    def recording_planner(state, cfg):
-        if threading.current_thread().name == "evaluation":
-            steps.append(state["step"])
-        return planner_from_checkpoint(state, cfg)
+    played = []
 
     def scripted_evaluate(planner, cfg, **_):
-        return {"return_mean": float(len(steps)), "return_std": 0.0, "normalized_score": 0.0, "terminations": 0,
+        played.append(True)
+        return {"return_mean": 5.0, "return_std": 0.0, "normalized_score": 0.1, "terminations": 0,
                 "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
 
-    monkeypatch.setattr(driver, "planner_from_checkpoint", recording_planner)
     monkeypatch.setattr(driver, "evaluate", scripted_evaluate)
-    metrics = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
-    saved = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert len(steps) >= 2 and metrics["updates"] == 40
-    assert len(set(steps)) == len(steps) and steps[-1] == saved["step"]
-    # The final metrics are at the run's last counters, with the last evaluation's result.
-    assert metrics["return_mean"] == float(len(steps))
-    assert metrics["env_steps"] == saved["run"]["env_steps"] == 200
+    run = start_run(cfg, tmp_path, ckpt)
+    messages = []
+    run.log = messages.append
+    try:
+        first = run.evaluate()
+        run.counters.env_steps += 7  # collected since, but no update: the same weights
+        second = run.evaluate()
+    finally:
+        run.close()
+    assert len(played) == 1 and any("its result stands" in m for m in messages)
+    assert second["return_mean"] == first["return_mean"] and second["env_steps"] == first["env_steps"] + 7
+    assert json.loads((tmp_path / "metrics.json").read_text())["env_steps"] == second["env_steps"]
 
 
 def test_evaluations_blend_in_the_prior_phase_2_started_from(ray_session, pretrained, tmp_path, monkeypatch):

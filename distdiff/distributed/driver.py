@@ -316,8 +316,9 @@ class OnlineRun:
         in flight, so ``checkpoint.pt`` is still the one evaluated.
         """
         result, at, _ = self.evaluation
-        self.evaluation = None
+        # Kept in flight until it returns: a Ctrl-C during the wait leaves it for close() to stop.
         summary = result.result()
+        self.evaluation = None
         self.evaluated = (at["step"], at["updates"], summary)
         metrics = {
             **{k: summary[k] for k in (*EVAL_SCALARS, "return_std", "alignment_error_per_step")},
@@ -596,12 +597,12 @@ class OnlineRun:
             any more)."""
             if self.evaluation is None or not self.evaluation.result.done():
                 return
-            update = self.evaluation.at["updates"]
-            try:
-                self.finish_evaluation()
-            except Exception as e:
+            error = self.evaluation.result.exception()
+            if error is not None:
+                update, self.evaluation = self.evaluation.at["updates"], None
                 self.checkpoint()
-                raise RunFailed(f"the evaluation at update {update} failed: {type(e).__name__}: {e}") from e
+                raise RunFailed(f"the evaluation at update {update} failed: {type(error).__name__}: {error}") from error
+            self.finish_evaluation()
 
         while rollouts or self.train_ref is not None or retry_at or self.evaluation is not None:
             take_evaluation()
@@ -695,11 +696,15 @@ class OnlineRun:
             raise RunFailed("no rollout actor is left alive")
         self.broadcast()
 
-    def close(self) -> None:
+    def stop_evaluating(self) -> None:
+        """Stop the evaluation in flight, if any, before its next plan: its result is not wanted
+        any more (the run ends), and it would compete for the CPUs with what remains."""
+        self.stop_evaluation.set()
         if self.evaluation is not None and self.evaluation.thread is not None:
-            # Its result is not wanted any more; it stops before its next plan.
-            self.stop_evaluation.set()
             self.evaluation.thread.join(timeout=60)
+
+    def close(self) -> None:
+        self.stop_evaluating()
         self.writer.close()
         for a in self.workers + [self.replay, self.learner]:
             ray.kill(a)
@@ -855,6 +860,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         raise RunFailed(f"an actor of the run died: {_cause(e)}") from e
     except KeyboardInterrupt:
         log(f"interrupted: saving a checkpoint; resume with --resume {run_dir}")
+        run.stop_evaluating()
         run.checkpoint()
         raise
     finally:
