@@ -98,44 +98,55 @@ def test_scheduler_options_are_checked_and_passed_on(tiny_dataset, tmp_path):
     typo = write_sweep(tmp_path / "a.yaml", tiny_dataset, scheduler="asha", asha={"grace": 1, "max_t": 10})
     with pytest.raises(ConfigError, match=r"asha: unknown options \['grace'\]"):
         load_spec(typo)
-    bad_value = write_sweep(tmp_path / "b.yaml", tiny_dataset, scheduler="asha", asha={"reduction_factor": 1})
+    evaluated = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2}
+    bad_value = write_sweep(tmp_path / "b.yaml", tiny_dataset, scheduler="asha", asha={"reduction_factor": 1},
+                            fixed=evaluated)
     with pytest.raises(ConfigError, match="invalid sweep asha"):
         load_spec(bad_value)
-    no_mutation = write_sweep(tmp_path / "c.yaml", tiny_dataset, scheduler="pbt", pbt={"mutations": []})
+    no_mutation = write_sweep(tmp_path / "c.yaml", tiny_dataset, scheduler="pbt", pbt={"mutations": []}, fixed=evaluated)
     with pytest.raises(ConfigError, match="invalid sweep pbt"):
         load_spec(no_mutation)
-    spec = load_spec(write_sweep(tmp_path / "d.yaml", tiny_dataset, scheduler="pbt",
-                                 pbt={"mutations": ["guidance.scale"], "quantile_fraction": 0.5, "burn_in_period": 3},
-                                 fixed={**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 4}))
+    spec = load_spec(write_sweep(tmp_path / "d.yaml", tiny_dataset, scheduler="pbt", fixed=evaluated,
+                                 pbt={"mutations": ["guidance.scale"], "quantile_fraction": 0.5, "burn_in_period": 3}))
     pbt = make_scheduler(spec, param_space(spec))
-    assert (pbt._quantile_fraction, pbt._burn_in_period, pbt._perturbation_interval) == (0.5, 3, 1000)
-    # Trials are compared at their learner updates, not at their number of reports.
+    # Trials are compared at their learner updates, not at their number of reports; left out,
+    # the perturbation interval is two evaluations.
+    assert (pbt._quantile_fraction, pbt._burn_in_period, pbt._perturbation_interval) == (0.5, 3, 4)
     assert pbt._time_attr == "updates"
     asha = load_spec(write_sweep(tmp_path / "e.yaml", tiny_dataset, scheduler="asha", asha={"reduction_factor": 3},
-                                 fixed={**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 4}))
+                                 fixed={**evaluated, "online.env_steps": 200}))
     asha = make_scheduler(asha, param_space(asha))
-    assert (asha._time_attr, asha._reduction_factor, asha._max_t) == ("updates", 3, 10_000)
-    assert sorted(milestone for milestone, _ in asha._brackets[0]._rungs) == [500, 1500, 4500]  # from grace_period
+    # Left out, the first rung is at the first evaluation, and max_t at the trials' 20 updates.
+    assert (asha._time_attr, asha._reduction_factor, asha._max_t) == ("updates", 3, 20)
+    assert sorted(milestone for milestone, _ in asha._brackets[0]._rungs) == [2, 6, 18]
     # The `zero:` domain of guidance.scale is resampled with its exact zeros.
     values = [pbt._hyperparam_mutations["guidance.scale"]() for _ in range(100)]
     assert 0.0 in values and all(v == 0.0 or 0.001 <= v <= 1.0 for v in values)
 
 
-def test_a_scheduler_needs_evaluations_before_its_first_decision(tiny_dataset, tmp_path):
-    # Its time is learner updates: a trial reports at each evaluation, every online.eval_every.
+def test_a_scheduler_that_could_not_act_on_the_evaluations_is_refused(tiny_dataset, tmp_path):
+    # Times are learner updates; a trial reports at each evaluation. FIXED trials train 8 updates.
     fixed = {**FIXED, "data.dataset_id": tiny_dataset}
-    for scheduler, options, key in (("asha", {"grace_period": 10}, "grace_period"),
-                                    ("pbt", {"mutations": ["guidance.scale"], "perturbation_interval": 10},
+    for scheduler, options, key in (("asha", {"grace_period": 4}, "grace_period"),
+                                    ("pbt", {"mutations": ["guidance.scale"], "perturbation_interval": 4},
                                      "perturbation_interval")):
-        never = write_sweep(tmp_path / "n.yaml", tiny_dataset, scheduler=scheduler, **{scheduler: options})
+        def sweep(name, scheduler=scheduler, **kw):
+            return write_sweep(tmp_path / name, tiny_dataset, scheduler=scheduler, **kw)
+
         with pytest.raises(ConfigError, match="online.eval_every is 0"):
-            load_spec(never)
-        late = write_sweep(tmp_path / "l.yaml", tiny_dataset, scheduler=scheduler, **{scheduler: options},
-                           fixed={**fixed, "online.eval_every": 20})
-        with pytest.raises(ConfigError, match=rf"{scheduler}.{key} \(10\) counts learner updates"):
-            load_spec(late)
-        assert load_spec(write_sweep(tmp_path / "ok.yaml", tiny_dataset, scheduler=scheduler, **{scheduler: options},
-                                     fixed={**fixed, "online.eval_every": 10})).scheduler == scheduler
+            load_spec(sweep("none.yaml", **{scheduler: options}))
+        swept = {"online.eval_every": {"choice": [0, 2]}, "guidance.scale": {"uniform": [0.0, 1.0]}}
+        with pytest.raises(ConfigError, match="online.eval_every can be 0"):
+            load_spec(sweep("swept.yaml", **{scheduler: options}, space=swept))
+        with pytest.raises(ConfigError, match=rf"{scheduler}.{key} \(4\) counts learner updates"):
+            load_spec(sweep("units.yaml", **{scheduler: options}, fixed={**fixed, "online.eval_every": 6}))
+        with pytest.raises(ConfigError, match=rf"{scheduler}.{key} \(10\) is beyond a trial's budget of 8"):
+            load_spec(sweep("late.yaml", **{scheduler: {**options, key: 10}}, fixed={**fixed, "online.eval_every": 2}))
+        assert load_spec(sweep("ok.yaml", **{scheduler: options}, fixed={**fixed, "online.eval_every": 4})).scheduler \
+            == scheduler
+    with pytest.raises(ConfigError, match="asha needs max_t"):
+        load_spec(write_sweep(tmp_path / "wall.yaml", tiny_dataset, scheduler="asha",
+                              fixed={**fixed, "online.eval_every": 2, "online.env_steps": 0, "online.wall_time_s": 60}))
 
 
 def test_the_shipped_sweep_loads():

@@ -58,9 +58,9 @@ class SweepSpec:
     max_concurrent: int = 2
     seed: int = 0
     scheduler: str = "asha"
-    # In learner updates (the schedulers' time): see make_scheduler.
-    asha: Dict[str, Any] = field(default_factory=lambda: {"grace_period": 500, "reduction_factor": 2, "max_t": 10_000})
-    pbt: Dict[str, Any] = field(default_factory=lambda: {"perturbation_interval": 1000, "mutations": []})
+    # Times in learner updates; what is left out comes from the trial config (scheduler_options).
+    asha: Dict[str, Any] = field(default_factory=dict)
+    pbt: Dict[str, Any] = field(default_factory=lambda: {"mutations": []})
     resources: TrialResources = field(default_factory=TrialResources)
 
     def trial_config(self, params: Dict[str, Any]) -> Config:
@@ -170,29 +170,72 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise ConfigError("invalid sweep:\n  " + "\n  ".join(errors))
     # Unknown field names and invalid values fail here, not in a trial an hour later.
     try:
-        every = spec.trial_config({}).online.eval_every
+        spec.trial_config({})
         for key, dom in spec.space.items():
             for value in _examples(dom):
                 spec.trial_config({key: value})
     except ConfigError as e:
         raise ConfigError(f"invalid sweep space: {e}") from None
+    if spec.scheduler != "fifo":
+        _check_schedule(spec)
     try:
         make_scheduler(spec, param_space(spec))
     # Ray's schedulers check some of their values with assert statements.
     except (TypeError, ValueError, AssertionError, tune.TuneError) as e:
         raise ConfigError(f"invalid sweep {spec.scheduler}: {e}") from None
-    if spec.scheduler != "fifo" and "online.eval_every" not in spec.space:
-        # The scheduler compares trials by what they report, in learner updates.
-        key = "grace_period" if spec.scheduler == "asha" else "perturbation_interval"
-        first = {**getattr(SweepSpec(), spec.scheduler), **getattr(spec, spec.scheduler)}[key]
-        if every == 0:
-            raise ConfigError(f"invalid sweep: {spec.scheduler} compares trials by their evaluations, and "
-                              "online.eval_every is 0 (a trial reports only at its end): set it under `fixed`")
-        if isinstance(first, (int, float)) and first < every:
-            raise ConfigError(f"invalid sweep: {spec.scheduler}.{key} ({first}) counts learner updates, and is "
-                              f"below online.eval_every ({every}), so no trial reports before it: raise it or "
-                              "lower online.eval_every")
     return spec
+
+
+def _eval_every(spec: SweepSpec) -> List[int]:
+    """The trials' online.eval_every: every example of its domain when it is swept."""
+    if "online.eval_every" in spec.space:
+        return [int(v) for v in _examples(spec.space["online.eval_every"])]
+    return [spec.trial_config({}).online.eval_every]
+
+
+def update_budget(cfg: Config) -> Optional[int]:
+    """A run's learner updates, when its budget sets them (else it stops on wall time)."""
+    o = cfg.online
+    budgets = [b for b in (o.updates, int(o.env_steps * o.updates_per_env_step) if o.env_steps else 0) if b > 0]
+    return min(budgets) if budgets else None
+
+
+def scheduler_options(spec: SweepSpec) -> Dict[str, Any]:
+    """The scheduler's options, times in learner updates. Those the sweep leaves out come from the
+    trial config: ASHA's first rung at the trials' evaluation interval and its max_t at their
+    update budget, PBT's perturbation every two evaluations."""
+    every = max(_eval_every(spec))
+    if spec.scheduler == "asha":
+        budget = update_budget(spec.trial_config({}))
+        return {"grace_period": every, "reduction_factor": 2, **({"max_t": budget} if budget else {}), **spec.asha}
+    if spec.scheduler == "pbt":
+        return {"perturbation_interval": 2 * every, **spec.pbt}
+    return {}
+
+
+def _check_schedule(spec: SweepSpec) -> None:
+    """A scheduler acts on the trials' evaluations, in learner updates: refuse one that never
+    could (no evaluation before a trial's end, its first decision beyond the budget) or whose
+    times are in other units (below one evaluation interval: the training_iteration units of
+    sweep files written for earlier versions)."""
+    name = spec.scheduler
+    key = "grace_period" if name == "asha" else "perturbation_interval"
+    everies = _eval_every(spec)
+    if min(everies) <= 0:
+        raise ConfigError(f"invalid sweep: {name} compares trials by their evaluations, and online.eval_every "
+                          f"{'can be' if len(everies) > 1 else 'is'} 0 (a trial reports only at its end): set it")
+    options = scheduler_options(spec)
+    first, budget = options[key], update_budget(spec.trial_config({}))
+    if name == "asha" and "max_t" not in options:
+        raise ConfigError("invalid sweep: asha needs max_t (learner updates) when the trials' budget sets no "
+                          "number of updates (online.updates, or online.env_steps)")
+    if isinstance(first, (int, float)) and first < max(everies):
+        raise ConfigError(f"invalid sweep: {name}.{key} ({first}) counts learner updates, and is below "
+                          f"online.eval_every ({max(everies)}): a trial reports no sooner than that; raise it "
+                          "(times are in learner updates) or lower online.eval_every")
+    if budget is not None and isinstance(first, (int, float)) and first > budget:
+        raise ConfigError(f"invalid sweep: {name}.{key} ({first}) is beyond a trial's budget of {budget} learner "
+                          f"updates: {name} would never act; lower it")
 
 
 def _domain(dom: Dict[str, Any], rng: random.Random):
@@ -257,12 +300,13 @@ def trial_resources(spec: SweepSpec, params: Dict[str, Any]):
 def make_scheduler(spec: SweepSpec, space: Dict[str, Any]):
     """The sweep's scheduler. Its time is a trial's learner updates, not its number of reports:
     evaluations run beside training and come once however many intervals one spans, so the
-    k-th report of two trials may come after different numbers of updates (a planner whose
-    episodes last longer evaluates slower), and comparing them by report would favour it."""
+    k-th reports of two trials may come after different numbers of updates (a planner whose
+    episodes last longer evaluates slower). Trials are then compared at their first report past
+    each milestone, which is as close to it as their evaluations are on time."""
     if spec.scheduler == "asha":
-        return ASHAScheduler(time_attr=TIME_ATTR, **{**SweepSpec().asha, **spec.asha})
+        return ASHAScheduler(time_attr=TIME_ATTR, **scheduler_options(spec))
     if spec.scheduler == "pbt":
-        options = {**SweepSpec().pbt, **spec.pbt}
+        options = scheduler_options(spec)
         # PBT resamples from a plain function but refuses tune.sample_from (the `zero:` domain).
         mutations = {k: (lambda f=space[k].func: f(None)) if isinstance(space[k], Function) else space[k]
                      for k in options.pop("mutations", [])}
