@@ -296,7 +296,7 @@ class OnlineRun:
                 # one (blended with the prior by online.prior_weight).
                 result.set_result(evaluate(planner_from_checkpoint(state, self.cfg), self.cfg,
                                            stop=self.stop_evaluation.is_set))
-            except BaseException as e:  # re-raised in the loop's thread by finish_evaluation
+            except BaseException as e:  # re-raised in the loop's thread, which takes the result
                 result.set_exception(e)
 
         # A daemon, and stopped by close(): a run that ends with an evaluation in flight (a
