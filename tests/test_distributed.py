@@ -52,6 +52,12 @@ def start_run(cfg, run_dir, checkpoint_path):
     return OnlineRun(cfg, Path(run_dir), state, data.episodes, Counters(), log=lambda s: None, progress=False)
 
 
+def scripted_summary(return_mean: float) -> dict:
+    """What an evaluation returns, for tests that script it in place of the real one."""
+    return {"return_mean": return_mean, "return_std": 0.0, "normalized_score": return_mean / 10, "terminations": 0,
+            "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
+
+
 def read_events(run_dir: Path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -533,8 +539,7 @@ def test_best_evaluation_keeps_its_checkpoint_across_a_resume(ray_session, pretr
     def scripted_evaluate(planner, cfg, **_):
         score = next(scores)
         evaluated.append((score, {k: v.clone() for k, v in planner.denoiser.state_dict().items()}))
-        return {"return_mean": score, "return_std": 0.0, "normalized_score": score / 10, "terminations": 0,
-                "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
+        return scripted_summary(score)
 
     monkeypatch.setattr(driver, "evaluate", scripted_evaluate)
     first = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
@@ -591,8 +596,7 @@ def test_the_loop_goes_on_while_an_evaluation_runs_and_best_pt_is_what_it_evalua
             evaluating.clear()
         score = 300.0 if not evaluated else 100.0
         evaluated.append((score, {k: v.clone() for k, v in planner.denoiser.state_dict().items()}))
-        return {"return_mean": score, "return_std": 0.0, "normalized_score": score / 10, "terminations": 0,
-                "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
+        return scripted_summary(score)
 
     monkeypatch.setattr(OnlineRun, "log_rollout", log_and_count)
     monkeypatch.setattr(driver, "evaluate", scripted_evaluate)
@@ -616,8 +620,7 @@ def test_an_evaluation_of_weights_already_evaluated_keeps_their_result(ray_sessi
 
     def scripted_evaluate(planner, cfg, **_):
         played.append(True)
-        return {"return_mean": 5.0, "return_std": 0.0, "normalized_score": 0.1, "terminations": 0,
-                "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
+        return scripted_summary(5.0)
 
     monkeypatch.setattr(driver, "evaluate", scripted_evaluate)
     run = start_run(cfg, tmp_path, ckpt)
@@ -644,8 +647,7 @@ def test_evaluations_blend_in_the_prior_phase_2_started_from(ray_session, pretra
 
     def scripted_evaluate(planner, cfg, **_):
         evaluated.append({k: v.clone() for k, v in planner.denoiser.state_dict().items()})
-        return {"return_mean": 1.0, "return_std": 0.0, "normalized_score": 0.1, "terminations": 0,
-                "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
+        return scripted_summary(1.0)
 
     monkeypatch.setattr(driver, "evaluate", scripted_evaluate)
     train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
@@ -727,8 +729,7 @@ def test_ctrl_c_during_an_evaluation_waits_for_it_once_and_stops_it_twice(presse
             wait_for(stop)
             evaluations.append("stopped" if stop() else "not stopped")
             raise EvaluationStopped("stopped")
-        return {"return_mean": 300.0, "return_std": 0.0, "normalized_score": 30.0, "terminations": 0,
-                "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
+        return scripted_summary(300.0)
 
     monkeypatch.setattr(driver, "evaluate", interrupted_evaluate)
     with pytest.raises(KeyboardInterrupt):

@@ -483,9 +483,13 @@ class OnlineRun:
         size_ref = None
         ahead: Optional[ray.ObjectRef] = None  # a full call's batches, sampled ahead for the next call
         t0, env0, upd0 = time.perf_counter(), c.env_steps, c.updates
-        next_ckpt = (c.updates // o.checkpoint_every + 1) * o.checkpoint_every
-        next_fig = (c.updates // o.figure_every + 1) * o.figure_every
-        next_eval = (c.updates // o.eval_every + 1) * o.eval_every if o.eval_every else None
+        def after(every: int) -> int:
+            """The first multiple of ``every`` past the updates so far: a resumed run keeps its
+            schedule, and what came due late (during an evaluation) comes once."""
+            return (c.updates // every + 1) * every
+
+        next_ckpt, next_fig = after(o.checkpoint_every), after(o.figure_every)
+        next_eval = after(o.eval_every) if o.eval_every else None
         bar = tqdm(total=o.env_steps or None, initial=c.env_steps, desc="online", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
 
@@ -640,26 +644,27 @@ class OnlineRun:
                     self.since_broadcast = 0
                 if c.updates >= next_fig:
                     self.log_figure()
-                    next_fig += o.figure_every
+                    next_fig = after(o.figure_every)
                 # While an evaluation runs, checkpoint.pt must stay the weights it evaluates (its
                 # result may copy it to best.pt, or report it to Tune): what comes due meanwhile
                 # waits for the first learner call after it ends, once however many came due.
                 take_evaluation()
                 idle = self.evaluation is None
-                if not idle and not said_slow and next_eval is not None and c.updates >= next_eval:
+                eval_due = next_eval is not None and c.updates >= next_eval and not stopping()
+                if eval_due and not idle and not said_slow:
                     said_slow = True
                     self.log(f"evaluations come due faster than they end (the one at update "
                              f"{self.evaluation.at['updates']} still runs at update {c.updates}): each starts with the "
                              f"first learner call after the one before it ended; raise online.eval_every (now "
                              f"{o.eval_every}) for evenly spaced ones")
-                eval_due = idle and next_eval is not None and c.updates >= next_eval and not stopping()
+                eval_due = eval_due and idle
                 if idle and c.updates >= next_ckpt:
                     if not eval_due:  # an evaluation writes its own checkpoint first
                         self.checkpoint()
-                    next_ckpt = (c.updates // o.checkpoint_every + 1) * o.checkpoint_every
+                    next_ckpt = after(o.checkpoint_every)
                 if eval_due:
                     self.start_evaluation()
-                    next_eval = (c.updates // o.eval_every + 1) * o.eval_every
+                    next_eval = after(o.eval_every)
                 collecting = collecting and self.budget_left(t0)
                 if collecting:
                     submit_parked()
