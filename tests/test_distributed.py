@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import List
+from typing import Callable, List
 from unittest import mock
 
 import numpy as np
@@ -50,6 +50,14 @@ def start_run(cfg, run_dir, checkpoint_path):
     state = load_checkpoint(checkpoint_path)
     data, _ = load_windows(cfg, None)
     return OnlineRun(cfg, Path(run_dir), state, data.episodes, Counters(), log=lambda s: None, progress=False)
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    """Poll ``condition`` until it holds or ``timeout`` passes; the test's assertions then tell
+    which (a scripted evaluation waits for the loop this way, beside it)."""
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def scripted_summary(return_mean: float) -> dict:
@@ -590,9 +598,7 @@ def test_the_loop_goes_on_while_an_evaluation_runs_and_best_pt_is_what_it_evalua
             # the next evaluation came due: a loop that waited for it would do neither, and
             # this would time out.
             evaluating.set()
-            deadline = time.monotonic() + 60
-            while (len(during) < 2 or not said_slow()) and time.monotonic() < deadline:
-                time.sleep(0.05)
+            wait_until(lambda: len(during) >= 2 and said_slow(), timeout=60)
             evaluating.clear()
         score = 300.0 if not evaluated else 100.0
         evaluated.append((score, {k: v.clone() for k, v in planner.denoiser.state_dict().items()}))
@@ -711,22 +717,17 @@ def test_ctrl_c_during_an_evaluation_waits_for_it_once_and_stops_it_twice(presse
                                                      "online.env_steps": 100_000})
     messages, evaluations = [], []
 
-    def wait_for(condition) -> None:
-        deadline = time.monotonic() + 30
-        while not condition() and time.monotonic() < deadline:
-            time.sleep(0.05)
-
     def interrupted_evaluate(planner, cfg, *, stop, **_):
         evaluations.append(threading.current_thread().name)
         # Played on until the loop has said what it waits for: it must not stop without this
         # result. (Each press waits for the one before: signals sent from a thread in a row
         # would merge into one.)
         os.kill(os.getpid(), signal.SIGINT)
-        wait_for(lambda: any("evaluation in flight" in m for m in messages))
+        wait_until(lambda: any("evaluation in flight" in m for m in messages))
         if presses == 2:
             # ...and after a second press, until the run stops it: it must not leave it playing.
             os.kill(os.getpid(), signal.SIGINT)
-            wait_for(stop)
+            wait_until(stop)
             evaluations.append("stopped" if stop() else "not stopped")
             raise EvaluationStopped("stopped")
         return scripted_summary(300.0)
@@ -784,9 +785,7 @@ def test_a_failed_evaluation_stops_the_run_with_what_was_trained_meanwhile(ray_s
 
     def failing_evaluate(planner, cfg, **_):
         failing.set()
-        deadline = time.monotonic() + 30
-        while len(calls_after) < 2 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: len(calls_after) >= 2)
         raise RuntimeError("an env blew up")
 
     monkeypatch.setattr(OnlineRun, "log_train", count_calls)
