@@ -22,13 +22,24 @@ def limit_threads() -> None:
         os.environ.setdefault(var, "1")
 
 
-def default_ray_auth() -> None:
-    """Present Ray's auth token (~/.ray/auth_token or RAY_AUTH_TOKEN[_PATH]) to clusters.
+def ray_token_available() -> bool:
+    """Whether Ray finds an auth token here: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")) or \
+        (Path.home() / ".ray" / "auth_token").is_file()
 
-    `ray start` and embedded clusters run with token auth, but a driver only sends the token
-    when RAY_AUTH_MODE says so, and Ray reads the variable when it is imported: call this first.
+
+def default_ray_auth() -> None:
+    """Present Ray's auth token to clusters when there is one; Ray reads RAY_AUTH_MODE when it is
+    imported, so call this first. An explicit RAY_AUTH_MODE is left as it is.
+
+    A driver sends its token only in token mode, and Ray turns that mode on by itself only for
+    clusters it finds without an address (not RAY_ADDRESS or --address). With no token anywhere
+    the mode stays Ray's: token mode would then refuse every cluster, including the one a plain
+    `ray start --head` runs on a fresh machine (without auth, since it found no token), while an
+    embedded cluster makes its own token either way.
     """
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if "RAY_AUTH_MODE" not in os.environ and ray_token_available():
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def add_ray_arguments(parser) -> None:

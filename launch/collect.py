@@ -71,9 +71,12 @@ def main(argv=None) -> int:
     if args.num_actors > 1:
         import ray
 
-        from distdiff.distributed.driver import RunFailed, collect_episodes, connect
+        from distdiff.distributed.driver import ClusterUnreachable, RunFailed, collect_episodes, connect
 
-        started = connect()
+        try:
+            started = connect()
+        except ClusterUnreachable as e:
+            fail(str(e))
         try:
             env_id = args.env if state is None else config_lib.from_dict(state["config"]).env.id
             episodes = collect_episodes(args.episodes, num_actors=args.num_actors, env_id=env_id,

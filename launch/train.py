@@ -66,12 +66,15 @@ def main(argv=None) -> int:
         fail(str(e))
     import ray
 
-    from distdiff.distributed.driver import RunFailed, connect, train
+    from distdiff.distributed.driver import ClusterUnreachable, RunFailed, connect, train
 
     run_dir = args.resume or args.run_dir or default_run_dir("train")
     if not args.resume:
         check_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
-    started = connect(args.address, args.num_cpus)
+    try:
+        started = connect(args.address, args.num_cpus)
+    except ClusterUnreachable as e:
+        fail(str(e))
     try:
         metrics = train(cfg, run_dir, init=args.init, resume=args.resume is not None, overwrite=args.overwrite)
     except (config_lib.ConfigError, DatasetError, CheckpointError) as e:

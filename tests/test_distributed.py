@@ -878,13 +878,20 @@ def _free_ports(n: int) -> List[int]:
         return [sock.getsockname()[1] for sock in socks]
 
 
-def test_train_script_connects_to_a_ray_start_cluster(pretrained, tmp_path, subprocess_env):
+@pytest.mark.parametrize("auth", ["token", "fresh machine"])
+def test_train_script_connects_to_a_ray_start_cluster(auth, pretrained, tmp_path, subprocess_env):
     cfg, ckpt = pretrained
     config_lib.save(cfg, tmp_path / "tiny.yaml")
-    # A token of its own, so the test needs no ~/.ray/auth_token (which an earlier in-process
-    # ray.init would otherwise have written).
-    env = {k: v for k, v in subprocess_env.items() if k != "RAY_AUTH_TOKEN_PATH"}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env = {k: v for k, v in subprocess_env.items() if not k.startswith("RAY_AUTH_")}
+    if auth == "token":
+        # A token of its own, so the test needs no ~/.ray/auth_token (which an earlier in-process
+        # ray.init would otherwise have written).
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    else:
+        # No token anywhere: `ray start --head` runs without auth, and the driver must not ask
+        # for a token it does not have.
+        (tmp_path / "home").mkdir()
+        env["HOME"] = str(tmp_path / "home")
     ray_bin = str(Path(sys.executable).parent / "ray")
     head = None
     try:

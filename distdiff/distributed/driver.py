@@ -21,7 +21,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
+from ray.exceptions import ActorUnavailableError, AuthenticationError, RayActorError, RayError, RayTaskError
 from tqdm import tqdm
 
 from distdiff import config as config_lib
@@ -42,6 +42,11 @@ from distdiff.training import check_value_target, planner_from_checkpoint
 # An evaluation's figures that go to TensorBoard (eval/…), metrics.json and best.json alike.
 EVAL_SCALARS = ("return_mean", "normalized_score", "terminations", "alignment_error")
 BEST_KEYS = (*EVAL_SCALARS, "env_steps", "updates", "weights_version")
+
+
+class ClusterUnreachable(RuntimeError):
+    """The Ray cluster given (``--address``, RAY_ADDRESS, a local ``ray start``) refused or did
+    not answer this driver."""
 
 
 class RunFailed(RuntimeError):
@@ -85,13 +90,17 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
     if ray.is_initialized():
         log("ray: using the already initialized Ray instance")
         return False
-    if os.environ.get("RAY_AUTH_MODE") is None:
-        log("ray: RAY_AUTH_MODE is unset: a `ray start` cluster will refuse this driver (see distdiff.cli.default_ray_auth)")
     embedded = address == "local"
     if not embedded:
         address = address or os.environ.get("RAY_ADDRESS") or _live_local_cluster()
     if address and not embedded:
-        ray.init(address=address, logging_level="warning", runtime_env=runtime_env)
+        try:
+            ray.init(address=address, logging_level="warning", runtime_env=runtime_env)
+        except (ConnectionError, AuthenticationError) as e:
+            token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
+            hint = ("" if token else "; a cluster with token auth (the default where `ray start` found a token) "
+                    "needs its token here: ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
+            raise ClusterUnreachable(f"cannot connect to the Ray cluster at {address}: {_cause(e)}{hint}") from e
         log(f"ray: connected to the cluster at {address}: {ray.cluster_resources()}")
         return False
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="warning", runtime_env=runtime_env)
