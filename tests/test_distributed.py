@@ -6,6 +6,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -29,6 +30,7 @@ from distdiff.distributed.driver import (Counters, OnlineRun, RunFailed, checked
 from distdiff.distributed.learner import Learner, NonFiniteError
 from distdiff.evaluation import EvaluationStopped
 from distdiff.pretrain import load_windows, pretrain
+from distdiff.rundir import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
 TAGS = [
@@ -931,6 +933,19 @@ def test_train_script_connects_to_a_ray_start_cluster(auth, pretrained, tmp_path
             except subprocess.TimeoutExpired:
                 os.killpg(head.pid, signal.SIGKILL)
                 head.wait(timeout=60)
+
+
+def test_overwrite_from_init_keeps_the_old_run_when_the_cluster_cannot_hold_the_actors(ray_session, pretrained,
+                                                                                        tmp_path):
+    cfg, ckpt = pretrained
+    old = tmp_path / "run"
+    old.mkdir()
+    shutil.copy(ckpt, old / CHECKPOINT)
+    # The learner takes both CPUs of the session's Ray: no actor could ever be placed.
+    greedy = tiny_online_config(cfg.data.dataset_id, **{"online.learner_num_cpus": 2, "online.actor_num_cpus": 0})
+    with pytest.raises(config_lib.ConfigError, match="leaves none for the rollout actors"):
+        train(greedy, old, init=ckpt, overwrite=True, log=lambda s: None, progress=False)
+    assert (old / CHECKPOINT).is_file()
 
 
 def test_parallel_collection_with_random_and_planner_policies(ray_session, pretrained):

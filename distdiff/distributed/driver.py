@@ -854,6 +854,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     # Only now: a start that fails (no dataset, a checkpoint that does not fit) leaves no run dir,
     # or the run it was to overwrite.
     if overwrite and init is not None:  # (phase 1 cleared it before it began)
+        actors.resources(cfg)  # a cluster too small for the actors fails first (OnlineRun says more)
         clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, run_dir / CONFIG)
