@@ -5,8 +5,10 @@
 
 Each trial runs launch/train.py's training as a function inside its own placement group.
 ASHA stops weak trials early (PBT with `scheduler: pbt`). At the end: a table of trials
-(printed, and trials.csv) and best_config.yaml, which `launch/train.py --config` accepts as is.
-An interrupted sweep continues with --resume (finished trials are not run again).
+(printed, and trials.csv) and best_config.yaml, which `launch/train.py --config` accepts as is,
+both in STORAGE/NAME/ (NAME: the sweep file's `name`). A sweep whose trials all failed writes
+no best_config.yaml and exits with 1. An interrupted sweep continues with --resume (finished
+trials are not run again).
 """
 from __future__ import annotations
 
@@ -25,10 +27,13 @@ from distdiff.config import ConfigError  # noqa: E402
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=Path("configs/tune.yaml"), help="Sweep file (search space in YAML).")
+    p.add_argument("--config", type=Path, default=Path("configs/tune.yaml"),
+                   help="Sweep file, the search space in YAML (default: %(default)s).")
     p.add_argument("--num-samples", type=int, default=None, help="Trials to sample (overrides the sweep file).")
     p.add_argument("--max-concurrent", type=int, default=None, help="Trials at once (overrides the sweep file).")
-    p.add_argument("--storage", type=Path, default=Path("runs/tune"), help="Where trials, checkpoints and logs go.")
+    p.add_argument("--storage", type=Path, default=Path("runs/tune"), metavar="STORAGE",
+                   help="Where trials, checkpoints and logs go: STORAGE/NAME/ (NAME: the sweep file's `name`), with "
+                        "trials.csv and best_config.yaml (default: %(default)s).")
     p.add_argument("--resume", action="store_true", help="Continue the interrupted sweep in --storage.")
     add_ray_arguments(p)
     args = p.parse_args(argv)
@@ -36,10 +41,13 @@ def main(argv=None) -> int:
         if value is not None and value < 1:
             fail(f"{flag} must be >= 1, got {value}")
 
-    from distdiff.distributed.tuning import load_spec
+    from distdiff.distributed.tuning import check_resumable, load_spec
 
     try:
         spec = load_spec(args.config)
+        if args.resume:
+            # Before Ray starts, which takes a while.
+            check_resumable(spec, args.storage)
     except ConfigError as e:
         fail(str(e))
     if args.num_samples is not None:
@@ -49,11 +57,14 @@ def main(argv=None) -> int:
 
     import ray
 
-    from distdiff.distributed.driver import connect
+    from distdiff.distributed.driver import ClusterUnreachable, connect
     from distdiff.distributed.tuning import make_tuner, summarize
 
     env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH",) if k in os.environ}
-    started = connect(args.address, args.num_cpus, runtime_env={"env_vars": env_vars} if env_vars else None)
+    try:
+        started = connect(args.address, args.num_cpus, runtime_env={"env_vars": env_vars} if env_vars else None)
+    except ClusterUnreachable as e:
+        fail(str(e))
     try:
         tuner = make_tuner(spec, args.storage, resume=args.resume)
         results = tuner.fit()
@@ -73,6 +84,9 @@ def main(argv=None) -> int:
         if started:
             ray.shutdown()
     print(out["table_text"])
+    if out["best_config"] is None:
+        fail(f"no trial ended without an error and with a {spec.metric} to rank it by: no best config (trials: "
+             f"{out['table']}; their error.txt under {args.storage / spec.name})", code=1)
     print(f"trials: {out['table']}\nbest config: {out['best_config']}\n"
           f"train it: python launch/train.py --config {out['best_config']}")
     return 0

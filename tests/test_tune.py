@@ -1,6 +1,7 @@
 """Ray Tune sweeps: a real 2-trial sweep, interrupted and resumed, and invalid spaces refused."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import queue
 import re
@@ -10,13 +11,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from distdiff import config as config_lib
 from distdiff.config import ConfigError
-from distdiff.distributed.tuning import load_spec, make_scheduler, make_tuner, param_space, trial_resources
+from distdiff.distributed.tuning import load_spec, make_scheduler, make_tuner, param_space, summarize, trial_resources
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,6 +172,159 @@ def test_zero_or_loguniform_domain_samples_both(tiny_dataset, tmp_path):
     values = [domain.func(None) for _ in range(200)]
     zeros = sum(v == 0.0 for v in values)
     assert 60 < zeros < 140 and all(v == 0.0 or 0.001 <= v <= 1.0 for v in values)
+
+
+def test_custom_resources_are_refused(tiny_dataset, tmp_path):
+    # A trial's actors are placed in its placement group, whose bundles hold only CPUs and GPUs.
+    for key in ("online.actor_resource", "online.learner_resource"):
+        swept = write_sweep(tmp_path / "s.yaml", tiny_dataset, space={key: {"choice": ["rollout"]}})
+        with pytest.raises(ConfigError, match=f"space: {key} .*placement group"):
+            load_spec(swept)
+        fixed = write_sweep(tmp_path / "f.yaml", tiny_dataset, fixed={**FIXED, "data.dataset_id": tiny_dataset, key: "rollout"})
+        with pytest.raises(ConfigError, match=f"{key} is 'rollout'.*placement group"):
+            load_spec(fixed)
+    base = tmp_path / "base.yaml"
+    config_lib.save(config_lib.load(ROOT / "configs" / "smoke.yaml", {"online.actor_resource": "rollout"}), base)
+    with pytest.raises(ConfigError, match="online.actor_resource is 'rollout'"):
+        load_spec(write_sweep(tmp_path / "b.yaml", tiny_dataset, base=str(base)))
+    # The way out for a base config that names one: clear it for the sweep.
+    cleared = {**FIXED, "data.dataset_id": tiny_dataset, "online.actor_resource": ""}
+    assert load_spec(write_sweep(tmp_path / "c.yaml", tiny_dataset, base=str(base), fixed=cleared)).base == str(base)
+
+
+def test_continuous_domains_on_integer_fields_are_refused(tiny_dataset, tmp_path):
+    for key, dom in (("model.horizon", {"uniform": [8, 16]}), ("diffusion.n_steps", {"loguniform": [10, 20]})):
+        sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset, space={key: dom})
+        with pytest.raises(ConfigError, match=rf"space.{key}: .*integer.*randint"):
+            load_spec(sweep)
+    assert load_spec(write_sweep(tmp_path / "ok.yaml", tiny_dataset, space={"diffusion.n_steps": {"randint": [10, 20]}}))
+
+
+def test_a_metric_the_trials_would_not_report_is_refused(tiny_dataset, tmp_path):
+    fixed = {**FIXED, "data.dataset_id": tiny_dataset}
+    # Only Walker2d has reference scores: other envs report no normalized_score.
+    for name, kw in (("fixed", {"fixed": {**fixed, "env.id": "Hopper-v5"}}),
+                     ("swept", {"space": {"env.id": {"choice": ["Walker2d-v5", "Hopper-v5"]}}})):
+        with pytest.raises(ConfigError, match="metric normalized_score: env.id Hopper-v5 has no reference score"):
+            load_spec(write_sweep(tmp_path / f"{name}.yaml", tiny_dataset, **kw))
+    assert load_spec(write_sweep(tmp_path / "r.yaml", tiny_dataset, metric="return_mean",
+                                 fixed={**fixed, "env.id": "Hopper-v5"})).metric == "return_mean"
+    for name, kw in (("fixed", {"fixed": {**fixed, "eval.measure_alignment": False}}),
+                     ("swept", {"space": {"eval.measure_alignment": {"choice": [True, False]}}})):
+        with pytest.raises(ConfigError, match="metric alignment_error .*eval.measure_alignment"):
+            load_spec(write_sweep(tmp_path / f"a{name}.yaml", tiny_dataset, metric="alignment_error", mode="min", **kw))
+
+
+def test_invalid_resources_are_refused(tiny_dataset, tmp_path):
+    good = {"driver_cpus": 0.25, "learner_cpus": 0.5, "learner_gpus": 0, "actor_cpus": 0.25}
+    for bad, expected in (({"learner_gpus": -1}, "resources.learner_gpus must be a number >= 0, got -1"),
+                          ({"driver_cpus": "a"}, "resources.driver_cpus must be a number >= 0, got 'a'"),
+                          ({"actor_cpus": 0}, "resources.actor_cpus must be > 0"),
+                          ({"learner_cpus": 0}, "learner_cpus > 0 or learner_gpus > 0")):
+        with pytest.raises(ConfigError, match=re.escape(expected)):
+            load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, resources={**good, **bad}))
+    # The trial function may run without a reservation, and a GPU learner without CPUs.
+    spec = load_spec(write_sweep(tmp_path / "ok.yaml", tiny_dataset,
+                                 resources={**good, "driver_cpus": 0, "learner_cpus": 0, "learner_gpus": 1}))
+    assert trial_resources(spec, {}).bundles[:1] == [{"GPU": 1.0}]
+
+
+class FakeResults:
+    """What summarize and launch/tune.py read of Tune's ResultGrid. Its get_best_result is Ray
+    2.60's: the only trial, even a failed one; else the best of those that reported the metric,
+    failed or not, and a RuntimeError when none did."""
+
+    def __init__(self, *results):
+        self.results = [SimpleNamespace(config=config, metrics={**metrics, "done": error is None}, error=error)
+                        for config, metrics, error in results]
+        self.num_errors = sum(r.error is not None for r in self.results)
+
+    def __iter__(self):
+        return iter(self.results)
+
+    def get_dataframe(self):
+        import pandas as pd
+
+        return pd.DataFrame([{"trial_id": f"t{i}", **{f"config/{k}": v for k, v in r.config.items()}, **r.metrics}
+                             for i, r in enumerate(self.results)])
+
+    def get_best_result(self, metric, mode):
+        if len(self.results) == 1:
+            return self.results[0]
+        scored = [r for r in self.results if metric in r.metrics]
+        if not scored:
+            raise RuntimeError(f"No best trial found for the given metric: {metric}")
+        return (max if mode == "max" else min)(scored, key=lambda r: r.metrics[metric])
+
+
+def test_the_best_config_is_a_finished_trial_sized_as_the_base_config(tiny_dataset, tmp_path):
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset))
+    (tmp_path / "storage" / "sweep").mkdir(parents=True)
+    results = FakeResults(({"diffusion.schedule": "linear", "guidance.scale": 0.0}, {"normalized_score": 3.0}, None),
+                          ({"diffusion.schedule": "sigmoid", "guidance.scale": 0.5}, {"normalized_score": 5.0}, None),
+                          ({"diffusion.schedule": "linear", "guidance.scale": 0.1}, {"normalized_score": 9.0}, "failed"))
+    out = summarize(results, spec, tmp_path / "storage")
+    best = config_lib.load(out["best_config"])
+    assert (best.diffusion.schedule, best.guidance.scale) == ("sigmoid", 0.5)
+    # The base config's sizes (smoke.yaml leaves the defaults), not the trial's share of its
+    # placement group: on a GPU cluster train.py then puts the learner on a GPU.
+    assert spec.trial_config({}).online.learner_num_gpus == 0
+    online, base = best.online, config_lib.load(ROOT / "configs" / "smoke.yaml").online
+    assert (online.learner_num_gpus, online.learner_num_cpus, online.actor_num_cpus) == \
+        (base.learner_num_gpus, base.learner_num_cpus, base.actor_num_cpus)
+    assert best.data.dataset_id == tiny_dataset and best.train.steps == FIXED["train.steps"]
+
+
+@pytest.fixture
+def tune_script(monkeypatch):
+    """launch/tune.py, imported without its settings of this process's environment (threads, Ray auth)."""
+    import distdiff.cli
+
+    monkeypatch.setattr(distdiff.cli, "limit_threads", lambda: None)
+    monkeypatch.setattr(distdiff.cli, "default_ray_auth", lambda: None)
+    spec = importlib.util.spec_from_file_location("tune_script", ROOT / "launch" / "tune.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_sweep_whose_trials_all_failed_has_no_best_config(tiny_dataset, tmp_path, monkeypatch, tune_script, capsys):
+    from distdiff.distributed import driver, tuning
+
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset)
+    storage = tmp_path / "storage"
+    (storage / "sweep").mkdir(parents=True)
+    monkeypatch.setattr(driver, "connect", lambda *args, **kwargs: False)
+    failed = ({"diffusion.schedule": "linear", "guidance.scale": 0.0}, {}, "failed")
+    for results in (FakeResults(failed), FakeResults(failed, failed)):
+        monkeypatch.setattr(tuning, "make_tuner", lambda *args, **kwargs: SimpleNamespace(fit=lambda: results))
+        with pytest.raises(SystemExit) as stop:
+            tune_script.main(["--config", str(sweep), "--storage", str(storage)])
+        assert stop.value.code == 1
+        assert "no trial ended without an error" in capsys.readouterr().err
+        assert (storage / "sweep" / "trials.csv").is_file() and not (storage / "sweep" / "best_config.yaml").exists()
+
+
+def test_resume_without_a_sweep_fails_before_ray_starts(tiny_dataset, tmp_path, monkeypatch, tune_script, capsys):
+    from distdiff.distributed import driver
+
+    def connect(*args, **kwargs):
+        raise AssertionError("connected to Ray")
+
+    monkeypatch.setattr(driver, "connect", connect)
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset)
+    with pytest.raises(SystemExit) as stop:
+        tune_script.main(["--config", str(sweep), "--storage", str(tmp_path / "storage"), "--resume"])
+    assert stop.value.code == 2
+    assert f"no sweep to resume at {tmp_path}/storage/sweep" in capsys.readouterr().err
+
+
+def test_help_shows_the_defaults_and_where_the_results_go(tune_script, capsys):
+    with pytest.raises(SystemExit):
+        tune_script.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: configs/tune.yaml)" in text and "(default: runs/tune)" in text
+    assert "trials.csv and best_config.yaml" in text and "STORAGE/NAME/" in text
 
 
 def trial_dirs(storage: Path):

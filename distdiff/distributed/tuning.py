@@ -13,6 +13,7 @@ import math
 import random
 import shutil
 import tempfile
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -24,12 +25,18 @@ from ray.tune.search.sample import Function
 
 from distdiff import config as config_lib
 from distdiff.config import Config, ConfigError
+from distdiff.data.minari_io import REFERENCE_SCORES, reference_scores
 from distdiff.rundir import CHECKPOINT, REPLAY
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "pbt", "fifo")
 # What trial_config takes from the sweep's resources, overriding the base config.
 RESOURCE_FIELDS = ("online.actor_num_cpus", "online.learner_num_cpus", "online.learner_num_gpus")
+# What a sweep refuses, and why.
+CUSTOM_RESOURCE_FIELDS = ("online.actor_resource", "online.learner_resource")
+CUSTOM_RESOURCE_WHY = ("a trial's actors are placed in its placement group, whose bundles hold only the CPUs and GPUs "
+                       "of the sweep's `resources:`, so an actor that asks for a custom resource is never placed and "
+                       "the trial waits forever; a sweep places its actors through `resources:`")
 REPORTED = ("normalized_score", "alignment_error", "return_mean", "return_std", "env_steps", "updates", "weights_version")
 TIME_ATTR = "updates"  # the schedulers' time (make_scheduler)
 
@@ -69,13 +76,36 @@ class SweepSpec:
         sizes = dict(zip(RESOURCE_FIELDS, (r.actor_cpus, r.learner_cpus, r.learner_gpus)))
         return config_lib.load(self.base, {**self.fixed, **params, **sizes})
 
+    def train_config(self, params: Dict[str, Any]) -> Config:
+        """The trial's config as launch/train.py runs it: the sizes the base config gives, not the
+        trial's share of a placement group (a learner of learner_gpus 0 would stay on the CPU)."""
+        return config_lib.load(self.base, {**self.fixed, **params})
 
-def config_field_names() -> set:
+
+def config_field_types() -> Dict[str, Any]:
+    """Each config field's type, by its dotted name."""
     defaults = Config()
-    return {f"{s.name}.{f.name}" for s in dataclasses.fields(defaults) for f in dataclasses.fields(getattr(defaults, s.name))}
+    return {f"{s.name}.{name}": tp for s in dataclasses.fields(defaults)
+            for name, tp in typing.get_type_hints(type(getattr(defaults, s.name))).items()}
 
 
-def _check_domain(key: str, dom: Any) -> List[str]:
+def _check_resources(r: TrialResources) -> List[str]:
+    errors = [f"resources.{k} must be a number >= 0, got {v!r}" for k, v in dataclasses.asdict(r).items()
+              if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf]
+    if errors:
+        return errors
+    # Ray refuses a placement group bundle of zeros. The driver's may be empty: Tune then runs
+    # the trial function without a reservation.
+    if r.actor_cpus == 0:
+        # An actor_num_cpus of 0 would also size the actors from the cluster's free CPUs, not their bundle.
+        errors.append("resources.actor_cpus must be > 0: each rollout actor runs in a bundle of that many CPUs")
+    if r.learner_cpus == 0 and r.learner_gpus == 0:
+        errors.append("resources: the learner runs in a bundle of learner_cpus CPUs and learner_gpus GPUs, and needs "
+                      "learner_cpus > 0 or learner_gpus > 0")
+    return errors
+
+
+def _check_domain(key: str, dom: Any, integer: bool) -> List[str]:
     if not isinstance(dom, dict) or len(set(dom) & set(DOMAINS)) != 1:
         return [f"space.{key}: give exactly one of {list(DOMAINS)} (e.g. {{choice: [a, b]}}), got {dom!r}"]
     extra = set(dom) - set(DOMAINS) - {"zero"}
@@ -83,6 +113,9 @@ def _check_domain(key: str, dom: Any) -> List[str]:
         return [f"space.{key}: unknown options {sorted(extra)}"]
     kind = next(k for k in DOMAINS if k in dom)
     arg = dom[kind]
+    if integer and kind in ("uniform", "loguniform"):
+        return [f"space.{key}: {kind} draws real numbers, but {key} is an integer; use {{randint: [low, high]}} "
+                "(inclusive) or {choice: [...]}"]
     if kind in ("choice", "grid"):
         if not isinstance(arg, list) or not arg:
             return [f"space.{key}: {kind} needs a non-empty list"]
@@ -99,6 +132,22 @@ def _examples(dom: Dict[str, Any]) -> List[Any]:
     kind = next(k for k in DOMAINS if k in dom)
     values = list(dom[kind])
     return values + ([0.0] if "zero" in dom else [])
+
+
+def _check_metric(spec: SweepSpec, configs: List[Config]) -> List[str]:
+    """Trials report only the metrics they have, and Tune stops the whole sweep at a report
+    that lacks its metric: refuse a metric that some trial could never report."""
+    if spec.metric == "normalized_score":
+        envs = sorted({c.env.id for c in configs if reference_scores(c.env.id)[0] is None})
+        if envs:
+            return [f"metric normalized_score: env.id {', '.join(envs)} has no reference score (only "
+                    f"{', '.join(sorted(REFERENCE_SCORES))} has one), so its trials would report none and Tune would "
+                    "stop the sweep at their first report; use metric return_mean"]
+    if spec.metric == "alignment_error" and not all(c.eval.measure_alignment for c in configs):
+        return ["metric alignment_error is measured only with eval.measure_alignment true, and this sweep's trials "
+                "can have it false: they would report none and Tune would stop the sweep at their first report; "
+                "set eval.measure_alignment true (under `fixed`) or use another metric"]
+    return []
 
 
 def load_spec(path: str | Path) -> SweepSpec:
@@ -128,6 +177,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         resources = TrialResources(**res)
     except TypeError as e:
         raise ConfigError(f"invalid sweep resources {res!r}: {e}") from None
+    errors += _check_resources(resources)
     spec = SweepSpec(**raw, resources=resources)
     if spec.base is not None:
         spec.base = str((path.parent / spec.base).resolve())
@@ -141,14 +191,15 @@ def load_spec(path: str | Path) -> SweepSpec:
         errors.append("the space is empty: name at least one config field to sweep")
     if spec.num_samples < 1 or spec.max_concurrent < 1:
         errors.append("num_samples and max_concurrent must be >= 1")
-    names = config_field_names()
+    types = config_field_types()
     for where, keys in (("space", spec.space), ("fixed", spec.fixed)):
-        errors += [f"{where}: unknown field {k}; see `python launch/train.py --help` for the fields" for k in keys if k not in names]
+        errors += [f"{where}: unknown field {k}; see `python launch/train.py --help` for the fields" for k in keys if k not in types]
     for key, dom in spec.space.items():
-        errors += _check_domain(key, dom)
+        errors += _check_domain(key, dom, types.get(key) is int)
     for where, keys in (("space", spec.space), ("fixed", spec.fixed)):
         errors += [f"{where}: {k} is set by the sweep's `resources`, the same for every trial" for k in keys
                    if k in RESOURCE_FIELDS]
+    errors += [f"space: {k} cannot be swept: {CUSTOM_RESOURCE_WHY}" for k in spec.space if k in CUSTOM_RESOURCE_FIELDS]
     # What the scheduler takes from elsewhere: the metric and mode, and (PBT) the mutations,
     # which are names of space fields here.
     taken = {"time_attr", "metric", "mode", "hyperparam_mutations"}
@@ -170,12 +221,16 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise ConfigError("invalid sweep:\n  " + "\n  ".join(errors))
     # Unknown field names and invalid values fail here, not in a trial an hour later.
     try:
-        spec.trial_config({})
-        for key, dom in spec.space.items():
-            for value in _examples(dom):
-                spec.trial_config({key: value})
+        configs = [spec.trial_config({})] + [spec.trial_config({key: value}) for key, dom in spec.space.items()
+                                             for value in _examples(dom)]
     except ConfigError as e:
         raise ConfigError(f"invalid sweep space: {e}") from None
+    named = {k: getattr(configs[0].online, k.removeprefix("online.")) for k in CUSTOM_RESOURCE_FIELDS}
+    errors = [f"{k} is {v!r} (base config or `fixed`): {CUSTOM_RESOURCE_WHY}; set it to '' under `fixed`"
+              for k, v in named.items() if v]
+    errors += _check_metric(spec, configs)
+    if errors:
+        raise ConfigError("invalid sweep:\n  " + "\n  ".join(errors))
     if spec.scheduler != "fifo":
         _check_schedule(spec)
     try:
@@ -314,37 +369,50 @@ def make_scheduler(spec: SweepSpec, space: Dict[str, Any]):
     return FIFOScheduler()
 
 
-def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False):
+def sweep_path(spec: SweepSpec, storage: Path) -> Path:
     # Tune's storage layer (pyarrow) refuses relative paths, the default --storage among them.
-    storage = Path(storage).resolve()
+    return Path(storage).resolve() / spec.name
+
+
+def check_resumable(spec: SweepSpec, storage: Path) -> Path:
+    """The path of the sweep to resume in ``storage``; no Ray needed, so launch/tune.py checks it
+    before it starts or joins one."""
+    path = sweep_path(spec, storage)
+    if not tune.Tuner.can_restore(str(path)):
+        raise ConfigError(f"no sweep to resume at {path}")
+    return path
+
+
+def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False):
     trainable = make_trainable(spec)
-    path = storage / spec.name
     if resume:
-        if not tune.Tuner.can_restore(str(path)):
-            raise ConfigError(f"no sweep to resume at {path}")
-        return tune.Tuner.restore(str(path), trainable=trainable, resume_errored=True)
+        return tune.Tuner.restore(str(check_resumable(spec, storage)), trainable=trainable, resume_errored=True)
     space = param_space(spec)
     return tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                                     max_concurrent_trials=spec.max_concurrent, scheduler=make_scheduler(spec, space)),
-        run_config=tune.RunConfig(name=spec.name, storage_path=str(storage),
+        run_config=tune.RunConfig(name=spec.name, storage_path=str(sweep_path(spec, storage).parent),
                                   # PBT restores trials from other trials' older checkpoints: keep them all.
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=None if spec.scheduler == "pbt" else 2)),
     )
 
 
-def summarize(results, spec: SweepSpec, storage: Path) -> Dict[str, Path]:
-    """Write the trial table (CSV) and the best trial's config (a YAML that train.py accepts)."""
+def summarize(results, spec: SweepSpec, storage: Path) -> Dict[str, Any]:
+    """Write the trial table (CSV) and the config of the best trial that ended without an error
+    (a YAML that train.py accepts); ``best_config`` is None when no trial did."""
     out_dir = storage / spec.name
     df = results.get_dataframe()
     columns = ["trial_id"] + [f"config/{k}" for k in spec.space] + [m for m in REPORTED if m in df.columns]
     table = df[[c for c in columns if c in df.columns]].rename(columns=lambda c: c.removeprefix("config/"))
     csv_path = out_dir / "trials.csv"
     table.to_csv(csv_path, index=False)
-    best = results.get_best_result(metric=spec.metric, mode=spec.mode)
-    params = {k: best.config[k] for k in spec.space}
-    best_path = out_dir / "best_config.yaml"
-    config_lib.save(spec.trial_config(params), best_path)
+    # Not Tune's get_best_result: it ranks failed trials too, and returns the only trial however it ended.
+    finished = [r for r in results if r.error is None and math.isfinite(r.metrics.get(spec.metric, math.nan))]
+    best_path = None
+    if finished:
+        best = (max if spec.mode == "max" else min)(finished, key=lambda r: r.metrics[spec.metric])
+        best_path = out_dir / "best_config.yaml"
+        config_lib.save(spec.train_config({k: best.config[k] for k in spec.space}), best_path)
     return {"table": csv_path, "best_config": best_path, "table_text": table.to_string(index=False)}
