@@ -502,6 +502,37 @@ def test_a_worker_parked_for_budget_takes_over_the_share_of_one_that_keeps_faili
     assert run.counters.failed_rollouts >= 1
 
 
+def test_workers_that_die_in_every_rollout_are_dropped_and_the_run_stops(ray_session, pretrained, tmp_path,
+                                                                            monkeypatch):
+    # As a worker that runs out of memory in every rollout: Ray restarts it (no restart limit)
+    # each time, reports each death as the actor being unavailable, and it never delivers one.
+    from distdiff.distributed import driver
+    from distdiff.distributed.worker import RolloutWorker
+
+    class DiesEveryTime(RolloutWorker):
+        def rollout(self, task=None, **share):
+            os._exit(1)
+
+    monkeypatch.setattr(driver, "MAX_STRIKES", 3)
+    monkeypatch.setattr(driver, "MAX_FAILING_S", 0.0)
+    cfg, ckpt = pretrained
+    messages = []
+    data, _ = load_windows(cfg, None)
+    run = OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(), log=messages.append, progress=False)
+    try:
+        for i in range(len(run.workers)):
+            ray.kill(run.workers[i])
+            run.workers[i] = ray.remote(DiesEveryTime).options(num_cpus=0.01, max_restarts=-1, max_task_retries=0).remote(
+                config=cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=i)
+        with pytest.raises(RunFailed, match="no rollout actor is left alive"):
+            run.run()
+    finally:
+        run.close()
+    assert sum("keeps failing (3 rollouts in a row" in m for m in messages) == len(run.workers), messages
+    assert run.counters.worker_restarts >= len(run.workers)
+    assert run.counters.env_steps == 0
+
+
 def test_a_replay_checkpoint_that_does_not_load_stops_the_resume(ray_session, pretrained, tmp_path):
     from distdiff.checkpoint import CheckpointError
 

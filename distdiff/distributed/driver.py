@@ -42,6 +42,12 @@ from distdiff.training import check_value_target, planner_from_checkpoint
 # An evaluation's figures that go to TensorBoard (eval/…), metrics.json and best.json alike.
 EVAL_SCALARS = ("return_mean", "normalized_score", "terminations", "alignment_error")
 BEST_KEYS = (*EVAL_SCALARS, "env_steps", "updates", "weights_version")
+# A rollout actor is dropped after this many failed rollouts in a row that may drop it (a death
+# that used up its restarts, a task that raised), or after this many failures of any kind that
+# have gone on for MAX_FAILING_S: Ray reports a worker that dies inside a call (one that runs out
+# of memory in every rollout) as unavailable, the same error as a call made while it restarts.
+MAX_STRIKES = 10
+MAX_FAILING_S = 120.0
 
 
 class ClusterUnreachable(RuntimeError):
@@ -485,6 +491,7 @@ class OnlineRun:
         parked: List[int] = []  # workers waiting for the learner to catch up, or for budget
         failures = [0] * len(self.workers)  # in a row, for the pause before a retry
         strikes = [0] * len(self.workers)  # in a row, of those that may drop the worker
+        failing_since: Dict[int, float] = {}  # when the failures in a row began
         retry_at: Dict[int, float] = {}  # dead workers, resubmitted after a back-off while Ray restarts them
         dropped: set = set()  # workers that kept failing: they take no share of the budget
         draining = False  # after a Ctrl-C: the rollouts in flight are collected, nothing new starts
@@ -546,11 +553,15 @@ class OnlineRun:
 
         def retry_later(i: int, may_drop: bool) -> None:
             failures[i] += 1
-            # Only failures that may drop count towards it: the calls that fail while Ray
-            # restarts a worker are no sign that it keeps failing.
+            now = time.perf_counter()
+            failing_since.setdefault(i, now)
+            # Failures that may drop count towards it at once; the calls that fail while Ray
+            # restarts a worker only once they have gone on for longer than a restart takes.
             strikes[i] += may_drop
-            if strikes[i] >= 10:
-                self.log(f"rollout actor {i} keeps failing; dropping it")
+            failing_s = now - failing_since[i]
+            if strikes[i] >= MAX_STRIKES or failures[i] >= MAX_STRIKES and failing_s >= MAX_FAILING_S:
+                self.log(f"rollout actor {i} keeps failing ({failures[i]} rollouts in a row, {failing_s:.0f} s); "
+                         f"dropping it")
                 dropped.add(i)
             elif not stopping():
                 retry_at[i] = time.perf_counter() + min(0.5 * failures[i], 5.0)
@@ -686,6 +697,7 @@ class OnlineRun:
                     rollout_failed(i, e)
                     continue
                 failures[i] = strikes[i] = 0
+                failing_since.pop(i, None)
                 c.env_rebuilds += result["env_rebuilds"]
                 self.replay.add.remote(result["episodes"])
                 c.env_steps += result["env_steps"]
