@@ -37,8 +37,8 @@ class EnvConfig:
 @dataclass
 class DataConfig:
     dataset_id: str = _f("mujoco/walker2d/medium-v0", "Minari dataset id, looked up under MINARI_DATASETS_PATH first.")
-    download: bool = _f(False, "Download the dataset from Minari's remote if it is not local (needs internet).")
-    fallback_dataset_id: str = _f("local/walker2d/random-v0", "Local dataset used when dataset_id is neither local nor downloadable; collected with a random policy if missing. Empty: no fallback.")
+    download: bool = _f(True, "Download the dataset from Minari's remote if it is not local (needs internet; ids under local/ never are).")
+    fallback_dataset_id: str = _f("local/walker2d/random-v0", "Local dataset used when dataset_id is not local and cannot be downloaded (offline; a remote that has no such id is an error); collected with a random policy if missing, and recorded as the run's data.dataset_id. Empty: no fallback.")
     fallback_episodes: int = _f(200, "Episodes the fallback dataset is collected with.")
     normalizer: str = _f("gaussian", "Per-dimension normalizer: gaussian or minmax.")
     discount: float = _f(0.997, "Discount of the return that the value net predicts.")

@@ -1,6 +1,7 @@
 """Offline pretraining of denoiser and value net on a Minari dataset (Alg. 1.1 and the value)."""
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,15 @@ def load_data(cfg: Config) -> LoadedDataset:
     return load_or_collect(d.dataset_id, download=d.download, fallback_id=d.fallback_dataset_id,
                            fallback_episodes=d.fallback_episodes, env_id=cfg.env.id, obs_dim=cfg.env.obs_dim,
                            act_dim=cfg.env.act_dim, max_episode_steps=cfg.env.max_episode_steps, seed=cfg.train.seed)
+
+
+def trained_on(cfg: Config, data: LoadedDataset) -> Config:
+    """``cfg`` naming the dataset that ``data`` came from: the fallback, where it stood in for
+    ``data.dataset_id``. The run's config.yaml then says what it was trained on, and a resume or
+    phase 2 trains on the same data even where the configured one has become downloadable."""
+    if data.dataset_id == cfg.data.dataset_id:
+        return cfg
+    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset_id=data.dataset_id))
 
 
 def load_windows(cfg: Config, normalizer: Optional[Normalizer] = None, data: Optional[LoadedDataset] = None):
@@ -69,7 +79,8 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     seed_everything(cfg.train.seed)
     source = state or start
     normalizer = Normalizer.from_state_dict(source["normalizer"]) if source else None
-    _, windows = load_windows(cfg, normalizer, data)
+    data, windows = load_windows(cfg, normalizer, data)
+    cfg = trained_on(cfg, data)
     if state:
         trainer = Trainer.from_checkpoint(state, cfg=cfg, device=device)
     else:

@@ -12,6 +12,7 @@ from distdiff.data.minari_io import (
     WALKER2D_REF_MAX_SCORE,
     WALKER2D_REF_MIN_SCORE,
     DatasetError,
+    DatasetMissing,
     dataset_exists,
     load_episodes,
     load_or_collect,
@@ -142,3 +143,62 @@ def test_concurrent_runs_collect_the_fallback_dataset_once(minari_root):
     assert sum(any("collecting" in line for line in log) for log in logs) == 1
     _assert_same_episodes(loaded[0].episodes, loaded[1].episodes)
     assert len(loaded[0].episodes) == 3
+
+
+def _remote(monkeypatch, error):
+    """Minari's remote, answering every download with ``error``; the ids it was asked for."""
+    asked, load = [], minari.load_dataset
+
+    def load_dataset(dataset_id, download=False):
+        if not download:
+            return load(dataset_id, download=False)
+        asked.append(dataset_id)
+        raise error
+
+    monkeypatch.setattr(minari, "load_dataset", load_dataset)
+    return asked
+
+
+FALLBACK = dict(fallback_id="local/test/stand-in-v0", fallback_episodes=2, env_id="Walker2d-v5", obs_dim=17, act_dim=6,
+                max_episode_steps=10)
+
+
+def test_a_dataset_that_cannot_be_downloaded_falls_back_and_says_so(minari_root, monkeypatch):
+    asked = _remote(monkeypatch, OSError("[Errno -2] Name or service not known"))
+    log = []
+    data = load_or_collect("farama/walker2d/offline-v0", download=True, log=log.append, **FALLBACK)
+    assert asked == ["farama/walker2d/offline-v0"]
+    assert data.dataset_id == FALLBACK["fallback_id"] and len(data.episodes) == 2
+    assert any("training on the local dataset 'local/test/stand-in-v0' instead" in line for line in log)
+
+
+def test_a_dataset_the_remote_does_not_have_is_an_error_not_a_fallback(minari_root, monkeypatch):
+    # A mistyped id, with internet: the remote says it has none, and no run trains on random data.
+    _remote(monkeypatch, ValueError("Couldn't find any version for dataset mujoco/walker2d/mediun in the remote"))
+    with pytest.raises(DatasetError, match="mediun") as raised:
+        load_or_collect("mujoco/walker2d/mediun-v0", download=True, **{**FALLBACK, "fallback_id": "local/test/unused-v0"})
+    assert not isinstance(raised.value, DatasetMissing)
+    assert not dataset_exists("local/test/unused-v0")
+
+
+def test_local_ids_are_never_looked_up_on_the_remote(minari_root, monkeypatch):
+    asked = _remote(monkeypatch, AssertionError("asked the remote"))
+    with pytest.raises(DatasetMissing, match="local Minari store"):
+        load_episodes("local/walker2d/typo-v0", download=True)
+    assert asked == []
+
+
+def test_a_run_on_the_fallback_records_it_as_its_dataset(tiny_dataset, monkeypatch, tmp_path):
+    # Its config.yaml says what it was trained on, and a resume or phase 2 loads the same data
+    # even once the configured dataset can be downloaded.
+    from _helpers import tiny_online_config
+    from distdiff import config
+    from distdiff.checkpoint import load_checkpoint
+    from distdiff.pretrain import pretrain
+
+    _remote(monkeypatch, OSError("offline"))
+    cfg = tiny_online_config("farama/walker2d/offline-v0", **{"data.fallback_dataset_id": tiny_dataset,
+                                                               "train.steps": 2})
+    ckpt = pretrain(cfg, tmp_path, quiet=True)
+    assert config.load(tmp_path / "config.yaml").data.dataset_id == tiny_dataset
+    assert load_checkpoint(ckpt)["config"]["data"]["dataset_id"] == tiny_dataset

@@ -1,4 +1,4 @@
-"""Reading and writing Minari datasets (local first, remote download on request)."""
+"""Reading and writing Minari datasets: local first, then Minari's remote (``data.download``)."""
 from __future__ import annotations
 
 import os
@@ -18,6 +18,8 @@ REFERENCE_SCORES = {"Walker2d": (WALKER2D_REF_MIN_SCORE, WALKER2D_REF_MAX_SCORE)
 # What Minari accepts as an id: optional namespaces, a name, and the version it needs; never a
 # `.` or `..` namespace, which would put the dataset outside the store.
 DATASET_ID = re.compile(r"^((?!\.{1,2}/)[\w.-]+/)*[\w.-]+-v\d+$")
+# Ids this machine makes (launch/collect.py, the fallback): never looked up on the remote.
+LOCAL_NAMESPACE = "local/"
 
 
 class DatasetError(RuntimeError):
@@ -25,7 +27,9 @@ class DatasetError(RuntimeError):
 
 
 class DatasetMissing(DatasetError):
-    """Not in the local store and not downloadable (offline, or download not asked for)."""
+    """Not in the local store and not downloadable now (offline, or download not asked for); a
+    configured fallback stands in for it. Not raised when the remote says it has no such
+    dataset: a mistyped id must fail, not train on the fallback."""
 
 
 class LoadedDataset(NamedTuple):
@@ -62,30 +66,37 @@ def _missing_message(dataset_id: str, why: str) -> str:
     return (
         f"dataset {dataset_id!r} is not available: {why}\n"
         f"Local datasets are looked up under MINARI_DATASETS_PATH={datasets_root()}.\n"
-        f"Either download it (with internet): --data.download true, or make a local one:\n"
+        f"Download it where there is internet (--data.download true, the default), or make a local one:\n"
         f"  python launch/collect.py --policy random --episodes 50 --dataset-id local/walker2d/random-v0\n"
         f"and pass --data.dataset_id local/walker2d/random-v0."
     )
 
 
-def load_minari(dataset_id: str, *, download: bool = False):
+def load_minari(dataset_id: str, *, download: bool = False, log=print):
     import minari
 
     try:
         return minari.load_dataset(dataset_id, download=False)
     except FileNotFoundError:
+        if dataset_id.startswith(LOCAL_NAMESPACE):
+            raise DatasetMissing(_missing_message(
+                dataset_id, f"it is not in the local Minari store (ids under {LOCAL_NAMESPACE} are made on this machine)")) from None
         if not download:
             raise DatasetMissing(_missing_message(dataset_id, "it is not in the local Minari store")) from None
+    log(f"dataset {dataset_id!r} is not local: downloading it from Minari's remote")
     try:
         return minari.load_dataset(dataset_id, download=True)
+    except ValueError as e:
+        # The remote answered: it has no such dataset, or none this Minari version reads.
+        raise DatasetError(f"dataset {dataset_id!r} cannot be downloaded: {e}") from e
     except Exception as e:  # network stacks raise many unrelated types; all mean "not downloadable now"
         raise DatasetMissing(_missing_message(dataset_id, f"download failed ({type(e).__name__}: {e})")) from e
 
 
 def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[int] = None, act_dim: Optional[int] = None,
-                  env_id: Optional[str] = None) -> LoadedDataset:
+                  env_id: Optional[str] = None, log=print) -> LoadedDataset:
     """Load every episode, checking the dataset's env and shapes against what the config expects."""
-    ds = load_minari(dataset_id, download=download)
+    ds = load_minari(dataset_id, download=download, log=log)
     spec = ds.spec.env_spec
     ds_env = spec.id if spec is not None else None
     obs_shape, act_shape = ds.spec.observation_space.shape, ds.spec.action_space.shape
@@ -195,11 +206,12 @@ def load_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallba
     """Load ``dataset_id``; when it cannot be had and a fallback is configured, load the local
     ``fallback_id``, collecting it with a random policy first if it does not exist yet."""
     try:
-        return load_episodes(dataset_id, download=download, obs_dim=obs_dim, act_dim=act_dim, env_id=env_id)
+        return load_episodes(dataset_id, download=download, obs_dim=obs_dim, act_dim=act_dim, env_id=env_id, log=log)
     except DatasetMissing as e:
         if not fallback_id or fallback_episodes < 1:
             raise
-        log(f"warning: {str(e).splitlines()[0]}; using the local dataset {fallback_id!r} instead")
+        log(f"warning: {str(e).splitlines()[0]}; training on the local dataset {fallback_id!r} instead, "
+            f"not on {dataset_id!r} (data.fallback_dataset_id; empty: no fallback)")
     # Concurrent Tune trials on one machine would each collect it, and the later writer would
     # find the id taken (or remove a half-written one under the other's feet): one collects.
     # The lock only when it is missing: a store that holds it may be read-only.

@@ -34,7 +34,7 @@ from distdiff.distributed.worker import NoWeights
 from distdiff.evaluation import evaluate
 from distdiff.models import NETS, layout_of
 from distdiff.normalizer import Normalizer
-from distdiff.pretrain import load_data, pretrain
+from distdiff.pretrain import load_data, pretrain, trained_on
 from distdiff.rundir import (BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, PRETRAIN, REPLAY, clear_run,
                              resume_checkpoint)
 from distdiff.training import check_value_target, planner_from_checkpoint
@@ -838,6 +838,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         # A resume of a run stopped in phase 1 continues pretraining from its own checkpoint.
         log(f"{'resuming ' if resume else ''}phase 1: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps)")
         data = load_data(cfg)
+        cfg = trained_on(cfg, data)
         if overwrite:
             clear_run(run_dir)
         state = load_checkpoint(pretrain(cfg, run_dir / PRETRAIN, resume=resume, quiet=not progress, data=data))
@@ -863,6 +864,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     check_value_target(state, cfg)
     if data is None:
         data = load_data(cfg)
+        cfg = trained_on(cfg, data)
     # Only now: a start that fails (no dataset, a checkpoint that does not fit) leaves no run dir,
     # or the run it was to overwrite.
     if overwrite and init is not None:  # (phase 1 cleared it before it began)
