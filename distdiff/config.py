@@ -111,7 +111,7 @@ class TrainConfig:
     log_every: int = _f(100, "Gradient steps between TensorBoard scalars.")
     checkpoint_every: int = _f(2000, "Gradient steps between checkpoints.")
     seed: int = _f(0, "Seed of torch, numpy and the data sampler.")
-    device: str = _f("auto", "auto (cuda when present), cpu or cuda.")
+    device: str = _f("auto", "auto (cuda when present), cpu or cuda: where pretraining trains. Phase 2's learner runs where online.learner_num_gpus places it.")
     num_threads: int = _f(1, "torch threads per process (1 is fastest on small machines).")
     precision: str = _f("fp32", "fp32, or bf16: forward passes under bfloat16 autocast (weights, optimizer and losses stay float32). Pays on GPUs; see bench/README.md.")
     compile: str = _f("none", "torch.compile the training nets: none, default or reduce-overhead (CUDA graphs). Costs a warm-up of tens of seconds; see bench/README.md.")

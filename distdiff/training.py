@@ -50,7 +50,9 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is cuda but no CUDA device is visible to torch")
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ConfigError(f"train.device is cuda but torch {torch.__version__} ({build}) sees no CUDA device: pass "
+                          "--train.device cpu, or install torch's CUDA build (README, Installing)")
     return torch.device(name)
 
 

@@ -234,3 +234,11 @@ def test_a_planner_blends_a_phase_2_checkpoint_with_its_prior(tiny_episodes):
     assert all(torch.equal(v, aligned["ema_denoiser"][k]) for k, v in denoiser_of(aligned, 0.0).items())
     # a checkpoint that is not from phase 2 is its own prior
     assert all(torch.equal(v, pretrained["ema_denoiser"][k]) for k, v in denoiser_of(pretrained, 0.25).items())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_cuda_asked_for_where_there_is_none_is_a_config_error():
+    from distdiff.training import resolve_device
+
+    with pytest.raises(config_lib.ConfigError, match="--train.device cpu"):
+        resolve_device("cuda")
