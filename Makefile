@@ -1,5 +1,6 @@
 # `make quickstart` runs the main job end to end; `make test` runs the tests.
-# Both create .venv and install distdiff on first use (CPU torch; see README for CUDA).
+# Both create .venv and install distdiff on first use, with torch 2.13.0 from pip's index: the
+# CPU build where the index serves one (this project's CI), else whatever it serves; see README.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -27,5 +28,6 @@ test: install
 bench: install
 	$(PY) bench/planner.py
 
+# Not runs/: it holds the experiments.
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .pytest_cache
