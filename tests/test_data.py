@@ -124,6 +124,20 @@ def test_batches_are_float32_and_sampling_is_seeded(windows):
         assert torch.equal(u, v)
 
 
+@pytest.mark.parametrize("kind", ["gaussian", "minmax"])
+def test_the_clip_range_holds_the_last_state_of_every_episode(kind):
+    # The last state (a fall's fallen one on Walker2d) has no action, so no transition row, but
+    # it is a row of the windows the model learns: the sampler must not clip it away.
+    episodes = [_episode(4, terminated=True), _episode(3, terminated=False, truncated=True, offset=-50.0)]
+    norm = fit_normalizer(episodes, LAYOUT, kind)
+    states = norm.slice(LAYOUT.state_slice)
+    rows = states.normalize(np.concatenate([ep.observations for ep in episodes]))
+    assert np.all(rows >= states.clip_min.numpy() - 1e-6) and np.all(rows <= states.clip_max.numpy() + 1e-6)
+    # The mean and scale are still the transitions' alone.
+    assert norm.shift.tolist() == Normalizer.fit(np.concatenate(
+        [LAYOUT.join(ep.observations[:-1], ep.actions) for ep in episodes]), kind=kind).shift.tolist()
+
+
 def test_fit_normalizer_checks_the_layout():
     with pytest.raises(ValueError, match="dims"):
         fit_normalizer([_episode(3, terminated=True)], TrajectoryLayout(obs_dim=3, act_dim=1), "gaussian")

@@ -20,10 +20,19 @@ class Batch(NamedTuple):
 
 
 def fit_normalizer(episodes: Sequence[Episode], layout: TrajectoryLayout, kind: str) -> Normalizer:
+    """Fitted on the transitions (s_t, a_t). An episode's last state is a row of its windows too,
+    without an action of its own, and on Walker2d the last state of a fall is the data's only
+    fallen one: the clip range holds it, or no sampled plan could show a fall."""
     rows = np.concatenate([layout.join(ep.observations[:-1], ep.actions) for ep in episodes])
     if rows.shape[1] != layout.transition_dim:
         raise ValueError(f"episode rows have {rows.shape[1]} dims, layout expects {layout.transition_dim}")
-    return Normalizer.fit(rows, kind=kind)
+    fitted = Normalizer.fit(rows, kind=kind)
+    s = layout.state_slice
+    last = fitted.slice(s).normalize(np.stack([ep.observations[-1] for ep in episodes]))
+    clip_min, clip_max = fitted.clip_min.numpy().copy(), fitted.clip_max.numpy().copy()
+    clip_min[s] = np.minimum(clip_min[s], last.min(0))
+    clip_max[s] = np.maximum(clip_max[s], last.max(0))
+    return Normalizer(kind=kind, shift=fitted.shift, scale=fitted.scale, clip_min=clip_min, clip_max=clip_max)
 
 
 # What the value net learns to predict from a window:
