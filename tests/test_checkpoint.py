@@ -202,3 +202,18 @@ def test_a_write_that_fails_leaves_the_old_file_and_nothing_else(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("the writer failed")
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["plan.mp4"]
+
+
+def test_a_replaced_file_reaches_the_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
+    from distdiff import cli
+
+    synced, fsync = [], os.fsync
+
+    def record(fd):
+        synced.append((os.readlink(f"/proc/self/fd/{fd}"), (tmp_path / "metrics.json").exists()))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", record)
+    cli.write_json(tmp_path / "metrics.json", {"return_mean": 1.0})
+    # The new file's data before the rename (the name is not there yet), the directory after.
+    assert synced == [(str(tmp_path / ".metrics.partial.json"), False), (str(tmp_path), True)]
