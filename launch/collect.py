@@ -56,11 +56,14 @@ def main(argv=None) -> int:
                         ("--max-episode-steps", args.max_episode_steps)):
         if value < 1:
             fail(f"{flag} must be >= 1, got {value}")
-    state = None
+    state = cfg = planner = None
     if args.policy != "random":
         try:
             state = load_checkpoint(Path(args.policy))
-        except CheckpointError as e:
+            # Here, before Ray starts: the parallel workers build the same planner.
+            cfg = config_lib.from_dict(state["config"])
+            planner = planner_from_checkpoint(state, cfg)
+        except (CheckpointError, config_lib.ConfigError) as e:
             fail(str(e))
     else:
         try:
@@ -78,7 +81,7 @@ def main(argv=None) -> int:
         except ClusterUnreachable as e:
             fail(str(e))
         try:
-            env_id = args.env if state is None else config_lib.from_dict(state["config"]).env.id
+            env_id = args.env if state is None else cfg.env.id
             episodes = collect_episodes(args.episodes, num_actors=args.num_actors, env_id=env_id,
                                         max_episode_steps=args.max_episode_steps, seed=args.seed, checkpoint=state,
                                         envs_per_actor=args.num_envs, progress=bar.update)
@@ -94,12 +97,7 @@ def main(argv=None) -> int:
         episodes = random_episodes(env, args.episodes, args.seed, progress=lambda ep: bar.update(1))
         env.close()
     else:
-        try:
-            cfg = config_lib.from_dict(state["config"])
-            torch.set_num_threads(cfg.train.num_threads)
-            planner = planner_from_checkpoint(state, cfg)
-        except (CheckpointError, config_lib.ConfigError) as e:
-            fail(str(e))
+        torch.set_num_threads(cfg.train.num_threads)
         env_id, algorithm = cfg.env.id, f"distdiff:{args.policy}"
         envs = [make_env(env_id, args.max_episode_steps) for _ in range(min(args.num_envs, args.episodes))]
         generator = torch.Generator().manual_seed(args.seed)

@@ -99,6 +99,19 @@ def test_collect_refuses_a_count_below_one(flag, minari_root, subprocess_env):
     assert not dataset_exists("local/walker2d/zero-v0")
 
 
+def test_collect_refuses_a_checkpoint_it_cannot_plan_with_before_ray_starts(run30, tmp_path, minari_root,
+                                                                              subprocess_env):
+    state = load_checkpoint(run30 / "checkpoint.pt")
+    state["config"]["planner"]["dynamics_candidates"] = 2  # its run trained no dynamics model
+    torch.save(state, tmp_path / "unplannable.pt")
+    env = {**subprocess_env, "RAY_ADDRESS": "127.0.0.1:1"}  # nothing listens: connecting would fail
+    proc = run("collect.py", "--policy", tmp_path / "unplannable.pt", "--episodes", 2, "--num-actors", 2,
+               "--dataset-id", "local/walker2d/unplannable-v0", env=env)
+    assert proc.returncode == 2 and "dynamics_candidates > 1 needs a checkpoint" in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert not dataset_exists("local/walker2d/unplannable-v0")
+
+
 def test_pretrain_writes_a_checkpoint(run30, tiny_dataset):
     state = load_checkpoint(run30 / "checkpoint.pt")
     assert state["step"] == 30

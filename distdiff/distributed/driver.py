@@ -755,7 +755,11 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
             env_id, max_episode_steps, per_task, seed + k * per_task) for k in range(tasks)]
         while refs:
             ready, refs = ray.wait(refs, num_returns=1)
-            got = ray.get(ready[0])
+            try:
+                # (Ray retries a task whose process died; one that raised would raise again)
+                got = ray.get(ready[0])
+            except RayError as e:
+                raise RunFailed(f"a random-policy collection task failed: {_cause(e)}") from e
             episodes.extend(got)
             if progress:
                 progress(len(got))
