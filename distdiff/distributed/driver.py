@@ -237,7 +237,6 @@ class OnlineRun:
         self.ref_min, self.ref_max = reference_scores(cfg.env.id)
         self.last_example = None
         self.train_ref = None  # the learner's call in flight
-        self.since_broadcast = 0  # updates since the last broadcast
         self.evaluation: Optional[PendingEvaluation] = None  # the one in flight
         self.stop_evaluation = threading.Event()  # asked before each of its plans
         self.evaluated: Optional[Tuple[int, int, Dict[str, object]]] = None  # the last one's learner step, update, result
@@ -473,7 +472,6 @@ class OnlineRun:
         self.train_ref = None
         self.counters.updates += int(stats["updates"])
         self.counters.skipped_updates += int(stats["skipped"])
-        self.since_broadcast += int(stats["updates"])
         return stats
 
     def run(self, interrupted: Optional[Interrupt] = None) -> None:
@@ -659,9 +657,9 @@ class OnlineRun:
             if ref is self.train_ref:
                 stats = self.settle_training()
                 self.log_train(stats, ray.get(size_ref), t0, upd0)
-                if self.since_broadcast >= o.broadcast_every:
+                # Counted from the last broadcast, an evaluation's included.
+                if c.updates - self.published_at >= o.broadcast_every:
                     self.broadcast()
-                    self.since_broadcast = 0
                 if c.updates >= next_fig:
                     self.log_figure()
                     next_fig = after(o.figure_every)
