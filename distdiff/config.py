@@ -273,6 +273,9 @@ def load(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] 
         except (yaml.YAMLError, UnicodeDecodeError) as e:
             raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
         cfg, errors = _merge(data, cfg)
+        if isinstance(data, dict) and "space" in data:
+            errors.insert(0, f"{path} looks like a Ray Tune sweep file (it has a `space:`): run it with "
+                             f"python launch/tune.py --config {path}")
     if overrides:
         cfg, more = _merge(_nest(overrides), cfg)
         errors += more
@@ -391,15 +394,18 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add ``--config`` and one ``--section.field`` flag per config field, with its help."""
-    parser.add_argument("--config", type=Path, default=None, help="YAML config file (defaults are used for missing fields).")
+def add_arguments(parser: argparse.ArgumentParser, *, from_checkpoint: bool = False) -> None:
+    """Add ``--config`` and one ``--section.field`` flag per config field, with its help; with
+    ``from_checkpoint`` the fields override a checkpoint's config, and there is no ``--config``."""
+    if not from_checkpoint:
+        parser.add_argument("--config", type=Path, default=None, help="YAML config file (defaults are used for missing fields).")
     for name, section_type in _sections().items():
         group = parser.add_argument_group(f"{name} (config section)")
         hints = typing.get_type_hints(section_type)
         for f in dataclasses.fields(section_type):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            metavar = {bool: "BOOL", int: "INT", float: "FLOAT"}.get(hints[f.name], "VALUE")
+            default = "the checkpoint's" if from_checkpoint else \
+                f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            metavar = {bool: "BOOL", int: "INT", float: "FLOAT", Tuple[int, ...]: "INT,INT,..."}.get(hints[f.name], "VALUE")
             # argparse %-formats help strings: a literal % (as in "36 % closer") must be doubled.
             text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
             group.add_argument(f"--{name}.{f.name}", dest=f"cfg__{name}__{f.name}", default=None, metavar=metavar,
@@ -414,7 +420,7 @@ def from_args(args: argparse.Namespace, base: Optional[Config] = None) -> Config
             _, section, name = key.split("__", 2)
             overrides[f"{section}.{name}"] = value
     if base is None:
-        return load(args.config, overrides)
+        return load(getattr(args, "config", None), overrides)
     cfg, errors = _merge(_nest(overrides), base)
     validate(cfg, errors)
     return cfg

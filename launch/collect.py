@@ -35,14 +35,14 @@ def main(argv=None) -> int:
     p.add_argument("--policy", required=True, help="'random' or a distdiff checkpoint path.")
     p.add_argument("--episodes", type=int, required=True, help="Number of episodes to collect.")
     p.add_argument("--dataset-id", required=True, help="Minari id, ending in -vN (e.g. local/walker2d/random-v0).")
-    p.add_argument("--env", default="Walker2d-v5", help="Gymnasium env id (random policy; a checkpoint uses its own).")
+    p.add_argument("--env", default="Walker2d-v5", help="Gymnasium env id (random policy; a checkpoint uses its own; default: %(default)s).")
     p.add_argument("--max-episode-steps", type=int, default=1000,
-                   help="Time limit: an episode that has not fallen by then ends truncated.")
-    p.add_argument("--num-envs", type=int, default=8, help="Envs planned together (checkpoint policy), per actor.")
+                   help="Time limit: an episode that has not fallen by then ends truncated (default: %(default)s).")
+    p.add_argument("--num-envs", type=int, default=8, help="Envs planned together (checkpoint policy), per actor (default: %(default)s).")
     p.add_argument("--num-actors", type=int, default=1,
                    help="Collect with this many parallel Ray actors (1: in this process). Connects to RAY_ADDRESS or a "
-                        "local `ray start` cluster if there is one, else starts an embedded Ray.")
-    p.add_argument("--seed", type=int, default=0)
+                        "local `ray start` cluster if there is one, else starts an embedded Ray (default: %(default)s).")
+    p.add_argument("--seed", type=int, default=0, help="Seeds the episodes' starts and the policy (default: %(default)s).")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing dataset with this id.")
     args = p.parse_args(argv)
     if args.episodes < 1:

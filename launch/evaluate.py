@@ -35,7 +35,8 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=None, help="Guidance scale k (same as --guidance.scale).")
     p.add_argument("--out", type=Path, default=None,
                    help="Summary JSON (default beside the checkpoint: eval.json, or NAME.eval.json for NAME.pt).")
-    config_lib.add_arguments(p)
+    config_lib.add_arguments(p, from_checkpoint=True)
+    p.add_argument("--config", type=Path, default=None, help=argparse.SUPPRESS)  # refused below, with the reason
     args = p.parse_args(argv)
     if args.config is not None:
         fail("evaluate plans with the checkpoint's own config; drop --config (override fields with --section.field)")

@@ -140,3 +140,8 @@ def test_command_line_flags():
 
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
+
+
+def test_a_sweep_file_given_as_a_config_says_where_it_belongs():
+    with pytest.raises(config.ConfigError, match=r"sweep file .* python launch/tune.py --config"):
+        config.load(ROOT / "configs" / "tune.yaml")
