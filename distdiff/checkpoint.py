@@ -37,8 +37,10 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> Dict[str, Any]:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a damaged file fails in many ways (unpickler, zip, struct, key errors); all mean "unreadable"
         # Not torch's advice to load it with weights_only=False: that would run code from the file.
-        why = ("it holds Python objects, which distdiff never unpickles" if "Weights only load failed" in str(e)
-               else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        message = str(e)
+        why = ("it holds Python objects, which distdiff never unpickles" if "Unsupported global" in message
+               else "damaged, or not a torch file" if "Weights only load failed" in message
+               else f"{type(e).__name__}: {message.splitlines()[0] if message else ''}")
         raise CheckpointError(f"{path} is not a readable distdiff checkpoint ({why})") from e
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a distdiff checkpoint")
