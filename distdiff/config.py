@@ -394,6 +394,15 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))
 
 
+def check_trainable(cfg: Config) -> None:
+    """What phase 2 needs of a config beyond :func:`validate`: not part of it, since the configs
+    of checkpoints saved before these checks must still load to be evaluated."""
+    if cfg.online.replay_capacity < cfg.env.max_episode_steps:
+        raise ConfigError(
+            f"online.replay_capacity ({cfg.online.replay_capacity}) must hold a whole episode "
+            f"(env.max_episode_steps={cfg.env.max_episode_steps}): pass --online.replay_capacity")
+
+
 def add_arguments(parser: argparse.ArgumentParser, *, from_checkpoint: bool = False) -> None:
     """Add ``--config`` and one ``--section.field`` flag per config field, with its help; with
     ``from_checkpoint`` the fields override a checkpoint's config, and there is no ``--config``."""

@@ -62,6 +62,7 @@ def main(argv=None) -> int:
             cfg = config_lib.from_args(args, base=base)
         else:
             cfg = config_lib.from_args(args)
+        config_lib.check_trainable(cfg)  # before Ray starts
     except (config_lib.ConfigError, CheckpointError) as e:
         fail(str(e))
     import ray

@@ -147,9 +147,11 @@ def test_a_run_dir_that_holds_a_run_is_kept_unless_overwrite(run30, tmp_path, ti
     # A prefix of a flag is not taken for it: --diffusion.schedul would have set the schedule.
     (["train.py", "--diffusion.schedul", "cosine"], "unrecognized arguments: --diffusion.schedul"),
     (["evaluate.py", "--checkpoint", "nowhere", "--out", "."], "--out . is a directory"),
+    (["train.py", "--online.replay_capacity", "500"], "online.replay_capacity (500) must hold a whole episode"),
 ])
 def test_bad_arguments_fail_before_any_work(args, expected, subprocess_env):
-    proc = run(*args, env=subprocess_env)
+    # Before Ray starts too: nothing listens at this address, and connecting would fail otherwise.
+    proc = run(*args, env={**subprocess_env, "RAY_ADDRESS": "127.0.0.1:1"})
     assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
 
 

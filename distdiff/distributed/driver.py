@@ -827,12 +827,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     ``on_evaluation`` is called with each evaluation's metrics (every ``online.eval_every``
     updates and at the end), after the checkpoint is written."""
     run_dir = Path(run_dir)
-    if cfg.online.replay_capacity < cfg.env.max_episode_steps:
-        # Here, not in the config's checks: a checkpoint saved before this check must still
-        # evaluate. The replay keeps its newest episode whatever its length.
-        raise config_lib.ConfigError(
-            f"online.replay_capacity ({cfg.online.replay_capacity}) must hold a whole episode "
-            f"(env.max_episode_steps={cfg.env.max_episode_steps}): pass --online.replay_capacity")
+    config_lib.check_trainable(cfg)
     replay_state = data = None
     if init is None and (not resume or resume_checkpoint(run_dir) != run_dir / CHECKPOINT):
         # A cluster too small for the actors fails now, not after pretraining.

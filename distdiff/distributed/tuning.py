@@ -223,6 +223,8 @@ def load_spec(path: str | Path) -> SweepSpec:
     try:
         configs = [spec.trial_config({})] + [spec.trial_config({key: value}) for key, dom in spec.space.items()
                                              for value in _examples(dom)]
+        for cfg in configs:
+            config_lib.check_trainable(cfg)
     except ConfigError as e:
         raise ConfigError(f"invalid sweep space: {e}") from None
     named = {k: getattr(configs[0].online, k.removeprefix("online.")) for k in CUSTOM_RESOURCE_FIELDS}
