@@ -11,6 +11,7 @@ so a sampler driven by it must return N(mu, sigma²) samples up to its own discr
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -164,3 +165,21 @@ def tiny_online_config(dataset_id: str, **overrides):
     }
     base.update(overrides)
     return config.load(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml", base)
+
+
+@contextlib.contextmanager
+def ray_address_file_kept():
+    """Put back the machine-wide record of the last `ray start` cluster after a test starts its
+    own: a stale one sends later `address="auto"` look-ups (ray.init, Ray's memory summary, a
+    user's `ray status`) to a dead cluster."""
+    from ray._private.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    saved = path.read_text() if path.is_file() else None
+    try:
+        yield
+    finally:
+        if saved is not None:
+            path.write_text(saved)
+        else:
+            path.unlink(missing_ok=True)

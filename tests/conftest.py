@@ -2,14 +2,26 @@
 
 Threads are pinned to one before torch is imported: on the 2-core test machines a second
 BLAS thread only slows the tiny models down. Datasets live in a per-session temporary
-MINARI_DATASETS_PATH, so tests never touch ~/.minari, ../shared or the network.
+MINARI_DATASETS_PATH, so tests never touch ~/.minari, ../shared or the network. So does HOME:
+Ray writes its auth token there (~/.ray/auth_token), Mesa and Matplotlib their caches. Ray's
+usage statistics are off and would be sent nowhere: `ray start` reports even that they are off.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+_HOME = tempfile.mkdtemp(prefix="distdiff-tests-home-")
+atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
+os.environ.update(HOME=_HOME, XDG_CACHE_HOME=os.path.join(_HOME, ".cache"),
+                  MPLCONFIGDIR=os.path.join(_HOME, ".config", "matplotlib"), RAY_USAGE_STATS_ENABLED="0",
+                  RAY_USAGE_STATS_REPORT_URL="http://127.0.0.1:9/")
+# What launch-script subprocesses start from, before any test (or Ray) changes os.environ.
+_ENVIRON = dict(os.environ)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -62,7 +74,7 @@ def tiny_dataset(minari_root, tiny_episodes):
 def subprocess_env(minari_root):
     """Environment for launch-script subprocesses: the session's Minari store, one thread, and no
     RAY_ADDRESS of the caller's (a test that wants a cluster starts its own)."""
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in _ENVIRON.items() if k != "RAY_ADDRESS"}
     env.update(MINARI_DATASETS_PATH=str(minari_root), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return env
 

@@ -15,16 +15,14 @@ It never runs ``ray stop``: that would kill every Ray on the machine.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import ray
-from ray._private.utils import get_ray_address_file
 from ray.cluster_utils import Cluster
 from ray.exceptions import ActorUnavailableError
 
-from _helpers import tiny_online_config
+from _helpers import ray_address_file_kept, tiny_online_config
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint
 from distdiff.distributed import actors
@@ -65,24 +63,19 @@ def cluster():
     was_up = ray.is_initialized()
     if was_up:
         ray.shutdown()
-    # Cluster() points `ray.init(address="auto")` on this machine at itself; put back what was there.
-    address_file = Path(get_ray_address_file(None))
-    saved_address = address_file.read_text() if address_file.is_file() else None
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
     try:
-        learner = c.add_node(num_cpus=2, resources={"learner": 1})
-        rollout = c.add_node(num_cpus=1, resources={"rollout": 1})
-        ray.init(address=c.address, logging_level="warning")
-        yield SimpleNamespace(cluster=c, head=c.head_node, learner=learner, rollout=rollout)
+        # Cluster() points `ray.init(address="auto")` on this machine at itself.
+        with ray_address_file_kept():
+            c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+            try:
+                learner = c.add_node(num_cpus=2, resources={"learner": 1})
+                rollout = c.add_node(num_cpus=1, resources={"rollout": 1})
+                ray.init(address=c.address, logging_level="warning")
+                yield SimpleNamespace(cluster=c, head=c.head_node, learner=learner, rollout=rollout)
+            finally:
+                ray.shutdown()
+                c.shutdown()
     finally:
-        ray.shutdown()
-        c.shutdown()
-        # A stale address there would send later `address="auto"` look-ups (ray.init, Ray's
-        # memory_summary) to this dead cluster.
-        if saved_address is not None:
-            address_file.write_text(saved_address)
-        else:
-            address_file.unlink(missing_ok=True)
         if was_up:
             ray.init(**SESSION_INIT)
 

@@ -22,7 +22,7 @@ import pytest
 import ray
 import torch
 
-from _helpers import assert_same, snapshot, tiny_online_config
+from _helpers import assert_same, ray_address_file_kept, snapshot, tiny_online_config
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint
 from distdiff.distributed.driver import (Counters, OnlineRun, RunFailed, checked_resources, resume_checkpoint,
@@ -927,43 +927,44 @@ def test_train_script_connects_to_a_ray_start_cluster(auth, pretrained, tmp_path
         env["HOME"] = str(tmp_path / "home")
     ray_bin = str(Path(sys.executable).parent / "ray")
     head = None
-    try:
-        # A port chosen free can be taken before `ray start` binds it: then it exits at once,
-        # and is started again on other ports.
-        for _ in range(3):
-            gcs_port, client_port, agent_port = _free_ports(3)
-            address = env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
-            # `ray start --block` in its own process group: stopping the group stops exactly
-            # this cluster. `ray stop` would also kill the test session's own Ray, and pytest.
-            head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs_port}",
-                                     f"--ray-client-server-port={client_port}",
-                                     f"--dashboard-agent-listen-port={agent_port}", "--num-cpus=2",
-                                     "--include-dashboard=false", "--node-ip-address=127.0.0.1",
-                                     "--disable-usage-stats"],
-                                    env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                    start_new_session=True)
-            deadline = time.monotonic() + 120
-            while head.poll() is None and subprocess.run([ray_bin, "status", "--address", address], env=env,
-                                                         capture_output=True).returncode:
-                assert time.monotonic() < deadline, "ray start --head did not come up"
-                time.sleep(1)
-            if head.poll() is None:
-                break
-        assert head.poll() is None, "ray start --head exited three times"
-        out = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(tmp_path / "tiny.yaml"),
-                              "--init", str(ckpt), "--run-dir", str(tmp_path / "run"), "--num-actors", "2"],
-                             env=env, capture_output=True, text=True, timeout=400)
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert f"connected to the cluster at {address}" in out.stdout, out.stdout[-3000:]
-        assert (tmp_path / "run" / "metrics.json").is_file()
-    finally:
-        if head is not None and head.poll() is None:
-            os.killpg(head.pid, signal.SIGTERM)
-            try:
-                head.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(head.pid, signal.SIGKILL)
-                head.wait(timeout=60)
+    with ray_address_file_kept():  # which `ray start` overwrites
+        try:
+            # A port chosen free can be taken before `ray start` binds it: then it exits at once,
+            # and is started again on other ports.
+            for _ in range(3):
+                gcs_port, client_port, agent_port = _free_ports(3)
+                address = env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
+                # `ray start --block` in its own process group: stopping the group stops exactly
+                # this cluster. `ray stop` would also kill the test session's own Ray, and pytest.
+                head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs_port}",
+                                         f"--ray-client-server-port={client_port}",
+                                         f"--dashboard-agent-listen-port={agent_port}", "--num-cpus=2",
+                                         "--include-dashboard=false", "--node-ip-address=127.0.0.1",
+                                         "--disable-usage-stats"],
+                                        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True)
+                deadline = time.monotonic() + 120
+                while head.poll() is None and subprocess.run([ray_bin, "status", "--address", address], env=env,
+                                                             capture_output=True).returncode:
+                    assert time.monotonic() < deadline, "ray start --head did not come up"
+                    time.sleep(1)
+                if head.poll() is None:
+                    break
+            assert head.poll() is None, "ray start --head exited three times"
+            out = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(tmp_path / "tiny.yaml"),
+                                  "--init", str(ckpt), "--run-dir", str(tmp_path / "run"), "--num-actors", "2"],
+                                 env=env, capture_output=True, text=True, timeout=400)
+            assert out.returncode == 0, out.stderr[-3000:]
+            assert f"connected to the cluster at {address}" in out.stdout, out.stdout[-3000:]
+            assert (tmp_path / "run" / "metrics.json").is_file()
+        finally:
+            if head is not None and head.poll() is None:
+                os.killpg(head.pid, signal.SIGTERM)
+                try:
+                    head.wait(timeout=60)
+                except subprocess.TimeoutExpired:
+                    os.killpg(head.pid, signal.SIGKILL)
+                    head.wait(timeout=60)
 
 
 def test_overwrite_from_init_keeps_the_old_run_when_the_cluster_cannot_hold_the_actors(ray_session, pretrained,

@@ -137,3 +137,20 @@ def test_plan_executes_the_best_of_its_candidates(sampler):
     assert torch.equal(plan.trajectories, candidates[torch.arange(3), best])
     np.testing.assert_array_equal(plan.values, values.max(dim=1).values.numpy())
     np.testing.assert_array_equal(plan.states[:, 0], obs)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_a_planner_with_a_guidance_scale_plans_higher_values_from_the_same_noise(sampler):
+    # The config's guidance reaches the sampler through the planner: same draws, a higher V.
+    d = gaussian_diffusion("cosine", 20, "x0")
+    normalizer = Normalizer(kind="gaussian", shift=[0.5, -1.0], scale=[2.0, 0.5], clip_min=[-3, -3], clip_max=[3, 3])
+    obs = np.array([[0.0], [1.0], [2.0]], dtype=np.float32)
+    values = {}
+    for scale in (0.0, 0.5):
+        planner = Planner(diffusion=d, denoiser=exact_denoiser(d), value=ActionSum(), normalizer=normalizer,
+                          guidance=GuidanceConfig(scale=scale, n_guide_steps=1, t_stopgrad=0),
+                          planner=PlannerConfig(sampler=sampler, ddim_steps=4, ddim_eta=1.0))
+        plan = planner.plan(obs, generator=torch.Generator().manual_seed(5))
+        np.testing.assert_array_equal(plan.states[:, 0], obs)
+        values[scale] = ActionSum()(plan.trajectories, None)
+    assert (values[0.5] > values[0.0]).all(), values

@@ -36,6 +36,16 @@ def test_uniform_sampling_follows_the_window_counts():
     assert share_from_good(replay) == pytest.approx(0.5, abs=0.04)
 
 
+def test_episodes_added_after_a_sample_are_drawn_at_once():
+    # The learner samples between every two rollouts: the windows of each new episode must be in
+    # the very next sample, not only those the replay held when it first sampled.
+    replay = make_replay()
+    replay.add([constant_episode(-1.0, 50, 0.0)])
+    assert share_from_good(replay) == 0.0
+    replay.add([constant_episode(1.0, 50, 1.0)])
+    assert share_from_good(replay) == pytest.approx(0.5, abs=0.04)
+
+
 def test_return_weighting_prefers_the_better_episodes():
     replay = make_replay(return_weighting=2.0)
     # Two episodes two standard deviations apart: the worse one is weighted exp(-2·2).
