@@ -407,6 +407,33 @@ def test_killed_worker_is_replaced_and_nothing_delivered_is_lost(ray_session, pr
     assert min(after) >= at_kill["version"]
 
 
+def test_an_env_that_fails_is_rebuilt_and_the_task_runs_again_from_other_draws(pretrained):
+    import mujoco
+
+    from distdiff.distributed.worker import RolloutWorker
+
+    cfg, ckpt = pretrained
+    worker = RolloutWorker(config=cfg.to_dict(), normalizer=load_checkpoint(ckpt)["normalizer"], worker_id=0)
+    try:
+        worker.version = 0  # (its initial weights do for this)
+        envs, seeds, run = list(worker.envs), [], worker._run
+
+        def fails_first(seed, *args):
+            seeds.append(seed)
+            if len(seeds) == 1:
+                raise mujoco.FatalError("mj_stackAlloc: insufficient memory")  # not a RuntimeError
+            return run(seed, *args)
+
+        with mock.patch.object(worker, "_run", side_effect=fails_first):
+            result = worker.rollout(3, max_steps=5)
+        assert result["env_rebuilds"] == 1 and result["env_steps"] > 0
+        assert not set(map(id, worker.envs)) & set(map(id, envs)), "the envs were not rebuilt"
+        # The same draws would fail the same way: the retry has its own.
+        assert len(seeds) == 2 and seeds[0] == worker._seed(3) and seeds[1] != seeds[0]
+    finally:
+        worker._close_envs()
+
+
 def test_a_planner_that_raises_is_not_taken_for_an_env_failure(pretrained):
     # Rebuilding the envs and running the task again cannot fix a planner.
     from distdiff.distributed.worker import PlanError, RolloutWorker

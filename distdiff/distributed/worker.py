@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from typing import Dict, Optional
 
+import mujoco
 import numpy as np
 import torch
 
@@ -24,6 +25,11 @@ class NoWeights(RuntimeError):
     """A rollout asked of a worker that holds no weights yet. The driver hands every worker
     weights before its first rollout, so this is a worker whose process Ray restarted while
     it had no task running: a restart the driver did not see."""
+
+
+# What an env that went wrong raises: MuJoCo's fatal errors (a simulation it cannot go on with,
+# mujoco.FatalError is not a RuntimeError), and Gymnasium's checks of what it is given.
+ENV_ERRORS = (RuntimeError, ValueError, FloatingPointError, mujoco.FatalError)
 
 
 class PlanError(Exception):
@@ -63,9 +69,10 @@ class RolloutWorker:
             self.version = int(payload["version"])
         return self.version
 
-    def _seed(self, task: int) -> int:
-        # Independent streams per (run seed, worker, task).
-        return int(np.random.SeedSequence([self.cfg.train.seed, self.worker_id, task]).generate_state(1)[0] >> 1)
+    def _seed(self, task: int, attempt: int = 0) -> int:
+        # Independent streams per (run seed, worker, task), and per retry of the task.
+        key = [self.cfg.train.seed, self.worker_id, task] + ([attempt] if attempt else [])
+        return int(np.random.SeedSequence(key).generate_state(1)[0] >> 1)
 
     def rollout(self, task: Optional[int] = None, *, max_steps: Optional[int] = None,
                 n_envs: Optional[int] = None) -> Dict[str, object]:
@@ -76,20 +83,20 @@ class RolloutWorker:
         after ``max_steps`` steps."""
         if self.version < 0:
             raise NoWeights("rollout before set_weights: a worker must never plan with random weights")
-        seed = self._seed(self.tasks if task is None else task)
+        task = self.tasks if task is None else task
         self.tasks += 1
         version = self.version
         rebuilds = 0
         try:
-            results = self._run(seed, max_steps, n_envs)
-        except (RuntimeError, ValueError, FloatingPointError) as e:
-            # A simulator that went unstable (MuJoCo warnings escalate to errors) must not kill
-            # the worker: rebuild the envs and try the task once more.
+            results = self._run(self._seed(task), max_steps, n_envs)
+        except ENV_ERRORS as e:
+            # An env that failed must not kill the worker: rebuild the envs and run the task once
+            # more, from other draws (on one thread the same ones would fail the same way).
             log.warning("worker %d: env failed (%s); rebuilding envs", self.worker_id, e)
             rebuilds = 1
             self._close_envs()
             self._make_envs()
-            results = self._run(seed, max_steps, n_envs)
+            results = self._run(self._seed(task, attempt=1), max_steps, n_envs)
         errors = [r.plan_errors for r in results if len(r.plan_errors)]
         return {
             "worker_id": self.worker_id,
