@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from distdiff.data.episodes import Episode
 from distdiff.data.windows import fit_normalizer
@@ -141,3 +142,13 @@ def test_offline_episodes_are_never_completed_to_the_time_limit():
     assert replay.offline.returns[0] == pytest.approx(sum(0.99 ** k for k in range(10)))
     online = replay._online_windows()
     assert online.returns[0] == pytest.approx(sum(0.99 ** k for k in range(1000)), rel=1e-5)
+
+
+def test_an_episode_with_nan_is_counted_but_never_sampled():
+    replay = make_replay()
+    bad = constant_episode(1.0, 50, 1.0)
+    bad.rewards[7] = np.nan
+    replay.add([constant_episode(-1.0, 50, 0.0), bad])
+    assert replay.added_episodes == 2 and replay.size() == 50
+    (batch,) = replay.sample(1, 256)
+    assert all(bool(torch.isfinite(field).all()) for field in batch)

@@ -394,7 +394,9 @@ class OnlineRun:
         w.add_scalar("faults/failed_rollouts", self.counters.failed_rollouts, step)
         w.add_scalar("faults/env_rebuilds", self.counters.env_rebuilds, step)
         if result["example"] is not None:
-            self.last_example = result["example"]
+            # A copy: its arrays are views of the rollout's object, which they would keep in the
+            # object store, every episode of it, until the next example.
+            self.last_example = type(result["example"])(*(np.array(a, copy=True) for a in result["example"]))
 
     def log_train(self, stats: Dict[str, float], replay_size: int, t0: float, updates0: int) -> None:
         step = self.counters.updates

@@ -13,6 +13,7 @@ slow starts.
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 from typing import Dict, List, Optional, Sequence
 
@@ -23,6 +24,13 @@ from distdiff.data.episodes import Episode, completed_return
 from distdiff.data.windows import Batch, WindowDataset
 from distdiff.layout import TrajectoryLayout
 from distdiff.normalizer import Normalizer
+
+
+log = logging.getLogger(__name__)
+
+
+def _finite(ep: Episode) -> bool:
+    return bool(np.isfinite(ep.observations).all() and np.isfinite(ep.actions).all() and np.isfinite(ep.rewards).all())
 
 
 def _own(ep: Episode) -> Episode:
@@ -75,11 +83,16 @@ class Replay:
         self.rng = np.random.default_rng(seed)
 
     def add(self, episodes: List[Episode]) -> int:
-        """Store episodes (evicting the oldest beyond capacity); returns the online size."""
+        """Store episodes (evicting the oldest beyond capacity); returns the online size. An
+        episode with a NaN or an infinity (actions a planner got wrong, a simulator that gave up)
+        is counted but not stored: every window of it would turn a whole batch non-finite."""
         for ep in episodes:
+            self.added_episodes += 1  # (what a checkpoint's episode count is matched against)
+            if not _finite(ep):
+                log.warning("replay: an episode of %d steps holds NaN or infinite values; not stored", len(ep))
+                continue
             self.episodes.append(_own(ep))
             self.transitions += len(ep)
-            self.added_episodes += 1
         self._evict()
         self._online = None
         return self.transitions
