@@ -587,9 +587,13 @@ def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path)
     assert torch.equal(resumed["observations"][:steps + n], stored["observations"])
     assert int(resumed["lengths"].sum()) == second["env_steps"]
     # Rollouts are numbered on from where the first run stopped, so none repeats a seed.
-    assert load_checkpoint(tmp_path / "checkpoint.pt")["run"]["rollouts"] > saved["run"]["rollouts"] > 0
-    assert second["updates"] > first["updates"]
+    final = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert final["run"]["rollouts"] > saved["run"]["rollouts"] > 0
+    # The update count goes on from the first run's: what the whole budget owes, once.
+    assert second["updates"] == int(longer.online.updates_per_env_step * second["env_steps"]) > first["updates"]
+    assert final["step"] - saved["step"] == second["updates"] - first["updates"]
     assert second["weights_version"] > first["weights_version"]
+    assert final["weights_version"] == final["run"]["version"] == second["weights_version"]
     replay_after = load_checkpoint(tmp_path / "replay.pt")["replay"]["added_episodes"]
     assert replay_after == replay_before + (second["episodes"] - first["episodes"])
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] > saved["step"]

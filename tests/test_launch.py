@@ -274,3 +274,22 @@ def test_collect_with_a_checkpoint_policy(run30, minari_root, subprocess_env):
         assert 1 <= len(ep) <= 30
         assert ep.terminated or ep.truncated
         assert np.all(np.abs(ep.actions) <= 1.0)  # clipped to the action space
+    # The checkpoint's planner acted, seeded as collect.py seeds it (--seed 0): the same episodes
+    # in this process.
+    from distdiff.config import from_dict
+    from distdiff.rollout import run_episodes
+    from distdiff.training import planner_from_checkpoint
+
+    state = load_checkpoint(run30 / "checkpoint.pt")
+    planner, cfg = planner_from_checkpoint(state), from_dict(state["config"])
+    envs = [make_env("Walker2d-v5", 30) for _ in range(2)]
+    try:
+        generator = torch.Generator().manual_seed(0)
+        expected = run_episodes(lambda obs: planner.plan(obs, generator=generator), envs, n_episodes=2,
+                                execution=cfg.planner.execution, horizon=cfg.model.horizon,
+                                replan_every=cfg.planner.replan_every, seed=0)
+    finally:
+        for env in envs:
+            env.close()
+    for ep, want in zip(data.episodes, expected):
+        np.testing.assert_array_equal(ep.actions, want.episode.actions.astype(ep.actions.dtype))
