@@ -882,6 +882,37 @@ def test_nan_batch_is_skipped_and_repeated_failure_stops(pretrained):
         learner.train([bad, bad, bad])
 
 
+def test_a_learner_whose_updates_turn_non_finite_stops_the_run_with_its_last_checkpoint_intact(
+        ray_session, pretrained, tmp_path, monkeypatch):
+    from distdiff.distributed import actors
+    from distdiff.distributed.actors import RayLearner
+
+    class GoesBad(RayLearner):
+        """Trains normally for 12 updates, then every batch holds a NaN (a loss gone to inf)."""
+
+        def train(self, batches):
+            if self.trainer.step >= self.start + 12:
+                batches = [b._replace(x_start=b.x_start * float("nan")) for b in batches]
+            return super().train(batches)
+
+        def ready(self):
+            self.start = self.trainer.step
+
+    def make_learner(cfg, res, **kwargs):
+        learner = ray.remote(GoesBad).options(num_cpus=res["learner_cpus"]).remote(device="cpu", **kwargs)
+        ray.get(learner.ready.remote())
+        return learner
+
+    monkeypatch.setattr(actors, "make_learner", make_learner)
+    cfg, ckpt = pretrained
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.max_nonfinite": 5})
+    with pytest.raises(RunFailed, match="the learner failed: .*5 non-finite updates in a row"):
+        train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")  # the one at 10 updates, before it went bad
+    assert saved["run"]["updates"] == 10
+    assert all(torch.isfinite(v).all() for net in ("denoiser", "ema_denoiser", "value") for v in saved[net].values())
+
+
 def test_learner_fine_tunes_at_the_scaled_rate_and_checkpoints_the_unscaled_config(pretrained):
     cfg, ckpt = pretrained
     cfg = config_lib.from_dict({"online": {"lr_scale": 0.5}}, cfg)
