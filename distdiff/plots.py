@@ -12,7 +12,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 
 from distdiff.cli import replacing  # noqa: E402
-from distdiff.rollout import PlanCheck  # noqa: E402
+from distdiff.rollout import PlanCheck, mean_alignment_error  # noqa: E402
 
 
 def plan_vs_real_figure(check: PlanCheck, max_dims: int = 6):
@@ -144,7 +144,7 @@ def alignment_figure(runs: Sequence[AlignmentRun], groups: Sequence[DimGroup], *
         with warnings.catch_warnings():  # all-NaN steps (every start fell) stay NaN
             warnings.simplefilter("ignore", RuntimeWarning)
             mean = np.nanmean(np.where(np.isfinite(run.errors), run.errors, np.nan), axis=0)
-            overall = np.nanmean(mean)
+            overall = mean_alignment_error(mean)
         ax.plot(steps, mean, color=f"C{k}", linewidth=2.0, marker="o", markersize=3,
                 label=f"{run.label} (mean {overall:.3f})")
     ax.set_title("alignment error per horizon step", fontsize=10)

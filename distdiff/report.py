@@ -14,7 +14,7 @@ from distdiff.config import Config
 from distdiff.data.episodes import Episode
 from distdiff.data.minari_io import DatasetMissing, LoadedDataset, dataset_exists, load_episodes
 from distdiff.planner import Planner
-from distdiff.rollout import PlanCheck, alignment_errors, make_env, physics_state, replay_actions
+from distdiff.rollout import PlanCheck, alignment_errors, make_env, mean_alignment_error, physics_state, replay_actions
 
 
 def load_dataset(cfg: Config, dataset_id: Optional[str] = None, log: Callable[[str], None] = print) -> LoadedDataset:
@@ -115,15 +115,16 @@ def alignment_starts(planner: Planner, env_id: str, seeds: Sequence[int],
 
 def mean_error(errors: np.ndarray) -> Optional[float]:
     """The mean over horizon steps of each step's mean over the starts, as the figures' legends
-    and the evaluation summaries average: steps after a start fell (NaN) leave its earlier,
-    smaller errors no extra weight."""
+    and the evaluation summaries average (:func:`distdiff.rollout.mean_alignment_error`, step 0
+    left out): steps after a start fell (NaN) leave its earlier, smaller errors no extra weight."""
     e = np.asarray(errors, dtype=np.float64).reshape(-1, np.shape(errors)[-1])
     e = np.where(np.isfinite(e), e, np.nan)
     with warnings.catch_warnings():  # all-NaN steps (every start fell) stay NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         per_step = np.nanmean(e, axis=0)
-    per_step = per_step[np.isfinite(per_step)]
-    return float(per_step.mean()) if per_step.size else None
+    if not np.isfinite(per_step[1:] if len(per_step) > 1 else per_step).any():
+        return None
+    return mean_alignment_error(per_step)
 
 
 def _fmt(v, spec=".3f") -> str:

@@ -122,6 +122,14 @@ def alignment_errors(planned: np.ndarray, reached: np.ndarray, state_normalizer:
     return np.sqrt(np.mean(diff**2, axis=-1))
 
 
+def mean_alignment_error(per_step) -> float:
+    """The alignment error of plans, from its mean per horizon step (NaN-free means of plans):
+    averaged over steps 1 to H-1. Step 0 is the conditioning state, which every plan starts at
+    exactly; averaged in, its 0 would only scale the figure by (H-1)/H."""
+    per_step = np.asarray(per_step, np.float64)
+    return float(np.nanmean(per_step[1:] if len(per_step) > 1 else per_step))
+
+
 def run_episodes(
     plan_fn: PlanFn,
     envs: List[gym.Env],
@@ -257,6 +265,6 @@ def summarize(results: List[EpisodeResult], ref_min=None, ref_max=None) -> dict:
         "terminations": int(sum(bool(r.episode.terminated) for r in results)),
         "episode_returns": [float(v) for v in returns],
         "episode_lengths": lengths,
-        "alignment_error": None if per_step is None else float(np.nanmean(per_step)),
+        "alignment_error": None if per_step is None else mean_alignment_error(per_step),
         "alignment_error_per_step": None if per_step is None else [float(v) for v in per_step],
     }

@@ -191,3 +191,11 @@ def test_max_steps_cuts_episodes_as_a_shorter_time_limit_would(walker):
     by_seed = {r.seed: r.episode for r in whole}
     for r in cut:
         np.testing.assert_array_equal(r.episode.observations, by_seed[r.seed].observations[:8])
+
+
+def test_the_alignment_error_of_plans_leaves_out_their_exact_start():
+    from distdiff.rollout import mean_alignment_error
+
+    # Step 0 is the conditioning state, 0 in every plan: it must not dilute the mean.
+    assert mean_alignment_error([0.0, 0.2, 0.4]) == pytest.approx(0.3)
+    assert mean_alignment_error([0.0, 0.2, float("nan")]) == pytest.approx(0.2)  # every plan fell by then

@@ -171,9 +171,11 @@ def test_help_and_bad_checkpoint(tmp_path, capsys):
 
 
 def test_the_reports_mean_error_averages_per_step_means_like_the_figures():
-    # A start that fell after one step: per-step means 0, 1, 2 average to 1, where pooling
-    # every finite entry (0, 1, 2, 0) would give 0.75.
-    assert mean_error(np.array([[0.0, 1.0, 2.0], [0.0, np.nan, np.nan]])) == pytest.approx(1.0)
+    # A start that fell after one step: per-step means 0, 1, 2; over the steps after the exact
+    # start, 1.5, where pooling every finite entry past it (1, 2) would give the same only by luck
+    # and with (0, 1, 2, 0) all in, 0.75.
+    assert mean_error(np.array([[0.0, 1.0, 2.0], [0.0, np.nan, np.nan]])) == pytest.approx(1.5)
+    assert mean_error(np.array([[0.0, 1.0, 3.0], [0.0, 2.0, np.nan]])) == pytest.approx((1.5 + 3.0) / 2)
     assert mean_error(np.full((2, 3), np.nan)) is None
 
 

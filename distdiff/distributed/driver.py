@@ -35,6 +35,7 @@ from distdiff.evaluation import evaluate
 from distdiff.models import NETS, layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.pretrain import load_data, pretrain, trained_on
+from distdiff.rollout import mean_alignment_error
 from distdiff.rundir import (BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, PRETRAIN, REPLAY, clear_run,
                              resume_checkpoint)
 from distdiff.training import check_value_target, planner_from_checkpoint
@@ -384,7 +385,7 @@ class OnlineRun:
         errors = result["plan_errors"]
         if len(errors):
             per_step = np.nanmean(errors, axis=0)
-            w.add_scalar("rollout/alignment_error", float(np.nanmean(per_step)), step)
+            w.add_scalar("rollout/alignment_error", mean_alignment_error(per_step), step)
             for j, v in enumerate(per_step):
                 if np.isfinite(v):
                     w.add_scalar(f"rollout/alignment_error_step/{j:02d}", float(v), step)
