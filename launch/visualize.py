@@ -42,7 +42,7 @@ from distdiff.data.minari_io import DatasetError  # noqa: E402
 from distdiff.evaluation import evaluate  # noqa: E402
 from distdiff.report import (alignment_starts, figure1_data, in_units, load_dataset, mean_error,  # noqa: E402
                              render_report)
-from distdiff.rundir import checkpoint_file  # noqa: E402
+from distdiff.rundir import BEST, CHECKPOINT, checkpoint_file  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
@@ -70,7 +70,8 @@ def parser() -> argparse.ArgumentParser:
                    help="Evaluation episodes per checkpoint for the report's return, score and alignment error "
                         "(default 2; 0 skips evaluation).")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
-                   help="Output directory, also the TensorBoard log dir (default: viz/ next to the checkpoint).")
+                   help="Output directory, also the TensorBoard log dir (default: viz/ next to checkpoint.pt, "
+                        "viz-NAME/ next to NAME.pt).")
     p.add_argument("--compare", type=Path, default=None, metavar="PATH",
                    help="A second checkpoint (same env) shown beside the first in the alignment figure and report.")
     p.add_argument("--starts", type=positive_int, default=4, metavar="K",
@@ -130,11 +131,17 @@ def main(argv=None) -> int:
         fail(str(e))
     labels = []
     for kind, path, *_ in runs:
-        name = checkpoint_file(path).resolve().parent.name
+        # By run dir, and by file beside checkpoint.pt: best.pt of the same run is another planner.
+        file = checkpoint_file(path).resolve()
+        name = file.parent.name if file.name == CHECKPOINT else f"{file.parent.name}/{file.stem}"
         labels.append(name if name not in labels else f"{name} ({kind})")
-    out = args.out or checkpoint_file(args.checkpoint).parent / "viz"
+    first = checkpoint_file(args.checkpoint)
+    out = args.out or first.parent / ("viz" if first.name == CHECKPOINT else f"viz-{first.stem}")
     check_output(out, "--out", directory=True)
     seed = cfg.eval.seed if args.seed is None else args.seed
+    if first.name == BEST and args.seed is None and args.episodes > 0:
+        print(f"note: {BEST} was chosen by the run's evaluations on eval.seed={seed}; judged on the same episodes "
+              "it looks better than it is: pass --seed for other ones", file=sys.stderr)
 
     def gen(p):  # the same sampler noise for every checkpoint
         return torch.Generator(device=p.device).manual_seed(seed)
@@ -188,16 +195,21 @@ def main(argv=None) -> int:
         video = None
         problem = "--no-video" if args.no_video else render.gl_problem(cfg.env.id)
         if problem is None:
-            first = starts_of[0][0]
+            start = starts_of[0][0]
             env = render.make_render_env(cfg.env.id, args.width, args.height)
             try:
-                frames = render.plan_vs_real_frames(env, first.check.planned_states, first.check.planned_actions,
-                                                    first.qpos, first.qvel)
+                frames = render.plan_vs_real_frames(env, start.check.planned_states, start.check.planned_actions,
+                                                    start.qpos, start.qvel)
+            except ValueError as e:
+                # An env whose observation is not qpos[1:] + qvel (Ant, Swimmer): its planned states
+                # cannot be imposed on the simulator. The figures and the report need no video.
+                problem = str(e)
             finally:
                 env.close()
+        if problem is None:
             path = render.write_video(out / "plan_vs_real", frames, args.fps, args.video_format)
             render.add_video(writer, "diagnostics/plan_vs_real", frames, args.fps, step)
-            video = {"path": path, "frames": len(frames), "fps": args.fps, "seed": first.seed}
+            video = {"path": path, "frames": len(frames), "fps": args.fps, "seed": start.seed}
             written.append(str(path))
         elif args.no_video:
             notes.append("No video: --no-video was given.")

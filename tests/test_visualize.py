@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shutil
 import subprocess
 import sys
 
@@ -152,6 +153,21 @@ def test_report_references_existing_files(viz_run):
     assert text.count("| run") == 2  # the checkpoint and --compare, side by side
     if "No video" not in text:
         assert any(link.startswith("plan_vs_real.") for link in links)
+
+
+def test_best_pt_beside_checkpoint_pt_gets_its_own_label_and_dir(tiny_ckpt, subprocess_env, tmp_path):
+    # Two planners of one run: their diagnostics must not overwrite each other or share a label.
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    shutil.copy(tiny_ckpt, run_dir / "checkpoint.pt")
+    shutil.copy(tiny_ckpt, run_dir / "best.pt")
+    proc = subprocess.run([sys.executable, "launch/visualize.py", "--checkpoint", str(run_dir / "best.pt"), "--compare",
+                           str(run_dir), "--episodes", "0", "--starts", "1", "--no-video"],
+                          cwd=ROOT, env=subprocess_env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = (run_dir / "viz-best" / "report.md").read_text()
+    assert "| run/best " in report and "| run " in report
+    assert not (run_dir / "viz").exists()
 
 
 def test_help_and_bad_checkpoint(tmp_path, capsys):
