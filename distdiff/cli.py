@@ -95,8 +95,8 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _fsync(path: Path, flags: int) -> None:
+    fd = os.open(path, flags)
     try:
         os.fsync(fd)
     finally:
@@ -116,9 +116,12 @@ def replacing(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
     try:
         yield tmp
-        _fsync(tmp)
+        _fsync(tmp, os.O_RDWR)  # (Windows syncs only what is open for writing)
         os.replace(tmp, path)
-        _fsync(path.parent)
+        # The new file is in place: a system that cannot sync a directory (Windows, one this
+        # user may not read) must not fail the write.
+        with contextlib.suppress(OSError):
+            _fsync(path.parent, os.O_RDONLY)
     finally:
         tmp.unlink(missing_ok=True)
 

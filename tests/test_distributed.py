@@ -1042,6 +1042,19 @@ def test_overwrite_from_init_keeps_the_old_run_when_the_cluster_cannot_hold_the_
     assert (old / CHECKPOINT).is_file()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
+def test_overwrite_keeps_the_old_run_when_pretraining_asks_for_a_device_that_is_not_there(ray_session, pretrained,
+                                                                                          tmp_path):
+    cfg, ckpt = pretrained
+    old = tmp_path / "run"
+    old.mkdir()
+    shutil.copy(ckpt, old / CHECKPOINT)
+    cuda = tiny_online_config(cfg.data.dataset_id, **{"train.device": "cuda"})
+    with pytest.raises(config_lib.ConfigError, match="no CUDA device"):
+        train(cuda, old, overwrite=True, log=lambda s: None, progress=False)
+    assert (old / CHECKPOINT).is_file()
+
+
 def test_parallel_collection_with_random_and_planner_policies(ray_session, pretrained):
     from distdiff.distributed.driver import collect_episodes
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 import re
 import shutil
@@ -293,3 +294,30 @@ def test_collect_with_a_checkpoint_policy(run30, minari_root, subprocess_env):
             env.close()
     for ep, want in zip(data.episodes, expected):
         np.testing.assert_array_equal(ep.actions, want.episode.actions.astype(ep.actions.dtype))
+
+
+@pytest.mark.parametrize("where", ["none", "file", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "empty RAY_AUTH_TOKEN",
+                                   "explicit mode"])
+def test_the_scripts_present_a_token_to_clusters_only_where_there_is_one(where, tmp_path, monkeypatch):
+    # Token mode with no token refuses every cluster, a plain `ray start --head` on a fresh
+    # machine included; without token mode a driver never sends the one it has.
+    from distdiff.cli import default_ray_auth
+
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.setenv(var, "")  # so that teardown puts back what was there, whatever this test sets
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    if where == "file":
+        (tmp_path / ".ray").mkdir()
+        (tmp_path / ".ray" / "auth_token").write_text("t" * 32)
+    elif where in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.setenv(where, "t" * 32)
+    elif where == "empty RAY_AUTH_TOKEN":
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "")
+    elif where == "explicit mode":
+        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+        (tmp_path / ".ray").mkdir()
+        (tmp_path / ".ray" / "auth_token").write_text("t" * 32)
+    default_ray_auth()
+    expected = {"none": None, "empty RAY_AUTH_TOKEN": None, "explicit mode": "disabled"}.get(where, "token")
+    assert os.environ.get("RAY_AUTH_MODE") == expected

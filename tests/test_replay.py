@@ -134,6 +134,23 @@ def test_a_replay_saved_after_its_checkpoint_loads_back_to_what_the_checkpoint_c
     assert smaller.size() == 60 and [float(ep.observations[0, 0]) for ep in smaller.episodes] == [3.0, 4.0]
 
 
+def test_a_refused_episode_after_the_checkpoint_drops_only_what_the_checkpoint_did_not_count():
+    saved = make_replay()
+    saved.add([constant_episode(float(k), 30, 1.0) for k in range(3)])  # counted by the checkpoint
+    bad = constant_episode(9.0, 30, 1.0)
+    bad.rewards[0] = np.nan
+    saved.add([constant_episode(3.0, 30, 1.0), bad])  # then a crash before checkpoint.pt
+    resumed = make_replay()
+    assert resumed.load_state_dict(saved.state_dict(), added_episodes=3) == 1
+    assert resumed.added_episodes == 3
+    assert [float(ep.observations[0, 0]) for ep in resumed.episodes] == [0.0, 1.0, 2.0]
+    # A replay.pt saved before arrivals were recorded: its episodes were all stored, in order.
+    old = saved.state_dict()
+    del old["arrivals"]
+    old["added_episodes"] = 4
+    assert make_replay().load_state_dict(old, added_episodes=3) == 1
+
+
 def test_offline_episodes_are_never_completed_to_the_time_limit():
     # A dataset collected with a shorter time limit than the env's: its episodes were not cut.
     short = constant_episode(1.0, 10, 1.0)

@@ -229,6 +229,13 @@ def test_invalid_resources_are_refused(tiny_dataset, tmp_path):
     assert trial_resources(spec, {}).bundles[:1] == [{"GPU": 1.0}]
 
 
+def test_a_sweep_name_that_is_not_one_directory_is_refused(tiny_dataset, tmp_path):
+    # Tune would write STORAGE/a/a/b while --resume and the summary look in STORAGE/a/b.
+    for bad in ("a/b", "..", ""):
+        with pytest.raises(ConfigError, match="name must name one directory"):
+            load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, name=bad))
+
+
 class FakeResults:
     """What summarize and launch/tune.py read of Tune's ResultGrid. Its get_best_result is Ray
     2.60's: the only trial, even a failed one; else the best of those that reported the metric,

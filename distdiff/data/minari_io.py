@@ -63,13 +63,22 @@ def dataset_exists(dataset_id: str) -> bool:
 
 
 def _missing_message(dataset_id: str, why: str) -> str:
+    get = ("Make it" if dataset_id.startswith(LOCAL_NAMESPACE) else
+           "Download it where there is internet (--data.download true, the default), or make a local one")
     return (
         f"dataset {dataset_id!r} is not available: {why}\n"
         f"Local datasets are looked up under MINARI_DATASETS_PATH={datasets_root()}.\n"
-        f"Download it where there is internet (--data.download true, the default), or make a local one:\n"
+        f"{get}, e.g.:\n"
         f"  python launch/collect.py --policy random --episodes 50 --dataset-id local/walker2d/random-v0\n"
         f"and pass --data.dataset_id local/walker2d/random-v0."
     )
+
+
+def _lock(dataset_id: str) -> FileLock:
+    """One process at a time makes a dataset in the store (Tune trials on one machine would each
+    download or collect it, and the later writer find it half written)."""
+    os.makedirs(datasets_root(), exist_ok=True)
+    return FileLock(os.path.join(datasets_root(), f".{dataset_id.replace('/', '__')}.lock"))
 
 
 def load_minari(dataset_id: str, *, download: bool = False, log=print):
@@ -85,7 +94,8 @@ def load_minari(dataset_id: str, *, download: bool = False, log=print):
             raise DatasetMissing(_missing_message(dataset_id, "it is not in the local Minari store")) from None
     log(f"dataset {dataset_id!r} is not local: downloading it from Minari's remote")
     try:
-        return minari.load_dataset(dataset_id, download=True)
+        with _lock(dataset_id):  # (one that waited finds it local)
+            return minari.load_dataset(dataset_id, download=True)
     except ValueError as e:
         # The remote answered: it has no such dataset, or none this Minari version reads.
         raise DatasetError(f"dataset {dataset_id!r} cannot be downloaded: {e}") from e
@@ -212,12 +222,9 @@ def load_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallba
             raise
         log(f"warning: {str(e).splitlines()[0]}; training on the local dataset {fallback_id!r} instead, "
             f"not on {dataset_id!r} (data.fallback_dataset_id; empty: no fallback)")
-    # Concurrent Tune trials on one machine would each collect it, and the later writer would
-    # find the id taken (or remove a half-written one under the other's feet): one collects.
     # The lock only when it is missing: a store that holds it may be read-only.
     if not dataset_exists(fallback_id):
-        os.makedirs(datasets_root(), exist_ok=True)
-        with FileLock(os.path.join(datasets_root(), f".{fallback_id.replace('/', '__')}.lock")):
+        with _lock(fallback_id):
             if not dataset_exists(fallback_id):  # or another run made it while this one waited
                 _collect_random(fallback_id, fallback_episodes, env_id, max_episode_steps, seed, log)
     return load_episodes(fallback_id, obs_dim=obs_dim, act_dim=act_dim, env_id=env_id)

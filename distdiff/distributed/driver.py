@@ -38,7 +38,7 @@ from distdiff.pretrain import load_data, pretrain, trained_on
 from distdiff.rollout import mean_alignment_error
 from distdiff.rundir import (BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, PRETRAIN, REPLAY, clear_run,
                              resume_checkpoint)
-from distdiff.training import check_value_target, planner_from_checkpoint
+from distdiff.training import check_value_target, planner_from_checkpoint, resolve_device
 
 # An evaluation's figures that go to TensorBoard (eval/…), metrics.json and best.json alike.
 EVAL_SCALARS = ("return_mean", "normalized_score", "terminations", "alignment_error")
@@ -46,9 +46,10 @@ BEST_KEYS = (*EVAL_SCALARS, "env_steps", "updates", "weights_version")
 # A rollout actor is dropped after this many failed rollouts in a row that may drop it (a death
 # that used up its restarts, a task that raised), or after this many failures of any kind that
 # have gone on for MAX_FAILING_S: Ray reports a worker that dies inside a call (one that runs out
-# of memory in every rollout) as unavailable, the same error as a call made while it restarts.
+# of memory in every rollout) as unavailable, the same error as a call made while it restarts,
+# and a restart may wait minutes for an autoscaler's node.
 MAX_STRIKES = 10
-MAX_FAILING_S = 120.0
+MAX_FAILING_S = 600.0
 
 
 class ClusterUnreachable(RuntimeError):
@@ -565,6 +566,9 @@ class OnlineRun:
                          f"dropping it")
                 dropped.add(i)
             elif not stopping():
+                if failures[i] == MAX_STRIKES:
+                    self.log(f"rollout actor {i} has failed {failures[i]} rollouts in a row ({failing_s:.0f} s); "
+                             f"retrying it until {MAX_FAILING_S:.0f} s have passed (a restart can wait for a node)")
                 retry_at[i] = time.perf_counter() + min(0.5 * failures[i], 5.0)
             if collecting:
                 # The failed rollout's promise is free again: a worker parked for want of budget
@@ -839,6 +843,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         log(f"{'resuming ' if resume else ''}phase 1: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps)")
         data = load_data(cfg)
         cfg = trained_on(cfg, data)
+        resolve_device(cfg.train.device)  # (a device that is not there fails before the old run goes)
         if overwrite:
             clear_run(run_dir)
         state = load_checkpoint(pretrain(cfg, run_dir / PRETRAIN, resume=resume, quiet=not progress, data=data))
@@ -865,6 +870,11 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     if data is None:
         data = load_data(cfg)
         cfg = trained_on(cfg, data)
+    prior_data = state["config"]["data"]["dataset_id"]
+    if init is not None and prior_data != cfg.data.dataset_id:
+        # Its normalizer and value statistics are that data's: say so, it may be a fallback.
+        log(f"warning: {init} was pretrained on {prior_data!r}; phase 2 mixes in windows of {cfg.data.dataset_id!r} "
+            f"(--dataset {prior_data} for the same data)")
     # Only now: a start that fails (no dataset, a checkpoint that does not fit) leaves no run dir,
     # or the run it was to overwrite.
     if overwrite and init is not None:  # (phase 1 cleared it before it began)

@@ -77,6 +77,7 @@ class Replay:
         self.horizon = horizon
         self.time_limit = time_limit
         self.episodes: deque = deque()
+        self.arrivals: deque = deque()  # each stored episode's number among all added (refused ones count)
         self.transitions = 0
         self.added_episodes = 0
         self._online: Optional[WindowDataset] = None
@@ -92,6 +93,7 @@ class Replay:
                 log.warning("replay: an episode of %d steps holds NaN or infinite values; not stored", len(ep))
                 continue
             self.episodes.append(_own(ep))
+            self.arrivals.append(self.added_episodes)
             self.transitions += len(ep)
         self._evict()
         self._online = None
@@ -101,6 +103,7 @@ class Replay:
         # The newest episode stays whatever its length: a replay is never left empty.
         while self.transitions > self.capacity and len(self.episodes) > 1:
             self.transitions -= len(self.episodes.popleft())
+            self.arrivals.popleft()
 
     def size(self) -> int:
         return self.transitions
@@ -153,6 +156,7 @@ class Replay:
             "terminated": torch.tensor([e.terminated for e in eps], dtype=torch.bool),
             "truncated": torch.tensor([e.truncated for e in eps], dtype=torch.bool),
             "added_episodes": self.added_episodes,
+            "arrivals": torch.tensor(list(self.arrivals), dtype=torch.long),
             "rng": self.rng.bit_generator.state,
         }
 
@@ -162,6 +166,7 @@ class Replay:
         (a crash between writing ``replay.pt`` and the checkpoint); a resumed run collects them
         again. Older episodes that they pushed out of a full replay are not restored."""
         self.episodes.clear()
+        self.arrivals.clear()
         self.transitions = 0
         o = a = 0
         obs, act, rew = state["observations"].numpy(), state["actions"].numpy(), state["rewards"].numpy()
@@ -171,11 +176,17 @@ class Replay:
             self.transitions += n
             o, a = o + n + 1, a + n
         self.added_episodes = int(state["added_episodes"])
+        # Saved before arrivals were (no episode was refused then): the newest were added last.
+        n = len(self.episodes)
+        arrivals = state["arrivals"].tolist() if "arrivals" in state else range(self.added_episodes - n + 1, self.added_episodes + 1)
+        self.arrivals.extend(arrivals)
         dropped = 0
-        while added_episodes is not None and self.added_episodes > added_episodes and self.episodes:
-            self.transitions -= len(self.episodes.pop())
-            self.added_episodes -= 1
-            dropped += 1
+        if added_episodes is not None:
+            while self.arrivals and self.arrivals[-1] > added_episodes:
+                self.transitions -= len(self.episodes.pop())
+                self.arrivals.pop()
+                dropped += 1
+            self.added_episodes = min(self.added_episodes, added_episodes)
         # A run resumed with a smaller online.replay_capacity keeps only what it holds.
         self._evict()
         self.rng.bit_generator.state = state["rng"]

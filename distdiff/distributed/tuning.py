@@ -189,6 +189,8 @@ def load_spec(path: str | Path) -> SweepSpec:
         errors.append(f"metric must be one of {list(REPORTED)}, got {spec.metric!r}")
     if not spec.space:
         errors.append("the space is empty: name at least one config field to sweep")
+    if not isinstance(spec.name, str) or not spec.name or "/" in spec.name or spec.name in (".", ".."):
+        errors.append(f"name must name one directory under --storage (no '/'), got {spec.name!r}")
     if spec.num_samples < 1 or spec.max_concurrent < 1:
         errors.append("num_samples and max_concurrent must be >= 1")
     types = config_field_types()
