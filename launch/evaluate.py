@@ -61,6 +61,10 @@ def main(argv=None) -> int:
     bar.close()
     summary["checkpoint"] = str(args.checkpoint)
     summary["step"] = int(state["step"])
+    # What was judged besides the checkpoint's own config: two eval.json of one checkpoint differ
+    # in these (a blend with the prior, another sampler, more episodes).
+    given = [k.split("__")[1:] for k, v in vars(args).items() if k.startswith("cfg__") and v is not None]
+    summary["overrides"] = {f"{section}.{name}": getattr(getattr(cfg, section), name) for section, name in given}
     out = args.out or eval_file(checkpoint_file(args.checkpoint))
     write_json(out, summary)
     per_item = ("alignment_error_per_step", "episode_returns", "episode_lengths")

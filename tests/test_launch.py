@@ -230,6 +230,8 @@ def test_evaluate(run30, subprocess_env):
     summary = json.loads((run30 / "eval.json").read_text())
     assert {"return_mean", "return_std", "normalized_score", "alignment_error"} <= summary.keys()
     assert summary["episodes"] == 2 and summary["step"] == 30
+    # What was judged besides the checkpoint's own config, as it was applied.
+    assert summary["overrides"] == {"env.max_episode_steps": 60, "eval.episodes": 2}
     for key in ("return_mean", "return_std", "normalized_score", "alignment_error"):
         assert isinstance(summary[key], float) and math.isfinite(summary[key]), key
     assert summary["return_std"] >= 0 and summary["alignment_error"] >= 0
