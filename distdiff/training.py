@@ -236,8 +236,13 @@ class Trainer:
             self.opt_dynamics.step()
         self.step += 1
         self._update_ema()
-        return {"losses/denoiser": stats[0], "losses/value": stats[1], "losses/dynamics": stats[2],
-                "losses/denoiser_grad_norm": stats[3], "losses/value_grad_norm": stats[4], "losses/dynamics_grad_norm": stats[5]}
+        # Only the nets trained: a net left alone logged at 0 would read as a perfect fit.
+        out = {}
+        trained = (True, self.cfg.train.train_value, self.cfg.train.train_dynamics)
+        for name, on, loss, grad in zip(("denoiser", "value", "dynamics"), trained, stats[:3], stats[3:]):
+            if on:
+                out[f"losses/{name}"], out[f"losses/{name}_grad_norm"] = loss, grad
+        return out
 
     def _update_ema(self) -> None:
         tc = self.cfg.train
