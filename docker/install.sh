@@ -55,17 +55,17 @@ if [ "${SKIP_TORCH:-0}" = 1 ]; then
         esac
     fi
 else
-    run "$PYTHON" -m pip install "${pip_args[@]}" "${torch_args[@]}" "$TORCH_SPEC"
+    run "$PYTHON" -m pip install ${pip_args[@]+"${pip_args[@]}"} ${torch_args[@]+"${torch_args[@]}"} "$TORCH_SPEC"
 fi
 
 target=".${EXTRAS:-}"
 if [ "${EDITABLE:-0}" = 1 ]; then
-    run "$PYTHON" -m pip install "${pip_args[@]}" -e "$target"
+    run "$PYTHON" -m pip install ${pip_args[@]+"${pip_args[@]}"} -e "$target"
 else
     # setuptools builds in ./build; remove it when it was not there before, since a stale
     # build/lib would carry deleted modules into the next install.
     [ -e build ] && had_build=1 || had_build=0
-    run "$PYTHON" -m pip install "${pip_args[@]}" "$target"
+    run "$PYTHON" -m pip install ${pip_args[@]+"${pip_args[@]}"} "$target"
     if [ "$had_build" = 0 ] && [ "${DRY_RUN:-0}" != 1 ]; then
         rm -rf build
     fi

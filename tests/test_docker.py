@@ -171,8 +171,13 @@ def test_cluster_yaml_is_a_valid_launcher_config_with_a_learner_head_and_autosca
     assert any("auth_token" in remote for remote in config["file_mounts"]), "the token comes by file mount"
 
 
+INSTALL_SETTINGS = ("PYTHON", "TORCH_SPEC", "TORCH_PIP_ARGS", "PIP_ARGS", "SKIP_TORCH", "EDITABLE", "EXTRAS", "CHECK_RENDER")
+
+
 def dry_run(**env):
-    out = subprocess.run(["bash", str(DOCKER / "install.sh")], env={**os.environ, "DRY_RUN": "1", **env},
+    # The caller's own settings (CI sets PIP_ARGS) must not change what each case expects.
+    base = {k: v for k, v in os.environ.items() if k not in INSTALL_SETTINGS}
+    out = subprocess.run(["bash", str(DOCKER / "install.sh")], env={**base, "DRY_RUN": "1", **env},
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     return [line[2:] for line in out.stdout.splitlines() if line.startswith("+ ")]
