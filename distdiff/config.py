@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import math
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,7 +114,7 @@ class TrainConfig:
     checkpoint_every: int = _f(2000, "Gradient steps between checkpoints.")
     seed: int = _f(0, "Seed of torch, numpy and the data sampler.")
     device: str = _f("auto", "auto (cuda when present), cpu or cuda: where pretraining trains. Phase 2's learner runs where online.learner_num_gpus places it.")
-    num_threads: int = _f(1, "torch threads per process (1 is fastest on small machines).")
+    num_threads: int = _f(1, "torch threads of pretraining, the learner and evaluations (1 is fastest on small machines); rollout actors always use 1.")
     precision: str = _f("fp32", "fp32, or bf16: forward passes under bfloat16 autocast (weights, optimizer and losses stay float32). Pays on GPUs; see bench/README.md.")
     compile: str = _f("none", "torch.compile the training nets: none, default or reduce-overhead (CUDA graphs). Costs a warm-up of tens of seconds; see bench/README.md.")
 
@@ -136,14 +138,14 @@ class OnlineConfig:
     actor_resource: str = _f("", "Custom Ray resource each rollout actor asks 0.001 of, so actors run only on nodes that carry it (e.g. only the CPU nodes, to keep them off the learner's GPU node); empty = any node.")
     env_steps: int = _f(100_000, "Budget: real env steps collected in phase 2 (0 = unlimited). Each rollout gets a share of what is left, so a run ends at it and never passes it; a share smaller than envs_per_actor whole episodes runs fewer envs, and one smaller than an episode runs one env, its episode cut (truncated) at the share.")
     updates: int = _f(0, "Budget: learner updates in phase 2 (0 = unlimited).")
-    wall_time_s: float = _f(0.0, "Budget: seconds of phase 2 (0 = unlimited).")
+    wall_time_s: float = _f(0.0, "Budget: seconds of phase 2 in this process (0 = unlimited); a resume has them again.")
     updates_per_env_step: float = _f(0.5, "Learner updates owed per collected env step.")
     max_update_lag: int = _f(500, "Rollouts pause while the learner owes more updates than this, so the update/step ratio holds.")
     updates_per_call: int = _f(25, "Updates per learner call (one replay sample of that many batches).")
     broadcast_every: int = _f(50, "Learner updates between weight broadcasts (a new weights version).")
     replay_capacity: int = _f(200_000, "Online transitions kept in the replay (FIFO over whole episodes; at least env.max_episode_steps).")
     offline_ratio: float = _f(0.5, "Fraction of each batch drawn from the offline dataset.")
-    lr_scale: float = _f(0.25, "Phase 2's learning rates are train.lr and train.value_lr times this. At 1, 5k updates from a trained Walker2d prior cost it 4-7 points of score, with or without online data; at 0.25 the score held and the online data still aligned (bench/README.md).")
+    lr_scale: float = _f(0.25, "Phase 2's learning rates are train.lr, train.value_lr and train.dynamics_lr times this. At 1, 5k updates from a trained Walker2d prior cost it 4-7 points of score, with or without online data; at 0.25 the score held and the online data still aligned (bench/README.md).")
     return_weighting: float = _f(1.0, "β: online windows are sampled ∝ exp(β·z), z = their episode's return in std units below the best stored episode; > 0 prefers the better episodes (self-imitation); 0 = uniform. See bench/README.md for what it did on Walker2d.")
     start_window_weight: float = _f(0.0, "Relative weight of online windows that begin within an episode's first model.horizon steps; 0 leaves how to start an episode to the offline data, so the planner does not imitate its own starts. See bench/README.md.")
     offline_start_window_weight: float = _f(10.0, "Like data.start_window_weight, for the offline windows of phase 2's batches: with online starts left out, the offline ones teach starting (×10 at pretraining gave a weaker prior; in fine-tuning it kept the score, bench/README.md).")
@@ -208,9 +210,13 @@ def _coerce(value, tp, where: str):
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
     if tp is float:
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
+        # No field takes NaN or an infinity; checks such as `>= 0` would let them through.
+        if not math.isfinite(number):
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
     if tp is str:
         # YAML's null: empty ("no fallback", "no custom resource"), not the string "None".
         return "" if value is None else str(value)
@@ -367,10 +373,23 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(cfg.train.compile in ("none", "default", "reduce-overhead"),
          f"train.compile must be none, default or reduce-overhead, got {cfg.train.compile!r}")
     need(cfg.train.num_threads >= 1, "train.num_threads must be >= 1")
+    need(cfg.train.grad_clip >= 0, f"train.grad_clip must be >= 0 (0: no clipping), got {cfg.train.grad_clip}")
+    # Seeds feed numpy's SeedSequence and Gymnasium's reset, which take non-negative integers.
+    for key, seed in (("train.seed", cfg.train.seed), ("eval.seed", cfg.eval.seed)):
+        need(0 <= seed < 2**63, f"{key} must be in [0, 2**63), got {seed}")
     need(cfg.eval.episodes >= 1 and cfg.eval.num_envs >= 1, "eval.episodes and eval.num_envs must be >= 1")
+    need(not cfg.data.fallback_dataset_id or cfg.data.fallback_episodes >= 1,
+         "data.fallback_episodes must be >= 1 with a data.fallback_dataset_id (empty it for no fallback)")
     o = cfg.online
     need(o.num_actors >= 1 and o.envs_per_actor >= 1, "online.num_actors and online.envs_per_actor must be >= 1")
     need(o.actor_num_cpus >= 0 and o.learner_num_cpus >= 0, "online CPU reservations must be >= 0")
+    # Ray refuses reservations finer than 1e-4 of a CPU or GPU.
+    for key in ("actor_num_cpus", "learner_num_cpus", "learner_num_gpus"):
+        amount = getattr(o, key)
+        need(not 0 < amount < 1e-4, f"online.{key} must be 0 or at least 0.0001 (Ray's finest share), got {amount}")
+    need(o.learner_num_gpus >= 0 or o.learner_num_gpus == -1,
+         f"online.learner_num_gpus must be >= 0, or -1 for one if the cluster has any, got {o.learner_num_gpus}")
+    need(o.actor_max_restarts >= -1, f"online.actor_max_restarts must be >= -1 (-1: unlimited), got {o.actor_max_restarts}")
     for key in ("learner_resource", "actor_resource"):
         name = getattr(o, key)
         need(name == "" or (name.strip() == name and name not in ("CPU", "GPU", "memory", "object_store_memory") and not name.startswith("node:")),
@@ -394,9 +413,26 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))
 
 
+@functools.lru_cache(maxsize=None)
+def _env_problem(env_id: str) -> str:
+    """Why ``env_id`` cannot be made here ("" if it can): an unknown id or version, or one whose
+    simulator is not installed (Gymnasium's v2/v3 MuJoCo envs need mujoco-py)."""
+    import gymnasium as gym
+
+    try:
+        gym.make(env_id).close()
+    except (gym.error.Error, ImportError, ModuleNotFoundError) as e:
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
 def check_trainable(cfg: Config) -> None:
-    """What phase 2 needs of a config beyond :func:`validate`: not part of it, since the configs
-    of checkpoints saved before these checks must still load to be evaluated."""
+    """What training needs of a config beyond :func:`validate`: not part of it, since the configs
+    of checkpoints saved before these checks must still load to be evaluated. The env is made
+    once here, before any work, not first in every rollout actor after pretraining."""
+    problem = _env_problem(cfg.env.id)
+    if problem:
+        raise ConfigError(f"env.id {cfg.env.id!r} cannot be made here: {problem}")
     if cfg.online.replay_capacity < cfg.env.max_episode_steps:
         raise ConfigError(
             f"online.replay_capacity ({cfg.online.replay_capacity}) must hold a whole episode "

@@ -71,10 +71,29 @@ def test_overrides_are_typed():
         ({"data.dataset_id": "../elsewhere/random-v0"}, "data.dataset_id must look like namespace/name-vN"),
         ({"data.fallback_dataset_id": "random"}, "data.fallback_dataset_id must be empty (no fallback) or look like"),
         ({"data.dataset_id": None}, "(Minari needs the -vN version), got ''"),
+        # Values that used to pass and fail late: after pretraining, in every Ray actor, or at the
+        # final evaluation.
+        ({"eval.seed": -1}, "eval.seed must be in [0, 2**63)"),
+        ({"train.seed": -3}, "train.seed must be in [0, 2**63)"),
+        ({"online.updates_per_env_step": "inf"}, "online.updates_per_env_step: expected a finite number"),
+        ({"data.termination_penalty": float("nan")}, "data.termination_penalty: expected a finite number"),
+        ({"online.actor_max_restarts": -2}, "online.actor_max_restarts must be >= -1"),
+        ({"online.learner_num_gpus": -0.5}, "online.learner_num_gpus must be >= 0, or -1"),
+        ({"online.actor_num_cpus": 1e-5}, "online.actor_num_cpus must be 0 or at least 0.0001"),
+        ({"train.grad_clip": -1.0}, "train.grad_clip must be >= 0"),
+        ({"data.fallback_episodes": 0}, "data.fallback_episodes must be >= 1 with a data.fallback_dataset_id"),
     ],
 )
 def test_invalid_values_are_rejected(overrides, expected):
     assert expected in _error(overrides)
+
+
+@pytest.mark.parametrize("env_id, expected", [("Walker2d-v9", "VersionNotFound"), ("", "Error: Malformed"),
+                                              ("Walker2d-v3", "ImportError")])
+def test_an_env_that_cannot_be_made_is_refused_before_training(env_id, expected):
+    # Not by validate: a checkpoint's config must still load. Before any work, not in every actor.
+    with pytest.raises(ConfigError, match=f"env.id '{env_id}' cannot be made here: {expected}"):
+        config.check_trainable(config.load(None, {"env.id": env_id}))
 
 
 def test_all_problems_are_reported_at_once():
