@@ -416,3 +416,10 @@ def test_sweep_is_interrupted_resumed_and_summarized(ray_session, tiny_dataset, 
     short = config_lib.from_dict({"train": {"steps": 5}, "online": {"updates": 1, "env_steps": 0}}, best)
     metrics = train(short, tmp_path / "from-best", log=lambda s: None, progress=False)
     assert metrics["updates"] == 1
+
+
+def test_values_valid_alone_but_not_together_are_refused(tiny_dataset, tmp_path):
+    # 4 diffusion steps with 8 DDIM steps: each fine with the base config, the pair never.
+    space = {"diffusion.n_steps": {"choice": [4, 20]}, "planner.ddim_steps": {"choice": [3, 8]}}
+    with pytest.raises(ConfigError, match="with diffusion.n_steps=4, planner.ddim_steps=8"):
+        load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, space=space))

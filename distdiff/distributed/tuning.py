@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import math
 import random
 import shutil
@@ -39,6 +40,7 @@ CUSTOM_RESOURCE_WHY = ("a trial's actors are placed in its placement group, whos
                        "the trial waits forever; a sweep places its actors through `resources:`")
 REPORTED = ("normalized_score", "alignment_error", "return_mean", "return_std", "env_steps", "updates", "weights_version")
 TIME_ATTR = "updates"  # the schedulers' time (make_scheduler)
+MAX_CHECKED = 512  # combinations of the space's example values that load_spec builds configs of
 
 
 @dataclass
@@ -221,14 +223,21 @@ def load_spec(path: str | Path) -> SweepSpec:
                           "it between trials; fix it under `fixed`, or sweep it with asha or fifo")
     if errors:
         raise ConfigError("invalid sweep:\n  " + "\n  ".join(errors))
-    # Unknown field names and invalid values fail here, not in a trial an hour later.
-    try:
-        configs = [spec.trial_config({})] + [spec.trial_config({key: value}) for key, dom in spec.space.items()
-                                             for value in _examples(dom)]
-        for cfg in configs:
-            config_lib.check_trainable(cfg)
-    except ConfigError as e:
-        raise ConfigError(f"invalid sweep space: {e}") from None
+    # Unknown field names and invalid values fail here, not in a trial an hour later; so do
+    # values that are valid alone but not together (diffusion.n_steps 4 with planner.ddim_steps 8),
+    # over each domain's examples (its values, or its bounds) alone and the first MAX_CHECKED of
+    # their combinations.
+    keys = list(spec.space)
+    singles = [{k: v} for k in keys for v in _examples(spec.space[k])]
+    combos = itertools.islice(itertools.product(*(_examples(spec.space[k]) for k in keys)), MAX_CHECKED)
+    configs = []
+    for params in [{}] + singles + [dict(zip(keys, combo)) for combo in combos]:
+        try:
+            configs.append(spec.trial_config(params))
+            config_lib.check_trainable(configs[-1])
+        except ConfigError as e:
+            at = f" with {', '.join(f'{k}={v!r}' for k, v in params.items())}" if params else ""
+            raise ConfigError(f"invalid sweep space{at}: {e}") from None
     named = {k: getattr(configs[0].online, k.removeprefix("online.")) for k in CUSTOM_RESOURCE_FIELDS}
     errors = [f"{k} is {v!r} (base config or `fixed`): {CUSTOM_RESOURCE_WHY}; set it to '' under `fixed`"
               for k, v in named.items() if v]
