@@ -1150,6 +1150,19 @@ def test_actors_the_cluster_cannot_hold_yet_are_announced(ray_session, pretraine
     assert announced(0.5) == []  # 3 x 0.5 fit in the 1.5 CPUs the learner leaves
 
 
+def test_a_learner_the_cluster_cannot_place_yet_is_announced(ray_session, pretrained):
+    # Nothing else would say why a run sits still after pretraining.
+    cfg, _ = pretrained
+    for overrides, what in (({"online.learner_num_gpus": 1.0}, "1 GPU"),
+                            ({"online.learner_resource": "learnr"}, "a node with 'learnr'")):
+        logs = []
+        checked_resources(tiny_online_config(cfg.data.dataset_id, **overrides), logs.append)
+        assert any(f"the learner asks for {what}, which the cluster does not have" in line for line in logs), logs
+    logs = []
+    checked_resources(cfg, logs.append)
+    assert logs == []
+
+
 def test_a_run_stopped_in_phase_1_resumes_pretraining_then_runs_phase_2(ray_session, pretrained, tmp_path):
     cfg, _ = pretrained
     pretrain(tiny_online_config(cfg.data.dataset_id, **{"train.steps": 10}), tmp_path / "pretrain", quiet=True)

@@ -122,6 +122,13 @@ def checked_resources(cfg: Config, log: Callable[[str], None]) -> Dict[str, obje
     cannot end until they start, since each of them holds a share of the budget."""
     res = actors.resources(cfg)
     n, fit = cfg.online.num_actors, res["actors_that_fit"]
+    o, totals = cfg.online, ray.cluster_resources()
+    missing = [f"{res['learner_gpus']:g} GPU" if res["learner_gpus"] > totals.get("GPU", 0.0) else "",
+               f"a node with {o.learner_resource!r}" if o.learner_resource and not totals.get(o.learner_resource) else ""]
+    if any(missing):
+        log(f"warning: the learner asks for {' and '.join(m for m in missing if m)}, which the cluster does not have "
+            f"yet: the run waits for it (an autoscaler) after pretraining; check --online.learner_num_gpus and "
+            f"--online.learner_resource")
     if fit < n:
         where = f"with {cfg.online.actor_resource!r}" if cfg.online.actor_resource else "of the cluster"
         log(f"warning: the nodes {where} hold {fit} of the {n} rollout actors at online.actor_num_cpus="
