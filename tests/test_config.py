@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 
@@ -75,17 +76,33 @@ def test_overrides_are_typed():
         # final evaluation.
         ({"eval.seed": -1}, "eval.seed must be in [0, 2**63)"),
         ({"train.seed": -3}, "train.seed must be in [0, 2**63)"),
-        ({"online.updates_per_env_step": "inf"}, "online.updates_per_env_step: expected a finite number"),
-        ({"data.termination_penalty": float("nan")}, "data.termination_penalty: expected a finite number"),
         ({"online.actor_max_restarts": -2}, "online.actor_max_restarts must be >= -1"),
-        ({"online.learner_num_gpus": -0.5}, "online.learner_num_gpus must be >= 0, or -1"),
         ({"online.actor_num_cpus": 1e-5}, "online.actor_num_cpus must be 0 or at least 0.0001"),
-        ({"train.grad_clip": -1.0}, "train.grad_clip must be >= 0"),
-        ({"data.fallback_episodes": 0}, "data.fallback_episodes must be >= 1 with a data.fallback_dataset_id"),
     ],
 )
 def test_invalid_values_are_rejected(overrides, expected):
     assert expected in _error(overrides)
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"online.updates_per_env_step": "inf"}, "online.updates_per_env_step must be a finite number"),
+    ({"data.termination_penalty": float("nan")}, "data.termination_penalty must be a finite number"),
+    ({"train.grad_clip": float("-inf")}, "train.grad_clip must be a finite number"),
+    ({"online.learner_num_gpus": -0.5}, "online.learner_num_gpus must be >= 0, or -1"),
+])
+def test_values_that_would_fail_training_are_refused_before_it(overrides, expected):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        config.check_trainable(config.load(None, overrides))
+
+
+def test_configs_that_trained_before_stricter_checks_still_load():
+    # Checkpoints carry their config; evaluate.py and --resume read it through validate.
+    saved = {"train": {"grad_clip": float("inf")}, "online": {"wall_time_s": float("inf"), "learner_num_gpus": -2.0},
+             "data": {"fallback_episodes": 0}}
+    cfg = config.from_dict(saved)
+    assert cfg.train.grad_clip == float("inf") and cfg.data.fallback_episodes == 0
+    config.check_trainable(config.from_dict({"train": {"grad_clip": float("inf")},
+                                             "online": {"wall_time_s": float("inf")}}))
 
 
 @pytest.mark.parametrize("env_id, expected", [("Walker2d-v9", "VersionNotFound"), ("", "Error: Malformed"),

@@ -1153,7 +1153,8 @@ def test_actors_the_cluster_cannot_hold_yet_are_announced(ray_session, pretraine
 def test_a_learner_the_cluster_cannot_place_yet_is_announced(ray_session, pretrained):
     # Nothing else would say why a run sits still after pretraining.
     cfg, _ = pretrained
-    for overrides, what in (({"online.learner_num_gpus": 1.0}, "1 GPU"),
+    gpus = ray.cluster_resources().get("GPU", 0.0) + 1  # one more than there are, on any host
+    for overrides, what in (({"online.learner_num_gpus": gpus}, f"{gpus:g} GPU"),
                             ({"online.learner_resource": "learnr"}, "a node with 'learnr'")):
         logs = []
         checked_resources(tiny_online_config(cfg.data.dataset_id, **overrides), logs.append)

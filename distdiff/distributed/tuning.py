@@ -40,7 +40,6 @@ CUSTOM_RESOURCE_WHY = ("a trial's actors are placed in its placement group, whos
                        "the trial waits forever; a sweep places its actors through `resources:`")
 REPORTED = ("normalized_score", "alignment_error", "return_mean", "return_std", "env_steps", "updates", "weights_version")
 TIME_ATTR = "updates"  # the schedulers' time (make_scheduler)
-MAX_CHECKED = 512  # combinations of the space's example values that load_spec builds configs of
 
 
 @dataclass
@@ -224,14 +223,14 @@ def load_spec(path: str | Path) -> SweepSpec:
     if errors:
         raise ConfigError("invalid sweep:\n  " + "\n  ".join(errors))
     # Unknown field names and invalid values fail here, not in a trial an hour later; so do
-    # values that are valid alone but not together (diffusion.n_steps 4 with planner.ddim_steps 8),
-    # over each domain's examples (its values, or its bounds) alone and the first MAX_CHECKED of
-    # their combinations.
-    keys = list(spec.space)
-    singles = [{k: v} for k in keys for v in _examples(spec.space[k])]
-    combos = itertools.islice(itertools.product(*(_examples(spec.space[k]) for k in keys)), MAX_CHECKED)
+    # values that are valid alone but not together (diffusion.n_steps 4 with planner.ddim_steps 8):
+    # every example value of each domain (its values, or its bounds) alone and with every one of
+    # each other domain, the rest at the base config.
+    examples = {k: _examples(dom) for k, dom in spec.space.items()}
+    singles = [{k: v} for k, values in examples.items() for v in values]
+    pairs = [{a: va, b: vb} for a, b in itertools.combinations(examples, 2) for va in examples[a] for vb in examples[b]]
     configs = []
-    for params in [{}] + singles + [dict(zip(keys, combo)) for combo in combos]:
+    for params in [{}] + singles + pairs:
         try:
             configs.append(spec.trial_config(params))
             config_lib.check_trainable(configs[-1])
