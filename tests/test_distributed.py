@@ -1029,29 +1029,21 @@ def test_train_script_connects_to_a_ray_start_cluster(auth, pretrained, tmp_path
                     head.wait(timeout=60)
 
 
-def test_overwrite_from_init_keeps_the_old_run_when_the_cluster_cannot_hold_the_actors(ray_session, pretrained,
-                                                                                        tmp_path):
-    cfg, ckpt = pretrained
-    old = tmp_path / "run"
-    old.mkdir()
-    shutil.copy(ckpt, old / CHECKPOINT)
+@pytest.mark.parametrize("from_init, overrides, error", [
     # The learner takes both CPUs of the session's Ray: no actor could ever be placed.
-    greedy = tiny_online_config(cfg.data.dataset_id, **{"online.learner_num_cpus": 2, "online.actor_num_cpus": 0})
-    with pytest.raises(config_lib.ConfigError, match="leaves none for the rollout actors"):
-        train(greedy, old, init=ckpt, overwrite=True, log=lambda s: None, progress=False)
-    assert (old / CHECKPOINT).is_file()
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
-def test_overwrite_keeps_the_old_run_when_pretraining_asks_for_a_device_that_is_not_there(ray_session, pretrained,
-                                                                                          tmp_path):
+    (True, {"online.learner_num_cpus": 2, "online.actor_num_cpus": 0}, "leaves none for the rollout actors"),
+    pytest.param(False, {"train.device": "cuda"}, "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")),
+], ids=["cluster too small, from --init", "no such device, with phase 1"])
+def test_overwrite_keeps_the_old_run_when_the_new_one_cannot_start(from_init, overrides, error, ray_session, pretrained,
+                                                                   tmp_path):
     cfg, ckpt = pretrained
     old = tmp_path / "run"
     old.mkdir()
     shutil.copy(ckpt, old / CHECKPOINT)
-    cuda = tiny_online_config(cfg.data.dataset_id, **{"train.device": "cuda"})
-    with pytest.raises(config_lib.ConfigError, match="no CUDA device"):
-        train(cuda, old, overwrite=True, log=lambda s: None, progress=False)
+    with pytest.raises(config_lib.ConfigError, match=error):
+        train(tiny_online_config(cfg.data.dataset_id, **overrides), old, init=ckpt if from_init else None,
+              overwrite=True, log=lambda s: None, progress=False)
     assert (old / CHECKPOINT).is_file()
 
 
