@@ -1146,7 +1146,7 @@ def test_a_learner_the_cluster_cannot_place_yet_is_announced(ray_session, pretra
     # Nothing else would say why a run sits still after pretraining.
     cfg, _ = pretrained
     gpus = ray.cluster_resources().get("GPU", 0.0) + 1  # one more than there are, on any host
-    for overrides, what in (({"online.learner_num_gpus": gpus}, f"{gpus:g} GPU"),
+    for overrides, what in (({"online.learner_num_gpus": gpus}, f"{gpus:g} GPU on one node"),
                             ({"online.learner_resource": "learnr"}, "a node with 'learnr'")):
         logs = []
         checked_resources(tiny_online_config(cfg.data.dataset_id, **overrides), logs.append)

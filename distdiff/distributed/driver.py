@@ -123,7 +123,9 @@ def checked_resources(cfg: Config, log: Callable[[str], None]) -> Dict[str, obje
     res = actors.resources(cfg)
     n, fit = cfg.online.num_actors, res["actors_that_fit"]
     o, totals = cfg.online, ray.cluster_resources()
-    missing = [f"{res['learner_gpus']:g} GPU" if res["learner_gpus"] > totals.get("GPU", 0.0) else "",
+    # Per node: Ray places the learner on one, so two 1-GPU nodes do not hold a 2-GPU learner.
+    node_gpus = max((float(n["Resources"].get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
+    missing = [f"{res['learner_gpus']:g} GPU on one node" if res["learner_gpus"] > node_gpus else "",
                f"a node with {o.learner_resource!r}" if o.learner_resource and not totals.get(o.learner_resource) else ""]
     if any(missing):
         log(f"warning: the learner asks for {' and '.join(m for m in missing if m)}, which the cluster does not have "
