@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
-from distdiff.rundir import holds_run
+from distdiff.rundir import BEST, checkpoint_file, holds_run
 
 
 def limit_threads() -> None:
@@ -88,6 +88,14 @@ def check_output(path: Path, flag: str, *, directory: bool = False) -> None:
 
 def default_run_dir(kind: str) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def note_selection_seeds(checkpoint: Path, seed: int, flag: str) -> None:
+    """best.pt was chosen by the run's evaluations on its eval.seed: judged on those episodes
+    again, it looks better than it is. Said when a script does that."""
+    if checkpoint_file(checkpoint).name == BEST:
+        print(f"note: {BEST} was chosen by the run's evaluations on eval.seed={seed}; judged on the same episodes "
+              f"it looks better than it is: pass {flag} for other ones", file=sys.stderr)
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -122,9 +122,8 @@ def mean_error(errors: np.ndarray) -> Optional[float]:
     with warnings.catch_warnings():  # all-NaN steps (every start fell) stay NaN
         warnings.simplefilter("ignore", RuntimeWarning)
         per_step = np.nanmean(e, axis=0)
-    if not np.isfinite(per_step[1:] if len(per_step) > 1 else per_step).any():
-        return None
-    return mean_alignment_error(per_step)
+    mean = mean_alignment_error(per_step)
+    return mean if np.isfinite(mean) else None
 
 
 def _fmt(v, spec=".3f") -> str:

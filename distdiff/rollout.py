@@ -123,11 +123,14 @@ def alignment_errors(planned: np.ndarray, reached: np.ndarray, state_normalizer:
 
 
 def mean_alignment_error(per_step) -> float:
-    """The alignment error of plans, from its mean per horizon step (NaN-free means of plans):
-    averaged over steps 1 to H-1. Step 0 is the conditioning state, which every plan starts at
-    exactly; averaged in, its 0 would only scale the figure by (H-1)/H."""
+    """The alignment error of plans, from its mean per horizon step: averaged over steps 1 to H-1,
+    leaving out steps that are NaN (every plan fell before them); NaN when all are. Step 0 is the
+    conditioning state, which every plan starts at exactly; averaged in, its 0 would only scale the
+    figure by (H-1)/H."""
     per_step = np.asarray(per_step, np.float64)
-    return float(np.nanmean(per_step[1:] if len(per_step) > 1 else per_step))
+    informative = per_step[1:] if len(per_step) > 1 else per_step
+    finite = informative[np.isfinite(informative)]
+    return float(finite.mean()) if finite.size else float("nan")
 
 
 def run_episodes(

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from distdiff.cli import check_output, fail, limit_threads, write_json
+from distdiff.cli import check_output, fail, limit_threads, note_selection_seeds, write_json
 
 limit_threads()
 
@@ -24,7 +24,7 @@ from tqdm import tqdm  # noqa: E402
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from distdiff.evaluation import evaluate  # noqa: E402
-from distdiff.rundir import BEST, checkpoint_file, eval_file  # noqa: E402
+from distdiff.rundir import checkpoint_file, eval_file  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
@@ -53,9 +53,8 @@ def main(argv=None) -> int:
         planner = planner_from_checkpoint(state, cfg)
     except (config_lib.ConfigError, CheckpointError, ValueError) as e:
         fail(str(e))
-    if checkpoint_file(args.checkpoint).name == BEST and args.cfg__eval__seed is None:
-        print(f"note: {BEST} was chosen by the run's evaluations on eval.seed={cfg.eval.seed}; judged on the same "
-              "episodes it looks better than it is: pass --eval.seed for other ones", file=sys.stderr)
+    if args.cfg__eval__seed is None:
+        note_selection_seeds(args.checkpoint, cfg.eval.seed, "--eval.seed")
     bar = tqdm(total=cfg.eval.episodes, desc="evaluate", dynamic_ncols=True)
     summary = evaluate(planner, cfg, progress=lambda r: bar.update(1))
     bar.close()

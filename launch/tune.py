@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     import ray
 
     from distdiff.distributed.driver import ClusterUnreachable, connect
-    from distdiff.distributed.tuning import make_tuner, summarize
+    from distdiff.distributed.tuning import make_tuner, summarize, sweep_path
 
     env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH",) if k in os.environ}
     try:
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     print(out["table_text"])
     if out["best_config"] is None:
         fail(f"no trial ended without an error and with a {spec.metric} to rank it by: no best config (trials: "
-             f"{out['table']}; their error.txt under {args.storage / spec.name})", code=1)
+             f"{out['table']}; their error.txt under {sweep_path(spec, args.storage)})", code=1)
     print(f"trials: {out['table']}\nbest config: {out['best_config']}\n"
           f"train it: python launch/train.py --config {out['best_config']}")
     return 0

@@ -24,7 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from distdiff.cli import check_output, fail, limit_threads, positive_int, write_json, write_text
+from distdiff.cli import check_output, fail, limit_threads, note_selection_seeds, positive_int, write_json, write_text
 
 limit_threads()
 
@@ -42,7 +42,7 @@ from distdiff.data.minari_io import DatasetError  # noqa: E402
 from distdiff.evaluation import evaluate  # noqa: E402
 from distdiff.report import (alignment_starts, figure1_data, in_units, load_dataset, mean_error,  # noqa: E402
                              render_report)
-from distdiff.rundir import BEST, CHECKPOINT, checkpoint_file  # noqa: E402
+from distdiff.rundir import CHECKPOINT, checkpoint_file  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
@@ -139,9 +139,8 @@ def main(argv=None) -> int:
     out = args.out or first.parent / ("viz" if first.name == CHECKPOINT else f"viz-{first.stem}")
     check_output(out, "--out", directory=True)
     seed = cfg.eval.seed if args.seed is None else args.seed
-    if first.name == BEST and args.seed is None and args.episodes > 0:
-        print(f"note: {BEST} was chosen by the run's evaluations on eval.seed={seed}; judged on the same episodes "
-              "it looks better than it is: pass --seed for other ones", file=sys.stderr)
+    if args.seed is None and args.episodes > 0:
+        note_selection_seeds(first, seed, "--seed")
 
     def gen(p):  # the same sampler noise for every checkpoint
         return torch.Generator(device=p.device).manual_seed(seed)

@@ -125,10 +125,13 @@ def checked_resources(cfg: Config, log: Callable[[str], None]) -> Dict[str, obje
     o, totals = cfg.online, ray.cluster_resources()
     # Per node: Ray places the learner on one, so two 1-GPU nodes do not hold a 2-GPU learner.
     node_gpus = max((float(n["Resources"].get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
-    missing = [f"{res['learner_gpus']:g} GPU on one node" if res["learner_gpus"] > node_gpus else "",
-               f"a node with {o.learner_resource!r}" if o.learner_resource and not totals.get(o.learner_resource) else ""]
-    if any(missing):
-        log(f"warning: the learner asks for {' and '.join(m for m in missing if m)}, which the cluster does not have "
+    missing = []
+    if res["learner_gpus"] > node_gpus:
+        missing.append(f"{res['learner_gpus']:g} GPU on one node")
+    if o.learner_resource and not totals.get(o.learner_resource):
+        missing.append(f"a node with {o.learner_resource!r}")
+    if missing:
+        log(f"warning: the learner asks for {' and '.join(missing)}, which the cluster does not have "
             f"yet: the run waits for it (an autoscaler) after pretraining; check --online.learner_num_gpus and "
             f"--online.learner_resource")
     if fit < n:
@@ -578,7 +581,7 @@ class OnlineRun:
                 if failures[i] == MAX_STRIKES:
                     self.log(f"rollout actor {i} has failed {failures[i]} rollouts in a row ({failing_s:.0f} s); "
                              f"retrying it until {MAX_FAILING_S:.0f} s have passed (a restart can wait for a node)")
-                retry_at[i] = time.perf_counter() + min(0.5 * failures[i], 5.0)
+                retry_at[i] = now + min(0.5 * failures[i], 5.0)
             if collecting:
                 # The failed rollout's promise is free again: a worker parked for want of budget
                 # takes it (else a dropped worker's share would leave the run stopped short).

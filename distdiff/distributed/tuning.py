@@ -75,7 +75,7 @@ class SweepSpec:
         """base + fixed + the trial's params, with actor sizes that match the placement group."""
         r = self.resources
         sizes = dict(zip(RESOURCE_FIELDS, (r.actor_cpus, r.learner_cpus, r.learner_gpus)))
-        return config_lib.load(self.base, {**self.fixed, **params, **sizes})
+        return self.train_config({**params, **sizes})
 
     def train_config(self, params: Dict[str, Any]) -> Config:
         """The trial's config as launch/train.py runs it: the sizes the base config gives, not the
@@ -414,7 +414,7 @@ def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False):
 def summarize(results, spec: SweepSpec, storage: Path) -> Dict[str, Any]:
     """Write the trial table (CSV) and the config of the best trial that ended without an error
     (a YAML that train.py accepts); ``best_config`` is None when no trial did."""
-    out_dir = storage / spec.name
+    out_dir = sweep_path(spec, storage)
     df = results.get_dataframe()
     columns = ["trial_id"] + [f"config/{k}" for k in spec.space] + [m for m in REPORTED if m in df.columns]
     table = df[[c for c in columns if c in df.columns]].rename(columns=lambda c: c.removeprefix("config/"))
