@@ -996,8 +996,8 @@ def test_train_script_connects_to_a_ray_start_cluster(auth, pretrained, tmp_path
             for _ in range(3):
                 gcs_port, client_port, agent_port = _free_ports(3)
                 address = env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
-                # `ray start --block` in its own process group: stopping the group stops exactly
-                # this cluster. `ray stop` would also kill the test session's own Ray, and pytest.
+                # `ray start --block` in its own process group, which holds exactly this cluster's
+                # processes. `ray stop` would also kill the test session's own Ray, and pytest.
                 head = subprocess.Popen([ray_bin, "start", "--head", "--block", f"--port={gcs_port}",
                                          f"--ray-client-server-port={client_port}",
                                          f"--dashboard-agent-listen-port={agent_port}", "--num-cpus=2",
@@ -1020,13 +1020,19 @@ def test_train_script_connects_to_a_ray_start_cluster(auth, pretrained, tmp_path
             assert f"connected to the cluster at {address}" in out.stdout, out.stdout[-3000:]
             assert (tmp_path / "run" / "metrics.json").is_file()
         finally:
-            if head is not None and head.poll() is None:
-                os.killpg(head.pid, signal.SIGTERM)
-                try:
-                    head.wait(timeout=60)
-                except subprocess.TimeoutExpired:
+            if head is not None:
+                # SIGTERM to `ray start` alone: it stops its processes in order and exits in
+                # seconds. Sent to the whole group at once, the raylet outlives its GCS for ~10 s
+                # and `ray start` then waits out its GCS client's 60 s reconnect timeout.
+                if head.poll() is None:
+                    head.terminate()
+                    try:
+                        head.wait(timeout=60)
+                    except subprocess.TimeoutExpired:
+                        pass
+                with contextlib.suppress(ProcessLookupError):  # (nothing of the group is left)
                     os.killpg(head.pid, signal.SIGKILL)
-                    head.wait(timeout=60)
+                head.wait(timeout=60)
 
 
 @pytest.mark.parametrize("from_init, overrides, error", [
