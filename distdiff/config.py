@@ -444,11 +444,22 @@ def check_trainable(cfg: Config) -> None:
             f"(env.max_episode_steps={cfg.env.max_episode_steps}): pass --online.replay_capacity")
 
 
+def acting_fields() -> List[str]:
+    """The fields that change how a trained checkpoint acts, which judging it may override. The
+    others made its nets (model, diffusion schedule, normalizer, value target) or train them."""
+    acting = ["env.id", "env.max_episode_steps", "diffusion.clip_denoised", "online.prior_weight", "train.num_threads"]
+    acting += [f"{name}.{f.name}" for name in ("guidance", "planner", "eval") for f in dataclasses.fields(_sections()[name])]
+    return acting
+
+
 def add_arguments(parser: argparse.ArgumentParser, *, from_checkpoint: bool = False) -> None:
-    """Add ``--config`` and one ``--section.field`` flag per config field, with its help; with
-    ``from_checkpoint`` the fields override a checkpoint's config, and there is no ``--config``."""
+    """Add ``--config`` and one ``--section.field`` flag per config field, with its help. With
+    ``from_checkpoint`` the flags override a checkpoint's config, only those of
+    :func:`acting_fields` are shown, and there is no ``--config``; the others still parse, so
+    that the caller can refuse them with a reason (:func:`refused_overrides`)."""
     if not from_checkpoint:
         parser.add_argument("--config", type=Path, default=None, help="YAML config file (defaults are used for missing fields).")
+    shown = acting_fields() if from_checkpoint else None
     for name, section_type in _sections().items():
         group = parser.add_argument_group(f"{name} (config section)")
         hints = typing.get_type_hints(section_type)
@@ -458,8 +469,18 @@ def add_arguments(parser: argparse.ArgumentParser, *, from_checkpoint: bool = Fa
             metavar = {bool: "BOOL", int: "INT", float: "FLOAT", Tuple[int, ...]: "INT,INT,..."}.get(hints[f.name], "VALUE")
             # argparse %-formats help strings: a literal % (as in "36 % closer") must be doubled.
             text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
+            if shown is not None and f"{name}.{f.name}" not in shown:
+                text = argparse.SUPPRESS
             group.add_argument(f"--{name}.{f.name}", dest=f"cfg__{name}__{f.name}", default=None, metavar=metavar,
                                help=text)
+
+
+def refused_overrides(args: argparse.Namespace) -> List[str]:
+    """The ``--section.field`` flags given that are not :func:`acting_fields`: a checkpoint's nets
+    were made and trained with its own, so overriding them would change nothing or misread it."""
+    acting = set(acting_fields())
+    return [f"--{key[len('cfg__'):].replace('__', '.')}" for key, value in vars(args).items()
+            if key.startswith("cfg__") and value is not None and key[len("cfg__"):].replace("__", ".") not in acting]
 
 
 def from_args(args: argparse.Namespace, base: Optional[Config] = None) -> Config:

@@ -40,6 +40,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.config is not None:
         fail("evaluate plans with the checkpoint's own config; drop --config (override fields with --section.field)")
+    refused = config_lib.refused_overrides(args)
+    if refused:
+        fail(f"{', '.join(refused)}: {'these' if len(refused) > 1 else 'this'} made or trained the checkpoint's nets, "
+             f"which evaluate judges as they are; it overrides only how they act (--help lists those flags)")
     if args.guidance is not None:
         args.cfg__guidance__scale = args.guidance
     if args.episodes is not None:

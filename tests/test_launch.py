@@ -55,8 +55,11 @@ def run30(tmp_path_factory, tiny_dataset, subprocess_env):
 def test_help(script, subprocess_env):
     proc = ok(run(script, "--help", env=subprocess_env))
     assert "usage" in proc.stdout
-    if script in ("pretrain.py", "evaluate.py", "train.py"):
+    if script in ("pretrain.py", "train.py"):
         assert "--model.horizon" in proc.stdout and "Planning horizon" in proc.stdout  # every config field
+    if script == "evaluate.py":  # the fields of how a checkpoint acts, not those of its nets
+        assert "--guidance.scale" in proc.stdout and "--online.prior_weight" in proc.stdout
+        assert "--model.horizon" not in proc.stdout and "--train.lr " not in proc.stdout
 
 
 def test_collect_random(minari_root, subprocess_env):
@@ -148,6 +151,9 @@ def test_a_run_dir_that_holds_a_run_is_kept_unless_overwrite(run30, tmp_path, ti
     # A prefix of a flag is not taken for it: --diffusion.schedul would have set the schedule.
     (["train.py", "--diffusion.schedul", "cosine"], "unrecognized arguments: --diffusion.schedul"),
     (["evaluate.py", "--checkpoint", "nowhere", "--out", "."], "--out . is a directory"),
+    # Flags that made or train the nets would be ignored, or misread the checkpoint: refused.
+    (["evaluate.py", "--checkpoint", "nowhere", "--train.lr", "1", "--diffusion.schedule", "linear",
+      "--guidance.scale", "0.1"], "--diffusion.schedule, --train.lr: these made or trained the checkpoint's nets"),
     (["train.py", "--online.replay_capacity", "500"], "online.replay_capacity (500) must hold a whole episode"),
 ])
 def test_bad_arguments_fail_before_any_work(args, expected, subprocess_env):
