@@ -105,12 +105,19 @@ def load_weights(nets: Dict[str, torch.nn.Module], weights: Dict[str, np.ndarray
 
 def quantile_of(values: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
     """Where ``values`` fall in a table of evenly spaced quantiles (``quantiles[i]`` is the
-    i/(n−1) quantile), linearly interpolated and clamped to [0, 1]."""
+    i/(n−1) quantile), linearly interpolated and clamped to [0, 1]. A value equal to a run of
+    tied entries (many windows that earn the same, e.g. nothing) gets the middle of the run, not
+    its first entry."""
     n = quantiles.shape[0]
-    idx = torch.searchsorted(quantiles, values.contiguous()).clamp(1, n - 1)
-    lo, hi = quantiles[idx - 1], quantiles[idx]
-    frac = ((values - lo) / (hi - lo).clamp(min=1e-12)).clamp(0.0, 1.0)
-    return ((idx - 1).to(values.dtype) + frac) / (n - 1)
+    values = values.contiguous()
+
+    def position(right: bool) -> torch.Tensor:
+        idx = torch.searchsorted(quantiles, values, right=right).clamp(1, n - 1)
+        lo, hi = quantiles[idx - 1], quantiles[idx]
+        frac = ((values - lo) / (hi - lo).clamp(min=1e-12)).clamp(0.0, 1.0)
+        return (idx - 1).to(values.dtype) + frac
+
+    return (position(False) + position(True)) / (2 * (n - 1))
 
 
 def value_target_of(cfg: Config) -> tuple:

@@ -25,6 +25,9 @@ def test_quantile_of_inverts_the_table_and_clamps():
     values = torch.tensor([0.0, 1.0, 2.0, 7.0, 7.5, 8.0, -5.0, 20.0])
     expected = torch.tensor([0.0, 0.25, 0.375, 0.75, 0.875, 1.0, 0.0, 1.0])
     torch.testing.assert_close(quantile_of(values, table), expected)
+    # A value tied with several entries takes the middle of their quantiles, here .25 to .75.
+    tied = torch.tensor([0.0, 2.0, 2.0, 2.0, 5.0])
+    torch.testing.assert_close(quantile_of(torch.tensor([2.0, 1.0, 3.5]), tied), torch.tensor([0.5, 0.125, 0.875]))
 
 
 class Recorder(torch.nn.Module):
