@@ -529,6 +529,29 @@ def test_a_worker_parked_for_budget_takes_over_the_share_of_one_that_keeps_faili
     assert run.counters.failed_rollouts >= 1
 
 
+def test_with_no_offline_data_the_learner_waits_for_the_first_episode_the_replay_stores(ray_session, pretrained,
+                                                                                       tmp_path):
+    # The replay refuses non-finite episodes; each worker's first rollout brings only such.
+    # Sampling an empty replay used to fail the learner's call, which stopped the run.
+    from distdiff.distributed.worker import RolloutWorker
+
+    class FirstRolloutNonFinite(RolloutWorker):
+        def rollout(self, task=None, **share):
+            result = super().rollout(task, **share)
+            if self.tasks == 1:
+                for ep in result["episodes"]:
+                    ep.rewards[-1] = float("nan")
+            return result
+
+    cfg, ckpt = pretrained
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.offline_ratio": 0.0})
+    run, _, stored = run_with_worker_class(FirstRolloutNonFinite, (cfg, ckpt), tmp_path, worker_ids=(0, 1))
+    assert run.counters.env_steps == cfg.online.env_steps
+    assert run.counters.updates == int(cfg.online.updates_per_env_step * cfg.online.env_steps)
+    # Both first rollouts' episodes were refused, every later one stored.
+    assert len(stored["lengths"]) == run.counters.episodes - 2 > 0
+
+
 def test_workers_that_die_in_every_rollout_are_dropped_and_the_run_stops(ray_session, pretrained, tmp_path,
                                                                             monkeypatch):
     # As a worker that runs out of memory in every rollout: Ray restarts it (no restart limit)

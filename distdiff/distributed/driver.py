@@ -251,6 +251,8 @@ class OnlineRun:
         self.ref_min, self.ref_max = reference_scores(cfg.env.id)
         self.last_example = None
         self.train_ref = None  # the learner's call in flight
+        # Offline windows are always there to train on; without them, the replay's episodes.
+        self.replay_filled = cfg.online.offline_ratio > 0
         self.evaluation: Optional[PendingEvaluation] = None  # the one in flight
         self.stop_evaluation = threading.Event()  # asked before each of its plans
         self.evaluated: Optional[Tuple[int, int, Dict[str, object]]] = None  # the last one's learner step, update, result
@@ -475,6 +477,14 @@ class OnlineRun:
             owed = min(owed, o.updates - c.updates)
         return owed
 
+    def has_training_data(self) -> bool:
+        """Whether the replay can sample a batch. With no offline data, only once it has stored
+        an episode: it refuses non-finite ones, so the first rollouts may store nothing, and it
+        never empties again. Asked, and waited for, only until then."""
+        if not self.replay_filled:
+            self.replay_filled = ray.get(self.replay.size.remote()) > 0
+        return self.replay_filled
+
     def settle_training(self) -> Optional[Dict[str, float]]:
         """Wait for the learner's call in flight, if any, and count its updates; its stats."""
         if self.train_ref is None:
@@ -552,7 +562,8 @@ class OnlineRun:
         def train_more() -> None:
             nonlocal size_ref, ahead
             owed = self.owed_updates()
-            if self.train_ref is None and owed >= 1 and not stopping() and self.may_train(collecting, t0):
+            if self.train_ref is None and owed >= 1 and not stopping() and self.may_train(collecting, t0) \
+                    and self.has_training_data():
                 n = min(o.updates_per_call, owed)
                 # Batches sampled ahead are a full call's; a shorter call (the last owed
                 # updates) samples its own.
@@ -734,6 +745,10 @@ class OnlineRun:
             # Nothing runs any more, and the budget is not spent. The learner and the replay
             # are sound: a resume (with working rollout actors) goes on from what they hold.
             self.checkpoint()
+            if parked and not self.has_training_data():
+                raise RunFailed(f"the replay refused every episode collected ({c.episodes}: NaN or infinite values) "
+                                f"and there is no offline data (online.offline_ratio 0): the learner has nothing "
+                                f"to train on")
             if parked:
                 raise RunFailed("rollouts are parked but neither the learner nor any rollout is running")
             raise RunFailed("no rollout actor is left alive")
