@@ -130,7 +130,7 @@ def test_concurrent_runs_collect_the_fallback_dataset_once(minari_root):
 
     def run(i):
         barrier.wait()
-        loaded[i] = load_or_collect("local/walker2d/nowhere-v0", download=False, fallback_id="local/test/race-v0",
+        loaded[i] = load_or_collect("mujoco/walker2d/nowhere-v0", download=False, fallback_id="local/test/race-v0",
                                     fallback_episodes=3, env_id="Walker2d-v5", obs_dim=17, act_dim=6,
                                     max_episode_steps=10, log=logs[i].append)
 
@@ -181,11 +181,17 @@ def test_a_dataset_the_remote_does_not_have_is_an_error_not_a_fallback(minari_ro
     assert not dataset_exists("local/test/unused-v0")
 
 
-def test_local_ids_are_never_looked_up_on_the_remote(minari_root, monkeypatch):
+def test_a_missing_local_id_is_an_error_never_looked_up_on_the_remote_nor_a_fallback(minari_root, monkeypatch):
+    # A typo, or a MINARI_DATASETS_PATH not exported: no download would bring it, and a run
+    # must not train on random data instead.
     asked = _remote(monkeypatch, AssertionError("asked the remote"))
-    with pytest.raises(DatasetMissing, match="local Minari store"):
-        load_episodes("local/walker2d/typo-v0", download=True)
-    assert asked == []
+    with pytest.raises(DatasetError, match="local Minari store") as raised:
+        load_or_collect("local/walker2d/typo-v0", download=True, **{**FALLBACK, "fallback_id": "local/test/unused-v0"})
+    assert not isinstance(raised.value, DatasetMissing)
+    assert asked == [] and not dataset_exists("local/test/unused-v0")
+    # The fallback's own id is collected when it is missing, asked for directly or not.
+    data = load_or_collect(FALLBACK["fallback_id"], download=True, **FALLBACK)
+    assert data.dataset_id == FALLBACK["fallback_id"] and len(data.episodes) == 2
 
 
 def test_a_run_on_the_fallback_records_it_as_its_dataset(tiny_dataset, monkeypatch, tmp_path):

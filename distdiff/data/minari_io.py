@@ -29,7 +29,8 @@ class DatasetError(RuntimeError):
 class DatasetMissing(DatasetError):
     """Not in the local store and not downloadable now (offline, or download not asked for); a
     configured fallback stands in for it. Not raised when the remote says it has no such
-    dataset: a mistyped id must fail, not train on the fallback."""
+    dataset, nor for a missing ``local/`` id, which no download would bring: a mistyped id must
+    fail, not train on the fallback."""
 
 
 class LoadedDataset(NamedTuple):
@@ -88,7 +89,7 @@ def load_minari(dataset_id: str, *, download: bool = False, log=print):
         return minari.load_dataset(dataset_id, download=False)
     except FileNotFoundError:
         if dataset_id.startswith(LOCAL_NAMESPACE):
-            raise DatasetMissing(_missing_message(
+            raise DatasetError(_missing_message(
                 dataset_id, f"it is not in the local Minari store (ids under {LOCAL_NAMESPACE} are made on this machine)")) from None
         if not download:
             raise DatasetMissing(_missing_message(dataset_id, "it is not in the local Minari store")) from None
@@ -213,15 +214,17 @@ def _collect_random(dataset_id: str, n_episodes: int, env_id: str, max_episode_s
 
 def load_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallback_episodes: int, env_id: str,
                     obs_dim: int, act_dim: int, max_episode_steps: int, seed: int = 0, log=print) -> LoadedDataset:
-    """Load ``dataset_id``; when it cannot be had and a fallback is configured, load the local
-    ``fallback_id``, collecting it with a random policy first if it does not exist yet."""
-    try:
-        return load_episodes(dataset_id, download=download, obs_dim=obs_dim, act_dim=act_dim, env_id=env_id, log=log)
-    except DatasetMissing as e:
-        if not fallback_id or fallback_episodes < 1:
-            raise
-        log(f"warning: {str(e).splitlines()[0]}; training on the local dataset {fallback_id!r} instead, "
-            f"not on {dataset_id!r} (data.fallback_dataset_id; empty: no fallback)")
+    """Load ``dataset_id``; when it cannot be had now (:class:`DatasetMissing`) and a fallback is
+    configured, load the local ``fallback_id``, collecting it with a random policy first if it
+    does not exist yet (also when it is ``dataset_id`` itself)."""
+    if dataset_id != fallback_id or fallback_episodes < 1:
+        try:
+            return load_episodes(dataset_id, download=download, obs_dim=obs_dim, act_dim=act_dim, env_id=env_id, log=log)
+        except DatasetMissing as e:
+            if not fallback_id or fallback_episodes < 1:
+                raise
+            log(f"warning: {str(e).splitlines()[0]}; training on the local dataset {fallback_id!r} instead, "
+                f"not on {dataset_id!r} (data.fallback_dataset_id; empty: no fallback)")
     # The lock only when it is missing: a store that holds it may be read-only.
     if not dataset_exists(fallback_id):
         with _lock(fallback_id):
