@@ -1,7 +1,10 @@
 """Offline pretraining of the diffusion planner (denoiser + value) on a Minari dataset.
 
+    export MINARI_DATASETS_PATH=$PWD/../shared/data/minari   # where local/ datasets are looked up
     python launch/pretrain.py --config configs/walker2d.yaml --data.dataset_id local/walker2d/sac-medium-v0
     tensorboard --logdir runs/
+
+Ctrl-C saves a checkpoint; --resume RUN_DIR continues it.
 """
 from __future__ import annotations
 
@@ -24,7 +27,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default=None, help="Minari dataset id (same as --data.dataset_id).")
     p.add_argument("--run-dir", type=Path, default=None, help="Where checkpoints and TensorBoard logs go (default runs/pretrain-TIME).")
-    p.add_argument("--resume", action="store_true", help="Continue the run in --run-dir from its checkpoint (same step count).")
+    p.add_argument("--resume", nargs="?", const=True, default=None, type=Path, metavar="RUN_DIR",
+                   help="Continue the run in RUN_DIR (or --run-dir) from its checkpoint (same step count).")
     p.add_argument("--init", type=Path, default=None,
                    help="Start from this checkpoint's weights and normalizer (fresh optimizers, step 0): fine-tunes a "
                         "prior, e.g. with --model.returns_condition true to add a return condition to an unconditioned one.")
@@ -36,8 +40,12 @@ def main(argv=None) -> int:
     run_dir = None
     try:
         if args.resume:
+            if isinstance(args.resume, Path):
+                if args.run_dir is not None and args.run_dir != args.resume:
+                    fail(f"--resume {args.resume} and --run-dir {args.run_dir} name two runs; pass one")
+                args.run_dir = args.resume
             if args.run_dir is None:
-                fail("--resume needs --run-dir")
+                fail("--resume needs the run's dir: --resume RUN_DIR")
             if args.init is not None:
                 fail("--resume continues the run's own checkpoint; drop --init")
             if args.config is not None:
@@ -52,12 +60,13 @@ def main(argv=None) -> int:
             run_dir = args.run_dir or default_run_dir("pretrain")
             check_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
         print(f"pretraining on {cfg.data.dataset_id} -> {run_dir}", flush=True)
-        path = pretrain(cfg, run_dir, resume=args.resume, init=args.init, overwrite=args.overwrite)
+        path = pretrain(cfg, run_dir, resume=bool(args.resume), init=args.init, overwrite=args.overwrite)
     except (config_lib.ConfigError, DatasetError, CheckpointError, FloatingPointError) as e:
         fail(str(e))
     except KeyboardInterrupt:
         saved = run_dir is not None and (run_dir / CHECKPOINT).is_file()
-        print("interrupted; " + ("checkpoint saved in " + str(run_dir) if saved else "no checkpoint was written yet"), file=sys.stderr)
+        print("interrupted; " + (f"checkpoint saved; resume with: python launch/pretrain.py --resume {run_dir}" if saved
+                                 else "no checkpoint was written yet"), file=sys.stderr)
         return 130
     print(f"checkpoint: {path}")
     return 0

@@ -165,7 +165,7 @@ def test_bad_arguments_fail_before_any_work(args, expected, subprocess_env):
 def test_resume_continues_the_step_count_exactly(run30, tmp_path, tiny_dataset, subprocess_env):
     resumed = tmp_path / "resumed"
     shutil.copytree(run30, resumed)
-    ok(run("pretrain.py", "--run-dir", resumed, "--resume", "--train.steps", 40, env=subprocess_env))
+    ok(run("pretrain.py", "--resume", resumed, "--train.steps", 40, env=subprocess_env))
     state = load_checkpoint(resumed / "checkpoint.pt")
     assert state["step"] == 40
     # 30 + 10 resumed steps are the same 40 steps as one uninterrupted run: weights, optimizer
@@ -207,7 +207,7 @@ def test_interrupted_pretrain_saves_a_resumable_checkpoint(tmp_path, tiny_datase
     reader.join(timeout=10)
     stderr = "".join(chunks)
     assert proc.returncode == 130, stderr[-3000:]
-    assert "interrupted" in stderr
+    assert f"resume with: python launch/pretrain.py --resume {run_dir}" in stderr
     state = load_checkpoint(run_dir / "checkpoint.pt")
     assert 0 < state["step"] < 100_000
     assert Trainer.from_checkpoint(state).step == state["step"]
