@@ -31,7 +31,8 @@ def main(argv=None) -> int:
                    help="Continue the run in RUN_DIR (or --run-dir) from its checkpoint (same step count).")
     p.add_argument("--init", type=Path, default=None,
                    help="Start from this checkpoint's weights and normalizer (fresh optimizers, step 0): fine-tunes a "
-                        "prior, e.g. with --model.returns_condition true to add a return condition to an unconditioned one.")
+                        "prior, e.g. with --model.returns_condition true to add a return condition to an unconditioned one. "
+                        "Its config is the base of --section.field flags unless --config is given.")
     p.add_argument("--overwrite", action="store_true", help="Start again in a --run-dir that holds a run, replacing its files.")
     config_lib.add_arguments(p)
     args = p.parse_args(argv)
@@ -55,6 +56,11 @@ def main(argv=None) -> int:
             base = config_lib.from_dict(load_checkpoint(args.run_dir / CHECKPOINT)["config"])
             cfg = config_lib.from_args(args, base=base)
             run_dir = args.run_dir
+        elif args.init is not None and args.config is None:
+            # Its nets fit only its own model fields: start from its config, not the defaults.
+            cfg = config_lib.from_args(args, base=config_lib.from_dict(load_checkpoint(args.init)["config"]))
+            run_dir = args.run_dir or default_run_dir("pretrain")
+            check_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
         else:
             cfg = config_lib.from_args(args)
             run_dir = args.run_dir or default_run_dir("pretrain")

@@ -33,7 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--num-actors", type=int, default=None, help="Rollout actors (same as --online.num_actors).")
     p.add_argument("--dataset", default=None, help="Minari dataset id (same as --data.dataset_id).")
-    p.add_argument("--init", type=Path, default=None, help="Start phase 2 from this checkpoint (skips pretraining).")
+    p.add_argument("--init", type=Path, default=None,
+                   help="Start phase 2 from this checkpoint (skips pretraining). Its config is the base of "
+                        "--section.field flags unless --config is given.")
     p.add_argument("--run-dir", type=Path, default=None, help="Output dir (default runs/train-TIME).")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="Continue a run from its checkpoint and replay.")
     p.add_argument("--overwrite", action="store_true", help="Start again in a --run-dir that holds a run, replacing its files.")
@@ -60,6 +62,9 @@ def main(argv=None) -> int:
 
             base = config_lib.from_dict(load_checkpoint(resume_checkpoint(args.resume))["config"])
             cfg = config_lib.from_args(args, base=base)
+        elif args.init is not None and args.config is None:
+            # Its nets fit only its own model fields: start from its config, not the defaults.
+            cfg = config_lib.from_args(args, base=config_lib.from_dict(load_checkpoint(args.init)["config"]))
         else:
             cfg = config_lib.from_args(args)
         config_lib.check_trainable(cfg)  # before Ray starts

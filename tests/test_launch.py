@@ -116,6 +116,13 @@ def test_collect_refuses_a_checkpoint_it_cannot_plan_with_before_ray_starts(run3
     assert not dataset_exists("local/walker2d/unplannable-v0")
 
 
+def test_init_without_config_starts_from_the_checkpoints_config(run30, tmp_path, subprocess_env):
+    # The defaults' model would not fit run30's nets (configs/smoke.yaml's sizes).
+    ok(run("pretrain.py", "--init", run30, "--run-dir", tmp_path / "tuned", "--train.steps", 3, env=subprocess_env))
+    tuned, prior = (load_checkpoint(d / "checkpoint.pt")["config"] for d in (tmp_path / "tuned", run30))
+    assert tuned["model"] == prior["model"] and tuned["data"] == prior["data"] and tuned["train"]["steps"] == 3
+
+
 def test_pretrain_writes_a_checkpoint(run30, tiny_dataset):
     state = load_checkpoint(run30 / "checkpoint.pt")
     assert state["step"] == 30
