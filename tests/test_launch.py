@@ -169,6 +169,15 @@ def test_bad_arguments_fail_before_any_work(args, expected, subprocess_env):
     assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
 
 
+def test_a_cluster_address_where_nothing_listens_fails_at_once(subprocess_env, tiny_dataset, tmp_path):
+    # Ray itself would retry it for minutes.
+    proc = run("train.py", "--config", SMOKE, "--dataset", tiny_dataset, "--run-dir", tmp_path / "run",
+               "--address", "127.0.0.1:1", env=subprocess_env, timeout=60)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "cannot connect to the Ray cluster at 127.0.0.1:1: nothing listens there" in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_resume_continues_the_step_count_exactly(run30, tmp_path, tiny_dataset, subprocess_env):
     resumed = tmp_path / "resumed"
     shutil.copytree(run30, resumed)

@@ -80,14 +80,17 @@ def _live_local_cluster() -> Optional[str]:
     from ray._private.utils import read_ray_address  # Ray is pinned; this is its own lookup
 
     address = read_ray_address()
-    if not address:
-        return None
+    return address if address and _listens(address) else None
+
+
+def _listens(address: str) -> bool:
+    """Whether something accepts connections at ``host:port``."""
     host, _, port = address.rpartition(":")
     try:
         socket.create_connection((host, int(port)), timeout=2).close()
     except (OSError, ValueError):
-        return None
-    return address
+        return False
+    return True
 
 
 def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: Callable[[str], None] = print,
@@ -102,6 +105,10 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
     if not embedded:
         address = address or os.environ.get("RAY_ADDRESS") or _live_local_cluster()
     if address and not embedded:
+        # Ray retries an address where nothing listens for minutes, logging each try.
+        if address != "auto" and "://" not in address and not _listens(address):
+            raise ClusterUnreachable(f"cannot connect to the Ray cluster at {address}: nothing listens there (is "
+                                     f"`ray start --head` running there? check --address and RAY_ADDRESS)")
         try:
             ray.init(address=address, logging_level="warning", runtime_env=runtime_env)
         except (ConnectionError, AuthenticationError) as e:
