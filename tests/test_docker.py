@@ -120,6 +120,14 @@ def compose():
     return yaml.safe_load((DOCKER / "compose.yaml").read_text())
 
 
+def test_every_compose_service_builds_its_image_the_same_way():
+    # Two builds of one tag with different torch options: the last one built would own it.
+    services = compose()["services"]
+    builds = {name: s["build"] for name, s in services.items() if "build" in s}
+    assert len(builds) == len(services) and all(b == builds["head"] for b in builds.values()), builds
+    assert "TORCH_PIP_ARGS" in builds["head"]["args"]
+
+
 def test_compose_publishes_ports_on_localhost_only():
     services = compose()["services"]
     published = 0
