@@ -61,6 +61,17 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0 (seeds, indices)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
 def check_run_dir(run_dir: Path, *, overwrite: bool, keep: Optional[Path] = None) -> None:
     """Refuse a --run-dir that is a file, or that holds a run unless ``overwrite``: a new run
     there would silently replace its checkpoints and mix its TensorBoard curves with the new ones.

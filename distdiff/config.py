@@ -447,7 +447,7 @@ def check_trainable(cfg: Config) -> None:
 def acting_fields() -> List[str]:
     """The fields that change how a trained checkpoint acts, which judging it may override. The
     others made its nets (model, diffusion schedule, normalizer, value target) or train them."""
-    acting = ["env.id", "env.max_episode_steps", "diffusion.clip_denoised", "online.prior_weight", "train.num_threads"]
+    acting = ["env.max_episode_steps", "diffusion.clip_denoised", "online.prior_weight", "train.num_threads"]
     acting += [f"{name}.{f.name}" for name in ("guidance", "planner", "eval") for f in dataclasses.fields(_sections()[name])]
     return acting
 

@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from distdiff.cli import default_ray_auth, fail, limit_threads
+from distdiff.cli import default_ray_auth, fail, limit_threads, non_negative_int
 
 limit_threads()
 default_ray_auth()
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-actors", type=int, default=1,
                    help="Collect with this many parallel Ray actors (1: in this process). Connects to RAY_ADDRESS or a "
                         "local `ray start` cluster if there is one, else starts an embedded Ray (default: %(default)s).")
-    p.add_argument("--seed", type=int, default=0, help="Seeds the episodes' starts and the policy (default: %(default)s).")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="Seeds the episodes' starts and the policy (default: %(default)s).")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing dataset with this id.")
     args = p.parse_args(argv)
     if args.episodes < 1:

@@ -24,7 +24,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from distdiff.cli import check_output, fail, limit_threads, note_selection_seeds, positive_int, write_json, write_text
+from distdiff.cli import (check_output, fail, limit_threads, non_negative_int, note_selection_seeds, positive_int,
+                          write_json, write_text)
 
 limit_threads()
 
@@ -53,20 +54,13 @@ def _even_size(text: str) -> int:
     return v
 
 
-def _non_negative(text: str) -> int:
-    v = int(text)
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{v} is negative")
-    return v
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt (or its run dir).")
     p.add_argument("--dataset", default=None, metavar="ID",
                    help="Minari dataset of Figure 1's start state (default: the checkpoint's data.dataset_id, or its "
                         "local data.fallback_dataset_id when that is not local).")
-    p.add_argument("--episodes", type=_non_negative, default=2, metavar="N",
+    p.add_argument("--episodes", type=non_negative_int, default=2, metavar="N",
                    help="Evaluation episodes per checkpoint for the report's return, score and alignment error "
                         "(default 2; 0 skips evaluation).")
     p.add_argument("--out", type=Path, default=None, metavar="DIR",
@@ -76,11 +70,11 @@ def parser() -> argparse.ArgumentParser:
                    help="A second checkpoint (same env) shown beside the first in the alignment figure and report.")
     p.add_argument("--starts", type=positive_int, default=4, metavar="K",
                    help="Real start states of the alignment figure: env.reset(seed=SEED+i), i < K (default 4).")
-    p.add_argument("--seed", type=int, default=None,
+    p.add_argument("--seed", type=non_negative_int, default=None,
                    help="Seed of the start states, the sampler and the evaluation (default: the checkpoint's eval.seed).")
-    p.add_argument("--data-episode", type=_non_negative, default=None, metavar="I",
+    p.add_argument("--data-episode", type=non_negative_int, default=None, metavar="I",
                    help="Dataset episode of Figure 1 (default: the first with a full horizon of continuation).")
-    p.add_argument("--data-start", type=_non_negative, default=None, metavar="T",
+    p.add_argument("--data-start", type=non_negative_int, default=None, metavar="T",
                    help="Step of that episode to start from (default: the middle of the admissible starts).")
     p.add_argument("--units", choices=("raw", "normalized"), default="raw",
                    help="Units of the state and action plots: raw env units (m, rad, m/s, rad/s; actions in [-1, 1]) "

@@ -158,6 +158,9 @@ def test_a_run_dir_that_holds_a_run_is_kept_unless_overwrite(run30, tmp_path, ti
     # A prefix of a flag is not taken for it: --diffusion.schedul would have set the schedule.
     (["train.py", "--diffusion.schedul", "cosine"], "unrecognized arguments: --diffusion.schedul"),
     (["evaluate.py", "--checkpoint", "nowhere", "--out", "."], "--out . is a directory"),
+    (["visualize.py", "--checkpoint", "nowhere", "--seed", "-1"], "--seed: must be >= 0, got -1"),
+    (["collect.py", "--policy", "random", "--episodes", "1", "--dataset-id", "local/t/x-v0", "--seed", "-1"],
+     "--seed: must be >= 0, got -1"),
     # Flags that made or train the nets would be ignored, or misread the checkpoint: refused.
     (["evaluate.py", "--checkpoint", "nowhere", "--train.lr", "1", "--diffusion.schedule", "linear",
       "--guidance.scale", "0.1"], "--diffusion.schedule, --train.lr: these made or trained the checkpoint's nets"),
