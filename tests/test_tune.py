@@ -301,6 +301,8 @@ def test_a_sweep_whose_trials_all_failed_has_no_best_config(tiny_dataset, tmp_pa
     sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset)
     storage = tmp_path / "storage"
     (storage / "sweep").mkdir(parents=True)
+    # An earlier sweep of this name found one; this one's table must not sit beside it.
+    (storage / "sweep" / "best_config.yaml").write_text("train: {steps: 1}\n")
     monkeypatch.setattr(driver, "connect", lambda *args, **kwargs: False)
     failed = ({"diffusion.schedule": "linear", "guidance.scale": 0.0}, {}, "failed")
     for results in (FakeResults(failed), FakeResults(failed, failed)):

@@ -422,9 +422,12 @@ def summarize(results, spec: SweepSpec, storage: Path) -> Dict[str, Any]:
     table.to_csv(csv_path, index=False)
     # Not Tune's get_best_result: it ranks failed trials too, and returns the only trial however it ended.
     finished = [r for r in results if r.error is None and math.isfinite(r.metrics.get(spec.metric, math.nan))]
-    best_path = None
+    best_path = out_dir / "best_config.yaml"
     if finished:
         best = (max if spec.mode == "max" else min)(finished, key=lambda r: r.metrics[spec.metric])
-        best_path = out_dir / "best_config.yaml"
         config_lib.save(spec.train_config({k: best.config[k] for k in spec.space}), best_path)
+    else:
+        # An earlier sweep of the same name may have left one beside this sweep's table.
+        best_path.unlink(missing_ok=True)
+        best_path = None
     return {"table": csv_path, "best_config": best_path, "table_text": table.to_string(index=False)}
