@@ -433,15 +433,14 @@ def check_trainable(cfg: Config) -> None:
     o = cfg.online
     if not (o.learner_num_gpus >= 0 or o.learner_num_gpus == -1):
         errors.append(f"online.learner_num_gpus must be >= 0, or -1 for one if the cluster has any, got {o.learner_num_gpus}")
+    if o.replay_capacity < cfg.env.max_episode_steps:
+        errors.append(f"online.replay_capacity ({o.replay_capacity}) must hold a whole episode "
+                      f"(env.max_episode_steps={cfg.env.max_episode_steps}): pass --online.replay_capacity")
     problem = _env_problem(cfg.env.id)
     if problem:
         errors.append(f"env.id {cfg.env.id!r} cannot be made here: {problem}")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
-    if cfg.online.replay_capacity < cfg.env.max_episode_steps:
-        raise ConfigError(
-            f"online.replay_capacity ({cfg.online.replay_capacity}) must hold a whole episode "
-            f"(env.max_episode_steps={cfg.env.max_episode_steps}): pass --online.replay_capacity")
 
 
 def acting_fields() -> List[str]:
