@@ -100,6 +100,7 @@ def test_configs_that_trained_before_stricter_checks_still_load():
     saved = {"train": {"grad_clip": float("inf")}, "online": {"wall_time_s": float("inf"), "learner_num_gpus": -2.0},
              "data": {"fallback_episodes": 0}}
     cfg = config.from_dict(saved)
+    config.validate(cfg)  # (from_dict alone does not)
     assert cfg.train.grad_clip == float("inf") and cfg.data.fallback_episodes == 0
     config.check_trainable(config.from_dict({"train": {"grad_clip": float("inf")},
                                              "online": {"wall_time_s": float("inf")}}))

@@ -12,9 +12,9 @@ def linear_beta_schedule(n_steps: int, beta_start: float = 1e-4, beta_end: float
     """Ho et al. 2020, "Denoising Diffusion Probabilistic Models", §4: β linear in t.
 
     The endpoints are those of the 1000-step paper scaled by 1000/n so that short chains still
-    reach ᾱ_T ≈ 0, as Nichol & Dhariwal 2021 (§3.2, their code) scale it. Below ~50 steps the end
-    is capped at MAX_BETA and ᾱ is ~0 well before T (at 20 steps from t = 12 on): the chain
-    spends its last levels on pure noise, which the cosine schedule was made to avoid.
+    reach ᾱ_T ≈ 0, as Nichol & Dhariwal 2021 (§3.2, their code) scale it. At 20 steps or fewer the
+    end is capped at MAX_BETA, and below ~50 ᾱ is ~0 well before T (at 20 steps from t = 12 on):
+    the chain spends its last levels on pure noise, which the cosine schedule was made to avoid.
     """
     if n_steps == 1:
         # One step must take data all the way to the noise the samplers start from.
