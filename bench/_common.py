@@ -1,6 +1,7 @@
 """Helpers shared by the benchmarks (not part of the library)."""
 from __future__ import annotations
 
+import argparse
 import os
 
 import numpy as np
@@ -11,6 +12,18 @@ from distdiff.training import Trainer, flat_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINARI_PATH_HELP = "Minari store (default: MINARI_DATASETS_PATH, else ../shared/data/minari next to the repo)."
+CONFIG_HELP = "Config the benchmark's model and run are built from."
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and the default of every flag that has one and does not
+    say it already."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False, []) or "default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def use_minari_store(path) -> None:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import MINARI_PATH_HELP, ROOT, use_minari_store  # noqa: E402
+from _common import CONFIG_HELP, MINARI_PATH_HELP, ROOT, HelpFormatter, use_minari_store  # noqa: E402
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
@@ -47,18 +47,18 @@ def keep(summary):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"))
-    p.add_argument("--dataset", default="local/walker2d/sac-medium-v0")
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"), help=CONFIG_HELP)
+    p.add_argument("--dataset", default="local/walker2d/sac-medium-v0", help="Offline dataset of pretraining and phase 2.")
     p.add_argument("--minari-path", default=None, help=MINARI_PATH_HELP)
     p.add_argument("--scale", type=float, default=1.0, help="Multiplies pretraining steps, online env steps and eval episodes.")
     p.add_argument("--pretrain-steps", type=int, default=30000,
-                   help="9,000 left the prior under-trained: as many offline updates alone doubled its score (bench/README.md).")
-    p.add_argument("--online-env-steps", type=int, default=10000)
+                   help="Offline steps of the prior; 9,000 left it under-trained: as many offline updates alone doubled its score (bench/README.md).")
+    p.add_argument("--online-env-steps", type=int, default=10000, help="Phase 2's env-step budget.")
     p.add_argument("--eval-episodes", type=int, default=100,
-                   help="Per planner; 10 left score differences of ~10 points within the noise (bench/README.md).")
-    p.add_argument("--num-actors", type=int, default=1)
-    p.add_argument("--out", type=Path, default=Path("runs") / "bench-alignment")
+                   help="Evaluation episodes per planner; 10 left score differences of ~10 points within the noise (bench/README.md).")
+    p.add_argument("--num-actors", type=int, default=1, help="Phase 2's rollout actors.")
+    p.add_argument("--out", type=Path, default=Path("runs") / "bench-alignment", help="Where the prior's and the aligned run's dirs go.")
     p.add_argument("--init", type=Path, default=None, help="Reuse a pretrained checkpoint instead of pretraining.")
     p.add_argument("--aligned", type=Path, default=None,
                    help="With --init: compare with this aligned checkpoint instead of running the online phase.")

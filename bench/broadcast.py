@@ -19,7 +19,7 @@ import time
 import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ROOT, fresh_checkpoint, unit_normalizer  # noqa: E402
+from _common import CONFIG_HELP, ROOT, HelpFormatter, fresh_checkpoint, unit_normalizer  # noqa: E402
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.distributed.actors import LearnerActor, RolloutWorkerActor  # noqa: E402
@@ -36,10 +36,10 @@ def plasma():
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"))
-    p.add_argument("--sizes", default="1,8,32")
-    p.add_argument("--repeats", type=int, default=10)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"), help=CONFIG_HELP)
+    p.add_argument("--sizes", default="1,8,32", help="Comma-separated numbers of rollout actors to broadcast to.")
+    p.add_argument("--repeats", type=int, default=10, help="Broadcasts timed per size (their median is printed).")
     args = p.parse_args()
     cfg = config_lib.load(args.config, {"online.envs_per_actor": 1})
     sizes = [int(s) for s in args.sizes.split(",")]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import MINARI_PATH_HELP, use_minari_store  # noqa: E402
+from _common import MINARI_PATH_HELP, HelpFormatter, use_minari_store  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -72,13 +72,13 @@ def reconstruction(path: Path, dataset: str, n_windows: int, timesteps, seed: in
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoints", type=Path, nargs="+")
-    p.add_argument("--dataset", default="local/walker2d/sac-medium-v0")
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
+    p.add_argument("checkpoints", type=Path, nargs="+", help="Checkpoints (or run dirs) to measure.")
+    p.add_argument("--dataset", default="local/walker2d/sac-medium-v0", help="Dataset the offline windows come from.")
     p.add_argument("--minari-path", default=None, help=MINARI_PATH_HELP)
-    p.add_argument("--windows", type=int, default=512)
-    p.add_argument("--timesteps", type=int, nargs="+", default=[0, 1, 2, 4, 8])
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--windows", type=int, default=512, help="Offline windows measured (the same for every checkpoint).")
+    p.add_argument("--timesteps", type=int, nargs="+", default=[0, 1, 2, 4, 8], help="Noise levels t measured.")
+    p.add_argument("--seed", type=int, default=1, help="Seed of the windows drawn and of their noise.")
     args = p.parse_args()
     use_minari_store(args.minari_path)
     torch.set_num_threads(1)

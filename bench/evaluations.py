@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import MINARI_PATH_HELP, ROOT, use_minari_store  # noqa: E402
+from _common import CONFIG_HELP, MINARI_PATH_HELP, ROOT, HelpFormatter, use_minari_store  # noqa: E402
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.distributed import driver  # noqa: E402
@@ -29,14 +29,14 @@ from distdiff.pretrain import pretrain  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"))
-    p.add_argument("--dataset", default="local/walker2d/sac-medium-v0")
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"), help=CONFIG_HELP)
+    p.add_argument("--dataset", default="local/walker2d/sac-medium-v0", help="Offline dataset of the prior and of phase 2.")
     p.add_argument("--minari-path", default=None, help=MINARI_PATH_HELP)
     p.add_argument("--pretrain-steps", type=int, default=300, help="the prior's offline steps (its quality does not matter here)")
-    p.add_argument("--num-actors", type=int, default=1)
+    p.add_argument("--num-actors", type=int, default=1, help="Phase 2's rollout actors.")
     p.add_argument("--updates", type=int, default=600, help="phase 2's update budget, in both runs")
-    p.add_argument("--eval-every", type=int, default=150)
+    p.add_argument("--eval-every", type=int, default=150, help="online.eval_every of the run with mid-run evaluations.")
     p.add_argument("--eval-episodes", type=int, default=100, help="as the README recommends for choosing best.pt")
     args = p.parse_args()
     use_minari_store(args.minari_path)

@@ -14,7 +14,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ROOT, fresh_checkpoint  # noqa: E402
+from _common import CONFIG_HELP, ROOT, HelpFormatter, fresh_checkpoint  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -24,11 +24,11 @@ from distdiff.distributed.learner import Learner  # noqa: E402
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--updates", type=int, default=100)
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"), help=CONFIG_HELP)
+    p.add_argument("--device", default="cpu", help="cpu or cuda.")
+    p.add_argument("--batch-size", type=int, default=None, help="train.batch_size (default: the config's).")
+    p.add_argument("--updates", type=int, default=100, help="Updates timed, after the warm-up.")
     p.add_argument("--precision", default="fp32", help="train.precision: fp32 or bf16")
     p.add_argument("--compile", default="none", help="train.compile: none, default or reduce-overhead")
     p.add_argument("--warmup", type=int, default=20, help="untimed updates first (compilation, CUDA graph capture)")

@@ -25,11 +25,10 @@ import torch  # noqa: E402
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.models import build_models  # noqa: E402
-from distdiff.normalizer import Normalizer  # noqa: E402
 from distdiff.planner import Planner  # noqa: E402
 from distdiff.rollout import make_env, run_episodes  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from _common import CONFIG_HELP, ROOT, HelpFormatter, unit_normalizer  # noqa: E402
 
 
 def random_rate(env_id: str, steps: int) -> float:
@@ -44,8 +43,7 @@ def random_rate(env_id: str, steps: int) -> float:
 
 
 def planner_rate(cfg, n_envs: int, seconds: float) -> dict:
-    d = cfg.env.obs_dim + cfg.env.act_dim
-    normalizer = Normalizer(kind="gaussian", shift=np.zeros(d), scale=np.ones(d), clip_min=-5 * np.ones(d), clip_max=5 * np.ones(d))
+    normalizer = unit_normalizer(cfg)
     diffusion, denoiser, value, dynamics = build_models(cfg, normalizer)
     planner = Planner.from_config(cfg, diffusion=diffusion, denoiser=denoiser.eval(), value=value.eval(),
                                   dynamics=dynamics.eval(), normalizer=normalizer)
@@ -71,8 +69,8 @@ def planner_rate(cfg, n_envs: int, seconds: float) -> dict:
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"))
+    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
+    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"), help=CONFIG_HELP)
     p.add_argument("--seconds", type=float, default=20.0, help="Wall time per planner measurement.")
     args = p.parse_args()
     torch.set_num_threads(1)
