@@ -11,7 +11,7 @@ from typing import Any, Dict
 import torch
 
 from distdiff.cli import replacing
-from distdiff.rundir import checkpoint_file
+from distdiff.rundir import CHECKPOINT, PRETRAIN, checkpoint_file
 
 FORMAT = "distdiff.checkpoint"
 VERSION = 1
@@ -32,7 +32,10 @@ def save_checkpoint(path: str | Path, payload: Dict[str, Any]) -> Path:
 def load_checkpoint(path: str | Path, map_location="cpu") -> Dict[str, Any]:
     path = checkpoint_file(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
+        phase1 = path.parent / PRETRAIN / CHECKPOINT
+        hint = f" (its run stopped in phase 1: {phase1} is its pretraining's)" \
+            if path.name == CHECKPOINT and phase1.is_file() else ""
+        raise CheckpointError(f"no checkpoint at {path}{hint}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # a damaged file fails in many ways (unpickler, zip, struct, key errors); all mean "unreadable"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -166,8 +167,16 @@ def test_other_checkpoint_format_version_is_refused(trained, tmp_path):
 def test_missing_checkpoint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="no checkpoint"):
         load_checkpoint(tmp_path / "nope.pt")
-    with pytest.raises(CheckpointError, match="no checkpoint"):
+    with pytest.raises(CheckpointError, match="no checkpoint") as raised:
         load_checkpoint(tmp_path)  # a directory without checkpoint.pt
+    assert "phase 1" not in str(raised.value)
+
+
+def test_a_run_stopped_in_phase_1_points_to_its_pretraining_checkpoint(trained, tmp_path):
+    (tmp_path / "pretrain").mkdir()
+    shutil.copy(trained[2], tmp_path / "pretrain" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"its run stopped in phase 1: .*pretrain/checkpoint.pt"):
+        load_checkpoint(tmp_path)
 
 
 class _Payload:
