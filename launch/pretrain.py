@@ -56,13 +56,10 @@ def main(argv=None) -> int:
             base = config_lib.from_dict(load_checkpoint(args.run_dir / CHECKPOINT)["config"])
             cfg = config_lib.from_args(args, base=base)
             run_dir = args.run_dir
-        elif args.init is not None and args.config is None:
-            # Its nets fit only its own model fields: start from its config, not the defaults.
-            cfg = config_lib.from_args(args, base=config_lib.from_dict(load_checkpoint(args.init)["config"]))
-            run_dir = args.run_dir or default_run_dir("pretrain")
-            check_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
         else:
-            cfg = config_lib.from_args(args)
+            # From --init without --config: the checkpoint's config, whose model fits its nets.
+            base = config_lib.from_dict(load_checkpoint(args.init)["config"]) if args.init and not args.config else None
+            cfg = config_lib.from_args(args, base=base)
             run_dir = args.run_dir or default_run_dir("pretrain")
             check_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
         print(f"pretraining on {cfg.data.dataset_id} -> {run_dir}", flush=True)

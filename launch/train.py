@@ -62,11 +62,10 @@ def main(argv=None) -> int:
 
             base = config_lib.from_dict(load_checkpoint(resume_checkpoint(args.resume))["config"])
             cfg = config_lib.from_args(args, base=base)
-        elif args.init is not None and args.config is None:
-            # Its nets fit only its own model fields: start from its config, not the defaults.
-            cfg = config_lib.from_args(args, base=config_lib.from_dict(load_checkpoint(args.init)["config"]))
         else:
-            cfg = config_lib.from_args(args)
+            # From --init without --config: the checkpoint's config, whose model fits its nets.
+            base = config_lib.from_dict(load_checkpoint(args.init)["config"]) if args.init and not args.config else None
+            cfg = config_lib.from_args(args, base=base)
         config_lib.check_trainable(cfg)  # before Ray starts
     except (config_lib.ConfigError, CheckpointError) as e:
         fail(str(e))
