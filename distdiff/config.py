@@ -9,7 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import importlib
 import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -406,13 +408,29 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _env_problem(env_id: str) -> str:
-    """Why ``env_id`` cannot be made here ("" if it can): an unknown id or version, or one whose
-    simulator is not installed (Gymnasium's v2/v3 MuJoCo envs need mujoco-py)."""
+    """Why ``env_id`` cannot be made here ("" if it can): an unknown id or version, one whose
+    simulator is not installed (Gymnasium's v2/v3 MuJoCo envs need mujoco-py), or a MUJOCO_GL
+    that MuJoCo does not import with."""
     import gymnasium as gym
 
     try:
         gym.make(env_id).close()
     except Exception as e:  # a probe: whatever stops it here would stop every rollout actor
+        # MuJoCo reads MUJOCO_GL on import: a backend set for rendering elsewhere (osmesa, egl)
+        # that is not installed here stops every env, with an error about OpenGL.
+        gl = os.environ.get("MUJOCO_GL")
+        problem = _import_problem("mujoco") if gl else ""
+        if problem:
+            return f"MuJoCo does not import with MUJOCO_GL={gl} ({problem}); training does not render: unset " \
+                   f"MUJOCO_GL, or install that backend"
+        return f"{type(e).__name__}: {e}"
+    return ""
+
+
+def _import_problem(module: str) -> str:
+    try:
+        importlib.import_module(module)
+    except Exception as e:  # whatever the module raises on import
         return f"{type(e).__name__}: {e}"
     return ""
 

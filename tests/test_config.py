@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -104,6 +106,14 @@ def test_configs_that_trained_before_stricter_checks_still_load():
     assert cfg.train.grad_clip == float("inf") and cfg.data.fallback_episodes == 0
     config.check_trainable(config.from_dict({"train": {"grad_clip": float("inf")},
                                              "online": {"wall_time_s": float("inf")}}))
+
+
+def test_a_mujoco_gl_that_mujoco_does_not_import_with_is_named(subprocess_env):
+    # In a fresh process: MuJoCo reads MUJOCO_GL when it is first imported.
+    probe = "from distdiff.config import _env_problem; print(_env_problem('Walker2d-v5'))"
+    out = subprocess.run([sys.executable, "-c", probe], env={**subprocess_env, "MUJOCO_GL": "nonesuch"},
+                         capture_output=True, text=True, timeout=120)
+    assert "MuJoCo does not import with MUJOCO_GL=nonesuch" in out.stdout and "unset MUJOCO_GL" in out.stdout, out
 
 
 @pytest.mark.parametrize("env_id, expected", [("Walker2d-v9", "VersionNotFound"), ("", "Error: Malformed"),
