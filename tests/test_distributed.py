@@ -996,6 +996,30 @@ def _free_ports(n: int) -> List[int]:
         return [sock.getsockname()[1] for sock in socks]
 
 
+def test_an_address_is_judged_listening_only_where_it_names_a_port():
+    from distdiff.distributed.driver import _listens
+
+    with socket.socket(socket.AF_INET6) as server:  # Ray writes IPv6 addresses as [host]:port
+        server.bind(("::1", 0))
+        server.listen()
+        assert _listens(f"[::1]:{server.getsockname()[1]}") is True
+    free = _free_ports(1)[0]
+    assert _listens(f"127.0.0.1:{free}") is False and _listens(f"localhost:{free}") is False
+    # Left to Ray: what it resolves itself.
+    assert _listens("auto") is None and _listens("local") is None
+
+
+def test_ray_address_local_starts_an_embedded_ray(subprocess_env):
+    # As Ray itself takes it; not an address where nothing listens. (In a fresh process: this one
+    # has Ray initialized, and connect() would use it.)
+    probe = ("import ray; from distdiff.distributed import driver; "
+             "ray.init = lambda **kw: print('init', kw['address']); ray.cluster_resources = lambda: {}; "
+             "print('started', driver.connect(log=lambda s: None))")
+    out = subprocess.run([sys.executable, "-c", probe], env={**subprocess_env, "RAY_ADDRESS": "local"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["init", "local", "started", "True"], out.stdout + out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("auth", ["token", "fresh machine"])
 def test_train_script_connects_to_a_ray_start_cluster(auth, pretrained, tmp_path, subprocess_env):
     cfg, ckpt = pretrained

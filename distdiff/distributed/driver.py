@@ -83,12 +83,17 @@ def _live_local_cluster() -> Optional[str]:
     return address if address and _listens(address) else None
 
 
-def _listens(address: str) -> bool:
-    """Whether something accepts connections at ``host:port``."""
-    host, _, port = address.rpartition(":")
+def _listens(address: str) -> Optional[bool]:
+    """Whether something accepts connections at ``host:port`` (``[v6]:port`` too); None for an
+    address of another form, which only Ray can judge."""
+    from ray._common.network_utils import parse_address  # Ray is pinned; its own parser
+
+    parsed = parse_address(address)
+    if parsed is None or not parsed[1].isdigit():
+        return None
     try:
-        socket.create_connection((host, int(port)), timeout=2).close()
-    except (OSError, ValueError):
+        socket.create_connection((parsed[0], int(parsed[1])), timeout=2).close()
+    except OSError:
         return False
     return True
 
@@ -101,12 +106,13 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
     if ray.is_initialized():
         log("ray: using the already initialized Ray instance")
         return False
+    address = address or os.environ.get("RAY_ADDRESS")
     embedded = address == "local"
     if not embedded:
-        address = address or os.environ.get("RAY_ADDRESS") or _live_local_cluster()
+        address = address or _live_local_cluster()
     if address and not embedded:
         # Ray retries an address where nothing listens for minutes, logging each try.
-        if address != "auto" and "://" not in address and not _listens(address):
+        if "://" not in address and _listens(address) is False:
             raise ClusterUnreachable(f"cannot connect to the Ray cluster at {address}: nothing listens there (is "
                                      f"`ray start --head` running there? check --address and RAY_ADDRESS)")
         try:
