@@ -42,7 +42,7 @@ class EnvConfig:
 class DataConfig:
     dataset_id: str = _f("mujoco/walker2d/medium-v0", "Minari dataset id, looked up under MINARI_DATASETS_PATH first.")
     download: bool = _f(True, "Download the dataset from Minari's remote if it is not local (needs internet; ids under local/ never are).")
-    fallback_dataset_id: str = _f("local/walker2d/random-v0", "Local dataset used when dataset_id is not local and cannot be downloaded (offline; a remote that has no such id is an error); collected with a random policy if missing, and recorded as the run's data.dataset_id. Empty: no fallback.")
+    fallback_dataset_id: str = _f("local/walker2d/random-v0", "Local dataset (an id under local/) used when dataset_id is not local and cannot be downloaded (offline; a remote that has no such id is an error); collected with a random policy if missing, and recorded as the run's data.dataset_id. Empty: no fallback.")
     fallback_episodes: int = _f(200, "Episodes the fallback dataset is collected with.")
     normalizer: str = _f("gaussian", "Per-dimension normalizer: gaussian or minmax.")
     discount: float = _f(0.997, "Discount of the return that the value net predicts.")
@@ -293,7 +293,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     from distdiff.diffusion.gaussian import PREDICTIONS
     from distdiff.training import LR_SCHEDULES
     from distdiff.data.windows import VALUE_TARGETS
-    from distdiff.data.minari_io import DATASET_ID
+    from distdiff.data.minari_io import DATASET_ID, LOCAL_NAMESPACE
 
     e: List[str] = list(errors or [])
 
@@ -306,8 +306,11 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     # Minari parses the -vN version only when it writes, after the fallback has been collected.
     need(bool(DATASET_ID.match(cfg.data.dataset_id)),
          f"data.dataset_id must look like namespace/name-vN (Minari needs the -vN version), got {cfg.data.dataset_id!r}")
-    need(not cfg.data.fallback_dataset_id or bool(DATASET_ID.match(cfg.data.fallback_dataset_id)),
-         f"data.fallback_dataset_id must be empty (no fallback) or look like namespace/name-vN, got {cfg.data.fallback_dataset_id!r}")
+    # Under local/: random-policy episodes stored under a remote's id would pass for its data.
+    need(not cfg.data.fallback_dataset_id or bool(DATASET_ID.match(cfg.data.fallback_dataset_id))
+         and cfg.data.fallback_dataset_id.startswith(LOCAL_NAMESPACE),
+         f"data.fallback_dataset_id must be empty (no fallback) or look like {LOCAL_NAMESPACE}name-vN, got "
+         f"{cfg.data.fallback_dataset_id!r}")
     need(cfg.data.normalizer in ("gaussian", "minmax"), f"data.normalizer must be gaussian or minmax, got {cfg.data.normalizer!r}")
     need(cfg.online.start_window_weight >= 0, f"online.start_window_weight must be >= 0, got {cfg.online.start_window_weight}")
     need(cfg.online.offline_start_window_weight > 0, f"online.offline_start_window_weight must be positive, got {cfg.online.offline_start_window_weight}")

@@ -73,6 +73,8 @@ def test_overrides_are_typed():
         ({"data.dataset_id": "local/walker2d/random"}, "data.dataset_id must look like namespace/name-vN"),
         ({"data.dataset_id": "../elsewhere/random-v0"}, "data.dataset_id must look like namespace/name-vN"),
         ({"data.fallback_dataset_id": "random"}, "data.fallback_dataset_id must be empty (no fallback) or look like"),
+        # Random-policy episodes collected under a remote's id would later load as its data.
+        ({"data.fallback_dataset_id": "mujoco/walker2d/medium-v0"}, "must be empty (no fallback) or look like local/"),
         ({"data.dataset_id": None}, "(Minari needs the -vN version), got ''"),
         # Values that used to pass and fail late: after pretraining, in every Ray actor, or at the
         # final evaluation.
