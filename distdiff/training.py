@@ -109,15 +109,17 @@ def quantile_of(values: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
     tied entries (many windows that earn the same, e.g. nothing) gets the middle of the run, not
     its first entry."""
     n = quantiles.shape[0]
-    values = values.contiguous()
 
-    def position(right: bool) -> torch.Tensor:
-        idx = torch.searchsorted(quantiles, values, right=right).clamp(1, n - 1)
-        lo, hi = quantiles[idx - 1], quantiles[idx]
-        frac = ((values - lo) / (hi - lo).clamp(min=1e-12)).clamp(0.0, 1.0)
-        return (idx - 1).to(values.dtype) + frac
+    def first_position(v: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """The fractional index of ``v`` in ``table``, at the first entry of a tied run."""
+        idx = torch.searchsorted(table, v.contiguous()).clamp(1, n - 1)
+        lo, hi = table[idx - 1], table[idx]
+        frac = ((v - lo) / (hi - lo).clamp(min=1e-12)).clamp(0.0, 1.0)
+        return (idx - 1).to(v.dtype) + frac
 
-    return (position(False) + position(True)) / (2 * (n - 1))
+    # The last entry of a tied run is the first one of the table read backwards (negated).
+    last = (n - 1) - first_position(-values, (-quantiles).flip(0))
+    return (first_position(values, quantiles) + last) / (2 * (n - 1))
 
 
 def value_target_of(cfg: Config) -> tuple:

@@ -28,6 +28,11 @@ def test_quantile_of_inverts_the_table_and_clamps():
     # A value tied with several entries takes the middle of their quantiles, here .25 to .75.
     tied = torch.tensor([0.0, 2.0, 2.0, 2.0, 5.0])
     torch.testing.assert_close(quantile_of(torch.tensor([2.0, 1.0, 3.5]), tied), torch.tensor([0.5, 0.125, 0.875]))
+    # The same at either end of the table, and for a table of one value.
+    for table, value, expected in [([0.0, 0.0, 0.0, 1.0, 2.0], 0.0, 0.25), ([0.0, 1.0, 2.0, 3.0, 3.0], 3.0, 0.875),
+                                   ([3.0] * 5, 3.0, 0.5), ([3.0] * 5, 2.0, 0.0), ([3.0] * 5, 4.0, 1.0)]:
+        got = quantile_of(torch.tensor([value]), torch.tensor(table))
+        torch.testing.assert_close(got, torch.tensor([expected]), msg=f"{value} in {table}")
 
 
 class Recorder(torch.nn.Module):
