@@ -125,7 +125,7 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
         log(f"ray: connected to the cluster at {address}: {ray.cluster_resources()}")
         return False
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="warning", runtime_env=runtime_env)
-    why = "as --address local asks" if embedded else "no running cluster found"
+    why = "as the address 'local' asks" if embedded else "no running cluster found"
     log(f"ray: {why}; started an embedded local Ray: {ray.cluster_resources()}")
     return True
 
