@@ -193,6 +193,30 @@ def test_max_steps_cuts_episodes_as_a_shorter_time_limit_would(walker):
         np.testing.assert_array_equal(r.episode.observations, by_seed[r.seed].observations[:8])
 
 
+@pytest.mark.parametrize("execution, plans", [("open_loop", 3), ("receding", 5)])
+def test_each_plan_runs_its_steps_clipped_and_every_nth_plan_is_measured(execution, plans):
+    from distdiff.rollout import run_episodes
+
+    def pushing(obs):  # actions outside the action space ([-1, 1]), states where the walker starts
+        plan = still(obs)
+        return plan._replace(actions=np.full_like(plan.actions, 5.0))
+
+    envs, shadows = ([make_env("Walker2d-v5", max_episode_steps=20)] for _ in range(2))
+    try:
+        (result,) = run_episodes(pushing, envs, n_episodes=1, execution=execution, horizon=H, replan_every=4,
+                                 seed=0, state_normalizer=unit_normalizer(17), shadows=shadows, measure_every=2)
+    finally:
+        for env in envs + shadows:
+            env.close()
+    assert len(result.episode) == 20 and not result.episode.terminated  # H = 8 or 4 steps a plan, 20 in all
+    assert result.n_plans == plans
+    np.testing.assert_array_equal(result.episode.actions, 1.0)  # what the env executed, and was recorded
+    errors = result.plan_errors
+    assert errors.shape == ((plans + 1) // 2, H)  # plans 0, 2, 4, ...
+    np.testing.assert_allclose(errors[:, 0], 0.0, atol=1e-6)  # the plan starts at the real state
+    assert (errors[:, 1:] > 0).all()  # full torque moves the walker, the plans hold it still
+
+
 def test_the_alignment_error_of_plans_leaves_out_their_exact_start():
     from distdiff.rollout import mean_alignment_error
 
