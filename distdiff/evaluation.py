@@ -10,8 +10,8 @@ import torch
 from distdiff.config import Config
 from distdiff.data.minari_io import reference_scores
 from distdiff.planner import Planner
-from distdiff.rollout import (EpisodeResult, alignment_on_states, make_env, mean_alignment_error, run_episodes,
-                              summarize)
+from distdiff.rollout import (EpisodeResult, alignment_on_states, make_env, mean_alignment_error,
+                              per_step_alignment_error, run_episodes, summarize)
 
 
 class EvaluationStopped(Exception):
@@ -77,7 +77,7 @@ def alignment_on_observations(planner: Planner, cfg: Config, observations: np.nd
         shadow.close()
     # Per horizon step first, as an evaluation averages: plans that fell drop out of the later
     # steps, and those steps still count once each.
-    compounded, one_step = np.nanmean(errors.compounded, axis=0), np.nanmean(errors.one_step, axis=0)
+    compounded, one_step = per_step_alignment_error(errors.compounded), per_step_alignment_error(errors.one_step)
     return {"alignment_error": mean_alignment_error(compounded), "alignment_error_step": compounded.tolist(),
             "one_step_error": float(np.nanmean(one_step)),  # (transitions 0→1 to H-2→H-1: no step 0 here)
             "one_step_error_step": one_step.tolist(), "states": int(len(observations))}

@@ -1,7 +1,6 @@
 """Figures: a plan beside what its actions really did."""
 from __future__ import annotations
 
-import warnings
 from typing import List, NamedTuple, Sequence
 
 import matplotlib
@@ -12,7 +11,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 
 from distdiff.cli import replacing  # noqa: E402
-from distdiff.rollout import PlanCheck, mean_alignment_error  # noqa: E402
+from distdiff.rollout import PlanCheck, mean_alignment_error, per_step_alignment_error  # noqa: E402
 
 
 def plan_vs_real_figure(check: PlanCheck, max_dims: int = 6):
@@ -141,10 +140,8 @@ def alignment_figure(runs: Sequence[AlignmentRun], groups: Sequence[DimGroup], *
         steps = np.arange(run.errors.shape[1])
         for e in run.errors:
             ax.plot(steps, e, color=f"C{k}", alpha=0.25, linewidth=0.8)
-        with warnings.catch_warnings():  # all-NaN steps (every start fell) stay NaN
-            warnings.simplefilter("ignore", RuntimeWarning)
-            mean = np.nanmean(np.where(np.isfinite(run.errors), run.errors, np.nan), axis=0)
-            overall = mean_alignment_error(mean)
+        mean = per_step_alignment_error(run.errors)
+        overall = mean_alignment_error(mean)
         ax.plot(steps, mean, color=f"C{k}", linewidth=2.0, marker="o", markersize=3,
                 label=f"{run.label} (mean {overall:.3f})")
     ax.set_title("alignment error per horizon step", fontsize=10)

@@ -3,7 +3,6 @@ plan-vs-reality alignment from shared start states, and the Markdown report."""
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Sequence
 
@@ -14,7 +13,8 @@ from distdiff.config import Config
 from distdiff.data.episodes import Episode
 from distdiff.data.minari_io import DatasetMissing, LoadedDataset, dataset_exists, load_episodes
 from distdiff.planner import Planner
-from distdiff.rollout import PlanCheck, alignment_errors, make_env, mean_alignment_error, physics_state, replay_actions
+from distdiff.rollout import (PlanCheck, alignment_errors, make_env, mean_alignment_error, per_step_alignment_error,
+                              physics_state, replay_actions)
 
 
 def load_dataset(cfg: Config, dataset_id: Optional[str] = None, log: Callable[[str], None] = print) -> LoadedDataset:
@@ -117,12 +117,7 @@ def mean_error(errors: np.ndarray) -> Optional[float]:
     """The mean over horizon steps of each step's mean over the starts, as the figures' legends
     and the evaluation summaries average (:func:`distdiff.rollout.mean_alignment_error`, step 0
     left out): steps after a start fell (NaN) leave its earlier, smaller errors no extra weight."""
-    e = np.asarray(errors, dtype=np.float64).reshape(-1, np.shape(errors)[-1])
-    e = np.where(np.isfinite(e), e, np.nan)
-    with warnings.catch_warnings():  # all-NaN steps (every start fell) stay NaN
-        warnings.simplefilter("ignore", RuntimeWarning)
-        per_step = np.nanmean(e, axis=0)
-    mean = mean_alignment_error(per_step)
+    mean = mean_alignment_error(per_step_alignment_error(errors))
     return mean if np.isfinite(mean) else None
 
 

@@ -7,6 +7,7 @@ disturbed and receding-horizon plans are judged over their whole horizon.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable, List, NamedTuple, Optional
 
 import gymnasium as gym
@@ -120,6 +121,16 @@ def alignment_errors(planned: np.ndarray, reached: np.ndarray, state_normalizer:
     """RMSE per horizon step between planned and reached states, in normalized units."""
     diff = state_normalizer.normalize(np.asarray(planned, np.float64)) - state_normalizer.normalize(np.asarray(reached, np.float64))
     return np.sqrt(np.mean(diff**2, axis=-1))
+
+
+def per_step_alignment_error(errors) -> np.ndarray:
+    """The mean per horizon step (last axis) of plans' alignment errors over every plan; a plan
+    counts only up to its fall (NaN after it), and a step that every plan fell before stays NaN."""
+    e = np.asarray(errors, dtype=np.float64)
+    e = np.where(np.isfinite(e), e, np.nan).reshape(-1, e.shape[-1])
+    with warnings.catch_warnings():  # (all-NaN steps)
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmean(e, axis=0)
 
 
 def mean_alignment_error(per_step) -> float:
@@ -256,7 +267,7 @@ def summarize(results: List[EpisodeResult], ref_min=None, ref_max=None) -> dict:
     returns = np.array([r.episode.episode_return for r in results])
     lengths = [len(r.episode) for r in results]
     errs = [r.plan_errors for r in results if len(r.plan_errors)]
-    per_step = np.nanmean(np.concatenate(errs), axis=0) if errs else None
+    per_step = per_step_alignment_error(np.concatenate(errs)) if errs else None
     score = normalized_score(returns, ref_min, ref_max)
     return {
         "episodes": len(results),

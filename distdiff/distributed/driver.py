@@ -35,7 +35,7 @@ from distdiff.evaluation import evaluate
 from distdiff.models import NETS, layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.pretrain import load_data, pretrain, trained_on
-from distdiff.rollout import mean_alignment_error
+from distdiff.rollout import mean_alignment_error, per_step_alignment_error
 from distdiff.rundir import (BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, PRETRAIN, REPLAY, clear_run,
                              resume_checkpoint)
 from distdiff.training import check_value_target, planner_from_checkpoint, resolve_device
@@ -412,7 +412,7 @@ class OnlineRun:
             w.add_scalar("charts/reward_per_step", ret / n, step)
         errors = result["plan_errors"]
         if len(errors):
-            per_step = np.nanmean(errors, axis=0)
+            per_step = per_step_alignment_error(errors)
             w.add_scalar("rollout/alignment_error", mean_alignment_error(per_step), step)
             for j, v in enumerate(per_step):
                 if np.isfinite(v):
