@@ -495,21 +495,22 @@ def add_arguments(parser: argparse.ArgumentParser, *, from_checkpoint: bool = Fa
                                help=text)
 
 
+def given_overrides(args: argparse.Namespace) -> Dict[str, Any]:
+    """The ``--section.field`` flags given (as text), by dotted field name."""
+    return {key.removeprefix("cfg__").replace("__", "."): value for key, value in vars(args).items()
+            if key.startswith("cfg__") and value is not None}
+
+
 def refused_overrides(args: argparse.Namespace) -> List[str]:
     """The ``--section.field`` flags given that are not :func:`acting_fields`: a checkpoint's nets
     were made and trained with its own, so overriding them would change nothing or misread it."""
     acting = set(acting_fields())
-    return [f"--{key[len('cfg__'):].replace('__', '.')}" for key, value in vars(args).items()
-            if key.startswith("cfg__") and value is not None and key[len("cfg__"):].replace("__", ".") not in acting]
+    return [f"--{key}" for key in given_overrides(args) if key not in acting]
 
 
 def from_args(args: argparse.Namespace, base: Optional[Config] = None) -> Config:
     """Build the config from ``--config`` (or ``base``, e.g. a checkpoint's) and the ``--section.field`` flags."""
-    overrides = {}
-    for key, value in vars(args).items():
-        if key.startswith("cfg__") and value is not None:
-            _, section, name = key.split("__", 2)
-            overrides[f"{section}.{name}"] = value
+    overrides = given_overrides(args)
     if base is None:
         return load(getattr(args, "config", None), overrides)
     cfg, errors = _merge(_nest(overrides), base)

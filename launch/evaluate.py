@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import operator
 import sys
 from pathlib import Path
 
@@ -66,8 +67,7 @@ def main(argv=None) -> int:
     summary["step"] = int(state["step"])
     # What was judged besides the checkpoint's own config: two eval.json of one checkpoint differ
     # in these (a blend with the prior, another sampler, more episodes).
-    given = [k.split("__")[1:] for k, v in vars(args).items() if k.startswith("cfg__") and v is not None]
-    summary["overrides"] = {f"{section}.{name}": getattr(getattr(cfg, section), name) for section, name in given}
+    summary["overrides"] = {key: operator.attrgetter(key)(cfg) for key in config_lib.given_overrides(args)}
     out = args.out or eval_file(checkpoint_file(args.checkpoint))
     write_json(out, summary)
     per_item = ("alignment_error_per_step", "episode_returns", "episode_lengths")
