@@ -12,7 +12,11 @@ from distdiff.training import Trainer, flat_weights
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MINARI_PATH_HELP = "Minari store (default: MINARI_DATASETS_PATH, else ../shared/data/minari next to the repo)."
-CONFIG_HELP = "Config the benchmark's model and run are built from."
+
+
+def add_config_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"),
+                        help="Config the benchmark's model and run are built from.")
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CONFIG_HELP, MINARI_PATH_HELP, ROOT, HelpFormatter, use_minari_store  # noqa: E402
+from _common import MINARI_PATH_HELP, HelpFormatter, add_config_argument, use_minari_store  # noqa: E402
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
@@ -48,7 +48,7 @@ def keep(summary):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"), help=CONFIG_HELP)
+    add_config_argument(p)
     p.add_argument("--dataset", default="local/walker2d/sac-medium-v0", help="Offline dataset of pretraining and phase 2.")
     p.add_argument("--minari-path", default=None, help=MINARI_PATH_HELP)
     p.add_argument("--scale", type=float, default=1.0, help="Multiplies pretraining steps, online env steps and eval episodes.")

@@ -19,7 +19,7 @@ import time
 import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CONFIG_HELP, ROOT, HelpFormatter, fresh_checkpoint, unit_normalizer  # noqa: E402
+from _common import HelpFormatter, add_config_argument, fresh_checkpoint, unit_normalizer  # noqa: E402
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.distributed.actors import LearnerActor, RolloutWorkerActor  # noqa: E402
@@ -37,7 +37,7 @@ def plasma():
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"), help=CONFIG_HELP)
+    add_config_argument(p)
     p.add_argument("--sizes", default="1,8,32", help="Comma-separated numbers of rollout actors to broadcast to.")
     p.add_argument("--repeats", type=int, default=10, help="Broadcasts timed per size (their median is printed).")
     args = p.parse_args()

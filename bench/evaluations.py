@@ -21,7 +21,7 @@ from pathlib import Path
 import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CONFIG_HELP, MINARI_PATH_HELP, ROOT, HelpFormatter, use_minari_store  # noqa: E402
+from _common import MINARI_PATH_HELP, HelpFormatter, add_config_argument, use_minari_store  # noqa: E402
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.distributed import driver  # noqa: E402
@@ -30,7 +30,7 @@ from distdiff.pretrain import pretrain  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"), help=CONFIG_HELP)
+    add_config_argument(p)
     p.add_argument("--dataset", default="local/walker2d/sac-medium-v0", help="Offline dataset of the prior and of phase 2.")
     p.add_argument("--minari-path", default=None, help=MINARI_PATH_HELP)
     p.add_argument("--pretrain-steps", type=int, default=300, help="the prior's offline steps (its quality does not matter here)")

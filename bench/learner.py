@@ -14,7 +14,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CONFIG_HELP, ROOT, HelpFormatter, fresh_checkpoint  # noqa: E402
+from _common import HelpFormatter, add_config_argument, fresh_checkpoint  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -25,7 +25,7 @@ from distdiff.distributed.learner import Learner  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"), help=CONFIG_HELP)
+    add_config_argument(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda.")
     p.add_argument("--batch-size", type=int, default=None, help="train.batch_size (default: the config's).")
     p.add_argument("--updates", type=int, default=100, help="Updates timed, after the warm-up.")

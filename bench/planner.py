@@ -28,7 +28,7 @@ from distdiff.models import build_models  # noqa: E402
 from distdiff.planner import Planner  # noqa: E402
 from distdiff.rollout import make_env, run_episodes  # noqa: E402
 
-from _common import CONFIG_HELP, ROOT, HelpFormatter, unit_normalizer  # noqa: E402
+from _common import HelpFormatter, add_config_argument, unit_normalizer  # noqa: E402
 
 
 def random_rate(env_id: str, steps: int) -> float:
@@ -70,7 +70,7 @@ def planner_rate(cfg, n_envs: int, seconds: float) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"), help=CONFIG_HELP)
+    add_config_argument(p)
     p.add_argument("--seconds", type=float, default=20.0, help="Wall time per planner measurement.")
     args = p.parse_args()
     torch.set_num_threads(1)

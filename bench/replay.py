@@ -20,7 +20,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CONFIG_HELP, ROOT, HelpFormatter  # noqa: E402
+from _common import HelpFormatter, add_config_argument  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -34,7 +34,7 @@ from distdiff.normalizer import Normalizer  # noqa: E402
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"), help=CONFIG_HELP)
+    add_config_argument(p)
     p.add_argument("--episodes", type=int, default=None,
                    help="online episodes in the replay (default: as many as online.replay_capacity holds)")
     p.add_argument("--repeats", type=int, default=5, help="Samples timed of each kind (their median is printed).")

@@ -14,7 +14,7 @@ import time
 import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import CONFIG_HELP, ROOT, HelpFormatter, fresh_weights, unit_normalizer  # noqa: E402
+from _common import HelpFormatter, add_config_argument, fresh_weights, unit_normalizer  # noqa: E402
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.distributed.actors import RolloutWorkerActor  # noqa: E402
@@ -46,7 +46,7 @@ def rate(cfg, n: int, seconds: float, weights_ref) -> float:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
-    p.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"), help=CONFIG_HELP)
+    add_config_argument(p)
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="N, the rollout actors of the second run (default: this machine's cores).")
     p.add_argument("--seconds", type=float, default=30.0, help="Wall time of each of the two runs.")
     args = p.parse_args()
