@@ -1208,8 +1208,8 @@ def test_a_learner_the_cluster_cannot_place_yet_is_announced(ray_session, pretra
     # Nothing else would say why a run sits still after pretraining.
     cfg, _ = pretrained
     gpus = ray.cluster_resources().get("GPU", 0.0) + 1  # one more than there are, on any host
-    for overrides, what in (({"online.learner_num_gpus": gpus}, f"{gpus:g} GPU on one node"),
-                            ({"online.learner_resource": "learnr"}, "a node with 'learnr'")):
+    for overrides, what in (({"online.learner_num_gpus": gpus}, f"{gpus:g} GPU and 1 CPU on one node"),
+                            ({"online.learner_resource": "learnr"}, "1 CPU on a node with 'learnr'")):
         logs = []
         checked_resources(tiny_online_config(cfg.data.dataset_id, **overrides), logs.append)
         assert any(f"the learner asks for {what}, which the cluster does not have" in line for line in logs), logs

@@ -9,7 +9,7 @@ stay off the learner's node. The replay (no CPU of its own) stays on the driver'
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -65,50 +65,91 @@ ReplayActor = ray.remote(RayReplay)
 LearnerActor = ray.remote(RayLearner)
 
 
-def cluster_gpus() -> float:
-    return float(ray.cluster_resources().get("GPU", 0.0))
-
-
 def _label(name: str) -> Optional[Dict[str, float]]:
     return {name: LABEL_AMOUNT} if name else None
 
 
-def _actor_cpus_available(cfg: Config) -> float:
-    """CPUs the rollout actors may share: the cluster's, or only those of the nodes that carry
-    ``online.actor_resource``; less the learner's when it can run on the same nodes."""
-    o = cfg.online
-    if not o.actor_resource:
-        return float(ray.cluster_resources().get("CPU", 1.0)) - o.learner_num_cpus
-    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive") and n["Resources"].get(o.actor_resource, 0) > 0]
-    cpus = sum(float(r.get("CPU", 0.0)) for r in nodes)
-    if not o.learner_resource or any(r.get(o.learner_resource, 0) > 0 for r in nodes):
-        cpus -= o.learner_num_cpus
-    return cpus
+# Ray counts resources in fixed point, in units of 1e-4 (a request is rounded down to them), so
+# whether k actors of c CPUs fit on a node is integer arithmetic in those units.
+_UNITS = 10_000
 
 
-def resources(cfg: Config) -> Dict[str, object]:
-    """What each actor kind asks for, resolving the config's automatic choices: CPUs, the
-    learner's GPUs, and the custom resources (``{name: LABEL_AMOUNT}`` or None) of both; and
-    how many rollout actors the cluster's nodes can hold at once (``actors_that_fit``)."""
+def _units(amount: float) -> int:
+    return int(amount * _UNITS + 1e-6)
+
+
+def _learner_gpus(cfg: Config, nodes: List[Dict[str, float]]) -> float:
+    """``online.learner_num_gpus``, with -1 resolved: one GPU when a node the learner may run on
+    (one with ``online.learner_resource``, when that is set) has one."""
     o = cfg.online
-    gpus = o.learner_num_gpus if o.learner_num_gpus >= 0 else (1.0 if cluster_gpus() >= 1 else 0.0)
+    if o.learner_num_gpus >= 0:
+        return o.learner_num_gpus
+    hosts = [r for r in nodes if not o.learner_resource or r.get(o.learner_resource, 0) > 0]
+    return 1.0 if any(r.get("GPU", 0.0) >= 1 for r in hosts) else 0.0
+
+
+def _actor_room(cfg: Config, nodes: List[Dict[str, float]], learner_gpus: float) -> List[List[int]]:
+    """The CPU units the rollout actors may use on each of their nodes (those with
+    ``online.actor_resource``, or all), once per node the learner may land on among them, with
+    the learner's CPUs taken from that one: Ray picks the learner's node, and the actors must
+    fit wherever it does. A single list when the learner cannot take from their nodes."""
+    o = cfg.online
+    actor_nodes = [r for r in nodes if not o.actor_resource or r.get(o.actor_resource, 0) > 0]
+    room = [_units(r.get("CPU", 0.0)) for r in actor_nodes]
+    hosts = [i for i, r in enumerate(actor_nodes)
+             if (not o.learner_resource or r.get(o.learner_resource, 0) > 0) and r.get("GPU", 0.0) >= learner_gpus]
+    if not hosts:
+        return [room]
+    return [[c - _units(o.learner_num_cpus) if i == j else c for i, c in enumerate(room)] for j in hosts]
+
+
+def _actors_that_fit(rooms: List[List[int]], actor_units: int) -> int:
+    """How many actors of ``actor_units`` the nodes hold at once, wherever the learner lands."""
+    return min(sum(max(c, 0) // actor_units for c in room) for room in rooms)
+
+
+def plan_resources(cfg: Config, nodes: List[Dict[str, float]]) -> Dict[str, object]:
+    """What each actor kind asks for on a cluster of ``nodes`` (each alive node's total
+    resources), resolving the config's automatic choices: CPUs, the learner's GPUs, and the
+    custom resources (``{name: LABEL_AMOUNT}`` or None) of both; and how many rollout actors
+    the nodes can hold at once (``actors_that_fit``). An actor runs on one node, so the
+    automatic share is the largest (up to one CPU) that places every actor node by node, not
+    the cluster's CPUs divided evenly: 48 actors on three 16-CPU nodes with a 1-CPU learner
+    get 0.9411 CPU each (16/17 in Ray's units), not 47/48, which fits only 47."""
+    o = cfg.online
+    gpus = _learner_gpus(cfg, nodes)
+    rooms = _actor_room(cfg, nodes, gpus)
     actor_cpus = o.actor_num_cpus
-    free = _actor_cpus_available(cfg)
     # Nodes an autoscaler has yet to add are not counted: none at all means unknown, not none.
-    fit = o.num_actors if free <= 0 or actor_cpus == 0 else min(o.num_actors, int(free / actor_cpus + 1e-9))
-    if actor_cpus == 0:
-        total = float(ray.cluster_resources().get("CPU", 0.0))
-        if free <= 0 and total > 0 and not o.actor_resource:
+    unknown = not any(c > 0 for room in rooms for c in room)
+    if actor_cpus > 0:
+        fit = o.num_actors if unknown else min(o.num_actors, _actors_that_fit(rooms, max(_units(actor_cpus), 1)))
+    else:
+        total = sum(r.get("CPU", 0.0) for r in nodes)
+        if unknown and total > 0 and not o.actor_resource:
             # Ray would wait forever to place the actors.
             raise ConfigError(
                 f"the learner asks for online.learner_num_cpus={o.learner_num_cpus:g} of this cluster's {total:g} CPUs, "
                 "which leaves none for the rollout actors: give the learner less (--online.learner_num_cpus 0.5) "
                 "or start Ray with more (--num-cpus)")
-        # Up to an autoscaler: an empty cluster, or no node with actor_resource yet.
-        actor_cpus = min(1.0, free / o.num_actors) if free > 0 else 0.001
+        if unknown:
+            # Up to an autoscaler: an empty cluster, or no node with actor_resource yet.
+            actor_cpus, fit = 0.001, o.num_actors
+        else:
+            # The largest share that holds them all (fit falls as the share grows).
+            lo, hi = 1, _UNITS
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                lo, hi = (mid, hi) if _actors_that_fit(rooms, mid) >= o.num_actors else (lo, mid - 1)
+            actor_cpus, fit = lo / _UNITS, min(o.num_actors, _actors_that_fit(rooms, lo))
     return {"learner_cpus": o.learner_num_cpus, "learner_gpus": gpus, "actor_cpus": actor_cpus,
             "learner_resources": _label(o.learner_resource), "actor_resources": _label(o.actor_resource),
             "actors_that_fit": fit}
+
+
+def resources(cfg: Config) -> Dict[str, object]:
+    """:func:`plan_resources` on the cluster Ray is connected to."""
+    return plan_resources(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
 
 
 def make_learner(cfg: Config, res: Dict[str, float], **kwargs):

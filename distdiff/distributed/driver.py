@@ -135,18 +135,20 @@ def checked_resources(cfg: Config, log: Callable[[str], None]) -> Dict[str, obje
     cannot end until they start, since each of them holds a share of the budget."""
     res = actors.resources(cfg)
     n, fit = cfg.online.num_actors, res["actors_that_fit"]
-    o, totals = cfg.online, ray.cluster_resources()
-    # Per node: Ray places the learner on one, so two 1-GPU nodes do not hold a 2-GPU learner.
-    node_gpus = max((float(n["Resources"].get("GPU", 0.0)) for n in ray.nodes() if n.get("Alive")), default=0.0)
-    missing = []
-    if res["learner_gpus"] > node_gpus:
-        missing.append(f"{res['learner_gpus']:g} GPU on one node")
-    if o.learner_resource and not totals.get(o.learner_resource):
-        missing.append(f"a node with {o.learner_resource!r}")
-    if missing:
-        log(f"warning: the learner asks for {' and '.join(missing)}, which the cluster does not have "
-            f"yet: the run waits for it (an autoscaler) after pretraining; check --online.learner_num_gpus and "
-            f"--online.learner_resource")
+    o = cfg.online
+    # Per node: Ray places the learner on one, so two 1-GPU nodes do not hold a 2-GPU learner,
+    # nor a CPU node with learner_resource and a GPU node without it a GPU learner.
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    hosts = [r for r in nodes if not o.learner_resource or r.get(o.learner_resource, 0) > 0]
+    gpus, cpus = res["learner_gpus"], res["learner_cpus"]
+    if not any(r.get("GPU", 0.0) >= gpus and r.get("CPU", 0.0) >= cpus for r in hosts):
+        asks = " and ".join([f"{gpus:g} GPU"] * (gpus > 0) + [f"{cpus:g} CPU"] * (cpus > 0)) or "a place"
+        where = f"a node with {o.learner_resource!r}" if o.learner_resource else "one node"
+        log(f"warning: the learner asks for {asks} on {where}, which the cluster does not have yet: the run "
+            f"waits for it (an autoscaler) after pretraining; check --online.learner_num_gpus, "
+            f"--online.learner_num_cpus and --online.learner_resource")
+    elif o.learner_num_gpus < 0 and not gpus and any(r.get("GPU", 0.0) >= 1 for r in nodes):
+        log(f"warning: the learner trains on CPU: the cluster's GPUs are on nodes without {o.learner_resource!r}")
     if fit < n:
         where = f"with {cfg.online.actor_resource!r}" if cfg.online.actor_resource else "of the cluster"
         log(f"warning: the nodes {where} hold {fit} of the {n} rollout actors at online.actor_num_cpus="
