@@ -21,6 +21,9 @@ from distdiff.normalizer import Normalizer
 from distdiff.rundir import CHECKPOINT, CONFIG, clear_run
 from distdiff.training import Trainer, resolve_device, seed_everything, value_target_of
 
+# Non-finite updates in a row that stop pretraining: by then the weights or the data are broken.
+MAX_SKIPPED_IN_A_ROW = 100
+
 
 def load_data(cfg: Config) -> LoadedDataset:
     """The config's dataset (or its fallback, collected if missing)."""
@@ -107,6 +110,7 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     save = lambda: save_checkpoint(ckpt_path, checkpoint_payload(trainer, rng))  # noqa: E731
     bar = tqdm(total=cfg.train.steps, initial=trainer.step, desc="pretrain", disable=quiet, dynamic_ncols=True)
     t0, step0 = time.perf_counter(), trainer.step
+    skipped_in_a_row = 0
     try:
         with deferred_interrupt() as interrupted:
             while trainer.step < cfg.train.steps:
@@ -115,9 +119,14 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
                 trainer.follow_lr_schedule()
                 losses = trainer.update(windows.sample(cfg.train.batch_size, rng))
                 if losses is None:
-                    if trainer.skipped_updates > 100:
-                        raise FloatingPointError("more than 100 non-finite updates; stopping with the last good checkpoint intact")
+                    # In a row, as phase 2 counts them: a rare bad batch over a long run (bf16)
+                    # is skipped however often it comes, and a resume is not stopped by old ones.
+                    skipped_in_a_row += 1
+                    if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                        raise FloatingPointError(f"{skipped_in_a_row} non-finite updates in a row; stopping with the "
+                                                 "last good checkpoint intact")
                     continue
+                skipped_in_a_row = 0
                 bar.update(1)
                 if trainer.step % cfg.train.log_every == 0:
                     for k, v in losses.items():
@@ -125,6 +134,7 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
                     rate = (trainer.step - step0) / (time.perf_counter() - t0)
                     writer.add_scalar("perf/updates_per_s", rate, trainer.step)
                     writer.add_scalar("charts/learning_rate", trainer.opt_denoiser.param_groups[0]["lr"], trainer.step)
+                    writer.add_scalar("faults/skipped_updates", trainer.skipped_updates, trainer.step)
                     trained = {"denoiser": True, "value": cfg.train.train_value, "dynamics": cfg.train.train_dynamics}
                     bar.set_postfix({net: f"{losses[f'losses/{net}']:.4f}" for net, on in trained.items() if on})
                 if trainer.step % cfg.train.checkpoint_every == 0:

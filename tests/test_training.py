@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import assert_same, make_trainer, snapshot
+from _helpers import assert_same, make_trainer, snapshot, tiny_online_config
 from distdiff import config as config_lib
+from distdiff import pretrain as pretrain_lib
+from distdiff.checkpoint import load_checkpoint
 from distdiff.training import Trainer, ema_update, load_flat_weights, lr_multiplier, planner_from_checkpoint, prior_of
 
 
@@ -243,3 +245,35 @@ def test_cuda_asked_for_where_there_is_none_is_a_config_error():
 
     with pytest.raises(config_lib.ConfigError, match="--train.device cpu"):
         resolve_device("cuda")
+
+
+def test_pretraining_skips_scattered_bad_batches_and_stops_at_a_run_of_them(tiny_dataset, tmp_path, monkeypatch):
+    """Non-finite updates stop pretraining only when MAX_SKIPPED_IN_A_ROW come in a row: a long run
+    with a rare bad batch (bf16) trains on, and stops with its last good checkpoint otherwise."""
+    monkeypatch.setattr(pretrain_lib, "MAX_SKIPPED_IN_A_ROW", 3)
+    update, calls = Trainer.update, []
+
+    def every_other_bad(self, batch):
+        calls.append(None)
+        if len(calls) % 2:
+            self.skipped_updates += 1
+            return None
+        return update(self, batch)
+
+    monkeypatch.setattr(Trainer, "update", every_other_bad)
+    cfg = tiny_online_config(tiny_dataset, **{"train.steps": 20, "train.checkpoint_every": 10})
+    ckpt = pretrain_lib.pretrain(cfg, tmp_path / "scattered", quiet=True)
+    state = load_checkpoint(ckpt)
+    assert state["step"] == 20 and state["skipped_updates"] == 20  # more skips than the limit, none in a row
+
+    def bad_after_ten(self, batch):
+        calls.append(None)
+        if self.step >= 10:
+            self.skipped_updates += 1
+            return None
+        return update(self, batch)
+
+    monkeypatch.setattr(Trainer, "update", bad_after_ten)
+    with pytest.raises(FloatingPointError, match="3 non-finite updates in a row"):
+        pretrain_lib.pretrain(cfg, tmp_path / "broken", quiet=True)
+    assert load_checkpoint(tmp_path / "broken" / "checkpoint.pt")["step"] == 10
