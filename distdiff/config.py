@@ -265,17 +265,28 @@ def _nest(overrides: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     return nested
 
 
-def load(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] = None) -> Config:
-    """Load a YAML config (defaults if ``path`` is None), apply dotted overrides, validate."""
+def read(path: str | Path) -> Any:
+    """The YAML of a config file, as read (not yet merged or checked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+
+
+_UNREAD = object()
+
+
+def load(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] = None, *, data: Any = _UNREAD) -> Config:
+    """Load a YAML config (defaults if ``path`` is None), apply dotted overrides, validate.
+    ``data``: the file's YAML read earlier (:func:`read`), e.g. on another machine; ``path``
+    then only names it in errors."""
     cfg, errors = Config(), []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError) as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        if data is _UNREAD:
+            data = read(path)
         cfg, errors = _merge(data, cfg)
         if isinstance(data, dict) and "space" in data:
             errors.insert(0, f"{path} looks like a Ray Tune sweep file (it has a `space:`): run it with "

@@ -25,15 +25,24 @@ default_ray_auth()
 from distdiff.config import ConfigError  # noqa: E402
 
 
+def storage_dir(value: str) -> Path:
+    # pathlib would turn s3://bucket into the local directory s3:/bucket.
+    if "://" in value:
+        raise argparse.ArgumentTypeError(f"{value!r}: a directory is needed (on several nodes, one they all mount); "
+                                         "storage URIs are not supported")
+    return Path(value)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", type=Path, default=Path("configs/tune.yaml"),
                    help="Sweep file, the search space in YAML (default: %(default)s).")
     p.add_argument("--num-samples", type=int, default=None, help="Trials to sample (overrides the sweep file).")
     p.add_argument("--max-concurrent", type=int, default=None, help="Trials at once (overrides the sweep file).")
-    p.add_argument("--storage", type=Path, default=Path("runs/tune"), metavar="STORAGE",
+    p.add_argument("--storage", type=storage_dir, default=Path("runs/tune"), metavar="STORAGE",
                    help="Where trials, checkpoints and logs go: STORAGE/NAME/ (NAME: the sweep file's `name`), with "
-                        "trials.csv and best_config.yaml (default: %(default)s).")
+                        "trials.csv and best_config.yaml (default: %(default)s). On more than one node, a directory "
+                        "that every node mounts at the same path (NFS).")
     p.add_argument("--resume", action="store_true", help="Continue the interrupted sweep in --storage.")
     add_ray_arguments(p)
     args = p.parse_args(argv)

@@ -328,6 +328,27 @@ def test_resume_without_a_sweep_fails_before_ray_starts(tiny_dataset, tmp_path, 
     assert f"no sweep to resume at {tmp_path}/storage/sweep" in capsys.readouterr().err
 
 
+def test_a_storage_uri_is_refused_not_made_a_local_directory(tune_script, capsys, tmp_path, monkeypatch):
+    # pathlib reads s3://bucket/sweeps as the relative directory s3:/bucket/sweeps.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        tune_script.main(["--storage", "s3://bucket/sweeps"])
+    assert stop.value.code == 2
+    assert "storage URIs are not supported" in capsys.readouterr().err
+    assert not (tmp_path / "s3:").exists()
+
+
+def test_trials_read_the_base_config_where_the_sweep_starts(tiny_dataset, tmp_path):
+    # A trial on another node may have no such file, or another version of it.
+    base = tmp_path / "base.yaml"
+    data = yaml.safe_load((ROOT / "configs" / "smoke.yaml").read_text())
+    data["eval"]["seed"] = 4321
+    base.write_text(yaml.safe_dump(data))
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, base=str(base)))
+    base.unlink()
+    assert spec.trial_config({"diffusion.schedule": "linear"}).eval.seed == 4321
+
+
 def test_help_shows_the_defaults_and_where_the_results_go(tune_script, capsys):
     with pytest.raises(SystemExit):
         tune_script.main(["--help"])

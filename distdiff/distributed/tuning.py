@@ -70,6 +70,9 @@ class SweepSpec:
     asha: Dict[str, Any] = field(default_factory=dict)
     pbt: Dict[str, Any] = field(default_factory=lambda: {"mutations": []})
     resources: TrialResources = field(default_factory=TrialResources)
+    # The base config file's YAML, read once where the sweep starts: a trial on another node
+    # may not have that file, or may have another version of it.
+    base_yaml: Any = field(default=None, init=False, repr=False)
 
     def trial_config(self, params: Dict[str, Any]) -> Config:
         """base + fixed + the trial's params, with actor sizes that match the placement group."""
@@ -80,7 +83,7 @@ class SweepSpec:
     def train_config(self, params: Dict[str, Any]) -> Config:
         """The trial's config as launch/train.py runs it: the sizes the base config gives, not the
         trial's share of a placement group (a learner of learner_gpus 0 would stay on the CPU)."""
-        return config_lib.load(self.base, {**self.fixed, **params})
+        return config_lib.load(self.base, {**self.fixed, **params}, data=self.base_yaml)
 
 
 def config_field_types() -> Dict[str, Any]:
@@ -182,6 +185,10 @@ def load_spec(path: str | Path) -> SweepSpec:
     spec = SweepSpec(**raw, resources=resources)
     if spec.base is not None:
         spec.base = str((path.parent / spec.base).resolve())
+        try:
+            spec.base_yaml = config_lib.read(spec.base)
+        except ConfigError as e:
+            errors.append(str(e))
     if spec.scheduler not in SCHEDULERS:
         errors.append(f"scheduler must be one of {list(SCHEDULERS)}, got {spec.scheduler!r}")
     if spec.mode not in ("max", "min"):
@@ -333,7 +340,10 @@ def make_trainable(spec: SweepSpec):
 
     def trial(params: Dict[str, Any]) -> None:
         cfg = spec.trial_config(params)
-        run_dir = Path(tune.get_context().get_trial_dir())
+        # The trial's working directory, where Tune starts it: the files written there reach
+        # the sweep's storage from any node (sync_artifacts in make_tuner). get_trial_dir() is
+        # a directory on the trial's node that only the sweep's own node syncs.
+        run_dir = Path.cwd()
         resume = False
         restored = tune.get_checkpoint()
         if restored is not None:
@@ -407,7 +417,10 @@ def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False):
                                     max_concurrent_trials=spec.max_concurrent, scheduler=make_scheduler(spec, space)),
         run_config=tune.RunConfig(name=spec.name, storage_path=str(sweep_path(spec, storage).parent),
                                   # PBT restores trials from other trials' older checkpoints: keep them all.
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=None if spec.scheduler == "pbt" else 2)),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=None if spec.scheduler == "pbt" else 2),
+                                  # Each trial's run dir (TensorBoard events, best.pt, metrics.json)
+                                  # goes to storage with each reported checkpoint and at its end.
+                                  sync_config=tune.SyncConfig(sync_artifacts=True)),
     )
 
 
