@@ -18,7 +18,8 @@ import yaml
 
 from distdiff import config as config_lib
 from distdiff.config import ConfigError
-from distdiff.distributed.tuning import load_spec, make_scheduler, make_tuner, param_space, summarize, trial_resources
+from distdiff.distributed.tuning import (load_spec, make_scheduler, make_tuner, on_trial_driver, param_space, summarize,
+                                         trial_resources)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -347,6 +348,15 @@ def test_trials_read_the_base_config_where_the_sweep_starts(tiny_dataset, tmp_pa
     spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, base=str(base)))
     base.unlink()
     assert spec.trial_config({"diffusion.schedule": "linear"}).eval.seed == 4321
+
+
+def test_a_trial_driver_given_no_gpu_pretrains_on_cpu(tiny_dataset, tmp_path):
+    cfg = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset)).trial_config({})
+    assert cfg.train.device == "auto"
+    assert on_trial_driver(cfg, []).train.device == "cpu"
+    assert on_trial_driver(cfg, [0]).train.device == "auto"
+    explicit = config_lib.from_dict({"train": {"device": "cuda"}}, cfg)
+    assert on_trial_driver(explicit, []).train.device == "cuda"
 
 
 def test_help_shows_the_defaults_and_where_the_results_go(tune_script, capsys):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import ray
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
@@ -334,12 +335,21 @@ def param_space(spec: SweepSpec) -> Dict[str, Any]:
     return {key: _domain(dom, rng) for key, dom in spec.space.items()}
 
 
+def on_trial_driver(cfg: Config, gpu_ids: List[Any]) -> Config:
+    """The trial's config as its driver runs it: with no GPU in the driver's bundle, automatic
+    pretraining stays on CPU. Ray no longer hides GPUs from a process given none, so it would
+    otherwise train on GPU 0, beside the learners Ray gave that GPU to."""
+    if cfg.train.device != "auto" or gpu_ids:
+        return cfg
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu"))
+
+
 def make_trainable(spec: SweepSpec):
     """The Tune trainable, sized by a placement group for the trial's driver, learner and actors."""
     from distdiff.distributed.driver import train
 
     def trial(params: Dict[str, Any]) -> None:
-        cfg = spec.trial_config(params)
+        cfg = on_trial_driver(spec.trial_config(params), ray.get_gpu_ids())
         # The trial's working directory, where Tune starts it: the files written there reach
         # the sweep's storage from any node (sync_artifacts in make_tuner). get_trial_dir() is
         # a directory on the trial's node that only the sweep's own node syncs.
