@@ -46,13 +46,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, *, field: str = "train.device", instead: str = "--train.device cpu") -> torch.device:
+    """``name`` as a torch device (auto: cuda when present); ``field`` and ``instead`` say in
+    the error which setting asked for a missing GPU, and what to pass instead."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise ConfigError(f"train.device is cuda but torch {torch.__version__} ({build}) sees no CUDA device: pass "
-                          "--train.device cpu, or install torch's CUDA build (README, Installing)")
+        raise ConfigError(f"{field} is cuda but torch {torch.__version__} ({build}) sees no CUDA device: pass "
+                          f"{instead}, or install torch's CUDA build (README, Installing)")
     return torch.device(name)
 
 

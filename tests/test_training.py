@@ -245,6 +245,11 @@ def test_cuda_asked_for_where_there_is_none_is_a_config_error():
 
     with pytest.raises(config_lib.ConfigError, match="--train.device cpu"):
         resolve_device("cuda")
+    # A GPU learner is asked for by online.learner_num_gpus, which is what to change.
+    from distdiff.distributed.learner import Learner
+
+    with pytest.raises(config_lib.ConfigError, match=r"online.learner_num_gpus\) is cuda .* pass --online.learner_num_gpus 0"):
+        Learner(config=config_lib.Config().to_dict(), checkpoint={}, device="cuda")
 
 
 def test_pretraining_skips_scattered_bad_batches_and_stops_at_a_run_of_them(tiny_dataset, tmp_path, monkeypatch):

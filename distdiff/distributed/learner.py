@@ -39,7 +39,9 @@ class Learner:
         cfg = from_dict(config)
         torch.set_num_threads(cfg.train.num_threads)
         seed_everything(cfg.train.seed + 1)
-        self.device = resolve_device(device)
+        # Ray gave this actor a GPU because of online.learner_num_gpus, not train.device.
+        self.device = resolve_device(device, field="the learner's device (online.learner_num_gpus)",
+                                     instead="--online.learner_num_gpus 0")
         self.trainer = Trainer.from_checkpoint(checkpoint, cfg=cfg, device=self.device, lr_scale=cfg.online.lr_scale)
         if not resumed:
             # The checkpoint restored the random streams it was saved with, which a resume
