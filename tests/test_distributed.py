@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from ray.exceptions import ActorUnavailableError, RayActorError
 
 from _helpers import assert_same, ray_address_file_kept, snapshot, tiny_online_config
 from distdiff import config as config_lib
@@ -581,6 +582,11 @@ def test_workers_that_die_in_every_rollout_are_dropped_and_the_run_stops(ray_ses
     assert sum("keeps failing (3 rollouts in a row" in m for m in messages) == len(run.workers), messages
     assert run.counters.worker_restarts >= len(run.workers)
     assert run.counters.env_steps == 0
+    # Dropped for good: killed, so their CPUs go back to the cluster and no broadcast reaches them.
+    for w in run.workers:
+        with pytest.raises(RayActorError) as dead:
+            ray.get(w.ping.remote(), timeout=60)
+        assert not isinstance(dead.value, ActorUnavailableError)
 
 
 def test_a_replay_checkpoint_that_does_not_load_stops_the_resume(ray_session, pretrained, tmp_path):

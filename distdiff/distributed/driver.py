@@ -17,7 +17,7 @@ import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 import numpy as np
 import ray
@@ -263,6 +263,7 @@ class OnlineRun:
         self.published_at = -1  # counters.updates when weights_ref was published
         self.rollouts: Dict[ray.ObjectRef, int] = {}  # running rollouts, by the worker running each
         self.handed = [-1] * len(self.workers)  # the newest version handed to each worker
+        self.dropped: Set[int] = set()  # workers that kept failing: no share of the budget, no weights
         self.ref_min, self.ref_max = reference_scores(cfg.env.id)
         self.last_example = None
         self.train_ref = None  # the learner's call in flight
@@ -283,12 +284,19 @@ class OnlineRun:
         self.counters.version += 1
         busy = set(self.rollouts.values())
         for i, w in enumerate(self.workers):
-            if i not in busy:
+            if i not in busy and i not in self.dropped:
                 w.set_weights.remote(self.weights_ref)
                 # A worker in an unknown state (its last rollout failed: it may be restarting,
                 # and then this call fails unseen) stays so until its next rollout.
                 if self.handed[i] >= 0:
                     self.handed[i] = self.counters.version
+
+    def drop(self, i: int, why: str) -> None:
+        """Give up on worker ``i`` for the rest of this run: it is killed, so that its CPUs go
+        back to the cluster and no broadcast is sent to it."""
+        self.log(f"rollout actor {i} {why}; dropping it")
+        self.dropped.add(i)
+        ray.kill(self.workers[i], no_restart=True)
 
     def start_rollout(self, i: int, **share) -> ray.ObjectRef:
         """Worker ``i``'s next rollout, numbered within the run (a restarted actor or a resumed
@@ -424,6 +432,7 @@ class OnlineRun:
         w.add_scalar("faults/worker_restarts", self.counters.worker_restarts, step)
         w.add_scalar("faults/failed_rollouts", self.counters.failed_rollouts, step)
         w.add_scalar("faults/env_rebuilds", self.counters.env_rebuilds, step)
+        w.add_scalar("faults/dropped_workers", len(self.dropped), step)
         if result["example"] is not None:
             # A copy: its arrays are views of the rollout's object, which they would keep in the
             # object store, every episode of it, until the next example.
@@ -532,7 +541,6 @@ class OnlineRun:
         strikes = [0] * len(self.workers)  # in a row, of those that may drop the worker
         failing_since: Dict[int, float] = {}  # when the failures in a row began
         retry_at: Dict[int, float] = {}  # dead workers, resubmitted after a back-off while Ray restarts them
-        dropped: set = set()  # workers that kept failing: they take no share of the budget
         draining = False  # after a Ctrl-C: the rollouts in flight are collected, nothing new starts
         said_slow = False  # that evaluations come due faster than they end
         size_ref = None
@@ -560,7 +568,7 @@ class OnlineRun:
             share = None
             if o.env_steps:
                 free = o.env_steps - c.env_steps - sum(promised.values())
-                share = self.rollout_share(free, len(self.workers) - len(dropped) - len(rollouts))
+                share = self.rollout_share(free, len(self.workers) - len(self.dropped) - len(rollouts))
                 if share.envs == 0:
                     parked.append(i)
                     return
@@ -600,9 +608,7 @@ class OnlineRun:
             strikes[i] += may_drop
             failing_s = now - failing_since[i]
             if strikes[i] >= MAX_STRIKES or failures[i] >= MAX_STRIKES and failing_s >= MAX_FAILING_S:
-                self.log(f"rollout actor {i} keeps failing ({failures[i]} rollouts in a row, {failing_s:.0f} s); "
-                         f"dropping it")
-                dropped.add(i)
+                self.drop(i, f"keeps failing ({failures[i]} rollouts in a row, {failing_s:.0f} s)")
             elif not stopping():
                 if failures[i] == MAX_STRIKES:
                     self.log(f"rollout actor {i} has failed {failures[i]} rollouts in a row ({failing_s:.0f} s); "
@@ -619,8 +625,7 @@ class OnlineRun:
             self.handed[i] = -1  # whatever it holds now, its next rollout brings the newest weights
             if isinstance(e, RayActorError) and e.actor_init_failed:
                 # Its constructor raised: Ray never restarts such an actor.
-                self.log(f"rollout actor {i} cannot be restarted: {_cause(e)}; dropping it")
-                dropped.add(i)
+                self.drop(i, f"cannot be restarted: {_cause(e)}")
                 if collecting:
                     submit_parked()
                 return
