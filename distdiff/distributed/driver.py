@@ -800,10 +800,16 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
     from distdiff.training import flat_weights
 
     episodes: List = []
+    cfg = config_lib.from_dict(checkpoint["config"]) if checkpoint is not None else config_lib.Config()
+    # The cluster's CPUs shared as training shares them with its actors (there is no learner):
+    # asking 1/N CPU each, as this once did, held every actor on the node that started them.
+    cfg = config_lib.from_dict({"online": {"num_actors": num_actors, "actor_num_cpus": 0.0, "learner_num_cpus": 0.0,
+                                           "learner_num_gpus": 0.0}}, cfg)
+    res = actors.resources(cfg)
     if checkpoint is None:
         per_task = max(1, min(10, n_episodes // max(num_actors, 1)))
         tasks = (n_episodes + per_task - 1) // per_task
-        refs = [actors.random_episodes_task.options(num_cpus=1.0 / num_actors if num_actors > 1 else 1).remote(
+        refs = [actors.random_episodes_task.options(num_cpus=res["actor_cpus"]).remote(
             env_id, max_episode_steps, per_task, seed + k * per_task) for k in range(tasks)]
         while refs:
             ready, refs = ray.wait(refs, num_returns=1)
@@ -816,13 +822,11 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
             if progress:
                 progress(len(got))
         return episodes[:n_episodes]
-    cfg = config_lib.from_dict(checkpoint["config"])
     cfg = config_lib.from_dict({"online": {"envs_per_actor": envs_per_actor, "measure_every": 10**9},
                                 "env": {"max_episode_steps": max_episode_steps}, "train": {"seed": seed}}, cfg)
     planner = planner_from_checkpoint(checkpoint, cfg)
     nets = {name: getattr(planner, name) for name in NETS}
     weights = ray.put({"version": 1, "weights": {name: flat_weights(net) for name, net in nets.items() if net is not None}})
-    res = {"actor_cpus": 1.0 / num_actors if num_actors > 1 else 1.0}
     workers = [actors.make_worker(cfg, res, config=cfg.to_dict(), normalizer=planner.normalizer.state_dict(), worker_id=i)
                for i in range(num_actors)]
     pending: Dict[ray.ObjectRef, tuple] = {}  # rollout -> (worker, task, its failures, restart wait since)
