@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Iterator, Optional
 
+from tqdm import tqdm
+
 from distdiff.rundir import BEST, checkpoint_file, holds_run
 
 
@@ -186,3 +188,11 @@ def deferred_interrupt(raise_at: int = 2) -> Iterator[Interrupt]:
         yield requested
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def progress_bar(**kwargs) -> tqdm:
+    """A tqdm progress bar. Where stderr is no terminal (a job's log, nohup) it is redrawn
+    every 30 s instead of up to 10 times a second: the log of a run that lasts days stays small."""
+    if not sys.stderr.isatty():
+        kwargs.setdefault("mininterval", 30.0)
+    return tqdm(dynamic_ncols=True, **kwargs)

@@ -8,11 +8,10 @@ from typing import Optional
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint, save_checkpoint
-from distdiff.cli import deferred_interrupt
+from distdiff.cli import deferred_interrupt, progress_bar
 from distdiff.config import Config
 from distdiff.data.minari_io import LoadedDataset, load_or_collect
 from distdiff.data.windows import WindowDataset, fit_normalizer
@@ -108,7 +107,7 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     config_lib.save(cfg, run_dir / CONFIG)
     writer = SummaryWriter(str(run_dir))
     save = lambda: save_checkpoint(ckpt_path, checkpoint_payload(trainer, rng))  # noqa: E731
-    bar = tqdm(total=cfg.train.steps, initial=trainer.step, desc="pretrain", disable=quiet, dynamic_ncols=True)
+    bar = progress_bar(total=cfg.train.steps, initial=trainer.step, desc="pretrain", disable=quiet)
     t0, step0 = time.perf_counter(), trainer.step
     skipped_in_a_row = 0
     try:

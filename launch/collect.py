@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from distdiff.cli import default_ray_auth, fail, limit_threads, non_negative_int
+from distdiff.cli import default_ray_auth, fail, limit_threads, non_negative_int, progress_bar
 
 limit_threads()
 default_ray_auth()
@@ -21,7 +21,6 @@ default_ray_auth()
 import gymnasium as gym  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
@@ -70,7 +69,7 @@ def main(argv=None) -> int:
             gym.spec(args.env)
         except gym.error.Error as e:
             fail(f"--env {args.env}: {e}")
-    bar = tqdm(total=args.episodes, desc="collect", dynamic_ncols=True)
+    bar = progress_bar(total=args.episodes, desc="collect")
     if args.num_actors > 1:
         import ray
 

@@ -15,12 +15,11 @@ import operator
 import sys
 from pathlib import Path
 
-from distdiff.cli import check_output, fail, limit_threads, note_selection_seeds, write_json
+from distdiff.cli import check_output, fail, limit_threads, note_selection_seeds, progress_bar, write_json
 
 limit_threads()
 
 import torch  # noqa: E402
-from tqdm import tqdm  # noqa: E402
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
@@ -60,7 +59,7 @@ def main(argv=None) -> int:
         fail(str(e))
     if args.cfg__eval__seed is None:
         note_selection_seeds(args.checkpoint, cfg.eval.seed, "--eval.seed")
-    bar = tqdm(total=cfg.eval.episodes, desc="evaluate", dynamic_ncols=True)
+    bar = progress_bar(total=cfg.eval.episodes, desc="evaluate")
     summary = evaluate(planner, cfg, progress=lambda r: bar.update(1))
     bar.close()
     summary["checkpoint"] = str(args.checkpoint)

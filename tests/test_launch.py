@@ -348,3 +348,19 @@ def test_the_scripts_present_a_token_to_clusters_only_where_there_is_one(where, 
     default_ray_auth()
     expected = {"none": None, "empty RAY_AUTH_TOKEN": None, "explicit mode": "disabled"}.get(where, "token")
     assert os.environ.get("RAY_AUTH_MODE") == expected
+
+
+def test_progress_bars_redraw_rarely_into_a_log_file(monkeypatch):
+    # A run that lasts days under nohup or `ray job submit` would write ~25 MB a day of redraws.
+    import io
+
+    from distdiff.cli import progress_bar
+
+    log = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", log)
+    bar = progress_bar(total=1000, desc="online", file=log)
+    for _ in range(1000):
+        bar.update(1)
+    bar.close()
+    assert bar.mininterval == 30.0
+    assert log.getvalue().count("\r") <= 3  # the first draw, and the last

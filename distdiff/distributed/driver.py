@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from distdiff.cli import Interrupt, deferred_interrupt, replacing, write_json
+from distdiff.cli import Interrupt, deferred_interrupt, progress_bar, replacing, write_json
 from distdiff.config import Config
 from distdiff.data.minari_io import normalized_score, reference_scores
 from distdiff.distributed import actors
@@ -553,8 +553,8 @@ class OnlineRun:
 
         next_ckpt, next_fig = after(o.checkpoint_every), after(o.figure_every)
         next_eval = after(o.eval_every) if o.eval_every else None
-        bar = tqdm(total=o.env_steps or None, initial=c.env_steps, desc="online", unit="step", disable=not self.progress,
-                   dynamic_ncols=True)
+        bar = progress_bar(total=o.env_steps or None, initial=c.env_steps, desc="online", unit="step",
+                           disable=not self.progress)
 
         def stopping() -> bool:
             return interrupted is not None and interrupted.is_set()
