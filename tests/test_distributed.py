@@ -1254,3 +1254,21 @@ def test_a_replay_written_just_before_a_crash_is_cut_back_to_its_checkpoint(ray_
         assert any("2 episodes newer than" in line for line in logs), logs
     finally:
         run.close()
+
+
+def test_a_drivers_runtime_env_leaves_out_the_variables_its_ray_job_sets(monkeypatch):
+    # `ray job submit --runtime-env-json '{"env_vars": {"MINARI_DATASETS_PATH": …}}' -- python
+    # launch/tune.py`: Ray refuses a driver whose runtime env names the job's variable again.
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    from distdiff.distributed.driver import beside_the_job
+
+    ours = {"env_vars": {"MINARI_DATASETS_PATH": "/data/minari"}}
+    monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
+    assert beside_the_job(ours) == ours  # no job
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps({"runtime_env": {"working_dir": "gcs://x.zip"}}))
+    assert beside_the_job(ours) == ours
+    monkeypatch.setenv(RAY_JOB_CONFIG_JSON_ENV_VAR, json.dumps(
+        {"runtime_env": {"env_vars": {"MINARI_DATASETS_PATH": "/data/minari"}}}))
+    assert beside_the_job(ours) is None
+    assert beside_the_job({"env_vars": {"MINARI_DATASETS_PATH": "/d", "OTHER": "1"}}) == {"env_vars": {"OTHER": "1"}}

@@ -98,6 +98,21 @@ def _listens(address: str) -> Optional[bool]:
     return True
 
 
+def beside_the_job(runtime_env: Optional[Dict[str, object]]) -> Optional[Dict[str, object]]:
+    """``runtime_env`` less the environment variables that the Ray job this driver runs in
+    (``ray job submit --runtime-env-json``) sets already: Ray refuses to start a driver whose
+    runtime env names a variable of its job's again, even with the same value."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR  # Ray is pinned
+
+    job = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    if not runtime_env or not job:
+        return runtime_env
+    taken = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}
+    env_vars = {k: v for k, v in (runtime_env.get("env_vars") or {}).items() if k not in taken}
+    rest = {k: v for k, v in runtime_env.items() if k != "env_vars"}
+    return {**rest, **({"env_vars": env_vars} if env_vars else {})} or None
+
+
 def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: Callable[[str], None] = print,
             runtime_env: Optional[Dict[str, object]] = None) -> bool:
     """Connect to a running cluster (``address``, ``RAY_ADDRESS`` or a local ``ray start``), else
@@ -106,6 +121,7 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
     if ray.is_initialized():
         log("ray: using the already initialized Ray instance")
         return False
+    runtime_env = beside_the_job(runtime_env)
     address = address or os.environ.get("RAY_ADDRESS")
     embedded = address == "local"
     if not embedded:
