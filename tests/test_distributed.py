@@ -1272,3 +1272,14 @@ def test_a_drivers_runtime_env_leaves_out_the_variables_its_ray_job_sets(monkeyp
         {"runtime_env": {"env_vars": {"MINARI_DATASETS_PATH": "/data/minari"}}}))
     assert beside_the_job(ours) is None
     assert beside_the_job({"env_vars": {"MINARI_DATASETS_PATH": "/d", "OTHER": "1"}}) == {"env_vars": {"OTHER": "1"}}
+
+
+def test_an_actor_that_imports_another_distdiff_than_the_driver_refuses_to_start(ray_session):
+    # As on a node with an older install: nothing else would say why its results do not fit.
+    from distdiff.distributed import actors
+
+    w = actors.RolloutWorkerActor.options(num_cpus=0.01).remote(driver_code="0" * 16, config={}, normalizer=None,
+                                                                worker_id=0)
+    with pytest.raises(RayActorError, match="is not the driver's .* install the same version on every node") as failed:
+        ray.get(w.ping.remote(), timeout=120)
+    assert failed.value.actor_init_failed  # (the same code passes: every run's actors are checked)

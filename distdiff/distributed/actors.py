@@ -9,11 +9,15 @@ stay off the learner's node. The replay (no CPU of its own) stays on the driver'
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+import distdiff
 from distdiff.config import Config, ConfigError
 from distdiff.distributed.learner import Learner
 from distdiff.distributed.replay import Replay
@@ -28,6 +32,31 @@ _THREADS = {"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBL
 LABEL_AMOUNT = 1e-3
 
 
+@functools.lru_cache(maxsize=None)
+def code_digest() -> str:
+    """A digest of the distdiff source this process imports: the driver's and an actor's differ
+    where the actor's node has another version installed."""
+    root = Path(distdiff.__file__).parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class SameCodeMixin:
+    """Refuses to start an actor that imports another distdiff than the driver (a node with an
+    older install): the weights, configs and results of two versions need not fit, and nothing
+    else would say why."""
+
+    def __init__(self, *args, driver_code: str, **kwargs):
+        if code_digest() != driver_code:
+            raise RuntimeError(
+                f"the distdiff at {Path(distdiff.__file__).parent} on node {ray.get_runtime_context().get_node_id()} is "
+                f"not the driver's (source digest {code_digest()}, the driver's {driver_code}): install the same "
+                "version on every node, or submit the run with `ray job submit --working-dir .`")
+        super().__init__(*args, **kwargs)
+
+
 class NodeIdMixin:
     """node_id(): the Ray node an actor runs on. Added here, so the plain classes never import Ray."""
 
@@ -35,16 +64,16 @@ class NodeIdMixin:
         return ray.get_runtime_context().get_node_id()
 
 
-class RayRolloutWorker(NodeIdMixin, RolloutWorker):
-    """A RolloutWorker that can say which node it runs on."""
+class RayRolloutWorker(NodeIdMixin, SameCodeMixin, RolloutWorker):
+    """A RolloutWorker that can say which node it runs on, and runs the driver's code."""
 
 
 class RayReplay(NodeIdMixin, Replay):
     """A Replay that can say which node it runs on."""
 
 
-class RayLearner(NodeIdMixin, Learner):
-    """A Learner that can say which node it runs on."""
+class RayLearner(NodeIdMixin, SameCodeMixin, Learner):
+    """A Learner that can say which node it runs on, and runs the driver's code."""
 
 
 RolloutWorkerActor = ray.remote(RayRolloutWorker)
@@ -155,7 +184,8 @@ def resources(cfg: Config) -> Dict[str, object]:
 def make_learner(cfg: Config, res: Dict[str, float], **kwargs):
     return LearnerActor.options(num_cpus=res["learner_cpus"], num_gpus=res["learner_gpus"],
                                 resources=res.get("learner_resources"),
-                                runtime_env=_THREADS).remote(device="cuda" if res["learner_gpus"] > 0 else "cpu", **kwargs)
+                                runtime_env=_THREADS).remote(device="cuda" if res["learner_gpus"] > 0 else "cpu",
+                                                             driver_code=code_digest(), **kwargs)
 
 
 def make_replay(**kwargs):
@@ -171,4 +201,4 @@ def make_worker(cfg: Config, res: Dict[str, float], **kwargs):
     # first hands the restarted worker the newest weights.
     return RolloutWorkerActor.options(num_cpus=res["actor_cpus"], resources=res.get("actor_resources"),
                                       max_restarts=cfg.online.actor_max_restarts,
-                                      max_task_retries=0, runtime_env=_THREADS).remote(**kwargs)
+                                      max_task_retries=0, runtime_env=_THREADS).remote(driver_code=code_digest(), **kwargs)
