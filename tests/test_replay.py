@@ -169,3 +169,34 @@ def test_an_episode_with_nan_is_counted_but_never_sampled():
     assert replay.added_episodes == 2 and replay.size() == 50
     (batch,) = replay.sample(1, 256)
     assert all(bool(torch.isfinite(field).all()) for field in batch)
+
+
+def test_online_windows_are_those_of_the_stored_episodes_through_adds_evictions_and_a_resume():
+    # Each episode's windows are made once, when it arrives; what the learner samples must stay
+    # exactly the windows of what the replay holds.
+    from distdiff.data.windows import WindowDataset
+
+    rng = np.random.default_rng(0)
+
+    def episode(length, fell):
+        return Episode(rng.normal(size=(length + 1, 3)), rng.normal(size=(length, 2)), rng.normal(size=length), fell,
+                       not fell)
+
+    def same_as_rebuilt(replay):
+        online = replay._online_windows()
+        rebuilt = WindowDataset(list(replay.episodes), **replay._window_args, time_limit=replay.time_limit)
+        for name in ("observations", "actions", "returns", "window_returns", "window_episode", "window_start",
+                     "lengths", "obs_offset", "act_offset"):
+            assert np.array_equal(getattr(online, name), getattr(rebuilt, name)), name
+
+    for value_target in ("return_to_go", "window"):
+        replay = make_replay(capacity=200, termination_penalty=-10.0, value_target=value_target, time_limit=90)
+        replay.add([episode(60, False), episode(30, True)])
+        same_as_rebuilt(replay)
+        replay.add([episode(90, False), episode(50, True)])  # the first is evicted
+        assert len(replay.episodes) == 3
+        same_as_rebuilt(replay)
+        resumed = make_replay(capacity=140, termination_penalty=-10.0, value_target=value_target, time_limit=90)
+        resumed.load_state_dict(replay.state_dict())  # a smaller capacity: only the last two stay
+        assert len(resumed.episodes) == 2
+        same_as_rebuilt(resumed)

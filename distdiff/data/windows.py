@@ -70,6 +70,35 @@ def _window_sums(ep: Episode, horizon: int, discount: float, termination_penalty
     return sums
 
 
+class EpisodeWindows(NamedTuple):
+    """One episode's part of a :class:`WindowDataset`: its normalized rows and the labels of
+    the windows that start at each of its steps."""
+
+    observations: np.ndarray  # [T+1, obs_dim] float32, normalized
+    actions: np.ndarray  # [T, act_dim] float32, normalized
+    returns: np.ndarray  # [T] float32: the value target of the window starting at each step
+    window_returns: np.ndarray  # [T] float32: that window's own reward per step
+
+
+def episode_windows(ep: Episode, *, layout: TrajectoryLayout, horizon: int, normalizer: Normalizer, discount: float,
+                    termination_penalty: float = 0.0, value_target: str = "return_to_go",
+                    time_limit: Optional[int] = None) -> EpisodeWindows:
+    """What the windows of one episode are made of (see :class:`WindowDataset`)."""
+    if value_target not in VALUE_TARGETS:
+        raise ValueError(f"unknown value target {value_target!r}; choose one of {list(VALUE_TARGETS)}")
+    if value_target == "window":
+        returns = _window_sums(ep, horizon, discount, termination_penalty, time_limit)
+    else:
+        returns = discounted_returns_to_go(ep.rewards, discount, termination_penalty if ep.terminated else 0.0,
+                                           continuation(ep, discount, time_limit))[:-1]
+    return EpisodeWindows(
+        normalizer.slice(layout.state_slice).normalize(ep.observations).astype(np.float32),
+        normalizer.slice(layout.action_slice).normalize(ep.actions).astype(np.float32),
+        returns.astype(np.float32),
+        _window_sums(ep, horizon, 1.0, termination_penalty, time_limit).astype(np.float32) / horizon,
+    )
+
+
 class WindowDataset:
     """All windows ``(episode, start)`` with ``start`` in ``[0, T)``.
 
@@ -101,28 +130,35 @@ class WindowDataset:
     ):
         if not episodes:
             raise ValueError("no episodes to make windows from")
-        if value_target not in VALUE_TARGETS:
-            raise ValueError(f"unknown value target {value_target!r}; choose one of {list(VALUE_TARGETS)}")
+        pieces = [episode_windows(ep, layout=layout, horizon=horizon, normalizer=normalizer, discount=discount,
+                                  termination_penalty=termination_penalty, value_target=value_target,
+                                  time_limit=time_limit) for ep in episodes]
+        self._assemble(pieces, layout=layout, horizon=horizon, normalizer=normalizer, start_weight=start_weight)
+
+    @classmethod
+    def from_episode_windows(cls, pieces: Sequence["EpisodeWindows"], *, layout: TrajectoryLayout, horizon: int,
+                             normalizer: Normalizer, start_weight: float = 1.0) -> "WindowDataset":
+        """The dataset of episodes whose :func:`episode_windows` were computed before: the
+        replay computes each episode's once, when it arrives, not at every rebuild."""
+        if not pieces:
+            raise ValueError("no episodes to make windows from")
+        dataset = cls.__new__(cls)
+        dataset._assemble(pieces, layout=layout, horizon=horizon, normalizer=normalizer, start_weight=start_weight)
+        return dataset
+
+    def _assemble(self, pieces: Sequence["EpisodeWindows"], *, layout: TrajectoryLayout, horizon: int,
+                  normalizer: Normalizer, start_weight: float) -> None:
         self.layout, self.horizon, self.normalizer = layout, horizon, normalizer
-        state_norm = normalizer.slice(layout.state_slice)
-        action_norm = normalizer.slice(layout.action_slice)
-        self.observations = np.concatenate([state_norm.normalize(ep.observations) for ep in episodes]).astype(np.float32)
-        self.actions = np.concatenate([action_norm.normalize(ep.actions) for ep in episodes]).astype(np.float32)
-        lengths = np.array([len(ep) for ep in episodes])
+        self.observations = np.concatenate([p.observations for p in pieces])
+        self.actions = np.concatenate([p.actions for p in pieces])
+        lengths = np.array([len(p.actions) for p in pieces])
         self.obs_offset = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]])
         self.act_offset = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         self.lengths = lengths
-        self.window_episode = np.repeat(np.arange(len(episodes)), lengths)
+        self.window_episode = np.repeat(np.arange(len(pieces)), lengths)
         self.window_start = np.concatenate([np.arange(n) for n in lengths])
-        if value_target == "window":
-            returns = [_window_sums(ep, horizon, discount, termination_penalty, time_limit) for ep in episodes]
-        else:
-            returns = [discounted_returns_to_go(ep.rewards, discount, termination_penalty if ep.terminated else 0.0,
-                                                continuation(ep, discount, time_limit))[:-1] for ep in episodes]
-        self.returns = np.concatenate(returns).astype(np.float32)
-        self.window_returns = np.concatenate([
-            _window_sums(ep, horizon, 1.0, termination_penalty, time_limit) for ep in episodes
-        ]).astype(np.float32) / horizon
+        self.returns = np.concatenate([p.returns for p in pieces])
+        self.window_returns = np.concatenate([p.window_returns for p in pieces])
         self._cdf: Optional[np.ndarray] = None
         if start_weight != 1.0:
             # Episode starts are rare in long episodes: ``start_weight`` draws the windows that

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from distdiff.data.episodes import Episode, completed_return
-from distdiff.data.windows import Batch, WindowDataset
+from distdiff.data.windows import Batch, EpisodeWindows, WindowDataset, episode_windows
 from distdiff.layout import TrajectoryLayout
 from distdiff.normalizer import Normalizer
 
@@ -77,6 +77,10 @@ class Replay:
         self.horizon = horizon
         self.time_limit = time_limit
         self.episodes: deque = deque()
+        # Each stored episode's part of the online windows, made once, when it arrives: the
+        # rebuild after an add only joins them (14 ms at 200k transitions, against 67 ms to
+        # remake every episode's; 64 against 319 ms at 1M, about a GPU learner's call).
+        self.windows: deque = deque()
         self.arrivals: deque = deque()  # each stored episode's number among all added (refused ones count)
         self.transitions = 0
         self.added_episodes = 0
@@ -92,17 +96,25 @@ class Replay:
             if not _finite(ep):
                 log.warning("replay: an episode of %d steps holds NaN or infinite values; not stored", len(ep))
                 continue
-            self.episodes.append(_own(ep))
+            self._store(_own(ep))
             self.arrivals.append(self.added_episodes)
-            self.transitions += len(ep)
         self._evict()
         self._online = None
         return self.transitions
+
+    def _store(self, ep: Episode) -> None:
+        self.episodes.append(ep)
+        self.windows.append(self._episode_windows(ep))
+        self.transitions += len(ep)
+
+    def _episode_windows(self, ep: Episode) -> EpisodeWindows:
+        return episode_windows(ep, **self._window_args, time_limit=self.time_limit)
 
     def _evict(self) -> None:
         # The newest episode stays whatever its length: a replay is never left empty.
         while self.transitions > self.capacity and len(self.episodes) > 1:
             self.transitions -= len(self.episodes.popleft())
+            self.windows.popleft()
             self.arrivals.popleft()
 
     def size(self) -> int:
@@ -110,7 +122,8 @@ class Replay:
 
     def _online_windows(self) -> Optional[WindowDataset]:
         if self._online is None and self.episodes:
-            online = WindowDataset(list(self.episodes), **self._window_args, time_limit=self.time_limit)
+            online = WindowDataset.from_episode_windows(list(self.windows), layout=self._window_args["layout"],
+                                                        horizon=self.horizon, normalizer=self.normalizer)
             weights = self.episode_weights()[online.window_episode]
             weights[online.window_start < self.horizon] *= self.online_start_weight
             # Only start windows stored so far (short episodes) and a start weight of 0: draw
@@ -166,14 +179,14 @@ class Replay:
         (a crash between writing ``replay.pt`` and the checkpoint); a resumed run collects them
         again. Older episodes that they pushed out of a full replay are not restored."""
         self.episodes.clear()
+        self.windows.clear()
         self.arrivals.clear()
         self.transitions = 0
         o = a = 0
         obs, act, rew = state["observations"].numpy(), state["actions"].numpy(), state["rewards"].numpy()
         for i, n in enumerate(state["lengths"].tolist()):
-            ep = Episode(obs[o:o + n + 1], act[a:a + n], rew[a:a + n], bool(state["terminated"][i]), bool(state["truncated"][i]))
-            self.episodes.append(ep)
-            self.transitions += n
+            self._store(Episode(obs[o:o + n + 1], act[a:a + n], rew[a:a + n], bool(state["terminated"][i]),
+                                bool(state["truncated"][i])))
             o, a = o + n + 1, a + n
         self.added_episodes = int(state["added_episodes"])
         # Saved before arrivals were (no episode was refused then): the newest were added last.
@@ -184,6 +197,7 @@ class Replay:
         if added_episodes is not None:
             while self.arrivals and self.arrivals[-1] > added_episodes:
                 self.transitions -= len(self.episodes.pop())
+                self.windows.pop()
                 self.arrivals.pop()
                 dropped += 1
             self.added_episodes = min(self.added_episodes, added_episodes)
