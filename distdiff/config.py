@@ -276,16 +276,17 @@ def read(path: str | Path) -> Any:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
 
 
-_UNREAD = object()
+# load(data=UNREAD): the file at ``path`` has not been read yet.
+UNREAD = object()
 
 
-def load(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] = None, *, data: Any = _UNREAD) -> Config:
+def load(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] = None, *, data: Any = UNREAD) -> Config:
     """Load a YAML config (defaults if ``path`` is None), apply dotted overrides, validate.
     ``data``: the file's YAML read earlier (:func:`read`), e.g. on another machine; ``path``
     then only names it in errors."""
     cfg, errors = Config(), []
     if path is not None:
-        if data is _UNREAD:
+        if data is UNREAD:
             data = read(path)
         cfg, errors = _merge(data, cfg)
         if isinstance(data, dict) and "space" in data:

@@ -17,7 +17,7 @@ import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import ray
 import yaml
@@ -72,8 +72,9 @@ class SweepSpec:
     pbt: Dict[str, Any] = field(default_factory=lambda: {"mutations": []})
     resources: TrialResources = field(default_factory=TrialResources)
     # The base config file's YAML, read once where the sweep starts: a trial on another node
-    # may not have that file, or may have another version of it.
-    base_yaml: Any = field(default=None, init=False, repr=False)
+    # may not have that file, or may have another version of it. In a tuple, since an empty
+    # file reads as None; None: not read (the file is read where the config is needed).
+    base_yaml: Optional[Tuple[Any]] = field(default=None, init=False, repr=False)
 
     def trial_config(self, params: Dict[str, Any]) -> Config:
         """base + fixed + the trial's params, with actor sizes that match the placement group."""
@@ -84,7 +85,8 @@ class SweepSpec:
     def train_config(self, params: Dict[str, Any]) -> Config:
         """The trial's config as launch/train.py runs it: the sizes the base config gives, not the
         trial's share of a placement group (a learner of learner_gpus 0 would stay on the CPU)."""
-        return config_lib.load(self.base, {**self.fixed, **params}, data=self.base_yaml)
+        data = config_lib.UNREAD if self.base_yaml is None else self.base_yaml[0]
+        return config_lib.load(self.base, {**self.fixed, **params}, data=data)
 
 
 def config_field_types() -> Dict[str, Any]:
@@ -167,7 +169,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep file {path} must be a mapping of sweep options, got {type(raw).__name__}")
     raw = {k: v for k, v in raw.items() if v is not None}  # an empty option: its default
-    known = {f for f in SweepSpec.__dataclass_fields__}
+    known = {f.name for f in dataclasses.fields(SweepSpec) if f.init}
     errors = [f"unknown sweep option {k!r}; options are {sorted(known)}" for k in raw if k not in known]
     # The option types, before anything uses them.
     for key, kind in (("fixed", dict), ("space", dict), ("asha", dict), ("pbt", dict), ("resources", dict),
@@ -187,7 +189,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     if spec.base is not None:
         spec.base = str((path.parent / spec.base).resolve())
         try:
-            spec.base_yaml = config_lib.read(spec.base)
+            spec.base_yaml = (config_lib.read(spec.base),)
         except ConfigError as e:
             errors.append(str(e))
     if spec.scheduler not in SCHEDULERS:
@@ -350,10 +352,12 @@ def make_trainable(spec: SweepSpec):
 
     def trial(params: Dict[str, Any]) -> None:
         cfg = on_trial_driver(spec.trial_config(params), ray.get_gpu_ids())
-        # The trial's working directory, where Tune starts it: the files written there reach
-        # the sweep's storage from any node (sync_artifacts in make_tuner). get_trial_dir() is
-        # a directory on the trial's node that only the sweep's own node syncs.
-        run_dir = Path.cwd()
+        # The trial's working directory (where Tune starts it, unless RAY_CHDIR_TO_TRIAL_DIR=0):
+        # what is written there reaches the sweep's storage from any node (sync_artifacts in
+        # make_tuner). get_trial_dir() is a directory on the trial's node that only the sweep's
+        # own node syncs.
+        run_dir = Path(tune.get_context().get_storage().trial_working_directory)
+        run_dir.mkdir(parents=True, exist_ok=True)
         resume = False
         restored = tune.get_checkpoint()
         if restored is not None:
@@ -429,8 +433,10 @@ def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False):
                                   # PBT restores trials from other trials' older checkpoints: keep them all.
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=None if spec.scheduler == "pbt" else 2),
                                   # Each trial's run dir (TensorBoard events, best.pt, metrics.json)
-                                  # goes to storage with each reported checkpoint and at its end.
-                                  sync_config=tune.SyncConfig(sync_artifacts=True)),
+                                  # goes to storage in the background every few minutes and at its
+                                  # end; not at each report, which would wait for a copy of the
+                                  # whole run dir, checkpoint and replay included, every evaluation.
+                                  sync_config=tune.SyncConfig(sync_artifacts=True, sync_artifacts_on_checkpoint=False)),
     )
 
 
