@@ -191,8 +191,11 @@ def deferred_interrupt(raise_at: int = 2) -> Iterator[Interrupt]:
 
 
 def progress_bar(**kwargs) -> tqdm:
-    """A tqdm progress bar. Where stderr is no terminal (a job's log, nohup) it is redrawn
+    """A tqdm progress bar. Where it writes to no terminal (a job's log, nohup) it is redrawn
     every 30 s instead of up to 10 times a second: the log of a run that lasts days stays small."""
-    if not sys.stderr.isatty():
+    out = kwargs.get("file") or sys.stderr
+    if not out.isatty():
+        # maxinterval too: tqdm's monitor thread otherwise forces a redraw every 10 s.
         kwargs.setdefault("mininterval", 30.0)
+        kwargs.setdefault("maxinterval", 30.0)
     return tqdm(dynamic_ncols=True, **kwargs)
