@@ -1124,8 +1124,12 @@ def test_parallel_collection_with_random_and_planner_policies(ray_session, pretr
     assert all(1 <= len(ep) <= 30 and ep.observations.shape == (len(ep) + 1, 17) for ep in random_eps)
     # distinct seeds per task: no two episodes start in the same state
     assert len({ep.observations[0].tobytes() for ep in random_eps}) == 7
+    # A checkpoint trained with its actors on labelled nodes (online.actor_resource) collects
+    # on any node: this cluster has no such label, where its workers would never start.
+    state = load_checkpoint(ckpt)
+    state["config"]["online"]["actor_resource"] = "rollout"
     planned = collect_episodes(3, num_actors=2, env_id="Walker2d-v5", max_episode_steps=30, seed=3,
-                               checkpoint=load_checkpoint(ckpt), envs_per_actor=2)
+                               checkpoint=state, envs_per_actor=2)
     assert len(planned) == 3 and all(ep.actions.shape[1] == 6 for ep in planned)
 
 
@@ -1283,3 +1287,6 @@ def test_an_actor_that_imports_another_distdiff_than_the_driver_refuses_to_start
     with pytest.raises(RayActorError, match="is not the driver's .* install the same version on every node") as failed:
         ray.get(w.ping.remote(), timeout=120)
     assert failed.value.actor_init_failed  # (the same code passes: every run's actors are checked)
+    # The check does not hide the constructor's signature: a wrong keyword still fails at the call.
+    with pytest.raises(TypeError, match="worker_id"):
+        actors.RolloutWorkerActor.remote(driver_code="0" * 16, config={}, normalizer=None, worker_idx=0)

@@ -200,3 +200,6 @@ def test_online_windows_are_those_of_the_stored_episodes_through_adds_evictions_
         resumed.load_state_dict(replay.state_dict())  # a smaller capacity: only the last two stay
         assert len(resumed.episodes) == 2
         same_as_rebuilt(resumed)
+        crashed = make_replay(capacity=200, termination_penalty=-10.0, value_target=value_target, time_limit=90)
+        assert crashed.load_state_dict(replay.state_dict(), added_episodes=3) == 1  # the newest was not counted
+        same_as_rebuilt(crashed)

@@ -9,19 +9,16 @@ stay off the learner's node. The replay (no CPU of its own) stays on the driver'
 """
 from __future__ import annotations
 
-import functools
-import hashlib
-from pathlib import Path
 from typing import Dict, List, Optional
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-import distdiff
 from distdiff.config import Config, ConfigError
 from distdiff.distributed.learner import Learner
 from distdiff.distributed.replay import Replay
 from distdiff.distributed.worker import RolloutWorker
+from distdiff.provenance import CODE_DIGEST
 
 # Each actor process gets one math thread: on small machines a second one competing with the
 # rollout processes makes small-model steps many times slower.
@@ -32,31 +29,6 @@ _THREADS = {"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBL
 LABEL_AMOUNT = 1e-3
 
 
-@functools.lru_cache(maxsize=None)
-def code_digest() -> str:
-    """A digest of the distdiff source this process imports: the driver's and an actor's differ
-    where the actor's node has another version installed."""
-    root = Path(distdiff.__file__).parent
-    digest = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-class SameCodeMixin:
-    """Refuses to start an actor that imports another distdiff than the driver (a node with an
-    older install): the weights, configs and results of two versions need not fit, and nothing
-    else would say why."""
-
-    def __init__(self, *args, driver_code: str, **kwargs):
-        if code_digest() != driver_code:
-            raise RuntimeError(
-                f"the distdiff at {Path(distdiff.__file__).parent} on node {ray.get_runtime_context().get_node_id()} is "
-                f"not the driver's (source digest {code_digest()}, the driver's {driver_code}): install the same "
-                "version on every node, or submit the run with `ray job submit --working-dir .`")
-        super().__init__(*args, **kwargs)
-
-
 class NodeIdMixin:
     """node_id(): the Ray node an actor runs on. Added here, so the plain classes never import Ray."""
 
@@ -64,16 +36,16 @@ class NodeIdMixin:
         return ray.get_runtime_context().get_node_id()
 
 
-class RayRolloutWorker(NodeIdMixin, SameCodeMixin, RolloutWorker):
-    """A RolloutWorker that can say which node it runs on, and runs the driver's code."""
+class RayRolloutWorker(NodeIdMixin, RolloutWorker):
+    """A RolloutWorker that can say which node it runs on."""
 
 
 class RayReplay(NodeIdMixin, Replay):
     """A Replay that can say which node it runs on."""
 
 
-class RayLearner(NodeIdMixin, SameCodeMixin, Learner):
-    """A Learner that can say which node it runs on, and runs the driver's code."""
+class RayLearner(NodeIdMixin, Learner):
+    """A Learner that can say which node it runs on."""
 
 
 RolloutWorkerActor = ray.remote(RayRolloutWorker)
@@ -107,14 +79,23 @@ def _units(amount: float) -> int:
     return int(amount * _UNITS + 1e-6)
 
 
+def carries(node: Dict[str, float], resource: str) -> bool:
+    """Whether a node (its resources) may run an actor that asks for ``resource`` (empty: any node)."""
+    return not resource or node.get(resource, 0) > 0
+
+
+def alive_nodes() -> List[Dict[str, float]]:
+    """The total resources of each alive node of the cluster Ray is connected to."""
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
 def _learner_gpus(cfg: Config, nodes: List[Dict[str, float]]) -> float:
     """``online.learner_num_gpus``, with -1 resolved: one GPU when a node the learner may run on
     (one with ``online.learner_resource``, when that is set) has one."""
     o = cfg.online
     if o.learner_num_gpus >= 0:
         return o.learner_num_gpus
-    hosts = [r for r in nodes if not o.learner_resource or r.get(o.learner_resource, 0) > 0]
-    return 1.0 if any(r.get("GPU", 0.0) >= 1 for r in hosts) else 0.0
+    return 1.0 if any(r.get("GPU", 0.0) >= 1 for r in nodes if carries(r, o.learner_resource)) else 0.0
 
 
 def _actor_room(cfg: Config, nodes: List[Dict[str, float]], learner_gpus: float) -> List[List[int]]:
@@ -123,10 +104,9 @@ def _actor_room(cfg: Config, nodes: List[Dict[str, float]], learner_gpus: float)
     the learner's CPUs taken from that one: Ray picks the learner's node, and the actors must
     fit wherever it does. A single list when the learner cannot take from their nodes."""
     o = cfg.online
-    actor_nodes = [r for r in nodes if not o.actor_resource or r.get(o.actor_resource, 0) > 0]
+    actor_nodes = [r for r in nodes if carries(r, o.actor_resource)]
     room = [_units(r.get("CPU", 0.0)) for r in actor_nodes]
-    hosts = [i for i, r in enumerate(actor_nodes)
-             if (not o.learner_resource or r.get(o.learner_resource, 0) > 0) and r.get("GPU", 0.0) >= learner_gpus]
+    hosts = [i for i, r in enumerate(actor_nodes) if carries(r, o.learner_resource) and r.get("GPU", 0.0) >= learner_gpus]
     if not hosts:
         return [room]
     return [[c - _units(o.learner_num_cpus) if i == j else c for i, c in enumerate(room)] for j in hosts]
@@ -178,14 +158,14 @@ def plan_resources(cfg: Config, nodes: List[Dict[str, float]]) -> Dict[str, obje
 
 def resources(cfg: Config) -> Dict[str, object]:
     """:func:`plan_resources` on the cluster Ray is connected to."""
-    return plan_resources(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+    return plan_resources(cfg, alive_nodes())
 
 
 def make_learner(cfg: Config, res: Dict[str, float], **kwargs):
     return LearnerActor.options(num_cpus=res["learner_cpus"], num_gpus=res["learner_gpus"],
                                 resources=res.get("learner_resources"),
                                 runtime_env=_THREADS).remote(device="cuda" if res["learner_gpus"] > 0 else "cpu",
-                                                             driver_code=code_digest(), **kwargs)
+                                                             driver_code=CODE_DIGEST, **kwargs)
 
 
 def make_replay(**kwargs):
@@ -201,4 +181,4 @@ def make_worker(cfg: Config, res: Dict[str, float], **kwargs):
     # first hands the restarted worker the newest weights.
     return RolloutWorkerActor.options(num_cpus=res["actor_cpus"], resources=res.get("actor_resources"),
                                       max_restarts=cfg.online.actor_max_restarts,
-                                      max_task_retries=0, runtime_env=_THREADS).remote(driver_code=code_digest(), **kwargs)
+                                      max_task_retries=0, runtime_env=_THREADS).remote(driver_code=CODE_DIGEST, **kwargs)

@@ -154,15 +154,17 @@ def checked_resources(cfg: Config, log: Callable[[str], None]) -> Dict[str, obje
     o = cfg.online
     # Per node: Ray places the learner on one, so two 1-GPU nodes do not hold a 2-GPU learner,
     # nor a CPU node with learner_resource and a GPU node without it a GPU learner.
-    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
-    hosts = [r for r in nodes if not o.learner_resource or r.get(o.learner_resource, 0) > 0]
+    nodes = actors.alive_nodes()
+    hosts = [r for r in nodes if actors.carries(r, o.learner_resource)]
     gpus, cpus = res["learner_gpus"], res["learner_cpus"]
     if not any(r.get("GPU", 0.0) >= gpus and r.get("CPU", 0.0) >= cpus for r in hosts):
         asks = " and ".join([f"{gpus:g} GPU"] * (gpus > 0) + [f"{cpus:g} CPU"] * (cpus > 0)) or "a place"
         where = f"a node with {o.learner_resource!r}" if o.learner_resource else "one node"
+        on_cpu = (" It will train on CPU: online.learner_num_gpus -1 takes a GPU only where one is up now; pass "
+                  "--online.learner_num_gpus 1 for a GPU node still to come." if o.learner_num_gpus < 0 and not gpus else "")
         log(f"warning: the learner asks for {asks} on {where}, which the cluster does not have yet: the run "
             f"waits for it (an autoscaler) after pretraining; check --online.learner_num_gpus, "
-            f"--online.learner_num_cpus and --online.learner_resource")
+            f"--online.learner_num_cpus and --online.learner_resource.{on_cpu}")
     elif o.learner_num_gpus < 0 and not gpus and any(r.get("GPU", 0.0) >= 1 for r in nodes):
         log(f"warning: the learner trains on CPU: the cluster's GPUs are on nodes without {o.learner_resource!r}")
     if fit < n:
@@ -820,7 +822,7 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
     # The cluster's CPUs shared as training shares them with its actors (there is no learner):
     # asking 1/N CPU each, as this once did, held every actor on the node that started them.
     cfg = config_lib.from_dict({"online": {"num_actors": num_actors, "actor_num_cpus": 0.0, "learner_num_cpus": 0.0,
-                                           "learner_num_gpus": 0.0}}, cfg)
+                                           "learner_num_gpus": 0.0, "actor_resource": "", "learner_resource": ""}}, cfg)
     res = actors.resources(cfg)
     if checkpoint is None:
         per_task = max(1, min(10, n_episodes // max(num_actors, 1)))

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
 from distdiff.config import from_dict
 from distdiff.data.windows import Batch
+from distdiff.provenance import check_same_code
 from distdiff.training import Trainer, prior_of, resolve_device, seed_everything
 
 
@@ -35,7 +36,8 @@ class Learner:
     """
 
     def __init__(self, *, config: Dict[str, object], checkpoint: Dict[str, object], version: int = 0,
-                 device: str = "auto", max_nonfinite: int = 20, resumed: bool = False):
+                 device: str = "auto", max_nonfinite: int = 20, resumed: bool = False, driver_code: Optional[str] = None):
+        check_same_code(driver_code)
         cfg = from_dict(config)
         torch.set_num_threads(cfg.train.num_threads)
         seed_everything(cfg.train.seed + 1)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from distdiff.data.episodes import Episode, completed_return
-from distdiff.data.windows import Batch, EpisodeWindows, WindowDataset, episode_windows
+from distdiff.data.windows import Batch, WindowDataset, episode_windows
 from distdiff.layout import TrajectoryLayout
 from distdiff.normalizer import Normalizer
 
@@ -103,12 +103,10 @@ class Replay:
         return self.transitions
 
     def _store(self, ep: Episode) -> None:
+        windows = episode_windows(ep, **self._window_args, time_limit=self.time_limit)  # (may raise: first)
         self.episodes.append(ep)
-        self.windows.append(self._episode_windows(ep))
+        self.windows.append(windows)
         self.transitions += len(ep)
-
-    def _episode_windows(self, ep: Episode) -> EpisodeWindows:
-        return episode_windows(ep, **self._window_args, time_limit=self.time_limit)
 
     def _evict(self) -> None:
         # The newest episode stays whatever its length: a replay is never left empty.

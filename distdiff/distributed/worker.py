@@ -14,6 +14,7 @@ import torch
 from distdiff.config import from_dict
 from distdiff.models import build_models
 from distdiff.normalizer import Normalizer
+from distdiff.provenance import check_same_code
 from distdiff.planner import Planner
 from distdiff.rollout import make_env, run_episodes
 from distdiff.training import load_weights
@@ -37,7 +38,9 @@ class PlanError(Exception):
 
 
 class RolloutWorker:
-    def __init__(self, *, config: Dict[str, object], normalizer: Dict[str, object], worker_id: int):
+    def __init__(self, *, config: Dict[str, object], normalizer: Dict[str, object], worker_id: int,
+                 driver_code: Optional[str] = None):
+        check_same_code(driver_code)
         cfg = from_dict(config)
         torch.set_num_threads(1)
         self.cfg = cfg
