@@ -348,6 +348,9 @@ def test_trials_read_the_base_config_where_the_sweep_starts(tiny_dataset, tmp_pa
     spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, base=str(base)))
     base.unlink()
     assert spec.trial_config({"diffusion.schedule": "linear"}).eval.seed == 4321
+    # (what was read is no option of a sweep file)
+    with pytest.raises(ConfigError, match="unknown sweep option 'base_yaml'"):
+        load_spec(write_sweep(tmp_path / "t.yaml", tiny_dataset, base_yaml={"train": {"steps": 1}}))
 
 
 def test_a_trial_driver_given_no_gpu_pretrains_on_cpu(tiny_dataset, tmp_path):
