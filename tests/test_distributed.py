@@ -1290,3 +1290,21 @@ def test_an_actor_that_imports_another_distdiff_than_the_driver_refuses_to_start
     # The check does not hide the constructor's signature: a wrong keyword still fails at the call.
     with pytest.raises(TypeError, match="worker_id"):
         actors.RolloutWorkerActor.remote(driver_code="0" * 16, config={}, normalizer=None, worker_idx=0)
+
+
+def test_rates_in_tensorboard_are_over_the_last_minute():
+    # After an hour at 100 steps/s, a minute at half the pace shows as 50, not as 99.
+    from distdiff.distributed.driver import RecentRate
+
+    rate, steps = RecentRate(0.0, 0), 0
+    for t in range(1, 3601):
+        steps += 100
+        rate(float(t), steps)
+    assert rate(3600.0, steps) == pytest.approx(100.0)
+    for t in range(3601, 3661):
+        steps += 50
+        last = rate(float(t), steps)
+    assert last == pytest.approx(50.0)
+    assert len(rate.points) <= 62  # what the window holds, not the whole run
+    fresh = RecentRate(10.0, 500)  # a resumed run: from its own start and counters
+    assert fresh(12.0, 700) == pytest.approx(100.0)

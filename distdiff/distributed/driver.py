@@ -15,6 +15,7 @@ import shutil
 import socket
 import threading
 import time
+from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
@@ -212,6 +213,24 @@ class PendingEvaluation(NamedTuple):
     result: Future  # the evaluation's summary
     at: Dict[str, int]  # the counters of the checkpoint it evaluates, and its learner step
     thread: Optional[threading.Thread]  # None when the result is an earlier one's
+
+
+class RecentRate:
+    """Counts per second over the last ``window_s`` seconds (since the start, before that): a
+    run of days shows a slowdown within a minute, where the mean since its start would hide it,
+    and the actors' start-up stops weighing on the rate once it has passed."""
+
+    def __init__(self, t0: float, count0: int, window_s: float = 60.0):
+        self.window_s = window_s
+        self.points: deque = deque([(t0, count0)])
+
+    def __call__(self, now: float, count: int) -> float:
+        self.points.append((now, count))
+        # The oldest point kept is the newest one at least window_s old.
+        while len(self.points) > 2 and now - self.points[1][0] >= self.window_s:
+            self.points.popleft()
+        t, c = self.points[0]
+        return (count - c) / max(now - t, 1e-9)
 
 
 class Counters:
@@ -426,7 +445,7 @@ class OnlineRun:
         return best
 
     # ----- logging ---------------------------------------------------------------------------
-    def log_rollout(self, result: Dict[str, object], t0: float, env_steps0: int) -> None:
+    def log_rollout(self, result: Dict[str, object], env_rate: "RecentRate") -> None:
         step = self.counters.env_steps
         w = self.writer
         for ret in result["returns"]:
@@ -446,7 +465,7 @@ class OnlineRun:
                 if np.isfinite(v):
                     w.add_scalar(f"rollout/alignment_error_step/{j:02d}", float(v), step)
         w.add_scalar("perf/weights_lag", self.counters.version - result["version"], step)
-        w.add_scalar("perf/env_steps_per_s", (step - env_steps0) / max(time.perf_counter() - t0, 1e-9), step)
+        w.add_scalar("perf/env_steps_per_s", env_rate(time.perf_counter(), step), step)
         w.add_scalar("faults/worker_restarts", self.counters.worker_restarts, step)
         w.add_scalar("faults/failed_rollouts", self.counters.failed_rollouts, step)
         w.add_scalar("faults/env_rebuilds", self.counters.env_rebuilds, step)
@@ -456,12 +475,12 @@ class OnlineRun:
             # object store, every episode of it, until the next example.
             self.last_example = type(result["example"])(*(np.array(a, copy=True) for a in result["example"]))
 
-    def log_train(self, stats: Dict[str, float], replay_size: int, t0: float, updates0: int) -> None:
+    def log_train(self, stats: Dict[str, float], replay_size: int, update_rate: "RecentRate") -> None:
         step = self.counters.updates
         for k, v in stats.items():
             if k.startswith("losses/"):
                 self.writer.add_scalar(k, v, step)
-        self.writer.add_scalar("perf/updates_per_s", (step - updates0) / max(time.perf_counter() - t0, 1e-9), step)
+        self.writer.add_scalar("perf/updates_per_s", update_rate(time.perf_counter(), step), step)
         self.writer.add_scalar("perf/windows_per_s", stats["windows"] / max(stats["seconds"], 1e-9), step)
         self.writer.add_scalar("replay/size", replay_size, step)
         self.writer.add_scalar("faults/skipped_updates", self.counters.skipped_updates, step)
@@ -563,7 +582,8 @@ class OnlineRun:
         said_slow = False  # that evaluations come due faster than they end
         size_ref = None
         ahead: Optional[ray.ObjectRef] = None  # a full call's batches, sampled ahead for the next call
-        t0, env0, upd0 = time.perf_counter(), c.env_steps, c.updates
+        t0 = time.perf_counter()
+        env_rate, update_rate = RecentRate(t0, c.env_steps), RecentRate(t0, c.updates)
         def after(every: int) -> int:
             """The first multiple of ``every`` past the updates so far: a resumed run keeps its
             schedule, and what came due late (during an evaluation) comes once."""
@@ -724,7 +744,7 @@ class OnlineRun:
             ref = ready[0]
             if ref is self.train_ref:
                 stats = self.settle_training()
-                self.log_train(stats, ray.get(size_ref), t0, upd0)
+                self.log_train(stats, ray.get(size_ref), update_rate)
                 # Counted from the last broadcast, an evaluation's included.
                 if c.updates - self.published_at >= o.broadcast_every:
                     self.broadcast()
@@ -769,7 +789,7 @@ class OnlineRun:
                 c.env_steps += result["env_steps"]
                 c.episodes += len(result["episodes"])
                 bar.update(result["env_steps"])
-                self.log_rollout(result, t0, env0)
+                self.log_rollout(result, env_rate)
                 collecting = collecting and self.budget_left(t0)
                 if collecting:
                     # An episode that ended early (a fall) leaves its share of the budget to others.
