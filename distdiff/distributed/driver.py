@@ -727,7 +727,9 @@ class OnlineRun:
                     + (["the evaluation in flight (to keep its result)"] if self.evaluation is not None else [])
                 if what:
                     self.log(f"interrupted: waiting for {' and '.join(what)} (Ctrl-C again to stop without them)")
-            waiting = list(rollouts) + ([self.train_ref] if self.train_ref is not None else [])
+            # The learner's call first: ray.wait returns the ready ones in this order, and a
+            # driver with results queued up should not keep the learner (a GPU) waiting.
+            waiting = ([self.train_ref] if self.train_ref is not None else []) + list(rollouts)
             # A bounded wait: a Ctrl-C only sets a flag, which a wait for one long rollout
             # would leave unread.
             short = bool(retry_at) or self.evaluation is not None
