@@ -166,8 +166,10 @@ def deferred_interrupt(raise_at: int = 2) -> Iterator[Interrupt]:
     bpo-29988) can leave its close waiting forever, as the interrupted-pretraining test once
     did. Loops check the event between steps or results. Ctrl-C number ``raise_at`` (2 or 3)
     raises at once; with 3, the second sets ``again``, for a loop that waits for running work
-    after the first to stop waiting at its next check. Off the main thread (e.g. a Tune trial)
-    Python cannot handle signals, and the event is never set."""
+    after the first to stop waiting at its next check. SIGTERM (`ray job stop`, `docker stop`, a
+    scheduler's preemption: a grace period of seconds before SIGKILL) counts as all but the last
+    Ctrl-C at once: stop at the next check, without waiting for running work, and save. Off the
+    main thread (e.g. a Tune trial) Python cannot handle signals, and the event is never set."""
     if raise_at not in (2, 3):
         raise ValueError(f"raise_at must be 2 or 3, got {raise_at}")
     requested = Interrupt()
@@ -176,18 +178,23 @@ def deferred_interrupt(raise_at: int = 2) -> Iterator[Interrupt]:
         return
 
     def handler(signum, frame):
-        if not requested.is_set():
+        if signum == signal.SIGTERM and not requested.again.is_set():
+            requested.set()
+            requested.again.set()
+        elif not requested.is_set():
             requested.set()
         elif raise_at == 3 and not requested.again.is_set():
             requested.again.set()
         else:
             raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGINT, handler)
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield requested
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, before in previous.items():
+            # None: a handler installed outside Python (Ray's, which logs and exits).
+            signal.signal(sig, signal.SIG_DFL if before is None else before)
 
 
 def progress_bar(**kwargs) -> tqdm:

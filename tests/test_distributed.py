@@ -762,10 +762,12 @@ def test_evaluations_blend_in_the_prior_phase_2_started_from(ray_session, pretra
         torch.testing.assert_close(v, 0.75 * saved["ema_denoiser"][k] + 0.25 * prior[k])
 
 
-@pytest.mark.parametrize("presses", [1, 2])
-def test_ctrl_c_stops_between_results_with_a_resumable_checkpoint(presses, ray_session, pretrained, tmp_path,
+@pytest.mark.parametrize("signals", [[signal.SIGINT], [signal.SIGINT] * 2, [signal.SIGTERM]],
+                         ids=["ctrl-c", "ctrl-c twice", "sigterm"])
+def test_ctrl_c_stops_between_results_with_a_resumable_checkpoint(signals, ray_session, pretrained, tmp_path,
                                                                    monkeypatch):
-    # One Ctrl-C lets the rollouts in flight finish and keeps them; a second stops waiting.
+    # One Ctrl-C lets the rollouts in flight finish and keeps them; a second stops waiting. So
+    # does one SIGTERM (`ray job stop`, a preemption), which leaves only seconds before SIGKILL.
     cfg, ckpt = pretrained
     cfg = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": 100_000})
     log_rollout = OnlineRun.log_rollout
@@ -777,16 +779,17 @@ def test_ctrl_c_stops_between_results_with_a_resumable_checkpoint(presses, ray_s
         if len(rollouts_logged) == 1:
             # Ctrl-C in the middle of the loop's bookkeeping (e.g. a TensorBoard write): it
             # must not raise here, only stop the loop between results.
-            for _ in range(presses):
-                signal.raise_signal(signal.SIGINT)
+            for sig in signals:
+                signal.raise_signal(sig)
             bookkeeping_finished.append(True)
 
     monkeypatch.setattr(OnlineRun, "log_rollout", log_and_interrupt)
     messages = []
-    handler = signal.getsignal(signal.SIGINT)
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     with pytest.raises(KeyboardInterrupt):
         train(cfg, tmp_path, init=ckpt, log=messages.append, progress=False)
-    assert signal.getsignal(signal.SIGINT) is handler
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    presses = 2 if signals == [signal.SIGTERM] else len(signals)
     assert bookkeeping_finished
     assert any("interrupted" in m for m in messages), messages
     saved = load_checkpoint(tmp_path / "checkpoint.pt")

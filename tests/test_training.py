@@ -211,6 +211,14 @@ def test_ctrl_c_during_pretraining_is_deferred_to_a_step_boundary():
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+    # SIGTERM (ray job stop, a preemption): stop at the next step and save, as after a Ctrl-C.
+    term_before = signal.getsignal(signal.SIGTERM)
+    with deferred_interrupt() as interrupted:
+        signal.raise_signal(signal.SIGTERM)
+        assert interrupted.is_set()
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) == (signal.SIG_DFL if term_before is None else term_before)
     # Phase 2's loop waits for rollouts after the first: the second only asks it to stop waiting.
     with deferred_interrupt(raise_at=3) as interrupted:
         signal.raise_signal(signal.SIGINT)
