@@ -1311,3 +1311,30 @@ def test_rates_in_tensorboard_are_over_the_last_minute():
     assert len(rate.points) <= 62  # what the window holds, not the whole run
     fresh = RecentRate(10.0, 500)  # a resumed run: from its own start and counters
     assert fresh(12.0, 700) == pytest.approx(100.0)
+
+
+def test_an_evaluation_the_run_stopped_during_runs_first_when_it_resumes(ray_session, pretrained, tmp_path,
+                                                                         monkeypatch):
+    # Killed during an evaluation, a run resumes from the checkpoint of the weights it was
+    # judging; without running that evaluation again they could never become best.pt.
+    from distdiff.distributed import driver
+
+    monkeypatch.setattr(driver, "evaluate", lambda planner, cfg, **_: scripted_summary(1.0))
+    cfg, ckpt = pretrained
+    first = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["evaluating"]
+    (tmp_path / "metrics.json").unlink()  # as a kill during the final evaluation leaves the run dir
+
+    def resume(factor):
+        messages, reported = [], []
+        longer = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": factor * cfg.online.env_steps})
+        summary = train(longer, tmp_path, resume=True, log=messages.append, progress=False,
+                        on_evaluation=lambda m: reported.append(m["updates"]))
+        return summary, messages, reported
+
+    second, messages, reported = resume(2)
+    assert reported[0] == first["updates"] < second["updates"] == reported[-1]
+    assert any("runs again first" in m for m in messages), messages
+    # An evaluation that ended (metrics.json holds it) is not run again.
+    _, messages, reported = resume(3)
+    assert reported[0] > second["updates"] and not any("runs again first" in m for m in messages)

@@ -251,6 +251,14 @@ class Counters:
         return {f: getattr(self, f) for f in self.FIELDS}
 
 
+def _evaluated_update(run_dir: Path) -> Optional[int]:
+    """The update of the last evaluation that ended (``metrics.json``), if any can be read."""
+    try:
+        return int(json.loads((run_dir / METRICS).read_text())["updates"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 class OnlineRun:
     """Owns the actors of one run and the driver loop."""
 
@@ -269,9 +277,10 @@ class OnlineRun:
         log(f"actors: {_count(cfg.online.num_actors, 'rollout actor')} x {_count(cfg.online.envs_per_actor, 'env')} "
             f"({res['actor_cpus']:.3g} CPU each), learner on {'GPU' if res['learner_gpus'] else 'CPU'}")
         cfg_dict = cfg.to_dict()
+        resumed = counters.updates > 0 or counters.env_steps > 0
         self.learner = actors.make_learner(cfg, res, config=cfg_dict, checkpoint=ray.put(state),
                                            version=counters.version, max_nonfinite=cfg.online.max_nonfinite,
-                                           resumed=counters.updates > 0 or counters.env_steps > 0)
+                                           resumed=resumed)
         self.replay = actors.make_replay(
             offline_episodes=ray.put(offline_episodes) if cfg.online.offline_ratio > 0 else [],
             normalizer=self.normalizer.state_dict(), layout=layout_of(cfg), horizon=cfg.model.horizon,
@@ -295,6 +304,10 @@ class OnlineRun:
                     "(the run stopped between writing the two): dropped, to be collected again")
         self.workers = [actors.make_worker(cfg, res, config=cfg_dict, normalizer=self.normalizer.state_dict(), worker_id=i)
                         for i in range(cfg.online.num_actors)]
+        # Resumed from the checkpoint of an evaluation that never ended (the run was stopped or
+        # killed during it): those weights are judged first, or they could never be best.pt.
+        self.evaluate_first = (resumed and bool(state.get("evaluating"))
+                               and _evaluated_update(run_dir) != counters.updates)
         self.writer = SummaryWriter(str(run_dir))
         self.weights_ref = None
         self.published_at = -1  # counters.updates when weights_ref was published
@@ -350,14 +363,17 @@ class OnlineRun:
         return ref
 
     # ----- checkpoints -----------------------------------------------------------------------
-    def checkpoint(self) -> Dict[str, object]:
-        """Write the learner's and the replay's state; returns the learner's."""
+    def checkpoint(self, evaluating: bool = False) -> Dict[str, object]:
+        """Write the learner's and the replay's state; returns the learner's. ``evaluating``:
+        written for an evaluation of these weights, which a resume runs first unless
+        ``metrics.json`` shows that it ended."""
         # The learner's state is read after its call in flight (a Ctrl-C can come mid-call): the
         # counters must hold that call's updates too, or a resume would owe them again.
         self.settle_training()
         learner_state, replay_state = ray.get([self.learner.state_dict.remote(), self.replay.state_dict.remote()])
         save_checkpoint(self.run_dir / REPLAY, {"replay": replay_state})
-        save_checkpoint(self.run_dir / CHECKPOINT, {**learner_state, "run": self.counters.to_dict()})
+        save_checkpoint(self.run_dir / CHECKPOINT, {**learner_state, "run": self.counters.to_dict(),
+                                                    "evaluating": evaluating})
         return learner_state
 
     def start_evaluation(self) -> None:
@@ -368,7 +384,7 @@ class OnlineRun:
         if self.published_at != self.counters.updates:
             # The version the checkpoint's weights go by is the one the actors get next.
             self.broadcast()
-        state = self.checkpoint()
+        state = self.checkpoint(evaluating=True)
         # The counters the checkpoint holds: its evaluation is reported at them, whenever it ends.
         at = {**self.counters.to_dict(), "weights_version": int(state["weights_version"]), "step": int(state["step"])}
         result: Future = Future()
@@ -568,6 +584,10 @@ class OnlineRun:
         ``interrupted.again`` is set."""
         o, c = self.cfg.online, self.counters
         self.broadcast()
+        if self.evaluate_first:
+            self.evaluate_first = False
+            self.log(f"evaluation: the run stopped during the one at update {c.updates}, which runs again first")
+            self.start_evaluation()
         collecting = self.budget_left(time.perf_counter())
         if collecting:
             self.log_budget_share()
