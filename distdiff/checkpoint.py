@@ -5,6 +5,7 @@ a distdiff checkpoint, or is truncated, is a :class:`CheckpointError` with the p
 """
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Dict
 
@@ -21,11 +22,24 @@ class CheckpointError(RuntimeError):
     pass
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a read-only run dir); the one before it
+    is intact."""
+
+
 def save_checkpoint(path: str | Path, payload: Dict[str, Any]) -> Path:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     path = Path(path)
-    with replacing(path) as tmp:
-        torch.save({**payload, "format": FORMAT, "format_version": VERSION}, tmp)
+    try:
+        with replacing(path) as tmp:
+            torch.save({**payload, "format": FORMAT, "format_version": VERSION}, tmp)
+    except (OSError, RuntimeError) as e:
+        # torch reports a full disk as "[enforce fail at inline_container.cc] unexpected pos".
+        try:
+            free = f"; {shutil.disk_usage(path.parent).free / 2**30:.2f} GiB free there"
+        except OSError:
+            free = ""
+        raise CheckpointWriteError(f"could not write {path} ({type(e).__name__}: {str(e).strip().splitlines()[0]}){free}") from e
     return path
 
 

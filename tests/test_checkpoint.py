@@ -11,7 +11,7 @@ import torch
 
 from _helpers import assert_same, make_trainer, snapshot
 from distdiff import config
-from distdiff.checkpoint import VERSION, CheckpointError, load_checkpoint, save_checkpoint
+from distdiff.checkpoint import VERSION, CheckpointError, CheckpointWriteError, load_checkpoint, save_checkpoint
 from distdiff.training import Trainer, planner_from_checkpoint
 
 
@@ -227,3 +227,20 @@ def test_a_replaced_file_reaches_the_disk_before_its_rename_and_the_rename_after
     cli.write_json(tmp_path / "metrics.json", {"return_mean": 1.0})
     # The new file's data before the rename (the name is not there yet), the directory after.
     assert synced == [(str(tmp_path / ".metrics.partial.json"), False), (str(tmp_path), True)]
+
+
+def test_a_checkpoint_that_cannot_be_written_says_where_and_keeps_the_one_before(tmp_path, monkeypatch):
+    # On a full disk torch only says "[enforce fail at inline_container.cc] unexpected pos".
+    path = tmp_path / "checkpoint.pt"
+    save_checkpoint(path, {"step": 1})
+
+    def full_disk(obj, f):
+        Path(f).write_bytes(b"half")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1199360 vs 1199248")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match=rf"could not write {path} \(RuntimeError: .*GiB free there"):
+        save_checkpoint(path, {"step": 2})
+    monkeypatch.undo()
+    assert load_checkpoint(path)["step"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no partial file left

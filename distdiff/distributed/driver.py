@@ -8,6 +8,7 @@ every actor (fire-and-forget), so the weights are stored once per version, never
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -843,9 +844,12 @@ class OnlineRun:
 
     def close(self) -> None:
         self.stop_evaluating()
-        self.writer.close()
         for a in self.workers + [self.replay, self.learner]:
             ray.kill(a)
+        # A writer whose directory went (read-only, full) raises its error again here: the one
+        # that stopped the run was already raised.
+        with contextlib.suppress(OSError):
+            self.writer.close()
 
 
 COLLECT_TRIES = 5  # a collection task that fails this often stops the collection
