@@ -1338,3 +1338,34 @@ def test_an_evaluation_the_run_stopped_during_runs_first_when_it_resumes(ray_ses
     # An evaluation that ended (metrics.json holds it) is not run again.
     _, messages, reported = resume(3)
     assert reported[0] > second["updates"] and not any("runs again first" in m for m in messages)
+
+
+def test_best_pt_carries_its_own_metrics_so_a_stale_or_damaged_best_json_cannot_mislead_a_resume(
+        ray_session, pretrained, tmp_path, monkeypatch):
+    from distdiff.checkpoint import save_checkpoint
+    from distdiff.distributed import driver
+
+    scores = iter([300.0] + [200.0] * 20)
+    monkeypatch.setattr(driver, "evaluate", lambda planner, cfg, **_: scripted_summary(next(scores)))
+    cfg, ckpt = pretrained
+    first = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+    assert first["best"]["return_mean"] == 300.0
+    assert load_checkpoint(tmp_path / "best.pt")["best"] == first["best"]
+
+    def resume(factor):
+        messages = []
+        longer = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": factor * cfg.online.env_steps})
+        return train(longer, tmp_path, resume=True, log=messages.append, progress=False), messages
+
+    # Killed between writing best.pt and best.json: best.json still tells of an older, lower best.
+    (tmp_path / "best.json").write_text(json.dumps({**first["best"], "return_mean": 100.0}))
+    second, _ = resume(2)
+    assert second["best"]["return_mean"] == 300.0  # 200 does not replace the better weights
+    # A best.pt of an older distdiff (metrics only in best.json), and a damaged best.json.
+    old = load_checkpoint(tmp_path / "best.pt")
+    del old["best"]
+    save_checkpoint(tmp_path / "best.pt", old)
+    (tmp_path / "best.json").write_text('{"return_mean": 3')
+    third, messages = resume(3)
+    assert any("best evaluation so far cannot be read" in m for m in messages), messages
+    assert third["best"]["return_mean"] == 200.0 and load_checkpoint(tmp_path / "best.pt")["best"] == third["best"]

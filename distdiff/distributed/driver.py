@@ -12,7 +12,6 @@ import contextlib
 import itertools
 import json
 import os
-import shutil
 import socket
 import threading
 import time
@@ -28,7 +27,7 @@ from tqdm import tqdm
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from distdiff.cli import Interrupt, deferred_interrupt, progress_bar, replacing, write_json
+from distdiff.cli import Interrupt, deferred_interrupt, progress_bar, write_json
 from distdiff.config import Config
 from distdiff.data.minari_io import normalized_score, reference_scores
 from distdiff.distributed import actors
@@ -323,6 +322,7 @@ class OnlineRun:
         self.evaluation: Optional[PendingEvaluation] = None  # the one in flight
         self.stop_evaluation = threading.Event()  # asked before each of its plans
         self.evaluated: Optional[Tuple[int, int, Dict[str, object]]] = None  # the last one's learner step, update, result
+        self._best: Optional[Dict[str, object]] = None  # best_so_far(), once read
 
     # ----- weights ---------------------------------------------------------------------------
     def broadcast(self) -> None:
@@ -447,16 +447,30 @@ class OnlineRun:
         self.start_evaluation()
         return self.finish_evaluation()
 
+    def best_so_far(self) -> Optional[Dict[str, object]]:
+        """The metrics of the evaluation ``best.pt`` holds; None when there is none, or it cannot
+        be read (then the next evaluation replaces it, with a warning). They are kept in
+        ``best.pt`` itself, so that weights and metrics are written at once; ``best.json``,
+        written after it, is their copy to read (and where a best.pt of an older distdiff
+        keeps them)."""
+        if self._best is None and (self.run_dir / BEST).is_file():
+            try:
+                self._best = load_checkpoint(self.run_dir / BEST).get("best") \
+                    or json.loads((self.run_dir / BEST_METRICS).read_text())
+            except (CheckpointError, OSError, ValueError) as e:
+                self.log(f"warning: the best evaluation so far cannot be read ({e}); the next evaluation replaces "
+                         f"{self.run_dir / BEST}")
+        return self._best
+
     def keep_if_best(self, metrics: Dict[str, object]) -> Dict[str, object]:
         """Copy the checkpoint just written to ``best.pt`` if its evaluation's mean return beats
         every earlier one of this run dir (resumed runs included); the best one's metrics."""
-        path = self.run_dir / BEST_METRICS
-        best = json.loads(path.read_text()) if path.is_file() else None
+        best = self.best_so_far()
         if best is None or metrics["return_mean"] > best["return_mean"]:
-            with replacing(self.run_dir / BEST) as tmp:
-                shutil.copyfile(self.run_dir / CHECKPOINT, tmp)
             best = {k: metrics[k] for k in BEST_KEYS}
-            write_json(path, best)
+            save_checkpoint(self.run_dir / BEST, {**load_checkpoint(self.run_dir / CHECKPOINT), "best": best})
+            self._best = best
+            write_json(self.run_dir / BEST_METRICS, best)
             self.log(f"best evaluation so far: return {best['return_mean']:.1f} at env step {best['env_steps']} "
                      f"-> {self.run_dir / BEST}")
         return best
