@@ -988,6 +988,9 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
             raise CheckpointError(f"{run_dir / CHECKPOINT}: {e}") from e
         if (run_dir / REPLAY).is_file():
             replay_state = load_checkpoint(run_dir / REPLAY)["replay"]
+        elif counters.episodes:
+            log(f"warning: {run_dir / REPLAY} is missing: the replay starts empty, without the "
+                f"{_count(counters.episodes, 'episode')} collected so far")
         log(f"resuming {run_dir} at env step {counters.env_steps}, update {counters.updates}")
     else:
         state = load_checkpoint(init)
