@@ -204,21 +204,15 @@ def test_ctrl_c_during_pretraining_is_deferred_to_a_step_boundary():
 
     from distdiff.cli import deferred_interrupt
 
-    before = signal.getsignal(signal.SIGINT)
-    with deferred_interrupt() as interrupted:
-        signal.raise_signal(signal.SIGINT)
-        assert interrupted.is_set()
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     # SIGTERM (ray job stop, a preemption): stop at the next step and save, as after a Ctrl-C.
-    term_before = signal.getsignal(signal.SIGTERM)
-    with deferred_interrupt() as interrupted:
-        signal.raise_signal(signal.SIGTERM)
-        assert interrupted.is_set()
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGTERM)
-    assert signal.getsignal(signal.SIGTERM) == (signal.SIG_DFL if term_before is None else term_before)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with deferred_interrupt() as interrupted:
+            signal.raise_signal(sig)
+            assert interrupted.is_set()
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(sig)
+        assert signal.getsignal(sig) == (signal.SIG_DFL if before[sig] is None else before[sig])
     # Phase 2's loop waits for rollouts after the first: the second only asks it to stop waiting.
     with deferred_interrupt(raise_at=3) as interrupted:
         signal.raise_signal(signal.SIGINT)
@@ -226,7 +220,7 @@ def test_ctrl_c_during_pretraining_is_deferred_to_a_step_boundary():
         assert interrupted.is_set() and interrupted.again.is_set()
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before
+    assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
 
 
 def test_a_planner_blends_a_phase_2_checkpoint_with_its_prior(tiny_episodes):
