@@ -105,9 +105,7 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
         clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, run_dir / CONFIG)
-    # A resume drops what the stopped run logged past its checkpoint (it is logged again), which
-    # TensorBoard would otherwise draw twice, the curve going back on itself.
-    writer = SummaryWriter(str(run_dir), purge_step=trainer.step if state else None)
+    writer = SummaryWriter(str(run_dir))
     save = lambda: save_checkpoint(ckpt_path, checkpoint_payload(trainer, rng))  # noqa: E731
     bar = progress_bar(total=cfg.train.steps, initial=trainer.step, desc="pretrain", disable=quiet)
     t0, step0 = time.perf_counter(), trainer.step

