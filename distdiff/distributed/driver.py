@@ -264,7 +264,8 @@ class OnlineRun:
 
     def __init__(self, cfg: Config, run_dir: Path, state: Dict[str, object], offline_episodes, counters: Counters,
                  replay_state: Optional[Dict[str, object]] = None, log: Callable[[str], None] = print,
-                 progress: bool = True, on_evaluation: Optional[Callable[[Dict[str, object]], None]] = None):
+                 progress: bool = True, on_evaluation: Optional[Callable[[Dict[str, object]], None]] = None,
+                 rerun_unfinished_evaluation: bool = True):
         from torch.utils.tensorboard import SummaryWriter
 
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
@@ -306,7 +307,7 @@ class OnlineRun:
                         for i in range(cfg.online.num_actors)]
         # Resumed from the checkpoint of an evaluation that never ended (the run was stopped or
         # killed during it): those weights are judged first, or they could never be best.pt.
-        self.evaluate_first = (resumed and bool(state.get("evaluating"))
+        self.evaluate_first = (rerun_unfinished_evaluation and resumed and bool(state.get("evaluating"))
                                and _evaluated_update(run_dir) != counters.updates)
         self.writer = SummaryWriter(str(run_dir))
         self.weights_ref = None
@@ -463,8 +464,9 @@ class OnlineRun:
         return self._best
 
     def keep_if_best(self, metrics: Dict[str, object]) -> Dict[str, object]:
-        """Copy the checkpoint just written to ``best.pt`` if its evaluation's mean return beats
-        every earlier one of this run dir (resumed runs included); the best one's metrics."""
+        """Write the checkpoint just evaluated, with its metrics, to ``best.pt`` if its mean return
+        beats every earlier evaluation of this run dir (resumed runs included); the best one's
+        metrics."""
         best = self.best_so_far()
         if best is None or metrics["return_mean"] > best["return_mean"]:
             best = {k: metrics[k] for k in BEST_KEYS}
@@ -599,11 +601,13 @@ class OnlineRun:
         ``interrupted.again`` is set."""
         o, c = self.cfg.online, self.counters
         self.broadcast()
-        if self.evaluate_first:
-            self.evaluate_first = False
+        collecting = self.budget_left(time.perf_counter())
+        # (With nothing left to train, the final evaluation that follows judges the same weights.)
+        if self.evaluate_first and (collecting or self.may_train(collecting, time.perf_counter())
+                                    and self.owed_updates() >= 1):
             self.log(f"evaluation: the run stopped during the one at update {c.updates}, which runs again first")
             self.start_evaluation()
-        collecting = self.budget_left(time.perf_counter())
+        self.evaluate_first = False
         if collecting:
             self.log_budget_share()
         rollouts = self.rollouts
@@ -762,13 +766,16 @@ class OnlineRun:
                     + (["the evaluation in flight (to keep its result)"] if self.evaluation is not None else [])
                 if what:
                     self.log(f"interrupted: waiting for {' and '.join(what)} (Ctrl-C again to stop without them)")
-            # The learner's call first: ray.wait returns the ready ones in this order, and a
-            # driver with results queued up should not keep the learner (a GPU) waiting.
-            waiting = ([self.train_ref] if self.train_ref is not None else []) + list(rollouts)
-            # A bounded wait: a Ctrl-C only sets a flag, which a wait for one long rollout
-            # would leave unread.
-            short = bool(retry_at) or self.evaluation is not None
-            ready, _ = ray.wait(waiting, num_returns=1, timeout=0.25 if short else 1.0) if waiting else ([], [])
+            waiting = list(rollouts) + ([self.train_ref] if self.train_ref is not None else [])
+            # The learner's call first when it is done: a driver with results queued up must not
+            # keep the learner (a GPU) waiting, and which of several ready refs ray.wait picks
+            # is not their order in the list.
+            ready = ray.wait([self.train_ref], timeout=0)[0] if self.train_ref is not None else []
+            if not ready and waiting:
+                # A bounded wait: a Ctrl-C only sets a flag, which a wait for one long rollout
+                # would leave unread.
+                short = bool(retry_at) or self.evaluation is not None
+                ready, _ = ray.wait(waiting, num_returns=1, timeout=0.25 if short else 1.0)
             now = time.perf_counter()
             for i in [i for i, t in retry_at.items() if t <= now]:
                 del retry_at[i]
@@ -858,12 +865,14 @@ class OnlineRun:
 
     def close(self) -> None:
         self.stop_evaluating()
-        for a in self.workers + [self.replay, self.learner]:
-            ray.kill(a)
-        # A writer whose directory went (read-only, full) raises its error again here: the one
-        # that stopped the run was already raised.
-        with contextlib.suppress(OSError):
-            self.writer.close()
+        try:
+            for a in self.workers + [self.replay, self.learner]:
+                ray.kill(a)
+        finally:
+            # A writer whose directory went (read-only, full) raises its error again here: the
+            # one that stopped the run was already raised.
+            with contextlib.suppress(OSError):
+                self.writer.close()
 
 
 COLLECT_TRIES = 5  # a collection task that fails this often stops the collection
@@ -955,13 +964,15 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
 
 def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None, resume: bool = False,
           overwrite: bool = False, log: Callable[[str], None] = print, progress: bool = True,
-          on_evaluation: Optional[Callable[[Dict[str, object]], None]] = None) -> Dict[str, object]:
+          on_evaluation: Optional[Callable[[Dict[str, object]], None]] = None,
+          rerun_unfinished_evaluation: bool = True) -> Dict[str, object]:
     """Phase 1 (pretraining, unless ``init``) then phase 2 (online alignment), then a final
     evaluation; ``resume`` continues the phase the run in ``run_dir`` stopped in, ``overwrite``
     clears the run there once the inputs have loaded. Needs Ray initialized (see
     :func:`connect`). Returns the final metrics, also written to ``metrics.json``;
     ``on_evaluation`` is called with each evaluation's metrics (every ``online.eval_every``
-    updates and at the end), after the checkpoint is written."""
+    updates and at the end), after the checkpoint is written. ``rerun_unfinished_evaluation``:
+    a resume from the checkpoint of an evaluation that never ended runs it first."""
     run_dir = Path(run_dir)
     config_lib.check_trainable(cfg)
     replay_state = data = None
@@ -1016,7 +1027,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     config_lib.save(cfg, run_dir / CONFIG)
     log(f"phase 2: online alignment with {_count(cfg.online.num_actors, 'actor')} -> {run_dir} (tensorboard --logdir {run_dir})")
     run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state, log=log, progress=progress,
-                    on_evaluation=on_evaluation)
+                    on_evaluation=on_evaluation, rerun_unfinished_evaluation=rerun_unfinished_evaluation)
     try:
         # Ctrl-C during the loop is taken between results, never inside a TensorBoard write
         # (see deferred_interrupt): the first lets the rollouts in flight finish, a second
@@ -1030,8 +1041,18 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         # the loop).
         raise RunFailed(f"an actor of the run died: {_cause(e)}") from e
     except KeyboardInterrupt:
+        evaluation = run.evaluation
+        if evaluation is not None and not evaluation.result.done():
+            # Stopped without its result: checkpoint.pt is still the one it was judging, marked
+            # so, and stays the run's, or those weights could never be judged again.
+            run.stop_evaluating()
+            log(f"interrupted during the evaluation at update {evaluation.at['updates']}: its checkpoint stays the "
+                f"run's, and the evaluation runs first on --resume {run_dir} (the "
+                f"{_count(run.counters.updates - evaluation.at['updates'], 'update')} since are done again)")
+            raise
+        if evaluation is not None and evaluation.result.exception() is None:
+            run.finish_evaluation()  # (it ended just now: its result is kept)
         log(f"interrupted: saving a checkpoint; resume with --resume {run_dir}")
-        run.stop_evaluating()
         run.checkpoint()
         raise
     finally:
