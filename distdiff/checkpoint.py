@@ -39,7 +39,8 @@ def save_checkpoint(path: str | Path, payload: Dict[str, Any]) -> Path:
             free = f"; {shutil.disk_usage(path.parent).free / 2**30:.2f} GiB free there"
         except OSError:
             free = ""
-        raise CheckpointWriteError(f"could not write {path} ({type(e).__name__}: {str(e).strip().splitlines()[0]}){free}") from e
+        why = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointWriteError(f"could not write {path} ({type(e).__name__}: {why}){free}") from e
     return path
 
 

@@ -193,7 +193,7 @@ def deferred_interrupt(raise_at: int = 2) -> Iterator[Interrupt]:
         yield requested
     finally:
         for sig, before in previous.items():
-            # None: a handler installed outside Python (Ray's, which logs and exits).
+            # None: a handler installed outside Python, which Python cannot reinstall.
             signal.signal(sig, signal.SIG_DFL if before is None else before)
 
 

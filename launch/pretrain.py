@@ -17,7 +17,7 @@ from distdiff.cli import check_run_dir, default_run_dir, fail, limit_threads
 limit_threads()
 
 from distdiff import config as config_lib  # noqa: E402
-from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from distdiff.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint  # noqa: E402
 from distdiff.data.minari_io import DatasetError  # noqa: E402
 from distdiff.pretrain import pretrain  # noqa: E402
 from distdiff.rundir import CHECKPOINT  # noqa: E402
@@ -64,6 +64,10 @@ def main(argv=None) -> int:
             check_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
         print(f"pretraining on {cfg.data.dataset_id} -> {run_dir}", flush=True)
         path = pretrain(cfg, run_dir, resume=bool(args.resume), init=args.init, overwrite=args.overwrite)
+    except CheckpointWriteError as e:
+        saved = run_dir is not None and (run_dir / CHECKPOINT).is_file()
+        fail(f"{e}\n" + (f"the last checkpoint is intact: python launch/pretrain.py --resume {run_dir}" if saved
+                         else "no checkpoint was written yet"), code=1)
     except (config_lib.ConfigError, DatasetError, CheckpointError, FloatingPointError) as e:
         fail(str(e))
     except KeyboardInterrupt:

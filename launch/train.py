@@ -24,7 +24,7 @@ limit_threads()
 default_ray_auth()
 
 from distdiff import config as config_lib  # noqa: E402
-from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from distdiff.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint  # noqa: E402
 from distdiff.data.minari_io import DatasetError  # noqa: E402
 from distdiff.rundir import holds_run  # noqa: E402
 
@@ -84,8 +84,7 @@ def main(argv=None) -> int:
         metrics = train(cfg, run_dir, init=args.init, resume=args.resume is not None, overwrite=args.overwrite)
     except (config_lib.ConfigError, DatasetError, CheckpointError) as e:
         fail(str(e))
-    except (RunFailed, OSError) as e:
-        # OSError: a write that failed (a full disk, CheckpointWriteError), after the last whole checkpoint.
+    except (RunFailed, CheckpointWriteError) as e:
         if holds_run(run_dir):
             fail(f"{e}\nthe last checkpoint in {run_dir} is intact: python launch/train.py --resume {run_dir}", code=1)
         fail(f"{e}\n{run_dir} holds no checkpoint yet: the run must start again", code=1)

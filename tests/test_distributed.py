@@ -841,10 +841,12 @@ def test_ctrl_c_during_an_evaluation_waits_for_it_once_and_stops_it_twice(presse
         assert load_checkpoint(tmp_path / "best.pt")["run"]["updates"] == reported["updates"]
         assert saved["run"]["updates"] >= reported["updates"]
     else:
-        # Stopped when the run ended, without a result.
+        # Stopped when the run ended, without a result: its checkpoint stays the run's, marked,
+        # so that a resume judges those weights first.
         assert evaluations == ["evaluation", "stopped"]
         assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "best.pt").exists()
-        assert saved["run"]["updates"] >= 10
+        assert saved["run"]["updates"] >= 10 and saved["evaluating"]
+        assert any("the evaluation runs first on --resume" in m for m in messages), messages
 
 
 def test_an_evaluation_asks_its_stop_before_every_plan(pretrained):
@@ -1332,6 +1334,10 @@ def test_an_evaluation_the_run_stopped_during_runs_first_when_it_resumes(ray_ses
                         on_evaluation=lambda m: reported.append(m["updates"]))
         return summary, messages, reported
 
+    # With the budget spent, the final evaluation is the one run again, once.
+    _, messages, reported = resume(1)
+    assert reported == [first["updates"]] and not any("runs again first" in m for m in messages)
+    (tmp_path / "metrics.json").unlink()
     second, messages, reported = resume(2)
     assert reported[0] == first["updates"] < second["updates"] == reported[-1]
     assert any("runs again first" in m for m in messages), messages

@@ -139,7 +139,7 @@ class WindowDataset:
     def from_episode_windows(cls, pieces: Sequence["EpisodeWindows"], *, layout: TrajectoryLayout, horizon: int,
                              normalizer: Normalizer, start_weight: float = 1.0) -> "WindowDataset":
         """The dataset of episodes whose :func:`episode_windows` were computed before: the
-        replay computes each episode's once, when it arrives, not at every rebuild."""
+        replay computes each episode's once, not at every rebuild."""
         if not pieces:
             raise ValueError("no episodes to make windows from")
         dataset = cls.__new__(cls)

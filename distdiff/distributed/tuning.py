@@ -376,7 +376,9 @@ def make_trainable(spec: SweepSpec):
                 tune.report({k: metrics[k] for k in REPORTED if metrics.get(k) is not None},
                             checkpoint=tune.Checkpoint.from_directory(d))
 
-        train(cfg, run_dir, resume=resume, log=lambda s: print(s, flush=True), progress=False, on_evaluation=report)
+        # A trial restores only checkpoints it reported, each with its evaluation's result.
+        train(cfg, run_dir, resume=resume, log=lambda s: print(s, flush=True), progress=False, on_evaluation=report,
+              rerun_unfinished_evaluation=False)
 
     return tune.with_resources(trial, lambda params: trial_resources(spec, params))
 
