@@ -14,6 +14,7 @@ saves a checkpoint; --resume RUN_DIR continues it.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
@@ -42,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_ray_arguments(p)
     config_lib.add_arguments(p)
     return p
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 def main(argv=None) -> int:
@@ -84,7 +88,11 @@ def main(argv=None) -> int:
         metrics = train(cfg, run_dir, init=args.init, resume=args.resume is not None, overwrite=args.overwrite)
     except (config_lib.ConfigError, DatasetError, CheckpointError) as e:
         fail(str(e))
-    except (RunFailed, CheckpointWriteError) as e:
+    except (RunFailed, OSError) as e:
+        # A full or read-only disk (a checkpoint, TensorBoard's writer, metrics.json) ends the run
+        # after its last whole checkpoint; any other OSError keeps its traceback.
+        if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError) and e.errno not in DISK_FULL:
+            raise
         if holds_run(run_dir):
             fail(f"{e}\nthe last checkpoint in {run_dir} is intact: python launch/train.py --resume {run_dir}", code=1)
         fail(f"{e}\n{run_dir} holds no checkpoint yet: the run must start again", code=1)

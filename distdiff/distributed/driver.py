@@ -32,7 +32,7 @@ from distdiff.config import Config
 from distdiff.data.minari_io import normalized_score, reference_scores
 from distdiff.distributed import actors
 from distdiff.distributed.worker import NoWeights
-from distdiff.evaluation import evaluate
+from distdiff.evaluation import EvaluationStopped, evaluate
 from distdiff.models import NETS, layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.pretrain import load_data, pretrain, trained_on
@@ -426,7 +426,6 @@ class OnlineRun:
         result, at, _ = self.evaluation
         # Kept in flight until it returns: a Ctrl-C during the wait leaves it for close() to stop.
         summary = result.result()
-        self.evaluation = None
         self.evaluated = (at["step"], at["updates"], summary)
         metrics = {
             **{k: summary[k] for k in (*EVAL_SCALARS, "return_std", "alignment_error_per_step")},
@@ -438,6 +437,8 @@ class OnlineRun:
                 self.writer.add_scalar(f"eval/{key}", metrics[key], at["env_steps"])
         metrics["best"] = self.keep_if_best(metrics)
         write_json(self.run_dir / METRICS, metrics)
+        # Only now: a run stopped before its result is written keeps the evaluation's checkpoint.
+        self.evaluation = None
         if self.on_evaluation is not None:
             self.on_evaluation(metrics)
         return metrics
@@ -1041,19 +1042,27 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         # the loop).
         raise RunFailed(f"an actor of the run died: {_cause(e)}") from e
     except KeyboardInterrupt:
-        evaluation = run.evaluation
-        if evaluation is not None and not evaluation.result.done():
-            # Stopped without its result: checkpoint.pt is still the one it was judging, marked
-            # so, and stays the run's, or those weights could never be judged again.
-            run.stop_evaluating()
-            log(f"interrupted during the evaluation at update {evaluation.at['updates']}: its checkpoint stays the "
-                f"run's, and the evaluation runs first on --resume {run_dir} (the "
-                f"{_count(run.counters.updates - evaluation.at['updates'], 'update')} since are done again)")
-            raise
-        if evaluation is not None and evaluation.result.exception() is None:
-            run.finish_evaluation()  # (it ended just now: its result is kept)
-        log(f"interrupted: saving a checkpoint; resume with --resume {run_dir}")
-        run.checkpoint()
+        # Saved with Ctrl-C deferred again: one pressed meanwhile must not raise inside a write.
+        with deferred_interrupt():
+            evaluation = run.evaluation
+            if evaluation is not None:
+                run.stop_evaluating()  # (returns at once if it has ended)
+                error = evaluation.result.exception() if evaluation.result.done() else EvaluationStopped("playing")
+                if error is None:
+                    run.finish_evaluation()  # it ended meanwhile: its result is kept
+                    evaluation = None
+                elif not isinstance(error, EvaluationStopped):
+                    log(f"the evaluation at update {evaluation.at['updates']} failed: {type(error).__name__}: {error}")
+                    evaluation = None
+            if evaluation is not None:
+                # Stopped without its result: checkpoint.pt is still the one it was judging,
+                # marked so, and stays the run's, or those weights could never be judged again.
+                log(f"interrupted during the evaluation at update {evaluation.at['updates']}: its checkpoint stays "
+                    f"the run's, and the evaluation runs first on --resume {run_dir} (the "
+                    f"{_count(run.counters.updates - evaluation.at['updates'], 'update')} since are done again)")
+            else:
+                log(f"interrupted: saving a checkpoint; resume with --resume {run_dir}")
+                run.checkpoint()
         raise
     finally:
         run.close()
