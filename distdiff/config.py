@@ -266,27 +266,24 @@ def _nest(overrides: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
 
 
 def read(path: str | Path) -> Any:
-    """The YAML of a config file, as read (not yet merged or checked)."""
+    """The YAML of a config file, as read (not yet merged or checked); an empty file is ``{}``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
     try:
-        return yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+    return {} if data is None else data
 
 
-# load(data=UNREAD): the file at ``path`` has not been read yet.
-UNREAD = object()
-
-
-def load(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] = None, *, data: Any = UNREAD) -> Config:
+def load(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] = None, *, data: Any = None) -> Config:
     """Load a YAML config (defaults if ``path`` is None), apply dotted overrides, validate.
     ``data``: the file's YAML read earlier (:func:`read`), e.g. on another machine; ``path``
     then only names it in errors."""
     cfg, errors = Config(), []
     if path is not None:
-        if data is UNREAD:
+        if data is None:
             data = read(path)
         cfg, errors = _merge(data, cfg)
         if isinstance(data, dict) and "space" in data:

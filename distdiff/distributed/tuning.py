@@ -17,7 +17,7 @@ import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import ray
 import yaml
@@ -72,9 +72,9 @@ class SweepSpec:
     pbt: Dict[str, Any] = field(default_factory=lambda: {"mutations": []})
     resources: TrialResources = field(default_factory=TrialResources)
     # The base config file's YAML, read once where the sweep starts: a trial on another node
-    # may not have that file, or may have another version of it. In a tuple, since an empty
-    # file reads as None; None: not read (the file is read where the config is needed).
-    base_yaml: Optional[Tuple[Any]] = field(default=None, init=False, repr=False)
+    # may not have that file, or may have another version of it. None: not read (the file is
+    # read where the config is needed).
+    base_yaml: Any = field(default=None, init=False, repr=False)
 
     def trial_config(self, params: Dict[str, Any]) -> Config:
         """base + fixed + the trial's params, with actor sizes that match the placement group."""
@@ -85,8 +85,7 @@ class SweepSpec:
     def train_config(self, params: Dict[str, Any]) -> Config:
         """The trial's config as launch/train.py runs it: the sizes the base config gives, not the
         trial's share of a placement group (a learner of learner_gpus 0 would stay on the CPU)."""
-        data = config_lib.UNREAD if self.base_yaml is None else self.base_yaml[0]
-        return config_lib.load(self.base, {**self.fixed, **params}, data=data)
+        return config_lib.load(self.base, {**self.fixed, **params}, data=self.base_yaml)
 
 
 def config_field_types() -> Dict[str, Any]:
@@ -189,7 +188,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     if spec.base is not None:
         spec.base = str((path.parent / spec.base).resolve())
         try:
-            spec.base_yaml = (config_lib.read(spec.base),)
+            spec.base_yaml = config_lib.read(spec.base)
         except ConfigError as e:
             errors.append(str(e))
     if spec.scheduler not in SCHEDULERS:
