@@ -129,7 +129,10 @@ def test_the_learner_takes_cpus_only_from_nodes_it_can_run_on():
     # learner_num_gpus -1 takes a GPU only where the learner may run: not on a labelled CPU head.
     head = {"CPU": 4.0, "learner": 1.0}
     res = planned([head, {"CPU": 8.0, "GPU": 1.0}], **{"online.learner_resource": "learner"})
-    assert res["learner_gpus"] == 0.0
+    assert res["learner_gpus"] == 0.0 and res["learner_fits"] and res["gpus_elsewhere"]  # (which the run says)
+    # A GPU learner asked for where no labelled node has one cannot be placed yet.
+    res = planned([head, {"CPU": 8.0, "GPU": 1.0}], **{"online.learner_resource": "learner", "online.learner_num_gpus": 1})
+    assert not res["learner_fits"] and not res["gpus_elsewhere"]
 
 
 def test_learner_and_actors_run_on_the_nodes_their_resources_name(cluster, pretrained, tmp_path, monkeypatch):

@@ -79,23 +79,22 @@ def _units(amount: float) -> int:
     return int(amount * _UNITS + 1e-6)
 
 
-def carries(node: Dict[str, float], resource: str) -> bool:
+def _carries(node: Dict[str, float], resource: str) -> bool:
     """Whether a node (its resources) may run an actor that asks for ``resource`` (empty: any node)."""
     return not resource or node.get(resource, 0) > 0
 
 
-def alive_nodes() -> List[Dict[str, float]]:
-    """The total resources of each alive node of the cluster Ray is connected to."""
-    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+def _may_host_learner(cfg: Config, node: Dict[str, float], learner_gpus: float) -> bool:
+    """Whether Ray may place the learner on ``node``: its label, and the GPUs it asks for."""
+    return _carries(node, cfg.online.learner_resource) and node.get("GPU", 0.0) >= learner_gpus
 
 
 def _learner_gpus(cfg: Config, nodes: List[Dict[str, float]]) -> float:
     """``online.learner_num_gpus``, with -1 resolved: one GPU when a node the learner may run on
     (one with ``online.learner_resource``, when that is set) has one."""
-    o = cfg.online
-    if o.learner_num_gpus >= 0:
-        return o.learner_num_gpus
-    return 1.0 if any(r.get("GPU", 0.0) >= 1 for r in nodes if carries(r, o.learner_resource)) else 0.0
+    if cfg.online.learner_num_gpus >= 0:
+        return cfg.online.learner_num_gpus
+    return 1.0 if any(_may_host_learner(cfg, r, 1.0) for r in nodes) else 0.0
 
 
 def _actor_room(cfg: Config, nodes: List[Dict[str, float]], learner_gpus: float) -> List[List[int]]:
@@ -104,9 +103,9 @@ def _actor_room(cfg: Config, nodes: List[Dict[str, float]], learner_gpus: float)
     the learner's CPUs taken from that one: Ray picks the learner's node, and the actors must
     fit wherever it does. A single list when the learner cannot take from their nodes."""
     o = cfg.online
-    actor_nodes = [r for r in nodes if carries(r, o.actor_resource)]
+    actor_nodes = [r for r in nodes if _carries(r, o.actor_resource)]
     room = [_units(r.get("CPU", 0.0)) for r in actor_nodes]
-    hosts = [i for i, r in enumerate(actor_nodes) if carries(r, o.learner_resource) and r.get("GPU", 0.0) >= learner_gpus]
+    hosts = [i for i, r in enumerate(actor_nodes) if _may_host_learner(cfg, r, learner_gpus)]
     if not hosts:
         return [room]
     return [[c - _units(o.learner_num_cpus) if i == j else c for i, c in enumerate(room)] for j in hosts]
@@ -120,8 +119,10 @@ def _actors_that_fit(rooms: List[List[int]], actor_units: int) -> int:
 def plan_resources(cfg: Config, nodes: List[Dict[str, float]]) -> Dict[str, object]:
     """What each actor kind asks for on a cluster of ``nodes`` (each alive node's total
     resources), resolving the config's automatic choices: CPUs, the learner's GPUs, and the
-    custom resources (``{name: LABEL_AMOUNT}`` or None) of both; and how many rollout actors
-    the nodes can hold at once (``actors_that_fit``). An actor runs on one node, so the
+    custom resources (``{name: LABEL_AMOUNT}`` or None) of both; how many rollout actors the
+    nodes can hold at once (``actors_that_fit``); whether a node can hold the learner now
+    (``learner_fits``); and whether GPUs are up on nodes the learner may not use
+    (``gpus_elsewhere``, when -1 resolved to none). An actor runs on one node, so the
     automatic share is the largest (up to one CPU) that places every actor node by node, not
     the cluster's CPUs divided evenly: 48 actors on three 16-CPU nodes with a 1-CPU learner
     get 0.9411 CPU each (16/17 in Ray's units), not 47/48, which fits only 47."""
@@ -151,14 +152,16 @@ def plan_resources(cfg: Config, nodes: List[Dict[str, float]]) -> Dict[str, obje
                 mid = (lo + hi + 1) // 2
                 lo, hi = (mid, hi) if _actors_that_fit(rooms, mid) >= o.num_actors else (lo, mid - 1)
             actor_cpus, fit = lo / _UNITS, min(o.num_actors, _actors_that_fit(rooms, lo))
+    learner_fits = any(_may_host_learner(cfg, r, gpus) and r.get("CPU", 0.0) >= o.learner_num_cpus for r in nodes)
     return {"learner_cpus": o.learner_num_cpus, "learner_gpus": gpus, "actor_cpus": actor_cpus,
             "learner_resources": _label(o.learner_resource), "actor_resources": _label(o.actor_resource),
-            "actors_that_fit": fit}
+            "actors_that_fit": fit, "learner_fits": learner_fits,
+            "gpus_elsewhere": o.learner_num_gpus < 0 and not gpus and any(r.get("GPU", 0.0) >= 1 for r in nodes)}
 
 
 def resources(cfg: Config) -> Dict[str, object]:
-    """:func:`plan_resources` on the cluster Ray is connected to."""
-    return plan_resources(cfg, alive_nodes())
+    """:func:`plan_resources` on the alive nodes of the cluster Ray is connected to."""
+    return plan_resources(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
 
 
 def make_learner(cfg: Config, res: Dict[str, float], **kwargs):

@@ -153,12 +153,10 @@ def checked_resources(cfg: Config, log: Callable[[str], None]) -> Dict[str, obje
     res = actors.resources(cfg)
     n, fit = cfg.online.num_actors, res["actors_that_fit"]
     o = cfg.online
+    gpus, cpus = res["learner_gpus"], res["learner_cpus"]
     # Per node: Ray places the learner on one, so two 1-GPU nodes do not hold a 2-GPU learner,
     # nor a CPU node with learner_resource and a GPU node without it a GPU learner.
-    nodes = actors.alive_nodes()
-    hosts = [r for r in nodes if actors.carries(r, o.learner_resource)]
-    gpus, cpus = res["learner_gpus"], res["learner_cpus"]
-    if not any(r.get("GPU", 0.0) >= gpus and r.get("CPU", 0.0) >= cpus for r in hosts):
+    if not res["learner_fits"]:
         asks = " and ".join([f"{gpus:g} GPU"] * (gpus > 0) + [f"{cpus:g} CPU"] * (cpus > 0)) or "a place"
         where = f"a node with {o.learner_resource!r}" if o.learner_resource else "one node"
         on_cpu = (" It will train on CPU: online.learner_num_gpus -1 takes a GPU only where one is up now; pass "
@@ -166,7 +164,7 @@ def checked_resources(cfg: Config, log: Callable[[str], None]) -> Dict[str, obje
         log(f"warning: the learner asks for {asks} on {where}, which the cluster does not have yet: the run "
             f"waits for it (an autoscaler) after pretraining; check --online.learner_num_gpus, "
             f"--online.learner_num_cpus and --online.learner_resource.{on_cpu}")
-    elif o.learner_num_gpus < 0 and not gpus and any(r.get("GPU", 0.0) >= 1 for r in nodes):
+    elif res["gpus_elsewhere"]:
         log(f"warning: the learner trains on CPU: the cluster's GPUs are on nodes without {o.learner_resource!r}")
     if fit < n:
         where = f"with {cfg.online.actor_resource!r}" if cfg.online.actor_resource else "of the cluster"
