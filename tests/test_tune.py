@@ -18,8 +18,8 @@ import yaml
 
 from distdiff import config as config_lib
 from distdiff.config import ConfigError
-from distdiff.distributed.tuning import (load_spec, make_scheduler, make_tuner, on_trial_driver, param_space, summarize,
-                                         trial_resources)
+from distdiff.distributed.tuning import (load_spec, make_scheduler, make_tuner, on_trial_driver, param_space, search_alg,
+                                         summarize, trial_resources)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -173,6 +173,36 @@ def test_zero_or_loguniform_domain_samples_both(tiny_dataset, tmp_path):
     values = [domain.func(None) for _ in range(200)]
     zeros = sum(v == 0.0 for v in values)
     assert 60 < zeros < 140 and all(v == 0.0 or 0.001 <= v <= 1.0 for v in values)
+
+
+def drawn_configs(spec, n_live: int = 0):
+    """The trial configs the sweep's search hands out, as make_tuner sets it up; ``n_live``: how
+    many are handed out before the concurrency limit holds the rest back (0: take them all)."""
+    from ray.tune.experiment import Experiment
+
+    search = search_alg(spec)
+    search.add_configurations([Experiment("draws", lambda c: None, config=param_space(spec), num_samples=spec.num_samples)])
+    configs = []
+    while (trial := search.next_trial()) is not None:
+        configs.append(trial.config)
+        if not n_live:
+            search.on_trial_complete(trial.trial_id)
+    return configs
+
+
+def test_the_sweep_seed_draws_the_same_trials_again(tiny_dataset, tmp_path):
+    space = {"guidance.scale": {"loguniform": [0.001, 1.0], "zero": 0.3}, "diffusion.n_steps": {"choice": [10, 20, 30]},
+             "online.lr_scale": {"uniform": [0.1, 1.0]}}
+    specs = [load_spec(write_sweep(tmp_path / f"{seed}.yaml", tiny_dataset, space=space, num_samples=8, seed=seed))
+             for seed in (0, 0, 1)]
+    first, again, other = (drawn_configs(spec) for spec in specs)
+    assert len(first) == 8 and len({c["online.lr_scale"] for c in first}) == 8
+    assert first == again and first != other
+
+
+def test_the_sweep_runs_at_most_max_concurrent_trials(tiny_dataset, tmp_path):
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, num_samples=4, max_concurrent=2))
+    assert len(drawn_configs(spec, n_live=2)) == 2
 
 
 def test_custom_resources_are_refused(tiny_dataset, tmp_path):

@@ -23,6 +23,7 @@ import ray
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.sample import Function
 
 from distdiff import config as config_lib
@@ -336,6 +337,13 @@ def param_space(spec: SweepSpec) -> Dict[str, Any]:
     return {key: _domain(dom, rng) for key, dom in spec.space.items()}
 
 
+def search_alg(spec: SweepSpec) -> BasicVariantGenerator:
+    """Tune's default search, seeded by the sweep's ``seed``: the same sweep file draws the same
+    trial configs. It also limits the concurrent trials (Tune ignores ``max_concurrent_trials``
+    beside a search of one's own)."""
+    return BasicVariantGenerator(max_concurrent=spec.max_concurrent, random_state=spec.seed)
+
+
 def on_trial_driver(cfg: Config, gpu_ids: List[Any]) -> Config:
     """The trial's config as its driver runs it: with no GPU in the driver's bundle, automatic
     pretraining stays on CPU. Ray no longer hides GPUs from a process given none, so it would
@@ -429,7 +437,7 @@ def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False):
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
-                                    max_concurrent_trials=spec.max_concurrent, scheduler=make_scheduler(spec, space)),
+                                    search_alg=search_alg(spec), scheduler=make_scheduler(spec, space)),
         run_config=tune.RunConfig(name=spec.name, storage_path=str(sweep_path(spec, storage).parent),
                                   # PBT restores trials from other trials' older checkpoints: keep them all.
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=None if spec.scheduler == "pbt" else 2),
