@@ -46,7 +46,7 @@ class DataConfig:
     fallback_episodes: int = _f(200, "Episodes the fallback dataset is collected with.")
     normalizer: str = _f("gaussian", "Per-dimension normalizer: gaussian or minmax.")
     discount: float = _f(0.997, "Discount of the return that the value net predicts.")
-    value_target: str = _f("return_to_go", "What the value net predicts of a window. return_to_go: the discounted return from s_0 to the episode's end (Diffuser's; online episodes cut short by the env-step budget are completed to env.max_episode_steps at their mean reward). window: the discounted return of the window's own H transitions, the termination penalty included, i.e. what the plan itself earns; a time limit does not leak into it, and past a cut by the env-step budget its real steps stand for the rest (bench/README.md).")
+    value_target: str = _f("return_to_go", "What the value net predicts of a window. return_to_go: the discounted return from s_0 to the episode's end (Diffuser's; online episodes cut short by the env-step budget are completed to env.max_episode_steps at their mean reward). window: the discounted return of the window's own H transitions, the termination penalty included, i.e. what the plan itself earns; a time limit shows only in the last H-1 windows before it (nothing is earned past it), and past a cut by the env-step budget its real steps stand for the rest (bench/README.md).")
     termination_penalty: float = _f(-100.0, "Reward added at a true termination (not at truncation).")
     start_window_weight: float = _f(1.0, "Windows that begin within an episode's first model.horizon steps are drawn this many times as often in pretraining: long episodes hold few starts, and a planner that starts badly falls early. Phase 2's offline share has its own, online.offline_start_window_weight.")
 
@@ -357,6 +357,9 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
          "choose plans by value (guidance.n_candidates > 1) or by dynamics (planner.dynamics_candidates > 1), not both")
     if cfg.planner.dynamics_candidates > 1:
         need(cfg.train.train_dynamics, "planner.dynamics_candidates > 1 needs the dynamics model: set train.train_dynamics true")
+    # A window of one row holds no transition: the dynamics model would learn nothing and rank by NaN.
+    need(cfg.model.horizon >= 2 or not cfg.train.train_dynamics,
+         f"train.train_dynamics needs model.horizon >= 2 (a window of {cfg.model.horizon} row holds no transition)")
     need(cfg.planner.dynamics_rank in ("error", "value"), f"planner.dynamics_rank must be error or value, got {cfg.planner.dynamics_rank!r}")
     if cfg.planner.dynamics_candidates > 1 and cfg.planner.dynamics_rank == "value":
         need(cfg.train.train_value, "planner.dynamics_rank value needs the value net: set train.train_value true")

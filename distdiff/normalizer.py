@@ -29,13 +29,18 @@ class Normalizer:
     @classmethod
     def fit(cls, data: np.ndarray, *, kind: str = "gaussian", eps: float = 1e-6) -> "Normalizer":
         data = np.asarray(data, dtype=np.float64).reshape(-1, np.shape(data)[-1])
+        if len(data) == 0:
+            raise ValueError("no data to fit a normalizer to")
         if kind == "gaussian":
-            shift, scale = data.mean(0), np.maximum(data.std(0), eps)
+            shift, spread = data.mean(0), data.std(0)
         elif kind == "minmax":
             lo, hi = data.min(0), data.max(0)
-            shift, scale = (hi + lo) / 2, np.maximum((hi - lo) / 2, eps)
+            shift, spread = (hi + lo) / 2, (hi - lo) / 2
         else:
             raise ValueError(f"unknown normalizer {kind!r}; choose one of {list(KINDS)}")
+        # A feature constant in the data is left unscaled: a floor of eps would multiply any other
+        # value it takes later (a last state, an online observation) by 1/eps.
+        scale = np.where(spread < eps, 1.0, spread)
         normed = (data - shift) / scale
         return cls(kind=kind, shift=shift, scale=scale, clip_min=normed.min(0), clip_max=normed.max(0))
 

@@ -65,6 +65,8 @@ def test_overrides_are_typed():
         ({"model.dim_mults": [2, 4]}, "model.dim_mults must start with 1"),
         ({"model.kernel_size": -1}, "model.kernel_size must be a positive odd number"),
         ({"diffusion.n_steps": 1}, "diffusion.n_steps must be >= 2"),
+        ({"model.horizon": 1, "model.dim_mults": [1], "train.train_dynamics": True},
+         "train.train_dynamics needs model.horizon >= 2"),
         ({"online.env_steps": 0, "online.updates": 10, "online.updates_per_env_step": 0.0},
          "no update would ever run"),
         ({"online.prior_weight": 1.0}, "online.prior_weight must be in [0, 1)"),

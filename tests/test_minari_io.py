@@ -73,6 +73,29 @@ def test_no_episodes_is_refused(minari_root):
     assert not dataset_exists("local/test/empty-v0")
 
 
+def test_a_dataset_minari_made_with_no_episodes_is_refused_on_load(minari_root):
+    import gymnasium as gym
+
+    minari.create_dataset_from_buffers(dataset_id="local/test/made-empty-v0", buffer=[], env=gym.make("Walker2d-v5").spec,
+                                       algorithm_name="none", author="a", author_email="a@b.c", code_permalink="none",
+                                       description="no episodes", data_format="hdf5")
+    with pytest.raises(DatasetError, match="'local/test/made-empty-v0' holds no episodes"):
+        load_episodes("local/test/made-empty-v0")
+
+
+@pytest.mark.parametrize("damage", ["removed", "emptied"])
+def test_a_damaged_local_dataset_is_a_clear_error(minari_root, tiny_episodes, damage):
+    dataset_id = f"local/test/damaged-{damage}-v0"
+    write_episodes(dataset_id, tiny_episodes[:2], env_id="Walker2d-v5", algorithm_name="random")
+    data_file = next((minari_root / dataset_id / "data").glob("main_data.*"))
+    if damage == "removed":
+        data_file.unlink()
+    else:
+        data_file.write_bytes(b"")
+    with pytest.raises(DatasetError, match=f"{dataset_id!r} is in the local Minari store .* cannot be read .* remove it"):
+        load_episodes(dataset_id)
+
+
 @pytest.mark.parametrize(
     "kwargs,expected",
     [

@@ -81,6 +81,8 @@ def test_constant_dimension_does_not_divide_by_zero():
         z = Normalizer.fit(data, kind=kind).normalize(data)
         assert np.isfinite(z).all()
         np.testing.assert_array_equal(z[:, 1], 0.0)
+        # A value the data never showed (an online observation) is not blown up by a tiny scale.
+        assert Normalizer.fit(data, kind=kind).normalize(np.array([[4.5, 3.5]]))[0, 1] == pytest.approx(0.5)
 
 
 def test_unknown_kind_is_rejected(data):

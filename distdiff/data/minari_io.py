@@ -82,6 +82,12 @@ def _lock(dataset_id: str) -> FileLock:
     return FileLock(os.path.join(datasets_root(), f".{dataset_id.replace('/', '__')}.lock"))
 
 
+def _unreadable(dataset_id: str, e: Exception) -> DatasetError:
+    # Local, but its files are missing or damaged (an interrupted write, a partial copy).
+    return DatasetError(f"dataset {dataset_id!r} is in the local Minari store ({datasets_root()}) but cannot be "
+                        f"read ({type(e).__name__}: {e}); remove it and make or download it again")
+
+
 def load_minari(dataset_id: str, *, download: bool = False, log=print):
     import minari
 
@@ -93,6 +99,8 @@ def load_minari(dataset_id: str, *, download: bool = False, log=print):
                 dataset_id, f"it is not in the local Minari store (ids under {LOCAL_NAMESPACE} are made on this machine)")) from None
         if not download:
             raise DatasetMissing(_missing_message(dataset_id, "it is not in the local Minari store")) from None
+    except (ValueError, OSError) as e:
+        raise _unreadable(dataset_id, e) from e
     log(f"dataset {dataset_id!r} is not local: downloading it from Minari's remote")
     try:
         with _lock(dataset_id):  # (one that waited finds it local)
@@ -120,16 +128,21 @@ def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[
         problems.append(f"actions have shape {act_shape}, the config's env.act_dim is {act_dim}")
     if problems:
         raise DatasetError(f"dataset {dataset_id!r} does not match the config: " + "; ".join(problems))
-    episodes = [
-        Episode(
-            observations=ep.observations,
-            actions=ep.actions,
-            rewards=ep.rewards,
-            terminated=bool(np.asarray(ep.terminations)[-1]),
-            truncated=bool(np.asarray(ep.truncations)[-1]),
-        )
-        for ep in ds.iterate_episodes()
-    ]
+    try:
+        episodes = [
+            Episode(
+                observations=ep.observations,
+                actions=ep.actions,
+                rewards=ep.rewards,
+                terminated=bool(np.asarray(ep.terminations)[-1]),
+                truncated=bool(np.asarray(ep.truncations)[-1]),
+            )
+            for ep in ds.iterate_episodes()
+        ]
+    except (ValueError, OSError) as e:  # Minari reads the episodes only now
+        raise _unreadable(dataset_id, e) from e
+    if not episodes:
+        raise DatasetError(f"dataset {dataset_id!r} holds no episodes")
     # One NaN would make the normalizer and the value statistics NaN, and every update after
     # them non-finite and skipped, far from the cause.
     bad = [i for i, ep in enumerate(episodes)

@@ -23,6 +23,8 @@ def fit_normalizer(episodes: Sequence[Episode], layout: TrajectoryLayout, kind: 
     """Fitted on the transitions (s_t, a_t). An episode's last state is a row of its windows too,
     without an action of its own, and on Walker2d the last state of a fall is the data's only
     fallen one: the clip range holds it, or no sampled plan could show a fall."""
+    if not episodes:
+        raise ValueError("no episodes to fit a normalizer to")
     rows = np.concatenate([layout.join(ep.observations[:-1], ep.actions) for ep in episodes])
     if rows.shape[1] != layout.transition_dim:
         raise ValueError(f"episode rows have {rows.shape[1]} dims, layout expects {layout.transition_dim}")
