@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 
+from distdiff.distributed.messages import Weights
 from distdiff.models import build_models
 from distdiff.normalizer import Normalizer
 from distdiff.training import Trainer, flat_weights
@@ -42,10 +43,10 @@ def unit_normalizer(cfg) -> Normalizer:
     return Normalizer(kind="gaussian", shift=np.zeros(d), scale=np.ones(d), clip_min=-5 * np.ones(d), clip_max=5 * np.ones(d))
 
 
-def fresh_weights(cfg, version: int = 1) -> dict:
-    """A weights payload as the learner publishes it, from untrained nets."""
+def fresh_weights(cfg, version: int = 1) -> Weights:
+    """A weights version as the learner publishes it, from untrained nets."""
     _, denoiser, value, _ = build_models(cfg, unit_normalizer(cfg))
-    return {"version": version, "weights": {"denoiser": flat_weights(denoiser), "value": flat_weights(value)}}
+    return Weights(version=version, weights={"denoiser": flat_weights(denoiser), "value": flat_weights(value)})
 
 
 def fresh_checkpoint(cfg) -> dict:

@@ -34,7 +34,7 @@ def rate(cfg, n: int, seconds: float, weights_ref) -> float:
     while time.perf_counter() - t0 < seconds:
         ready, _ = ray.wait(list(pending), num_returns=1)
         i = pending.pop(ready[0])
-        steps[i] += ray.get(ready[0])["env_steps"]
+        steps[i] += ray.get(ready[0]).env_steps
         finished[i] = time.perf_counter() - t0
         pending[workers[i].rollout.remote()] = i
     for w in workers:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import hashlib
 import socket
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
 import distdiff
 
@@ -23,14 +23,25 @@ def _digest() -> str:
 
 # Taken at import, so it describes the code this process loaded, not files changed since.
 CODE_DIGEST = _digest()
+# What the driver hands its actors to check: the digest, and where it was taken.
+DRIVER_CODE: Tuple[str, str] = (CODE_DIGEST, f"{Path(distdiff.__file__).parent} on {socket.gethostname()}")
 
 
-def check_same_code(driver_code: Optional[str]) -> None:
+def check_same_code(driver_code: Optional[Tuple[str, str]]) -> None:
     """Refuse to run beside a driver that imports another distdiff (a node with an older
     install): the weights, configs and results of two versions need not fit, and nothing else
     would say why. None: not checked (a process made without a driver)."""
-    if driver_code is not None and driver_code != CODE_DIGEST:
-        raise RuntimeError(
-            f"the distdiff at {Path(distdiff.__file__).parent} on {socket.gethostname()} is not the driver's (source "
-            f"digest {CODE_DIGEST}, the driver's {driver_code}): install the same version on every node, or submit "
-            "the run with `ray job submit --working-dir .`")
+    if driver_code is None or driver_code[0] == CODE_DIGEST:
+        return
+    digest, origin = driver_code
+    here = DRIVER_CODE[1]
+    if origin == here:
+        why = "its files changed after the driver started: start the run again"
+    elif origin.endswith(f" on {socket.gethostname()}"):
+        why = ("a non-editable install run from the source tree it was installed from: the driver imports the "
+               "install, Ray's workers the tree in their working directory; install with `pip install -e .`, "
+               "or start from another directory")
+    else:
+        why = "install the same version on every node, or submit the run with `ray job submit --working-dir .`"
+    raise RuntimeError(f"the distdiff at {here} (source digest {CODE_DIGEST}) is not the driver's at {origin} "
+                       f"({digest}): {why}")

@@ -99,12 +99,12 @@ def test_the_automatic_actor_share_places_every_actor_node_by_node():
     # of the budget would keep the run from ending.
     three = [{"CPU": 16.0}] * 3
     res = planned(three, **{"online.num_actors": 48})
-    assert res["actors_that_fit"] == 48
-    assert res["actor_cpus"] == 0.9411  # 16/17 in Ray's 1e-4 units: 15 + 17 + 17 >= 48
-    assert planned(three, **{"online.num_actors": 47})["actor_cpus"] == 1.0  # one per core
+    assert res.actors_that_fit == 48
+    assert res.actor_cpus == 0.9411  # 16/17 in Ray's 1e-4 units: 15 + 17 + 17 >= 48
+    assert planned(three, **{"online.num_actors": 47}).actor_cpus == 1.0  # one per core
     # A laptop: the learner's CPU out of two, the other shared by 32 actors.
     laptop = planned([{"CPU": 2.0}], **{"online.num_actors": 32})
-    assert laptop["actor_cpus"] == 0.0312 and laptop["actors_that_fit"] == 32
+    assert laptop.actor_cpus == 0.0312 and laptop.actors_that_fit == 32
     # A learner that takes every CPU leaves the actors none, whichever node.
     with pytest.raises(config_lib.ConfigError, match="leaves none for the rollout actors"):
         planned([{"CPU": 1.0}])
@@ -114,7 +114,7 @@ def test_given_actor_cpus_are_counted_node_by_node():
     # 3 CPUs in all hold three 1-CPU actors, but no node holds two.
     res = planned([{"CPU": 1.5}] * 2, **{"online.num_actors": 3, "online.actor_num_cpus": 1.0,
                                          "online.learner_num_cpus": 0.0})
-    assert res["actors_that_fit"] == 2
+    assert res.actors_that_fit == 2
 
 
 def test_the_learner_takes_cpus_only_from_nodes_it_can_run_on():
@@ -122,24 +122,24 @@ def test_the_learner_takes_cpus_only_from_nodes_it_can_run_on():
     cpu_nodes = [{"CPU": 4.0, "rollout": 1.0}] * 2
     labels = {"online.learner_resource": "learner", "online.actor_resource": "rollout", "online.num_actors": 8}
     res = planned([gpu_node, *cpu_nodes], **labels)
-    assert res["learner_gpus"] == 1.0 and res["actor_cpus"] == 1.0 and res["actors_that_fit"] == 8
+    assert res.learner_gpus == 1.0 and res.actor_cpus == 1.0 and res.actors_that_fit == 8
     # Without the labels the learner (one GPU) can only land on the GPU node: the actors lose its CPU there.
     res = planned([gpu_node, *cpu_nodes], **{"online.num_actors": 16})
-    assert res["learner_gpus"] == 1.0 and res["actor_cpus"] == 0.875 and res["actors_that_fit"] == 16  # 8 + 4 + 4
+    assert res.learner_gpus == 1.0 and res.actor_cpus == 0.875 and res.actors_that_fit == 16  # 8 + 4 + 4
     # learner_num_gpus -1 takes a GPU only where the learner may run: not on a labelled CPU head.
     head = {"CPU": 4.0, "learner": 1.0}
     res = planned([head, {"CPU": 8.0, "GPU": 1.0}], **{"online.learner_resource": "learner"})
-    assert res["learner_gpus"] == 0.0 and res["learner_fits"] and res["gpus_elsewhere"]  # (which the run says)
+    assert res.learner_gpus == 0.0 and res.learner_fits and res.gpus_elsewhere  # (which the run says)
     # A GPU learner asked for where no labelled node has one cannot be placed yet.
     res = planned([head, {"CPU": 8.0, "GPU": 1.0}], **{"online.learner_resource": "learner", "online.learner_num_gpus": 1})
-    assert not res["learner_fits"] and not res["gpus_elsewhere"]
+    assert not res.learner_fits and not res.gpus_elsewhere
 
 
 def test_learner_and_actors_run_on_the_nodes_their_resources_name(cluster, pretrained, tmp_path, monkeypatch):
     cfg, ckpt = pretrained
     res = actors.resources(cfg)
-    assert res["learner_resources"] == {"learner": actors.LABEL_AMOUNT}
-    assert res["actor_resources"] == {"rollout": actors.LABEL_AMOUNT}
+    assert res.learner_resources == {"learner": actors.LABEL_AMOUNT}
+    assert res.actor_resources == {"rollout": actors.LABEL_AMOUNT}
     placed = {"learner": [], "workers": [], "replay": []}
     make_learner, make_worker, make_replay = actors.make_learner, actors.make_worker, actors.make_replay
 

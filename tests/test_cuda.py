@@ -47,12 +47,12 @@ def test_cuda_learner_trains_and_publishes_cpu_weights(overrides):
     batches = _batches(cfg, 20)
     first = learner.train(batches[:1])
     out = learner.train(batches * 5)
-    assert out["updates"] == 100 and out["skipped"] == 0
-    assert np.isfinite(out["losses/denoiser"]) and out["losses/denoiser"] < first["losses/denoiser"]
+    assert out.updates == 100 and out.skipped == 0
+    assert np.isfinite(out.losses["losses/denoiser"]) and out.losses["losses/denoiser"] < first.losses["losses/denoiser"]
     payload = learner.publish()
-    assert payload["version"] == 1
+    assert payload.version == 1
     for name, module in (("denoiser", learner.trainer.ema_denoiser), ("value", learner.trainer.ema_value)):
-        flat = payload["weights"][name]
+        flat = payload.weights[name]
         assert isinstance(flat, np.ndarray) and flat.dtype == np.float32
         expected = torch.cat([t.reshape(-1).float().cpu() for t in module.state_dict().values()]).numpy()
         np.testing.assert_array_equal(flat, expected)
@@ -66,7 +66,7 @@ def test_cuda_nan_batch_is_skipped_without_touching_the_weights():
     batch = _batches(cfg, 1, seed=1)[0]
     batch.x_start[0, 0, 0] = float("nan")
     out = learner.train([batch])
-    assert out["skipped"] == 1 and out["updates"] == 0
+    assert out.skipped == 1 and out.updates == 0
     for k, v in learner.trainer.denoiser.state_dict().items():
         assert torch.equal(v, before[k]), k
 

@@ -31,6 +31,7 @@ from distdiff.distributed.driver import (Counters, OnlineRun, RunFailed, checked
 from distdiff.distributed.learner import Learner, NonFiniteError
 from distdiff.evaluation import EvaluationStopped
 from distdiff.pretrain import load_windows, pretrain
+from distdiff.rollout import make_env
 from distdiff.rundir import CHECKPOINT
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,9 +131,9 @@ def test_every_worker_plans_with_the_newest_weights(ray_session, pretrained, tmp
             # Updates between versions, so each version's weights differ from the last.
             ray.get(run.learner.train.remote(run.replay.sample.remote(2, cfg.train.batch_size)))
             run.broadcast()
-            published.append(ray.get(run.weights_ref)["weights"])
+            published.append(ray.get(run.weights_ref).weights)
         results = ray.get([w.rollout.remote() for w in run.workers])
-        assert [r["version"] for r in results] == [run.counters.version] * len(run.workers) == [3, 3]
+        assert [r.version for r in results] == [run.counters.version] * len(run.workers) == [3, 3]
         assert not np.array_equal(published[0]["denoiser"], published[2]["denoiser"])
         for held in ray.get([w.held_weights.remote() for w in run.workers]):
             # (the dynamics model is only published when the run trains one)
@@ -148,8 +149,8 @@ def test_a_busy_worker_gets_only_the_newest_version_with_its_next_rollout(ray_se
 
     class Recording(RolloutWorker):
         def set_weights(self, payload):
-            if payload["version"] > self.version:
-                self.loaded = getattr(self, "loaded", []) + [payload["version"]]
+            if payload.version > self.version:
+                self.loaded = getattr(self, "loaded", []) + [payload.version]
             return super().set_weights(payload)
 
         def rollout(self, task=None, **kwargs):
@@ -169,10 +170,10 @@ def test_a_busy_worker_gets_only_the_newest_version_with_its_next_rollout(ray_se
         busy = run.start_rollout(0)
         for _ in range(5):
             run.broadcast()
-        assert ray.get(run.workers[1].ping.remote())["version"] == 6, "an idle worker gets each version at once"
-        assert ray.get(busy)["version"] == 1
+        assert ray.get(run.workers[1].ping.remote()).version == 6, "an idle worker gets each version at once"
+        assert ray.get(busy).version == 1
         run.rollouts.pop(busy)
-        assert ray.get(run.start_rollout(0))["version"] == 6
+        assert ray.get(run.start_rollout(0)).version == 6
         assert ray.get(run.workers[0].loaded_versions.remote()) == [1, 6]
     finally:
         run.close()
@@ -197,12 +198,12 @@ def test_object_store_stays_flat_over_100_broadcasts(ray_session, pretrained, tm
         # The weights live in the object store (objects under 100 KiB would be inlined and the
         # test would prove nothing).
         payload = ray.get(run.weights_ref)
-        assert sum(w.nbytes for w in payload["weights"].values()) > 100 * 1024
+        assert sum(w.nbytes for w in payload.weights.values()) > 100 * 1024
         del payload  # its arrays map the object: held, they would keep this version alive
         assert before[1] >= 1, before
         for _ in range(100):
             run.broadcast()
-        assert ray.get([w.ping.remote() for w in run.workers])[0]["version"] == 101
+        assert ray.get([w.ping.remote() for w in run.workers])[0].version == 101
         # Old versions are freed once every actor has moved on (at most a couple stay alive),
         # asynchronously: on a loaded machine that can take a while.
         deadline = time.monotonic() + 30
@@ -381,7 +382,7 @@ def test_killed_worker_is_replaced_and_nothing_delivered_is_lost(ray_session, pr
         log_rollout = run.log_rollout
 
         def record(result, *args):
-            results.append((result["worker_id"], result["version"], (marks / "killed").exists()))
+            results.append((result.worker_id, result.version, (marks / "killed").exists()))
             log_rollout(result, *args)
 
         run.log_rollout = record
@@ -427,7 +428,7 @@ def test_an_env_that_fails_is_rebuilt_and_the_task_runs_again_from_other_draws(p
 
         with mock.patch.object(worker, "_run", side_effect=fails_first):
             result = worker.rollout(3, max_steps=5)
-        assert result["env_rebuilds"] == 1 and result["env_steps"] > 0
+        assert result.env_rebuilds == 1 and result.env_steps > 0
         assert not set(map(id, worker.envs)) & set(map(id, envs)), "the envs were not rebuilt"
         # The same draws would fail the same way: the retry has its own.
         assert len(seeds) == 2 and seeds[0] == worker._seed(3) and seeds[1] != seeds[0]
@@ -540,7 +541,7 @@ def test_with_no_offline_data_the_learner_waits_for_the_first_episode_the_replay
         def rollout(self, task=None, **share):
             result = super().rollout(task, **share)
             if self.tasks == 1:
-                for ep in result["episodes"]:
+                for ep in result.episodes:
                     ep.rewards[-1] = float("nan")
             return result
 
@@ -906,11 +907,11 @@ def test_nan_batch_is_skipped_and_repeated_failure_stops(pretrained):
     bad.x_start[0, 1, 0] = float("nan")
     before = snapshot(learner.trainer)
     stats = learner.train([bad])
-    assert stats["skipped"] == 1 and stats["updates"] == 0
+    assert stats.skipped == 1 and stats.updates == 0
     # Nothing moved: nets, EMA copies, optimizer moments.
     assert_same(before, snapshot(learner.trainer))
     stats = learner.train([bad, good])
-    assert stats["skipped"] == 1 and stats["updates"] == 1
+    assert stats.skipped == 1 and stats.updates == 1
     assert all(torch.isfinite(p).all() for p in learner.trainer.denoiser.parameters())
     with pytest.raises(NonFiniteError):
         learner.train([bad, bad, bad])
@@ -933,7 +934,7 @@ def test_a_learner_whose_updates_turn_non_finite_stops_the_run_with_its_last_che
             self.start = self.trainer.step
 
     def make_learner(cfg, res, **kwargs):
-        learner = ray.remote(GoesBad).options(num_cpus=res["learner_cpus"]).remote(device="cpu", **kwargs)
+        learner = ray.remote(GoesBad).options(num_cpus=res.learner_cpus).remote(device="cpu", **kwargs)
         ray.get(learner.ready.remote())
         return learner
 
@@ -983,7 +984,7 @@ def test_a_rollout_is_seeded_by_its_number_in_the_run_not_by_the_worker_process(
     trainer_weights = Learner(config=cfg.to_dict(), checkpoint=state, device="cpu").publish()
 
     def episodes(worker, **kwargs):
-        return [ep.observations for ep in worker.rollout(max_steps=5, **kwargs)["episodes"]]
+        return [ep.observations for ep in worker.rollout(max_steps=5, **kwargs).episodes]
 
     workers = [RolloutWorker(config=cfg.to_dict(), normalizer=state["normalizer"], worker_id=0) for _ in range(2)]
     try:
@@ -1127,8 +1128,10 @@ def test_parallel_collection_with_random_and_planner_policies(ray_session, pretr
     random_eps = collect_episodes(7, num_actors=2, env_id="Walker2d-v5", max_episode_steps=30, seed=3)
     assert len(random_eps) == 7
     assert all(1 <= len(ep) <= 30 and ep.observations.shape == (len(ep) + 1, 17) for ep in random_eps)
-    # distinct seeds per task: no two episodes start in the same state
-    assert len({ep.observations[0].tobytes() for ep in random_eps}) == 7
+    # Seeds 3..9 in their order, whichever task ended first: no episode chosen by how soon it fell.
+    env = make_env("Walker2d-v5")
+    starts = np.stack([env.reset(seed=3 + k)[0] for k in range(7)]).astype(random_eps[0].observations.dtype)
+    assert np.array_equal(np.stack([ep.observations[0] for ep in random_eps]), starts)
     # A checkpoint trained with its actors on labelled nodes (online.actor_resource) collects
     # on any node: this cluster has no such label, where its workers would never start.
     state = load_checkpoint(ckpt)
@@ -1166,6 +1169,33 @@ def test_parallel_collection_retries_a_failed_task_and_keeps_what_it_has(failure
     assert failed.exists() and len(planned) == 4
     # No two tasks shared seeds: every episode starts from its own state.
     assert len({ep.observations[0].tobytes() for ep in planned}) == 4
+
+
+def test_parallel_collection_runs_the_episodes_asked_for_and_keeps_them_all(ray_session, pretrained, tmp_path,
+                                                                             monkeypatch):
+    # Two actors of 4 envs asked for 3 episodes: cutting 8 down to the 3 that ended first kept
+    # the episodes that fell soonest.
+    from distdiff.distributed import actors
+    from distdiff.distributed.driver import collect_episodes
+    from distdiff.distributed.worker import RolloutWorker
+
+    ran = tmp_path / "ran"
+    ran.mkdir()
+
+    class Counts(RolloutWorker):
+        def rollout(self, task=None, **kwargs):
+            result = super().rollout(task, **kwargs)
+            (ran / f"{task}").write_text(str(len(result.episodes)))
+            return result
+
+    def make_worker(cfg, res, **kwargs):
+        return ray.remote(Counts).options(num_cpus=0.01, max_restarts=0).remote(**kwargs)
+
+    monkeypatch.setattr(actors, "make_worker", make_worker)
+    cfg, ckpt = pretrained
+    planned = collect_episodes(3, num_actors=2, env_id="Walker2d-v5", max_episode_steps=20, seed=3,
+                               checkpoint=load_checkpoint(ckpt), envs_per_actor=4)
+    assert len(planned) == 3 and sum(int(f.read_text()) for f in ran.iterdir()) == 3
 
 
 def test_init_checkpoint_that_does_not_fit_the_config_fails_before_any_actor(pretrained, tmp_path):
@@ -1287,14 +1317,30 @@ def test_an_actor_that_imports_another_distdiff_than_the_driver_refuses_to_start
     # As on a node with an older install: nothing else would say why its results do not fit.
     from distdiff.distributed import actors
 
-    w = actors.RolloutWorkerActor.options(num_cpus=0.01).remote(driver_code="0" * 16, config={}, normalizer=None,
+    elsewhere = ("0" * 16, "/opt/distdiff on another-node")
+    w = actors.RolloutWorkerActor.options(num_cpus=0.01).remote(driver_code=elsewhere, config={}, normalizer=None,
                                                                 worker_id=0)
-    with pytest.raises(RayActorError, match="is not the driver's .* install the same version on every node") as failed:
+    with pytest.raises(RayActorError, match="is not the driver's at /opt/distdiff on another-node .* install the same "
+                                            "version on every node") as failed:
         ray.get(w.ping.remote(), timeout=120)
     assert failed.value.actor_init_failed  # (the same code passes: every run's actors are checked)
     # The check does not hide the constructor's signature: a wrong keyword still fails at the call.
     with pytest.raises(TypeError, match="worker_id"):
-        actors.RolloutWorkerActor.remote(driver_code="0" * 16, config={}, normalizer=None, worker_idx=0)
+        actors.RolloutWorkerActor.remote(driver_code=elsewhere, config={}, normalizer=None, worker_idx=0)
+
+
+def test_another_distdiff_on_the_driver_machine_is_named_before_pretraining(ray_session, tiny_dataset, tmp_path,
+                                                                             monkeypatch):
+    # A non-editable install run from its source tree: the driver imports the install, Ray's
+    # workers the tree. Found before phase 1, which can take hours, not when the actors start.
+    import socket
+
+    from distdiff.distributed import driver
+
+    monkeypatch.setattr(driver, "DRIVER_CODE", ("0" * 16, f"/venv/site-packages/distdiff on {socket.gethostname()}"))
+    with pytest.raises(RunFailed, match="not the driver's at /venv/site-packages/distdiff .* pip install -e"):
+        train(tiny_online_config(tiny_dataset), tmp_path / "run", log=lambda s: None, progress=False)
+    assert not (tmp_path / "run").exists()
 
 
 def test_rates_in_tensorboard_are_over_the_last_minute():

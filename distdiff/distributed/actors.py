@@ -9,7 +9,7 @@ stay off the learner's node. The replay (no CPU of its own) stays on the driver'
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -18,7 +18,7 @@ from distdiff.config import Config, ConfigError
 from distdiff.distributed.learner import Learner
 from distdiff.distributed.replay import Replay
 from distdiff.distributed.worker import RolloutWorker
-from distdiff.provenance import CODE_DIGEST
+from distdiff.provenance import DRIVER_CODE, check_same_code
 
 # Each actor process gets one math thread: on small machines a second one competing with the
 # rollout processes makes small-model steps many times slower.
@@ -62,6 +62,8 @@ def _random_episodes(env_id: str, max_episode_steps: int, n_episodes: int, seed:
 
 
 random_episodes_task = ray.remote(runtime_env=_THREADS)(_random_episodes)
+# Before any long work: a worker process of the cluster imports the driver's distdiff.
+code_check_task = ray.remote(num_cpus=0)(check_same_code)
 ReplayActor = ray.remote(RayReplay)
 LearnerActor = ray.remote(RayLearner)
 
@@ -116,7 +118,20 @@ def _actors_that_fit(rooms: List[List[int]], actor_units: int) -> int:
     return min(sum(max(c, 0) // actor_units for c in room) for room in rooms)
 
 
-def plan_resources(cfg: Config, nodes: List[Dict[str, float]]) -> Dict[str, object]:
+class Resources(NamedTuple):
+    """What each actor kind asks Ray for, and what the cluster can give (:func:`plan_resources`)."""
+
+    learner_cpus: float
+    learner_gpus: float
+    actor_cpus: float
+    learner_resources: Optional[Dict[str, float]]  # {label: LABEL_AMOUNT}, or None
+    actor_resources: Optional[Dict[str, float]]
+    actors_that_fit: int  # rollout actors the nodes hold at once
+    learner_fits: bool  # a node can hold the learner now
+    gpus_elsewhere: bool  # GPUs are up on nodes the learner may not use (when -1 resolved to none)
+
+
+def plan_resources(cfg: Config, nodes: List[Dict[str, float]]) -> Resources:
     """What each actor kind asks for on a cluster of ``nodes`` (each alive node's total
     resources), resolving the config's automatic choices: CPUs, the learner's GPUs, and the
     custom resources (``{name: LABEL_AMOUNT}`` or None) of both; how many rollout actors the
@@ -153,22 +168,21 @@ def plan_resources(cfg: Config, nodes: List[Dict[str, float]]) -> Dict[str, obje
                 lo, hi = (mid, hi) if _actors_that_fit(rooms, mid) >= o.num_actors else (lo, mid - 1)
             actor_cpus, fit = lo / _UNITS, min(o.num_actors, _actors_that_fit(rooms, lo))
     learner_fits = any(_may_host_learner(cfg, r, gpus) and r.get("CPU", 0.0) >= o.learner_num_cpus for r in nodes)
-    return {"learner_cpus": o.learner_num_cpus, "learner_gpus": gpus, "actor_cpus": actor_cpus,
-            "learner_resources": _label(o.learner_resource), "actor_resources": _label(o.actor_resource),
-            "actors_that_fit": fit, "learner_fits": learner_fits,
-            "gpus_elsewhere": o.learner_num_gpus < 0 and not gpus and any(r.get("GPU", 0.0) >= 1 for r in nodes)}
+    return Resources(learner_cpus=o.learner_num_cpus, learner_gpus=gpus, actor_cpus=actor_cpus,
+                     learner_resources=_label(o.learner_resource), actor_resources=_label(o.actor_resource),
+                     actors_that_fit=fit, learner_fits=learner_fits,
+                     gpus_elsewhere=o.learner_num_gpus < 0 and not gpus and any(r.get("GPU", 0.0) >= 1 for r in nodes))
 
 
-def resources(cfg: Config) -> Dict[str, object]:
+def resources(cfg: Config) -> Resources:
     """:func:`plan_resources` on the alive nodes of the cluster Ray is connected to."""
     return plan_resources(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
 
 
-def make_learner(cfg: Config, res: Dict[str, float], **kwargs):
-    return LearnerActor.options(num_cpus=res["learner_cpus"], num_gpus=res["learner_gpus"],
-                                resources=res.get("learner_resources"),
-                                runtime_env=_THREADS).remote(device="cuda" if res["learner_gpus"] > 0 else "cpu",
-                                                             driver_code=CODE_DIGEST, **kwargs)
+def make_learner(cfg: Config, res: Resources, **kwargs):
+    return LearnerActor.options(num_cpus=res.learner_cpus, num_gpus=res.learner_gpus, resources=res.learner_resources,
+                                runtime_env=_THREADS).remote(device="cuda" if res.learner_gpus > 0 else "cpu",
+                                                             driver_code=DRIVER_CODE, **kwargs)
 
 
 def make_replay(**kwargs):
@@ -179,9 +193,9 @@ def make_replay(**kwargs):
     return ReplayActor.options(num_cpus=0, scheduling_strategy=here, runtime_env=_THREADS).remote(**kwargs)
 
 
-def make_worker(cfg: Config, res: Dict[str, float], **kwargs):
+def make_worker(cfg: Config, res: Resources, **kwargs):
     # max_task_retries=0: a task lost with its process is resubmitted by the driver, which
     # first hands the restarted worker the newest weights.
-    return RolloutWorkerActor.options(num_cpus=res["actor_cpus"], resources=res.get("actor_resources"),
+    return RolloutWorkerActor.options(num_cpus=res.actor_cpus, resources=res.actor_resources,
                                       max_restarts=cfg.online.actor_max_restarts,
-                                      max_task_retries=0, runtime_env=_THREADS).remote(driver_code=CODE_DIGEST, **kwargs)
+                                      max_task_retries=0, runtime_env=_THREADS).remote(driver_code=DRIVER_CODE, **kwargs)

@@ -31,11 +31,13 @@ from distdiff.cli import Interrupt, deferred_interrupt, progress_bar, write_json
 from distdiff.config import Config
 from distdiff.data.minari_io import normalized_score, reference_scores
 from distdiff.distributed import actors
+from distdiff.distributed.messages import RolloutResult, TrainStats, Weights
 from distdiff.distributed.worker import NoWeights
 from distdiff.evaluation import EvaluationStopped, evaluate
 from distdiff.models import NETS, layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.pretrain import load_data, pretrain, trained_on
+from distdiff.provenance import DRIVER_CODE
 from distdiff.rollout import mean_alignment_error, per_step_alignment_error
 from distdiff.rundir import (BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, PRETRAIN, REPLAY, clear_run,
                              resume_checkpoint)
@@ -147,16 +149,16 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
     return True
 
 
-def checked_resources(cfg: Config, log: Callable[[str], None]) -> Dict[str, object]:
+def checked_resources(cfg: Config, log: Callable[[str], None]) -> actors.Resources:
     """:func:`actors.resources`, saying when some rollout actors cannot be placed yet: the run
     cannot end until they start, since each of them holds a share of the budget."""
     res = actors.resources(cfg)
-    n, fit = cfg.online.num_actors, res["actors_that_fit"]
+    n, fit = cfg.online.num_actors, res.actors_that_fit
     o = cfg.online
-    gpus, cpus = res["learner_gpus"], res["learner_cpus"]
+    gpus, cpus = res.learner_gpus, res.learner_cpus
     # Per node: Ray places the learner on one, so two 1-GPU nodes do not hold a 2-GPU learner,
     # nor a CPU node with learner_resource and a GPU node without it a GPU learner.
-    if not res["learner_fits"]:
+    if not res.learner_fits:
         asks = " and ".join([f"{gpus:g} GPU"] * (gpus > 0) + [f"{cpus:g} CPU"] * (cpus > 0)) or "a place"
         where = f"a node with {o.learner_resource!r}" if o.learner_resource else "one node"
         on_cpu = (" It will train on CPU: online.learner_num_gpus -1 takes a GPU only where one is up now; pass "
@@ -164,7 +166,7 @@ def checked_resources(cfg: Config, log: Callable[[str], None]) -> Dict[str, obje
         log(f"warning: the learner asks for {asks} on {where}, which the cluster does not have yet: the run "
             f"waits for it (an autoscaler) after pretraining; check --online.learner_num_gpus, "
             f"--online.learner_num_cpus and --online.learner_resource.{on_cpu}")
-    elif res["gpus_elsewhere"]:
+    elif res.gpus_elsewhere:
         log(f"warning: the learner trains on CPU: the cluster's GPUs are on nodes without {o.learner_resource!r}")
     if fit < n:
         where = f"with {cfg.online.actor_resource!r}" if cfg.online.actor_resource else "of the cluster"
@@ -274,7 +276,7 @@ class OnlineRun:
         self.normalizer = Normalizer.from_state_dict(state["normalizer"])
         res = checked_resources(cfg, log)
         log(f"actors: {_count(cfg.online.num_actors, 'rollout actor')} x {_count(cfg.online.envs_per_actor, 'env')} "
-            f"({res['actor_cpus']:.3g} CPU each), learner on {'GPU' if res['learner_gpus'] else 'CPU'}")
+            f"({res.actor_cpus:.3g} CPU each), learner on {'GPU' if res.learner_gpus else 'CPU'}")
         cfg_dict = cfg.to_dict()
         resumed = counters.updates > 0 or counters.env_steps > 0
         self.learner = actors.make_learner(cfg, res, config=cfg_dict, checkpoint=ray.put(state),
@@ -477,43 +479,42 @@ class OnlineRun:
         return best
 
     # ----- logging ---------------------------------------------------------------------------
-    def log_rollout(self, result: Dict[str, object], env_rate: "RecentRate") -> None:
+    def log_rollout(self, result: RolloutResult, env_rate: "RecentRate") -> None:
         step = self.counters.env_steps
         w = self.writer
-        for ret in result["returns"]:
+        for ret in result.returns:
             w.add_scalar("charts/episode_return", ret, step)
             score = normalized_score(ret, self.ref_min, self.ref_max)
             if score is not None:
                 w.add_scalar("charts/normalized_score", float(score), step)
-        for ret, n in zip(result["returns"], result["lengths"]):
+        for ret, n in zip(result.returns, result.lengths):
             w.add_scalar("charts/episode_length", n, step)
             # Comparable between whole episodes and those a small env-step budget cut short.
             w.add_scalar("charts/reward_per_step", ret / n, step)
-        errors = result["plan_errors"]
+        errors = result.plan_errors
         if len(errors):
             per_step = per_step_alignment_error(errors)
             w.add_scalar("rollout/alignment_error", mean_alignment_error(per_step), step)
             for j, v in enumerate(per_step):
                 if np.isfinite(v):
                     w.add_scalar(f"rollout/alignment_error_step/{j:02d}", float(v), step)
-        w.add_scalar("perf/weights_lag", self.counters.version - result["version"], step)
+        w.add_scalar("perf/weights_lag", self.counters.version - result.version, step)
         w.add_scalar("perf/env_steps_per_s", env_rate(time.perf_counter(), step), step)
         w.add_scalar("faults/worker_restarts", self.counters.worker_restarts, step)
         w.add_scalar("faults/failed_rollouts", self.counters.failed_rollouts, step)
         w.add_scalar("faults/env_rebuilds", self.counters.env_rebuilds, step)
         w.add_scalar("faults/dropped_workers", len(self.dropped), step)
-        if result["example"] is not None:
+        if result.example is not None:
             # A copy: its arrays are views of the rollout's object, which they would keep in the
             # object store, every episode of it, until the next example.
-            self.last_example = type(result["example"])(*(np.array(a, copy=True) for a in result["example"]))
+            self.last_example = type(result.example)(*(np.array(a, copy=True) for a in result.example))
 
-    def log_train(self, stats: Dict[str, float], replay_size: int, update_rate: "RecentRate") -> None:
+    def log_train(self, stats: TrainStats, replay_size: int, update_rate: "RecentRate") -> None:
         step = self.counters.updates
-        for k, v in stats.items():
-            if k.startswith("losses/"):
-                self.writer.add_scalar(k, v, step)
+        for k, v in stats.losses.items():
+            self.writer.add_scalar(k, v, step)
         self.writer.add_scalar("perf/updates_per_s", update_rate(time.perf_counter(), step), step)
-        self.writer.add_scalar("perf/windows_per_s", stats["windows"] / max(stats["seconds"], 1e-9), step)
+        self.writer.add_scalar("perf/windows_per_s", stats.windows / max(stats.seconds, 1e-9), step)
         self.writer.add_scalar("replay/size", replay_size, step)
         self.writer.add_scalar("faults/skipped_updates", self.counters.skipped_updates, step)
 
@@ -578,7 +579,7 @@ class OnlineRun:
             self.replay_filled = ray.get(self.replay.size.remote()) > 0
         return self.replay_filled
 
-    def settle_training(self) -> Optional[Dict[str, float]]:
+    def settle_training(self) -> Optional[TrainStats]:
         """Wait for the learner's call in flight, if any, and count its updates; its stats."""
         if self.train_ref is None:
             return None
@@ -589,8 +590,8 @@ class OnlineRun:
             self.train_ref = None
             raise RunFailed(f"the learner failed: {_cause(e)}") from e
         self.train_ref = None
-        self.counters.updates += int(stats["updates"])
-        self.counters.skipped_updates += int(stats["skipped"])
+        self.counters.updates += stats.updates
+        self.counters.skipped_updates += stats.skipped
         return stats
 
     def run(self, interrupted: Optional[Interrupt] = None) -> None:
@@ -827,11 +828,11 @@ class OnlineRun:
                     continue
                 failures[i] = strikes[i] = 0
                 failing_since.pop(i, None)
-                c.env_rebuilds += result["env_rebuilds"]
-                self.replay.add.remote(result["episodes"])
-                c.env_steps += result["env_steps"]
-                c.episodes += len(result["episodes"])
-                bar.update(result["env_steps"])
+                c.env_rebuilds += result.env_rebuilds
+                self.replay.add.remote(result.episodes)
+                c.env_steps += result.env_steps
+                c.episodes += len(result.episodes)
+                bar.update(result.env_steps)
                 self.log_rollout(result, env_rate)
                 collecting = collecting and self.budget_left(t0)
                 if collecting:
@@ -885,53 +886,61 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
     planner of ``checkpoint`` (the same rollout workers as training)."""
     from distdiff.training import flat_weights
 
-    episodes: List = []
     cfg = config_lib.from_dict(checkpoint["config"]) if checkpoint is not None else config_lib.Config()
     # The cluster's CPUs shared as training shares them with its actors (there is no learner):
     # asking 1/N CPU each, as this once did, held every actor on the node that started them.
     cfg = config_lib.from_dict({"online": {"num_actors": num_actors, "actor_num_cpus": 0.0, "learner_num_cpus": 0.0,
                                            "learner_num_gpus": 0.0, "actor_resource": "", "learner_resource": ""}}, cfg)
     res = actors.resources(cfg)
+    # Exactly n_episodes are run, none cut off afterwards: which episodes of a task end first
+    # is not chance (falls end first), so keeping those that arrived first would keep the shortest.
     if checkpoint is None:
         per_task = max(1, min(10, n_episodes // max(num_actors, 1)))
-        tasks = (n_episodes + per_task - 1) // per_task
-        refs = [actors.random_episodes_task.options(num_cpus=res["actor_cpus"]).remote(
-            env_id, max_episode_steps, per_task, seed + k * per_task) for k in range(tasks)]
+        counts = [min(per_task, n_episodes - k) for k in range(0, n_episodes, per_task)]
+        refs = {actors.random_episodes_task.options(num_cpus=res.actor_cpus).remote(
+            env_id, max_episode_steps, n, seed + k * per_task): k for k, n in enumerate(counts)}
+        by_task: Dict[int, List] = {}
         while refs:
-            ready, refs = ray.wait(refs, num_returns=1)
+            ready, _ = ray.wait(list(refs), num_returns=1)
             try:
                 # (Ray retries a task whose process died; one that raised would raise again)
                 got = ray.get(ready[0])
             except RayError as e:
                 raise RunFailed(f"a random-policy collection task failed: {_cause(e)}") from e
-            episodes.extend(got)
+            by_task[refs.pop(ready[0])] = got
             if progress:
                 progress(len(got))
-        return episodes[:n_episodes]
+        return [ep for k in sorted(by_task) for ep in by_task[k]]
     cfg = config_lib.from_dict({"online": {"envs_per_actor": envs_per_actor, "measure_every": 10**9},
                                 "env": {"max_episode_steps": max_episode_steps}, "train": {"seed": seed}}, cfg)
     planner = planner_from_checkpoint(checkpoint, cfg)
     nets = {name: getattr(planner, name) for name in NETS}
-    weights = ray.put({"version": 1, "weights": {name: flat_weights(net) for name, net in nets.items() if net is not None}})
+    weights = ray.put(Weights(version=1, weights={name: flat_weights(net) for name, net in nets.items() if net is not None}))
     workers = [actors.make_worker(cfg, res, config=cfg.to_dict(), normalizer=planner.normalizer.state_dict(), worker_id=i)
                for i in range(num_actors)]
-    pending: Dict[ray.ObjectRef, tuple] = {}  # rollout -> (worker, task, its failures, restart wait since)
+    # rollout -> (worker, task, its episodes, its failures, restart wait since)
+    pending: Dict[ray.ObjectRef, tuple] = {}
+    by_task: Dict[int, List] = {}
 
-    def start(i: int, task: int, failures: int = 0, since: Optional[float] = None) -> None:
+    def start(i: int, task: int, n: int, failures: int = 0, since: Optional[float] = None) -> None:
         # The weights before every rollout: a restarted worker has none, and a worker that
         # holds them loads nothing.
         workers[i].set_weights.remote(weights)
-        pending[workers[i].rollout.remote(task)] = (i, task, failures, since)
+        pending[workers[i].rollout.remote(task, n_envs=n)] = (i, task, n, failures, since)
+
+    def unasked() -> int:
+        return n_episodes - sum(len(got) for got in by_task.values()) - sum(p[2] for p in pending.values())
 
     try:
         tasks = itertools.count()  # numbered, so a retried task replays its seeds, and no other does
         for i in range(num_actors):
-            start(i, next(tasks))
+            if unasked() > 0:
+                start(i, next(tasks), min(envs_per_actor, unasked()))
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
-            i, task, failures, since = pending.pop(ready[0])
+            i, task, n, failures, since = pending.pop(ready[0])
             try:
-                got = ray.get(ready[0])["episodes"]
+                got = ray.get(ready[0]).episodes
             except ActorUnavailableError as e:
                 # Ray is restarting the worker, and calls fail at once until it is back.
                 since = time.monotonic() if since is None else since
@@ -939,7 +948,7 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
                     raise RunFailed(f"rollout actor {i} was not restarted within {COLLECT_RESTART_S:g} s: "
                                     f"{_cause(e)}") from e
                 time.sleep(1.0)
-                start(i, task, failures, since)
+                start(i, task, n, failures, since)
                 continue
             except RayError as e:
                 # A worker that died with the task, or whose task raised: try again after a
@@ -948,17 +957,17 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
                 if failures >= COLLECT_TRIES or (isinstance(e, RayActorError) and e.actor_init_failed):
                     raise RunFailed(f"collection task {task} failed {failures} times: {_cause(e)}") from e
                 time.sleep(min(0.5 * failures, 5.0))
-                start(i, task, failures)
+                start(i, task, n, failures)
                 continue
-            episodes.extend(got)
+            by_task[task] = got
             if progress:
                 progress(len(got))
-            if len(episodes) + len(pending) * envs_per_actor < n_episodes:
-                start(i, next(tasks))
+            if unasked() > 0:
+                start(i, next(tasks), min(envs_per_actor, unasked()))
     finally:
         for w in workers:
             ray.kill(w)
-    return episodes[:n_episodes]
+    return [ep for k in sorted(by_task) for ep in by_task[k]]
 
 
 def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None, resume: bool = False,
@@ -974,6 +983,11 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     a resume from the checkpoint of an evaluation that never ended runs it first."""
     run_dir = Path(run_dir)
     config_lib.check_trainable(cfg)
+    try:
+        # Here, not when the first actor starts: that comes after pretraining.
+        ray.get(actors.code_check_task.remote(DRIVER_CODE))
+    except RayTaskError as e:
+        raise RunFailed(_cause(e)) from e
     replay_state = data = None
     if init is None and (not resume or resume_checkpoint(run_dir) != run_dir / CHECKPOINT):
         # A cluster too small for the actors fails now, not after pretraining.

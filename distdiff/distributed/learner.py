@@ -8,6 +8,7 @@ import torch
 
 from distdiff.config import from_dict
 from distdiff.data.windows import Batch
+from distdiff.distributed.messages import TrainStats, Weights
 from distdiff.provenance import check_same_code
 from distdiff.training import Trainer, prior_of, resolve_device, seed_everything
 
@@ -57,7 +58,7 @@ class Learner:
         self.max_nonfinite = max_nonfinite
         self.consecutive_nonfinite = 0
 
-    def train(self, batches: List[Batch]) -> Dict[str, float]:
+    def train(self, batches: List[Batch]) -> TrainStats:
         """One update per batch; non-finite ones are skipped. Raises after ``max_nonfinite``
         skipped in a row, before anything bad reaches the weights."""
         t0 = time.perf_counter()
@@ -76,15 +77,14 @@ class Learner:
             done += 1
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v
-        out = {k: v / max(done, 1) for k, v in sums.items()}
-        out.update({"updates": done, "skipped": skipped, "seconds": time.perf_counter() - t0,
-                    "windows": done * (batches[0].x_start.shape[0] if batches else 0)})
-        return out
+        return TrainStats(losses={k: v / max(done, 1) for k, v in sums.items()}, updates=done, skipped=skipped,
+                          seconds=time.perf_counter() - t0,
+                          windows=done * (batches[0].x_start.shape[0] if batches else 0))
 
-    def publish(self) -> Dict[str, object]:
+    def publish(self) -> Weights:
         """A new weights version: CPU EMA weights, returned once and shared by reference."""
         self.version += 1
-        return {"version": self.version, "weights": self.trainer.weights()}
+        return Weights(version=self.version, weights=self.trainer.weights())
 
     def state_dict(self) -> Dict[str, object]:
         """On CPU: the driver that saves it may run where there is no GPU."""

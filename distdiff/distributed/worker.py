@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from distdiff.config import from_dict
+from distdiff.distributed.messages import RolloutResult, Weights, WorkerState
 from distdiff.models import build_models
 from distdiff.normalizer import Normalizer
 from distdiff.provenance import check_same_code
@@ -66,10 +67,10 @@ class RolloutWorker:
         for env in self.envs + self.shadows:
             env.close()
 
-    def set_weights(self, payload: Dict[str, object]) -> int:
-        if payload["version"] > self.version:
-            load_weights(self.nets, payload["weights"])
-            self.version = int(payload["version"])
+    def set_weights(self, published: Weights) -> int:
+        if published.version > self.version:
+            load_weights(self.nets, published.weights)
+            self.version = int(published.version)
         return self.version
 
     def _seed(self, task: int, attempt: int = 0) -> int:
@@ -78,7 +79,7 @@ class RolloutWorker:
         return int(np.random.SeedSequence(key).generate_state(1)[0] >> 1)
 
     def rollout(self, task: Optional[int] = None, *, max_steps: Optional[int] = None,
-                n_envs: Optional[int] = None) -> Dict[str, object]:
+                n_envs: Optional[int] = None) -> RolloutResult:
         """One episode per env with the current weights; the real trajectories and their stats.
         ``task`` numbers the rollout within the run and seeds it (default: this worker's own
         count, which restarts with the process). The driver's share of what is left of an
@@ -101,17 +102,17 @@ class RolloutWorker:
             self._make_envs()
             results = self._run(self._seed(task, attempt=1), max_steps, n_envs)
         errors = [r.plan_errors for r in results if len(r.plan_errors)]
-        return {
-            "worker_id": self.worker_id,
-            "version": version,
-            "episodes": [r.episode for r in results],
-            "returns": [r.episode.episode_return for r in results],
-            "lengths": [len(r.episode) for r in results],
-            "plan_errors": np.concatenate(errors) if errors else np.zeros((0, self.cfg.model.horizon)),
-            "env_steps": int(sum(len(r.episode) for r in results)),
-            "env_rebuilds": rebuilds,  # in this task
-            "example": next((r.first_check for r in results if r.first_check is not None), None),
-        }
+        return RolloutResult(
+            worker_id=self.worker_id,
+            version=version,
+            episodes=[r.episode for r in results],
+            returns=[r.episode.episode_return for r in results],
+            lengths=[len(r.episode) for r in results],
+            plan_errors=np.concatenate(errors) if errors else np.zeros((0, self.cfg.model.horizon)),
+            env_steps=int(sum(len(r.episode) for r in results)),
+            env_rebuilds=rebuilds,
+            example=next((r.first_check for r in results if r.first_check is not None), None),
+        )
 
     def _run(self, seed: int, max_steps: Optional[int], n_envs: Optional[int]):
         generator = torch.Generator().manual_seed(seed)
@@ -137,5 +138,5 @@ class RolloutWorker:
             max_steps=max_steps,
         )
 
-    def ping(self) -> Dict[str, object]:
-        return {"worker_id": self.worker_id, "version": self.version, "tasks": self.tasks}
+    def ping(self) -> WorkerState:
+        return WorkerState(worker_id=self.worker_id, version=self.version, tasks=self.tasks)

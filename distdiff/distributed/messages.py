@@ -1,0 +1,50 @@
+"""What crosses Ray between the driver and its actors, as named tuples: a field is read by name,
+and a misspelt one fails where it is read, not as a missing dict key far from the actor that
+made the result."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional
+
+import numpy as np
+
+if TYPE_CHECKING:  # the learner's process has no use for the env code
+    from distdiff.data.episodes import Episode
+    from distdiff.rollout import PlanCheck
+
+
+class Weights(NamedTuple):
+    """One published version of the planner's nets: ``ray.put`` once by the learner, handed to
+    every worker by reference."""
+
+    version: int
+    weights: Dict[str, np.ndarray]  # net name -> its state dict as one flat float32 array (training.flat_weights)
+
+
+class RolloutResult(NamedTuple):
+    """One rollout task of a worker: an episode per env it ran."""
+
+    worker_id: int
+    version: int  # the weights version its plans were made with
+    episodes: List[Episode]
+    returns: List[float]  # per episode
+    lengths: List[int]  # per episode
+    plan_errors: np.ndarray  # [measured plans, H]: each one's per-step distance to the states it reached
+    env_steps: int
+    env_rebuilds: int  # in this task: 1 when its envs failed and it ran again on new ones
+    example: Optional[PlanCheck]  # the first measured plan, for the plan-vs-real figure
+
+
+class TrainStats(NamedTuple):
+    """One learner call: its updates and what they measured."""
+
+    losses: Dict[str, float]  # TensorBoard tag (losses/...) -> mean over the updates done
+    updates: int  # done; non-finite ones are skipped, not done
+    skipped: int
+    seconds: float
+    windows: int  # trajectory windows trained on
+
+
+class WorkerState(NamedTuple):
+    worker_id: int
+    version: int  # of the weights it holds; -1 before any
+    tasks: int  # rollouts it ran since its process started
