@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from distdiff import config as config_lib
-from distdiff.checkpoint import load_checkpoint, save_checkpoint
+from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from distdiff.cli import deferred_interrupt, progress_bar
 from distdiff.config import Config
 from distdiff.data.minari_io import LoadedDataset, load_or_collect
@@ -77,6 +77,10 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     if resume and init is not None:
         raise ValueError("resume continues this run's own checkpoint; it cannot also start from init")
     state = load_checkpoint(ckpt_path) if resume else None
+    if state is not None and "run" in state:
+        # Its pretraining would write over phase 2's checkpoint (learner, counters, prior).
+        raise CheckpointError(f"{run_dir} holds a launch/train.py run, which pretraining does not continue: resume it "
+                              f"with launch/train.py --resume {run_dir}")
     start = load_checkpoint(init) if init is not None else None
     seed_everything(cfg.train.seed)
     source = state or start

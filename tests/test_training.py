@@ -284,3 +284,15 @@ def test_pretraining_skips_scattered_bad_batches_and_stops_at_a_run_of_them(tiny
     with pytest.raises(FloatingPointError, match="3 non-finite updates in a row"):
         pretrain_lib.pretrain(cfg, tmp_path / "broken", quiet=True)
     assert load_checkpoint(tmp_path / "broken" / "checkpoint.pt")["step"] == 10
+
+
+def test_pretraining_does_not_resume_over_a_train_run(tmp_path):
+    # Its pretraining would replace phase 2's checkpoint (learner, counters, prior) with its own.
+    from distdiff.checkpoint import CheckpointError, save_checkpoint
+    from distdiff.rundir import CHECKPOINT
+
+    save_checkpoint(tmp_path / CHECKPOINT, {"run": {"env_steps": 40}, "step": 24, "config": config_lib.Config().to_dict()})
+    before = (tmp_path / CHECKPOINT).read_bytes()
+    with pytest.raises(CheckpointError, match=f"{tmp_path} holds a launch/train.py run, .* launch/train.py --resume {tmp_path}"):
+        pretrain_lib.pretrain(config_lib.Config(), tmp_path, resume=True, quiet=True)
+    assert (tmp_path / CHECKPOINT).read_bytes() == before
