@@ -17,7 +17,6 @@ bigger machines (e.g. --scale 8 with a GPU learner and 32 actors).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -33,7 +32,8 @@ import torch  # noqa: E402
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import load_checkpoint  # noqa: E402
-from distdiff.data.minari_io import load_episodes, normalized_score  # noqa: E402
+from distdiff.cli import to_json  # noqa: E402
+from distdiff.data.minari_io import load_episodes, normalized_score, reference_scores  # noqa: E402
 from distdiff.distributed.driver import train  # noqa: E402
 from distdiff.evaluation import alignment_on_observations, evaluate  # noqa: E402
 from distdiff.pretrain import pretrain  # noqa: E402
@@ -119,8 +119,9 @@ def main():
         ray.shutdown()
     t_online = time.perf_counter() - t1
     aligned = judge(args.aligned or args.out / "aligned" / "checkpoint.pt")
-    behaviour = normalized_score(np.mean([e.episode_return for e in data.episodes]), data.ref_min_score, data.ref_max_score)
-    print(json.dumps({
+    # The references the planners are scored with (D4RL's), not the dataset's own.
+    behaviour = normalized_score(np.mean([e.episode_return for e in data.episodes]), *reference_scores(cfg.env.id))
+    print(to_json({
         "prior": prior, "aligned": aligned, "behaviour": {"normalized_score": float(behaviour)},
         "budget": {"pretrain_steps": None if args.init else cfg.train.steps,  # --init: whatever made that checkpoint
                    "online_env_steps": metrics["env_steps"], "online_updates": metrics["updates"],

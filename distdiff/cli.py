@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import signal
 import sys
@@ -147,8 +148,26 @@ def write_text(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def finite(obj):
+    """``obj`` with NaN and infinities as None, in its dicts, lists and tuples: JSON has no token
+    for them (Python writes ``NaN``, which other readers refuse). An alignment error is NaN
+    where every plan fell before a step."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite(v) for v in obj]
+    return obj
+
+
+def to_json(data, **kwargs) -> str:
+    """Strict JSON of ``data``, non-finite numbers as null (:func:`finite`)."""
+    return json.dumps(finite(data), allow_nan=False, **kwargs)
+
+
 def write_json(path: Path, data: dict) -> None:
-    write_text(path, json.dumps(data, indent=2) + "\n")
+    write_text(path, to_json(data, indent=2) + "\n")
 
 
 class Interrupt(threading.Event):

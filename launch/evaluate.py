@@ -10,12 +10,11 @@ A phase-2 checkpoint can be judged blended with the prior it started from (see R
 from __future__ import annotations
 
 import argparse
-import json
 import operator
 import sys
 from pathlib import Path
 
-from distdiff.cli import check_output, fail, limit_threads, note_selection_seeds, progress_bar, write_json
+from distdiff.cli import check_output, fail, limit_threads, note_selection_seeds, progress_bar, to_json, write_json
 
 limit_threads()
 
@@ -70,7 +69,7 @@ def main(argv=None) -> int:
     out = args.out or eval_file(checkpoint_file(args.checkpoint))
     write_json(out, summary)
     per_item = ("alignment_error_per_step", "episode_returns", "episode_lengths")
-    print(json.dumps({k: v for k, v in summary.items() if k not in per_item}))
+    print(to_json({k: v for k, v in summary.items() if k not in per_item}))
     print(f"summary: {out}")
     return 0
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import argparse
 import errno
-import json
 import sys
 from pathlib import Path
 
-from distdiff.cli import add_ray_arguments, check_run_dir, default_ray_auth, default_run_dir, fail, limit_threads
+from distdiff.cli import add_ray_arguments, check_run_dir, default_ray_auth, default_run_dir, fail, limit_threads, to_json
 
 limit_threads()
 default_ray_auth()
@@ -102,7 +101,7 @@ def main(argv=None) -> int:
     finally:
         if started:
             ray.shutdown()
-    print(json.dumps({k: v for k, v in metrics.items() if k != "alignment_error_per_step"}))
+    print(to_json({k: v for k, v in metrics.items() if k != "alignment_error_per_step"}))
     print(f"metrics: {Path(run_dir) / 'metrics.json'}")
     return 0
 
