@@ -265,15 +265,15 @@ def _nest(overrides: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     return nested
 
 
-def read(path: str | Path) -> Any:
+def read(path: str | Path, what: str = "config file") -> Any:
     """The YAML of a config file, as read (not yet merged or checked); an empty file is ``{}``."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"{what} {path} {'is a directory' if path.is_dir() else 'does not exist'}")
     try:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"config file {path} is not valid YAML: {e}") from e
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from e
     return {} if data is None else data
 
 

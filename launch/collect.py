@@ -3,8 +3,8 @@
     python launch/collect.py --policy random --episodes 50 --dataset-id local/walker2d/random-v0
     python launch/collect.py --policy runs/pretrain-X/checkpoint.pt --episodes 20 --dataset-id local/walker2d/planner-v0
 
-Datasets land under MINARI_DATASETS_PATH (default ~/.minari/datasets); an existing id is refused
-unless --overwrite is given. D4RL's Walker2d reference scores are stored, so
+Datasets land under MINARI_DATASETS_PATH (default ~/.minari/datasets), with ids under local/ (the
+others are Minari's remote datasets); an existing id is refused unless --overwrite is given. D4RL's Walker2d reference scores are stored, so
 minari.get_normalized_score works on the result.
 """
 from __future__ import annotations
@@ -24,16 +24,17 @@ import torch  # noqa: E402
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from distdiff.data.minari_io import DATASET_ID, DatasetError, dataset_exists, datasets_root, write_episodes  # noqa: E402
+from distdiff.data.minari_io import (DATASET_ID, LOCAL_NAMESPACE, DatasetError, dataset_exists,  # noqa: E402
+                                     datasets_root, write_episodes)
 from distdiff.rollout import make_env, random_episodes, run_episodes  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--policy", required=True, help="'random' or a distdiff checkpoint path.")
+    p.add_argument("--policy", required=True, help="'random', or the path of a distdiff checkpoint.")
     p.add_argument("--episodes", type=int, required=True, help="Number of episodes to collect.")
-    p.add_argument("--dataset-id", required=True, help="Minari id, ending in -vN (e.g. local/walker2d/random-v0).")
+    p.add_argument("--dataset-id", required=True, help="Minari id under local/, ending in -vN (e.g. local/walker2d/random-v0).")
     p.add_argument("--env", default="Walker2d-v5", help="Gymnasium env id (random policy; a checkpoint uses its own; default: %(default)s).")
     p.add_argument("--max-episode-steps", type=int, default=1000,
                    help="Time limit: an episode that has not fallen by then ends truncated (default: %(default)s).")
@@ -48,6 +49,11 @@ def main(argv=None) -> int:
         fail("--episodes must be >= 1")
     if not DATASET_ID.match(args.dataset_id):
         fail(f"dataset id {args.dataset_id!r} must look like namespace/name-vN (Minari needs the -vN version)")
+    if not args.dataset_id.startswith(LOCAL_NAMESPACE):
+        # Under a remote's id (mujoco/walker2d/medium-v0), a config that names that dataset
+        # would train on these episodes instead, and record them as the remote's.
+        fail(f"dataset id {args.dataset_id!r} must be under {LOCAL_NAMESPACE} (e.g. {LOCAL_NAMESPACE}walker2d/"
+             f"{args.dataset_id.rpartition('/')[2]}): ids elsewhere are Minari's remote datasets")
     if dataset_exists(args.dataset_id) and not args.overwrite:
         fail(f"dataset {args.dataset_id!r} already exists under {datasets_root()}; pass --overwrite to replace it")
 
@@ -63,7 +69,8 @@ def main(argv=None) -> int:
             cfg = config_lib.from_dict(state["config"])
             planner = planner_from_checkpoint(state, cfg)
         except (CheckpointError, config_lib.ConfigError) as e:
-            fail(str(e))
+            fail(f"--policy {args.policy}: neither 'random' nor a checkpoint: {e}" if not Path(args.policy).exists()
+                 else str(e))
     else:
         try:
             gym.spec(args.env)

@@ -24,6 +24,8 @@ default_ray_auth()
 
 from distdiff.config import ConfigError  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def storage_dir(value: str) -> Path:
     # pathlib would turn s3://bucket into the local directory s3:/bucket.
@@ -35,8 +37,8 @@ def storage_dir(value: str) -> Path:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, default=Path("configs/tune.yaml"),
-                   help="Sweep file, the search space in YAML (default: %(default)s).")
+    p.add_argument("--config", type=Path, default=ROOT / "configs" / "tune.yaml",
+                   help="Sweep file, the search space in YAML (default: the repo's configs/tune.yaml).")
     p.add_argument("--num-samples", type=int, default=None, help="Trials to sample (overrides the sweep file).")
     p.add_argument("--max-concurrent", type=int, default=None, help="Trials at once (overrides the sweep file).")
     p.add_argument("--storage", type=storage_dir, default=Path("runs/tune"), metavar="STORAGE",

@@ -196,3 +196,8 @@ def test_config_error_is_a_value_error():
 def test_a_sweep_file_given_as_a_config_says_where_it_belongs():
     with pytest.raises(config.ConfigError, match=r"sweep file .* python launch/tune.py --config"):
         config.load(ROOT / "configs" / "tune.yaml")
+
+
+def test_a_directory_given_as_a_config_is_named_so(tmp_path):
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a directory"):
+        config.load(tmp_path)

@@ -88,6 +88,14 @@ def test_collect_refuses_an_existing_id(tiny_dataset, tiny_episodes, subprocess_
     assert len(load_episodes(tiny_dataset).episodes) == len(tiny_episodes)
 
 
+def test_collect_refuses_an_id_of_minaris_remote(minari_root, subprocess_env):
+    # A config naming the remote dataset would train on these random episodes instead.
+    proc = run("collect.py", "--policy", "random", "--episodes", 1, "--dataset-id", "mujoco/walker2d/medium-v0",
+               env=subprocess_env)
+    assert proc.returncode == 2 and "must be under local/ (e.g. local/walker2d/medium-v0)" in proc.stderr
+    assert not dataset_exists("mujoco/walker2d/medium-v0")
+
+
 def test_collect_refuses_an_id_without_version(minari_root, subprocess_env):
     proc = run("collect.py", "--policy", "random", "--episodes", 1, "--dataset-id", "local/walker2d/noversion",
                env=subprocess_env)

@@ -190,6 +190,11 @@ def drawn_configs(spec, n_live: int = 0):
     return configs
 
 
+def test_a_training_config_given_as_a_sweep_says_where_it_belongs():
+    with pytest.raises(ConfigError, match=r"walker2d.yaml looks like a training config \(it has `env:`, `data:`, .*launch/train.py"):
+        load_spec(ROOT / "configs" / "walker2d.yaml")
+
+
 def test_the_sweep_seed_draws_the_same_trials_again(tiny_dataset, tmp_path):
     space = {"guidance.scale": {"loguniform": [0.001, 1.0], "zero": 0.3}, "diffusion.n_steps": {"choice": [10, 20, 30]},
              "online.lr_scale": {"uniform": [0.1, 1.0]}}

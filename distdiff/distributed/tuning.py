@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import ray
-import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 from ray.tune.search.basic_variant import BasicVariantGenerator
@@ -160,17 +159,16 @@ def _check_metric(spec: SweepSpec, configs: List[Config]) -> List[str]:
 def load_spec(path: str | Path) -> SweepSpec:
     """Read and check a sweep file; every problem is reported before any trial starts."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"sweep file {path} is not valid YAML: {e}") from None
+    raw = config_lib.read(path, what="sweep file")
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep file {path} must be a mapping of sweep options, got {type(raw).__name__}")
     raw = {k: v for k, v in raw.items() if v is not None}  # an empty option: its default
     known = {f.name for f in dataclasses.fields(SweepSpec) if f.init}
-    errors = [f"unknown sweep option {k!r}; options are {sorted(known)}" for k in raw if k not in known]
+    unknown = [k for k in raw if k not in known]
+    if unknown and set(unknown) <= {f.name for f in dataclasses.fields(Config)}:
+        raise ConfigError(f"{path} looks like a training config (it has {', '.join(f'`{k}:`' for k in unknown)}): "
+                          f"train with python launch/train.py --config {path}, or name it as a sweep file's `base:`")
+    errors = [f"unknown sweep option {k!r}; options are {sorted(known)}" for k in unknown]
     # The option types, before anything uses them.
     for key, kind in (("fixed", dict), ("space", dict), ("asha", dict), ("pbt", dict), ("resources", dict),
                       ("num_samples", int), ("max_concurrent", int), ("seed", int), ("name", str), ("metric", str),
