@@ -7,13 +7,15 @@ PY := $(VENV)/bin/python
 RUN_DIR ?= runs/quickstart
 # Extra pip options for torch, e.g. the CPU-only index PyTorch's "Get Started" page shows.
 TORCH_PIP_ARGS ?=
+# The torch==X pin of pyproject.toml (as docker/install.sh reads it): one place to change it.
+TORCH_PIN := $(shell sed -n 's/^[[:space:]]*"\(torch==[^";]*\)".*/\1/p' pyproject.toml | head -n 1)
 
 .PHONY: install quickstart test bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH_PIP_ARGS) torch==2.13.0
+	$(PY) -m pip install -q $(TORCH_PIP_ARGS) '$(TORCH_PIN)'
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 

@@ -1338,7 +1338,7 @@ def test_another_distdiff_on_the_driver_machine_is_named_before_pretraining(ray_
     from distdiff.distributed import driver
 
     monkeypatch.setattr(driver, "DRIVER_CODE", ("0" * 16, f"/venv/site-packages/distdiff on {socket.gethostname()}"))
-    with pytest.raises(RunFailed, match="not the driver's at /venv/site-packages/distdiff .* pip install -e"):
+    with pytest.raises(RunFailed, match="not the driver's at /venv/site-packages/distdiff .*pip install -e"):
         train(tiny_online_config(tiny_dataset), tmp_path / "run", log=lambda s: None, progress=False)
     assert not (tmp_path / "run").exists()
 

@@ -12,6 +12,7 @@ from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from distdiff.config import ConfigError
 from distdiff.data.windows import fit_normalizer
 from distdiff.models import build_models, layout_of
+from distdiff.distributed.messages import Weights
 from distdiff.distributed.worker import RolloutWorker
 from distdiff.nn.dynamics import DynamicsNet, model_rollout, rollout_error, transition_loss
 from distdiff.training import Trainer, planner_from_checkpoint
@@ -206,7 +207,7 @@ def test_a_rollout_workers_ranking_planner_holds_the_broadcast_dynamics_model(tr
                             "online": {"envs_per_actor": 1}}, trainer.cfg)
     worker = RolloutWorker(config=cfg.to_dict(), normalizer=trainer.normalizer.state_dict(), worker_id=0)
     try:
-        worker.set_weights({"version": 1, "weights": trainer.weights()})
+        worker.set_weights(Weights(version=1, weights=trainer.weights()))
         for a, b in zip(worker.planner.dynamics.state_dict().values(), trainer.ema_dynamics.state_dict().values()):
             assert torch.equal(a, b)
     finally:

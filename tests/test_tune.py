@@ -401,7 +401,7 @@ def test_help_shows_the_defaults_and_where_the_results_go(tune_script, capsys):
     with pytest.raises(SystemExit):
         tune_script.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())
-    assert "(default: configs/tune.yaml)" in text and "(default: runs/tune)" in text
+    assert "(default: the repo's configs/tune.yaml)" in text and "(default: runs/tune)" in text
     assert "trials.csv and best_config.yaml" in text and "STORAGE/NAME/" in text
 
 
