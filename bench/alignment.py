@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import load_checkpoint  # noqa: E402
-from distdiff.cli import to_json  # noqa: E402
+from distdiff.files import to_json  # noqa: E402
 from distdiff.data.minari_io import load_episodes, normalized_score, reference_scores  # noqa: E402
 from distdiff.distributed.driver import train  # noqa: E402
 from distdiff.evaluation import alignment_on_observations, evaluate  # noqa: E402

@@ -11,7 +11,7 @@ from typing import Any, Dict
 
 import torch
 
-from distdiff.cli import replacing
+from distdiff.files import replacing
 from distdiff.rundir import CHECKPOINT, PRETRAIN, checkpoint_file
 
 FORMAT = "distdiff.checkpoint"

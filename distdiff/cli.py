@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
-import math
+import difflib
 import os
+import re
 import signal
 import sys
 import threading
@@ -16,6 +16,26 @@ from typing import Iterator, Optional
 from tqdm import tqdm
 
 from distdiff.rundir import BEST, checkpoint_file, holds_run
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that answers a bad argument in two lines: with every config field a flag, the
+    usage runs to ~50 lines above the one error that matters. A mistyped option gets the
+    closest real one."""
+
+    def error(self, message: str):
+        if message.startswith("unrecognized arguments"):
+            for wrong in re.findall(r"--[\w.-]+", message):
+                close = difflib.get_close_matches(wrong.split("=")[0], list(self._option_string_actions), n=1, cutoff=0.8)
+                if close:
+                    message += f" (did you mean {close[0]}?)"
+        self.exit(2, f"usage: {self.prog} [options] (see --help)\n{self.prog}: error: {message}\n")
+
+
+def make_parser(description: Optional[str]) -> ArgumentParser:
+    """A launch script's parser: its docstring as the description, no abbreviated flags (a
+    prefix such as --diffusion.schedul would set a field unnoticed)."""
+    return ArgumentParser(description=description, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def limit_threads() -> None:
@@ -110,64 +130,6 @@ def note_selection_seeds(checkpoint: Path, seed: int, flag: str) -> None:
 def fail(message: str, code: int = 2) -> None:
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
-
-
-def _fsync(path: Path, flags: int) -> None:
-    fd = os.open(path, flags)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def replacing(path: Path) -> Iterator[Path]:
-    """A temporary file beside ``path`` to write, which then replaces it: a crash leaves the old
-    file or the new one, never half of one, and a writer that raises leaves no temporary file.
-    It is hidden and keeps ``path``'s suffix, from which some writers (video) take the format.
-
-    The new file reaches the disk before the rename, and the rename before this returns: after
-    a power loss some filesystems (XFS, ext4 without auto_da_alloc) would otherwise show the
-    renamed file empty, with the old one already gone."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
-    try:
-        yield tmp
-        _fsync(tmp, os.O_RDWR)  # (Windows syncs only what is open for writing)
-        os.replace(tmp, path)
-        # The new file is in place: a system that cannot sync a directory (Windows, one this
-        # user may not read) must not fail the write.
-        with contextlib.suppress(OSError):
-            _fsync(path.parent, os.O_RDONLY)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text(path: Path, text: str) -> None:
-    with replacing(path) as tmp:
-        tmp.write_text(text)
-
-
-def finite(obj):
-    """``obj`` with NaN and infinities as None, in its dicts, lists and tuples: JSON has no token
-    for them (Python writes ``NaN``, which other readers refuse). An alignment error is NaN
-    where every plan fell before a step."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite(v) for v in obj]
-    return obj
-
-
-def to_json(data, **kwargs) -> str:
-    """Strict JSON of ``data``, non-finite numbers as null (:func:`finite`)."""
-    return json.dumps(finite(data), allow_nan=False, **kwargs)
-
-
-def write_json(path: Path, data: dict) -> None:
-    write_text(path, to_json(data, indent=2) + "\n")
 
 
 class Interrupt(threading.Event):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)  # (two ints in a row are easy to swap)
 class TrajectoryLayout:
     obs_dim: int
     act_dim: int

@@ -29,7 +29,7 @@ class Models(NamedTuple):
 
 
 def layout_of(cfg: Config) -> TrajectoryLayout:
-    return TrajectoryLayout(cfg.env.obs_dim, cfg.env.act_dim)
+    return TrajectoryLayout(obs_dim=cfg.env.obs_dim, act_dim=cfg.env.act_dim)
 
 
 def build_models(cfg: Config, normalizer: Normalizer) -> Models:

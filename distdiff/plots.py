@@ -10,7 +10,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
 import numpy as np  # noqa: E402
 
-from distdiff.cli import replacing  # noqa: E402
+from distdiff.files import replacing  # noqa: E402
 from distdiff.rollout import PlanCheck, mean_alignment_error, per_step_alignment_error  # noqa: E402
 
 
@@ -80,6 +80,19 @@ def _style_legend(ax, group: DimGroup, solid: str, dashed: str):
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
 
+def _pair_panel(ax, group: DimGroup, first: np.ndarray, second: np.ndarray, *, units: str, title: str, labels,
+                fontsize: int):
+    """Each dim of ``group`` in its color: ``first`` solid, ``second`` dashed (it may be shorter)."""
+    for i, d in enumerate(group.dims):
+        ax.plot(np.arange(len(first)), first[:, d], color=f"C{i % 10}", linewidth=1.6)
+        ax.plot(np.arange(len(second)), second[:, d], color=f"C{i % 10}", linewidth=1.2, linestyle="--")
+    ax.set_title(title, fontsize=fontsize)
+    ax.set_xlabel("horizon step")
+    ax.set_ylabel(_ylabel(group, units), fontsize=fontsize - 1)
+    ax.grid(alpha=0.3)
+    _style_legend(ax, group, *labels)
+
+
 def figure1(plan_states: np.ndarray, plan_actions: np.ndarray, real_states: np.ndarray, real_actions: np.ndarray,
             groups: Sequence[DimGroup], act_group: DimGroup, *, units: str = "raw", title: str = ""):
     """The seed's Figure 1: a plan sampled from a real start state against the dataset's
@@ -93,14 +106,8 @@ def figure1(plan_states: np.ndarray, plan_actions: np.ndarray, real_states: np.n
     panels = [(g, plan_states, real_states) for g in groups] + [(act_group, plan_actions, real_actions)]
     fig, axes = plt.subplots(len(panels), 1, figsize=(9.5, 3.0 * len(panels)), squeeze=False)
     for ax, (g, plan, real) in zip(axes[:, 0], panels):
-        for i, d in enumerate(g.dims):
-            ax.plot(np.arange(len(plan)), plan[:, d], color=f"C{i % 10}", linewidth=1.6)
-            ax.plot(np.arange(len(real)), real[:, d], color=f"C{i % 10}", linewidth=1.2, linestyle="--")
-        ax.set_title(g.title, fontsize=10)
-        ax.set_xlabel("horizon step")
-        ax.set_ylabel(_ylabel(g, units), fontsize=9)
-        ax.grid(alpha=0.3)
-        _style_legend(ax, g, "plan (sampled)", "dataset (real)")
+        _pair_panel(ax, g, plan, real, units=units, title=g.title, labels=("plan (sampled)", "dataset (real)"),
+                    fontsize=10)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -125,16 +132,8 @@ def alignment_figure(runs: Sequence[AlignmentRun], groups: Sequence[DimGroup], *
     grid = fig.add_gridspec(n_rows, n_cols)
     for r, run in enumerate(runs):
         for c, g in enumerate(groups):
-            ax = fig.add_subplot(grid[r, c])
-            steps = np.arange(len(run.planned_states))
-            for i, d in enumerate(g.dims):
-                ax.plot(steps, run.planned_states[:, d], color=f"C{i % 10}", linewidth=1.6)
-                ax.plot(steps, run.reached_states[:, d], color=f"C{i % 10}", linewidth=1.2, linestyle="--")
-            ax.set_title(f"{run.label}: {g.title}", fontsize=9)
-            ax.set_xlabel("horizon step")
-            ax.set_ylabel(_ylabel(g, units), fontsize=8)
-            ax.grid(alpha=0.3)
-            _style_legend(ax, g, "planned", "reached (executing the plan)")
+            _pair_panel(fig.add_subplot(grid[r, c]), g, run.planned_states, run.reached_states, units=units,
+                        title=f"{run.label}: {g.title}", labels=("planned", "reached (executing the plan)"), fontsize=9)
     ax = fig.add_subplot(grid[n_rows - 1, :])
     for k, run in enumerate(runs):
         steps = np.arange(run.errors.shape[1])

@@ -21,7 +21,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from distdiff.cli import replacing
+from distdiff.files import replacing
 
 GL_PACKAGES = "libegl1 libgl1 libopengl0 libgl1-mesa-dri"
 
@@ -171,7 +171,7 @@ def ffmpeg_available() -> bool:
 
         imageio_ffmpeg.get_ffmpeg_exe()
         return True
-    except Exception:  # not installed, or no binary for this platform
+    except (ImportError, RuntimeError, OSError):  # not installed, or no binary for this platform
         return False
 
 

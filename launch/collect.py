@@ -9,11 +9,10 @@ minari.get_normalized_score works on the result.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from distdiff.cli import default_ray_auth, fail, limit_threads, non_negative_int, progress_bar
+from distdiff.cli import default_ray_auth, fail, limit_threads, make_parser, non_negative_int, progress_bar
 
 limit_threads()
 default_ray_auth()
@@ -31,7 +30,7 @@ from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--policy", required=True, help="'random', or the path of a distdiff checkpoint.")
     p.add_argument("--episodes", type=int, required=True, help="Number of episodes to collect.")
     p.add_argument("--dataset-id", required=True, help="Minari id under local/, ending in -vN (e.g. local/walker2d/random-v0).")

@@ -14,7 +14,7 @@ import operator
 import sys
 from pathlib import Path
 
-from distdiff.cli import check_output, fail, limit_threads, note_selection_seeds, progress_bar, to_json, write_json
+from distdiff.cli import check_output, fail, limit_threads, make_parser, note_selection_seeds, progress_bar
 
 limit_threads()
 
@@ -23,12 +23,13 @@ import torch  # noqa: E402
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from distdiff.evaluation import evaluate  # noqa: E402
+from distdiff.files import to_json, write_json  # noqa: E402
 from distdiff.rundir import checkpoint_file, eval_file  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt (or its run dir).")
     p.add_argument("--episodes", type=int, default=None, help="Episodes to run (default eval.episodes).")
     p.add_argument("--guidance", type=float, default=None, help="Guidance scale k (same as --guidance.scale).")

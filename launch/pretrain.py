@@ -8,11 +8,10 @@ Ctrl-C saves a checkpoint; --resume RUN_DIR continues it.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
-from distdiff.cli import check_run_dir, default_run_dir, fail, limit_threads
+from distdiff.cli import check_run_dir, default_run_dir, fail, limit_threads, make_parser
 
 limit_threads()
 
@@ -24,7 +23,7 @@ from distdiff.rundir import CHECKPOINT  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--dataset", default=None, help="Minari dataset id (same as --data.dataset_id).")
     p.add_argument("--run-dir", type=Path, default=None, help="Where checkpoints and TensorBoard logs go (default runs/pretrain-TIME).")
     p.add_argument("--resume", nargs="?", const=True, default=None, type=Path, metavar="RUN_DIR",

@@ -18,7 +18,7 @@ import errno
 import sys
 from pathlib import Path
 
-from distdiff.cli import add_ray_arguments, check_run_dir, default_ray_auth, default_run_dir, fail, limit_threads, to_json
+from distdiff.cli import add_ray_arguments, check_run_dir, default_ray_auth, default_run_dir, fail, limit_threads, make_parser
 
 limit_threads()
 default_ray_auth()
@@ -26,11 +26,12 @@ default_ray_auth()
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint  # noqa: E402
 from distdiff.data.minari_io import DatasetError  # noqa: E402
+from distdiff.files import to_json  # noqa: E402
 from distdiff.rundir import holds_run  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--num-actors", type=int, default=None, help="Rollout actors (same as --online.num_actors).")
     p.add_argument("--dataset", default=None, help="Minari dataset id (same as --data.dataset_id).")
     p.add_argument("--init", type=Path, default=None,

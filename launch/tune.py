@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from distdiff.cli import add_ray_arguments, default_ray_auth, fail, limit_threads
+from distdiff.cli import add_ray_arguments, default_ray_auth, fail, limit_threads, make_parser
 
 limit_threads()
 default_ray_auth()
@@ -36,7 +36,7 @@ def storage_dir(value: str) -> Path:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "tune.yaml",
                    help="Sweep file, the search space in YAML (default: the repo's configs/tune.yaml).")
     p.add_argument("--num-samples", type=int, default=None, help="Trials to sample (overrides the sweep file).")

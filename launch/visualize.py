@@ -24,8 +24,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from distdiff.cli import (check_output, fail, limit_threads, non_negative_int, note_selection_seeds, positive_int,
-                          write_json, write_text)
+from distdiff.cli import check_output, fail, limit_threads, make_parser, non_negative_int, note_selection_seeds, positive_int
 
 limit_threads()
 
@@ -41,6 +40,7 @@ from distdiff import plots, render  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from distdiff.data.minari_io import DatasetError  # noqa: E402
 from distdiff.evaluation import evaluate  # noqa: E402
+from distdiff.files import write_json, write_text  # noqa: E402
 from distdiff.report import (alignment_starts, figure1_data, in_units, load_dataset, mean_error,  # noqa: E402
                              render_report)
 from distdiff.rundir import CHECKPOINT, checkpoint_file  # noqa: E402
@@ -55,7 +55,7 @@ def _even_size(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser(__doc__)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt (or its run dir).")
     p.add_argument("--dataset", default=None, metavar="ID",
                    help="Minari dataset of Figure 1's start state (default: the checkpoint's data.dataset_id, or its "

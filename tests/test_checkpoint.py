@@ -202,7 +202,7 @@ def test_loading_never_runs_pickled_code(tmp_path):
 
 
 def test_a_write_that_fails_leaves_the_old_file_and_nothing_else(tmp_path):
-    from distdiff.cli import replacing
+    from distdiff.files import replacing
 
     path = tmp_path / "plan.mp4"
     path.write_text("old")
@@ -215,7 +215,7 @@ def test_a_write_that_fails_leaves_the_old_file_and_nothing_else(tmp_path):
 
 
 def test_a_replaced_file_reaches_the_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
-    from distdiff import cli
+    from distdiff import files
 
     synced, fsync = [], os.fsync
 
@@ -224,7 +224,7 @@ def test_a_replaced_file_reaches_the_disk_before_its_rename_and_the_rename_after
         fsync(fd)
 
     monkeypatch.setattr(os, "fsync", record)
-    cli.write_json(tmp_path / "metrics.json", {"return_mean": 1.0})
+    files.write_json(tmp_path / "metrics.json", {"return_mean": 1.0})
     # The new file's data before the rename (the name is not there yet), the directory after.
     assert synced == [(str(tmp_path / ".metrics.partial.json"), False), (str(tmp_path), True)]
 

@@ -164,7 +164,8 @@ def test_a_run_dir_that_holds_a_run_is_kept_unless_overwrite(run30, tmp_path, ti
 @pytest.mark.parametrize("args,expected", [
     (["train.py", "--num-cpus", "0"], "--num-cpus: must be >= 1"),
     # A prefix of a flag is not taken for it: --diffusion.schedul would have set the schedule.
-    (["train.py", "--diffusion.schedul", "cosine"], "unrecognized arguments: --diffusion.schedul"),
+    (["train.py", "--diffusion.schedul", "cosine"],
+     "unrecognized arguments: --diffusion.schedul cosine (did you mean --diffusion.schedule?)"),
     (["evaluate.py", "--checkpoint", "nowhere", "--out", "."], "--out . is a directory"),
     (["visualize.py", "--checkpoint", "nowhere", "--seed", "-1"], "--seed: must be >= 0, got -1"),
     (["collect.py", "--policy", "random", "--episodes", "1", "--dataset-id", "local/t/x-v0", "--seed", "-1"],
@@ -178,6 +179,13 @@ def test_bad_arguments_fail_before_any_work(args, expected, subprocess_env):
     # Before Ray starts too: nothing listens at this address, and connecting would fail otherwise.
     proc = run(*args, env={**subprocess_env, "RAY_ADDRESS": "127.0.0.1:1"})
     assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_mistyped_flag_is_answered_in_two_lines_not_the_whole_usage(subprocess_env):
+    proc = run("train.py", "--train.stepz", "3", env=subprocess_env)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [
+        "usage: train.py [options] (see --help)",
+        "train.py: error: unrecognized arguments: --train.stepz 3 (did you mean --train.steps?)"]
 
 
 def test_a_cluster_address_where_nothing_listens_fails_at_once(subprocess_env, tiny_dataset, tmp_path):

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from distdiff.cli import Interrupt, deferred_interrupt, progress_bar, write_json
+from distdiff.cli import Interrupt, deferred_interrupt, progress_bar
+from distdiff.files import write_json
 from distdiff.config import Config
 from distdiff.data.minari_io import normalized_score, reference_scores
 from distdiff.distributed import actors
@@ -262,12 +263,16 @@ def _evaluated_update(run_dir: Path) -> Optional[int]:
 class OnlineRun:
     """Owns the actors of one run and the driver loop."""
 
-    def __init__(self, cfg: Config, run_dir: Path, state: Dict[str, object], offline_episodes, counters: Counters,
+    def __init__(self, cfg: Config, run_dir: Path, state: Dict[str, object], offline_episodes, counters: Counters, *,
                  replay_state: Optional[Dict[str, object]] = None, log: Callable[[str], None] = print,
                  progress: bool = True, on_evaluation: Optional[Callable[[Dict[str, object]], None]] = None,
                  rerun_unfinished_evaluation: bool = True):
+        import torch
         from torch.utils.tensorboard import SummaryWriter
 
+        # Evaluations run in this process: with the threads launch/evaluate.py gives them, so that
+        # it judges a checkpoint as the run did (episodes are chaotic; a thread count changes them).
+        torch.set_num_threads(cfg.train.num_threads)
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
         # With a progress bar, a message goes above it rather than onto the end of its line.
         self.log = _above_progress_bars(log) if progress else log
@@ -1039,7 +1044,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, run_dir / CONFIG)
     log(f"phase 2: online alignment with {_count(cfg.online.num_actors, 'actor')} -> {run_dir} (tensorboard --logdir {run_dir})")
-    run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state, log=log, progress=progress,
+    run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state=replay_state, log=log, progress=progress,
                     on_evaluation=on_evaluation, rerun_unfinished_evaluation=rerun_unfinished_evaluation)
     try:
         # Ctrl-C during the loop is taken between results, never inside a TensorBoard write

@@ -45,10 +45,12 @@ TIME_ATTR = "updates"  # the schedulers' time (make_scheduler)
 
 @dataclass
 class TrialResources:
-    driver_cpus: float = 0.25
+    """A trial's placement group, which replaces its config's CPU and GPU sizes."""
+
+    driver_cpus: float = 0.25  # the trial's own process: phase 1, the driver loop, evaluations
     learner_cpus: float = 0.5
     learner_gpus: float = 0.0
-    actor_cpus: float = 0.25
+    actor_cpus: float = 0.25  # per rollout actor (online.num_actors of them)
 
     def bundles(self, num_actors: int) -> List[Dict[str, float]]:
         learner = {"CPU": self.learner_cpus, **({"GPU": self.learner_gpus} if self.learner_gpus else {})}
@@ -57,17 +59,20 @@ class TrialResources:
 
 @dataclass
 class SweepSpec:
-    base: Optional[str] = None
-    fixed: Dict[str, Any] = field(default_factory=dict)
-    space: Dict[str, Dict[str, Any]] = field(default_factory=dict)
-    name: str = "distdiff-tune"
-    metric: str = "normalized_score"
+    """A sweep file (configs/tune.yaml documents each option)."""
+
+    base: Optional[str] = None  # the trials' base config file, relative to the sweep file
+    fixed: Dict[str, Any] = field(default_factory=dict)  # `section.field` overrides of every trial
+    space: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # `section.field` -> domain (DOMAINS)
+    name: str = "distdiff-tune"  # the sweep's directory under --storage
+    metric: str = "normalized_score"  # what the schedulers and best_config.yaml rank by (one of REPORTED)
     mode: str = "max"
-    num_samples: int = 4
-    max_concurrent: int = 2
-    seed: int = 0
-    scheduler: str = "asha"
-    # Times in learner updates; what is left out comes from the trial config (scheduler_options).
+    num_samples: int = 4  # draws of the space (each grid point that many times)
+    max_concurrent: int = 2  # trials at once
+    seed: int = 0  # seeds the draws of the space
+    scheduler: str = "asha"  # SCHEDULERS
+    # Keyword arguments of Ray's ASHAScheduler and PopulationBasedTraining, times in learner
+    # updates; what is left out comes from the trial config (scheduler_options).
     asha: Dict[str, Any] = field(default_factory=dict)
     pbt: Dict[str, Any] = field(default_factory=lambda: {"mutations": []})
     resources: TrialResources = field(default_factory=TrialResources)
