@@ -9,6 +9,7 @@ RUN_DIR ?= runs/quickstart
 TORCH_PIP_ARGS ?=
 # The torch==X pin of pyproject.toml (as docker/install.sh reads it): one place to change it.
 TORCH_PIN := $(shell sed -n 's/^[[:space:]]*"\(torch==[^";]*\)".*/\1/p' pyproject.toml | head -n 1)
+$(if $(TORCH_PIN),,$(error no torch==VERSION pin found in pyproject.toml))
 
 .PHONY: install quickstart test bench clean
 

@@ -25,10 +25,11 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         if message.startswith("unrecognized arguments"):
-            for wrong in re.findall(r"--[\w.-]+", message):
-                close = difflib.get_close_matches(wrong.split("=")[0], list(self._option_string_actions), n=1, cutoff=0.8)
-                if close:
-                    message += f" (did you mean {close[0]}?)"
+            # Only what --help shows: a hidden flag is one this script refuses.
+            shown = [o for a in self._actions if a.help != argparse.SUPPRESS for o in a.option_strings]
+            hints = [f"{wrong}: did you mean {close[0]}?" for wrong in re.findall(r"--[\w.-]+", message)
+                     if (close := difflib.get_close_matches(wrong, shown, n=1, cutoff=0.8))]
+            message += "".join(f"\n  {hint}" for hint in hints)
         self.exit(2, f"usage: {self.prog} [options] (see --help)\n{self.prog}: error: {message}\n")
 
 

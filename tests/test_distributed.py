@@ -30,6 +30,7 @@ from distdiff.distributed.driver import (Counters, OnlineRun, RunFailed, checked
                                          rollout_share, train)
 from distdiff.distributed.learner import Learner, NonFiniteError
 from distdiff.evaluation import EvaluationStopped
+from distdiff.files import to_json
 from distdiff.pretrain import load_windows, pretrain
 from distdiff.rollout import make_env
 from distdiff.rundir import CHECKPOINT
@@ -88,7 +89,7 @@ def test_two_worker_run_finishes_and_logs(ray_session, pretrained, tmp_path):
     for key in ("return_mean", "normalized_score", "alignment_error", "env_steps", "updates", "weights_version"):
         assert metrics[key] is not None
     assert 0 <= metrics["terminations"] <= cfg.eval.episodes
-    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(json.dumps(metrics))
+    assert json.loads((tmp_path / "metrics.json").read_text()) == json.loads(to_json(metrics))
     acc = read_events(tmp_path)
     scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
     assert not set(TAGS) - scalars, f"missing tags: {set(TAGS) - scalars}"

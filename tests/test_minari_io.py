@@ -83,8 +83,12 @@ def test_a_dataset_minari_made_with_no_episodes_is_refused_on_load(minari_root):
         load_episodes("local/test/made-empty-v0")
 
 
-@pytest.mark.parametrize("damage", ["removed", "emptied"])
-def test_a_damaged_local_dataset_is_a_clear_error(minari_root, tiny_episodes, damage):
+@pytest.mark.parametrize("damage, expected", [
+    ("removed", "in the local Minari store .* cannot be read: No data found"),
+    # Only damaged files are to be removed: not a dataset of another Minari version, say.
+    ("emptied", "is in the local Minari store .* cannot be read .* remove it and make or download it again"),
+])
+def test_a_damaged_local_dataset_is_a_clear_error(minari_root, tiny_episodes, damage, expected):
     dataset_id = f"local/test/damaged-{damage}-v0"
     write_episodes(dataset_id, tiny_episodes[:2], env_id="Walker2d-v5", algorithm_name="random")
     data_file = next((minari_root / dataset_id / "data").glob("main_data.*"))
@@ -92,8 +96,16 @@ def test_a_damaged_local_dataset_is_a_clear_error(minari_root, tiny_episodes, da
         data_file.unlink()
     else:
         data_file.write_bytes(b"")
-    with pytest.raises(DatasetError, match=f"{dataset_id!r} is in the local Minari store .* cannot be read .* remove it"):
+    with pytest.raises(DatasetError, match=f"{dataset_id!r} {expected}"):
         load_episodes(dataset_id)
+
+
+def test_a_store_path_that_is_not_a_directory_is_named(tmp_path, monkeypatch):
+    store = tmp_path / "not-a-dir"
+    store.write_text("")
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(store))
+    with pytest.raises(DatasetError, match=f"the Minari store {store} cannot be used .* check MINARI_DATASETS_PATH"):
+        load_episodes("local/walker2d/random-v0")
 
 
 @pytest.mark.parametrize(

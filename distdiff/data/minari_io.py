@@ -83,9 +83,17 @@ def _lock(dataset_id: str) -> FileLock:
 
 
 def _unreadable(dataset_id: str, e: Exception) -> DatasetError:
-    # Local, but its files are missing or damaged (an interrupted write, a partial copy).
-    return DatasetError(f"dataset {dataset_id!r} is in the local Minari store ({datasets_root()}) but cannot be "
-                        f"read ({type(e).__name__}: {e}); remove it and make or download it again")
+    """What a dataset that Minari fails to open is: a store path that cannot be used, a dataset
+    of another Minari version (ValueError, which says so), or damaged files (an interrupted
+    write, a partial copy), which only the last is to be removed for."""
+    root = datasets_root()
+    if not os.path.isdir(os.path.join(root, dataset_id, "data")):
+        return DatasetError(f"dataset {dataset_id!r}: the Minari store {root} cannot be used "
+                            f"({type(e).__name__}: {e}); check MINARI_DATASETS_PATH")
+    if isinstance(e, ValueError):
+        return DatasetError(f"dataset {dataset_id!r} in the local Minari store ({root}) cannot be read: {e}")
+    return DatasetError(f"dataset {dataset_id!r} is in the local Minari store ({root}) but cannot be read "
+                        f"({type(e).__name__}: {e}); remove it and make or download it again")
 
 
 def load_minari(dataset_id: str, *, download: bool = False, log=print):
@@ -129,18 +137,19 @@ def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[
     if problems:
         raise DatasetError(f"dataset {dataset_id!r} does not match the config: " + "; ".join(problems))
     try:
-        episodes = [
-            Episode(
-                observations=ep.observations,
-                actions=ep.actions,
-                rewards=ep.rewards,
-                terminated=bool(np.asarray(ep.terminations)[-1]),
-                truncated=bool(np.asarray(ep.truncations)[-1]),
-            )
-            for ep in ds.iterate_episodes()
-        ]
-    except (ValueError, OSError) as e:  # Minari reads the episodes only now
+        raw = list(ds.iterate_episodes())
+    except (ValueError, OSError) as e:  # Minari reads the episodes' files only now
         raise _unreadable(dataset_id, e) from e
+    episodes = [
+        Episode(
+            observations=ep.observations,
+            actions=ep.actions,
+            rewards=ep.rewards,
+            terminated=bool(np.asarray(ep.terminations)[-1]),
+            truncated=bool(np.asarray(ep.truncations)[-1]),
+        )
+        for ep in raw
+    ]
     if not episodes:
         raise DatasetError(f"dataset {dataset_id!r} holds no episodes")
     # One NaN would make the normalizer and the value statistics NaN, and every update after

@@ -28,6 +28,7 @@ from ray.tune.search.sample import Function
 from distdiff import config as config_lib
 from distdiff.config import Config, ConfigError
 from distdiff.data.minari_io import REFERENCE_SCORES, reference_scores
+from distdiff.files import finite
 from distdiff.rundir import CHECKPOINT, REPLAY
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -383,7 +384,8 @@ def make_trainable(spec: SweepSpec):
                 for name in (CHECKPOINT, REPLAY):
                     if (run_dir / name).is_file():
                         shutil.copy2(run_dir / name, Path(d) / name)
-                tune.report({k: metrics[k] for k in REPORTED if metrics.get(k) is not None},
+                # Reported as metrics.json has them: a NaN (no plan measured) is no value.
+                tune.report({k: v for k in REPORTED if (v := finite(metrics.get(k))) is not None},
                             checkpoint=tune.Checkpoint.from_directory(d))
 
         # A trial restores only checkpoints it reported, each with its evaluation's result.
