@@ -122,7 +122,7 @@ def main():
     # The references the planners are scored with (D4RL's), not the dataset's own.
     behaviour = normalized_score(np.mean([e.episode_return for e in data.episodes]), *reference_scores(cfg.env.id))
     print(to_json({
-        "prior": prior, "aligned": aligned, "behaviour": {"normalized_score": float(behaviour)},
+        "prior": prior, "aligned": aligned, "behaviour": {"normalized_score": None if behaviour is None else float(behaviour)},
         "budget": {"pretrain_steps": None if args.init else cfg.train.steps,  # --init: whatever made that checkpoint
                    "online_env_steps": metrics["env_steps"], "online_updates": metrics["updates"],
                    "pretrain_s": t_pretrain, "online_s": t_online, "eval_episodes": episodes},

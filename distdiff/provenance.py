@@ -27,10 +27,13 @@ CODE_DIGEST = _digest()
 DRIVER_CODE: Tuple[str, str] = (CODE_DIGEST, f"{Path(distdiff.__file__).parent} on {socket.gethostname()}")
 
 
-def check_same_code(driver_code: Optional[Tuple[str, str]]) -> None:
+def check_same_code(driver_code: Optional[Tuple[str, str] | str]) -> None:
     """Refuse to run beside a driver that imports another distdiff (a node with an older
     install): the weights, configs and results of two versions need not fit, and nothing else
-    would say why. None: not checked (a process made without a driver)."""
+    would say why. None: not checked (a process made without a driver). A bare digest is what
+    drivers of an older distdiff send."""
+    if isinstance(driver_code, str):
+        driver_code = (driver_code, "an older distdiff")
     if driver_code is None or driver_code[0] == CODE_DIGEST:
         return
     digest, origin = driver_code

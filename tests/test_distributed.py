@@ -437,6 +437,25 @@ def test_an_env_that_fails_is_rebuilt_and_the_task_runs_again_from_other_draws(p
         worker._close_envs()
 
 
+def test_a_rollouts_episodes_come_in_seed_order_not_in_the_order_they_ended(pretrained):
+    # Falls end first: a caller that keeps part of a rollout must not be keeping the shortest.
+    from distdiff.distributed.worker import RolloutWorker
+
+    cfg, ckpt = pretrained
+    cfg = config_lib.from_dict({"online": {"envs_per_actor": 4}, "env": {"max_episode_steps": 40}}, cfg)
+    worker = RolloutWorker(config=cfg.to_dict(), normalizer=load_checkpoint(ckpt)["normalizer"], worker_id=0)
+    try:
+        worker.version = 0  # (its initial weights do for this)
+        result = worker.rollout(5)
+        seed = worker._seed(5) % 2**31
+        env = make_env(cfg.env.id)
+        starts = np.stack([env.reset(seed=seed + i)[0] for i in range(4)]).astype(result.episodes[0].observations.dtype)
+        assert np.array_equal(np.stack([ep.observations[0] for ep in result.episodes]), starts)
+        assert result.lengths == [len(ep) for ep in result.episodes]
+    finally:
+        worker._close_envs()
+
+
 def test_a_planner_that_raises_is_not_taken_for_an_env_failure(pretrained):
     # Rebuilding the envs and running the task again cannot fix a planner.
     from distdiff.distributed.worker import PlanError, RolloutWorker
@@ -1422,3 +1441,12 @@ def test_best_pt_carries_its_own_metrics_so_a_stale_or_damaged_best_json_cannot_
     third, messages = resume(3)
     assert any("best evaluation so far cannot be read" in m for m in messages), messages
     assert third["best"]["return_mean"] == 200.0 and load_checkpoint(tmp_path / "best.pt")["best"] == third["best"]
+
+
+def test_a_bare_digest_from_an_older_driver_gets_the_mismatch_message():
+    # Not "too many values to unpack": the mixed-version case is the one this check is for.
+    from distdiff.provenance import CODE_DIGEST, check_same_code
+
+    check_same_code(CODE_DIGEST)
+    with pytest.raises(RuntimeError, match="is not the driver's at an older distdiff .* same version on every node"):
+        check_same_code("0" * 16)

@@ -892,6 +892,9 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
     from distdiff.training import flat_weights
 
     cfg = config_lib.from_dict(checkpoint["config"]) if checkpoint is not None else config_lib.Config()
+    if checkpoint is not None:
+        # Planner actors beyond one per task would build their nets and envs to sit idle.
+        num_actors = max(1, min(num_actors, -(-n_episodes // envs_per_actor)))
     # The cluster's CPUs shared as training shares them with its actors (there is no learner):
     # asking 1/N CPU each, as this once did, held every actor on the node that started them.
     cfg = config_lib.from_dict({"online": {"num_actors": num_actors, "actor_num_cpus": 0.0, "learner_num_cpus": 0.0,
@@ -991,7 +994,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     try:
         # Here, not when the first actor starts: that comes after pretraining.
         ray.get(actors.code_check_task.remote(DRIVER_CODE))
-    except RayTaskError as e:
+    except RayError as e:  # a mismatch, or a worker that could not start at all
         raise RunFailed(_cause(e)) from e
     replay_state = data = None
     if init is None and (not resume or resume_checkpoint(run_dir) != run_dir / CHECKPOINT):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -37,7 +37,8 @@ class Learner:
     """
 
     def __init__(self, *, config: Dict[str, object], checkpoint: Dict[str, object], version: int = 0,
-                 device: str = "auto", max_nonfinite: int = 20, resumed: bool = False, driver_code: Optional[str] = None):
+                 device: str = "auto", max_nonfinite: int = 20, resumed: bool = False,
+                 driver_code: Optional[Tuple[str, str]] = None):
         check_same_code(driver_code)
         cfg = from_dict(config)
         torch.set_num_threads(cfg.train.num_threads)

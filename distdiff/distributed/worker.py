@@ -5,7 +5,7 @@ Kept light on imports (torch, gymnasium, numpy): many of these run on one machin
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import mujoco
 import numpy as np
@@ -40,7 +40,7 @@ class PlanError(Exception):
 
 class RolloutWorker:
     def __init__(self, *, config: Dict[str, object], normalizer: Dict[str, object], worker_id: int,
-                 driver_code: Optional[str] = None):
+                 driver_code: Optional[Tuple[str, str]] = None):
         check_same_code(driver_code)
         cfg = from_dict(config)
         torch.set_num_threads(1)
@@ -101,6 +101,9 @@ class RolloutWorker:
             self._close_envs()
             self._make_envs()
             results = self._run(self._seed(task, attempt=1), max_steps, n_envs)
+        # In seed order, not in the order they ended (falls first): what a caller keeps of them
+        # must not depend on how soon each fell.
+        results = sorted(results, key=lambda r: r.seed)
         errors = [r.plan_errors for r in results if len(r.plan_errors)]
         return RolloutResult(
             worker_id=self.worker_id,
