@@ -422,23 +422,38 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
 
 
 @functools.lru_cache(maxsize=None)
-def _env_problem(env_id: str) -> str:
-    """Why ``env_id`` cannot be made here ("" if it can): an unknown id or version, one whose
-    simulator is not installed (Gymnasium's v2/v3 MuJoCo envs need mujoco-py), or a MUJOCO_GL
-    that MuJoCo does not import with."""
+def _made(env_id: str):
+    """``(problem, (observation shape, action shape))``: why ``env_id`` cannot be made here ("" if
+    it can): unknown, or its simulator is not installed (Gymnasium's v2/v3 MuJoCo envs need
+    mujoco-py), or a MUJOCO_GL that MuJoCo does not import with."""
     import gymnasium as gym
 
     try:
-        gym.make(env_id).close()
+        made = gym.make(env_id)
+        shapes = made.observation_space.shape, made.action_space.shape
+        made.close()
     except Exception as e:  # a probe: whatever stops it here would stop every rollout actor
         # MuJoCo reads MUJOCO_GL on import: a backend set for rendering elsewhere (osmesa, egl)
         # that is not installed here stops every env, with an error about OpenGL.
         gl = os.environ.get("MUJOCO_GL")
         problem = _import_problem("mujoco") if gl else ""
-        if problem:
-            return f"MuJoCo does not import with MUJOCO_GL={gl} ({problem}); training does not render: unset " \
-                   f"MUJOCO_GL, or install that backend"
-        return f"{type(e).__name__}: {e}"
+        why = (f"MuJoCo does not import with MUJOCO_GL={gl} ({problem}); training does not render: unset "
+               f"MUJOCO_GL, or install that backend") if problem else f"{type(e).__name__}: {e}"
+        return why, None
+    return "", shapes
+
+
+def _env_problem(env: EnvConfig) -> str:
+    """Why ``env`` cannot be trained here ("" if it can): its id cannot be made (:func:`_made`),
+    or its spaces have other sizes than ``obs_dim``/``act_dim``."""
+    why, shapes = _made(env.id)
+    if why:
+        return f"env.id {env.id!r} cannot be made here: {why}"
+    if shapes != ((env.obs_dim,), (env.act_dim,)):
+        # Found otherwise at the dataset, after Ray starts, or in the rollout actors, after pretraining.
+        return (f"env.id {env.id!r} has observations of shape {shapes[0]} and actions of shape {shapes[1]}, the "
+                f"config's env.obs_dim and env.act_dim are {env.obs_dim} and {env.act_dim}: pass --env.obs_dim and "
+                f"--env.act_dim")
     return ""
 
 
@@ -469,9 +484,14 @@ def check_trainable(cfg: Config) -> None:
     if o.replay_capacity < cfg.env.max_episode_steps:
         errors.append(f"online.replay_capacity ({o.replay_capacity}) must hold a whole episode "
                       f"(env.max_episode_steps={cfg.env.max_episode_steps}): pass --online.replay_capacity")
-    problem = _env_problem(cfg.env.id)
+    problem = _env_problem(cfg.env)
     if problem:
-        errors.append(f"env.id {cfg.env.id!r} cannot be made here: {problem}")
+        errors.append(problem)
+    if cfg.data.fallback_dataset_id == DataConfig.fallback_dataset_id and not cfg.env.id.startswith("Walker2d"):
+        # It would be collected in this env under Walker2d's name, and then fail every Walker2d run.
+        name = cfg.env.id.split("-")[0].lower()
+        errors.append(f"data.fallback_dataset_id is Walker2d's {DataConfig.fallback_dataset_id}, env.id is {cfg.env.id}: "
+                      f"pass --data.fallback_dataset_id local/{name}/random-v0 (or '' for no fallback)")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

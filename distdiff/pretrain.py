@@ -18,7 +18,7 @@ from distdiff.data.windows import WindowDataset, fit_normalizer
 from distdiff.models import layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.rundir import CHECKPOINT, CONFIG, clear_run
-from distdiff.training import Trainer, resolve_device, seed_everything, value_target_of
+from distdiff.training import Trainer, check_env, resolve_device, seed_everything, value_target_of
 
 # Non-finite updates in a row that stop pretraining: by then the weights or the data are broken.
 MAX_SKIPPED_IN_A_ROW = 100
@@ -82,6 +82,8 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
         raise CheckpointError(f"{run_dir} holds a launch/train.py run, which pretraining does not continue: resume it "
                               f"with launch/train.py --resume {run_dir}")
     start = load_checkpoint(init) if init is not None else None
+    if start is not None:
+        check_env(start, cfg)
     seed_everything(cfg.train.seed)
     source = state or start
     normalizer = Normalizer.from_state_dict(source["normalizer"]) if source else None

@@ -129,6 +129,16 @@ def value_target_of(cfg: Config) -> tuple:
     return cfg.data.value_target, cfg.data.discount, cfg.data.termination_penalty, cfg.model.horizon
 
 
+def check_env(state: Dict[str, object], cfg: Config) -> None:
+    """A start from a checkpoint (--init) needs one made in the config's env: nets of the same
+    sizes (HalfCheetah and Walker2d both have 17 and 6 dims) would load, and plan with another
+    env's normalizer and dynamics."""
+    saved = from_dict(state["config"]).env.id
+    if saved != cfg.env.id:
+        raise CheckpointError(f"this checkpoint was trained in {saved}, the config's env is {cfg.env.id}: start "
+                              f"from one trained in {cfg.env.id}, or train without --init")
+
+
 def check_value_target(state: Dict[str, object], cfg: Config) -> None:
     """Training on from a checkpoint needs the value target it standardized (``value_stats``)."""
     saved = value_target_of(from_dict(state["config"]))

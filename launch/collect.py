@@ -1,10 +1,12 @@
-"""Collect Walker2d episodes into a local Minari dataset, with a random policy or a checkpoint.
+"""Collect episodes into a local Minari dataset, with a random policy or a checkpoint.
 
     python launch/collect.py --policy random --episodes 50 --dataset-id local/walker2d/random-v0
     python launch/collect.py --policy runs/pretrain-X/checkpoint.pt --episodes 20 --dataset-id local/walker2d/planner-v0
 
 Datasets land under MINARI_DATASETS_PATH (default ~/.minari/datasets), with ids under local/ (the
-others are Minari's remote datasets); an existing id is refused unless --overwrite is given. D4RL's Walker2d reference scores are stored, so
+others are Minari's remote datasets); an existing id is refused unless --overwrite is given. The env
+is Walker2d-v5 unless --env says otherwise (a checkpoint collects in its own). D4RL's reference
+scores are stored where D4RL has them (Walker2d, Hopper, HalfCheetah), so
 minari.get_normalized_score works on the result.
 """
 from __future__ import annotations

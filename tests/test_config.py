@@ -114,7 +114,7 @@ def test_configs_that_trained_before_stricter_checks_still_load():
 
 def test_a_mujoco_gl_that_mujoco_does_not_import_with_is_named(subprocess_env):
     # In a fresh process: MuJoCo reads MUJOCO_GL when it is first imported.
-    probe = "from distdiff.config import _env_problem; print(_env_problem('Walker2d-v5'))"
+    probe = "from distdiff.config import EnvConfig, _env_problem; print(_env_problem(EnvConfig()))"
     out = subprocess.run([sys.executable, "-c", probe], env={**subprocess_env, "MUJOCO_GL": "nonesuch"},
                          capture_output=True, text=True, timeout=120)
     assert "MuJoCo does not import with MUJOCO_GL=nonesuch" in out.stdout and "unset MUJOCO_GL" in out.stdout, out
@@ -126,6 +126,18 @@ def test_an_env_that_cannot_be_made_is_refused_before_training(env_id, expected)
     # Not by validate: a checkpoint's config must still load. Before any work, not in every actor.
     with pytest.raises(ConfigError, match=f"env.id '{env_id}' cannot be made here: {expected}"):
         config.check_trainable(config.load(None, {"env.id": env_id}))
+
+
+def test_another_env_with_walker2d_sizes_or_fallback_is_refused_before_training():
+    # Found otherwise at the dataset after Ray started, or in the actors after pretraining; and a
+    # Hopper fallback collected under Walker2d's name would fail every later Walker2d run.
+    with pytest.raises(ConfigError) as info:
+        config.check_trainable(config.load(None, {"env.id": "Hopper-v5"}))
+    assert "env.id 'Hopper-v5' has observations of shape (11,) and actions of shape (3,), the config's env.obs_dim " \
+           "and env.act_dim are 17 and 6" in str(info.value)
+    assert "pass --data.fallback_dataset_id local/hopper/random-v0" in str(info.value)
+    config.check_trainable(config.load(None, {"env.id": "Hopper-v5", "env.obs_dim": 11, "env.act_dim": 3,
+                                              "data.fallback_dataset_id": "local/hopper/random-v0"}))
 
 
 def test_all_problems_are_reported_at_once():

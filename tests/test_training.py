@@ -296,3 +296,15 @@ def test_pretraining_does_not_resume_over_a_train_run(tmp_path):
     with pytest.raises(CheckpointError, match=f"{tmp_path} holds a launch/train.py run, .* launch/train.py --resume {tmp_path}"):
         pretrain_lib.pretrain(config_lib.Config(), tmp_path, resume=True, quiet=True)
     assert (tmp_path / CHECKPOINT).read_bytes() == before
+
+
+def test_a_start_from_a_checkpoint_of_another_env_is_refused(tmp_path):
+    # HalfCheetah and Walker2d both have 17 and 6 dims: the nets would load, with the wrong
+    # normalizer and dynamics behind them.
+    from distdiff.checkpoint import CheckpointError, save_checkpoint
+
+    cheetah = config_lib.from_dict({"env": {"id": "HalfCheetah-v5"}})
+    save_checkpoint(tmp_path / "cheetah.pt", {"config": cheetah.to_dict(), "step": 10})
+    with pytest.raises(CheckpointError, match="trained in HalfCheetah-v5, the config's env is Walker2d-v5"):
+        pretrain_lib.pretrain(config_lib.Config(), tmp_path / "run", init=tmp_path / "cheetah.pt", quiet=True)
+    assert not (tmp_path / "run").exists()

@@ -11,10 +11,11 @@ from filelock import FileLock
 
 from distdiff.data.episodes import Episode
 
-# D4RL's Walker2d reference returns (Fu et al. 2020), so normalized scores are comparable.
+# D4RL's reference returns, random and expert (Fu et al. 2020), so normalized scores are comparable.
 WALKER2D_REF_MIN_SCORE = 1.629008
 WALKER2D_REF_MAX_SCORE = 4592.3
-REFERENCE_SCORES = {"Walker2d": (WALKER2D_REF_MIN_SCORE, WALKER2D_REF_MAX_SCORE)}
+REFERENCE_SCORES = {"Walker2d": (WALKER2D_REF_MIN_SCORE, WALKER2D_REF_MAX_SCORE),
+                    "Hopper": (-20.272305, 3234.3), "HalfCheetah": (-280.178953, 12135.0)}
 # What Minari accepts as an id: optional namespaces, a name, and the version it needs; never a
 # `.` or `..` namespace, which would put the dataset outside the store.
 DATASET_ID = re.compile(r"^((?!\.{1,2}/)[\w.-]+/)*[\w.-]+-v\d+$")
@@ -71,7 +72,7 @@ def _missing_message(dataset_id: str, why: str) -> str:
         f"Local datasets are looked up under MINARI_DATASETS_PATH={datasets_root()}.\n"
         f"{get}, e.g.:\n"
         f"  python launch/collect.py --policy random --episodes 50 --dataset-id local/walker2d/random-v0\n"
-        f"and pass --data.dataset_id local/walker2d/random-v0."
+        f"(with --env ENV_ID for another env than Walker2d-v5) and pass --data.dataset_id local/walker2d/random-v0."
     )
 
 

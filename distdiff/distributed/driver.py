@@ -42,7 +42,7 @@ from distdiff.provenance import DRIVER_CODE
 from distdiff.rollout import mean_alignment_error, per_step_alignment_error
 from distdiff.rundir import (BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, PRETRAIN, REPLAY, clear_run,
                              resume_checkpoint)
-from distdiff.training import check_value_target, planner_from_checkpoint, resolve_device
+from distdiff.training import check_env, check_value_target, planner_from_checkpoint, resolve_device
 
 # An evaluation's figures that go to TensorBoard (eval/…), metrics.json and best.json alike.
 EVAL_SCALARS = ("return_mean", "normalized_score", "terminations", "alignment_error")
@@ -1030,6 +1030,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         log(f"phase 1 skipped: starting from {init}")
     # Fail here, with the checkpoint's path in the message, rather than inside an actor.
     planner_from_checkpoint(state, cfg)
+    check_env(state, cfg)
     check_value_target(state, cfg)
     if data is None:
         data = load_data(cfg)
