@@ -487,11 +487,6 @@ def check_trainable(cfg: Config) -> None:
     problem = _env_problem(cfg.env)
     if problem:
         errors.append(problem)
-    if cfg.data.fallback_dataset_id == DataConfig.fallback_dataset_id and not cfg.env.id.startswith("Walker2d"):
-        # It would be collected in this env under Walker2d's name, and then fail every Walker2d run.
-        name = cfg.env.id.split("-")[0].lower()
-        errors.append(f"data.fallback_dataset_id is Walker2d's {DataConfig.fallback_dataset_id}, env.id is {cfg.env.id}: "
-                      f"pass --data.fallback_dataset_id local/{name}/random-v0 (or '' for no fallback)")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

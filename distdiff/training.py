@@ -14,6 +14,7 @@ import torch
 
 from distdiff.checkpoint import CheckpointError
 from distdiff.config import Config, ConfigError, from_dict
+from distdiff.data.minari_io import env_family
 from distdiff.data.windows import Batch
 from distdiff.models import NETS, build_models
 from distdiff.nn.dynamics import transition_loss
@@ -130,13 +131,13 @@ def value_target_of(cfg: Config) -> tuple:
 
 
 def check_env(state: Dict[str, object], cfg: Config) -> None:
-    """A start from a checkpoint (--init) needs one made in the config's env: nets of the same
-    sizes (HalfCheetah and Walker2d both have 17 and 6 dims) would load, and plan with another
-    env's normalizer and dynamics."""
+    """Training on from a checkpoint needs one made in the config's env (another version of it
+    will do): nets of the same sizes (HalfCheetah and Walker2d both have 17 and 6 dims) would
+    load, and plan with another env's normalizer and value statistics."""
     saved = from_dict(state["config"]).env.id
-    if saved != cfg.env.id:
-        raise CheckpointError(f"this checkpoint was trained in {saved}, the config's env is {cfg.env.id}: start "
-                              f"from one trained in {cfg.env.id}, or train without --init")
+    if env_family(saved) != env_family(cfg.env.id):
+        raise CheckpointError(f"this checkpoint was trained in {saved}, the config's env is {cfg.env.id}: its nets, "
+                              f"normalizer and value statistics are that env's")
 
 
 def check_value_target(state: Dict[str, object], cfg: Config) -> None:

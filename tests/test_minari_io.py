@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 
 import minari
@@ -84,20 +85,35 @@ def test_a_dataset_minari_made_with_no_episodes_is_refused_on_load(minari_root):
 
 
 @pytest.mark.parametrize("damage, expected", [
-    ("removed", "in the local Minari store .* cannot be read: No data found"),
-    # Only damaged files are to be removed: not a dataset of another Minari version, say.
+    ("removed", "is in the local Minari store .* cannot be read .* remove it and make or download it again"),
     ("emptied", "is in the local Minari store .* cannot be read .* remove it and make or download it again"),
+    # Not to be removed: another Minari reads it.
+    ("newer", r"in the local Minari store .* was made by Minari 99.0.0, which Minari \S+ does not read$"),
 ])
 def test_a_damaged_local_dataset_is_a_clear_error(minari_root, tiny_episodes, damage, expected):
     dataset_id = f"local/test/damaged-{damage}-v0"
     write_episodes(dataset_id, tiny_episodes[:2], env_id="Walker2d-v5", algorithm_name="random")
-    data_file = next((minari_root / dataset_id / "data").glob("main_data.*"))
+    data = minari_root / dataset_id / "data"
     if damage == "removed":
-        data_file.unlink()
+        (data / "metadata.json").unlink()
+    elif damage == "emptied":
+        next(data.glob("main_data.*")).write_bytes(b"")
     else:
-        data_file.write_bytes(b"")
+        metadata = json.loads((data / "metadata.json").read_text())
+        (data / "metadata.json").write_text(json.dumps({**metadata, "minari_version": "99.0.0"}))
     with pytest.raises(DatasetError, match=f"{dataset_id!r} {expected}"):
         load_episodes(dataset_id)
+
+
+def test_a_fallback_named_for_another_env_is_not_collected_in_this_one(minari_root, monkeypatch):
+    # Hopper episodes under Walker2d's default fallback id would fail every later Walker2d run.
+    _remote(monkeypatch, OSError("[Errno -2] Name or service not known"))
+    kwargs = dict(download=True, fallback_episodes=2, env_id="Hopper-v5", obs_dim=11, act_dim=3, max_episode_steps=20,
+                  log=lambda s: None)
+    with pytest.raises(DatasetError, match="'local/walker2d/random-v0' .* names Walker2d, and would be collected in "
+                                           "Hopper-v5: pass --data.fallback_dataset_id local/hopper/random-v0"):
+        load_or_collect("mujoco/hopper/medium-v0", fallback_id="local/walker2d/random-v0", **kwargs)
+    assert not dataset_exists("local/walker2d/random-v0")
 
 
 def test_a_store_path_that_is_not_a_directory_is_named(tmp_path, monkeypatch):

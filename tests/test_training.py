@@ -308,3 +308,7 @@ def test_a_start_from_a_checkpoint_of_another_env_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="trained in HalfCheetah-v5, the config's env is Walker2d-v5"):
         pretrain_lib.pretrain(config_lib.Config(), tmp_path / "run", init=tmp_path / "cheetah.pt", quiet=True)
     assert not (tmp_path / "run").exists()
+    # Another version of the same env will do, as for datasets.
+    from distdiff.training import check_env
+
+    check_env({"config": config_lib.from_dict({"env": {"id": "Walker2d-v4"}}).to_dict()}, config_lib.Config())

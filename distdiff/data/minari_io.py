@@ -1,6 +1,7 @@
 """Reading and writing Minari datasets: local first, then Minari's remote (``data.download``)."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -46,9 +47,15 @@ def datasets_root() -> str:
     return os.environ.get("MINARI_DATASETS_PATH", os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
 
 
+def env_family(env_id: str) -> str:
+    """An env id without its namespace and version: ``Walker2d`` for ``Walker2d-v5`` or
+    ``myns/Walker2d-v4``. Datasets and checkpoints of one family fit each other's configs."""
+    return env_id.split("/")[-1].split("-")[0]
+
+
 def reference_scores(env_id: str):
     """(random, expert) reference returns of an env id such as ``Walker2d-v5``, or (None, None)."""
-    return REFERENCE_SCORES.get(env_id.split("-")[0], (None, None))
+    return REFERENCE_SCORES.get(env_family(env_id), (None, None))
 
 
 def normalized_score(episode_return, ref_min: Optional[float], ref_max: Optional[float]):
@@ -85,14 +92,23 @@ def _lock(dataset_id: str) -> FileLock:
 
 def _unreadable(dataset_id: str, e: Exception) -> DatasetError:
     """What a dataset that Minari fails to open is: a store path that cannot be used, a dataset
-    of another Minari version (ValueError, which says so), or damaged files (an interrupted
-    write, a partial copy), which only the last is to be removed for."""
+    another Minari version made, or damaged files (an interrupted write, a partial copy), which
+    only the last is to be removed for."""
+    import minari
+
     root = datasets_root()
-    if not os.path.isdir(os.path.join(root, dataset_id, "data")):
+    data = os.path.join(root, dataset_id, "data")
+    if not os.path.isdir(data):
         return DatasetError(f"dataset {dataset_id!r}: the Minari store {root} cannot be used "
                             f"({type(e).__name__}: {e}); check MINARI_DATASETS_PATH")
-    if isinstance(e, ValueError):
-        return DatasetError(f"dataset {dataset_id!r} in the local Minari store ({root}) cannot be read: {e}")
+    try:
+        with open(os.path.join(data, "metadata.json")) as f:
+            made_by = json.load(f).get("minari_version")
+    except (OSError, ValueError):
+        made_by = None
+    if made_by is not None and made_by not in minari.supported_dataset_versions:
+        return DatasetError(f"dataset {dataset_id!r} in the local Minari store ({root}) was made by Minari {made_by}, "
+                            f"which Minari {minari.__version__} does not read")
     return DatasetError(f"dataset {dataset_id!r} is in the local Minari store ({root}) but cannot be read "
                         f"({type(e).__name__}: {e}); remove it and make or download it again")
 
@@ -129,7 +145,7 @@ def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[
     ds_env = spec.id if spec is not None else None
     obs_shape, act_shape = ds.spec.observation_space.shape, ds.spec.action_space.shape
     problems = []
-    if env_id is not None and ds_env is not None and ds_env.split("-")[0] != env_id.split("-")[0]:
+    if env_id is not None and ds_env is not None and env_family(ds_env) != env_family(env_id):
         problems.append(f"it was recorded in {ds_env}, the config's env is {env_id}")
     if obs_dim is not None and tuple(obs_shape or ()) != (obs_dim,):
         problems.append(f"observations have shape {obs_shape}, the config's env.obs_dim is {obs_dim}")
@@ -235,6 +251,17 @@ def _collect_random(dataset_id: str, n_episodes: int, env_id: str, max_episode_s
     write_episodes(dataset_id, episodes, env_id=env_id, algorithm_name="random")
 
 
+def _other_env_named(dataset_id: str, env_id: str) -> Optional[str]:
+    """The registered env family that a namespace of ``dataset_id`` names (``walker2d`` in
+    local/walker2d/random-v0), when it is not ``env_id``'s; None otherwise."""
+    import gymnasium as gym
+
+    family = env_family(env_id)
+    families = {env_family(k).lower(): env_family(k) for k in gym.registry}
+    named = [families[s] for s in dataset_id.lower().split("/")[:-1] if s in families]
+    return next((n for n in named if n != family), None)
+
+
 def load_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallback_episodes: int, env_id: str,
                     obs_dim: int, act_dim: int, max_episode_steps: int, seed: int = 0, log=print) -> LoadedDataset:
     """Load ``dataset_id``; when it cannot be had now (:class:`DatasetMissing`) and a fallback is
@@ -250,6 +277,13 @@ def load_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallba
                 f"not on {dataset_id!r} (data.fallback_dataset_id; empty: no fallback)")
     # The lock only when it is missing: a store that holds it may be read-only.
     if not dataset_exists(fallback_id):
+        other = _other_env_named(fallback_id, env_id)
+        if other:
+            # Collected in this env under that name, it would fail every later run of that env.
+            raise DatasetError(f"the fallback dataset {fallback_id!r} (data.fallback_dataset_id) names {other}, and would "
+                               f"be collected in {env_id}: pass --data.fallback_dataset_id "
+                               f"local/{env_family(env_id).lower()}/random-v0 "
+                               f"(or '' for no fallback)")
         with _lock(fallback_id):
             if not dataset_exists(fallback_id):  # or another run made it while this one waited
                 _collect_random(fallback_id, fallback_episodes, env_id, max_episode_steps, seed, log)
