@@ -115,23 +115,15 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     save = lambda: save_checkpoint(ckpt_path, checkpoint_payload(trainer, rng))  # noqa: E731
     bar = progress_bar(total=cfg.train.steps, initial=trainer.step, desc="pretrain", disable=quiet)
     t0, step0 = time.perf_counter(), trainer.step
-    skipped_in_a_row = 0
     try:
         with deferred_interrupt() as interrupted:
             while trainer.step < cfg.train.steps:
                 if interrupted.is_set():
                     raise KeyboardInterrupt
                 trainer.follow_lr_schedule()
-                losses = trainer.update(windows.sample(cfg.train.batch_size, rng))
+                losses = trainer.checked_update(windows.sample(cfg.train.batch_size, rng), MAX_SKIPPED_IN_A_ROW)
                 if losses is None:
-                    # In a row, as phase 2 counts them: a rare bad batch over a long run (bf16)
-                    # is skipped however often it comes, and a resume is not stopped by old ones.
-                    skipped_in_a_row += 1
-                    if skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
-                        raise FloatingPointError(f"{skipped_in_a_row} non-finite updates in a row; stopping with the "
-                                                 "last good checkpoint intact")
                     continue
-                skipped_in_a_row = 0
                 bar.update(1)
                 if trainer.step % cfg.train.log_every == 0:
                     for k, v in losses.items():

@@ -165,7 +165,7 @@ def run_episodes(
     ``receding`` replans every ``replan_every`` steps. Episode ``i`` resets with seed
     ``seed + i``. With ``shadows`` (one per env) every ``measure_every``-th plan's alignment
     error is measured. With ``max_steps`` an episode still running after that many steps ends
-    there, truncated, as if the env's time limit were that short.
+    there, truncated, as if the env's time limit were that short. Returned in seed order.
     """
     if execution not in ("open_loop", "receding"):
         raise ValueError(f"unknown execution mode {execution!r}")
@@ -235,7 +235,9 @@ def run_episodes(
             else:
                 still.append(i)
         active = still
-    return results
+    # In seed order, not in the order they ended (falls first): what a caller keeps of them
+    # must not depend on how soon each fell.
+    return sorted(results, key=lambda r: r.seed)
 
 
 def random_episodes(env: gym.Env, n_episodes: int, seed: int, progress=None) -> List[Episode]:

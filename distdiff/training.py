@@ -150,6 +150,10 @@ def check_value_target(state: Dict[str, object], cfg: Config) -> None:
             "launch/pretrain.py --init CHECKPOINT and the new data fields")
 
 
+class NonFiniteError(FloatingPointError):
+    """Updates kept turning non-finite: the weights or the data are broken."""
+
+
 class Trainer:
     """Owns the denoiser, value net, dynamics model, their EMA copies and optimizers.
 
@@ -189,6 +193,7 @@ class Trainer:
             self.value.compile(mode=cfg.train.compile)
         self.step = 0
         self.skipped_updates = 0
+        self.skipped_in_a_row = 0  # not checkpointed: a resume is not stopped by old ones
 
     def _set_learning_rates(self, multiplier: float = 1.0) -> None:
         tc = self.cfg.train
@@ -210,6 +215,20 @@ class Trainer:
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
+
+    def checked_update(self, batch: Batch, max_in_a_row: int) -> Optional[Dict[str, float]]:
+        """:meth:`update`, raising :class:`NonFiniteError` once ``max_in_a_row`` of them in a row
+        were skipped. In a row, not in all: a rare bad batch over a long run (bf16) is skipped
+        however often it comes."""
+        losses = self.update(batch)
+        if losses is not None:
+            self.skipped_in_a_row = 0
+            return losses
+        self.skipped_in_a_row += 1
+        if self.skipped_in_a_row >= max_in_a_row:
+            raise NonFiniteError(f"{self.skipped_in_a_row} non-finite updates in a row; stopping with the last good "
+                                 "checkpoint intact")
+        return None
 
     def update(self, batch: Batch) -> Optional[Dict[str, float]]:
         """One gradient step on every net. Returns the losses, or None when the step was

@@ -28,12 +28,13 @@ from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint
 from distdiff.distributed.driver import (Counters, OnlineRun, RunFailed, checked_resources, resume_checkpoint,
                                          rollout_share, train)
-from distdiff.distributed.learner import Learner, NonFiniteError
+from distdiff.distributed.learner import Learner
 from distdiff.evaluation import EvaluationStopped
 from distdiff.files import to_json
 from distdiff.pretrain import load_windows, pretrain
 from distdiff.rollout import make_env
 from distdiff.rundir import CHECKPOINT
+from distdiff.training import NonFiniteError
 
 ROOT = Path(__file__).resolve().parents[1]
 TAGS = [

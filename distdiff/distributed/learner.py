@@ -13,10 +13,6 @@ from distdiff.provenance import check_same_code
 from distdiff.training import Trainer, prior_of, resolve_device, seed_everything
 
 
-class NonFiniteError(FloatingPointError):
-    pass
-
-
 def to_cpu(obj):
     """``obj`` with every tensor in its dicts, lists and tuples on CPU."""
     if torch.is_tensor(obj):
@@ -57,7 +53,6 @@ class Learner:
         self.prior = to_cpu(prior_of(checkpoint))
         self.version = version
         self.max_nonfinite = max_nonfinite
-        self.consecutive_nonfinite = 0
 
     def train(self, batches: List[Batch]) -> TrainStats:
         """One update per batch; non-finite ones are skipped. Raises after ``max_nonfinite``
@@ -66,15 +61,10 @@ class Learner:
         sums: Dict[str, float] = {}
         done = skipped = 0
         for batch in batches:
-            losses = self.trainer.update(batch)
+            losses = self.trainer.checked_update(batch, self.max_nonfinite)
             if losses is None:
                 skipped += 1
-                self.consecutive_nonfinite += 1
-                if self.consecutive_nonfinite >= self.max_nonfinite:
-                    raise NonFiniteError(f"{self.consecutive_nonfinite} non-finite updates in a row; the run stops "
-                                         "with its last checkpoint intact")
                 continue
-            self.consecutive_nonfinite = 0
             done += 1
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v

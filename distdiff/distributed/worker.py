@@ -101,9 +101,6 @@ class RolloutWorker:
             self._close_envs()
             self._make_envs()
             results = self._run(self._seed(task, attempt=1), max_steps, n_envs)
-        # In seed order, not in the order they ended (falls first): what a caller keeps of them
-        # must not depend on how soon each fell.
-        results = sorted(results, key=lambda r: r.seed)
         errors = [r.plan_errors for r in results if len(r.plan_errors)]
         return RolloutResult(
             worker_id=self.worker_id,
