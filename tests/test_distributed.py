@@ -1160,6 +1160,12 @@ def test_parallel_collection_with_random_and_planner_policies(ray_session, pretr
     planned = collect_episodes(3, num_actors=2, env_id="Walker2d-v5", max_episode_steps=30, seed=3,
                                checkpoint=state, envs_per_actor=2)
     assert len(planned) == 3 and all(ep.actions.shape[1] == 6 for ep in planned)
+    # The same command collects the same episodes, whichever actor ran which task, and with
+    # one actor: a task is seeded by its number, not by the worker that was free for it.
+    alone = collect_episodes(3, num_actors=1, env_id="Walker2d-v5", max_episode_steps=30, seed=3,
+                             checkpoint=state, envs_per_actor=2)
+    assert all(np.array_equal(a.observations, b.observations) and np.array_equal(a.actions, b.actions)
+               for a, b in zip(planned, alone, strict=True))
 
 
 @pytest.mark.parametrize("failure", ["raises", "dies"])

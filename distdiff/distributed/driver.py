@@ -934,7 +934,11 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
         # The weights before every rollout: a restarted worker has none, and a worker that
         # holds them loads nothing.
         workers[i].set_weights.remote(weights)
-        pending[workers[i].rollout.remote(task, n_envs=n)] = (i, task, n, failures, since)
+        # Seeded by the task alone, not by the worker that happens to be free for it: the same
+        # command collects the same episodes with any number of actors. (Not phase 2's streams,
+        # which also key on the worker: a run with the same seed starts from other states.)
+        task_seed = int(np.random.SeedSequence([seed, task]).generate_state(1)[0] >> 1)
+        pending[workers[i].rollout.remote(task, n_envs=n, seed=task_seed)] = (i, task, n, failures, since)
 
     def unasked() -> int:
         return n_episodes - sum(len(got) for got in by_task.values()) - sum(p[2] for p in pending.values())

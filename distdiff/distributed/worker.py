@@ -73,18 +73,19 @@ class RolloutWorker:
             self.version = int(published.version)
         return self.version
 
-    def _seed(self, task: int, attempt: int = 0) -> int:
-        # Independent streams per (run seed, worker, task), and per retry of the task.
-        key = [self.cfg.train.seed, self.worker_id, task] + ([attempt] if attempt else [])
+    def _seed(self, task: int, attempt: int = 0, seed: Optional[int] = None) -> int:
+        # Independent streams per (run seed, worker, task), or per given seed, and per retry.
+        key = ([seed] if seed is not None else [self.cfg.train.seed, self.worker_id, task]) + ([attempt] if attempt else [])
         return int(np.random.SeedSequence(key).generate_state(1)[0] >> 1)
 
     def rollout(self, task: Optional[int] = None, *, max_steps: Optional[int] = None,
-                n_envs: Optional[int] = None) -> RolloutResult:
+                n_envs: Optional[int] = None, seed: Optional[int] = None) -> RolloutResult:
         """One episode per env with the current weights; the real trajectories and their stats.
         ``task`` numbers the rollout within the run and seeds it (default: this worker's own
-        count, which restarts with the process). The driver's share of what is left of an
-        env-step budget: only the first ``n_envs`` envs run, and their episodes end (truncated)
-        after ``max_steps`` steps."""
+        count, which restarts with the process), together with the run's seed and this worker's
+        id; ``seed`` seeds it instead, the same on any worker. The driver's share of what is
+        left of an env-step budget: only the first ``n_envs`` envs run, and their episodes end
+        (truncated) after ``max_steps`` steps."""
         if self.version < 0:
             raise NoWeights("rollout before set_weights: a worker must never plan with random weights")
         task = self.tasks if task is None else task
@@ -92,7 +93,7 @@ class RolloutWorker:
         version = self.version
         rebuilds = 0
         try:
-            results = self._run(self._seed(task), max_steps, n_envs)
+            results = self._run(self._seed(task, seed=seed), max_steps, n_envs)
         except ENV_ERRORS as e:
             # An env that failed must not kill the worker: rebuild the envs and run the task once
             # more, from other draws (on one thread the same ones would fail the same way).
@@ -100,7 +101,7 @@ class RolloutWorker:
             rebuilds = 1
             self._close_envs()
             self._make_envs()
-            results = self._run(self._seed(task, attempt=1), max_steps, n_envs)
+            results = self._run(self._seed(task, attempt=1, seed=seed), max_steps, n_envs)
         errors = [r.plan_errors for r in results if len(r.plan_errors)]
         return RolloutResult(
             worker_id=self.worker_id,
