@@ -15,6 +15,7 @@ from distdiff.cli import deferred_interrupt, progress_bar
 from distdiff.config import Config
 from distdiff.data.minari_io import LoadedDataset, load_or_collect
 from distdiff.data.windows import WindowDataset, fit_normalizer
+from distdiff.events import drop_redone
 from distdiff.models import layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.rundir import CHECKPOINT, CONFIG, clear_run
@@ -111,8 +112,15 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
         clear_run(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, run_dir / CONFIG)
+    # What a crashed run logged past its checkpoint is logged again from it.
+    drop_redone(run_dir, lambda tag, step: step <= trainer.step)
     writer = SummaryWriter(str(run_dir))
-    save = lambda: save_checkpoint(ckpt_path, checkpoint_payload(trainer, rng))  # noqa: E731
+
+    def save() -> None:
+        # The events first: a checkpoint on disk has all it counts logged there too.
+        writer.flush()
+        save_checkpoint(ckpt_path, checkpoint_payload(trainer, rng))
+
     bar = progress_bar(total=cfg.train.steps, initial=trainer.step, desc="pretrain", disable=quiet)
     t0, step0 = time.perf_counter(), trainer.step
     try:

@@ -622,14 +622,30 @@ def test_a_replay_checkpoint_that_does_not_load_stops_the_resume(ray_session, pr
 
 
 def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
     cfg, ckpt = pretrained
     first = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
     stored = load_checkpoint(tmp_path / "replay.pt")["replay"]
     replay_before = stored["added_episodes"]
     assert saved["run"]["env_steps"] == first["env_steps"] and saved["step"] > cfg.train.steps
+    logged = read_events(tmp_path)
+    # What a run killed past its checkpoint had logged, on both axes: the resume logs those
+    # steps again, and TensorBoard must not draw both.
+    crashed = SummaryWriter(str(tmp_path))
+    crashed.add_scalar("losses/denoiser", 1e6, first["updates"] + 1)
+    crashed.add_scalar("charts/episode_return", 1e6, first["env_steps"] + 1)
+    crashed.close()
     longer = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": 2 * cfg.online.env_steps})
     second = train(longer, tmp_path, resume=True, log=lambda s: None, progress=False)
+    resumed_events = read_events(tmp_path)
+    for tag in ("losses/denoiser", "charts/episode_return", "eval/return_mean"):
+        before, after = logged.Scalars(tag), resumed_events.Scalars(tag)
+        assert [e.value for e in after[:len(before)]] == [e.value for e in before]  # the first run's, all kept
+        assert all(e.value != 1e6 for e in after)
+    steps = [e.step for e in resumed_events.Scalars("losses/denoiser")]
+    assert steps == sorted(set(steps)) and steps[-1] == second["updates"]
     assert second["env_steps"] == 2 * cfg.online.env_steps > first["env_steps"]
     # The resumed replay went on from the saved one: its episodes first, then the new ones.
     resumed = load_checkpoint(tmp_path / "replay.pt")["replay"]

@@ -202,11 +202,20 @@ def test_a_cluster_address_where_nothing_listens_fails_at_once(subprocess_env, t
 
 
 def test_resume_continues_the_step_count_exactly(run30, tmp_path, tiny_dataset, subprocess_env):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
     resumed = tmp_path / "resumed"
     shutil.copytree(run30, resumed)
+    # As a run killed at step 40, past its checkpoint at 30, would have logged it: the resume
+    # logs step 40 again, and TensorBoard must show that one only.
+    with SummaryWriter(str(resumed)) as crashed:
+        crashed.add_scalar("losses/denoiser", 1e6, 40)
     ok(run("pretrain.py", "--resume", resumed, "--train.steps", 40, env=subprocess_env))
     state = load_checkpoint(resumed / "checkpoint.pt")
     assert state["step"] == 40
+    logged = EventAccumulator(str(resumed)).Reload().Scalars("losses/denoiser")
+    assert [e.step for e in logged] == [20, 40] and 1e6 not in [e.value for e in logged]
     # 30 + 10 resumed steps are the same 40 steps as one uninterrupted run: weights, optimizer
     # moments, data sampler and torch RNG all continue where they were
     ok(pretrain(tmp_path / "straight", "--train.steps", 40, env=subprocess_env, dataset=tiny_dataset))

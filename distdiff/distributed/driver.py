@@ -35,6 +35,7 @@ from distdiff.distributed import actors
 from distdiff.distributed.messages import RolloutResult, TrainStats, Weights
 from distdiff.distributed.worker import NoWeights
 from distdiff.evaluation import EvaluationStopped, evaluate
+from distdiff.events import drop_redone
 from distdiff.models import NETS, layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.pretrain import load_data, pretrain, trained_on
@@ -47,6 +48,15 @@ from distdiff.training import check_env, check_value_target, planner_from_checkp
 # An evaluation's figures that go to TensorBoard (eval/…), metrics.json and best.json alike.
 EVAL_SCALARS = ("return_mean", "normalized_score", "terminations", "alignment_error")
 BEST_KEYS = (*EVAL_SCALARS, "env_steps", "updates", "weights_version")
+# TensorBoard's x axis: learner updates for what the learner's calls report (and the figure,
+# made every `online.figure_every` updates), env steps for the rest.
+UPDATE_AXIS_TAGS = ("losses/", "perf/updates_per_s", "perf/windows_per_s", "replay/size", "faults/skipped_updates",
+                    "rollout/plan_vs_real")
+
+
+def step_axis(tag: str) -> str:
+    """The counter a TensorBoard tag of phase 2 is logged at: ``updates`` or ``env_steps``."""
+    return "updates" if tag.startswith(UPDATE_AXIS_TAGS) else "env_steps"
 # A rollout actor is dropped after this many failed rollouts in a row that may drop it (a death
 # that used up its restarts, a task that raised), or after this many failures of any kind that
 # have gone on for MAX_FAILING_S: Ray reports a worker that dies inside a call (one that runs out
@@ -314,6 +324,11 @@ class OnlineRun:
         # killed during it): those weights are judged first, or they could never be best.pt.
         self.evaluate_first = (rerun_unfinished_evaluation and resumed and bool(state.get("evaluating"))
                                and _evaluated_update(run_dir) != counters.updates)
+        at = counters.to_dict()
+        # What a crashed run logged past its checkpoint is logged again from it.
+        dropped = drop_redone(run_dir, lambda tag, step: step <= at[step_axis(tag)])
+        if dropped:
+            log(f"TensorBoard: dropped {_count(dropped, 'point')} logged past the checkpoint, to be logged again")
         self.writer = SummaryWriter(str(run_dir))
         self.weights_ref = None
         self.published_at = -1  # counters.updates when weights_ref was published
@@ -377,6 +392,8 @@ class OnlineRun:
         # The learner's state is read after its call in flight (a Ctrl-C can come mid-call): the
         # counters must hold that call's updates too, or a resume would owe them again.
         self.settle_training()
+        # The events first: a checkpoint on disk has all it counts logged there too.
+        self.writer.flush()
         learner_state, replay_state = ray.get([self.learner.state_dict.remote(), self.replay.state_dict.remote()])
         save_checkpoint(self.run_dir / REPLAY, {"replay": replay_state})
         save_checkpoint(self.run_dir / CHECKPOINT, {**learner_state, "run": self.counters.to_dict(),
@@ -439,7 +456,7 @@ class OnlineRun:
         }
         for key in EVAL_SCALARS:
             if metrics[key] is not None:
-                self.writer.add_scalar(f"eval/{key}", metrics[key], at["env_steps"])
+                self.scalar(f"eval/{key}", metrics[key], at)
         metrics["best"] = self.keep_if_best(metrics)
         write_json(self.run_dir / METRICS, metrics)
         # Only now: a run stopped before its result is written keeps the evaluation's checkpoint.
@@ -484,51 +501,55 @@ class OnlineRun:
         return best
 
     # ----- logging ---------------------------------------------------------------------------
+    def scalar(self, tag: str, value: float, at: Optional[Dict[str, int]] = None) -> None:
+        """``value`` at the counter of the tag's axis (:func:`step_axis`), now or ``at`` those counters."""
+        self.writer.add_scalar(tag, value, (at or self.counters.to_dict())[step_axis(tag)])
+
     def log_rollout(self, result: RolloutResult, env_rate: "RecentRate") -> None:
-        step = self.counters.env_steps
-        w = self.writer
+        log = self.scalar
         for ret in result.returns:
-            w.add_scalar("charts/episode_return", ret, step)
+            log("charts/episode_return", ret)
             score = normalized_score(ret, self.ref_min, self.ref_max)
             if score is not None:
-                w.add_scalar("charts/normalized_score", float(score), step)
+                log("charts/normalized_score", float(score))
         for ret, n in zip(result.returns, result.lengths):
-            w.add_scalar("charts/episode_length", n, step)
+            log("charts/episode_length", n)
             # Comparable between whole episodes and those a small env-step budget cut short.
-            w.add_scalar("charts/reward_per_step", ret / n, step)
+            log("charts/reward_per_step", ret / n)
         errors = result.plan_errors
         if len(errors):
             per_step = per_step_alignment_error(errors)
-            w.add_scalar("rollout/alignment_error", mean_alignment_error(per_step), step)
+            log("rollout/alignment_error", mean_alignment_error(per_step))
             for j, v in enumerate(per_step):
                 if np.isfinite(v):
-                    w.add_scalar(f"rollout/alignment_error_step/{j:02d}", float(v), step)
-        w.add_scalar("perf/weights_lag", self.counters.version - result.version, step)
-        w.add_scalar("perf/env_steps_per_s", env_rate(time.perf_counter(), step), step)
-        w.add_scalar("faults/worker_restarts", self.counters.worker_restarts, step)
-        w.add_scalar("faults/failed_rollouts", self.counters.failed_rollouts, step)
-        w.add_scalar("faults/env_rebuilds", self.counters.env_rebuilds, step)
-        w.add_scalar("faults/dropped_workers", len(self.dropped), step)
+                    log(f"rollout/alignment_error_step/{j:02d}", float(v))
+        log("perf/weights_lag", self.counters.version - result.version)
+        log("perf/env_steps_per_s", env_rate(time.perf_counter(), self.counters.env_steps))
+        log("faults/worker_restarts", self.counters.worker_restarts)
+        log("faults/failed_rollouts", self.counters.failed_rollouts)
+        log("faults/env_rebuilds", self.counters.env_rebuilds)
+        log("faults/dropped_workers", len(self.dropped))
         if result.example is not None:
             # A copy: its arrays are views of the rollout's object, which they would keep in the
             # object store, every episode of it, until the next example.
             self.last_example = type(result.example)(*(np.array(a, copy=True) for a in result.example))
 
     def log_train(self, stats: TrainStats, replay_size: int, update_rate: "RecentRate") -> None:
-        step = self.counters.updates
+        log = self.scalar
         for k, v in stats.losses.items():
-            self.writer.add_scalar(k, v, step)
-        self.writer.add_scalar("perf/updates_per_s", update_rate(time.perf_counter(), step), step)
-        self.writer.add_scalar("perf/windows_per_s", stats.windows / max(stats.seconds, 1e-9), step)
-        self.writer.add_scalar("replay/size", replay_size, step)
-        self.writer.add_scalar("faults/skipped_updates", self.counters.skipped_updates, step)
+            log(k, v)
+        log("perf/updates_per_s", update_rate(time.perf_counter(), self.counters.updates))
+        log("perf/windows_per_s", stats.windows / max(stats.seconds, 1e-9))
+        log("replay/size", replay_size)
+        log("faults/skipped_updates", self.counters.skipped_updates)
 
     def log_figure(self) -> None:
         if self.last_example is None:
             return
         from distdiff.plots import plan_vs_real_figure
 
-        self.writer.add_figure("rollout/plan_vs_real", plan_vs_real_figure(self.last_example), self.counters.updates)
+        tag = "rollout/plan_vs_real"
+        self.writer.add_figure(tag, plan_vs_real_figure(self.last_example), self.counters.to_dict()[step_axis(tag)])
 
     # ----- the loop --------------------------------------------------------------------------
     def budget_left(self, t_start: float) -> bool:

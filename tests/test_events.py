@@ -1,0 +1,53 @@
+"""TensorBoard event files as a resume finds them: what a crashed run logged past its checkpoint."""
+from __future__ import annotations
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.utils.tensorboard import SummaryWriter
+
+from distdiff.events import EVENTS_GLOB, drop_redone
+
+
+def scalars(log_dir, tag):
+    return [(e.step, e.value) for e in EventAccumulator(str(log_dir)).Reload().Scalars(tag)]
+
+
+def test_each_tag_keeps_its_steps_up_to_the_checkpoint_on_its_own_axis(tmp_path):
+    with SummaryWriter(str(tmp_path)) as w:
+        for k in range(1, 11):
+            w.add_scalar("losses/denoiser", float(k), k)  # logged at updates
+            w.add_scalar("charts/episode_return", float(-k), 100 * k)  # logged at env steps
+        w.add_text("notes", "not a scalar", 10)
+    with SummaryWriter(str(tmp_path / "pretrain")) as w:  # another run to TensorBoard: left as it is
+        w.add_scalar("losses/denoiser", 9.0, 9)
+    at = {"losses/denoiser": 5, "charts/episode_return": 300}
+
+    dropped = drop_redone(tmp_path, lambda tag, step: step <= at.get(tag, 0))
+
+    assert dropped == 5 + 7 + 1
+    assert scalars(tmp_path, "losses/denoiser") == [(k, float(k)) for k in range(1, 6)]
+    assert scalars(tmp_path, "charts/episode_return") == [(100 * k, float(-k)) for k in range(1, 4)]
+    assert scalars(tmp_path / "pretrain", "losses/denoiser") == [(9, 9.0)]
+    assert not list(tmp_path.glob(".*"))  # no temporary file left beside them
+
+
+def test_a_file_cut_short_by_a_crash_keeps_its_whole_records(tmp_path):
+    with SummaryWriter(str(tmp_path)) as w:
+        for k in range(1, 6):
+            w.add_scalar("losses/value", float(k), k)
+    (path,) = tmp_path.glob(EVENTS_GLOB)
+    data = path.read_bytes()
+    path.write_bytes(data[:-7])  # the last record, half written
+
+    assert drop_redone(tmp_path, lambda tag, step: step <= 3) == 1  # step 4; step 5 was lost already
+    assert scalars(tmp_path, "losses/value") == [(k, float(k)) for k in range(1, 4)]
+
+
+def test_files_with_nothing_to_drop_are_not_rewritten(tmp_path):
+    with SummaryWriter(str(tmp_path)) as w:
+        w.add_scalar("losses/value", 1.0, 1)
+    (path,) = tmp_path.glob(EVENTS_GLOB)
+    before = path.stat().st_mtime_ns, path.read_bytes()
+
+    assert drop_redone(tmp_path, lambda tag, step: True) == 0
+    assert drop_redone(tmp_path / "missing", lambda tag, step: False) == 0
+    assert (path.stat().st_mtime_ns, path.read_bytes()) == before
