@@ -57,6 +57,8 @@ UPDATE_AXIS_TAGS = ("losses/", "perf/updates_per_s", "perf/windows_per_s", "repl
 def step_axis(tag: str) -> str:
     """The counter a TensorBoard tag of phase 2 is logged at: ``updates`` or ``env_steps``."""
     return "updates" if tag.startswith(UPDATE_AXIS_TAGS) else "env_steps"
+
+
 # A rollout actor is dropped after this many failed rollouts in a row that may drop it (a death
 # that used up its restarts, a task that raised), or after this many failures of any kind that
 # have gone on for MAX_FAILING_S: Ray reports a worker that dies inside a call (one that runs out
