@@ -933,6 +933,42 @@ def test_a_failed_evaluation_stops_the_run_with_what_was_trained_meanwhile(ray_s
     assert load_checkpoint(tmp_path / "checkpoint.pt")["run"]["updates"] >= calls_after[-1]
 
 
+def test_a_failed_final_evaluation_stops_the_run_and_a_resume_runs_it_again(ray_session, pretrained, tmp_path,
+                                                                           monkeypatch):
+    from distdiff.distributed import driver
+
+    cfg, ckpt = pretrained
+    evaluated = []
+
+    def failing_evaluate(planner, cfg, **_):
+        raise RuntimeError("an env blew up")
+
+    monkeypatch.setattr(driver, "evaluate", failing_evaluate)
+    with pytest.raises(RunFailed, match="evaluation at update .* failed: RuntimeError: an env blew up"):
+        train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["evaluating"] and state["run"]["env_steps"] == cfg.online.env_steps
+    assert not (tmp_path / "metrics.json").exists()
+
+    monkeypatch.setattr(driver, "evaluate", lambda planner, cfg, **_: evaluated.append(1) or scripted_summary(42.0))
+    metrics = train(cfg, tmp_path, resume=True, log=lambda s: None, progress=False)
+    assert evaluated == [1] and metrics["return_mean"] == 42.0
+    assert metrics["updates"] == state["run"]["updates"]  # the same weights, judged once
+
+
+def test_an_actor_lost_while_saving_on_interrupt_fails_the_run_with_the_resume_advice(ray_session, pretrained, tmp_path,
+                                                                                      monkeypatch):
+    def run_then_interrupted_with_the_learner_gone(self, interrupted=None):
+        ray.kill(self.learner)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(OnlineRun, "run", run_then_interrupted_with_the_learner_gone)
+    cfg, ckpt = pretrained
+    # RunFailed, which train.py turns into the advice to resume from the last checkpoint, not a traceback.
+    with pytest.raises(RunFailed, match="checkpoint on interrupt failed, an actor of the run died"):
+        train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+
+
 def test_nan_batch_is_skipped_and_repeated_failure_stops(pretrained):
     cfg, ckpt = pretrained
     state = load_checkpoint(ckpt)

@@ -294,6 +294,13 @@ class OnlineRun:
         res = checked_resources(cfg, log)
         log(f"actors: {_count(cfg.online.num_actors, 'rollout actor')} x {_count(cfg.online.envs_per_actor, 'env')} "
             f"({res.actor_cpus:.3g} CPU each), learner on {'GPU' if res.learner_gpus else 'CPU'}")
+        at = counters.to_dict()
+        # What a crashed run logged past its checkpoint is logged again from it. (Before the
+        # actors start, so that a failure here leaves none running.)
+        dropped = drop_redone(run_dir, lambda tag, step: step <= at[step_axis(tag)])
+        if dropped:
+            log(f"TensorBoard: dropped {_count(dropped, 'point')} logged past the checkpoint, to be logged again")
+        self.writer = SummaryWriter(str(run_dir))
         cfg_dict = cfg.to_dict()
         resumed = counters.updates > 0 or counters.env_steps > 0
         self.learner = actors.make_learner(cfg, res, config=cfg_dict, checkpoint=ray.put(state),
@@ -326,12 +333,6 @@ class OnlineRun:
         # killed during it): those weights are judged first, or they could never be best.pt.
         self.evaluate_first = (rerun_unfinished_evaluation and resumed and bool(state.get("evaluating"))
                                and _evaluated_update(run_dir) != counters.updates)
-        at = counters.to_dict()
-        # What a crashed run logged past its checkpoint is logged again from it.
-        dropped = drop_redone(run_dir, lambda tag, step: step <= at[step_axis(tag)])
-        if dropped:
-            log(f"TensorBoard: dropped {_count(dropped, 'point')} logged past the checkpoint, to be logged again")
-        self.writer = SummaryWriter(str(run_dir))
         self.weights_ref = None
         self.published_at = -1  # counters.updates when weights_ref was published
         self.rollouts: Dict[ray.ObjectRef, int] = {}  # running rollouts, by the worker running each
@@ -469,8 +470,13 @@ class OnlineRun:
 
     def evaluate(self) -> Dict[str, object]:
         """Checkpoint and evaluate the newest weights, waiting for the result (the final
-        evaluation); the metrics summary of :meth:`finish_evaluation`."""
+        evaluation); the metrics summary of :meth:`finish_evaluation`. One that fails leaves
+        its checkpoint marked, and a resume runs it again."""
         self.start_evaluation()
+        error = self.evaluation.result.exception()  # (waits for it)
+        if error is not None:
+            update, self.evaluation = self.evaluation.at["updates"], None
+            raise RunFailed(f"the evaluation at update {update} failed: {type(error).__name__}: {error}") from error
         return self.finish_evaluation()
 
     def best_so_far(self) -> Optional[Dict[str, object]]:
@@ -1110,7 +1116,10 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
                     f"{_count(run.counters.updates - evaluation.at['updates'], 'update')} since are done again)")
             else:
                 log(f"interrupted: saving a checkpoint; resume with --resume {run_dir}")
-                run.checkpoint()
+                try:
+                    run.checkpoint()
+                except RayError as e:  # the learner or the replay died meanwhile: the last checkpoint stays
+                    raise RunFailed(f"the checkpoint on interrupt failed, an actor of the run died: {_cause(e)}") from e
         raise
     finally:
         run.close()
