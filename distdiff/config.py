@@ -140,7 +140,9 @@ class OnlineConfig:
     actor_resource: str = _f("", "Custom Ray resource each rollout actor asks 0.001 of, so actors run only on nodes that carry it (e.g. only the CPU nodes, to keep them off the learner's GPU node); empty = any node.")
     env_steps: int = _f(100_000, "Budget: real env steps collected in phase 2 (0 = unlimited). Each rollout gets a share of what is left, so a run ends at it and never passes it; a share smaller than envs_per_actor whole episodes runs fewer envs, and one smaller than an episode runs one env, its episode cut (truncated) at the share.")
     updates: int = _f(0, "Budget: learner updates in phase 2 (0 = unlimited).")
-    wall_time_s: float = _f(0.0, "Budget: seconds of phase 2 in this process (0 = unlimited); a resume has them again.")
+    wall_time_s: float = _f(0.0, "Budget: seconds of phase 2's loop in this process (0 = unlimited); a resume has them again. "
+                                  "Once spent, no rollout or learner call starts; those in flight, an evaluation in flight "
+                                  "and the final evaluation still end.")
     updates_per_env_step: float = _f(0.5, "Learner updates owed per collected env step.")
     max_update_lag: int = _f(500, "Rollouts pause while the learner owes more updates than this, so the update/step ratio holds.")
     updates_per_call: int = _f(25, "Updates per learner call (one replay sample of that many batches).")
