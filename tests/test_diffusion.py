@@ -265,3 +265,59 @@ def test_return_chain_has_one_entry_per_step():
     ddim = d.ddim_sample_loop(den, _cond(3), n_steps=4, return_chain=True)
     assert ddim.chain.shape == (3, 5, 4, 2)
     assert torch.equal(ddim.chain[:, -1], ddim.trajectories)
+
+
+def test_training_inputs_are_inpainted_at_every_level():
+    # The denoiser is trained on what the samplers give it: s_0 clamped to the condition, at
+    # every level t = 0..T-1 (t = 0 is the samplers' last step).
+    d = gaussian_diffusion("cosine", 5, "x0")
+    x0, cond = torch.randn(2000, 4, 2), torch.full((2000, 1), 7.0)
+    seen = {}
+
+    def model(x, t):
+        seen["x"], seen["t"] = x.clone(), t.clone()
+        return torch.zeros_like(x)
+
+    d.loss(model, x0, cond)
+    assert torch.equal(LAYOUT.states(seen["x"])[:, 0], cond)
+    assert set(seen["t"].tolist()) == set(range(5))
+
+
+def test_loss_is_a_mean_over_the_real_entries():
+    # Off by 1 everywhere: the loss is 1 however much of the batch is padding.
+    d = gaussian_diffusion("cosine", 5, "x0")
+    x0 = torch.zeros(3, 4, 2)
+    for padded in (0, 2):
+        mask = torch.ones_like(x0)
+        mask[:, 4 - padded:] = 0
+        assert d.loss(lambda x, t: torch.ones_like(x), x0, x0[:, 0, :1], mask=mask).item() == pytest.approx(1.0)
+
+
+def test_ddpm_guides_the_start_at_t_minus_1_then_each_level_a_step_lands_on():
+    d = gaussian_diffusion("cosine", 6)
+    levels = []
+
+    def guide(x, t, clamp):
+        levels.append(int(t[0]))
+        return x
+
+    d.p_sample_loop(exact_denoiser(d), torch.zeros(2, 1), guide=guide, generator=torch.Generator().manual_seed(0))
+    assert levels == [5, 4, 3, 2, 1, 0, 0]
+
+
+def test_ddim_visits_evenly_spaced_rounded_levels():
+    d = gaussian_diffusion("cosine", 20)
+    denoiser, levels = exact_denoiser(d), []
+
+    def model(x, t):
+        levels.append(int(t[0]))
+        return denoiser(x, t)
+
+    d.ddim_sample_loop(model, torch.zeros(2, 1), n_steps=4, generator=torch.Generator().manual_seed(0))
+    assert levels == [19, 13, 6, 0]
+
+
+def test_conditioning_leaves_its_input_as_it_was():
+    x = torch.zeros(2, 3, 2)
+    conditioned = LAYOUT.condition(x, torch.ones(2, 1))
+    assert torch.equal(x, torch.zeros(2, 3, 2)) and torch.equal(LAYOUT.states(conditioned)[:, 0], torch.ones(2, 1))

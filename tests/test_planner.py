@@ -118,18 +118,25 @@ class ActionSum(torch.nn.Module):
         return LAYOUT.actions(x).sum(dim=(-1, -2))
 
 
+TOY_NORMALIZER = Normalizer(kind="gaussian", shift=[0.5, -1.0], scale=[2.0, 0.5], clip_min=[-3, -3], clip_max=[3, 3])
+TOY_OBS = np.array([[0.0], [1.0], [2.0]], dtype=np.float32)
+
+
+def toy_planner(guidance: GuidanceConfig, planner: PlannerConfig = PlannerConfig(), *, denoiser=None,
+                returns_condition: bool = False) -> Planner:
+    """A 20-step x0 chain on the 1 + 1 dim toy layout, the exact Gaussian denoiser, V = Σ actions."""
+    d = gaussian_diffusion("cosine", 20, "x0")
+    return Planner(diffusion=d, denoiser=denoiser or exact_denoiser(d), value=ActionSum(), normalizer=TOY_NORMALIZER,
+                   guidance=guidance, planner=planner, returns_condition=returns_condition)
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_plan_executes_the_best_of_its_candidates(sampler):
-    d = gaussian_diffusion("cosine", 20, "x0")
-    normalizer = Normalizer(kind="gaussian", shift=[0.5, -1.0], scale=[2.0, 0.5], clip_min=[-3, -3], clip_max=[3, 3])
-    n = 4
-    planner = Planner(diffusion=d, denoiser=exact_denoiser(d), value=ActionSum(), normalizer=normalizer,
-                      guidance=GuidanceConfig(scale=0.0, n_candidates=n),
-                      planner=PlannerConfig(sampler=sampler, ddim_steps=4, ddim_eta=1.0))
-    obs = np.array([[0.0], [1.0], [2.0]], dtype=np.float32)
+    n, obs = 4, TOY_OBS
+    planner = toy_planner(GuidanceConfig(scale=0.0, n_candidates=n), PlannerConfig(sampler=sampler, ddim_steps=4, ddim_eta=1.0))
     plan = planner.plan(obs, generator=torch.Generator().manual_seed(5))
     # the same draws, by hand: every candidate, then the argmax of V per observation
-    cond = normalizer.slice(LAYOUT.state_slice).normalize(torch.from_numpy(obs)).repeat_interleave(n, dim=0)
+    cond = TOY_NORMALIZER.slice(LAYOUT.state_slice).normalize(torch.from_numpy(obs)).repeat_interleave(n, dim=0)
     candidates = planner.sample(cond, torch.Generator().manual_seed(5)).trajectories.reshape(3, n, 4, 2)
     values = ActionSum()(candidates.reshape(3 * n, 4, 2), None).reshape(3, n)
     best = values.argmax(dim=1)
@@ -142,15 +149,50 @@ def test_plan_executes_the_best_of_its_candidates(sampler):
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_a_planner_with_a_guidance_scale_plans_higher_values_from_the_same_noise(sampler):
     # The config's guidance reaches the sampler through the planner: same draws, a higher V.
-    d = gaussian_diffusion("cosine", 20, "x0")
-    normalizer = Normalizer(kind="gaussian", shift=[0.5, -1.0], scale=[2.0, 0.5], clip_min=[-3, -3], clip_max=[3, 3])
-    obs = np.array([[0.0], [1.0], [2.0]], dtype=np.float32)
-    values = {}
+    obs, values = TOY_OBS, {}
     for scale in (0.0, 0.5):
-        planner = Planner(diffusion=d, denoiser=exact_denoiser(d), value=ActionSum(), normalizer=normalizer,
-                          guidance=GuidanceConfig(scale=scale, n_guide_steps=1, t_stopgrad=0),
-                          planner=PlannerConfig(sampler=sampler, ddim_steps=4, ddim_eta=1.0))
+        planner = toy_planner(GuidanceConfig(scale=scale, n_guide_steps=1, t_stopgrad=0),
+                              PlannerConfig(sampler=sampler, ddim_steps=4, ddim_eta=1.0))
         plan = planner.plan(obs, generator=torch.Generator().manual_seed(5))
         np.testing.assert_array_equal(plan.states[:, 0], obs)
         values[scale] = ActionSum()(plan.trajectories, None)
     assert (values[0.5] > values[0.0]).all(), values
+
+
+# ----- the config reaches the sampler: each option, through Planner ---------------------------
+
+def test_the_guide_takes_its_steps_scale_and_stopgrad_from_the_config():
+    planner = toy_planner(GuidanceConfig(scale=0.1, t_stopgrad=5, n_guide_steps=3, scale_grad_by_std=False))
+    x = torch.zeros(2, 4, 2)
+    assert torch.equal(planner.guide(x, torch.full((2,), 4), lambda y: y), x)  # below t_stopgrad
+    guided = planner.guide(x, torch.full((2,), 5), lambda y: y)
+    torch.testing.assert_close(LAYOUT.actions(guided), torch.full((2, 4, 1), 0.3))  # 3 steps of 0.1, ∇V = 1
+
+
+def test_the_guide_at_t0_is_scaled_by_diffusers_clipped_variance_not_zero():
+    planner = toy_planner(GuidanceConfig(scale=0.1, n_guide_steps=1, t_stopgrad=0, scale_grad_by_std=True))
+    guided = planner.guide(torch.zeros(2, 4, 2), torch.zeros(2, dtype=torch.long), lambda y: y)
+    sigma2 = planner.diffusion.posterior_variance[1].item()  # σ_0² = 0 is clipped to σ_1²
+    assert sigma2 > 0
+    torch.testing.assert_close(LAYOUT.actions(guided), torch.full((2, 4, 1), 0.1 * sigma2))
+
+
+def test_the_sampler_takes_ddim_eta_from_the_config():
+    plans = [toy_planner(GuidanceConfig(scale=0.0), PlannerConfig(sampler="ddim", ddim_steps=4, ddim_eta=eta))
+             .plan(TOY_OBS, generator=torch.Generator().manual_seed(0)).trajectories for eta in (0.0, 1.0)]
+    assert not torch.equal(*plans)
+
+
+class ReturnEcho(torch.nn.Module):
+    """A return-conditioned denoiser that outputs its condition: the return, or -1 when dropped."""
+
+    def forward(self, x, t, returns=None, returns_mask=None):
+        r = returns if returns_mask is None else torch.where(returns_mask > 0, returns, torch.full_like(returns, -1.0))
+        return r[:, None, None].expand_as(x)
+
+
+def test_return_conditioning_takes_its_quantile_and_scale_from_the_config():
+    planner = toy_planner(GuidanceConfig(scale=0.0, return_quantile=0.8, return_scale=2.0), denoiser=ReturnEcho(),
+                          returns_condition=True)
+    out = planner.model(torch.zeros(2, 4, 2), torch.zeros(2, dtype=torch.long))
+    torch.testing.assert_close(out, torch.full((2, 4, 2), -1.0 + 2.0 * (0.8 - -1.0)))  # out_∅ + w·(out_R − out_∅)

@@ -203,3 +203,26 @@ def test_online_windows_are_those_of_the_stored_episodes_through_adds_evictions_
         crashed = make_replay(capacity=200, termination_penalty=-10.0, value_target=value_target, time_limit=90)
         assert crashed.load_state_dict(replay.state_dict(), added_episodes=3) == 1  # the newest was not counted
         same_as_rebuilt(crashed)
+
+
+def test_an_episode_longer_than_the_capacity_is_kept_alone():
+    replay = make_replay(capacity=5)
+    replay.add([constant_episode(-1.0, 3, 0.0), constant_episode(1.0, 10, 1.0)])
+    assert replay.size() == 10 and share_from_good(replay, 100) == 1.0
+
+
+def test_a_loaded_replay_draws_the_batches_the_saved_one_would_have_drawn():
+    replay = make_replay()
+    replay.add([constant_episode(1.0, 20, 1.0), constant_episode(-1.0, 20, 0.0)])
+    replay.sample(3, 8)
+    loaded = make_replay(seed=123)
+    loaded.load_state_dict(replay.state_dict())
+    assert torch.equal(replay.sample(1, 8)[0].x_start, loaded.sample(1, 8)[0].x_start)
+
+
+@pytest.mark.parametrize("batch_size, ratio, n_offline", [(4, 0.25, 1), (10, 0.27, 3), (10, 0.0, 0), (10, 1.0, 10)])
+def test_each_batch_is_full_with_the_offline_share_rounded(batch_size, ratio, n_offline):
+    replay = make_replay(offline=[constant_episode(-1.0, 50, 0.0)], offline_ratio=ratio)
+    replay.add([constant_episode(1.0, 50, 1.0)])
+    for batch in replay.sample(3, batch_size):
+        assert len(batch.cond) == batch_size and int((batch.cond[:, 0] < 0).sum()) == n_offline

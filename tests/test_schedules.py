@@ -1,6 +1,8 @@
 """β schedules: ᾱ_t = Π(1 − β_s) must be a strictly decreasing sequence in (0, 1)."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -62,3 +64,27 @@ def test_unknown_schedule_lists_the_choices():
 def test_non_positive_step_count_is_rejected(n_steps):
     with pytest.raises(ValueError, match="n_steps"):
         make_beta_schedule("cosine", n_steps)
+
+
+def test_cosine_schedule_is_nichol_and_dhariwal_eq_17():
+    # ᾱ_t = f(t) / f(0), f(t) = cos²((t/T + s) / (1 + s) · π/2): ᾱ after t + 1 steps of the chain.
+    T, s = 100, 0.008
+    alphas_cumprod = torch.cumprod(1 - make_beta_schedule("cosine", T), 0)
+    f = lambda t: math.cos((t / T + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    for t in (0, 24, 49, 74):
+        assert alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-9)
+
+
+def test_sigmoid_schedule_is_jabri_et_al_alpha_bar():
+    T, start, end = 50, -3.0, 3.0
+    alphas_cumprod = torch.cumprod(1 - make_beta_schedule("sigmoid", T), 0)
+    sig = lambda v: 1 / (1 + math.exp(-v))  # noqa: E731
+    f = lambda t: (sig(end) - sig(t / T * (end - start) + start)) / (sig(end) - sig(start))  # noqa: E731
+    for t in (0, 10, 25, 40):
+        assert alphas_cumprod[t].item() == pytest.approx(f(t + 1) / f(0), rel=1e-9)
+
+
+def test_linear_schedule_is_the_1000_step_papers_scaled_by_1000_over_n():
+    betas = make_beta_schedule("linear", 100)
+    assert betas[0].item() == pytest.approx(1e-4 * 10) and betas[-1].item() == pytest.approx(2e-2 * 10)
+    assert make_beta_schedule("linear", 1000)[0].item() == pytest.approx(1e-4)

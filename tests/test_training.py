@@ -85,6 +85,41 @@ def test_non_finite_batch_is_skipped_and_changes_nothing(tiny_episodes, where):
     assert all(torch.isfinite(v).all() for v in snapshot(trainer).values() if torch.is_tensor(v))
 
 
+def test_an_infinite_gradient_with_a_finite_loss_is_skipped_and_changes_nothing(tiny_episodes):
+    # (as a half-precision overflow in the backward pass would make it)
+    trainer, windows = make_trainer(tiny_episodes[:2])
+    rng = np.random.default_rng(0)
+    trainer.update(windows.sample(8, rng))
+    before = snapshot(trainer)
+    hook = next(trainer.denoiser.parameters()).register_hook(lambda g: g * float("inf"))
+    assert trainer.update(windows.sample(8, rng)) is None
+    hook.remove()
+    assert trainer.skipped_updates == 1 and trainer.step == 1
+    assert_same(snapshot(trainer), before)
+
+
+def test_value_net_trains_on_noised_windows_with_s0_clamped(tiny_episodes):
+    # As guidance asks it: V(τ^t, t) of the sampler's noisy plans, whose s_0 is the real state.
+    trainer, windows = make_trainer(tiny_episodes[:2])
+    batch, inputs = windows.sample(64, np.random.default_rng(0)), []
+    trainer.value.register_forward_hook(lambda net, args, out: inputs.append((args[0].detach().clone(), args[1])))
+    trainer.update(batch)
+    ((x_t, t),) = inputs
+    assert torch.equal(trainer.diffusion.layout.states(x_t)[:, 0], batch.cond)
+    assert len(set(t.tolist())) > 1 and not torch.allclose(x_t, batch.x_start)
+
+
+def test_ema_follows_only_every_kth_step(tiny_episodes):
+    trainer, windows = make_trainer(tiny_episodes[:2], **{"train.ema_start": 0, "train.ema_every": 2,
+                                                          "train.ema_decay": 0.5})
+    rng = np.random.default_rng(0)
+    before = [p.clone() for p in trainer.ema_denoiser.parameters()]
+    trainer.update(windows.sample(8, rng))  # step 1
+    assert all(torch.equal(a, b) for a, b in zip(before, trainer.ema_denoiser.parameters()))
+    trainer.update(windows.sample(8, rng))  # step 2
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.ema_denoiser.parameters()))
+
+
 def test_ema_copies_until_start_then_lags(tiny_episodes):
     trainer, windows = make_trainer(tiny_episodes[:2], **{"train.ema_start": 2, "train.ema_every": 1,
                                                           "train.ema_decay": 0.75})
