@@ -43,9 +43,10 @@ def main(argv=None) -> int:
     p.add_argument("--num-actors", type=int, default=1,
                    help="Collect with this many parallel Ray actors (1: in this process). Connects to RAY_ADDRESS or a "
                         "local `ray start` cluster if there is one, else starts an embedded Ray (default: %(default)s).")
-    p.add_argument("--seed", type=non_negative_int, default=0, help="Seeds the episodes' starts and the policy: the same command collects the same episodes. The random "
-                        "policy's do not depend on --num-actors; a checkpoint's are the same for every --num-actors above 1 "
-                        "and others with 1, which plans in this process (default: %(default)s).")
+    p.add_argument("--seed", type=non_negative_int, default=0,
+                   help="Seeds the episodes' starts and the policy: the same command collects the same episodes. The "
+                        "random policy's do not depend on --num-actors; a checkpoint's are the same for every "
+                        "--num-actors above 1, and others with 1, which plans in this process (default: %(default)s).")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing dataset with this id.")
     args = p.parse_args(argv)
     if args.episodes < 1:
