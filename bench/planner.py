@@ -5,7 +5,8 @@ Prints one JSON line:
  "diffuser_settings": {…}}
 
 "default" is configs/walker2d.yaml's acting config with online.envs_per_actor envs planned in one
-batch (what a rollout actor does); "diffuser_settings" is Diffuser's published Walker2d setting
+batch, measuring the alignment error of every online.measure_every-th plan in shadow envs as a
+rollout actor does ("default_planning_only": the same without measuring); "diffuser_settings" is Diffuser's published Walker2d setting
 (H=32, a U-Net of dim_mults (1, 2, 4, 8) for denoiser and value, 20 DDPM steps, 64 candidates,
 2 guide steps, replan every step, one env). Weights are untrained: a plan costs the same, but
 their episodes fall within ~15 steps and each reset leaves a batch a little emptier than a
@@ -42,7 +43,7 @@ def random_rate(env_id: str, steps: int) -> float:
     return steps / (time.perf_counter() - t0)
 
 
-def planner_rate(cfg, n_envs: int, seconds: float) -> dict:
+def planner_rate(cfg, n_envs: int, seconds: float, measure: bool) -> dict:
     normalizer = unit_normalizer(cfg)
     diffusion, denoiser, value, dynamics = build_models(cfg, normalizer)
     planner = Planner.from_config(cfg, diffusion=diffusion, denoiser=denoiser.eval(), value=value.eval(),
@@ -57,11 +58,14 @@ def planner_rate(cfg, n_envs: int, seconds: float) -> dict:
         return p
 
     envs = [make_env(cfg.env.id, cfg.env.max_episode_steps) for _ in range(n_envs)]
+    # (as RolloutWorker._run measures)
+    measuring = {"state_normalizer": planner.state_normalizer, "shadows": [make_env(cfg.env.id) for _ in envs],
+                 "measure_every": cfg.online.measure_every} if measure else {}
     steps, t0 = 0, time.perf_counter()
     seed = 0
     while time.perf_counter() - t0 < seconds:
         results = run_episodes(plan_fn, envs, n_episodes=n_envs, execution=cfg.planner.execution,
-                               horizon=cfg.model.horizon, replan_every=cfg.planner.replan_every, seed=seed)
+                               horizon=cfg.model.horizon, replan_every=cfg.planner.replan_every, seed=seed, **measuring)
         steps += sum(len(r.episode) for r in results)
         seed += n_envs
     elapsed = time.perf_counter() - t0
@@ -80,8 +84,10 @@ def main():
         "guidance.scale": 0.1, "guidance.n_guide_steps": 2, "planner.execution": "receding", "planner.replan_every": 1})
     rand = random_rate(cfg.env.id, 5000)
     out = {"random_env_steps_per_s": rand}
-    for name, c, n in (("default", cfg, cfg.online.envs_per_actor), ("diffuser_settings", diffuser, 1)):
-        r = planner_rate(c, n, args.seconds)
+    for name, c, n, measure in (("default", cfg, cfg.online.envs_per_actor, True),
+                                ("default_planning_only", cfg, cfg.online.envs_per_actor, False),
+                                ("diffuser_settings", diffuser, 1, False)):
+        r = planner_rate(c, n, args.seconds, measure)
         r["ratio_to_random"] = r["env_steps_per_s"] / rand
         out[name] = r
     out["torch_threads"] = torch.get_num_threads()

@@ -50,6 +50,8 @@ def main():
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="N, the rollout actors of the second run (default: this machine's cores).")
     p.add_argument("--seconds", type=float, default=30.0, help="Wall time of each of the two runs.")
     args = p.parse_args()
+    if args.workers < 1 or args.seconds <= 0:
+        p.error("--workers must be >= 1 and --seconds > 0")
     cfg = config_lib.load(args.config)
     ray.init(address="local", num_cpus=args.workers, include_dashboard=False, logging_level="warning")
     ref = ray.put(fresh_weights(cfg))
