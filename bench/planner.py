@@ -5,9 +5,11 @@ Prints one JSON line:
  "diffuser_settings": {…}}
 
 "default" is configs/walker2d.yaml's acting config with online.envs_per_actor envs planned in one
-batch, measuring the alignment error of every online.measure_every-th plan in shadow envs as a
-rollout actor does ("default_planning_only": the same without measuring); "diffuser_settings" is Diffuser's published Walker2d setting
-(H=32, a U-Net of dim_mults (1, 2, 4, 8) for denoiser and value, 20 DDPM steps, 64 candidates,
+batch (the target's figure); "default_measuring" the same as a rollout actor runs it in phase 2,
+also measuring the alignment error of every online.measure_every-th plan of an episode in shadow
+envs (H env steps each; untrained episodes are so short that each one's first plan is measured,
+about one shadow step per real step, where a walking planner's take ~0.5). "diffuser_settings"
+is Diffuser's published Walker2d setting (H=32, a U-Net of dim_mults (1, 2, 4, 8) for denoiser and value, 20 DDPM steps, 64 candidates,
 2 guide steps, replan every step, one env). Weights are untrained: a plan costs the same, but
 their episodes fall within ~15 steps and each reset leaves a batch a little emptier than a
 walking planner's (~80 % full at 16 envs), so the default rate is somewhat understated.
@@ -84,8 +86,8 @@ def main():
         "guidance.scale": 0.1, "guidance.n_guide_steps": 2, "planner.execution": "receding", "planner.replan_every": 1})
     rand = random_rate(cfg.env.id, 5000)
     out = {"random_env_steps_per_s": rand}
-    for name, c, n, measure in (("default", cfg, cfg.online.envs_per_actor, True),
-                                ("default_planning_only", cfg, cfg.online.envs_per_actor, False),
+    for name, c, n, measure in (("default", cfg, cfg.online.envs_per_actor, False),
+                                ("default_measuring", cfg, cfg.online.envs_per_actor, True),
                                 ("diffuser_settings", diffuser, 1, False)):
         r = planner_rate(c, n, args.seconds, measure)
         r["ratio_to_random"] = r["env_steps_per_s"] / rand
