@@ -15,6 +15,7 @@ import contextlib
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from distdiff import config
@@ -23,6 +24,7 @@ from distdiff.diffusion.gaussian import GaussianDiffusion
 from distdiff.diffusion.schedules import make_beta_schedule
 from distdiff.layout import TrajectoryLayout
 from distdiff.models import layout_of
+from distdiff.normalizer import Normalizer
 from distdiff.training import Trainer, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,3 +185,9 @@ def ray_address_file_kept():
             path.write_text(saved)
         else:
             path.unlink(missing_ok=True)
+
+
+def gaussian_normalizer(dim: int, shift: float = 0.0, scale: float = 1.0) -> Normalizer:
+    """``(x - shift) / scale`` on every dim, unclipped in practice."""
+    return Normalizer(kind="gaussian", shift=np.full(dim, shift), scale=np.full(dim, scale),
+                      clip_min=-1e6 * np.ones(dim), clip_max=1e6 * np.ones(dim))

@@ -244,3 +244,10 @@ def test_a_checkpoint_that_cannot_be_written_says_where_and_keeps_the_one_before
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]  # no partial file left
+
+
+def test_a_checkpoint_without_a_format_version_is_refused(tmp_path):
+    path = tmp_path / "old.pt"
+    torch.save({"format": "distdiff.checkpoint", "step": 1}, path)
+    with pytest.raises(CheckpointError, match="format version None"):
+        load_checkpoint(path)

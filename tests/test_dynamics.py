@@ -11,6 +11,7 @@ from distdiff import config
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from distdiff.config import ConfigError
 from distdiff.data.windows import fit_normalizer
+from distdiff.layout import TrajectoryLayout
 from distdiff.models import build_models, layout_of
 from distdiff.distributed.messages import Weights
 from distdiff.distributed.worker import RolloutWorker
@@ -219,3 +220,16 @@ def test_broadcasts_carry_the_dynamics_model_only_when_it_trains(tiny_episodes):
     on, _ = make_trainer(tiny_episodes[:2], **WITH_DYNAMICS)
     assert set(off.weights()) == {"denoiser", "value"}
     assert set(on.weights()) == {"denoiser", "value", "dynamics"}
+
+
+def test_transition_loss_is_zero_for_the_models_own_transitions_and_not_for_standing_still():
+    layout = TrajectoryLayout(obs_dim=2, act_dim=1)
+    torch.manual_seed(0)
+    model = DynamicsNet(obs_dim=2, act_dim=1, dim=16)
+    with torch.no_grad():
+        x = model_rollout(model, torch.randn(3, 6, layout.transition_dim), layout)
+        mask = torch.ones_like(x)
+        assert transition_loss(model, x, mask, layout).item() < 1e-10
+        still = x.clone()
+        still[:, :, layout.state_slice] = x[:, :1, layout.state_slice]  # states that never move
+        assert transition_loss(model, still, mask, layout).item() > 1e-4

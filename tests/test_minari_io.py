@@ -10,14 +10,17 @@ import numpy as np
 import pytest
 
 from distdiff.data.minari_io import (
+    DATASET_ID,
     WALKER2D_REF_MAX_SCORE,
     WALKER2D_REF_MIN_SCORE,
     DatasetError,
     DatasetMissing,
     dataset_exists,
+    env_family,
     load_episodes,
     load_or_collect,
     normalized_score,
+    reference_scores,
     write_episodes,
 )
 from distdiff.rollout import make_env, random_episodes
@@ -259,3 +262,34 @@ def test_a_run_on_the_fallback_records_it_as_its_dataset(tiny_dataset, monkeypat
     ckpt = pretrain(cfg, tmp_path, quiet=True)
     assert config.load(tmp_path / "config.yaml").data.dataset_id == tiny_dataset
     assert load_checkpoint(ckpt)["config"]["data"]["dataset_id"] == tiny_dataset
+
+
+def test_reference_scores_are_d4rls_for_every_family_and_namespace():
+    assert reference_scores("Hopper-v5") == (-20.272305, 3234.3)
+    assert reference_scores("HalfCheetah-v5") == (-280.178953, 12135.0)
+    assert env_family("myns/Walker2d-v4") == "Walker2d"
+    assert reference_scores("myns/Walker2d-v4") == reference_scores("Walker2d-v5") != (None, None)
+
+
+def test_dataset_ids_need_a_version_number():
+    assert DATASET_ID.match("local/walker2d/random-v0") and DATASET_ID.match("mujoco/walker2d/medium-v12")
+    assert not DATASET_ID.match("local/walker2d/random-v") and not DATASET_ID.match("local/walker2d/random")
+
+
+def test_a_dataset_of_another_version_of_the_env_fits_the_config(minari_root, tiny_episodes):
+    write_episodes("local/test/v4-v0", tiny_episodes[:2], env_id="Walker2d-v4", algorithm_name="random")
+    data = load_episodes("local/test/v4-v0", obs_dim=17, act_dim=6, env_id="Walker2d-v5")
+    assert data.env_id == "Walker2d-v4" and len(data.episodes) == 2
+
+
+def test_the_fallback_is_collected_with_the_given_seed(minari_root):
+    data = load_or_collect("local/test/seeded-v0", download=False, fallback_id="local/test/seeded-v0",
+                           fallback_episodes=2, env_id="Walker2d-v5", obs_dim=17, act_dim=6, max_episode_steps=5,
+                           seed=3, log=lambda s: None)
+    env = make_env("Walker2d-v5")
+    try:
+        expected = [env.reset(seed=s)[0] for s in (3, 4)]
+    finally:
+        env.close()
+    for ep, start in zip(data.episodes, expected):
+        np.testing.assert_array_equal(ep.observations[0], start.astype(np.float32))

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from distdiff.data.episodes import Episode
+from distdiff.data.episodes import Episode, completed_return, continuation
 from distdiff.data.windows import fit_normalizer
 from distdiff.distributed.replay import Replay
 from distdiff.layout import TrajectoryLayout
@@ -226,3 +226,9 @@ def test_each_batch_is_full_with_the_offline_share_rounded(batch_size, ratio, n_
     replay.add([constant_episode(1.0, 50, 1.0)])
     for batch in replay.sample(3, batch_size):
         assert len(batch.cond) == batch_size and int((batch.cond[:, 0] < 0).sum()) == n_offline
+
+
+def test_a_cut_walk_is_completed_at_its_mean_pace_undiscounted():
+    ep = Episode(np.zeros((5, 1)), np.zeros((4, 1)), np.array([1.0, 1.0, 1.0, 3.0]), False, False)
+    assert continuation(ep, 1.0, 6) == pytest.approx(2 * 1.5)  # 2 missing steps at the mean reward 1.5
+    assert completed_return(ep, 6) == pytest.approx(6.0 + 3.0)

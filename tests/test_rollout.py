@@ -7,9 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from distdiff.normalizer import Normalizer
+from _helpers import gaussian_normalizer
+from distdiff import config, evaluation
+from distdiff.data.episodes import Episode
+from distdiff.data.minari_io import normalized_score, reference_scores
 from distdiff.planner import Plan
-from distdiff.rollout import OBSERVED_VELOCITY_CLIP, alignment_on_states, make_env, physics_state_from_observation
+from distdiff.rollout import (OBSERVED_VELOCITY_CLIP, EpisodeResult, StateAlignment, alignment_errors,
+                              alignment_on_states, make_env, physics_state, physics_state_from_observation,
+                              random_episodes, replay_actions, run_episodes, summarize)
 
 H = 8
 
@@ -22,8 +27,7 @@ def walker():
 
 
 def unit_normalizer(dim):
-    return Normalizer(kind="gaussian", shift=np.zeros(dim), scale=np.ones(dim), clip_min=-1e6 * np.ones(dim),
-                      clip_max=1e6 * np.ones(dim))
+    return gaussian_normalizer(dim)
 
 
 def walk(env, actions):
@@ -223,3 +227,185 @@ def test_the_alignment_error_of_plans_leaves_out_their_exact_start():
     # Step 0 is the conditioning state, 0 in every plan: it must not dilute the mean.
     assert mean_alignment_error([0.0, 0.2, 0.4]) == pytest.approx(0.3)
     assert mean_alignment_error([0.0, 0.2, float("nan")]) == pytest.approx(0.2)  # every plan fell by then
+
+
+# ----- executing plans: which actions run, how episodes end, in what order -------------------
+
+def constant_plan(action):
+    """Plans that hold the given states, with every action = ``action`` (a number or [H] per step)."""
+    per_step = np.broadcast_to(np.asarray(action, np.float64).reshape(-1, 1), (H, 6))
+
+    def plan_fn(obs):
+        n = len(obs)
+        return Plan(states=np.repeat(obs[:, None], H, axis=1), actions=np.repeat(per_step[None], n, axis=0).copy(),
+                    values=None, trajectories=torch.zeros(n, H, 23))
+    return plan_fn
+
+
+def run_on(plan_fn, limits, **kw):
+    envs = [make_env("Walker2d-v5", max_episode_steps=m) for m in limits]
+    shadows = [make_env("Walker2d-v5") for _ in limits] if kw.get("state_normalizer") is not None else None
+    try:
+        return run_episodes(plan_fn, envs, shadows=shadows, **kw)
+    finally:
+        for env in envs + (shadows or []):
+            env.close()
+
+
+def test_replay_leaves_nan_after_a_fall():
+    env = make_env("Walker2d-v5")
+    try:
+        env.reset(seed=0)
+        qpos, qvel = physics_state(env)
+        qpos[1] = 0.5  # torso below Walker2d's healthy height: the first step terminates
+        reached = replay_actions(env, qpos, qvel, np.zeros((4, 6)))
+    finally:
+        env.close()
+    assert np.isfinite(reached[:2]).all() and np.isnan(reached[2:]).all()
+
+
+def test_the_alignment_error_is_an_rmse_in_normalized_units():  # kills R8, R9 (and R6, R7, R10)
+    norm = gaussian_normalizer(4, shift=5.0, scale=2.0)
+    planned = np.array([[5.0, 5, 5, 5], [6, 6, 6, 6], [7, 5, 5, 5]])
+    reached = np.full((3, 4), 5.0)
+    # raw differences 0, 1 on every dim, 2 on one dim -> normalized 0, 0.5, 1 on one dim of 4
+    np.testing.assert_allclose(alignment_errors(planned, reached, norm), [0.0, 0.5, 0.5])
+
+
+@pytest.mark.parametrize("execution, per_plan", [("open_loop", H), ("receding", 3)])
+def test_each_plan_executes_its_own_actions_from_the_first(execution, per_plan):
+    ramp = 0.05 * np.arange(H)  # a_j = 0.05 j: which planned action ran is readable from the record
+    (result,) = run_on(constant_plan(ramp), [2 * H], n_episodes=1, execution=execution, horizon=H, replan_every=3, seed=0)
+    n = len(result.episode)
+    assert n == 2 * H and not result.episode.terminated
+    expected = np.tile(ramp[:per_plan], 2 * H // per_plan + 1)[:n]
+    np.testing.assert_allclose(result.episode.actions[:, 0], expected, atol=1e-6)
+    assert result.n_plans == -(-n // per_plan)
+
+
+def test_the_first_check_is_the_first_measured_plan():
+    (result,) = run_on(constant_plan(0.0), [12], n_episodes=1, execution="receding", horizon=H, replan_every=4, seed=0,
+                    state_normalizer=gaussian_normalizer(17))
+    assert result.n_plans == 3 and len(result.plan_errors) == 3
+    np.testing.assert_allclose(result.first_check.planned_states[0], result.episode.observations[0], atol=1e-6)
+    np.testing.assert_allclose(result.first_check.reached_states[0], result.episode.observations[0], atol=1e-6)
+
+
+def test_a_fall_on_the_last_allowed_step_is_a_termination_not_a_truncation():
+    # Full negative torque makes the walker fall on step 6 from seed 0.
+    (free,) = run_on(constant_plan(-1.0), [100], n_episodes=1, execution="receding", horizon=H, replan_every=4, seed=0)
+    k = len(free.episode)
+    assert free.episode.terminated and k < 100
+    for limits, max_steps in (([k], None), ([100], k)):  # the env's time limit, or run_episodes' max_steps
+        (cut,) = run_on(constant_plan(-1.0), limits, n_episodes=1, execution="receding", horizon=H, replan_every=4,
+                     seed=0, max_steps=max_steps)
+        assert len(cut.episode) == k
+        assert cut.episode.terminated and not cut.episode.truncated
+
+
+def test_episodes_come_back_in_seed_order_and_no_more_than_asked():
+    # env 0 runs seed 7 for 10 steps; env 1 runs seed 8 (3 steps) then seed 9: completion order 8, 9, 7
+    results = run_on(constant_plan(0.0), [10, 3], n_episodes=3, execution="receding", horizon=H, replan_every=4, seed=7)
+    assert [r.seed for r in results] == [7, 8, 9]
+    assert [len(r.episode) for r in results] == [10, 3, 3]
+    # more envs than episodes: only the episodes asked for
+    assert [r.seed for r in run_on(constant_plan(0.0), [3, 3], n_episodes=1, execution="receding", horizon=H,
+                                  replan_every=4, seed=7)] == [7]
+
+
+def test_random_episodes_are_seeded_per_episode_and_flag_falls_and_time_limits():
+    limit = 14
+    env = make_env("Walker2d-v5", limit)
+    try:
+        episodes = random_episodes(env, 8, seed=0)
+        again = random_episodes(env, 8, seed=0)
+        starts = [env.reset(seed=e)[0] for e in range(8)]
+    finally:
+        env.close()
+    for ep, start in zip(episodes, starts):
+        np.testing.assert_array_equal(ep.observations[0], start.astype(np.float32))  # episode e resets with seed + e
+    for a, b in zip(episodes, again):  # the actions are seeded too
+        np.testing.assert_array_equal(a.actions, b.actions)
+    assert {len(ep) < limit for ep in episodes} == {True, False}, "the fixture must hold falls and time limits"
+    for ep in episodes:
+        assert ep.terminated == (len(ep) < limit) and ep.truncated == (len(ep) == limit)
+
+
+# ----- the summary of an evaluation ------------------------------------------------------------
+
+def result(seed, length, fell, errors=None, cut=False):
+    ep = Episode(np.zeros((length + 1, 17)), np.zeros((length, 6)), np.full(length, float(seed)), fell,
+                 not fell and not cut)
+    return EpisodeResult(ep, np.zeros((0, 3)) if errors is None else np.array(errors, float), 1, None, seed)
+
+
+def test_the_summary_counts_falls_not_time_limits():
+    summary = summarize([result(1, 3, True), result(2, 9, False), result(3, 9, False)])
+    assert summary["terminations"] == 1
+
+
+def test_the_summary_averages_alignment_per_step_over_every_episodes_plans():
+    summary = summarize([result(1, 5, False, [[0.0, 1.0, 1.0]]), result(2, 5, True, [[0.0, 3.0, np.nan]])])
+    np.testing.assert_allclose(summary["alignment_error_per_step"], [0.0, 2.0, 1.0])
+    assert summary["alignment_error"] == pytest.approx(1.5)  # steps 1 and 2; step 0 left out
+
+
+def test_the_summary_scores_the_mean_return_between_the_references():
+    summary = summarize([result(s, n, False) for s, n in ((10, 9), (11, 9), (12, 3), (13, 4))], ref_min=10.0,
+                        ref_max=210.0)
+    # returns 90, 99, 36, 52
+    assert summary["normalized_score"] == pytest.approx(100 * (np.mean([90, 99, 36, 52]) - 10) / 200)
+
+
+# ----- distdiff.evaluation: the config and seeds reach the episodes --------------------------
+
+class StubPlanner:
+    device = "cpu"
+    state_normalizer = None
+
+    def __init__(self):
+        self.generators = []
+
+    def plan(self, obs, generator=None):
+        self.generators.append(generator)
+        return constant_plan(0.0)(obs)
+
+
+def eval_cfg(**overrides):
+    return config.load(None, {"model.horizon": 8, "planner.execution": "receding", "planner.replan_every": 2,
+                              "eval.episodes": 2, "eval.num_envs": 2, "eval.seed": 5, "eval.measure_alignment": False,
+                              **overrides})
+
+
+def test_evaluate_runs_the_configured_execution_with_the_given_seed(monkeypatch):
+    seen = {}
+
+    def fake_run_episodes(plan, envs, **kw):
+        seen.update(kw)
+        plan(np.zeros((len(envs), 17)))
+        return [result(kw["seed"] + i, 9, False) for i in range(kw["n_episodes"])]
+
+    monkeypatch.setattr(evaluation, "run_episodes", fake_run_episodes)
+    planner = StubPlanner()
+    summary = evaluation.evaluate(planner, eval_cfg(), seed=11)
+    assert (seen["seed"], seen["execution"], seen["replan_every"], seen["horizon"], seen["n_episodes"]) == \
+        (11, "receding", 2, 8, 2)
+    assert planner.generators[0] is not None and planner.generators[0].initial_seed() == 11
+    returns = np.array([11.0 * 9, 12.0 * 9])
+    assert summary["normalized_score"] == pytest.approx(normalized_score(returns, *reference_scores("Walker2d-v5")).mean())
+    with pytest.raises(ValueError, match="at least one episode"):
+        evaluation.evaluate(planner, eval_cfg(), episodes=0)
+
+
+def test_alignment_on_observations_averages_per_step_and_seeds_its_sampler(monkeypatch):
+    def fake_alignment_on_states(plan_fn, shadow, observations, state_normalizer):
+        plan_fn(observations)
+        return StateAlignment(compounded=np.array([[0.0, 1.0, 2.0], [0.0, 3.0, np.nan]]),
+                              one_step=np.array([[1.0, 4.0], [3.0, np.nan]]))
+
+    monkeypatch.setattr(evaluation, "alignment_on_states", fake_alignment_on_states)
+    planner = StubPlanner()
+    out = evaluation.alignment_on_observations(planner, eval_cfg(), np.zeros((2, 17)), seed=3)
+    assert out["alignment_error_step"] == [0.0, 2.0, 2.0] and out["alignment_error"] == pytest.approx(2.0)
+    assert out["one_step_error_step"] == [2.0, 4.0] and out["one_step_error"] == pytest.approx(3.0)
+    assert planner.generators[0].initial_seed() == 3

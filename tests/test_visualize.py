@@ -7,14 +7,19 @@ import re
 import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
-from _helpers import ROOT, SMOKE_CONFIG
+from _helpers import ROOT, SMOKE_CONFIG, gaussian_normalizer
 from distdiff import config, plots, render
 from distdiff.checkpoint import load_checkpoint
-from distdiff.report import alignment_starts, figure1_data, load_dataset, mean_error
+from distdiff.data.episodes import Episode
+from distdiff.layout import TrajectoryLayout
+from distdiff.planner import Plan
+from distdiff.report import alignment_starts, figure1_data, in_units, load_dataset, mean_error, pick_start
 from distdiff.rollout import make_env
 from distdiff.training import planner_from_checkpoint
 
@@ -201,3 +206,46 @@ def test_compare_notices_checkpoints_that_normalize_states_differently(tiny_ckpt
     mine = load_checkpoint(tiny_ckpt)["normalizer"]
     assert script._same_normalizer(mine, {k: v.clone() if hasattr(v, "clone") else v for k, v in mine.items()})
     assert not script._same_normalizer(mine, {**mine, "scale": mine["scale"] * 2})
+
+
+def test_figure1_shows_the_datasets_own_actions_from_the_start_state():
+    ep = Episode(np.arange(11.0)[:, None].repeat(17, 1), np.arange(10.0)[:, None].repeat(6, 1), np.zeros(10), False, True)
+    planner = SimpleNamespace(diffusion=SimpleNamespace(horizon=4),
+                              plan=lambda s0, generator=None: Plan(np.zeros((1, 4, 17)), np.zeros((1, 4, 6)), None, torch.zeros(0)))
+    f1 = figure1_data(planner, [ep], episode=0, start=3)
+    np.testing.assert_array_equal(f1.real_states[:, 0], [3, 4, 5, 6])
+    np.testing.assert_array_equal(f1.real_actions[:, 0], [3, 4, 5, 6])
+
+
+def test_pick_start_defaults_to_the_middle_of_the_first_full_episode():
+    def ep(n):
+        return Episode(np.zeros((n + 1, 1)), np.zeros((n, 1)), np.zeros(n), False, True)
+    assert pick_start([ep(3), ep(4), ep(20)], horizon=4) == (1, 0)
+    assert pick_start([ep(20)], horizon=4) == (0, 8)
+
+
+def test_alignment_starts_replays_each_starts_own_actions():
+    def plan(obs, generator=None):
+        n = len(obs)
+        actions = np.zeros((n, 4, 6))
+        actions[1] = 1.0  # the second start pushes, the first holds still
+        return Plan(np.repeat(obs[:, None], 4, axis=1), actions, None, torch.zeros(0))
+
+    planner = SimpleNamespace(plan=plan, state_normalizer=gaussian_normalizer(17))
+    starts = alignment_starts(planner, "Walker2d-v5", [5, 6])
+    env = make_env("Walker2d-v5")
+    try:
+        for s, a in zip(starts, (0.0, 1.0)):
+            env.reset(seed=s.seed)
+            expected = env.step(np.full(6, a))[0]
+            np.testing.assert_allclose(s.check.reached_states[1], expected, atol=1e-9)
+    finally:
+        env.close()
+
+
+def test_normalized_units_normalize_the_actions_too():
+    layout = TrajectoryLayout(obs_dim=2, act_dim=1)
+    planner = SimpleNamespace(layout=layout, normalizer=gaussian_normalizer(3, shift=1.0, scale=2.0))
+    s, a = in_units(planner, np.full((2, 2), 3.0), np.full((2, 1), 5.0), "normalized")
+    np.testing.assert_allclose(s, 1.0)
+    np.testing.assert_allclose(a, 2.0)
