@@ -264,7 +264,7 @@ def test_replay_leaves_nan_after_a_fall():
     assert np.isfinite(reached[:2]).all() and np.isnan(reached[2:]).all()
 
 
-def test_the_alignment_error_is_an_rmse_in_normalized_units():  # kills R8, R9 (and R6, R7, R10)
+def test_the_alignment_error_is_an_rmse_in_normalized_units():
     norm = gaussian_normalizer(4, shift=5.0, scale=2.0)
     planned = np.array([[5.0, 5, 5, 5], [6, 6, 6, 6], [7, 5, 5, 5]])
     reached = np.full((3, 4), 5.0)
