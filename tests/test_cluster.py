@@ -205,3 +205,45 @@ def test_run_finishes_on_the_remaining_node_when_a_rollout_node_is_removed(clust
         assert node_of(run.learner) == cluster.learner.node_id
     finally:
         run.close()
+
+
+def test_a_learner_given_no_gpu_stays_on_cpu_on_a_gpu_node():
+    assert planned([{"CPU": 8.0, "GPU": 1.0}], **{"online.learner_num_gpus": 0}).learner_gpus == 0.0
+    assert planned([{"CPU": 8.0, "GPU": 1.0}], **{"online.learner_num_gpus": -1}).learner_gpus == 1.0
+
+
+def test_actors_must_fit_wherever_the_learner_lands():
+    # Learner (1 CPU) on the 3-CPU node leaves 2 + 2.5: one 1.5-CPU actor each; on the other, 3 + 1.5: three.
+    res = planned([{"CPU": 3.0}, {"CPU": 2.5}], **{"online.actor_num_cpus": 1.5, "online.num_actors": 3})
+    assert res.actors_that_fit == 2
+
+
+def test_a_node_too_small_for_the_learner_counts_no_negative_room():
+    res = planned([{"CPU": 0.5}, {"CPU": 8.0}], **{"online.actor_num_cpus": 3.0, "online.num_actors": 2})
+    assert res.actors_that_fit == 2
+
+
+def test_the_automatic_share_is_at_most_one_cpu():
+    res = planned([{"CPU": 8.0}], **{"online.num_actors": 2})
+    assert res.actor_cpus == 1.0 and res.actors_that_fit == 2
+
+
+def test_actors_waiting_for_their_labelled_nodes_are_not_refused():
+    res = planned([{"CPU": 1.0}], **{"online.actor_resource": "rollout"})  # an autoscaler adds "rollout" nodes
+    assert res.actor_cpus == 0.001 and res.actors_that_fit == 2
+
+
+def test_a_node_with_exactly_the_learners_cpus_holds_it():
+    res = planned([{"CPU": 2.0}, {"CPU": 2.0}], **{"online.learner_num_cpus": 2.0, "online.actor_num_cpus": 1.0})
+    assert res.learner_fits
+
+
+def test_gpus_elsewhere_only_when_the_automatic_learner_got_none():
+    assert not planned([{"CPU": 8.0, "GPU": 1.0}], **{"online.learner_num_gpus": -1}).gpus_elsewhere
+
+
+def test_custom_resources_are_asked_as_labels_not_whole_units():
+    res = planned([{"CPU": 8.0, "GPU": 1.0, "learner": 1.0}, {"CPU": 8.0, "rollout": 1.0}],
+                  **{"online.learner_resource": "learner", "online.actor_resource": "rollout", "online.num_actors": 4})
+    assert res.actor_resources == {"rollout": actors.LABEL_AMOUNT} and res.learner_resources == {"learner": actors.LABEL_AMOUNT}
+    assert actors.LABEL_AMOUNT < 0.01 and res.actors_that_fit == 4

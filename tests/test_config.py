@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from _helpers import ROOT
+from _helpers import ROOT, tiny_online_config
 from distdiff import config
 from distdiff.config import Config, ConfigError
 
@@ -210,3 +210,41 @@ def test_a_sweep_file_given_as_a_config_says_where_it_belongs():
 def test_a_directory_given_as_a_config_is_named_so(tmp_path):
     with pytest.raises(ConfigError, match=f"config file {tmp_path} is a directory"):
         config.load(tmp_path)
+
+
+def test_a_boolean_is_not_an_integer():
+    with pytest.raises(ConfigError, match="model.horizon: expected an integer, got True"):
+        config.from_dict({"model": {"horizon": True}})
+
+
+@pytest.mark.parametrize("overrides", [
+    {"data.discount": 0.0},
+])
+def test_invalid_edge_values_are_refused(overrides):
+    with pytest.raises(ConfigError):
+        config.load(None, overrides)
+
+
+@pytest.mark.parametrize("overrides", [
+    {"planner.replan_every": 32, "model.horizon": 32},  # replan once per plan
+    {"online.actor_num_cpus": 1e-4},  # Ray's finest share
+    {"online.max_update_lag": 10, "online.updates_per_call": 10},
+    {"online.replay_capacity": 32, "model.horizon": 32},
+    {"online.updates_per_env_step": 0.0, "online.env_steps": 1000},  # collect only
+])
+def test_valid_edge_values_are_accepted(overrides):
+    config.load(None, overrides)
+
+
+def test_a_replay_of_exactly_one_episode_is_trainable():
+    # (check_trainable also makes the env: the tiny config's local env id is fine for that)
+    c = tiny_online_config("local/unused-v0", **{"online.replay_capacity": 60})  # env.max_episode_steps 60
+    config.check_trainable(c)
+
+
+def test_overrides_of_a_checkpoints_config_are_typed_too():
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser, from_checkpoint=True)
+    args = parser.parse_args(["--planner.replan_every", "often"])
+    with pytest.raises(ConfigError, match="planner.replan_every: expected an integer"):
+        config.from_args(args, base=Config())

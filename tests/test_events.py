@@ -1,10 +1,17 @@
-"""TensorBoard event files as a resume finds them: what a crashed run logged past its checkpoint."""
+"""Files a run writes: TensorBoard events as a resume finds them (what a crashed run logged past
+its checkpoint), and strict JSON."""
 from __future__ import annotations
 
+import json
+
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.compat.proto.event_pb2 import Event
+from tensorboard.compat.proto.summary_pb2 import Summary
+from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
 from distdiff.events import EVENTS_GLOB, drop_redone
+from distdiff.files import to_json
 
 
 def scalars(log_dir, tag):
@@ -51,3 +58,16 @@ def test_files_with_nothing_to_drop_are_not_rewritten(tmp_path):
     assert drop_redone(tmp_path, lambda tag, step: True) == 0
     assert drop_redone(tmp_path / "missing", lambda tag, step: False) == 0
     assert (path.stat().st_mtime_ns, path.read_bytes()) == before
+
+
+def test_json_has_null_for_every_non_finite_number_wherever_it_is():
+    data = {"a": float("inf"), "b": (1.0, float("nan")), "c": {"d": [float("-inf")]}}
+    assert json.loads(to_json(data)) == {"a": None, "b": [1.0, None], "c": {"d": [None]}}
+
+
+def test_an_event_with_a_refused_value_is_dropped(tmp_path):
+    event = Event(step=5, summary=Summary(value=[Summary.Value(tag="a", simple_value=1.0),
+                                                 Summary.Value(tag="b", simple_value=2.0)]))
+    with open(tmp_path / "events.out.tfevents.1", "wb") as f:
+        RecordWriter(f).write(event.SerializeToString())
+    assert drop_redone(tmp_path, lambda tag, step: tag == "a") == 1

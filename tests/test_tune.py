@@ -16,10 +16,11 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from _helpers import tiny_online_config
 from distdiff import config as config_lib
 from distdiff.config import ConfigError
-from distdiff.distributed.tuning import (load_spec, make_scheduler, make_tuner, on_trial_driver, param_space, search_alg,
-                                         summarize, trial_resources)
+from distdiff.distributed.tuning import (load_spec, make_scheduler, make_tuner, on_trial_driver, param_space,
+                                         scheduler_options, search_alg, summarize, trial_resources, update_budget)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -494,3 +495,83 @@ def test_values_valid_alone_but_not_together_are_refused(tiny_dataset, tmp_path)
     space = {"diffusion.n_steps": {"choice": [4, 20]}, "planner.ddim_steps": {"choice": [3, 8]}}
     with pytest.raises(ConfigError, match="with diffusion.n_steps=4, planner.ddim_steps=8"):
         load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, space=space))
+
+
+@pytest.mark.parametrize("dom, says", [
+    ({"uniform": [0.5, 0.5]}, "low < high"),
+    ({"loguniform": [0.0, 1.0]}, "loguniform needs low > 0"),
+    ({"loguniform": [0.001, 1.0], "zero": 1.0}, "`zero`"),
+    ({"loguniform": [0.001, 1.0], "zero": 0.0}, "`zero`"),
+])
+def test_degenerate_domains_are_refused(dom, says, tiny_dataset, tmp_path):
+    with pytest.raises(ConfigError, match=says):
+        load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, space={"guidance.scale": dom}))
+
+
+def test_randint_includes_its_upper_bound(tiny_dataset, tmp_path):
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, space={"diffusion.n_steps": {"randint": [10, 12]}}))
+    assert set(param_space(spec)["diffusion.n_steps"].sample(size=300)) == {10, 11, 12}
+
+
+def test_loguniform_draws_log_uniformly_with_and_without_zero(tiny_dataset, tmp_path):
+    plain = load_spec(write_sweep(tmp_path / "a.yaml", tiny_dataset, space={"guidance.scale": {"loguniform": [0.001, 1.0]}}))
+    values = param_space(plain)["guidance.scale"].sample(size=600)
+    assert 0.55 < sum(v < 0.1 for v in values) / 600 < 0.8  # 2/3 below 0.1 log-uniformly, 1/10 uniformly
+    zeros = load_spec(write_sweep(tmp_path / "b.yaml", tiny_dataset, space={"guidance.scale": {"loguniform": [0.001, 1.0], "zero": 0.1}}))
+    domain = param_space(zeros)["guidance.scale"]
+    values = [domain.func(None) for _ in range(600)]
+    nonzero = [v for v in values if v != 0.0]
+    assert 0.05 < 1 - len(nonzero) / 600 < 0.16
+    assert 0.55 < sum(v < 0.1 for v in nonzero) / len(nonzero) < 0.8
+
+
+def test_a_swept_eval_interval_sets_the_first_rung_at_its_largest_value(tiny_dataset, tmp_path):
+    space = {"online.eval_every": {"choice": [2, 4]}, "guidance.scale": {"uniform": [0.0, 1.0]}}
+    fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.env_steps": 200}
+    spec = load_spec(write_sweep(tmp_path / "a.yaml", tiny_dataset, scheduler="asha", space=space, fixed=fixed))
+    assert scheduler_options(spec)["grace_period"] == 4
+    with pytest.raises(ConfigError, match=r"asha.grace_period \(2\) counts learner updates"):
+        load_spec(write_sweep(tmp_path / "b.yaml", tiny_dataset, scheduler="asha", asha={"grace_period": 2}, space=space,
+                        fixed=fixed))
+
+
+def test_the_update_budget_is_the_smaller_of_the_two():
+    assert update_budget(tiny_online_config("local/unused-v0", **{"online.updates": 5, "online.env_steps": 200, "online.updates_per_env_step": 0.2})) == 5
+    assert update_budget(tiny_online_config("local/unused-v0", **{"online.updates": 50, "online.env_steps": 200, "online.updates_per_env_step": 0.2})) == 40
+
+
+def test_a_first_decision_at_the_last_update_is_accepted(tiny_dataset, tmp_path):
+    fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 4}  # FIXED trials train 8 updates
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, scheduler="pbt", fixed=fixed,
+                           pbt={"mutations": ["guidance.scale"], "perturbation_interval": 8}))
+    assert scheduler_options(spec)["perturbation_interval"] == 8
+
+
+def test_an_empty_option_takes_its_default(tiny_dataset, tmp_path):
+    path = write_sweep(tmp_path / "s.yaml", tiny_dataset)
+    raw = yaml.safe_load(path.read_text())
+    path.write_text(yaml.safe_dump({**raw, "seed": None, "asha": None}))
+    spec = load_spec(path)
+    assert spec.seed == 0 and spec.asha == {}
+
+
+def test_zero_samples_are_refused(tiny_dataset, tmp_path):
+    with pytest.raises(ConfigError, match="num_samples and max_concurrent must be >= 1"):
+        load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, num_samples=0))
+
+
+def test_resource_fields_under_fixed_are_refused(tiny_dataset, tmp_path):
+    fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.learner_num_gpus": 1}
+    with pytest.raises(ConfigError, match="fixed: online.learner_num_gpus is set by the sweep's `resources`"):
+        load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, fixed=fixed))
+
+
+def test_the_zero_of_a_zero_domain_is_checked_like_any_value(tiny_dataset, tmp_path):
+    with pytest.raises(ConfigError, match="online.lr_scale=0.0"):
+        load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, space={"online.lr_scale": {"loguniform": [0.1, 1.0], "zero": 0.5}}))
+
+
+def test_pbt_mutations_must_be_space_fields(tiny_dataset, tmp_path):
+    fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2}
+    with pytest.raises(ConfigError, match="pbt.mutations: 'online.lr_scale' is not in the space"):
+        load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, scheduler="pbt", fixed=fixed, pbt={"mutations": ["online.lr_scale"]}))

@@ -1,0 +1,89 @@
+"""The driver's bookkeeping without a cluster: budgets, counters, rates, TensorBoard axes and the
+files of a run dir (a real run checks them end to end in test_distributed.py)."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from _helpers import tiny_online_config
+from distdiff.distributed.driver import Counters, OnlineRun, RecentRate, _evaluated_update, step_axis
+from distdiff.rundir import clear_run, resume_checkpoint
+
+
+def run_stub(counters=None, **overrides) -> OnlineRun:
+    """An OnlineRun with only its config and counters: what the budget methods read."""
+    run = OnlineRun.__new__(OnlineRun)
+    run.cfg, run.counters = tiny_online_config("local/unused-v0", **overrides), Counters(**(counters or {}))
+    return run
+
+
+def test_recent_rate_reaches_back_to_the_newest_point_a_whole_window_old():
+    rate = RecentRate(0.0, 0)
+    rate(50.0, 50)
+    # t=0 is the newest point >= 60 s old: the rate is over 100 s, not over the last 50 s.
+    assert rate(100.0, 200) == pytest.approx(2.0)
+
+
+def test_counters_refuse_unknown_names_and_default_missing_ones_to_zero():
+    with pytest.raises(ValueError, match="unknown run counters"):
+        Counters(env_step=3)
+    old = Counters(env_steps=5, updates=2)  # a checkpoint of a version without the newer counters
+    assert old.to_dict() == {**{f: 0 for f in Counters.FIELDS}, "env_steps": 5, "updates": 2}
+
+
+def test_learner_tags_are_logged_at_updates_the_rest_at_env_steps():
+    for tag in ("losses/diffusion", "perf/updates_per_s", "perf/windows_per_s", "replay/size",
+                "faults/skipped_updates", "rollout/plan_vs_real"):
+        assert step_axis(tag) == "updates", tag
+    for tag in ("rollout/return", "eval/return_mean", "perf/env_steps_per_s"):
+        assert step_axis(tag) == "env_steps", tag
+
+
+def test_evaluated_update_is_none_for_any_unreadable_metrics(tmp_path):
+    assert _evaluated_update(tmp_path) is None
+    for text in ("{", "{}", '{"updates": null}', "[]"):
+        (tmp_path / "metrics.json").write_text(text)
+        assert _evaluated_update(tmp_path) is None, text
+    (tmp_path / "metrics.json").write_text('{"updates": 7}')
+    assert _evaluated_update(tmp_path) == 7
+
+
+def test_owed_updates_are_floored_and_capped_by_the_update_budget():
+    # 0.2 updates per env step: 7 steps owe 1 update (1.4, floored), not 2.
+    assert run_stub({"env_steps": 7}, **{"online.updates_per_env_step": 0.2}).owed_updates() == 1
+    # 200 steps owe 40; with 4 done and a budget of 10 updates, only 6 more.
+    assert run_stub({"env_steps": 200, "updates": 4}, **{"online.updates": 10}).owed_updates() == 6
+    assert run_stub({"env_steps": 200, "updates": 4}, **{"online.updates": 0}).owed_updates() == 36
+
+
+def test_budgets_end_exactly_at_their_count():
+    now = time.perf_counter()
+    assert run_stub({"env_steps": 199}).budget_left(now)
+    assert not run_stub({"env_steps": 200}).budget_left(now)  # online.env_steps 200
+    assert run_stub({"updates": 9}, **{"online.env_steps": 0, "online.updates": 10}).budget_left(now)
+    assert not run_stub({"updates": 10}, **{"online.env_steps": 0, "online.updates": 10}).budget_left(now)
+
+
+def test_no_wall_time_budget_never_runs_out_and_finishing_updates_respects_one():
+    long_ago = time.perf_counter() - 1e6
+    unlimited = run_stub(**{"online.wall_time_s": 0})
+    assert not unlimited.out_of_time(long_ago) and unlimited.may_train(False, long_ago)
+    timed = run_stub(**{"online.wall_time_s": 5.0, "online.finish_updates": True})
+    assert timed.out_of_time(long_ago)
+    assert not timed.may_train(False, long_ago)  # owed updates still stop at the wall-time budget
+    assert timed.may_train(False, time.perf_counter())
+
+
+def test_resume_prefers_phase_2s_checkpoint_and_clear_run_clears_phase_1(tmp_path):
+    (tmp_path / "pretrain").mkdir()
+    (tmp_path / "pretrain" / "checkpoint.pt").write_text("p1")
+    assert resume_checkpoint(tmp_path) == tmp_path / "pretrain" / "checkpoint.pt"
+    (tmp_path / "checkpoint.pt").write_text("p2")
+    assert resume_checkpoint(tmp_path) == tmp_path / "checkpoint.pt"
+    (tmp_path / "pretrain" / "events.out.tfevents.1").write_text("e")
+    (tmp_path / "viz").mkdir()
+    (tmp_path / "viz" / "a.png").write_text("x")
+    clear_run(tmp_path)
+    assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "pretrain").exists()
+    assert (tmp_path / "viz" / "a.png").exists()
