@@ -291,6 +291,8 @@ def test_a_checkpoint_counts_the_updates_of_the_learner_call_in_flight(ray_sessi
         run.close()
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
     assert saved["step"] == step0 + 3 and saved["run"]["updates"] == 3 and run.train_ref is None
+    # and logged: a resume goes on from update 3, and would leave no point for that call
+    assert [e.step for e in read_events(tmp_path).Scalars("losses/denoiser")] == [3]
 
 
 @ray.remote

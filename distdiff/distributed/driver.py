@@ -393,8 +393,13 @@ class OnlineRun:
         written for an evaluation of these weights, which a resume runs first unless
         ``metrics.json`` shows that it ended."""
         # The learner's state is read after its call in flight (a Ctrl-C can come mid-call): the
-        # counters must hold that call's updates too, or a resume would owe them again.
-        self.settle_training()
+        # counters must hold that call's updates too, or a resume would owe them again, and its
+        # losses are logged (the loop, which logs the rest of a call's figures, has stopped).
+        stats = self.settle_training()
+        if stats is not None:
+            for k, v in stats.losses.items():
+                self.scalar(k, v)
+            self.scalar("faults/skipped_updates", self.counters.skipped_updates)
         # The events first: a checkpoint on disk has all it counts logged there too.
         self.writer.flush()
         learner_state, replay_state = ray.get([self.learner.state_dict.remote(), self.replay.state_dict.remote()])
