@@ -241,9 +241,11 @@ def run_episodes(
 
 
 def random_episodes(env: gym.Env, n_episodes: int, seed: int, progress=None) -> List[Episode]:
-    env.action_space.seed(seed)
+    """Uniform random actions; episode ``e`` resets and draws its actions with seed ``seed + e``,
+    so that episodes collected in parallel tasks are those of one call."""
     out = []
     for e in range(n_episodes):
+        env.action_space.seed(seed + e)
         o, _ = env.reset(seed=seed + e)
         obs, act, rew = [o], [], []
         while True:
