@@ -26,10 +26,6 @@ def walker():
     env.close()
 
 
-def unit_normalizer(dim):
-    return gaussian_normalizer(dim)
-
-
 def walk(env, actions):
     """Observations after each action, or None if the walker falls on the way: the replay leaves
     NaN after a termination, so such a sequence cannot be a plan the dynamics produce."""
@@ -101,7 +97,7 @@ def replaying(starts, states, actions, edit=lambda planned: planned):
 
 def test_a_plan_the_dynamics_produce_has_no_alignment_error(walker):
     starts, states, actions = walker_rollouts(5, seed=0)
-    exact = alignment_on_states(replaying(starts, states, actions), walker, starts, unit_normalizer(17), batch_size=2)
+    exact = alignment_on_states(replaying(starts, states, actions), walker, starts, gaussian_normalizer(17), batch_size=2)
     assert exact.compounded.shape == (5, H) and exact.one_step.shape == (5, H - 1)
     np.testing.assert_allclose(exact.compounded, 0.0, atol=1e-9)
     n_pos = walker.unwrapped.model.nq - 1
@@ -115,14 +111,14 @@ def test_a_plan_the_dynamics_produce_has_no_alignment_error(walker):
         planned[:, 1:] += 0.5
         return planned
 
-    off = alignment_on_states(replaying(starts, states, actions, edit=offset), walker, starts, unit_normalizer(17)).compounded
+    off = alignment_on_states(replaying(starts, states, actions, edit=offset), walker, starts, gaussian_normalizer(17)).compounded
     np.testing.assert_allclose(off[:, 0], 0.0, atol=1e-9)  # s_0 is the given state
     np.testing.assert_allclose(off[:, 1:], 0.5, atol=1e-9)  # RMSE of a 0.5 offset on every dim
 
     # A given state at the clip could not be restarted from: refused, not scored.
     fast = np.concatenate([starts, states[:, :-1][clipped][:1]])
     with pytest.raises(ValueError, match="1 of 6 states .* velocity at the observation clip"):
-        alignment_on_states(replaying(starts, states, actions), walker, fast, unit_normalizer(17))
+        alignment_on_states(replaying(starts, states, actions), walker, fast, gaussian_normalizer(17))
 
 
 def test_one_step_error_blames_only_the_transitions_into_and_out_of_a_wrong_state(walker):
@@ -134,7 +130,7 @@ def test_one_step_error_blames_only_the_transitions_into_and_out_of_a_wrong_stat
         return planned
 
     starts, states, actions = walker_rollouts(3, seed=1)
-    errors = alignment_on_states(replaying(starts, states, actions, edit=wrong_state), walker, starts, unit_normalizer(17))
+    errors = alignment_on_states(replaying(starts, states, actions, edit=wrong_state), walker, starts, gaussian_normalizer(17))
     wrong = np.sqrt(0.05**2 * 8 / 17)  # RMSE of the offset on 8 of 17 dims
     np.testing.assert_allclose(errors.one_step[:, j - 1], wrong, atol=1e-9)  # the step into s_j reaches the true s_j
     assert (errors.one_step[:, j] > 1e-3).all()  # the step out of it starts from the wrong physics
@@ -208,7 +204,7 @@ def test_each_plan_runs_its_steps_clipped_and_every_nth_plan_is_measured(executi
     envs, shadows = ([make_env("Walker2d-v5", max_episode_steps=20)] for _ in range(2))
     try:
         (result,) = run_episodes(pushing, envs, n_episodes=1, execution=execution, horizon=H, replan_every=4,
-                                 seed=0, state_normalizer=unit_normalizer(17), shadows=shadows, measure_every=2)
+                                 seed=0, state_normalizer=gaussian_normalizer(17), shadows=shadows, measure_every=2)
     finally:
         for env in envs + shadows:
             env.close()

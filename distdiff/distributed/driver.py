@@ -294,10 +294,9 @@ class OnlineRun:
         res = checked_resources(cfg, log)
         log(f"actors: {_count(cfg.online.num_actors, 'rollout actor')} x {_count(cfg.online.envs_per_actor, 'env')} "
             f"({res.actor_cpus:.3g} CPU each), learner on {'GPU' if res.learner_gpus else 'CPU'}")
-        at = counters.to_dict()
         # What a crashed run logged past its checkpoint is logged again from it. (Before the
         # actors start, so that a failure here leaves none running.)
-        dropped = drop_redone(run_dir, lambda tag, step: step <= at[step_axis(tag)])
+        dropped = drop_redone(run_dir, lambda tag, step: step <= getattr(counters, step_axis(tag)))
         if dropped:
             log(f"TensorBoard: dropped {_count(dropped, 'point')} logged past the checkpoint, to be logged again")
         self.writer = SummaryWriter(str(run_dir))
@@ -397,9 +396,7 @@ class OnlineRun:
         # losses are logged (the loop, which logs the rest of a call's figures, has stopped).
         stats = self.settle_training()
         if stats is not None:
-            for k, v in stats.losses.items():
-                self.scalar(k, v)
-            self.scalar("faults/skipped_updates", self.counters.skipped_updates)
+            self.log_losses(stats)
         # The events first: a checkpoint on disk has all it counts logged there too.
         self.writer.flush()
         learner_state, replay_state = ray.get([self.learner.state_dict.remote(), self.replay.state_dict.remote()])
@@ -455,6 +452,11 @@ class OnlineRun:
         """
         result, at, _ = self.evaluation
         # Kept in flight until it returns: a Ctrl-C during the wait leaves it for close() to stop.
+        error = result.exception()
+        if error is not None:
+            # Its checkpoint stays marked (no metrics.json of it): a resume runs it again.
+            self.evaluation = None
+            raise RunFailed(f"the evaluation at update {at['updates']} failed: {type(error).__name__}: {error}") from error
         summary = result.result()
         self.evaluated = (at["step"], at["updates"], summary)
         metrics = {
@@ -475,13 +477,8 @@ class OnlineRun:
 
     def evaluate(self) -> Dict[str, object]:
         """Checkpoint and evaluate the newest weights, waiting for the result (the final
-        evaluation); the metrics summary of :meth:`finish_evaluation`. One that fails leaves
-        its checkpoint marked, and a resume runs it again."""
+        evaluation); the metrics summary of :meth:`finish_evaluation`."""
         self.start_evaluation()
-        error = self.evaluation.result.exception()  # (waits for it)
-        if error is not None:
-            update, self.evaluation = self.evaluation.at["updates"], None
-            raise RunFailed(f"the evaluation at update {update} failed: {type(error).__name__}: {error}") from error
         return self.finish_evaluation()
 
     def best_so_far(self) -> Optional[Dict[str, object]]:
@@ -514,9 +511,12 @@ class OnlineRun:
         return best
 
     # ----- logging ---------------------------------------------------------------------------
+    def step_of(self, tag: str, at: Optional[Dict[str, int]] = None) -> int:
+        """The counter of the tag's axis (:func:`step_axis`): now, or ``at`` those counters."""
+        return at[step_axis(tag)] if at is not None else getattr(self.counters, step_axis(tag))
+
     def scalar(self, tag: str, value: float, at: Optional[Dict[str, int]] = None) -> None:
-        """``value`` at the counter of the tag's axis (:func:`step_axis`), now or ``at`` those counters."""
-        self.writer.add_scalar(tag, value, (at or self.counters.to_dict())[step_axis(tag)])
+        self.writer.add_scalar(tag, value, self.step_of(tag, at))
 
     def log_rollout(self, result: RolloutResult, env_rate: "RecentRate") -> None:
         log = self.scalar
@@ -547,14 +547,17 @@ class OnlineRun:
             # object store, every episode of it, until the next example.
             self.last_example = type(result.example)(*(np.array(a, copy=True) for a in result.example))
 
-    def log_train(self, stats: TrainStats, replay_size: int, update_rate: "RecentRate") -> None:
-        log = self.scalar
+    def log_losses(self, stats: TrainStats) -> None:
         for k, v in stats.losses.items():
-            log(k, v)
+            self.scalar(k, v)
+        self.scalar("faults/skipped_updates", self.counters.skipped_updates)
+
+    def log_train(self, stats: TrainStats, replay_size: int, update_rate: "RecentRate") -> None:
+        self.log_losses(stats)
+        log = self.scalar
         log("perf/updates_per_s", update_rate(time.perf_counter(), self.counters.updates))
         log("perf/windows_per_s", stats.windows / max(stats.seconds, 1e-9))
         log("replay/size", replay_size)
-        log("faults/skipped_updates", self.counters.skipped_updates)
 
     def log_figure(self) -> None:
         if self.last_example is None:
@@ -562,7 +565,7 @@ class OnlineRun:
         from distdiff.plots import plan_vs_real_figure
 
         tag = "rollout/plan_vs_real"
-        self.writer.add_figure(tag, plan_vs_real_figure(self.last_example), self.counters.to_dict()[step_axis(tag)])
+        self.writer.add_figure(tag, plan_vs_real_figure(self.last_example), self.step_of(tag))
 
     # ----- the loop --------------------------------------------------------------------------
     def budget_left(self, t_start: float) -> bool:
@@ -785,12 +788,11 @@ class OnlineRun:
             any more)."""
             if self.evaluation is None or not self.evaluation.result.done():
                 return
-            error = self.evaluation.result.exception()
-            if error is not None:
-                update, self.evaluation = self.evaluation.at["updates"], None
+            try:
+                self.finish_evaluation()
+            except RunFailed:
                 self.checkpoint()
-                raise RunFailed(f"the evaluation at update {update} failed: {type(error).__name__}: {error}") from error
-            self.finish_evaluation()
+                raise
 
         while rollouts or self.train_ref is not None or retry_at or self.evaluation is not None:
             take_evaluation()
