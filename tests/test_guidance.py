@@ -132,8 +132,8 @@ def test_guidance_raises_the_value_and_keeps_s0(sampler, kw, scaled, value):
 
 @pytest.mark.parametrize("prediction", ["epsilon", "x0"])
 def test_two_step_ddim_is_guided_with_the_default_stopgrad(prediction):
-    # Both of its steps land on t = 0, below t_stopgrad = 2, where σ_0² = 0 as well: only the
-    # guided starting noise makes the shipped planner (2 DDIM steps) respond to guidance at all.
+    # Its one step lands on t = 0, below t_stopgrad = 2: only the guided starting noise makes
+    # the shipped planner (2 DDIM steps) respond to guidance at all.
     d = gaussian_diffusion("cosine", 20, prediction)
     post_var = d.posterior_log_variance_clipped.exp()
     guide = ValueGuide(v_actions, scale=2.0, n_steps=2, t_stopgrad=2, posterior_variance=post_var)

@@ -209,8 +209,8 @@ class GaussianDiffusion(nn.Module):
         if guide is None:
             return x
         # The starting noise x_T is guided too, at level T-1, as in Diffuser. After-step guidance
-        # alone acts only at the levels a step lands on: a 2-step DDIM lands on t = 0 twice, where
-        # t_stopgrad (and σ_0² = 0) switch it off, so its plans would be silently unguided.
+        # alone acts only at the levels a step lands on: a 2-step DDIM lands on t = 0 only, where
+        # the default t_stopgrad switches it off, so its plans would be silently unguided.
         t = torch.full((x.shape[0],), self.n_steps - 1, device=x.device, dtype=torch.long)
         return guide(x, t, clamp)
 
@@ -230,8 +230,10 @@ class GaussianDiffusion(nn.Module):
         for i in reversed(range(self.n_steps)):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
             x = clamp(self.p_sample(model, x, t, generator))
-            if guide is not None:
-                x = guide(x, t.clamp(min=1) - 1, clamp)
+            if guide is not None and i > 0:
+                # At the level it landed on: Diffuser's guidance before the next step. Never the
+                # clean output, which Diffuser returns as the last step leaves it.
+                x = guide(x, t - 1, clamp)
             if return_chain:
                 chain.append(x)
         return Sample(x, torch.stack(chain, dim=1) if return_chain else None)
@@ -248,7 +250,12 @@ class GaussianDiffusion(nn.Module):
         generator: Optional[torch.Generator] = None,
         return_chain: bool = False,
     ) -> Sample:
-        """DDIM (Song et al. 2021, eq. 12) on ``n_steps`` evenly spaced timesteps; η=1 is DDPM-like."""
+        """DDIM (Song et al. 2021, eq. 12) on ``n_steps`` evenly spaced timesteps from T-1 down to
+        0 (the last model call is at t = 0: 2 steps of 20 are t = 19, 0); η=1 is DDPM-like.
+
+        Guidance after a step moves x as after a DDPM step, by the one-step posterior variance
+        at the level it landed on. Diffuser has no DDIM sampler; this keeps its guidance rule
+        rather than Dhariwal & Nichol's shift of the predicted noise."""
         if not 1 <= n_steps <= self.n_steps:
             raise ValueError(f"DDIM needs 1 <= n_steps <= {self.n_steps}, got {n_steps}")
         clamp = lambda y: self.layout.condition(y, cond)  # noqa: E731
@@ -264,13 +271,11 @@ class GaussianDiffusion(nn.Module):
                 a_prev = extract(self.alphas_cumprod, t_prev, x.shape)
                 sigma = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).sqrt()
                 z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                x = a_prev.sqrt() * x_start + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * noise + sigma * z
+                x = clamp(a_prev.sqrt() * x_start + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * noise + sigma * z)
+                if guide is not None:
+                    x = guide(x, t_prev, clamp)  # (not the clean output, as in p_sample_loop)
             else:
-                t_prev = torch.zeros_like(t)
-                x = x_start
-            x = clamp(x)
-            if guide is not None:
-                x = guide(x, t_prev, clamp)
+                x = clamp(x_start)
             if return_chain:
                 chain.append(x)
         return Sample(x, torch.stack(chain, dim=1) if return_chain else None)

@@ -13,7 +13,7 @@ def linear_beta_schedule(n_steps: int, beta_start: float = 1e-4, beta_end: float
 
     The endpoints are those of the 1000-step paper scaled by 1000/n so that short chains still
     reach ᾱ_T ≈ 0, as Nichol & Dhariwal 2021 (§3.2, their code) scale it. At 20 steps or fewer the
-    end is capped at MAX_BETA, and below ~50 ᾱ is ~0 well before T (at 20 steps from t = 12 on):
+    end is capped at MAX_BETA, and below ~50 ᾱ is ~0 well before T (at 20 steps < 1e-3 from t = 14):
     the chain spends its last levels on pure noise, which the cosine schedule was made to avoid.
     """
     if n_steps == 1:
