@@ -1469,8 +1469,15 @@ def test_an_evaluation_the_run_stopped_during_runs_first_when_it_resumes(ray_ses
     assert reported[0] == first["updates"] < second["updates"] == reported[-1]
     assert any("runs again first" in m for m in messages), messages
     # An evaluation that ended (metrics.json holds it) is not run again.
-    _, messages, reported = resume(3)
+    third, messages, reported = resume(3)
     assert reported[0] > second["updates"] and not any("runs again first" in m for m in messages)
+    # Nor is the final one of a run that is over: a resume with the same budget starts no actor
+    # and logs nothing, and says how to go on.
+    events = sorted(p.stat().st_size for p in tmp_path.glob("events.out.tfevents.*"))
+    again, messages, reported = resume(3)
+    assert again == third == json.loads((tmp_path / "metrics.json").read_text()) and reported == []
+    assert any("is over" in m and "--online.env_steps" in m for m in messages), messages
+    assert sorted(p.stat().st_size for p in tmp_path.glob("events.out.tfevents.*")) == events
 
 
 def test_best_pt_carries_its_own_metrics_so_a_stale_or_damaged_best_json_cannot_mislead_a_resume(

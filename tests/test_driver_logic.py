@@ -2,12 +2,14 @@
 files of a run dir (a real run checks them end to end in test_distributed.py)."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
 
 from _helpers import tiny_online_config
-from distdiff.distributed.driver import Counters, OnlineRun, RecentRate, _evaluated_update, step_axis
+from distdiff.distributed.driver import (Counters, OnlineRun, RecentRate, _evaluated_update, finished_metrics,
+                                         step_axis)
 from distdiff.rundir import clear_run, resume_checkpoint
 
 
@@ -73,6 +75,41 @@ def test_no_wall_time_budget_never_runs_out_and_finishing_updates_respects_one()
     assert timed.out_of_time(long_ago)
     assert not timed.may_train(False, long_ago)  # owed updates still stop at the wall-time budget
     assert timed.may_train(False, time.perf_counter())
+
+
+def test_a_run_is_over_only_with_its_budget_spent_and_its_final_evaluation_on_disk(tmp_path):
+    cfg = tiny_online_config("local/unused-v0", **{"online.env_steps": 200, "online.updates_per_env_step": 0.2,
+                                                   "online.finish_updates": True})
+    done = Counters(env_steps=200, updates=40, version=5)
+    evaluated = {"evaluating": True, "weights_version": 5}
+    metrics = {"env_steps": 200, "updates": 40, "weights_version": 5, "return_mean": 12.5}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert finished_metrics(cfg, tmp_path, evaluated, done) == metrics
+    # A budget raised on the resume, or updates still owed (finish_updates): it goes on.
+    more = tiny_online_config("local/unused-v0", **{"online.env_steps": 400})
+    assert finished_metrics(more, tmp_path, evaluated, done) is None
+    assert finished_metrics(cfg, tmp_path, evaluated, Counters(env_steps=200, updates=39, version=5)) is None
+    # Without finish_updates the owed updates are not made: over all the same.
+    skip = tiny_online_config("local/unused-v0", **{"online.env_steps": 200, "online.updates_per_env_step": 0.2,
+                                                    "online.finish_updates": False})
+    metrics_39 = {**metrics, "updates": 39}
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics_39))
+    assert finished_metrics(skip, tmp_path, evaluated, Counters(env_steps=200, updates=39, version=5)) == metrics_39
+    # metrics.json of another checkpoint (an earlier evaluation, other weights), or none that
+    # reads: the final evaluation has not ended.
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert finished_metrics(cfg, tmp_path, {"evaluating": False, "weights_version": 5}, done) is None
+    assert finished_metrics(cfg, tmp_path, {"evaluating": True, "weights_version": 6}, done) is None
+    assert finished_metrics(cfg, tmp_path, evaluated, Counters(env_steps=201, updates=40, version=5)) is None
+    for text in ("{", "[]"):
+        (tmp_path / "metrics.json").write_text(text)
+        assert finished_metrics(cfg, tmp_path, evaluated, done) is None
+    # An update budget spent is over too; a wall-time budget alone never is (it is per process).
+    by_updates = tiny_online_config("local/unused-v0", **{"online.env_steps": 0, "online.updates": 40})
+    (tmp_path / "metrics.json").write_text(json.dumps(metrics))
+    assert finished_metrics(by_updates, tmp_path, evaluated, done) == metrics
+    timed = tiny_online_config("local/unused-v0", **{"online.env_steps": 0, "online.wall_time_s": 5.0})
+    assert finished_metrics(timed, tmp_path, evaluated, done) is None
 
 
 def test_resume_prefers_phase_2s_checkpoint_and_clear_run_clears_phase_1(tmp_path):

@@ -264,6 +264,39 @@ class Counters:
         return {f: getattr(self, f) for f in self.FIELDS}
 
 
+def budget_spent(cfg: Config, c: Counters) -> bool:
+    """Whether phase 2's env-step or update budget is spent (they count the whole phase, across
+    resumes; the wall-time budget counts each process from its start)."""
+    o = cfg.online
+    return bool(o.env_steps and c.env_steps >= o.env_steps or o.updates and c.updates >= o.updates)
+
+
+def owed_updates(cfg: Config, c: Counters) -> int:
+    """Updates the env steps collected so far call for and the learner has yet to make."""
+    o = cfg.online
+    owed = int(o.updates_per_env_step * c.env_steps) - c.updates
+    if o.updates:
+        owed = min(owed, o.updates - c.updates)
+    return owed
+
+
+def finished_metrics(cfg: Config, run_dir: Path, state: Dict[str, object], c: Counters) -> Optional[Dict[str, object]]:
+    """The metrics of the run in ``run_dir`` if it is over: its env-step or update budget spent
+    (under ``cfg``, which a resume may have raised), no update owed that it would still make,
+    and ``metrics.json`` the result of its checkpoint's evaluation, the final one."""
+    if not budget_spent(cfg, c) or cfg.online.finish_updates and owed_updates(cfg, c) >= 1:
+        return None
+    if not state.get("evaluating"):
+        return None
+    try:
+        metrics = json.loads((run_dir / METRICS).read_text())
+    except (OSError, ValueError):
+        return None
+    same = (isinstance(metrics, dict) and all(metrics.get(k) == getattr(c, k) for k in ("env_steps", "updates"))
+            and metrics.get("weights_version") == state.get("weights_version"))
+    return metrics if same else None
+
+
 def _evaluated_update(run_dir: Path) -> Optional[int]:
     """The update of the last evaluation that ended (``metrics.json``), if any can be read."""
     try:
@@ -571,12 +604,7 @@ class OnlineRun:
     def budget_left(self, t_start: float) -> bool:
         """Env-step and update budgets count the whole phase 2, across resumes; wall time this
         process."""
-        o = self.cfg.online
-        if o.env_steps and self.counters.env_steps >= o.env_steps:
-            return False
-        if o.updates and self.counters.updates >= o.updates:
-            return False
-        return not self.out_of_time(t_start)
+        return not budget_spent(self.cfg, self.counters) and not self.out_of_time(t_start)
 
     def rollout_share(self, free: int, idle: int) -> RolloutShare:
         return rollout_share(free, idle, self.cfg.online.envs_per_actor, self.cfg.env.max_episode_steps,
@@ -607,11 +635,7 @@ class OnlineRun:
         return collecting or (self.cfg.online.finish_updates and not self.out_of_time(t_start))
 
     def owed_updates(self) -> int:
-        o, c = self.cfg.online, self.counters
-        owed = int(o.updates_per_env_step * c.env_steps) - c.updates
-        if o.updates:
-            owed = min(owed, o.updates - c.updates)
-        return owed
+        return owed_updates(self.cfg, self.counters)
 
     def has_training_data(self) -> bool:
         """Whether the replay can sample a batch. With no offline data, only once it has stored
@@ -1021,14 +1045,19 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
 def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None, resume: bool = False,
           overwrite: bool = False, log: Callable[[str], None] = print, progress: bool = True,
           on_evaluation: Optional[Callable[[Dict[str, object]], None]] = None,
-          rerun_unfinished_evaluation: bool = True) -> Dict[str, object]:
+          own_metrics: bool = True) -> Dict[str, object]:
     """Phase 1 (pretraining, unless ``init``) then phase 2 (online alignment), then a final
     evaluation; ``resume`` continues the phase the run in ``run_dir`` stopped in, ``overwrite``
     clears the run there once the inputs have loaded. Needs Ray initialized (see
     :func:`connect`). Returns the final metrics, also written to ``metrics.json``;
     ``on_evaluation`` is called with each evaluation's metrics (every ``online.eval_every``
-    updates and at the end), after the checkpoint is written. ``rerun_unfinished_evaluation``:
-    a resume from the checkpoint of an evaluation that never ended runs it first."""
+    updates and at the end), after the checkpoint is written.
+
+    ``own_metrics``: the ``metrics.json`` in ``run_dir`` is of this run's own checkpoints (not
+    so for a Tune trial, which may resume from another trial's). A resume then runs first the
+    evaluation of a checkpoint that never ended, and a resume of a run that is over (its
+    budget spent and its final evaluation in ``metrics.json``) returns those metrics at once,
+    starting nothing."""
     run_dir = Path(run_dir)
     config_lib.check_trainable(cfg)
     try:
@@ -1063,6 +1092,14 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         elif counters.episodes:
             log(f"warning: {run_dir / REPLAY} is missing: the replay starts empty, without the "
                 f"{_count(counters.episodes, 'episode')} collected so far")
+        done = finished_metrics(cfg, run_dir, state, counters) if own_metrics else None
+        if done is not None:
+            budget = " and ".join([f"online.env_steps {cfg.online.env_steps}"] * bool(cfg.online.env_steps)
+                                  + [f"online.updates {cfg.online.updates}"] * bool(cfg.online.updates))
+            log(f"{run_dir} is over: its budget ({budget}) is spent and {run_dir / METRICS} holds its final "
+                f"evaluation, at env step {counters.env_steps}, update {counters.updates}; raise the budget "
+                f"(--online.env_steps, --online.updates) to train on")
+            return done
         log(f"resuming {run_dir} at env step {counters.env_steps}, update {counters.updates}")
     else:
         state = load_checkpoint(init)
@@ -1089,7 +1126,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     config_lib.save(cfg, run_dir / CONFIG)
     log(f"phase 2: online alignment with {_count(cfg.online.num_actors, 'actor')} -> {run_dir} (tensorboard --logdir {run_dir})")
     run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state=replay_state, log=log, progress=progress,
-                    on_evaluation=on_evaluation, rerun_unfinished_evaluation=rerun_unfinished_evaluation)
+                    on_evaluation=on_evaluation, rerun_unfinished_evaluation=own_metrics)
     try:
         # Ctrl-C during the loop is taken between results, never inside a TensorBoard write
         # (see deferred_interrupt): the first lets the rollouts in flight finish, a second

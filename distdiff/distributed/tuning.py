@@ -388,9 +388,10 @@ def make_trainable(spec: SweepSpec):
                 tune.report({k: v for k in REPORTED if (v := finite(metrics.get(k))) is not None},
                             checkpoint=tune.Checkpoint.from_directory(d))
 
-        # A trial restores only checkpoints it reported, each with its evaluation's result.
+        # A trial restores only checkpoints reported, each with its evaluation's result, and
+        # maybe another trial's (PBT), which the metrics.json of its own dir does not describe.
         train(cfg, run_dir, resume=resume, log=lambda s: print(s, flush=True), progress=False, on_evaluation=report,
-              rerun_unfinished_evaluation=False)
+              own_metrics=False)
 
     return tune.with_resources(trial, lambda params: trial_resources(spec, params))
 
