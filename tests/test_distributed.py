@@ -331,9 +331,10 @@ def test_an_actor_that_cannot_be_built_is_dropped_not_retried_forever(ray_sessio
     assert (tmp_path / "replay.pt").is_file()
 
 
-def run_with_worker_class(worker_class, pretrained, tmp_path, worker_ids=(0,), before_run=None):
-    """A run to its budget whose workers ``worker_ids`` are ``worker_class``; the run, its log and
-    the replay's state at the end. ``before_run(run)`` is called once the workers are in place."""
+def run_with_worker_class(worker_class, pretrained, tmp_path, worker_ids=(0,), before_run=None, max_restarts=-1):
+    """A run to its budget whose workers ``worker_ids`` are ``worker_class`` (with Ray's
+    ``max_restarts``); the run, its log and the replay's state at the end. ``before_run(run)``
+    is called once the workers are in place."""
     cfg, ckpt = pretrained
     messages = []
     data, _ = load_windows(cfg, None)
@@ -341,7 +342,8 @@ def run_with_worker_class(worker_class, pretrained, tmp_path, worker_ids=(0,), b
     try:
         for i in worker_ids:
             ray.kill(run.workers[i])
-            run.workers[i] = ray.remote(worker_class).options(num_cpus=0.01, max_restarts=-1, max_task_retries=0).remote(
+            run.workers[i] = ray.remote(worker_class).options(num_cpus=0.01, max_restarts=max_restarts,
+                                                              max_task_retries=0).remote(
                 config=cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=i)
         if before_run is not None:
             before_run(run)
@@ -411,6 +413,42 @@ def test_killed_worker_is_replaced_and_nothing_delivered_is_lost(ray_session, pr
     assert after, "the restarted worker never delivered a rollout"
     # It was handed the weights published at the kill or later before it sampled.
     assert min(after) >= at_kill["version"]
+
+
+@pytest.mark.parametrize("limit, dying", [(0, (0,)), (2, (0, 1))], ids=["no-restart", "two-restarts"])
+def test_a_worker_whose_restarts_are_spent_is_dropped_at_once(limit, dying, ray_session, pretrained, tmp_path):
+    from distdiff.distributed.worker import RolloutWorker
+
+    class DiesInEveryRollout(RolloutWorker):  # (local: Ray's workers cannot import this module)
+        def rollout(self, task=None, **share):
+            os._exit(1)
+
+    cfg = tiny_online_config(pretrained[0].data.dataset_id, **{"online.actor_max_restarts": limit})
+    messages = []
+    data, _ = load_windows(cfg, None)
+    run = OnlineRun(cfg, tmp_path, load_checkpoint(pretrained[1]), data.episodes, Counters(), log=messages.append,
+                    progress=False)
+    try:
+        for i in dying:
+            ray.kill(run.workers[i])
+            run.workers[i] = ray.remote(DiesInEveryRollout).options(num_cpus=0.01, max_restarts=limit,
+                                                                    max_task_retries=0).remote(
+                config=cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=i)
+        with pytest.raises(RunFailed, match="no rollout actor is left alive") if len(dying) == len(run.workers) \
+                else contextlib.nullcontext():
+            run.run()
+    finally:
+        run.close()
+    assert run.dropped == set(dying)
+    for i in dying:
+        assert any(f"rollout actor {i} died with its restarts spent (online.actor_max_restarts {limit})" in m
+                   for m in messages), messages
+    # Not after MAX_STRIKES failed calls and their back-off (~23 s each), and no restart counted
+    # that Ray did not make.
+    assert not any("keeps failing" in m for m in messages), messages
+    assert run.counters.worker_restarts <= limit * len(dying)
+    if len(dying) < len(run.workers):  # the other worker collected the whole budget
+        assert run.counters.env_steps == cfg.online.env_steps and run.counters.episodes > 0
 
 
 def test_an_env_that_fails_is_rebuilt_and_the_task_runs_again_from_other_draws(pretrained):

@@ -681,6 +681,10 @@ class OnlineRun:
         parked: List[int] = []  # workers waiting for the learner to catch up, or for budget
         failures = [0] * len(self.workers)  # in a row, for the pause before a retry
         strikes = [0] * len(self.workers)  # in a row, of those that may drop the worker
+        # Restarts of each worker seen here: deaths Ray reported as such, and restarts found by
+        # their missing weights. Never more than Ray has counted: a death inside a call may come
+        # as the actor being unavailable, as a call made while it restarts does.
+        deaths = [0] * len(self.workers)
         failing_since: Dict[int, float] = {}  # when the failures in a row began
         retry_at: Dict[int, float] = {}  # dead workers, resubmitted after a back-off while Ray restarts them
         draining = False  # after a Ctrl-C: the rollouts in flight are collected, nothing new starts
@@ -772,16 +776,25 @@ class OnlineRun:
                 if collecting:
                     submit_parked()
                 return
+            limit = o.actor_max_restarts
+            died = isinstance(e, RayActorError) and not isinstance(e, ActorUnavailableError) and not e.preempted
+            if died and 0 <= limit <= deaths[i]:
+                # Ray gives it no restart more: drop it now rather than after MAX_STRIKES calls.
+                # (A preemption spends none, and is not counted.)
+                self.drop(i, f"died with its restarts spent (online.actor_max_restarts {limit})")
+                if collecting:
+                    submit_parked()
+                return
+            deaths[i] += died or isinstance(e, RayTaskError) and isinstance(e.cause, NoWeights)
             if isinstance(e, RayActorError):
                 # The actor died with this task and Ray restarts it. A call made while it
                 # restarts fails at once (ActorUnavailableError): no sign that it keeps failing.
-                # One whose restarts are spent dies for good, and is dropped.
                 restarted, what = True, "died; Ray restarts it"
-                may_drop = o.actor_max_restarts >= 0 and not isinstance(e, ActorUnavailableError)
+                may_drop = limit >= 0 and not isinstance(e, ActorUnavailableError)
             elif isinstance(e, RayTaskError) and isinstance(e.cause, NoWeights):
                 # Ray restarted it while it had no task running (killed while parked, or while
                 # the broadcast was its only call): a restart all the same.
-                restarted, what, may_drop = True, "was restarted by Ray", o.actor_max_restarts >= 0
+                restarted, what, may_drop = True, "was restarted by Ray", limit >= 0
             elif isinstance(e, RayTaskError):
                 # The actor lives but its task raised (its envs failed twice in a row).
                 restarted, what, may_drop = False, f"failed a rollout; retrying it: {_cause(e)}", True
