@@ -161,6 +161,8 @@ class OnlineConfig:
     figure_every: int = _f(500, "Learner updates between plan-vs-real figures in TensorBoard.")
     max_nonfinite: int = _f(20, "Consecutive non-finite updates that stop the run.")
     actor_max_restarts: int = _f(-1, "Restarts Ray gives a dead rollout actor (-1 = unlimited).")
+    rollout_timeout_s: float = _f(0.0, "Seconds a rollout may take, counted from its submission, before its actor is killed for Ray to restart (a hung env, a node that stopped answering); 0 = no limit. "
+                                       "Set it well above the longest rollout, its actor's start included (Walker2d: minutes for 16 whole episodes on a busy laptop), and mind that an actor waiting for a node an autoscaler adds counts too.")
 
 
 @dataclass
@@ -419,6 +421,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(o.measure_every >= 1 and o.checkpoint_every >= 1 and o.figure_every >= 1, "online.measure_every, checkpoint_every and figure_every must be >= 1")
     need(o.eval_every >= 0, "online.eval_every must be >= 0")
     need(o.max_nonfinite >= 1, "online.max_nonfinite must be >= 1")
+    need(o.rollout_timeout_s >= 0, f"online.rollout_timeout_s must be >= 0 (0: no limit), got {o.rollout_timeout_s}")
     if e:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))
 

@@ -83,6 +83,7 @@ def test_overrides_are_typed():
         ({"eval.seed": -1}, "eval.seed must be in [0, 2**63)"),
         ({"train.seed": -3}, "train.seed must be in [0, 2**63)"),
         ({"online.actor_max_restarts": -2}, "online.actor_max_restarts must be >= -1"),
+        ({"online.rollout_timeout_s": -1.0}, "online.rollout_timeout_s must be >= 0"),
         ({"online.actor_num_cpus": 1e-5}, "online.actor_num_cpus must be 0 or at least 0.0001"),
     ],
 )

@@ -451,6 +451,31 @@ def test_a_worker_whose_restarts_are_spent_is_dropped_at_once(limit, dying, ray_
         assert run.counters.env_steps == cfg.online.env_steps and run.counters.episodes > 0
 
 
+def test_a_rollout_past_its_timeout_has_its_actor_restarted_and_the_run_finishes(ray_session, pretrained, tmp_path):
+    from distdiff.distributed.worker import RolloutWorker
+
+    hung = tmp_path / "hung"
+
+    class HangsOnce(RolloutWorker):  # its second rollout, once in the whole run
+        def rollout(self, task=None, **share):
+            if self.tasks == 1 and not hung.exists():
+                hung.touch()
+                time.sleep(300)
+            return super().rollout(task, **share)
+
+    cfg = tiny_online_config(pretrained[0].data.dataset_id, **{"online.rollout_timeout_s": 15.0})
+    t0 = time.monotonic()
+    run, messages, stored = run_with_worker_class(HangsOnce, (cfg, pretrained[1]), tmp_path, worker_ids=(0, 1))
+    assert hung.exists() and time.monotonic() - t0 < 200
+    assert any("its rollout has run for" in m and "past online.rollout_timeout_s 15" in m for m in messages), messages
+    # Killed and restarted as after any death (a slow restart on a busy machine may time out too).
+    c = run.counters
+    assert c.rollout_timeouts >= 1 and c.worker_restarts == c.rollout_timeouts and not run.dropped
+    # The hung rollout's share of the budget was collected by the others: the run ended at it.
+    assert int(stored["lengths"].sum()) == c.env_steps == cfg.online.env_steps
+    assert read_events(tmp_path).Scalars("faults/rollout_timeouts")[-1].value == c.rollout_timeouts
+
+
 def test_an_env_that_fails_is_rebuilt_and_the_task_runs_again_from_other_draws(pretrained):
     import mujoco
 

@@ -250,7 +250,7 @@ class Counters:
     """Run progress that a checkpoint must carry to resume where it stopped."""
 
     FIELDS = ("env_steps", "updates", "episodes", "version", "worker_restarts", "skipped_updates", "rollouts",
-              "failed_rollouts", "env_rebuilds")
+              "failed_rollouts", "env_rebuilds", "rollout_timeouts")
 
     def __init__(self, **values):
         unknown = set(values) - set(self.FIELDS)
@@ -368,6 +368,7 @@ class OnlineRun:
         self.weights_ref = None
         self.published_at = -1  # counters.updates when weights_ref was published
         self.rollouts: Dict[ray.ObjectRef, int] = {}  # running rollouts, by the worker running each
+        self.submitted: Dict[ray.ObjectRef, float] = {}  # when each running rollout was submitted, oldest first
         self.handed = [-1] * len(self.workers)  # the newest version handed to each worker
         self.dropped: Set[int] = set()  # workers that kept failing: no share of the budget, no weights
         self.ref_min, self.ref_max = reference_scores(cfg.env.id)
@@ -417,7 +418,22 @@ class OnlineRun:
         self.handed[i] = self.counters.version
         self.counters.rollouts += 1
         self.rollouts[ref] = i
+        self.submitted[ref] = time.perf_counter()
         return ref
+
+    def kill_overdue(self, now: float) -> None:
+        """Kill the actor of each rollout submitted more than ``online.rollout_timeout_s`` ago
+        (once): its rollout then fails as any death does, and Ray restarts the actor."""
+        timeout = self.cfg.online.rollout_timeout_s
+        for ref, t in list(self.submitted.items()):
+            if not timeout or now - t < timeout:
+                break  # (the oldest first)
+            del self.submitted[ref]
+            i = self.rollouts[ref]
+            self.counters.rollout_timeouts += 1
+            self.log(f"rollout actor {i}: its rollout has run for {now - t:.0f} s, past online.rollout_timeout_s "
+                     f"{timeout:g}; killing the actor for Ray to restart it")
+            ray.kill(self.workers[i], no_restart=False)
 
     # ----- checkpoints -----------------------------------------------------------------------
     def checkpoint(self, evaluating: bool = False) -> Dict[str, object]:
@@ -495,7 +511,7 @@ class OnlineRun:
         metrics = {
             **{k: summary[k] for k in (*EVAL_SCALARS, "return_std", "alignment_error_per_step")},
             **{k: at[k] for k in ("env_steps", "updates", "episodes", "weights_version", "worker_restarts",
-                                  "skipped_updates", "failed_rollouts", "env_rebuilds")},
+                                  "skipped_updates", "failed_rollouts", "env_rebuilds", "rollout_timeouts")},
         }
         for key in EVAL_SCALARS:
             if metrics[key] is not None:
@@ -574,6 +590,7 @@ class OnlineRun:
         log("faults/worker_restarts", self.counters.worker_restarts)
         log("faults/failed_rollouts", self.counters.failed_rollouts)
         log("faults/env_rebuilds", self.counters.env_rebuilds)
+        log("faults/rollout_timeouts", self.counters.rollout_timeouts)
         log("faults/dropped_workers", len(self.dropped))
         if result.example is not None:
             # A copy: its arrays are views of the rollout's object, which they would keep in the
@@ -855,6 +872,7 @@ class OnlineRun:
                 short = bool(retry_at) or self.evaluation is not None
                 ready, _ = ray.wait(waiting, num_returns=1, timeout=0.25 if short else 1.0)
             now = time.perf_counter()
+            self.kill_overdue(now)
             for i in [i for i, t in retry_at.items() if t <= now]:
                 del retry_at[i]
                 if collecting:
@@ -899,6 +917,7 @@ class OnlineRun:
             else:
                 i = rollouts.pop(ref)
                 promised.pop(ref, None)
+                self.submitted.pop(ref, None)
                 try:
                     result = ray.get(ref)
                 except RayError as e:
