@@ -27,6 +27,18 @@ class CheckpointWriteError(OSError):
     is intact."""
 
 
+def to_cpu(obj):
+    """``obj`` with every tensor in its dicts, lists and tuples on CPU: a checkpoint written where
+    training ran on a GPU must load with a plain ``torch.load`` where there is none."""
+    if torch.is_tensor(obj):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
 def save_checkpoint(path: str | Path, payload: Dict[str, Any]) -> Path:
     """Write atomically: a crash mid-write leaves the previous checkpoint intact."""
     path = Path(path)

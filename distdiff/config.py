@@ -135,7 +135,7 @@ class OnlineConfig:
     envs_per_actor: int = _f(16, "Envs per actor, planned together in one sampler batch.")
     actor_num_cpus: float = _f(0.0, "CPUs reserved per rollout actor; 0 = share what the learner leaves (fractional on laptops, up to one per actor), so that every actor fits node by node.")
     learner_num_cpus: float = _f(1.0, "CPUs reserved for the learner actor.")
-    learner_num_gpus: float = _f(-1.0, "GPUs for the learner; -1 = one if a node it may run on (online.learner_resource) has one, else CPU.")
+    learner_num_gpus: float = _f(-1.0, "GPUs for the learner, at most 1 (it trains on one; a fraction shares one); -1 = one if a node it may run on (online.learner_resource) has one, else CPU.")
     learner_resource: str = _f("", "Custom Ray resource the learner asks 0.001 of, so it runs only on nodes started with it (e.g. ray start --resources='{\"learner\": 1}'); empty = any node.")
     actor_resource: str = _f("", "Custom Ray resource each rollout actor asks 0.001 of, so actors run only on nodes that carry it (e.g. only the CPU nodes, to keep them off the learner's GPU node); empty = any node.")
     env_steps: int = _f(100_000, "Budget: real env steps collected in phase 2 (0 = unlimited). Each rollout gets a share of what is left, so a run ends at it and never passes it; a share smaller than envs_per_actor whole episodes runs fewer envs, and one smaller than an episode runs one env, its episode cut (truncated) at the share.")
@@ -484,8 +484,9 @@ def check_trainable(cfg: Config) -> None:
                     math.isinf(value) and value > 0 and key in ("train.grad_clip", "online.wall_time_s")):
                 errors.append(f"{key} must be a finite number, got {value}")
     o = cfg.online
-    if not (o.learner_num_gpus >= 0 or o.learner_num_gpus == -1):
-        errors.append(f"online.learner_num_gpus must be >= 0, or -1 for one if the cluster has any, got {o.learner_num_gpus}")
+    if not (0 <= o.learner_num_gpus <= 1 or o.learner_num_gpus == -1):
+        errors.append(f"online.learner_num_gpus must be in [0, 1] (the learner trains on one GPU), or -1 for one if "
+                      f"the cluster has any, got {o.learner_num_gpus}")
     if o.replay_capacity < cfg.env.max_episode_steps:
         errors.append(f"online.replay_capacity ({o.replay_capacity}) must hold a whole episode "
                       f"(env.max_episode_steps={cfg.env.max_episode_steps}): pass --online.replay_capacity")

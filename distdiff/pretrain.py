@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from distdiff import config as config_lib
-from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, to_cpu
 from distdiff.cli import deferred_interrupt, progress_bar
 from distdiff.config import Config
 from distdiff.data.minari_io import LoadedDataset, load_or_collect
@@ -55,7 +55,7 @@ def load_windows(cfg: Config, normalizer: Optional[Normalizer] = None, data: Opt
 
 
 def checkpoint_payload(trainer: Trainer, rng: np.random.Generator) -> dict:
-    return {**trainer.state_dict(), "data_rng": rng.bit_generator.state}
+    return to_cpu({**trainer.state_dict(), "data_rng": rng.bit_generator.state})
 
 
 def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: bool = False,

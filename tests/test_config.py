@@ -95,7 +95,9 @@ def test_invalid_values_are_rejected(overrides, expected):
     ({"online.updates_per_env_step": "inf"}, "online.updates_per_env_step must be a finite number"),
     ({"data.termination_penalty": float("nan")}, "data.termination_penalty must be a finite number"),
     ({"train.grad_clip": float("-inf")}, "train.grad_clip must be a finite number"),
-    ({"online.learner_num_gpus": -0.5}, "online.learner_num_gpus must be >= 0, or -1"),
+    ({"online.learner_num_gpus": -0.5}, "online.learner_num_gpus must be in [0, 1]"),
+    # One GPU is what the learner uses: a second would be reserved and left idle.
+    ({"online.learner_num_gpus": 2}, "online.learner_num_gpus must be in [0, 1] (the learner trains on one GPU)"),
 ])
 def test_values_that_would_fail_training_are_refused_before_it(overrides, expected):
     with pytest.raises(ConfigError, match=re.escape(expected)):

@@ -1,7 +1,8 @@
-"""The GPU learner path: skipped where torch sees no CUDA device (CI has none).
+"""The GPU learner path: skipped where torch sees no CUDA device (CI has none), and in the rest of
+the suite's runs, which hide GPUs (conftest.py).
 
 Needs only torch, numpy and PyYAML, so it also runs on a bare GPU machine without Ray or
-MuJoCo: ``python -m pytest tests/test_cuda.py``.
+MuJoCo: ``DISTDIFF_TEST_CUDA=1 python -m pytest tests/test_cuda.py``.
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from distdiff.distributed.learner import Learner
 from distdiff.normalizer import Normalizer
 from distdiff.training import Trainer, planner_from_checkpoint, seed_everything
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device, and DISTDIFF_TEST_CUDA=1 "
+                                "(conftest.py hides GPUs otherwise): DISTDIFF_TEST_CUDA=1 python -m pytest tests/test_cuda.py")
 
 
 def _cfg(**overrides):
@@ -28,7 +30,10 @@ def _checkpoint(cfg) -> dict:
     normalizer = Normalizer(kind="gaussian", shift=np.zeros(d), scale=np.ones(d), clip_min=-5 * np.ones(d),
                             clip_max=5 * np.ones(d))
     seed_everything(0)
-    return Trainer(cfg, normalizer, value_mean=0.0, value_std=1.0).state_dict()
+    # (window returns of the batches below are standard normal)
+    quantiles = np.quantile(np.random.default_rng(0).standard_normal(10_000), np.linspace(0, 1, 101)) \
+        if cfg.model.returns_condition else None
+    return Trainer(cfg, normalizer, value_mean=0.0, value_std=1.0, return_quantiles=quantiles).state_dict()
 
 
 def _batches(cfg, n, seed=0):
@@ -38,8 +43,11 @@ def _batches(cfg, n, seed=0):
                   torch.randn(b, generator=g), torch.randn(b, generator=g)) for _ in range(n)]
 
 
-@pytest.mark.parametrize("overrides", [{}, {"train.precision": "bf16"}, {"train.compile": "default"}],
-                         ids=["fp32", "bf16", "compiled"])
+@pytest.mark.parametrize("overrides", [
+    {}, {"train.precision": "bf16"}, {"train.compile": "default"}, {"train.compile": "reduce-overhead"},
+    # Every net the learner may train, the return-conditioned denoiser's quantile lookup on the device.
+    {"model.returns_condition": True, "train.train_dynamics": True, "train.precision": "bf16"},
+], ids=["fp32", "bf16", "compiled", "cuda-graphs", "conditioned+dynamics-bf16"])
 def test_cuda_learner_trains_and_publishes_cpu_weights(overrides):
     cfg = _cfg(**{"train.ema_start": 0, "train.ema_every": 1, **overrides})
     learner = Learner(config=cfg.to_dict(), checkpoint=_checkpoint(cfg), device="cuda")
@@ -51,8 +59,10 @@ def test_cuda_learner_trains_and_publishes_cpu_weights(overrides):
     assert np.isfinite(out.losses["losses/denoiser"]) and out.losses["losses/denoiser"] < first.losses["losses/denoiser"]
     payload = learner.publish()
     assert payload.version == 1
-    for name, module in (("denoiser", learner.trainer.ema_denoiser), ("value", learner.trainer.ema_value)):
-        flat = payload.weights[name]
+    nets = ["denoiser", "value"] + ["dynamics"] * cfg.train.train_dynamics
+    assert sorted(payload.weights) == sorted(nets)
+    for name in nets:
+        flat, module = payload.weights[name], getattr(learner.trainer, f"ema_{name}")
         assert isinstance(flat, np.ndarray) and flat.dtype == np.float32
         expected = torch.cat([t.reshape(-1).float().cpu() for t in module.state_dict().values()]).numpy()
         np.testing.assert_array_equal(flat, expected)

@@ -1109,6 +1109,12 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         if overwrite:
             clear_run(run_dir)
         state = load_checkpoint(pretrain(cfg, run_dir / PRETRAIN, resume=resume, quiet=not progress, data=data))
+        import torch
+
+        if torch.cuda.is_initialized():
+            # Phase 1 trained on a GPU in this process: its cached blocks go back before the
+            # learner, which Ray may give the same GPU without counting them, starts.
+            torch.cuda.empty_cache()
         counters = Counters()
     elif resume:
         state = load_checkpoint(run_dir / CHECKPOINT)

@@ -6,22 +6,12 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from distdiff.checkpoint import to_cpu
 from distdiff.config import from_dict
 from distdiff.data.windows import Batch
 from distdiff.distributed.messages import TrainStats, Weights
 from distdiff.provenance import check_same_code
 from distdiff.training import Trainer, prior_of, resolve_device, seed_everything
-
-
-def to_cpu(obj):
-    """``obj`` with every tensor in its dicts, lists and tuples on CPU."""
-    if torch.is_tensor(obj):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
 
 
 class Learner:
