@@ -10,6 +10,7 @@ import argparse
 import dataclasses
 import functools
 import importlib
+import json
 import math
 import os
 import typing
@@ -553,3 +554,11 @@ def from_args(args: argparse.Namespace, base: Optional[Config] = None) -> Config
 
 def save(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def to_markdown(cfg: Config) -> str:
+    """The config as a markdown table of ``section.field | value``: TensorBoard's Text tab shows
+    it beside the run's curves (as CleanRL logs its hyperparameters)."""
+    rows = [f"|{section}.{key}|{json.dumps(value)}|" for section, fields in cfg.to_dict().items()
+            for key, value in fields.items()]
+    return "\n".join(["|field|value|", "|-|-|", *rows])

@@ -115,6 +115,8 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     # What a crashed run logged past its checkpoint is logged again from it.
     drop_redone(run_dir, lambda tag, step: step <= trainer.step)
     writer = SummaryWriter(str(run_dir))
+    # At the step it starts (or resumes) from: a resume may override fields.
+    writer.add_text("config", config_lib.to_markdown(cfg), trainer.step)
 
     def save() -> None:
         # The events first: a checkpoint on disk has all it counts logged there too.

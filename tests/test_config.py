@@ -251,3 +251,12 @@ def test_overrides_of_a_checkpoints_config_are_typed_too():
     args = parser.parse_args(["--planner.replan_every", "often"])
     with pytest.raises(ConfigError, match="planner.replan_every: expected an integer"):
         config.from_args(args, base=Config())
+
+
+def test_the_markdown_table_has_one_row_per_field_with_its_value():
+    cfg = config.load(None, {"online.num_actors": 7, "model.dim_mults": [1, 2]})
+    rows = config.to_markdown(cfg).splitlines()
+    assert rows[:2] == ["|field|value|", "|-|-|"]
+    assert len(rows) - 2 == sum(len(section) for section in cfg.to_dict().values())
+    assert "|online.num_actors|7|" in rows and "|model.dim_mults|[1, 2]|" in rows
+    assert '|diffusion.schedule|"cosine"|' in rows

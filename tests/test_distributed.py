@@ -111,6 +111,10 @@ def test_two_worker_run_finishes_and_logs(ray_session, pretrained, tmp_path):
     sizes = values("replay/size")
     assert sizes == sorted(sizes) and 0 < sizes[-1] <= metrics["env_steps"]
     assert all(np.isfinite(values("losses/denoiser"))) and all(np.isfinite(values("losses/value")))
+    # The config beside the curves, in TensorBoard's Text tab: what the run was.
+    [text] = acc.Tensors("config/text_summary")
+    table = text.tensor_proto.string_val[0].decode()
+    assert f"|online.env_steps|{cfg.online.env_steps}|" in table and f'|data.dataset_id|"{cfg.data.dataset_id}"|' in table
 
 
 def test_every_worker_plans_with_the_newest_weights(ray_session, pretrained, tmp_path):

@@ -333,6 +333,8 @@ class OnlineRun:
         if dropped:
             log(f"TensorBoard: dropped {_count(dropped, 'point')} logged past the checkpoint, to be logged again")
         self.writer = SummaryWriter(str(run_dir))
+        # At the env step it starts (or resumes) from: a resume may override fields.
+        self.writer.add_text("config", config_lib.to_markdown(cfg), counters.env_steps)
         cfg_dict = cfg.to_dict()
         resumed = counters.updates > 0 or counters.env_steps > 0
         self.learner = actors.make_learner(cfg, res, config=cfg_dict, checkpoint=ray.put(state),
