@@ -214,8 +214,13 @@ def test_resume_continues_the_step_count_exactly(run30, tmp_path, tiny_dataset, 
     ok(run("pretrain.py", "--resume", resumed, "--train.steps", 40, env=subprocess_env))
     state = load_checkpoint(resumed / "checkpoint.pt")
     assert state["step"] == 40
-    logged = EventAccumulator(str(resumed)).Reload().Scalars("losses/denoiser")
+    acc = EventAccumulator(str(resumed)).Reload()
+    logged = acc.Scalars("losses/denoiser")
     assert [e.step for e in logged] == [20, 40] and 1e6 not in [e.value for e in logged]
+    # The config at the start and at the resume, with the resume's override.
+    configs = acc.Tensors("config/text_summary")
+    assert [e.step for e in configs] == [0, 30]
+    assert "|train.steps|40|" in configs[-1].tensor_proto.string_val[0].decode()
     # 30 + 10 resumed steps are the same 40 steps as one uninterrupted run: weights, optimizer
     # moments, data sampler and torch RNG all continue where they were
     ok(pretrain(tmp_path / "straight", "--train.steps", 40, env=subprocess_env, dataset=tiny_dataset))
