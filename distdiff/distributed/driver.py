@@ -427,8 +427,10 @@ class OnlineRun:
         """Kill the actor of each rollout submitted more than ``online.rollout_timeout_s`` ago
         (once): its rollout then fails as any death does, and Ray restarts the actor."""
         timeout = self.cfg.online.rollout_timeout_s
+        if not timeout:
+            return
         for ref, t in list(self.submitted.items()):
-            if not timeout or now - t < timeout:
+            if now - t < timeout:
                 break  # (the oldest first)
             del self.submitted[ref]
             i = self.rollouts[ref]
