@@ -113,7 +113,7 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, run_dir / CONFIG)
     # What a crashed run logged past its checkpoint is logged again from it.
-    drop_redone(run_dir, lambda tag, step: step <= trainer.step)
+    drop_redone(run_dir, lambda tag, step: step <= trainer.step, since=ckpt_path.stat().st_mtime if state else None)
     writer = SummaryWriter(str(run_dir))
     # At the step it starts (or resumes) from: a resume may override fields.
     writer.add_text("config", config_lib.to_markdown(cfg), trainer.step)

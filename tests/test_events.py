@@ -60,6 +60,26 @@ def test_files_with_nothing_to_drop_are_not_rewritten(tmp_path):
     assert (path.stat().st_mtime_ns, path.read_bytes()) == before
 
 
+def test_files_last_written_before_the_checkpoint_are_not_read(tmp_path, monkeypatch):
+    import os
+
+    from distdiff import events
+
+    for name, step in (("events.out.tfevents.1", 9), ("events.out.tfevents.2", 12)):
+        event = Event(step=step, summary=Summary(value=[Summary.Value(tag="a", simple_value=1.0)]))
+        with open(tmp_path / name, "wb") as f:
+            RecordWriter(f).write(event.SerializeToString())
+    os.utime(tmp_path / "events.out.tfevents.1", (1000.0, 1000.0))
+    os.utime(tmp_path / "events.out.tfevents.2", (3000.0, 3000.0))
+    read = []
+    loader = events.RawEventFileLoader
+    monkeypatch.setattr(events, "RawEventFileLoader", lambda path: read.append(path) or loader(path))
+    # The checkpoint (at step 8) written at t=2000: only the later file can hold points past it.
+    assert drop_redone(tmp_path, lambda tag, step: step <= 8, since=2000.0) == 1
+    assert set(read) == {str(tmp_path / "events.out.tfevents.2")}
+    assert scalars(tmp_path, "a") == [(9, 1.0)]  # the older file's, unread and kept
+
+
 def test_json_has_null_for_every_non_finite_number_wherever_it_is():
     data = {"a": float("inf"), "b": (1.0, float("nan")), "c": {"d": [float("-inf")]}}
     assert json.loads(to_json(data)) == {"a": None, "b": [1.0, None], "c": {"d": [None]}}

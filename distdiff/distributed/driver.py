@@ -311,7 +311,7 @@ class OnlineRun:
     def __init__(self, cfg: Config, run_dir: Path, state: Dict[str, object], offline_episodes, counters: Counters, *,
                  replay_state: Optional[Dict[str, object]] = None, log: Callable[[str], None] = print,
                  progress: bool = True, on_evaluation: Optional[Callable[[Dict[str, object]], None]] = None,
-                 rerun_unfinished_evaluation: bool = True):
+                 rerun_unfinished_evaluation: bool = True, events_since: Optional[float] = None):
         import torch
         from torch.utils.tensorboard import SummaryWriter
 
@@ -329,7 +329,7 @@ class OnlineRun:
             f"({res.actor_cpus:.3g} CPU each), learner on {'GPU' if res.learner_gpus else 'CPU'}")
         # What a crashed run logged past its checkpoint is logged again from it. (Before the
         # actors start, so that a failure here leaves none running.)
-        dropped = drop_redone(run_dir, lambda tag, step: step <= getattr(counters, step_axis(tag)))
+        dropped = drop_redone(run_dir, lambda tag, step: step <= getattr(counters, step_axis(tag)), since=events_since)
         if dropped:
             log(f"TensorBoard: dropped {_count(dropped, 'point')} logged past the checkpoint, to be logged again")
         self.writer = SummaryWriter(str(run_dir))
@@ -710,6 +710,7 @@ class OnlineRun:
         retry_at: Dict[int, float] = {}  # dead workers, resubmitted after a back-off while Ray restarts them
         draining = False  # after a Ctrl-C: the rollouts in flight are collected, nothing new starts
         said_slow = False  # that evaluations come due faster than they end
+        figure_due = False  # a plan-vs-real figure, drawn once the next learner call is in flight
         size_ref = None
         ahead: Optional[ray.ObjectRef] = None  # a full call's batches, sampled ahead for the next call
         t0 = time.perf_counter()
@@ -893,7 +894,7 @@ class OnlineRun:
                 if c.updates - self.published_at >= o.broadcast_every:
                     self.broadcast()
                 if c.updates >= next_fig:
-                    self.log_figure()
+                    figure_due = True
                     next_fig = after(o.figure_every)
                 # While an evaluation runs, checkpoint.pt must stay the weights it evaluates (its
                 # result may copy it to best.pt, or report it to Tune): what comes due meanwhile
@@ -941,6 +942,11 @@ class OnlineRun:
                     submit(i)
                     submit_parked()
             train_more()
+            if figure_due:
+                # Drawn (about half a second of the driver) while the learner's next call runs,
+                # not before it starts.
+                figure_due = False
+                self.log_figure()
         bar.close()
         if stopping():  # (set while the last rollout ran, the loop may end before it drains)
             raise KeyboardInterrupt
@@ -1081,7 +1087,7 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
 def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None, resume: bool = False,
           overwrite: bool = False, log: Callable[[str], None] = print, progress: bool = True,
           on_evaluation: Optional[Callable[[Dict[str, object]], None]] = None,
-          own_metrics: bool = True) -> Dict[str, object]:
+          own_run_dir: bool = True) -> Dict[str, object]:
     """Phase 1 (pretraining, unless ``init``) then phase 2 (online alignment), then a final
     evaluation; ``resume`` continues the phase the run in ``run_dir`` stopped in, ``overwrite``
     clears the run there once the inputs have loaded. Needs Ray initialized (see
@@ -1089,11 +1095,12 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     ``on_evaluation`` is called with each evaluation's metrics (every ``online.eval_every``
     updates and at the end), after the checkpoint is written.
 
-    ``own_metrics``: the ``metrics.json`` in ``run_dir`` is of this run's own checkpoints (not
-    so for a Tune trial, which may resume from another trial's). A resume then runs first the
-    evaluation of a checkpoint that never ended, and a resume of a run that is over (its
-    budget spent and its final evaluation in ``metrics.json``) returns those metrics at once,
-    starting nothing."""
+    ``own_run_dir``: the checkpoint in ``run_dir`` was written by this run, beside its
+    ``metrics.json`` and event files (not so for a Tune trial, which may resume from another
+    trial's checkpoint). A resume then runs first the evaluation of a checkpoint that never
+    ended, returns at once, starting nothing, when the run is over (its budget spent and its
+    final evaluation in ``metrics.json``), and reads only the event files written since the
+    checkpoint for points to drop."""
     run_dir = Path(run_dir)
     config_lib.check_trainable(cfg)
     try:
@@ -1101,7 +1108,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         ray.get(actors.code_check_task.remote(DRIVER_CODE))
     except RayError as e:  # a mismatch, or a worker that could not start at all
         raise RunFailed(_cause(e)) from e
-    replay_state = data = None
+    replay_state = data = events_since = None
     if init is None and (not resume or resume_checkpoint(run_dir) != run_dir / CHECKPOINT):
         # A cluster too small for the actors fails now, not after pretraining.
         checked_resources(cfg, log)
@@ -1121,6 +1128,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
             torch.cuda.empty_cache()
         counters = Counters()
     elif resume:
+        events_since = (run_dir / CHECKPOINT).stat().st_mtime if own_run_dir else None
         state = load_checkpoint(run_dir / CHECKPOINT)
         if "run" not in state:
             raise CheckpointError(f"{run_dir} holds an offline pretraining run (launch/pretrain.py), which phase 2 "
@@ -1134,7 +1142,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         elif counters.episodes:
             log(f"warning: {run_dir / REPLAY} is missing: the replay starts empty, without the "
                 f"{_count(counters.episodes, 'episode')} collected so far")
-        done = finished_metrics(cfg, run_dir, state, counters) if own_metrics else None
+        done = finished_metrics(cfg, run_dir, state, counters) if own_run_dir else None
         if done is not None:
             budget = " and ".join([f"online.env_steps {cfg.online.env_steps}"] * bool(cfg.online.env_steps)
                                   + [f"online.updates {cfg.online.updates}"] * bool(cfg.online.updates))
@@ -1168,7 +1176,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     config_lib.save(cfg, run_dir / CONFIG)
     log(f"phase 2: online alignment with {_count(cfg.online.num_actors, 'actor')} -> {run_dir} (tensorboard --logdir {run_dir})")
     run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state=replay_state, log=log, progress=progress,
-                    on_evaluation=on_evaluation, rerun_unfinished_evaluation=own_metrics)
+                    on_evaluation=on_evaluation, rerun_unfinished_evaluation=own_run_dir, events_since=events_since)
     try:
         # Ctrl-C during the loop is taken between results, never inside a TensorBoard write
         # (see deferred_interrupt): the first lets the rollouts in flight finish, a second
