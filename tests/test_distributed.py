@@ -128,10 +128,7 @@ def test_every_worker_plans_with_the_newest_weights(ray_session, pretrained, tmp
     cfg, ckpt = pretrained
     run = start_run(cfg, tmp_path, ckpt)
     try:
-        for i in range(len(run.workers)):
-            ray.kill(run.workers[i])
-            run.workers[i] = ray.remote(Inspectable).options(num_cpus=0.01).remote(
-                config=cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=i)
+        replace_workers(run, Inspectable, range(len(run.workers)))
         published = []
         for _ in range(3):
             # Updates between versions, so each version's weights differ from the last.
@@ -335,6 +332,16 @@ def test_an_actor_that_cannot_be_built_is_dropped_not_retried_forever(ray_sessio
     assert (tmp_path / "replay.pt").is_file()
 
 
+def replace_workers(run, worker_class, worker_ids, max_restarts=-1) -> None:
+    """Workers ``worker_ids`` of ``run`` replaced by ``worker_class`` actors, with Ray's
+    ``max_restarts`` and no task retries (as the run's own)."""
+    for i in worker_ids:
+        ray.kill(run.workers[i])
+        run.workers[i] = ray.remote(worker_class).options(num_cpus=0.01, max_restarts=max_restarts,
+                                                          max_task_retries=0).remote(
+            config=run.cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=i)
+
+
 def run_with_worker_class(worker_class, pretrained, tmp_path, worker_ids=(0,), before_run=None, max_restarts=-1):
     """A run to its budget whose workers ``worker_ids`` are ``worker_class`` (with Ray's
     ``max_restarts``); the run, its log and the replay's state at the end. ``before_run(run)``
@@ -344,11 +351,7 @@ def run_with_worker_class(worker_class, pretrained, tmp_path, worker_ids=(0,), b
     data, _ = load_windows(cfg, None)
     run = OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(), log=messages.append, progress=False)
     try:
-        for i in worker_ids:
-            ray.kill(run.workers[i])
-            run.workers[i] = ray.remote(worker_class).options(num_cpus=0.01, max_restarts=max_restarts,
-                                                              max_task_retries=0).remote(
-                config=cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=i)
+        replace_workers(run, worker_class, worker_ids, max_restarts)
         if before_run is not None:
             before_run(run)
         run.run()
@@ -433,11 +436,7 @@ def test_a_worker_whose_restarts_are_spent_is_dropped_at_once(limit, dying, ray_
     run = OnlineRun(cfg, tmp_path, load_checkpoint(pretrained[1]), data.episodes, Counters(), log=messages.append,
                     progress=False)
     try:
-        for i in dying:
-            ray.kill(run.workers[i])
-            run.workers[i] = ray.remote(DiesInEveryRollout).options(num_cpus=0.01, max_restarts=limit,
-                                                                    max_task_retries=0).remote(
-                config=cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=i)
+        replace_workers(run, DiesInEveryRollout, dying, max_restarts=limit)
         with pytest.raises(RunFailed, match="no rollout actor is left alive") if len(dying) == len(run.workers) \
                 else contextlib.nullcontext():
             run.run()
@@ -662,10 +661,7 @@ def test_workers_that_die_in_every_rollout_are_dropped_and_the_run_stops(ray_ses
     data, _ = load_windows(cfg, None)
     run = OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(), log=messages.append, progress=False)
     try:
-        for i in range(len(run.workers)):
-            ray.kill(run.workers[i])
-            run.workers[i] = ray.remote(DiesEveryTime).options(num_cpus=0.01, max_restarts=-1, max_task_retries=0).remote(
-                config=cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=i)
+        replace_workers(run, DiesEveryTime, range(len(run.workers)))
         with pytest.raises(RunFailed, match="no rollout actor is left alive"):
             run.run()
     finally:
