@@ -686,6 +686,33 @@ def test_a_replay_checkpoint_that_does_not_load_stops_the_resume(ray_session, pr
                   replay_state={"lengths": torch.zeros(0, dtype=torch.long)}, log=lambda s: None, progress=False)
 
 
+def test_a_start_that_fails_midway_leaves_no_actor_holding_the_cluster(ray_session, pretrained, tmp_path, monkeypatch):
+    # As a Ctrl-C while the rollout actors start: in a notebook or a Tune trial the process goes
+    # on, and actors left alive would hold the CPUs the next run waits for.
+    from distdiff.distributed import actors
+
+    made = []
+
+    def recorded(make, worker=False):
+        def wrapper(*args, **kwargs):
+            if worker and len(made) == 3:
+                raise KeyboardInterrupt
+            made.append(make(*args, **kwargs))
+            return made[-1]
+        return wrapper
+
+    for name in ("make_learner", "make_replay", "make_worker"):
+        monkeypatch.setattr(actors, name, recorded(getattr(actors, name), worker=name == "make_worker"))
+    cfg, ckpt = pretrained
+    data, _ = load_windows(cfg, None)
+    with pytest.raises(KeyboardInterrupt):
+        OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(), log=lambda s: None, progress=False)
+    assert len(made) == 3  # the learner, the replay and one rollout actor
+    for actor in made:
+        with pytest.raises(RayActorError):
+            ray.get(actor.node_id.remote(), timeout=60)
+
+
 def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path):
     from torch.utils.tensorboard import SummaryWriter
 

@@ -335,34 +335,18 @@ class OnlineRun:
         self.writer = SummaryWriter(str(run_dir))
         # At the env step it starts (or resumes) from: a resume may override fields.
         self.writer.add_text("config", config_lib.to_markdown(cfg), counters.env_steps)
-        cfg_dict = cfg.to_dict()
         resumed = counters.updates > 0 or counters.env_steps > 0
-        self.learner = actors.make_learner(cfg, res, config=cfg_dict, checkpoint=ray.put(state),
-                                           version=counters.version, max_nonfinite=cfg.online.max_nonfinite,
-                                           resumed=resumed)
-        self.replay = actors.make_replay(
-            offline_episodes=ray.put(offline_episodes) if cfg.online.offline_ratio > 0 else [],
-            normalizer=self.normalizer.state_dict(), layout=layout_of(cfg), horizon=cfg.model.horizon,
-            discount=cfg.data.discount, termination_penalty=cfg.data.termination_penalty,
-            capacity=cfg.online.replay_capacity, offline_ratio=cfg.online.offline_ratio,
-            value_target=cfg.data.value_target,
-            return_weighting=cfg.online.return_weighting, offline_start_weight=cfg.online.offline_start_window_weight,
-            online_start_weight=cfg.online.start_window_weight, time_limit=cfg.env.max_episode_steps,
-            seed=cfg.train.seed)
-        if replay_state is not None:
-            # Waited for: a replay.pt that does not load must stop the resume, not leave the
-            # run to go on from an empty replay.
-            try:
-                dropped = ray.get(self.replay.load_state_dict.remote(replay_state, counters.episodes))
-            except RayTaskError as e:
-                ray.kill(self.learner)
-                ray.kill(self.replay)
-                raise CheckpointError(f"{run_dir / REPLAY} does not load into the replay: {_cause(e)}") from e
-            if dropped:
-                log(f"{run_dir / REPLAY} holds {_count(dropped, 'episode')} newer than {run_dir / CHECKPOINT} "
-                    "(the run stopped between writing the two): dropped, to be collected again")
-        self.workers = [actors.make_worker(cfg, res, config=cfg_dict, normalizer=self.normalizer.state_dict(), worker_id=i)
-                        for i in range(cfg.online.num_actors)]
+        self.learner = self.replay = None
+        self.workers: List = []
+        try:
+            self.start_actors(cfg, res, state, offline_episodes, counters, replay_state, resumed)
+        except BaseException:
+            # A failure (a replay.pt that does not load, a full object store, a Ctrl-C) leaves
+            # no actor holding the cluster's CPUs: a notebook or a Tune trial goes on after it.
+            self.kill_actors()
+            with contextlib.suppress(OSError):
+                self.writer.close()
+            raise
         # Resumed from the checkpoint of an evaluation that never ended (the run was stopped or
         # killed during it): those weights are judged first, or they could never be best.pt.
         self.evaluate_first = (rerun_unfinished_evaluation and resumed and bool(state.get("evaluating"))
@@ -382,6 +366,43 @@ class OnlineRun:
         self.stop_evaluation = threading.Event()  # asked before each of its plans
         self.evaluated: Optional[Tuple[int, int, Dict[str, object]]] = None  # the last one's learner step, update, result
         self._best: Optional[Dict[str, object]] = None  # best_so_far(), once read
+
+    def start_actors(self, cfg: Config, res: actors.Resources, state: Dict[str, object], offline_episodes,
+                     counters: Counters, replay_state: Optional[Dict[str, object]], resumed: bool) -> None:
+        """The learner (from ``state``), the replay (with ``replay_state`` when resuming) and the
+        rollout actors, each kept as soon as it is made: a failure kills those made so far."""
+        cfg_dict = cfg.to_dict()
+        self.learner = actors.make_learner(cfg, res, config=cfg_dict, checkpoint=ray.put(state),
+                                           version=counters.version, max_nonfinite=cfg.online.max_nonfinite,
+                                           resumed=resumed)
+        self.replay = actors.make_replay(
+            offline_episodes=ray.put(offline_episodes) if cfg.online.offline_ratio > 0 else [],
+            normalizer=self.normalizer.state_dict(), layout=layout_of(cfg), horizon=cfg.model.horizon,
+            discount=cfg.data.discount, termination_penalty=cfg.data.termination_penalty,
+            capacity=cfg.online.replay_capacity, offline_ratio=cfg.online.offline_ratio,
+            value_target=cfg.data.value_target,
+            return_weighting=cfg.online.return_weighting, offline_start_weight=cfg.online.offline_start_window_weight,
+            online_start_weight=cfg.online.start_window_weight, time_limit=cfg.env.max_episode_steps,
+            seed=cfg.train.seed)
+        if replay_state is not None:
+            # Waited for: a replay.pt that does not load must stop the resume, not leave the
+            # run to go on from an empty replay.
+            try:
+                dropped = ray.get(self.replay.load_state_dict.remote(replay_state, counters.episodes))
+            except RayTaskError as e:
+                raise CheckpointError(f"{self.run_dir / REPLAY} does not load into the replay: {_cause(e)}") from e
+            if dropped:
+                self.log(f"{self.run_dir / REPLAY} holds {_count(dropped, 'episode')} newer than "
+                         f"{self.run_dir / CHECKPOINT} (the run stopped between writing the two): dropped, to be "
+                         "collected again")
+        for i in range(cfg.online.num_actors):
+            self.workers.append(actors.make_worker(cfg, res, config=cfg_dict, normalizer=self.normalizer.state_dict(),
+                                                   worker_id=i))
+
+    def kill_actors(self) -> None:
+        for a in [*self.workers, self.replay, self.learner]:
+            if a is not None:
+                ray.kill(a)
 
     # ----- weights ---------------------------------------------------------------------------
     def broadcast(self) -> None:
@@ -973,8 +994,7 @@ class OnlineRun:
     def close(self) -> None:
         self.stop_evaluating()
         try:
-            for a in self.workers + [self.replay, self.learner]:
-                ray.kill(a)
+            self.kill_actors()
         finally:
             # A writer whose directory went (read-only, full) raises its error again here: the
             # one that stopped the run was already raised.
