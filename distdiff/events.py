@@ -9,7 +9,7 @@ from the files itself, tag by tag.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional
 
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event
@@ -20,19 +20,25 @@ from distdiff.files import replacing
 EVENTS_GLOB = "events.out.tfevents.*"
 
 
-def drop_redone(log_dir: Path, keep: Callable[[str, int], bool], since: Optional[float] = None) -> int:
+def event_sizes(log_dir: Path) -> Dict[str, int]:
+    """The size of each event file directly in ``log_dir``, by name: what a checkpoint records,
+    once the events are flushed, so that a resume knows which files it need not read."""
+    return {path.name: path.stat().st_size for path in sorted(Path(log_dir).glob(EVENTS_GLOB)) if path.is_file()}
+
+
+def drop_redone(log_dir: Path, keep: Callable[[str, int], bool], unchanged: Optional[Dict[str, int]] = None) -> int:
     """Rewrite the event files directly in ``log_dir`` (not its subdirectories, which are other
     runs to TensorBoard) without the summaries of a tag at a step that ``keep(tag, step)``
     refuses; events of other kinds stay. A record that a crash cut short ends its file. Returns
     how many summaries went.
 
-    ``since``: the time the checkpoint resumed from was written (its mtime), by a run of this
-    log dir, which flushes its events before each checkpoint: a file last modified before then
-    holds nothing logged after it, and is not read (a run of days has gigabytes of events, most
-    of them figures, which a resume would otherwise parse in pure Python for minutes)."""
+    ``unchanged``: :func:`event_sizes` when the checkpoint resumed from was written. A file of
+    the same name and size has had nothing logged since, and is not read (a run of days has
+    gigabytes of events, most of them figures, which a resume would otherwise parse in pure
+    Python for minutes). Sizes, not times: a run dir copied without its files' times keeps them."""
     dropped = 0
     for path in sorted(Path(log_dir).glob(EVENTS_GLOB)):
-        if not path.is_file() or since is not None and path.stat().st_mtime < since:
+        if not path.is_file() or unchanged and unchanged.get(path.name) == path.stat().st_size:
             continue
 
         def kept(record: bytes) -> bool:

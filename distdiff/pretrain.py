@@ -15,7 +15,7 @@ from distdiff.cli import deferred_interrupt, progress_bar
 from distdiff.config import Config
 from distdiff.data.minari_io import LoadedDataset, load_or_collect
 from distdiff.data.windows import WindowDataset, fit_normalizer
-from distdiff.events import drop_redone
+from distdiff.events import drop_redone, event_sizes
 from distdiff.models import layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.rundir import CHECKPOINT, CONFIG, clear_run
@@ -113,7 +113,7 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, run_dir / CONFIG)
     # What a crashed run logged past its checkpoint is logged again from it.
-    drop_redone(run_dir, lambda tag, step: step <= trainer.step, since=ckpt_path.stat().st_mtime if state else None)
+    drop_redone(run_dir, lambda tag, step: step <= trainer.step, unchanged=state.get("events") if state else None)
     writer = SummaryWriter(str(run_dir))
     # At the step it starts (or resumes) from: a resume may override fields.
     writer.add_text("config", config_lib.to_markdown(cfg), trainer.step)
@@ -121,7 +121,7 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     def save() -> None:
         # The events first: a checkpoint on disk has all it counts logged there too.
         writer.flush()
-        save_checkpoint(ckpt_path, checkpoint_payload(trainer, rng))
+        save_checkpoint(ckpt_path, {**checkpoint_payload(trainer, rng), "events": event_sizes(run_dir)})
 
     bar = progress_bar(total=cfg.train.steps, initial=trainer.step, desc="pretrain", disable=quiet)
     t0, step0 = time.perf_counter(), trainer.step

@@ -85,6 +85,8 @@ def test_a_run_is_over_only_with_its_budget_spent_and_its_final_evaluation_on_di
     metrics = {"env_steps": 200, "updates": 40, "weights_version": 5, "return_mean": 12.5}
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
     assert finished_metrics(cfg, tmp_path, evaluated, done) == metrics
+    # A Ctrl-C as the final evaluation ended checkpoints the same weights again, unmarked.
+    assert finished_metrics(cfg, tmp_path, {"evaluating": False, "weights_version": 5}, done) == metrics
     # A budget raised on the resume, or updates still owed (finish_updates): it goes on.
     more = tiny_online_config("local/unused-v0", **{"online.env_steps": 400})
     assert finished_metrics(more, tmp_path, evaluated, done) is None
@@ -98,7 +100,6 @@ def test_a_run_is_over_only_with_its_budget_spent_and_its_final_evaluation_on_di
     # metrics.json of another checkpoint (an earlier evaluation, other weights), or none that
     # reads: the final evaluation has not ended.
     (tmp_path / "metrics.json").write_text(json.dumps(metrics))
-    assert finished_metrics(cfg, tmp_path, {"evaluating": False, "weights_version": 5}, done) is None
     assert finished_metrics(cfg, tmp_path, {"evaluating": True, "weights_version": 6}, done) is None
     assert finished_metrics(cfg, tmp_path, evaluated, Counters(env_steps=201, updates=40, version=5)) is None
     for text in ("{", "[]"):

@@ -60,24 +60,31 @@ def test_files_with_nothing_to_drop_are_not_rewritten(tmp_path):
     assert (path.stat().st_mtime_ns, path.read_bytes()) == before
 
 
-def test_files_last_written_before_the_checkpoint_are_not_read(tmp_path, monkeypatch):
-    import os
-
+def test_files_unchanged_since_the_checkpoint_are_not_read(tmp_path, monkeypatch):
     from distdiff import events
 
-    for name, step in (("events.out.tfevents.1", 9), ("events.out.tfevents.2", 12)):
-        event = Event(step=step, summary=Summary(value=[Summary.Value(tag="a", simple_value=1.0)]))
-        with open(tmp_path / name, "wb") as f:
-            RecordWriter(f).write(event.SerializeToString())
-    os.utime(tmp_path / "events.out.tfevents.1", (1000.0, 1000.0))
-    os.utime(tmp_path / "events.out.tfevents.2", (3000.0, 3000.0))
+    def write(name, *steps):
+        with open(tmp_path / name, "ab") as f:
+            for step in steps:
+                event = Event(step=step, summary=Summary(value=[Summary.Value(tag="a", simple_value=float(step))]))
+                RecordWriter(f).write(event.SerializeToString())
+
+    write("events.out.tfevents.1", 1, 2)  # an earlier process's
+    write("events.out.tfevents.2", 3)  # the crashed one's, up to its checkpoint at step 3
+    at_checkpoint = events.event_sizes(tmp_path)
+    assert set(at_checkpoint) == {"events.out.tfevents.1", "events.out.tfevents.2"}
+    write("events.out.tfevents.2", 4, 5)  # past the checkpoint, then the crash
     read = []
     loader = events.RawEventFileLoader
     monkeypatch.setattr(events, "RawEventFileLoader", lambda path: read.append(path) or loader(path))
-    # The checkpoint (at step 8) written at t=2000: only the later file can hold points past it.
-    assert drop_redone(tmp_path, lambda tag, step: step <= 8, since=2000.0) == 1
+
+    assert drop_redone(tmp_path, lambda tag, step: step <= 3, unchanged=at_checkpoint) == 2
     assert set(read) == {str(tmp_path / "events.out.tfevents.2")}
-    assert scalars(tmp_path, "a") == [(9, 1.0)]  # the older file's, unread and kept
+    assert scalars(tmp_path, "a") == [(1, 1.0), (2, 2.0), (3, 3.0)]
+    # Names another run dir's checkpoint recorded (a Tune trial's, a copy) match no file here.
+    read.clear()
+    drop_redone(tmp_path, lambda tag, step: True, unchanged={"events.out.tfevents.9": 10})
+    assert len(read) == 2
 
 
 def test_json_has_null_for_every_non_finite_number_wherever_it_is():

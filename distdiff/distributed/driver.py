@@ -35,7 +35,7 @@ from distdiff.distributed import actors
 from distdiff.distributed.messages import RolloutResult, TrainStats, Weights
 from distdiff.distributed.worker import NoWeights
 from distdiff.evaluation import EvaluationStopped, evaluate
-from distdiff.events import drop_redone
+from distdiff.events import drop_redone, event_sizes
 from distdiff.models import NETS, layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.pretrain import load_data, pretrain, trained_on
@@ -283,11 +283,12 @@ def owed_updates(cfg: Config, c: Counters) -> int:
 def finished_metrics(cfg: Config, run_dir: Path, state: Dict[str, object], c: Counters) -> Optional[Dict[str, object]]:
     """The metrics of the run in ``run_dir`` if it is over: its env-step or update budget spent
     (under ``cfg``, which a resume may have raised), no update owed that it would still make,
-    and ``metrics.json`` the result of its checkpoint's evaluation, the final one."""
+    and ``metrics.json`` an evaluation of its checkpoint's weights (the same counters and
+    weights version), the final one."""
     if not budget_spent(cfg, c) or cfg.online.finish_updates and owed_updates(cfg, c) >= 1:
         return None
-    if not state.get("evaluating"):
-        return None
+    # (Not by the checkpoint's evaluating mark: a Ctrl-C as the final evaluation ends writes the
+    # same weights again, unmarked.)
     try:
         metrics = json.loads((run_dir / METRICS).read_text())
     except (OSError, ValueError):
@@ -311,7 +312,7 @@ class OnlineRun:
     def __init__(self, cfg: Config, run_dir: Path, state: Dict[str, object], offline_episodes, counters: Counters, *,
                  replay_state: Optional[Dict[str, object]] = None, log: Callable[[str], None] = print,
                  progress: bool = True, on_evaluation: Optional[Callable[[Dict[str, object]], None]] = None,
-                 rerun_unfinished_evaluation: bool = True, events_since: Optional[float] = None):
+                 rerun_unfinished_evaluation: bool = True):
         import torch
         from torch.utils.tensorboard import SummaryWriter
 
@@ -329,23 +330,26 @@ class OnlineRun:
             f"({res.actor_cpus:.3g} CPU each), learner on {'GPU' if res.learner_gpus else 'CPU'}")
         # What a crashed run logged past its checkpoint is logged again from it. (Before the
         # actors start, so that a failure here leaves none running.)
-        dropped = drop_redone(run_dir, lambda tag, step: step <= getattr(counters, step_axis(tag)), since=events_since)
+        resumed = counters.updates > 0 or counters.env_steps > 0
+        dropped = drop_redone(run_dir, lambda tag, step: step <= getattr(counters, step_axis(tag)),
+                              unchanged=state.get("events") if resumed else None)
         if dropped:
             log(f"TensorBoard: dropped {_count(dropped, 'point')} logged past the checkpoint, to be logged again")
         self.writer = SummaryWriter(str(run_dir))
-        # At the env step it starts (or resumes) from: a resume may override fields.
-        self.writer.add_text("config", config_lib.to_markdown(cfg), counters.env_steps)
-        resumed = counters.updates > 0 or counters.env_steps > 0
         self.learner = self.replay = None
         self.workers: List = []
         try:
+            # At the env step it starts (or resumes) from: a resume may override fields.
+            self.writer.add_text("config", config_lib.to_markdown(cfg), counters.env_steps)
             self.start_actors(cfg, res, state, offline_episodes, counters, replay_state, resumed)
         except BaseException:
             # A failure (a replay.pt that does not load, a full object store, a Ctrl-C) leaves
             # no actor holding the cluster's CPUs: a notebook or a Tune trial goes on after it.
-            self.kill_actors()
-            with contextlib.suppress(OSError):
-                self.writer.close()
+            try:
+                self.kill_actors()
+            finally:
+                with contextlib.suppress(OSError):
+                    self.writer.close()
             raise
         # Resumed from the checkpoint of an evaluation that never ended (the run was stopped or
         # killed during it): those weights are judged first, or they could never be best.pt.
@@ -446,18 +450,21 @@ class OnlineRun:
 
     def kill_overdue(self, now: float) -> None:
         """Kill the actor of each rollout submitted more than ``online.rollout_timeout_s`` ago
-        (once): its rollout then fails as any death does, and Ray restarts the actor."""
+        that has not ended (once): its rollout then fails as any death does, and Ray restarts
+        the actor unless its restarts are spent."""
         timeout = self.cfg.online.rollout_timeout_s
         if not timeout:
             return
-        for ref, t in list(self.submitted.items()):
-            if now - t < timeout:
-                break  # (the oldest first)
-            del self.submitted[ref]
-            i = self.rollouts[ref]
+        overdue = list(itertools.takewhile(lambda ref: now - self.submitted[ref] >= timeout, self.submitted))
+        if not overdue:
+            return
+        # Not one whose result is in but not yet taken (the loop takes one a turn).
+        _, running = ray.wait(overdue, num_returns=len(overdue), timeout=0)
+        for ref in running:
+            i, t = self.rollouts[ref], self.submitted.pop(ref)
             self.counters.rollout_timeouts += 1
             self.log(f"rollout actor {i}: its rollout has run for {now - t:.0f} s, past online.rollout_timeout_s "
-                     f"{timeout:g}; killing the actor for Ray to restart it")
+                     f"{timeout:g}; killing the actor (Ray restarts it unless online.actor_max_restarts are spent)")
             ray.kill(self.workers[i], no_restart=False)
 
     # ----- checkpoints -----------------------------------------------------------------------
@@ -476,7 +483,7 @@ class OnlineRun:
         learner_state, replay_state = ray.get([self.learner.state_dict.remote(), self.replay.state_dict.remote()])
         save_checkpoint(self.run_dir / REPLAY, {"replay": replay_state})
         save_checkpoint(self.run_dir / CHECKPOINT, {**learner_state, "run": self.counters.to_dict(),
-                                                    "evaluating": evaluating})
+                                                    "evaluating": evaluating, "events": event_sizes(self.run_dir)})
         return learner_state
 
     def start_evaluation(self) -> None:
@@ -828,7 +835,10 @@ class OnlineRun:
                 if collecting:
                     submit_parked()
                 return
-            deaths[i] += died or isinstance(e, RayTaskError) and isinstance(e.cause, NoWeights)
+            # A restart found by its missing weights is counted only in a worker that was healthy:
+            # after a death, the retry's set_weights may reach the restarting actor and fail
+            # unseen, and its rollout then finds the same restart.
+            deaths[i] += died or isinstance(e, RayTaskError) and isinstance(e.cause, NoWeights) and failures[i] == 0
             if isinstance(e, RayActorError):
                 # The actor died with this task and Ray restarts it. A call made while it
                 # restarts fails at once (ActorUnavailableError): no sign that it keeps failing.
@@ -1116,11 +1126,10 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     updates and at the end), after the checkpoint is written.
 
     ``own_run_dir``: the checkpoint in ``run_dir`` was written by this run, beside its
-    ``metrics.json`` and event files (not so for a Tune trial, which may resume from another
-    trial's checkpoint). A resume then runs first the evaluation of a checkpoint that never
-    ended, returns at once, starting nothing, when the run is over (its budget spent and its
-    final evaluation in ``metrics.json``), and reads only the event files written since the
-    checkpoint for points to drop."""
+    ``metrics.json`` (not so for a Tune trial, which may resume from another trial's
+    checkpoint). A resume then runs first the evaluation of a checkpoint that never ended, and
+    returns at once, starting nothing, when the run is over (its budget spent and its final
+    evaluation in ``metrics.json``)."""
     run_dir = Path(run_dir)
     config_lib.check_trainable(cfg)
     try:
@@ -1128,7 +1137,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         ray.get(actors.code_check_task.remote(DRIVER_CODE))
     except RayError as e:  # a mismatch, or a worker that could not start at all
         raise RunFailed(_cause(e)) from e
-    replay_state = data = events_since = None
+    replay_state = data = None
     if init is None and (not resume or resume_checkpoint(run_dir) != run_dir / CHECKPOINT):
         # A cluster too small for the actors fails now, not after pretraining.
         checked_resources(cfg, log)
@@ -1148,7 +1157,6 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
             torch.cuda.empty_cache()
         counters = Counters()
     elif resume:
-        events_since = (run_dir / CHECKPOINT).stat().st_mtime if own_run_dir else None
         state = load_checkpoint(run_dir / CHECKPOINT)
         if "run" not in state:
             raise CheckpointError(f"{run_dir} holds an offline pretraining run (launch/pretrain.py), which phase 2 "
@@ -1157,11 +1165,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
             counters = Counters(**state["run"])
         except ValueError as e:
             raise CheckpointError(f"{run_dir / CHECKPOINT}: {e}") from e
-        if (run_dir / REPLAY).is_file():
-            replay_state = load_checkpoint(run_dir / REPLAY)["replay"]
-        elif counters.episodes:
-            log(f"warning: {run_dir / REPLAY} is missing: the replay starts empty, without the "
-                f"{_count(counters.episodes, 'episode')} collected so far")
+        # Before the replay, which it does not need (a full one takes seconds to load).
         done = finished_metrics(cfg, run_dir, state, counters) if own_run_dir else None
         if done is not None:
             budget = " and ".join([f"online.env_steps {cfg.online.env_steps}"] * bool(cfg.online.env_steps)
@@ -1170,6 +1174,11 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
                 f"evaluation, at env step {counters.env_steps}, update {counters.updates}; raise the budget "
                 f"(--online.env_steps, --online.updates) to train on")
             return done
+        if (run_dir / REPLAY).is_file():
+            replay_state = load_checkpoint(run_dir / REPLAY)["replay"]
+        elif counters.episodes:
+            log(f"warning: {run_dir / REPLAY} is missing: the replay starts empty, without the "
+                f"{_count(counters.episodes, 'episode')} collected so far")
         log(f"resuming {run_dir} at env step {counters.env_steps}, update {counters.updates}")
     else:
         state = load_checkpoint(init)
@@ -1196,7 +1205,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     config_lib.save(cfg, run_dir / CONFIG)
     log(f"phase 2: online alignment with {_count(cfg.online.num_actors, 'actor')} -> {run_dir} (tensorboard --logdir {run_dir})")
     run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state=replay_state, log=log, progress=progress,
-                    on_evaluation=on_evaluation, rerun_unfinished_evaluation=own_run_dir, events_since=events_since)
+                    on_evaluation=on_evaluation, rerun_unfinished_evaluation=own_run_dir)
     try:
         # Ctrl-C during the loop is taken between results, never inside a TensorBoard write
         # (see deferred_interrupt): the first lets the rollouts in flight finish, a second

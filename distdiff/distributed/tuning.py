@@ -389,7 +389,7 @@ def make_trainable(spec: SweepSpec):
                             checkpoint=tune.Checkpoint.from_directory(d))
 
         # A trial restores only checkpoints reported, each with its evaluation's result, and
-        # maybe another trial's (PBT), which the metrics.json and events of its dir do not match.
+        # maybe another trial's (PBT), which the metrics.json of its dir does not describe.
         train(cfg, run_dir, resume=resume, log=lambda s: print(s, flush=True), progress=False, on_evaluation=report,
               own_run_dir=False)
 
