@@ -118,6 +118,9 @@ def ddim_output_law(diffusion: GaussianDiffusion, n_steps: int, eta: float, mu: 
 
 # ----- a tiny learner (configs/smoke.yaml, smaller still) --------------------------------------
 
+# The Ray the whole test session shares (conftest.py), and that tests which stop it start again.
+SESSION_RAY = dict(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="warning")
+
 TINY = {"model.horizon": 8, "model.dim": 8, "model.value_dim": 8, "model.dim_mults": [1, 2],
         "train.batch_size": 8, "train.lr": 5e-3, "train.value_lr": 5e-3}
 
@@ -163,7 +166,8 @@ def tiny_online_config(dataset_id: str, **overrides):
         "data.dataset_id": dataset_id, "env.max_episode_steps": 60, "train.steps": 30, "eval.episodes": 1,
         "eval.num_envs": 1, "online.num_actors": 2, "online.envs_per_actor": 1, "online.env_steps": 200,
         "online.updates_per_env_step": 0.2, "online.updates_per_call": 5, "online.broadcast_every": 5,
-        "online.checkpoint_every": 10, "online.figure_every": 10,
+        # No figure (the one test that reads it asks for them): each takes the driver ~0.8 s.
+        "online.checkpoint_every": 10, "online.figure_every": 10**6,
     }
     base.update(overrides)
     return config.load(Path(__file__).resolve().parents[1] / "configs" / "smoke.yaml", base)

@@ -90,6 +90,8 @@ def ray_session():
     """One local Ray for the whole run (Ray 2.60 has no local_mode): 2 CPUs, no dashboard."""
     import ray
 
-    ray.init(address="local", num_cpus=2, num_gpus=0, include_dashboard=False, logging_level="warning")
+    from _helpers import SESSION_RAY
+
+    ray.init(**SESSION_RAY)
     yield
     ray.shutdown()

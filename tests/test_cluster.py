@@ -22,16 +22,12 @@ import ray
 from ray.cluster_utils import Cluster
 from ray.exceptions import ActorUnavailableError
 
-from _helpers import ray_address_file_kept, tiny_online_config
+from _helpers import SESSION_RAY, ray_address_file_kept, tiny_online_config
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint
 from distdiff.distributed import actors
 from distdiff.distributed.driver import Counters, OnlineRun, train
 from distdiff.pretrain import load_windows, pretrain
-
-# conftest.py's ray_session: what this module restores when it found that Ray up.
-SESSION_INIT = dict(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
-
 
 def node_of(actor, timeout: float = 120.0) -> str:
     """The node an actor runs on, waiting while Ray restarts it (calls fail fast meanwhile)."""
@@ -77,7 +73,7 @@ def cluster():
                 c.shutdown()
     finally:
         if was_up:
-            ray.init(**SESSION_INIT)
+            ray.init(**SESSION_RAY)
 
 
 def test_placement_resources_must_be_custom_resource_names():

@@ -82,6 +82,7 @@ def read_events(run_dir: Path):
 
 def test_two_worker_run_finishes_and_logs(ray_session, pretrained, tmp_path):
     cfg, ckpt = pretrained
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.figure_every": 10})
     metrics = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
     assert metrics["env_steps"] == cfg.online.env_steps
     assert metrics["updates"] > 0 and metrics["weights_version"] > 1
@@ -741,10 +742,23 @@ def test_a_start_that_fails_midway_leaves_no_actor_holding_the_cluster(ray_sessi
             ray.get(actor.node_id.remote(), timeout=60)
 
 
-def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path):
+def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path, monkeypatch):
     from torch.utils.tensorboard import SummaryWriter
 
+    from distdiff.distributed import driver
+
     cfg, ckpt = pretrained
+    prior = load_checkpoint(ckpt)["ema_denoiser"]
+    # Evaluations plan with a blend of the aligned nets and the prior phase 2 began with.
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.prior_weight": 0.25})
+    evaluated = []
+    real_evaluate = driver.evaluate
+
+    def recording_evaluate(planner, cfg, **kwargs):
+        evaluated.append({k: v.clone() for k, v in planner.denoiser.state_dict().items()})
+        return real_evaluate(planner, cfg, **kwargs)
+
+    monkeypatch.setattr(driver, "evaluate", recording_evaluate)
     first = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
     stored = load_checkpoint(tmp_path / "replay.pt")["replay"]
@@ -757,7 +771,8 @@ def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path)
     crashed.add_scalar("losses/denoiser", 1e6, first["updates"] + 1)
     crashed.add_scalar("charts/episode_return", 1e6, first["env_steps"] + 1)
     crashed.close()
-    longer = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": 2 * cfg.online.env_steps})
+    longer = tiny_online_config(cfg.data.dataset_id, **{"online.prior_weight": 0.25,
+                                                   "online.env_steps": 2 * cfg.online.env_steps})
     second = train(longer, tmp_path, resume=True, log=lambda s: None, progress=False)
     resumed_events = read_events(tmp_path)
     for tag in ("losses/denoiser", "charts/episode_return", "eval/return_mean"):
@@ -784,15 +799,24 @@ def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path)
     replay_after = load_checkpoint(tmp_path / "replay.pt")["replay"]["added_episodes"]
     assert replay_after == replay_before + (second["episodes"] - first["episodes"])
     assert load_checkpoint(tmp_path / "checkpoint.pt")["step"] > saved["step"]
+    # Through the resume, the prior is still the checkpoint phase 2 began with, not the resumed
+    # weights, and the final evaluation planned with 3/4 of the aligned weights and 1/4 of it.
+    assert all(torch.equal(final["prior"]["denoiser"][k], v) for k, v in prior.items())
+    assert not all(torch.equal(final["ema_denoiser"][k], v) for k, v in prior.items())
+    for k, v in evaluated[-1].items():
+        torch.testing.assert_close(v, 0.75 * final["ema_denoiser"][k] + 0.25 * prior[k])
 
 
-def test_best_evaluation_keeps_its_checkpoint_across_a_resume(ray_session, pretrained, tmp_path, monkeypatch):
+def test_best_evaluation_keeps_its_checkpoint_across_resumes(ray_session, pretrained, tmp_path, monkeypatch):
+    from distdiff.checkpoint import save_checkpoint
     from distdiff.distributed import driver
 
     cfg, ckpt = pretrained
     # Broadcasts every 20 updates, evaluations every 10: half of them come between broadcasts.
-    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.eval_every": 10, "online.broadcast_every": 20})
-    scores = iter([100.0, 200.0, 300.0, 150.0, 120.0, 110.0, 105.0, 250.0, 101.0, 102.0, 103.0, 104.0])
+    overrides = {"online.eval_every": 10, "online.broadcast_every": 20}
+    cfg = tiny_online_config(cfg.data.dataset_id, **overrides)
+    scores = iter([100.0, 200.0, 300.0, 150.0, 120.0, 110.0, 105.0, 250.0, 101.0, 102.0, 103.0, 104.0]
+                  + [200.0 - k for k in range(20)])
     evaluated = []  # (score, the evaluated planner's denoiser weights)
 
     def scripted_evaluate(planner, cfg, **_):
@@ -800,24 +824,44 @@ def test_best_evaluation_keeps_its_checkpoint_across_a_resume(ray_session, pretr
         evaluated.append((score, {k: v.clone() for k, v in planner.denoiser.state_dict().items()}))
         return scripted_summary(score)
 
+    def resume(factor):
+        messages = []
+        longer = tiny_online_config(cfg.data.dataset_id, **overrides, **{"online.env_steps": factor * cfg.online.env_steps})
+        return train(longer, tmp_path, resume=True, log=messages.append, progress=False), messages
+
     monkeypatch.setattr(driver, "evaluate", scripted_evaluate)
     first = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
     assert len(evaluated) >= 3 and first["best"]["return_mean"] == 300.0 == max(s for s, _ in evaluated)
     best = load_checkpoint(tmp_path / "best.pt")
+    assert best["best"] == first["best"]
     # best.pt holds the very weights that earned the best score, not the last broadcast's.
     weights = dict(evaluated)[300.0]
     assert all(torch.equal(best["ema_denoiser"][k], v) for k, v in weights.items())
     assert best["run"]["updates"] == first["best"]["updates"] < first["updates"]
 
-    # A resumed run only replaces it with a better evaluation than every earlier one.
+    # A resumed run only replaces it with a better evaluation than every earlier one: by the
+    # metrics best.pt carries, even where best.json (killed between writing the two) still
+    # tells of an older, lower best.
+    (tmp_path / "best.json").write_text(json.dumps({**first["best"], "return_mean": 100.0}))
     n_first = len(evaluated)
-    longer = tiny_online_config(cfg.data.dataset_id, **{"online.eval_every": 10, "online.broadcast_every": 20,
-                                                   "online.env_steps": 2 * cfg.online.env_steps})
-    second = train(longer, tmp_path, resume=True, log=lambda s: None, progress=False)
+    second, _ = resume(2)
     later = [s for s, _ in evaluated[n_first:]]
     assert later and max(later) < 300.0
     assert second["best"] == first["best"]
     assert load_checkpoint(tmp_path / "best.pt")["step"] == best["step"]
+
+    # A best.pt of an older distdiff (metrics only in best.json), and a damaged best.json: the
+    # next evaluations start the best again, with a warning.
+    old = load_checkpoint(tmp_path / "best.pt")
+    del old["best"]
+    save_checkpoint(tmp_path / "best.pt", old)
+    (tmp_path / "best.json").write_text('{"return_mean": 3')
+    n_second = len(evaluated)
+    third, messages = resume(3)
+    assert any("best evaluation so far cannot be read" in m for m in messages), messages
+    third_scores = [s for s, _ in evaluated[n_second:]]
+    assert third["best"]["return_mean"] == max(third_scores) < 300.0
+    assert load_checkpoint(tmp_path / "best.pt")["best"] == third["best"]
 
 
 def test_the_loop_goes_on_while_an_evaluation_runs_and_best_pt_is_what_it_evaluated(ray_session, pretrained, tmp_path,
@@ -892,32 +936,6 @@ def test_an_evaluation_of_weights_already_evaluated_keeps_their_result(ray_sessi
     assert len(played) == 1 and any("its result stands" in m for m in messages)
     assert second["return_mean"] == first["return_mean"] and second["env_steps"] == first["env_steps"] + 7
     assert json.loads((tmp_path / "metrics.json").read_text())["env_steps"] == second["env_steps"]
-
-
-def test_evaluations_blend_in_the_prior_phase_2_started_from(ray_session, pretrained, tmp_path, monkeypatch):
-    from distdiff.distributed import driver
-
-    cfg, ckpt = pretrained
-    prior = load_checkpoint(ckpt)["ema_denoiser"]
-    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.prior_weight": 0.25})
-    evaluated = []
-
-    def scripted_evaluate(planner, cfg, **_):
-        evaluated.append({k: v.clone() for k, v in planner.denoiser.state_dict().items()})
-        return scripted_summary(1.0)
-
-    monkeypatch.setattr(driver, "evaluate", scripted_evaluate)
-    train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
-    longer = tiny_online_config(cfg.data.dataset_id, **{"online.prior_weight": 0.25,
-                                                   "online.env_steps": 2 * cfg.online.env_steps})
-    train(longer, tmp_path, resume=True, log=lambda s: None, progress=False)
-    saved = load_checkpoint(tmp_path / "checkpoint.pt")
-    # Through the resume, the prior is still the checkpoint phase 2 began with, not the resumed weights.
-    assert all(torch.equal(saved["prior"]["denoiser"][k], v) for k, v in prior.items())
-    assert not all(torch.equal(saved["ema_denoiser"][k], v) for k, v in prior.items())
-    # The final evaluation planned with 3/4 of the aligned weights and 1/4 of the prior's.
-    for k, v in evaluated[-1].items():
-        torch.testing.assert_close(v, 0.75 * saved["ema_denoiser"][k] + 0.25 * prior[k])
 
 
 @pytest.mark.parametrize("signals", [[signal.SIGINT], [signal.SIGINT] * 2, [signal.SIGTERM]],
@@ -1579,10 +1597,8 @@ def test_an_evaluation_the_run_stopped_during_runs_first_when_it_resumes(ray_ses
                         on_evaluation=lambda m: reported.append(m["updates"]))
         return summary, messages, reported
 
-    # With the budget spent, the final evaluation is the one run again, once.
-    _, messages, reported = resume(1)
-    assert reported == [first["updates"]] and not any("runs again first" in m for m in messages)
-    (tmp_path / "metrics.json").unlink()
+    # (With the budget spent, the final evaluation is the one run again, once: see
+    # test_a_failed_final_evaluation_stops_the_run_and_a_resume_runs_it_again.)
     second, messages, reported = resume(2)
     assert reported[0] == first["updates"] < second["updates"] == reported[-1]
     assert any("runs again first" in m for m in messages), messages
@@ -1596,37 +1612,6 @@ def test_an_evaluation_the_run_stopped_during_runs_first_when_it_resumes(ray_ses
     assert again == third == json.loads((tmp_path / "metrics.json").read_text()) and reported == []
     assert any("is over" in m and "--online.env_steps" in m for m in messages), messages
     assert sorted(p.stat().st_size for p in tmp_path.glob("events.out.tfevents.*")) == events
-
-
-def test_best_pt_carries_its_own_metrics_so_a_stale_or_damaged_best_json_cannot_mislead_a_resume(
-        ray_session, pretrained, tmp_path, monkeypatch):
-    from distdiff.checkpoint import save_checkpoint
-    from distdiff.distributed import driver
-
-    scores = iter([300.0] + [200.0] * 20)
-    monkeypatch.setattr(driver, "evaluate", lambda planner, cfg, **_: scripted_summary(next(scores)))
-    cfg, ckpt = pretrained
-    first = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
-    assert first["best"]["return_mean"] == 300.0
-    assert load_checkpoint(tmp_path / "best.pt")["best"] == first["best"]
-
-    def resume(factor):
-        messages = []
-        longer = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": factor * cfg.online.env_steps})
-        return train(longer, tmp_path, resume=True, log=messages.append, progress=False), messages
-
-    # Killed between writing best.pt and best.json: best.json still tells of an older, lower best.
-    (tmp_path / "best.json").write_text(json.dumps({**first["best"], "return_mean": 100.0}))
-    second, _ = resume(2)
-    assert second["best"]["return_mean"] == 300.0  # 200 does not replace the better weights
-    # A best.pt of an older distdiff (metrics only in best.json), and a damaged best.json.
-    old = load_checkpoint(tmp_path / "best.pt")
-    del old["best"]
-    save_checkpoint(tmp_path / "best.pt", old)
-    (tmp_path / "best.json").write_text('{"return_mean": 3')
-    third, messages = resume(3)
-    assert any("best evaluation so far cannot be read" in m for m in messages), messages
-    assert third["best"]["return_mean"] == 200.0 and load_checkpoint(tmp_path / "best.pt")["best"] == third["best"]
 
 
 def test_a_bare_digest_from_an_older_driver_gets_the_mismatch_message():

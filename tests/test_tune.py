@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from _helpers import tiny_online_config
+from _helpers import SESSION_RAY, tiny_online_config
 from distdiff import config as config_lib
 from distdiff.config import ConfigError
 from distdiff.distributed.tuning import (load_spec, make_scheduler, make_tuner, on_trial_driver, param_space,
@@ -458,7 +458,7 @@ def test_sweep_is_interrupted_resumed_and_summarized(ray_session, tiny_dataset, 
             # rest of the session.
             proc.kill()
             proc.wait(timeout=60)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
+        ray.init(**SESSION_RAY)
     # The finished trial was not run again (its results carry wall-clock timestamps).
     assert (first / "result.json").read_text() == first_results
     assert (first / "metrics.json").read_text() == first_metrics
