@@ -26,6 +26,13 @@ def event_sizes(log_dir: Path) -> Dict[str, int]:
     return {path.name: path.stat().st_size for path in sorted(Path(log_dir).glob(EVENTS_GLOB)) if path.is_file()}
 
 
+def flushed_sizes(writer) -> Dict[str, int]:
+    """Flush ``writer`` (a SummaryWriter) and return :func:`event_sizes` of its dir: what the
+    checkpoint written next records, with every event it counts on disk."""
+    writer.flush()
+    return event_sizes(writer.log_dir)
+
+
 def drop_redone(log_dir: Path, keep: Callable[[str, int], bool], unchanged: Optional[Dict[str, int]] = None) -> int:
     """Rewrite the event files directly in ``log_dir`` (not its subdirectories, which are other
     runs to TensorBoard) without the summaries of a tag at a step that ``keep(tag, step)``
@@ -36,15 +43,14 @@ def drop_redone(log_dir: Path, keep: Callable[[str, int], bool], unchanged: Opti
     the same name and size has had nothing logged since, and is not read (a run of days has
     gigabytes of events, most of them figures, which a resume would otherwise parse in pure
     Python for minutes). Sizes, not times: a run dir copied without its files' times keeps them."""
+    def kept(record: bytes) -> bool:
+        event = Event.FromString(record)
+        return not event.HasField("summary") or all(keep(v.tag, event.step) for v in event.summary.value)
+
     dropped = 0
     for path in sorted(Path(log_dir).glob(EVENTS_GLOB)):
         if not path.is_file() or unchanged and unchanged.get(path.name) == path.stat().st_size:
             continue
-
-        def kept(record: bytes) -> bool:
-            event = Event.FromString(record)
-            return not event.HasField("summary") or all(keep(v.tag, event.step) for v in event.summary.value)
-
         # Streamed, twice for the one file to rewrite (the crashed run's), never held whole.
         if all(kept(record) for record in RawEventFileLoader(str(path)).Load()):
             continue

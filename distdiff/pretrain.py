@@ -15,7 +15,7 @@ from distdiff.cli import deferred_interrupt, progress_bar
 from distdiff.config import Config
 from distdiff.data.minari_io import LoadedDataset, load_or_collect
 from distdiff.data.windows import WindowDataset, fit_normalizer
-from distdiff.events import drop_redone, event_sizes
+from distdiff.events import drop_redone, flushed_sizes
 from distdiff.models import layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.rundir import CHECKPOINT, CONFIG, clear_run
@@ -120,8 +120,7 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
 
     def save() -> None:
         # The events first: a checkpoint on disk has all it counts logged there too.
-        writer.flush()
-        save_checkpoint(ckpt_path, {**checkpoint_payload(trainer, rng), "events": event_sizes(run_dir)})
+        save_checkpoint(ckpt_path, {**checkpoint_payload(trainer, rng), "events": flushed_sizes(writer)})
 
     bar = progress_bar(total=cfg.train.steps, initial=trainer.step, desc="pretrain", disable=quiet)
     t0, step0 = time.perf_counter(), trainer.step

@@ -293,15 +293,22 @@ def test_loss_is_a_mean_over_the_real_entries():
         assert d.loss(lambda x, t: torch.ones_like(x), x0, x0[:, 0, :1], mask=mask).item() == pytest.approx(1.0)
 
 
-def test_ddpm_guides_the_start_at_t_minus_1_then_each_level_a_step_lands_on():
-    d = gaussian_diffusion("cosine", 6)
+def guided_levels(sample) -> list:
+    """The noise levels ``sample(guide)`` hands its guide, in order."""
     levels = []
 
     def guide(x, t, clamp):
         levels.append(int(t[0]))
         return x
 
-    d.p_sample_loop(exact_denoiser(d), torch.zeros(2, 1), guide=guide, generator=torch.Generator().manual_seed(0))
+    sample(guide)
+    return levels
+
+
+def test_ddpm_guides_the_start_at_t_minus_1_then_each_level_a_step_lands_on():
+    d = gaussian_diffusion("cosine", 6)
+    levels = guided_levels(lambda guide: d.p_sample_loop(exact_denoiser(d), torch.zeros(2, 1), guide=guide,
+                                                         generator=torch.Generator().manual_seed(0)))
     # Once before each step, as Diffuser guides: never the clean output after the last one,
     # which would leave the plan moved by the value gradient and not denoised again.
     assert levels == [5, 4, 3, 2, 1, 0]
@@ -309,14 +316,8 @@ def test_ddpm_guides_the_start_at_t_minus_1_then_each_level_a_step_lands_on():
 
 def test_ddim_guides_the_start_then_each_level_a_step_lands_on_but_not_its_output():
     d = gaussian_diffusion("cosine", 20)
-    levels = []
-
-    def guide(x, t, clamp):
-        levels.append(int(t[0]))
-        return x
-
-    d.ddim_sample_loop(exact_denoiser(d), torch.zeros(2, 1), n_steps=4, guide=guide,
-                       generator=torch.Generator().manual_seed(0))
+    levels = guided_levels(lambda guide: d.ddim_sample_loop(exact_denoiser(d), torch.zeros(2, 1), n_steps=4, guide=guide,
+                                                            generator=torch.Generator().manual_seed(0)))
     assert levels == [19, 13, 6, 0]
 
 

@@ -35,7 +35,7 @@ from distdiff.distributed import actors
 from distdiff.distributed.messages import RolloutResult, TrainStats, Weights
 from distdiff.distributed.worker import NoWeights
 from distdiff.evaluation import EvaluationStopped, evaluate
-from distdiff.events import drop_redone, event_sizes
+from distdiff.events import drop_redone, flushed_sizes
 from distdiff.models import NETS, layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.pretrain import load_data, pretrain, trained_on
@@ -289,20 +289,26 @@ def finished_metrics(cfg: Config, run_dir: Path, state: Dict[str, object], c: Co
         return None
     # (Not by the checkpoint's evaluating mark: a Ctrl-C as the final evaluation ends writes the
     # same weights again, unmarked.)
+    metrics = _metrics_on_disk(run_dir)
+    same = (metrics is not None and all(metrics.get(k) == getattr(c, k) for k in ("env_steps", "updates"))
+            and metrics.get("weights_version") == state.get("weights_version"))
+    return metrics if same else None
+
+
+def _metrics_on_disk(run_dir: Path) -> Optional[Dict[str, object]]:
+    """``metrics.json``, the last evaluation that ended, if it can be read."""
     try:
         metrics = json.loads((run_dir / METRICS).read_text())
     except (OSError, ValueError):
         return None
-    same = (isinstance(metrics, dict) and all(metrics.get(k) == getattr(c, k) for k in ("env_steps", "updates"))
-            and metrics.get("weights_version") == state.get("weights_version"))
-    return metrics if same else None
+    return metrics if isinstance(metrics, dict) else None
 
 
 def _evaluated_update(run_dir: Path) -> Optional[int]:
     """The update of the last evaluation that ended (``metrics.json``), if any can be read."""
     try:
-        return int(json.loads((run_dir / METRICS).read_text())["updates"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(_metrics_on_disk(run_dir)["updates"])
+    except (KeyError, TypeError, ValueError):
         return None
 
 
@@ -479,11 +485,11 @@ class OnlineRun:
         if stats is not None:
             self.log_losses(stats)
         # The events first: a checkpoint on disk has all it counts logged there too.
-        self.writer.flush()
+        events = flushed_sizes(self.writer)
         learner_state, replay_state = ray.get([self.learner.state_dict.remote(), self.replay.state_dict.remote()])
         save_checkpoint(self.run_dir / REPLAY, {"replay": replay_state})
         save_checkpoint(self.run_dir / CHECKPOINT, {**learner_state, "run": self.counters.to_dict(),
-                                                    "evaluating": evaluating, "events": event_sizes(self.run_dir)})
+                                                    "evaluating": evaluating, "events": events})
         return learner_state
 
     def start_evaluation(self) -> None:
