@@ -52,30 +52,41 @@ def main(argv=None) -> int:
         if value is not None and value < 1:
             fail(f"{flag} must be >= 1, got {value}")
 
-    from distdiff.distributed.tuning import check_resumable, load_spec
+    if args.resume and (args.num_samples is not None or args.max_concurrent is not None):
+        fail("--resume continues the sweep as it started: Tune keeps its number of trials and how many run at once, "
+             "so --num-samples and --max-concurrent would do nothing")
+
+    from distdiff.distributed.tuning import check_new, check_resumable, load_spec
 
     try:
-        spec = load_spec(args.config)
+        spec = load_spec(args.config, num_samples=args.num_samples, max_concurrent=args.max_concurrent)
+        # Before Ray starts, which takes a while.
         if args.resume:
-            # Before Ray starts, which takes a while.
             check_resumable(spec, args.storage)
+        else:
+            check_new(spec, args.storage)
     except ConfigError as e:
         fail(str(e))
-    if args.num_samples is not None:
-        spec.num_samples = args.num_samples
-    if args.max_concurrent is not None:
-        spec.max_concurrent = args.max_concurrent
 
     import ray
 
     from distdiff.distributed.driver import ClusterUnreachable, connect
-    from distdiff.distributed.tuning import make_tuner, summarize, sweep_path
+    from distdiff.distributed.tuning import largest_trial, make_tuner, summarize, sweep_path
 
     env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH",) if k in os.environ}
     try:
         started = connect(args.address, args.num_cpus, runtime_env={"env_vars": env_vars} if env_vars else None)
     except ClusterUnreachable as e:
         fail(str(e))
+    need, have = largest_trial(spec), ray.cluster_resources()
+    short = [f"{need[k]:g} {k} (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0) + 1e-9]
+    if short:
+        what = f"a trial reserves {' and '.join(short)} for its driver, learner and rollout actors"
+        if started:
+            ray.shutdown()
+            fail(f"{what}, more than this machine's Ray: it would never start. Lower the sweep's `resources:` or "
+                 "online.num_actors, or give --num-cpus")
+        print(f"warning: {what}: trials wait for nodes an autoscaler adds", file=sys.stderr)
     try:
         tuner = make_tuner(spec, args.storage, resume=args.resume)
         results = tuner.fit()

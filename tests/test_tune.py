@@ -107,10 +107,11 @@ def test_scheduler_options_are_checked_and_passed_on(tiny_dataset, tmp_path):
                             fixed=evaluated)
     with pytest.raises(ConfigError, match="invalid sweep asha"):
         load_spec(bad_value)
-    no_mutation = write_sweep(tmp_path / "c.yaml", tiny_dataset, scheduler="pbt", pbt={"mutations": []}, fixed=evaluated)
+    no_mutation = write_sweep(tmp_path / "c.yaml", tiny_dataset, scheduler="pbt", pbt={"mutations": []}, fixed=evaluated,
+                              max_concurrent=2)
     with pytest.raises(ConfigError, match="invalid sweep pbt"):
         load_spec(no_mutation)
-    spec = load_spec(write_sweep(tmp_path / "d.yaml", tiny_dataset, scheduler="pbt", fixed=evaluated,
+    spec = load_spec(write_sweep(tmp_path / "d.yaml", tiny_dataset, scheduler="pbt", fixed=evaluated, max_concurrent=2,
                                  pbt={"mutations": ["guidance.scale"], "quantile_fraction": 0.5, "burn_in_period": 3}))
     pbt = make_scheduler(spec, param_space(spec))
     # Trials are compared at their learner updates, not at their number of reports; left out,
@@ -135,7 +136,7 @@ def test_a_scheduler_that_could_not_act_on_the_evaluations_is_refused(tiny_datas
                                     ("pbt", {"mutations": ["guidance.scale"], "perturbation_interval": 4},
                                      "perturbation_interval")):
         def sweep(name, scheduler=scheduler, **kw):
-            return write_sweep(tmp_path / name, tiny_dataset, scheduler=scheduler, **kw)
+            return write_sweep(tmp_path / name, tiny_dataset, scheduler=scheduler, max_concurrent=2, **kw)
 
         with pytest.raises(ConfigError, match="online.eval_every is 0"):
             load_spec(sweep("none.yaml", **{scheduler: options}))
@@ -319,6 +320,33 @@ def test_the_best_config_is_a_finished_trial_sized_as_the_base_config(tiny_datas
     assert best.data.dataset_id == tiny_dataset and best.train.steps == FIXED["train.steps"]
 
 
+@pytest.mark.parametrize("driver_cpus", [0.25, 0.0])
+def test_each_actor_of_a_trial_runs_in_its_own_bundle(driver_cpus, tiny_dataset, tmp_path):
+    # Left to Ray, an actor takes CPUs from any bundle of its node, in a group spread over nodes
+    # the learner's too. Ray leaves a driver bundle that asks for nothing out of the group.
+    from distdiff.distributed.actors import bundle_of
+
+    resources = {"driver_cpus": driver_cpus, "learner_cpus": 0.5, "learner_gpus": 1, "actor_cpus": 0.25}
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, resources=resources,
+                                 fixed={**FIXED, "data.dataset_id": tiny_dataset, "online.num_actors": 3}))
+    bundles = trial_resources(spec, {}).bundles  # as Ray makes the group
+    assert bundles[bundle_of(len(bundles), 3)] == {"CPU": 0.5, "GPU": 1.0}
+    assert [bundles[bundle_of(len(bundles), 3, i)] for i in range(3)] == [{"CPU": 0.25}] * 3
+    assert bundle_of(len(bundles), 5) is None  # a group of another layout: left to Ray
+
+
+def test_the_best_config_under_asha_is_one_of_the_trials_it_let_finish(tiny_dataset, tmp_path):
+    fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2}  # 8 updates a trial
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, scheduler="asha", fixed=fixed, num_samples=3))
+    (tmp_path / "storage" / "sweep").mkdir(parents=True)
+    results = FakeResults(  # a lucky first evaluation of a trial ASHA stopped at its first rung
+        ({"diffusion.schedule": "linear", "guidance.scale": 0.0}, {"normalized_score": 30.0, "updates": 2}, None),
+        ({"diffusion.schedule": "sigmoid", "guidance.scale": 0.5}, {"normalized_score": 25.0, "updates": 8}, None),
+        ({"diffusion.schedule": "linear", "guidance.scale": 0.1}, {"normalized_score": 20.0, "updates": 8}, None))
+    best = config_lib.load(summarize(results, spec, tmp_path / "storage")["best_config"])
+    assert (best.diffusion.schedule, best.guidance.scale) == ("sigmoid", 0.5)
+
+
 @pytest.fixture
 def tune_script(monkeypatch):
     """launch/tune.py, imported without its settings of this process's environment (threads, Ray auth)."""
@@ -333,6 +361,8 @@ def tune_script(monkeypatch):
 
 
 def test_a_sweep_whose_trials_all_failed_has_no_best_config(tiny_dataset, tmp_path, monkeypatch, tune_script, capsys):
+    import ray
+
     from distdiff.distributed import driver, tuning
 
     sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset)
@@ -341,6 +371,7 @@ def test_a_sweep_whose_trials_all_failed_has_no_best_config(tiny_dataset, tmp_pa
     # An earlier sweep of this name found one; this one's table must not sit beside it.
     (storage / "sweep" / "best_config.yaml").write_text("train: {steps: 1}\n")
     monkeypatch.setattr(driver, "connect", lambda *args, **kwargs: False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     failed = ({"diffusion.schedule": "linear", "guidance.scale": 0.0}, {}, "failed")
     for results in (FakeResults(failed), FakeResults(failed, failed)):
         monkeypatch.setattr(tuning, "make_tuner", lambda *args, **kwargs: SimpleNamespace(fit=lambda: results))
@@ -349,6 +380,30 @@ def test_a_sweep_whose_trials_all_failed_has_no_best_config(tiny_dataset, tmp_pa
         assert stop.value.code == 1
         assert "no trial ended without an error" in capsys.readouterr().err
         assert (storage / "sweep" / "trials.csv").is_file() and not (storage / "sweep" / "best_config.yaml").exists()
+
+
+def test_resume_refuses_what_tune_would_ignore(tiny_dataset, tmp_path, tune_script, capsys):
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset)
+    with pytest.raises(SystemExit) as stop:
+        tune_script.main(["--config", str(sweep), "--storage", str(tmp_path), "--resume", "--num-samples", "3"])
+    assert stop.value.code == 2 and "--num-samples and --max-concurrent would do nothing" in capsys.readouterr().err
+
+
+def test_a_trial_larger_than_the_embedded_ray_fails_before_any_trial(tiny_dataset, tmp_path, monkeypatch, tune_script,
+                                                                      capsys):
+    import ray
+
+    from distdiff.distributed import driver
+
+    shutdowns = []
+    monkeypatch.setattr(driver, "connect", lambda *args, **kwargs: True)  # an embedded Ray
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
+    monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset)  # 0.25 + 0.5 + 2 x 0.25 CPUs a trial
+    with pytest.raises(SystemExit) as stop:
+        tune_script.main(["--config", str(sweep), "--storage", str(tmp_path / "storage")])
+    assert stop.value.code == 2 and shutdowns == [1]
+    assert "a trial reserves 1.25 CPU (the cluster has 1)" in capsys.readouterr().err
 
 
 def test_resume_without_a_sweep_fails_before_ray_starts(tiny_dataset, tmp_path, monkeypatch, tune_script, capsys):
@@ -450,6 +505,9 @@ def test_sweep_is_interrupted_resumed_and_summarized(ray_session, tiny_dataset, 
         first_metrics = (first / "metrics.json").read_text()
         assert len(first_results.splitlines()) == 1 and "normalized_score" in json.loads(first_metrics)
 
+        # A new sweep of the same name would add its trials to this one's.
+        again = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=120)
+        assert again.returncode == 2 and "a sweep is already stored at" in again.stderr, again.stderr[-3000:]
         out = subprocess.run(cmd + ["--resume"], env=subprocess_env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     finally:
@@ -482,12 +540,14 @@ def test_sweep_is_interrupted_resumed_and_summarized(ray_session, tiny_dataset, 
     best_dir = scores[max(scores)]
     assert best.diffusion.schedule == yaml.safe_load((best_dir / "params.json").read_text())["diffusion.schedule"]
 
-    # The best config starts a training as it is (budgets cut to one update).
-    from distdiff.distributed.driver import train
+    # launch/train.py takes the best config as it is: what train() checks before any work, and
+    # the data it names. (A training from it would add ~15 s of actors to the suite.)
+    from distdiff.distributed import actors
+    from distdiff.pretrain import load_data
 
-    short = config_lib.from_dict({"train": {"steps": 5}, "online": {"updates": 1, "env_steps": 0}}, best)
-    metrics = train(short, tmp_path / "from-best", log=lambda s: None, progress=False)
-    assert metrics["updates"] == 1
+    config_lib.check_trainable(best)
+    assert actors.resources(best).actors_that_fit == best.online.num_actors
+    assert len(load_data(best).episodes) > 0
 
 
 def test_values_valid_alone_but_not_together_are_refused(tiny_dataset, tmp_path):
@@ -542,8 +602,8 @@ def test_the_update_budget_is_the_smaller_of_the_two():
 
 def test_a_first_decision_at_the_last_update_is_accepted(tiny_dataset, tmp_path):
     fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 4}  # FIXED trials train 8 updates
-    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, scheduler="pbt", fixed=fixed,
-                           pbt={"mutations": ["guidance.scale"], "perturbation_interval": 8}))
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, scheduler="pbt", fixed=fixed, max_concurrent=2,
+                                 pbt={"mutations": ["guidance.scale"], "perturbation_interval": 8}))
     assert scheduler_options(spec)["perturbation_interval"] == 8
 
 
@@ -574,4 +634,70 @@ def test_the_zero_of_a_zero_domain_is_checked_like_any_value(tiny_dataset, tmp_p
 def test_pbt_mutations_must_be_space_fields(tiny_dataset, tmp_path):
     fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2}
     with pytest.raises(ConfigError, match="pbt.mutations: 'online.lr_scale' is not in the space"):
-        load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, scheduler="pbt", fixed=fixed, pbt={"mutations": ["online.lr_scale"]}))
+        load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, scheduler="pbt", fixed=fixed, max_concurrent=2,
+                              pbt={"mutations": ["online.lr_scale"]}))
+
+
+def test_pbt_explores_every_kind_of_domain_within_the_values_the_sweep_checked(tiny_dataset, tmp_path):
+    # Ray's PBT multiplies a value it perturbs by 0.8 or 1.2: a choice of strings given as a
+    # domain stopped the sweep ("cosine" * 1.2), and numbers went past their bounds.
+    from ray.tune.schedulers.pbt import _explore
+
+    space = {"diffusion.schedule": {"choice": ["linear", "cosine", "sigmoid"]}, "diffusion.n_steps": {"grid": [10, 20]},
+             "guidance.scale": {"loguniform": [0.001, 1.0], "zero": 0.3}, "online.lr_scale": {"uniform": [0.5, 1.0]},
+             "planner.ddim_steps": {"randint": [2, 4]}}
+    fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2}
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, scheduler="pbt", fixed=fixed, space=space,
+                                 max_concurrent=2, pbt={"mutations": list(space), "resample_probability": 0.25}))
+    pbt = make_scheduler(spec, param_space(spec))
+    config = {"diffusion.schedule": "cosine", "diffusion.n_steps": 20, "guidance.scale": 1.0, "online.lr_scale": 0.5,
+              "planner.ddim_steps": 4}
+    seen = {k: set() for k in space}
+    for _ in range(300):
+        config, _ = _explore(config, pbt._hyperparam_mutations, pbt._resample_probability,
+                             pbt._perturbation_factors, pbt._custom_explore_fn)
+        for k, v in config.items():
+            seen[k].add(v)
+    assert seen["diffusion.schedule"] == {"linear", "cosine", "sigmoid"}
+    assert seen["diffusion.n_steps"] == {10, 20}
+    assert seen["planner.ddim_steps"] == {2, 3, 4}
+    assert 0.0 in seen["guidance.scale"] and all(v == 0 or 0.001 <= v <= 1.0 for v in seen["guidance.scale"])
+    assert min(seen["online.lr_scale"]) == 0.5 and max(seen["online.lr_scale"]) == 1.0
+    assert all(0.5 <= v <= 1.0 for v in seen["online.lr_scale"])
+
+
+@pytest.mark.parametrize("samples, concurrent", [(1, 2), (2, 1)])
+def test_pbt_with_fewer_than_two_trials_at_once_is_refused(samples, concurrent, tiny_dataset, tmp_path, tune_script,
+                                                          capsys):
+    fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2}
+    space = {"guidance.scale": {"uniform": [0.0, 1.0]}}
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset, scheduler="pbt", fixed=fixed, space=space,
+                        num_samples=samples, max_concurrent=concurrent, pbt={"mutations": ["guidance.scale"]})
+    with pytest.raises(ConfigError, match="pbt compares the trials that run at once, and needs at least two"):
+        load_spec(sweep)
+    # Nor after the command line lowers what the file asks; the command line may raise it.
+    ok = write_sweep(tmp_path / "ok.yaml", tiny_dataset, scheduler="pbt", fixed=fixed, space=space, num_samples=2,
+                     max_concurrent=2, pbt={"mutations": ["guidance.scale"]})
+    flag = "--num-samples" if samples == 1 else "--max-concurrent"
+    with pytest.raises(SystemExit) as stop:
+        tune_script.main(["--config", str(ok), "--storage", str(tmp_path / "storage"), flag, "1"])
+    assert stop.value.code == 2 and "needs at least two" in capsys.readouterr().err
+    # What the command line leaves out (None) stays the file's.
+    if samples == 1:
+        raised = load_spec(sweep, num_samples=3, max_concurrent=None)
+        assert (raised.num_samples, raised.max_concurrent) == (3, 2)
+    else:
+        raised = load_spec(sweep, num_samples=None, max_concurrent=2)
+        assert (raised.num_samples, raised.max_concurrent) == (2, 2)
+
+
+def test_a_report_without_the_sweeps_metric_stops_the_trial_not_the_sweep(tiny_dataset, tmp_path):
+    from distdiff.distributed.tuning import tune_metrics
+
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, metric="alignment_error", mode="min",
+                                 fixed={**FIXED, "data.dataset_id": tiny_dataset, "eval.measure_alignment": True}))
+    metrics = {"normalized_score": 1.0, "alignment_error": 0.3, "return_mean": 40.0, "return_std": float("nan"),
+               "env_steps": 80, "updates": 8, "weights_version": 3, "best": {}}
+    assert tune_metrics(spec, metrics) == {k: v for k, v in metrics.items() if k not in ("return_std", "best")}
+    with pytest.raises(RuntimeError, match="the evaluation at update 8 gave no alignment_error"):
+        tune_metrics(spec, {**metrics, "alignment_error": float("nan")})

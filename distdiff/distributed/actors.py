@@ -12,7 +12,8 @@ from __future__ import annotations
 from typing import Dict, List, NamedTuple, Optional
 
 import ray
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util import get_current_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from distdiff.config import Config, ConfigError
 from distdiff.distributed.learner import Learner
@@ -179,10 +180,33 @@ def resources(cfg: Config) -> Resources:
     return plan_resources(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
 
 
+def bundle_of(num_bundles: int, num_actors: int, worker_id: Optional[int] = None) -> Optional[int]:
+    """The index of the learner's bundle (``worker_id`` None) or of rollout actor ``worker_id``'s,
+    in a Ray Tune trial's placement group: its driver's bundle (which Ray leaves out when it asks
+    for nothing), the learner's, then one per rollout actor (tuning.trial_resources). None in a
+    group of another layout."""
+    learner = num_bundles - 1 - num_actors
+    if learner not in (0, 1):
+        return None
+    return learner if worker_id is None else learner + 1 + worker_id
+
+
+def _own_bundle(cfg: Config, worker_id: Optional[int] = None) -> Dict[str, object]:
+    """Inside a Tune trial's placement group, the actor's own bundle. Left to Ray (bundle -1), an
+    actor takes its CPUs from any bundle on its node: in a group spread over nodes, rollout
+    actors could take the learner's CPUs on the one node with its GPU, and it would never start.
+    Outside a group, nothing: Ray places it on the cluster."""
+    pg = get_current_placement_group()
+    index = None if pg is None else bundle_of(len(pg.bundle_specs), cfg.online.num_actors, worker_id)
+    if index is None:
+        return {}
+    return {"scheduling_strategy": PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index)}
+
+
 def make_learner(cfg: Config, res: Resources, **kwargs):
     return LearnerActor.options(num_cpus=res.learner_cpus, num_gpus=res.learner_gpus, resources=res.learner_resources,
-                                runtime_env=_THREADS).remote(device="cuda" if res.learner_gpus > 0 else "cpu",
-                                                             driver_code=DRIVER_CODE, **kwargs)
+                                runtime_env=_THREADS, **_own_bundle(cfg)).remote(
+        device="cuda" if res.learner_gpus > 0 else "cpu", driver_code=DRIVER_CODE, **kwargs)
 
 
 def make_replay(**kwargs):
@@ -197,5 +221,6 @@ def make_worker(cfg: Config, res: Resources, **kwargs):
     # max_task_retries=0: a task lost with its process is resubmitted by the driver, which
     # first hands the restarted worker the newest weights.
     return RolloutWorkerActor.options(num_cpus=res.actor_cpus, resources=res.actor_resources,
-                                      max_restarts=cfg.online.actor_max_restarts,
-                                      max_task_retries=0, runtime_env=_THREADS).remote(driver_code=DRIVER_CODE, **kwargs)
+                                      max_restarts=cfg.online.actor_max_restarts, max_task_retries=0,
+                                      runtime_env=_THREADS, **_own_bundle(cfg, kwargs["worker_id"])).remote(
+        driver_code=DRIVER_CODE, **kwargs)

@@ -162,12 +162,15 @@ def _check_metric(spec: SweepSpec, configs: List[Config]) -> List[str]:
     return []
 
 
-def load_spec(path: str | Path) -> SweepSpec:
-    """Read and check a sweep file; every problem is reported before any trial starts."""
+def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
+    """Read and check a sweep file, with ``overrides`` of its options (the command line's
+    ``num_samples`` and ``max_concurrent``; None: the file's); every problem is reported before
+    any trial starts."""
     path = Path(path)
     raw = config_lib.read(path, what="sweep file")
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep file {path} must be a mapping of sweep options, got {type(raw).__name__}")
+    raw.update({k: v for k, v in overrides.items() if v is not None})
     raw = {k: v for k, v in raw.items() if v is not None}  # an empty option: its default
     known = {f.name for f in dataclasses.fields(SweepSpec) if f.init}
     unknown = [k for k in raw if k not in known]
@@ -219,7 +222,7 @@ def load_spec(path: str | Path) -> SweepSpec:
     errors += [f"space: {k} cannot be swept: {CUSTOM_RESOURCE_WHY}" for k in spec.space if k in CUSTOM_RESOURCE_FIELDS]
     # What the scheduler takes from elsewhere: the metric and mode, and (PBT) the mutations,
     # which are names of space fields here.
-    taken = {"time_attr", "metric", "mode", "hyperparam_mutations"}
+    taken = {"time_attr", "metric", "mode", "hyperparam_mutations", "custom_explore_fn"}
     for name, cls, own in (("asha", ASHAScheduler, set()), ("pbt", PopulationBasedTraining, {"mutations"})):
         options = set(inspect.signature(cls).parameters) - taken | own
         unknown = sorted(set(getattr(spec, name)) - options)
@@ -259,12 +262,23 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise ConfigError("invalid sweep:\n  " + "\n  ".join(errors))
     if spec.scheduler != "fifo":
         _check_schedule(spec)
+    if spec.scheduler == "pbt" and (spec.max_concurrent < 2 or trial_count(spec) < 2):
+        # PBT copies the better of the trials running at once into the worse: with fewer than
+        # two at a time it never acts, and the sweep would be a plain one that says nothing of it.
+        raise ConfigError(f"invalid sweep: pbt compares the trials that run at once, and needs at least two: this "
+                          f"sweep has {trial_count(spec)} trial(s), {spec.max_concurrent} at a time; raise num_samples "
+                          "and max_concurrent (--num-samples, --max-concurrent), or use asha")
     try:
         make_scheduler(spec, param_space(spec))
     # Ray's schedulers check some of their values with assert statements.
     except (TypeError, ValueError, AssertionError, tune.TuneError) as e:
         raise ConfigError(f"invalid sweep {spec.scheduler}: {e}") from None
     return spec
+
+
+def trial_count(spec: SweepSpec) -> int:
+    """The sweep's trials: ``num_samples`` draws of each grid point."""
+    return spec.num_samples * math.prod(len(dom["grid"]) for dom in spec.space.values() if "grid" in dom)
 
 
 def _eval_every(spec: SweepSpec) -> List[int]:
@@ -357,6 +371,16 @@ def on_trial_driver(cfg: Config, gpu_ids: List[Any]) -> Config:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device="cpu"))
 
 
+def tune_metrics(spec: SweepSpec, metrics: Dict[str, Any]) -> Dict[str, Any]:
+    """What a trial reports of an evaluation's metrics: those of REPORTED it has, as metrics.json
+    has them (a NaN, e.g. no plan measured, is no value). One without the sweep's metric stops
+    the trial: Tune would stop the whole sweep at a report that lacks it."""
+    if finite(metrics.get(spec.metric)) is None:
+        raise RuntimeError(f"the evaluation at update {metrics.get('updates')} gave no {spec.metric} "
+                           f"({metrics.get(spec.metric)!r}): this trial stops, the sweep goes on")
+    return {k: v for k in REPORTED if (v := finite(metrics.get(k))) is not None}
+
+
 def make_trainable(spec: SweepSpec):
     """The Tune trainable, sized by a placement group for the trial's driver, learner and actors."""
     from distdiff.distributed.driver import train
@@ -380,13 +404,12 @@ def make_trainable(spec: SweepSpec):
             resume = (run_dir / CHECKPOINT).is_file()
 
         def report(metrics: Dict[str, Any]) -> None:
+            reported = tune_metrics(spec, metrics)
             with tempfile.TemporaryDirectory() as d:
                 for name in (CHECKPOINT, REPLAY):
                     if (run_dir / name).is_file():
                         shutil.copy2(run_dir / name, Path(d) / name)
-                # Reported as metrics.json has them: a NaN (no plan measured) is no value.
-                tune.report({k: v for k in REPORTED if (v := finite(metrics.get(k))) is not None},
-                            checkpoint=tune.Checkpoint.from_directory(d))
+                tune.report(reported, checkpoint=tune.Checkpoint.from_directory(d))
 
         # A trial restores only checkpoints reported, each with its evaluation's result, and
         # maybe another trial's (PBT), which the metrics.json of its dir does not describe.
@@ -403,6 +426,17 @@ def trial_resources(spec: SweepSpec, params: Dict[str, Any]):
     return tune.PlacementGroupFactory(spec.resources.bundles(spec.trial_config(params).online.num_actors))
 
 
+def largest_trial(spec: SweepSpec) -> Dict[str, float]:
+    """The CPUs and GPUs the largest trial reserves: its driver, learner and rollout actors, at
+    the most actors the space can give it."""
+    if "online.num_actors" in spec.space:
+        counts = [int(v) for v in _examples(spec.space["online.num_actors"])]
+    else:
+        counts = [spec.trial_config({}).online.num_actors]
+    bundles = spec.resources.bundles(max(counts))
+    return {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
+
+
 def make_scheduler(spec: SweepSpec, space: Dict[str, Any]):
     """The sweep's scheduler. Its time is a trial's learner updates, not its number of reports:
     evaluations run beside training and come once however many intervals one spans, so the
@@ -413,11 +447,42 @@ def make_scheduler(spec: SweepSpec, space: Dict[str, Any]):
         return ASHAScheduler(time_attr=TIME_ATTR, **scheduler_options(spec))
     if spec.scheduler == "pbt":
         options = scheduler_options(spec)
-        # PBT resamples from a plain function but refuses tune.sample_from (the `zero:` domain).
-        mutations = {k: (lambda f=space[k].func: f(None)) if isinstance(space[k], Function) else space[k]
-                     for k in options.pop("mutations", [])}
-        return PopulationBasedTraining(time_attr=TIME_ATTR, hyperparam_mutations=mutations, **options)
+        mutated = options.pop("mutations", [])
+        return PopulationBasedTraining(time_attr=TIME_ATTR,
+                                       hyperparam_mutations={k: _mutation(spec.space[k], space[k]) for k in mutated},
+                                       # (None without mutations, which PBT then refuses)
+                                       custom_explore_fn=WithinBounds(spec, mutated) if mutated else None, **options)
     return FIFOScheduler()
+
+
+def _mutation(dom: Dict[str, Any], domain: Any) -> Any:
+    """What PBT draws or perturbs a swept field with. A list for choice and grid: PBT moves to a
+    neighbour in it or resamples it, where a domain would have it multiply the value by 0.8 or
+    1.2 ("cosine" * 1.2 stops the sweep). The domain for the numbers, whose perturbations
+    :class:`WithinBounds` keeps in range; a plain function for the `zero:` domain, since PBT
+    refuses tune.sample_from."""
+    kind = next(k for k in DOMAINS if k in dom)
+    if kind in ("choice", "grid"):
+        return list(dom[kind])
+    return (lambda f=domain.func: f(None)) if isinstance(domain, Function) else domain
+
+
+class WithinBounds:
+    """PBT's custom_explore_fn: a perturbed number (the old value × 0.8 or 1.2) clamped to its
+    domain's [low, high], so that no trial runs a value beyond those load_spec checked. The
+    exact 0 of a `zero:` domain stays 0."""
+
+    def __init__(self, spec: SweepSpec, keys: List[str]):
+        self.bounds = {k: tuple(spec.space[k][kind]) for k in keys
+                       for kind in ("uniform", "loguniform", "randint") if kind in spec.space[k]}
+        self.zero = {k for k in self.bounds if "zero" in spec.space[k]}
+
+    def __call__(self, config: Dict[str, Any]) -> Dict[str, Any]:
+        for key, (low, high) in self.bounds.items():
+            value = config[key]
+            if not (value == 0 and key in self.zero):
+                config[key] = type(value)(min(max(value, low), high))
+        return config
 
 
 def sweep_path(spec: SweepSpec, storage: Path) -> Path:
@@ -432,6 +497,15 @@ def check_resumable(spec: SweepSpec, storage: Path) -> Path:
     if not tune.Tuner.can_restore(str(path)):
         raise ConfigError(f"no sweep to resume at {path}")
     return path
+
+
+def check_new(spec: SweepSpec, storage: Path) -> None:
+    """Refuse a new sweep where one is stored: Tune would add its trials to the old ones', and
+    a later --resume would pick whichever state file is newest."""
+    path = sweep_path(spec, storage)
+    if tune.Tuner.can_restore(str(path)):
+        raise ConfigError(f"a sweep is already stored at {path}: continue it with --resume, or give this one another "
+                          "`name` or --storage (or remove that directory)")
 
 
 def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False):
@@ -455,6 +529,17 @@ def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False):
     )
 
 
+def ran_to_the_end(spec: SweepSpec, finished: List[Any]) -> List[Any]:
+    """The trials to rank: under ASHA, those that trained to its ``max_t`` (or, short of that,
+    the most updates). The ones it stopped at a rung reported last after fewer updates, and a
+    lucky early evaluation would outrank the final ones of the trials it judged better."""
+    if spec.scheduler != "asha" or not finished:
+        return finished
+    most = max(r.metrics.get(TIME_ATTR, 0) for r in finished)
+    end = min(most, scheduler_options(spec).get("max_t", most))
+    return [r for r in finished if r.metrics.get(TIME_ATTR, 0) >= end]
+
+
 def summarize(results, spec: SweepSpec, storage: Path) -> Dict[str, Any]:
     """Write the trial table (CSV) and the config of the best trial that ended without an error
     (a YAML that train.py accepts); ``best_config`` is None when no trial did."""
@@ -465,7 +550,8 @@ def summarize(results, spec: SweepSpec, storage: Path) -> Dict[str, Any]:
     csv_path = out_dir / "trials.csv"
     table.to_csv(csv_path, index=False)
     # Not Tune's get_best_result: it ranks failed trials too, and returns the only trial however it ended.
-    finished = [r for r in results if r.error is None and math.isfinite(r.metrics.get(spec.metric, math.nan))]
+    finished = ran_to_the_end(spec, [r for r in results
+                                     if r.error is None and math.isfinite(r.metrics.get(spec.metric, math.nan))])
     best_path = out_dir / "best_config.yaml"
     if finished:
         best = (max if spec.mode == "max" else min)(finished, key=lambda r: r.metrics[spec.metric])
