@@ -84,7 +84,8 @@ def main(argv=None) -> int:
     if args.num_actors > 1:
         import ray
 
-        from distdiff.distributed.driver import ClusterUnreachable, RunFailed, collect_episodes, connect
+        from distdiff.distributed.collection import collect_episodes
+        from distdiff.distributed.driver import ClusterUnreachable, RunFailed, connect
 
         try:
             started = connect()

@@ -15,6 +15,12 @@ class Episode:
     terminated: bool  # a true terminal state (the walker fell), not a time limit
     truncated: bool
 
+    def copy(self) -> "Episode":
+        """With arrays of its own. Those that arrive through Ray are read-only views of the object
+        store: kept, they would pin the sender's whole object there for as long as they live."""
+        return Episode(self.observations.copy(), self.actions.copy(), self.rewards.copy(), self.terminated,
+                       self.truncated)
+
     def __post_init__(self):
         self.observations = np.asarray(self.observations, dtype=np.float32)
         self.actions = np.asarray(self.actions, dtype=np.float32)

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 import numpy as np
 import ray
-from ray.exceptions import ActorUnavailableError, AuthenticationError, RayActorError, RayError, RayTaskError
+from ray.exceptions import AuthenticationError, RayError, RayTaskError
 from tqdm import tqdm
 
 from distdiff import config as config_lib
@@ -32,11 +32,11 @@ from distdiff.files import write_json
 from distdiff.config import Config
 from distdiff.data.minari_io import normalized_score, reference_scores
 from distdiff.distributed import actors
-from distdiff.distributed.messages import RolloutResult, TrainStats, Weights
-from distdiff.distributed.worker import NoWeights
+from distdiff.distributed.faults import WorkerFaults, cause
+from distdiff.distributed.messages import RolloutResult, TrainStats
 from distdiff.evaluation import EvaluationStopped, evaluate
 from distdiff.events import drop_redone, flushed_sizes
-from distdiff.models import NETS, layout_of
+from distdiff.models import layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.pretrain import load_data, pretrain, trained_on
 from distdiff.provenance import DRIVER_CODE
@@ -59,15 +59,6 @@ def step_axis(tag: str) -> str:
     return "updates" if tag.startswith(UPDATE_AXIS_TAGS) else "env_steps"
 
 
-# A rollout actor is dropped after this many failed rollouts in a row that may drop it (a death
-# that used up its restarts, a task that raised), or after this many failures of any kind that
-# have gone on for MAX_FAILING_S: Ray reports a worker that dies inside a call (one that runs out
-# of memory in every rollout) as unavailable, the same error as a call made while it restarts,
-# and a restart may wait minutes for an autoscaler's node.
-MAX_STRIKES = 10
-MAX_FAILING_S = 600.0
-
-
 class ClusterUnreachable(RuntimeError):
     """The Ray cluster given (``--address``, RAY_ADDRESS, a local ``ray start``) refused or did
     not answer this driver."""
@@ -80,11 +71,6 @@ class RunFailed(RuntimeError):
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _cause(error: Exception) -> str:
-    """The last line of a remote error: the exception the actor raised, without Ray's traceback."""
-    return str(error).strip().splitlines()[-1]
 
 
 def _live_local_cluster() -> Optional[str]:
@@ -153,7 +139,7 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
             token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
             hint = ("" if token else "; a cluster with token auth (the default where `ray start` found a token) "
                     "needs its token here: ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
-            raise ClusterUnreachable(f"cannot connect to the Ray cluster at {address}: {_cause(e)}{hint}") from e
+            raise ClusterUnreachable(f"cannot connect to the Ray cluster at {address}: {cause(e)}{hint}") from e
         log(f"ray: connected to the cluster at {address}: {ray.cluster_resources()}")
         return False
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="warning", runtime_env=runtime_env)
@@ -220,6 +206,13 @@ def rollout_share(free: int, idle: int, envs: int, max_episode_steps: int, min_s
         return RolloutShare(0, 0)
     whole = min(envs, share // max_episode_steps)
     return RolloutShare(whole, max_episode_steps) if whole else RolloutShare(1, share)
+
+
+class PendingCheckpoint(NamedTuple):
+    states: List[ray.ObjectRef]  # the learner's and the replay's state_dict calls
+    run: Dict[str, int]  # the counters when they were asked
+    evaluating: bool
+    events: Dict[str, int]  # the event files' sizes, flushed first
 
 
 class PendingEvaluation(NamedTuple):
@@ -365,6 +358,7 @@ class OnlineRun:
         self.published_at = -1  # counters.updates when weights_ref was published
         self.rollouts: Dict[ray.ObjectRef, int] = {}  # running rollouts, by the worker running each
         self.submitted: Dict[ray.ObjectRef, float] = {}  # when each running rollout was submitted, oldest first
+        self.adds: List[ray.ObjectRef] = []  # the replay's calls storing rollouts, until seen to succeed
         self.handed = [-1] * len(self.workers)  # the newest version handed to each worker
         self.dropped: Set[int] = set()  # workers that kept failing: no share of the budget, no weights
         self.ref_min, self.ref_max = reference_scores(cfg.env.id)
@@ -400,7 +394,9 @@ class OnlineRun:
             try:
                 dropped = ray.get(self.replay.load_state_dict.remote(replay_state, counters.episodes))
             except RayTaskError as e:
-                raise CheckpointError(f"{self.run_dir / REPLAY} does not load into the replay: {_cause(e)}") from e
+                raise CheckpointError(f"{self.run_dir / REPLAY} does not load into the replay: {cause(e)}") from e
+            except RayError as e:  # the actor itself: its process died, or its node
+                raise RunFailed(f"the replay failed while loading {self.run_dir / REPLAY}: {cause(e)}") from e
             if dropped:
                 self.log(f"{self.run_dir / REPLAY} holds {_count(dropped, 'episode')} newer than "
                          f"{self.run_dir / CHECKPOINT} (the run stopped between writing the two): dropped, to be "
@@ -408,6 +404,13 @@ class OnlineRun:
         for i in range(cfg.online.num_actors):
             self.workers.append(actors.make_worker(cfg, res, config=cfg_dict, normalizer=self.normalizer.state_dict(),
                                                    worker_id=i))
+        # Waited for while the workers start: a learner that cannot start (a GPU out of memory)
+        # stops the run here, where each worker would otherwise fail for want of weights and be
+        # counted as restarted. Nothing could plan before its first weights anyway.
+        try:
+            ray.get(self.learner.node_id.remote())
+        except RayError as e:
+            raise RunFailed(f"the learner failed to start: {cause(e)}") from e
 
     def kill_actors(self) -> None:
         for a in [*self.workers, self.replay, self.learner]:
@@ -454,6 +457,17 @@ class OnlineRun:
         self.submitted[ref] = time.perf_counter()
         return ref
 
+    def check_adds(self) -> None:
+        """Raise if the replay failed to store a rollout's episodes (its calls are not waited for):
+        they are counted, and a run that went on would train on what it had without a word."""
+        if not self.adds:
+            return
+        done, self.adds = ray.wait(self.adds, num_returns=len(self.adds), timeout=0, fetch_local=False)
+        try:
+            ray.get(done)
+        except RayError as e:
+            raise RunFailed(f"the replay failed to store a rollout's episodes: {cause(e)}") from e
+
     def kill_overdue(self, now: float) -> None:
         """Kill the actor of each rollout submitted more than ``online.rollout_timeout_s`` ago
         that has not ended (once): its rollout then fails as any death does, and Ray restarts
@@ -465,7 +479,7 @@ class OnlineRun:
         if not overdue:
             return
         # Not one whose result is in but not yet taken (the loop takes one a turn).
-        _, running = ray.wait(overdue, num_returns=len(overdue), timeout=0)
+        _, running = ray.wait(overdue, num_returns=len(overdue), timeout=0, fetch_local=False)
         for ref in running:
             i, t = self.rollouts[ref], self.submitted.pop(ref)
             self.counters.rollout_timeouts += 1
@@ -478,6 +492,12 @@ class OnlineRun:
         """Write the learner's and the replay's state; returns the learner's. ``evaluating``:
         written for an evaluation of these weights, which a resume runs first unless
         ``metrics.json`` shows that it ended."""
+        return self.write_checkpoint(self.request_checkpoint(evaluating))
+
+    def request_checkpoint(self, evaluating: bool = False) -> PendingCheckpoint:
+        """Ask the learner and the replay for their state, for :meth:`write_checkpoint`. Calls of
+        one caller run in order, so calls made after these (the learner's next one) do not change
+        what they return: the loop writes the checkpoint while the learner trains on."""
         # The learner's state is read after its call in flight (a Ctrl-C can come mid-call): the
         # counters must hold that call's updates too, or a resume would owe them again, and its
         # losses are logged (the loop, which logs the rest of a call's figures, has stopped).
@@ -486,10 +506,15 @@ class OnlineRun:
             self.log_losses(stats)
         # The events first: a checkpoint on disk has all it counts logged there too.
         events = flushed_sizes(self.writer)
-        learner_state, replay_state = ray.get([self.learner.state_dict.remote(), self.replay.state_dict.remote()])
+        return PendingCheckpoint([self.learner.state_dict.remote(), self.replay.state_dict.remote()],
+                                 self.counters.to_dict(), evaluating, events)
+
+    def write_checkpoint(self, pending: PendingCheckpoint) -> Dict[str, object]:
+        learner_state, replay_state = ray.get(pending.states)
+        self.check_adds()  # (those asked before ran before the replay's state_dict)
         save_checkpoint(self.run_dir / REPLAY, {"replay": replay_state})
-        save_checkpoint(self.run_dir / CHECKPOINT, {**learner_state, "run": self.counters.to_dict(),
-                                                    "evaluating": evaluating, "events": events})
+        save_checkpoint(self.run_dir / CHECKPOINT, {**learner_state, "run": pending.run,
+                                                    "evaluating": pending.evaluating, "events": pending.events})
         return learner_state
 
     def start_evaluation(self) -> None:
@@ -531,11 +556,10 @@ class OnlineRun:
         """Wait for the evaluation in flight; the run's metrics summary, also written to
         ``metrics.json`` (so it holds the latest evaluation).
 
-        ``on_evaluation`` (e.g. a Ray Tune report) sees the metrics with the checkpoint of the
-        same weights and ``metrics.json`` already on disk in the run dir: Tune copies a trial's
-        dir to its storage when it reports a checkpoint, and the final report is the last copy
-        made before the next trial may start. No checkpoint is written while an evaluation is
-        in flight, so ``checkpoint.pt`` is still the one evaluated.
+        ``on_evaluation`` (e.g. a Ray Tune report, which reports a copy of ``checkpoint.pt`` and
+        ``replay.pt`` with the metrics) sees the metrics with the checkpoint of the same weights
+        and ``metrics.json`` already on disk in the run dir. No checkpoint is written while an
+        evaluation is in flight, so ``checkpoint.pt`` is still the one evaluated.
         """
         result, at, _ = self.evaluation
         # Kept in flight until it returns: a Ctrl-C during the wait leaves it for close() to stop.
@@ -709,7 +733,7 @@ class OnlineRun:
             stats = ray.get(self.train_ref)
         except RayError as e:  # its own error, its death, or Ray's memory monitor killing it
             self.train_ref = None
-            raise RunFailed(f"the learner failed: {_cause(e)}") from e
+            raise RunFailed(f"the learner failed: {cause(e)}") from e
         self.train_ref = None
         self.counters.updates += stats.updates
         self.counters.skipped_updates += stats.skipped
@@ -734,17 +758,11 @@ class OnlineRun:
         rollouts = self.rollouts
         promised: Dict[ray.ObjectRef, int] = {}  # env steps of the budget each running rollout may take
         parked: List[int] = []  # workers waiting for the learner to catch up, or for budget
-        failures = [0] * len(self.workers)  # in a row, for the pause before a retry
-        strikes = [0] * len(self.workers)  # in a row, of those that may drop the worker
-        # Restarts of each worker seen here: deaths Ray reported as such, and restarts found by
-        # their missing weights. Never more than Ray has counted: a death inside a call may come
-        # as the actor being unavailable, as a call made while it restarts does.
-        deaths = [0] * len(self.workers)
-        failing_since: Dict[int, float] = {}  # when the failures in a row began
-        retry_at: Dict[int, float] = {}  # dead workers, resubmitted after a back-off while Ray restarts them
+        faults = WorkerFaults(len(self.workers), o.actor_max_restarts)
         draining = False  # after a Ctrl-C: the rollouts in flight are collected, nothing new starts
         said_slow = False  # that evaluations come due faster than they end
         figure_due = False  # a plan-vs-real figure, drawn once the next learner call is in flight
+        due_checkpoint: Optional[PendingCheckpoint] = None  # written once the next learner call is in flight
         size_ref = None
         ahead: Optional[ray.ObjectRef] = None  # a full call's batches, sampled ahead for the next call
         t0 = time.perf_counter()
@@ -802,74 +820,26 @@ class OnlineRun:
                 # top of 7-9 ms for the sample), which a GPU learner would otherwise wait for.
                 ahead = self.replay.sample.remote(o.updates_per_call, self.cfg.train.batch_size)
 
-        def retry_later(i: int, may_drop: bool) -> None:
-            failures[i] += 1
-            now = time.perf_counter()
-            failing_since.setdefault(i, now)
-            # Failures that may drop count towards it at once; the calls that fail while Ray
-            # restarts a worker only once they have gone on for longer than a restart takes.
-            strikes[i] += may_drop
-            failing_s = now - failing_since[i]
-            if strikes[i] >= MAX_STRIKES or failures[i] >= MAX_STRIKES and failing_s >= MAX_FAILING_S:
-                self.drop(i, f"keeps failing ({failures[i]} rollouts in a row, {failing_s:.0f} s)")
-            elif not stopping():
-                if failures[i] == MAX_STRIKES:
-                    self.log(f"rollout actor {i} has failed {failures[i]} rollouts in a row ({failing_s:.0f} s); "
-                             f"retrying it until {MAX_FAILING_S:.0f} s have passed (a restart can wait for a node)")
-                retry_at[i] = now + min(0.5 * failures[i], 5.0)
-            if collecting:
-                # The failed rollout's promise is free again: a worker parked for want of budget
-                # takes it (else a dropped worker's share would leave the run stopped short).
-                submit_parked()
-
         def rollout_failed(i: int, e: RayError) -> None:
             """Count a failed rollout (a death once, not each call that fails while Ray restarts
             the worker) and retry its worker after a pause, or drop it."""
             self.handed[i] = -1  # whatever it holds now, its next rollout brings the newest weights
-            if isinstance(e, RayActorError) and e.actor_init_failed:
-                # Its constructor raised: Ray never restarts such an actor.
-                self.drop(i, f"cannot be restarted: {_cause(e)}")
-                if collecting:
-                    submit_parked()
-                return
-            limit = o.actor_max_restarts
-            died = isinstance(e, RayActorError) and not isinstance(e, ActorUnavailableError) and not e.preempted
-            if died and 0 <= limit <= deaths[i]:
-                # Ray gives it no restart more: drop it now rather than after MAX_STRIKES calls.
-                # (A preemption spends none, and is not counted.)
-                self.drop(i, f"died with its restarts spent (online.actor_max_restarts {limit})")
-                if collecting:
-                    submit_parked()
-                return
-            # A restart found by its missing weights is counted only in a worker that was healthy:
-            # after a death, the retry's set_weights may reach the restarting actor and fail
-            # unseen, and its rollout then finds the same restart.
-            deaths[i] += died or isinstance(e, RayTaskError) and isinstance(e.cause, NoWeights) and failures[i] == 0
-            if isinstance(e, RayActorError):
-                # The actor died with this task and Ray restarts it. A call made while it
-                # restarts fails at once (ActorUnavailableError): no sign that it keeps failing.
-                restarted, what = True, "died; Ray restarts it"
-                may_drop = limit >= 0 and not isinstance(e, ActorUnavailableError)
-            elif isinstance(e, RayTaskError) and isinstance(e.cause, NoWeights):
-                # Ray restarted it while it had no task running (killed while parked, or while
-                # the broadcast was its only call): a restart all the same.
-                restarted, what, may_drop = True, "was restarted by Ray", limit >= 0
-            elif isinstance(e, RayTaskError):
-                # The actor lives but its task raised (its envs failed twice in a row).
-                restarted, what, may_drop = False, f"failed a rollout; retrying it: {_cause(e)}", True
-            else:
-                # Ray itself lost the rollout: its memory monitor killed the worker
-                # (OutOfMemoryError), or the result went with its node.
-                restarted, what = False, f"lost a rollout ({type(e).__name__}); retrying it: {_cause(e)}"
-                may_drop = True
-            if restarted and failures[i] == 0:
+            verdict = faults.failed(i, e, time.perf_counter(), retry=not stopping())
+            if verdict.restart:
                 c.worker_restarts += 1
-                self.log(f"rollout actor {i} {what} (restart #{c.worker_restarts})")
-            elif not restarted:
+                self.log(f"rollout actor {i} {verdict.what} (restart #{c.worker_restarts})")
+            elif verdict.lost:
                 c.failed_rollouts += 1
-                if failures[i] == 0:
-                    self.log(f"rollout actor {i} {what}")
-            retry_later(i, may_drop)
+                if verdict.first:
+                    self.log(f"rollout actor {i} {verdict.what}")
+            if verdict.drop is not None:
+                self.drop(i, verdict.drop)
+            elif verdict.notice is not None:
+                self.log(f"rollout actor {i} {verdict.notice}")
+            if collecting:
+                # The failed rollout's promise is free again: a worker parked for want of budget
+                # takes it (else a dropped worker's share would leave the run stopped short).
+                submit_parked()
 
         if collecting:
             for i in range(len(self.workers)):
@@ -890,7 +860,7 @@ class OnlineRun:
                 self.checkpoint()
                 raise
 
-        while rollouts or self.train_ref is not None or retry_at or self.evaluation is not None:
+        while rollouts or self.train_ref is not None or faults.waiting or self.evaluation is not None:
             take_evaluation()
             if stopping() and interrupted.again.is_set():
                 raise KeyboardInterrupt  # here, between results: the checkpoint follows
@@ -898,7 +868,7 @@ class OnlineRun:
                 # Their steps are mostly collected already: keep them rather than run them again
                 # after the resume. A second Ctrl-C stops the wait (the checkpoint still follows).
                 draining, collecting = True, False
-                retry_at.clear()
+                faults.cancel_retries()
                 what = ([f"the {_count(len(rollouts), 'rollout')} in flight (to keep their steps)"] if rollouts else []) \
                     + (["the evaluation in flight (to keep its result)"] if self.evaluation is not None else [])
                 if what:
@@ -911,12 +881,11 @@ class OnlineRun:
             if not ready and waiting:
                 # A bounded wait: a Ctrl-C only sets a flag, which a wait for one long rollout
                 # would leave unread.
-                short = bool(retry_at) or self.evaluation is not None
+                short = faults.waiting or self.evaluation is not None
                 ready, _ = ray.wait(waiting, num_returns=1, timeout=0.25 if short else 1.0)
             now = time.perf_counter()
             self.kill_overdue(now)
-            for i in [i for i, t in retry_at.items() if t <= now]:
-                del retry_at[i]
+            for i in faults.due(now):
                 if collecting:
                     submit(i)
             if not ready:
@@ -926,6 +895,7 @@ class OnlineRun:
             ref = ready[0]
             if ref is self.train_ref:
                 stats = self.settle_training()
+                self.check_adds()
                 self.log_train(stats, ray.get(size_ref), update_rate)
                 # Counted from the last broadcast, an evaluation's included.
                 if c.updates - self.published_at >= o.broadcast_every:
@@ -948,7 +918,7 @@ class OnlineRun:
                 eval_due = eval_due and idle
                 if idle and c.updates >= next_ckpt:
                     if not eval_due:  # an evaluation writes its own checkpoint first
-                        self.checkpoint()
+                        due_checkpoint = self.request_checkpoint()
                     next_ckpt = after(o.checkpoint_every)
                 if eval_due:
                     self.start_evaluation()
@@ -965,10 +935,9 @@ class OnlineRun:
                 except RayError as e:
                     rollout_failed(i, e)
                     continue
-                failures[i] = strikes[i] = 0
-                failing_since.pop(i, None)
+                faults.delivered(i)
                 c.env_rebuilds += result.env_rebuilds
-                self.replay.add.remote(result.episodes)
+                self.adds.append(self.replay.add_rollout.remote(ref))
                 c.env_steps += result.env_steps
                 c.episodes += len(result.episodes)
                 bar.update(result.env_steps)
@@ -979,6 +948,10 @@ class OnlineRun:
                     submit(i)
                     submit_parked()
             train_more()
+            if due_checkpoint is not None:
+                # Written (up to ~45 MB, seconds on a slow disk) while the learner trains on.
+                self.write_checkpoint(due_checkpoint)
+                due_checkpoint = None
             if figure_due:
                 # Drawn (about half a second of the driver) while the learner's next call runs,
                 # not before it starts.
@@ -1018,108 +991,6 @@ class OnlineRun:
                 self.writer.close()
 
 
-COLLECT_TRIES = 5  # a collection task that fails this often stops the collection
-COLLECT_RESTART_S = 300.0  # and so does a worker that Ray has not restarted within this time
-
-
-def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episode_steps: int, seed: int,
-                     checkpoint: Optional[Dict[str, object]] = None, envs_per_actor: int = 4,
-                     progress: Optional[Callable[[int], None]] = None) -> List:
-    """``n_episodes`` episodes from ``num_actors`` parallel actors: random actions, or the EMA
-    planner of ``checkpoint`` (the same rollout workers as training)."""
-    from distdiff.training import flat_weights
-
-    cfg = config_lib.from_dict(checkpoint["config"]) if checkpoint is not None else config_lib.Config()
-    if checkpoint is not None:
-        # Planner actors beyond one per task would build their nets and envs to sit idle.
-        num_actors = max(1, min(num_actors, -(-n_episodes // envs_per_actor)))
-    # The cluster's CPUs shared as training shares them with its actors (there is no learner):
-    # asking 1/N CPU each, as this once did, held every actor on the node that started them.
-    cfg = config_lib.from_dict({"online": {"num_actors": num_actors, "actor_num_cpus": 0.0, "learner_num_cpus": 0.0,
-                                           "learner_num_gpus": 0.0, "actor_resource": "", "learner_resource": ""}}, cfg)
-    res = actors.resources(cfg)
-    # Exactly n_episodes are run, none cut off afterwards: which episodes of a task end first
-    # is not chance (falls end first), so keeping those that arrived first would keep the shortest.
-    if checkpoint is None:
-        per_task = max(1, min(10, n_episodes // max(num_actors, 1)))
-        counts = [min(per_task, n_episodes - k) for k in range(0, n_episodes, per_task)]
-        refs = {actors.random_episodes_task.options(num_cpus=res.actor_cpus).remote(
-            env_id, max_episode_steps, n, seed + k * per_task): k for k, n in enumerate(counts)}
-        by_task: Dict[int, List] = {}
-        while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1)
-            try:
-                # (Ray retries a task whose process died; one that raised would raise again)
-                got = ray.get(ready[0])
-            except RayError as e:
-                raise RunFailed(f"a random-policy collection task failed: {_cause(e)}") from e
-            by_task[refs.pop(ready[0])] = got
-            if progress:
-                progress(len(got))
-        return [ep for k in sorted(by_task) for ep in by_task[k]]
-    cfg = config_lib.from_dict({"online": {"envs_per_actor": envs_per_actor, "measure_every": 10**9},
-                                "env": {"max_episode_steps": max_episode_steps}, "train": {"seed": seed}}, cfg)
-    planner = planner_from_checkpoint(checkpoint, cfg)
-    nets = {name: getattr(planner, name) for name in NETS}
-    weights = ray.put(Weights(version=1, weights={name: flat_weights(net) for name, net in nets.items() if net is not None}))
-    workers = [actors.make_worker(cfg, res, config=cfg.to_dict(), normalizer=planner.normalizer.state_dict(), worker_id=i)
-               for i in range(num_actors)]
-    # rollout -> (worker, task, its episodes, its failures, restart wait since)
-    pending: Dict[ray.ObjectRef, tuple] = {}
-    by_task: Dict[int, List] = {}
-
-    def start(i: int, task: int, n: int, failures: int = 0, since: Optional[float] = None) -> None:
-        # The weights before every rollout: a restarted worker has none, and a worker that
-        # holds them loads nothing.
-        workers[i].set_weights.remote(weights)
-        # Seeded by the task alone, not by the worker that happens to be free for it: the same
-        # command collects the same episodes with any number of actors. (Not phase 2's streams,
-        # which also key on the worker: a run with the same seed starts from other states.)
-        task_seed = int(np.random.SeedSequence([seed, task]).generate_state(1)[0] >> 1)
-        pending[workers[i].rollout.remote(task, n_envs=n, seed=task_seed)] = (i, task, n, failures, since)
-
-    def unasked() -> int:
-        return n_episodes - sum(len(got) for got in by_task.values()) - sum(p[2] for p in pending.values())
-
-    try:
-        tasks = itertools.count()  # numbered, so a retried task replays its seeds, and no other does
-        for i in range(num_actors):
-            if unasked() > 0:
-                start(i, next(tasks), min(envs_per_actor, unasked()))
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            i, task, n, failures, since = pending.pop(ready[0])
-            try:
-                got = ray.get(ready[0]).episodes
-            except ActorUnavailableError as e:
-                # Ray is restarting the worker, and calls fail at once until it is back.
-                since = time.monotonic() if since is None else since
-                if time.monotonic() - since > COLLECT_RESTART_S:
-                    raise RunFailed(f"rollout actor {i} was not restarted within {COLLECT_RESTART_S:g} s: "
-                                    f"{_cause(e)}") from e
-                time.sleep(1.0)
-                start(i, task, n, failures, since)
-                continue
-            except RayError as e:
-                # A worker that died with the task, or whose task raised: try again after a
-                # pause, as training does; what was collected so far is kept.
-                failures += 1
-                if failures >= COLLECT_TRIES or (isinstance(e, RayActorError) and e.actor_init_failed):
-                    raise RunFailed(f"collection task {task} failed {failures} times: {_cause(e)}") from e
-                time.sleep(min(0.5 * failures, 5.0))
-                start(i, task, n, failures)
-                continue
-            by_task[task] = got
-            if progress:
-                progress(len(got))
-            if unasked() > 0:
-                start(i, next(tasks), min(envs_per_actor, unasked()))
-    finally:
-        for w in workers:
-            ray.kill(w)
-    return [ep for k in sorted(by_task) for ep in by_task[k]]
-
-
 def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None, resume: bool = False,
           overwrite: bool = False, log: Callable[[str], None] = print, progress: bool = True,
           on_evaluation: Optional[Callable[[Dict[str, object]], None]] = None,
@@ -1142,7 +1013,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         # Here, not when the first actor starts: that comes after pretraining.
         ray.get(actors.code_check_task.remote(DRIVER_CODE))
     except RayError as e:  # a mismatch, or a worker that could not start at all
-        raise RunFailed(_cause(e)) from e
+        raise RunFailed(cause(e)) from e
     replay_state = data = None
     if init is None and (not resume or resume_checkpoint(run_dir) != run_dir / CHECKPOINT):
         # A cluster too small for the actors fails now, not after pretraining.
@@ -1223,7 +1094,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     except RayError as e:
         # The learner or the replay died or was killed (a rollout actor's death is handled in
         # the loop).
-        raise RunFailed(f"an actor of the run died: {_cause(e)}") from e
+        raise RunFailed(f"an actor of the run died: {cause(e)}") from e
     except KeyboardInterrupt:
         # Saved with Ctrl-C deferred again: one pressed meanwhile must not raise inside a write.
         with deferred_interrupt():
@@ -1248,7 +1119,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
                 try:
                     run.checkpoint()
                 except RayError as e:  # the learner or the replay died meanwhile: the last checkpoint stays
-                    raise RunFailed(f"the checkpoint on interrupt failed, an actor of the run died: {_cause(e)}") from e
+                    raise RunFailed(f"the checkpoint on interrupt failed, an actor of the run died: {cause(e)}") from e
         raise
     finally:
         run.close()

@@ -13,8 +13,9 @@ if TYPE_CHECKING:  # the learner's process has no use for the env code
 
 
 class Weights(NamedTuple):
-    """One published version of the planner's nets: ``ray.put`` once by the learner, handed to
-    every worker by reference."""
+    """One published version of the planner's nets: what the learner's ``publish`` returns, one
+    object in the object store per version (as a ``ray.put`` of it would be), handed to every
+    worker by reference."""
 
     version: int
     weights: Dict[str, np.ndarray]  # net name -> its state dict as one flat float32 array (training.flat_weights)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,19 +25,15 @@ from distdiff.data.windows import Batch, WindowDataset, episode_windows
 from distdiff.layout import TrajectoryLayout
 from distdiff.normalizer import Normalizer
 
+if TYPE_CHECKING:
+    from distdiff.distributed.messages import RolloutResult
+
 
 log = logging.getLogger(__name__)
 
 
 def _finite(ep: Episode) -> bool:
     return bool(np.isfinite(ep.observations).all() and np.isfinite(ep.actions).all() and np.isfinite(ep.rewards).all())
-
-
-def _own(ep: Episode) -> Episode:
-    # Arrays that arrive through Ray are zero-copy views of the object store; copying them lets
-    # the store free the sender's object instead of keeping it pinned for the replay's lifetime.
-    return Episode(np.array(ep.observations, copy=True), np.array(ep.actions, copy=True),
-                   np.array(ep.rewards, copy=True), ep.terminated, ep.truncated)
 
 
 class Replay:
@@ -97,11 +93,17 @@ class Replay:
             if not _finite(ep):
                 log.warning("replay: an episode of %d steps holds NaN or infinite values; not stored", len(ep))
                 continue
-            self._store(_own(ep))
+            self._store(ep.copy())
             self.arrivals.append(self.added_episodes)
         self._evict()
         self._online = None
         return self.transitions
+
+    def add_rollout(self, result: "RolloutResult") -> int:
+        """:meth:`add` of a rollout's episodes. The driver passes the rollout's object itself, by
+        reference: it reaches this actor (on the driver's node) from the object store, without
+        the driver serializing its episodes again."""
+        return self.add(result.episodes)
 
     def _store(self, ep: Episode) -> None:
         self.episodes.append(ep)

@@ -1,0 +1,126 @@
+"""What a failed rollout means for its worker: a restart by Ray or a lost rollout, a retry after
+a back-off, or the worker given up. Kept out of the driver loop so that the policy can be tested
+on the errors Ray raises without a cluster that makes them."""
+from __future__ import annotations
+
+from typing import Dict, List, NamedTuple, Optional
+
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
+
+from distdiff.distributed.worker import NoWeights
+
+# A rollout actor is dropped after this many failed rollouts in a row that may drop it (a death
+# that used up its restarts, a task that raised), or after this many failures of any kind that
+# have gone on for MAX_FAILING_S: Ray reports a worker that dies inside a call (one that runs out
+# of memory in every rollout) as unavailable, the same error as a call made while it restarts,
+# and a restart may wait minutes for an autoscaler's node.
+MAX_STRIKES = 10
+MAX_FAILING_S = 600.0
+
+
+def cause(error: Exception) -> str:
+    """The last line of a remote error: the exception the actor raised, without Ray's traceback."""
+    return str(error).strip().splitlines()[-1]
+
+
+class Verdict(NamedTuple):
+    """What the driver does about one failed rollout."""
+
+    what: str  # what happened to the worker, for the log
+    restart: bool  # count one more worker restart (once per run of failures, not per call)
+    lost: bool  # count one more rollout lost by a worker that lives on
+    first: bool  # the first failure in a row: the one that is logged
+    drop: Optional[str]  # why the worker is given up, or None: it is retried at retry_at
+    notice: Optional[str]  # said once, when a worker retried anyway has failed MAX_STRIKES times
+
+
+class WorkerFaults:
+    """Failures in a row of each rollout worker, and when each failed one is tried again.
+
+    ``max_restarts`` is ``online.actor_max_restarts`` (-1: Ray restarts a worker for ever).
+    """
+
+    def __init__(self, n_workers: int, max_restarts: int):
+        self.max_restarts = max_restarts
+        self.failures = [0] * n_workers  # in a row, for the pause before a retry
+        self.strikes = [0] * n_workers  # in a row, of those that may drop the worker
+        # Restarts of each worker seen here: deaths Ray reported as such, and restarts found by
+        # their missing weights. Never more than Ray has counted: a death inside a call may come
+        # as the actor being unavailable, as a call made while it restarts does.
+        self.deaths = [0] * n_workers
+        self.failing_since: Dict[int, float] = {}  # when the failures in a row began
+        self.retry_at: Dict[int, float] = {}  # failed workers, retried after a back-off while Ray restarts them
+
+    def delivered(self, i: int) -> None:
+        """Worker ``i`` delivered a rollout: its failures in a row are over."""
+        self.failures[i] = self.strikes[i] = 0
+        self.failing_since.pop(i, None)
+
+    def failed(self, i: int, e: RayError, now: float, retry: bool = True) -> Verdict:
+        """Worker ``i``'s rollout raised ``e`` at ``now``; unless the verdict drops the worker,
+        it is retried after a back-off (:meth:`due`), or not at all with ``retry`` False (the
+        run is stopping)."""
+        first = self.failures[i] == 0
+        self.retry_at.pop(i, None)  # (a retry is what failed; a dropped worker has none)
+        if isinstance(e, RayActorError) and e.actor_init_failed:
+            # Its constructor raised: Ray never restarts such an actor.
+            return Verdict("failed to start", False, False, first, f"cannot be restarted: {cause(e)}", None)
+        limit = self.max_restarts
+        died = isinstance(e, RayActorError) and not isinstance(e, ActorUnavailableError) and not e.preempted
+        if died and 0 <= limit <= self.deaths[i]:
+            # Ray gives it no restart more: dropped now rather than after MAX_STRIKES calls.
+            # (A preemption spends none, and is not counted.)
+            return Verdict("died", False, False, first,
+                           f"died with its restarts spent (online.actor_max_restarts {limit})", None)
+        no_weights = isinstance(e, RayTaskError) and isinstance(e.cause, NoWeights)
+        # A restart found by its missing weights is counted only in a worker that was healthy:
+        # after a death, the retry's set_weights may reach the restarting actor and fail unseen,
+        # and its rollout then finds the same restart.
+        self.deaths[i] += died or no_weights and first
+        if isinstance(e, RayActorError):
+            # The actor died with this task and Ray restarts it. A call made while it restarts
+            # fails at once (ActorUnavailableError): no sign that it keeps failing.
+            restarted, what = True, "died; Ray restarts it"
+            may_drop = limit >= 0 and not isinstance(e, ActorUnavailableError)
+        elif no_weights:
+            # Ray restarted it while it had no task running (killed while parked, or while the
+            # broadcast was its only call): a restart all the same.
+            restarted, what, may_drop = True, "was restarted by Ray", limit >= 0
+        elif isinstance(e, RayTaskError):
+            # The actor lives but its task raised (its envs failed twice in a row).
+            restarted, what, may_drop = False, f"failed a rollout; retrying it: {cause(e)}", True
+        else:
+            # Ray itself lost the rollout: its memory monitor killed the worker
+            # (OutOfMemoryError), or the result went with its node.
+            restarted, what = False, f"lost a rollout ({type(e).__name__}); retrying it: {cause(e)}"
+            may_drop = True
+        self.failures[i] += 1
+        self.failing_since.setdefault(i, now)
+        # Failures that may drop count towards it at once; the calls that fail while Ray restarts
+        # a worker only once they have gone on for longer than a restart takes.
+        self.strikes[i] += may_drop
+        n, failing_s = self.failures[i], now - self.failing_since[i]
+        drop = notice = None
+        if self.strikes[i] >= MAX_STRIKES or n >= MAX_STRIKES and failing_s >= MAX_FAILING_S:
+            drop = f"keeps failing ({n} rollouts in a row, {failing_s:.0f} s)"
+        elif retry:
+            if n == MAX_STRIKES:
+                notice = (f"has failed {n} rollouts in a row ({failing_s:.0f} s); retrying it until "
+                          f"{MAX_FAILING_S:.0f} s have passed (a restart can wait for a node)")
+            self.retry_at[i] = now + min(0.5 * n, 5.0)
+        return Verdict(what, restarted and first, not restarted, first, drop, notice)
+
+    def due(self, now: float) -> List[int]:
+        """The workers whose back-off has ended, each returned once."""
+        ready = [i for i, t in self.retry_at.items() if t <= now]
+        for i in ready:
+            del self.retry_at[i]
+        return ready
+
+    @property
+    def waiting(self) -> bool:
+        """Whether a failed worker waits for its retry."""
+        return bool(self.retry_at)
+
+    def cancel_retries(self) -> None:
+        self.retry_at.clear()
