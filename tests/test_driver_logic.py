@@ -35,10 +35,12 @@ def test_counters_refuse_unknown_names_and_default_missing_ones_to_zero():
 
 
 def test_learner_tags_are_logged_at_updates_the_rest_at_env_steps():
-    for tag in ("losses/diffusion", "perf/updates_per_s", "perf/windows_per_s", "replay/size",
+    for tag in ("losses/denoiser", "losses/value", "perf/updates_per_s", "perf/windows_per_s", "replay/size",
                 "faults/skipped_updates", "rollout/plan_vs_real"):
         assert step_axis(tag) == "updates", tag
-    for tag in ("rollout/return", "eval/return_mean", "perf/env_steps_per_s"):
+    for tag in ("charts/episode_return", "rollout/alignment_error", "rollout/alignment_error_step/03",
+                "eval/return_mean", "perf/env_steps_per_s", "perf/weights_lag", "faults/worker_restarts",
+                "faults/rollout_timeouts", "faults/dropped_workers"):
         assert step_axis(tag) == "env_steps", tag
 
 

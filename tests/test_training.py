@@ -249,13 +249,15 @@ def test_ctrl_c_during_pretraining_is_deferred_to_a_step_boundary():
                 signal.raise_signal(sig)
         assert signal.getsignal(sig) == (signal.SIG_DFL if before[sig] is None else before[sig])
     # Phase 2's loop waits for rollouts after the first: the second only asks it to stop waiting.
-    with deferred_interrupt(raise_at=3) as interrupted:
-        signal.raise_signal(signal.SIGINT)
-        signal.raise_signal(signal.SIGINT)
-        assert interrupted.is_set() and interrupted.again.is_set()
-        with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is before[signal.SIGINT]
+    # One SIGTERM asks both at once (`ray job stop`, a preemption: seconds before SIGKILL).
+    for presses in ([signal.SIGINT] * 2, [signal.SIGTERM]):
+        with deferred_interrupt(raise_at=3) as interrupted:
+            for sig in presses:
+                signal.raise_signal(sig)
+            assert interrupted.is_set() and interrupted.again.is_set()
+            with pytest.raises(KeyboardInterrupt):
+                signal.raise_signal(presses[0])
+    assert {sig: signal.getsignal(sig) for sig in before} == before
 
 
 def test_a_planner_blends_a_phase_2_checkpoint_with_its_prior(tiny_episodes):
