@@ -34,6 +34,11 @@ class Verdict(NamedTuple):
     notice: Optional[str]  # said once, when a worker retried anyway has failed MAX_STRIKES times
 
 
+def _dropped(why: str, first: bool) -> Verdict:
+    """A worker given up at once, with no restart or lost rollout to count."""
+    return Verdict(what=why, restart=False, lost=False, first=first, drop=why, notice=None)
+
+
 class WorkerFaults:
     """Failures in a row of each rollout worker, and when each failed one is tried again.
 
@@ -64,14 +69,13 @@ class WorkerFaults:
         self.retry_at.pop(i, None)  # (a retry is what failed; a dropped worker has none)
         if isinstance(e, RayActorError) and e.actor_init_failed:
             # Its constructor raised: Ray never restarts such an actor.
-            return Verdict("failed to start", False, False, first, f"cannot be restarted: {cause(e)}", None)
+            return _dropped(f"cannot be restarted: {cause(e)}", first)
         limit = self.max_restarts
         died = isinstance(e, RayActorError) and not isinstance(e, ActorUnavailableError) and not e.preempted
         if died and 0 <= limit <= self.deaths[i]:
             # Ray gives it no restart more: dropped now rather than after MAX_STRIKES calls.
             # (A preemption spends none, and is not counted.)
-            return Verdict("died", False, False, first,
-                           f"died with its restarts spent (online.actor_max_restarts {limit})", None)
+            return _dropped(f"died with its restarts spent (online.actor_max_restarts {limit})", first)
         no_weights = isinstance(e, RayTaskError) and isinstance(e.cause, NoWeights)
         # A restart found by its missing weights is counted only in a worker that was healthy:
         # after a death, the retry's set_weights may reach the restarting actor and fail unseen,
@@ -108,7 +112,8 @@ class WorkerFaults:
                 notice = (f"has failed {n} rollouts in a row ({failing_s:.0f} s); retrying it until "
                           f"{MAX_FAILING_S:.0f} s have passed (a restart can wait for a node)")
             self.retry_at[i] = now + min(0.5 * n, 5.0)
-        return Verdict(what, restarted and first, not restarted, first, drop, notice)
+        return Verdict(what=what, restart=restarted and first, lost=not restarted, first=first, drop=drop,
+                       notice=notice)
 
     def due(self, now: float) -> List[int]:
         """The workers whose back-off has ended, each returned once."""
