@@ -498,6 +498,21 @@ def check_trainable(cfg: Config) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
+def value_of(cfg: Config, name: str) -> Any:
+    """A field's value by its dotted name (``section.field``)."""
+    section, key = name.split(".")
+    return getattr(getattr(cfg, section), key)
+
+
+def net_fields() -> List[str]:
+    """The fields a checkpoint's nets were made with: their shapes (env dims, model) and the noise
+    levels the denoiser learned to read and undo (the schedule, its steps, what it predicts). A
+    run, resume or planner from the checkpoint keeps them: nets of the same shapes load under
+    another schedule, and denoise wrong."""
+    return ["env.obs_dim", "env.act_dim", *(f"model.{f.name}" for f in dataclasses.fields(ModelConfig)),
+            "diffusion.n_steps", "diffusion.schedule", "diffusion.prediction"]
+
+
 def acting_fields() -> List[str]:
     """The fields that change how a trained checkpoint acts, which judging it may override. The
     others made its nets (model, diffusion schedule, normalizer, value target) or train them."""

@@ -2,18 +2,17 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import math
 import random
 import warnings
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
 from distdiff.checkpoint import CheckpointError
-from distdiff.config import Config, ConfigError, from_dict
+from distdiff.config import Config, ConfigError, from_dict, net_fields, value_of
 from distdiff.data.minari_io import env_family
 from distdiff.data.windows import Batch
 from distdiff.models import NETS, build_models
@@ -383,10 +382,10 @@ class Trainer:
                         lr_scale: float = 1.0) -> "Trainer":
         cfg = cfg or from_dict(state["config"])
         stats = state["value_stats"]
-        check_value_target(state, cfg)
         if cfg.model.returns_condition and state.get("return_quantiles") is None:
             raise CheckpointError("model.returns_condition needs a checkpoint pretrained with it (this one has no "
                                   "window-return quantiles)")
+        check_made_with(state, cfg)
         trainer = cls(cfg, Normalizer.from_state_dict(state["normalizer"]), value_mean=stats["mean"],
                       value_std=stats["std"], device=device, lr_scale=lr_scale,
                       return_quantiles=state.get("return_quantiles"))
@@ -411,24 +410,39 @@ def interpolate(aligned: Dict[str, torch.Tensor], prior: Dict[str, torch.Tensor]
             for k, v in aligned.items()}
 
 
+def _differences(state: Dict[str, object], cfg: Config) -> List[str]:
+    """The :func:`~distdiff.config.net_fields` whose values in ``cfg`` are not the checkpoint's."""
+    saved = from_dict(state["config"])
+    return [f"{name} is {value_of(saved, name)!r} there, {value_of(cfg, name)!r} here" for name in net_fields()
+            if value_of(saved, name) != value_of(cfg, name)]
+
+
 def misfit(state: Dict[str, object], cfg: Config, error: Exception) -> CheckpointError:
     """The error for a checkpoint whose nets do not load into the config's: the config fields
     that differ, rather than PyTorch's line for every tensor of another shape."""
     try:
-        saved = from_dict(state["config"])
-        fields = [("env", f) for f in ("obs_dim", "act_dim")] + [("model", f.name) for f in dataclasses.fields(cfg.model)]
-        differ = [f"{s}.{f} is {getattr(getattr(saved, s), f)!r} there, {getattr(getattr(cfg, s), f)!r} here"
-                  for s, f in fields if getattr(getattr(saved, s), f) != getattr(getattr(cfg, s), f)]
+        differ = _differences(state, cfg)
     except (KeyError, ConfigError):
         differ = []
     detail = "; ".join(differ) if differ else str(error).strip().splitlines()[0]
     return CheckpointError(f"checkpoint does not fit this model config: {detail}")
 
 
+def check_made_with(state: Dict[str, object], cfg: Config) -> None:
+    """Training on from a checkpoint or planning with it needs the config its nets were made
+    with (:func:`~distdiff.config.net_fields`), its env and its value target."""
+    check_env(state, cfg)
+    check_value_target(state, cfg)
+    differ = _differences(state, cfg)
+    if differ:
+        raise CheckpointError(f"checkpoint does not fit this model config: {'; '.join(differ)}")
+
+
 def planner_from_checkpoint(state: Dict[str, object], cfg: Optional[Config] = None, device="cpu") -> Planner:
     """A planner with the checkpoint's EMA weights (no optimizers built), blended with the
     prior's by ``online.prior_weight``."""
     cfg = cfg or from_dict(state["config"])
+    check_made_with(state, cfg)
     normalizer = Normalizer.from_state_dict(state["normalizer"])
     models = build_models(cfg, normalizer)
     with_dynamics = has_dynamics(state, cfg)

@@ -36,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="Minari dataset id (same as --data.dataset_id).")
     p.add_argument("--init", type=Path, default=None,
                    help="Start phase 2 from this checkpoint (skips pretraining). Its config is the base of "
-                        "--section.field flags unless --config is given.")
+                        "--section.field flags unless --config is given; the fields that made its nets (model, "
+                        "diffusion n_steps, schedule and prediction) must stay its own.")
     p.add_argument("--run-dir", type=Path, default=None, help="Output dir (default runs/train-TIME).")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="Continue a run from its checkpoint and replay.")
     p.add_argument("--overwrite", action="store_true", help="Start again in a --run-dir that holds a run, replacing its files.")

@@ -5,8 +5,9 @@
 
 Each trial runs launch/train.py's training as a function inside its own placement group.
 ASHA stops weak trials early (PBT with `scheduler: pbt`). At the end: a table of trials
-(printed, and trials.csv) and best_config.yaml, which `launch/train.py --config` accepts as is,
-both in STORAGE/NAME/ (NAME: the sweep file's `name`). A sweep whose trials all failed writes
+(printed, and trials.csv) and best_config.yaml, which `launch/train.py --config` accepts as is
+(with --init CHECKPOINT for a sweep whose trials start from the sweep file's `init:`), both in
+STORAGE/NAME/ (NAME: the sweep file's `name`). A sweep whose trials all failed writes
 no best_config.yaml and exits with 1. An interrupted sweep continues with --resume (finished
 trials are not run again).
 """
@@ -109,8 +110,9 @@ def main(argv=None) -> int:
     if out["best_config"] is None:
         fail(f"no trial ended without an error and with a {spec.metric} to rank it by: no best config (trials: "
              f"{out['table']}; their error.txt under {sweep_path(spec, args.storage)})", code=1)
+    init = f" --init {spec.init}" if spec.init else ""
     print(f"trials: {out['table']}\nbest config: {out['best_config']}\n"
-          f"train it: python launch/train.py --config {out['best_config']}")
+          f"train it: python launch/train.py --config {out['best_config']}{init}")
     return 0
 
 

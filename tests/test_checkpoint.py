@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -251,3 +252,22 @@ def test_a_checkpoint_without_a_format_version_is_refused(tmp_path):
     torch.save({"format": "distdiff.checkpoint", "step": 1}, path)
     with pytest.raises(CheckpointError, match="format version None"):
         load_checkpoint(path)
+
+
+def test_training_on_from_a_checkpoint_keeps_the_noise_its_denoiser_learned(trained):
+    from distdiff.training import check_made_with
+
+    trainer, _, path = trained
+    state = load_checkpoint(path)
+    # What phase 2 and acting may change: the loss weights, guidance, planning, budgets.
+    check_made_with(state, config.from_dict({"diffusion": {"action_weight": 1.0, "clip_denoised": False},
+                                             "guidance": {"scale": 0.3}, "planner": {"ddim_steps": 2},
+                                             "online": {"env_steps": 10}}, trainer.cfg))
+    # Nets of the same shapes would load, and read their noise levels wrong.
+    d = trainer.cfg.diffusion
+    others = {"schedule": "linear" if d.schedule != "linear" else "cosine", "n_steps": d.n_steps + 5,
+              "prediction": "v" if d.prediction != "v" else "epsilon"}
+    for name, value in others.items():
+        with pytest.raises(CheckpointError, match=re.escape(f"diffusion.{name} is {getattr(d, name)!r} there, "
+                                                            f"{value!r} here")):
+            check_made_with(state, config.from_dict({"diffusion": {name: value}}, trainer.cfg))

@@ -5,6 +5,7 @@ import importlib.util
 import json
 import queue
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 import yaml
 
 from _helpers import SESSION_RAY, tiny_online_config
@@ -701,3 +703,68 @@ def test_a_report_without_the_sweeps_metric_stops_the_trial_not_the_sweep(tiny_d
     assert tune_metrics(spec, metrics) == {k: v for k, v in metrics.items() if k not in ("return_std", "best")}
     with pytest.raises(RuntimeError, match="the evaluation at update 8 gave no alignment_error"):
         tune_metrics(spec, {**metrics, "alignment_error": float("nan")})
+
+
+@pytest.fixture(scope="module")
+def prior(tiny_dataset, tmp_path_factory):
+    """A few pretraining steps, with nets unlike smoke.yaml's (schedule, width): what a sweep's
+    `init:` names."""
+    from distdiff.pretrain import pretrain
+
+    cfg = config_lib.load(ROOT / "configs" / "smoke.yaml", {**FIXED, "data.dataset_id": tiny_dataset, "train.steps": 2,
+                                                            "diffusion.schedule": "sigmoid", "model.dim": 16})
+    return pretrain(cfg, tmp_path_factory.mktemp("prior"), quiet=True)
+
+
+def test_an_init_checkpoint_is_the_trials_base_and_keeps_the_fields_that_made_its_nets(tiny_dataset, prior, tmp_path):
+    space = {"guidance.scale": {"uniform": [0.0, 1.0]}, "planner.ddim_steps": {"choice": [2, 3]}}
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, base=None, init=str(prior), space=space))
+    cfg = spec.trial_config({"guidance.scale": 0.5})
+    assert (cfg.diffusion.schedule, cfg.model.dim, cfg.guidance.scale) == ("sigmoid", 16, 0.5)
+    # A run dir names its checkpoint too, relative to the sweep file like `base:`.
+    (tmp_path / "runs" / "prior").mkdir(parents=True)
+    shutil.copy2(prior, tmp_path / "runs" / "prior" / prior.name)
+    (tmp_path / "sweeps").mkdir()
+    relative = write_sweep(tmp_path / "sweeps" / "s.yaml", tiny_dataset, base=None, init="../runs/prior", space=space)
+    assert load_spec(relative).trial_config({}).model.dim == 16
+    for where, extra, says in (
+            ("space", {"space": {**space, "model.horizon": {"choice": [8, 16]}}}, "model.horizon=16"),
+            ("space", {"space": {**space, "diffusion.schedule": {"grid": ["sigmoid", "linear"]}}},
+             "diffusion.schedule is 'sigmoid' there, 'linear' here"),
+            # smoke.yaml's nets are not the checkpoint's
+            ("base", {"base": str(ROOT / "configs" / "smoke.yaml")}, "model.dim is 16 there, 8 here"),
+            ("init", {"init": str(tmp_path / "nothing.pt")}, "no checkpoint at")):
+        kwargs = {"base": None, "init": str(prior), "space": space, **extra}
+        with pytest.raises(ConfigError, match=re.escape(says)):
+            load_spec(write_sweep(tmp_path / f"{where}.yaml", tiny_dataset, **kwargs))
+
+
+def test_a_trial_from_an_init_checkpoint_skips_pretraining_and_starts_from_its_weights(ray_session, tiny_dataset, prior,
+                                                                                        tmp_path):
+    from distdiff.checkpoint import load_checkpoint
+    from distdiff.rundir import CHECKPOINT, PRETRAIN
+
+    fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.num_actors": 1}
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, base=None, init=str(prior), fixed=fixed,
+                                 space={"guidance.scale": {"choice": [0.1]}}))
+    (result,) = make_tuner(spec, tmp_path / "storage").fit()
+    assert result.error is None and result.metrics["updates"] == update_budget(spec.trial_config({}))
+    assert not (Path(result.path) / PRETRAIN).exists()
+    with result.checkpoint.as_directory() as d:
+        state = load_checkpoint(Path(d) / CHECKPOINT)
+    start = load_checkpoint(prior)
+    # Phase 2 keeps the nets it started from: the checkpoint's, not nets of its own pretraining.
+    assert {"denoiser", "value"} <= state["prior"].keys()
+    for name, weights in state["prior"].items():
+        assert all(torch.equal(v, start[f"ema_{name}"][k]) for k, v in weights.items()), name
+
+
+def test_failed_trials_are_retried_as_the_sweep_says(tiny_dataset, tmp_path):
+    from distdiff.distributed.tuning import run_config
+
+    assert run_config(load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset)), tmp_path).failure_config.max_failures == 0
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, max_failures=3))
+    assert run_config(spec, tmp_path).failure_config.max_failures == 3
+    for bad in (-2, 1.5, True):
+        with pytest.raises(ConfigError, match="max_failures"):
+            load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, max_failures=bad))

@@ -43,7 +43,7 @@ from distdiff.provenance import DRIVER_CODE
 from distdiff.rollout import mean_alignment_error, per_step_alignment_error
 from distdiff.rundir import (BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, PRETRAIN, REPLAY, clear_run,
                              resume_checkpoint)
-from distdiff.training import check_env, check_value_target, planner_from_checkpoint, resolve_device
+from distdiff.training import planner_from_checkpoint, resolve_device
 
 # An evaluation's figures that go to TensorBoard (eval/…), metrics.json and best.json alike.
 EVAL_SCALARS = ("return_mean", "normalized_score", "terminations", "alignment_error")
@@ -991,8 +991,9 @@ class OnlineRun:
                 self.writer.close()
 
 
-def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None, resume: bool = False,
-          overwrite: bool = False, log: Callable[[str], None] = print, progress: bool = True,
+def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None,
+          init_state: Optional[Dict[str, object]] = None, resume: bool = False, overwrite: bool = False,
+          log: Callable[[str], None] = print, progress: bool = True,
           on_evaluation: Optional[Callable[[Dict[str, object]], None]] = None,
           own_run_dir: bool = True) -> Dict[str, object]:
     """Phase 1 (pretraining, unless ``init``) then phase 2 (online alignment), then a final
@@ -1002,12 +1003,17 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     ``on_evaluation`` is called with each evaluation's metrics (every ``online.eval_every``
     updates and at the end), after the checkpoint is written.
 
+    ``init_state``: ``init``'s contents, read already (a Tune trial gets them from the object
+    store; ``init`` then only names them, and its node may not have the file).
+
     ``own_run_dir``: the checkpoint in ``run_dir`` was written by this run, beside its
     ``metrics.json`` (not so for a Tune trial, which may resume from another trial's
     checkpoint). A resume then runs first the evaluation of a checkpoint that never ended, and
     returns at once, starting nothing, when the run is over (its budget spent and its final
     evaluation in ``metrics.json``)."""
     run_dir = Path(run_dir)
+    if init_state is not None and init is None:
+        raise ValueError("init_state is the contents of init: give both")
     config_lib.check_trainable(cfg)
     try:
         # Here, not when the first actor starts: that comes after pretraining.
@@ -1058,13 +1064,12 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
                 f"{_count(counters.episodes, 'episode')} collected so far")
         log(f"resuming {run_dir} at env step {counters.env_steps}, update {counters.updates}")
     else:
-        state = load_checkpoint(init)
+        state = load_checkpoint(init) if init_state is None else init_state
         counters = Counters()
         log(f"phase 1 skipped: starting from {init}")
-    # Fail here, with the checkpoint's path in the message, rather than inside an actor.
+    # Fail here rather than inside an actor: nets that do not fit, another env, value target,
+    # or noise schedule (check_made_with).
     planner_from_checkpoint(state, cfg)
-    check_env(state, cfg)
-    check_value_target(state, cfg)
     if data is None:
         data = load_data(cfg)
         cfg = trained_on(cfg, data)

@@ -1,12 +1,14 @@
 """Ray Tune sweeps over any config field: the search space lives in YAML.
 
 A sweep file names a base config, fixed overrides, the space (dotted config names → a domain),
-the per-trial resources and the scheduler. Each trial runs :func:`distdiff.distributed.driver.train`
-as a function, inside a placement group that holds its driver, learner and rollout actors, and
-reports every evaluation to Tune with the checkpoint of the same weights.
+the per-trial resources and the scheduler, and may name a checkpoint that every trial starts
+phase 2 from. Each trial runs :func:`distdiff.distributed.driver.train` as a function, inside a
+placement group that holds its driver, learner and rollout actors, and reports every evaluation
+to Tune with the checkpoint of the same weights.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import itertools
@@ -26,10 +28,12 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.sample import Function
 
 from distdiff import config as config_lib
+from distdiff.checkpoint import CheckpointError, load_checkpoint
 from distdiff.config import Config, ConfigError
 from distdiff.data.minari_io import REFERENCE_SCORES, reference_scores
 from distdiff.files import finite
 from distdiff.rundir import CHECKPOINT, REPLAY
+from distdiff.training import check_made_with, has_dynamics, planner_from_checkpoint
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "pbt", "fifo")
@@ -63,6 +67,9 @@ class SweepSpec:
     """A sweep file (configs/tune.yaml documents each option)."""
 
     base: Optional[str] = None  # the trials' base config file, relative to the sweep file
+    # A checkpoint (or run dir), relative to the sweep file, that every trial starts phase 2
+    # from: no trial pretrains. Its config is the base where `base` is not given.
+    init: Optional[str] = None
     fixed: Dict[str, Any] = field(default_factory=dict)  # `section.field` overrides of every trial
     space: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # `section.field` -> domain (DOMAINS)
     name: str = "distdiff-tune"  # the sweep's directory under --storage
@@ -77,10 +84,13 @@ class SweepSpec:
     asha: Dict[str, Any] = field(default_factory=dict)
     pbt: Dict[str, Any] = field(default_factory=lambda: {"mutations": []})
     resources: TrialResources = field(default_factory=TrialResources)
+    max_failures: int = 0  # Tune's retries of a failed trial, from its last reported checkpoint (-1: no end)
     # The base config file's YAML, read once where the sweep starts: a trial on another node
     # may not have that file, or may have another version of it. None: not read (the file is
     # read where the config is needed).
     base_yaml: Any = field(default=None, init=False, repr=False)
+    # `init`'s contents, read once where the sweep starts, for trials on any node.
+    init_state: Any = field(default=None, init=False, repr=False)
 
     def trial_config(self, params: Dict[str, Any]) -> Config:
         """base + fixed + the trial's params, with actor sizes that match the placement group."""
@@ -91,7 +101,7 @@ class SweepSpec:
     def train_config(self, params: Dict[str, Any]) -> Config:
         """The trial's config as launch/train.py runs it: the sizes the base config gives, not the
         trial's share of a placement group (a learner of learner_gpus 0 would stay on the CPU)."""
-        return config_lib.load(self.base, {**self.fixed, **params}, data=self.base_yaml)
+        return config_lib.load(self.base or self.init, {**self.fixed, **params}, data=self.base_yaml)
 
 
 def config_field_types() -> Dict[str, Any]:
@@ -181,7 +191,7 @@ def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
     # The option types, before anything uses them.
     for key, kind in (("fixed", dict), ("space", dict), ("asha", dict), ("pbt", dict), ("resources", dict),
                       ("num_samples", int), ("max_concurrent", int), ("seed", int), ("name", str), ("metric", str),
-                      ("mode", str), ("scheduler", str), ("base", str)):
+                      ("mode", str), ("scheduler", str), ("base", str), ("init", str), ("max_failures", int)):
         if key in raw and (not isinstance(raw[key], kind) or isinstance(raw[key], bool)):
             errors.append(f"{key} must be {({dict: 'a mapping', int: 'an integer', str: 'a string'})[kind]}, got {raw[key]!r}")
     if errors:
@@ -199,6 +209,17 @@ def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
             spec.base_yaml = config_lib.read(spec.base)
         except ConfigError as e:
             errors.append(str(e))
+    if spec.init is not None:
+        spec.init = str((path.parent / spec.init).resolve())
+        try:
+            spec.init_state = load_checkpoint(spec.init)
+        except CheckpointError as e:
+            errors.append(f"init: {e}")
+        else:
+            if spec.base is None:
+                spec.base_yaml = spec.init_state["config"]
+    if spec.max_failures < -1:
+        errors.append(f"max_failures must be >= 0, or -1 (no end), got {spec.max_failures}")
     if spec.scheduler not in SCHEDULERS:
         errors.append(f"scheduler must be one of {list(SCHEDULERS)}, got {spec.scheduler!r}")
     if spec.mode not in ("max", "min"):
@@ -242,7 +263,8 @@ def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
     # Unknown field names and invalid values fail here, not in a trial an hour later; so do
     # values that are valid alone but not together (diffusion.n_steps 4 with planner.ddim_steps 8):
     # every example value of each domain (its values, or its bounds) alone and with every one of
-    # each other domain, the rest at the base config.
+    # each other domain, the rest at the base config. With `init`, each must also keep the
+    # fields that made its nets.
     examples = {k: _examples(dom) for k, dom in spec.space.items()}
     singles = [{k: v} for k, values in examples.items() for v in values]
     pairs = [{a: va, b: vb} for a, b in itertools.combinations(examples, 2) for va in examples[a] for vb in examples[b]]
@@ -251,9 +273,18 @@ def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
         try:
             configs.append(spec.trial_config(params))
             config_lib.check_trainable(configs[-1])
-        except ConfigError as e:
+            if spec.init_state is not None:
+                check_made_with(spec.init_state, configs[-1])
+                has_dynamics(spec.init_state, configs[-1])
+        except (ConfigError, CheckpointError) as e:
             at = f" with {', '.join(f'{k}={v!r}' for k, v in params.items())}" if params else ""
-            raise ConfigError(f"invalid sweep space{at}: {e}") from None
+            of = f" (init: {spec.init})" if isinstance(e, CheckpointError) else ""
+            raise ConfigError(f"invalid sweep space{at}: {e}{of}") from None
+    if spec.init_state is not None:
+        try:
+            planner_from_checkpoint(spec.init_state, configs[0])  # its weights load (the fields above are the same)
+        except CheckpointError as e:
+            raise ConfigError(f"invalid sweep: init {spec.init}: {e}") from None
     named = {k: getattr(configs[0].online, k.removeprefix("online.")) for k in CUSTOM_RESOURCE_FIELDS}
     errors = [f"{k} is {v!r} (base config or `fixed`): {CUSTOM_RESOURCE_WHY}; set it to '' under `fixed`"
               for k, v in named.items() if v]
@@ -382,10 +413,14 @@ def tune_metrics(spec: SweepSpec, metrics: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def make_trainable(spec: SweepSpec):
-    """The Tune trainable, sized by a placement group for the trial's driver, learner and actors."""
+    """The Tune trainable, sized by a placement group for the trial's driver, learner and actors.
+    An `init` checkpoint goes to the object store once, not into every trial's pickled function."""
     from distdiff.distributed.driver import train
 
-    def trial(params: Dict[str, Any]) -> None:
+    init_state, spec = spec.init_state, copy.copy(spec)
+    spec.init_state = None
+
+    def trial(params: Dict[str, Any], init_state: Optional[Dict[str, Any]] = None) -> None:
         cfg = on_trial_driver(spec.trial_config(params), ray.get_gpu_ids())
         # The trial's working directory (where Tune starts it, unless RAY_CHDIR_TO_TRIAL_DIR=0):
         # what is written there reaches the sweep's storage from any node (sync_artifacts in
@@ -413,9 +448,13 @@ def make_trainable(spec: SweepSpec):
 
         # A trial restores only checkpoints reported, each with its evaluation's result, and
         # maybe another trial's (PBT), which the metrics.json of its dir does not describe.
-        train(cfg, run_dir, resume=resume, log=lambda s: print(s, flush=True), progress=False, on_evaluation=report,
-              own_run_dir=False)
+        # Without one it starts again: a retry on the node of a failed attempt clears its files.
+        start = {} if resume or init_state is None else {"init": spec.init, "init_state": init_state}
+        train(cfg, run_dir, resume=resume, overwrite=not resume, log=lambda s: print(s, flush=True), progress=False,
+              on_evaluation=report, own_run_dir=False, **start)
 
+    if init_state is not None:
+        trial = tune.with_parameters(trial, init_state=init_state)
     return tune.with_resources(trial, lambda params: trial_resources(spec, params))
 
 
@@ -508,6 +547,18 @@ def check_new(spec: SweepSpec, storage: Path) -> None:
                           "`name` or --storage (or remove that directory)")
 
 
+def run_config(spec: SweepSpec, storage: Path) -> tune.RunConfig:
+    return tune.RunConfig(name=spec.name, storage_path=str(sweep_path(spec, storage).parent),
+                          # PBT restores trials from other trials' older checkpoints: keep them all.
+                          checkpoint_config=tune.CheckpointConfig(num_to_keep=None if spec.scheduler == "pbt" else 2),
+                          # Each trial's run dir (TensorBoard events, best.pt, metrics.json) goes to
+                          # storage in the background every few minutes and at its end; not at each
+                          # report, which would wait for a copy of the whole run dir, checkpoint and
+                          # replay included, every evaluation.
+                          sync_config=tune.SyncConfig(sync_artifacts=True, sync_artifacts_on_checkpoint=False),
+                          failure_config=tune.FailureConfig(max_failures=spec.max_failures))
+
+
 def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False):
     trainable = make_trainable(spec)
     if resume:
@@ -518,14 +569,7 @@ def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False):
         param_space=space,
         tune_config=tune.TuneConfig(metric=spec.metric, mode=spec.mode, num_samples=spec.num_samples,
                                     search_alg=search_alg(spec), scheduler=make_scheduler(spec, space)),
-        run_config=tune.RunConfig(name=spec.name, storage_path=str(sweep_path(spec, storage).parent),
-                                  # PBT restores trials from other trials' older checkpoints: keep them all.
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=None if spec.scheduler == "pbt" else 2),
-                                  # Each trial's run dir (TensorBoard events, best.pt, metrics.json)
-                                  # goes to storage in the background every few minutes and at its
-                                  # end; not at each report, which would wait for a copy of the
-                                  # whole run dir, checkpoint and replay included, every evaluation.
-                                  sync_config=tune.SyncConfig(sync_artifacts=True, sync_artifacts_on_checkpoint=False)),
+        run_config=run_config(spec, storage),
     )
 
 
