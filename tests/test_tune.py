@@ -768,3 +768,34 @@ def test_failed_trials_are_retried_as_the_sweep_says(tiny_dataset, tmp_path):
     for bad in (-2, 1.5, True):
         with pytest.raises(ConfigError, match="max_failures"):
             load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, max_failures=bad))
+
+
+def test_a_mode_that_would_rank_the_worst_trials_first_is_refused(tiny_dataset, tmp_path):
+    for metric, mode in (("normalized_score", "min"), ("return_mean", "min"), ("alignment_error", "max")):
+        with pytest.raises(ConfigError, match=f"mode {mode} with metric {metric}: .* use mode"):
+            load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, metric=metric, mode=mode))
+    # No better end to check: either mode.
+    assert load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, metric="return_std", mode="min")).mode == "min"
+
+
+def test_the_closing_lines_say_how_to_train_the_best_config(tiny_dataset, prior, tmp_path, monkeypatch, tune_script,
+                                                            capsys):
+    import ray
+
+    from distdiff.distributed import driver, tuning
+
+    monkeypatch.setattr(driver, "connect", lambda *args, **kwargs: False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2}
+    space = {"guidance.scale": {"uniform": [0.0, 1.0]}}
+    results = FakeResults(({"guidance.scale": 0.5}, {"normalized_score": 3.0, "updates": 8}, None))
+    monkeypatch.setattr(tuning, "make_tuner", lambda *args, **kwargs: SimpleNamespace(fit=lambda: results))
+    for name, extra, says, silent in (
+            ("pbt", {"scheduler": "pbt", "num_samples": 2, "max_concurrent": 2, "pbt": {"mutations": ["guidance.scale"]}},
+             "PopulationBasedTrainingReplay", "--init"),
+            ("init", {"base": None, "init": str(prior)}, f"best_config.yaml --init {prior}", "PBT")):
+        sweep = write_sweep(tmp_path / f"{name}.yaml", tiny_dataset, name=name, fixed=fixed, space=space, **extra)
+        (tmp_path / "storage" / name).mkdir(parents=True)  # (Tune makes it)
+        assert tune_script.main(["--config", str(sweep), "--storage", str(tmp_path / "storage")]) == 0
+        out = capsys.readouterr().out
+        assert says in out and silent not in out

@@ -46,6 +46,8 @@ CUSTOM_RESOURCE_WHY = ("a trial's actors are placed in its placement group, whos
                        "the trial waits forever; a sweep places its actors through `resources:`")
 REPORTED = ("normalized_score", "alignment_error", "return_mean", "return_std", "env_steps", "updates", "weights_version")
 TIME_ATTR = "updates"  # the schedulers' time (make_scheduler)
+# The mode of the metrics that have a better end: the other one would rank the worst trial first.
+BETTER = {"normalized_score": "max", "return_mean": "max", "alignment_error": "min"}
 
 
 @dataclass
@@ -224,6 +226,9 @@ def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
         errors.append(f"scheduler must be one of {list(SCHEDULERS)}, got {spec.scheduler!r}")
     if spec.mode not in ("max", "min"):
         errors.append(f"mode must be max or min, got {spec.mode!r}")
+    elif BETTER.get(spec.metric, spec.mode) != spec.mode:
+        errors.append(f"mode {spec.mode} with metric {spec.metric}: the schedulers would keep and best_config.yaml "
+                      f"would pick the worst trials; use mode {BETTER[spec.metric]}")
     if spec.metric not in REPORTED:
         errors.append(f"metric must be one of {list(REPORTED)}, got {spec.metric!r}")
     if not spec.space:
