@@ -124,9 +124,13 @@ def quantile_of(values: torch.Tensor, quantiles: torch.Tensor) -> torch.Tensor:
     return (first_position(values, quantiles) + last) / (2 * (n - 1))
 
 
+# What the value net predicts: its target statistics (value_stats) hold only for these.
+VALUE_TARGET_FIELDS = ("data.value_target", "data.discount", "data.termination_penalty", "model.horizon")
+
+
 def value_target_of(cfg: Config) -> tuple:
     """What the value net of a config predicts: its target statistics hold only for that."""
-    return cfg.data.value_target, cfg.data.discount, cfg.data.termination_penalty, cfg.model.horizon
+    return tuple(value_of(cfg, name) for name in VALUE_TARGET_FIELDS)
 
 
 def check_env(state: Dict[str, object], cfg: Config) -> None:
@@ -432,10 +436,10 @@ def check_made_with(state: Dict[str, object], cfg: Config) -> None:
     """Training on from a checkpoint or planning with it needs the config its nets were made
     with (:func:`~distdiff.config.net_fields`), its env and its value target."""
     check_env(state, cfg)
-    check_value_target(state, cfg)
-    differ = _differences(state, cfg)
+    differ = _differences(state, cfg)  # first: model.horizon is also part of the value target
     if differ:
         raise CheckpointError(f"checkpoint does not fit this model config: {'; '.join(differ)}")
+    check_value_target(state, cfg)
 
 
 def planner_from_checkpoint(state: Dict[str, object], cfg: Optional[Config] = None, device="cpu") -> Planner:

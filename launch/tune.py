@@ -111,9 +111,9 @@ def main(argv=None) -> int:
         fail(f"no trial ended without an error and with a {spec.metric} to rank it by: no best config (trials: "
              f"{out['table']}; their error.txt under {sweep_path(spec, args.storage)})", code=1)
     if spec.scheduler == "pbt":
-        print(f"note: PBT changed the trials' configs as they trained (each trial's pbt_policy_*.txt in "
-              f"{sweep_path(spec, args.storage)}): best_config.yaml is where the best one ended, which a run from the "
-              "start does not repeat (Ray's PopulationBasedTrainingReplay replays a trial's schedule)")
+        print(f"note: PBT changed the trials' configs as they trained (the pbt_policy_*.txt files in "
+              f"{sweep_path(spec, args.storage)} list when): best_config.yaml is where the best one ended, which a run "
+              "from the start with those values does not repeat")
     init = f" --init {spec.init}" if spec.init else ""
     print(f"trials: {out['table']}\nbest config: {out['best_config']}\n"
           f"train it: python launch/train.py --config {out['best_config']}{init}")

@@ -271,3 +271,8 @@ def test_training_on_from_a_checkpoint_keeps_the_noise_its_denoiser_learned(trai
         with pytest.raises(CheckpointError, match=re.escape(f"diffusion.{name} is {getattr(d, name)!r} there, "
                                                             f"{value!r} here")):
             check_made_with(state, config.from_dict({"diffusion": {name: value}}, trainer.cfg))
+    # Every way a checkpoint is trained on or planned with checks them.
+    other = config.from_dict({"diffusion": {"schedule": others["schedule"]}}, trainer.cfg)
+    for load in (lambda: Trainer.from_checkpoint(state, cfg=other), lambda: planner_from_checkpoint(state, other)):
+        with pytest.raises(CheckpointError, match="diffusion.schedule is"):
+            load()

@@ -642,17 +642,17 @@ def test_pbt_mutations_must_be_space_fields(tiny_dataset, tmp_path):
 
 def test_pbt_explores_every_kind_of_domain_within_the_values_the_sweep_checked(tiny_dataset, tmp_path):
     # Ray's PBT multiplies a value it perturbs by 0.8 or 1.2: a choice of strings given as a
-    # domain stopped the sweep ("cosine" * 1.2), and numbers went past their bounds.
+    # domain stopped the sweep ("ddim" * 1.2), and numbers went past their bounds.
     from ray.tune.schedulers.pbt import _explore
 
-    space = {"diffusion.schedule": {"choice": ["linear", "cosine", "sigmoid"]}, "diffusion.n_steps": {"grid": [10, 20]},
+    space = {"planner.sampler": {"choice": ["ddpm", "ddim"]}, "planner.replan_every": {"grid": [2, 4]},
              "guidance.scale": {"loguniform": [0.001, 1.0], "zero": 0.3}, "online.lr_scale": {"uniform": [0.5, 1.0]},
              "planner.ddim_steps": {"randint": [2, 4]}}
     fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2}
     spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, scheduler="pbt", fixed=fixed, space=space,
                                  max_concurrent=2, pbt={"mutations": list(space), "resample_probability": 0.25}))
     pbt = make_scheduler(spec, param_space(spec))
-    config = {"diffusion.schedule": "cosine", "diffusion.n_steps": 20, "guidance.scale": 1.0, "online.lr_scale": 0.5,
+    config = {"planner.sampler": "ddim", "planner.replan_every": 4, "guidance.scale": 1.0, "online.lr_scale": 0.5,
               "planner.ddim_steps": 4}
     seen = {k: set() for k in space}
     for _ in range(300):
@@ -660,8 +660,8 @@ def test_pbt_explores_every_kind_of_domain_within_the_values_the_sweep_checked(t
                              pbt._perturbation_factors, pbt._custom_explore_fn)
         for k, v in config.items():
             seen[k].add(v)
-    assert seen["diffusion.schedule"] == {"linear", "cosine", "sigmoid"}
-    assert seen["diffusion.n_steps"] == {10, 20}
+    assert seen["planner.sampler"] == {"ddpm", "ddim"}
+    assert seen["planner.replan_every"] == {2, 4}
     assert seen["planner.ddim_steps"] == {2, 3, 4}
     assert 0.0 in seen["guidance.scale"] and all(v == 0 or 0.001 <= v <= 1.0 for v in seen["guidance.scale"])
     assert min(seen["online.lr_scale"]) == 0.5 and max(seen["online.lr_scale"]) == 1.0
@@ -728,7 +728,8 @@ def test_an_init_checkpoint_is_the_trials_base_and_keeps_the_fields_that_made_it
     relative = write_sweep(tmp_path / "sweeps" / "s.yaml", tiny_dataset, base=None, init="../runs/prior", space=space)
     assert load_spec(relative).trial_config({}).model.dim == 16
     for where, extra, says in (
-            ("space", {"space": {**space, "model.horizon": {"choice": [8, 16]}}}, "model.horizon=16"),
+            ("space", {"space": {**space, "model.horizon": {"choice": [8, 16]}}},
+             "with model.horizon=16: checkpoint does not fit this model config: model.horizon is 8 there, 16 here"),
             ("space", {"space": {**space, "diffusion.schedule": {"grid": ["sigmoid", "linear"]}}},
              "diffusion.schedule is 'sigmoid' there, 'linear' here"),
             # smoke.yaml's nets are not the checkpoint's
@@ -765,7 +766,7 @@ def test_failed_trials_are_retried_as_the_sweep_says(tiny_dataset, tmp_path):
     assert run_config(load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset)), tmp_path).failure_config.max_failures == 0
     spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, max_failures=3))
     assert run_config(spec, tmp_path).failure_config.max_failures == 3
-    for bad in (-2, 1.5, True):
+    for bad in (-1, 1.5, True):
         with pytest.raises(ConfigError, match="max_failures"):
             load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, max_failures=bad))
 
@@ -792,10 +793,83 @@ def test_the_closing_lines_say_how_to_train_the_best_config(tiny_dataset, prior,
     monkeypatch.setattr(tuning, "make_tuner", lambda *args, **kwargs: SimpleNamespace(fit=lambda: results))
     for name, extra, says, silent in (
             ("pbt", {"scheduler": "pbt", "num_samples": 2, "max_concurrent": 2, "pbt": {"mutations": ["guidance.scale"]}},
-             "PopulationBasedTrainingReplay", "--init"),
+             "which a run from the start with those values does not repeat", "--init"),
             ("init", {"base": None, "init": str(prior)}, f"best_config.yaml --init {prior}", "PBT")):
         sweep = write_sweep(tmp_path / f"{name}.yaml", tiny_dataset, name=name, fixed=fixed, space=space, **extra)
         (tmp_path / "storage" / name).mkdir(parents=True)  # (Tune makes it)
         assert tune_script.main(["--config", str(sweep), "--storage", str(tmp_path / "storage")]) == 0
         out = capsys.readouterr().out
         assert says in out and silent not in out
+
+
+def test_pbt_mutates_no_field_that_made_the_nets_or_the_value_target(tiny_dataset, tmp_path):
+    # PBT restores a trial from another's checkpoint into the mutated config.
+    fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2}
+    for key, dom in (("diffusion.schedule", {"choice": ["linear", "cosine"]}), ("model.dim", {"choice": [8, 16]}),
+                     ("data.discount", {"uniform": [0.9, 0.99]})):
+        sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset, scheduler="pbt", fixed=fixed, num_samples=2,
+                            max_concurrent=2, space={key: dom}, pbt={"mutations": [key]})
+        with pytest.raises(ConfigError, match=f"pbt.mutations: {key} made the trials' nets or what their value net"):
+            load_spec(sweep)
+
+
+def test_a_trial_goes_on_from_what_was_restored_or_its_own_last_checkpoint(tmp_path):
+    from distdiff.distributed.tuning import trial_start
+    from distdiff.rundir import CHECKPOINT, PRETRAIN, REPLAY
+
+    run_dir = tmp_path / "trial"
+    assert trial_start(run_dir, None) is False and run_dir.is_dir()  # the first attempt
+    (run_dir / PRETRAIN).mkdir()
+    (run_dir / PRETRAIN / CHECKPOINT).write_bytes(b"phase 1")
+    assert trial_start(run_dir, None) is True  # a retry of an attempt that failed in phase 1, on its node
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    (restored / CHECKPOINT).write_bytes(b"reported")
+    (restored / REPLAY).write_bytes(b"replay")
+    assert trial_start(run_dir, restored) is True
+    assert (run_dir / CHECKPOINT).read_bytes() == b"reported" and (run_dir / REPLAY).read_bytes() == b"replay"
+
+
+def test_a_resume_needs_the_sweep_file_base_and_init_the_sweep_started_with(tiny_dataset, prior, tmp_path,
+                                                                               monkeypatch):
+    from ray import tune
+
+    from distdiff.distributed.tuning import RECORD, check_resumable, sweep_path, sweep_record
+
+    storage = tmp_path / "storage"
+    init = tmp_path / "prior.pt"
+    shutil.copy2(prior, init)
+    base = tmp_path / "base.yaml"
+    base.write_text((ROOT / "configs" / "smoke.yaml").read_text())
+    fixed = {**FIXED, "data.dataset_id": tiny_dataset}
+    space = {"guidance.scale": {"uniform": [0.0, 1.0]}}
+
+    def sweep(**extra):
+        return load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, **{"fixed": fixed, "space": space, **extra}))
+
+    make_tuner(sweep(init=str(init), base=None), storage)  # a new sweep records what it starts with
+    monkeypatch.setattr(tune.Tuner, "can_restore", lambda path: True)  # (as if Tune had saved its state)
+    assert check_resumable(sweep(init=str(init), base=None, num_samples=7), storage) == sweep_path(sweep(), storage)
+    for changed, says in (({"init": str(init), "base": None, "fixed": {**fixed, "online.lr_scale": 0.5}}, "fixed"),
+                          ({"init": str(prior), "base": None}, "init")):
+        with pytest.raises(ConfigError, match=f"started from another sweep file or base config \\(changed: {says}\\)"):
+            check_resumable(sweep(**changed), storage)
+    torch.save({**torch.load(init, weights_only=True), "step": 10**6}, init)
+    with pytest.raises(ConfigError, match="changed: the init checkpoint's contents"):
+        check_resumable(sweep(init=str(init), base=None), storage)
+    # A base config edited since the sweep started.
+    (sweep_path(sweep(), storage) / RECORD).write_text(json.dumps(sweep_record(sweep(base=str(base)))))
+    base.write_text(base.read_text().replace("eval: {episodes: 4", "eval: {episodes: 5"))
+    with pytest.raises(ConfigError, match="changed: the base config"):
+        check_resumable(sweep(base=str(base)), storage)
+
+
+def test_the_trainable_carries_no_copy_of_the_init_checkpoint(ray_session, tiny_dataset, prior, tmp_path):
+    from ray import cloudpickle
+
+    from distdiff.distributed.tuning import make_trainable
+
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, base=None, init=str(prior),
+                                 space={"guidance.scale": {"uniform": [0.0, 1.0]}}))
+    # Ray pickles the trainable for every trial: the checkpoint goes to the object store once.
+    assert len(cloudpickle.dumps(make_trainable(spec))) < prior.stat().st_size / 4

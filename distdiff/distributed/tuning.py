@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import inspect
 import itertools
+import json
 import math
 import random
 import shutil
@@ -32,8 +34,8 @@ from distdiff.checkpoint import CheckpointError, load_checkpoint
 from distdiff.config import Config, ConfigError
 from distdiff.data.minari_io import REFERENCE_SCORES, reference_scores
 from distdiff.files import finite
-from distdiff.rundir import CHECKPOINT, REPLAY
-from distdiff.training import check_made_with, has_dynamics, planner_from_checkpoint
+from distdiff.rundir import CHECKPOINT, REPLAY, checkpoint_file, holds_run
+from distdiff.training import VALUE_TARGET_FIELDS, check_made_with, has_dynamics, planner_from_checkpoint
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "pbt", "fifo")
@@ -46,6 +48,7 @@ CUSTOM_RESOURCE_WHY = ("a trial's actors are placed in its placement group, whos
                        "the trial waits forever; a sweep places its actors through `resources:`")
 REPORTED = ("normalized_score", "alignment_error", "return_mean", "return_std", "env_steps", "updates", "weights_version")
 TIME_ATTR = "updates"  # the schedulers' time (make_scheduler)
+RECORD = "distdiff_sweep.json"  # what a sweep started with, in STORAGE/NAME (sweep_record)
 # The mode of the metrics that have a better end: the other one would rank the worst trial first.
 BETTER = {"normalized_score": "max", "return_mean": "max", "alignment_error": "min"}
 
@@ -86,7 +89,8 @@ class SweepSpec:
     asha: Dict[str, Any] = field(default_factory=dict)
     pbt: Dict[str, Any] = field(default_factory=lambda: {"mutations": []})
     resources: TrialResources = field(default_factory=TrialResources)
-    max_failures: int = 0  # Tune's retries of a failed trial, from its last reported checkpoint (-1: no end)
+    # Tune's retries of a trial that failed, whatever the error, from its last reported checkpoint.
+    max_failures: int = 0
     # The base config file's YAML, read once where the sweep starts: a trial on another node
     # may not have that file, or may have another version of it. None: not read (the file is
     # read where the config is needed).
@@ -220,8 +224,9 @@ def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
         else:
             if spec.base is None:
                 spec.base_yaml = spec.init_state["config"]
-    if spec.max_failures < -1:
-        errors.append(f"max_failures must be >= 0, or -1 (no end), got {spec.max_failures}")
+    if spec.max_failures < 0:
+        # (Tune's -1, no end, would retry an error of the trial's own for ever.)
+        errors.append(f"max_failures must be >= 0, got {spec.max_failures}")
     if spec.scheduler not in SCHEDULERS:
         errors.append(f"scheduler must be one of {list(SCHEDULERS)}, got {spec.scheduler!r}")
     if spec.mode not in ("max", "min"):
@@ -258,6 +263,10 @@ def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
         for key in spec.pbt.get("mutations", []):
             if key not in spec.space:
                 errors.append(f"pbt.mutations: {key!r} is not in the space")
+            elif key in config_lib.net_fields() or key in VALUE_TARGET_FIELDS:
+                errors.append(f"pbt.mutations: {key} made the trials' nets or what their value net predicts, and PBT "
+                              "restores a trial from another's checkpoint into the mutated config, which that "
+                              "checkpoint does not fit; sweep it with asha or fifo")
         if "online.num_actors" in spec.space:
             # PBT hands a trial the whole config of the trial it copies, its number of actors
             # too, while the trial's placement group keeps the size it started with.
@@ -432,16 +441,12 @@ def make_trainable(spec: SweepSpec):
         # make_tuner). get_trial_dir() is a directory on the trial's node that only the sweep's
         # own node syncs.
         run_dir = Path(tune.get_context().get_storage().trial_working_directory)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        resume = False
         restored = tune.get_checkpoint()
-        if restored is not None:
-            # PBT exploitation or a resumed sweep: continue from the reported checkpoint.
+        if restored is None:
+            resume = trial_start(run_dir, None)
+        else:
             with restored.as_directory() as d:
-                for name in (CHECKPOINT, REPLAY):
-                    if (Path(d) / name).is_file():
-                        shutil.copy2(Path(d) / name, run_dir / name)
-            resume = (run_dir / CHECKPOINT).is_file()
+                resume = trial_start(run_dir, Path(d))
 
         def report(metrics: Dict[str, Any]) -> None:
             reported = tune_metrics(spec, metrics)
@@ -453,14 +458,27 @@ def make_trainable(spec: SweepSpec):
 
         # A trial restores only checkpoints reported, each with its evaluation's result, and
         # maybe another trial's (PBT), which the metrics.json of its dir does not describe.
-        # Without one it starts again: a retry on the node of a failed attempt clears its files.
         start = {} if resume or init_state is None else {"init": spec.init, "init_state": init_state}
-        train(cfg, run_dir, resume=resume, overwrite=not resume, log=lambda s: print(s, flush=True), progress=False,
-              on_evaluation=report, own_run_dir=False, **start)
+        train(cfg, run_dir, resume=resume, log=lambda s: print(s, flush=True), progress=False, on_evaluation=report,
+              own_run_dir=False, **start)
 
     if init_state is not None:
         trial = tune.with_parameters(trial, init_state=init_state)
     return tune.with_resources(trial, lambda params: trial_resources(spec, params))
+
+
+def trial_start(run_dir: Path, restored: Optional[Path]) -> bool:
+    """Where a trial starts from, in its run dir; True: it resumes. A restored checkpoint (PBT
+    copying another trial, a resumed sweep, a retry of a failed trial) is copied in. Without one,
+    a retry on the node of a failed attempt goes on from that attempt's last checkpoint of its
+    own (of phase 1 or 2; Tune saw none of them); elsewhere, or at first, the trial starts."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if restored is None:
+        return holds_run(run_dir)
+    for name in (CHECKPOINT, REPLAY):
+        if (restored / name).is_file():
+            shutil.copy2(restored / name, run_dir / name)
+    return (run_dir / CHECKPOINT).is_file()
 
 
 def trial_resources(spec: SweepSpec, params: Dict[str, Any]):
@@ -534,12 +552,40 @@ def sweep_path(spec: SweepSpec, storage: Path) -> Path:
     return Path(storage).resolve() / spec.name
 
 
+def sweep_record(spec: SweepSpec) -> Dict[str, Any]:
+    """What a resume must find as the sweep started: the sweep file's options, its base config
+    and the contents of its `init` checkpoint. Tune keeps the params of its trials and its own
+    state, and the trials it has yet to run would take the rest from the file as it is then.
+    (Not num_samples and max_concurrent, which Tune keeps, whatever the file says.)"""
+    record = {f.name: getattr(spec, f.name) for f in dataclasses.fields(SweepSpec)
+              if f.init and f.name not in ("num_samples", "max_concurrent", "resources")}
+    record.update(resources=dataclasses.asdict(spec.resources), base_yaml=spec.base_yaml if spec.base else None,
+                  init_sha256=None)
+    if spec.init:
+        digest = hashlib.sha256()
+        with open(checkpoint_file(spec.init), "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        record["init_sha256"] = digest.hexdigest()
+    return json.loads(json.dumps(record, sort_keys=True, default=str))
+
+
 def check_resumable(spec: SweepSpec, storage: Path) -> Path:
-    """The path of the sweep to resume in ``storage``; no Ray needed, so launch/tune.py checks it
-    before it starts or joins one."""
+    """The path of the sweep to resume in ``storage``, which must have started from the same
+    sweep (:func:`sweep_record`; sweeps of earlier versions recorded none); no Ray needed, so
+    launch/tune.py checks it before it starts or joins one."""
     path = sweep_path(spec, storage)
     if not tune.Tuner.can_restore(str(path)):
         raise ConfigError(f"no sweep to resume at {path}")
+    if (path / RECORD).is_file():
+        started, now = json.loads((path / RECORD).read_text()), sweep_record(spec)
+        changed = sorted(k for k in started.keys() | now.keys() if started.get(k) != now.get(k))
+        if changed:
+            what = ", ".join("the init checkpoint's contents" if k == "init_sha256" else
+                             "the base config" if k == "base_yaml" else k for k in changed)
+            raise ConfigError(f"the sweep at {path} started from another sweep file or base config (changed: {what}): "
+                              "Tune would go on with the trials it stored and run the rest with the new values. Resume "
+                              "it with the files it started with, or start another sweep (another `name` or --storage)")
     return path
 
 
@@ -568,6 +614,9 @@ def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False):
     trainable = make_trainable(spec)
     if resume:
         return tune.Tuner.restore(str(check_resumable(spec, storage)), trainable=trainable, resume_errored=True)
+    path = sweep_path(spec, storage)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / RECORD).write_text(json.dumps(sweep_record(spec), indent=1, sort_keys=True))
     space = param_space(spec)
     return tune.Tuner(
         trainable,
