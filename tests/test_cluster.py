@@ -64,8 +64,10 @@ def cluster():
         with ray_address_file_kept():
             c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
             try:
-                learner = c.add_node(num_cpus=2, resources={"learner": 1})
-                rollout = c.add_node(num_cpus=1, resources={"rollout": 1})
+                # Ray waits 30 s for each node to register: more on a slow machine.
+                learner = c.add_node(wait=False, num_cpus=2, resources={"learner": 1})
+                rollout = c.add_node(wait=False, num_cpus=1, resources={"rollout": 1})
+                c.wait_for_nodes(timeout=120)
                 ray.init(address=c.address, logging_level="warning")
                 yield SimpleNamespace(cluster=c, head=c.head_node, learner=learner, rollout=rollout)
             finally:
@@ -169,7 +171,8 @@ def test_learner_and_actors_run_on_the_nodes_their_resources_name(cluster, pretr
 def test_run_finishes_on_the_remaining_node_when_a_rollout_node_is_removed(cluster, pretrained, tmp_path):
     cfg, ckpt = pretrained
     cfg = cluster_config(cfg.data.dataset_id, **{"online.env_steps": 400})
-    second = cluster.cluster.add_node(num_cpus=1, resources={"rollout": 1})
+    second = cluster.cluster.add_node(wait=False, num_cpus=1, resources={"rollout": 1})
+    cluster.cluster.wait_for_nodes(timeout=120)
     state = load_checkpoint(ckpt)
     data, _ = load_windows(cfg, None)
     run = OnlineRun(cfg, tmp_path, state, data.episodes, Counters(), log=lambda s: None, progress=False)

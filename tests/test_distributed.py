@@ -62,9 +62,11 @@ def start_run(cfg, run_dir, checkpoint_path, num_actors=None):
     return OnlineRun(cfg, Path(run_dir), state, data.episodes, Counters(), log=lambda s: None, progress=False)
 
 
-def wait_until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    """Poll ``condition`` until it holds or ``timeout`` passes; the test's assertions then tell
-    which (a scripted evaluation waits for the loop this way, beside it)."""
+def wait_until(condition: Callable[[], bool], timeout: float = 120.0) -> None:
+    """Poll ``condition`` until it holds or ``timeout`` passes (generous: it returns as soon as
+    the condition holds, and the machines run the suite at up to ~2.5x each other's speed); the
+    test's assertions then tell which (a scripted evaluation waits for the loop this way, beside
+    it, and must not raise there)."""
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -214,7 +216,7 @@ def test_object_store_stays_flat_over_100_broadcasts(ray_session, pretrained, tm
         assert ray.get([w.ping.remote() for w in run.workers])[0].version == 101
         # Old versions are freed once every actor has moved on (at most a couple stay alive),
         # asynchronously: on a loaded machine that can take a while.
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + 120
         while True:
             after = plasma_usage()
             if (after[0] <= before[0] + 2 and after[1] <= before[1] + 2) or time.monotonic() > deadline:
@@ -490,16 +492,19 @@ def test_a_rollout_past_its_timeout_has_its_actor_restarted_and_the_run_finishes
                 time.sleep(300)
             return super().rollout(task, **share)
 
-    # (A restarted actor's first rollout, its start included, may time out too on a busy machine:
-    # the other worker takes over the shares, so the run ends all the same.)
-    cfg = tiny_online_config(pretrained[0].data.dataset_id, **{"online.rollout_timeout_s": 6.0})
+    # The workers are up before the loop times their rollouts (two starting at once on 2 cores
+    # took ~2 s each on a fast day). A restarted actor's first rollout, its start included, may
+    # still time out on a slow machine: a second failure in a row, which is no second restart
+    # (test_faults.py), and the other worker takes over the shares, so the run ends all the same.
+    cfg = tiny_online_config(pretrained[0].data.dataset_id, **{"online.rollout_timeout_s": 8.0})
     t0 = time.monotonic()
-    run, messages, stored = run_with_worker_class(HangsOnce, (cfg, pretrained[1]), tmp_path, worker_ids=(0, 1))
+    run, messages, stored = run_with_worker_class(HangsOnce, (cfg, pretrained[1]), tmp_path, worker_ids=(0, 1),
+                                                  before_run=lambda run: ray.get([w.ping.remote() for w in run.workers]))
     assert hung.exists() and time.monotonic() - t0 < 200
-    assert any("its rollout has run for" in m and "past online.rollout_timeout_s 6" in m for m in messages), messages
+    assert any("its rollout has run for" in m and "past online.rollout_timeout_s 8" in m for m in messages), messages
     # Killed and restarted as after any death.
     c = run.counters
-    assert c.rollout_timeouts >= 1 and c.worker_restarts == c.rollout_timeouts and not run.dropped
+    assert c.rollout_timeouts >= 1 and 1 <= c.worker_restarts <= c.rollout_timeouts and not run.dropped
     # The hung rollout's share of the budget was collected by the others: the run ended at it.
     assert int(stored["lengths"].sum()) == c.env_steps == cfg.online.env_steps
     assert read_events(tmp_path).Scalars("faults/rollout_timeouts")[-1].value == c.rollout_timeouts
@@ -921,7 +926,7 @@ def test_the_loop_goes_on_while_an_evaluation_runs_and_best_pt_is_what_it_evalua
             # the next evaluation came due: a loop that waited for it would do neither, and
             # this would time out.
             evaluating.set()
-            wait_until(lambda: len(during) >= 2 and said_slow(), timeout=60)
+            wait_until(lambda: len(during) >= 2 and said_slow())
             evaluating.clear()
         score = 300.0 if not evaluated else 100.0
         evaluated.append((score, {k: v.clone() for k, v in planner.denoiser.state_dict().items()}))
