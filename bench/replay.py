@@ -1,6 +1,9 @@
 """Replay sampling on the learner's path: the time of one learner call's batches
 (online.updates_per_call × train.batch_size windows) from a full replay, right after an episode
-was added (the replay rebuilds its online windows first) and again without an add.
+was added (the replay rebuilds its online windows first) and again without an add; then the
+time those batches take from Ray's object store into a learner actor's call (`to_learner_ms`:
+as numpy arrays, which the replay actor sends; `to_learner_torch_ms`: as torch tensors, which
+Ray pickles), less an empty call's.
 
     python bench/replay.py                        # configs/walker2d.yaml: 200k online transitions
     python bench/replay.py --episodes 50          # a replay of 50 1,000-step episodes
@@ -23,10 +26,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import HelpFormatter, add_config_argument  # noqa: E402
 
 import numpy as np  # noqa: E402
+import ray  # noqa: E402
 import torch  # noqa: E402
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.data.episodes import Episode  # noqa: E402
+from distdiff.data.windows import Batch  # noqa: E402
 from distdiff.distributed.replay import Replay  # noqa: E402
 from distdiff.models import layout_of  # noqa: E402
 from distdiff.normalizer import Normalizer  # noqa: E402
@@ -68,10 +73,40 @@ def main():
         t2 = time.perf_counter()
         after_add.append(t1 - t0)
         again.append(t2 - t1)
+    batches = replay.sample(o.updates_per_call, cfg.train.batch_size)
     print(json.dumps({"online_transitions": replay.size(), "batches": o.updates_per_call,
                       "batch_size": cfg.train.batch_size,
+                      "mbytes": round(sum(t.nbytes for b in batches for t in b) / 2**20, 1),
                       "sample_after_add_ms": round(1e3 * statistics.median(after_add), 1),
-                      "sample_ms": round(1e3 * statistics.median(again), 1)}))
+                      "sample_ms": round(1e3 * statistics.median(again), 1),
+                      **to_learner_ms(batches, 10 * args.repeats)}))
+
+
+def to_learner_ms(batches, repeats: int) -> dict:
+    """Median time of an actor call whose argument is ``batches`` in the object store, as the
+    learner gets them (Batch.from_numpy for arrays), less that of an empty call."""
+    @ray.remote(num_cpus=0)
+    class Takes:
+        def take(self, batches):
+            if batches and isinstance(batches[0].x_start, np.ndarray):
+                batches = [Batch.from_numpy(b) for b in batches]
+            return len(batches)
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    try:
+        actor = Takes.remote()
+        out = {}
+        for key, sent in (("empty", []), ("to_learner", [b.numpy() for b in batches]), ("to_learner_torch", batches)):
+            ref = ray.put(sent)
+            times = []
+            for _ in range(repeats + 3):
+                t0 = time.perf_counter()
+                ray.get(actor.take.remote(ref))
+                times.append(time.perf_counter() - t0)
+            out[key] = statistics.median(times[3:])
+        return {f"{k}_ms": round(1e3 * (out[k] - out["empty"]), 2) for k in ("to_learner", "to_learner_torch")}
+    finally:
+        ray.shutdown()
 
 
 if __name__ == "__main__":

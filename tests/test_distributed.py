@@ -1643,3 +1643,24 @@ def test_a_bare_digest_from_an_older_driver_gets_the_mismatch_message():
     check_same_code(CODE_DIGEST)
     with pytest.raises(RuntimeError, match="is not the driver's at an older distdiff .* same version on every node"):
         check_same_code("0" * 16)
+
+
+def test_the_replay_actor_sends_numpy_batches_that_train_the_learner_as_its_own_do(pretrained):
+    # Ray pickles a torch tensor's bytes into the message; numpy arrays it reads in place.
+    from distdiff.distributed.actors import RayLearner, RayReplay
+    from distdiff.distributed.replay import Replay
+    from distdiff.models import layout_of
+
+    cfg, ckpt = pretrained
+    data, windows = load_windows(cfg, None)
+    kwargs = dict(offline_episodes=data.episodes, normalizer=windows.normalizer.state_dict(), layout=layout_of(cfg),
+                  horizon=cfg.model.horizon, discount=cfg.data.discount,
+                  termination_penalty=cfg.data.termination_penalty, capacity=1000, offline_ratio=1.0, seed=0)
+    sent, own = RayReplay(**kwargs).sample(3, 8), Replay(**kwargs).sample(3, 8)
+    assert all(isinstance(a, np.ndarray) and np.array_equal(a, t.numpy()) for x, y in zip(sent, own) for a, t in zip(x, y))
+    runs = []
+    for cls, batches in ((RayLearner, sent), (Learner, own)):  # (each seeds the noise it draws as it starts)
+        learner = cls(config=cfg.to_dict(), checkpoint=load_checkpoint(ckpt), device="cpu")
+        runs.append((learner.train(batches), snapshot(learner.trainer)))
+    assert runs[0][0].losses == runs[1][0].losses and runs[0][0].updates == 3
+    assert_same(runs[0][1], runs[1][1])

@@ -18,6 +18,16 @@ class Batch(NamedTuple):
     returns: torch.Tensor  # [B] the value net's target (raw reward units; see VALUE_TARGETS)
     window_returns: torch.Tensor  # [B] reward per step the window itself earns (see WindowDataset)
 
+    def numpy(self) -> "Batch":
+        """The same entries as numpy arrays, which Ray's object store passes out of band (read in
+        place); it pickles a torch tensor's bytes into the message, and copies them out again."""
+        return Batch(*(t.numpy() for t in self))
+
+    @staticmethod
+    def from_numpy(batch: "Batch") -> "Batch":
+        """:meth:`numpy` undone, as tensors of their own (arrays from Ray's store are read-only)."""
+        return Batch(*(torch.from_numpy(np.array(a)) for a in batch))
+
 
 def fit_normalizer(episodes: Sequence[Episode], layout: TrajectoryLayout, kind: str) -> Normalizer:
     """Fitted on the transitions (s_t, a_t). An episode's last state is a row of its windows too,
