@@ -163,6 +163,17 @@ def test_the_shipped_sweep_loads():
     assert scheduler._time_attr == "updates" and first_rung >= spec.trial_config({}).online.eval_every > 0
 
 
+def test_the_shipped_sweep_over_a_prior_loads_where_the_quickstart_left_its_run(prior, tmp_path):
+    (tmp_path / "configs").mkdir()
+    shutil.copy2(ROOT / "configs" / "tune_prior.yaml", tmp_path / "configs")
+    (tmp_path / "runs" / "quickstart").mkdir(parents=True)
+    shutil.copy2(prior, tmp_path / "runs" / "quickstart")
+    spec = load_spec(tmp_path / "configs" / "tune_prior.yaml")
+    assert spec.init == str(tmp_path / "runs" / "quickstart") and spec.trial_config({}).model.dim == 16
+    scheduler = make_scheduler(spec, param_space(spec))
+    assert scheduler._time_attr == "updates"
+
+
 def test_resume_takes_a_relative_storage_path(tiny_dataset, tmp_path, monkeypatch):
     # The default --storage (runs/tune) is relative, and Tune's storage layer refuses relative paths.
     spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset))
@@ -711,7 +722,7 @@ def prior(tiny_dataset, tmp_path_factory):
     `init:` names."""
     from distdiff.pretrain import pretrain
 
-    cfg = config_lib.load(ROOT / "configs" / "smoke.yaml", {**FIXED, "data.dataset_id": tiny_dataset, "train.steps": 2,
+    cfg = config_lib.load(ROOT / "configs" / "smoke.yaml", {"data.dataset_id": tiny_dataset, "train.steps": 2,
                                                             "diffusion.schedule": "sigmoid", "model.dim": 16})
     return pretrain(cfg, tmp_path_factory.mktemp("prior"), quiet=True)
 
