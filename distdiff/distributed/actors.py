@@ -18,6 +18,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from distdiff.config import Config, ConfigError
 from distdiff.data.windows import Batch
 from distdiff.distributed.learner import Learner
+from distdiff.distributed.messages import TrainStats
 from distdiff.distributed.replay import Replay
 from distdiff.distributed.worker import RolloutWorker
 from distdiff.provenance import DRIVER_CODE, check_same_code
@@ -55,7 +56,7 @@ class RayReplay(NodeIdMixin, Replay):
 class RayLearner(NodeIdMixin, Learner):
     """A Learner that can say which node it runs on, and trains on RayReplay's batches."""
 
-    def train(self, batches: List[Batch]):
+    def train(self, batches: List[Batch]) -> TrainStats:
         return super().train([Batch.from_numpy(batch) for batch in batches])
 
 
