@@ -1,6 +1,7 @@
 """Ray Tune sweeps of distdiff training over any config field (β schedule, guidance scale, ...).
 
     python launch/tune.py --config configs/tune.yaml [--num-samples N] [--max-concurrent M]
+    python launch/tune.py --config configs/tune_prior.yaml   # phase 2 over one trained prior (init:)
     tensorboard --logdir runs/tune          # every trial side by side
 
 Each trial runs launch/train.py's training as a function inside its own placement group.
