@@ -428,8 +428,11 @@ def misfit(state: Dict[str, object], cfg: Config, error: Exception) -> Checkpoin
         differ = _differences(state, cfg)
     except (KeyError, ConfigError):
         differ = []
-    detail = "; ".join(differ) if differ else str(error).strip().splitlines()[0]
-    return CheckpointError(f"checkpoint does not fit this model config: {detail}")
+    return _does_not_fit(differ or [str(error).strip().splitlines()[0]])
+
+
+def _does_not_fit(details: List[str]) -> CheckpointError:
+    return CheckpointError(f"checkpoint does not fit this model config: {'; '.join(details)}")
 
 
 def check_made_with(state: Dict[str, object], cfg: Config) -> None:
@@ -438,7 +441,7 @@ def check_made_with(state: Dict[str, object], cfg: Config) -> None:
     check_env(state, cfg)
     differ = _differences(state, cfg)  # first: model.horizon is also part of the value target
     if differ:
-        raise CheckpointError(f"checkpoint does not fit this model config: {'; '.join(differ)}")
+        raise _does_not_fit(differ)
     check_value_target(state, cfg)
 
 
