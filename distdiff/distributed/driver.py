@@ -370,6 +370,24 @@ class OnlineRun:
         self.stop_evaluation = threading.Event()  # asked before each of its plans
         self.evaluated: Optional[Tuple[int, int, Dict[str, object]]] = None  # the last one's learner step, update, result
         self._best: Optional[Dict[str, object]] = None  # best_so_far(), once read
+        # The loop's state (run() sets the rest as it starts):
+        self.interrupted: Optional[Interrupt] = None
+        self.collecting = False  # rollouts start: budget is left and no Ctrl-C came
+        self.draining = False  # after a Ctrl-C: the rollouts in flight are collected, nothing new starts
+        self.promised: Dict[ray.ObjectRef, int] = {}  # env steps of the budget each running rollout may take
+        self.parked: List[int] = []  # workers waiting for the learner to catch up, or for budget
+        self.faults = WorkerFaults(len(self.workers), cfg.online.actor_max_restarts)
+        self.said_slow = False  # that evaluations come due faster than they end
+        self.figure_due = False  # a plan-vs-real figure, drawn once the next learner call is in flight
+        self.due_checkpoint: Optional[PendingCheckpoint] = None  # written once the next learner call is in flight
+        self.size_ref: Optional[ray.ObjectRef] = None  # the replay's size, asked with the learner's call in flight
+        self.ahead: Optional[ray.ObjectRef] = None  # a full call's batches, sampled ahead for the next call
+        self.next_ckpt = self.next_fig = 0  # the update at which each comes due
+        self.next_eval: Optional[int] = None
+        self.t0 = 0.0  # when the loop started: the wall-time budget counts from it
+        self.env_rate: Optional[RecentRate] = None
+        self.update_rate: Optional[RecentRate] = None
+        self.bar: Optional[tqdm] = None
 
     def start_actors(self, cfg: Config, res: actors.Resources, state: Dict[str, object], offline_episodes,
                      counters: Counters, replay_state: Optional[Dict[str, object]], resumed: bool) -> None:
@@ -743,235 +761,253 @@ class OnlineRun:
         """Algorithm 2 until the budget is spent. Once ``interrupted`` is set (see
         :func:`deferred_interrupt`) it starts nothing new and raises KeyboardInterrupt when the
         rollouts and the evaluation in flight are in, or at its next turn once
-        ``interrupted.again`` is set."""
+        ``interrupted.again`` is set. Once per OnlineRun: the loop's state starts in __init__."""
         o, c = self.cfg.online, self.counters
+        self.interrupted = interrupted
         self.broadcast()
-        collecting = self.budget_left(time.perf_counter())
+        self.collecting = self.budget_left(time.perf_counter())
         # (With nothing left to train, the final evaluation that follows judges the same weights.)
-        if self.evaluate_first and (collecting or self.may_train(collecting, time.perf_counter())
+        if self.evaluate_first and (self.collecting or self.may_train(self.collecting, time.perf_counter())
                                     and self.owed_updates() >= 1):
             self.log(f"evaluation: the run stopped during the one at update {c.updates}, which runs again first")
             self.start_evaluation()
         self.evaluate_first = False
-        if collecting:
+        if self.collecting:
             self.log_budget_share()
-        rollouts = self.rollouts
-        promised: Dict[ray.ObjectRef, int] = {}  # env steps of the budget each running rollout may take
-        parked: List[int] = []  # workers waiting for the learner to catch up, or for budget
-        faults = WorkerFaults(len(self.workers), o.actor_max_restarts)
-        draining = False  # after a Ctrl-C: the rollouts in flight are collected, nothing new starts
-        said_slow = False  # that evaluations come due faster than they end
-        figure_due = False  # a plan-vs-real figure, drawn once the next learner call is in flight
-        due_checkpoint: Optional[PendingCheckpoint] = None  # written once the next learner call is in flight
-        size_ref = None
-        ahead: Optional[ray.ObjectRef] = None  # a full call's batches, sampled ahead for the next call
-        t0 = time.perf_counter()
-        env_rate, update_rate = RecentRate(t0, c.env_steps), RecentRate(t0, c.updates)
-        def after(every: int) -> int:
-            """The first multiple of ``every`` past the updates so far: a resumed run keeps its
-            schedule, and what came due late (during an evaluation) comes once."""
-            return (c.updates // every + 1) * every
-
-        next_ckpt, next_fig = after(o.checkpoint_every), after(o.figure_every)
-        next_eval = after(o.eval_every) if o.eval_every else None
-        bar = progress_bar(total=o.env_steps or None, initial=c.env_steps, desc="online", unit="step",
-                           disable=not self.progress)
-
-        def stopping() -> bool:
-            return interrupted is not None and interrupted.is_set()
-
-        def submit(i: int) -> None:
-            if stopping():
-                return  # (the loop drains what runs at its next turn)
-            if self.owed_updates() > o.max_update_lag:
-                parked.append(i)
-                return
-            share = None
-            if o.env_steps:
-                free = o.env_steps - c.env_steps - sum(promised.values())
-                share = self.rollout_share(free, len(self.workers) - len(self.dropped) - len(rollouts))
-                if share.envs == 0:
-                    parked.append(i)
-                    return
-            cut = {} if share is None else {"max_steps": share.max_steps, "n_envs": share.envs}
-            ref = self.start_rollout(i, **cut)
-            if share is not None:
-                promised[ref] = share.envs * share.max_steps
-
-        def submit_parked() -> None:
-            waiting_workers, parked[:] = list(parked), []
-            for i in waiting_workers:
-                submit(i)
-
-        def train_more() -> None:
-            nonlocal size_ref, ahead
-            owed = self.owed_updates()
-            if self.train_ref is None and owed >= 1 and not stopping() and self.may_train(collecting, t0) \
-                    and self.has_training_data():
-                n = min(o.updates_per_call, owed)
-                # Batches sampled ahead are a full call's; a shorter call (the last owed
-                # updates) samples its own.
-                batches = ahead if ahead is not None and n == o.updates_per_call else self.replay.sample.remote(
-                    n, self.cfg.train.batch_size)
-                self.train_ref = self.learner.train.remote(batches)
-                size_ref = self.replay.size.remote()
-                # The next call's batches, sampled while this one trains: after new episodes the
-                # replay joins its windows first (~14 ms at 200k transitions, 64 ms at 1M, on
-                # top of 7-9 ms for the sample), which a GPU learner would otherwise wait for.
-                ahead = self.replay.sample.remote(o.updates_per_call, self.cfg.train.batch_size)
-
-        def rollout_failed(i: int, e: RayError) -> None:
-            """Count a failed rollout (a death once, not each call that fails while Ray restarts
-            the worker) and retry its worker after a pause, or drop it."""
-            self.handed[i] = -1  # whatever it holds now, its next rollout brings the newest weights
-            verdict = faults.failed(i, e, time.perf_counter(), retry=not stopping())
-            if verdict.restart:
-                c.worker_restarts += 1
-                self.log(f"rollout actor {i} {verdict.what} (restart #{c.worker_restarts})")
-            elif verdict.lost:
-                c.failed_rollouts += 1
-                if verdict.first:
-                    self.log(f"rollout actor {i} {verdict.what}")
-            if verdict.drop is not None:
-                self.drop(i, verdict.drop)
-            elif verdict.notice is not None:
-                self.log(f"rollout actor {i} {verdict.notice}")
-            if collecting:
-                # The failed rollout's promise is free again: a worker parked for want of budget
-                # takes it (else a dropped worker's share would leave the run stopped short).
-                submit_parked()
-
-        if collecting:
+        self.t0 = time.perf_counter()
+        self.env_rate, self.update_rate = RecentRate(self.t0, c.env_steps), RecentRate(self.t0, c.updates)
+        self.next_ckpt, self.next_fig = self.after(o.checkpoint_every), self.after(o.figure_every)
+        self.next_eval = self.after(o.eval_every) if o.eval_every else None
+        self.bar = progress_bar(total=o.env_steps or None, initial=c.env_steps, desc="online", unit="step",
+                                disable=not self.progress)
+        if self.collecting:
             for i in range(len(self.workers)):
-                submit(i)
+                self.submit(i)
         # Before the loop: a run resumed from a checkpoint taken while the learner lagged has
         # every worker parked, and only the learner's owed updates can start it.
-        train_more()
-
-        def take_evaluation() -> None:
-            """Take the evaluation in flight if it has ended. One that failed stops the run,
-            after a checkpoint of the training done while it ran (no checkpoint waits for it
-            any more)."""
-            if self.evaluation is None or not self.evaluation.result.done():
-                return
-            try:
-                self.finish_evaluation()
-            except RunFailed:
-                self.checkpoint()
-                raise
-
-        while rollouts or self.train_ref is not None or faults.waiting or self.evaluation is not None:
-            take_evaluation()
-            if stopping() and interrupted.again.is_set():
-                raise KeyboardInterrupt  # here, between results: the checkpoint follows
-            if stopping() and not draining:
-                # Their steps are mostly collected already: keep them rather than run them again
-                # after the resume. A second Ctrl-C stops the wait (the checkpoint still follows).
-                draining, collecting = True, False
-                faults.cancel_retries()
-                what = ([f"the {_count(len(rollouts), 'rollout')} in flight (to keep their steps)"] if rollouts else []) \
-                    + (["the evaluation in flight (to keep its result)"] if self.evaluation is not None else [])
-                if what:
-                    self.log(f"interrupted: waiting for {' and '.join(what)} (Ctrl-C again to stop without them)")
-            waiting = list(rollouts) + ([self.train_ref] if self.train_ref is not None else [])
-            # The learner's call first when it is done: a driver with results queued up must not
-            # keep the learner (a GPU) waiting, and which of several ready refs ray.wait picks
-            # is not their order in the list.
-            ready = ray.wait([self.train_ref], timeout=0)[0] if self.train_ref is not None else []
-            if not ready and waiting:
-                # A bounded wait: a Ctrl-C only sets a flag, which a wait for one long rollout
-                # would leave unread.
-                short = faults.waiting or self.evaluation is not None
-                ready, _ = ray.wait(waiting, num_returns=1, timeout=0.25 if short else 1.0)
-            now = time.perf_counter()
-            self.kill_overdue(now)
-            for i in faults.due(now):
-                if collecting:
-                    submit(i)
-            if not ready:
-                if not waiting:
-                    time.sleep(0.25)
-                continue
-            ref = ready[0]
-            if ref is self.train_ref:
-                stats = self.settle_training()
-                self.check_adds()
-                self.log_train(stats, ray.get(size_ref), update_rate)
-                # Counted from the last broadcast, an evaluation's included.
-                if c.updates - self.published_at >= o.broadcast_every:
-                    self.broadcast()
-                if c.updates >= next_fig:
-                    figure_due = True
-                    next_fig = after(o.figure_every)
-                # While an evaluation runs, checkpoint.pt must stay the weights it evaluates (its
-                # result may copy it to best.pt, or report it to Tune): what comes due meanwhile
-                # waits for the first learner call after it ends, once however many came due.
-                take_evaluation()
-                idle = self.evaluation is None
-                eval_due = next_eval is not None and c.updates >= next_eval and not stopping()
-                if eval_due and not idle and not said_slow:
-                    said_slow = True
-                    self.log(f"evaluations come due faster than they end (the one at update "
-                             f"{self.evaluation.at['updates']} still runs at update {c.updates}): each starts with the "
-                             f"first learner call after the one before it ended; raise online.eval_every (now "
-                             f"{o.eval_every}) for evenly spaced ones")
-                eval_due = eval_due and idle
-                if idle and c.updates >= next_ckpt:
-                    if not eval_due:  # an evaluation writes its own checkpoint first
-                        due_checkpoint = self.request_checkpoint()
-                    next_ckpt = after(o.checkpoint_every)
-                if eval_due:
-                    self.start_evaluation()
-                    next_eval = after(o.eval_every)
-                collecting = collecting and self.budget_left(t0)
-                if collecting:
-                    submit_parked()
-            else:
-                i = rollouts.pop(ref)
-                promised.pop(ref, None)
-                self.submitted.pop(ref, None)
-                try:
-                    result = ray.get(ref)
-                except RayError as e:
-                    rollout_failed(i, e)
-                    continue
-                faults.delivered(i)
-                c.env_rebuilds += result.env_rebuilds
-                self.adds.append(self.replay.add_rollout.remote(ref))
-                c.env_steps += result.env_steps
-                c.episodes += len(result.episodes)
-                bar.update(result.env_steps)
-                self.log_rollout(result, env_rate)
-                collecting = collecting and self.budget_left(t0)
-                if collecting:
-                    # An episode that ended early (a fall) leaves its share of the budget to others.
-                    submit(i)
-                    submit_parked()
-            train_more()
-            if due_checkpoint is not None:
-                # Written (up to ~45 MB, seconds on a slow disk) while the learner trains on.
-                self.write_checkpoint(due_checkpoint)
-                due_checkpoint = None
-            if figure_due:
-                # Drawn (about half a second of the driver) while the learner's next call runs,
-                # not before it starts.
-                figure_due = False
-                self.log_figure()
-        bar.close()
-        if stopping():  # (set while the last rollout ran, the loop may end before it drains)
+        self.train_more()
+        while self.rollouts or self.train_ref is not None or self.faults.waiting or self.evaluation is not None:
+            self.turn()
+        self.bar.close()
+        # Not kept through the final evaluation: a full call's batches held in the object store.
+        self.ahead = self.size_ref = None
+        if self.stopping():  # (set while the last rollout ran, the loop may end before it drains)
             raise KeyboardInterrupt
-        if collecting:
+        if self.collecting:
             # Nothing runs any more, and the budget is not spent. The learner and the replay
             # are sound: a resume (with working rollout actors) goes on from what they hold.
             self.checkpoint()
-            if parked and not self.has_training_data():
+            if self.parked and not self.has_training_data():
                 raise RunFailed(f"the replay refused every episode collected ({c.episodes}: NaN or infinite values) "
                                 f"and there is no offline data (online.offline_ratio 0): the learner has nothing "
                                 f"to train on")
-            if parked:
+            if self.parked:
                 raise RunFailed("rollouts are parked but neither the learner nor any rollout is running")
             raise RunFailed("no rollout actor is left alive")
         self.broadcast()
+
+    def turn(self) -> None:
+        """One turn of the loop: take one result (the learner's call first when it is done),
+        start what it lets start, and write what came due while the learner trains on."""
+        self.take_evaluation()
+        if self.stopping() and self.interrupted.again.is_set():
+            raise KeyboardInterrupt  # here, between results: the checkpoint follows
+        if self.stopping() and not self.draining:
+            self.start_draining()
+        waiting = list(self.rollouts) + ([self.train_ref] if self.train_ref is not None else [])
+        # The learner's call first when it is done: a driver with results queued up must not
+        # keep the learner (a GPU) waiting, and which of several ready refs ray.wait picks
+        # is not their order in the list.
+        ready = ray.wait([self.train_ref], timeout=0)[0] if self.train_ref is not None else []
+        if not ready and waiting:
+            # A bounded wait: a Ctrl-C only sets a flag, which a wait for one long rollout
+            # would leave unread.
+            short = self.faults.waiting or self.evaluation is not None
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=0.25 if short else 1.0)
+        now = time.perf_counter()
+        self.kill_overdue(now)
+        for i in self.faults.due(now):
+            if self.collecting:
+                self.submit(i)
+        if not ready:
+            if not waiting:
+                time.sleep(0.25)
+            return
+        if ready[0] is self.train_ref:
+            self.take_training()
+        elif not self.take_rollout(ready[0]):
+            return
+        self.train_more()
+        if self.due_checkpoint is not None:
+            # Written (up to ~45 MB, seconds on a slow disk) while the learner trains on.
+            self.write_checkpoint(self.due_checkpoint)
+            self.due_checkpoint = None
+        if self.figure_due:
+            # Drawn (about half a second of the driver) while the learner's next call runs,
+            # not before it starts.
+            self.figure_due = False
+            self.log_figure()
+
+    def after(self, every: int) -> int:
+        """The first multiple of ``every`` past the updates so far: a resumed run keeps its
+        schedule, and what came due late (during an evaluation) comes once."""
+        return (self.counters.updates // every + 1) * every
+
+    def stopping(self) -> bool:
+        return self.interrupted is not None and self.interrupted.is_set()
+
+    def start_draining(self) -> None:
+        """After a Ctrl-C: collect the rollouts in flight, start nothing new. Their steps are
+        mostly collected already: kept rather than run again after the resume. A second Ctrl-C
+        stops the wait (the checkpoint still follows)."""
+        self.draining, self.collecting = True, False
+        self.faults.cancel_retries()
+        what = ([f"the {_count(len(self.rollouts), 'rollout')} in flight (to keep their steps)"] if self.rollouts else []) \
+            + (["the evaluation in flight (to keep its result)"] if self.evaluation is not None else [])
+        if what:
+            self.log(f"interrupted: waiting for {' and '.join(what)} (Ctrl-C again to stop without them)")
+
+    def submit(self, i: int) -> None:
+        """Worker ``i``'s next rollout, with its share of the env-step budget; parked instead
+        while the learner lags or no budget is free."""
+        o, c = self.cfg.online, self.counters
+        if self.stopping():
+            return  # (the loop drains what runs at its next turn)
+        if self.owed_updates() > o.max_update_lag:
+            self.parked.append(i)
+            return
+        share = None
+        if o.env_steps:
+            free = o.env_steps - c.env_steps - sum(self.promised.values())
+            share = self.rollout_share(free, len(self.workers) - len(self.dropped) - len(self.rollouts))
+            if share.envs == 0:
+                self.parked.append(i)
+                return
+        cut = {} if share is None else {"max_steps": share.max_steps, "n_envs": share.envs}
+        ref = self.start_rollout(i, **cut)
+        if share is not None:
+            self.promised[ref] = share.envs * share.max_steps
+
+    def submit_parked(self) -> None:
+        waiting_workers, self.parked = self.parked, []
+        for i in waiting_workers:
+            self.submit(i)
+
+    def train_more(self) -> None:
+        """Start the learner's next call if none runs and updates are owed."""
+        o = self.cfg.online
+        owed = self.owed_updates()
+        if self.train_ref is None and owed >= 1 and not self.stopping() and self.may_train(self.collecting, self.t0) \
+                and self.has_training_data():
+            n = min(o.updates_per_call, owed)
+            # Batches sampled ahead are a full call's; a shorter call (the last owed
+            # updates) samples its own.
+            batches = self.ahead if self.ahead is not None and n == o.updates_per_call \
+                else self.replay.sample.remote(n, self.cfg.train.batch_size)
+            self.train_ref = self.learner.train.remote(batches)
+            self.size_ref = self.replay.size.remote()
+            # The next call's batches, sampled while this one trains: after new episodes the
+            # replay joins its windows first (~14 ms at 200k transitions, 64 ms at 1M, on
+            # top of 7-9 ms for the sample), which a GPU learner would otherwise wait for.
+            self.ahead = self.replay.sample.remote(o.updates_per_call, self.cfg.train.batch_size)
+
+    def take_training(self) -> None:
+        """The learner's call is done: count and log it, broadcast and evaluate as they come
+        due, ask for the checkpoint and mark the figure that :meth:`turn` writes and draws once
+        the next call is in flight, and restart the parked workers."""
+        o, c = self.cfg.online, self.counters
+        stats = self.settle_training()
+        self.check_adds()
+        self.log_train(stats, ray.get(self.size_ref), self.update_rate)
+        # Counted from the last broadcast, an evaluation's included.
+        if c.updates - self.published_at >= o.broadcast_every:
+            self.broadcast()
+        if c.updates >= self.next_fig:
+            self.figure_due = True
+            self.next_fig = self.after(o.figure_every)
+        # While an evaluation runs, checkpoint.pt must stay the weights it evaluates (its
+        # result may copy it to best.pt, or report it to Tune): what comes due meanwhile
+        # waits for the first learner call after it ends, once however many came due.
+        self.take_evaluation()
+        idle = self.evaluation is None
+        eval_due = self.next_eval is not None and c.updates >= self.next_eval and not self.stopping()
+        if eval_due and not idle and not self.said_slow:
+            self.said_slow = True
+            self.log(f"evaluations come due faster than they end (the one at update "
+                     f"{self.evaluation.at['updates']} still runs at update {c.updates}): each starts with the "
+                     f"first learner call after the one before it ended; raise online.eval_every (now "
+                     f"{o.eval_every}) for evenly spaced ones")
+        eval_due = eval_due and idle
+        if idle and c.updates >= self.next_ckpt:
+            if not eval_due:  # an evaluation writes its own checkpoint first
+                self.due_checkpoint = self.request_checkpoint()
+            self.next_ckpt = self.after(o.checkpoint_every)
+        if eval_due:
+            self.start_evaluation()
+            self.next_eval = self.after(o.eval_every)
+        self.collecting = self.collecting and self.budget_left(self.t0)
+        if self.collecting:
+            self.submit_parked()
+
+    def take_rollout(self, ref: ray.ObjectRef) -> bool:
+        """A rollout ended: store and log its episodes and start the worker's next one; False
+        when it failed."""
+        c = self.counters
+        i = self.rollouts.pop(ref)
+        self.promised.pop(ref, None)
+        self.submitted.pop(ref, None)
+        try:
+            result = ray.get(ref)
+        except RayError as e:
+            self.rollout_failed(i, e)
+            return False
+        self.faults.delivered(i)
+        c.env_rebuilds += result.env_rebuilds
+        self.adds.append(self.replay.add_rollout.remote(ref))
+        c.env_steps += result.env_steps
+        c.episodes += len(result.episodes)
+        self.bar.update(result.env_steps)
+        self.log_rollout(result, self.env_rate)
+        self.collecting = self.collecting and self.budget_left(self.t0)
+        if self.collecting:
+            # An episode that ended early (a fall) leaves its share of the budget to others.
+            self.submit(i)
+            self.submit_parked()
+        return True
+
+    def rollout_failed(self, i: int, e: RayError) -> None:
+        """Count a failed rollout (a death once, not each call that fails while Ray restarts
+        the worker) and retry its worker after a pause, or drop it."""
+        c = self.counters
+        self.handed[i] = -1  # whatever it holds now, its next rollout brings the newest weights
+        verdict = self.faults.failed(i, e, time.perf_counter(), retry=not self.stopping())
+        if verdict.restart:
+            c.worker_restarts += 1
+            self.log(f"rollout actor {i} {verdict.what} (restart #{c.worker_restarts})")
+        elif verdict.lost:
+            c.failed_rollouts += 1
+            if verdict.first:
+                self.log(f"rollout actor {i} {verdict.what}")
+        if verdict.drop is not None:
+            self.drop(i, verdict.drop)
+        elif verdict.notice is not None:
+            self.log(f"rollout actor {i} {verdict.notice}")
+        if self.collecting:
+            # The failed rollout's promise is free again: a worker parked for want of budget
+            # takes it (else a dropped worker's share would leave the run stopped short).
+            self.submit_parked()
+
+    def take_evaluation(self) -> None:
+        """Take the evaluation in flight if it has ended. One that failed stops the run,
+        after a checkpoint of the training done while it ran (no checkpoint waits for it
+        any more)."""
+        if self.evaluation is None or not self.evaluation.result.done():
+            return
+        try:
+            self.finish_evaluation()
+        except RunFailed:
+            self.checkpoint()
+            raise
 
     def stop_evaluating(self) -> None:
         """Stop the evaluation in flight, if any, before its next plan: its result is not wanted
