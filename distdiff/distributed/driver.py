@@ -30,7 +30,7 @@ from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoin
 from distdiff.cli import Interrupt, deferred_interrupt, progress_bar
 from distdiff.files import write_json
 from distdiff.config import Config
-from distdiff.data.minari_io import normalized_score, reference_scores
+from distdiff.data.minari_io import LoadedDataset, normalized_score, reference_scores
 from distdiff.distributed import actors
 from distdiff.distributed.faults import WorkerFaults, cause
 from distdiff.distributed.messages import RolloutResult, TrainStats
@@ -862,8 +862,8 @@ class OnlineRun:
         stops the wait (the checkpoint still follows)."""
         self.draining, self.collecting = True, False
         self.faults.cancel_retries()
-        what = ([f"the {_count(len(self.rollouts), 'rollout')} in flight (to keep their steps)"] if self.rollouts else []) \
-            + (["the evaluation in flight (to keep its result)"] if self.evaluation is not None else [])
+        what = [f"the {_count(len(self.rollouts), 'rollout')} in flight (to keep their steps)"] * bool(self.rollouts) \
+            + ["the evaluation in flight (to keep its result)"] * (self.evaluation is not None)
         if what:
             self.log(f"interrupted: waiting for {' and '.join(what)} (Ctrl-C again to stop without them)")
 
@@ -1009,6 +1009,36 @@ class OnlineRun:
             self.checkpoint()
             raise
 
+    def keep_on_interrupt(self) -> None:
+        """After a Ctrl-C: keep what the run did for ``--resume``. An evaluation in flight is
+        stopped; it keeps its result if it ended meanwhile, else its checkpoint stays the run's.
+        Otherwise the learner's and the replay's state are checkpointed."""
+        # Saved with Ctrl-C deferred again: one pressed meanwhile must not raise inside a write.
+        with deferred_interrupt():
+            evaluation = self.evaluation
+            if evaluation is not None:
+                self.stop_evaluating()  # (returns at once if it has ended)
+                error = evaluation.result.exception() if evaluation.result.done() else EvaluationStopped("playing")
+                if error is None:
+                    self.finish_evaluation()  # it ended meanwhile: its result is kept
+                    evaluation = None
+                elif not isinstance(error, EvaluationStopped):
+                    self.log(f"the evaluation at update {evaluation.at['updates']} failed: "
+                             f"{type(error).__name__}: {error}")
+                    evaluation = None
+            if evaluation is not None:
+                # Stopped without its result: checkpoint.pt is still the one it was judging,
+                # marked so, and stays the run's, or those weights could never be judged again.
+                self.log(f"interrupted during the evaluation at update {evaluation.at['updates']}: its checkpoint "
+                         f"stays the run's, and the evaluation runs first on --resume {self.run_dir} (the "
+                         f"{_count(self.counters.updates - evaluation.at['updates'], 'update')} since are done again)")
+            else:
+                self.log(f"interrupted: saving a checkpoint; resume with --resume {self.run_dir}")
+                try:
+                    self.checkpoint()
+                except RayError as e:  # the learner or the replay died meanwhile: the last checkpoint stays
+                    raise RunFailed(f"the checkpoint on interrupt failed, an actor of the run died: {cause(e)}") from e
+
     def stop_evaluating(self) -> None:
         """Stop the evaluation in flight, if any, before its next plan: its result is not wanted
         any more (the run ends), and it would compete for the CPUs with what remains."""
@@ -1025,6 +1055,29 @@ class OnlineRun:
             # one that stopped the run was already raised.
             with contextlib.suppress(OSError):
                 self.writer.close()
+
+
+def pretrain_phase(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool, log: Callable[[str], None],
+                   progress: bool) -> Tuple[Config, Dict[str, object], LoadedDataset]:
+    """Phase 1 of :func:`train`, into ``run_dir/pretrain`` (continued there on ``resume``): the
+    config with its data's dims, the prior's checkpoint, and the data."""
+    # A cluster too small for the actors fails now, not after pretraining.
+    checked_resources(cfg, log)
+    # A resume of a run stopped in phase 1 continues pretraining from its own checkpoint.
+    log(f"{'resuming ' if resume else ''}phase 1: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps)")
+    data = load_data(cfg)
+    cfg = trained_on(cfg, data)
+    resolve_device(cfg.train.device)  # (a device that is not there fails before the old run goes)
+    if overwrite:
+        clear_run(run_dir)
+    state = load_checkpoint(pretrain(cfg, run_dir / PRETRAIN, resume=resume, quiet=not progress, data=data))
+    import torch
+
+    if torch.cuda.is_initialized():
+        # Phase 1 trained on a GPU in this process: its cached blocks go back before the
+        # learner, which Ray may give the same GPU without counting them, starts.
+        torch.cuda.empty_cache()
+    return cfg, state, data
 
 
 def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None,
@@ -1058,22 +1111,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         raise RunFailed(cause(e)) from e
     replay_state = data = None
     if init is None and (not resume or resume_checkpoint(run_dir) != run_dir / CHECKPOINT):
-        # A cluster too small for the actors fails now, not after pretraining.
-        checked_resources(cfg, log)
-        # A resume of a run stopped in phase 1 continues pretraining from its own checkpoint.
-        log(f"{'resuming ' if resume else ''}phase 1: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps)")
-        data = load_data(cfg)
-        cfg = trained_on(cfg, data)
-        resolve_device(cfg.train.device)  # (a device that is not there fails before the old run goes)
-        if overwrite:
-            clear_run(run_dir)
-        state = load_checkpoint(pretrain(cfg, run_dir / PRETRAIN, resume=resume, quiet=not progress, data=data))
-        import torch
-
-        if torch.cuda.is_initialized():
-            # Phase 1 trained on a GPU in this process: its cached blocks go back before the
-            # learner, which Ray may give the same GPU without counting them, starts.
-            torch.cuda.empty_cache()
+        cfg, state, data = pretrain_phase(cfg, run_dir, resume=resume, overwrite=overwrite, log=log, progress=progress)
         counters = Counters()
     elif resume:
         state = load_checkpoint(run_dir / CHECKPOINT)
@@ -1137,30 +1175,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         # the loop).
         raise RunFailed(f"an actor of the run died: {cause(e)}") from e
     except KeyboardInterrupt:
-        # Saved with Ctrl-C deferred again: one pressed meanwhile must not raise inside a write.
-        with deferred_interrupt():
-            evaluation = run.evaluation
-            if evaluation is not None:
-                run.stop_evaluating()  # (returns at once if it has ended)
-                error = evaluation.result.exception() if evaluation.result.done() else EvaluationStopped("playing")
-                if error is None:
-                    run.finish_evaluation()  # it ended meanwhile: its result is kept
-                    evaluation = None
-                elif not isinstance(error, EvaluationStopped):
-                    log(f"the evaluation at update {evaluation.at['updates']} failed: {type(error).__name__}: {error}")
-                    evaluation = None
-            if evaluation is not None:
-                # Stopped without its result: checkpoint.pt is still the one it was judging,
-                # marked so, and stays the run's, or those weights could never be judged again.
-                log(f"interrupted during the evaluation at update {evaluation.at['updates']}: its checkpoint stays "
-                    f"the run's, and the evaluation runs first on --resume {run_dir} (the "
-                    f"{_count(run.counters.updates - evaluation.at['updates'], 'update')} since are done again)")
-            else:
-                log(f"interrupted: saving a checkpoint; resume with --resume {run_dir}")
-                try:
-                    run.checkpoint()
-                except RayError as e:  # the learner or the replay died meanwhile: the last checkpoint stays
-                    raise RunFailed(f"the checkpoint on interrupt failed, an actor of the run died: {cause(e)}") from e
+        run.keep_on_interrupt()
         raise
     finally:
         run.close()
