@@ -21,7 +21,7 @@ import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import ray
 from ray import tune
@@ -178,11 +178,9 @@ def _check_metric(spec: SweepSpec, configs: List[Config]) -> List[str]:
     return []
 
 
-def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
-    """Read and check a sweep file, with ``overrides`` of its options (the command line's
-    ``num_samples`` and ``max_concurrent``; None: the file's); every problem is reported before
-    any trial starts."""
-    path = Path(path)
+def _read_spec(path: Path, overrides: Dict[str, Any]) -> Tuple[SweepSpec, List[str]]:
+    """The sweep file's options, of the right types, with its ``base`` and ``init`` read; the
+    problems found so far (raised at once where the options could not be read)."""
     raw = config_lib.read(path, what="sweep file")
     if not isinstance(raw, dict):
         raise ConfigError(f"sweep file {path} must be a mapping of sweep options, got {type(raw).__name__}")
@@ -224,6 +222,13 @@ def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
         else:
             if spec.base is None:
                 spec.base_yaml = spec.init_state["config"]
+    return spec, errors
+
+
+def _option_errors(spec: SweepSpec) -> List[str]:
+    """What is wrong with the sweep's options, each on its own: values, field names, scheduler
+    options."""
+    errors: List[str] = []
     if spec.max_failures < 0:
         # (Tune's -1, no end, would retry an error of the trial's own for ever.)
         errors.append(f"max_failures must be >= 0, got {spec.max_failures}")
@@ -272,8 +277,12 @@ def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
             # too, while the trial's placement group keeps the size it started with.
             errors.append("space: online.num_actors sizes a trial's placement group when it starts, and PBT copies "
                           "it between trials; fix it under `fixed`, or sweep it with asha or fifo")
-    if errors:
-        raise ConfigError("invalid sweep:\n  " + "\n  ".join(errors))
+    return errors
+
+
+def _example_configs(spec: SweepSpec) -> List[Config]:
+    """The trial configs of the space's example values, the base config's first; raises on
+    the first that is not trainable (or, with ``init``, that its checkpoint does not fit)."""
     # Unknown field names and invalid values fail here, not in a trial an hour later; so do
     # values that are valid alone but not together (diffusion.n_steps 4 with planner.ddim_steps 8):
     # every example value of each domain (its values, or its bounds) alone and with every one of
@@ -299,6 +308,18 @@ def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
             planner_from_checkpoint(spec.init_state, configs[0])  # its weights load (the fields above are the same)
         except CheckpointError as e:
             raise ConfigError(f"invalid sweep: init {spec.init}: {e}") from None
+    return configs
+
+
+def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
+    """Read and check a sweep file, with ``overrides`` of its options (the command line's
+    ``num_samples`` and ``max_concurrent``; None: the file's); every problem is reported before
+    any trial starts."""
+    spec, errors = _read_spec(Path(path), overrides)
+    errors += _option_errors(spec)
+    if errors:
+        raise ConfigError("invalid sweep:\n  " + "\n  ".join(errors))
+    configs = _example_configs(spec)
     named = {k: getattr(configs[0].online, k.removeprefix("online.")) for k in CUSTOM_RESOURCE_FIELDS}
     errors = [f"{k} is {v!r} (base config or `fixed`): {CUSTOM_RESOURCE_WHY}; set it to '' under `fixed`"
               for k, v in named.items() if v]
