@@ -58,7 +58,7 @@ def main():
     p.add_argument("--eval-episodes", type=int, default=100,
                    help="Evaluation episodes per planner; 10 left score differences of ~10 points within the noise (bench/README.md).")
     p.add_argument("--num-actors", type=int, default=1, help="Phase 2's rollout actors.")
-    p.add_argument("--out", type=Path, default=Path("runs") / "bench-alignment", help="Where the prior's and the aligned run's dirs go.")
+    p.add_argument("--out", type=Path, default=Path("runs") / "bench-alignment", help="Where the prior's and the aligned run's dirs go (a rerun replaces them).")
     p.add_argument("--init", type=Path, default=None, help="Reuse a pretrained checkpoint instead of pretraining.")
     p.add_argument("--aligned", type=Path, default=None,
                    help="With --init: compare with this aligned checkpoint instead of running the online phase.")
@@ -81,7 +81,7 @@ def main():
         "online.envs_per_actor": 4, "online.checkpoint_every": 1000, "online.figure_every": 250, **overrides,
     })
     t0 = time.perf_counter()
-    ckpt = args.init or pretrain(cfg, args.out / "prior", quiet=True)
+    ckpt = args.init or pretrain(cfg, args.out / "prior", quiet=True, overwrite=True)
     t_pretrain = time.perf_counter() - t0
     # Pretraining had the machine to itself; online, the learner shares it with rollout actors,
     # and a second math thread competing with them is far slower than one.
@@ -115,7 +115,8 @@ def main():
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
         # judge() evaluates the aligned planner; the run's own final evaluation would repeat it.
         online_cfg = config_lib.from_dict({"eval": {"episodes": 1, "num_envs": 1}}, cfg)
-        metrics = train(online_cfg, args.out / "aligned", init=ckpt, log=lambda s: print(s, file=sys.stderr), progress=False)
+        metrics = train(online_cfg, args.out / "aligned", init=ckpt, log=lambda s: print(s, file=sys.stderr), progress=False,
+                        overwrite=True)
         ray.shutdown()
     t_online = time.perf_counter() - t1
     aligned = judge(args.aligned or args.out / "aligned" / "checkpoint.pt")

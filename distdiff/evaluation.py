@@ -18,12 +18,20 @@ class EvaluationStopped(Exception):
     """An evaluation's ``stop`` said so before a plan."""
 
 
-def evaluate(planner: Planner, cfg: Config, *, episodes: Optional[int] = None, seed: Optional[int] = None,
-             progress: Optional[Callable[[EpisodeResult], None]] = None,
+def evaluate(planner: Planner, cfg: Optional[Config] = None, *, episodes: Optional[int] = None,
+             seed: Optional[int] = None, progress: Optional[Callable[[EpisodeResult], None]] = None,
              stop: Optional[Callable[[], bool]] = None) -> dict:
-    """Returns, normalized score, falls and alignment error of ``episodes`` episodes. ``stop``
-    is asked before every plan: when it says so, the evaluation raises EvaluationStopped (a run
-    that ends while one runs beside it must not leave it playing)."""
+    """Returns, normalized score, falls and alignment error of ``episodes`` episodes, in the
+    env and with the ``eval.*`` settings of ``cfg`` (by default the config the planner was made
+    from). ``stop`` is asked before every plan: when it says so, the evaluation raises
+    EvaluationStopped (a run that ends while one runs beside it must not leave it playing).
+
+    Episodes are chaotic, and torch's thread count changes their arithmetic: the same planner
+    scores as ``launch/evaluate.py`` and the runs' evaluations only under
+    ``torch.set_num_threads(cfg.train.num_threads)``."""
+    cfg = planner.config if cfg is None else cfg
+    if cfg is None:
+        raise ValueError("this planner was not made from a config (Planner.from_config): pass the config to judge it with")
     episodes = cfg.eval.episodes if episodes is None else episodes
     if episodes < 1:
         raise ValueError(f"an evaluation needs at least one episode, not {episodes}")

@@ -1,4 +1,7 @@
-"""The planner: observations → sampled trajectories → actions."""
+"""The planner: observations → sampled trajectories → actions.
+
+A trained one comes from a checkpoint or run dir: :func:`distdiff.training.planner_from_checkpoint`.
+"""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -33,7 +36,10 @@ class Planner:
         planner: PlannerConfig,
         returns_condition: bool = False,
         device: str | torch.device = "cpu",
+        config: Optional[Config] = None,
     ):
+        """``config``: the whole config the planner was made from, which :func:`distdiff.evaluation.evaluate`
+        judges it with unless given another (:meth:`from_config` sets it)."""
         if (guidance.scale > 0 or guidance.n_candidates > 1) and value is None:
             raise ValueError("guidance and candidate selection need a value network")
         if planner.dynamics_candidates > 1 and dynamics is None:
@@ -46,7 +52,7 @@ class Planner:
         self.normalizer = normalizer
         self.layout = diffusion.layout
         self.state_normalizer = normalizer.slice(self.layout.state_slice)
-        self.guidance, self.cfg = guidance, planner
+        self.guidance, self.cfg, self.config = guidance, planner, config
         self.device = torch.device(device)
         self.model = denoiser
         if returns_condition:
@@ -67,7 +73,7 @@ class Planner:
         return cls(diffusion=diffusion, denoiser=denoiser, value=value if cfg.train.train_value else None,
                    dynamics=dynamics if cfg.train.train_dynamics else None,
                    normalizer=normalizer, guidance=cfg.guidance, planner=cfg.planner,
-                   returns_condition=cfg.model.returns_condition, device=device)
+                   returns_condition=cfg.model.returns_condition, device=device, config=cfg)
 
     def sample(self, cond: torch.Tensor, generator: Optional[torch.Generator] = None):
         if self.cfg.sampler == "ddim":

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, to_cpu
@@ -18,8 +17,8 @@ from distdiff.data.windows import WindowDataset, fit_normalizer
 from distdiff.events import drop_redone, flushed_sizes
 from distdiff.models import layout_of
 from distdiff.normalizer import Normalizer
-from distdiff.rundir import CHECKPOINT, CONFIG, clear_run
-from distdiff.training import Trainer, check_env, resolve_device, seed_everything, value_target_of
+from distdiff.rundir import CHECKPOINT, CONFIG, check_new_run, clear_run
+from distdiff.training import Trainer, check_env, resolve_device, seed_everything, torch_threads, value_target_of
 
 # Non-finite updates in a row that stop pretraining: by then the weights or the data are broken.
 MAX_SKIPPED_IN_A_ROW = 100
@@ -64,16 +63,23 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
 
     ``init``: start from that checkpoint's weights, normalizer and value statistics instead of
     fresh ones (see :meth:`Trainer.init_weights_from`), e.g. to add a return condition to a
-    trained prior. ``overwrite``: clear the run in ``run_dir`` once the inputs have loaded.
+    trained prior. ``overwrite``: clear the run in ``run_dir`` once the inputs have loaded (a
+    ``run_dir`` that holds a run needs ``resume`` or ``overwrite``).
 
     Checkpoints every ``train.checkpoint_every`` steps, at the end, and on Ctrl-C, so an
     interrupted run loses at most one interval and ``resume=True`` continues its step count.
     """
+    config_lib.validate(cfg)  # (a config made in code, e.g. by dataclasses.replace, was never checked)
+    check_new_run(run_dir, resume=resume, overwrite=overwrite)
+    with torch_threads(cfg.train.num_threads):
+        return _pretrain(cfg, Path(run_dir), resume=resume, quiet=quiet, data=data, init=init, overwrite=overwrite)
+
+
+def _pretrain(cfg: Config, run_dir: Path, *, resume: bool, quiet: bool, data: Optional[LoadedDataset],
+              init: Optional[str | Path], overwrite: bool) -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
-    run_dir = Path(run_dir)
     ckpt_path = run_dir / CHECKPOINT
-    torch.set_num_threads(cfg.train.num_threads)
     device = resolve_device(cfg.train.device)
     if resume and init is not None:
         raise ValueError("resume continues this run's own checkpoint; it cannot also start from init")

@@ -46,6 +46,14 @@ def holds_run(run_dir: str | Path) -> bool:
     return resume_checkpoint(run_dir).is_file()
 
 
+def check_new_run(run_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to start a run in ``run_dir`` where one is already, unless it is to be resumed or
+    overwritten: its checkpoints would be replaced and its TensorBoard curves mixed with the new."""
+    if not resume and not overwrite and holds_run(run_dir):
+        raise FileExistsError(f"{run_dir} holds a run already: resume=True continues it, overwrite=True replaces it "
+                              f"(--resume, --overwrite on the command line)")
+
+
 def clear_run(run_dir: str | Path) -> None:
     """Remove what a run wrote in ``run_dir`` and in its phase 1's dir, and nothing else
     (diagnostics such as viz/ stay)."""

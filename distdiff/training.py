@@ -1,17 +1,19 @@
 """The learner's math: denoiser, value and dynamics updates, EMA, checkpoints. No I/O loops here."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
 import random
 import warnings
+from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
 import torch
 
-from distdiff.checkpoint import CheckpointError
+from distdiff.checkpoint import CheckpointError, load_checkpoint
 from distdiff.config import Config, ConfigError, from_dict, net_fields, value_of
 from distdiff.data.minari_io import env_family
 from distdiff.data.windows import Batch
@@ -44,6 +46,18 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op threads set to ``n`` for the block, then back to what they were: a
+    library caller's own torch code after a pretraining or a run keeps its thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def resolve_device(name: str, *, field: str = "train.device", instead: str = "--train.device cpu") -> torch.device:
@@ -445,9 +459,14 @@ def check_made_with(state: Dict[str, object], cfg: Config) -> None:
     check_value_target(state, cfg)
 
 
-def planner_from_checkpoint(state: Dict[str, object], cfg: Optional[Config] = None, device="cpu") -> Planner:
+def planner_from_checkpoint(state: Dict[str, object] | str | Path, cfg: Optional[Config] = None,
+                            device="cpu") -> Planner:
     """A planner with the checkpoint's EMA weights (no optimizers built), blended with the
-    prior's by ``online.prior_weight``."""
+    prior's by ``online.prior_weight``. ``state``: a checkpoint, loaded (:func:`load_checkpoint`)
+    or its path (a run dir means its ``checkpoint.pt``); ``cfg``: how it acts, by default the
+    config it was trained with (only fields that do not make its nets may differ)."""
+    if isinstance(state, (str, Path)):
+        state = load_checkpoint(state)
     cfg = cfg or from_dict(state["config"])
     check_made_with(state, cfg)
     normalizer = Normalizer.from_state_dict(state["normalizer"])

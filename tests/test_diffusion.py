@@ -32,15 +32,19 @@ def _cond(n: int, value: float = 0.3) -> torch.Tensor:
 
 @pytest.mark.parametrize("schedule,n_steps", [("linear", 10), ("cosine", 10), ("sigmoid", 20), ("cosine", 100)])
 @pytest.mark.parametrize("where", ["last", "middle"])
-def test_q_sample_moments(schedule, n_steps, where):
+@pytest.mark.parametrize("fresh_noise", [False, True])
+def test_q_sample_moments(schedule, n_steps, where, fresh_noise):
     d = gaussian_diffusion(schedule, n_steps)
     t_index = n_steps - 1 if where == "last" else n_steps // 2
     a = float(alphas_cumprod64(d)[t_index])
     x_start = torch.full((50_000, 2, 2), 40.0)  # large, so √ᾱ_T·x0 stands out of the noise at t = T−1
     g = torch.Generator().manual_seed(0)
-    noise = torch.randn(x_start.shape, generator=g)
     t = torch.full((x_start.shape[0],), t_index, dtype=torch.long)
-    x_t = d.q_sample(x_start, t, noise).double()
+    if fresh_noise:  # (q_sample draws its own)
+        torch.manual_seed(0)
+        x_t = d.q_sample(x_start, t).double()
+    else:
+        x_t = d.q_sample(x_start, t, torch.randn(x_start.shape, generator=g)).double()
     n = x_t.numel()
     want_mean, want_std = math.sqrt(a) * 40.0, math.sqrt(1 - a)
     assert abs(x_t.mean().item() - want_mean) < 5 * want_std / math.sqrt(n) + 1e-4 * abs(want_mean)

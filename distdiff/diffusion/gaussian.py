@@ -110,7 +110,10 @@ class GaussianDiffusion(nn.Module):
         self.register_buffer("clip_max", clip_max, persistent=False)
 
     # ----- forward process -------------------------------------------------------------
-    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_t ~ q(x_t | x_0): ``x_start`` noised to level ``t`` (fresh noise unless given)."""
+        if noise is None:
+            noise = torch.randn_like(x_start)
         return (
             extract(self.sqrt_alphas_cumprod, t, x_start.shape) * x_start
             + extract(self.sqrt_one_minus_alphas_cumprod, t, x_start.shape) * noise

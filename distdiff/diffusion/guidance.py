@@ -15,7 +15,10 @@ class ValueGuide:
 
     ``scale`` is k; ``n_steps`` gradient steps are taken per denoising step, each followed by
     re-clamping s_0; steps at noise levels ``t < t_stopgrad`` are left unguided; with
-    ``posterior_variance`` given, the gradient is scaled by σ_t² as in Diffuser.
+    ``posterior_variance`` given, the gradient is scaled by σ_t² as in Diffuser. Diffuser's σ_t²
+    is the clipped one, ``diffusion.posterior_log_variance_clipped.exp()`` (as the planner passes
+    it): the true ``posterior_variance`` has σ_0² = 0, which switches guidance off at t = 0,
+    where a 2-step DDIM's only guided step after the starting noise lands.
     """
 
     def __init__(

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from distdiff.cli import Interrupt, deferred_interrupt, progress_bar
+from distdiff.cli import Interrupt, deferred_interrupt, progress_bar, ray_token_available
 from distdiff.files import write_json
 from distdiff.config import Config
 from distdiff.data.minari_io import LoadedDataset, normalized_score, reference_scores
@@ -41,8 +41,8 @@ from distdiff.normalizer import Normalizer
 from distdiff.pretrain import load_data, pretrain, trained_on
 from distdiff.provenance import DRIVER_CODE
 from distdiff.rollout import mean_alignment_error, per_step_alignment_error
-from distdiff.rundir import (BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, PRETRAIN, REPLAY, clear_run,
-                             resume_checkpoint)
+from distdiff.rundir import (BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, PRETRAIN, REPLAY, check_new_run,
+                             clear_run, resume_checkpoint)
 from distdiff.training import planner_from_checkpoint, resolve_device
 
 # An evaluation's figures that go to TensorBoard (eval/…), metrics.json and best.json alike.
@@ -137,8 +137,15 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
             ray.init(address=address, logging_level="warning", runtime_env=runtime_env)
         except (ConnectionError, AuthenticationError) as e:
             token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
-            hint = ("" if token else "; a cluster with token auth (the default where `ray start` found a token) "
-                    "needs its token here: ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
+            if token:
+                hint = ""
+            elif "RAY_AUTH_MODE" not in os.environ and ray_token_available():
+                # (The launch scripts call it first; a notebook or script may import Ray before.)
+                hint = ("; this machine has a token, but Ray was imported before RAY_AUTH_MODE=token was set: call "
+                        "distdiff.cli.default_ray_auth() before anything imports ray, or set RAY_AUTH_MODE=token")
+            else:
+                hint = ("; a cluster with token auth (the default where `ray start` found a token) needs its token "
+                        "here: ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
             raise ClusterUnreachable(f"cannot connect to the Ray cluster at {address}: {cause(e)}{hint}") from e
         log(f"ray: connected to the cluster at {address}: {ray.cluster_resources()}")
         return False
@@ -317,6 +324,8 @@ class OnlineRun:
 
         # Evaluations run in this process: with the threads launch/evaluate.py gives them, so that
         # it judges a checkpoint as the run did (episodes are chaotic; a thread count changes them).
+        # Until close(), which gives a library caller's own torch code its count back.
+        self.threads_before = torch.get_num_threads()
         torch.set_num_threads(cfg.train.num_threads)
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
         # With a progress bar, a message goes above it rather than onto the end of its line.
@@ -344,6 +353,7 @@ class OnlineRun:
         except BaseException:
             # A failure (a replay.pt that does not load, a full object store, a Ctrl-C) leaves
             # no actor holding the cluster's CPUs: a notebook or a Tune trial goes on after it.
+            torch.set_num_threads(self.threads_before)
             try:
                 self.kill_actors()
             finally:
@@ -1047,7 +1057,10 @@ class OnlineRun:
             self.evaluation.thread.join(timeout=60)
 
     def close(self) -> None:
+        import torch
+
         self.stop_evaluating()
+        torch.set_num_threads(self.threads_before)
         try:
             self.kill_actors()
         finally:
@@ -1087,7 +1100,8 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
           own_run_dir: bool = True) -> Dict[str, object]:
     """Phase 1 (pretraining, unless ``init``) then phase 2 (online alignment), then a final
     evaluation; ``resume`` continues the phase the run in ``run_dir`` stopped in, ``overwrite``
-    clears the run there once the inputs have loaded. Needs Ray initialized (see
+    clears the run there once the inputs have loaded (a ``run_dir`` that holds a run needs one of
+    the two). Needs Ray initialized (see
     :func:`connect`). Returns the final metrics, also written to ``metrics.json``;
     ``on_evaluation`` is called with each evaluation's metrics (every ``online.eval_every``
     updates and at the end), after the checkpoint is written.
@@ -1103,7 +1117,9 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     run_dir = Path(run_dir)
     if init_state is not None and init is None:
         raise ValueError("init_state is the contents of init: give both")
+    config_lib.validate(cfg)  # (a config made in code, e.g. by dataclasses.replace, was never checked)
     config_lib.check_trainable(cfg)
+    check_new_run(run_dir, resume=resume, overwrite=overwrite)
     try:
         # Here, not when the first actor starts: that comes after pretraining.
         ray.get(actors.code_check_task.remote(DRIVER_CODE))

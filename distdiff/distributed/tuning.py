@@ -499,7 +499,7 @@ def trial_start(run_dir: Path, restored: Optional[Path]) -> bool:
     for name in (CHECKPOINT, REPLAY):
         if (restored / name).is_file():
             shutil.copy2(restored / name, run_dir / name)
-    return (run_dir / CHECKPOINT).is_file()
+    return holds_run(run_dir)
 
 
 def trial_resources(spec: SweepSpec, params: Dict[str, Any]):
