@@ -265,8 +265,11 @@ def _merge(data: Optional[Dict[str, Any]], base: Optional[Config]):
 def _nest(overrides: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     nested: Dict[str, Dict[str, Any]] = {}
     for key, value in overrides.items():
-        section, _, name = key.partition(".")
-        nested.setdefault(section, {})[name] = value
+        section, dot, name = key.partition(".")
+        if not dot and isinstance(value, dict):  # a section's fields at once: {"guidance": {"scale": 0.1}}
+            nested.setdefault(section, {}).update(value)
+        else:
+            nested.setdefault(section, {})[name] = value
     return nested
 
 
@@ -282,11 +285,14 @@ def read(path: str | Path, what: str = "config file") -> Any:
     return {} if data is None else data
 
 
-def load(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] = None, *, data: Any = None) -> Config:
-    """Load a YAML config (defaults if ``path`` is None), apply dotted overrides, validate.
+def load(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] = None, *, data: Any = None,
+         base: Optional[Config] = None) -> Config:
+    """Load a YAML config (defaults if ``path`` is None), apply overrides (dotted,
+    ``{"guidance.scale": 0.1}``, or by section, ``{"guidance": {"scale": 0.1}}``), validate.
     ``data``: the file's YAML read earlier (:func:`read`), e.g. on another machine; ``path``
-    then only names it in errors."""
-    cfg, errors = Config(), []
+    then only names it in errors. ``base``: what the file and the overrides do not set, instead
+    of the defaults (e.g. a checkpoint's config: ``load(None, overrides, base=planner.config)``)."""
+    cfg, errors = base or Config(), []
     if path is not None:
         if data is None:
             data = read(path)

@@ -253,6 +253,16 @@ def test_overrides_of_a_checkpoints_config_are_typed_too():
         config.from_args(args, base=Config())
 
 
+def test_overrides_by_section_and_onto_a_base_config_as_code_writes_them():
+    base = config.load(ROOT / "configs/smoke.yaml")
+    cfg = config.load(None, {"guidance": {"scale": "0.37", "n_candidates": 2}, "planner.replan_every": 3}, base=base)
+    assert cfg.guidance.scale == 0.37 and cfg.guidance.n_candidates == 2 and cfg.planner.replan_every == 3
+    assert cfg.model == base.model and cfg.train == base.train  # the rest is the base's, not the defaults
+    assert base == config.load(ROOT / "configs/smoke.yaml")  # and the base is left as it was
+    with pytest.raises(ConfigError, match="guidance.n_candidates must be >= 1"):
+        config.load(None, {"guidance": {"n_candidates": 0}}, base=base)
+
+
 def test_the_markdown_table_has_one_row_per_field_with_its_value():
     cfg = config.load(None, {"online.num_actors": 7, "model.dim_mults": [1, 2]})
     rows = config.to_markdown(cfg).splitlines()
