@@ -353,12 +353,7 @@ class OnlineRun:
         except BaseException:
             # A failure (a replay.pt that does not load, a full object store, a Ctrl-C) leaves
             # no actor holding the cluster's CPUs: a notebook or a Tune trial goes on after it.
-            torch.set_num_threads(self.threads_before)
-            try:
-                self.kill_actors()
-            finally:
-                with contextlib.suppress(OSError):
-                    self.writer.close()
+            self.release()
             raise
         # Resumed from the checkpoint of an evaluation that never ended (the run was stopped or
         # killed during it): those weights are judged first, or they could never be best.pt.
@@ -1057,9 +1052,14 @@ class OnlineRun:
             self.evaluation.thread.join(timeout=60)
 
     def close(self) -> None:
+        self.stop_evaluating()
+        self.release()
+
+    def release(self) -> None:
+        """Give back what the run holds: the caller's torch threads, the actors and their CPUs,
+        the event files."""
         import torch
 
-        self.stop_evaluating()
         torch.set_num_threads(self.threads_before)
         try:
             self.kill_actors()
