@@ -1,7 +1,7 @@
 """distdiff: distributed training of diffusion-model trajectory planners for continuous control, on Ray.
 
-The math (``diffusion``, ``nn``, ``models``, ``planner``, ``training``) imports only torch and
-numpy; ``distdiff.distributed`` is the only package that imports ray.
+The math (``layout``, ``diffusion``, ``nn``) imports only torch and numpy; no module outside
+``distdiff.distributed`` imports Ray.
 """
 from importlib.metadata import PackageNotFoundError, version
 

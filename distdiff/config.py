@@ -117,7 +117,7 @@ class TrainConfig:
     checkpoint_every: int = _f(2000, "Gradient steps between checkpoints.")
     seed: int = _f(0, "Seed of torch, numpy and the data sampler.")
     device: str = _f("auto", "auto (cuda when present), cpu or cuda: where pretraining trains. Phase 2's learner runs where online.learner_num_gpus places it.")
-    num_threads: int = _f(1, "torch threads of pretraining and of phase 2's learner (1 is fastest on small machines); rollout actors always use 1.")
+    num_threads: int = _f(1, "torch threads of pretraining, of phase 2's learner (1 is fastest on small machines) and of evaluations (the run's own, launch/evaluate.py): episodes are chaotic, and the thread count changes their arithmetic; rollout actors always use 1.")
     precision: str = _f("fp32", "fp32, or bf16: forward passes under bfloat16 autocast (weights, optimizer and losses stay float32). Pays on GPUs; see bench/README.md.")
     compile: str = _f("none", "torch.compile the training nets: none, default or reduce-overhead (CUDA graphs). Costs a warm-up of tens of seconds; see bench/README.md.")
 

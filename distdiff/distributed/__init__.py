@@ -1,2 +1,4 @@
-"""The distributed layer. Only :mod:`distdiff.distributed.actors`, :mod:`distdiff.distributed.driver`
-and :mod:`distdiff.distributed.tuning` import Ray; the classes they make into actors are plain."""
+"""The distributed layer: the only package that imports Ray. The classes made into actors
+(:mod:`~distdiff.distributed.worker`, :mod:`~distdiff.distributed.replay`,
+:mod:`~distdiff.distributed.learner`) and what they return (:mod:`~distdiff.distributed.messages`)
+are plain; :mod:`~distdiff.distributed.actors` makes them actors."""

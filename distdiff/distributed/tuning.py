@@ -69,7 +69,7 @@ class TrialResources:
 
 @dataclass
 class SweepSpec:
-    """A sweep file (configs/tune.yaml documents each option)."""
+    """A sweep file (README's Sweeps section documents each option; configs/tune.yaml shows them)."""
 
     base: Optional[str] = None  # the trials' base config file, relative to the sweep file
     # A checkpoint (or run dir), relative to the sweep file, that every trial starts phase 2
@@ -283,7 +283,7 @@ def _option_errors(spec: SweepSpec) -> List[str]:
 def _example_configs(spec: SweepSpec) -> List[Config]:
     """The trial configs of the space's example values, the base config's first; raises on
     the first that is not trainable (or, with ``init``, that its checkpoint does not fit)."""
-    # Unknown field names and invalid values fail here, not in a trial an hour later; so do
+    # Unknown fields of the base config and invalid values fail here, not in a trial an hour later; so do
     # values that are valid alone but not together (diffusion.n_steps 4 with planner.ddim_steps 8):
     # every example value of each domain (its values, or its bounds) alone and with every one of
     # each other domain, the rest at the base config. With `init`, each must also keep the
