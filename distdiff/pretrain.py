@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -130,6 +130,10 @@ def _pretrain(cfg: Config, run_dir: Path, *, resume: bool, quiet: bool, data: Op
 
     bar = progress_bar(total=cfg.train.steps, initial=trainer.step, desc="pretrain", disable=quiet)
     t0, step0 = time.perf_counter(), trainer.step
+    # Losses are logged as means over the updates since the last point (as phase 2 logs each
+    # learner call's): one update's batch in a hundred would be noise, its spikes read as instability.
+    sums: Dict[str, float] = {}
+    summed = 0
     try:
         with deferred_interrupt() as interrupted:
             while trainer.step < cfg.train.steps:
@@ -140,7 +144,12 @@ def _pretrain(cfg: Config, run_dir: Path, *, resume: bool, quiet: bool, data: Op
                 if losses is None:
                     continue
                 bar.update(1)
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                summed += 1
                 if trainer.step % cfg.train.log_every == 0:
+                    losses = {k: v / summed for k, v in sums.items()}
+                    sums, summed = {}, 0
                     for k, v in losses.items():
                         writer.add_scalar(k, v, trainer.step)
                     rate = (trainer.step - step0) / (time.perf_counter() - t0)

@@ -41,7 +41,8 @@ TAGS = [
     "charts/episode_return", "charts/normalized_score", "charts/episode_length", "charts/reward_per_step",
     "rollout/alignment_error", "losses/denoiser", "losses/value",
     "perf/env_steps_per_s", "perf/updates_per_s", "perf/weights_lag", "replay/size", "faults/worker_restarts",
-    "eval/terminations",
+    "eval/terminations", "eval/return_std", "eval/termination_rate", "perf/eval_seconds", "charts/terminated",
+    "charts/learning_rate", "perf/learner_busy", "perf/parked_actors",
 ]
 
 
@@ -74,7 +75,7 @@ def wait_until(condition: Callable[[], bool], timeout: float = 120.0) -> None:
 
 def scripted_summary(return_mean: float) -> dict:
     """What an evaluation returns, for tests that script it in place of the real one."""
-    return {"return_mean": return_mean, "return_std": 0.0, "normalized_score": return_mean / 10, "terminations": 0,
+    return {"episodes": 1, "return_mean": return_mean, "return_std": 0.0, "normalized_score": return_mean / 10, "terminations": 0,
             "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
 
 
@@ -110,8 +111,16 @@ def test_two_worker_run_finishes_and_logs(ray_session, pretrained, tmp_path):
     steps = sorted(t for t in scalars if t.startswith("rollout/alignment_error_step/"))
     assert steps == [f"rollout/alignment_error_step/{j:02d}" for j in range(cfg.model.horizon)]
     assert max(values(steps[0])) < 1e-5 and min(values(steps[-1])) > 0
-    # One point per episode, each a real return; no fault in a run without any.
-    assert len(values("charts/episode_return")) == metrics["episodes"]
+    # A point per episode of its reward per step; its return, length and whether it fell only for
+    # those the env ended (a fall or its time limit), not for those the budget's last share cut.
+    assert len(values("charts/reward_per_step")) == metrics["episodes"]
+    lengths, fell = values("charts/episode_length"), values("charts/terminated")
+    assert 0 < len(lengths) == len(fell) == len(values("charts/episode_return")) <= metrics["episodes"]
+    assert all(n == cfg.env.max_episode_steps or f == 1.0 for n, f in zip(lengths, fell))
+    # The phase-2 rate, and the learner's share of the time; no fault in a run without any.
+    rates = values("charts/learning_rate")
+    assert rates == pytest.approx([cfg.train.lr * cfg.online.lr_scale] * len(rates), rel=1e-6)
+    assert all(0 < b <= 1.05 for b in values("perf/learner_busy"))
     assert set(values("faults/worker_restarts")) == {0}
     assert min(values("perf/weights_lag")) >= 0
     # The replay only grows (its capacity holds the whole budget), up to what was collected.
@@ -256,9 +265,9 @@ def test_a_budget_smaller_than_the_actors_episodes_runs_fewer_of_them_whole_and_
     run = OnlineRun(cfg, tmp_path, state, data.episodes, Counters(), log=messages.append, progress=False)
     results, log_rollout = [], run.log_rollout
 
-    def log_recording(result, rate):
+    def log_recording(result):
         results.append(result)
-        log_rollout(result, rate)
+        log_rollout(result)
 
     run.log_rollout = log_recording
     try:

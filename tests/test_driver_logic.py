@@ -8,8 +8,8 @@ import time
 import pytest
 
 from _helpers import tiny_online_config
-from distdiff.distributed.driver import (Counters, OnlineRun, RecentRate, _evaluated_update, finished_metrics,
-                                         step_axis)
+from distdiff.distributed.driver import (Counters, OnlineRun, RecentRate, _evaluated_update, describe_evaluation,
+                                         finished_metrics, step_axis)
 from distdiff.rundir import clear_run, resume_checkpoint
 
 
@@ -36,12 +36,25 @@ def test_counters_refuse_unknown_names_and_default_missing_ones_to_zero():
 
 def test_learner_tags_are_logged_at_updates_the_rest_at_env_steps():
     for tag in ("losses/denoiser", "losses/value", "perf/updates_per_s", "perf/windows_per_s", "replay/size",
-                "faults/skipped_updates", "rollout/plan_vs_real"):
+                "faults/skipped_updates", "rollout/plan_vs_real", "charts/learning_rate", "perf/learner_busy"):
         assert step_axis(tag) == "updates", tag
     for tag in ("charts/episode_return", "rollout/alignment_error", "rollout/alignment_error_step/03",
                 "eval/return_mean", "perf/env_steps_per_s", "perf/weights_lag", "faults/worker_restarts",
-                "faults/rollout_timeouts", "faults/dropped_workers"):
+                "faults/rollout_timeouts", "faults/dropped_workers", "charts/terminated", "perf/parked_actors",
+                "perf/eval_seconds", "eval/termination_rate"):
         assert step_axis(tag) == "env_steps", tag
+
+
+def test_an_evaluation_is_one_line_in_the_terminal():
+    summary = {"episodes": 100, "return_mean": 2837.46, "return_std": 379.81, "normalized_score": 61.784,
+               "terminations": 3, "alignment_error": 0.2704}
+    assert describe_evaluation(summary, {"env_steps": 12000, "updates": 6000}, 94.6) == (
+        "evaluation at env step 12000, update 6000: return 2837.5 ± 379.8, score 61.78, 3 of 100 episodes "
+        "terminated by the env, alignment error 0.270 (95 s)")
+    # An env without reference scores, alignment not measured: those parts are left out.
+    summary.update(normalized_score=None, alignment_error=None, episodes=1, terminations=0)
+    assert describe_evaluation(summary, {"env_steps": 5, "updates": 2}, 1.0) == (
+        "evaluation at env step 5, update 2: return 2837.5 ± 379.8, 0 of 1 episode terminated by the env (1 s)")
 
 
 def test_evaluated_update_is_none_for_any_unreadable_metrics(tmp_path):

@@ -323,6 +323,22 @@ def test_pretraining_skips_scattered_bad_batches_and_stops_at_a_run_of_them(tiny
     assert load_checkpoint(tmp_path / "broken" / "checkpoint.pt")["step"] == 10
 
 
+def test_pretraining_logs_each_loss_as_the_mean_since_the_last_point(tiny_dataset, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    checked_update = Trainer.checked_update
+
+    def numbered(self, batch, limit):  # a real update, whose denoiser loss reads as its step
+        return {**checked_update(self, batch, limit), "losses/denoiser": float(self.step)}
+
+    monkeypatch.setattr(Trainer, "checked_update", numbered)
+    cfg = tiny_online_config(tiny_dataset, **{"train.steps": 20, "train.log_every": 10})
+    pretrain_lib.pretrain(cfg, tmp_path, quiet=True)
+    events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("losses/denoiser")] == [(10, 5.5), (20, 15.5)]
+
+
 def test_pretraining_does_not_resume_over_a_train_run(tmp_path):
     # Its pretraining would replace phase 2's checkpoint (learner, counters, prior) with its own.
     from distdiff.checkpoint import CheckpointError, save_checkpoint

@@ -50,8 +50,8 @@ EVAL_SCALARS = ("return_mean", "normalized_score", "terminations", "alignment_er
 BEST_KEYS = (*EVAL_SCALARS, "env_steps", "updates", "weights_version")
 # TensorBoard's x axis: learner updates for what the learner's calls report (and the figure,
 # made every `online.figure_every` updates), env steps for the rest.
-UPDATE_AXIS_TAGS = ("losses/", "perf/updates_per_s", "perf/windows_per_s", "replay/size", "faults/skipped_updates",
-                    "rollout/plan_vs_real")
+UPDATE_AXIS_TAGS = ("losses/", "charts/learning_rate", "perf/updates_per_s", "perf/windows_per_s", "perf/learner_busy",
+                    "replay/size", "faults/skipped_updates", "rollout/plan_vs_real")
 
 
 def step_axis(tag: str) -> str:
@@ -226,6 +226,7 @@ class PendingEvaluation(NamedTuple):
     result: Future  # the evaluation's summary
     at: Dict[str, int]  # the counters of the checkpoint it evaluates, and its learner step
     thread: Optional[threading.Thread]  # None when the result is an earlier one's
+    started: float  # time.perf_counter() when it started
 
 
 class RecentRate:
@@ -233,11 +234,11 @@ class RecentRate:
     run of days shows a slowdown within a minute, where the mean since its start would hide it,
     and the actors' start-up stops weighing on the rate once it has passed."""
 
-    def __init__(self, t0: float, count0: int, window_s: float = 60.0):
+    def __init__(self, t0: float, count0: float, window_s: float = 60.0):
         self.window_s = window_s
         self.points: deque = deque([(t0, count0)])
 
-    def __call__(self, now: float, count: int) -> float:
+    def __call__(self, now: float, count: float) -> float:
         self.points.append((now, count))
         # The oldest point kept is the newest one at least window_s old.
         while len(self.points) > 2 and now - self.points[1][0] >= self.window_s:
@@ -293,6 +294,19 @@ def finished_metrics(cfg: Config, run_dir: Path, state: Dict[str, object], c: Co
     same = (metrics is not None and all(metrics.get(k) == getattr(c, k) for k in ("env_steps", "updates"))
             and metrics.get("weights_version") == state.get("weights_version"))
     return metrics if same else None
+
+
+def describe_evaluation(summary: Dict[str, object], at: Dict[str, int], seconds: float) -> str:
+    """One line of an evaluation for the terminal: a run's job log shows a run that gets worse
+    without TensorBoard."""
+    parts = [f"return {summary['return_mean']:.1f} ± {summary['return_std']:.1f}"]
+    if summary["normalized_score"] is not None:
+        parts.append(f"score {summary['normalized_score']:.2f}")
+    parts.append(f"{summary['terminations']} of {_count(summary['episodes'], 'episode')} terminated by the env")
+    if summary["alignment_error"] is not None:
+        parts.append(f"alignment error {summary['alignment_error']:.3f}")
+    return (f"evaluation at env step {at['env_steps']}, update {at['updates']}: {', '.join(parts)} "
+            f"({seconds:.0f} s)")
 
 
 def _metrics_on_disk(run_dir: Path) -> Optional[Dict[str, object]]:
@@ -392,6 +406,8 @@ class OnlineRun:
         self.t0 = 0.0  # when the loop started: the wall-time budget counts from it
         self.env_rate: Optional[RecentRate] = None
         self.update_rate: Optional[RecentRate] = None
+        self.learner_seconds = 0.0  # in the learner's calls, this process
+        self.busy_rate: Optional[RecentRate] = None  # of learner_seconds: the share of the time it computes
         self.bar: Optional[tqdm] = None
 
     def start_actors(self, cfg: Config, res: actors.Resources, state: Dict[str, object], offline_episodes,
@@ -557,7 +573,7 @@ class OnlineRun:
             # same weights, whose episodes would be the same too.
             self.log(f"evaluation: no update since the one at update {self.evaluated[1]}; its result stands")
             result.set_result(self.evaluated[2])
-            self.evaluation = PendingEvaluation(result, at, None)
+            self.evaluation = PendingEvaluation(result, at, None, time.perf_counter())
             return
 
         def work() -> None:
@@ -573,7 +589,7 @@ class OnlineRun:
         # second Ctrl-C, a failure) must not wait for it, nor leave it playing.
         thread = threading.Thread(target=work, name="evaluation", daemon=True)
         thread.start()
-        self.evaluation = PendingEvaluation(result, at, thread)
+        self.evaluation = PendingEvaluation(result, at, thread, time.perf_counter())
 
     def finish_evaluation(self) -> Dict[str, object]:
         """Wait for the evaluation in flight; the run's metrics summary, also written to
@@ -584,7 +600,7 @@ class OnlineRun:
         and ``metrics.json`` already on disk in the run dir. No checkpoint is written while an
         evaluation is in flight, so ``checkpoint.pt`` is still the one evaluated.
         """
-        result, at, _ = self.evaluation
+        result, at, thread, started = self.evaluation
         # Kept in flight until it returns: a Ctrl-C during the wait leaves it for close() to stop.
         error = result.exception()
         if error is not None:
@@ -601,6 +617,14 @@ class OnlineRun:
         for key in EVAL_SCALARS:
             if metrics[key] is not None:
                 self.scalar(f"eval/{key}", metrics[key], at)
+        # The spread beside the mean (two evaluations a few points apart may differ by noise
+        # alone), and a rate of falls that does not depend on eval.episodes.
+        self.scalar("eval/return_std", summary["return_std"], at)
+        self.scalar("eval/termination_rate", summary["terminations"] / summary["episodes"], at)
+        if thread is not None:  # (not an earlier result that stands)
+            seconds = time.perf_counter() - started
+            self.scalar("perf/eval_seconds", seconds, at)
+            self.log(describe_evaluation(summary, at, seconds))
         metrics["best"] = self.keep_if_best(metrics)
         write_json(self.run_dir / METRICS, metrics)
         # Only now: a run stopped before its result is written keeps the evaluation's checkpoint.
@@ -652,17 +676,22 @@ class OnlineRun:
     def scalar(self, tag: str, value: float, at: Optional[Dict[str, int]] = None) -> None:
         self.writer.add_scalar(tag, value, self.step_of(tag, at))
 
-    def log_rollout(self, result: RolloutResult, env_rate: "RecentRate") -> None:
+    def log_rollout(self, result: RolloutResult) -> None:
         log = self.scalar
-        for ret in result.returns:
+        for episode, ret, n in zip(result.episodes, result.returns, result.lengths):
+            # Comparable between whole episodes and those the env-step budget cut short.
+            log("charts/reward_per_step", ret / n)
+            if not episode.terminated and n < self.cfg.env.max_episode_steps:
+                # Cut by the budget's share (the last rollouts of a run): not an episode's return,
+                # which would dip every curve where a run ends.
+                continue
             log("charts/episode_return", ret)
             score = normalized_score(ret, self.ref_min, self.ref_max)
             if score is not None:
                 log("charts/normalized_score", float(score))
-        for ret, n in zip(result.returns, result.lengths):
             log("charts/episode_length", n)
-            # Comparable between whole episodes and those a small env-step budget cut short.
-            log("charts/reward_per_step", ret / n)
+            # 1 for an episode the env ended (on Walker2d, a fall): smoothed, the rate of falls.
+            log("charts/terminated", float(episode.terminated))
         errors = result.plan_errors
         if len(errors):
             per_step = per_step_alignment_error(errors)
@@ -671,7 +700,7 @@ class OnlineRun:
                 if np.isfinite(v):
                     log(f"rollout/alignment_error_step/{j:02d}", float(v))
         log("perf/weights_lag", self.counters.version - result.version)
-        log("perf/env_steps_per_s", env_rate(time.perf_counter(), self.counters.env_steps))
+        log("perf/env_steps_per_s", self.env_rate(time.perf_counter(), self.counters.env_steps))
         log("faults/worker_restarts", self.counters.worker_restarts)
         log("faults/failed_rollouts", self.counters.failed_rollouts)
         log("faults/env_rebuilds", self.counters.env_rebuilds)
@@ -687,12 +716,17 @@ class OnlineRun:
             self.scalar(k, v)
         self.scalar("faults/skipped_updates", self.counters.skipped_updates)
 
-    def log_train(self, stats: TrainStats, replay_size: int, update_rate: "RecentRate") -> None:
+    def log_train(self, stats: TrainStats, replay_size: int) -> None:
         self.log_losses(stats)
         log = self.scalar
-        log("perf/updates_per_s", update_rate(time.perf_counter(), self.counters.updates))
+        log("perf/updates_per_s", self.update_rate(time.perf_counter(), self.counters.updates))
         log("perf/windows_per_s", stats.windows / max(stats.seconds, 1e-9))
+        # Near 1: the learner is the bottleneck (actors wait, parked); well below: env steps are.
+        self.learner_seconds += stats.seconds
+        log("perf/learner_busy", self.busy_rate(time.perf_counter(), self.learner_seconds))
+        log("charts/learning_rate", stats.learning_rate)
         log("replay/size", replay_size)
+        self.bar.set_postfix(updates=self.counters.updates, refresh=False)
 
     def log_figure(self) -> None:
         if self.last_example is None:
@@ -781,6 +815,7 @@ class OnlineRun:
             self.log_budget_share()
         self.t0 = time.perf_counter()
         self.env_rate, self.update_rate = RecentRate(self.t0, c.env_steps), RecentRate(self.t0, c.updates)
+        self.busy_rate = RecentRate(self.t0, self.learner_seconds)
         self.next_ckpt, self.next_fig = self.after(o.checkpoint_every), self.after(o.figure_every)
         self.next_eval = self.after(o.eval_every) if o.eval_every else None
         self.bar = progress_bar(total=o.env_steps or None, initial=c.env_steps, desc="online", unit="step",
@@ -923,7 +958,7 @@ class OnlineRun:
         o, c = self.cfg.online, self.counters
         stats = self.settle_training()
         self.check_adds()
-        self.log_train(stats, ray.get(self.size_ref), self.update_rate)
+        self.log_train(stats, ray.get(self.size_ref))
         # Counted from the last broadcast, an evaluation's included.
         if c.updates - self.published_at >= o.broadcast_every:
             self.broadcast()
@@ -972,12 +1007,14 @@ class OnlineRun:
         c.env_steps += result.env_steps
         c.episodes += len(result.episodes)
         self.bar.update(result.env_steps)
-        self.log_rollout(result, self.env_rate)
+        self.log_rollout(result)
         self.collecting = self.collecting and self.budget_left(self.t0)
         if self.collecting:
             # An episode that ended early (a fall) leaves its share of the budget to others.
             self.submit(i)
             self.submit_parked()
+        # Actors waiting for the learner to catch up (online.max_update_lag), or, at the end, for budget.
+        self.scalar("perf/parked_actors", len(self.parked))
         return True
 
     def rollout_failed(self, i: int, e: RayError) -> None:
@@ -1073,7 +1110,8 @@ class OnlineRun:
 def pretrain_phase(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool, log: Callable[[str], None],
                    progress: bool) -> Tuple[Config, Dict[str, object], LoadedDataset]:
     """Phase 1 of :func:`train`, into ``run_dir/pretrain`` (continued there on ``resume``): the
-    config with its data's dims, the prior's checkpoint, and the data."""
+    config naming the dataset it trained on (the fallback, where one stood in), the prior's
+    checkpoint, and the data."""
     # A cluster too small for the actors fails now, not after pretraining.
     checked_resources(cfg, log)
     # A resume of a run stopped in phase 1 continues pretraining from its own checkpoint.

@@ -60,7 +60,8 @@ class Learner:
                 sums[k] = sums.get(k, 0.0) + v
         return TrainStats(losses={k: v / max(done, 1) for k, v in sums.items()}, updates=done, skipped=skipped,
                           seconds=time.perf_counter() - t0,
-                          windows=done * (batches[0].x_start.shape[0] if batches else 0))
+                          windows=done * (batches[0].x_start.shape[0] if batches else 0),
+                          learning_rate=self.trainer.opt_denoiser.param_groups[0]["lr"])
 
     def publish(self) -> Weights:
         """A new weights version: CPU EMA weights, returned once and shared by reference."""

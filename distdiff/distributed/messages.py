@@ -43,6 +43,7 @@ class TrainStats(NamedTuple):
     skipped: int
     seconds: float
     windows: int  # trajectory windows trained on
+    learning_rate: float  # the denoiser's, as pretraining logs it (phase 2's: train.lr x online.lr_scale)
 
 
 class WorkerState(NamedTuple):
