@@ -1,7 +1,7 @@
 """Figures: a plan beside what its actions really did."""
 from __future__ import annotations
 
-from typing import List, NamedTuple, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -14,27 +14,45 @@ from distdiff.files import replacing  # noqa: E402
 from distdiff.rollout import PlanCheck, mean_alignment_error, per_step_alignment_error  # noqa: E402
 
 
-def plan_vs_real_figure(check: PlanCheck, max_dims: int = 6):
-    """States planned vs reached (executing the planned actions from the same start), and the
-    planned actions, over the horizon; one panel per dimension."""
+def plan_vs_real_dims(env_id: str, obs_dim: int, act_dim: int, n: int = 6) -> Tuple[List[Tuple[int, str]], List[str]]:
+    """The state dims :func:`plan_vs_real_figure` shows, named, and the action names. On Walker2d
+    the torso's height, angle and forward velocity (a fall and the speed show there) and three
+    joints; elsewhere the first ``n`` dims."""
+    if env_id.startswith("Walker2d") and obs_dim == 17:
+        names = _WALKER_POS + _WALKER_VEL
+        states = [(d, names[d]) for d in (0, 1, 8, 2, 3, 5)]
+    else:
+        states = [(d, f"state[{d}]") for d in range(min(n, obs_dim))]
+    return states, action_group(env_id, act_dim).names[:n]
+
+
+def plan_vs_real_figure(check: PlanCheck, dims: Optional[Sequence[Tuple[int, str]]] = None,
+                        action_names: Optional[Sequence[str]] = None, title: str = ""):
+    """States planned vs reached (executing the planned actions from the same start), in env
+    units, and the planned actions, over the horizon; one panel per dimension (``dims``: index
+    and name; the first six by default)."""
     h = len(check.planned_states)
     steps = np.arange(h)
-    n_s = min(max_dims, check.planned_states.shape[1])
-    n_a = min(max_dims, check.planned_actions.shape[1])
+    if dims is None:
+        dims = [(d, f"state[{d}]") for d in range(min(6, check.planned_states.shape[1]))]
+    if action_names is None:
+        action_names = [f"action[{d}]" for d in range(min(6, check.planned_actions.shape[1]))]
+    columns = max(len(dims), len(action_names))
     # 72 dpi: a run of days logs thousands of these; a fifth smaller than at 100 dpi (~110 KB).
-    fig, axes = plt.subplots(2, max(n_s, n_a), figsize=(2.6 * max(n_s, n_a), 5), dpi=72, squeeze=False)
-    for d in range(n_s):
-        ax = axes[0, d]
+    fig, axes = plt.subplots(2, columns, figsize=(2.6 * columns, 5.3 if title else 5), dpi=72, squeeze=False)
+    for ax, (d, name) in zip(axes[0], dims):
         ax.plot(steps, check.planned_states[:, d], label="planned")
         ax.plot(steps, check.reached_states[:, d], label="reached", linestyle="--")
-        ax.set_title(f"state[{d}]", fontsize=9)
-    for d in range(n_a):
-        axes[1, d].plot(steps, check.planned_actions[:, d], color="C2", label="planned action")
-        axes[1, d].set_title(f"action[{d}]", fontsize=9)
+        ax.set_title(name, fontsize=9)
+    for d, (ax, name) in enumerate(zip(axes[1], action_names)):
+        ax.plot(steps, check.planned_actions[:, d], color="C2", label="planned action")
+        ax.set_title(f"action: {name}", fontsize=9)
     for ax in axes.flat:
         ax.set_xlabel("horizon step", fontsize=8)
         ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
 

@@ -32,7 +32,7 @@ class EpisodeResult(NamedTuple):
     episode: Episode
     plan_errors: np.ndarray  # [n_measured_plans, H] RMSE per horizon step, NaN past a termination
     n_plans: int
-    first_check: Optional[PlanCheck]  # the episode's first measured plan
+    last_check: Optional[PlanCheck]  # the episode's last measured plan (of a fall: the one that led into it)
     seed: int  # the env's reset seed
 
 
@@ -207,8 +207,7 @@ def run_episodes(
                 if shadows is not None and state_normalizer is not None and plans_made[i] % measure_every == 0:
                     reached = replay_actions(shadows[i], *physics_state(envs[i]), plan.actions[k])
                     errors[i].append(alignment_errors(plan.states[k], reached, state_normalizer))
-                    if checks[i] is None:
-                        checks[i] = PlanCheck(plan.states[k], plan.actions[k], reached)
+                    checks[i] = PlanCheck(plan.states[k], plan.actions[k], reached)
                 plans_made[i] += 1
         still = []
         for i in active:

@@ -279,12 +279,14 @@ def test_each_plan_executes_its_own_actions_from_the_first(execution, per_plan):
     assert result.n_plans == -(-n // per_plan)
 
 
-def test_the_first_check_is_the_first_measured_plan():
+def test_the_check_kept_is_the_last_measured_plan():
+    # (The plan-vs-real figure's: of a fall, the plan that led into it.)
     (result,) = run_on(constant_plan(0.0), [12], n_episodes=1, execution="receding", horizon=H, replan_every=4, seed=0,
                     state_normalizer=gaussian_normalizer(17))
     assert result.n_plans == 3 and len(result.plan_errors) == 3
-    np.testing.assert_allclose(result.first_check.planned_states[0], result.episode.observations[0], atol=1e-6)
-    np.testing.assert_allclose(result.first_check.reached_states[0], result.episode.observations[0], atol=1e-6)
+    # planned from, and executed from, the state it was made at: the third plan, at step 8
+    np.testing.assert_allclose(result.last_check.planned_states[0], result.episode.observations[8], atol=1e-6)
+    np.testing.assert_allclose(result.last_check.reached_states[0], result.episode.observations[8], atol=1e-6)
 
 
 def test_a_fall_on_the_last_allowed_step_is_a_termination_not_a_truncation():

@@ -249,3 +249,21 @@ def test_normalized_units_normalize_the_actions_too():
     s, a = in_units(planner, np.full((2, 2), 3.0), np.full((2, 1), 5.0), "normalized")
     np.testing.assert_allclose(s, 1.0)
     np.testing.assert_allclose(a, 2.0)
+
+
+def test_the_plan_vs_real_figure_names_the_walkers_height_angle_and_speed():
+    from distdiff.rollout import PlanCheck
+
+    dims, actions = plots.plan_vs_real_dims("Walker2d-v5", 17, 6)
+    assert dims[:3] == [(0, "torso z"), (1, "torso angle"), (8, "ẋ")] and actions[0] == "thigh R"
+    planned = np.zeros((8, 17))
+    planned[:, 8] = 1.0  # a plan to walk at 1 m/s ...
+    check = PlanCheck(planned, np.zeros((8, 6)), np.zeros((8, 17)))  # ... whose actions stood still
+    fig = plots.plan_vs_real_figure(check, dims, actions, "a title")
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["torso z", "torso angle", "ẋ"]
+    planned_line, reached_line = fig.axes[2].get_lines()
+    assert set(planned_line.get_ydata()) == {1.0} and set(reached_line.get_ydata()) == {0.0}
+    assert fig.axes[6].get_title() == "action: thigh R" and fig._suptitle.get_text() == "a title"
+    # Another env: its first dims, unnamed.
+    dims, actions = plots.plan_vs_real_dims("Swimmer-v5", 8, 2)
+    assert dims == [(d, f"state[{d}]") for d in range(6)] and actions == ["a[0]", "a[1]"]

@@ -40,7 +40,7 @@ from distdiff.models import layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.pretrain import load_data, pretrain, trained_on
 from distdiff.provenance import DRIVER_CODE
-from distdiff.rollout import mean_alignment_error, per_step_alignment_error
+from distdiff.rollout import alignment_errors, mean_alignment_error, per_step_alignment_error
 from distdiff.rundir import (BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, PRETRAIN, REPLAY, check_new_run,
                              clear_run, resume_checkpoint)
 from distdiff.training import planner_from_checkpoint, resolve_device
@@ -731,10 +731,16 @@ class OnlineRun:
     def log_figure(self) -> None:
         if self.last_example is None:
             return
-        from distdiff.plots import plan_vs_real_figure
+        from distdiff.plots import plan_vs_real_dims, plan_vs_real_figure
 
+        example, env = self.last_example, self.cfg.env
+        states = self.normalizer.slice(layout_of(self.cfg).state_slice)
+        error = mean_alignment_error(per_step_alignment_error(
+            [alignment_errors(example.planned_states, example.reached_states, states)]))
+        dims, actions = plan_vs_real_dims(env.id, env.obs_dim, env.act_dim)
+        title = f"a rollout's last measured plan (of a fall: the one that led into it): alignment error {error:.3f}"
         tag = "rollout/plan_vs_real"
-        self.writer.add_figure(tag, plan_vs_real_figure(self.last_example), self.step_of(tag))
+        self.writer.add_figure(tag, plan_vs_real_figure(example, dims, actions, title), self.step_of(tag))
 
     # ----- the loop --------------------------------------------------------------------------
     def budget_left(self, t_start: float) -> bool:

@@ -112,7 +112,7 @@ class RolloutWorker:
             plan_errors=np.concatenate(errors) if errors else np.zeros((0, self.cfg.model.horizon)),
             env_steps=int(sum(len(r.episode) for r in results)),
             env_rebuilds=rebuilds,
-            example=next((r.first_check for r in results if r.first_check is not None), None),
+            example=next((r.last_check for r in results if r.last_check is not None), None),
         )
 
     def _run(self, seed: int, max_steps: Optional[int], n_envs: Optional[int]):
