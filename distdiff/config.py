@@ -7,6 +7,7 @@ any work starts.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import functools
 import importlib
@@ -292,7 +293,8 @@ def load(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] 
     ``data``: the file's YAML read earlier (:func:`read`), e.g. on another machine; ``path``
     then only names it in errors. ``base``: what the file and the overrides do not set, instead
     of the defaults (e.g. a checkpoint's config: ``load(None, overrides, base=planner.config)``)."""
-    cfg, errors = base or Config(), []
+    # A copy: a caller who edits the result in place must not edit ``base`` (a planner's config).
+    cfg, errors = copy.deepcopy(base) if base is not None else Config(), []
     if path is not None:
         if data is None:
             data = read(path)

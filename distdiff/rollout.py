@@ -32,7 +32,7 @@ class EpisodeResult(NamedTuple):
     episode: Episode
     plan_errors: np.ndarray  # [n_measured_plans, H] RMSE per horizon step, NaN past a termination
     n_plans: int
-    last_check: Optional[PlanCheck]  # the episode's last measured plan (of a fall: the one that led into it)
+    last_check: Optional[PlanCheck]  # the episode's latest measured plan (one in measure_every), as far into it as that goes
     seed: int  # the env's reset seed
 
 

@@ -265,9 +265,9 @@ def test_a_budget_smaller_than_the_actors_episodes_runs_fewer_of_them_whole_and_
     run = OnlineRun(cfg, tmp_path, state, data.episodes, Counters(), log=messages.append, progress=False)
     results, log_rollout = [], run.log_rollout
 
-    def log_recording(result):
+    def log_recording(result, *args):
         results.append(result)
-        log_rollout(result)
+        log_rollout(result, *args)
 
     run.log_rollout = log_recording
     try:

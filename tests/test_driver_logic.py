@@ -45,6 +45,31 @@ def test_learner_tags_are_logged_at_updates_the_rest_at_env_steps():
         assert step_axis(tag) == "env_steps", tag
 
 
+def test_a_rollout_cut_by_its_share_of_the_budget_logs_only_its_reward_per_step():
+    import numpy as np
+
+    from distdiff.data.episodes import Episode
+    from distdiff.distributed.messages import RolloutResult
+
+    run = run_stub()
+    run.ref_min = run.ref_max = None
+    run.env_rate, run.dropped, run.last_example = (lambda now, count: 0.0), set(), None
+    logged = []
+    run.scalar = lambda tag, value, at=None: logged.append((tag, value))
+    # A walker that fell on step 3, and one that was still up when the share ended at step 5.
+    fell = Episode(np.zeros((4, 17)), np.zeros((3, 6)), np.ones(3), terminated=True, truncated=False)
+    up = Episode(np.zeros((6, 17)), np.zeros((5, 6)), np.ones(5), terminated=False, truncated=True)
+    result = RolloutResult(worker_id=0, version=0, episodes=[fell, up], returns=[3.0, 5.0], lengths=[3, 5],
+                           plan_errors=np.zeros((0, 4)), env_steps=8, env_rebuilds=0, example=None)
+    run.log_rollout(result, cut=True)
+    charts = [(tag, value) for tag, value in logged if tag.startswith("charts/")]
+    # Not the fall alone: keeping the episodes that fell before the cut would log only falls.
+    assert charts == [("charts/reward_per_step", 1.0)] * 2
+    logged.clear()
+    run.log_rollout(result, cut=False)  # (episodes of a rollout with whole ones: each is logged)
+    assert [v for tag, v in logged if tag == "charts/terminated"] == [1.0, 0.0]
+
+
 def test_an_evaluation_is_one_line_in_the_terminal():
     summary = {"episodes": 100, "return_mean": 2837.46, "return_std": 379.81, "normalized_score": 61.784,
                "terminations": 3, "alignment_error": 0.2704}

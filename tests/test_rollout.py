@@ -280,7 +280,7 @@ def test_each_plan_executes_its_own_actions_from_the_first(execution, per_plan):
 
 
 def test_the_check_kept_is_the_last_measured_plan():
-    # (The plan-vs-real figure's: of a fall, the plan that led into it.)
+    # (The plan-vs-real figure's: mid-episode, not only the plan made at a reset.)
     (result,) = run_on(constant_plan(0.0), [12], n_episodes=1, execution="receding", horizon=H, replan_every=4, seed=0,
                     state_normalizer=gaussian_normalizer(17))
     assert result.n_plans == 3 and len(result.plan_errors) == 3

@@ -336,11 +336,6 @@ class OnlineRun:
         import torch
         from torch.utils.tensorboard import SummaryWriter
 
-        # Evaluations run in this process: with the threads launch/evaluate.py gives them, so that
-        # it judges a checkpoint as the run did (episodes are chaotic; a thread count changes them).
-        # Until close(), which gives a library caller's own torch code its count back.
-        self.threads_before = torch.get_num_threads()
-        torch.set_num_threads(cfg.train.num_threads)
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
         # With a progress bar, a message goes above it rather than onto the end of its line.
         self.log = _above_progress_bars(log) if progress else log
@@ -360,6 +355,12 @@ class OnlineRun:
         self.writer = SummaryWriter(str(run_dir))
         self.learner = self.replay = None
         self.workers: List = []
+        # Evaluations run in this process: with the threads launch/evaluate.py gives them, so that
+        # it judges a checkpoint as the run did (episodes are chaotic; a thread count changes them).
+        # Until release(), which gives a library caller's own torch code its count back (here, right
+        # before the try whose failure calls it).
+        self.threads_before = torch.get_num_threads()
+        torch.set_num_threads(cfg.train.num_threads)
         try:
             # At the env step it starts (or resumes) from: a resume may override fields.
             self.writer.add_text("config", config_lib.to_markdown(cfg), counters.env_steps)
@@ -394,6 +395,7 @@ class OnlineRun:
         self.collecting = False  # rollouts start: budget is left and no Ctrl-C came
         self.draining = False  # after a Ctrl-C: the rollouts in flight are collected, nothing new starts
         self.promised: Dict[ray.ObjectRef, int] = {}  # env steps of the budget each running rollout may take
+        self.cut_short: Set[ray.ObjectRef] = set()  # running rollouts whose share of the budget cuts their episodes
         self.parked: List[int] = []  # workers waiting for the learner to catch up, or for budget
         self.faults = WorkerFaults(len(self.workers), cfg.online.actor_max_restarts)
         self.said_slow = False  # that evaluations come due faster than they end
@@ -676,14 +678,16 @@ class OnlineRun:
     def scalar(self, tag: str, value: float, at: Optional[Dict[str, int]] = None) -> None:
         self.writer.add_scalar(tag, value, self.step_of(tag, at))
 
-    def log_rollout(self, result: RolloutResult) -> None:
+    def log_rollout(self, result: RolloutResult, cut: bool = False) -> None:
+        """``cut``: the rollout ran on a share of the budget shorter than an episode."""
         log = self.scalar
         for episode, ret, n in zip(result.episodes, result.returns, result.lengths):
             # Comparable between whole episodes and those the env-step budget cut short.
             log("charts/reward_per_step", ret / n)
-            if not episode.terminated and n < self.cfg.env.max_episode_steps:
-                # Cut by the budget's share (the last rollouts of a run): not an episode's return,
-                # which would dip every curve where a run ends.
+            if cut:
+                # None of its episodes: those cut are not an episode's return (they would dip
+                # every curve where a run ends), and keeping only those that fell before the
+                # cut would leave the falls.
                 continue
             log("charts/episode_return", ret)
             score = normalized_score(ret, self.ref_min, self.ref_max)
@@ -738,7 +742,8 @@ class OnlineRun:
         error = mean_alignment_error(per_step_alignment_error(
             [alignment_errors(example.planned_states, example.reached_states, states)]))
         dims, actions = plan_vs_real_dims(env.id, env.obs_dim, env.act_dim)
-        title = f"a rollout's last measured plan (of a fall: the one that led into it): alignment error {error:.3f}"
+        title = (f"a rollout's latest measured plan (one in online.measure_every {self.cfg.online.measure_every}): "
+                 f"alignment error {error:.3f}")
         tag = "rollout/plan_vs_real"
         self.writer.add_figure(tag, plan_vs_real_figure(example, dims, actions, title), self.step_of(tag))
 
@@ -933,6 +938,8 @@ class OnlineRun:
         ref = self.start_rollout(i, **cut)
         if share is not None:
             self.promised[ref] = share.envs * share.max_steps
+            if share.max_steps < self.cfg.env.max_episode_steps:
+                self.cut_short.add(ref)
 
     def submit_parked(self) -> None:
         waiting_workers, self.parked = self.parked, []
@@ -1002,6 +1009,8 @@ class OnlineRun:
         i = self.rollouts.pop(ref)
         self.promised.pop(ref, None)
         self.submitted.pop(ref, None)
+        cut = ref in self.cut_short
+        self.cut_short.discard(ref)
         try:
             result = ray.get(ref)
         except RayError as e:
@@ -1013,7 +1022,7 @@ class OnlineRun:
         c.env_steps += result.env_steps
         c.episodes += len(result.episodes)
         self.bar.update(result.env_steps)
-        self.log_rollout(result)
+        self.log_rollout(result, cut)
         self.collecting = self.collecting and self.budget_left(self.t0)
         if self.collecting:
             # An episode that ended early (a fall) leaves its share of the budget to others.
