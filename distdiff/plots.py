@@ -1,7 +1,7 @@
 """Figures: a plan beside what its actions really did."""
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Sequence, Tuple
 
 import matplotlib
 
@@ -26,17 +26,13 @@ def plan_vs_real_dims(env_id: str, obs_dim: int, act_dim: int, n: int = 6) -> Tu
     return states, action_group(env_id, act_dim).names[:n]
 
 
-def plan_vs_real_figure(check: PlanCheck, dims: Optional[Sequence[Tuple[int, str]]] = None,
-                        action_names: Optional[Sequence[str]] = None, title: str = ""):
+def plan_vs_real_figure(check: PlanCheck, dims: Sequence[Tuple[int, str]], action_names: Sequence[str],
+                        title: str = ""):
     """States planned vs reached (executing the planned actions from the same start), in env
     units, and the planned actions, over the horizon; one panel per dimension (``dims``: index
-    and name; the first six by default)."""
+    and name, and the action names, as :func:`plan_vs_real_dims` gives them)."""
     h = len(check.planned_states)
     steps = np.arange(h)
-    if dims is None:
-        dims = [(d, f"state[{d}]") for d in range(min(6, check.planned_states.shape[1]))]
-    if action_names is None:
-        action_names = [f"action[{d}]" for d in range(min(6, check.planned_actions.shape[1]))]
     columns = max(len(dims), len(action_names))
     # 72 dpi: a run of days logs thousands of these; a fifth smaller than at 100 dpi (~110 KB).
     fig, axes = plt.subplots(2, columns, figsize=(2.6 * columns, 5.3 if title else 5), dpi=72, squeeze=False)

@@ -394,8 +394,7 @@ class OnlineRun:
         self.interrupted: Optional[Interrupt] = None
         self.collecting = False  # rollouts start: budget is left and no Ctrl-C came
         self.draining = False  # after a Ctrl-C: the rollouts in flight are collected, nothing new starts
-        self.promised: Dict[ray.ObjectRef, int] = {}  # env steps of the budget each running rollout may take
-        self.cut_short: Set[ray.ObjectRef] = set()  # running rollouts whose share of the budget cuts their episodes
+        self.promised: Dict[ray.ObjectRef, RolloutShare] = {}  # the budget's share of each running rollout
         self.parked: List[int] = []  # workers waiting for the learner to catch up, or for budget
         self.faults = WorkerFaults(len(self.workers), cfg.online.actor_max_restarts)
         self.said_slow = False  # that evaluations come due faster than they end
@@ -929,7 +928,7 @@ class OnlineRun:
             return
         share = None
         if o.env_steps:
-            free = o.env_steps - c.env_steps - sum(self.promised.values())
+            free = o.env_steps - c.env_steps - sum(s.envs * s.max_steps for s in self.promised.values())
             share = self.rollout_share(free, len(self.workers) - len(self.dropped) - len(self.rollouts))
             if share.envs == 0:
                 self.parked.append(i)
@@ -937,9 +936,7 @@ class OnlineRun:
         cut = {} if share is None else {"max_steps": share.max_steps, "n_envs": share.envs}
         ref = self.start_rollout(i, **cut)
         if share is not None:
-            self.promised[ref] = share.envs * share.max_steps
-            if share.max_steps < self.cfg.env.max_episode_steps:
-                self.cut_short.add(ref)
+            self.promised[ref] = share
 
     def submit_parked(self) -> None:
         waiting_workers, self.parked = self.parked, []
@@ -1007,10 +1004,9 @@ class OnlineRun:
         when it failed."""
         c = self.counters
         i = self.rollouts.pop(ref)
-        self.promised.pop(ref, None)
+        share = self.promised.pop(ref, None)
         self.submitted.pop(ref, None)
-        cut = ref in self.cut_short
-        self.cut_short.discard(ref)
+        cut = share is not None and share.max_steps < self.cfg.env.max_episode_steps
         try:
             result = ray.get(ref)
         except RayError as e:

@@ -494,11 +494,10 @@ def trial_start(run_dir: Path, restored: Optional[Path]) -> bool:
     a retry on the node of a failed attempt goes on from that attempt's last checkpoint of its
     own (of phase 1 or 2; Tune saw none of them); elsewhere, or at first, the trial starts."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    if restored is None:
-        return holds_run(run_dir)
-    for name in (CHECKPOINT, REPLAY):
-        if (restored / name).is_file():
-            shutil.copy2(restored / name, run_dir / name)
+    if restored is not None:
+        for name in (CHECKPOINT, REPLAY):
+            if (restored / name).is_file():
+                shutil.copy2(restored / name, run_dir / name)
     return holds_run(run_dir)
 
 
