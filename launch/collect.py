@@ -85,7 +85,7 @@ def main(argv=None) -> int:
         import ray
 
         from distdiff.distributed.collection import collect_episodes
-        from distdiff.distributed.driver import ClusterUnreachable, RunFailed, connect
+        from distdiff.distributed.cluster import ClusterUnreachable, RunFailed, connect
 
         try:
             started = connect()

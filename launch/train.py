@@ -76,7 +76,8 @@ def main(argv=None) -> int:
         fail(str(e))
     import ray
 
-    from distdiff.distributed.driver import ClusterUnreachable, RunFailed, connect, train
+    from distdiff.distributed.cluster import ClusterUnreachable, RunFailed, connect
+    from distdiff.distributed.driver import train
 
     run_dir = args.resume or args.run_dir or default_run_dir("train")
     if not args.resume:

@@ -72,7 +72,7 @@ def main(argv=None) -> int:
 
     import ray
 
-    from distdiff.distributed.driver import ClusterUnreachable, connect
+    from distdiff.distributed.cluster import ClusterUnreachable, connect
     from distdiff.distributed.tuning import largest_trial, make_tuner, summarize, sweep_path
 
     env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH",) if k in os.environ}

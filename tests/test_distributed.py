@@ -26,7 +26,8 @@ from ray.exceptions import ActorUnavailableError, RayActorError
 from _helpers import assert_same, ray_address_file_kept, snapshot, tiny_online_config
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint
-from distdiff.distributed.driver import (Counters, OnlineRun, RunFailed, checked_resources, resume_checkpoint,
+from distdiff.distributed.cluster import RunFailed
+from distdiff.distributed.driver import (Counters, OnlineRun, checked_resources, resume_checkpoint,
                                          rollout_share, train)
 from distdiff.distributed.learner import Learner
 from distdiff.evaluation import EvaluationStopped
@@ -1286,7 +1287,7 @@ def _free_ports(n: int) -> List[int]:
 
 
 def test_an_address_is_judged_listening_only_where_it_names_a_port():
-    from distdiff.distributed.driver import _listens
+    from distdiff.distributed.cluster import _listens
 
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
@@ -1308,9 +1309,9 @@ def test_an_address_is_judged_listening_only_where_it_names_a_port():
 def test_ray_address_local_starts_an_embedded_ray(subprocess_env):
     # As Ray itself takes it; not an address where nothing listens. (In a fresh process: this one
     # has Ray initialized, and connect() would use it.)
-    probe = ("import ray; from distdiff.distributed import driver; "
+    probe = ("import ray; from distdiff.distributed import cluster; "
              "ray.init = lambda **kw: print('init', kw['address']); ray.cluster_resources = lambda: {}; "
-             "print('started', driver.connect(log=lambda s: None))")
+             "print('started', cluster.connect(log=lambda s: None))")
     out = subprocess.run([sys.executable, "-c", probe], env={**subprocess_env, "RAY_ADDRESS": "local"},
                          capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["init", "local", "started", "True"], out.stdout + out.stderr[-2000:]
@@ -1584,7 +1585,7 @@ def test_a_drivers_runtime_env_leaves_out_the_variables_its_ray_job_sets(monkeyp
     # launch/tune.py`: Ray refuses a driver whose runtime env names the job's variable again.
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
-    from distdiff.distributed.driver import beside_the_job
+    from distdiff.distributed.cluster import beside_the_job
 
     ours = {"env_vars": {"MINARI_DATASETS_PATH": "/data/minari"}}
     monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)

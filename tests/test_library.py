@@ -17,7 +17,7 @@ from _helpers import ROOT, make_trainer, tiny_online_config
 from distdiff import config as config_lib
 from distdiff import pretrain as pretrain_lib
 from distdiff.checkpoint import save_checkpoint
-from distdiff.distributed import driver
+from distdiff.distributed import cluster, driver
 from distdiff.evaluation import evaluate
 from distdiff.rundir import CHECKPOINT
 
@@ -68,7 +68,7 @@ def test_readme_training_snippet_calls_the_api_as_it_is(monkeypatch):
         return call
 
     monkeypatch.setattr(distdiff.cli, "default_ray_auth", lambda: calls.setdefault("default_ray_auth", {}))
-    monkeypatch.setattr(driver, "connect", stand_in(driver.connect))
+    monkeypatch.setattr(cluster, "connect", stand_in(cluster.connect))
     monkeypatch.setattr(driver, "train", stand_in(driver.train))
     monkeypatch.chdir(ROOT)
     exec(compile(readme_snippets()[1], "README.md", "exec"), {})
@@ -104,21 +104,21 @@ def test_joining_a_token_cluster_after_ray_was_imported_without_token_mode_says_
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "a-token")
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(driver, "_listens", lambda address: True)
+    monkeypatch.setattr(cluster, "_listens", lambda address: True)
 
     def refused(**kwargs):
         raise AuthenticationError("the cluster needs a token")
 
     monkeypatch.setattr(ray, "init", refused)
-    with pytest.raises(driver.ClusterUnreachable, match=r"Ray was imported before RAY_AUTH_MODE=token was set: call "
+    with pytest.raises(cluster.ClusterUnreachable, match=r"Ray was imported before RAY_AUTH_MODE=token was set: call "
                                                          r"distdiff.cli.default_ray_auth\(\) before anything imports ray"):
-        driver.connect("127.0.0.1:6379", log=lambda s: None)
+        cluster.connect("127.0.0.1:6379", log=lambda s: None)
     # With no token here, the hint says where one goes.
     monkeypatch.delenv("RAY_AUTH_TOKEN")
     monkeypatch.setenv("HOME", "/nonexistent")
     monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
-    with pytest.raises(driver.ClusterUnreachable, match="needs its token here: ~/.ray/auth_token"):
-        driver.connect("127.0.0.1:6379", log=lambda s: None)
+    with pytest.raises(cluster.ClusterUnreachable, match="needs its token here: ~/.ray/auth_token"):
+        cluster.connect("127.0.0.1:6379", log=lambda s: None)
 
 
 def test_pretraining_gives_the_caller_its_torch_threads_back(tiny_dataset, tmp_path):

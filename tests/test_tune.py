@@ -376,14 +376,14 @@ def tune_script(monkeypatch):
 def test_a_sweep_whose_trials_all_failed_has_no_best_config(tiny_dataset, tmp_path, monkeypatch, tune_script, capsys):
     import ray
 
-    from distdiff.distributed import driver, tuning
+    from distdiff.distributed import cluster, tuning
 
     sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset)
     storage = tmp_path / "storage"
     (storage / "sweep").mkdir(parents=True)
     # An earlier sweep of this name found one; this one's table must not sit beside it.
     (storage / "sweep" / "best_config.yaml").write_text("train: {steps: 1}\n")
-    monkeypatch.setattr(driver, "connect", lambda *args, **kwargs: False)
+    monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: False)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     failed = ({"diffusion.schedule": "linear", "guidance.scale": 0.0}, {}, "failed")
     for results in (FakeResults(failed), FakeResults(failed, failed)):
@@ -406,10 +406,10 @@ def test_a_trial_larger_than_the_embedded_ray_fails_before_any_trial(tiny_datase
                                                                       capsys):
     import ray
 
-    from distdiff.distributed import driver
+    from distdiff.distributed import cluster
 
     shutdowns = []
-    monkeypatch.setattr(driver, "connect", lambda *args, **kwargs: True)  # an embedded Ray
+    monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: True)  # an embedded Ray
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
     monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
     sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset)  # 0.25 + 0.5 + 2 x 0.25 CPUs a trial
@@ -420,12 +420,12 @@ def test_a_trial_larger_than_the_embedded_ray_fails_before_any_trial(tiny_datase
 
 
 def test_resume_without_a_sweep_fails_before_ray_starts(tiny_dataset, tmp_path, monkeypatch, tune_script, capsys):
-    from distdiff.distributed import driver
+    from distdiff.distributed import cluster
 
     def connect(*args, **kwargs):
         raise AssertionError("connected to Ray")
 
-    monkeypatch.setattr(driver, "connect", connect)
+    monkeypatch.setattr(cluster, "connect", connect)
     sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset)
     with pytest.raises(SystemExit) as stop:
         tune_script.main(["--config", str(sweep), "--storage", str(tmp_path / "storage"), "--resume"])
@@ -794,9 +794,9 @@ def test_the_closing_lines_say_how_to_train_the_best_config(tiny_dataset, prior,
                                                             capsys):
     import ray
 
-    from distdiff.distributed import driver, tuning
+    from distdiff.distributed import cluster, tuning
 
-    monkeypatch.setattr(driver, "connect", lambda *args, **kwargs: False)
+    monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: False)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2}
     space = {"guidance.scale": {"uniform": [0.0, 1.0]}}

@@ -12,7 +12,7 @@ from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 
 from distdiff import config as config_lib
 from distdiff.distributed import actors
-from distdiff.distributed.driver import RunFailed
+from distdiff.distributed.cluster import RunFailed
 from distdiff.distributed.faults import cause
 from distdiff.distributed.messages import Weights
 from distdiff.models import NETS

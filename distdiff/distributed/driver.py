@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
-import socket
 import threading
 import time
 from collections import deque
@@ -22,16 +20,17 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 import numpy as np
 import ray
-from ray.exceptions import AuthenticationError, RayError, RayTaskError
+from ray.exceptions import RayError, RayTaskError
 from tqdm import tqdm
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from distdiff.cli import Interrupt, deferred_interrupt, progress_bar, ray_token_available
+from distdiff.cli import Interrupt, deferred_interrupt, progress_bar
 from distdiff.files import write_json
 from distdiff.config import Config
 from distdiff.data.minari_io import LoadedDataset, normalized_score, reference_scores
 from distdiff.distributed import actors
+from distdiff.distributed.cluster import RunFailed
 from distdiff.distributed.faults import WorkerFaults, cause
 from distdiff.distributed.messages import RolloutResult, TrainStats
 from distdiff.evaluation import EvaluationStopped, evaluate
@@ -59,100 +58,8 @@ def step_axis(tag: str) -> str:
     return "updates" if tag.startswith(UPDATE_AXIS_TAGS) else "env_steps"
 
 
-class ClusterUnreachable(RuntimeError):
-    """The Ray cluster given (``--address``, RAY_ADDRESS, a local ``ray start``) refused or did
-    not answer this driver."""
-
-
-class RunFailed(RuntimeError):
-    """Phase 2 cannot go on (the learner failed, no rollout actor is left); the last checkpoint
-    in the run dir is intact."""
-
-
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _live_local_cluster() -> Optional[str]:
-    """The address `ray start` recorded on this machine, if a GCS still listens there.
-
-    A stale record (a cluster that was killed) would make ``ray.init(address="auto")`` retry
-    for minutes before failing.
-    """
-    from ray._private.utils import read_ray_address  # Ray is pinned; this is its own lookup
-
-    address = read_ray_address()
-    return address if address and _listens(address) else None
-
-
-def _listens(address: str) -> Optional[bool]:
-    """Whether something accepts connections at ``host:port`` (``[v6]:port`` too); None for an
-    address of another form, which only Ray can judge."""
-    from ray._common.network_utils import parse_address  # Ray is pinned; its own parser
-
-    parsed = parse_address(address)
-    if parsed is None or not parsed[1].isdigit():
-        return None
-    try:
-        socket.create_connection((parsed[0], int(parsed[1])), timeout=2).close()
-    except OSError:
-        return False
-    return True
-
-
-def beside_the_job(runtime_env: Optional[Dict[str, object]]) -> Optional[Dict[str, object]]:
-    """``runtime_env`` less the environment variables that the Ray job this driver runs in
-    (``ray job submit --runtime-env-json``) sets already: Ray refuses to start a driver whose
-    runtime env names a variable of its job's again, even with the same value."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR  # Ray is pinned
-
-    job = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
-    if not runtime_env or not job:
-        return runtime_env
-    taken = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}
-    env_vars = {k: v for k, v in (runtime_env.get("env_vars") or {}).items() if k not in taken}
-    rest = {k: v for k, v in runtime_env.items() if k != "env_vars"}
-    return {**rest, **({"env_vars": env_vars} if env_vars else {})} or None
-
-
-def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: Callable[[str], None] = print,
-            runtime_env: Optional[Dict[str, object]] = None) -> bool:
-    """Connect to a running cluster (``address``, ``RAY_ADDRESS`` or a local ``ray start``), else
-    start an embedded one; ``address="local"`` starts an embedded one whatever runs. Returns True
-    when this process started Ray (and must stop it)."""
-    if ray.is_initialized():
-        log("ray: using the already initialized Ray instance")
-        return False
-    runtime_env = beside_the_job(runtime_env)
-    address = address or os.environ.get("RAY_ADDRESS")
-    embedded = address == "local"
-    if not embedded:
-        address = address or _live_local_cluster()
-    if address and not embedded:
-        # Ray retries an address where nothing listens for minutes, logging each try.
-        if "://" not in address and _listens(address) is False:
-            raise ClusterUnreachable(f"cannot connect to the Ray cluster at {address}: nothing listens there (is "
-                                     f"`ray start --head` running there? check --address and RAY_ADDRESS)")
-        try:
-            ray.init(address=address, logging_level="warning", runtime_env=runtime_env)
-        except (ConnectionError, AuthenticationError) as e:
-            token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
-            if token:
-                hint = ""
-            elif "RAY_AUTH_MODE" not in os.environ and ray_token_available():
-                # (The launch scripts call it first; a notebook or script may import Ray before.)
-                hint = ("; this machine has a token, but Ray was imported before RAY_AUTH_MODE=token was set: call "
-                        "distdiff.cli.default_ray_auth() before anything imports ray, or set RAY_AUTH_MODE=token")
-            else:
-                hint = ("; a cluster with token auth (the default where `ray start` found a token) needs its token "
-                        "here: ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
-            raise ClusterUnreachable(f"cannot connect to the Ray cluster at {address}: {cause(e)}{hint}") from e
-        log(f"ray: connected to the cluster at {address}: {ray.cluster_resources()}")
-        return False
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="warning", runtime_env=runtime_env)
-    why = "as the address 'local' asks" if embedded else "no running cluster found"
-    log(f"ray: {why}; started an embedded local Ray: {ray.cluster_resources()}")
-    return True
 
 
 def checked_resources(cfg: Config, log: Callable[[str], None]) -> actors.Resources:
