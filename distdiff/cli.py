@@ -67,7 +67,7 @@ def default_ray_auth() -> None:
 
 
 def add_ray_arguments(parser) -> None:
-    """Where train.py and tune.py find Ray (see ``distdiff.distributed.cluster.connect``)."""
+    """Where train.py, tune.py and collect.py find Ray (see ``distdiff.distributed.cluster.connect``)."""
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: RAY_ADDRESS, a local `ray start` cluster, or an embedded Ray); "
                              "'local' starts an embedded Ray even where a cluster runs.")

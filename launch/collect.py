@@ -14,7 +14,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from distdiff.cli import default_ray_auth, fail, limit_threads, make_parser, non_negative_int, progress_bar
+from distdiff.cli import (add_ray_arguments, default_ray_auth, fail, limit_threads, make_parser, non_negative_int,
+                          positive_int, progress_bar)
 
 limit_threads()
 default_ray_auth()
@@ -34,23 +35,22 @@ from distdiff.training import planner_from_checkpoint  # noqa: E402
 def main(argv=None) -> int:
     p = make_parser(__doc__)
     p.add_argument("--policy", required=True, help="'random', or the path of a distdiff checkpoint.")
-    p.add_argument("--episodes", type=int, required=True, help="Number of episodes to collect.")
+    p.add_argument("--episodes", type=positive_int, required=True, help="Number of episodes to collect.")
     p.add_argument("--dataset-id", required=True, help="Minari id under local/, ending in -vN (e.g. local/walker2d/random-v0).")
     p.add_argument("--env", default="Walker2d-v5", help="Gymnasium env id (random policy; a checkpoint uses its own; default: %(default)s).")
-    p.add_argument("--max-episode-steps", type=int, default=1000,
+    p.add_argument("--max-episode-steps", type=positive_int, default=1000,
                    help="Time limit: an episode that has not fallen by then ends truncated (default: %(default)s).")
-    p.add_argument("--num-envs", type=int, default=8, help="Envs planned together (checkpoint policy), per actor (default: %(default)s).")
-    p.add_argument("--num-actors", type=int, default=1,
-                   help="Collect with this many parallel Ray actors (1: in this process). Connects to RAY_ADDRESS or a "
-                        "local `ray start` cluster if there is one, else starts an embedded Ray (default: %(default)s).")
+    p.add_argument("--num-envs", type=positive_int, default=8, help="Envs planned together (checkpoint policy), per actor (default: %(default)s).")
+    p.add_argument("--num-actors", type=positive_int, default=1,
+                   help="Collect with this many parallel Ray actors, on the Ray that --address finds (1: in this "
+                        "process, without Ray; default: %(default)s).")
     p.add_argument("--seed", type=non_negative_int, default=0,
                    help="Seeds the episodes' starts and the policy: the same command collects the same episodes. The "
                         "random policy's do not depend on --num-actors; a checkpoint's are the same for every "
                         "--num-actors above 1, and others with 1, which plans in this process (default: %(default)s).")
     p.add_argument("--overwrite", action="store_true", help="Replace an existing dataset with this id.")
+    add_ray_arguments(p)
     args = p.parse_args(argv)
-    if args.episodes < 1:
-        fail("--episodes must be >= 1")
     if not DATASET_ID.match(args.dataset_id):
         fail(f"dataset id {args.dataset_id!r} must look like namespace/name-vN (Minari needs the -vN version)")
     if not args.dataset_id.startswith(LOCAL_NAMESPACE):
@@ -60,11 +60,6 @@ def main(argv=None) -> int:
              f"{args.dataset_id.rpartition('/')[2]}): ids elsewhere are Minari's remote datasets")
     if dataset_exists(args.dataset_id) and not args.overwrite:
         fail(f"dataset {args.dataset_id!r} already exists under {datasets_root()}; pass --overwrite to replace it")
-
-    for flag, value in (("--num-actors", args.num_actors), ("--num-envs", args.num_envs),
-                        ("--max-episode-steps", args.max_episode_steps)):
-        if value < 1:
-            fail(f"{flag} must be >= 1, got {value}")
     state = cfg = planner = None
     if args.policy != "random":
         try:
@@ -88,7 +83,7 @@ def main(argv=None) -> int:
         from distdiff.distributed.cluster import ClusterUnreachable, RunFailed, connect
 
         try:
-            started = connect()
+            started = connect(args.address, args.num_cpus, log=bar.write)
         except ClusterUnreachable as e:
             fail(str(e))
         try:

@@ -103,12 +103,20 @@ def test_collect_refuses_an_id_without_version(minari_root, subprocess_env):
     assert not dataset_exists("local/walker2d/noversion")
 
 
-@pytest.mark.parametrize("flag", ["--max-episode-steps", "--num-envs", "--num-actors"])
+@pytest.mark.parametrize("flag", ["--episodes", "--max-episode-steps", "--num-envs", "--num-actors"])
 def test_collect_refuses_a_count_below_one(flag, minari_root, subprocess_env):
-    proc = run("collect.py", "--policy", "random", "--episodes", 1, "--dataset-id", "local/walker2d/zero-v0", flag, 0,
-               env=subprocess_env)
-    assert proc.returncode == 2 and f"{flag} must be >= 1" in proc.stderr
+    args = {"--episodes": 1, flag: 0}
+    proc = run("collect.py", "--policy", "random", "--dataset-id", "local/walker2d/zero-v0",
+               *(x for kv in args.items() for x in kv), env=subprocess_env)
+    assert proc.returncode == 2 and f"argument {flag}: must be >= 1, got 0" in proc.stderr
     assert not dataset_exists("local/walker2d/zero-v0")
+
+
+def test_collect_on_a_cluster_address_where_nothing_listens_fails_at_once(minari_root, subprocess_env):
+    proc = run("collect.py", "--policy", "random", "--episodes", 2, "--num-actors", 2, "--address", "127.0.0.1:1",
+               "--dataset-id", "local/walker2d/nowhere-v0", env=subprocess_env)
+    assert proc.returncode == 2 and "cannot connect to the Ray cluster at 127.0.0.1:1: nothing listens" in proc.stderr
+    assert "Traceback" not in proc.stderr and not dataset_exists("local/walker2d/nowhere-v0")
 
 
 def test_collect_refuses_a_checkpoint_it_cannot_plan_with_before_ray_starts(run30, tmp_path, minari_root,
