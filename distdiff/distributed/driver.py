@@ -1058,7 +1058,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     evaluation; ``resume`` continues the phase the run in ``run_dir`` stopped in, ``overwrite``
     clears the run there once the inputs have loaded (a ``run_dir`` that holds a run needs one of
     the two). Needs Ray initialized (see
-    :func:`connect`). Returns the final metrics, also written to ``metrics.json``;
+    :func:`distdiff.distributed.cluster.connect`). Returns the final metrics, also written to ``metrics.json``;
     ``on_evaluation`` is called with each evaluation's metrics (every ``online.eval_every``
     updates and at the end), after the checkpoint is written.
 
