@@ -1,8 +1,8 @@
 """Planner speed on one core: env steps/s while planning, vs random actions in the same run.
 
 Prints one JSON line:
-{"random_env_steps_per_s": …, "default": {"ms_per_plan": …, "env_steps_per_s": …, "ratio_to_random": …},
- "diffuser_settings": {…}}
+{"random_env_steps_per_s": …, "default": {"ms_per_plan": …, "env_steps_per_s": …, "envs": …, "ratio_to_random": …},
+ "default_measuring": {…}, "diffuser_settings": {…}, "torch_threads": 1}
 
 "default" is configs/walker2d.yaml's acting config with online.envs_per_actor envs planned in one
 batch (the target's figure); "default_measuring" the same as a rollout actor runs it in phase 2,

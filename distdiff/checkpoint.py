@@ -56,7 +56,7 @@ def save_checkpoint(path: str | Path, payload: Dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location="cpu") -> Dict[str, Any]:
+def load_checkpoint(path: str | Path) -> Dict[str, Any]:
     path = checkpoint_file(path)
     if not path.is_file():
         phase1 = path.parent / PRETRAIN / CHECKPOINT
@@ -64,7 +64,7 @@ def load_checkpoint(path: str | Path, map_location="cpu") -> Dict[str, Any]:
             if path.name == CHECKPOINT and phase1.is_file() else ""
         raise CheckpointError(f"no checkpoint at {path}{hint}")
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=True)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged file fails in many ways (unpickler, zip, struct, key errors); all mean "unreadable"
         # Not torch's advice to load it with weights_only=False: that would run code from the file.
         message = str(e)

@@ -27,8 +27,6 @@ class ConfigError(ValueError):
 
 
 def _f(default, help: str):
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
     return field(default=default, metadata={"help": help})
 
 
@@ -194,9 +192,6 @@ def _sections():
 
 def _coerce(value, tp, where: str):
     origin = typing.get_origin(tp)
-    if origin is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return None if value is None else _coerce(value, args[0], where)
     if origin in (tuple, Tuple):
         if isinstance(value, str):
             value = [v for v in value.replace("(", "").replace(")", "").split(",") if v.strip()]
@@ -541,8 +536,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, from_checkpoint: bool = Fa
         group = parser.add_argument_group(f"{name} (config section)")
         hints = typing.get_type_hints(section_type)
         for f in dataclasses.fields(section_type):
-            default = "the checkpoint's" if from_checkpoint else \
-                f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            default = "the checkpoint's" if from_checkpoint else f.default
             metavar = {bool: "BOOL", int: "INT", float: "FLOAT", Tuple[int, ...]: "INT,INT,..."}.get(hints[f.name], "VALUE")
             # argparse %-formats help strings: a literal % (as in "36 % closer") must be doubled.
             text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")

@@ -1,4 +1,5 @@
-"""Offline pretraining of denoiser and value net on a Minari dataset (Alg. 1.1 and the value)."""
+"""Offline pretraining of denoiser, value net and (with ``train.train_dynamics``) dynamics model on a
+Minari dataset (Alg. 1.1 and the value)."""
 from __future__ import annotations
 
 import dataclasses

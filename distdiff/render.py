@@ -204,17 +204,6 @@ def write_video(path: Path, frames: Sequence[np.ndarray], fps: float, fmt: str =
     return out
 
 
-def read_video(path: Path) -> np.ndarray:
-    """All frames of an MP4 or GIF, ``[T, height, width, 3]`` uint8."""
-    import imageio.v2 as iio2
-
-    reader = iio2.get_reader(path)
-    try:
-        return np.stack([np.asarray(f)[..., :3] for f in reader])
-    finally:
-        reader.close()
-
-
 def add_video(writer, tag: str, frames: np.ndarray, fps: float, step: int = 0) -> None:
     """What ``SummaryWriter.add_video`` writes (an animated-GIF image summary), encoded with
     imageio/Pillow instead of moviepy, which torch's add_video needs and which is not installed."""

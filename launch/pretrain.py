@@ -1,4 +1,5 @@
-"""Offline pretraining of the diffusion planner (denoiser + value) on a Minari dataset.
+"""Offline pretraining of the diffusion planner (denoiser, value net, and the dynamics model with
+--train.train_dynamics) on a Minari dataset.
 
     export MINARI_DATASETS_PATH=$PWD/../shared/data/minari   # where local/ datasets are looked up
     python launch/pretrain.py --config configs/walker2d.yaml --data.dataset_id local/walker2d/sac-medium-v0

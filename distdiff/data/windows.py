@@ -190,10 +190,6 @@ class WindowDataset:
     def __len__(self) -> int:
         return len(self.window_start)
 
-    @property
-    def n_transitions(self) -> int:
-        return int(self.lengths.sum())
-
     def get(self, index: np.ndarray) -> Batch:
         ep = self.window_episode[index]
         steps = self.window_start[index][:, None] + np.arange(self.horizon)[None, :]

@@ -2,8 +2,8 @@
 
 Names follow Ho et al. 2020 (DDPM) and Song et al. 2021 (DDIM): ``x_start`` is the clean
 trajectory τ⁰, ``t`` a batch of integer timesteps in ``[0, n_steps)``, ``noise`` is ε.
-The denoiser and the value network are passed to each call, not owned, so the learner
-can sample with its EMA copy and train the online copy with the same diffusion.
+The denoiser (and the value net, inside a guide) is passed to each call, not owned, so one
+diffusion serves the trainer's online nets and the planner's EMA copies.
 """
 from __future__ import annotations
 
@@ -76,7 +76,6 @@ class GaussianDiffusion(nn.Module):
 
         register("betas", betas)
         register("alphas_cumprod", alphas_cumprod)
-        register("alphas_cumprod_prev", alphas_cumprod_prev)
         register("sqrt_alphas_cumprod", alphas_cumprod.sqrt())
         register("sqrt_one_minus_alphas_cumprod", (1.0 - alphas_cumprod).sqrt())
         register("sqrt_recip_alphas_cumprod", (1.0 / alphas_cumprod).sqrt())

@@ -38,19 +38,21 @@ class ValueGuide:
         self.t_stopgrad = t_stopgrad
         self.posterior_variance = posterior_variance
 
-    def gradients(self, x: torch.Tensor, t: torch.Tensor):
+    def gradient(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """∇_x of each plan's value (summed over the batch: plans do not share entries)."""
+        # Samplers run under no_grad; the guide needs a graph of its own.
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
             values = self.value_fn(x, t)
             (grad,) = torch.autograd.grad(values.sum(), x)
-        return values.detach(), grad
+        return grad
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, clamp: Clamp) -> torch.Tensor:
         active = (t >= self.t_stopgrad).reshape(-1, *((1,) * (x.ndim - 1)))
         if self.scale == 0.0 or not bool(active.any()):
             return x
         for _ in range(self.n_steps):
-            _, grad = self.gradients(x, t)
+            grad = self.gradient(x, t)
             if self.posterior_variance is not None:
                 grad = self.posterior_variance[t].reshape(active.shape) * grad
             # where, not a multiplication by 0: a non-finite gradient of an inactive plan

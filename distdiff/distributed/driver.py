@@ -69,8 +69,9 @@ def checked_resources(cfg: Config, log: Callable[[str], None]) -> actors.Resourc
     n, fit = cfg.online.num_actors, res.actors_that_fit
     o = cfg.online
     gpus, cpus = res.learner_gpus, res.learner_cpus
-    # Per node: Ray places the learner on one, so two 1-GPU nodes do not hold a 2-GPU learner,
-    # nor a CPU node with learner_resource and a GPU node without it a GPU learner.
+    # Per node: Ray places the learner on one node, which must have its GPU, its CPUs and
+    # learner_resource at once: a CPU node with learner_resource and a GPU node without it do
+    # not hold a GPU learner.
     if not res.learner_fits:
         asks = " and ".join([f"{gpus:g} GPU"] * (gpus > 0) + [f"{cpus:g} CPU"] * (cpus > 0)) or "a place"
         where = f"a node with {o.learner_resource!r}" if o.learner_resource else "one node"

@@ -1,4 +1,5 @@
-"""Learner: fine-tunes denoiser and value on replay batches (Alg. 2) and publishes weights."""
+"""Learner: fine-tunes the nets (denoiser, value, dynamics model) on replay batches (Alg. 2) and
+publishes weights."""
 from __future__ import annotations
 
 import time
@@ -17,8 +18,8 @@ from distdiff.training import Trainer, prior_of, resolve_device, seed_everything
 class Learner:
     """Wraps a :class:`Trainer`; ``version`` counts published weights.
 
-    Updates are the same ε/x₀-loss (denoiser) and noised-trajectory regression (value) as
-    pretraining, now on diffused real trajectories from the replay, so that what the planner
+    Updates are the same denoiser loss (ε, x₀ or v), value regression on noised trajectories and
+    (with ``train.train_dynamics``) dynamics loss as pretraining, now on diffused real trajectories from the replay, so that what the planner
     samples moves towards what the real dynamics produce.
     """
 

@@ -32,7 +32,7 @@ class RolloutResult(NamedTuple):
     plan_errors: np.ndarray  # [measured plans, H]: each one's per-step distance to the states it reached
     env_steps: int
     env_rebuilds: int  # in this task: 1 when its envs failed and it ran again on new ones
-    example: Optional[PlanCheck]  # the first episode's last measured plan, for the plan-vs-real figure
+    example: Optional[PlanCheck]  # the last measured plan of the first episode with one, for the plan-vs-real figure
 
 
 class TrainStats(NamedTuple):

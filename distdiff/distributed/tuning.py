@@ -192,7 +192,7 @@ def _read_spec(path: Path, overrides: Dict[str, Any]) -> Tuple[SweepSpec, List[s
         raise ConfigError(f"{path} looks like a training config (it has {', '.join(f'`{k}:`' for k in unknown)}): "
                           f"train with python launch/train.py --config {path}, or name it as a sweep file's `base:`")
     errors = [f"unknown sweep option {k!r}; options are {sorted(known)}" for k in unknown]
-    # The option types, before anything uses them.
+    # Types first: a wrong one would otherwise fail as a TypeError deep in SweepSpec or the scheduler.
     for key, kind in (("fixed", dict), ("space", dict), ("asha", dict), ("pbt", dict), ("resources", dict),
                       ("num_samples", int), ("max_concurrent", int), ("seed", int), ("name", str), ("metric", str),
                       ("mode", str), ("scheduler", str), ("base", str), ("init", str), ("max_failures", int)):

@@ -29,10 +29,7 @@ def time_mlp(dim: int) -> nn.Module:
 
 
 def _groups(channels: int) -> int:
-    for g in (8, 4, 2, 1):
-        if channels % g == 0:
-            return g
-    return 1
+    return next(g for g in (8, 4, 2, 1) if channels % g == 0)
 
 
 class Conv1dBlock(nn.Sequential):
@@ -67,7 +64,7 @@ def check_horizon(horizon: int, dim_mults: Sequence[int]) -> None:
 
 
 class TemporalUnet(nn.Module):
-    """ε- or x₀-prediction network: ``[B, H, D], [B] → [B, H, D]``.
+    """ε-, x₀- or v-prediction network: ``[B, H, D], [B] → [B, H, D]``.
 
     With ``returns_condition`` it also takes ``returns`` ``[B]`` (a window return's quantile in
     [0, 1]) and ``returns_mask`` ``[B]`` (1 to use it), embedded and added to the time
@@ -101,7 +98,7 @@ class TemporalUnet(nn.Module):
         self.mid1 = ResidualTemporalBlock(mid, mid, dim, kernel_size)
         self.mid2 = ResidualTemporalBlock(mid, mid, dim, kernel_size)
         self.ups = nn.ModuleList()
-        for i, (c_in, c_out) in enumerate(reversed(pairs[1:])):
+        for c_in, c_out in reversed(pairs[1:]):
             self.ups.append(nn.ModuleList([
                 ResidualTemporalBlock(c_out * 2, c_in, dim, kernel_size),
                 ResidualTemporalBlock(c_in, c_in, dim, kernel_size),
