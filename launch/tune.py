@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from distdiff.cli import add_ray_arguments, default_ray_auth, fail, limit_threads, make_parser
+from distdiff.cli import add_ray_arguments, check_output, default_ray_auth, fail, limit_threads, make_parser, positive_int
 
 limit_threads()
 default_ray_auth()
@@ -41,8 +41,8 @@ def main(argv=None) -> int:
     p = make_parser(__doc__)
     p.add_argument("--config", type=Path, default=ROOT / "configs" / "tune.yaml",
                    help="Sweep file, the search space in YAML (default: the repo's configs/tune.yaml).")
-    p.add_argument("--num-samples", type=int, default=None, help="Trials to sample (overrides the sweep file).")
-    p.add_argument("--max-concurrent", type=int, default=None, help="Trials at once (overrides the sweep file).")
+    p.add_argument("--num-samples", type=positive_int, default=None, help="Trials to sample (overrides the sweep file).")
+    p.add_argument("--max-concurrent", type=positive_int, default=None, help="Trials at once (overrides the sweep file).")
     p.add_argument("--storage", type=storage_dir, default=Path("runs/tune"), metavar="STORAGE",
                    help="Where trials, checkpoints and logs go: STORAGE/NAME/ (NAME: the sweep file's `name`), with "
                         "trials.csv and best_config.yaml (default: %(default)s). On more than one node, a directory "
@@ -50,9 +50,7 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="Continue the interrupted sweep in --storage.")
     add_ray_arguments(p)
     args = p.parse_args(argv)
-    for flag, value in (("--num-samples", args.num_samples), ("--max-concurrent", args.max_concurrent)):
-        if value is not None and value < 1:
-            fail(f"{flag} must be >= 1, got {value}")
+    check_output(args.storage, "--storage", directory=True)
 
     if args.resume and (args.num_samples is not None or args.max_concurrent is not None):
         fail("--resume continues the sweep as it started: Tune keeps its number of trials and how many run at once, "

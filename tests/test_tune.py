@@ -78,8 +78,14 @@ def test_invalid_spaces_are_refused_before_any_trial(tiny_dataset, tmp_path, sub
     out = subprocess.run([sys.executable, str(ROOT / "launch" / "tune.py"), "--config", str(good), "--storage",
                           str(tmp_path / "storage"), "--max-concurrent", "0"], env=subprocess_env, capture_output=True,
                          text=True, timeout=120)
-    assert out.returncode == 2 and "--max-concurrent must be >= 1" in out.stderr
+    assert out.returncode == 2 and "argument --max-concurrent: must be >= 1, got 0" in out.stderr
     assert not (tmp_path / "storage").exists()
+    # A file given as the storage directory: before, Ray started and make_tuner raised NotADirectoryError.
+    (tmp_path / "storage.txt").write_text("")
+    out = subprocess.run([sys.executable, str(ROOT / "launch" / "tune.py"), "--config", str(good), "--storage",
+                          str(tmp_path / "storage.txt")], env=subprocess_env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and f"--storage {tmp_path / 'storage.txt'} is a file; give a directory" in out.stderr
+    assert "ray:" not in out.stdout and "Traceback" not in out.stderr
 
 
 def test_a_trial_reserves_a_bundle_for_each_of_its_own_actors(tiny_dataset, tmp_path):
@@ -575,6 +581,11 @@ def test_values_valid_alone_but_not_together_are_refused(tiny_dataset, tmp_path)
     ({"loguniform": [0.0, 1.0]}, "loguniform needs low > 0"),
     ({"loguniform": [0.001, 1.0], "zero": 1.0}, "`zero`"),
     ({"loguniform": [0.001, 1.0], "zero": 0.0}, "`zero`"),
+    ({"loguniform": [0.001, 1.0], "zero": "abc"}, r"must be a number in \(0, 1\), got 'abc'"),
+    ({"loguniform": [0.001, 1.0], "zero": None}, r"must be a number in \(0, 1\), got None"),
+    # Tune's randint would truncate them and draw 0, outside what was written.
+    ({"randint": [0.5, 2.5]}, r"randint draws integers and needs integer bounds, got \[0.5, 2.5\]"),
+    ({"uniform": [0.0, float("inf")]}, "low < high"),
 ])
 def test_degenerate_domains_are_refused(dom, says, tiny_dataset, tmp_path):
     with pytest.raises(ConfigError, match=says):
@@ -629,8 +640,23 @@ def test_an_empty_option_takes_its_default(tiny_dataset, tmp_path):
 
 
 def test_zero_samples_are_refused(tiny_dataset, tmp_path):
-    with pytest.raises(ConfigError, match="num_samples and max_concurrent must be >= 1"):
+    with pytest.raises(ConfigError, match="num_samples must be >= 1, got 0"):
         load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, num_samples=0))
+
+
+@pytest.mark.parametrize("options, says", [
+    ({"seed": -1}, "seed must be >= 0, got -1"),
+    ({"asha": {"grace_period": "abc"}}, "asha.grace_period must be a number >= 1, got 'abc'"),
+    ({"asha": {"reduction_factor": 0}}, "asha.reduction_factor must be a number > 1, got 0"),
+    ({"scheduler": "pbt", "max_concurrent": 2, "pbt": {"perturbation_interval": 0}},
+     "pbt.perturbation_interval must be a number > 0, got 0"),
+    # A string, not a list: before, one error per character.
+    ({"scheduler": "pbt", "max_concurrent": 2, "pbt": {"mutations": "guidance.scale"}},
+     "pbt.mutations must be a list of the space's fields, got 'guidance.scale'$"),
+])
+def test_option_values_ray_would_fail_on_are_refused_with_their_name(options, says, tiny_dataset, tmp_path):
+    with pytest.raises(ConfigError, match=says):
+        load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, **options))
 
 
 def test_resource_fields_under_fixed_are_refused(tiny_dataset, tmp_path):

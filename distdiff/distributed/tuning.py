@@ -51,6 +51,16 @@ TIME_ATTR = "updates"  # the schedulers' time (make_scheduler)
 RECORD = "distdiff_sweep.json"  # what a sweep started with, in STORAGE/NAME (sweep_record)
 # The mode of the metrics that have a better end: the other one would rank the worst trial first.
 BETTER = {"normalized_score": "max", "return_mean": "max", "alignment_error": "min"}
+# The schedulers' numeric options, which Ray checks with bare asserts or not at all.
+SCHEDULER_RANGES = {
+    ("asha", "grace_period"): (">= 1", lambda v: v >= 1),
+    ("asha", "max_t"): (">= 1", lambda v: v >= 1),
+    ("asha", "reduction_factor"): ("> 1", lambda v: v > 1),
+    ("asha", "brackets"): (">= 1", lambda v: v >= 1),
+    ("pbt", "perturbation_interval"): ("> 0", lambda v: v > 0),
+    ("pbt", "quantile_fraction"): ("in [0, 0.5]", lambda v: 0 <= v <= 0.5),
+    ("pbt", "resample_probability"): ("in [0, 1]", lambda v: 0 <= v <= 1),
+}
 
 
 @dataclass
@@ -147,13 +157,21 @@ def _check_domain(key: str, dom: Any, integer: bool) -> List[str]:
     if kind in ("choice", "grid"):
         if not isinstance(arg, list) or not arg:
             return [f"space.{key}: {kind} needs a non-empty list"]
-    elif not (isinstance(arg, list) and len(arg) == 2 and all(isinstance(v, (int, float)) for v in arg) and arg[0] < arg[1]):
+    elif not (isinstance(arg, list) and len(arg) == 2 and all(_is_number(v) for v in arg) and arg[0] < arg[1]):
         return [f"space.{key}: {kind} needs [low, high] with low < high, got {arg!r}"]
     elif kind == "loguniform" and arg[0] <= 0:
         return [f"space.{key}: loguniform needs low > 0 (add `zero: P` to also try 0 with probability P)"]
-    if "zero" in dom and (kind != "loguniform" or not 0 < float(dom["zero"]) < 1):
-        return [f"space.{key}: `zero` (the probability of an exact 0) goes with loguniform and must be in (0, 1)"]
+    elif kind == "randint" and not all(isinstance(v, int) for v in arg):
+        # Tune's randint truncates them: [0.5, 2.5] would draw 0, 1 and 2.
+        return [f"space.{key}: randint draws integers and needs integer bounds, got {arg!r}; use uniform for real numbers"]
+    if "zero" in dom and (kind != "loguniform" or not _is_number(dom["zero"]) or not 0 < dom["zero"] < 1):
+        return [f"space.{key}: `zero` (the probability of an exact 0) goes with loguniform and must be a number in "
+                f"(0, 1), got {dom['zero']!r}"]
     return []
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _examples(dom: Dict[str, Any]) -> List[Any]:
@@ -245,8 +263,10 @@ def _option_errors(spec: SweepSpec) -> List[str]:
         errors.append("the space is empty: name at least one config field to sweep")
     if not isinstance(spec.name, str) or not spec.name or "/" in spec.name or spec.name in (".", ".."):
         errors.append(f"name must name one directory under --storage (no '/'), got {spec.name!r}")
-    if spec.num_samples < 1 or spec.max_concurrent < 1:
-        errors.append("num_samples and max_concurrent must be >= 1")
+    errors += [f"{k} must be >= 1, got {v}" for k, v in (("num_samples", spec.num_samples),
+                                                          ("max_concurrent", spec.max_concurrent)) if v < 1]
+    if spec.seed < 0:
+        errors.append(f"seed must be >= 0, got {spec.seed}")
     types = config_field_types()
     for where, keys in (("space", spec.space), ("fixed", spec.fixed)):
         errors += [f"{where}: unknown field {k}; see `python launch/train.py --help` for the fields" for k in keys if k not in types]
@@ -264,8 +284,16 @@ def _option_errors(spec: SweepSpec) -> List[str]:
         unknown = sorted(set(getattr(spec, name)) - options)
         if unknown:
             errors.append(f"{name}: unknown options {unknown}; options are {sorted(options)}")
+    for (name, key), (bounds, within) in SCHEDULER_RANGES.items():
+        value = getattr(spec, name).get(key)
+        if value is not None and not (_is_number(value) and within(value)):
+            errors.append(f"{name}.{key} must be a number {bounds}, got {value!r}")
+    mutations = spec.pbt.get("mutations", [])
+    if not isinstance(mutations, list) or not all(isinstance(k, str) for k in mutations):
+        errors.append(f"pbt.mutations must be a list of the space's fields, got {mutations!r}")
+        mutations = []
     if spec.scheduler == "pbt":
-        for key in spec.pbt.get("mutations", []):
+        for key in mutations:
             if key not in spec.space:
                 errors.append(f"pbt.mutations: {key!r} is not in the space")
             elif key in config_lib.net_fields() or key in VALUE_TARGET_FIELDS:
