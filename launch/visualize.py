@@ -47,10 +47,27 @@ from distdiff.rundir import CHECKPOINT, checkpoint_file  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
+MIN_FPS, MAX_FPS = 0.5, 240.0
+
+
 def _even_size(text: str) -> int:
-    v = int(text)
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
     if v < 16 or v % 2:
         raise argparse.ArgumentTypeError(f"{v}: frame sizes must be even and at least 16 (H.264 needs even sizes)")
+    return v
+
+
+def _fps(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    # (The encoders fail on a NaN or infinite rate, and on one so low that a frame outlasts them.)
+    if not MIN_FPS <= v <= MAX_FPS:
+        raise argparse.ArgumentTypeError(f"must be in [{MIN_FPS:g}, {MAX_FPS:g}], got {text}")
     return v
 
 
@@ -81,7 +98,7 @@ def parser() -> argparse.ArgumentParser:
                         "or normalized by the checkpoint's normalizer (default raw). Alignment errors are always normalized.")
     p.add_argument("--width", type=_even_size, default=240, help="Width of each video panel in pixels (default 240).")
     p.add_argument("--height", type=_even_size, default=240, help="Height of the video frames in pixels (default 240).")
-    p.add_argument("--fps", type=float, default=8.0, help="Video frames per second (default 8: slow motion).")
+    p.add_argument("--fps", type=_fps, default=8.0, help="Video frames per second (default 8: slow motion).")
     p.add_argument("--video-format", choices=("auto", "mp4", "gif"), default="auto",
                    help="auto (default): MP4 when imageio-ffmpeg is installed, else GIF.")
     p.add_argument("--no-video", action="store_true", help="Skip the rendered video (no OpenGL needed).")
@@ -100,8 +117,6 @@ def _same_normalizer(a: dict, b: dict) -> bool:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
-    if args.fps <= 0:
-        fail(f"--fps must be positive, got {args.fps}")
     if args.video_format == "mp4" and not args.no_video and not render.ffmpeg_available():
         fail("--video-format mp4 needs the imageio-ffmpeg package (pip install imageio-ffmpeg); or use gif")
     try:
