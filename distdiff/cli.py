@@ -116,6 +116,15 @@ def check_output(path: Path, flag: str, *, directory: bool = False) -> None:
         fail(f"{flag} {path}: {parent} is a file")
 
 
+def check_resume_dir(run_dir: Path) -> None:
+    """--resume takes a run dir; given one of its files, or a path that is not there, say so
+    (rather than that no checkpoint is at FILE/checkpoint.pt)."""
+    if run_dir.is_file():
+        fail(f"--resume takes the run's dir, not a file in it: --resume {run_dir.parent}")
+    if not run_dir.exists():
+        fail(f"--resume {run_dir}: no such directory")
+
+
 def default_run_dir(kind: str) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from distdiff.cli import check_run_dir, default_run_dir, fail, limit_threads, make_parser
+from distdiff.cli import check_resume_dir, check_run_dir, default_run_dir, fail, limit_threads, make_parser
 
 limit_threads()
 
@@ -53,6 +53,7 @@ def main(argv=None) -> int:
                 fail("--resume continues with the run's own config; drop --config (override fields with --section.field)")
             if args.overwrite:
                 fail("--resume continues the run in --run-dir; --overwrite would remove it")
+            check_resume_dir(args.run_dir)
             base = config_lib.from_dict(load_checkpoint(args.run_dir / CHECKPOINT)["config"])
             cfg = config_lib.from_args(args, base=base)
             run_dir = args.run_dir

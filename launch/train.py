@@ -18,7 +18,8 @@ import errno
 import sys
 from pathlib import Path
 
-from distdiff.cli import add_ray_arguments, check_run_dir, default_ray_auth, default_run_dir, fail, limit_threads, make_parser
+from distdiff.cli import (add_ray_arguments, check_resume_dir, check_run_dir, default_ray_auth, default_run_dir, fail,
+                          limit_threads, make_parser)
 
 limit_threads()
 default_ray_auth()
@@ -28,6 +29,7 @@ from distdiff.checkpoint import CheckpointError, CheckpointWriteError, load_chec
 from distdiff.data.minari_io import DatasetError  # noqa: E402
 from distdiff.files import to_json  # noqa: E402
 from distdiff.rundir import holds_run  # noqa: E402
+from distdiff.training import check_made_with, has_dynamics  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,25 +61,27 @@ def main(argv=None) -> int:
         fail("--resume and --init exclude each other")
     if args.resume and (args.overwrite or args.run_dir):
         fail("--resume continues the run in RUN_DIR; drop --run-dir and --overwrite")
-    try:
-        if args.resume:
-            if args.config is not None:
-                fail("--resume continues with the run's own config; drop --config (override fields with --section.field)")
-            from distdiff.distributed.driver import resume_checkpoint
-
-            base = config_lib.from_dict(load_checkpoint(resume_checkpoint(args.resume))["config"])
-            cfg = config_lib.from_args(args, base=base)
-        else:
-            # From --init without --config: the checkpoint's config, whose model fits its nets.
-            base = config_lib.from_dict(load_checkpoint(args.init)["config"]) if args.init and not args.config else None
-            cfg = config_lib.from_args(args, base=base)
-        config_lib.check_trainable(cfg)  # before Ray starts
-    except (config_lib.ConfigError, CheckpointError) as e:
-        fail(str(e))
+    if args.resume and args.config is not None:
+        fail("--resume continues with the run's own config; drop --config (override fields with --section.field)")
+    if args.resume:
+        check_resume_dir(args.resume)
     import ray
 
     from distdiff.distributed.cluster import ClusterUnreachable, RunFailed, connect
-    from distdiff.distributed.driver import train
+    from distdiff.distributed.driver import resume_state, train
+
+    # Before Ray starts: a config that cannot train, or that the checkpoint's nets do not fit.
+    try:
+        state = resume_state(args.resume) if args.resume else load_checkpoint(args.init) if args.init else None
+        # From --init without --config: the checkpoint's config, whose model fits its nets.
+        base = config_lib.from_dict(state["config"]) if state is not None and not args.config else None
+        cfg = config_lib.from_args(args, base=base)
+        config_lib.check_trainable(cfg)
+        if state is not None:
+            check_made_with(state, cfg)
+            has_dynamics(state, cfg)
+    except (config_lib.ConfigError, CheckpointError) as e:
+        fail(str(e))
 
     run_dir = args.resume or args.run_dir or default_run_dir("train")
     if not args.resume:

@@ -192,6 +192,24 @@ def test_bad_arguments_fail_before_any_work(args, expected, subprocess_env):
     assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
 
 
+def test_train_refuses_what_its_checkpoint_cannot_do_before_ray_starts(run30, subprocess_env):
+    # Nothing listens at this address: a check made after connecting would fail there instead.
+    env = {**subprocess_env, "RAY_ADDRESS": "127.0.0.1:1"}
+    for args, says in [
+        (("--init", run30, "--model.horizon", 16), "checkpoint does not fit this model config: model.horizon is 8 "
+                                                   "there, 16 here"),
+        (("--resume", run30), f"{run30} holds an offline pretraining run (launch/pretrain.py), which phase 2 does not "
+                              f"continue: start phase 2 from it with --init {run30}"),
+        (("--resume", run30 / "checkpoint.pt"), f"--resume takes the run's dir, not a file in it: --resume {run30}"),
+        (("--resume", run30 / "nowhere"), f"--resume {run30 / 'nowhere'}: no such directory"),
+    ]:
+        proc = run("train.py", *args, env=env)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-2000:]
+        assert "cannot connect" not in proc.stderr and "Traceback" not in proc.stderr
+    proc = run("pretrain.py", "--resume", run30 / "checkpoint.pt", env=subprocess_env)
+    assert proc.returncode == 2 and f"--resume takes the run's dir, not a file in it: --resume {run30}" in proc.stderr
+
+
 def test_a_mistyped_flag_is_answered_in_a_few_lines_not_the_whole_usage(subprocess_env):
     proc = run("train.py", "--train.stepz", "3", "--no-such-flag", env=subprocess_env)
     assert proc.returncode == 2 and proc.stderr.splitlines() == [

@@ -1026,6 +1026,17 @@ class OnlineRun:
                 self.writer.close()
 
 
+def resume_state(run_dir: Path) -> Dict[str, object]:
+    """The checkpoint a resume of the run in ``run_dir`` continues from (:func:`resume_checkpoint`),
+    loaded; refuses the run dir of an offline pretraining (launch/pretrain.py)."""
+    path = resume_checkpoint(run_dir)
+    state = load_checkpoint(path)
+    if path == run_dir / CHECKPOINT and "run" not in state:
+        raise CheckpointError(f"{run_dir} holds an offline pretraining run (launch/pretrain.py), which phase 2 "
+                              f"does not continue: start phase 2 from it with --init {run_dir}")
+    return state
+
+
 def pretrain_phase(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool, log: Callable[[str], None],
                    progress: bool) -> Tuple[Config, Dict[str, object], LoadedDataset]:
     """Phase 1 of :func:`train`, into ``run_dir/pretrain`` (continued there on ``resume``): the
@@ -1087,10 +1098,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         cfg, state, data = pretrain_phase(cfg, run_dir, resume=resume, overwrite=overwrite, log=log, progress=progress)
         counters = Counters()
     elif resume:
-        state = load_checkpoint(run_dir / CHECKPOINT)
-        if "run" not in state:
-            raise CheckpointError(f"{run_dir} holds an offline pretraining run (launch/pretrain.py), which phase 2 "
-                                  f"does not continue: start phase 2 from it with --init {run_dir}")
+        state = resume_state(run_dir)
         try:
             counters = Counters(**state["run"])
         except ValueError as e:
