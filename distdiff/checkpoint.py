@@ -6,6 +6,7 @@ a distdiff checkpoint, or is truncated, is a :class:`CheckpointError` with the p
 from __future__ import annotations
 
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Any, Dict
 
@@ -63,6 +64,10 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
         hint = f" (its run stopped in phase 1: {phase1} is its pretraining's)" \
             if path.name == CHECKPOINT and phase1.is_file() else ""
         raise CheckpointError(f"no checkpoint at {path}{hint}")
+    if not zipfile.is_zipfile(path):
+        # What torch.save writes; torch.load would fail on anything else with a key or EOF error.
+        what = "an empty file" if path.stat().st_size == 0 else "not a torch file, or damaged"
+        raise CheckpointError(f"{path} is not a readable distdiff checkpoint ({what})")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a damaged file fails in many ways (unpickler, zip, struct, key errors); all mean "unreadable"
