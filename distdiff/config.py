@@ -318,8 +318,20 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
         if not cond:
             e.append(msg)
 
-    need(cfg.env.obs_dim > 0 and cfg.env.act_dim > 0, "env.obs_dim and env.act_dim must be positive")
-    need(cfg.env.max_episode_steps > 0, "env.max_episode_steps must be positive")
+    def value(key: str):
+        section, name = key.split(".")
+        return getattr(getattr(cfg, section), name)
+
+    # One message per field, with its value: a flag's error names the flag that is wrong.
+    def at_least(minimum: int, *keys: str) -> None:
+        for key in keys:
+            need(value(key) >= minimum, f"{key} must be >= {minimum}, got {value(key)}")
+
+    def positive(*keys: str) -> None:
+        for key in keys:
+            need(value(key) > 0, f"{key} must be positive, got {value(key)}")
+
+    positive("env.obs_dim", "env.act_dim", "env.max_episode_steps")
     # Minari parses the -vN version only when it writes, after the fallback has been collected.
     need(bool(DATASET_ID.match(cfg.data.dataset_id)),
          f"data.dataset_id must look like namespace/name-vN (Minari needs the -vN version), got {cfg.data.dataset_id!r}")
@@ -329,17 +341,15 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
          f"data.fallback_dataset_id must be empty (no fallback) or look like {LOCAL_NAMESPACE}name-vN, got "
          f"{cfg.data.fallback_dataset_id!r}")
     need(cfg.data.normalizer in ("gaussian", "minmax"), f"data.normalizer must be gaussian or minmax, got {cfg.data.normalizer!r}")
-    need(cfg.online.start_window_weight >= 0, f"online.start_window_weight must be >= 0, got {cfg.online.start_window_weight}")
-    need(cfg.online.offline_start_window_weight > 0, f"online.offline_start_window_weight must be positive, got {cfg.online.offline_start_window_weight}")
-    need(cfg.data.start_window_weight > 0, f"data.start_window_weight must be positive, got {cfg.data.start_window_weight}")
+    at_least(0, "online.start_window_weight")
+    positive("online.offline_start_window_weight", "data.start_window_weight")
     need(0.0 < cfg.data.discount <= 1.0, f"data.discount must be in (0, 1], got {cfg.data.discount}")
     need(cfg.data.value_target in VALUE_TARGETS, f"data.value_target must be one of {list(VALUE_TARGETS)}, got {cfg.data.value_target!r}")
-    need(cfg.model.horizon > 0, f"model.horizon must be positive, got {cfg.model.horizon}")
+    positive("model.horizon", "model.dynamics_dim")
     need(len(cfg.model.dim_mults) > 0 and all(m > 0 for m in cfg.model.dim_mults), "model.dim_mults must be positive integers")
     if cfg.model.horizon > 0 and cfg.model.dim_mults:
         factor = 2 ** (len(cfg.model.dim_mults) - 1)
         need(cfg.model.horizon % factor == 0, f"model.horizon {cfg.model.horizon} must be a multiple of {factor} for dim_mults {cfg.model.dim_mults}")
-    need(cfg.model.dynamics_dim > 0, "model.dynamics_dim must be positive")
     for key in ("dim", "value_dim"):
         # Both nets embed the noise level sinusoidally: half sines, half cosines, over >= 2 frequencies.
         need(getattr(cfg.model, key) >= 4 and getattr(cfg.model, key) % 2 == 0,
@@ -351,16 +361,13 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(cfg.diffusion.n_steps >= 2, f"diffusion.n_steps must be >= 2, got {cfg.diffusion.n_steps}")
     need(cfg.diffusion.schedule in SCHEDULES, f"diffusion.schedule must be one of {sorted(SCHEDULES)}, got {cfg.diffusion.schedule!r}")
     need(cfg.diffusion.prediction in PREDICTIONS, f"diffusion.prediction must be one of {list(PREDICTIONS)}, got {cfg.diffusion.prediction!r}")
-    need(cfg.diffusion.action_weight > 0, "diffusion.action_weight must be positive")
-    need(cfg.guidance.scale >= 0, "guidance.scale must be >= 0")
-    need(cfg.guidance.n_guide_steps >= 1, "guidance.n_guide_steps must be >= 1")
-    need(cfg.guidance.n_candidates >= 1, "guidance.n_candidates must be >= 1")
+    positive("diffusion.action_weight")
+    at_least(0, "guidance.scale", "guidance.return_scale")
+    at_least(1, "guidance.n_guide_steps", "guidance.n_candidates", "planner.dynamics_candidates")
     need(0.0 <= cfg.guidance.return_quantile <= 1.0, f"guidance.return_quantile must be in [0, 1], got {cfg.guidance.return_quantile}")
-    need(cfg.guidance.return_scale >= 0, f"guidance.return_scale must be >= 0, got {cfg.guidance.return_scale}")
     need(0.0 <= cfg.train.condition_dropout < 1.0, f"train.condition_dropout must be in [0, 1), got {cfg.train.condition_dropout}")
     if cfg.model.returns_condition and cfg.guidance.return_scale != 1.0:
         need(cfg.train.condition_dropout > 0, "guidance.return_scale != 1 needs an unconditional model: set train.condition_dropout > 0")
-    need(cfg.planner.dynamics_candidates >= 1, "planner.dynamics_candidates must be >= 1")
     need(cfg.guidance.n_candidates == 1 or cfg.planner.dynamics_candidates == 1,
          "choose plans by value (guidance.n_candidates > 1) or by dynamics (planner.dynamics_candidates > 1), not both")
     if cfg.planner.dynamics_candidates > 1:
@@ -378,29 +385,32 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
              f"guidance.t_stopgrad must be in [0, diffusion.n_steps={cfg.diffusion.n_steps}) when guidance.scale > 0: "
              "no noise level would be guided")
     need(cfg.planner.sampler in ("ddpm", "ddim"), f"planner.sampler must be ddpm or ddim, got {cfg.planner.sampler!r}")
-    need(1 <= cfg.planner.ddim_steps <= cfg.diffusion.n_steps, f"planner.ddim_steps must be in [1, diffusion.n_steps={cfg.diffusion.n_steps}]")
-    need(0.0 <= cfg.planner.ddim_eta <= 1.0, "planner.ddim_eta must be in [0, 1]")
+    need(1 <= cfg.planner.ddim_steps <= cfg.diffusion.n_steps,
+         f"planner.ddim_steps must be in [1, diffusion.n_steps={cfg.diffusion.n_steps}], got {cfg.planner.ddim_steps}")
+    need(0.0 <= cfg.planner.ddim_eta <= 1.0, f"planner.ddim_eta must be in [0, 1], got {cfg.planner.ddim_eta}")
     need(cfg.planner.execution in ("open_loop", "receding"), f"planner.execution must be open_loop or receding, got {cfg.planner.execution!r}")
-    need(1 <= cfg.planner.replan_every <= cfg.model.horizon, f"planner.replan_every must be in [1, model.horizon={cfg.model.horizon}]")
-    need(cfg.train.steps >= 0 and cfg.train.batch_size > 0, "train.steps must be >= 0 and train.batch_size > 0")
-    need(cfg.train.lr > 0 and cfg.train.value_lr > 0 and cfg.train.dynamics_lr > 0, "learning rates must be positive")
+    need(1 <= cfg.planner.replan_every <= cfg.model.horizon,
+         f"planner.replan_every must be in [1, model.horizon={cfg.model.horizon}], got {cfg.planner.replan_every}")
+    at_least(0, "train.steps", "train.warmup_steps")
+    at_least(1, "train.batch_size", "train.ema_every", "train.log_every", "train.checkpoint_every", "train.num_threads")
+    positive("train.lr", "train.value_lr", "train.dynamics_lr")
     need(cfg.train.lr_schedule in LR_SCHEDULES, f"train.lr_schedule must be one of {list(LR_SCHEDULES)}, got {cfg.train.lr_schedule!r}")
-    need(cfg.train.warmup_steps >= 0, "train.warmup_steps must be >= 0")
-    need(0.0 <= cfg.train.lr_min_ratio <= 1.0, "train.lr_min_ratio must be in [0, 1]")
-    need(0.0 <= cfg.train.ema_decay < 1.0, "train.ema_decay must be in [0, 1)")
-    need(cfg.train.ema_every >= 1 and cfg.train.log_every >= 1 and cfg.train.checkpoint_every >= 1, "train.ema_every, log_every and checkpoint_every must be >= 1")
+    need(0.0 <= cfg.train.lr_min_ratio <= 1.0, f"train.lr_min_ratio must be in [0, 1], got {cfg.train.lr_min_ratio}")
+    need(0.0 <= cfg.train.ema_decay < 1.0, f"train.ema_decay must be in [0, 1), got {cfg.train.ema_decay}")
     need(cfg.train.device in ("auto", "cpu", "cuda"), f"train.device must be auto, cpu or cuda, got {cfg.train.device!r}")
     need(cfg.train.precision in ("fp32", "bf16"), f"train.precision must be fp32 or bf16, got {cfg.train.precision!r}")
     need(cfg.train.compile in ("none", "default", "reduce-overhead"),
          f"train.compile must be none, default or reduce-overhead, got {cfg.train.compile!r}")
-    need(cfg.train.num_threads >= 1, "train.num_threads must be >= 1")
     # Seeds feed numpy's SeedSequence and Gymnasium's reset, which take non-negative integers.
     for key, seed in (("train.seed", cfg.train.seed), ("eval.seed", cfg.eval.seed)):
         need(0 <= seed < 2**63, f"{key} must be in [0, 2**63), got {seed}")
-    need(cfg.eval.episodes >= 1 and cfg.eval.num_envs >= 1, "eval.episodes and eval.num_envs must be >= 1")
+    at_least(1, "eval.episodes", "eval.num_envs")
     o = cfg.online
-    need(o.num_actors >= 1 and o.envs_per_actor >= 1, "online.num_actors and online.envs_per_actor must be >= 1")
-    need(o.actor_num_cpus >= 0 and o.learner_num_cpus >= 0, "online CPU reservations must be >= 0")
+    at_least(1, "online.num_actors", "online.envs_per_actor", "online.updates_per_call", "online.broadcast_every",
+             "online.measure_every", "online.checkpoint_every", "online.figure_every", "online.max_nonfinite")
+    budgets = ("online.env_steps", "online.updates", "online.wall_time_s")
+    at_least(0, "online.actor_num_cpus", "online.learner_num_cpus", *budgets, "online.updates_per_env_step",
+             "online.eval_every", "online.return_weighting")
     # Ray refuses reservations finer than 1e-4 of a CPU or GPU.
     for key in ("actor_num_cpus", "learner_num_cpus", "learner_num_gpus"):
         amount = getattr(o, key)
@@ -410,21 +420,17 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
         name = getattr(o, key)
         need(name == "" or (name.strip() == name and name not in ("CPU", "GPU", "memory", "object_store_memory") and not name.startswith("node:")),
              f"online.{key} must be empty or a custom resource name (not CPU, GPU, memory, object_store_memory, node:..., no surrounding spaces), got {name!r}")
-    need(o.env_steps >= 0 and o.updates >= 0 and o.wall_time_s >= 0, "online budgets must be >= 0")
-    need(o.env_steps > 0 or o.updates > 0 or o.wall_time_s > 0, "online needs a budget: env_steps, updates or wall_time_s")
-    need(o.updates_per_env_step >= 0, "online.updates_per_env_step must be >= 0")
+    if all(value(key) >= 0 for key in budgets):  # (a negative one is said above)
+        need(o.env_steps > 0 or o.updates > 0 or o.wall_time_s > 0, "online needs a budget: env_steps, updates or wall_time_s")
     need(o.updates_per_env_step > 0 or o.env_steps > 0 or o.wall_time_s > 0,
          "online.updates is the only budget but online.updates_per_env_step is 0: no update would ever run")
-    need(o.max_update_lag >= o.updates_per_call, "online.max_update_lag must be >= online.updates_per_call")
-    need(o.updates_per_call >= 1 and o.broadcast_every >= 1, "online.updates_per_call and broadcast_every must be >= 1")
-    need(o.replay_capacity >= cfg.model.horizon, "online.replay_capacity must hold at least one horizon")
-    need(0.0 <= o.offline_ratio <= 1.0, "online.offline_ratio must be in [0, 1]")
+    need(o.max_update_lag >= o.updates_per_call,
+         f"online.max_update_lag must be >= online.updates_per_call ({o.updates_per_call}), got {o.max_update_lag}")
+    need(o.replay_capacity >= cfg.model.horizon,
+         f"online.replay_capacity must hold at least one horizon ({cfg.model.horizon}), got {o.replay_capacity}")
+    need(0.0 <= o.offline_ratio <= 1.0, f"online.offline_ratio must be in [0, 1], got {o.offline_ratio}")
     need(o.lr_scale > 0, f"online.lr_scale must be positive, got {o.lr_scale}")
     need(0.0 <= o.prior_weight < 1.0, f"online.prior_weight must be in [0, 1), got {o.prior_weight}")
-    need(o.return_weighting >= 0, f"online.return_weighting must be >= 0, got {o.return_weighting}")
-    need(o.measure_every >= 1 and o.checkpoint_every >= 1 and o.figure_every >= 1, "online.measure_every, checkpoint_every and figure_every must be >= 1")
-    need(o.eval_every >= 0, "online.eval_every must be >= 0")
-    need(o.max_nonfinite >= 1, "online.max_nonfinite must be >= 1")
     need(o.rollout_timeout_s >= 0, f"online.rollout_timeout_s must be >= 0 (0: no limit), got {o.rollout_timeout_s}")
     if e:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))

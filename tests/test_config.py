@@ -85,10 +85,21 @@ def test_overrides_are_typed():
         ({"online.actor_max_restarts": -2}, "online.actor_max_restarts must be >= -1"),
         ({"online.rollout_timeout_s": -1.0}, "online.rollout_timeout_s must be >= 0"),
         ({"online.actor_num_cpus": 1e-5}, "online.actor_num_cpus must be 0 or at least 0.0001"),
+        # Each field on its own, with its value (these used to share one message).
+        ({"train.steps": -5}, "train.steps must be >= 0, got -5"),
+        ({"train.batch_size": 0}, "train.batch_size must be >= 1, got 0"),
+        ({"online.num_actors": 0}, "online.num_actors must be >= 1, got 0"),
+        ({"eval.episodes": -2}, "eval.episodes must be >= 1, got -2"),
+        ({"train.value_lr": 0.0}, "train.value_lr must be positive, got 0.0"),
     ],
 )
 def test_invalid_values_are_rejected(overrides, expected):
     assert expected in _error(overrides)
+
+
+def test_a_negative_budget_is_not_also_called_a_missing_one():
+    message = _error({"online.env_steps": -1})
+    assert "online.env_steps must be >= 0, got -1" in message and "needs a budget" not in message
 
 
 @pytest.mark.parametrize("overrides, expected", [
