@@ -276,9 +276,23 @@ def read(path: str | Path, what: str = "config file") -> Any:
         raise ConfigError(f"{what} {path} {'is a directory' if path.is_dir() else 'does not exist'}")
     try:
         data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {_yaml_problem(e)}") from e
     return {} if data is None else data
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's error on one line, at the file's line and column (its own text names the
+    file "<unicode string>" and quotes it over several lines)."""
+    if not isinstance(e, yaml.MarkedYAMLError) or e.problem_mark is None:
+        return str(e).splitlines()[0]
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    context = f" ({e.context} at {at(e.context_mark)})" if e.context and e.context_mark is not None else ""
+    return f"{at(e.problem_mark)}: {e.problem}{context}"
 
 
 def load(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] = None, *, data: Any = None,
@@ -293,10 +307,14 @@ def load(path: Optional[str | Path] = None, overrides: Optional[Dict[str, Any]] 
     if path is not None:
         if data is None:
             data = read(path)
-        cfg, errors = _merge(data, cfg)
         if isinstance(data, dict) and "space" in data:
-            errors.insert(0, f"{path} looks like a Ray Tune sweep file (it has a `space:`): run it with "
-                             f"python launch/tune.py --config {path}")
+            # Not also each of its options as an unknown section.
+            raise ConfigError(f"{path} looks like a Ray Tune sweep file (it has a `space:`): run it with "
+                              f"python launch/tune.py --config {path}")
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must be a mapping of sections (e.g. `train: {{steps: 100}}`), "
+                              f"got {type(data).__name__}")
+        cfg, errors = _merge(data, cfg)
     if overrides:
         cfg, more = _merge(_nest(overrides), cfg)
         errors += more

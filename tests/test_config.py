@@ -217,8 +217,22 @@ def test_config_error_is_a_value_error():
 
 
 def test_a_sweep_file_given_as_a_config_says_where_it_belongs():
-    with pytest.raises(config.ConfigError, match=r"sweep file .* python launch/tune.py --config"):
+    with pytest.raises(config.ConfigError, match=r"sweep file .* python launch/tune.py --config") as raised:
         config.load(ROOT / "configs" / "tune.yaml")
+    assert "unknown section" not in str(raised.value)  # not each of its options again
+
+
+@pytest.mark.parametrize("text, says", [
+    ("train: {steps: 3\nmodel:\n  dim: 4\n", "is not valid YAML: line 2, column 6: expected ',' or '}', but got ':' "
+                                              "(while parsing a flow mapping at line 1, column 8)"),
+    ("hello\n", "must be a mapping of sections (e.g. `train: {steps: 100}`), got str"),
+])
+def test_a_file_that_is_not_a_config_says_why_on_one_line_naming_it(text, says, tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as raised:
+        config.load(path)
+    assert str(raised.value) == f"config file {path} {says}"
 
 
 def test_a_directory_given_as_a_config_is_named_so(tmp_path):
