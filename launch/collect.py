@@ -32,12 +32,16 @@ from distdiff.rollout import make_env, random_episodes, run_episodes  # noqa: E4
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
+DEFAULT_ENV = "Walker2d-v5"
+
+
 def main(argv=None) -> int:
     p = make_parser(__doc__)
     p.add_argument("--policy", required=True, help="'random', or the path of a distdiff checkpoint.")
     p.add_argument("--episodes", type=positive_int, required=True, help="Number of episodes to collect.")
     p.add_argument("--dataset-id", required=True, help="Minari id under local/, ending in -vN (e.g. local/walker2d/random-v0).")
-    p.add_argument("--env", default="Walker2d-v5", help="Gymnasium env id (random policy; a checkpoint uses its own; default: %(default)s).")
+    p.add_argument("--env", default=None,
+                   help=f"Gymnasium env id for the random policy (default: {DEFAULT_ENV}); a checkpoint collects in its own.")
     p.add_argument("--max-episode-steps", type=positive_int, default=1000,
                    help="Time limit: an episode that has not fallen by then ends truncated (default: %(default)s).")
     p.add_argument("--num-envs", type=positive_int, default=8, help="Envs planned together (checkpoint policy), per actor (default: %(default)s).")
@@ -70,11 +74,19 @@ def main(argv=None) -> int:
         except (CheckpointError, config_lib.ConfigError) as e:
             fail(f"--policy {args.policy}: neither 'random' nor a checkpoint: {e}" if not Path(args.policy).exists()
                  else str(e))
+        if args.env is not None and args.env != cfg.env.id:
+            fail(f"--env {args.env}: the checkpoint plans in {cfg.env.id}, and collects there; drop --env")
     else:
+        args.env = args.env or DEFAULT_ENV
         try:
-            gym.spec(args.env)
+            env = make_env(args.env, args.max_episode_steps)
         except gym.error.Error as e:
             fail(f"--env {args.env}: {e}")
+        discrete = not isinstance(env.action_space, gym.spaces.Box)
+        env.close()
+        if discrete:
+            fail(f"--env {args.env}: its actions are {type(env.action_space).__name__}, and distdiff plans continuous "
+                 "(Box) actions")
     bar = progress_bar(total=args.episodes, desc="collect")
     if args.num_actors > 1:
         import ray

@@ -14,7 +14,7 @@ import operator
 import sys
 from pathlib import Path
 
-from distdiff.cli import check_output, fail, limit_threads, make_parser, note_selection_seeds, progress_bar
+from distdiff.cli import check_output, fail, limit_threads, make_parser, note_selection_seeds, positive_int, progress_bar
 
 limit_threads()
 
@@ -31,7 +31,7 @@ from distdiff.training import planner_from_checkpoint  # noqa: E402
 def main(argv=None) -> int:
     p = make_parser(__doc__)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt (or its run dir).")
-    p.add_argument("--episodes", type=int, default=None, help="Episodes to run (default eval.episodes).")
+    p.add_argument("--episodes", type=positive_int, default=None, help="Episodes to run (default eval.episodes).")
     p.add_argument("--guidance", type=float, default=None, help="Guidance scale k (same as --guidance.scale).")
     p.add_argument("--out", type=Path, default=None,
                    help="Summary JSON (default beside the checkpoint: eval.json, or NAME.eval.json for NAME.pt).")
@@ -53,6 +53,9 @@ def main(argv=None) -> int:
     try:
         state = load_checkpoint(args.checkpoint)
         cfg = config_lib.from_args(args, base=config_lib.from_dict(state["config"]))
+        if args.cfg__online__prior_weight and "prior" not in state:
+            fail(f"--online.prior_weight blends a phase-2 checkpoint with the prior it started from, and "
+                 f"{args.checkpoint} is not one (it is its own prior): the blend would judge it unchanged")
         torch.set_num_threads(cfg.train.num_threads)
         planner = planner_from_checkpoint(state, cfg)
     except (config_lib.ConfigError, CheckpointError, ValueError) as e:

@@ -210,6 +210,24 @@ def test_train_refuses_what_its_checkpoint_cannot_do_before_ray_starts(run30, su
     assert proc.returncode == 2 and f"--resume takes the run's dir, not a file in it: --resume {run30}" in proc.stderr
 
 
+def test_flags_that_would_do_nothing_or_the_wrong_thing_are_refused(run30, minari_root, subprocess_env):
+    for args, says in [
+        # The planner collects in its own env: --env used to be ignored without a word.
+        (("collect.py", "--policy", run30 / "checkpoint.pt", "--env", "Hopper-v5", "--episodes", 1, "--dataset-id",
+          "local/walker2d/hop-v0"), "--env Hopper-v5: the checkpoint plans in Walker2d-v5, and collects there"),
+        # A dataset distdiff could never train on.
+        (("collect.py", "--policy", "random", "--env", "CartPole-v1", "--episodes", 1, "--dataset-id",
+          "local/cartpole/random-v0"), "--env CartPole-v1: its actions are Discrete"),
+        # A pretraining checkpoint is its own prior: blended with itself, it is judged unchanged.
+        (("evaluate.py", "--checkpoint", run30, "--online.prior_weight", 0.5, "--episodes", 1),
+         "--online.prior_weight blends a phase-2 checkpoint with the prior it started from"),
+    ]:
+        proc = run(*args, env=subprocess_env)
+        assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-2000:]
+        assert "summary:" not in proc.stdout and "wrote" not in proc.stdout
+    assert not dataset_exists("local/walker2d/hop-v0") and not dataset_exists("local/cartpole/random-v0")
+
+
 def test_a_mistyped_flag_is_answered_in_a_few_lines_not_the_whole_usage(subprocess_env):
     proc = run("train.py", "--train.stepz", "3", "--no-such-flag", env=subprocess_env)
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
