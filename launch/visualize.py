@@ -38,7 +38,7 @@ import torch  # noqa: E402
 from distdiff import config as config_lib  # noqa: E402
 from distdiff import plots, render  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from distdiff.data.minari_io import DatasetError  # noqa: E402
+from distdiff.data.minari_io import DATASET_ID, DatasetError  # noqa: E402
 from distdiff.evaluation import evaluate  # noqa: E402
 from distdiff.files import write_json, write_text  # noqa: E402
 from distdiff.report import (alignment_starts, figure1_data, in_units, load_dataset, mean_error,  # noqa: E402
@@ -117,6 +117,8 @@ def _same_normalizer(a: dict, b: dict) -> bool:
 
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
+    if args.dataset is not None and not DATASET_ID.match(args.dataset):
+        fail(f"--dataset {args.dataset!r} must look like namespace/name-vN (a Minari dataset id)")
     if args.video_format == "mp4" and not args.no_video and not render.ffmpeg_available():
         fail("--video-format mp4 needs the imageio-ffmpeg package (pip install imageio-ffmpeg); or use gif")
     try:

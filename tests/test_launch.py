@@ -179,6 +179,8 @@ def test_a_run_dir_that_holds_a_run_is_kept_unless_overwrite(run30, tmp_path, ti
     # The encoders failed on these after all the work, leaving a half-written viz/.
     (["visualize.py", "--checkpoint", "nowhere", "--fps", "nan"], "--fps: must be in [0.5, 240], got nan"),
     (["visualize.py", "--checkpoint", "nowhere", "--width", "abc"], "--width: expected an integer, got 'abc'"),
+    (["visualize.py", "--checkpoint", "nowhere", "--dataset", "nonsense"], "--dataset 'nonsense' must look like "
+                                                                           "namespace/name-vN"),
     (["collect.py", "--policy", "random", "--episodes", "1", "--dataset-id", "local/t/x-v0", "--seed", "-1"],
      "--seed: must be >= 0, got -1"),
     # Flags that made or train the nets would be ignored, or misread the checkpoint: refused.
