@@ -113,7 +113,7 @@ def test_scheduler_options_are_checked_and_passed_on(tiny_dataset, tmp_path):
     evaluated = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2}
     bad_value = write_sweep(tmp_path / "b.yaml", tiny_dataset, scheduler="asha", asha={"reduction_factor": 1},
                             fixed=evaluated)
-    with pytest.raises(ConfigError, match="invalid sweep asha"):
+    with pytest.raises(ConfigError, match="asha.reduction_factor must be a number > 1, got 1"):
         load_spec(bad_value)
     no_mutation = write_sweep(tmp_path / "c.yaml", tiny_dataset, scheduler="pbt", pbt={"mutations": []}, fixed=evaluated,
                               max_concurrent=2)
