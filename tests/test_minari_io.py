@@ -226,6 +226,26 @@ def test_a_dataset_that_cannot_be_downloaded_falls_back_and_says_so(minari_root,
     assert any("training on the local dataset 'local/test/stand-in-v0' instead" in line for line in log)
 
 
+def test_the_remote_clients_retries_are_not_printed_one_by_one(minari_root, monkeypatch, capfd):
+    from huggingface_hub.utils import logging as hub_logging
+
+    load = minari.load_dataset
+
+    def load_dataset(dataset_id, download=False):
+        if not download:
+            return load(dataset_id, download=False)
+        for wait in (1, 2, 4, 8, 8):  # as huggingface_hub's backoff logs them without a network
+            hub_logging.get_logger("huggingface_hub.utils._http").warning(f"Retrying in {wait}s")
+        raise OSError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(minari, "load_dataset", load_dataset)
+    before = hub_logging.get_verbosity()
+    load_or_collect("farama/walker2d/offline-v0", download=True, log=print, **FALLBACK)
+    out, err = capfd.readouterr()
+    assert "Retrying" not in out + err and "download failed" in out
+    assert hub_logging.get_verbosity() == before
+
+
 def test_a_dataset_the_remote_does_not_have_is_an_error_not_a_fallback(minari_root, monkeypatch):
     # A mistyped id, with internet: the remote says it has none, and no run trains on random data.
     _remote(monkeypatch, ValueError("Couldn't find any version for dataset mujoco/walker2d/mediun in the remote"))

@@ -1,6 +1,7 @@
 """Reading and writing Minari datasets: local first, then Minari's remote (``data.download``)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -113,6 +114,20 @@ def _unreadable(dataset_id: str, e: Exception) -> DatasetError:
                         f"({type(e).__name__}: {e}); remove it and make or download it again")
 
 
+@contextlib.contextmanager
+def _quiet_retries():
+    """Minari's remote client (huggingface_hub) logs each retry of a failing request as two
+    warnings; whether the download failed is said once, by the caller."""
+    from huggingface_hub.utils import logging as hub_logging  # minari[hf]; its own switch, set on first use
+
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hub_logging.set_verbosity(level)
+
+
 def load_minari(dataset_id: str, *, download: bool = False, log=print):
     import minari
 
@@ -126,9 +141,10 @@ def load_minari(dataset_id: str, *, download: bool = False, log=print):
             raise DatasetMissing(_missing_message(dataset_id, "it is not in the local Minari store")) from None
     except (ValueError, OSError) as e:
         raise _unreadable(dataset_id, e) from e
-    log(f"dataset {dataset_id!r} is not local: downloading it from Minari's remote")
+    log(f"dataset {dataset_id!r} is not local: downloading it from Minari's remote (without a network, its client "
+        f"retries for about 25 s)")
     try:
-        with _lock(dataset_id):  # (one that waited finds it local)
+        with _lock(dataset_id), _quiet_retries():  # (one that waited for the lock finds it local)
             return minari.load_dataset(dataset_id, download=True)
     except ValueError as e:
         # The remote answered: it has no such dataset, or none this Minari version reads.
