@@ -53,7 +53,7 @@ def main(argv=None) -> int:
     try:
         state = load_checkpoint(args.checkpoint)
         cfg = config_lib.from_args(args, base=config_lib.from_dict(state["config"]))
-        if args.cfg__online__prior_weight and "prior" not in state:
+        if cfg.online.prior_weight > 0 and args.cfg__online__prior_weight is not None and "prior" not in state:
             fail(f"--online.prior_weight blends a phase-2 checkpoint with the prior it started from, and "
                  f"{args.checkpoint} is not one (it is its own prior): the blend would judge it unchanged")
         torch.set_num_threads(cfg.train.num_threads)

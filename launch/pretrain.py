@@ -63,7 +63,7 @@ def main(argv=None) -> int:
             cfg = config_lib.from_args(args, base=base)
             run_dir = args.run_dir or default_run_dir("pretrain")
             check_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
-        if cfg.train.steps == 0:
+        if cfg.train.steps == 0 and args.init is None:
             print("warning: train.steps is 0: the checkpoint will hold untrained nets", file=sys.stderr)
         print(f"pretraining on {cfg.data.dataset_id} -> {run_dir}", flush=True)
         path = pretrain(cfg, run_dir, resume=bool(args.resume), init=args.init, overwrite=args.overwrite)

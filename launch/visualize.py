@@ -47,7 +47,7 @@ from distdiff.rundir import CHECKPOINT, checkpoint_file  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
-MIN_FPS, MAX_FPS = 0.5, 240.0
+MIN_FPS, MAX_FPS = 0.01, 1000.0
 
 
 def _even_size(text: str) -> int:
@@ -65,7 +65,7 @@ def _fps(text: str) -> float:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    # (The encoders fail on a NaN or infinite rate, and on one so low that a frame outlasts them.)
+    # (The encoders fail on a NaN or infinite rate, and GIF's frame time overflows near 0.001.)
     if not MIN_FPS <= v <= MAX_FPS:
         raise argparse.ArgumentTypeError(f"must be in [{MIN_FPS:g}, {MAX_FPS:g}], got {text}")
     return v

@@ -177,7 +177,7 @@ def test_a_run_dir_that_holds_a_run_is_kept_unless_overwrite(run30, tmp_path, ti
     (["evaluate.py", "--checkpoint", "nowhere", "--out", "."], "--out . is a directory"),
     (["visualize.py", "--checkpoint", "nowhere", "--seed", "-1"], "--seed: must be >= 0, got -1"),
     # The encoders failed on these after all the work, leaving a half-written viz/.
-    (["visualize.py", "--checkpoint", "nowhere", "--fps", "nan"], "--fps: must be in [0.5, 240], got nan"),
+    (["visualize.py", "--checkpoint", "nowhere", "--fps", "nan"], "--fps: must be in [0.01, 1000], got nan"),
     (["visualize.py", "--checkpoint", "nowhere", "--width", "abc"], "--width: expected an integer, got 'abc'"),
     (["visualize.py", "--checkpoint", "nowhere", "--dataset", "nonsense"], "--dataset 'nonsense' must look like "
                                                                            "namespace/name-vN"),
@@ -212,7 +212,7 @@ def test_train_refuses_what_its_checkpoint_cannot_do_before_ray_starts(run30, su
     assert proc.returncode == 2 and f"--resume takes the run's dir, not a file in it: --resume {run30}" in proc.stderr
 
 
-def test_flags_that_would_do_nothing_or_the_wrong_thing_are_refused(run30, minari_root, subprocess_env):
+def test_flags_that_would_do_nothing_or_the_wrong_thing_are_refused(run30, minari_root, subprocess_env, tmp_path):
     for args, says in [
         # The planner collects in its own env: --env used to be ignored without a word.
         (("collect.py", "--policy", run30 / "checkpoint.pt", "--env", "Hopper-v5", "--episodes", 1, "--dataset-id",
@@ -228,6 +228,9 @@ def test_flags_that_would_do_nothing_or_the_wrong_thing_are_refused(run30, minar
         assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-2000:]
         assert "summary:" not in proc.stdout and "wrote" not in proc.stdout
     assert not dataset_exists("local/walker2d/hop-v0") and not dataset_exists("local/cartpole/random-v0")
+    # A weight of 0 blends nothing: judged as it is, as before.
+    ok(run("evaluate.py", "--checkpoint", run30, "--online.prior_weight", 0, "--episodes", 1, "--env.max_episode_steps",
+           20, "--out", tmp_path / "w0.json", env=subprocess_env))
 
 
 def test_a_mistyped_flag_is_answered_in_a_few_lines_not_the_whole_usage(subprocess_env):

@@ -584,7 +584,7 @@ def test_values_valid_alone_but_not_together_are_refused(tiny_dataset, tmp_path)
     ({"loguniform": [0.001, 1.0], "zero": "abc"}, r"must be a number in \(0, 1\), got 'abc'"),
     ({"loguniform": [0.001, 1.0], "zero": None}, r"must be a number in \(0, 1\), got None"),
     # Tune's randint would truncate them and draw 0, outside what was written.
-    ({"randint": [0.5, 2.5]}, r"randint draws integers and needs integer bounds, got \[0.5, 2.5\]"),
+    ({"randint": [0.5, 2.5]}, r"randint draws integers and needs whole-number bounds, got \[0.5, 2.5\]"),
     ({"uniform": [0.0, float("inf")]}, "low < high"),
 ])
 def test_degenerate_domains_are_refused(dom, says, tiny_dataset, tmp_path):
@@ -592,9 +592,20 @@ def test_degenerate_domains_are_refused(dom, says, tiny_dataset, tmp_path):
         load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, space={"guidance.scale": dom}))
 
 
-def test_randint_includes_its_upper_bound(tiny_dataset, tmp_path):
-    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, space={"diffusion.n_steps": {"randint": [10, 12]}}))
+@pytest.mark.parametrize("bounds", [[10, 12], [10.0, 12.0]])
+def test_randint_includes_its_upper_bound(bounds, tiny_dataset, tmp_path):
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, space={"diffusion.n_steps": {"randint": bounds}}))
     assert set(param_space(spec)["diffusion.n_steps"].sample(size=300)) == {10, 11, 12}
+
+
+def test_numbers_in_exponent_form_are_numbers(tiny_dataset, tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-3, without a dot, as text.
+    path = tmp_path / "s.yaml"
+    write_sweep(path, tiny_dataset, space={"guidance.scale": {"loguniform": [0.001, 1.0], "zero": 0.5}})
+    path.write_text(path.read_text().replace("- 0.001", "- 1e-3").replace("zero: 0.5", "zero: 5e-1"))
+    assert "1e-3" in path.read_text()
+    spec = load_spec(path)
+    assert spec.space["guidance.scale"] == {"loguniform": [1e-3, 1.0], "zero": 0.5}
 
 
 def test_loguniform_draws_log_uniformly_with_and_without_zero(tiny_dataset, tmp_path):

@@ -161,9 +161,9 @@ def _check_domain(key: str, dom: Any, integer: bool) -> List[str]:
         return [f"space.{key}: {kind} needs [low, high] with low < high, got {arg!r}"]
     elif kind == "loguniform" and arg[0] <= 0:
         return [f"space.{key}: loguniform needs low > 0 (add `zero: P` to also try 0 with probability P)"]
-    elif kind == "randint" and not all(isinstance(v, int) for v in arg):
+    elif kind == "randint" and not all(float(v).is_integer() for v in arg):
         # Tune's randint truncates them: [0.5, 2.5] would draw 0, 1 and 2.
-        return [f"space.{key}: randint draws integers and needs integer bounds, got {arg!r}; use uniform for real numbers"]
+        return [f"space.{key}: randint draws integers and needs whole-number bounds, got {arg!r}"]
     if "zero" in dom and (kind != "loguniform" or not _is_number(dom["zero"]) or not 0 < dom["zero"] < 1):
         return [f"space.{key}: `zero` (the probability of an exact 0) goes with loguniform and must be a number in "
                 f"(0, 1), got {dom['zero']!r}"]
@@ -172,6 +172,34 @@ def _check_domain(key: str, dom: Any, integer: bool) -> List[str]:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _read_number(value: Any) -> Any:
+    """A number written in exponent form without a dot (``1e-4``), which YAML 1.1 (PyYAML)
+    reads as text, as the number it is; anything else as it was."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _read_numbers(raw: Dict[str, Any]) -> None:
+    """The numbers of the space's bounds and ``zero`` and of the schedulers' numeric options, in
+    place (see :func:`_read_number`)."""
+    space = raw.get("space")
+    for dom in space.values() if isinstance(space, dict) else ():
+        if not isinstance(dom, dict):
+            continue
+        for kind in ("uniform", "loguniform", "randint"):
+            if isinstance(dom.get(kind), list):
+                dom[kind] = [_read_number(v) for v in dom[kind]]
+        if "zero" in dom:
+            dom["zero"] = _read_number(dom["zero"])
+    for name, key in SCHEDULER_RANGES:
+        if isinstance(raw.get(name), dict) and key in raw[name]:
+            raw[name][key] = _read_number(raw[name][key])
 
 
 def _examples(dom: Dict[str, Any]) -> List[Any]:
@@ -210,6 +238,7 @@ def _read_spec(path: Path, overrides: Dict[str, Any]) -> Tuple[SweepSpec, List[s
         raise ConfigError(f"{path} looks like a training config (it has {', '.join(f'`{k}:`' for k in unknown)}): "
                           f"train with python launch/train.py --config {path}, or name it as a sweep file's `base:`")
     errors = [f"unknown sweep option {k!r}; options are {sorted(known)}" for k in unknown]
+    _read_numbers(raw)
     # Types first: a wrong one would otherwise fail as a TypeError deep in SweepSpec or the scheduler.
     for key, kind in (("fixed", dict), ("space", dict), ("asha", dict), ("pbt", dict), ("resources", dict),
                       ("num_samples", int), ("max_concurrent", int), ("seed", int), ("name", str), ("metric", str),
@@ -437,7 +466,7 @@ def _domain(dom: Dict[str, Any], rng: random.Random):
     if kind == "uniform":
         return tune.uniform(*arg)
     if kind == "randint":
-        return tune.randint(arg[0], arg[1] + 1)
+        return tune.randint(int(arg[0]), int(arg[1]) + 1)
     if "zero" not in dom:
         return tune.loguniform(*arg)
     p_zero, (lo, hi) = float(dom["zero"]), arg
