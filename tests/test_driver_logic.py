@@ -165,3 +165,15 @@ def test_resume_prefers_phase_2s_checkpoint_and_clear_run_clears_phase_1(tmp_pat
     clear_run(tmp_path)
     assert not (tmp_path / "checkpoint.pt").exists() and not (tmp_path / "pretrain").exists()
     assert (tmp_path / "viz" / "a.png").exists()
+
+
+def test_the_cluster_is_described_in_words_not_as_rays_dict():
+    from distdiff.distributed.cluster import describe
+
+    embedded = {"memory": 17470921933.0, "node:192.0.2.2": 1.0, "CPU": 2.0, "node:__internal_head__": 1.0,
+                "object_store_memory": 7487537971.0}
+    assert describe(embedded) == "1 node, 2 CPU, 0 GPU, object store 7.0 GiB"
+    # A custom resource a config can ask for (online.learner_resource) is named; a GPU's type is not.
+    cluster = {"CPU": 48.0, "GPU": 1.0, "learner": 1.0, "node:10.0.0.1": 1.0, "node:10.0.0.2": 1.0,
+               "accelerator_type:H100": 1.0, "object_store_memory": 3 * 2**30}
+    assert describe(cluster) == "2 nodes, 48 CPU, 1 GPU, object store 3.0 GiB, learner 1"

@@ -99,9 +99,20 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
                 hint = ("; a cluster with token auth (the default where `ray start` found a token) needs its token "
                         "here: ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
             raise ClusterUnreachable(f"cannot connect to the Ray cluster at {address}: {cause(e)}{hint}") from e
-        log(f"ray: connected to the cluster at {address}: {ray.cluster_resources()}")
+        log(f"ray: connected to the cluster at {address}: {describe(ray.cluster_resources())}")
         return False
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="warning", runtime_env=runtime_env)
     why = "as the address 'local' asks" if embedded else "no running cluster found"
-    log(f"ray: {why}; started an embedded local Ray: {ray.cluster_resources()}")
+    log(f"ray: {why}; started an embedded local Ray: {describe(ray.cluster_resources())}")
     return True
+
+
+def describe(resources: Dict[str, float]) -> str:
+    """A cluster's resources in words (Ray's dict also lists a resource per node and its memory
+    in bytes): nodes, CPUs, GPUs, object store and the custom resources the config may name."""
+    nodes = sum(1 for k in resources if k.startswith("node:") and k != "node:__internal_head__")
+    custom = {k: v for k, v in resources.items()
+              if k not in ("CPU", "GPU", "memory", "object_store_memory") and not k.startswith(("node:", "accelerator_type:"))}
+    words = [f"{nodes} node{'s' * (nodes != 1)}", f"{resources.get('CPU', 0):g} CPU", f"{resources.get('GPU', 0):g} GPU",
+             f"object store {resources.get('object_store_memory', 0) / 2**30:.1f} GiB"]
+    return ", ".join(words + [f"{k} {v:g}" for k, v in sorted(custom.items())])
