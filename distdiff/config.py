@@ -288,6 +288,7 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
     file "<unicode string>" and quotes it over several lines)."""
     if not isinstance(e, yaml.MarkedYAMLError) or e.problem_mark is None:
         return str(e).splitlines()[0]
+
     def at(mark) -> str:
         return f"line {mark.line + 1}, column {mark.column + 1}"
 

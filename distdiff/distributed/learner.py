@@ -19,8 +19,9 @@ class Learner:
     """Wraps a :class:`Trainer`; ``version`` counts published weights.
 
     Updates are the same denoiser loss (ε, x₀ or v), value regression on noised trajectories and
-    (with ``train.train_dynamics``) dynamics loss as pretraining, now on diffused real trajectories from the replay, so that what the planner
-    samples moves towards what the real dynamics produce.
+    (with ``train.train_dynamics``) dynamics loss as pretraining, now on diffused real
+    trajectories from the replay, so that what the planner samples moves towards what the real
+    dynamics produce.
     """
 
     def __init__(self, *, config: Dict[str, object], checkpoint: Dict[str, object], version: int = 0,
