@@ -89,10 +89,8 @@ def main(argv=None) -> int:
                  "(Box) actions")
     bar = progress_bar(total=args.episodes, desc="collect")
     if args.num_actors > 1:
-        import ray
-
         from distdiff.distributed.collection import collect_episodes
-        from distdiff.distributed.cluster import ClusterUnreachable, RunFailed, connect
+        from distdiff.distributed.cluster import ClusterUnreachable, RunFailed, connect, shutdown
 
         try:
             started = connect(args.address, args.num_cpus, log=bar.write)
@@ -107,7 +105,7 @@ def main(argv=None) -> int:
             fail(f"{e}\nnothing was written", code=1)
         finally:
             if started:
-                ray.shutdown()
+                shutdown()
         algorithm = "random" if state is None else f"distdiff:{args.policy}"
     elif args.policy == "random":
         env_id, algorithm = args.env, "random"

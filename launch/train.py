@@ -65,9 +65,7 @@ def main(argv=None) -> int:
         fail("--resume continues with the run's own config; drop --config (override fields with --section.field)")
     if args.resume:
         check_resume_dir(args.resume)
-    import ray
-
-    from distdiff.distributed.cluster import ClusterUnreachable, RunFailed, connect
+    from distdiff.distributed.cluster import ClusterUnreachable, RunFailed, connect, shutdown
     from distdiff.distributed.driver import resume_state, train
 
     # Before Ray starts: a config that cannot train, or that the checkpoint's nets do not fit.
@@ -103,11 +101,13 @@ def main(argv=None) -> int:
             fail(f"{e}\nthe last checkpoint in {run_dir} is intact: python launch/train.py --resume {run_dir}", code=1)
         fail(f"{e}\n{run_dir} holds no checkpoint yet: the run must start again", code=1)
     except KeyboardInterrupt:
-        print(f"interrupted; resume with: python launch/train.py --resume {run_dir}", file=sys.stderr)
+        # (Before phase 1's first checkpoint, e.g. during the dataset's download, there is none.)
+        print("interrupted; " + (f"resume with: python launch/train.py --resume {run_dir}" if holds_run(run_dir)
+                                 else "no checkpoint was written yet"), file=sys.stderr)
         return 130
     finally:
         if started:
-            ray.shutdown()
+            shutdown()
     print(to_json({k: v for k, v in metrics.items() if k != "alignment_error_per_step"}))
     print(f"metrics: {Path(run_dir) / 'metrics.json'}")
     return 0

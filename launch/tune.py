@@ -70,7 +70,7 @@ def main(argv=None) -> int:
 
     import ray
 
-    from distdiff.distributed.cluster import ClusterUnreachable, connect
+    from distdiff.distributed.cluster import ClusterUnreachable, connect, shutdown
     from distdiff.distributed.tuning import largest_trial, make_tuner, summarize, sweep_path
 
     env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH",) if k in os.environ}
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
     if short:
         what = f"a trial reserves {' and '.join(short)} for its driver, learner and rollout actors"
         if started:
-            ray.shutdown()
+            shutdown()
             fail(f"{what}, more than this machine's Ray: it would never start. Lower the sweep's `resources:` or "
                  "online.num_actors, or give --num-cpus")
         print(f"warning: {what}: trials wait for nodes an autoscaler adds", file=sys.stderr)
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
         fail(str(e))
     finally:
         if started:
-            ray.shutdown()
+            shutdown()
     print(out["table_text"])
     if out["best_config"] is None:
         fail(f"no trial ended without an error and with a {spec.metric} to rank it by: no best config (trials: "

@@ -453,3 +453,41 @@ def test_progress_bars_redraw_rarely_into_a_log_file():
     bar.close()
     assert 9 <= draws <= 12  # the first draw, then one per 30 s of the 300
     assert bar.maxinterval == 30.0  # nor does tqdm's monitor thread redraw it every 10 s
+
+
+def test_train_interrupted_before_any_checkpoint_does_not_advise_a_resume(tmp_path, monkeypatch, capsys):
+    import importlib.util
+
+    from distdiff.distributed import cluster, driver
+
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "launch" / "train.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # e.g. during the dataset's download, before phase 1 wrote anything
+
+    shutdowns = []
+    monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: True)
+    monkeypatch.setattr(cluster, "shutdown", lambda: shutdowns.append(1))
+    monkeypatch.setattr(driver, "train", interrupted)
+    run_dir = tmp_path / "run"
+    assert script.main(["--config", str(ROOT / SMOKE), "--run-dir", str(run_dir)]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted; no checkpoint was written yet" and shutdowns == [1]
+    # Where a checkpoint is (here, the run --overwrite was about to replace), the resume it allows.
+    (run_dir / "pretrain").mkdir(parents=True)
+    (run_dir / "pretrain" / "checkpoint.pt").write_bytes(b"")
+    assert script.main(["--config", str(ROOT / SMOKE), "--run-dir", str(run_dir), "--overwrite"]) == 130
+    assert f"interrupted; resume with: python launch/train.py --resume {run_dir}" in capsys.readouterr().err
+
+
+def test_a_ctrl_c_while_ray_shuts_down_is_not_a_traceback(monkeypatch):
+    import ray
+
+    from distdiff.distributed import cluster
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray, "shutdown", interrupted)
+    cluster.shutdown()  # the job's work is on disk by then: nothing to report

@@ -2,6 +2,7 @@
 launch script turns into a message instead of a traceback."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -105,6 +106,14 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
     why = "as the address 'local' asks" if embedded else "no running cluster found"
     log(f"ray: {why}; started an embedded local Ray: {describe(ray.cluster_resources())}")
     return True
+
+
+def shutdown() -> None:
+    """``ray.shutdown()``, of a Ray this process started, at a job's end. A Ctrl-C during it
+    cuts only the clean-up short: what the job made is on disk by then, and a traceback would
+    say otherwise."""
+    with contextlib.suppress(KeyboardInterrupt):
+        ray.shutdown()
 
 
 def describe(resources: Dict[str, float]) -> str:
