@@ -14,6 +14,7 @@ import importlib
 import json
 import math
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -588,7 +589,12 @@ def from_args(args: argparse.Namespace, base: Optional[Config] = None) -> Config
     """Build the config from ``--config`` (or ``base``, e.g. a checkpoint's) and the ``--section.field`` flags."""
     overrides = given_overrides(args)
     if base is None:
-        return load(getattr(args, "config", None), overrides)
+        path = getattr(args, "config", None)
+        data = read(path) if path is not None else None
+        if data == {}:
+            # (README: an empty file means the defaults; said, in case the wrong file was given.)
+            print(f"warning: config file {path} sets nothing: the defaults are used", file=sys.stderr)
+        return load(path, overrides, data=data)
     cfg, errors = _merge(_nest(overrides), base)
     validate(cfg, errors)
     return cfg

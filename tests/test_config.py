@@ -212,6 +212,17 @@ def test_command_line_flags():
         config.from_args(bad, base=Config())
 
 
+def test_an_empty_config_file_is_the_defaults_and_says_so(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    cfg = config.from_args(parser.parse_args(["--config", str(tmp_path / "empty.yaml"), "--train.steps", "7"]))
+    assert cfg == config.load(None, {"train.steps": 7})
+    assert capsys.readouterr().err == f"warning: config file {tmp_path / 'empty.yaml'} sets nothing: the defaults are used\n"
+    config.from_args(parser.parse_args(["--config", str(ROOT / "configs/smoke.yaml")]))
+    assert capsys.readouterr().err == ""
+
+
 def test_config_error_is_a_value_error():
     assert issubclass(ConfigError, ValueError)
 
