@@ -74,7 +74,9 @@ def add_ray_arguments(parser) -> None:
     parser.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs of the embedded Ray (default: all).")
 
 
-def _int_at_least(minimum: int):
+def int_at_least(minimum: int):
+    """An argparse type: an integer of at least ``minimum``."""
+
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -87,8 +89,8 @@ def _int_at_least(minimum: int):
     return parse
 
 
-positive_int = _int_at_least(1)  # an argparse type: counts, sizes
-non_negative_int = _int_at_least(0)  # an argparse type: seeds, indices
+positive_int = int_at_least(1)  # an argparse type: counts, sizes
+non_negative_int = int_at_least(0)  # an argparse type: seeds, indices
 
 
 def check_run_dir(run_dir: Path, *, overwrite: bool, keep: Optional[Path] = None) -> None:

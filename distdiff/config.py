@@ -14,6 +14,7 @@ import importlib
 import json
 import math
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -270,13 +271,24 @@ def _nest(overrides: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
     return nested
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading every number in exponent form (``1e-4``, ``1.5e3``) as a
+    float, as YAML 1.2 does; YAML 1.1, which PyYAML follows, reads those without a dot or an
+    exponent sign as text."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
 def read(path: str | Path, what: str = "config file") -> Any:
     """The YAML of a config file, as read (not yet merged or checked); an empty file is ``{}``."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{what} {path} {'is a directory' if path.is_dir() else 'does not exist'}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=_Loader)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{what} {path} is not valid YAML: not UTF-8 text ({e.reason} at byte {e.start})") from e
     except yaml.YAMLError as e:

@@ -89,7 +89,9 @@ def main(argv=None) -> int:
     except ClusterUnreachable as e:
         fail(str(e))
     try:
-        metrics = train(cfg, run_dir, init=args.init, resume=args.resume is not None, overwrite=args.overwrite)
+        # (init_state: the --init checkpoint read above, not read again.)
+        metrics = train(cfg, run_dir, init=args.init, init_state=state if args.init else None,
+                        resume=args.resume is not None, overwrite=args.overwrite)
     except (config_lib.ConfigError, DatasetError, CheckpointError) as e:
         fail(str(e))
     except (RunFailed, OSError) as e:

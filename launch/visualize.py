@@ -24,7 +24,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from distdiff.cli import check_output, fail, limit_threads, make_parser, non_negative_int, note_selection_seeds, positive_int
+from distdiff.cli import (check_output, fail, int_at_least, limit_threads, make_parser, non_negative_int,
+                          note_selection_seeds, positive_int)
 
 limit_threads()
 
@@ -51,12 +52,9 @@ MIN_FPS, MAX_FPS = 0.01, 1000.0
 
 
 def _even_size(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 16 or v % 2:
-        raise argparse.ArgumentTypeError(f"{v}: frame sizes must be even and at least 16 (H.264 needs even sizes)")
+    v = int_at_least(16)(text)
+    if v % 2:
+        raise argparse.ArgumentTypeError(f"must be even (H.264 needs even sizes), got {v}")
     return v
 
 

@@ -212,6 +212,13 @@ def test_command_line_flags():
         config.from_args(bad, base=Config())
 
 
+def test_numbers_in_exponent_form_are_read_as_numbers(tmp_path):
+    # YAML 1.1 (PyYAML) reads 1e-4 and 1.5e3 as text; a sweep's bounds or options would then be no number.
+    path = tmp_path / "c.yaml"
+    path.write_text("a: [1e-4, 1.5e3, -2E+3, 12, '1e-3', local/walker2d/x-v0]\n")
+    assert config.read(path) == {"a": [1e-4, 1500.0, -2000.0, 12, "1e-3", "local/walker2d/x-v0"]}
+
+
 def test_an_empty_config_file_is_the_defaults_and_says_so(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     config.add_arguments(parser)

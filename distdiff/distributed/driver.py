@@ -42,7 +42,7 @@ from distdiff.provenance import DRIVER_CODE
 from distdiff.rollout import alignment_errors, mean_alignment_error, per_step_alignment_error
 from distdiff.rundir import (BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, PRETRAIN, REPLAY, check_new_run,
                              clear_run, resume_checkpoint)
-from distdiff.training import planner_from_checkpoint, resolve_device
+from distdiff.training import planner_from_checkpoint, resolve_device, torch_threads
 
 # An evaluation's figures that go to TensorBoard (eval/…), metrics.json and best.json alike.
 EVAL_SCALARS = ("return_mean", "normalized_score", "terminations", "alignment_error")
@@ -241,7 +241,6 @@ class OnlineRun:
                  replay_state: Optional[Dict[str, object]] = None, log: Callable[[str], None] = print,
                  progress: bool = True, on_evaluation: Optional[Callable[[Dict[str, object]], None]] = None,
                  rerun_unfinished_evaluation: bool = True):
-        import torch
         from torch.utils.tensorboard import SummaryWriter
 
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
@@ -267,8 +266,8 @@ class OnlineRun:
         # it judges a checkpoint as the run did (episodes are chaotic; a thread count changes them).
         # Until release(), which gives a library caller's own torch code its count back (here, right
         # before the try whose failure calls it).
-        self.threads_before = torch.get_num_threads()
-        torch.set_num_threads(cfg.train.num_threads)
+        self.threads = contextlib.ExitStack()
+        self.threads.enter_context(torch_threads(cfg.train.num_threads))
         try:
             # At the env step it starts (or resumes) from: a resume may override fields.
             self.writer.add_text("config", config_lib.to_markdown(cfg), counters.env_steps)
@@ -1014,9 +1013,7 @@ class OnlineRun:
     def release(self) -> None:
         """Give back what the run holds: the caller's torch threads, the actors and their CPUs,
         the event files."""
-        import torch
-
-        torch.set_num_threads(self.threads_before)
+        self.threads.close()
         try:
             self.kill_actors()
         finally:

@@ -174,34 +174,6 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _read_number(value: Any) -> Any:
-    """A number written in exponent form without a dot (``1e-4``), which YAML 1.1 (PyYAML)
-    reads as text, as the number it is; anything else as it was."""
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-def _read_numbers(raw: Dict[str, Any]) -> None:
-    """The numbers of the space's bounds and ``zero`` and of the schedulers' numeric options, in
-    place (see :func:`_read_number`)."""
-    space = raw.get("space")
-    for dom in space.values() if isinstance(space, dict) else ():
-        if not isinstance(dom, dict):
-            continue
-        for kind in ("uniform", "loguniform", "randint"):
-            if isinstance(dom.get(kind), list):
-                dom[kind] = [_read_number(v) for v in dom[kind]]
-        if "zero" in dom:
-            dom["zero"] = _read_number(dom["zero"])
-    for name, key in SCHEDULER_RANGES:
-        if isinstance(raw.get(name), dict) and key in raw[name]:
-            raw[name][key] = _read_number(raw[name][key])
-
-
 def _examples(dom: Dict[str, Any]) -> List[Any]:
     kind = next(k for k in DOMAINS if k in dom)
     values = list(dom[kind])
@@ -238,7 +210,6 @@ def _read_spec(path: Path, overrides: Dict[str, Any]) -> Tuple[SweepSpec, List[s
         raise ConfigError(f"{path} looks like a training config (it has {', '.join(f'`{k}:`' for k in unknown)}): "
                           f"train with python launch/train.py --config {path}, or name it as a sweep file's `base:`")
     errors = [f"unknown sweep option {k!r}; options are {sorted(known)}" for k in unknown]
-    _read_numbers(raw)
     # Types first: a wrong one would otherwise fail as a TypeError deep in SweepSpec or the scheduler.
     for key, kind in (("fixed", dict), ("space", dict), ("asha", dict), ("pbt", dict), ("resources", dict),
                       ("num_samples", int), ("max_concurrent", int), ("seed", int), ("name", str), ("metric", str),
