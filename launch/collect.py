@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Tuple
 
 from distdiff.cli import (add_ray_arguments, default_ray_auth, fail, limit_threads, make_parser, non_negative_int,
                           positive_int, progress_bar)
@@ -33,6 +34,42 @@ from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
 DEFAULT_ENV = "Walker2d-v5"
+
+
+def collect(args, state, cfg, planner, bar) -> Tuple[str, str, list]:
+    """The episodes ``args`` asks for, in parallel on Ray or in this process: their env id, the
+    algorithm they are recorded under, and the episodes."""
+    if args.num_actors > 1:
+        from distdiff.distributed.collection import collect_episodes
+        from distdiff.distributed.cluster import RunFailed, connect_job, shutdown
+
+        started = connect_job(args.address, args.num_cpus, log=bar.write)
+        try:
+            env_id = args.env if state is None else cfg.env.id
+            episodes = collect_episodes(args.episodes, num_actors=args.num_actors, env_id=env_id,
+                                        max_episode_steps=args.max_episode_steps, seed=args.seed, checkpoint=state,
+                                        envs_per_actor=args.num_envs, progress=bar.update)
+        except RunFailed as e:
+            fail(f"{e}\nnothing was written", code=1)
+        finally:
+            if started:
+                shutdown()
+        algorithm = "random" if state is None else f"distdiff:{args.policy}"
+    elif args.policy == "random":
+        env_id, algorithm = args.env, "random"
+        env = make_env(env_id, args.max_episode_steps)
+        episodes = random_episodes(env, args.episodes, args.seed, progress=lambda ep: bar.update(1))
+        env.close()
+    else:
+        torch.set_num_threads(cfg.train.num_threads)
+        env_id, algorithm = cfg.env.id, f"distdiff:{args.policy}"
+        envs = [make_env(env_id, args.max_episode_steps) for _ in range(min(args.num_envs, args.episodes))]
+        generator = torch.Generator().manual_seed(args.seed)
+        results = run_episodes(lambda obs: planner.plan(obs, generator=generator), envs, n_episodes=args.episodes,
+                               execution=cfg.planner.execution, horizon=cfg.model.horizon,
+                               replan_every=cfg.planner.replan_every, seed=args.seed, progress=lambda r: bar.update(1))
+        episodes = [r.episode for r in results]
+    return env_id, algorithm, episodes
 
 
 def main(argv=None) -> int:
@@ -88,39 +125,13 @@ def main(argv=None) -> int:
             fail(f"--env {args.env}: its actions are {type(env.action_space).__name__}, and distdiff plans continuous "
                  "(Box) actions")
     bar = progress_bar(total=args.episodes, desc="collect")
-    if args.num_actors > 1:
-        from distdiff.distributed.collection import collect_episodes
-        from distdiff.distributed.cluster import ClusterUnreachable, RunFailed, connect, shutdown
-
-        try:
-            started = connect(args.address, args.num_cpus, log=bar.write)
-        except ClusterUnreachable as e:
-            fail(str(e))
-        try:
-            env_id = args.env if state is None else cfg.env.id
-            episodes = collect_episodes(args.episodes, num_actors=args.num_actors, env_id=env_id,
-                                        max_episode_steps=args.max_episode_steps, seed=args.seed, checkpoint=state,
-                                        envs_per_actor=args.num_envs, progress=bar.update)
-        except RunFailed as e:
-            fail(f"{e}\nnothing was written", code=1)
-        finally:
-            if started:
-                shutdown()
-        algorithm = "random" if state is None else f"distdiff:{args.policy}"
-    elif args.policy == "random":
-        env_id, algorithm = args.env, "random"
-        env = make_env(env_id, args.max_episode_steps)
-        episodes = random_episodes(env, args.episodes, args.seed, progress=lambda ep: bar.update(1))
-        env.close()
-    else:
-        torch.set_num_threads(cfg.train.num_threads)
-        env_id, algorithm = cfg.env.id, f"distdiff:{args.policy}"
-        envs = [make_env(env_id, args.max_episode_steps) for _ in range(min(args.num_envs, args.episodes))]
-        generator = torch.Generator().manual_seed(args.seed)
-        results = run_episodes(lambda obs: planner.plan(obs, generator=generator), envs, n_episodes=args.episodes,
-                               execution=cfg.planner.execution, horizon=cfg.model.horizon,
-                               replan_every=cfg.planner.replan_every, seed=args.seed, progress=lambda r: bar.update(1))
-        episodes = [r.episode for r in results]
+    try:
+        env_id, algorithm, episodes = collect(args, state, cfg, planner, bar)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted after {bar.n} of {args.episodes} episodes; nothing was written (the same command collects "
+              "the same episodes again)", file=sys.stderr)
+        return 130
     bar.close()
     try:
         write_episodes(args.dataset_id, episodes, env_id=env_id, algorithm_name=algorithm, overwrite=args.overwrite)

@@ -65,8 +65,8 @@ def main(argv=None) -> int:
         fail("--resume continues with the run's own config; drop --config (override fields with --section.field)")
     if args.resume:
         check_resume_dir(args.resume)
-    from distdiff.distributed.cluster import ClusterUnreachable, RunFailed, connect, shutdown
-    from distdiff.distributed.driver import resume_state, train
+    from distdiff.distributed.cluster import RunFailed, connect_job, shutdown
+    from distdiff.distributed.driver import resume_state, run_over, train
 
     # Before Ray starts: a config that cannot train, or that the checkpoint's nets do not fit.
     try:
@@ -78,16 +78,17 @@ def main(argv=None) -> int:
         if state is not None:
             check_made_with(state, cfg)
             has_dynamics(state, cfg)
+        over = run_over(cfg, args.resume, state) if args.resume else None
     except (config_lib.ConfigError, CheckpointError) as e:
         fail(str(e))
+    if over is not None:
+        print(over.message)  # (as train() logs it)
+        return report(over.metrics, args.resume)
 
     run_dir = args.resume or args.run_dir or default_run_dir("train")
     if not args.resume:
         check_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
-    try:
-        started = connect(args.address, args.num_cpus)
-    except ClusterUnreachable as e:
-        fail(str(e))
+    started = connect_job(args.address, args.num_cpus)
     try:
         # (init_state: the --init checkpoint read above, not read again.)
         metrics = train(cfg, run_dir, init=args.init, init_state=state if args.init else None,
@@ -110,6 +111,11 @@ def main(argv=None) -> int:
     finally:
         if started:
             shutdown()
+    return report(metrics, run_dir)
+
+
+def report(metrics: dict, run_dir: Path) -> int:
+    """The final metrics on stdout, less the per-step errors (metrics.json has them all)."""
     print(to_json({k: v for k, v in metrics.items() if k != "alignment_error_per_step"}))
     print(f"metrics: {Path(run_dir) / 'metrics.json'}")
     return 0

@@ -70,14 +70,11 @@ def main(argv=None) -> int:
 
     import ray
 
-    from distdiff.distributed.cluster import ClusterUnreachable, connect, shutdown
+    from distdiff.distributed.cluster import connect_job, shutdown
     from distdiff.distributed.tuning import largest_trial, make_tuner, summarize, sweep_path
 
     env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH",) if k in os.environ}
-    try:
-        started = connect(args.address, args.num_cpus, runtime_env={"env_vars": env_vars} if env_vars else None)
-    except ClusterUnreachable as e:
-        fail(str(e))
+    started = connect_job(args.address, args.num_cpus, runtime_env={"env_vars": env_vars} if env_vars else None)
     need, have = largest_trial(spec), ray.cluster_resources()
     short = [f"{need[k]:g} {k} (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0) + 1e-9]
     if short:

@@ -12,6 +12,7 @@ so a sampler driven by it must return N(mu, sigma²) samples up to its own discr
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 from pathlib import Path
 
@@ -28,6 +29,15 @@ from distdiff.normalizer import Normalizer
 from distdiff.training import Trainer, seed_everything
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def launch_script(name: str):
+    """``launch/<name>.py`` as a module, to call its ``main(argv)`` in this process (launch/ is
+    not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "launch" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 SMOKE_CONFIG = ROOT / "configs" / "smoke.yaml"
 
 LAYOUT = TrajectoryLayout(obs_dim=1, act_dim=1)

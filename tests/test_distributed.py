@@ -23,7 +23,7 @@ import ray
 import torch
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from _helpers import assert_same, ray_address_file_kept, snapshot, tiny_online_config
+from _helpers import assert_same, launch_script, ray_address_file_kept, snapshot, tiny_online_config
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint
 from distdiff.distributed.cluster import RunFailed
@@ -1114,7 +1114,7 @@ def test_a_failed_evaluation_stops_the_run_with_what_was_trained_meanwhile(ray_s
 
 
 def test_a_failed_final_evaluation_stops_the_run_and_a_resume_runs_it_again(ray_session, pretrained, tmp_path,
-                                                                           monkeypatch):
+                                                                           monkeypatch, capsys):
     # As a run killed during an evaluation leaves its dir: a resume goes on from the checkpoint
     # of the weights it was judging, which without that evaluation could never become best.pt.
     from distdiff.distributed import driver
@@ -1156,6 +1156,23 @@ def test_a_failed_final_evaluation_stops_the_run_and_a_resume_runs_it_again(ray_
     assert again == second == json.loads((tmp_path / "longer" / "metrics.json").read_text()) and reported == []
     assert any("is over" in m and "--online.env_steps" in m for m in messages), messages
     assert sorted(p.stat().st_size for p in (tmp_path / "longer").glob("events.out.tfevents.*")) == events
+
+    # launch/train.py finds it over before it looks for Ray: no cluster starts to say so.
+    import distdiff.cli
+    from distdiff.distributed import cluster
+
+    monkeypatch.setattr(distdiff.cli, "limit_threads", lambda: None)
+    monkeypatch.setattr(distdiff.cli, "default_ray_auth", lambda: None)
+    script = launch_script("train")
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was looked for")
+
+    monkeypatch.setattr(cluster, "connect", no_ray)
+    assert script.main(["--resume", str(tmp_path / "longer"), "--online.env_steps", str(2 * cfg.online.env_steps)]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'longer'} is over" in out
+    assert json.loads(out.splitlines()[-2])["updates"] == second["updates"]
 
 
 def test_an_actor_lost_while_saving_on_interrupt_fails_the_run_with_the_resume_advice(ray_session, pretrained, tmp_path,

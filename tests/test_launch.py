@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import ROOT
+from _helpers import ROOT, launch_script
 from distdiff.checkpoint import load_checkpoint
 from distdiff.data.minari_io import WALKER2D_REF_MAX_SCORE, WALKER2D_REF_MIN_SCORE, dataset_exists, load_episodes
 from distdiff.rollout import make_env, random_episodes
@@ -79,6 +79,25 @@ def test_collect_random(minari_root, subprocess_env):
     for a, b in zip(data.episodes, expected):
         assert np.array_equal(a.observations, b.observations) and np.array_equal(a.actions, b.actions)
         assert (a.terminated, a.truncated) == (b.terminated, b.truncated)
+
+
+def test_collect_interrupted_says_how_far_it_got_and_writes_nothing(minari_root, monkeypatch, capsys):
+    import distdiff.cli
+
+    monkeypatch.setattr(distdiff.cli, "limit_threads", lambda: None)
+    monkeypatch.setattr(distdiff.cli, "default_ray_auth", lambda: None)
+    script = launch_script("collect")
+
+    def interrupted_at_the_third(env, n_episodes, seed, progress):
+        for episode in range(2):
+            progress(episode)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "random_episodes", interrupted_at_the_third)
+    assert script.main(["--policy", "random", "--episodes", "5", "--dataset-id", "local/walker2d/cut-v0"]) == 130
+    assert ("interrupted after 2 of 5 episodes; nothing was written (the same command collects the same episodes "
+            "again)") in capsys.readouterr().err
+    assert not dataset_exists("local/walker2d/cut-v0")
 
 
 def test_collect_refuses_an_existing_id(tiny_dataset, tiny_episodes, subprocess_env):
@@ -456,13 +475,9 @@ def test_progress_bars_redraw_rarely_into_a_log_file():
 
 
 def test_train_interrupted_before_any_checkpoint_does_not_advise_a_resume(tmp_path, monkeypatch, capsys):
-    import importlib.util
-
     from distdiff.distributed import cluster, driver
 
-    spec = importlib.util.spec_from_file_location("train_script", ROOT / "launch" / "train.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = launch_script("train")
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt  # e.g. during the dataset's download, before phase 1 wrote anything
@@ -491,3 +506,24 @@ def test_a_ctrl_c_while_ray_shuts_down_is_not_a_traceback(monkeypatch):
 
     monkeypatch.setattr(ray, "shutdown", interrupted)
     cluster.shutdown()  # the job's work is on disk by then: nothing to report
+
+
+def test_a_ctrl_c_while_connecting_to_ray_is_one_line(monkeypatch, capsys):
+    from distdiff.distributed import cluster
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # ray.init waits seconds for a cluster, or while it starts one
+
+    monkeypatch.setattr(cluster, "connect", interrupted)
+    with pytest.raises(SystemExit) as stop:
+        cluster.connect_job(None, None)
+    assert stop.value.code == 130
+    assert capsys.readouterr().err.strip() == "error: interrupted while connecting to Ray; nothing was started"
+
+    def unreachable(*args, **kwargs):
+        raise cluster.ClusterUnreachable("cannot connect to the Ray cluster at 10.0.0.1:6379: nothing listens there")
+
+    monkeypatch.setattr(cluster, "connect", unreachable)
+    with pytest.raises(SystemExit) as stop:
+        cluster.connect_job("10.0.0.1:6379", None)
+    assert stop.value.code == 2 and "nothing listens there" in capsys.readouterr().err

@@ -1,7 +1,6 @@
 """Ray Tune sweeps: a real 2-trial sweep, interrupted and resumed, and invalid spaces refused."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import queue
 import re
@@ -18,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from _helpers import SESSION_RAY, tiny_online_config
+from _helpers import SESSION_RAY, launch_script, tiny_online_config
 from distdiff import config as config_lib
 from distdiff.config import ConfigError
 from distdiff.distributed.tuning import (load_spec, make_scheduler, make_tuner, on_trial_driver, param_space,
@@ -373,10 +372,7 @@ def tune_script(monkeypatch):
 
     monkeypatch.setattr(distdiff.cli, "limit_threads", lambda: None)
     monkeypatch.setattr(distdiff.cli, "default_ray_auth", lambda: None)
-    spec = importlib.util.spec_from_file_location("tune_script", ROOT / "launch" / "tune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return launch_script("tune")
 
 
 def test_a_sweep_whose_trials_all_failed_has_no_best_config(tiny_dataset, tmp_path, monkeypatch, tune_script, capsys):

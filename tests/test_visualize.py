@@ -2,7 +2,6 @@
 video, the report, and the script as a user runs it."""
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import ROOT, SMOKE_CONFIG, gaussian_normalizer
+from _helpers import ROOT, SMOKE_CONFIG, gaussian_normalizer, launch_script
 from distdiff import config, plots, render
 from distdiff.checkpoint import load_checkpoint
 from distdiff.data.episodes import Episode
@@ -51,13 +50,6 @@ def planner_cfg(tiny_ckpt):
     state = load_checkpoint(tiny_ckpt)
     cfg = config.from_dict(state["config"])
     return planner_from_checkpoint(state, cfg), cfg
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("visualize_script", ROOT / "launch" / "visualize.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_figure1_panels_lines_and_exact_start(planner_cfg, tiny_dataset):
@@ -188,7 +180,7 @@ def test_best_pt_beside_checkpoint_pt_gets_its_own_label_and_dir(tiny_ckpt, subp
 
 
 def test_help_and_bad_checkpoint(tmp_path, capsys):
-    script = load_script()
+    script = launch_script("visualize")
     help_text = script.parser().format_help()
     for flag in ("--checkpoint", "--dataset", "--episodes", "--out", "--compare", "--width", "--height", "--units"):
         assert flag in help_text
@@ -214,7 +206,7 @@ def test_the_reports_mean_error_averages_per_step_means_like_the_figures():
 
 def test_compare_notices_checkpoints_that_normalize_states_differently(tiny_ckpt):
     # Alignment errors are in each checkpoint's own normalized units.
-    script = load_script()
+    script = launch_script("visualize")
     mine = load_checkpoint(tiny_ckpt)["normalizer"]
     assert script._same_normalizer(mine, {k: v.clone() if hasattr(v, "clone") else v for k, v in mine.items()})
     assert not script._same_normalizer(mine, {**mine, "scale": mine["scale"] * 2})

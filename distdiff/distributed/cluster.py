@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional
 import ray
 from ray.exceptions import AuthenticationError
 
-from distdiff.cli import ray_token_available
+from distdiff.cli import fail, ray_token_available
 from distdiff.distributed.faults import cause
 
 
@@ -106,6 +106,19 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
     why = "as the address 'local' asks" if embedded else "no running cluster found"
     log(f"ray: {why}; started an embedded local Ray: {describe(ray.cluster_resources())}")
     return True
+
+
+def connect_job(address: Optional[str], num_cpus: Optional[int], log: Callable[[str], None] = print,
+                runtime_env: Optional[Dict[str, object]] = None) -> bool:
+    """:func:`connect` for a launch script, which has made nothing yet: a cluster it cannot reach,
+    or a Ctrl-C while Ray starts or answers (which can take seconds), ends the script with one
+    line instead of a traceback."""
+    try:
+        return connect(address, num_cpus, log=log, runtime_env=runtime_env)
+    except ClusterUnreachable as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        fail("interrupted while connecting to Ray; nothing was started", code=130)
 
 
 def shutdown() -> None:

@@ -1023,6 +1023,38 @@ class OnlineRun:
                 self.writer.close()
 
 
+def resumed_counters(run_dir: Path, state: Dict[str, object]) -> Counters:
+    """The counters of phase 2's checkpoint ``state``, read from ``run_dir``."""
+    try:
+        return Counters(**state["run"])
+    except ValueError as e:
+        raise CheckpointError(f"{run_dir / CHECKPOINT}: {e}") from e
+
+
+class RunOver(NamedTuple):
+    """A run that a resume finds over: its final metrics, and a line that says so."""
+    metrics: Dict[str, object]
+    message: str
+
+
+def run_over(cfg: Config, run_dir: Path, state: Dict[str, object]) -> Optional[RunOver]:
+    """Whether the run in ``run_dir``, resumed from ``state`` (:func:`resume_state`) under ``cfg``,
+    is over (:func:`finished_metrics`). Asked before Ray starts, too: a resume of a run that is
+    over needs no cluster."""
+    if "run" not in state:  # stopped in phase 1
+        return None
+    counters = resumed_counters(run_dir, state)
+    done = finished_metrics(cfg, run_dir, state, counters)
+    if done is None:
+        return None
+    o = cfg.online
+    budget = " and ".join([f"online.env_steps {o.env_steps}"] * bool(o.env_steps)
+                          + [f"online.updates {o.updates}"] * bool(o.updates))
+    return RunOver(done, f"{run_dir} is over: its budget ({budget}) is spent and {run_dir / METRICS} holds its final "
+                         f"evaluation, at env step {counters.env_steps}, update {counters.updates}; raise the budget "
+                         f"(--online.env_steps, --online.updates) to train on")
+
+
 def resume_state(run_dir: Path) -> Dict[str, object]:
     """The checkpoint a resume of the run in ``run_dir`` continues from (:func:`resume_checkpoint`),
     loaded; refuses the run dir of an offline pretraining (launch/pretrain.py)."""
@@ -1096,19 +1128,12 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         counters = Counters()
     elif resume:
         state = resume_state(run_dir)
-        try:
-            counters = Counters(**state["run"])
-        except ValueError as e:
-            raise CheckpointError(f"{run_dir / CHECKPOINT}: {e}") from e
+        counters = resumed_counters(run_dir, state)
         # Before the replay, which it does not need (a full one takes seconds to load).
-        done = finished_metrics(cfg, run_dir, state, counters) if own_run_dir else None
-        if done is not None:
-            budget = " and ".join([f"online.env_steps {cfg.online.env_steps}"] * bool(cfg.online.env_steps)
-                                  + [f"online.updates {cfg.online.updates}"] * bool(cfg.online.updates))
-            log(f"{run_dir} is over: its budget ({budget}) is spent and {run_dir / METRICS} holds its final "
-                f"evaluation, at env step {counters.env_steps}, update {counters.updates}; raise the budget "
-                f"(--online.env_steps, --online.updates) to train on")
-            return done
+        over = run_over(cfg, run_dir, state) if own_run_dir else None
+        if over is not None:
+            log(over.message)
+            return over.metrics
         if (run_dir / REPLAY).is_file():
             replay_state = load_checkpoint(run_dir / REPLAY)["replay"]
         elif counters.episodes:
