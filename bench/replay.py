@@ -76,7 +76,7 @@ def main():
     batches = replay.sample(o.updates_per_call, cfg.train.batch_size)
     print(json.dumps({"online_transitions": replay.size(), "batches": o.updates_per_call,
                       "batch_size": cfg.train.batch_size,
-                      "mbytes": round(sum(t.nbytes for b in batches for t in b) / 2**20, 1),
+                      "mib": round(sum(t.nbytes for b in batches for t in b) / 2**20, 1),
                       "sample_after_add_ms": round(1e3 * statistics.median(after_add), 1),
                       "sample_ms": round(1e3 * statistics.median(again), 1),
                       **to_learner_ms(batches, 10 * args.repeats)}))

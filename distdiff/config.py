@@ -70,7 +70,7 @@ class DiffusionConfig:
     schedule: str = _f("cosine", "Beta schedule: linear, cosine or sigmoid.")
     prediction: str = _f("x0", "What the denoiser predicts: x0 (clean trajectory), epsilon (noise, the seed's Alg. 1.1) "
                                "or v (√ᾱ·ε − √(1−ᾱ)·x0, Salimans & Ho 2022).")
-    action_weight: float = _f(10.0, "Loss weight of the first action a_0 (the one executed).")
+    action_weight: float = _f(10.0, "Loss weight of the first action a_0, the one every plan executes (with replanning, the next few execute too, at weight 1; Diffuser's weighting).")
     clip_denoised: bool = _f(True, "Clip the predicted clean trajectory to the normalized data range while sampling.")
 
 
@@ -99,7 +99,7 @@ class PlannerConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = _f(20000, "Gradient steps of offline pretraining.")
+    steps: int = _f(20000, "Updates (gradient steps) of offline pretraining.")
     batch_size: int = _f(64, "Trajectory windows per gradient step.")
     lr: float = _f(2e-4, "Adam learning rate of the denoiser.")
     value_lr: float = _f(2e-4, "Adam learning rate of the value net.")
@@ -114,8 +114,8 @@ class TrainConfig:
     ema_decay: float = _f(0.995, "EMA decay of the weights used for planning.")
     ema_every: int = _f(10, "Gradient steps between EMA updates.")
     ema_start: int = _f(1000, "Steps before the EMA starts tracking (copies the weights until then).")
-    log_every: int = _f(100, "Gradient steps between TensorBoard scalars.")
-    checkpoint_every: int = _f(2000, "Gradient steps between checkpoints.")
+    log_every: int = _f(100, "Updates between pretraining's TensorBoard scalars (phase 2 logs a point per learner call).")
+    checkpoint_every: int = _f(2000, "Updates between pretraining's checkpoints (phase 2: online.checkpoint_every).")
     seed: int = _f(0, "Seed of torch, numpy and the data sampler.")
     device: str = _f("auto", "auto (cuda when present), cpu or cuda: where pretraining trains. Phase 2's learner runs where online.learner_num_gpus places it.")
     num_threads: int = _f(1, "torch threads of pretraining, of phase 2's learner (1 is fastest on small machines) and of evaluations (the run's own, launch/evaluate.py): episodes are chaotic, and the thread count changes their arithmetic; rollout actors always use 1.")
@@ -157,7 +157,7 @@ class OnlineConfig:
     offline_start_window_weight: float = _f(10.0, "Like data.start_window_weight, for the offline windows of phase 2's batches: with online starts left out, the offline ones teach starting (×10 at pretraining gave a weaker prior; in fine-tuning it kept the score, bench/README.md).")
     prior_weight: float = _f(0.0, "w: evaluations (the run's own, launch/evaluate.py, bench/alignment.py) plan with (1 - w) x the aligned nets + w x the nets phase 2 started from, weight by weight (WiSE-FT, Wortsman et al. 2022); rollouts still plan with the aligned nets. 0 = off. Can be set after a run: evaluate.py --online.prior_weight. On Walker2d, 0.4 kept phase 2 from falling where it had learned to (bench/README.md).")
     finish_updates: bool = _f(True, "When the env-step budget is spent, still run the updates owed to the last collected steps (within the update and wall-time budgets).")
-    measure_every: int = _f(16, "Actors measure the alignment error of every N-th plan (costs H shadow env steps).")
+    measure_every: int = _f(16, "Actors measure the alignment error of every N-th plan of each episode, its first included (costs H shadow env steps); evaluations measure every plan.")
     checkpoint_every: int = _f(500, "Learner updates between run checkpoints (learner, replay, counters).")
     eval_every: int = _f(0, "Learner updates between evaluations (checkpoint + eval episodes, reported to Ray Tune; they run in a thread of the driver while training goes on); 0 = only at the end.")
     figure_every: int = _f(500, "Learner updates between plan-vs-real figures in TensorBoard.")

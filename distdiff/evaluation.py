@@ -86,7 +86,7 @@ def alignment_on_observations(planner: Planner, cfg: Config, observations: np.nd
     # Per horizon step first, as an evaluation averages: plans that fell drop out of the later
     # steps, and those steps still count once each.
     compounded, one_step = per_step_alignment_error(errors.compounded), per_step_alignment_error(errors.one_step)
-    return {"alignment_error": mean_alignment_error(compounded), "alignment_error_step": compounded.tolist(),
+    return {"alignment_error": mean_alignment_error(compounded), "alignment_error_per_step": compounded.tolist(),
             "one_step_error": float(np.nanmean(one_step)),  # (transitions 0→1 to H-2→H-1: no step 0 here)
-            "one_step_error_step": one_step.tolist(), "states": int(len(observations))}
+            "one_step_error_per_step": one_step.tolist(), "states": int(len(observations))}
 

@@ -1,4 +1,4 @@
-"""TensorBoard event files of a run, as a resume finds them.
+"""TensorBoard event files of a run, as a resume finds them, and the rates logged to them.
 
 A run that crashed (killed, out of memory, a lost node) logged past its last checkpoint, and the
 resume logs those steps again. TensorBoard would draw both, the curves running back on
@@ -8,6 +8,7 @@ from the files itself, tag by tag.
 """
 from __future__ import annotations
 
+from collections import deque
 from pathlib import Path
 from typing import Callable, Dict, Optional
 
@@ -64,3 +65,21 @@ def drop_redone(log_dir: Path, keep: Callable[[str, int], bool], unchanged: Opti
                     n += 1
         dropped += n
     return dropped
+
+
+class RecentRate:
+    """Counts per second over the last ``window_s`` seconds (since the start, before that): a
+    run of days shows a slowdown within a minute, where the mean since its start would hide it,
+    and the actors' start-up stops weighing on the rate once it has passed."""
+
+    def __init__(self, t0: float, count0: float, window_s: float = 60.0):
+        self.window_s = window_s
+        self.points: deque = deque([(t0, count0)])
+
+    def __call__(self, now: float, count: float) -> float:
+        self.points.append((now, count))
+        # The oldest point kept is the newest one at least window_s old.
+        while len(self.points) > 2 and now - self.points[1][0] >= self.window_s:
+            self.points.popleft()
+        t, c = self.points[0]
+        return (count - c) / max(now - t, 1e-9)

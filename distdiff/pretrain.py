@@ -15,7 +15,7 @@ from distdiff.cli import deferred_interrupt, progress_bar
 from distdiff.config import Config
 from distdiff.data.minari_io import LoadedDataset, load_or_collect
 from distdiff.data.windows import WindowDataset, fit_normalizer
-from distdiff.events import drop_redone, flushed_sizes
+from distdiff.events import RecentRate, drop_redone, flushed_sizes
 from distdiff.models import layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.rundir import CHECKPOINT, CONFIG, check_new_run, clear_run
@@ -130,7 +130,7 @@ def _pretrain(cfg: Config, run_dir: Path, *, resume: bool, quiet: bool, data: Op
         save_checkpoint(ckpt_path, {**checkpoint_payload(trainer, rng), "events": flushed_sizes(writer)})
 
     bar = progress_bar(total=cfg.train.steps, initial=trainer.step, desc="pretrain", disable=quiet)
-    t0, step0 = time.perf_counter(), trainer.step
+    update_rate = RecentRate(time.perf_counter(), trainer.step)  # over the last minute, as phase 2's
     # Losses are logged as means over the updates since the last point (as phase 2 logs each
     # learner call's): one update's batch in a hundred would be noise, its spikes read as instability.
     sums: Dict[str, float] = {}
@@ -153,8 +153,7 @@ def _pretrain(cfg: Config, run_dir: Path, *, resume: bool, quiet: bool, data: Op
                     sums, summed = {}, 0
                     for k, v in losses.items():
                         writer.add_scalar(k, v, trainer.step)
-                    rate = (trainer.step - step0) / (time.perf_counter() - t0)
-                    writer.add_scalar("perf/updates_per_s", rate, trainer.step)
+                    writer.add_scalar("perf/updates_per_s", update_rate(time.perf_counter(), trainer.step), trainer.step)
                     writer.add_scalar("charts/learning_rate", trainer.opt_denoiser.param_groups[0]["lr"], trainer.step)
                     writer.add_scalar("faults/skipped_updates", trainer.skipped_updates, trainer.step)
                     trained = {"denoiser": True, "value": cfg.train.train_value, "dynamics": cfg.train.train_dynamics}

@@ -141,7 +141,7 @@ def render_report(out_dir: Path, *, title: str, rows: Sequence[Dict[str, object]
     """The Markdown of report.md; every path is written relative to ``out_dir``.
 
     rows: one per checkpoint: label, checkpoint, step, and the evaluation summary's
-    return_mean, return_std, normalized_score, alignment_error, plus alignment_starts (the
+    return_mean, return_std, normalized_score, alignment_error, plus alignment_error_starts (the
     mean error of the alignment figure's start states).
     """
     lines = [f"# {title}", ""]
@@ -150,7 +150,7 @@ def render_report(out_dir: Path, *, title: str, rows: Sequence[Dict[str, object]
         lines.append(f"Evaluation: {episodes} episode(s) per checkpoint in the real env "
                      "(`distdiff.evaluation.evaluate`). Alignment error: RMSE between planned states and the states "
                      "reached by executing the planned actions from the same start, normalized state units, "
-                     "averaged over horizon steps.")
+                     "averaged over horizon steps 1 to H-1 (step 0 is the start state, exact in every plan).")
     else:
         lines.append("Evaluation skipped (`--episodes 0`).")
     lines += ["", "| checkpoint | step | return (mean ± std) | normalized score | alignment error (evaluation) "
@@ -158,7 +158,7 @@ def render_report(out_dir: Path, *, title: str, rows: Sequence[Dict[str, object]
     for r in rows:
         ret = "n/a" if r.get("return_mean") is None else f"{r['return_mean']:.1f} ± {r['return_std']:.1f}"
         lines.append(f"| {r['label']} (`{r['checkpoint']}`) | {r['step']} | {ret} | {_fmt(r.get('normalized_score'), '.1f')} "
-                     f"| {_fmt(r.get('alignment_error'))} | {_fmt(r.get('alignment_starts'))} |")
+                     f"| {_fmt(r.get('alignment_error'))} | {_fmt(r.get('alignment_error_starts'))} |")
     lines.append("")
     if figure1 is not None:
         lines += _figure_section(

@@ -63,7 +63,12 @@ def main(argv=None) -> int:
     if args.cfg__eval__seed is None:
         note_selection_seeds(args.checkpoint, cfg.eval.seed, "--eval.seed")
     bar = progress_bar(total=cfg.eval.episodes, desc="evaluate")
-    summary = evaluate(planner, cfg, progress=lambda r: bar.update(1))
+    try:
+        summary = evaluate(planner, cfg, progress=lambda r: bar.update(1))
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted after {bar.n} of {cfg.eval.episodes} episodes; nothing was written", file=sys.stderr)
+        return 130
     bar.close()
     summary["checkpoint"] = str(args.checkpoint)
     summary["step"] = int(state["step"])

@@ -165,7 +165,7 @@ def main(argv=None) -> int:
     step = int(state["step"])
     out.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(out))
-    notes, written = [], []
+    notes, written, interrupted = [], [], False
     try:
         ps, pa = in_units(planner, f1.plan_states, f1.plan_actions, args.units)
         rs, ra = in_units(planner, f1.real_states, f1.real_actions, args.units)
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         rows = []
         for label, (_, path, st, c, p) in zip(labels, runs):
             row = {"label": label, "checkpoint": str(path), "step": int(st["step"]),
-                   "alignment_starts": mean_error(np.stack([s.errors for s in starts_of[len(rows)]]))}
+                   "alignment_error_starts": mean_error(np.stack([s.errors for s in starts_of[len(rows)]]))}
             if args.episodes > 0:
                 print(f"evaluating {label}: {args.episodes} episode(s)", flush=True)
                 summary = evaluate(p, c, episodes=args.episodes, seed=seed)
@@ -250,10 +250,15 @@ def main(argv=None) -> int:
                                           "alignment_seeds": seeds,
                                           "video": None if video is None else {**video, "path": str(video["path"])}})
         written += [str(out / "report.md"), str(out / "summary.json")]
+    except KeyboardInterrupt:
+        interrupted = True  # what is on disk is whole (each file replaced at once), with no report of it
     finally:
         writer.close()
     for f in written:
         print(f"wrote {f}")
+    if interrupted:
+        print(f"interrupted before {out / 'report.md'} was written", file=sys.stderr)
+        return 130
     print(f"report: {out / 'report.md'}   TensorBoard: tensorboard --logdir {out}")
     return 0
 

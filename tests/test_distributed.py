@@ -1647,7 +1647,7 @@ def test_another_distdiff_on_the_driver_machine_is_named_before_pretraining(ray_
 
 def test_rates_in_tensorboard_are_over_the_last_minute():
     # After an hour at 100 steps/s, a minute at half the pace shows as 50, not as 99.
-    from distdiff.distributed.driver import RecentRate
+    from distdiff.events import RecentRate
 
     rate, steps = RecentRate(0.0, 0), 0
     for t in range(1, 3601):

@@ -8,8 +8,9 @@ import time
 import pytest
 
 from _helpers import tiny_online_config
-from distdiff.distributed.driver import (Counters, OnlineRun, RecentRate, _evaluated_update, describe_evaluation,
+from distdiff.distributed.driver import (Counters, OnlineRun, _evaluated_update, describe_evaluation,
                                          finished_metrics, step_axis)
+from distdiff.events import RecentRate
 from distdiff.rundir import clear_run, resume_checkpoint
 
 

@@ -100,6 +100,24 @@ def test_collect_interrupted_says_how_far_it_got_and_writes_nothing(minari_root,
     assert not dataset_exists("local/walker2d/cut-v0")
 
 
+def test_evaluate_interrupted_says_how_far_it_got_and_writes_nothing(run30, tmp_path, monkeypatch, capsys):
+    import distdiff.cli
+
+    monkeypatch.setattr(distdiff.cli, "limit_threads", lambda: None)
+    monkeypatch.setattr(distdiff.cli, "default_ray_auth", lambda: None)
+    script = launch_script("evaluate")
+
+    def interrupted_at_the_second(planner, cfg, progress):
+        progress(None)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "evaluate", interrupted_at_the_second)
+    out = tmp_path / "eval.json"
+    assert script.main(["--checkpoint", str(run30), "--episodes", "4", "--out", str(out)]) == 130
+    assert "interrupted after 1 of 4 episodes; nothing was written" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_collect_refuses_an_existing_id(tiny_dataset, tiny_episodes, subprocess_env):
     proc = run("collect.py", "--policy", "random", "--episodes", 2, "--dataset-id", tiny_dataset, env=subprocess_env)
     assert proc.returncode != 0

@@ -405,6 +405,6 @@ def test_alignment_on_observations_averages_per_step_and_seeds_its_sampler(monke
     monkeypatch.setattr(evaluation, "alignment_on_states", fake_alignment_on_states)
     planner = StubPlanner()
     out = evaluation.alignment_on_observations(planner, eval_cfg(), np.zeros((2, 17)), seed=3)
-    assert out["alignment_error_step"] == [0.0, 2.0, 2.0] and out["alignment_error"] == pytest.approx(2.0)
-    assert out["one_step_error_step"] == [2.0, 4.0] and out["one_step_error"] == pytest.approx(3.0)
+    assert out["alignment_error_per_step"] == [0.0, 2.0, 2.0] and out["alignment_error"] == pytest.approx(2.0)
+    assert out["one_step_error_per_step"] == [2.0, 4.0] and out["one_step_error"] == pytest.approx(3.0)
     assert planner.generators[0].initial_seed() == 3

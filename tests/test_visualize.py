@@ -195,6 +195,22 @@ def test_help_and_bad_checkpoint(tmp_path, capsys):
     assert e.value.code == 2
 
 
+def test_interrupted_it_lists_the_files_it_wrote_and_writes_no_report(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    script = launch_script("visualize")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # during the evaluation, after the figures
+
+    monkeypatch.setattr(script, "evaluate", interrupted)
+    out = tmp_path / "viz"
+    assert script.main(["--checkpoint", str(tiny_ckpt), "--out", str(out), "--episodes", "1", "--starts", "1",
+                        "--no-video"]) == 130
+    printed = capsys.readouterr()
+    assert f"wrote {out / 'figure1.png'}" in printed.out and f"wrote {out / 'alignment.png'}" in printed.out
+    assert (out / "alignment.png").is_file() and not (out / "report.md").exists()
+    assert f"interrupted before {out / 'report.md'} was written" in printed.err
+
+
 def test_the_reports_mean_error_averages_per_step_means_like_the_figures():
     # A start that fell after one step: per-step means 0, 1, 2; over the steps after the exact
     # start, 1.5, where pooling every finite entry past it (1, 2) would give the same only by luck

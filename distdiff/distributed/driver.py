@@ -13,7 +13,6 @@ import itertools
 import json
 import threading
 import time
-from collections import deque
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
@@ -34,7 +33,7 @@ from distdiff.distributed.cluster import RunFailed
 from distdiff.distributed.faults import WorkerFaults, cause
 from distdiff.distributed.messages import RolloutResult, TrainStats
 from distdiff.evaluation import EvaluationStopped, evaluate
-from distdiff.events import drop_redone, flushed_sizes
+from distdiff.events import RecentRate, drop_redone, flushed_sizes
 from distdiff.models import layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.pretrain import load_data, pretrain, trained_on
@@ -135,24 +134,6 @@ class PendingEvaluation(NamedTuple):
     at: Dict[str, int]  # the counters of the checkpoint it evaluates, and its learner step
     thread: Optional[threading.Thread]  # None when the result is an earlier one's
     started: float  # time.perf_counter() when it started
-
-
-class RecentRate:
-    """Counts per second over the last ``window_s`` seconds (since the start, before that): a
-    run of days shows a slowdown within a minute, where the mean since its start would hide it,
-    and the actors' start-up stops weighing on the rate once it has passed."""
-
-    def __init__(self, t0: float, count0: float, window_s: float = 60.0):
-        self.window_s = window_s
-        self.points: deque = deque([(t0, count0)])
-
-    def __call__(self, now: float, count: float) -> float:
-        self.points.append((now, count))
-        # The oldest point kept is the newest one at least window_s old.
-        while len(self.points) > 2 and now - self.points[1][0] >= self.window_s:
-            self.points.popleft()
-        t, c = self.points[0]
-        return (count - c) / max(now - t, 1e-9)
 
 
 class Counters:
@@ -519,6 +500,8 @@ class OnlineRun:
         self.evaluated = (at["step"], at["updates"], summary)
         metrics = {
             **{k: summary[k] for k in (*EVAL_SCALARS, "return_std", "alignment_error_per_step")},
+            # (terminations are of these; "episodes", below, counts those collected online)
+            "eval_episodes": summary["episodes"],
             **{k: at[k] for k in ("env_steps", "updates", "episodes", "weights_version", "worker_restarts",
                                   "skipped_updates", "failed_rollouts", "env_rebuilds", "rollout_timeouts")},
         }
