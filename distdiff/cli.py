@@ -98,6 +98,7 @@ def check_run_dir(run_dir: Path, *, overwrite: bool, keep: Optional[Path] = None
     there would silently replace its checkpoints and mix its TensorBoard curves with the new ones.
     With ``overwrite`` the run clears the old files itself (:func:`distdiff.rundir.clear_run`) once its own inputs
     have loaded, so a start that fails keeps the old run; never ``keep`` (the --init checkpoint)."""
+    check_outside_job_copy(run_dir, "--run-dir")
     check_output(run_dir, "--run-dir", directory=True)
     if not holds_run(run_dir):
         return
@@ -106,6 +107,19 @@ def check_run_dir(run_dir: Path, *, overwrite: bool, keep: Optional[Path] = None
              f"or pass --overwrite to replace it")
     if keep is not None and run_dir.resolve() in (keep.resolve(), *keep.resolve().parents):
         fail(f"--init {keep} is inside {run_dir}, which --overwrite would clear; start the new run elsewhere")
+
+
+# Set by Ray in the driver of a job (`ray job submit`): ray._private.runtime_env.constants.
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def check_outside_job_copy(path: Path, flag: str) -> None:
+    """A Ray job runs in Ray's temporary copy of its ``--working-dir`` (deleted once unused, and a
+    new one for new code): a run written under a relative path would go with it, and a resume
+    would not find it."""
+    if os.environ.get(RAY_JOB_ENV) and not path.is_absolute():
+        fail(f"{path} is a relative path, and this Ray job runs in Ray's temporary copy of its working directory: "
+             f"give {flag} as an absolute path on the head (README, Submitting a job)")
 
 
 def check_output(path: Path, flag: str, *, directory: bool = False) -> None:
@@ -121,6 +135,7 @@ def check_output(path: Path, flag: str, *, directory: bool = False) -> None:
 def check_resume_dir(run_dir: Path) -> None:
     """--resume takes a run dir; given one of its files, or a path that is not there, say so
     (rather than that no checkpoint is at FILE/checkpoint.pt)."""
+    check_outside_job_copy(run_dir, "the run dir")
     if run_dir.is_file():
         fail(f"--resume takes the run's dir, not a file in it: --resume {run_dir.parent}")
     if not run_dir.exists():

@@ -19,7 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-from distdiff.cli import add_ray_arguments, check_output, default_ray_auth, fail, limit_threads, make_parser, positive_int
+from distdiff.cli import (add_ray_arguments, check_outside_job_copy, check_output, default_ray_auth, fail, limit_threads,
+                          make_parser, positive_int)
 
 limit_threads()
 default_ray_auth()
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--resume", action="store_true", help="Continue the interrupted sweep in --storage.")
     add_ray_arguments(p)
     args = p.parse_args(argv)
+    check_outside_job_copy(args.storage, "--storage")
     check_output(args.storage, "--storage", directory=True)
 
     if args.resume and (args.num_samples is not None or args.max_concurrent is not None):

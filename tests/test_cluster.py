@@ -168,6 +168,16 @@ def test_learner_and_actors_run_on_the_nodes_their_resources_name(cluster, pretr
     assert metrics["updates"] == int(cfg.online.updates_per_env_step * metrics["env_steps"])
 
 
+def test_the_code_check_runs_on_every_node(cluster):
+    from distdiff.distributed.cluster import RunFailed
+    from distdiff.provenance import DRIVER_CODE
+
+    nodes = [cluster.head.node_id, cluster.learner.node_id, cluster.rollout.node_id]
+    assert sorted(actors.check_code_on_every_node(DRIVER_CODE)) == sorted(nodes)
+    with pytest.raises(RunFailed, match="is not the driver's at /opt/distdiff on another-node"):
+        actors.check_code_on_every_node(("0" * 16, "/opt/distdiff on another-node"))
+
+
 def test_run_finishes_on_the_remaining_node_when_a_rollout_node_is_removed(cluster, pretrained, tmp_path):
     cfg, ckpt = pretrained
     cfg = cluster_config(cfg.data.dataset_id, **{"online.env_steps": 400})

@@ -1188,6 +1188,62 @@ def test_an_actor_lost_while_saving_on_interrupt_fails_the_run_with_the_resume_a
         train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this driver's machine has a GPU: phase 1 trains there")
+def test_phase_1_on_the_drivers_cpu_says_so_where_the_cluster_has_gpus(ray_session, tiny_dataset, tmp_path,
+                                                                        monkeypatch):
+    from distdiff.distributed import driver
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop  # after the lines that phase 1 starts with
+
+    monkeypatch.setattr(driver, "pretrain", stop)
+    for gpus in (0, 2):
+        monkeypatch.setattr(driver.ray, "cluster_resources", lambda: {"CPU": 2.0, "GPU": float(gpus)})
+        for device in ("auto", "cpu"):
+            messages = []
+            with pytest.raises(Stop):
+                driver.pretrain_phase(tiny_online_config(tiny_dataset, **{"train.device": device}), tmp_path,
+                                      resume=False, overwrite=False, log=messages.append, progress=False)
+            assert any("phase 1: offline pretraining on" in m and "cpu of this driver's machine" in m
+                       for m in messages), messages
+            # Only where the GPUs are elsewhere and the user did not choose the CPU.
+            warned = [m for m in messages if "the cluster has 2 GPU(s), on other nodes" in m]
+            assert len(warned) == (gpus == 2 and device == "auto"), messages
+            assert all("launch/pretrain.py there, then launch/train.py --init" in m for m in warned)
+
+
+def test_a_learner_not_started_is_reported_while_the_run_waits_for_it(ray_session, pretrained, tmp_path, monkeypatch):
+    from distdiff.distributed import driver
+
+    class Stop(Exception):
+        pass
+
+    def stop(self, *args, **kwargs):
+        raise Stop  # once the actors have started
+
+    real_wait, unplaced = ray.wait, [2]
+
+    def wait(refs, *args, timeout=None, **kwargs):
+        if timeout == 1234.0 and unplaced[0]:  # the learner's wait: as if no node had room for it yet
+            unplaced[0] -= 1
+            return [], list(refs)
+        return real_wait(refs, *args, timeout=timeout, **kwargs)
+
+    monkeypatch.setattr(driver, "LEARNER_WAIT_NOTE_S", 1234.0)
+    monkeypatch.setattr(driver.ray, "wait", wait)
+    monkeypatch.setattr(OnlineRun, "run", stop)
+    cfg, ckpt = pretrained
+    messages = []
+    with pytest.raises(Stop):
+        train(cfg, tmp_path, init=ckpt, log=messages.append, progress=False)
+    notes = [m for m in messages if "the learner has not started after" in m]
+    assert len(notes) == 2 and "after 1234 s" in notes[0] and "after 2468 s" in notes[1], messages
+    assert f"it asks for {cfg.online.learner_num_cpus:g} CPU, which it waits for" in notes[0]
+
+
 def test_nan_batch_is_skipped_and_repeated_failure_stops(pretrained):
     cfg, ckpt = pretrained
     state = load_checkpoint(ckpt)

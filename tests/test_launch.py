@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import List
 
 import numpy as np
@@ -545,3 +546,22 @@ def test_a_ctrl_c_while_connecting_to_ray_is_one_line(monkeypatch, capsys):
     with pytest.raises(SystemExit) as stop:
         cluster.connect_job("10.0.0.1:6379", None)
     assert stop.value.code == 2 and "nothing listens there" in capsys.readouterr().err
+
+
+def test_a_ray_job_refuses_run_dirs_in_its_temporary_copy(tmp_path, monkeypatch, capsys):
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    from distdiff import cli
+
+    assert cli.RAY_JOB_ENV == RAY_JOB_CONFIG_JSON_ENV_VAR  # what Ray sets in a job's driver
+    monkeypatch.setenv(cli.RAY_JOB_ENV, "{}")
+    relative = Path("runs") / "job"
+    for check in (lambda: cli.check_run_dir(relative, overwrite=False), lambda: cli.check_resume_dir(relative),
+                  lambda: cli.check_outside_job_copy(relative, "--storage")):
+        with pytest.raises(SystemExit) as stop:
+            check()
+        assert stop.value.code == 2
+        assert f"{relative} is a relative path, and this Ray job runs in Ray's temporary copy" in capsys.readouterr().err
+    cli.check_run_dir(tmp_path / "run", overwrite=False)  # absolute
+    monkeypatch.delenv(cli.RAY_JOB_ENV)
+    cli.check_run_dir(relative, overwrite=False)  # outside a job

@@ -12,11 +12,14 @@ from __future__ import annotations
 from typing import Dict, List, NamedTuple, Optional
 
 import ray
+from ray.exceptions import RayError
 from ray.util import get_current_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from distdiff.config import Config, ConfigError
 from distdiff.data.windows import Batch
+from distdiff.distributed.cluster import RunFailed
+from distdiff.distributed.faults import cause
 from distdiff.distributed.learner import Learner
 from distdiff.distributed.messages import TrainStats
 from distdiff.distributed.replay import Replay
@@ -74,8 +77,23 @@ def _random_episodes(env_id: str, max_episode_steps: int, n_episodes: int, seed:
 
 
 random_episodes_task = ray.remote(runtime_env=_THREADS)(_random_episodes)
-# Before any long work: a worker process of the cluster imports the driver's distdiff.
-code_check_task = ray.remote(num_cpus=0)(check_same_code)
+@ray.remote(num_cpus=0)
+def code_check_task(driver_code) -> str:
+    check_same_code(driver_code)
+    return ray.get_runtime_context().get_node_id()
+
+
+def check_code_on_every_node(driver_code) -> List[str]:
+    """Before any long work: that a worker process on each node alive now imports the driver's
+    distdiff (:class:`RunFailed` if not); the ids of the nodes checked. One check would run on
+    the driver's own node, and another install on the GPU node would show only after phase 1,
+    as a learner that fails to start."""
+    checks = [code_check_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
+              .remote(driver_code) for node in ray.nodes() if node["Alive"]]
+    try:
+        return ray.get(checks)
+    except RayError as e:  # a mismatch, or a worker that could not start at all
+        raise RunFailed(cause(e)) from e
 ReplayActor = ray.remote(RayReplay)
 LearnerActor = ray.remote(RayLearner)
 

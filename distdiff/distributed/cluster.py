@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional
 import ray
 from ray.exceptions import AuthenticationError
 
-from distdiff.cli import fail, ray_token_available
+from distdiff.cli import RAY_JOB_ENV, fail, ray_token_available
 from distdiff.distributed.faults import cause
 
 
@@ -57,9 +57,7 @@ def beside_the_job(runtime_env: Optional[Dict[str, object]]) -> Optional[Dict[st
     """``runtime_env`` less the environment variables that the Ray job this driver runs in
     (``ray job submit --runtime-env-json``) sets already: Ray refuses to start a driver whose
     runtime env names a variable of its job's again, even with the same value."""
-    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR  # Ray is pinned
-
-    job = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    job = os.environ.get(RAY_JOB_ENV)
     if not runtime_env or not job:
         return runtime_env
     taken = (json.loads(job).get("runtime_env") or {}).get("env_vars") or {}

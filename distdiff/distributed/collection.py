@@ -16,6 +16,7 @@ from distdiff.distributed.cluster import RunFailed
 from distdiff.distributed.faults import cause
 from distdiff.distributed.messages import Weights
 from distdiff.models import NETS
+from distdiff.provenance import DRIVER_CODE
 from distdiff.training import planner_from_checkpoint
 
 COLLECT_TRIES = 5  # a collection task that fails this often stops the collection
@@ -29,6 +30,7 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
     planner of ``checkpoint`` (the same rollout workers as training)."""
     from distdiff.training import flat_weights
 
+    actors.check_code_on_every_node(DRIVER_CODE)  # (the random policy's tasks check nothing themselves)
     cfg = config_lib.from_dict(checkpoint["config"]) if checkpoint is not None else config_lib.Config()
     if checkpoint is not None:
         # Planner actors beyond one per task would build their nets and envs to sit idle.

@@ -44,6 +44,8 @@ from distdiff.rundir import (BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, PR
 from distdiff.training import planner_from_checkpoint, resolve_device, torch_threads
 
 # An evaluation's figures that go to TensorBoard (eval/…), metrics.json and best.json alike.
+# How long the run waits for its learner to be placed between two notes that it still waits.
+LEARNER_WAIT_NOTE_S = 60.0
 EVAL_SCALARS = ("return_mean", "normalized_score", "terminations", "alignment_error")
 BEST_KEYS = (*EVAL_SCALARS, "env_steps", "updates", "weights_version")
 # TensorBoard's x axis: learner updates for what the learner's calls report (and the figure,
@@ -335,8 +337,18 @@ class OnlineRun:
         # Waited for while the workers start: a learner that cannot start (a GPU out of memory)
         # stops the run here, where each worker would otherwise fail for want of weights and be
         # counted as restarted. Nothing could plan before its first weights anyway.
+        started = self.learner.node_id.remote()
+        waited = 0
+        # A GPU that exists but is held (another job, `ray job submit --entrypoint-num-gpus`)
+        # would leave the run waiting without a word.
+        while not ray.wait([started], timeout=LEARNER_WAIT_NOTE_S)[0]:
+            waited += LEARNER_WAIT_NOTE_S
+            asks = " and ".join([f"{res.learner_gpus:g} GPU"] * (res.learner_gpus > 0)
+                                + [f"{res.learner_cpus:g} CPU"] * (res.learner_cpus > 0))
+            self.log(f"the learner has not started after {waited:.0f} s: it asks for {asks or 'no resources'}, which "
+                     f"it waits for while something else holds them (`ray status` shows what is free)")
         try:
-            ray.get(self.learner.node_id.remote())
+            ray.get(started)
         except RayError as e:
             raise RunFailed(f"the learner failed to start: {cause(e)}") from e
 
@@ -1056,11 +1068,18 @@ def pretrain_phase(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool,
     checkpoint, and the data."""
     # A cluster too small for the actors fails now, not after pretraining.
     checked_resources(cfg, log)
+    # (A device that is not there fails here, before the old run goes.)
+    device = resolve_device(cfg.train.device)
     # A resume of a run stopped in phase 1 continues pretraining from its own checkpoint.
-    log(f"{'resuming ' if resume else ''}phase 1: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps)")
+    log(f"{'resuming ' if resume else ''}phase 1: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps, "
+        f"{device.type} of this driver's machine)")
+    gpus = ray.cluster_resources().get("GPU", 0)
+    if cfg.train.device == "auto" and device.type == "cpu" and gpus and cfg.train.steps:
+        log(f"warning: the cluster has {gpus:g} GPU(s), on other nodes than this driver's: phase 1 trains on its CPU, "
+            f"several times slower. To pretrain on a GPU, run launch/pretrain.py there, then launch/train.py --init "
+            f"its checkpoint (README, Running on a cluster)")
     data = load_data(cfg)
     cfg = trained_on(cfg, data)
-    resolve_device(cfg.train.device)  # (a device that is not there fails before the old run goes)
     if overwrite:
         clear_run(run_dir)
     state = load_checkpoint(pretrain(cfg, run_dir / PRETRAIN, resume=resume, quiet=not progress, data=data))
@@ -1100,11 +1119,8 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     config_lib.validate(cfg)  # (a config made in code, e.g. by dataclasses.replace, was never checked)
     config_lib.check_trainable(cfg)
     check_new_run(run_dir, resume=resume, overwrite=overwrite)
-    try:
-        # Here, not when the first actor starts: that comes after pretraining.
-        ray.get(actors.code_check_task.remote(DRIVER_CODE))
-    except RayError as e:  # a mismatch, or a worker that could not start at all
-        raise RunFailed(cause(e)) from e
+    # Here, not when the first actor starts: that comes after pretraining.
+    actors.check_code_on_every_node(DRIVER_CODE)
     replay_state = data = None
     if init is None and (not resume or resume_checkpoint(run_dir) != run_dir / CHECKPOINT):
         cfg, state, data = pretrain_phase(cfg, run_dir, resume=resume, overwrite=overwrite, log=log, progress=progress)
