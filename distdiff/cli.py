@@ -114,10 +114,13 @@ RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
 def check_outside_job_copy(path: Path, flag: str) -> None:
-    """A Ray job runs in Ray's temporary copy of its ``--working-dir`` (deleted once unused, and a
-    new one for new code): a run written under a relative path would go with it, and a resume
-    would not find it."""
-    if os.environ.get(RAY_JOB_ENV) and not path.is_absolute():
+    """A Ray job with a ``--working-dir`` runs in Ray's temporary copy of it (deleted once unused,
+    and a new one for new code): a run written under a relative path there would go with it, and
+    a resume would not find it. (Without one, or after a ``cd`` elsewhere, a relative path is the
+    user's.)"""
+    # Where Ray unpacks a job's working dir: .../runtime_resources/working_dir_files/_ray_pkg_*.
+    in_copy = "working_dir_files" in Path.cwd().parts
+    if os.environ.get(RAY_JOB_ENV) and in_copy and not path.is_absolute():
         fail(f"{path} is a relative path, and this Ray job runs in Ray's temporary copy of its working directory: "
              f"give {flag} as an absolute path on the head (README, Submitting a job)")
 

@@ -245,19 +245,22 @@ def main(argv=None) -> int:
         md = render_report(out, title=f"Diagnostics of {labels[0]}", rows=rows, episodes=args.episodes,
                            figure1=fig1_info, alignment=align_info, video=video, notes=notes)
         write_text(out / "report.md", md)
+        written.append(str(out / "report.md"))
         writer.add_text("diagnostics/report", md, step)
         write_json(out / "summary.json", {"rows": rows, "figure1": {k: v for k, v in fig1_info.items()},
                                           "alignment_seeds": seeds,
                                           "video": None if video is None else {**video, "path": str(video["path"])}})
-        written += [str(out / "report.md"), str(out / "summary.json")]
+        written.append(str(out / "summary.json"))
     except KeyboardInterrupt:
-        interrupted = True  # what is on disk is whole (each file replaced at once), with no report of it
+        interrupted = True  # what is on disk is whole: each file is replaced at once
     finally:
         writer.close()
     for f in written:
         print(f"wrote {f}")
     if interrupted:
-        print(f"interrupted before {out / 'report.md'} was written", file=sys.stderr)
+        # (A report.md or summary.json of an earlier run in --out stays, and is not of these files.)
+        missing = [f.name for f in (out / "report.md", out / "summary.json") if str(f) not in written]
+        print(f"interrupted: {' and '.join(missing)} not written in {out}", file=sys.stderr)
         return 130
     print(f"report: {out / 'report.md'}   TensorBoard: tensorboard --logdir {out}")
     return 0

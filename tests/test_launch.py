@@ -553,9 +553,19 @@ def test_a_ray_job_refuses_run_dirs_in_its_temporary_copy(tmp_path, monkeypatch,
 
     from distdiff import cli
 
+    import inspect
+
+    from ray._private.runtime_env.working_dir import WorkingDirPlugin
+
     assert cli.RAY_JOB_ENV == RAY_JOB_CONFIG_JSON_ENV_VAR  # what Ray sets in a job's driver
+    assert '"working_dir_files"' in inspect.getsource(WorkingDirPlugin.__init__)  # where it unpacks the copy
     monkeypatch.setenv(cli.RAY_JOB_ENV, "{}")
     relative = Path("runs") / "job"
+    # A job without --working-dir, or one that changed directory: the relative path is the user's.
+    cli.check_run_dir(relative, overwrite=False)
+    copy = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
     for check in (lambda: cli.check_run_dir(relative, overwrite=False), lambda: cli.check_resume_dir(relative),
                   lambda: cli.check_outside_job_copy(relative, "--storage")):
         with pytest.raises(SystemExit) as stop:

@@ -208,7 +208,7 @@ def test_interrupted_it_lists_the_files_it_wrote_and_writes_no_report(tiny_ckpt,
     printed = capsys.readouterr()
     assert f"wrote {out / 'figure1.png'}" in printed.out and f"wrote {out / 'alignment.png'}" in printed.out
     assert (out / "alignment.png").is_file() and not (out / "report.md").exists()
-    assert f"interrupted before {out / 'report.md'} was written" in printed.err
+    assert f"interrupted: report.md and summary.json not written in {out}" in printed.err
 
 
 def test_the_reports_mean_error_averages_per_step_means_like_the_figures():

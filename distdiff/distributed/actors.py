@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Dict, List, NamedTuple, Optional
 
 import ray
-from ray.exceptions import RayError
+from ray.exceptions import NodeDiedError, RayError, TaskUnschedulableError
 from ray.util import get_current_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
@@ -90,10 +90,15 @@ def check_code_on_every_node(driver_code) -> List[str]:
     as a learner that fails to start."""
     checks = [code_check_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
               .remote(driver_code) for node in ray.nodes() if node["Alive"]]
-    try:
-        return ray.get(checks)
-    except RayError as e:  # a mismatch, or a worker that could not start at all
-        raise RunFailed(cause(e)) from e
+    checked = []
+    for check in checks:
+        try:
+            checked.append(ray.get(check))
+        except (TaskUnschedulableError, NodeDiedError):
+            pass  # a node that is draining (an autoscaler's idle one) or left: the run will not use it
+        except RayError as e:  # a mismatch, or a worker that could not start at all
+            raise RunFailed(cause(e)) from e
+    return checked
 ReplayActor = ray.remote(RayReplay)
 LearnerActor = ray.remote(RayLearner)
 

@@ -344,9 +344,10 @@ class OnlineRun:
         while not ray.wait([started], timeout=LEARNER_WAIT_NOTE_S)[0]:
             waited += LEARNER_WAIT_NOTE_S
             asks = " and ".join([f"{res.learner_gpus:g} GPU"] * (res.learner_gpus > 0)
-                                + [f"{res.learner_cpus:g} CPU"] * (res.learner_cpus > 0))
-            self.log(f"the learner has not started after {waited:.0f} s: it asks for {asks or 'no resources'}, which "
-                     f"it waits for while something else holds them (`ray status` shows what is free)")
+                                + [f"{res.learner_cpus:g} CPU"] * (res.learner_cpus > 0)
+                                + [f"a node with {name!r}" for name in (res.learner_resources or {})])
+            self.log(f"the learner has not started after {waited:.0f} s (not placed yet, or still starting): it asks "
+                     f"for {asks or 'no resources'}; `ray status` shows what the cluster has free")
         try:
             ray.get(started)
         except RayError as e:
@@ -1075,9 +1076,9 @@ def pretrain_phase(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool,
         f"{device.type} of this driver's machine)")
     gpus = ray.cluster_resources().get("GPU", 0)
     if cfg.train.device == "auto" and device.type == "cpu" and gpus and cfg.train.steps:
-        log(f"warning: the cluster has {gpus:g} GPU(s), on other nodes than this driver's: phase 1 trains on its CPU, "
-            f"several times slower. To pretrain on a GPU, run launch/pretrain.py there, then launch/train.py --init "
-            f"its checkpoint (README, Running on a cluster)")
+        log(f"warning: the cluster has {gpus:g} GPU(s), and torch in this driver's process sees none: phase 1 trains "
+            f"on CPU, several times slower. To pretrain on a GPU, run launch/pretrain.py where torch sees one, then "
+            f"launch/train.py --init its checkpoint (README, Running on a cluster)")
     data = load_data(cfg)
     cfg = trained_on(cfg, data)
     if overwrite:
