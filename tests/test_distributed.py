@@ -1244,6 +1244,24 @@ def test_a_learner_not_started_is_reported_while_the_run_waits_for_it(ray_sessio
     assert f"(not placed yet, or still starting): it asks for {cfg.online.learner_num_cpus:g} CPU;" in notes[0]
 
 
+def test_a_run_whose_learner_trained_on_a_gpu_says_so_when_it_resumes_on_cpu(ray_session, pretrained, tmp_path,
+                                                                            monkeypatch):
+    class Stop(Exception):
+        pass
+
+    def stop(self, *args, **kwargs):
+        raise Stop  # before any actor starts
+
+    monkeypatch.setattr(OnlineRun, "start_actors", stop)
+    cfg, ckpt = pretrained
+    state = {**load_checkpoint(ckpt), "cuda_rng": torch.zeros(16, dtype=torch.uint8)}
+    for counters, warned in ((Counters(env_steps=100, updates=20), True), (Counters(), False)):  # a resume; --init
+        messages = []
+        with pytest.raises(Stop):
+            OnlineRun(cfg, tmp_path, state, None, counters, log=messages.append, progress=False)
+        assert any("learner trained on a GPU, and resumes on CPU" in m for m in messages) == warned, messages
+
+
 def test_nan_batch_is_skipped_and_repeated_failure_stops(pretrained):
     cfg, ckpt = pretrained
     state = load_checkpoint(ckpt)
