@@ -872,6 +872,44 @@ def test_a_trial_goes_on_from_what_was_restored_or_its_own_last_checkpoint(tmp_p
     (restored / REPLAY).write_bytes(b"replay")
     assert trial_start(run_dir, restored) is True
     assert (run_dir / CHECKPOINT).read_bytes() == b"reported" and (run_dir / REPLAY).read_bytes() == b"replay"
+    # Restored from a path that is not on this node (storage on one node only): not a fresh start.
+    with pytest.raises(RuntimeError, match="has no checkpoint.pt on this node .*every node mounts at the same path"):
+        trial_start(run_dir, tmp_path / "on-the-head-only")
+
+
+def test_the_dataset_is_had_once_where_the_sweep_starts_and_fixed_for_every_trial(tiny_dataset, tmp_path):
+    from distdiff.data.minari_io import dataset_exists
+    from distdiff.distributed.tuning import pinned_dataset
+
+    here = load_spec(write_sweep(tmp_path / "here.yaml", tiny_dataset))
+    assert pinned_dataset(here, log=pytest.fail) == {"data.dataset_id": tiny_dataset, "data.fallback_dataset_id": ""}
+    # Not to be had (a remote id, not downloaded): the fallback, collected once here, is what
+    # every trial trains on, with no fallback of its own left on a node that lacks it.
+    fallback, remote = "local/walker2d/pinned-fallback-v0", "mujoco/walker2d/expert-v0"
+    missing = load_spec(write_sweep(tmp_path / "missing.yaml", remote, fixed={
+        **FIXED, "data.dataset_id": remote, "data.download": False, "data.fallback_dataset_id": fallback,
+        "data.fallback_episodes": 2}))
+    said = []
+    assert pinned_dataset(missing, log=said.append) == {"data.dataset_id": fallback, "data.fallback_dataset_id": ""}
+    assert dataset_exists(fallback)
+    assert any(f"the trials train on {fallback!r}, standing in for {remote!r}" in m for m in said), said
+    # A swept data field: each trial has its own dataset.
+    swept = load_spec(write_sweep(tmp_path / "swept.yaml", tiny_dataset, space={"data.discount": {"grid": [0.97, 0.99]}}))
+    assert pinned_dataset(swept) == {}
+
+
+def test_a_trial_finds_out_at_its_start_that_the_storage_is_on_another_node(tmp_path):
+    from ray.train._internal.storage import StorageContext
+
+    from distdiff.distributed.tuning import check_storage_here
+
+    storage = StorageContext(storage_path=str(tmp_path / "storage"), experiment_dir_name="sweep")
+    check_storage_here(storage)  # where the sweep started: its marker is there
+    # As a worker node sees a local path of the head: the directory and its marker are not there.
+    for marker in (tmp_path / "storage" / "sweep").iterdir():
+        marker.unlink()
+    with pytest.raises(RuntimeError, match=f"--storage {tmp_path / 'storage'} is not on this trial's node"):
+        check_storage_here(storage)
 
 
 def test_a_resume_needs_the_sweep_file_base_and_init_the_sweep_started_with(tiny_dataset, prior, tmp_path,

@@ -17,6 +17,7 @@ import json
 import math
 import random
 import shutil
+import socket
 import tempfile
 import typing
 from dataclasses import dataclass, field
@@ -475,15 +476,36 @@ def tune_metrics(spec: SweepSpec, metrics: Dict[str, Any]) -> Dict[str, Any]:
     return {k: v for k in REPORTED if (v := finite(metrics.get(k))) is not None}
 
 
-def make_trainable(spec: SweepSpec):
+def pinned_dataset(spec: SweepSpec, log=print) -> Dict[str, Any]:
+    """The dataset every trial trains on, had once where the sweep starts (downloaded, or the
+    fallback collected, as a trial would), as fields that fix it for the trials, with no
+    fallback left to them: on a node without it a trial fails, rather than train on a random
+    fallback of its own and be ranked beside trials that had the real data. Each trial is
+    spared the download's wait too. {} where a data field is swept: each trial has its own."""
+    if any(key.startswith("data.") for key in spec.space):
+        return {}
+    from distdiff.pretrain import load_data
+
+    cfg = spec.train_config({})
+    data = load_data(cfg)
+    if data.dataset_id != cfg.data.dataset_id:
+        log(f"the trials train on {data.dataset_id!r}, standing in for {cfg.data.dataset_id!r} (best_config.yaml "
+            f"names the one configured)")
+    return {"data.dataset_id": data.dataset_id, "data.fallback_dataset_id": ""}
+
+
+def make_trainable(spec: SweepSpec, pinned: Optional[Dict[str, Any]] = None):
     """The Tune trainable, sized by a placement group for the trial's driver, learner and actors.
-    An `init` checkpoint goes to the object store once, not into every trial's pickled function."""
+    An `init` checkpoint goes to the object store once, not into every trial's pickled function.
+    ``pinned``: fields fixed for every trial (:func:`pinned_dataset`), beside the sweep file's."""
     from distdiff.distributed.driver import train
 
     init_state, spec = spec.init_state, copy.copy(spec)
     spec.init_state = None
+    spec.fixed = {**spec.fixed, **(pinned or {})}
 
     def trial(params: Dict[str, Any], init_state: Optional[Dict[str, Any]] = None) -> None:
+        check_storage_here(tune.get_context().get_storage())
         cfg = on_trial_driver(spec.trial_config(params), ray.get_gpu_ids())
         # The trial's working directory (where Tune starts it, unless RAY_CHDIR_TO_TRIAL_DIR=0):
         # what is written there reaches the sweep's storage from any node (sync_artifacts in
@@ -516,6 +538,17 @@ def make_trainable(spec: SweepSpec):
     return tune.with_resources(trial, lambda params: trial_resources(spec, params))
 
 
+def check_storage_here(storage) -> None:
+    """That the sweep's --storage is on this trial's node: Ray checks it only as the trial's
+    first checkpoint is stored, after its pretraining, which a retry would then do again."""
+    try:
+        storage._check_validation_file()  # Ray is pinned: its own check, a marker the sweep's start wrote
+    except RuntimeError as e:
+        raise RuntimeError(f"--storage {storage.storage_fs_path} is not on this trial's node ({socket.gethostname()}): "
+                           "a sweep over more than one node needs a filesystem that every node mounts at the same "
+                           "path (README, Ray Tune)") from e
+
+
 def trial_start(run_dir: Path, restored: Optional[Path]) -> bool:
     """Where a trial starts from, in its run dir; True: it resumes. A restored checkpoint (PBT
     copying another trial, a resumed sweep, a retry of a failed trial) is copied in. Without one,
@@ -523,6 +556,12 @@ def trial_start(run_dir: Path, restored: Optional[Path]) -> bool:
     own (of phase 1 or 2; Tune saw none of them); elsewhere, or at first, the trial starts."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if restored is not None:
+        if not (restored / CHECKPOINT).is_file():
+            # A checkpoint in storage on another node (Ray hands out its path as it is): the trial
+            # would otherwise start again from nothing, ranked as if it had gone on.
+            raise RuntimeError(f"the checkpoint Tune restores this trial from, {restored}, has no {CHECKPOINT} on this "
+                               f"node ({socket.gethostname()}): the sweep's --storage must be a filesystem every node "
+                               "mounts at the same path (README, Ray Tune)")
         for name in (CHECKPOINT, REPLAY):
             if (restored / name).is_file():
                 shutil.copy2(restored / name, run_dir / name)
@@ -658,8 +697,8 @@ def run_config(spec: SweepSpec, storage: Path) -> tune.RunConfig:
                           failure_config=tune.FailureConfig(max_failures=spec.max_failures))
 
 
-def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False):
-    trainable = make_trainable(spec)
+def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False, pinned: Optional[Dict[str, Any]] = None):
+    trainable = make_trainable(spec, pinned)
     if resume:
         return tune.Tuner.restore(str(check_resumable(spec, storage)), trainable=trainable, resume_errored=True)
     path = sweep_path(spec, storage)
