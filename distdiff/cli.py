@@ -39,10 +39,14 @@ def make_parser(description: Optional[str]) -> ArgumentParser:
     return ArgumentParser(description=description, allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
+# What each BLAS and OpenMP runtime reads: numpy's wheels for macOS use Apple's Accelerate (vecLib).
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS")
+
+
 def limit_threads() -> None:
     """One BLAS/OpenMP thread per process unless the user says otherwise: on small machines a
     second thread competing with rollout processes makes small-model steps far slower."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    for var in THREAD_VARS:
         os.environ.setdefault(var, "1")
 
 

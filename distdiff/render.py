@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes.util
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -35,6 +36,10 @@ def configure_gl() -> str:
     ``MUJOCO_GL`` unless set. Call it before anything imports mujoco.
     """
     backend = os.environ.get("MUJOCO_GL")
+    if not backend and sys.platform != "linux":
+        # macOS has neither EGL nor OSMesa: Gymnasium's renderer takes GLFW, which needs a
+        # desktop session (not SSH).
+        return ""
     if not backend:
         if ctypes.util.find_library("EGL"):
             backend = "egl"
@@ -67,8 +72,9 @@ def gl_problem(env_id: str = "Walker2d-v5", width: int = 32, height: int = 32) -
         finally:
             env.close()
     except Exception as e:  # GL stacks fail in many ways (ImportError, RuntimeError, GLError, AttributeError)
-        return (f"cannot render with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({type(e).__name__}: {e}); "
-                f"on Debian/Ubuntu install {GL_PACKAGES} (EGL) or libosmesa6 (MUJOCO_GL=osmesa)")
+        fix = (f"on Debian/Ubuntu install {GL_PACKAGES} (EGL) or libosmesa6 (MUJOCO_GL=osmesa)" if sys.platform == "linux"
+               else "on macOS, rendering needs a desktop session (GLFW), not SSH")
+        return f"cannot render with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({type(e).__name__}: {e}); {fix}"
     if frame is None or np.asarray(frame).ndim != 3:
         return f"the renderer returned no image (MUJOCO_GL={os.environ.get('MUJOCO_GL')})"
     return None

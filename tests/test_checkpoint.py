@@ -220,13 +220,13 @@ def test_a_write_that_fails_leaves_the_old_file_and_nothing_else(tmp_path):
 def test_a_replaced_file_reaches_the_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
     from distdiff import files
 
-    synced, fsync = [], os.fsync
+    synced, fsync = [], files._fsync
 
-    def record(fd):
-        synced.append((os.readlink(f"/proc/self/fd/{fd}"), (tmp_path / "metrics.json").exists()))
-        fsync(fd)
+    def record(path, flags):  # (by path: macOS has no /proc to name an fd's file)
+        synced.append((str(path), (tmp_path / "metrics.json").exists()))
+        fsync(path, flags)
 
-    monkeypatch.setattr(os, "fsync", record)
+    monkeypatch.setattr(files, "_fsync", record)
     files.write_json(tmp_path / "metrics.json", {"return_mean": 1.0})
     # The new file's data before the rename (the name is not there yet), the directory after.
     assert synced == [(str(tmp_path / ".metrics.partial.json"), False), (str(tmp_path), True)]

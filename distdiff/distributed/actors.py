@@ -16,6 +16,7 @@ from ray.exceptions import NodeDiedError, RayError, TaskUnschedulableError
 from ray.util import get_current_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from distdiff.cli import THREAD_VARS
 from distdiff.config import Config, ConfigError
 from distdiff.data.windows import Batch
 from distdiff.distributed.cluster import RunFailed
@@ -28,7 +29,7 @@ from distdiff.provenance import DRIVER_CODE, check_same_code
 
 # Each actor process gets one math thread: on small machines a second one competing with the
 # rollout processes makes small-model steps many times slower.
-_THREADS = {"env_vars": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}}
+_THREADS = {"env_vars": {var: "1" for var in THREAD_VARS}}
 
 # How much of a custom resource an actor asks for: any amount on a node (e.g. {"learner": 1})
 # then admits any number of such actors, so the resource only says where they may run.
