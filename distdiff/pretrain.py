@@ -13,7 +13,7 @@ from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, to_cpu
 from distdiff.cli import deferred_interrupt, progress_bar
 from distdiff.config import Config
-from distdiff.data.minari_io import LoadedDataset, load_or_collect
+from distdiff.data.minari_io import LoadedDataset, have_or_collect, load_or_collect
 from distdiff.data.windows import WindowDataset, fit_normalizer
 from distdiff.events import RecentRate, drop_redone, flushed_sizes
 from distdiff.models import layout_of
@@ -31,6 +31,15 @@ def load_data(cfg: Config) -> LoadedDataset:
     return load_or_collect(d.dataset_id, download=d.download, fallback_id=d.fallback_dataset_id,
                            fallback_episodes=d.fallback_episodes, env_id=cfg.env.id, obs_dim=cfg.env.obs_dim,
                            act_dim=cfg.env.act_dim, max_episode_steps=cfg.env.max_episode_steps, seed=cfg.train.seed)
+
+
+def dataset_to_train_on(cfg: Config, log=print) -> str:
+    """The id of the dataset :func:`load_data` would load (had now: downloaded, or the fallback
+    collected), without reading its episodes."""
+    d = cfg.data
+    return have_or_collect(d.dataset_id, download=d.download, fallback_id=d.fallback_dataset_id,
+                           fallback_episodes=d.fallback_episodes, env_id=cfg.env.id,
+                           max_episode_steps=cfg.env.max_episode_steps, seed=cfg.train.seed, log=log)
 
 
 def trained_on(cfg: Config, data: LoadedDataset) -> Config:

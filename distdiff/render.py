@@ -72,8 +72,9 @@ def gl_problem(env_id: str = "Walker2d-v5", width: int = 32, height: int = 32) -
         finally:
             env.close()
     except Exception as e:  # GL stacks fail in many ways (ImportError, RuntimeError, GLError, AttributeError)
-        fix = (f"on Debian/Ubuntu install {GL_PACKAGES} (EGL) or libosmesa6 (MUJOCO_GL=osmesa)" if sys.platform == "linux"
-               else "on macOS, rendering needs a desktop session (GLFW), not SSH")
+        fix = {"linux": f"on Debian/Ubuntu install {GL_PACKAGES} (EGL) or libosmesa6 (MUJOCO_GL=osmesa)",
+               "darwin": "on macOS, rendering needs a desktop session (GLFW), not SSH"}.get(
+                   sys.platform, "set MUJOCO_GL to a backend this system has")
         return f"cannot render with MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({type(e).__name__}: {e}); {fix}"
     if frame is None or np.asarray(frame).ndim != 3:
         return f"the renderer returned no image (MUJOCO_GL={os.environ.get('MUJOCO_GL')})"

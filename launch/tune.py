@@ -74,7 +74,7 @@ def main(argv=None) -> int:
 
     from distdiff.distributed.cluster import connect_job, shutdown
     from distdiff.data.minari_io import DatasetError
-    from distdiff.distributed.tuning import largest_trial, make_tuner, pinned_dataset, summarize, sweep_path
+    from distdiff.distributed.tuning import largest_trial, make_tuner, summarize, sweep_dataset, sweep_path
 
     env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH",) if k in os.environ}
     started = connect_job(args.address, args.num_cpus, runtime_env={"env_vars": env_vars} if env_vars else None)
@@ -88,7 +88,8 @@ def main(argv=None) -> int:
                  "online.num_actors, or give --num-cpus")
         print(f"warning: {what}: trials wait for nodes an autoscaler adds", file=sys.stderr)
     try:
-        tuner = make_tuner(spec, args.storage, resume=args.resume, pinned=pinned_dataset(spec))
+        pinned = sweep_dataset(spec, args.storage, resume=args.resume)
+        tuner = make_tuner(spec, args.storage, resume=args.resume, pinned=pinned)
         results = tuner.fit()
         unfinished = [r for r in results if r.error is None and not r.metrics.get("done", False)]
         if unfinished:

@@ -792,8 +792,14 @@ def test_a_trial_from_an_init_checkpoint_skips_pretraining_and_starts_from_its_w
     fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.num_actors": 1}
     spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, base=None, init=str(prior), fixed=fixed,
                                  space={"guidance.scale": {"choice": [0.1]}}))
-    (result,) = make_tuner(spec, tmp_path / "storage").fit()
+    from distdiff.distributed.tuning import PINNED, pinned_dataset, sweep_path
+
+    pinned = pinned_dataset(spec)
+    (result,) = make_tuner(spec, tmp_path / "storage", pinned=pinned).fit()
     assert result.error is None and result.metrics["updates"] == update_budget(spec.trial_config({}))
+    # What the trials trained on, kept for a resume; no fallback of their own.
+    assert json.loads((sweep_path(spec, tmp_path / "storage") / PINNED).read_text()) == pinned
+    assert pinned == {"data.dataset_id": tiny_dataset, "data.fallback_dataset_id": ""}
     assert not (Path(result.path) / PRETRAIN).exists()
     with result.checkpoint.as_directory() as d:
         state = load_checkpoint(Path(d) / CHECKPOINT)
@@ -896,6 +902,20 @@ def test_the_dataset_is_had_once_where_the_sweep_starts_and_fixed_for_every_tria
     # A swept data field: each trial has its own dataset.
     swept = load_spec(write_sweep(tmp_path / "swept.yaml", tiny_dataset, space={"data.discount": {"grid": [0.97, 0.99]}}))
     assert pinned_dataset(swept) == {}
+
+
+def test_a_resumed_sweep_keeps_the_dataset_it_started_with(tiny_dataset, tmp_path):
+    from distdiff.distributed.tuning import PINNED, sweep_dataset, sweep_path
+
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset))
+    storage = tmp_path / "storage"
+    now = {"data.dataset_id": tiny_dataset, "data.fallback_dataset_id": ""}
+    assert sweep_dataset(spec, storage, resume=False, log=pytest.fail) == now
+    # It started offline, on the fallback: a resume goes on with that, not with what it could have now.
+    started = {"data.dataset_id": "local/walker2d/pinned-fallback-v0", "data.fallback_dataset_id": ""}
+    sweep_path(spec, storage).mkdir(parents=True)
+    (sweep_path(spec, storage) / PINNED).write_text(json.dumps(started))
+    assert sweep_dataset(spec, storage, resume=True, log=pytest.fail) == started
 
 
 def test_a_trial_finds_out_at_its_start_that_the_storage_is_on_another_node(tmp_path):

@@ -283,9 +283,20 @@ def load_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallba
     """Load ``dataset_id``; when it cannot be had now (:class:`DatasetMissing`) and a fallback is
     configured, load the local ``fallback_id``, collecting it with a random policy first if it
     does not exist yet (also when it is ``dataset_id`` itself)."""
+    had = have_or_collect(dataset_id, download=download, fallback_id=fallback_id, fallback_episodes=fallback_episodes,
+                          env_id=env_id, max_episode_steps=max_episode_steps, seed=seed, log=log)
+    return load_episodes(had, obs_dim=obs_dim, act_dim=act_dim, env_id=env_id)
+
+
+def have_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallback_episodes: int, env_id: str,
+                    max_episode_steps: int, seed: int = 0, log=print) -> str:
+    """The id of the dataset :func:`load_or_collect` loads, which is then local: ``dataset_id``
+    (downloaded if it must be), else the fallback (collected if it must be). Its episodes are
+    not read."""
     if dataset_id != fallback_id or fallback_episodes < 1:
         try:
-            return load_episodes(dataset_id, download=download, obs_dim=obs_dim, act_dim=act_dim, env_id=env_id, log=log)
+            load_minari(dataset_id, download=download, log=log)
+            return dataset_id
         except DatasetMissing as e:
             if not fallback_id or fallback_episodes < 1:
                 raise
@@ -303,4 +314,4 @@ def load_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallba
         with _lock(fallback_id):
             if not dataset_exists(fallback_id):  # or another run made it while this one waited
                 _collect_random(fallback_id, fallback_episodes, env_id, max_episode_steps, seed, log)
-    return load_episodes(fallback_id, obs_dim=obs_dim, act_dim=act_dim, env_id=env_id)
+    return fallback_id

@@ -238,7 +238,8 @@ class OnlineRun:
         # What a crashed run logged past its checkpoint is logged again from it. (Before the
         # actors start, so that a failure here leaves none running.)
         resumed = counters.updates > 0 or counters.env_steps > 0
-        if resumed and "cuda_rng" in state and not res.learner_gpus:  # (what a GPU learner's state carries)
+        # (cuda_rng: what a GPU learner's state carries; learner_num_gpus 0 asks for the CPU.)
+        if resumed and "cuda_rng" in state and not res.learner_gpus and cfg.online.learner_num_gpus < 0:
             log("warning: this run's learner trained on a GPU, and resumes on CPU: no GPU it may use is up now "
                 "(online.learner_num_gpus -1). It trains several times slower; --online.learner_num_gpus 1 waits "
                 "for a GPU instead")

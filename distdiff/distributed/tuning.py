@@ -50,6 +50,7 @@ CUSTOM_RESOURCE_WHY = ("a trial's actors are placed in its placement group, whos
 REPORTED = ("normalized_score", "alignment_error", "return_mean", "return_std", "env_steps", "updates", "weights_version")
 TIME_ATTR = "updates"  # the schedulers' time (make_scheduler)
 RECORD = "distdiff_sweep.json"  # what a sweep started with, in STORAGE/NAME (sweep_record)
+PINNED = "distdiff_dataset.json"  # the fields that fixed the dataset of its trials (pinned_dataset)
 # The mode of the metrics that have a better end: the other one would rank the worst trial first.
 BETTER = {"normalized_score": "max", "return_mean": "max", "alignment_error": "min"}
 # The schedulers' numeric options, which Ray checks with bare asserts or not at all.
@@ -484,14 +485,24 @@ def pinned_dataset(spec: SweepSpec, log=print) -> Dict[str, Any]:
     spared the download's wait too. {} where a data field is swept: each trial has its own."""
     if any(key.startswith("data.") for key in spec.space):
         return {}
-    from distdiff.pretrain import load_data
+    from distdiff.pretrain import dataset_to_train_on
 
     cfg = spec.train_config({})
-    data = load_data(cfg)
-    if data.dataset_id != cfg.data.dataset_id:
-        log(f"the trials train on {data.dataset_id!r}, standing in for {cfg.data.dataset_id!r} (best_config.yaml "
-            f"names the one configured)")
-    return {"data.dataset_id": data.dataset_id, "data.fallback_dataset_id": ""}
+    had = dataset_to_train_on(cfg, log=log)
+    if had != cfg.data.dataset_id:
+        log(f"the trials train on {had!r}, standing in for {cfg.data.dataset_id!r} (best_config.yaml names the one "
+            f"configured)")
+    return {"data.dataset_id": had, "data.fallback_dataset_id": ""}
+
+
+def sweep_dataset(spec: SweepSpec, storage: Path, *, resume: bool, log=print) -> Dict[str, Any]:
+    """:func:`pinned_dataset` of a new sweep; a resumed one goes on with the dataset it started
+    with (recorded in its dir by :func:`make_tuner`), even where another could be had now (the
+    configured one, downloadable by then, in place of its fallback)."""
+    path = sweep_path(spec, storage) / PINNED
+    if resume and path.is_file():
+        return json.loads(path.read_text())
+    return pinned_dataset(spec, log=log)
 
 
 def make_trainable(spec: SweepSpec, pinned: Optional[Dict[str, Any]] = None):
@@ -557,8 +568,8 @@ def trial_start(run_dir: Path, restored: Optional[Path]) -> bool:
     run_dir.mkdir(parents=True, exist_ok=True)
     if restored is not None:
         if not (restored / CHECKPOINT).is_file():
-            # A checkpoint in storage on another node (Ray hands out its path as it is): the trial
-            # would otherwise start again from nothing, ranked as if it had gone on.
+            # (Ray itself refuses a path that is not here at all.) Without the file, the trial
+            # would start again from nothing, and be ranked as if it had gone on.
             raise RuntimeError(f"the checkpoint Tune restores this trial from, {restored}, has no {CHECKPOINT} on this "
                                f"node ({socket.gethostname()}): the sweep's --storage must be a filesystem every node "
                                "mounts at the same path (README, Ray Tune)")
@@ -704,6 +715,7 @@ def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False, pinned: 
     path = sweep_path(spec, storage)
     path.mkdir(parents=True, exist_ok=True)
     (path / RECORD).write_text(json.dumps(sweep_record(spec), indent=1, sort_keys=True))
+    (path / PINNED).write_text(json.dumps(pinned or {}, indent=1, sort_keys=True))
     space = param_space(spec)
     return tune.Tuner(
         trainable,
