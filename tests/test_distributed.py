@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -1255,10 +1256,13 @@ def test_a_run_whose_learner_trained_on_a_gpu_says_so_when_it_resumes_on_cpu(ray
     monkeypatch.setattr(OnlineRun, "start_actors", stop)
     cfg, ckpt = pretrained
     state = {**load_checkpoint(ckpt), "cuda_rng": torch.zeros(16, dtype=torch.uint8)}
-    for counters, warned in ((Counters(env_steps=100, updates=20), True), (Counters(), False)):  # a resume; --init
+    on_cpu = dataclasses.replace(cfg, online=dataclasses.replace(cfg.online, learner_num_gpus=0.0))
+    resumed = Counters(env_steps=100, updates=20)
+    # A resume; --init; a resume told to stay on CPU.
+    for run_cfg, counters, warned in ((cfg, resumed, True), (cfg, Counters(), False), (on_cpu, resumed, False)):
         messages = []
         with pytest.raises(Stop):
-            OnlineRun(cfg, tmp_path, state, None, counters, log=messages.append, progress=False)
+            OnlineRun(run_cfg, tmp_path, state, None, counters, log=messages.append, progress=False)
         assert any("learner trained on a GPU, and resumes on CPU" in m for m in messages) == warned, messages
 
 
