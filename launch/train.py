@@ -7,9 +7,10 @@ rollout actors, a shared replay and a learner (Algorithm 2), and evaluate it.
 
 Connects to RAY_ADDRESS or a local `ray start` cluster if there is one. Ends with metrics.json
 (return_mean, normalized_score, terminations of eval_episodes, alignment_error, env_steps,
-updates, weights_version, and the episodes collected online) in the run dir, and best.pt, the checkpoint of the evaluation with the highest
-mean return (evaluations come at most every online.eval_every updates, and at the end). Ctrl-C
-saves a checkpoint; --resume RUN_DIR continues it.
+updates, weights_version, and the episodes collected online) in the run dir, and best.pt, the
+checkpoint of the evaluation with the highest mean return (evaluations come at most every
+online.eval_every updates, and at the end). Ctrl-C saves a checkpoint; --resume RUN_DIR
+continues it.
 """
 from __future__ import annotations
 

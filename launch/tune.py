@@ -72,8 +72,8 @@ def main(argv=None) -> int:
 
     import ray
 
-    from distdiff.distributed.cluster import connect_job, shutdown
     from distdiff.data.minari_io import DatasetError
+    from distdiff.distributed.cluster import connect_job, shutdown
     from distdiff.distributed.tuning import largest_trial, make_tuner, summarize, sweep_dataset, sweep_path
 
     env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH",) if k in os.environ}

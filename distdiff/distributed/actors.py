@@ -78,6 +78,8 @@ def _random_episodes(env_id: str, max_episode_steps: int, n_episodes: int, seed:
 
 
 random_episodes_task = ray.remote(runtime_env=_THREADS)(_random_episodes)
+
+
 @ray.remote(num_cpus=0)
 def code_check_task(driver_code) -> str:
     check_same_code(driver_code)
@@ -100,6 +102,8 @@ def check_code_on_every_node(driver_code) -> List[str]:
         except RayError as e:  # a mismatch, or a worker that could not start at all
             raise RunFailed(cause(e)) from e
     return checked
+
+
 ReplayActor = ray.remote(RayReplay)
 LearnerActor = ray.remote(RayLearner)
 

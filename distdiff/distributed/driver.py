@@ -43,9 +43,9 @@ from distdiff.rundir import (BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, PR
                              clear_run, resume_checkpoint)
 from distdiff.training import planner_from_checkpoint, resolve_device, torch_threads
 
-# An evaluation's figures that go to TensorBoard (eval/…), metrics.json and best.json alike.
-# How long the run waits for its learner to be placed between two notes that it still waits.
+# How long the run waits for its learner to start between two notes that it still waits.
 LEARNER_WAIT_NOTE_S = 60.0
+# An evaluation's figures that go to TensorBoard (eval/…), metrics.json and best.json alike.
 EVAL_SCALARS = ("return_mean", "normalized_score", "terminations", "alignment_error")
 BEST_KEYS = (*EVAL_SCALARS, "env_steps", "updates", "weights_version")
 # TensorBoard's x axis: learner updates for what the learner's calls report (and the figure,
