@@ -19,7 +19,7 @@ import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
@@ -224,6 +224,42 @@ def _coerce(value, tp, where: str):
     raise ConfigError(f"{where}: unsupported type {tp}")
 
 
+# Fields distdiff had and dropped: the value at which each did nothing (None: any, it acted only
+# with another of them), the commit that dropped it, and what it was. A config saved before
+# (a checkpoint's, a run's config.yaml) still loads where it did not use them.
+REMOVED = {
+    "online.relabel_weight": (0.0, "e703408", "relabelled plans"),
+    "online.relabel_fraction": (None, "e703408", "relabelled plans"),
+    "online.relabel_capacity": (None, "e703408", "relabelled plans"),
+    "data.return_lookahead": (0, "770256c", "fall-aware return labels"),
+}
+
+# Fields added with a default other than what distdiff did before them, with the value that did
+# that: a run resumed from a config saved before them (from_saved) goes on as it trained.
+BEFORE = {
+    "online.lr_scale": (lambda cfg: 1.0, "1354450"),
+    "online.finish_updates": (lambda cfg: False, "1453667"),
+    "online.offline_start_window_weight": (lambda cfg: cfg.data.start_window_weight, "68ed2b1"),
+}
+
+
+def from_saved(data: Dict[str, Any], log: Callable[[str], None] = print) -> Config:
+    """The config a run saved (its checkpoint's), to go on training with: :func:`from_dict`,
+    with the fields of :data:`BEFORE` it lacks set to what distdiff did before them, said in
+    one line (with today's defaults instead, it would train on otherwise than it did)."""
+    cfg = from_dict(data)
+    filled = []
+    for key, (value_of, commit) in BEFORE.items():
+        section, name = key.split(".")
+        if name not in (data.get(section) or {}):
+            value = value_of(cfg)
+            setattr(getattr(cfg, section), name, value)
+            filled.append(f"{key} {value!r} (added in {commit})")
+    if filled:
+        log(f"the run's config is older than some fields; set to what distdiff did before them: {', '.join(filled)}")
+    return cfg
+
+
 def from_dict(data: Optional[Dict[str, Any]], base: Optional[Config] = None) -> Config:
     """Merge a nested dict into ``base`` (defaults if None); unknown keys are errors."""
     cfg, errors = _merge(data, base)
@@ -249,6 +285,12 @@ def _merge(data: Optional[Dict[str, Any]], base: Optional[Config]):
         section = dataclasses.replace(getattr(cfg, name))
         hints = typing.get_type_hints(type(section))
         for key, value in values.items():
+            if f"{name}.{key}" in REMOVED:
+                off, commit, what = REMOVED[f"{name}.{key}"]
+                if off is not None and value != off:
+                    errors.append(f"{name}.{key} is {value!r}: distdiff dropped it ({what}) in {commit}; a run "
+                                  f"that used it needs the distdiff before that commit")
+                continue
             if key not in hints:
                 errors.append(f"unknown field {name}.{key}; fields are {sorted(hints)}")
                 continue
@@ -277,9 +319,8 @@ class _Loader(yaml.SafeLoader):
     exponent sign as text."""
 
 
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
 
 
 def read(path: str | Path, what: str = "config file") -> Any:

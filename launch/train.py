@@ -72,8 +72,13 @@ def main(argv=None) -> int:
     # Before Ray starts: a config that cannot train, or that the checkpoint's nets do not fit.
     try:
         state = resume_state(args.resume) if args.resume else load_checkpoint(args.init) if args.init else None
-        # From --init without --config: the checkpoint's config, whose model fits its nets.
-        base = config_lib.from_dict(state["config"]) if state is not None and not args.config else None
+        # From --init without --config: the checkpoint's config, whose model fits its nets. A
+        # resume goes on with the config the run trained with.
+        base = None
+        if args.resume:
+            base = config_lib.from_saved(state["config"])
+        elif state is not None and not args.config:
+            base = config_lib.from_dict(state["config"])
         cfg = config_lib.from_args(args, base=base)
         config_lib.check_trainable(cfg)
         if state is not None:

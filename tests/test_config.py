@@ -314,3 +314,28 @@ def test_the_markdown_table_has_one_row_per_field_with_its_value():
     assert len(rows) - 2 == sum(len(section) for section in cfg.to_dict().values())
     assert "|online.num_actors|7|" in rows and "|model.dim_mults|[1, 2]|" in rows
     assert '|diffusion.schedule|"cosine"|' in rows
+
+
+def test_a_saved_config_with_fields_distdiff_dropped_loads_where_it_did_not_use_them():
+    # A checkpoint written while online.relabel_* existed stores them, off.
+    old = {**config.Config().to_dict()}
+    old["online"] = {**old["online"], "relabel_weight": 0.0, "relabel_fraction": 0.5, "relabel_capacity": 4096}
+    old["data"] = {**old["data"], "return_lookahead": 0}
+    assert config.from_dict(old) == config.Config()
+    used = {**old, "data": {**old["data"], "return_lookahead": 100}}
+    with pytest.raises(config.ConfigError, match=r"data.return_lookahead is 100: distdiff dropped it \(fall-aware "
+                                                 r"return labels\) in 770256c"):
+        config.from_dict(used)
+
+
+def test_a_run_saved_before_a_field_resumes_as_it_trained():
+    said = []
+    now = config.Config().to_dict()
+    assert config.from_saved(now, log=said.append) == config.Config() and said == []
+    before = {**now, "online": {k: v for k, v in now["online"].items()
+                                if k not in ("lr_scale", "finish_updates", "offline_start_window_weight")},
+              "data": {**now["data"], "start_window_weight": 3.0}}
+    cfg = config.from_saved(before, log=said.append)
+    # Phase 2 at the full rate, without finishing owed updates, offline starts weighted as pretraining's.
+    assert (cfg.online.lr_scale, cfg.online.finish_updates, cfg.online.offline_start_window_weight) == (1.0, False, 3.0)
+    assert len(said) == 1 and "online.lr_scale 1.0 (added in 1354450)" in said[0]

@@ -911,11 +911,28 @@ def test_a_resumed_sweep_keeps_the_dataset_it_started_with(tiny_dataset, tmp_pat
     storage = tmp_path / "storage"
     now = {"data.dataset_id": tiny_dataset, "data.fallback_dataset_id": ""}
     assert sweep_dataset(spec, storage, resume=False, log=pytest.fail) == now
+    # A sweep of a distdiff before the record: its trials go on finding their datasets themselves.
+    assert sweep_dataset(spec, storage, resume=True, log=pytest.fail) == {}
     # It started offline, on the fallback: a resume goes on with that, not with what it could have now.
     started = {"data.dataset_id": "local/walker2d/pinned-fallback-v0", "data.fallback_dataset_id": ""}
     sweep_path(spec, storage).mkdir(parents=True)
     (sweep_path(spec, storage) / PINNED).write_text(json.dumps(started))
     assert sweep_dataset(spec, storage, resume=True, log=pytest.fail) == started
+
+
+def test_a_sweep_recorded_when_exponent_numbers_were_text_resumes(tiny_dataset, tmp_path, monkeypatch):
+    from ray import tune
+
+    from distdiff.distributed.tuning import RECORD, check_resumable, sweep_path, sweep_record
+
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, fixed={**FIXED, "data.dataset_id": tiny_dataset,
+                                                                          "train.lr": 1e-4}))
+    then = sweep_record(spec)
+    then["fixed"]["train.lr"] = "1e-4"  # as distdiff read `1e-4` before it read YAML 1.2's floats
+    sweep_path(spec, tmp_path).mkdir(parents=True)
+    (sweep_path(spec, tmp_path) / RECORD).write_text(json.dumps(then))
+    monkeypatch.setattr(tune.Tuner, "can_restore", lambda path: True)
+    assert check_resumable(spec, tmp_path) == sweep_path(spec, tmp_path)
 
 
 def test_a_trial_finds_out_at_its_start_that_the_storage_is_on_another_node(tmp_path):

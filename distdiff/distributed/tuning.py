@@ -500,8 +500,9 @@ def sweep_dataset(spec: SweepSpec, storage: Path, *, resume: bool, log=print) ->
     with (recorded in its dir by :func:`make_tuner`), even where another could be had now (the
     configured one, downloadable by then, in place of its fallback)."""
     path = sweep_path(spec, storage) / PINNED
-    if resume and path.is_file():
-        return json.loads(path.read_text())
+    if resume:
+        # (A sweep of a distdiff before this record: its trials found their datasets themselves.)
+        return json.loads(path.read_text()) if path.is_file() else {}
     return pinned_dataset(spec, log=log)
 
 
@@ -676,7 +677,7 @@ def check_resumable(spec: SweepSpec, storage: Path) -> Path:
     if not tune.Tuner.can_restore(str(path)):
         raise ConfigError(f"no sweep to resume at {path}")
     if (path / RECORD).is_file():
-        started, now = json.loads((path / RECORD).read_text()), sweep_record(spec)
+        started, now = _as_read_now(json.loads((path / RECORD).read_text())), sweep_record(spec)
         changed = sorted(k for k in started.keys() | now.keys() if started.get(k) != now.get(k))
         if changed:
             what = ", ".join("the init checkpoint's contents" if k == "init_sha256" else
@@ -685,6 +686,19 @@ def check_resumable(spec: SweepSpec, storage: Path) -> Path:
                               "Tune would go on with the trials it stored and run the rest with the new values. Resume "
                               "it with the files it started with, or start another sweep (another `name` or --storage)")
     return path
+
+
+def _as_read_now(value: Any) -> Any:
+    """A sweep's record as the sweep file is read today: numbers in exponent form (``1e-4``),
+    which distdiff read as text before it read YAML 1.2's floats, are numbers; else a resume
+    of an unchanged file would be refused as changed."""
+    if isinstance(value, dict):
+        return {k: _as_read_now(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_read_now(v) for v in value]
+    if isinstance(value, str) and config_lib.EXPONENT_FLOAT.match(value):
+        return float(value.replace("_", ""))
+    return value
 
 
 def check_new(spec: SweepSpec, storage: Path) -> None:
