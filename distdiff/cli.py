@@ -212,6 +212,25 @@ def deferred_interrupt(raise_at: int = 2) -> Iterator[Interrupt]:
             signal.signal(sig, signal.SIG_DFL if before is None else before)
 
 
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, around work with no checks between its
+    steps (a run's final evaluation): Ray's own handler in a driver exits at once, skipping the
+    job's clean-up and its advice to resume. Off the main thread, nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    before = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if before is None else before)
+
+
 def progress_bar(**kwargs) -> tqdm:
     """A tqdm progress bar. Where it writes to no terminal (a job's log, nohup) it is redrawn
     every 30 s instead of up to 10 times a second: the log of a run that lasts days stays small."""

@@ -63,5 +63,8 @@ def clear_run(run_dir: str | Path) -> None:
             (d / name).unlink(missing_ok=True)
         for events in d.glob("events.out.tfevents.*"):
             events.unlink()
+        for name in RUN_FILES:
+            # A write cut short where no clean-up could run (the process killed with its node).
+            (d / f".{Path(name).stem}.partial{Path(name).suffix}").unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         (run_dir / PRETRAIN).rmdir()  # only once nothing else is left in it

@@ -1266,6 +1266,32 @@ def test_a_run_whose_learner_trained_on_a_gpu_says_so_when_it_resumes_on_cpu(ray
         assert any("learner trained on a GPU, and resumes on CPU" in m for m in messages) == warned, messages
 
 
+def test_a_replay_that_died_is_named_not_the_learner_whose_call_it_failed(ray_session, pretrained, tmp_path,
+                                                                         monkeypatch):
+    real_run = OnlineRun.run
+
+    def run_without_its_replay(self, interrupted=None):
+        ray.kill(self.replay)  # as Ray's memory monitor or an OOM kill would
+        return real_run(self, interrupted)
+
+    monkeypatch.setattr(OnlineRun, "run", run_without_its_replay)
+    cfg, ckpt = pretrained
+    with pytest.raises(RunFailed, match="^the replay failed: "):
+        train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+
+
+def test_a_full_object_store_is_said_so_not_an_actor_dying(ray_session, pretrained, tmp_path, monkeypatch):
+    from ray.exceptions import ObjectStoreFullError
+
+    def full(self, *args, **kwargs):
+        raise ObjectStoreFullError("the replay's offline episodes do not fit")  # as ray.put raises it
+
+    monkeypatch.setattr(OnlineRun, "start_actors", full)
+    cfg, ckpt = pretrained
+    with pytest.raises(RunFailed, match="^Ray's object store is full, or the disk it spills to: "):
+        train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+
+
 def test_nan_batch_is_skipped_and_repeated_failure_stops(pretrained):
     cfg, ckpt = pretrained
     state = load_checkpoint(ckpt)

@@ -178,3 +178,12 @@ def test_the_cluster_is_described_in_words_not_as_rays_dict():
     cluster = {"CPU": 48.0, "GPU": 1.0, "learner": 1.0, "node:10.0.0.1": 1.0, "node:10.0.0.2": 1.0,
                "accelerator_type:H100": 1.0, "object_store_memory": 3 * 2**30}
     assert describe(cluster) == "2 nodes, 48 CPU, 1 GPU, object store 3.0 GiB, learner 1"
+
+
+def test_clearing_a_run_takes_the_partial_files_of_writes_cut_short(tmp_path):
+    # A node lost mid-write leaves the temporary file that the write's own clean-up would remove.
+    (tmp_path / ".checkpoint.partial.pt").write_bytes(b"half")
+    (tmp_path / ".replay.partial.pt").write_bytes(b"half")
+    (tmp_path / "notes.txt").write_text("mine")
+    clear_run(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

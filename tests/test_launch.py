@@ -575,3 +575,14 @@ def test_a_ray_job_refuses_run_dirs_in_its_temporary_copy(tmp_path, monkeypatch,
     cli.check_run_dir(tmp_path / "run", overwrite=False)  # absolute
     monkeypatch.delenv(cli.RAY_JOB_ENV)
     cli.check_run_dir(relative, overwrite=False)  # outside a job
+
+
+def test_sigterm_interrupts_work_that_has_no_checks_and_its_handler_is_given_back():
+    from distdiff.cli import sigterm_as_interrupt
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        with sigterm_as_interrupt():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # (the handler runs at the next bytecode)
+    assert signal.getsignal(signal.SIGTERM) == before

@@ -19,12 +19,12 @@ from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
 import numpy as np
 import ray
-from ray.exceptions import RayError, RayTaskError
+from ray.exceptions import ObjectStoreFullError, OutOfDiskError, RayActorError, RayError, RayTaskError
 from tqdm import tqdm
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from distdiff.cli import Interrupt, deferred_interrupt, progress_bar
+from distdiff.cli import Interrupt, deferred_interrupt, progress_bar, sigterm_as_interrupt
 from distdiff.files import write_json
 from distdiff.config import Config
 from distdiff.data.minari_io import LoadedDataset, normalized_score, reference_scores
@@ -708,6 +708,9 @@ class OnlineRun:
             stats = ray.get(self.train_ref)
         except RayError as e:  # its own error, its death, or Ray's memory monitor killing it
             self.train_ref = None
+            if isinstance(e, RayTaskError) and isinstance(e.cause, RayActorError):
+                # Its argument failed it: the replay's sample, the replay having died.
+                raise RunFailed(f"the replay failed: {cause(e)}") from e
             raise RunFailed(f"the learner failed: {cause(e)}") from e
         self.train_ref = None
         self.counters.updates += stats.updates
@@ -1168,23 +1171,29 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, run_dir / CONFIG)
     log(f"phase 2: online alignment with {_count(cfg.online.num_actors, 'actor')} -> {run_dir} (tensorboard --logdir {run_dir})")
-    run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state=replay_state, log=log, progress=progress,
-                    on_evaluation=on_evaluation, rerun_unfinished_evaluation=own_run_dir)
+    run = None
     try:
+        run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state=replay_state, log=log,
+                        progress=progress, on_evaluation=on_evaluation, rerun_unfinished_evaluation=own_run_dir)
         # Ctrl-C during the loop is taken between results, never inside a TensorBoard write
         # (see deferred_interrupt): the first lets the rollouts in flight finish, a second
         # stops waiting for them; a third, or one in the final evaluation, raises at once.
         with deferred_interrupt(raise_at=3) as interrupted:
             run.run(interrupted)
         log("final evaluation")
-        metrics = run.evaluate()
+        with sigterm_as_interrupt():
+            metrics = run.evaluate()
+    except (ObjectStoreFullError, OutOfDiskError) as e:
+        raise RunFailed(f"Ray's object store is full, or the disk it spills to: {cause(e)}") from e
     except RayError as e:
         # The learner or the replay died or was killed (a rollout actor's death is handled in
         # the loop).
         raise RunFailed(f"an actor of the run died: {cause(e)}") from e
     except KeyboardInterrupt:
-        run.keep_on_interrupt()
+        if run is not None:
+            run.keep_on_interrupt()
         raise
     finally:
-        run.close()
+        if run is not None:
+            run.close()
     return metrics
