@@ -187,3 +187,16 @@ def test_clearing_a_run_takes_the_partial_files_of_writes_cut_short(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     clear_run(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_a_learner_call_that_runs_long_is_noted_every_ten_minutes():
+    run = run_stub()
+    notes = []
+    run.log, run.train_ref, run.train_since, run.next_train_note = notes.append, object(), 0.0, 0.0
+    for now in (10.0, 599.0, 600.0, 900.0, 1199.0, 1200.0):
+        run.note_long_learner_call(now)
+    assert [n.split(" s;")[0].rsplit(" ", 1)[1] for n in notes] == ["600", "1200"]
+    assert "a learner that hangs is not stopped" in notes[0]
+    run.train_ref = None  # none in flight: nothing to say
+    run.note_long_learner_call(5000.0)
+    assert len(notes) == 2

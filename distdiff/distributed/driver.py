@@ -45,6 +45,9 @@ from distdiff.training import planner_from_checkpoint, resolve_device, torch_thr
 
 # How long the run waits for its learner to start between two notes that it still waits.
 LEARNER_WAIT_NOTE_S = 60.0
+# How long a learner's call runs (a call is seconds, a minute with torch.compile's warm-up)
+# between two notes that it still runs.
+LEARNER_CALL_NOTE_S = 600.0
 # An evaluation's figures that go to TensorBoard (eval/…), metrics.json and best.json alike.
 EVAL_SCALARS = ("return_mean", "normalized_score", "terminations", "alignment_error")
 BEST_KEYS = (*EVAL_SCALARS, "env_steps", "updates", "weights_version")
@@ -279,6 +282,7 @@ class OnlineRun:
         self.ref_min, self.ref_max = reference_scores(cfg.env.id)
         self.last_example = None
         self.train_ref = None  # the learner's call in flight
+        self.train_since = self.next_train_note = 0.0  # when it started; when a long one is noted next
         # Offline windows are always there to train on; without them, the replay's episodes.
         self.replay_filled = cfg.online.offline_ratio > 0
         self.evaluation: Optional[PendingEvaluation] = None  # the one in flight
@@ -787,6 +791,7 @@ class OnlineRun:
             ready, _ = ray.wait(waiting, num_returns=1, timeout=0.25 if short else 1.0)
         now = time.perf_counter()
         self.kill_overdue(now)
+        self.note_long_learner_call(now)
         for i in self.faults.due(now):
             if self.collecting:
                 self.submit(i)
@@ -854,6 +859,17 @@ class OnlineRun:
         for i in waiting_workers:
             self.submit(i)
 
+    def note_long_learner_call(self, now: float) -> None:
+        """Say, every LEARNER_CALL_NOTE_S, that the learner's call in flight has run that long
+        (a call is seconds): a learner that hangs without dying (a stuck GPU) is not stopped,
+        and the run would otherwise only stop moving."""
+        if self.train_ref is None or now - self.next_train_note < LEARNER_CALL_NOTE_S:
+            return
+        self.next_train_note = now
+        self.log(f"the learner's call of up to {self.cfg.online.updates_per_call} updates has run "
+                 f"{now - self.train_since:.0f} s; a learner that hangs is not stopped: stop the run (a second Ctrl-C "
+                 f"stops waiting for the learner), and --resume goes on from its last checkpoint")
+
     def train_more(self) -> None:
         """Start the learner's next call if none runs and updates are owed."""
         o = self.cfg.online
@@ -866,6 +882,7 @@ class OnlineRun:
             batches = self.ahead if self.ahead is not None and n == o.updates_per_call \
                 else self.replay.sample.remote(n, self.cfg.train.batch_size)
             self.train_ref = self.learner.train.remote(batches)
+            self.train_since = self.next_train_note = time.perf_counter()
             self.size_ref = self.replay.size.remote()
             # The next call's batches, sampled while this one trains: after new episodes the
             # replay joins its windows first (~14 ms at 200k transitions, 64 ms at 1M, on
