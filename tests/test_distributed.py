@@ -1338,8 +1338,11 @@ def test_a_learner_whose_updates_turn_non_finite_stops_the_run_with_its_last_che
     monkeypatch.setattr(actors, "make_learner", make_learner)
     cfg, ckpt = pretrained
     cfg = tiny_online_config(cfg.data.dataset_id, **{"online.max_nonfinite": 5})
+    messages = []
     with pytest.raises(RunFailed, match="the learner failed: .*5 non-finite updates in a row"):
-        train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+        train(cfg, tmp_path, init=ckpt, log=messages.append, progress=False)
+    # The message has the error's last line; the log, the traceback in the learner.
+    assert any(m.startswith("the learner's error, in the learner:\n") and "in checked_update" in m for m in messages)
     saved = load_checkpoint(tmp_path / "checkpoint.pt")  # the one at 10 updates, before it went bad
     assert saved["run"]["updates"] == 10
     # Written while the learner's next call ran: the state is still the one its counters count.

@@ -715,6 +715,9 @@ class OnlineRun:
             if isinstance(e, RayTaskError) and isinstance(e.cause, RayActorError):
                 # Its argument failed it: the replay's sample, the replay having died.
                 raise RunFailed(f"the replay failed: {cause(e)}") from e
+            if isinstance(e, RayTaskError):
+                # Its own exception: the message keeps only the last line, the traceback is here.
+                self.log(f"the learner's error, in the learner:\n{e}")
             raise RunFailed(f"the learner failed: {cause(e)}") from e
         self.train_ref = None
         self.counters.updates += stats.updates
