@@ -870,8 +870,8 @@ class OnlineRun:
             return
         self.next_train_note = now
         self.log(f"the learner's call of up to {self.cfg.online.updates_per_call} updates has run "
-                 f"{now - self.train_since:.0f} s; a learner that hangs is not stopped: stop the run (a second Ctrl-C "
-                 f"stops waiting for the learner), and --resume goes on from its last checkpoint")
+                 f"{now - self.train_since:.0f} s; a learner that hangs is not stopped: stop the run (Ctrl-C, again "
+                 f"until it stops waiting for the learner), and --resume goes on from its last checkpoint")
 
     def train_more(self) -> None:
         """Start the learner's next call if none runs and updates are owed."""
