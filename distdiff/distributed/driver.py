@@ -460,12 +460,21 @@ class OnlineRun:
                                  self.counters.to_dict(), evaluating, events)
 
     def write_checkpoint(self, pending: PendingCheckpoint) -> Dict[str, object]:
-        learner_state, replay_state = ray.get(pending.states)
+        learner_state, replay_state = (self.state_of(who, ref) for who, ref in zip(("learner", "replay"), pending.states))
         self.check_adds()  # (those asked before ran before the replay's state_dict)
         save_checkpoint(self.run_dir / REPLAY, {"replay": replay_state})
         save_checkpoint(self.run_dir / CHECKPOINT, {**learner_state, "run": pending.run,
                                                     "evaluating": pending.evaluating, "events": pending.events})
         return learner_state
+
+    @staticmethod
+    def state_of(who: str, ref: ray.ObjectRef) -> Dict[str, object]:
+        """An actor's state for a checkpoint; one that died meanwhile stops the run, by name
+        (nothing is written: the last checkpoint stays)."""
+        try:
+            return ray.get(ref)
+        except RayError as e:
+            raise RunFailed(f"the {who} failed while its state was taken for a checkpoint: {cause(e)}") from e
 
     def start_evaluation(self) -> None:
         """Checkpoint, then evaluate the newest weights in fresh envs, in a thread of this process
@@ -1018,10 +1027,8 @@ class OnlineRun:
                          f"{_count(self.counters.updates - evaluation.at['updates'], 'update')} since are done again)")
             else:
                 self.log(f"interrupted: saving a checkpoint; resume with --resume {self.run_dir}")
-                try:
-                    self.checkpoint()
-                except RayError as e:  # the learner or the replay died meanwhile: the last checkpoint stays
-                    raise RunFailed(f"the checkpoint on interrupt failed, an actor of the run died: {cause(e)}") from e
+                # (The learner or the replay dead meanwhile: RunFailed, naming it; the last checkpoint stays.)
+                self.checkpoint()
 
     def stop_evaluating(self) -> None:
         """Stop the evaluation in flight, if any, before its next plan: its result is not wanted
