@@ -12,7 +12,7 @@
   summary.json, events.*  the numbers; TensorBoard: tensorboard --logdir OUT
 
     python launch/visualize.py --checkpoint runs/pretrain-X/checkpoint.pt
-    python launch/visualize.py --checkpoint runs/online/ --compare runs/pretrain-X/ --episodes 5
+    python launch/visualize.py --checkpoint runs/train-X/ --compare runs/train-X/pretrain/ --episodes 5
 
 Rendering is headless: MUJOCO_GL=egl (Debian: libegl1 libgl1 libopengl0 libgl1-mesa-dri) or
 osmesa (libosmesa6); when MUJOCO_GL is unset the script picks the one installed. MP4 needs the
