@@ -17,6 +17,12 @@ def _fsync(path: Path, flags: int) -> None:
         os.close(fd)
 
 
+def partial_path(path: Path) -> Path:
+    """The temporary file that :func:`replacing` writes ``path`` to (left behind only by a
+    process killed mid-write)."""
+    return path.with_name(f".{path.stem}.partial{path.suffix}")
+
+
 @contextlib.contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """A temporary file beside ``path`` to write, which then replaces it: a crash leaves the old
@@ -27,7 +33,7 @@ def replacing(path: Path) -> Iterator[Path]:
     a power loss some filesystems (XFS, ext4 without auto_da_alloc) would otherwise show the
     renamed file empty, with the old one already gone."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")
+    tmp = partial_path(path)
     try:
         yield tmp
         _fsync(tmp, os.O_RDWR)  # (Windows syncs only what is open for writing)

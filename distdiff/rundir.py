@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 from pathlib import Path
 
+from distdiff.files import partial_path
+
 CHECKPOINT = "checkpoint.pt"
 REPLAY = "replay.pt"
 PRETRAIN = "pretrain"  # train.py's phase 1: a pretraining run dir inside the run's
@@ -61,10 +63,9 @@ def clear_run(run_dir: str | Path) -> None:
     for d in (run_dir, run_dir / PRETRAIN):
         for name in RUN_FILES:
             (d / name).unlink(missing_ok=True)
+            # A write cut short where no clean-up could run (the process killed with its node).
+            partial_path(d / name).unlink(missing_ok=True)
         for events in d.glob("events.out.tfevents.*"):
             events.unlink()
-        for name in RUN_FILES:
-            # A write cut short where no clean-up could run (the process killed with its node).
-            (d / f".{Path(name).stem}.partial{Path(name).suffix}").unlink(missing_ok=True)
     with contextlib.suppress(OSError):
         (run_dir / PRETRAIN).rmdir()  # only once nothing else is left in it

@@ -72,12 +72,12 @@ def checked_resources(cfg: Config, log: Callable[[str], None]) -> actors.Resourc
     res = actors.resources(cfg)
     n, fit = cfg.online.num_actors, res.actors_that_fit
     o = cfg.online
-    gpus, cpus = res.learner_gpus, res.learner_cpus
+    gpus = res.learner_gpus
     # Per node: Ray places the learner on one node, which must have its GPU, its CPUs and
     # learner_resource at once: a CPU node with learner_resource and a GPU node without it do
     # not hold a GPU learner.
     if not res.learner_fits:
-        asks = " and ".join([f"{gpus:g} GPU"] * (gpus > 0) + [f"{cpus:g} CPU"] * (cpus > 0)) or "a place"
+        asks = learner_asks(res) or "a place"
         where = f"a node with {o.learner_resource!r}" if o.learner_resource else "one node"
         on_cpu = (" It will train on CPU: online.learner_num_gpus -1 takes a GPU only where one is up now; pass "
                   "--online.learner_num_gpus 1 for a GPU node still to come." if o.learner_num_gpus < 0 and not gpus else "")
@@ -92,6 +92,12 @@ def checked_resources(cfg: Config, log: Callable[[str], None]) -> actors.Resourc
             f"{cfg.online.actor_num_cpus:g}; the other {n - fit} wait for more nodes (an autoscaler), and the run "
             f"cannot end before they start: lower --num-actors or --online.actor_num_cpus, or add nodes")
     return res
+
+
+def learner_asks(res: actors.Resources) -> str:
+    """The GPUs and CPUs the learner asks for, in words ("" for none)."""
+    return " and ".join([f"{res.learner_gpus:g} GPU"] * (res.learner_gpus > 0)
+                        + [f"{res.learner_cpus:g} CPU"] * (res.learner_cpus > 0))
 
 
 def _above_progress_bars(log: Callable[[str], None]) -> Callable[[str], None]:
@@ -352,9 +358,8 @@ class OnlineRun:
         # would leave the run waiting without a word.
         while not ray.wait([started], timeout=LEARNER_WAIT_NOTE_S)[0]:
             waited += LEARNER_WAIT_NOTE_S
-            asks = " and ".join([f"{res.learner_gpus:g} GPU"] * (res.learner_gpus > 0)
-                                + [f"{res.learner_cpus:g} CPU"] * (res.learner_cpus > 0)
-                                + [f"a node with {name!r}" for name in (res.learner_resources or {})])
+            asks = " and ".join(filter(None, [learner_asks(res), *(f"a node with {name!r}"
+                                                                for name in res.learner_resources or {})]))
             self.log(f"the learner has not started after {waited:.0f} s (not placed yet, or still starting): it asks "
                      f"for {asks or 'no resources'}; `ray status` shows what the cluster has free")
         try:

@@ -51,6 +51,8 @@ REPORTED = ("normalized_score", "alignment_error", "return_mean", "return_std", 
 TIME_ATTR = "updates"  # the schedulers' time (make_scheduler)
 RECORD = "distdiff_sweep.json"  # what a sweep started with, in STORAGE/NAME (sweep_record)
 PINNED = "distdiff_dataset.json"  # the fields that fixed the dataset of its trials (pinned_dataset)
+SHARED_STORAGE = ("a sweep over more than one node needs its --storage on a filesystem that every node mounts at "
+                  "the same path (README, Ray Tune)")
 # The mode of the metrics that have a better end: the other one would rank the worst trial first.
 BETTER = {"normalized_score": "max", "return_mean": "max", "alignment_error": "min"}
 # The schedulers' numeric options, which Ray checks with bare asserts or not at all.
@@ -557,8 +559,7 @@ def check_storage_here(storage) -> None:
         storage._check_validation_file()  # Ray is pinned: its own check, a marker the sweep's start wrote
     except RuntimeError as e:
         raise RuntimeError(f"--storage {storage.storage_fs_path} is not on this trial's node ({socket.gethostname()}): "
-                           "a sweep over more than one node needs a filesystem that every node mounts at the same "
-                           "path (README, Ray Tune)") from e
+                           f"{SHARED_STORAGE}") from e
 
 
 def trial_start(run_dir: Path, restored: Optional[Path]) -> bool:
@@ -572,8 +573,7 @@ def trial_start(run_dir: Path, restored: Optional[Path]) -> bool:
             # (Ray itself refuses a path that is not here at all.) Without the file, the trial
             # would start again from nothing, and be ranked as if it had gone on.
             raise RuntimeError(f"the checkpoint Tune restores this trial from, {restored}, has no {CHECKPOINT} on this "
-                               f"node ({socket.gethostname()}): the sweep's --storage must be a filesystem every node "
-                               "mounts at the same path (README, Ray Tune)")
+                               f"node ({socket.gethostname()}): {SHARED_STORAGE}")
         for name in (CHECKPOINT, REPLAY):
             if (restored / name).is_file():
                 shutil.copy2(restored / name, run_dir / name)
