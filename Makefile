@@ -14,7 +14,7 @@ $(if $(TORCH_PIN),,$(error no torch==VERSION pin found in pyproject.toml))
 .PHONY: install quickstart test bench clean
 
 $(VENV)/.installed: pyproject.toml
-	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 10) else "error: $(PYTHON) is Python " + sys.version.split()[0] + ", and distdiff needs 3.10 or newer (torch and Ray have no wheels for it): make PYTHON=python3.12 ...")'
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "error: $(PYTHON) is Python " + sys.version.split()[0] + ", and distdiff needs 3.11 or newer (minari 0.5.4 and mujoco 4.0.1 ask for it): make PYTHON=python3.12 ...")'
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_PIP_ARGS) '$(TORCH_PIN)'

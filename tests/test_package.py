@@ -1,9 +1,16 @@
-"""Package layering: only distdiff.distributed imports ray, and the diffusion math only torch."""
+"""Package layering: only distdiff.distributed imports ray, and the diffusion math only torch; the
+Python versions the package claims."""
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
+
+from packaging.requirements import Requirement
+from packaging.specifiers import SpecifierSet
 
 import distdiff
 
@@ -33,3 +40,20 @@ def test_the_diffusion_math_imports_only_torch():
 
 def test_the_package_has_a_version():
     assert distdiff.__version__ != "0.0.0+unknown"
+
+
+def test_every_python_the_package_claims_has_its_pinned_dependencies():
+    # minari 0.5.4 and mujoco 4.0.1 need 3.11: a claim of 3.10 let Ubuntu 22.04's python3 pass the
+    # Makefile's check, and pip then found no version of them.
+    root = PACKAGE.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    lowest = re.fullmatch(r">=\s*(\d+)\.(\d+)", project["requires-python"])
+    assert lowest, project["requires-python"]
+    version = f"{lowest[1]}.{lowest[2]}"
+    pinned = [r for r in map(Requirement, project["dependencies"]) if any(s.operator == "==" for s in r.specifier)]
+    assert {"torch", "minari", "mujoco"} <= {r.name for r in pinned}
+    for req in pinned:
+        needs = importlib.metadata.metadata(req.name)["Requires-Python"] or ""
+        assert version in SpecifierSet(needs), f"{req.name} needs Python {needs}, the package claims {version}"
+    # The Makefile's own check, before pip runs, asks for the same.
+    assert f"sys.version_info >= ({lowest[1]}, {lowest[2]})" in (root / "Makefile").read_text()
