@@ -15,7 +15,7 @@ from typing import Iterator, Optional
 
 from tqdm import tqdm
 
-from distdiff.rundir import BEST, checkpoint_file, holds_run
+from distdiff.rundir import BEST, checkpoint_file, foreign_entries, holds_run
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -105,6 +105,12 @@ def check_run_dir(run_dir: Path, *, overwrite: bool, keep: Optional[Path] = None
     check_outside_job_copy(run_dir, "--run-dir")
     check_output(run_dir, "--run-dir", directory=True)
     if not holds_run(run_dir):
+        # Its config.yaml and metrics.json would be written over, and --overwrite would remove
+        # them: e.g. a --run-dir of ~ or of a project's root.
+        foreign = foreign_entries(run_dir)
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            fail(f"{run_dir} holds no run but other files ({shown}): choose a new or empty --run-dir")
         return
     if not overwrite:
         fail(f"{run_dir} holds a run already: continue it with --resume, choose another --run-dir, "
@@ -150,7 +156,9 @@ def check_resume_dir(run_dir: Path) -> None:
 
 
 def default_run_dir(kind: str) -> Path:
-    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}"
+    # The process id: runs started in the same second (a job array, a shell loop) would
+    # otherwise share a dir that none of them holds a checkpoint in yet, and write over each other.
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
 def note_selection_seeds(checkpoint: Path, seed: int, flag: str) -> None:

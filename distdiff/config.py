@@ -23,6 +23,8 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
+from distdiff import files
+
 
 class ConfigError(ValueError):
     """An invalid configuration; the message lists every problem found."""
@@ -654,7 +656,7 @@ def from_args(args: argparse.Namespace, base: Optional[Config] = None) -> Config
 
 
 def save(cfg: Config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    files.write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def to_markdown(cfg: Config) -> str:

@@ -34,6 +34,9 @@ def replacing(path: Path) -> Iterator[Path]:
     renamed file empty, with the old one already gone."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = partial_path(path)
+    # A link left at this predictable name (in a dir others can write to) would have the write
+    # go through it, to the file it points at.
+    tmp.unlink(missing_ok=True)
     try:
         yield tmp
         _fsync(tmp, os.O_RDWR)  # (Windows syncs only what is open for writing)

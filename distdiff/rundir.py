@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import List
 
 from distdiff.files import partial_path
 
@@ -46,6 +47,18 @@ def resume_checkpoint(run_dir: str | Path) -> Path:
 
 def holds_run(run_dir: str | Path) -> bool:
     return resume_checkpoint(run_dir).is_file()
+
+
+def foreign_entries(run_dir: str | Path) -> List[str]:
+    """The names in ``run_dir`` that no run wrote (a run's files, its phase 1's dir, its
+    TensorBoard events, launch/visualize.py's ``viz*`` dirs; hidden names are left out): a
+    dir that holds them is someone else's, not a run to overwrite."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    own = set(RUN_FILES) | {partial_path(Path(n)).name for n in RUN_FILES} | {PRETRAIN}
+    return sorted(p.name for p in run_dir.iterdir()
+                  if p.name not in own and not p.name.startswith((".", "events.out.tfevents.", "viz")))
 
 
 def check_new_run(run_dir: str | Path, *, resume: bool, overwrite: bool) -> None:

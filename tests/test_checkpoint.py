@@ -217,6 +217,18 @@ def test_a_write_that_fails_leaves_the_old_file_and_nothing_else(tmp_path):
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["plan.mp4"]
 
 
+def test_a_link_at_the_temporary_name_is_not_written_through(tmp_path):
+    from distdiff import files
+
+    # Someone else's file, and a link to it where the next checkpoint's temporary file goes.
+    target = tmp_path / "theirs.txt"
+    target.write_text("theirs")
+    files.partial_path(tmp_path / "metrics.json").symlink_to(target)
+    files.write_json(tmp_path / "metrics.json", {"return_mean": 1.0})
+    assert target.read_text() == "theirs"
+    assert not (tmp_path / "metrics.json").is_symlink() and "return_mean" in (tmp_path / "metrics.json").read_text()
+
+
 def test_a_replaced_file_reaches_the_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
     from distdiff import files
 

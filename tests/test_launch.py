@@ -577,6 +577,41 @@ def test_a_ray_job_refuses_run_dirs_in_its_temporary_copy(tmp_path, monkeypatch,
     cli.check_run_dir(relative, overwrite=False)  # outside a job
 
 
+def test_a_run_dir_that_holds_other_files_and_no_run_is_refused_before_anything_is_written(tmp_path, capsys):
+    from distdiff import cli
+
+    # A --run-dir of ~ or of a project's root: its config.yaml would be written over, and
+    # --overwrite would remove it and its metrics.json.
+    home = tmp_path / "home"
+    home.mkdir()
+    for name in ("config.yaml", "metrics.json", "notes.txt", "paper.tex"):
+        (home / name).write_text("mine")
+    for overwrite in (False, True):
+        with pytest.raises(SystemExit) as stop:
+            cli.check_run_dir(home, overwrite=overwrite)
+        assert stop.value.code == 2
+        assert (f"{home} holds no run but other files (notes.txt, paper.tex): choose a new or empty --run-dir"
+                in capsys.readouterr().err)
+    # What a run that stopped before its first checkpoint left, and what visualize.py wrote, is its own.
+    stopped = tmp_path / "stopped"
+    (stopped / "pretrain").mkdir(parents=True)
+    (stopped / "viz").mkdir()
+    for name in ("config.yaml", "events.out.tfevents.1.vm.1.0", ".checkpoint.partial.pt", ".nfs0001"):
+        (stopped / name).write_text("")
+    cli.check_run_dir(stopped, overwrite=False)
+    cli.check_run_dir(tmp_path / "new", overwrite=False)
+
+
+def test_default_run_dirs_of_runs_started_in_the_same_second_differ(monkeypatch):
+    from distdiff import cli
+
+    # (A job array starts many at once: none holds a checkpoint yet, so none would be refused.)
+    monkeypatch.setattr(cli.os, "getpid", lambda: 4242)
+    assert cli.default_run_dir("train").name.endswith("-4242")
+    monkeypatch.setattr(cli.os, "getpid", lambda: 4243)
+    assert cli.default_run_dir("train").name.endswith("-4243")
+
+
 def test_sigterm_interrupts_work_that_has_no_checks_and_its_handler_is_given_back():
     from distdiff.cli import sigterm_as_interrupt
 
