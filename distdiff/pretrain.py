@@ -13,7 +13,7 @@ from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, to_cpu
 from distdiff.cli import deferred_interrupt, progress_bar
 from distdiff.config import Config
-from distdiff.data.minari_io import LoadedDataset, have_or_collect, load_or_collect
+from distdiff.data.minari_io import DatasetMissing, LoadedDataset, have_or_collect, load_or_collect
 from distdiff.data.windows import WindowDataset, fit_normalizer
 from distdiff.events import RecentRate, drop_redone, flushed_sizes
 from distdiff.models import layout_of
@@ -25,12 +25,23 @@ from distdiff.training import Trainer, check_env, resolve_device, seed_everythin
 MAX_SKIPPED_IN_A_ROW = 100
 
 
-def load_data(cfg: Config) -> LoadedDataset:
-    """The config's dataset (or its fallback, collected if missing)."""
+def load_data(cfg: Config, *, resume: bool = False) -> LoadedDataset:
+    """The config's dataset (or its fallback, collected if missing). A ``resume`` has no
+    fallback: the run's checkpoint was trained on the config's dataset (or, where that is the
+    fallback's id, on the fallback, which is collected again the same), and random-policy
+    episodes would stand in for the rest of its training."""
     d = cfg.data
-    return load_or_collect(d.dataset_id, download=d.download, fallback_id=d.fallback_dataset_id,
-                           fallback_episodes=d.fallback_episodes, env_id=cfg.env.id, obs_dim=cfg.env.obs_dim,
-                           act_dim=cfg.env.act_dim, max_episode_steps=cfg.env.max_episode_steps, seed=cfg.train.seed)
+    fallback_id = d.fallback_dataset_id if not resume or d.fallback_dataset_id == d.dataset_id else ""
+    try:
+        return load_or_collect(d.dataset_id, download=d.download, fallback_id=fallback_id,
+                               fallback_episodes=d.fallback_episodes, env_id=cfg.env.id, obs_dim=cfg.env.obs_dim,
+                               act_dim=cfg.env.act_dim, max_episode_steps=cfg.env.max_episode_steps,
+                               seed=cfg.train.seed)
+    except DatasetMissing as e:
+        if not resume or not d.fallback_dataset_id:
+            raise
+        raise DatasetMissing(f"{e}\nA resume trains on the run's own dataset: {d.fallback_dataset_id!r} "
+                             f"(data.fallback_dataset_id) does not stand in for it") from e
 
 
 def dataset_to_train_on(cfg: Config, log=print) -> str:
@@ -51,10 +62,11 @@ def trained_on(cfg: Config, data: LoadedDataset) -> Config:
     return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, dataset_id=data.dataset_id))
 
 
-def load_windows(cfg: Config, normalizer: Optional[Normalizer] = None, data: Optional[LoadedDataset] = None):
-    """The config's dataset (``data`` if already loaded) as training windows; fits the
-    normalizer unless one is given."""
-    data = data or load_data(cfg)
+def load_windows(cfg: Config, normalizer: Optional[Normalizer] = None, data: Optional[LoadedDataset] = None, *,
+                 resume: bool = False):
+    """The config's dataset (``data`` if already loaded; see :func:`load_data` for ``resume``)
+    as training windows; fits the normalizer unless one is given."""
+    data = data or load_data(cfg, resume=resume)
     layout = layout_of(cfg)
     normalizer = normalizer or fit_normalizer(data.episodes, layout, cfg.data.normalizer)
     windows = WindowDataset(data.episodes, layout=layout, horizon=cfg.model.horizon, normalizer=normalizer,
@@ -104,7 +116,7 @@ def _pretrain(cfg: Config, run_dir: Path, *, resume: bool, quiet: bool, data: Op
     seed_everything(cfg.train.seed)
     source = state or start
     normalizer = Normalizer.from_state_dict(source["normalizer"]) if source else None
-    data, windows = load_windows(cfg, normalizer, data)
+    data, windows = load_windows(cfg, normalizer, data, resume=resume)
     cfg = trained_on(cfg, data)
     if state:
         trainer = Trainer.from_checkpoint(state, cfg=cfg, device=device)

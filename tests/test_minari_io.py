@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import socket
 import threading
 
 import minari
@@ -110,7 +111,7 @@ def test_a_damaged_local_dataset_is_a_clear_error(minari_root, tiny_episodes, da
 
 def test_a_fallback_named_for_another_env_is_not_collected_in_this_one(minari_root, monkeypatch):
     # Hopper episodes under Walker2d's default fallback id would fail every later Walker2d run.
-    _remote(monkeypatch, OSError("[Errno -2] Name or service not known"))
+    _remote(monkeypatch, socket.gaierror(-2, "Name or service not known"))
     kwargs = dict(download=True, fallback_episodes=2, env_id="Hopper-v5", obs_dim=11, act_dim=3, max_episode_steps=20,
                   log=lambda s: None)
     with pytest.raises(DatasetError, match="'local/walker2d/random-v0' .* names Walker2d, and would be collected in "
@@ -218,7 +219,7 @@ FALLBACK = dict(fallback_id="local/test/stand-in-v0", fallback_episodes=2, env_i
 
 
 def test_a_dataset_that_cannot_be_downloaded_falls_back_and_says_so(minari_root, monkeypatch):
-    asked = _remote(monkeypatch, OSError("[Errno -2] Name or service not known"))
+    asked = _remote(monkeypatch, socket.gaierror(-2, "Name or service not known"))
     log = []
     data = load_or_collect("farama/walker2d/offline-v0", download=True, log=log.append, **FALLBACK)
     assert asked == ["farama/walker2d/offline-v0"]
@@ -236,7 +237,7 @@ def test_the_remote_clients_retries_are_not_printed_one_by_one(minari_root, monk
             return load(dataset_id, download=False)
         for wait in (1, 2, 4, 8, 8):  # as huggingface_hub's backoff logs them without a network
             hub_logging.get_logger("huggingface_hub.utils._http").warning(f"Retrying in {wait}s")
-        raise OSError("[Errno -2] Name or service not known")
+        raise socket.gaierror(-2, "Name or service not known")
 
     monkeypatch.setattr(minari, "load_dataset", load_dataset)
     before = hub_logging.get_verbosity()
@@ -244,6 +245,34 @@ def test_the_remote_clients_retries_are_not_printed_one_by_one(minari_root, monk
     out, err = capfd.readouterr()
     assert "Retrying" not in out + err and "download failed" in out
     assert hub_logging.get_verbosity() == before
+
+
+def test_only_a_remote_that_cannot_be_reached_is_a_fallback(minari_root, monkeypatch):
+    import httpx2
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    # What the client raises here without a network: its own error, raised from the socket's.
+    try:
+        try:
+            raise socket.gaierror(-2, "Name or service not known")
+        except socket.gaierror as e:
+            raise httpx2.ConnectError(str(e)) from e
+    except httpx2.ConnectError as e:
+        offline = e
+    for error in (offline, TimeoutError("timed out"), OfflineModeIsEnabled("HF_HUB_OFFLINE is set")):
+        _remote(monkeypatch, error)
+        assert load_or_collect("farama/walker2d/offline-v0", download=True, log=print, **FALLBACK).dataset_id == \
+            FALLBACK["fallback_id"]
+    # With a network: a remote that failed, or a full disk, is no reason to train on random data.
+    busy = httpx2.Response(503, request=httpx2.Request("GET", "https://remote.invalid/api/datasets"))
+    for error, said in ((HfHubHTTPError("503 Server Error: Service Unavailable", response=busy), "503 Server Error"),
+                        (OSError(28, "No space left on device"), "No space left on device")):
+        _remote(monkeypatch, error)
+        with pytest.raises(DatasetError, match=f"could not be downloaded .*{said}.*try again later") as raised:
+            load_or_collect("farama/walker2d/offline-v0", download=True, log=print,
+                            **{**FALLBACK, "fallback_id": "local/test/unused-v0"})
+        assert not isinstance(raised.value, DatasetMissing)
+    assert not dataset_exists("local/test/unused-v0")
 
 
 def test_a_dataset_the_remote_does_not_have_is_an_error_not_a_fallback(minari_root, monkeypatch):
@@ -276,12 +305,30 @@ def test_a_run_on_the_fallback_records_it_as_its_dataset(tiny_dataset, monkeypat
     from distdiff.checkpoint import load_checkpoint
     from distdiff.pretrain import pretrain
 
-    _remote(monkeypatch, OSError("offline"))
+    _remote(monkeypatch, ConnectionError("offline"))
     cfg = tiny_online_config("farama/walker2d/offline-v0", **{"data.fallback_dataset_id": tiny_dataset,
                                                                "train.steps": 2})
     ckpt = pretrain(cfg, tmp_path, quiet=True)
     assert config.load(tmp_path / "config.yaml").data.dataset_id == tiny_dataset
     assert load_checkpoint(ckpt)["config"]["data"]["dataset_id"] == tiny_dataset
+
+
+def test_a_resume_trains_on_its_own_dataset_or_stops_never_on_the_fallback(tiny_episodes, monkeypatch, tmp_path):
+    # A downloaded dataset gone from this machine's store (another node, a shell without
+    # MINARI_DATASETS_PATH): random-policy episodes would stand in for the rest of its training.
+    from _helpers import tiny_online_config
+    from distdiff.pretrain import pretrain
+
+    write_episodes("farama/walker2d/mirror-v0", tiny_episodes[:3], env_id="Walker2d-v5", algorithm_name="random")
+    cfg = tiny_online_config("farama/walker2d/mirror-v0", **{"data.fallback_dataset_id": "local/test/unwanted-v0",
+                                                              "train.steps": 2})
+    pretrain(cfg, tmp_path, quiet=True)
+    minari.delete_dataset("farama/walker2d/mirror-v0")
+    _remote(monkeypatch, ConnectionError("offline"))
+    with pytest.raises(DatasetMissing, match="A resume trains on the run's own dataset: 'local/test/unwanted-v0'"):
+        pretrain(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=4)), tmp_path, resume=True,
+                 quiet=True)
+    assert not dataset_exists("local/test/unwanted-v0")
 
 
 def test_reference_scores_are_d4rls_for_every_family_and_namespace():

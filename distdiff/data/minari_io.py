@@ -149,8 +149,30 @@ def load_minari(dataset_id: str, *, download: bool = False, log=print):
     except ValueError as e:
         # The remote answered: it has no such dataset, or none this Minari version reads.
         raise DatasetError(f"dataset {dataset_id!r} cannot be downloaded: {e}") from e
-    except Exception as e:  # network stacks raise many unrelated types; all mean "not downloadable now"
-        raise DatasetMissing(_missing_message(dataset_id, f"download failed ({type(e).__name__}: {e})")) from e
+    except Exception as e:  # whatever Minari's HTTP client raises: told apart by unreachable()
+        if unreachable(e):
+            raise DatasetMissing(_missing_message(dataset_id, f"download failed ({type(e).__name__}: {e})")) from e
+        # A network, and a remote that failed (busy, rate-limited) or a disk that did: training
+        # on the fallback's random-policy episodes instead would waste the run.
+        raise DatasetError(f"dataset {dataset_id!r} could not be downloaded ({type(e).__name__}: {e}); the fallback "
+                           f"stands in only where the remote cannot be reached: try again later") from e
+
+
+# What an HTTP client raises when it reaches no server (no network, a name that does not
+# resolve, a timeout, Hugging Face's offline mode), by class name: httpx's, requests' and the
+# standard library's, whichever Minari's client uses.
+UNREACHABLE = frozenset({"TransportError", "ConnectionError", "Timeout", "TimeoutError", "TimeoutException", "gaierror"})
+
+
+def unreachable(error: BaseException) -> bool:
+    """Whether ``error``, or an error it was raised from, says no server was reached."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if any(c.__name__ in UNREACHABLE for c in type(error).__mro__):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[int] = None, act_dim: Optional[int] = None,

@@ -1119,7 +1119,7 @@ def pretrain_phase(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool,
         log(f"warning: the cluster has {gpus:g} GPU(s), and torch in this driver's process sees none: phase 1 trains "
             f"on CPU, several times slower. To pretrain on a GPU, run launch/pretrain.py where torch sees one, then "
             f"launch/train.py --init its checkpoint (README, Running on a cluster)")
-    data = load_data(cfg)
+    data = load_data(cfg, resume=resume)
     cfg = trained_on(cfg, data)
     if overwrite:
         clear_run(run_dir)
@@ -1188,7 +1188,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     # or noise schedule (check_made_with).
     planner_from_checkpoint(state, cfg)
     if data is None:
-        data = load_data(cfg)
+        data = load_data(cfg, resume=resume)
         cfg = trained_on(cfg, data)
     prior_data = state["config"]["data"]["dataset_id"]
     if init is not None and prior_data != cfg.data.dataset_id:
