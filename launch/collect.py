@@ -134,7 +134,8 @@ def main(argv=None) -> int:
         return 130
     bar.close()
     try:
-        write_episodes(args.dataset_id, episodes, env_id=env_id, algorithm_name=algorithm, overwrite=args.overwrite)
+        write_episodes(args.dataset_id, episodes, env_id=env_id, algorithm_name=algorithm,
+                       max_episode_steps=args.max_episode_steps, overwrite=args.overwrite)
     except DatasetError as e:
         fail(str(e))
     returns = np.array([ep.episode_return for ep in episodes])

@@ -19,6 +19,7 @@ from distdiff.data.minari_io import (
     dataset_exists,
     env_family,
     load_episodes,
+    load_minari,
     load_or_collect,
     normalized_score,
     reference_scores,
@@ -331,6 +332,35 @@ def test_a_resume_trains_on_its_own_dataset_or_stops_never_on_the_fallback(tiny_
     assert not dataset_exists("local/test/unwanted-v0")
 
 
+@pytest.mark.parametrize("cut, said", [(lambda ep: ep.actions[:0], "episode 1 holds no steps"),
+                                        (lambda ep: ep.actions[:-1], "episode 1: ")])
+def test_an_episode_without_steps_or_with_lengths_that_do_not_fit_is_a_dataset_error(tiny_dataset, monkeypatch, cut,
+                                                                                      said):
+    # (Minari's hdf5 writer refuses them; a dataset of another writer may hold them.)
+    from minari.dataset.minari_dataset import MinariDataset
+
+    iterate = MinariDataset.iterate_episodes
+
+    def damaged(self, *args, **kwargs):
+        for i, ep in enumerate(iterate(self, *args, **kwargs)):
+            yield dataclasses.replace(ep, actions=cut(ep)) if i == 1 else ep
+
+    monkeypatch.setattr(MinariDataset, "iterate_episodes", damaged)
+    with pytest.raises(DatasetError, match=f"dataset '{tiny_dataset}': {said}"):
+        load_episodes(tiny_dataset)
+
+
+def test_a_written_dataset_records_its_step_limit_and_the_simulators_version(minari_root, tiny_episodes):
+    import importlib.metadata
+
+    write_episodes("local/test/limited-v0", tiny_episodes[:2], env_id="Walker2d-v5", algorithm_name="random",
+                   max_episode_steps=30)
+    ds = minari.load_dataset("local/test/limited-v0")
+    # Minari's recover_environment() gives back a 30-step env, and warns under another MuJoCo.
+    assert ds.spec.env_spec.max_episode_steps == 30
+    assert f"mujoco=={importlib.metadata.version('mujoco')}" in ds.storage.metadata["requirements"]
+
+
 def test_reference_scores_are_d4rls_for_every_family_and_namespace():
     assert reference_scores("Hopper-v5") == (-20.272305, 3234.3)
     assert reference_scores("HalfCheetah-v5") == (-280.178953, 12135.0)
@@ -341,12 +371,42 @@ def test_reference_scores_are_d4rls_for_every_family_and_namespace():
 def test_dataset_ids_need_a_version_number():
     assert DATASET_ID.match("local/walker2d/random-v0") and DATASET_ID.match("mujoco/walker2d/medium-v12")
     assert not DATASET_ID.match("local/walker2d/random-v") and not DATASET_ID.match("local/walker2d/random")
+    # Minari's own rule, checked here rather than failing once a fallback was collected or a
+    # download began; none of them can name a path out of the store.
+    from minari.dataset.minari_dataset import DATASET_ID_RE
+
+    for dataset_id in ("local/walker2d/sac.medium-v0", "../walker2d-v0", "local/../../x-v0", "/tmp/x-v0", "a/x-v0",
+                       "local/walker2d/random-v0", "mujoco/walker2d/medium-v12", "walker2d_mine-v3", "a-b/c_d/e-f-v0"):
+        assert bool(DATASET_ID.match(dataset_id)) == bool(DATASET_ID_RE.fullmatch(dataset_id)), dataset_id
+    # Nor is one read, wherever it comes from (a checkpoint's config skips validation).
+    with pytest.raises(DatasetError, match="must look like namespace/name-vN"):
+        load_minari("local/../../x-v0")
 
 
-def test_a_dataset_of_another_version_of_the_env_fits_the_config(minari_root, tiny_episodes):
+def test_a_dataset_of_another_version_of_the_env_fits_the_config_and_says_so(minari_root, tiny_episodes):
     write_episodes("local/test/v4-v0", tiny_episodes[:2], env_id="Walker2d-v4", algorithm_name="random")
-    data = load_episodes("local/test/v4-v0", obs_dim=17, act_dim=6, env_id="Walker2d-v5")
+    said = []
+    data = load_episodes("local/test/v4-v0", obs_dim=17, act_dim=6, env_id="Walker2d-v5", log=said.append)
     assert data.env_id == "Walker2d-v4" and len(data.episodes) == 2
+    assert said == ["warning: dataset 'local/test/v4-v0' was recorded in Walker2d-v4, and the planner acts in "
+                    "Walker2d-v5 as registered here: their dynamics may differ"]
+    load_episodes("local/test/v4-v0", env_id="Walker2d-v4", log=said.append)
+    assert len(said) == 1  # the same env: nothing to say
+
+
+def test_a_dataset_recorded_with_other_env_arguments_says_which(minari_root, tiny_episodes, monkeypatch):
+    import gymnasium as gym
+
+    make = gym.make
+    # A third party's data, made with Walker2d-v5(frame_skip=2): the same shapes, other dynamics.
+    monkeypatch.setattr(gym, "make", lambda env_id, **kw: make(env_id, **{"frame_skip": 2, "render_mode": "rgb_array",
+                                                                           **kw}))
+    write_episodes("local/test/skip-v0", tiny_episodes[:2], env_id="Walker2d-v5", algorithm_name="random")
+    monkeypatch.setattr(gym, "make", make)
+    said = []
+    load_episodes("local/test/skip-v0", env_id="Walker2d-v5", log=said.append)
+    assert said and "was recorded in Walker2d-v5 with frame_skip=2, and the planner acts in Walker2d-v5" in said[0]
+    assert "render_mode" not in said[0]  # how it is drawn is no difference
 
 
 def test_the_fallback_is_collected_with_the_given_seed(minari_root):

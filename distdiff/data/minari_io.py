@@ -18,9 +18,9 @@ WALKER2D_REF_MIN_SCORE = 1.629008
 WALKER2D_REF_MAX_SCORE = 4592.3
 REFERENCE_SCORES = {"Walker2d": (WALKER2D_REF_MIN_SCORE, WALKER2D_REF_MAX_SCORE),
                     "Hopper": (-20.272305, 3234.3), "HalfCheetah": (-280.178953, 12135.0)}
-# What Minari accepts as an id: optional namespaces, a name, and the version it needs; never a
-# `.` or `..` namespace, which would put the dataset outside the store.
-DATASET_ID = re.compile(r"^((?!\.{1,2}/)[\w.-]+/)*[\w.-]+-v\d+$")
+# What Minari accepts as an id (its DATASET_ID_RE: optional namespaces, a name, no `.` anywhere,
+# so never a path out of the store), with the version that distdiff needs.
+DATASET_ID = re.compile(r"^(?:[-\w][-\w/]*[-\w]+/)?[-\w]+?-v\d+$")
 # Ids this machine makes (launch/collect.py, the fallback): never looked up on the remote.
 LOCAL_NAMESPACE = "local/"
 
@@ -131,6 +131,8 @@ def _quiet_retries():
 def load_minari(dataset_id: str, *, download: bool = False, log=print):
     import minari
 
+    if not DATASET_ID.match(dataset_id):  # (an id from a checkpoint's config too, which no flag checked)
+        raise DatasetError(f"dataset id {dataset_id!r} must look like namespace/name-vN")
     try:
         return minari.load_dataset(dataset_id, download=False)
     except FileNotFoundError:
@@ -191,20 +193,26 @@ def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[
         problems.append(f"actions have shape {act_shape}, the config's env.act_dim is {act_dim}")
     if problems:
         raise DatasetError(f"dataset {dataset_id!r} does not match the config: " + "; ".join(problems))
+    recorded = _recorded_otherwise(spec, env_id) if env_id is not None and spec is not None else ""
+    if recorded:
+        # Walker2d-v4's feet have other frictions than v5's, for one: the plans learnt from the
+        # data then follow dynamics other than the rollouts', and the alignment error shows both.
+        log(f"warning: dataset {dataset_id!r} was recorded in {recorded}, and the planner acts in {env_id} as "
+            f"registered here: their dynamics may differ")
     try:
         raw = list(ds.iterate_episodes())
     except (ValueError, OSError) as e:  # Minari reads the episodes' files only now
         raise _unreadable(dataset_id, e) from e
-    episodes = [
-        Episode(
-            observations=ep.observations,
-            actions=ep.actions,
-            rewards=ep.rewards,
-            terminated=bool(np.asarray(ep.terminations)[-1]),
-            truncated=bool(np.asarray(ep.truncations)[-1]),
-        )
-        for ep in raw
-    ]
+    episodes = []
+    for i, ep in enumerate(raw):
+        if len(ep.actions) == 0:
+            raise DatasetError(f"dataset {dataset_id!r}: episode {i} holds no steps")
+        try:
+            episodes.append(Episode(observations=ep.observations, actions=ep.actions, rewards=ep.rewards,
+                                    terminated=bool(np.asarray(ep.terminations)[-1]),
+                                    truncated=bool(np.asarray(ep.truncations)[-1])))
+        except ValueError as e:  # arrays whose lengths do not fit each other
+            raise DatasetError(f"dataset {dataset_id!r}: episode {i}: {e}") from e
     if not episodes:
         raise DatasetError(f"dataset {dataset_id!r} holds no episodes")
     # One NaN would make the normalizer and the value statistics NaN, and every update after
@@ -218,16 +226,42 @@ def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[
     return LoadedDataset(dataset_id, ds_env, episodes, meta.get("ref_min_score"), meta.get("ref_max_score"))
 
 
+# Arguments of a MuJoCo env that change how it is drawn, not how it moves.
+RENDERING = frozenset({"render_mode", "width", "height", "camera_id", "camera_name", "default_camera_config",
+                       "visual_options", "max_geom"})
+
+
+def _recorded_otherwise(spec, env_id: str) -> str:
+    """How the env that a dataset's ``spec`` recorded differs from ``env_id`` as registered
+    here: its id, and the keyword arguments it was made with ("" if not at all)."""
+    import gymnasium as gym
+
+    try:
+        registered = gym.spec(env_id).kwargs
+    except gym.error.Error:  # (an id that cannot be made is refused elsewhere, with its reason)
+        registered = None
+    changed = {} if registered is None else {k: v for k, v in (spec.kwargs or {}).items()
+                                             if registered.get(k) != v and k not in RENDERING}
+    if spec.id == env_id and not changed:
+        return ""
+    return spec.id + (f" with {', '.join(f'{k}={v!r}' for k, v in sorted(changed.items()))}" if changed else "")
+
+
 def write_episodes(
     dataset_id: str,
     episodes: Sequence[Episode],
     *,
     env_id: str,
     algorithm_name: str,
+    max_episode_steps: Optional[int] = None,
     description: str = "",
     overwrite: bool = False,
 ):
-    """Write a Minari dataset; an existing id is refused unless ``overwrite``."""
+    """Write a Minari dataset; an existing id is refused unless ``overwrite``. It records the
+    env the episodes were collected in (its step limit ``max_episode_steps``, None: the
+    registered one) and the simulator's version, which changes the dynamics."""
+    import importlib.metadata
+
     import gymnasium as gym
     import minari
     from minari.data_collector import EpisodeBuffer
@@ -242,7 +276,7 @@ def write_episodes(
     target = os.path.join(datasets_root(), *dataset_id.split("/"))
     if os.path.exists(target):
         raise DatasetError(f"{target} exists but holds no readable dataset (an interrupted write?); remove it first")
-    env = gym.make(env_id)
+    env = gym.make(env_id, **({} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}))
     buffers = [
         EpisodeBuffer(
             id=i,
@@ -266,6 +300,8 @@ def write_episodes(
             eval_env=env.spec,
             ref_min_score=ref_min,
             ref_max_score=ref_max,
+            # (Minari warns where a dataset's env is recovered with other versions.)
+            requirements=[f"{name}=={importlib.metadata.version(name)}" for name in ("gymnasium", "mujoco")],
             description=description or f"{len(episodes)} {env_id} episodes collected by distdiff ({algorithm_name})",
             data_format="hdf5",
         )
@@ -286,7 +322,7 @@ def _collect_random(dataset_id: str, n_episodes: int, env_id: str, max_episode_s
         episodes = random_episodes(env, n_episodes, seed)
     finally:
         env.close()
-    write_episodes(dataset_id, episodes, env_id=env_id, algorithm_name="random")
+    write_episodes(dataset_id, episodes, env_id=env_id, algorithm_name="random", max_episode_steps=max_episode_steps)
 
 
 def _other_env_named(dataset_id: str, env_id: str) -> Optional[str]:
@@ -307,7 +343,7 @@ def load_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallba
     does not exist yet (also when it is ``dataset_id`` itself)."""
     had = have_or_collect(dataset_id, download=download, fallback_id=fallback_id, fallback_episodes=fallback_episodes,
                           env_id=env_id, max_episode_steps=max_episode_steps, seed=seed, log=log)
-    return load_episodes(had, obs_dim=obs_dim, act_dim=act_dim, env_id=env_id)
+    return load_episodes(had, obs_dim=obs_dim, act_dim=act_dim, env_id=env_id, log=log)
 
 
 def have_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallback_episodes: int, env_id: str,
