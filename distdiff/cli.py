@@ -78,8 +78,8 @@ def add_ray_arguments(parser) -> None:
     parser.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs of the embedded Ray (default: all).")
 
 
-def int_at_least(minimum: int):
-    """An argparse type: an integer of at least ``minimum``."""
+def int_at_least(minimum: int, below: Optional[int] = None):
+    """An argparse type: an integer of at least ``minimum`` (and less than ``below``)."""
 
     def parse(text: str) -> int:
         try:
@@ -88,13 +88,16 @@ def int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if below is not None and value >= below:
+            raise argparse.ArgumentTypeError(f"must be < {below}, got {value}")
         return value
 
     return parse
 
 
 positive_int = int_at_least(1)  # an argparse type: counts, sizes
-non_negative_int = int_at_least(0)  # an argparse type: seeds, indices
+non_negative_int = int_at_least(0)  # an argparse type: indices
+seed_int = int_at_least(0, 2**63)  # an argparse type: seeds, in the range of the config's (torch takes 64 bits)
 
 
 def check_run_dir(run_dir: Path, *, overwrite: bool, keep: Optional[Path] = None) -> None:

@@ -239,6 +239,13 @@ def run_episodes(
     return sorted(results, key=lambda r: r.seed)
 
 
+def stream_seed(seed: int, *key: int) -> int:
+    """A 63-bit seed of its own for each ``key`` under ``seed`` (a worker, a task, a retry):
+    rollouts of a long run draw thousands, which 31 bits would repeat, and keys kept apart from
+    the seed (``[0, 1, 2]`` and ``[2**32, 2]`` are one list of 32-bit words)."""
+    return int(np.random.SeedSequence(seed, spawn_key=key).generate_state(1, np.uint64)[0] >> 1)
+
+
 def random_episodes(env: gym.Env, n_episodes: int, seed: int, progress=None) -> List[Episode]:
     """Uniform random actions; episode ``e`` resets and draws its actions with seed ``seed + e``,
     so that episodes collected in parallel tasks are those of one call."""

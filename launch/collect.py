@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Tuple
 
-from distdiff.cli import (add_ray_arguments, default_ray_auth, fail, limit_threads, make_parser, non_negative_int,
-                          positive_int, progress_bar)
+from distdiff.cli import (add_ray_arguments, default_ray_auth, fail, limit_threads, make_parser, positive_int,
+                          progress_bar, seed_int)
 
 limit_threads()
 default_ray_auth()
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-actors", type=positive_int, default=1,
                    help="Collect with this many parallel Ray actors, on the Ray that --address finds (1: in this "
                         "process, without Ray; default: %(default)s).")
-    p.add_argument("--seed", type=non_negative_int, default=0,
+    p.add_argument("--seed", type=seed_int, default=0,
                    help="Seeds the episodes' starts and the policy: the same command collects the same episodes. The "
                         "random policy's do not depend on --num-actors; a checkpoint's are the same for every "
                         "--num-actors above 1, and others with 1, which plans in this process (default: %(default)s).")

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from distdiff.cli import (check_output, fail, int_at_least, limit_threads, make_parser, non_negative_int,
-                          note_selection_seeds, positive_int)
+                          note_selection_seeds, positive_int, seed_int)
 
 limit_threads()
 
@@ -85,7 +85,7 @@ def parser() -> argparse.ArgumentParser:
                    help="A second checkpoint (same env) shown beside the first in the alignment figure and report.")
     p.add_argument("--starts", type=positive_int, default=4, metavar="K",
                    help="Real start states of the alignment figure: env.reset(seed=SEED+i), i < K (default 4).")
-    p.add_argument("--seed", type=non_negative_int, default=None,
+    p.add_argument("--seed", type=seed_int, default=None,
                    help="Seed of the start states, the sampler and the evaluation (default: the checkpoint's eval.seed).")
     p.add_argument("--data-episode", type=non_negative_int, default=None, metavar="I",
                    help="Dataset episode of Figure 1 (default: the first with a full horizon of continuation).")

@@ -221,6 +221,8 @@ def test_a_run_dir_that_holds_a_run_is_kept_unless_overwrite(run30, tmp_path, ti
                                                                            "namespace/name-vN"),
     (["collect.py", "--policy", "random", "--episodes", "1", "--dataset-id", "local/t/x-v0", "--seed", "-1"],
      "--seed: must be >= 0, got -1"),
+    # torch seeds its generator with 64 bits: 2**64 failed after the checkpoint had loaded.
+    (["visualize.py", "--checkpoint", "nowhere", "--seed", str(2**64)], f"--seed: must be < {2**63}, got {2**64}"),
     # Flags that made or train the nets would be ignored, or misread the checkpoint: refused.
     (["evaluate.py", "--checkpoint", "nowhere", "--train.lr", "1", "--diffusion.schedule", "linear",
       "--guidance.scale", "0.1"], "--diffusion.schedule, --train.lr: these made or trained the checkpoint's nets"),

@@ -14,7 +14,7 @@ from distdiff.data.minari_io import normalized_score, reference_scores
 from distdiff.planner import Plan
 from distdiff.rollout import (OBSERVED_VELOCITY_CLIP, EpisodeResult, StateAlignment, alignment_errors,
                               alignment_on_states, make_env, physics_state, physics_state_from_observation,
-                              random_episodes, replay_actions, run_episodes, summarize)
+                              random_episodes, replay_actions, run_episodes, stream_seed, summarize)
 
 H = 8
 
@@ -408,3 +408,12 @@ def test_alignment_on_observations_averages_per_step_and_seeds_its_sampler(monke
     assert out["alignment_error_per_step"] == [0.0, 2.0, 2.0] and out["alignment_error"] == pytest.approx(2.0)
     assert out["one_step_error_per_step"] == [2.0, 4.0] and out["one_step_error"] == pytest.approx(3.0)
     assert planner.generators[0].initial_seed() == 3
+
+
+def test_stream_seeds_are_63_bit_and_apart_for_every_key():
+    # A long run draws tens of thousands of rollout seeds: 31 bits would repeat some of them.
+    seeds = {stream_seed(0, 1, task) for task in range(2000)}
+    assert len(seeds) == 2000 and max(seeds) >= 2**40 and max(seeds) < 2**63
+    # The run's seed and the key are kept apart, as one list of 32-bit words would not.
+    assert stream_seed(0, 1, 2) != stream_seed(2**32 + 0, 2) and stream_seed(0, 1) != stream_seed(1, 0)
+    assert stream_seed(7, 3, 4) == stream_seed(7, 3, 4)

@@ -6,7 +6,6 @@ import itertools
 import time
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError
 
@@ -17,6 +16,7 @@ from distdiff.distributed.faults import cause
 from distdiff.distributed.messages import Weights
 from distdiff.models import NETS
 from distdiff.provenance import DRIVER_CODE
+from distdiff.rollout import stream_seed
 from distdiff.training import planner_from_checkpoint
 
 COLLECT_TRIES = 5  # a collection task that fails this often stops the collection
@@ -77,7 +77,7 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
         # Seeded by the task alone, not by the worker that happens to be free for it: the same
         # command collects the same episodes with any number of actors. (Not phase 2's streams,
         # which also key on the worker: a run with the same seed starts from other states.)
-        task_seed = int(np.random.SeedSequence([seed, task]).generate_state(1)[0] >> 1)
+        task_seed = stream_seed(seed, task)
         pending[workers[i].rollout.remote(task, n_envs=n, seed=task_seed)] = (i, task, n, failures, since)
 
     def unasked() -> int:

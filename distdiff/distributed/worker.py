@@ -17,7 +17,7 @@ from distdiff.models import build_models
 from distdiff.normalizer import Normalizer
 from distdiff.provenance import check_same_code
 from distdiff.planner import Planner
-from distdiff.rollout import make_env, run_episodes
+from distdiff.rollout import make_env, run_episodes, stream_seed
 from distdiff.training import load_weights
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,9 @@ class RolloutWorker:
 
     def _seed(self, task: int, attempt: int = 0, seed: Optional[int] = None) -> int:
         # Independent streams per (run seed, worker, task), or per given seed, and per retry.
-        key = ([seed] if seed is not None else [self.cfg.train.seed, self.worker_id, task]) + ([attempt] if attempt else [])
-        return int(np.random.SeedSequence(key).generate_state(1)[0] >> 1)
+        if seed is not None:
+            return stream_seed(seed, attempt)
+        return stream_seed(self.cfg.train.seed, self.worker_id, task, attempt)
 
     def rollout(self, task: Optional[int] = None, *, max_steps: Optional[int] = None,
                 n_envs: Optional[int] = None, seed: Optional[int] = None) -> RolloutResult:
@@ -132,7 +133,7 @@ class RolloutWorker:
             execution=self.cfg.planner.execution,
             horizon=self.cfg.model.horizon,
             replan_every=self.cfg.planner.replan_every,
-            seed=seed % (2**31),
+            seed=seed,
             state_normalizer=self.planner.state_normalizer,
             shadows=self.shadows,
             measure_every=self.cfg.online.measure_every,
