@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 from tqdm import tqdm
 
@@ -54,6 +54,28 @@ def ray_token_available() -> bool:
     """Whether Ray finds an auth token here: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
     return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")) or \
         (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def ray_token_file() -> Path:
+    """Where Ray keeps its auth token: RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def keep_ray_token_private(log: Callable[[str], None] = print) -> None:
+    """Make this user's Ray token file readable by this user alone. Ray writes it with the
+    umask's mode (0644 as a rule), and the token lets whoever holds it run code on every cluster
+    it guards: on a shared server, any other user could read it."""
+    path = ray_token_file()
+    with contextlib.suppress(OSError):  # none there, or not ours to change
+        st = path.stat()
+        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+            path.chmod(0o600)
+            log(f"ray: {path} was readable by other users of this machine; it is now this user's alone (0600)")
+
+
+def ray_token_mode() -> bool:
+    """Whether this process presents a token to Ray clusters (RAY_AUTH_MODE=token)."""
+    return os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
 
 
 def default_ray_auth() -> None:

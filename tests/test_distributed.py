@@ -1488,6 +1488,8 @@ def test_train_script_connects_to_a_ray_start_cluster(auth, pretrained, tmp_path
                                  env=env, capture_output=True, text=True, timeout=400)
             assert out.returncode == 0, out.stderr[-3000:]
             assert f"connected to the cluster at {address}" in out.stdout, out.stdout[-3000:]
+            # Joined without a token, the run says what that leaves open.
+            assert ("warning: this cluster runs without token auth" in out.stdout) == (auth == "fresh machine")
             assert (tmp_path / "run" / "metrics.json").is_file()
         finally:
             if head is not None:

@@ -476,6 +476,31 @@ def test_the_scripts_present_a_token_to_clusters_only_where_there_is_one(where, 
     assert os.environ.get("RAY_AUTH_MODE") == expected
 
 
+@pytest.mark.parametrize("where", ["~/.ray/auth_token", "RAY_AUTH_TOKEN_PATH"])
+def test_the_ray_token_file_is_made_this_users_alone(where, tmp_path, monkeypatch):
+    # Ray writes it with the umask's mode: another user of a shared server could read it and run
+    # jobs as this one on every cluster it guards.
+    from distdiff.cli import keep_ray_token_private
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
+    token = tmp_path / ".ray" / "auth_token"
+    if where == "RAY_AUTH_TOKEN_PATH":
+        token = tmp_path / "secrets" / "ray.token"
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    token.parent.mkdir()
+    token.write_text("t" * 32)
+    token.chmod(0o644)
+    said = []
+    keep_ray_token_private(said.append)
+    assert token.stat().st_mode & 0o777 == 0o600 and token.read_text() == "t" * 32
+    assert said == [f"ray: {token} was readable by other users of this machine; it is now this user's alone (0600)"]
+    keep_ray_token_private(said.append)  # already private: nothing to do or say
+    token.unlink()
+    keep_ray_token_private(said.append)  # none at all
+    assert len(said) == 1
+
+
 def test_progress_bars_redraw_rarely_into_a_log_file():
     # A run that lasts days under nohup or `ray job submit` would write ~25 MB a day of redraws.
     import io
@@ -515,6 +540,41 @@ def test_train_interrupted_before_any_checkpoint_does_not_advise_a_resume(tmp_pa
     (run_dir / "pretrain" / "checkpoint.pt").write_bytes(b"")
     assert script.main(["--config", str(ROOT / SMOKE), "--run-dir", str(run_dir), "--overwrite"]) == 130
     assert f"interrupted; resume with: python launch/train.py --resume {run_dir}" in capsys.readouterr().err
+
+
+def test_train_that_fails_says_whether_its_last_checkpoint_resumes_it(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from distdiff.distributed import cluster, driver
+
+    script = launch_script("train")
+    error = [cluster.RunFailed("the learner failed: 3 updates in a row were not finite")]
+
+    def failing(*args, **kwargs):
+        raise error[0]
+
+    monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: True)
+    monkeypatch.setattr(cluster, "shutdown", lambda: None)
+    monkeypatch.setattr(driver, "train", failing)
+    run_dir = tmp_path / "run"
+    argv = ["--config", str(ROOT / SMOKE), "--run-dir", str(run_dir), "--overwrite"]
+    with pytest.raises(SystemExit) as stop:
+        script.main(argv)
+    assert stop.value.code == 1
+    assert capsys.readouterr().err.strip().endswith(f"{run_dir} holds no checkpoint yet: the run must start again")
+    # With one (phase 1's here), the run goes on from it: the failure left it as it was.
+    (run_dir / "pretrain").mkdir(parents=True)
+    (run_dir / "pretrain" / "checkpoint.pt").write_bytes(b"")
+    error[0] = OSError(errno.ENOSPC, "No space left on device")  # TensorBoard's writer, metrics.json
+    with pytest.raises(SystemExit) as stop:
+        script.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "No space left on device" in err
+    assert f"the last checkpoint in {run_dir} is intact: python launch/train.py --resume {run_dir}" in err
+    # Any other OSError is a bug to see whole.
+    error[0] = PermissionError(errno.EACCES, "Permission denied")
+    with pytest.raises(PermissionError):
+        script.main(argv)
 
 
 def test_a_ctrl_c_while_ray_shuts_down_is_not_a_traceback(monkeypatch):

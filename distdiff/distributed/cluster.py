@@ -11,7 +11,7 @@ from typing import Callable, Dict, Optional
 import ray
 from ray.exceptions import AuthenticationError
 
-from distdiff.cli import RAY_JOB_ENV, fail, ray_token_available
+from distdiff.cli import RAY_JOB_ENV, fail, keep_ray_token_private, ray_token_available, ray_token_mode
 from distdiff.distributed.faults import cause
 
 
@@ -87,8 +87,7 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
         try:
             ray.init(address=address, logging_level="warning", runtime_env=runtime_env)
         except (ConnectionError, AuthenticationError) as e:
-            token = os.environ.get("RAY_AUTH_MODE", "").lower() == "token"
-            if token:
+            if ray_token_mode():
                 hint = ""
             elif "RAY_AUTH_MODE" not in os.environ and ray_token_available():
                 # (The launch scripts call it first; a notebook or script may import Ray before.)
@@ -99,10 +98,16 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
                         "here: ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
             raise ClusterUnreachable(f"cannot connect to the Ray cluster at {address}: {cause(e)}{hint}") from e
         log(f"ray: connected to the cluster at {address}: {describe(ray.cluster_resources())}")
+        if not ray_token_mode():
+            # (It took no token: a cluster with token auth would have refused this driver.)
+            log("warning: this cluster runs without token auth: whoever reaches its ports can run code on it as its "
+                "user. `ray get-auth-token --generate` before `ray start --head` turns auth on (README, Usage)")
+        keep_ray_token_private(log)
         return False
     ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="warning", runtime_env=runtime_env)
     why = "as the address 'local' asks" if embedded else "no running cluster found"
     log(f"ray: {why}; started an embedded local Ray: {describe(ray.cluster_resources())}")
+    keep_ray_token_private(log)  # (one it made just now among them)
     return True
 
 
