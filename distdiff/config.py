@@ -146,7 +146,8 @@ class OnlineConfig:
     updates: int = _f(0, "Budget: learner updates in phase 2 (0 = unlimited).")
     wall_time_s: float = _f(0.0, "Budget: seconds of phase 2's loop in this process (0 = unlimited); a resume has them again. "
                                   "Once spent, no rollout or learner call starts; those in flight, an evaluation in flight "
-                                  "and the final evaluation still end.")
+                                  "and the final evaluation still end. metrics.json's online_s counts phase 2's "
+                                  "seconds across resumes.")
     updates_per_env_step: float = _f(0.5, "Learner updates owed per collected env step.")
     max_update_lag: int = _f(500, "Rollouts pause while the learner owes more updates than this, so the update/step ratio holds.")
     updates_per_call: int = _f(25, "Updates per learner call (one replay sample of that many batches).")

@@ -14,6 +14,7 @@ import json
 import threading
 import time
 from concurrent.futures import Future
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Dict, List, NamedTuple, Optional, Set, Tuple
 
@@ -151,7 +152,7 @@ class Counters:
     """Run progress that a checkpoint must carry to resume where it stopped."""
 
     FIELDS = ("env_steps", "updates", "episodes", "version", "worker_restarts", "skipped_updates", "rollouts",
-              "failed_rollouts", "env_rebuilds", "rollout_timeouts")
+              "failed_rollouts", "env_rebuilds", "rollout_timeouts", "online_ms")
 
     def __init__(self, **values):
         unknown = set(values) - set(self.FIELDS)
@@ -310,6 +311,9 @@ class OnlineRun:
         self.next_ckpt = self.next_fig = 0  # the update at which each comes due
         self.next_eval: Optional[int] = None
         self.t0 = 0.0  # when the loop started: the wall-time budget counts from it
+        # Phase 2's time across resumes (online_ms), counted on from this run's start: what a
+        # run had is recorded, where its wall-time budget counts each process alone.
+        self.started, self.ms_before = time.perf_counter(), counters.online_ms
         self.env_rate: Optional[RecentRate] = None
         self.update_rate: Optional[RecentRate] = None
         self.learner_seconds = 0.0  # in the learner's calls, this process
@@ -459,6 +463,7 @@ class OnlineRun:
         stats = self.settle_training()
         if stats is not None:
             self.log_losses(stats)
+        self.counters.online_ms = self.ms_before + int(1000 * (time.perf_counter() - self.started))
         # The events first: a checkpoint on disk has all it counts logged there too.
         events = flushed_sizes(self.writer)
         return PendingCheckpoint([self.learner.state_dict.remote(), self.replay.state_dict.remote()],
@@ -540,6 +545,9 @@ class OnlineRun:
             "eval_episodes": summary["episodes"],
             **{k: at[k] for k in ("env_steps", "updates", "episodes", "weights_version", "worker_restarts",
                                   "skipped_updates", "failed_rollouts", "env_rebuilds", "rollout_timeouts")},
+            # Phase 2's seconds up to the checkpoint evaluated, across resumes; and when, in UTC.
+            "online_s": round(at["online_ms"] / 1000, 1),
+            "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         for key in EVAL_SCALARS:
             if metrics[key] is not None:
