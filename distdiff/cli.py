@@ -6,7 +6,9 @@ import contextlib
 import difflib
 import os
 import re
+import secrets
 import signal
+import stat
 import sys
 import threading
 import time
@@ -15,7 +17,7 @@ from typing import Callable, Iterator, Optional
 
 from tqdm import tqdm
 
-from distdiff.rundir import BEST, checkpoint_file, foreign_entries, holds_run
+from distdiff.rundir import BEST, checkpoint_file, holds_run, not_a_runs
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -56,19 +58,16 @@ def ray_token_available() -> bool:
         (Path.home() / ".ray" / "auth_token").is_file()
 
 
-def ray_token_file() -> Path:
-    """Where Ray keeps its auth token: RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
-    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
-
-
 def keep_ray_token_private(log: Callable[[str], None] = print) -> None:
-    """Make this user's Ray token file readable by this user alone. Ray writes it with the
-    umask's mode (0644 as a rule), and the token lets whoever holds it run code on every cluster
-    it guards: on a shared server, any other user could read it."""
-    path = ray_token_file()
+    """Make Ray's own token file (``~/.ray/auth_token``) readable by this user alone. Ray writes
+    it with the umask's mode (0644 as a rule), and the token lets whoever holds it run code on
+    every cluster it guards: on a shared server, any other user could read it. A file named by
+    RAY_AUTH_TOKEN_PATH, or a link, is left as it is (a team's token may be shared on purpose)."""
+    path = Path.home() / ".ray" / "auth_token"
+    getuid = getattr(os, "getuid", None)  # (not on Windows)
     with contextlib.suppress(OSError):  # none there, or not ours to change
-        st = path.stat()
-        if st.st_uid == os.getuid() and st.st_mode & 0o077:
+        st = path.lstat()
+        if getuid is not None and stat.S_ISREG(st.st_mode) and st.st_uid == getuid() and st.st_mode & 0o077:
             path.chmod(0o600)
             log(f"ray: {path} was readable by other users of this machine; it is now this user's alone (0600)")
 
@@ -130,12 +129,10 @@ def check_run_dir(run_dir: Path, *, overwrite: bool, keep: Optional[Path] = None
     check_outside_job_copy(run_dir, "--run-dir")
     check_output(run_dir, "--run-dir", directory=True)
     if not holds_run(run_dir):
-        # Its config.yaml and metrics.json would be written over, and --overwrite would remove
-        # them: e.g. a --run-dir of ~ or of a project's root.
-        foreign = foreign_entries(run_dir)
-        if foreign:
-            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-            fail(f"{run_dir} holds no run but other files ({shown}): choose a new or empty --run-dir")
+        others = not_a_runs(run_dir)  # (the library refuses them too, later)
+        if others:
+            fail(f"{run_dir} holds no run, and {', '.join(others)} of something else, which the run would write over "
+                 f"(and --overwrite remove): choose a new or empty --run-dir")
         return
     if not overwrite:
         fail(f"{run_dir} holds a run already: continue it with --resume, choose another --run-dir, "
@@ -181,9 +178,10 @@ def check_resume_dir(run_dir: Path) -> None:
 
 
 def default_run_dir(kind: str) -> Path:
-    # The process id: runs started in the same second (a job array, a shell loop) would
-    # otherwise share a dir that none of them holds a checkpoint in yet, and write over each other.
-    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+    # A random suffix: runs started in the same second (a job array across nodes, a shell loop,
+    # containers that are all pid 1) would otherwise share a dir that none of them holds a
+    # checkpoint in yet, and write over each other.
+    return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
 def note_selection_seeds(checkpoint: Path, seed: int, flag: str) -> None:

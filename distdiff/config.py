@@ -146,7 +146,7 @@ class OnlineConfig:
     updates: int = _f(0, "Budget: learner updates in phase 2 (0 = unlimited).")
     wall_time_s: float = _f(0.0, "Budget: seconds of phase 2's loop in this process (0 = unlimited); a resume has them again. "
                                   "Once spent, no rollout or learner call starts; those in flight, an evaluation in flight "
-                                  "and the final evaluation still end. metrics.json's online_s counts phase 2's "
+                                  "and the final evaluation still end. metrics.json's phase2_s counts phase 2's "
                                   "seconds across resumes.")
     updates_per_env_step: float = _f(0.5, "Learner updates owed per collected env step.")
     max_update_lag: int = _f(500, "Rollouts pause while the learner owes more updates than this, so the update/step ratio holds.")
@@ -654,6 +654,16 @@ def from_args(args: argparse.Namespace, base: Optional[Config] = None) -> Config
     cfg, errors = _merge(_nest(overrides), base)
     validate(cfg, errors)
     return cfg
+
+
+def is_config_file(path: str | Path) -> bool:
+    """Whether ``path`` holds a distdiff config: a mapping of some of its sections, as
+    :func:`save` writes one (not whether its values are valid)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and bool(data) and set(data) <= set(_sections())
 
 
 def save(cfg: Config, path: str | Path) -> None:

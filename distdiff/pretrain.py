@@ -25,20 +25,23 @@ from distdiff.training import Trainer, check_env, resolve_device, seed_everythin
 MAX_SKIPPED_IN_A_ROW = 100
 
 
-def load_data(cfg: Config, *, resume: bool = False) -> LoadedDataset:
-    """The config's dataset (or its fallback, collected if missing). A ``resume`` has no
-    fallback: the run's checkpoint was trained on the config's dataset (or, where that is the
-    fallback's id, on the fallback, which is collected again the same), and random-policy
-    episodes would stand in for the rest of its training."""
+def load_data(cfg: Config, *, own: Optional[str] = None, log=print) -> LoadedDataset:
+    """The config's dataset (or its fallback, collected if missing). ``own``: the dataset that the
+    checkpoint of a run being resumed trained on, which the run goes on with, whatever the config
+    names. No fallback stands in for it (random-policy episodes for the rest of its training)
+    unless it was the fallback, collected again where it is missing."""
     d = cfg.data
-    fallback_id = d.fallback_dataset_id if not resume or d.fallback_dataset_id == d.dataset_id else ""
+    dataset_id = d.dataset_id if own is None else own
+    fallback_id = d.fallback_dataset_id if own is None or own == d.fallback_dataset_id else ""
+    if own is not None and own != d.dataset_id:
+        log(f"resuming on the run's own dataset {own!r}, not on {d.dataset_id!r}, which the config names")
     try:
-        return load_or_collect(d.dataset_id, download=d.download, fallback_id=fallback_id,
+        return load_or_collect(dataset_id, download=d.download, fallback_id=fallback_id,
                                fallback_episodes=d.fallback_episodes, env_id=cfg.env.id, obs_dim=cfg.env.obs_dim,
                                act_dim=cfg.env.act_dim, max_episode_steps=cfg.env.max_episode_steps,
-                               seed=cfg.train.seed)
+                               seed=cfg.train.seed, log=log)
     except DatasetMissing as e:
-        if not resume or not d.fallback_dataset_id:
+        if own is None or not d.fallback_dataset_id:
             raise
         raise DatasetMissing(f"{e}\nA resume trains on the run's own dataset: {d.fallback_dataset_id!r} "
                              f"(data.fallback_dataset_id) does not stand in for it") from e
@@ -63,10 +66,10 @@ def trained_on(cfg: Config, data: LoadedDataset) -> Config:
 
 
 def load_windows(cfg: Config, normalizer: Optional[Normalizer] = None, data: Optional[LoadedDataset] = None, *,
-                 resume: bool = False):
-    """The config's dataset (``data`` if already loaded; see :func:`load_data` for ``resume``)
-    as training windows; fits the normalizer unless one is given."""
-    data = data or load_data(cfg, resume=resume)
+                 own: Optional[str] = None):
+    """The config's dataset (``data`` if already loaded; see :func:`load_data` for ``own``) as
+    training windows; fits the normalizer unless one is given."""
+    data = data or load_data(cfg, own=own)
     layout = layout_of(cfg)
     normalizer = normalizer or fit_normalizer(data.episodes, layout, cfg.data.normalizer)
     windows = WindowDataset(data.episodes, layout=layout, horizon=cfg.model.horizon, normalizer=normalizer,
@@ -116,7 +119,7 @@ def _pretrain(cfg: Config, run_dir: Path, *, resume: bool, quiet: bool, data: Op
     seed_everything(cfg.train.seed)
     source = state or start
     normalizer = Normalizer.from_state_dict(source["normalizer"]) if source else None
-    data, windows = load_windows(cfg, normalizer, data, resume=resume)
+    data, windows = load_windows(cfg, normalizer, data, own=state["config"]["data"]["dataset_id"] if state else None)
     cfg = trained_on(cfg, data)
     if state:
         trainer = Trainer.from_checkpoint(state, cfg=cfg, device=device)

@@ -49,16 +49,18 @@ def holds_run(run_dir: str | Path) -> bool:
     return resume_checkpoint(run_dir).is_file()
 
 
-def foreign_entries(run_dir: str | Path) -> List[str]:
-    """The names in ``run_dir`` that no run wrote (a run's files, its phase 1's dir, its
-    TensorBoard events, launch/visualize.py's ``viz*`` dirs; hidden names are left out): a
-    dir that holds them is someone else's, not a run to overwrite."""
+def not_a_runs(run_dir: str | Path) -> List[str]:
+    """The files of a run's names in ``run_dir`` that no run wrote, which a new run there would
+    write over and ``clear_run`` would remove (a --run-dir of ~, or of a project's root): where it
+    holds no run, those beside a ``config.yaml`` that is not a distdiff config (a run writes its
+    config before anything else)."""
+    from distdiff.config import is_config_file
+
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    if holds_run(run_dir):
         return []
-    own = set(RUN_FILES) | {partial_path(Path(n)).name for n in RUN_FILES} | {PRETRAIN}
-    return sorted(p.name for p in run_dir.iterdir()
-                  if p.name not in own and not p.name.startswith((".", "events.out.tfevents.", "viz")))
+    present = sorted(name for name in RUN_FILES if (run_dir / name).is_file())
+    return [] if CONFIG in present and is_config_file(run_dir / CONFIG) else present
 
 
 def check_new_run(run_dir: str | Path, *, resume: bool, overwrite: bool) -> None:
@@ -67,6 +69,10 @@ def check_new_run(run_dir: str | Path, *, resume: bool, overwrite: bool) -> None
     if not resume and not overwrite and holds_run(run_dir):
         raise FileExistsError(f"{run_dir} holds a run already: resume=True continues it, overwrite=True replaces it "
                               f"(--resume, --overwrite on the command line)")
+    others = [] if resume else not_a_runs(run_dir)
+    if others:
+        raise FileExistsError(f"{run_dir} holds no run, and {', '.join(others)} of something else, which a run there "
+                              f"would write over: choose a new or empty run dir")
 
 
 def clear_run(run_dir: str | Path) -> None:

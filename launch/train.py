@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Start phase 2 from this checkpoint (skips pretraining). Its config is the base of "
                         "--section.field flags unless --config is given; the fields that made its nets (model, "
                         "diffusion n_steps, schedule and prediction) must stay its own.")
-    p.add_argument("--run-dir", type=Path, default=None, help="Output dir (default runs/train-TIME-PID).")
+    p.add_argument("--run-dir", type=Path, default=None, help="Output dir (default runs/train-TIME-HEX, HEX random).")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="Continue a run from its checkpoint and replay.")
     p.add_argument("--overwrite", action="store_true", help="Start again in a --run-dir that holds a run, replacing its files.")
     add_ray_arguments(p)

@@ -35,6 +35,14 @@ def test_counters_refuse_unknown_names_and_default_missing_ones_to_zero():
     assert old.to_dict() == {**{f: 0 for f in Counters.FIELDS}, "env_steps": 5, "updates": 2}
 
 
+def test_phase_2s_time_of_a_run_an_older_distdiff_began_is_unknown_not_zero(tmp_path):
+    from distdiff.distributed.driver import resumed_counters
+
+    # Its metrics.json would otherwise count only the time since the upgrade, as if it were all.
+    assert resumed_counters(tmp_path, {"run": {"env_steps": 5}}).phase2_ms == -1
+    assert resumed_counters(tmp_path, {"run": {"env_steps": 5, "phase2_ms": 7}}).phase2_ms == 7
+
+
 def test_learner_tags_are_logged_at_updates_the_rest_at_env_steps():
     for tag in ("losses/denoiser", "losses/value", "perf/updates_per_s", "perf/windows_per_s", "replay/size",
                 "faults/skipped_updates", "rollout/plan_vs_real", "charts/learning_rate", "perf/learner_busy"):

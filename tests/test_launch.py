@@ -476,18 +476,13 @@ def test_the_scripts_present_a_token_to_clusters_only_where_there_is_one(where, 
     assert os.environ.get("RAY_AUTH_MODE") == expected
 
 
-@pytest.mark.parametrize("where", ["~/.ray/auth_token", "RAY_AUTH_TOKEN_PATH"])
-def test_the_ray_token_file_is_made_this_users_alone(where, tmp_path, monkeypatch):
+def test_rays_token_file_is_made_this_users_alone(tmp_path, monkeypatch):
     # Ray writes it with the umask's mode: another user of a shared server could read it and run
     # jobs as this one on every cluster it guards.
     from distdiff.cli import keep_ray_token_private
 
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH", raising=False)
     token = tmp_path / ".ray" / "auth_token"
-    if where == "RAY_AUTH_TOKEN_PATH":
-        token = tmp_path / "secrets" / "ray.token"
-        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
     token.parent.mkdir()
     token.write_text("t" * 32)
     token.chmod(0o644)
@@ -496,9 +491,16 @@ def test_the_ray_token_file_is_made_this_users_alone(where, tmp_path, monkeypatc
     assert token.stat().st_mode & 0o777 == 0o600 and token.read_text() == "t" * 32
     assert said == [f"ray: {token} was readable by other users of this machine; it is now this user's alone (0600)"]
     keep_ray_token_private(said.append)  # already private: nothing to do or say
-    token.unlink()
-    keep_ray_token_private(said.append)  # none at all
     assert len(said) == 1
+    # A team's token, linked here or named by RAY_AUTH_TOKEN_PATH, may be shared on purpose.
+    team = tmp_path / "team.token"
+    team.write_text("t" * 32)
+    team.chmod(0o640)
+    token.unlink()
+    token.symlink_to(team)
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(team))
+    keep_ray_token_private(said.append)
+    assert team.stat().st_mode & 0o777 == 0o640 and len(said) == 1
 
 
 def test_progress_bars_redraw_rarely_into_a_log_file():
@@ -639,39 +641,47 @@ def test_a_ray_job_refuses_run_dirs_in_its_temporary_copy(tmp_path, monkeypatch,
     cli.check_run_dir(relative, overwrite=False)  # outside a job
 
 
-def test_a_run_dir_that_holds_other_files_and_no_run_is_refused_before_anything_is_written(tmp_path, capsys):
-    from distdiff import cli
+def test_a_run_dir_that_holds_files_of_a_runs_names_that_no_run_wrote_is_refused(tmp_path, capsys):
+    from distdiff import cli, config
+    from distdiff.rundir import check_new_run
 
     # A --run-dir of ~ or of a project's root: its config.yaml would be written over, and
     # --overwrite would remove it and its metrics.json.
     home = tmp_path / "home"
     home.mkdir()
-    for name in ("config.yaml", "metrics.json", "notes.txt", "paper.tex"):
-        (home / name).write_text("mine")
+    for name in ("config.yaml", "metrics.json", "notes.txt"):
+        (home / name).write_text("editor: vim\n")
     for overwrite in (False, True):
         with pytest.raises(SystemExit) as stop:
             cli.check_run_dir(home, overwrite=overwrite)
         assert stop.value.code == 2
-        assert (f"{home} holds no run but other files (notes.txt, paper.tex): choose a new or empty --run-dir"
+        assert (f"{home} holds no run, and config.yaml, metrics.json of something else, which the run would write over"
                 in capsys.readouterr().err)
-    # What a run that stopped before its first checkpoint left, and what visualize.py wrote, is its own.
+    # The library refuses it too (a notebook's train(), a script's pretrain()).
+    with pytest.raises(FileExistsError, match="holds no run, and config.yaml, metrics.json of something else"):
+        check_new_run(home, resume=False, overwrite=True)
+    # A run that stopped before its first checkpoint (its config written), with what its user
+    # keeps beside it: its log (tee, sbatch --output), its own config, the --init checkpoint.
     stopped = tmp_path / "stopped"
     (stopped / "pretrain").mkdir(parents=True)
-    (stopped / "viz").mkdir()
-    for name in ("config.yaml", "events.out.tfevents.1.vm.1.0", ".checkpoint.partial.pt", ".nfs0001"):
+    config.save(config.load(None), stopped / "config.yaml")
+    for name in ("events.out.tfevents.1.vm.1.0", "train.log", "exp.yaml", "init.pt", "metrics.json"):
         (stopped / name).write_text("")
+    (stopped / "lost+found").mkdir()
     cli.check_run_dir(stopped, overwrite=False)
+    check_new_run(stopped, resume=False, overwrite=False)
     cli.check_run_dir(tmp_path / "new", overwrite=False)
+    cli.check_run_dir(home / "sub", overwrite=False)
 
 
 def test_default_run_dirs_of_runs_started_in_the_same_second_differ(monkeypatch):
     from distdiff import cli
 
-    # (A job array starts many at once: none holds a checkpoint yet, so none would be refused.)
-    monkeypatch.setattr(cli.os, "getpid", lambda: 4242)
-    assert cli.default_run_dir("train").name.endswith("-4242")
-    monkeypatch.setattr(cli.os, "getpid", lambda: 4243)
-    assert cli.default_run_dir("train").name.endswith("-4243")
+    # (A job array starts many at once, on nodes or in containers whose processes may share a
+    # pid: none holds a checkpoint yet, so none would be refused.)
+    monkeypatch.setattr(cli.time, "strftime", lambda fmt: "20261206-120000")
+    names = {cli.default_run_dir("train").name for _ in range(100)}
+    assert len(names) == 100 and all(re.fullmatch(r"train-20261206-120000-[0-9a-f]{6}", n) for n in names)
 
 
 def test_sigterm_interrupts_work_that_has_no_checks_and_its_handler_is_given_back():

@@ -260,13 +260,16 @@ def test_only_a_remote_that_cannot_be_reached_is_a_fallback(minari_root, monkeyp
             raise httpx2.ConnectError(str(e)) from e
     except httpx2.ConnectError as e:
         offline = e
-    for error in (offline, TimeoutError("timed out"), OfflineModeIsEnabled("HF_HUB_OFFLINE is set")):
+    for error in (offline, httpx2.ConnectTimeout("timed out"), ConnectionRefusedError(111, "Connection refused"),
+                  OfflineModeIsEnabled("HF_HUB_OFFLINE is set")):
         _remote(monkeypatch, error)
         assert load_or_collect("farama/walker2d/offline-v0", download=True, log=print, **FALLBACK).dataset_id == \
             FALLBACK["fallback_id"]
     # With a network: a remote that failed, or a full disk, is no reason to train on random data.
     busy = httpx2.Response(503, request=httpx2.Request("GET", "https://remote.invalid/api/datasets"))
     for error, said in ((HfHubHTTPError("503 Server Error: Service Unavailable", response=busy), "503 Server Error"),
+                        (httpx2.ReadTimeout("The read operation timed out"), "The read operation timed out"),
+                        (httpx2.RemoteProtocolError("Server disconnected"), "Server disconnected"),
                         (OSError(28, "No space left on device"), "No space left on device")):
         _remote(monkeypatch, error)
         with pytest.raises(DatasetError, match=f"could not be downloaded .*{said}.*try again later") as raised:
@@ -306,7 +309,7 @@ def test_a_run_on_the_fallback_records_it_as_its_dataset(tiny_dataset, monkeypat
     from distdiff.checkpoint import load_checkpoint
     from distdiff.pretrain import pretrain
 
-    _remote(monkeypatch, ConnectionError("offline"))
+    _remote(monkeypatch, socket.gaierror(-2, "Name or service not known"))
     cfg = tiny_online_config("farama/walker2d/offline-v0", **{"data.fallback_dataset_id": tiny_dataset,
                                                                "train.steps": 2})
     ckpt = pretrain(cfg, tmp_path, quiet=True)
@@ -314,22 +317,36 @@ def test_a_run_on_the_fallback_records_it_as_its_dataset(tiny_dataset, monkeypat
     assert load_checkpoint(ckpt)["config"]["data"]["dataset_id"] == tiny_dataset
 
 
-def test_a_resume_trains_on_its_own_dataset_or_stops_never_on_the_fallback(tiny_episodes, monkeypatch, tmp_path):
+def test_a_resume_trains_on_its_own_dataset_or_stops_never_on_the_fallback(tiny_episodes, monkeypatch, tmp_path,
+                                                                           capsys):
     # A downloaded dataset gone from this machine's store (another node, a shell without
     # MINARI_DATASETS_PATH): random-policy episodes would stand in for the rest of its training.
     from _helpers import tiny_online_config
+    from distdiff import config
+    from distdiff.checkpoint import load_checkpoint
     from distdiff.pretrain import pretrain
 
     write_episodes("farama/walker2d/mirror-v0", tiny_episodes[:3], env_id="Walker2d-v5", algorithm_name="random")
     cfg = tiny_online_config("farama/walker2d/mirror-v0", **{"data.fallback_dataset_id": "local/test/unwanted-v0",
                                                               "train.steps": 2})
-    pretrain(cfg, tmp_path, quiet=True)
+    pretrain(cfg, tmp_path / "mirrored", quiet=True)
     minari.delete_dataset("farama/walker2d/mirror-v0")
-    _remote(monkeypatch, ConnectionError("offline"))
+    _remote(monkeypatch, socket.gaierror(-2, "Name or service not known"))
+    longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=4))
     with pytest.raises(DatasetMissing, match="A resume trains on the run's own dataset: 'local/test/unwanted-v0'"):
-        pretrain(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=4)), tmp_path, resume=True,
-                 quiet=True)
+        pretrain(longer, tmp_path / "mirrored", resume=True, quiet=True)
     assert not dataset_exists("local/test/unwanted-v0")
+    # A run that trained on the fallback (offline from the start) goes on with it, though the
+    # config a notebook or a Tune trial passes names the dataset it stood in for.
+    offline = tmp_path / "offline"
+    pretrain(cfg, offline, quiet=True)
+    assert config.load(offline / "config.yaml").data.dataset_id == "local/test/unwanted-v0"
+    capsys.readouterr()
+    pretrain(longer, offline, resume=True, quiet=True)
+    assert load_checkpoint(offline / "checkpoint.pt")["step"] == 4
+    assert config.load(offline / "config.yaml").data.dataset_id == "local/test/unwanted-v0"
+    assert ("resuming on the run's own dataset 'local/test/unwanted-v0', not on 'farama/walker2d/mirror-v0', which "
+            "the config names") in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("cut, said", [(lambda ep: ep.actions[:0], "episode 1 holds no steps"),
@@ -407,6 +424,16 @@ def test_a_dataset_recorded_with_other_env_arguments_says_which(minari_root, tin
     load_episodes("local/test/skip-v0", env_id="Walker2d-v5", log=said.append)
     assert said and "was recorded in Walker2d-v5 with frame_skip=2, and the planner acts in Walker2d-v5" in said[0]
     assert "render_mode" not in said[0]  # how it is drawn is no difference
+    # Made with the constructor's defaults given explicitly (as Minari's DataCollector users
+    # may), and planned in the id without its version: the same env, nothing to say.
+    monkeypatch.setattr(gym, "make", lambda env_id, **kw: make(env_id, **{"frame_skip": 4, "healthy_z_range": (0.8, 2.0),
+                                                                           "xml_file": "walker2d_v5.xml", **kw}))
+    write_episodes("local/test/explicit-v0", tiny_episodes[:2], env_id="Walker2d-v5", algorithm_name="random")
+    monkeypatch.setattr(gym, "make", make)
+    said.clear()
+    load_episodes("local/test/explicit-v0", env_id="Walker2d-v5", log=said.append)
+    load_episodes("local/test/explicit-v0", env_id="Walker2d", log=said.append)
+    assert said == []
 
 
 def test_the_fallback_is_collected_with_the_given_seed(minari_root):

@@ -160,10 +160,12 @@ def load_minari(dataset_id: str, *, download: bool = False, log=print):
                            f"stands in only where the remote cannot be reached: try again later") from e
 
 
-# What an HTTP client raises when it reaches no server (no network, a name that does not
-# resolve, a timeout, Hugging Face's offline mode), by class name: httpx's, requests' and the
-# standard library's, whichever Minari's client uses.
-UNREACHABLE = frozenset({"TransportError", "ConnectionError", "Timeout", "TimeoutError", "TimeoutException", "gaierror"})
+# What an HTTP client raises when it cannot connect (no network, a name that does not resolve,
+# a connection refused, dropped or failing at a proxy, Hugging Face's offline mode), by class
+# name: httpx's, requests', urllib3's and the standard library's, whichever Minari's client
+# uses. Not errors once connected (a read timeout, a reset connection): a busy remote.
+UNREACHABLE = frozenset({"ConnectError", "ConnectTimeout", "ProxyError", "NewConnectionError", "gaierror",
+                         "ConnectionRefusedError", "OfflineModeIsEnabled"})
 
 
 def unreachable(error: BaseException) -> bool:
@@ -232,19 +234,35 @@ RENDERING = frozenset({"render_mode", "width", "height", "camera_id", "camera_na
 
 
 def _recorded_otherwise(spec, env_id: str) -> str:
-    """How the env that a dataset's ``spec`` recorded differs from ``env_id`` as registered
-    here: its id, and the keyword arguments it was made with ("" if not at all)."""
+    """How the env that a dataset's ``spec`` recorded differs from ``env_id`` as made here: its
+    id, and the keyword arguments it was made with that are not the constructor's defaults and
+    the registered ones ("" if not at all, or where ``env_id`` cannot be made)."""
+    import inspect
+
     import gymnasium as gym
+    from gymnasium.envs.registration import load_env_creator
 
     try:
-        registered = gym.spec(env_id).kwargs
-    except gym.error.Error:  # (an id that cannot be made is refused elsewhere, with its reason)
-        registered = None
-    changed = {} if registered is None else {k: v for k, v in (spec.kwargs or {}).items()
-                                             if registered.get(k) != v and k not in RENDERING}
-    if spec.id == env_id and not changed:
+        # (As made: a `module:` prefix imports its registration, an id without a version is the latest.)
+        made = gym.make(env_id)
+        here = made.spec
+        made.close()
+        creator = here.entry_point if callable(here.entry_point) else load_env_creator(here.entry_point)
+        defaults = {k: p.default for k, p in inspect.signature(creator).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+    except Exception:  # a probe: whatever stops it, the env's own checks say elsewhere
+        return ""
+    expected = {**defaults, **here.kwargs}
+    changed = {k: v for k, v in (spec.kwargs or {}).items()
+               if k not in RENDERING and (k not in expected or _plain(v) != _plain(expected[k]))}
+    if spec.id == here.id and not changed:
         return ""
     return spec.id + (f" with {', '.join(f'{k}={v!r}' for k, v in sorted(changed.items()))}" if changed else "")
+
+
+def _plain(value):
+    """``value`` as a dataset's JSON env spec holds it (tuples as lists, arrays as lists)."""
+    return json.loads(json.dumps(value, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v)))
 
 
 def write_episodes(

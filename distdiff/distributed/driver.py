@@ -152,7 +152,7 @@ class Counters:
     """Run progress that a checkpoint must carry to resume where it stopped."""
 
     FIELDS = ("env_steps", "updates", "episodes", "version", "worker_restarts", "skipped_updates", "rollouts",
-              "failed_rollouts", "env_rebuilds", "rollout_timeouts", "online_ms")
+              "failed_rollouts", "env_rebuilds", "rollout_timeouts", "phase2_ms")
 
     def __init__(self, **values):
         unknown = set(values) - set(self.FIELDS)
@@ -311,9 +311,9 @@ class OnlineRun:
         self.next_ckpt = self.next_fig = 0  # the update at which each comes due
         self.next_eval: Optional[int] = None
         self.t0 = 0.0  # when the loop started: the wall-time budget counts from it
-        # Phase 2's time across resumes (online_ms), counted on from this run's start: what a
+        # Phase 2's time across resumes (phase2_ms), counted on from this run's start: what a
         # run had is recorded, where its wall-time budget counts each process alone.
-        self.started, self.ms_before = time.perf_counter(), counters.online_ms
+        self.started, self.ms_before = time.perf_counter(), counters.phase2_ms
         self.env_rate: Optional[RecentRate] = None
         self.update_rate: Optional[RecentRate] = None
         self.learner_seconds = 0.0  # in the learner's calls, this process
@@ -463,7 +463,8 @@ class OnlineRun:
         stats = self.settle_training()
         if stats is not None:
             self.log_losses(stats)
-        self.counters.online_ms = self.ms_before + int(1000 * (time.perf_counter() - self.started))
+        if self.ms_before >= 0:  # (unknown for good where an older distdiff began the run)
+            self.counters.phase2_ms = self.ms_before + int(1000 * (time.perf_counter() - self.started))
         # The events first: a checkpoint on disk has all it counts logged there too.
         events = flushed_sizes(self.writer)
         return PendingCheckpoint([self.learner.state_dict.remote(), self.replay.state_dict.remote()],
@@ -545,9 +546,10 @@ class OnlineRun:
             "eval_episodes": summary["episodes"],
             **{k: at[k] for k in ("env_steps", "updates", "episodes", "weights_version", "worker_restarts",
                                   "skipped_updates", "failed_rollouts", "env_rebuilds", "rollout_timeouts")},
-            # Phase 2's seconds up to the checkpoint evaluated, across resumes; and when, in UTC.
-            "online_s": round(at["online_ms"] / 1000, 1),
-            "evaluated_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            # Phase 2's seconds up to the checkpoint evaluated, across resumes; and when this was
+            # written, in UTC.
+            "phase2_s": round(at["phase2_ms"] / 1000, 1) if at["phase2_ms"] >= 0 else None,
+            "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
         for key in EVAL_SCALARS:
             if metrics[key] is not None:
@@ -1070,9 +1072,12 @@ class OnlineRun:
 def resumed_counters(run_dir: Path, state: Dict[str, object]) -> Counters:
     """The counters of phase 2's checkpoint ``state``, read from ``run_dir``."""
     try:
-        return Counters(**state["run"])
+        counters = Counters(**state["run"])
     except ValueError as e:
         raise CheckpointError(f"{run_dir / CHECKPOINT}: {e}") from e
+    if "phase2_ms" not in state["run"]:
+        counters.phase2_ms = -1  # an older distdiff's run, which did not count it: unknown, not 0
+    return counters
 
 
 class RunOver(NamedTuple):
@@ -1127,7 +1132,9 @@ def pretrain_phase(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool,
         log(f"warning: the cluster has {gpus:g} GPU(s), and torch in this driver's process sees none: phase 1 trains "
             f"on CPU, several times slower. To pretrain on a GPU, run launch/pretrain.py where torch sees one, then "
             f"launch/train.py --init its checkpoint (README, Running on a cluster)")
-    data = load_data(cfg, resume=resume)
+    phase1 = run_dir / PRETRAIN / CHECKPOINT
+    own = load_checkpoint(phase1)["config"]["data"]["dataset_id"] if resume and phase1.is_file() else None
+    data = load_data(cfg, own=own, log=log)
     cfg = trained_on(cfg, data)
     if overwrite:
         clear_run(run_dir)
@@ -1196,7 +1203,7 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     # or noise schedule (check_made_with).
     planner_from_checkpoint(state, cfg)
     if data is None:
-        data = load_data(cfg, resume=resume)
+        data = load_data(cfg, own=state["config"]["data"]["dataset_id"] if resume else None, log=log)
         cfg = trained_on(cfg, data)
     prior_data = state["config"]["data"]["dataset_id"]
     if init is not None and prior_data != cfg.data.dataset_id:
