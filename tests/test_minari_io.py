@@ -90,8 +90,9 @@ def test_a_dataset_minari_made_with_no_episodes_is_refused_on_load(minari_root):
 
 
 @pytest.mark.parametrize("damage, expected", [
-    ("removed", "is in the local Minari store .* cannot be read .* remove it and make or download it again"),
-    ("emptied", "is in the local Minari store .* cannot be read .* remove it and make or download it again"),
+    ("removed", "is in the local Minari store .* cannot be read .* cut short leaves it so\\): remove it, rm -r "
+                ".*/local/test/damaged-removed-v0, and make it again"),
+    ("emptied", "is in the local Minari store .* cannot be read .* remove it, rm -r .*, and make it again"),
     # Not to be removed: another Minari reads it.
     ("newer", r"in the local Minari store .* was made by Minari 99.0.0, which Minari \S+ does not read$"),
 ])

@@ -110,8 +110,10 @@ def _unreadable(dataset_id: str, e: Exception) -> DatasetError:
     if made_by is not None and made_by not in minari.supported_dataset_versions:
         return DatasetError(f"dataset {dataset_id!r} in the local Minari store ({root}) was made by Minari {made_by}, "
                             f"which Minari {minari.__version__} does not read")
+    again = "make it again" if dataset_id.startswith(LOCAL_NAMESPACE) else "the next run downloads it again"
     return DatasetError(f"dataset {dataset_id!r} is in the local Minari store ({root}) but cannot be read "
-                        f"({type(e).__name__}: {e}); remove it and make or download it again")
+                        f"({type(e).__name__}: {e}; a write or download cut short leaves it so): remove it, "
+                        f"rm -r {os.path.join(root, dataset_id)}, and {again}")
 
 
 @contextlib.contextmanager
