@@ -57,3 +57,11 @@ def test_every_python_the_package_claims_has_its_pinned_dependencies():
         assert version in SpecifierSet(needs), f"{req.name} needs Python {needs}, the package claims {version}"
     # The Makefile's own check, before pip runs, asks for the same.
     assert f"sys.version_info >= ({lowest[1]}, {lowest[2]})" in (root / "Makefile").read_text()
+
+
+def test_the_code_has_no_unused_or_undefined_names():
+    # Pyflakes' rules, through ruff (pyproject.toml, [tool.ruff.lint]): CI runs them with the tests.
+    root = PACKAGE.parent
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--output-format", "concise",
+                          "distdiff", "launch", "bench", "tests"], cwd=root, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
