@@ -42,7 +42,8 @@ from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
 def keep(summary):
-    keys = ("return_mean", "return_std", "normalized_score", "alignment_error", "episode_length_mean", "terminations")
+    keys = ("return_mean", "return_std", "return_se", "normalized_score", "normalized_score_se", "alignment_error",
+            "episode_length_mean", "terminations")
     return {k: summary[k] for k in keys}
 
 

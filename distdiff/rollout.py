@@ -268,6 +268,13 @@ def random_episodes(env: gym.Env, n_episodes: int, seed: int, progress=None) -> 
     return out
 
 
+def standard_error(values: np.ndarray) -> Optional[float]:
+    """The standard error of the mean of ``values`` (sample standard deviation over √n; None
+    for fewer than two)."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
+
+
 def summarize(results: List[EpisodeResult], ref_min=None, ref_max=None) -> dict:
     from distdiff.data.minari_io import normalized_score
 
@@ -283,7 +290,11 @@ def summarize(results: List[EpisodeResult], ref_min=None, ref_max=None) -> dict:
         "episodes": len(results),
         "return_mean": float(returns.mean()),
         "return_std": float(returns.std()),
+        # How far the mean may be from the planner's own (episode noise only, not a training
+        # seed's): two evaluations some standard errors apart may differ by that noise alone.
+        "return_se": standard_error(returns),
         "normalized_score": None if score is None else float(score.mean()),
+        "normalized_score_se": None if score is None else standard_error(score),
         "episode_length_mean": float(np.mean(lengths)),
         # Episodes cut short by the env's termination (on Walker2d: a fall), not by its time limit.
         "terminations": int(sum(bool(r.episode.terminated) for r in results)),

@@ -80,15 +80,18 @@ def test_a_rollout_cut_by_its_share_of_the_budget_logs_only_its_reward_per_step(
 
 
 def test_an_evaluation_is_one_line_in_the_terminal():
-    summary = {"episodes": 100, "return_mean": 2837.46, "return_std": 379.81, "normalized_score": 61.784,
-               "terminations": 3, "alignment_error": 0.2704}
+    summary = {"episodes": 100, "return_mean": 2837.46, "return_std": 379.81, "return_se": 38.17,
+               "normalized_score": 61.784, "normalized_score_se": 0.831, "terminations": 3, "alignment_error": 0.2704}
+    # The spread of the episodes, and the mean's standard error: a ± beside the mean alone would
+    # read as the one or the other.
     assert describe_evaluation(summary, {"env_steps": 12000, "updates": 6000}, 94.6) == (
-        "evaluation at env step 12000, update 6000: return 2837.5 ± 379.8, score 61.78, 3 of 100 episodes "
-        "terminated by the env, alignment error 0.270 (95 s)")
-    # An env without reference scores, alignment not measured: those parts are left out.
-    summary.update(normalized_score=None, alignment_error=None, episodes=1, terminations=0)
+        "evaluation at env step 12000, update 6000: return 2837.5 (sd 379.8, s.e. 38.2), score 61.78 ± 0.83 s.e., "
+        "3 of 100 episodes terminated by the env, alignment error 0.270 (95 s)")
+    # An env without reference scores, one episode, alignment not measured: those parts are left out.
+    summary.update(normalized_score=None, normalized_score_se=None, return_se=None, alignment_error=None, episodes=1,
+                   terminations=0)
     assert describe_evaluation(summary, {"env_steps": 5, "updates": 2}, 1.0) == (
-        "evaluation at env step 5, update 2: return 2837.5 ± 379.8, 0 of 1 episode terminated by the env (1 s)")
+        "evaluation at env step 5, update 2: return 2837.5 (sd 379.8), 0 of 1 episode terminated by the env (1 s)")
 
 
 def test_evaluated_update_is_none_for_any_unreadable_metrics(tmp_path):

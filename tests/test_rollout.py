@@ -354,6 +354,11 @@ def test_the_summary_scores_the_mean_return_between_the_references():
                         ref_max=210.0)
     # returns 90, 99, 36, 52
     assert summary["normalized_score"] == pytest.approx(100 * (np.mean([90, 99, 36, 52]) - 10) / 200)
+    # Their standard errors: the sample standard deviation over √n, the score's in its own units.
+    se = np.std([90, 99, 36, 52], ddof=1) / 2
+    assert summary["return_se"] == pytest.approx(se) and summary["normalized_score_se"] == pytest.approx(se / 2)
+    alone = summarize([result(10, 9, False)], ref_min=10.0, ref_max=210.0)
+    assert alone["return_se"] is None and alone["normalized_score_se"] is None  # one episode: none to give
 
 
 # ----- distdiff.evaluation: the config and seeds reach the episodes --------------------------

@@ -200,9 +200,12 @@ def finished_metrics(cfg: Config, run_dir: Path, state: Dict[str, object], c: Co
 def describe_evaluation(summary: Dict[str, object], at: Dict[str, int], seconds: float) -> str:
     """One line of an evaluation for the terminal: a run's job log shows a run that gets worse
     without TensorBoard."""
-    parts = [f"return {summary['return_mean']:.1f} ± {summary['return_std']:.1f}"]
+    se = summary["return_se"]
+    parts = [f"return {summary['return_mean']:.1f} (sd {summary['return_std']:.1f}"
+             + (f", s.e. {se:.1f})" if se is not None else ")")]
     if summary["normalized_score"] is not None:
-        parts.append(f"score {summary['normalized_score']:.2f}")
+        score_se = summary["normalized_score_se"]
+        parts.append(f"score {summary['normalized_score']:.2f}" + (f" ± {score_se:.2f} s.e." if score_se is not None else ""))
     parts.append(f"{summary['terminations']} of {_count(summary['episodes'], 'episode')} terminated by the env")
     if summary["alignment_error"] is not None:
         parts.append(f"alignment error {summary['alignment_error']:.3f}")
@@ -541,7 +544,8 @@ class OnlineRun:
         summary = result.result()
         self.evaluated = (at["step"], at["updates"], summary)
         metrics = {
-            **{k: summary[k] for k in (*EVAL_SCALARS, "return_std", "alignment_error_per_step")},
+            **{k: summary[k] for k in (*EVAL_SCALARS, "return_std", "return_se", "normalized_score_se",
+                                       "alignment_error_per_step")},
             # (terminations are of these; "episodes", below, counts those collected online)
             "eval_episodes": summary["episodes"],
             **{k: at[k] for k in ("env_steps", "updates", "episodes", "weights_version", "worker_restarts",
