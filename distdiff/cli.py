@@ -52,10 +52,33 @@ def limit_threads() -> None:
         os.environ.setdefault(var, "1")
 
 
+def line_buffered_output() -> None:
+    """Each line on stdout as it is printed, also where it goes to a file (a batch job's log,
+    nohup): Python would hold up to 8 KB of it, so a warning or an evaluation showed late, out of
+    order with stderr, and was lost where the job was killed."""
+    with contextlib.suppress(AttributeError, ValueError):  # (a stream replaced by one without it)
+        sys.stdout.reconfigure(line_buffering=True)
+
+
 def ray_token_available() -> bool:
     """Whether Ray finds an auth token here: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
     return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")) or \
         (Path.home() / ".ray" / "auth_token").is_file()
+
+
+def make_ray_token_if_none() -> None:
+    """Write a token to ``~/.ray/auth_token``, this user's alone, where Ray finds none, before an
+    embedded Ray starts (which would write one itself). Runs that start at once on nodes sharing
+    a home (a job array's first) then keep the one token that was written first: Ray's own would
+    each write theirs over it, and processes started later read another run's."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or ray_token_available():
+        return
+    path = Path.home() / ".ray" / "auth_token"
+    with contextlib.suppress(FileExistsError):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))  # (Ray's own: 256 random bits)
 
 
 def keep_ray_token_private(log: Callable[[str], None] = print) -> None:
@@ -96,7 +119,7 @@ def add_ray_arguments(parser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: RAY_ADDRESS, a local `ray start` cluster, or an embedded Ray); "
                              "'local' starts an embedded Ray even where a cluster runs.")
-    parser.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs of the embedded Ray (default: all).")
+    parser.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs of the embedded Ray (default: those this process may run on, e.g. a Slurm job's).")
 
 
 def int_at_least(minimum: int, below: Optional[int] = None):
@@ -245,9 +268,11 @@ def deferred_interrupt(raise_at: int = 2) -> Iterator[Interrupt]:
 
 @contextlib.contextmanager
 def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, around work with no checks between its
-    steps (a run's final evaluation): Ray's own handler in a driver exits at once, skipping the
-    job's clean-up and its advice to resume. Off the main thread, nothing changes."""
+    """SIGTERM raises KeyboardInterrupt, as Ctrl-C does, around work that takes no Ctrl-C of its
+    own (loading data, starting actors, a run's final evaluation; :func:`deferred_interrupt`
+    inside it takes both its own way): Ray's handler in a driver, and Python's default, exit at
+    once, skipping the job's clean-up and its advice to resume. Off the main thread, nothing
+    changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return

@@ -15,10 +15,11 @@ import sys
 from pathlib import Path
 from typing import Tuple
 
-from distdiff.cli import (add_ray_arguments, default_ray_auth, fail, limit_threads, make_parser, positive_int,
-                          progress_bar, seed_int)
+from distdiff.cli import (add_ray_arguments, default_ray_auth, fail, limit_threads, line_buffered_output, make_parser,
+                          positive_int, progress_bar, seed_int)
 
 limit_threads()
+line_buffered_output()
 default_ray_auth()
 
 import gymnasium as gym  # noqa: E402

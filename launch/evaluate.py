@@ -14,9 +14,11 @@ import operator
 import sys
 from pathlib import Path
 
-from distdiff.cli import check_output, fail, limit_threads, make_parser, note_selection_seeds, positive_int, progress_bar
+from distdiff.cli import (check_output, fail, limit_threads, line_buffered_output, make_parser, note_selection_seeds,
+                          positive_int, progress_bar)
 
 limit_threads()
+line_buffered_output()
 
 import torch  # noqa: E402
 

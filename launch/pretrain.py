@@ -12,9 +12,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from distdiff.cli import check_resume_dir, check_run_dir, default_run_dir, fail, limit_threads, make_parser
+from distdiff.cli import (check_resume_dir, check_run_dir, default_run_dir, fail, limit_threads, line_buffered_output,
+                          make_parser, sigterm_as_interrupt)
 
 limit_threads()
+line_buffered_output()
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint  # noqa: E402
@@ -66,7 +68,9 @@ def main(argv=None) -> int:
         if cfg.train.steps == 0 and args.init is None:
             print("warning: train.steps is 0: the checkpoint will hold untrained nets", file=sys.stderr)
         print(f"pretraining on {cfg.data.dataset_id} -> {run_dir}", flush=True)
-        path = pretrain(cfg, run_dir, resume=bool(args.resume), init=args.init, overwrite=args.overwrite)
+        # SIGTERM as Ctrl-C before the loop too (loading data): Python's default ends at once.
+        with sigterm_as_interrupt():
+            path = pretrain(cfg, run_dir, resume=bool(args.resume), init=args.init, overwrite=args.overwrite)
     except CheckpointWriteError as e:
         saved = run_dir is not None and (run_dir / CHECKPOINT).is_file()
         fail(f"{e}\n" + (f"the last checkpoint is intact: python launch/pretrain.py --resume {run_dir}" if saved

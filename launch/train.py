@@ -20,9 +20,10 @@ import sys
 from pathlib import Path
 
 from distdiff.cli import (add_ray_arguments, check_resume_dir, check_run_dir, default_ray_auth, default_run_dir, fail,
-                          limit_threads, make_parser)
+                          limit_threads, line_buffered_output, make_parser, sigterm_as_interrupt)
 
 limit_threads()
+line_buffered_output()
 default_ray_auth()
 
 from distdiff import config as config_lib  # noqa: E402
@@ -96,9 +97,12 @@ def main(argv=None) -> int:
         check_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
     started = connect_job(args.address, args.num_cpus)
     try:
+        # SIGTERM (a scheduler's stop, `docker stop`) as Ctrl-C also where the run takes no
+        # Ctrl-C of its own (loading data, starting actors): Ray's handler exited with status 15.
         # (init_state: the --init checkpoint read above, not read again.)
-        metrics = train(cfg, run_dir, init=args.init, init_state=state if args.init else None,
-                        resume=args.resume is not None, overwrite=args.overwrite)
+        with sigterm_as_interrupt():
+            metrics = train(cfg, run_dir, init=args.init, init_state=state if args.init else None,
+                            resume=args.resume is not None, overwrite=args.overwrite)
     except (config_lib.ConfigError, DatasetError, CheckpointError) as e:
         fail(str(e))
     except (RunFailed, OSError) as e:

@@ -19,10 +19,11 @@ import os
 import sys
 from pathlib import Path
 
-from distdiff.cli import (add_ray_arguments, check_outside_job_copy, check_output, default_ray_auth, fail, limit_threads,
-                          make_parser, positive_int)
+from distdiff.cli import (add_ray_arguments, check_output, check_outside_job_copy, default_ray_auth, fail,
+                          limit_threads, line_buffered_output, make_parser, positive_int)
 
 limit_threads()
+line_buffered_output()
 default_ray_auth()
 
 from distdiff.config import ConfigError  # noqa: E402

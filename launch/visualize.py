@@ -24,10 +24,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from distdiff.cli import (check_output, fail, int_at_least, limit_threads, make_parser, non_negative_int,
-                          note_selection_seeds, positive_int, seed_int)
+from distdiff.cli import (check_output, fail, int_at_least, limit_threads, line_buffered_output, make_parser,
+                          non_negative_int, note_selection_seeds, positive_int, seed_int)
 
 limit_threads()
+line_buffered_output()
 
 from distdiff.render import configure_gl  # noqa: E402  (light: must run before anything imports mujoco)
 

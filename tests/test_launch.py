@@ -579,6 +579,73 @@ def test_train_that_fails_says_whether_its_last_checkpoint_resumes_it(tmp_path, 
         script.main(argv)
 
 
+def test_train_stopped_by_sigterm_as_it_starts_says_so_as_for_ctrl_c(tmp_path, monkeypatch, capsys):
+    # A scheduler's stop while the data loads or the actors start: Ray's handler exited with 15.
+    from distdiff.distributed import cluster, driver
+
+    script = launch_script("train")
+
+    def stopped(*args, **kwargs):
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "SIGTERM would end the test session"
+        signal.raise_signal(signal.SIGTERM)
+        raise AssertionError("SIGTERM did not interrupt")
+
+    monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: True)
+    monkeypatch.setattr(cluster, "shutdown", lambda: None)
+    monkeypatch.setattr(driver, "train", stopped)
+    before = signal.getsignal(signal.SIGTERM)
+    assert script.main(["--config", str(ROOT / SMOKE), "--run-dir", str(tmp_path / "run")]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted; no checkpoint was written yet"
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_the_launch_scripts_write_stdout_line_by_line_into_files(tmp_path):
+    # A batch job's log: a warning or an evaluation shows as it happens, not 8 KB later.
+    code = "from distdiff.cli import line_buffered_output; line_buffered_output(); import sys; " \
+           "print(sys.stdout.line_buffering)"
+    with open(tmp_path / "log", "w") as log:
+        subprocess.run([sys.executable, "-c", code], stdout=log, check=True)
+    assert (tmp_path / "log").read_text().strip() == "True"
+
+
+def test_an_embedded_ray_offers_the_cpus_this_process_may_run_on(monkeypatch):
+    import ray._private.utils
+
+    from distdiff.distributed import cluster
+
+    # A Slurm job of 3 CPUs on a 128-core node; a container with a quota of 2 CPUs on 8.
+    monkeypatch.setattr(cluster.os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)
+    monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda **kwargs: 128)
+    assert cluster.allotted_cpus() == 3
+    monkeypatch.setattr(cluster.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda **kwargs: 2)
+    assert cluster.allotted_cpus() == 2
+
+
+def test_an_embedded_ray_starts_with_a_token_written_once_and_private(tmp_path, monkeypatch):
+    from distdiff.cli import make_ray_token_if_none
+
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    token = tmp_path / ".ray" / "auth_token"
+    make_ray_token_if_none()
+    first = token.read_text()
+    assert re.fullmatch(r"[0-9a-f]{64}", first) and token.stat().st_mode & 0o777 == 0o600
+    assert token.parent.stat().st_mode & 0o777 == 0o700
+    # Runs starting at once keep the one written first; Ray's own would each write theirs.
+    make_ray_token_if_none()
+    assert token.read_text() == first
+    # Auth turned off, or a token given otherwise: nothing is written.
+    token.unlink()
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    make_ray_token_if_none()
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "t" * 64)
+    make_ray_token_if_none()
+    assert not token.exists()
+
+
 def test_a_ctrl_c_while_ray_shuts_down_is_not_a_traceback(monkeypatch):
     import ray
 

@@ -11,7 +11,8 @@ from typing import Callable, Dict, Optional
 import ray
 from ray.exceptions import AuthenticationError
 
-from distdiff.cli import RAY_JOB_ENV, fail, keep_ray_token_private, ray_token_available, ray_token_mode
+from distdiff.cli import (RAY_JOB_ENV, fail, keep_ray_token_private, make_ray_token_if_none, ray_token_available,
+                          ray_token_mode)
 from distdiff.distributed.faults import cause
 
 
@@ -66,6 +67,18 @@ def beside_the_job(runtime_env: Optional[Dict[str, object]]) -> Optional[Dict[st
     return {**rest, **({"env_vars": env_vars} if env_vars else {})} or None
 
 
+def allotted_cpus() -> Optional[int]:
+    """The CPUs an embedded Ray offers: those this process may run on (a Slurm job's, taskset's,
+    a container's cpuset), at most Ray's own count. Ray 2.60 counts the machine's cores and a
+    cgroup limit at the root only: a Slurm job of 32 CPUs on a 128-core node offered 128, and
+    sweeps and actors' shares went by them. None where there is no affinity (macOS): Ray's."""
+    if not hasattr(os, "sched_getaffinity"):
+        return None
+    from ray._private.utils import get_num_cpus  # (Ray is pinned; its cgroup quota, e.g. docker --cpus)
+
+    return max(1, min(len(os.sched_getaffinity(0)), int(get_num_cpus(override_docker_cpu_warning=True))))
+
+
 def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: Callable[[str], None] = print,
             runtime_env: Optional[Dict[str, object]] = None) -> bool:
     """Connect to a running cluster (``address``, ``RAY_ADDRESS`` or a local ``ray start``), else
@@ -104,7 +117,9 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
                 "user. `ray get-auth-token --generate` before `ray start --head` turns auth on (README, Usage)")
         keep_ray_token_private(log)
         return False
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, logging_level="warning", runtime_env=runtime_env)
+    make_ray_token_if_none()
+    ray.init(address="local", num_cpus=num_cpus or allotted_cpus(), include_dashboard=False, logging_level="warning",
+             runtime_env=runtime_env)
     why = "as the address 'local' asks" if embedded else "no running cluster found"
     log(f"ray: {why}; started an embedded local Ray: {describe(ray.cluster_resources())}")
     keep_ray_token_private(log)  # (one it made just now among them)
