@@ -119,7 +119,8 @@ def add_ray_arguments(parser) -> None:
     parser.add_argument("--address", default=None,
                         help="Ray cluster address (default: RAY_ADDRESS, a local `ray start` cluster, or an embedded Ray); "
                              "'local' starts an embedded Ray even where a cluster runs.")
-    parser.add_argument("--num-cpus", type=positive_int, default=None, help="CPUs of the embedded Ray (default: those this process may run on, e.g. a Slurm job's).")
+    parser.add_argument("--num-cpus", type=positive_int, default=None,
+                        help="CPUs of the embedded Ray (default: those this process may run on, e.g. a Slurm job's).")
 
 
 def int_at_least(minimum: int, below: Optional[int] = None):
