@@ -20,6 +20,12 @@ from tqdm import tqdm
 from distdiff.rundir import BEST, checkpoint_file, holds_run, not_a_runs
 
 
+# The CPUs this process may run on as it starts (a Slurm job's, taskset's), read before torch is
+# imported: its OpenMP then pins the main thread to one of them where OMP_PROC_BIND or
+# GOMP_CPU_AFFINITY asks (HPC module files set them). None where there is no affinity (macOS).
+STARTED_ON = frozenset(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that answers a bad argument in two lines: with every config field a flag, the
     usage runs to ~50 lines above the one error that matters. A mistyped option gets the
@@ -74,11 +80,18 @@ def make_ray_token_if_none() -> None:
     if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or ray_token_available():
         return
     path = Path.home() / ".ray" / "auth_token"
-    with contextlib.suppress(FileExistsError):
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # Whole before it has the name (a link fails where the name exists): another run must never
+    # read it empty, which Ray takes for no token and writes its own over.
+    tmp = path.with_name(f".auth_token.{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
         with os.fdopen(fd, "w") as f:
             f.write(secrets.token_hex(32))  # (Ray's own: 256 random bits)
+        with contextlib.suppress(OSError):  # one is there already; or no hard links here: Ray writes its own
+            os.link(tmp, path)
+    finally:
+        tmp.unlink()
 
 
 def keep_ray_token_private(log: Callable[[str], None] = print) -> None:

@@ -269,8 +269,8 @@ def random_episodes(env: gym.Env, n_episodes: int, seed: int, progress=None) -> 
 
 
 def standard_error(values: np.ndarray) -> Optional[float]:
-    """The standard error of the mean of ``values`` (sample standard deviation over √n; None
-    for fewer than two)."""
+    """The standard error of the mean of ``values``: their sample standard deviation (n − 1,
+    where ``return_std`` is the population's) over √n; None for fewer than two."""
     values = np.asarray(values, dtype=np.float64)
     return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else None
 

@@ -77,7 +77,8 @@ def wait_until(condition: Callable[[], bool], timeout: float = 120.0) -> None:
 
 def scripted_summary(return_mean: float) -> dict:
     """What an evaluation returns, for tests that script it in place of the real one."""
-    return {"episodes": 1, "return_mean": return_mean, "return_std": 0.0, "normalized_score": return_mean / 10, "terminations": 0,
+    return {"episodes": 1, "return_mean": return_mean, "return_std": 0.0, "return_se": None,
+            "normalized_score": return_mean / 10, "normalized_score_se": None, "terminations": 0,
             "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
 
 

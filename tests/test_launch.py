@@ -601,25 +601,42 @@ def test_train_stopped_by_sigterm_as_it_starts_says_so_as_for_ctrl_c(tmp_path, m
 
 def test_the_launch_scripts_write_stdout_line_by_line_into_files(tmp_path):
     # A batch job's log: a warning or an evaluation shows as it happens, not 8 KB later.
-    code = "from distdiff.cli import line_buffered_output; line_buffered_output(); import sys; " \
-           "print(sys.stdout.line_buffering)"
-    with open(tmp_path / "log", "w") as log:
-        subprocess.run([sys.executable, "-c", code], stdout=log, check=True)
-    assert (tmp_path / "log").read_text().strip() == "True"
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('s', sys.argv[1]); "
+            "spec.loader.exec_module(importlib.util.module_from_spec(spec)); print(sys.stdout.line_buffering)")
+    for name in ("train", "pretrain", "tune", "collect", "evaluate", "visualize"):
+        with open(tmp_path / "log", "w") as log:
+            subprocess.run([sys.executable, "-c", code, str(ROOT / "launch" / f"{name}.py")], stdout=log, check=True)
+        assert (tmp_path / "log").read_text().strip() == "True", name
 
 
-def test_an_embedded_ray_offers_the_cpus_this_process_may_run_on(monkeypatch):
+def test_an_embedded_ray_offers_the_cpus_this_process_may_run_on(tmp_path, monkeypatch):
+    import ray
     import ray._private.utils
 
+    from distdiff import cli
     from distdiff.distributed import cluster
 
-    # A Slurm job of 3 CPUs on a 128-core node; a container with a quota of 2 CPUs on 8.
-    monkeypatch.setattr(cluster.os, "sched_getaffinity", lambda pid: {4, 5, 6}, raising=False)
+    # A Slurm job of 3 CPUs on a 128-core node (as the process started: torch's OpenMP may pin
+    # its main thread to one later); a container with a quota of 2 CPUs on 8.
+    monkeypatch.setattr(cli, "STARTED_ON", frozenset({4, 5, 6}))
     monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda **kwargs: 128)
     assert cluster.allotted_cpus() == 3
-    monkeypatch.setattr(cluster.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(cli, "STARTED_ON", frozenset(range(8)))
     monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda **kwargs: 2)
     assert cluster.allotted_cpus() == 2
+    # What connect() starts an embedded Ray with: those CPUs, and a token already written.
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(
+        (kwargs, (tmp_path / ".ray" / "auth_token").is_file())))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    assert cluster.connect(address="local", log=lambda s: None) is True
+    assert started[0][0]["num_cpus"] == 2 and started[0][1]
+    cluster.connect(address="local", num_cpus=5, log=lambda s: None)  # --num-cpus as given
+    assert started[1][0]["num_cpus"] == 5
 
 
 def test_an_embedded_ray_starts_with_a_token_written_once_and_private(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from typing import Callable, Dict, Optional
 import ray
 from ray.exceptions import AuthenticationError
 
+from distdiff import cli
 from distdiff.cli import (RAY_JOB_ENV, fail, keep_ray_token_private, make_ray_token_if_none, ray_token_available,
                           ray_token_mode)
 from distdiff.distributed.faults import cause
@@ -68,15 +69,16 @@ def beside_the_job(runtime_env: Optional[Dict[str, object]]) -> Optional[Dict[st
 
 
 def allotted_cpus() -> Optional[int]:
-    """The CPUs an embedded Ray offers: those this process may run on (a Slurm job's, taskset's,
-    a container's cpuset), at most Ray's own count. Ray 2.60 counts the machine's cores and a
-    cgroup limit at the root only: a Slurm job of 32 CPUs on a 128-core node offered 128, and
-    sweeps and actors' shares went by them. None where there is no affinity (macOS): Ray's."""
-    if not hasattr(os, "sched_getaffinity"):
+    """The CPUs an embedded Ray offers: those this process could run on as it started
+    (:data:`distdiff.cli.STARTED_ON`: a Slurm job's, taskset's, a container's cpuset), at most
+    Ray's own count. Ray 2.60 counts the machine's cores and a cgroup limit at the root only: a
+    Slurm job of 32 CPUs on a 128-core node offered 128, and sweeps and actors' shares went by
+    them. None where there is no affinity (macOS): Ray's."""
+    if cli.STARTED_ON is None:
         return None
     from ray._private.utils import get_num_cpus  # (Ray is pinned; its cgroup quota, e.g. docker --cpus)
 
-    return max(1, min(len(os.sched_getaffinity(0)), int(get_num_cpus(override_docker_cpu_warning=True))))
+    return max(1, min(len(cli.STARTED_ON), int(get_num_cpus(override_docker_cpu_warning=True))))
 
 
 def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: Callable[[str], None] = print,

@@ -51,7 +51,7 @@ LEARNER_WAIT_NOTE_S = 60.0
 LEARNER_CALL_NOTE_S = 600.0
 # An evaluation's figures that go to TensorBoard (eval/…), metrics.json and best.json alike.
 EVAL_SCALARS = ("return_mean", "normalized_score", "terminations", "alignment_error")
-BEST_KEYS = (*EVAL_SCALARS, "env_steps", "updates", "weights_version")
+BEST_KEYS = (*EVAL_SCALARS, "return_se", "normalized_score_se", "env_steps", "updates", "weights_version")
 # TensorBoard's x axis: learner updates for what the learner's calls report (and the figure,
 # made every `online.figure_every` updates), env steps for the rest.
 UPDATE_AXIS_TAGS = ("losses/", "charts/learning_rate", "perf/updates_per_s", "perf/windows_per_s", "perf/learner_busy",
