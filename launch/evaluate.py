@@ -14,7 +14,7 @@ import operator
 import sys
 from pathlib import Path
 
-from distdiff.cli import (check_output, fail, limit_threads, line_buffered_output, make_parser, note_selection_seeds,
+from distdiff.cli import (HELD_OUT_SEEDS, check_output, fail, limit_threads, line_buffered_output, make_parser,
                           positive_int, progress_bar)
 
 limit_threads()
@@ -26,7 +26,7 @@ from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from distdiff.evaluation import evaluate  # noqa: E402
 from distdiff.files import to_json, write_json  # noqa: E402
-from distdiff.rundir import checkpoint_file, eval_file  # noqa: E402
+from distdiff.rundir import BEST, checkpoint_file, eval_file  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
@@ -54,7 +54,13 @@ def main(argv=None) -> int:
         check_output(args.out, "--out")
     try:
         state = load_checkpoint(args.checkpoint)
-        cfg = config_lib.from_args(args, base=config_lib.from_dict(state["config"]))
+        base = config_lib.from_dict(state["config"])
+        if args.cfg__eval__seed is None and checkpoint_file(args.checkpoint).name == BEST:
+            # The episodes that chose it would judge it better than it is (the winner's curse).
+            args.cfg__eval__seed = base.eval.seed + HELD_OUT_SEEDS
+            print(f"note: {BEST} was chosen by the run's evaluations on eval.seed={base.eval.seed}; it is judged "
+                  f"on other episodes, eval.seed={args.cfg__eval__seed} (--eval.seed for others)", file=sys.stderr)
+        cfg = config_lib.from_args(args, base=base)
         if cfg.online.prior_weight > 0 and args.cfg__online__prior_weight is not None and "prior" not in state:
             fail(f"--online.prior_weight blends a phase-2 checkpoint with the prior it started from, and "
                  f"{args.checkpoint} is not one (it is its own prior): the blend would judge it unchanged")
@@ -62,8 +68,6 @@ def main(argv=None) -> int:
         planner = planner_from_checkpoint(state, cfg)
     except (config_lib.ConfigError, CheckpointError, ValueError) as e:
         fail(str(e))
-    if args.cfg__eval__seed is None:
-        note_selection_seeds(args.checkpoint, cfg.eval.seed, "--eval.seed")
     bar = progress_bar(total=cfg.eval.episodes, desc="evaluate")
     try:
         summary = evaluate(planner, cfg, progress=lambda r: bar.update(1))

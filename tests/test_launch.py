@@ -394,18 +394,23 @@ def test_evaluate(run30, subprocess_env):
     assert "summary:" in proc.stdout
 
 
-def test_evaluating_best_pt_keeps_its_own_summary_and_warns_of_its_selection(run30, tmp_path, subprocess_env):
+def test_evaluating_best_pt_keeps_its_own_summary_and_judges_it_on_other_episodes(run30, tmp_path, subprocess_env):
     shutil.copyfile(run30 / "checkpoint.pt", tmp_path / "checkpoint.pt")
     shutil.copyfile(run30 / "checkpoint.pt", tmp_path / "best.pt")
     common = ("--episodes", 1, "--env.max_episode_steps", 20)
     ok(run("evaluate.py", "--checkpoint", tmp_path, *common, env=subprocess_env))
     proc = ok(run("evaluate.py", "--checkpoint", tmp_path / "best.pt", *common, env=subprocess_env))
-    assert "--eval.seed" in proc.stderr
+    # Judged on other episodes than the run's evaluations chose it on, and it says so.
+    seed = load_checkpoint(run30 / "checkpoint.pt")["config"]["eval"]["seed"]
+    assert f"judged on other episodes, eval.seed={seed + 1_000_000}" in proc.stderr
+    judged = json.loads((tmp_path / "best.eval.json").read_text())
+    assert judged["overrides"]["eval.seed"] == seed + 1_000_000
     # Neither summary overwrites the other.
     assert json.loads((tmp_path / "eval.json").read_text())["checkpoint"] == str(tmp_path)
-    assert json.loads((tmp_path / "best.eval.json").read_text())["checkpoint"] == str(tmp_path / "best.pt")
+    assert judged["checkpoint"] == str(tmp_path / "best.pt")
     proc = ok(run("evaluate.py", "--checkpoint", tmp_path / "best.pt", "--eval.seed", 1, *common, env=subprocess_env))
-    assert "--eval.seed" not in proc.stderr
+    assert "eval.seed" not in proc.stderr
+    assert json.loads((tmp_path / "best.eval.json").read_text())["overrides"]["eval.seed"] == 1
 
 
 def test_evaluate_refuses_a_corrupt_checkpoint(tmp_path, subprocess_env):
