@@ -210,6 +210,19 @@ def drawn_configs(spec, n_live: int = 0):
     return configs
 
 
+def test_each_trial_draws_a_training_seed_of_its_own_unless_the_sweep_sets_one(tmp_path):
+    # The num_samples repeats of a grid point were one run again: the same config, the same seed.
+    sweep = tmp_path / "sweep.yaml"
+    head = f"base: {ROOT / 'configs' / 'smoke.yaml'}\nscheduler: fifo\nnum_samples: 3\n"
+    grid = "space:\n  guidance.scale: {grid: [0.0, 0.1]}\n"
+    sweep.write_text(head + grid)
+    seeds = [c["train.seed"] for c in drawn_configs(load_spec(sweep))]
+    assert len(seeds) == 6 and len(set(seeds)) == 6 and all(0 <= s < 2**31 for s in seeds)
+    assert [c["train.seed"] for c in drawn_configs(load_spec(sweep))] == seeds  # the sweep's seed draws them
+    sweep.write_text(head + "fixed:\n  train.seed: 7\n" + grid)
+    assert all("train.seed" not in c for c in drawn_configs(load_spec(sweep)))
+
+
 def test_a_training_config_given_as_a_sweep_says_where_it_belongs():
     with pytest.raises(ConfigError, match=r"walker2d.yaml looks like a training config \(it has `env:`, `data:`, .*launch/train.py"):
         load_spec(ROOT / "configs" / "walker2d.yaml")
@@ -539,7 +552,8 @@ def test_sweep_is_interrupted_resumed_and_summarized(ray_session, tiny_dataset, 
     assert len(dirs) == 2 and all((d / "metrics.json").is_file() for d in dirs)
 
     table = (storage / "sweep" / "trials.csv").read_text().splitlines()
-    assert table[0].startswith("trial_id,diffusion.schedule,guidance.scale,normalized_score")
+    # With the training seed each trial drew (the sweep sets none).
+    assert table[0].startswith("trial_id,diffusion.schedule,guidance.scale,train.seed,normalized_score")
     assert len(table) == 3
     # Every trial's TensorBoard events (training scalars) sit under the storage dir.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -553,7 +567,9 @@ def test_sweep_is_interrupted_resumed_and_summarized(ray_session, tiny_dataset, 
     best = config_lib.load(storage / "sweep" / "best_config.yaml")
     scores = {json.loads((d / "metrics.json").read_text())["normalized_score"]: d for d in dirs}
     best_dir = scores[max(scores)]
-    assert best.diffusion.schedule == yaml.safe_load((best_dir / "params.json").read_text())["diffusion.schedule"]
+    params = yaml.safe_load((best_dir / "params.json").read_text())
+    assert best.diffusion.schedule == params["diffusion.schedule"]
+    assert best.train.seed == params["train.seed"]  # the best trial as it ran
 
     # launch/train.py takes the best config as it is: what train() checks before any work, and
     # the data it names. (A training from it would add ~15 s of actors to the suite.)

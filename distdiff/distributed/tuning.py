@@ -47,6 +47,7 @@ CUSTOM_RESOURCE_FIELDS = ("online.actor_resource", "online.learner_resource")
 CUSTOM_RESOURCE_WHY = ("a trial's actors are placed in its placement group, whose bundles hold only the CPUs and GPUs "
                        "of the sweep's `resources:`, so an actor that asks for a custom resource is never placed and "
                        "the trial waits forever; a sweep places its actors through `resources:`")
+TRAIN_SEED = "train.seed"  # drawn per trial unless the sweep sets it (param_space)
 REPORTED = ("normalized_score", "alignment_error", "return_mean", "return_std", "env_steps", "updates", "weights_version")
 TIME_ATTR = "updates"  # the schedulers' time (make_scheduler)
 RECORD = "distdiff_sweep.json"  # what a sweep started with, in STORAGE/NAME (sweep_record)
@@ -450,7 +451,12 @@ def _domain(dom: Dict[str, Any], rng: random.Random):
 
 def param_space(spec: SweepSpec) -> Dict[str, Any]:
     rng = random.Random(spec.seed)
-    return {key: _domain(dom, rng) for key, dom in spec.space.items()}
+    space = {key: _domain(dom, rng) for key, dom in spec.space.items()}
+    if TRAIN_SEED not in spec.space and TRAIN_SEED not in spec.fixed:
+        # A training seed of its own per trial, drawn as the rest: the num_samples repeats of a
+        # grid point are replicates, not one run again, and their spread is a seed's.
+        space[TRAIN_SEED] = tune.randint(0, 2**31)
+    return space
 
 
 def search_alg(spec: SweepSpec) -> BasicVariantGenerator:
@@ -756,7 +762,8 @@ def summarize(results, spec: SweepSpec, storage: Path) -> Dict[str, Any]:
     (a YAML that train.py accepts); ``best_config`` is None when no trial did."""
     out_dir = sweep_path(spec, storage)
     df = results.get_dataframe()
-    columns = ["trial_id"] + [f"config/{k}" for k in spec.space] + [m for m in REPORTED if m in df.columns]
+    drawn = [*spec.space, *([TRAIN_SEED] if TRAIN_SEED not in spec.space else [])]  # (with the seed param_space drew)
+    columns = ["trial_id"] + [f"config/{k}" for k in drawn] + [m for m in REPORTED if m in df.columns]
     table = df[[c for c in columns if c in df.columns]].rename(columns=lambda c: c.removeprefix("config/"))
     csv_path = out_dir / "trials.csv"
     table.to_csv(csv_path, index=False)
@@ -766,7 +773,7 @@ def summarize(results, spec: SweepSpec, storage: Path) -> Dict[str, Any]:
     best_path = out_dir / "best_config.yaml"
     if finished:
         best = (max if spec.mode == "max" else min)(finished, key=lambda r: r.metrics[spec.metric])
-        config_lib.save(spec.train_config({k: best.config[k] for k in spec.space}), best_path)
+        config_lib.save(spec.train_config({k: best.config[k] for k in drawn if k in best.config}), best_path)
     else:
         # An earlier sweep of the same name may have left one beside this sweep's table.
         best_path.unlink(missing_ok=True)
