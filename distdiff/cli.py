@@ -221,11 +221,6 @@ def default_run_dir(kind: str) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-# Where launch/evaluate.py judges best.pt by default: this many seeds past the run's eval.seed,
-# beyond the episodes of any evaluation that chose it.
-HELD_OUT_SEEDS = 1_000_000
-
-
 def note_selection_seeds(checkpoint: Path, seed: int, flag: str) -> None:
     """best.pt was chosen by the run's evaluations on its eval.seed: judged on those episodes
     again, it looks better than it is. Said when a script does that."""

@@ -18,6 +18,13 @@ class EvaluationStopped(Exception):
     """An evaluation's ``stop`` said so before a plan."""
 
 
+def held_out_seed(seed: int) -> int:
+    """Where to judge a checkpoint that evaluations on ``seed`` chose (a run's ``best.pt``):
+    episode i of an evaluation resets with seed + i, so a million seeds on are other episodes.
+    On the ones that chose it, it tends to read high (the winner's curse)."""
+    return (seed + 1_000_000) % 2**63
+
+
 def evaluate(planner: Planner, cfg: Optional[Config] = None, *, episodes: Optional[int] = None,
              seed: Optional[int] = None, progress: Optional[Callable[[EpisodeResult], None]] = None,
              stop: Optional[Callable[[], bool]] = None) -> dict:

@@ -14,8 +14,8 @@ import operator
 import sys
 from pathlib import Path
 
-from distdiff.cli import (HELD_OUT_SEEDS, check_output, fail, limit_threads, line_buffered_output, make_parser,
-                          positive_int, progress_bar)
+from distdiff.cli import (check_output, fail, limit_threads, line_buffered_output, make_parser, positive_int,
+                          progress_bar)
 
 limit_threads()
 line_buffered_output()
@@ -24,7 +24,7 @@ import torch  # noqa: E402
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from distdiff.evaluation import evaluate  # noqa: E402
+from distdiff.evaluation import evaluate, held_out_seed  # noqa: E402
 from distdiff.files import to_json, write_json  # noqa: E402
 from distdiff.rundir import BEST, checkpoint_file, eval_file  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
         base = config_lib.from_dict(state["config"])
         if args.cfg__eval__seed is None and checkpoint_file(args.checkpoint).name == BEST:
             # The episodes that chose it would judge it better than it is (the winner's curse).
-            args.cfg__eval__seed = base.eval.seed + HELD_OUT_SEEDS
+            args.cfg__eval__seed = held_out_seed(base.eval.seed)
             print(f"note: {BEST} was chosen by the run's evaluations on eval.seed={base.eval.seed}; it is judged "
                   f"on other episodes, eval.seed={args.cfg__eval__seed} (--eval.seed for others)", file=sys.stderr)
         cfg = config_lib.from_args(args, base=base)

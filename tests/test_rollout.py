@@ -422,3 +422,11 @@ def test_stream_seeds_are_63_bit_and_apart_for_every_key():
     # The run's seed and the key are kept apart, as one list of 32-bit words would not.
     assert stream_seed(0, 1, 2) != stream_seed(2**32 + 0, 2) and stream_seed(0, 1) != stream_seed(1, 0)
     assert stream_seed(7, 3, 4) == stream_seed(7, 3, 4)
+
+
+def test_best_pt_is_judged_on_other_episodes_within_the_seeds_range():
+    from distdiff.evaluation import held_out_seed
+
+    # Episode i resets with seed + i: a million on, no evaluation of a run reaches them.
+    assert held_out_seed(10_000) == 1_010_000
+    assert 0 <= held_out_seed(2**63 - 1) < 2**63  # (the config's range of eval.seed)
