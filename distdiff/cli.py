@@ -17,7 +17,7 @@ from typing import Callable, Iterator, Optional
 
 from tqdm import tqdm
 
-from distdiff.rundir import BEST, checkpoint_file, holds_run, not_a_runs
+from distdiff.rundir import BEST, checkpoint_file, foreign_run_files, holds_run
 
 
 # The CPUs this process may run on as it starts (a Slurm job's, taskset's), read before torch is
@@ -66,10 +66,14 @@ def line_buffered_output() -> None:
         sys.stdout.reconfigure(line_buffering=True)
 
 
+def ray_token_file() -> Path:
+    """Ray's own token file, ``~/.ray/auth_token`` (RAY_AUTH_TOKEN_PATH names another)."""
+    return Path.home() / ".ray" / "auth_token"
+
+
 def ray_token_available() -> bool:
     """Whether Ray finds an auth token here: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
-    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")) or \
-        (Path.home() / ".ray" / "auth_token").is_file()
+    return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")) or ray_token_file().is_file()
 
 
 def make_ray_token_if_none() -> None:
@@ -79,7 +83,7 @@ def make_ray_token_if_none() -> None:
     each write theirs over it, and processes started later read another run's."""
     if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token" or ray_token_available():
         return
-    path = Path.home() / ".ray" / "auth_token"
+    path = ray_token_file()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     # Whole before it has the name (a link fails where the name exists): another run must never
     # read it empty, which Ray takes for no token and writes its own over.
@@ -99,7 +103,7 @@ def keep_ray_token_private(log: Callable[[str], None] = print) -> None:
     it with the umask's mode (0644 as a rule), and the token lets whoever holds it run code on
     every cluster it guards: on a shared server, any other user could read it. A file named by
     RAY_AUTH_TOKEN_PATH, or a link, is left as it is (a team's token may be shared on purpose)."""
-    path = Path.home() / ".ray" / "auth_token"
+    path = ray_token_file()
     getuid = getattr(os, "getuid", None)  # (not on Windows)
     with contextlib.suppress(OSError):  # none there, or not ours to change
         st = path.lstat()
@@ -166,7 +170,7 @@ def check_run_dir(run_dir: Path, *, overwrite: bool, keep: Optional[Path] = None
     check_outside_job_copy(run_dir, "--run-dir")
     check_output(run_dir, "--run-dir", directory=True)
     if not holds_run(run_dir):
-        others = not_a_runs(run_dir)  # (the library refuses them too, later)
+        others = foreign_run_files(run_dir)  # (the library refuses them too, later)
         if others:
             fail(f"{run_dir} holds no run, and {', '.join(others)} of something else, which the run would write over "
                  f"(and --overwrite remove): choose a new or empty --run-dir")

@@ -25,21 +25,25 @@ from distdiff.training import Trainer, check_env, resolve_device, seed_everythin
 MAX_SKIPPED_IN_A_ROW = 100
 
 
+def _source(cfg: Config, own: Optional[str], log) -> Dict[str, object]:
+    """Where :func:`have_or_collect` finds the config's dataset (``own``: see :func:`load_data`)."""
+    d = cfg.data
+    return dict(dataset_id=d.dataset_id if own is None else own, download=d.download,
+                fallback_id=d.fallback_dataset_id if own is None or own == d.fallback_dataset_id else "",
+                fallback_episodes=d.fallback_episodes, env_id=cfg.env.id, max_episode_steps=cfg.env.max_episode_steps,
+                seed=cfg.train.seed, log=log)
+
+
 def load_data(cfg: Config, *, own: Optional[str] = None, log=print) -> LoadedDataset:
     """The config's dataset (or its fallback, collected if missing). ``own``: the dataset that the
     checkpoint of a run being resumed trained on, which the run goes on with, whatever the config
     names. No fallback stands in for it (random-policy episodes for the rest of its training)
     unless it was the fallback, collected again where it is missing."""
     d = cfg.data
-    dataset_id = d.dataset_id if own is None else own
-    fallback_id = d.fallback_dataset_id if own is None or own == d.fallback_dataset_id else ""
     if own is not None and own != d.dataset_id:
         log(f"resuming on the run's own dataset {own!r}, not on {d.dataset_id!r}, which the config names")
     try:
-        return load_or_collect(dataset_id, download=d.download, fallback_id=fallback_id,
-                               fallback_episodes=d.fallback_episodes, env_id=cfg.env.id, obs_dim=cfg.env.obs_dim,
-                               act_dim=cfg.env.act_dim, max_episode_steps=cfg.env.max_episode_steps,
-                               seed=cfg.train.seed, log=log)
+        return load_or_collect(**_source(cfg, own, log), obs_dim=cfg.env.obs_dim, act_dim=cfg.env.act_dim)
     except DatasetMissing as e:
         if own is None or not d.fallback_dataset_id:
             raise
@@ -50,10 +54,7 @@ def load_data(cfg: Config, *, own: Optional[str] = None, log=print) -> LoadedDat
 def dataset_to_train_on(cfg: Config, log=print) -> str:
     """The id of the dataset :func:`load_data` would load (had now: downloaded, or the fallback
     collected), without reading its episodes."""
-    d = cfg.data
-    return have_or_collect(d.dataset_id, download=d.download, fallback_id=d.fallback_dataset_id,
-                           fallback_episodes=d.fallback_episodes, env_id=cfg.env.id,
-                           max_episode_steps=cfg.env.max_episode_steps, seed=cfg.train.seed, log=log)
+    return have_or_collect(**_source(cfg, None, log))
 
 
 def trained_on(cfg: Config, data: LoadedDataset) -> Config:

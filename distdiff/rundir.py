@@ -49,7 +49,7 @@ def holds_run(run_dir: str | Path) -> bool:
     return resume_checkpoint(run_dir).is_file()
 
 
-def not_a_runs(run_dir: str | Path) -> List[str]:
+def foreign_run_files(run_dir: str | Path) -> List[str]:
     """The files of a run's names in ``run_dir`` that no run wrote, which a new run there would
     write over and ``clear_run`` would remove (a --run-dir of ~, or of a project's root): where it
     holds no run, those beside a ``config.yaml`` that is not a distdiff config (a run writes its
@@ -69,7 +69,7 @@ def check_new_run(run_dir: str | Path, *, resume: bool, overwrite: bool) -> None
     if not resume and not overwrite and holds_run(run_dir):
         raise FileExistsError(f"{run_dir} holds a run already: resume=True continues it, overwrite=True replaces it "
                               f"(--resume, --overwrite on the command line)")
-    others = [] if resume else not_a_runs(run_dir)
+    others = [] if resume else foreign_run_files(run_dir)
     if others:
         raise FileExistsError(f"{run_dir} holds no run, and {', '.join(others)} of something else, which a run there "
                               f"would write over: choose a new or empty run dir")

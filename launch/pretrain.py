@@ -28,7 +28,8 @@ from distdiff.rundir import CHECKPOINT  # noqa: E402
 def main(argv=None) -> int:
     p = make_parser(__doc__)
     p.add_argument("--dataset", default=None, help="Minari dataset id (same as --data.dataset_id).")
-    p.add_argument("--run-dir", type=Path, default=None, help="Where checkpoints and TensorBoard logs go (default runs/pretrain-TIME-HEX, HEX random).")
+    p.add_argument("--run-dir", type=Path, default=None,
+                   help="Where checkpoints and TensorBoard logs go (default runs/pretrain-TIME-HEX, HEX random).")
     p.add_argument("--resume", nargs="?", const=True, default=None, type=Path, metavar="RUN_DIR",
                    help="Continue the run in RUN_DIR (or --run-dir) from its checkpoint (same step count).")
     p.add_argument("--init", type=Path, default=None,

@@ -156,7 +156,7 @@ def load_minari(dataset_id: str, *, download: bool = False, log=print):
     except Exception as e:  # whatever Minari's HTTP client raises: told apart by unreachable()
         if unreachable(e):
             raise DatasetMissing(_missing_message(dataset_id, f"download failed ({type(e).__name__}: {e})")) from e
-        # A network, and a remote that failed (busy, rate-limited) or a disk that did: training
+        # Reached, and the remote failed (busy, rate-limited) or a disk did: training
         # on the fallback's random-policy episodes instead would waste the run.
         raise DatasetError(f"dataset {dataset_id!r} could not be downloaded ({type(e).__name__}: {e}); the fallback "
                            f"stands in only where the remote cannot be reached: try again later") from e

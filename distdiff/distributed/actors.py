@@ -94,9 +94,10 @@ def check_code_on_every_node(driver_code) -> List[str]:
     checks = [code_check_task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False))
               .remote(driver_code) for node in ray.nodes() if node["Alive"]]
     checked = []
-    for check in checks:
+    while checks:  # in completion order: each result taken is in already
+        (done,), checks = ray.wait(checks, num_returns=1)
         try:
-            checked.append(ray.get(check))
+            checked.append(ray.get(done))
         except (TaskUnschedulableError, NodeDiedError):
             pass  # a node that is draining (an autoscaler's idle one) or left: the run will not use it
         except RayError as e:  # a mismatch, or a worker that could not start at all

@@ -205,7 +205,8 @@ def describe_evaluation(summary: Dict[str, object], at: Dict[str, int], seconds:
              + (f", s.e. {se:.1f})" if se is not None else ")")]
     if summary["normalized_score"] is not None:
         score_se = summary["normalized_score_se"]
-        parts.append(f"score {summary['normalized_score']:.2f}" + (f" ± {score_se:.2f} s.e." if score_se is not None else ""))
+        parts.append(f"score {summary['normalized_score']:.2f}"
+                     + (f" ± {score_se:.2f} s.e." if score_se is not None else ""))
     parts.append(f"{summary['terminations']} of {_count(summary['episodes'], 'episode')} terminated by the env")
     if summary["alignment_error"] is not None:
         parts.append(f"alignment error {summary['alignment_error']:.3f}")
