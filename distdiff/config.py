@@ -514,14 +514,18 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
 
 @functools.lru_cache(maxsize=None)
 def _made(env_id: str):
-    """``(problem, (observation shape, action shape))``: why ``env_id`` cannot be made here ("" if
-    it can): unknown, or its simulator is not installed (Gymnasium's v2/v3 MuJoCo envs need
-    mujoco-py), or a MUJOCO_GL that MuJoCo does not import with."""
+    """``(problem, (observation shape, action shape), replayable)``: why ``env_id`` cannot be made
+    here ("" if it can): unknown, or its simulator is not installed (Gymnasium's v2/v3 MuJoCo envs
+    need mujoco-py), or a MUJOCO_GL that MuJoCo does not import with; and whether plans can be
+    replayed in it to measure their alignment error (:func:`distdiff.rollout.can_replay`)."""
     import gymnasium as gym
+
+    from distdiff.rollout import can_replay
 
     try:
         made = gym.make(env_id)
         shapes = made.observation_space.shape, made.action_space.shape
+        replayable = can_replay(made)
         made.close()
     except Exception as e:  # a probe: whatever stops it here would stop every rollout actor
         # MuJoCo reads MUJOCO_GL on import: a backend set for rendering elsewhere (osmesa, egl)
@@ -530,14 +534,14 @@ def _made(env_id: str):
         problem = _import_problem("mujoco") if gl else ""
         why = (f"MuJoCo does not import with MUJOCO_GL={gl} ({problem}); training does not render: unset "
                f"MUJOCO_GL, or install that backend") if problem else f"{type(e).__name__}: {e}"
-        return why, None
-    return "", shapes
+        return why, None, False
+    return "", shapes, replayable
 
 
 def _env_problem(env: EnvConfig) -> str:
     """Why ``env`` cannot be trained here ("" if it can): its id cannot be made (:func:`_made`),
     or its spaces have other sizes than ``obs_dim``/``act_dim``."""
-    why, shapes = _made(env.id)
+    why, shapes, _ = _made(env.id)
     if why:
         return f"env.id {env.id!r} cannot be made here: {why}"
     if shapes != ((env.obs_dim,), (env.act_dim,)):
@@ -546,6 +550,16 @@ def _env_problem(env: EnvConfig) -> str:
                 f"config's env.obs_dim and env.act_dim are {env.obs_dim} and {env.act_dim}: pass --env.obs_dim and "
                 f"--env.act_dim")
     return ""
+
+
+def alignment_problem(env_id: str) -> str:
+    """Why the alignment error cannot be measured in ``env_id`` ("" if it can, or if the env
+    cannot be made at all, which :func:`check_trainable` reports on its own)."""
+    why, _, replayable = _made(env_id)
+    if why or replayable:
+        return ""
+    return (f"env.id {env_id!r} is not a MuJoCo env: the alignment error replays each plan's actions in a copy "
+            f"of the env set to the real one's physics state, which only MuJoCo envs allow")
 
 
 def _import_problem(module: str) -> str:
@@ -579,6 +593,9 @@ def check_trainable(cfg: Config) -> None:
     problem = _env_problem(cfg.env)
     if problem:
         errors.append(problem)
+    problem = alignment_problem(cfg.env.id)
+    if problem:
+        errors.append(f"{problem} (phase 2 measures it on every run)")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 

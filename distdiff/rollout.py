@@ -40,6 +40,13 @@ def make_env(env_id: str, max_episode_steps: Optional[int] = None) -> gym.Env:
     return gym.make(env_id, max_episode_steps=max_episode_steps)
 
 
+def can_replay(env: gym.Env) -> bool:
+    """Whether plans can be replayed in a shadow copy of ``env`` (:func:`replay_actions`): only
+    MuJoCo envs expose their physics state and let it be set."""
+    unwrapped = env.unwrapped
+    return all(hasattr(unwrapped, name) for name in ("data", "set_state", "_get_obs"))
+
+
 def physics_state(env: gym.Env):
     data = env.unwrapped.data
     return data.qpos.copy(), data.qvel.copy()

@@ -151,6 +151,14 @@ def test_another_env_with_walker2d_sizes_is_refused_before_training():
     config.check_trainable(config.load(None, {"env.id": "Hopper-v5", "env.obs_dim": 11, "env.act_dim": 3}))
 
 
+def test_an_env_whose_plans_cannot_be_replayed_is_refused_before_training():
+    # Phase 2 measures the alignment error in a shadow env set to the real physics state: in an
+    # env other than MuJoCo every rollout failed on it, after pretraining.
+    with pytest.raises(ConfigError, match=re.escape("env.id 'Pendulum-v1' is not a MuJoCo env")):
+        config.check_trainable(config.load(None, {"env.id": "Pendulum-v1", "env.obs_dim": 3, "env.act_dim": 1}))
+    assert config.alignment_problem("Walker2d-v5") == ""
+
+
 def test_all_problems_are_reported_at_once():
     message = _error({"model.horizon": -8, "diffusion.schedule": "quadratic", "guidance.scale": 0.5,
                       "train.train_value": False, "planner.sampler": "euler"})

@@ -119,6 +119,20 @@ def test_evaluate_interrupted_says_how_far_it_got_and_writes_nothing(run30, tmp_
     assert not out.exists()
 
 
+def test_evaluate_refuses_an_env_without_physics_to_replay_before_any_episode(run30, monkeypatch, capsys):
+    import distdiff.cli
+
+    monkeypatch.setattr(distdiff.cli, "limit_threads", lambda: None)
+    monkeypatch.setattr(distdiff.cli, "default_ray_auth", lambda: None)
+    script = launch_script("evaluate")
+    monkeypatch.setattr(script.config_lib, "alignment_problem", lambda env_id: f"env.id {env_id!r} is not a MuJoCo env")
+    monkeypatch.setattr(script, "evaluate", lambda *a, **kw: pytest.fail("evaluated"))
+    with pytest.raises(SystemExit) as stopped:
+        script.main(["--checkpoint", str(run30), "--episodes", "1"])
+    assert stopped.value.code == 2
+    assert "is not a MuJoCo env: pass --eval.measure_alignment false" in capsys.readouterr().err
+
+
 def test_collect_refuses_an_existing_id(tiny_dataset, tiny_episodes, subprocess_env):
     proc = run("collect.py", "--policy", "random", "--episodes", 2, "--dataset-id", tiny_dataset, env=subprocess_env)
     assert proc.returncode != 0

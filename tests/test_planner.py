@@ -196,3 +196,19 @@ def test_return_conditioning_takes_its_quantile_and_scale_from_the_config():
                           returns_condition=True)
     out = planner.model(torch.zeros(2, 4, 2), torch.zeros(2, dtype=torch.long))
     torch.testing.assert_close(out, torch.full((2, 4, 2), -1.0 + 2.0 * (0.8 - -1.0)))  # out_∅ + w·(out_R − out_∅)
+
+
+def test_evaluating_in_an_env_without_physics_to_replay_needs_measurement_off():
+    from distdiff.evaluation import evaluate
+    from _helpers import gaussian_normalizer
+
+    cfg = config.load(SMOKE_CONFIG, {"env.id": "Pendulum-v1", "env.obs_dim": 3, "env.act_dim": 1,
+                                     "env.max_episode_steps": 12, "eval.episodes": 1, "eval.num_envs": 1})
+    normalizer = gaussian_normalizer(layout_of(cfg).transition_dim)
+    diffusion, denoiser, value, dynamics = build_models(cfg, normalizer)
+    planner = Planner.from_config(cfg, diffusion=diffusion, denoiser=denoiser, value=value, normalizer=normalizer)
+    with pytest.raises(ValueError, match="Pendulum-v1 is not a MuJoCo env.*eval.measure_alignment false"):
+        evaluate(planner, cfg)
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, measure_alignment=False))
+    summary = evaluate(planner, cfg)
+    assert summary["episodes"] == 1 and summary["episode_length_mean"] == 12
