@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from distdiff.config import Config, GuidanceConfig, PlannerConfig
-from distdiff.diffusion.gaussian import GaussianDiffusion
+from distdiff.diffusion.gaussian import GaussianDiffusion, Guide
 from distdiff.diffusion.guidance import ReturnConditioned, ValueGuide
 from distdiff.nn.dynamics import model_rollout, rollout_error
 from distdiff.normalizer import Normalizer
@@ -19,7 +19,7 @@ from distdiff.normalizer import Normalizer
 class Plan(NamedTuple):
     states: np.ndarray  # [B, H, obs_dim], env units; states[:, 0] is the given observation
     actions: np.ndarray  # [B, H, act_dim], env units
-    values: Optional[np.ndarray]  # [B] V of the executed plan (standardized) when guided or best of guidance.n_candidates by V, else None
+    values: Optional[np.ndarray]  # [B] V of the executed plan (standardized) when guided by V or best of guidance.n_candidates by V, else None
     trajectories: torch.Tensor  # [B, H, D] normalized, as sampled
 
 
@@ -37,11 +37,17 @@ class Planner:
         returns_condition: bool = False,
         device: str | torch.device = "cpu",
         config: Optional[Config] = None,
+        guide: Optional[Guide] = None,
     ):
         """``config``: the whole config the planner was made from, which :func:`distdiff.evaluation.evaluate`
-        judges it with unless given another (:meth:`from_config` sets it)."""
-        if (guidance.scale > 0 or guidance.n_candidates > 1) and value is None:
-            raise ValueError("guidance and candidate selection need a value network")
+        judges it with unless given another (:meth:`from_config` sets it).
+
+        ``guide``: a guidance step of your own (:class:`distdiff.diffusion.gaussian.Guide`, e.g. a
+        :class:`ValueGuide` over a goal's cost), in place of the value guide that ``guidance``
+        describes, whose scale is then not used. It sees plans in normalized units
+        (``normalizer``). Plans are still picked by V among ``guidance.n_candidates``."""
+        if ((guidance.scale > 0 and guide is None) or guidance.n_candidates > 1) and value is None:
+            raise ValueError("value guidance and candidate selection need a value network")
         if planner.dynamics_candidates > 1 and dynamics is None:
             raise ValueError("planner.dynamics_candidates > 1 needs a dynamics model")
         if planner.dynamics_candidates > 1 and planner.dynamics_rank == "value" and value is None:
@@ -57,8 +63,8 @@ class Planner:
         self.model = denoiser
         if returns_condition:
             self.model = ReturnConditioned(denoiser, returns=guidance.return_quantile, scale=guidance.return_scale)
-        self.guide = None
-        if value is not None and guidance.scale > 0:
+        self.guide = guide
+        if guide is None and value is not None and guidance.scale > 0:
             self.guide = ValueGuide(
                 value,
                 scale=guidance.scale,
@@ -67,13 +73,15 @@ class Planner:
                 # Diffuser's clipped σ_t²: the true σ_0² = 0 would switch guidance off at t = 0.
                 posterior_variance=diffusion.posterior_log_variance_clipped.exp() if guidance.scale_grad_by_std else None,
             )
+        self.guided_by_value = guide is None and self.guide is not None
 
     @classmethod
-    def from_config(cls, cfg: Config, *, diffusion, denoiser, value, normalizer, dynamics=None, device="cpu") -> "Planner":
+    def from_config(cls, cfg: Config, *, diffusion, denoiser, value, normalizer, dynamics=None, device="cpu",
+                    guide: Optional[Guide] = None) -> "Planner":
         return cls(diffusion=diffusion, denoiser=denoiser, value=value if cfg.train.train_value else None,
                    dynamics=dynamics if cfg.train.train_dynamics else None,
                    normalizer=normalizer, guidance=cfg.guidance, planner=cfg.planner,
-                   returns_condition=cfg.model.returns_condition, device=device, config=cfg)
+                   returns_condition=cfg.model.returns_condition, device=device, config=cfg, guide=guide)
 
     def sample(self, cond: torch.Tensor, generator: Optional[torch.Generator] = None):
         if self.cfg.sampler == "ddim":
@@ -102,8 +110,8 @@ class Planner:
             x = x.reshape(b, n, *x.shape[1:])[torch.arange(b), best]
             n = 1
         values = None
-        # An unguided single-plan planner skips V: its forward pass is a fifth of a 2-step plan.
-        if self.guidance.n_candidates > 1 or self.guide is not None:
+        # A single plan not guided by V skips V: its forward pass is a fifth of a 2-step plan.
+        if self.guidance.n_candidates > 1 or self.guided_by_value:
             t0 = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             values = self.value(x, t0).reshape(b, n)
             best = values.argmax(dim=1)

@@ -17,6 +17,7 @@ from distdiff.checkpoint import CheckpointError, load_checkpoint
 from distdiff.config import Config, ConfigError, from_dict, net_fields, value_of
 from distdiff.data.minari_io import env_family
 from distdiff.data.windows import Batch
+from distdiff.diffusion.gaussian import Guide
 from distdiff.models import NETS, build_models
 from distdiff.nn.dynamics import transition_loss
 from distdiff.normalizer import Normalizer
@@ -460,11 +461,12 @@ def check_made_with(state: Dict[str, object], cfg: Config) -> None:
 
 
 def planner_from_checkpoint(state: Dict[str, object] | str | Path, cfg: Optional[Config] = None,
-                            device="cpu") -> Planner:
+                            device="cpu", guide: Optional[Guide] = None) -> Planner:
     """A planner with the checkpoint's EMA weights (no optimizers built), blended with the
     prior's by ``online.prior_weight``. ``state``: a checkpoint, loaded (:func:`load_checkpoint`)
     or its path (a run dir means its ``checkpoint.pt``); ``cfg``: how it acts, by default the
-    config it was trained with (only fields that do not make its nets may differ)."""
+    config it was trained with (only fields that do not make its nets may differ); ``guide``: a
+    guidance step of your own in place of the value guide (:class:`Planner`)."""
     if isinstance(state, (str, Path)):
         state = load_checkpoint(state)
     cfg = cfg or from_dict(state["config"])
@@ -485,7 +487,7 @@ def planner_from_checkpoint(state: Dict[str, object] | str | Path, cfg: Optional
         raise misfit(state, cfg, e) from e
     return Planner.from_config(cfg, diffusion=models.diffusion.to(device), denoiser=models.denoiser.to(device).eval(),
                                value=models.value.to(device).eval(), dynamics=models.dynamics.to(device).eval(),
-                               normalizer=normalizer, device=device)
+                               normalizer=normalizer, device=device, guide=guide)
 
 
 def has_dynamics(state: Dict[str, object], cfg: Config) -> bool:

@@ -1,6 +1,7 @@
 """Checkpoints restore a learner exactly and refuse anything that is not a distdiff checkpoint."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -98,6 +99,19 @@ def test_planner_from_checkpoint_plans_like_the_trainer(trained, tiny_episodes):
     b = trainer.planner().plan(obs, generator=torch.Generator().manual_seed(0))
     assert torch.equal(a.trajectories, b.trajectories)
     np.testing.assert_array_equal(a.actions, b.actions)
+    calls = []
+
+    def guide(x, t, clamp):
+        calls.append(int(t[0]))
+        return x
+
+    # A guide of your own in place of the value guide, here one that leaves plans be: they are
+    # those of the same checkpoint with its value guidance off.
+    unguided = dataclasses.replace(planner.config, guidance=dataclasses.replace(planner.config.guidance, scale=0.0))
+    assert planner.config.guidance.scale > 0
+    expected = planner_from_checkpoint(path, unguided).plan(obs, generator=torch.Generator().manual_seed(0))
+    planned = planner_from_checkpoint(path, guide=guide).plan(obs, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(planned.trajectories, expected.trajectories) and calls
 
 
 def test_checkpoint_for_another_model_config_is_refused(trained):

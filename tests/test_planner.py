@@ -159,6 +159,30 @@ def test_a_planner_with_a_guidance_scale_plans_higher_values_from_the_same_noise
     assert (values[0.5] > values[0.0]).all(), values
 
 
+def test_a_guide_of_your_own_steers_the_plans_in_place_of_the_value_guide():
+    # A goal-reaching guide, the planner with no value net: the last planned state moves toward
+    # the goal (in normalized units, as the guide sees plans), s_0 stays the observation.
+    goal = 2.0
+
+    def closeness(x, t):
+        return -(LAYOUT.states(x)[:, -1, 0] - goal) ** 2
+
+    d = gaussian_diffusion("cosine", 20, "x0")
+    plans = {}
+    for name, guide in (("unguided", None), ("goal", ValueGuide(closeness, scale=0.5, n_steps=2))):
+        planner = Planner(diffusion=d, denoiser=exact_denoiser(d), value=None, normalizer=TOY_NORMALIZER,
+                          guidance=GuidanceConfig(scale=0.0), planner=PlannerConfig(sampler="ddim", ddim_steps=4),
+                          guide=guide)
+        plans[name] = planner.plan(TOY_OBS, generator=torch.Generator().manual_seed(5))
+        np.testing.assert_array_equal(plans[name].states[:, 0], TOY_OBS)
+        assert plans[name].values is None  # V neither guided nor chose them
+    distance = {name: (LAYOUT.states(p.trajectories)[:, -1, 0] - goal).abs() for name, p in plans.items()}
+    assert (distance["goal"] < distance["unguided"]).all(), distance
+    with pytest.raises(ValueError, match="value guidance and candidate selection need a value network"):
+        Planner(diffusion=d, denoiser=exact_denoiser(d), value=None, normalizer=TOY_NORMALIZER,
+                guidance=GuidanceConfig(scale=0.0, n_candidates=2), planner=PlannerConfig())
+
+
 # ----- the config reaches the sampler: each option, through Planner ---------------------------
 
 def test_the_guide_takes_its_steps_scale_and_stopgrad_from_the_config():
