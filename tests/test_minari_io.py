@@ -394,7 +394,8 @@ def test_dataset_ids_need_a_version_number():
     from minari.dataset.minari_dataset import DATASET_ID_RE
 
     for dataset_id in ("local/walker2d/sac.medium-v0", "../walker2d-v0", "local/../../x-v0", "/tmp/x-v0", "a/x-v0",
-                       "local/walker2d/random-v0", "mujoco/walker2d/medium-v12", "walker2d_mine-v3", "a-b/c_d/e-f-v0"):
+                       "local/walker2d/random-v0", "mujoco/walker2d/medium-v12", "walker2d_mine-v3", "a-b/c_d/e-f-v0",
+                       "local/walker2d/random-v0\n"):  # (a trailing newline: Minari writes nothing of it)
         assert bool(DATASET_ID.match(dataset_id)) == bool(DATASET_ID_RE.fullmatch(dataset_id)), dataset_id
     # Nor is one read, wherever it comes from (a checkpoint's config skips validation).
     with pytest.raises(DatasetError, match="must look like namespace/name-vN"):

@@ -20,7 +20,7 @@ REFERENCE_SCORES = {"Walker2d": (WALKER2D_REF_MIN_SCORE, WALKER2D_REF_MAX_SCORE)
                     "Hopper": (-20.272305, 3234.3), "HalfCheetah": (-280.178953, 12135.0)}
 # What Minari accepts as an id (its DATASET_ID_RE: optional namespaces, a name, no `.` anywhere,
 # so never a path out of the store), with the version that distdiff needs.
-DATASET_ID = re.compile(r"^(?:[-\w][-\w/]*[-\w]+/)?[-\w]+?-v\d+$")
+DATASET_ID = re.compile(r"^(?:[-\w][-\w/]*[-\w]+/)?[-\w]+?-v\d+\Z")
 # Ids this machine makes (launch/collect.py, the fallback): never looked up on the remote.
 LOCAL_NAMESPACE = "local/"
 
