@@ -387,6 +387,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     from distdiff.training import LR_SCHEDULES
     from distdiff.data.windows import VALUE_TARGETS
     from distdiff.data.minari_io import DATASET_ID, LOCAL_NAMESPACE
+    from distdiff.nn.temporal import group_norm_problem
 
     e: List[str] = list(errors or [])
 
@@ -423,13 +424,20 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(cfg.data.value_target in VALUE_TARGETS, f"data.value_target must be one of {list(VALUE_TARGETS)}, got {cfg.data.value_target!r}")
     positive("model.horizon", "model.dynamics_dim")
     need(len(cfg.model.dim_mults) > 0 and all(m > 0 for m in cfg.model.dim_mults), "model.dim_mults must be positive integers")
+    factor = 2 ** (len(cfg.model.dim_mults) - 1)
     if cfg.model.horizon > 0 and cfg.model.dim_mults:
-        factor = 2 ** (len(cfg.model.dim_mults) - 1)
         need(cfg.model.horizon % factor == 0, f"model.horizon {cfg.model.horizon} must be a multiple of {factor} for dim_mults {cfg.model.dim_mults}")
     for key in ("dim", "value_dim"):
         # Both nets embed the noise level sinusoidally: half sines, half cosines, over >= 2 frequencies.
         need(getattr(cfg.model, key) >= 4 and getattr(cfg.model, key) % 2 == 0,
              f"model.{key} must be an even number >= 4, got {getattr(cfg.model, key)}")
+        if cfg.model.horizon > 0 and cfg.model.dim_mults and cfg.model.horizon % factor == 0 and all(
+                m > 0 for m in cfg.model.dim_mults):
+            problem = group_norm_problem(cfg.model.horizon, getattr(cfg.model, key), cfg.model.dim_mults,
+                                         unet=key == "dim")
+            net = "the denoiser" if key == "dim" else "the value net"
+            need(not problem, f"model.{key} {getattr(cfg.model, key)} with model.horizon {cfg.model.horizon}: {problem} "
+                              f"in {net}; raise either")
     need(not cfg.model.dim_mults or cfg.model.dim_mults[0] == 1,
          f"model.dim_mults must start with 1 (the U-Net's outer level has model.dim channels), got {cfg.model.dim_mults}")
     need(cfg.model.kernel_size >= 1 and cfg.model.kernel_size % 2 == 1, "model.kernel_size must be a positive odd number")

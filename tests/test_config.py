@@ -64,6 +64,11 @@ def test_overrides_are_typed():
         ({"model.value_dim": 5}, "model.value_dim must be an even number >= 4"),
         ({"model.dim_mults": [2, 4]}, "model.dim_mults must start with 1"),
         ({"model.kernel_size": -1}, "model.kernel_size must be a positive odd number"),
+        # One channel per norm group over one step: the net's output would not depend on its input.
+        ({"model.horizon": 2, "model.dim_mults": [1, 2], "model.dim": 4, "planner.replan_every": 1},
+         "model.dim 4 with model.horizon 2: one of its levels has 8 channels in 8 norm groups over 1 step"),
+        ({"model.horizon": 1, "model.dim_mults": [1], "model.value_dim": 8, "planner.replan_every": 1},
+         "model.value_dim 8 with model.horizon 1: one of its levels has 8 channels in 8 norm groups over 1 step"),
         ({"diffusion.n_steps": 1}, "diffusion.n_steps must be >= 2"),
         ({"model.horizon": 1, "model.dim_mults": [1], "train.train_dynamics": True},
          "train.train_dynamics needs model.horizon >= 2"),

@@ -365,3 +365,20 @@ def test_a_start_from_a_checkpoint_of_another_env_is_refused(tmp_path):
     from distdiff.training import check_env
 
     check_env({"config": config_lib.from_dict({"env": {"id": "Walker2d-v4"}}).to_dict()}, config_lib.Config())
+
+
+@pytest.mark.parametrize("horizon, dim_mults, dim", [(1, (1,), 8), (2, (1, 2), 4), (2, (1, 2), 8), (2, (1,), 4),
+                                                     (4, (1, 2), 8), (1, (1,), 32)])
+def test_the_nets_the_config_refuses_for_their_norm_groups_are_those_that_fail_on_one_plan(horizon, dim_mults, dim):
+    # A GroupNorm over a single value makes it a constant, and fails on a batch of one, which
+    # an evaluation's last env plans (validate applies group_norm_problem).
+    from distdiff.nn.temporal import TemporalUnet, ValueNet, group_norm_problem
+
+    for net_type, unet in ((TemporalUnet, True), (ValueNet, False)):
+        net = net_type(horizon=horizon, transition_dim=3, dim=dim, dim_mults=dim_mults).eval()
+        try:
+            net(torch.randn(1, horizon, 3), torch.tensor([0]))
+            failed = False
+        except ValueError:
+            failed = True
+        assert failed == bool(group_norm_problem(horizon, dim, dim_mults, unet=unet)), (net_type, failed)

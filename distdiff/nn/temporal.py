@@ -63,6 +63,22 @@ def check_horizon(horizon: int, dim_mults: Sequence[int]) -> None:
         )
 
 
+def group_norm_problem(horizon: int, dim: int, dim_mults: Sequence[int], *, unet: bool = True) -> str:
+    """Why a :class:`TemporalUnet` (``unet``) or :class:`ValueNet` of these sizes would not learn
+    ("" if it would): a GroupNorm over one value per group (one channel per group, one step at
+    its level) normalizes it to a constant, which the net cannot learn from and which fails on a
+    batch of one. (``horizon`` a multiple of the levels' factor.)"""
+    lengths = [horizon // 2 ** level for level in range(len(dim_mults))]
+    norms = [(dim * mult, length) for mult, length in zip(dim_mults, lengths)]
+    if unet:  # the way up runs each level's blocks with the channels of the level above
+        norms += [(dim * mult, length) for mult, length in zip(dim_mults[:-1], lengths[1:])]
+    for channels, length in norms:
+        if channels // _groups(channels) * length < 2:
+            return (f"one of its levels has {channels} channels in {_groups(channels)} norm groups over {length} "
+                    f"step, so its GroupNorm would normalize single values to a constant")
+    return ""
+
+
 class TemporalUnet(nn.Module):
     """ε-, x₀- or v-prediction network: ``[B, H, D], [B] → [B, H, D]``.
 
