@@ -217,6 +217,8 @@ def _coerce(value, tp, where: str):
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
     if tp is float:
+        if isinstance(value, bool):  # YAML's on/yes/true would be a scale of 1.0
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
         try:
             return float(value)
         except (TypeError, ValueError):
@@ -322,8 +324,14 @@ class _Loader(yaml.SafeLoader):
     exponent sign as text."""
 
 
+class _Dumper(yaml.SafeDumper):
+    """PyYAML's safe dumper, quoting text that :class:`_Loader` would read as a number (an
+    ``actor_resource`` named ``1e3``), so that a saved config reads back as it was."""
+
+
 EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$")
-_Loader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
+for _yaml_class in (_Loader, _Dumper):
+    _yaml_class.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT_FLOAT, list("-+0123456789."))
 
 
 def read(path: str | Path, what: str = "config file") -> Any:
@@ -692,7 +700,7 @@ def is_config_file(path: str | Path) -> bool:
 
 
 def save(cfg: Config, path: str | Path) -> None:
-    files.write_text(Path(path), yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    files.write_text(Path(path), yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False))
 
 
 def to_markdown(cfg: Config) -> str:

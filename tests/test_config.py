@@ -276,6 +276,20 @@ def test_a_boolean_is_not_an_integer():
         config.from_dict({"model": {"horizon": True}})
 
 
+def test_a_boolean_is_not_a_number(tmp_path):
+    # YAML 1.1 reads `on`/`yes` as true: `guidance: {scale: on}` was a guidance scale of 1.0.
+    path = tmp_path / "c.yaml"
+    path.write_text("guidance: {scale: on}\n")
+    with pytest.raises(ConfigError, match="guidance.scale: expected a number, got True"):
+        config.load(path)
+
+
+def test_text_that_reads_as_a_number_is_saved_quoted(tmp_path):
+    cfg = config.load(None, {"online.actor_resource": "1e3"})
+    config.save(cfg, tmp_path / "config.yaml")
+    assert config.load(tmp_path / "config.yaml") == cfg
+
+
 @pytest.mark.parametrize("overrides", [
     {"data.discount": 0.0},
 ])
