@@ -70,9 +70,9 @@ def main():
     args = p.parse_args()
     if args.aligned and not args.init:
         p.error("--aligned needs --init (the prior to compare it with)")
-    overrides = dict(item.split("=", 1) for item in args.set if "=" in item)
-    if len(overrides) != len(args.set):
+    if any("=" not in item for item in args.set):
         p.error("--set takes SECTION.FIELD=VALUE")
+    overrides = dict(item.split("=", 1) for item in args.set)  # (a field set twice: the last one)
     use_minari_store(args.minari_path)
     episodes = max(1, int(args.eval_episodes * args.scale))
     cfg = config_lib.load(args.config, {

@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import sys
 import time
 
@@ -62,7 +63,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
     add_config_argument(p)
     p.add_argument("--sizes", type=positive_sizes, default="1,8,32", help="Comma-separated numbers of rollout actors to broadcast to.")
-    p.add_argument("--repeats", type=int, default=10, help="Broadcasts timed per size (their median is printed).")
+    p.add_argument("--repeats", type=int, default=10, help="Broadcasts timed per size (their median is printed, the higher middle one for an even count).")
     args = p.parse_args()
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -92,7 +93,7 @@ def main():
             times["resend_s"].append(fan_out("set_weights", ref))
             times["empty_call_s"].append(fan_out("ping"))
         for k in kinds:
-            out.setdefault(k, {})[str(n)] = sorted(times[k])[len(times[k]) // 2]
+            out.setdefault(k, {})[str(n)] = statistics.median_high(times[k])
     out[f"ratio_{max(sizes)}_to_{min(sizes)}"] = out["broadcast_s"][str(max(sizes))] / out["broadcast_s"][str(min(sizes))]
     # 100 versions sent back to back to every actor, without waiting (harder on the store than
     # the driver, which hands a version only to idle actors): flat if, once Ray's frees are

@@ -59,16 +59,23 @@ def collect(args, state, cfg, planner, bar) -> Tuple[str, str, list]:
     elif args.policy == "random":
         env_id, algorithm = args.env, "random"
         env = make_env(env_id, args.max_episode_steps)
-        episodes = random_episodes(env, args.episodes, args.seed, progress=lambda ep: bar.update(1))
-        env.close()
+        try:
+            episodes = random_episodes(env, args.episodes, args.seed, progress=lambda ep: bar.update(1))
+        finally:
+            env.close()
     else:
         torch.set_num_threads(cfg.train.num_threads)
         env_id, algorithm = cfg.env.id, f"distdiff:{args.policy}"
         envs = [make_env(env_id, args.max_episode_steps) for _ in range(min(args.num_envs, args.episodes))]
         generator = torch.Generator().manual_seed(args.seed)
-        results = run_episodes(lambda obs: planner.plan(obs, generator=generator), envs, n_episodes=args.episodes,
-                               execution=cfg.planner.execution, horizon=cfg.model.horizon,
-                               replan_every=cfg.planner.replan_every, seed=args.seed, progress=lambda r: bar.update(1))
+        try:
+            results = run_episodes(lambda obs: planner.plan(obs, generator=generator), envs, n_episodes=args.episodes,
+                                   execution=cfg.planner.execution, horizon=cfg.model.horizon,
+                                   replan_every=cfg.planner.replan_every, seed=args.seed,
+                                   progress=lambda r: bar.update(1))
+        finally:
+            for env in envs:
+                env.close()
         episodes = [r.episode for r in results]
     return env_id, algorithm, episodes
 

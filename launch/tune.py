@@ -71,16 +71,13 @@ def main(argv=None) -> int:
     except ConfigError as e:
         fail(str(e))
 
-    import ray
-
     from distdiff.data.minari_io import DatasetError
     from distdiff.distributed.cluster import connect_job, shutdown
-    from distdiff.distributed.tuning import largest_trial, make_tuner, summarize, sweep_dataset, sweep_path
+    from distdiff.distributed.tuning import make_tuner, shortfall, summarize, sweep_dataset, sweep_path
 
     env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH",) if k in os.environ}
     started = connect_job(args.address, args.num_cpus, runtime_env={"env_vars": env_vars} if env_vars else None)
-    need, have = largest_trial(spec), ray.cluster_resources()
-    short = [f"{need[k]:g} {k} (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0) + 1e-9]
+    short = shortfall(spec)
     if short:
         what = f"a trial reserves {' and '.join(short)} for its driver, learner and rollout actors"
         if started:

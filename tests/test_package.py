@@ -2,6 +2,7 @@
 Python versions the package claims."""
 from __future__ import annotations
 
+import ast
 import importlib.metadata
 import re
 import subprocess
@@ -30,6 +31,16 @@ def _loaded_after_import(modules):
 def test_only_the_distributed_layer_imports_ray():
     assert "distdiff.planner" in RAY_FREE and "distdiff.distributed.driver" in MODULES  # the walk found the tree
     assert "ray" not in _loaded_after_import(RAY_FREE)
+
+
+def test_the_launch_scripts_reach_ray_only_through_the_distributed_layer():
+    scripts = sorted((PACKAGE.parent / "launch").glob("*.py"))
+    assert len(scripts) >= 6
+    for script in scripts:
+        nodes = list(ast.walk(ast.parse(script.read_text())))
+        imported = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom) and n.module}
+        assert "ray" not in imported, script.name
 
 
 def test_the_diffusion_math_imports_only_torch():

@@ -34,7 +34,7 @@ from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint
 from distdiff.config import Config, ConfigError
 from distdiff.data.minari_io import REFERENCE_SCORES, reference_scores
-from distdiff.files import finite
+from distdiff.files import finite, write_text
 from distdiff.rundir import CHECKPOINT, REPLAY, checkpoint_file, holds_run
 from distdiff.training import VALUE_TARGET_FIELDS, check_made_with, has_dynamics, planner_from_checkpoint
 
@@ -604,6 +604,13 @@ def largest_trial(spec: SweepSpec) -> Dict[str, float]:
     return {k: sum(b.get(k, 0.0) for b in bundles) for k in ("CPU", "GPU")}
 
 
+def shortfall(spec: SweepSpec) -> List[str]:
+    """What the largest trial (:func:`largest_trial`) reserves beyond all the connected
+    cluster has, in words: such a trial never starts unless an autoscaler adds nodes."""
+    need, have = largest_trial(spec), ray.cluster_resources()
+    return [f"{need[k]:g} {k} (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0) + 1e-9]
+
+
 def make_scheduler(spec: SweepSpec, space: Dict[str, Any]):
     """The sweep's scheduler. Its time is a trial's learner updates, not its number of reports:
     evaluations run beside training and come once however many intervals one spans, so the
@@ -667,11 +674,8 @@ def sweep_record(spec: SweepSpec) -> Dict[str, Any]:
     record.update(resources=dataclasses.asdict(spec.resources), base_yaml=spec.base_yaml if spec.base else None,
                   init_sha256=None)
     if spec.init:
-        digest = hashlib.sha256()
         with open(checkpoint_file(spec.init), "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        record["init_sha256"] = digest.hexdigest()
+            record["init_sha256"] = hashlib.file_digest(f, "sha256").hexdigest()
     return json.loads(json.dumps(record, sort_keys=True, default=str))
 
 
@@ -734,8 +738,9 @@ def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False, pinned: 
         return tune.Tuner.restore(str(check_resumable(spec, storage)), trainable=trainable, resume_errored=True)
     path = sweep_path(spec, storage)
     path.mkdir(parents=True, exist_ok=True)
-    (path / RECORD).write_text(json.dumps(sweep_record(spec), indent=1, sort_keys=True))
-    (path / PINNED).write_text(json.dumps(pinned or {}, indent=1, sort_keys=True))
+    # Whole or not at all: --resume reads both.
+    write_text(path / RECORD, json.dumps(sweep_record(spec), indent=1, sort_keys=True))
+    write_text(path / PINNED, json.dumps(pinned or {}, indent=1, sort_keys=True))
     space = param_space(spec)
     return tune.Tuner(
         trainable,
