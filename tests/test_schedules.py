@@ -1,19 +1,26 @@
 """β schedules: ᾱ_t = Π(1 − β_s) must be a strictly decreasing sequence in (0, 1)."""
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 
 import pytest
 import torch
 
+from distdiff.config import DiffusionConfig
 from distdiff.diffusion.schedules import MAX_BETA, SCHEDULES, make_beta_schedule
 
-NAMES = ["linear", "cosine", "sigmoid"]
+NAMES = sorted(SCHEDULES)  # a schedule added there is held to every test below
 STEPS = [1, 2, 5, 10, 20, 50, 100, 1000]
 
 
-def test_the_three_schedules_are_registered():
-    assert set(NAMES) == set(SCHEDULES)
+def test_every_schedule_cites_its_paper_and_is_named_by_the_configs_help():
+    assert {"linear", "cosine", "sigmoid"} <= set(NAMES)
+    help_text = {f.name: f.metadata["help"] for f in dataclasses.fields(DiffusionConfig)}["schedule"]
+    for name, schedule in SCHEDULES.items():
+        assert re.search(r"et al\. \d{4}|& \w+ \d{4}", schedule.__doc__), name
+        assert name in help_text, name
 
 
 @pytest.mark.parametrize("name", NAMES)
