@@ -94,8 +94,8 @@ def alignment_on_observations(planner: Planner, cfg: Config, observations: np.nd
                                      np.asarray(observations), planner.state_normalizer)
     finally:
         shadow.close()
-    # Per horizon step first, as an evaluation averages: plans that fell drop out of the later
-    # steps, and those steps still count once each.
+    # Per horizon step first, as an evaluation averages (a one-step error from a state at the
+    # velocity clip is NaN, and left out of its step).
     compounded, one_step = per_step_alignment_error(errors.compounded), per_step_alignment_error(errors.one_step)
     return {"alignment_error": mean_alignment_error(compounded), "alignment_error_per_step": compounded.tolist(),
             "one_step_error": float(np.nanmean(one_step)),  # (transitions 0→1 to H-2→H-1: no step 0 here)

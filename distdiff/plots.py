@@ -134,8 +134,8 @@ class AlignmentRun(NamedTuple):
 
     label: str
     planned_states: np.ndarray  # [H, obs_dim] of the first start, in the figure's units
-    reached_states: np.ndarray  # [H, obs_dim], NaN past a termination
-    errors: np.ndarray  # [n_starts, H] RMSE per horizon step, normalized units, NaN past a termination
+    reached_states: np.ndarray  # [H, obs_dim]
+    errors: np.ndarray  # [n_starts, H] RMSE per horizon step, normalized units
 
 
 def alignment_figure(runs: Sequence[AlignmentRun], groups: Sequence[DimGroup], *, units: str = "raw", title: str = ""):

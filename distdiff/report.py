@@ -88,7 +88,7 @@ class StartCheck(NamedTuple):
     qpos: np.ndarray  # physics state after env.reset(seed=seed)
     qvel: np.ndarray
     check: PlanCheck  # the plan from this start beside what its actions did
-    errors: np.ndarray  # [H] RMSE per horizon step (normalized units), NaN past a termination
+    errors: np.ndarray  # [H] RMSE per horizon step (normalized units)
 
 
 def alignment_starts(planner: Planner, env_id: str, seeds: Sequence[int],
@@ -116,7 +116,7 @@ def alignment_starts(planner: Planner, env_id: str, seeds: Sequence[int],
 def mean_error(errors: np.ndarray) -> Optional[float]:
     """The mean over horizon steps of each step's mean over the starts, as the figures' legends
     and the evaluation summaries average (:func:`distdiff.rollout.mean_alignment_error`, step 0
-    left out): steps after a start fell (NaN) leave its earlier, smaller errors no extra weight."""
+    left out)."""
     mean = mean_alignment_error(per_step_alignment_error(errors))
     return mean if np.isfinite(mean) else None
 

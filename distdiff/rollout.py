@@ -25,12 +25,12 @@ class PlanCheck(NamedTuple):
 
     planned_states: np.ndarray  # [H, obs_dim]
     planned_actions: np.ndarray  # [H, act_dim]
-    reached_states: np.ndarray  # [H, obs_dim], NaN past a termination
+    reached_states: np.ndarray  # [H, obs_dim], past a fall too (replay_actions)
 
 
 class EpisodeResult(NamedTuple):
     episode: Episode
-    plan_errors: np.ndarray  # [n_measured_plans, H] RMSE per horizon step, NaN past a termination
+    plan_errors: np.ndarray  # [n_measured_plans, H] RMSE per horizon step
     n_plans: int
     last_check: Optional[PlanCheck]  # the episode's latest measured plan (one in measure_every), as far into it as that goes
     seed: int  # the env's reset seed
@@ -53,17 +53,19 @@ def physics_state(env: gym.Env):
 
 
 def replay_actions(shadow: gym.Env, qpos, qvel, actions: np.ndarray) -> np.ndarray:
-    """States reached by executing ``actions`` from (qpos, qvel); NaN rows after a termination."""
+    """States reached by executing ``actions`` from (qpos, qvel), one per action.
+
+    Past a termination too: the physics goes on where the env's episode would end (on Walker2d,
+    the walker lies on the floor), so a plan whose actions make it fall is judged at every step.
+    Left out after a fall, a plan's later steps, its largest errors, counted for nothing: of two
+    planners, the one whose plans fell read as the better aligned."""
     env = shadow.unwrapped
     env.set_state(qpos, qvel)
-    reached = np.full((len(actions), env.observation_space.shape[0]), np.nan)
+    reached = np.empty((len(actions), env.observation_space.shape[0]))
     reached[0] = env._get_obs()
     low, high = env.action_space.low, env.action_space.high
     for j in range(1, len(actions)):
-        obs, _, terminated, _, _ = env.step(np.clip(actions[j - 1], low, high))
-        reached[j] = obs
-        if terminated:
-            break
+        reached[j] = env.step(np.clip(actions[j - 1], low, high))[0]
     return reached
 
 
@@ -131,8 +133,9 @@ def alignment_errors(planned: np.ndarray, reached: np.ndarray, state_normalizer:
 
 
 def per_step_alignment_error(errors) -> np.ndarray:
-    """The mean per horizon step (last axis) of plans' alignment errors over every plan; a plan
-    counts only up to its fall (NaN after it), and a step that every plan fell before stays NaN."""
+    """The mean per horizon step (last axis) of plans' alignment errors over every plan. A NaN
+    (a one-step error from a state at the velocity clip) is left out of its step, and a step with
+    none but NaN stays NaN."""
     e = np.asarray(errors, dtype=np.float64)
     e = np.where(np.isfinite(e), e, np.nan).reshape(-1, e.shape[-1])
     with warnings.catch_warnings():  # (all-NaN steps)
@@ -142,7 +145,7 @@ def per_step_alignment_error(errors) -> np.ndarray:
 
 def mean_alignment_error(per_step) -> float:
     """The alignment error of plans, from its mean per horizon step: averaged over steps 1 to H-1,
-    leaving out steps that are NaN (every plan fell before them); NaN when all are. Step 0 is the
+    leaving out steps that are NaN (no plan measured there); NaN when all are. Step 0 is the
     conditioning state, which every plan starts at exactly; averaged in, its 0 would only scale the
     figure by (H-1)/H."""
     per_step = np.asarray(per_step, np.float64)

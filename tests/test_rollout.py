@@ -27,8 +27,8 @@ def walker():
 
 
 def walk(env, actions):
-    """Observations after each action, or None if the walker falls on the way: the replay leaves
-    NaN after a termination, so such a sequence cannot be a plan the dynamics produce."""
+    """Observations after each action, or None if the walker falls on the way (these tests plan
+    from healthy states)."""
     seen = []
     for a in actions:
         obs, _, fell, _, _ = env.step(a)
@@ -222,7 +222,7 @@ def test_the_alignment_error_of_plans_leaves_out_their_exact_start():
 
     # Step 0 is the conditioning state, 0 in every plan: it must not dilute the mean.
     assert mean_alignment_error([0.0, 0.2, 0.4]) == pytest.approx(0.3)
-    assert mean_alignment_error([0.0, 0.2, float("nan")]) == pytest.approx(0.2)  # every plan fell by then
+    assert mean_alignment_error([0.0, 0.2, float("nan")]) == pytest.approx(0.2)  # no plan measured there
 
 
 # ----- executing plans: which actions run, how episodes end, in what order -------------------
@@ -248,16 +248,25 @@ def run_on(plan_fn, limits, **kw):
             env.close()
 
 
-def test_replay_leaves_nan_after_a_fall():
-    env = make_env("Walker2d-v5")
+def test_replay_goes_on_past_a_fall_as_the_physics_does():
+    # A plan is judged at every step: left out after a fall, the later (largest) errors of plans
+    # that fall counted for nothing, and a planner whose plans fell read as the better aligned.
+    env, free = make_env("Walker2d-v5"), make_env("Walker2d-v5")
     try:
         env.reset(seed=0)
         qpos, qvel = physics_state(env)
         qpos[1] = 0.5  # torso below Walker2d's healthy height: the first step terminates
-        reached = replay_actions(env, qpos, qvel, np.zeros((4, 6)))
+        actions = np.random.default_rng(0).uniform(-1, 1, size=(6, 6))
+        reached = replay_actions(env, qpos, qvel, actions)
+        free.reset(seed=0)
+        free.unwrapped.set_state(qpos, qvel)
+        stepped = [free.unwrapped.step(a)[:3] for a in actions[:-1]]
     finally:
         env.close()
-    assert np.isfinite(reached[:2]).all() and np.isnan(reached[2:]).all()
+        free.close()
+    assert stepped[0][2]  # it fell at once
+    np.testing.assert_array_equal(reached[1:], np.stack([obs for obs, _, _ in stepped]))
+    assert np.isfinite(reached).all() and len(np.unique(reached[1:, 0])) == 5  # it kept moving
 
 
 def test_the_alignment_error_is_an_rmse_in_normalized_units():

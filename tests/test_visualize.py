@@ -212,7 +212,7 @@ def test_interrupted_it_lists_the_files_it_wrote_and_writes_no_report(tiny_ckpt,
 
 
 def test_the_reports_mean_error_averages_per_step_means_like_the_figures():
-    # A start that fell after one step: per-step means 0, 1, 2; over the steps after the exact
+    # A start with no error past step 0 (NaN: not measured): per-step means 0, 1, 2; over the steps after the exact
     # start, 1.5, where pooling every finite entry past it (1, 2) would give the same only by luck
     # and with (0, 1, 2, 0) all in, 0.75.
     assert mean_error(np.array([[0.0, 1.0, 2.0], [0.0, np.nan, np.nan]])) == pytest.approx(1.5)
