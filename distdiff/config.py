@@ -18,6 +18,7 @@ import re
 import sys
 import typing
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -614,6 +615,12 @@ def check_trainable(cfg: Config) -> None:
         errors.append(f"{problem} (phase 2 measures it on every run)")
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def updates_for(cfg: Config, env_steps: int) -> int:
+    """The learner updates that ``env_steps`` env steps call for (``online.updates_per_env_step``),
+    from the ratio as written: the float product rounds some down (0.29 × 100,000 is 28,999.99…)."""
+    return int(Fraction(repr(cfg.online.updates_per_env_step)) * env_steps)
 
 
 def value_of(cfg: Config, name: str) -> Any:

@@ -242,6 +242,14 @@ def test_actors_waiting_for_their_labelled_nodes_are_not_refused():
     assert res.actor_cpus == 0.001 and res.actors_that_fit == 2
 
 
+def test_a_given_actor_share_on_nodes_the_learner_fills_fits_no_actor():
+    # A 1-CPU cluster (--num-cpus 1, a 1-CPU job): the learner takes it all, so the run says the
+    # actors wait, rather than pretraining and then waiting in silence. No node at all: unknown.
+    for share in (1.0, 0.5):
+        assert planned([{"CPU": 1.0}], **{"online.actor_num_cpus": share}).actors_that_fit == 0
+        assert planned([], **{"online.actor_num_cpus": share}).actors_that_fit == 2
+
+
 def test_a_node_with_exactly_the_learners_cpus_holds_it():
     res = planned([{"CPU": 2.0}, {"CPU": 2.0}], **{"online.learner_num_cpus": 2.0, "online.actor_num_cpus": 1.0})
     assert res.learner_fits

@@ -79,6 +79,24 @@ def test_a_rollout_cut_by_its_share_of_the_budget_logs_only_its_reward_per_step(
     assert [v for tag, v in logged if tag == "charts/terminated"] == [1.0, 0.0]
 
 
+def test_a_measured_plan_is_drawn_once_and_named_by_the_weights_that_made_it():
+    # The figure is logged at the current update; the plan came from the weights its rollout
+    # started with. Drawn again at each figure_every, an old plan passed for a new point.
+    import numpy as np
+
+    from _helpers import gaussian_normalizer
+    from distdiff.rollout import PlanCheck
+
+    run = run_stub({"version": 7, "updates": 500})
+    run.normalizer, drawn = gaussian_normalizer(23), []
+    run.writer = type("Writer", (), {"add_figure": lambda self, tag, fig, step: drawn.append((tag, fig, step))})()
+    run.last_example = PlanCheck(np.zeros((4, 17)), np.zeros((4, 6)), np.ones((4, 17))), 3
+    run.log_figure()
+    run.log_figure()
+    assert [(tag, step) for tag, _, step in drawn] == [("rollout/plan_vs_real", 500)]
+    assert "by weights version 3 of 7" in drawn[0][1]._suptitle.get_text()
+
+
 def test_an_evaluation_is_one_line_in_the_terminal():
     summary = {"episodes": 100, "return_mean": 2837.46, "return_std": 379.81, "return_se": 38.17,
                "normalized_score": 61.784, "normalized_score_se": 0.831, "terminations": 3, "alignment_error": 0.2704}
@@ -109,6 +127,52 @@ def test_owed_updates_are_floored_and_capped_by_the_update_budget():
     # 200 steps owe 40; with 4 done and a budget of 10 updates, only 6 more.
     assert run_stub({"env_steps": 200, "updates": 4}, **{"online.updates": 10}).owed_updates() == 6
     assert run_stub({"env_steps": 200, "updates": 4}, **{"online.updates": 0}).owed_updates() == 36
+
+
+def test_owed_updates_follow_the_ratio_as_written_not_its_float_product():
+    # 0.29 × 100,000 is 28,999.99… in floats: the run ended one update short of the ratio.
+    assert run_stub({"env_steps": 100_000}, **{"online.updates_per_env_step": 0.29}).owed_updates() == 29_000
+    assert run_stub({"env_steps": 90}, **{"online.updates_per_env_step": 0.7}).owed_updates() == 63
+
+
+def test_rollouts_wait_for_the_learner_near_the_end_of_an_update_budget_too():
+    # 10 updates left in the budget, 9,990 owed by the ratio: the whole debt is past the lag, so
+    # the worker waits. Judged on the budget's 10, rollouts ran on unthrottled (a review's run
+    # collected 27k env steps for 2,000 updates at 0.5 per step).
+    run = run_stub({"env_steps": 20_000, "updates": 10}, **{"online.env_steps": 0, "online.updates": 20,
+                                                           "online.updates_per_env_step": 0.5})
+    run.interrupted, run.parked, started = None, [], []
+    run.start_rollout = lambda i, **share: started.append(i)
+    assert run.owed_updates() == 10 < run.cfg.online.max_update_lag
+    run.submit(0)
+    assert run.parked == [0] and not started
+    run.counters.env_steps = 20 + run.cfg.online.max_update_lag * 2  # a debt of the lag: no longer waits
+    run.submit(1)
+    assert started == [1]
+
+
+def test_an_evaluation_with_a_nan_return_never_becomes_the_best_nor_blocks_later_ones(tmp_path):
+    # A planner's NaN action makes an episode's return NaN; best.json keeps it as null.
+    from distdiff.checkpoint import load_checkpoint, save_checkpoint
+    from distdiff.distributed.driver import BEST_KEYS
+
+    def evaluated(ret, updates):
+        save_checkpoint(tmp_path / "checkpoint.pt", {"step": updates})
+        return {**{k: 0 for k in BEST_KEYS}, "return_mean": ret, "updates": updates}
+
+    def fresh_run():  # a resumed run reads its best from disk
+        run = run_stub()
+        run.run_dir, run._best, run.log = tmp_path, None, lambda line: None
+        return run
+
+    run = fresh_run()
+    assert run.keep_if_best(evaluated(float("nan"), 1)) is None and not (tmp_path / "best.pt").exists()
+    assert run.keep_if_best(evaluated(3000.0, 2))["updates"] == 2
+    assert run.keep_if_best(evaluated(float("nan"), 3))["updates"] == 2
+    (tmp_path / "best.json").write_text(json.dumps({**evaluated(None, 4), "return_mean": None}))
+    save_checkpoint(tmp_path / "best.pt", {"step": 4, "best": {**evaluated(None, 4), "return_mean": None}})
+    assert fresh_run().keep_if_best(evaluated(100.0, 5))["updates"] == 5  # over a null best on disk
+    assert load_checkpoint(tmp_path / "best.pt")["step"] == 5
 
 
 def test_budgets_end_exactly_at_their_count():

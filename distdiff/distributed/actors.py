@@ -189,7 +189,10 @@ def plan_resources(cfg: Config, nodes: List[Dict[str, float]]) -> Resources:
     # Nodes an autoscaler has yet to add are not counted: none at all means unknown, not none.
     unknown = not any(c > 0 for room in rooms for c in room)
     if actor_cpus > 0:
-        fit = o.num_actors if unknown else min(o.num_actors, _actors_that_fit(rooms, max(_units(actor_cpus), 1)))
+        # Nodes that are up count even when the learner leaves them no room: fit 0, so the run
+        # says that the actors wait (on a 1-CPU cluster, for good) instead of saying nothing.
+        no_nodes = not any(room for room in rooms)
+        fit = o.num_actors if no_nodes else min(o.num_actors, _actors_that_fit(rooms, max(_units(actor_cpus), 1)))
     else:
         total = sum(r.get("CPU", 0.0) for r in nodes)
         if unknown and total > 0 and not o.actor_resource:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import math
 import threading
 import time
 from concurrent.futures import Future
@@ -173,12 +174,16 @@ def budget_spent(cfg: Config, c: Counters) -> bool:
     return bool(o.env_steps and c.env_steps >= o.env_steps or o.updates and c.updates >= o.updates)
 
 
-def owed_updates(cfg: Config, c: Counters) -> int:
+def update_debt(cfg: Config, c: Counters) -> int:
     """Updates the env steps collected so far call for and the learner has yet to make."""
-    o = cfg.online
-    owed = int(o.updates_per_env_step * c.env_steps) - c.updates
-    if o.updates:
-        owed = min(owed, o.updates - c.updates)
+    return config_lib.updates_for(cfg, c.env_steps) - c.updates
+
+
+def owed_updates(cfg: Config, c: Counters) -> int:
+    """The :func:`update_debt` the learner will still make: within the update budget."""
+    owed = update_debt(cfg, c)
+    if cfg.online.updates:
+        owed = min(owed, cfg.online.updates - c.updates)
     return owed
 
 
@@ -195,6 +200,16 @@ def finished_metrics(cfg: Config, run_dir: Path, state: Dict[str, object], c: Co
     same = (metrics is not None and all(metrics.get(k) == getattr(c, k) for k in ("env_steps", "updates"))
             and metrics.get("weights_version") == state.get("weights_version"))
     return metrics if same else None
+
+
+def beats(new: Optional[float], old: Optional[float]) -> bool:
+    """Whether mean return ``new`` makes a better best than ``old``. Not a NaN or missing one (a
+    planner's NaN action makes an episode's return NaN, and best.json keeps it as null): by
+    ``>`` alone, one such best.pt stood for good, and every later evaluation lost to it."""
+    def finite(x):
+        return x is not None and math.isfinite(x)
+
+    return finite(new) and (not finite(old) or new > old)
 
 
 def describe_evaluation(summary: Dict[str, object], at: Dict[str, int], seconds: float) -> str:
@@ -596,12 +611,12 @@ class OnlineRun:
                          f"{self.run_dir / BEST}")
         return self._best
 
-    def keep_if_best(self, metrics: Dict[str, object]) -> Dict[str, object]:
+    def keep_if_best(self, metrics: Dict[str, object]) -> Optional[Dict[str, object]]:
         """Write the checkpoint just evaluated, with its metrics, to ``best.pt`` if its mean return
         beats every earlier evaluation of this run dir (resumed runs included); the best one's
-        metrics."""
+        metrics (None while no evaluation had a finite return)."""
         best = self.best_so_far()
-        if best is None or metrics["return_mean"] > best["return_mean"]:
+        if beats(metrics["return_mean"], None if best is None else best["return_mean"]):
             best = {k: metrics[k] for k in BEST_KEYS}
             save_checkpoint(self.run_dir / BEST, {**load_checkpoint(self.run_dir / CHECKPOINT), "best": best})
             self._best = best
@@ -653,7 +668,8 @@ class OnlineRun:
         if result.example is not None:
             # A copy: its arrays are views of the rollout's object, which they would keep in the
             # object store, every episode of it, until the next example.
-            self.last_example = type(result.example)(*(np.array(a, copy=True) for a in result.example))
+            example = type(result.example)(*(np.array(a, copy=True) for a in result.example))
+            self.last_example = example, result.version
 
     def log_losses(self, stats: TrainStats) -> None:
         for k, v in stats.losses.items():
@@ -673,17 +689,20 @@ class OnlineRun:
         self.bar.set_postfix(updates=self.counters.updates, refresh=False)
 
     def log_figure(self) -> None:
+        """Draw the latest measured plan, once: the figure is logged at the current update, and
+        the plan was made with the weights its rollout started with, which its title names."""
         if self.last_example is None:
             return
         from distdiff.plots import plan_vs_real_dims, plan_vs_real_figure
 
-        example, env = self.last_example, self.cfg.env
+        (example, version), env = self.last_example, self.cfg.env
+        self.last_example = None
         states = self.normalizer.slice(layout_of(self.cfg).state_slice)
         error = mean_alignment_error(per_step_alignment_error(
             [alignment_errors(example.planned_states, example.reached_states, states)]))
         dims, actions = plan_vs_real_dims(env.id, env.obs_dim, env.act_dim)
-        title = (f"a rollout's latest measured plan (one in online.measure_every {self.cfg.online.measure_every}): "
-                 f"alignment error {error:.3f}")
+        title = (f"a rollout's latest measured plan (one in online.measure_every {self.cfg.online.measure_every}), "
+                 f"by weights version {version} of {self.counters.version}: alignment error {error:.3f}")
         tag = "rollout/plan_vs_real"
         self.writer.add_figure(tag, plan_vs_real_figure(example, dims, actions, title), self.step_of(tag))
 
@@ -871,7 +890,9 @@ class OnlineRun:
         o, c = self.cfg.online, self.counters
         if self.stopping():
             return  # (the loop drains what runs at its next turn)
-        if self.owed_updates() > o.max_update_lag:
+        # The whole debt, not its part within the update budget: near the budget's end (or all
+        # along, with a budget below the lag) the ratio would hold no longer.
+        if update_debt(self.cfg, c) > o.max_update_lag:
             self.parked.append(i)
             return
         share = None

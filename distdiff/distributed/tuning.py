@@ -390,7 +390,7 @@ def _eval_every(spec: SweepSpec) -> List[int]:
 def update_budget(cfg: Config) -> Optional[int]:
     """A run's learner updates, when its budget sets them (else it stops on wall time)."""
     o = cfg.online
-    budgets = [b for b in (o.updates, int(o.env_steps * o.updates_per_env_step) if o.env_steps else 0) if b > 0]
+    budgets = [b for b in (o.updates, config_lib.updates_for(cfg, o.env_steps) if o.env_steps else 0) if b > 0]
     return min(budgets) if budgets else None
 
 
