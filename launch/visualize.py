@@ -150,7 +150,9 @@ def main(argv=None) -> int:
     check_output(out, "--out", directory=True)
     seed = cfg.eval.seed if args.seed is None else args.seed
     if args.seed is None and args.episodes > 0:
-        note_selection_seeds(first, seed, "--seed")
+        for _, path, _, c, _ in runs:  # (--compare's too, where its run chose it on these seeds)
+            if c.eval.seed == seed:
+                note_selection_seeds(path, seed, "--seed")
 
     def gen(p):  # the same sampler noise for every checkpoint
         return torch.Generator(device=p.device).manual_seed(seed)

@@ -220,6 +220,19 @@ def test_the_reports_mean_error_averages_per_step_means_like_the_figures():
     assert mean_error(np.full((2, 3), np.nan)) is None
 
 
+def test_a_best_pt_compared_on_the_seeds_that_chose_it_is_noted(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    script = launch_script("visualize")
+    monkeypatch.setattr(script, "evaluate", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    best = tmp_path / "run" / "best.pt"
+    best.parent.mkdir()
+    shutil.copy(tiny_ckpt, best)
+    assert script.main(["--checkpoint", str(tiny_ckpt), "--compare", str(best), "--out", str(tmp_path / "viz"),
+                        "--episodes", "1", "--starts", "1", "--no-video"]) == 130
+    assert "note: best.pt was chosen by the run's evaluations on eval.seed=" in capsys.readouterr().err
+
+
 def test_compare_notices_checkpoints_that_normalize_states_differently(tiny_ckpt):
     # Alignment errors are in each checkpoint's own normalized units.
     script = launch_script("visualize")
