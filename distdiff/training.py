@@ -414,10 +414,14 @@ class Trainer:
 
 def prior_of(state: Dict[str, object]) -> Dict[str, Dict[str, torch.Tensor]]:
     """The planning (EMA) nets phase 2 started from, by net name. A phase-2 checkpoint carries
-    them as ``prior``; any other checkpoint is its own prior."""
+    them as ``prior``; any other checkpoint is its own prior. Its dynamics model only where its
+    run trained one: every checkpoint holds one, and an untrained one blended in
+    (``online.prior_weight``) made the model that ranks plans 40× worse."""
     if "prior" in state:
         return state["prior"]
-    return {name: state[f"ema_{name}"] for name in NETS if f"ema_{name}" in state}
+    trained = {name: True for name in NETS}
+    trained["dynamics"] = bool(state.get("config", {}).get("train", {}).get("train_dynamics", False))
+    return {name: state[f"ema_{name}"] for name in NETS if f"ema_{name}" in state and trained[name]}
 
 
 def interpolate(aligned: Dict[str, torch.Tensor], prior: Dict[str, torch.Tensor], prior_weight: float) -> Dict[str, torch.Tensor]:

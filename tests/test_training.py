@@ -158,7 +158,7 @@ def test_cosine_schedule_warms_up_then_decays_to_its_floor():
     assert m(10) == 1.0 and m(60) == pytest.approx(0.55) and m(110) == pytest.approx(0.1)
     rates = [m(s) for s in range(10, 111)]
     assert all(a > b for a, b in zip(rates, rates[1:]))
-    assert m(500) == pytest.approx(0.1)  # past the budget (e.g. a resumed run given more steps)
+    assert m(500) == pytest.approx(0.1)  # held at the floor past the budget
     assert lr_multiplier(7, schedule="constant", total=10) == 1.0
     with pytest.raises(ValueError, match="lr schedule"):
         lr_multiplier(0, schedule="step", total=10)
@@ -276,6 +276,16 @@ def test_a_planner_blends_a_phase_2_checkpoint_with_its_prior(tiny_episodes):
     assert all(torch.equal(v, aligned["ema_denoiser"][k]) for k, v in denoiser_of(aligned, 0.0).items())
     # a checkpoint that is not from phase 2 is its own prior
     assert all(torch.equal(v, pretrained["ema_denoiser"][k]) for k, v in denoiser_of(pretrained, 0.25).items())
+
+
+def test_a_prior_that_trained_no_dynamics_model_blends_none_in(tiny_episodes):
+    # Every checkpoint holds a dynamics model; pretrained without train.train_dynamics it is its
+    # initial weights, which phase 2 (training one) must not blend into the one ranking plans.
+    untrained, _ = make_trainer(tiny_episodes[:2], **{"train.train_dynamics": False})
+    trained, _ = make_trainer(tiny_episodes[:2], **{"train.train_dynamics": True})
+    assert "ema_dynamics" in untrained.state_dict()
+    assert set(prior_of(untrained.state_dict())) == {"denoiser", "value"}
+    assert set(prior_of(trained.state_dict())) == {"denoiser", "value", "dynamics"}
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="asks for CUDA where there is none")
