@@ -32,16 +32,6 @@ def test_a_death_is_one_restart_however_many_calls_fail_while_ray_restarts_the_w
     assert faults.failed(0, died(), now=100.0).restart  # a new death after a delivery counts again
 
 
-def test_deaths_one_after_another_are_each_a_restart_as_ray_counts_them():
-    # Calls during a restart fail as unavailable; each death Ray reports is a new one. Counted
-    # once per run of failures, the second and third of three were neither restarts nor lost
-    # rollouts, while they spent max_restarts.
-    faults = WorkerFaults(1, max_restarts=5)
-    verdicts = [faults.failed(0, died(), now=float(n)) for n in range(3)]
-    assert [v.restart for v in verdicts] == [True, True, True] and faults.deaths == [3]
-    assert all(v.drop is None for v in verdicts)
-
-
 def test_a_worker_whose_restarts_are_spent_is_dropped_at_its_next_death_without_counting_it():
     faults = WorkerFaults(1, max_restarts=1)
     assert faults.failed(0, died(), now=0.0).restart

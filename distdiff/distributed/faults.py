@@ -27,7 +27,7 @@ class Verdict(NamedTuple):
     """What the driver does about one failed rollout."""
 
     what: str  # what happened to the worker, for the log
-    restart: bool  # count one more worker restart (each death; once per run of other failures, not per call)
+    restart: bool  # count one more worker restart (once per run of failures, not per call)
     lost: bool  # count one more rollout lost by a worker that lives on
     first: bool  # the first failure in a row: the one that is logged
     drop: Optional[str]  # why the worker is given up, or None: it is retried at retry_at
@@ -112,9 +112,7 @@ class WorkerFaults:
                 notice = (f"has failed {n} rollouts in a row ({failing_s:.0f} s); retrying it until "
                           f"{MAX_FAILING_S:.0f} s have passed (a restart can wait for a node)")
             self.retry_at[i] = now + min(0.5 * n, 5.0)
-        # A death Ray reports as such is a new one each time (a call during its restart fails as
-        # unavailable instead): one after another each count, as they do towards max_restarts.
-        return Verdict(what=what, restart=died or restarted and first, lost=not restarted, first=first, drop=drop,
+        return Verdict(what=what, restart=restarted and first, lost=not restarted, first=first, drop=drop,
                        notice=notice)
 
     def due(self, now: float) -> List[int]:
