@@ -20,6 +20,12 @@ from distdiff.planner import Plan
 PlanFn = Callable[[np.ndarray], Plan]
 
 
+class NonFinitePlan(Exception):
+    """A planner returned NaN or infinite actions. MuJoCo runs them as zero torque with a
+    warning, in the episode and in the shadow replay alike, so they would pass for a plan with a
+    finite alignment error. Not an env failure: a worker does not rebuild its envs for it."""
+
+
 class PlanCheck(NamedTuple):
     """One plan beside what its actions really did: for plan-vs-real figures."""
 
@@ -211,6 +217,10 @@ def run_episodes(
         need = [i for i in active if plans[i] is None or cursor[i] >= steps_per_plan]
         if need:
             plan = plan_fn(np.stack([obs[i] for i in need]))
+            bad = ~np.isfinite(plan.actions).reshape(len(need), -1).all(axis=1)
+            if bad.any():
+                raise NonFinitePlan(f"the planner returned NaN or infinite actions for {int(bad.sum())} of "
+                                    f"{len(need)} observations")
             for k, i in enumerate(need):
                 plans[i] = (plan.states[k], plan.actions[k])
                 cursor[i] = 0

@@ -600,6 +600,7 @@ def test_a_worker_plans_only_with_weights_handed_to_it_and_returns_episodes_in_s
 def test_a_planner_that_raises_is_not_taken_for_an_env_failure(pretrained):
     # Rebuilding the envs and running the task again cannot fix a planner.
     from distdiff.distributed.worker import PlanError, RolloutWorker
+    from distdiff.rollout import NonFinitePlan
 
     cfg, ckpt = pretrained
     worker = RolloutWorker(config=cfg.to_dict(), normalizer=load_checkpoint(ckpt)["normalizer"], worker_id=0)
@@ -608,6 +609,18 @@ def test_a_planner_that_raises_is_not_taken_for_an_env_failure(pretrained):
         with mock.patch.object(worker.planner, "plan", side_effect=RuntimeError("shapes do not match")), \
                 mock.patch.object(worker, "_make_envs") as make_envs:
             with pytest.raises(PlanError, match="shapes do not match"):
+                worker.rollout(0)
+        make_envs.assert_not_called()
+        # Nor one that returns NaN actions, which MuJoCo would run as zero torque.
+        real_plan = worker.planner.plan
+
+        def nan_actions(obs, generator=None):
+            plan = real_plan(obs, generator=generator)
+            return plan._replace(actions=np.full_like(plan.actions, np.nan))
+
+        with mock.patch.object(worker.planner, "plan", side_effect=nan_actions), \
+                mock.patch.object(worker, "_make_envs") as make_envs:
+            with pytest.raises(NonFinitePlan):
                 worker.rollout(0)
         make_envs.assert_not_called()
     finally:

@@ -248,6 +248,14 @@ def run_on(plan_fn, limits, **kw):
             env.close()
 
 
+def test_a_plan_with_nan_actions_is_refused_not_run_as_zero_torque():
+    from distdiff.rollout import NonFinitePlan
+
+    with pytest.raises(NonFinitePlan, match="NaN or infinite actions for 2 of 2 observations"):
+        run_on(constant_plan([0.5] * (H - 1) + [np.nan]), [12, 12], n_episodes=2, execution="receding", horizon=H,
+               replan_every=4, seed=0)
+
+
 def test_replay_goes_on_past_a_fall_as_the_physics_does():
     # A plan is judged at every step: left out after a fall, the later (largest) errors of plans
     # that fall counted for nothing, and a planner whose plans fell read as the better aligned.
