@@ -88,7 +88,8 @@ def test_invalid_spaces_are_refused_before_any_trial(tiny_dataset, tmp_path, sub
 
 
 def test_a_trial_reserves_a_bundle_for_each_of_its_own_actors(tiny_dataset, tmp_path):
-    sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset, space={"online.num_actors": {"choice": [1, 3]}})
+    unfixed = {k: v for k, v in {**FIXED, "data.dataset_id": tiny_dataset}.items() if k != "online.num_actors"}
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset, fixed=unfixed, space={"online.num_actors": {"choice": [1, 3]}})
     spec = load_spec(sweep)
     for n in (1, 3):
         bundles = trial_resources(spec, {"online.num_actors": n}).bundles
@@ -99,7 +100,7 @@ def test_a_trial_reserves_a_bundle_for_each_of_its_own_actors(tiny_dataset, tmp_
     # PBT copies a better trial's whole config into another, its number of actors too, whether
     # or not that field is mutated: a 1-actor trial would start 3 actors in 1 bundle, and wait.
     for mutations in (["online.num_actors"], ["guidance.scale"]):
-        copied = write_sweep(tmp_path / "m.yaml", tiny_dataset, scheduler="pbt", pbt={"mutations": mutations},
+        copied = write_sweep(tmp_path / "m.yaml", tiny_dataset, scheduler="pbt", pbt={"mutations": mutations}, fixed=unfixed,
                              space={"online.num_actors": {"choice": [1, 3]}, "guidance.scale": {"uniform": [0.0, 1.0]}})
         with pytest.raises(ConfigError, match="sizes a trial's placement group when it starts"):
             load_spec(copied)
@@ -588,6 +589,45 @@ def test_values_valid_alone_but_not_together_are_refused(tiny_dataset, tmp_path)
         load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, space=space))
 
 
+def test_values_a_trial_could_draw_between_the_checked_ones_are_refused_before_any_trial(tiny_dataset, tmp_path):
+    # A drawn config that validate refuses stopped the whole sweep, in Tune's controller, after
+    # the trials before it had trained. Between a randint's bounds: an odd horizon.
+    with pytest.raises(ConfigError, match="with model.horizon=9: (.|\n)*model.horizon 9 must be a multiple of 2"):
+        load_spec(write_sweep(tmp_path / "r.yaml", tiny_dataset, space={"model.horizon": {"randint": [8, 16]}}))
+    # A rule over three fields, which every pair of their values passes.
+    space = {"model.returns_condition": {"choice": [False, True]}, "guidance.return_scale": {"choice": [1.0, 2.0]},
+             "train.condition_dropout": {"choice": [0.0, 0.25]}}
+    with pytest.raises(ConfigError, match="with guidance.return_scale=2.0, model.returns_condition=True, "
+                                          "train.condition_dropout=0.0: (.|\n)*needs an unconditional model"):
+        load_spec(write_sweep(tmp_path / "t.yaml", tiny_dataset, space=space))
+
+
+def test_a_trial_config_refused_anyway_fails_its_trial_not_the_sweeps_controller(tiny_dataset, tmp_path):
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset))
+    with pytest.raises(ConfigError):
+        spec.trial_config({"model.horizon": 9})
+    assert len(trial_resources(spec, {"model.horizon": 9}).bundles) == 2 + spec.trial_config({}).online.num_actors
+
+
+@pytest.mark.parametrize("options, says", [
+    # ASHA stops every trial at one max_t, taken from the base config.
+    ({"scheduler": "asha", "space": {"online.env_steps": {"choice": [80, 160]}}},
+     "space: online.env_steps sets a trial's budget, and asha stops every trial at one max_t"),
+    ({"fixed": {**FIXED, "guidance.scale": 0.5}, "space": {"guidance.scale": {"choice": [0.0, 0.1]}}},
+     "guidance.scale is both swept \\(space\\) and fixed"),
+    ({"scheduler": "pbt", "max_concurrent": 2, "pbt": {"mutations": ["guidance.scale"], "perturbation_factors": 1.2}},
+     "pbt.perturbation_factors must be two positive numbers"),
+    ({"scheduler": "pbt", "max_concurrent": 2, "fixed": {**FIXED, "online.eval_every": 2},
+      "pbt": {"mutations": ["guidance.scale"], "burn_in_period": 1000}},
+     "pbt.burn_in_period \\(1000\\) is not below a trial's budget of 8"),
+])
+def test_scheduler_settings_that_would_stop_or_mislead_a_sweep_are_refused(options, says, tiny_dataset, tmp_path):
+    if "fixed" in options:
+        options = {**options, "fixed": {**options["fixed"], "data.dataset_id": tiny_dataset}}
+    with pytest.raises(ConfigError, match=says):
+        load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, **options))
+
+
 @pytest.mark.parametrize("dom, says", [
     ({"uniform": [0.5, 0.5]}, "low < high"),
     ({"loguniform": [0.0, 1.0]}, "loguniform needs low > 0"),
@@ -934,6 +974,19 @@ def test_a_resumed_sweep_keeps_the_dataset_it_started_with(tiny_dataset, tmp_pat
     sweep_path(spec, storage).mkdir(parents=True)
     (sweep_path(spec, storage) / PINNED).write_text(json.dumps(started))
     assert sweep_dataset(spec, storage, resume=True, log=pytest.fail) == started
+
+
+def test_a_sweep_with_a_quoted_exponent_number_resumes_unchanged(tiny_dataset, tmp_path, monkeypatch):
+    from ray import tune
+
+    from distdiff.distributed.tuning import check_resumable, sweep_path
+
+    path = write_sweep(tmp_path / "s.yaml", tiny_dataset, fixed={**FIXED, "data.dataset_id": tiny_dataset,
+                                                                  "train.lr": "1e-4"})
+    make_tuner(load_spec(path), tmp_path / "storage")
+    monkeypatch.setattr(tune.Tuner, "can_restore", lambda p: True)
+    spec = load_spec(path)
+    assert check_resumable(spec, tmp_path / "storage") == sweep_path(spec, tmp_path / "storage")
 
 
 def test_a_sweep_recorded_when_exponent_numbers_were_text_resumes(tiny_dataset, tmp_path, monkeypatch):

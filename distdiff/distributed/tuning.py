@@ -57,6 +57,7 @@ SHARED_STORAGE = ("a sweep over more than one node needs its --storage on a file
 # The mode of the metrics that have a better end: the other one would rank the worst trial first.
 BETTER = {"normalized_score": "max", "return_mean": "max", "alignment_error": "min"}
 # The schedulers' numeric options, which Ray checks with bare asserts or not at all.
+BUDGET_FIELDS = ("online.env_steps", "online.updates", "online.updates_per_env_step", "online.wall_time_s")
 SCHEDULER_RANGES = {
     ("asha", "grace_period"): (">= 1", lambda v: v >= 1),
     ("asha", "max_t"): (">= 1", lambda v: v >= 1),
@@ -180,9 +181,21 @@ def _is_number(value: Any) -> bool:
 
 
 def _examples(dom: Dict[str, Any]) -> List[Any]:
+    """Values of a domain that the sweep is checked with before any trial: its values, or its
+    bounds; a randint's first 8 integers too, which meet every residue a rule of parity or of
+    multiples (the horizon's 2, 4 or 8) can refuse between the bounds."""
     kind = next(k for k in DOMAINS if k in dom)
     values = list(dom[kind])
+    if kind == "randint":
+        lo, hi = (int(v) for v in values)
+        values = sorted({*range(lo, min(hi, lo + 7) + 1), hi})
     return values + ([0.0] if "zero" in dom else [])
+
+
+# Up to this many, every combination of the space's example values is checked before any
+# trial, not only each pair: rules over three fields (returns_condition, return_scale,
+# condition_dropout) refuse some points whose pairs all pass.
+ALL_COMBINATIONS_MAX = 512
 
 
 def _check_metric(spec: SweepSpec, configs: List[Config]) -> List[str]:
@@ -281,6 +294,12 @@ def _option_errors(spec: SweepSpec) -> List[str]:
         errors += [f"{where}: {k} is set by the sweep's `resources`, the same for every trial" for k in keys
                    if k in RESOURCE_FIELDS]
     errors += [f"space: {k} cannot be swept: {CUSTOM_RESOURCE_WHY}" for k in spec.space if k in CUSTOM_RESOURCE_FIELDS]
+    errors += [f"{k} is both swept (space) and fixed (`fixed`), where it would never be used: keep one" for k in spec.space
+               if k in spec.fixed]
+    if spec.scheduler == "asha":
+        # ASHA stops every trial at one max_t, and its rungs compare trials at equal updates.
+        errors += [f"space: {k} sets a trial's budget, and asha stops every trial at one max_t; fix it under `fixed`, "
+                   "or sweep it with fifo" for k in spec.space if k in BUDGET_FIELDS]
     # What the scheduler takes from elsewhere: the metric and mode, and (PBT) the mutations,
     # which are names of space fields here.
     taken = {"time_attr", "metric", "mode", "hyperparam_mutations", "custom_explore_fn"}
@@ -293,6 +312,10 @@ def _option_errors(spec: SweepSpec) -> List[str]:
         value = getattr(spec, name).get(key)
         if value is not None and not (_is_number(value) and within(value)):
             errors.append(f"{name}.{key} must be a number {bounds}, got {value!r}")
+    factors = spec.pbt.get("perturbation_factors")
+    if factors is not None and not (isinstance(factors, (list, tuple)) and len(factors) == 2
+                                    and all(_is_number(f) and f > 0 for f in factors)):
+        errors.append(f"pbt.perturbation_factors must be two positive numbers (down, up), got {factors!r}")
     mutations = spec.pbt.get("mutations", [])
     if not isinstance(mutations, list) or not all(isinstance(k, str) for k in mutations):
         errors.append(f"pbt.mutations must be a list of the space's fields, got {mutations!r}")
@@ -324,8 +347,11 @@ def _example_configs(spec: SweepSpec) -> List[Config]:
     examples = {k: _examples(dom) for k, dom in spec.space.items()}
     singles = [{k: v} for k, values in examples.items() for v in values]
     pairs = [{a: va, b: vb} for a, b in itertools.combinations(examples, 2) for va in examples[a] for vb in examples[b]]
+    everything = []
+    if len(examples) > 2 and math.prod(len(v) for v in examples.values()) <= ALL_COMBINATIONS_MAX:
+        everything = [dict(zip(examples, values)) for values in itertools.product(*examples.values())]
     configs = []
-    for params in [{}] + singles + pairs:
+    for params in [{}] + singles + pairs + everything:
         try:
             configs.append(spec.trial_config(params))
             config_lib.check_trainable(configs[-1])
@@ -430,6 +456,10 @@ def _check_schedule(spec: SweepSpec) -> None:
     if budget is not None and isinstance(first, (int, float)) and first > budget:
         raise ConfigError(f"invalid sweep: {name}.{key} ({first}) is beyond a trial's budget of {budget} learner "
                           f"updates: {name} would never act; lower it")
+    burn_in = options.get("burn_in_period", 0) if name == "pbt" else 0
+    if budget is not None and _is_number(burn_in) and burn_in >= budget:
+        raise ConfigError(f"invalid sweep: pbt.burn_in_period ({burn_in}) is not below a trial's budget of {budget} "
+                          "learner updates: PBT would never act; lower it")
 
 
 def _domain(dom: Dict[str, Any], rng: random.Random):
@@ -590,7 +620,13 @@ def trial_resources(spec: SweepSpec, params: Dict[str, Any]):
     """A trial's placement group: its driver, learner and one bundle per rollout actor of its
     own config. Tune puts the actors a trial starts into its group, so an actor beyond the
     group's bundles would never be placed, and the trial would wait on it forever."""
-    return tune.PlacementGroupFactory(spec.resources.bundles(spec.trial_config(params).online.num_actors))
+    try:
+        actors = spec.trial_config(params).online.num_actors
+    except ConfigError:
+        # A drawn config the checks before the sweep did not meet: Tune asks for this in its
+        # controller, where an error stops the whole sweep; the trial fails on its own instead.
+        actors = int(params.get("online.num_actors", spec.trial_config({}).online.num_actors))
+    return tune.PlacementGroupFactory(spec.resources.bundles(actors))
 
 
 def largest_trial(spec: SweepSpec) -> Dict[str, float]:
@@ -687,7 +723,7 @@ def check_resumable(spec: SweepSpec, storage: Path) -> Path:
     if not tune.Tuner.can_restore(str(path)):
         raise ConfigError(f"no sweep to resume at {path}")
     if (path / RECORD).is_file():
-        started, now = _as_read_now(json.loads((path / RECORD).read_text())), sweep_record(spec)
+        started, now = _as_read_now(json.loads((path / RECORD).read_text())), _as_read_now(sweep_record(spec))
         changed = sorted(k for k in started.keys() | now.keys() if started.get(k) != now.get(k))
         if changed:
             what = ", ".join("the init checkpoint's contents" if k == "init_sha256" else
@@ -699,8 +735,9 @@ def check_resumable(spec: SweepSpec, storage: Path) -> Path:
 
 
 def _as_read_now(value: Any) -> Any:
-    """A sweep's record as the sweep file is read today: numbers in exponent form (``1e-4``),
-    which distdiff read as text before it read YAML 1.2's floats, are numbers; else a resume
+    """A sweep's record with numbers in exponent form (``1e-4``) as numbers, on both sides of a
+    resume's comparison: distdiff read them as text before it read YAML 1.2's floats, and a
+    quoted one (``"1e-4"``) is text in the record and a number once read back; else a resume
     of an unchanged file would be refused as changed."""
     if isinstance(value, dict):
         return {k: _as_read_now(v) for k, v in value.items()}
