@@ -154,7 +154,7 @@ class OnlineConfig:
     updates_per_call: int = _f(25, "Updates per learner call (one replay sample of that many batches).")
     broadcast_every: int = _f(50, "Learner updates between weight broadcasts (a new weights version).")
     replay_capacity: int = _f(200_000, "Online transitions kept in the replay (FIFO over whole episodes; at least env.max_episode_steps).")
-    offline_ratio: float = _f(0.5, "Fraction of each batch drawn from the offline dataset.")
+    offline_ratio: float = _f(0.5, "Fraction of each batch drawn from the offline dataset (on average where batch_size × it is no whole number: that batch's count is rounded up or down at random).")
     lr_scale: float = _f(0.25, "Phase 2's learning rates are train.lr, train.value_lr and train.dynamics_lr times this. At 1, 5k updates from a trained Walker2d prior cost it 4-7 points of score, with or without online data; at 0.25 the score held and the online data still aligned (bench/README.md).")
     return_weighting: float = _f(1.0, "β: online windows are sampled ∝ exp(β·z), z = their episode's return in std units below the best stored episode; > 0 prefers the better episodes (self-imitation); 0 = uniform. See bench/README.md for what it did on Walker2d.")
     start_window_weight: float = _f(0.0, "Relative weight of online windows that begin within an episode's first model.horizon steps; 0 leaves how to start an episode to the offline data, so the planner does not imitate its own starts. See bench/README.md.")

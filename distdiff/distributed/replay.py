@@ -126,11 +126,14 @@ class Replay:
                                  for ep, w in zip(self.episodes, self.windows))
             online = WindowDataset.from_episode_windows(list(self.windows), layout=self._window_args["layout"],
                                                         horizon=self.horizon, normalizer=self.normalizer)
-            weights = self.episode_weights()[online.window_episode]
+            by_return = self.episode_weights()[online.window_episode]
+            weights = by_return.copy()
             weights[online.window_start < self.horizon] *= self.online_start_weight
-            # Only start windows stored so far (short episodes) and a start weight of 0: draw
-            # them uniformly rather than have nothing to draw.
-            if weights.sum() > 0 and not np.all(weights == weights[0]):
+            if weights.sum() == 0:
+                # Only start windows stored so far (short episodes) and a start weight of 0: draw
+                # them by return alone rather than have nothing to draw.
+                weights = by_return
+            if not np.all(weights == weights[0]):
                 online.weight_windows(weights)
             self._online = online
         return self._online
@@ -145,13 +148,18 @@ class Replay:
 
     def sample(self, n_batches: int, batch_size: int) -> List[Batch]:
         online = self._online_windows()
-        n_off = batch_size if online is None else int(round(batch_size * self.offline_ratio))
+        share = float(batch_size) if online is None else batch_size * self.offline_ratio
         if self.offline is None:
             if online is None:
                 raise RuntimeError("the replay is empty: no offline data and no online episodes yet")
-            n_off = 0
+            share = 0.0
+        whole, fraction = int(share), share - int(share)
         out = []
         for _ in range(n_batches):
+            # Where batch_size × offline_ratio is no whole number, rounded up or down at random
+            # so that the share holds on average: rounded once, 0.1 of a batch of 4 drew no
+            # offline window ever, and 0.9 no online one.
+            n_off = whole + int(fraction > 0 and self.rng.random() < fraction)
             parts = []
             if n_off:
                 parts.append(self.offline.sample(n_off, self.rng))
