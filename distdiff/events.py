@@ -34,6 +34,21 @@ def flushed_sizes(writer) -> Dict[str, int]:
     return event_sizes(writer.log_dir)
 
 
+CONFIG_TEXT = "config"  # the tag each start logs its config under (TensorBoard's: config/text_summary)
+
+
+def kept_before(counter_of: Callable[[str], int]) -> Callable[[str, int], bool]:
+    """:func:`drop_redone`'s ``keep`` for a start from a checkpoint at the counters
+    ``counter_of(tag)``: what was logged up to them, but the config text only before them.
+    Every start logs it at the counter it starts from, so one of a start that failed before its
+    first checkpoint stood beside the next start's, at the same step, unsaid which was trained with."""
+    def keep(tag: str, step: int) -> bool:
+        at = counter_of(tag)
+        return step < at if tag == f"{CONFIG_TEXT}/text_summary" else step <= at
+
+    return keep
+
+
 def drop_redone(log_dir: Path, keep: Callable[[str, int], bool], unchanged: Optional[Dict[str, int]] = None) -> int:
     """Rewrite the event files directly in ``log_dir`` (not its subdirectories, which are other
     runs to TensorBoard) without the summaries of a tag at a step that ``keep(tag, step)``

@@ -15,7 +15,7 @@ from distdiff.cli import deferred_interrupt, progress_bar
 from distdiff.config import Config
 from distdiff.data.minari_io import DatasetMissing, LoadedDataset, have_or_collect, load_or_collect
 from distdiff.data.windows import WindowDataset, fit_normalizer
-from distdiff.events import RecentRate, drop_redone, flushed_sizes
+from distdiff.events import CONFIG_TEXT, RecentRate, drop_redone, flushed_sizes, kept_before
 from distdiff.models import layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.rundir import CHECKPOINT, CONFIG, check_new_run, clear_run
@@ -145,10 +145,10 @@ def _pretrain(cfg: Config, run_dir: Path, *, resume: bool, quiet: bool, data: Op
     run_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, run_dir / CONFIG)
     # What a crashed run logged past its checkpoint is logged again from it.
-    drop_redone(run_dir, lambda tag, step: step <= trainer.step, unchanged=state.get("events") if state else None)
+    drop_redone(run_dir, kept_before(lambda tag: trainer.step), unchanged=state.get("events") if state else None)
     writer = SummaryWriter(str(run_dir))
     # At the step it starts (or resumes) from: a resume may override fields.
-    writer.add_text("config", config_lib.to_markdown(cfg), trainer.step)
+    writer.add_text(CONFIG_TEXT, config_lib.to_markdown(cfg), trainer.step)
 
     def save() -> None:
         # The events first: a checkpoint on disk has all it counts logged there too.

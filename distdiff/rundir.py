@@ -84,7 +84,9 @@ def clear_run(run_dir: str | Path) -> None:
             (d / name).unlink(missing_ok=True)
             # A write cut short where no clean-up could run (the process killed with its node).
             partial_path(d / name).unlink(missing_ok=True)
-        for events in d.glob("events.out.tfevents.*"):
+        # With the rewrite of one that a resume's clean-up left cut short (killed mid-way):
+        # TensorBoard reads a hidden events file too.
+        for events in [*d.glob("events.out.tfevents.*"), *d.glob(".events.out.tfevents.*.partial*")]:
             events.unlink()
     with contextlib.suppress(OSError):
         (run_dir / PRETRAIN).rmdir()  # only once nothing else is left in it

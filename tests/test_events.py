@@ -10,7 +10,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
-from distdiff.events import EVENTS_GLOB, drop_redone
+from distdiff.events import CONFIG_TEXT, EVENTS_GLOB, drop_redone, kept_before
 from distdiff.files import to_json
 
 
@@ -35,6 +35,34 @@ def test_each_tag_keeps_its_steps_up_to_the_checkpoint_on_its_own_axis(tmp_path)
     assert scalars(tmp_path, "charts/episode_return") == [(100 * k, float(-k)) for k in range(1, 4)]
     assert scalars(tmp_path / "pretrain", "losses/denoiser") == [(9, 9.0)]
     assert not list(tmp_path.glob(".*"))  # no temporary file left beside them
+
+
+def test_a_start_that_failed_before_its_checkpoint_leaves_no_config_beside_the_next(tmp_path):
+    # Each start logs its config at the step it starts from: a resume from step 5 that failed
+    # before its first checkpoint left its config at 5, beside the next resume's.
+    with SummaryWriter(str(tmp_path)) as w:
+        w.add_text(CONFIG_TEXT, "config A", 0)
+        for k in range(1, 9):
+            w.add_scalar("losses/value", float(k), k)
+    with SummaryWriter(str(tmp_path)) as w:  # the resume that failed
+        w.add_text(CONFIG_TEXT, "config B", 5)
+    drop_redone(tmp_path, kept_before(lambda tag: 5))
+    texts = EventAccumulator(str(tmp_path)).Reload().Tensors(f"{CONFIG_TEXT}/text_summary")
+    assert [(t.step, t.tensor_proto.string_val[0].decode()) for t in texts] == [(0, "config A")]
+    assert scalars(tmp_path, "losses/value") == [(k, float(k)) for k in range(1, 6)]  # step 5 kept
+
+
+def test_overwrite_takes_the_rewrite_of_an_events_file_a_kill_left_behind(tmp_path):
+    from distdiff.files import partial_path
+    from distdiff.rundir import clear_run
+
+    with SummaryWriter(str(tmp_path)) as w:
+        w.add_scalar("losses/value", 1.0, 1)
+    (path,) = tmp_path.glob(EVENTS_GLOB)
+    partial_path(path).write_bytes(path.read_bytes())  # TensorBoard reads this hidden file too
+    assert len(scalars(tmp_path, "losses/value")) == 2
+    clear_run(tmp_path)
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_file_cut_short_by_a_crash_keeps_its_whole_records(tmp_path):

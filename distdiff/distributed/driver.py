@@ -35,7 +35,7 @@ from distdiff.distributed.cluster import RunFailed
 from distdiff.distributed.faults import WorkerFaults, cause
 from distdiff.distributed.messages import RolloutResult, TrainStats
 from distdiff.evaluation import EvaluationStopped, evaluate
-from distdiff.events import RecentRate, drop_redone, flushed_sizes
+from distdiff.events import CONFIG_TEXT, RecentRate, drop_redone, flushed_sizes, kept_before
 from distdiff.models import layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.pretrain import load_data, pretrain, trained_on
@@ -272,7 +272,7 @@ class OnlineRun:
             log("warning: this run's learner trained on a GPU, and resumes on CPU: no GPU it may use is up now "
                 "(online.learner_num_gpus -1). It trains several times slower; --online.learner_num_gpus 1 waits "
                 "for a GPU instead")
-        dropped = drop_redone(run_dir, lambda tag, step: step <= getattr(counters, step_axis(tag)),
+        dropped = drop_redone(run_dir, kept_before(lambda tag: getattr(counters, step_axis(tag))),
                               unchanged=state.get("events") if resumed else None)
         if dropped:
             log(f"TensorBoard: dropped {_count(dropped, 'point')} logged past the checkpoint, to be logged again")
@@ -287,7 +287,7 @@ class OnlineRun:
         self.threads.enter_context(torch_threads(cfg.train.num_threads))
         try:
             # At the env step it starts (or resumes) from: a resume may override fields.
-            self.writer.add_text("config", config_lib.to_markdown(cfg), counters.env_steps)
+            self.writer.add_text(CONFIG_TEXT, config_lib.to_markdown(cfg), counters.env_steps)
             self.start_actors(cfg, res, state, offline_episodes, counters, replay_state, resumed)
         except BaseException:
             # A failure (a replay.pt that does not load, a full object store, a Ctrl-C) leaves
