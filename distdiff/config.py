@@ -440,7 +440,8 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
         # Both nets embed the noise level sinusoidally: half sines, half cosines, over >= 2 frequencies.
         need(getattr(cfg.model, key) >= 4 and getattr(cfg.model, key) % 2 == 0,
              f"model.{key} must be an even number >= 4, got {getattr(cfg.model, key)}")
-        if cfg.model.horizon > 0 and cfg.model.dim_mults and cfg.model.horizon % factor == 0 and all(
+        trained = key == "dim" or cfg.train.train_value
+        if trained and cfg.model.horizon > 0 and cfg.model.dim_mults and cfg.model.horizon % factor == 0 and all(
                 m > 0 for m in cfg.model.dim_mults):
             problem = group_norm_problem(cfg.model.horizon, getattr(cfg.model, key), cfg.model.dim_mults,
                                          unet=key == "dim")
@@ -620,7 +621,7 @@ def check_trainable(cfg: Config) -> None:
 def updates_for(cfg: Config, env_steps: int) -> int:
     """The learner updates that ``env_steps`` env steps call for (``online.updates_per_env_step``),
     from the ratio as written: the float product rounds some down (0.29 × 100,000 is 28,999.99…)."""
-    return int(Fraction(repr(cfg.online.updates_per_env_step)) * env_steps)
+    return int(Fraction(str(float(cfg.online.updates_per_env_step))) * env_steps)
 
 
 def value_of(cfg: Config, name: str) -> Any:

@@ -78,7 +78,9 @@ def evaluate(planner: Planner, cfg: Optional[Config] = None, *, episodes: Option
         for env in envs + (shadows or []):
             env.close()
     summary = summarize(results, *reference_scores(cfg.env.id))
-    summary["guidance_scale"] = cfg.guidance.scale
+    # (None under a guide of your own, which the config's scale does not describe.)
+    own_guide = getattr(planner, "guide", None) is not None and not getattr(planner, "guided_by_value", True)
+    summary["guidance_scale"] = None if own_guide else cfg.guidance.scale
     return summary
 
 

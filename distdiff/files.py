@@ -57,7 +57,7 @@ def write_text(path: Path, text: str) -> None:
 def finite(obj):
     """``obj`` with NaN and infinities as None, in its dicts, lists and tuples: JSON has no token
     for them (Python writes ``NaN``, which other readers refuse). An alignment error is NaN
-    where every plan fell before a step."""
+    where no plan was measured at a step."""
     if isinstance(obj, float):
         return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):

@@ -118,27 +118,23 @@ def render_states(env, states: np.ndarray, x0: float = 0.0) -> list:
 
 
 def render_rollout(env, qpos, qvel, actions: np.ndarray) -> Tuple[list, np.ndarray, Optional[int]]:
-    """Execute ``actions`` from (qpos, qvel), rendering the start and every step: len+1 frames.
-
-    After a termination the last frame is held. Returns (frames, observations [len+1, obs_dim]
-    (NaN after the termination), the step at which it terminated or None).
-    """
+    """Execute ``actions`` from (qpos, qvel), rendering the start and every step: len+1 frames,
+    past a termination too, as :func:`distdiff.rollout.replay_actions` replays them for the
+    alignment error. Returns (frames, observations [len+1, obs_dim], the step at which the env
+    terminated or None)."""
     u = env.unwrapped
     u.set_state(np.asarray(qpos, np.float64), np.asarray(qvel, np.float64))
     low, high = u.action_space.low, u.action_space.high
     frames = [np.asarray(env.render()).copy()]
-    obs = np.full((len(actions) + 1, u.observation_space.shape[0]), np.nan)
+    obs = np.empty((len(actions) + 1, u.observation_space.shape[0]))
     obs[0] = u._get_obs()
     ended = None
     for j, a in enumerate(actions):
-        if ended is None:
-            o, _, terminated, _, _ = u.step(np.clip(a, low, high))
-            obs[j + 1] = o
-            frames.append(np.asarray(env.render()).copy())
-            if terminated:
-                ended = j + 1
-        else:
-            frames.append(frames[-1])
+        o, _, terminated, _, _ = u.step(np.clip(a, low, high))
+        obs[j + 1] = o
+        frames.append(np.asarray(env.render()).copy())
+        if terminated and ended is None:
+            ended = j + 1
     return frames, obs, ended
 
 
@@ -167,7 +163,7 @@ def plan_vs_real_frames(env, plan_states: np.ndarray, plan_actions: np.ndarray, 
     frames = []
     for k in range(h + 1):
         left = label(planned[min(k, h - 1)], f"plan t={k}" if k < h else f"plan t={h - 1} (end)")
-        right = label(real[k], f"real t={k}" if ended is None or k < ended else f"real t={ended} (fell)")
+        right = label(real[k], f"real t={k}" if ended is None or k < ended else f"real t={k} (fell at {ended})")
         frames.append(np.concatenate([left, right], axis=1))
     return np.stack(frames)
 

@@ -30,7 +30,7 @@ from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from distdiff.data.minari_io import (DATASET_ID, LOCAL_NAMESPACE, DatasetError, dataset_exists,  # noqa: E402
                                      datasets_root, write_episodes)
-from distdiff.rollout import make_env, random_episodes, run_episodes  # noqa: E402
+from distdiff.rollout import NonFinitePlan, make_env, random_episodes, run_episodes  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
@@ -135,6 +135,9 @@ def main(argv=None) -> int:
     bar = progress_bar(total=args.episodes, desc="collect")
     try:
         env_id, algorithm, episodes = collect(args, state, cfg, planner, bar)
+    except NonFinitePlan as e:
+        bar.close()
+        fail(f"{e}: this checkpoint's planner is broken; nothing was written")
     except KeyboardInterrupt:
         bar.close()
         print(f"interrupted after {bar.n} of {args.episodes} episodes; nothing was written (the same command collects "

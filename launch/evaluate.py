@@ -26,6 +26,7 @@ from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from distdiff.evaluation import evaluate, held_out_seed  # noqa: E402
 from distdiff.files import to_json, write_json  # noqa: E402
+from distdiff.rollout import NonFinitePlan  # noqa: E402
 from distdiff.rundir import BEST, checkpoint_file, eval_file  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
@@ -74,6 +75,9 @@ def main(argv=None) -> int:
     bar = progress_bar(total=cfg.eval.episodes, desc="evaluate")
     try:
         summary = evaluate(planner, cfg, progress=lambda r: bar.update(1))
+    except NonFinitePlan as e:
+        bar.close()
+        fail(f"{e}: this checkpoint's planner is broken; nothing was written")
     except KeyboardInterrupt:
         bar.close()
         print(f"interrupted after {bar.n} of {cfg.eval.episodes} episodes; nothing was written", file=sys.stderr)

@@ -45,6 +45,7 @@ from distdiff.evaluation import evaluate  # noqa: E402
 from distdiff.files import write_json, write_text  # noqa: E402
 from distdiff.report import (alignment_starts, figure1_data, in_units, load_dataset, mean_error,  # noqa: E402
                              render_report)
+from distdiff.rollout import NonFinitePlan  # noqa: E402
 from distdiff.rundir import CHECKPOINT, checkpoint_file  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
@@ -235,7 +236,10 @@ def main(argv=None) -> int:
                    "alignment_error_starts": mean_error(np.stack([s.errors for s in starts_of[len(rows)]]))}
             if args.episodes > 0:
                 print(f"evaluating {label}: {args.episodes} episode(s)", flush=True)
-                summary = evaluate(p, c, episodes=args.episodes, seed=seed)
+                try:
+                    summary = evaluate(p, c, episodes=args.episodes, seed=seed)
+                except NonFinitePlan as e:
+                    fail(f"{label}: {e}: this checkpoint's planner is broken; report.md and summary.json not written")
                 row.update(summary)
                 for k in ("return_mean", "normalized_score", "alignment_error"):
                     if summary.get(k) is not None:

@@ -69,6 +69,9 @@ def test_overrides_are_typed():
          "model.dim 4 with model.horizon 2: one of its levels has 8 channels in 8 norm groups over 1 step"),
         ({"model.horizon": 1, "model.dim_mults": [1], "model.value_dim": 8, "planner.replan_every": 1},
          "model.value_dim 8 with model.horizon 1: one of its levels has 8 channels in 8 norm groups over 1 step"),
+        ({"model.horizon": 1, "model.dim_mults": [1], "model.value_dim": 8, "planner.replan_every": 1,
+          "train.train_value": False, "model.dim": 4},
+         "model.dim 4 with model.horizon 1"),  # (the value net's sizes, untrained, are not refused)
         ({"diffusion.n_steps": 1}, "diffusion.n_steps must be >= 2"),
         ({"model.horizon": 1, "model.dim_mults": [1], "train.train_dynamics": True},
          "train.train_dynamics needs model.horizon >= 2"),

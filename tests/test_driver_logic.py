@@ -133,6 +133,13 @@ def test_owed_updates_follow_the_ratio_as_written_not_its_float_product():
     # 0.29 × 100,000 is 28,999.99… in floats: the run ended one update short of the ratio.
     assert run_stub({"env_steps": 100_000}, **{"online.updates_per_env_step": 0.29}).owed_updates() == 29_000
     assert run_stub({"env_steps": 90}, **{"online.updates_per_env_step": 0.7}).owed_updates() == 63
+    import dataclasses
+
+    import numpy as np
+    run = run_stub({"env_steps": 100_000})  # a config made in code, with a NumPy float
+    run.cfg = dataclasses.replace(run.cfg, online=dataclasses.replace(run.cfg.online,
+                                                                      updates_per_env_step=np.float64(0.29)))
+    assert run.owed_updates() == 29_000
 
 
 def test_rollouts_wait_for_the_learner_near_the_end_of_an_update_budget_too():
@@ -152,7 +159,7 @@ def test_rollouts_wait_for_the_learner_near_the_end_of_an_update_budget_too():
 
 
 def test_an_evaluation_with_a_nan_return_never_becomes_the_best_nor_blocks_later_ones(tmp_path):
-    # A planner's NaN action makes an episode's return NaN; best.json keeps it as null.
+    # A simulator's non-finite reward makes an episode's return NaN; best.json keeps it as null.
     from distdiff.checkpoint import load_checkpoint, save_checkpoint
     from distdiff.distributed.driver import BEST_KEYS
 

@@ -119,6 +119,26 @@ def test_evaluate_interrupted_says_how_far_it_got_and_writes_nothing(run30, tmp_
     assert not out.exists()
 
 
+def test_evaluate_of_a_planner_with_nan_actions_fails_with_a_message_not_a_traceback(run30, tmp_path, monkeypatch,
+                                                                                      capsys):
+    import distdiff.cli
+    from distdiff.rollout import NonFinitePlan
+
+    monkeypatch.setattr(distdiff.cli, "limit_threads", lambda: None)
+    monkeypatch.setattr(distdiff.cli, "default_ray_auth", lambda: None)
+    script = launch_script("evaluate")
+
+    def nan_plans(*args, **kwargs):
+        raise NonFinitePlan("the planner returned NaN or infinite actions for 1 of 1 observations")
+
+    monkeypatch.setattr(script, "evaluate", nan_plans)
+    out = tmp_path / "eval.json"
+    with pytest.raises(SystemExit) as stopped:
+        script.main(["--checkpoint", str(run30), "--episodes", "1", "--out", str(out)])
+    assert stopped.value.code == 2 and not out.exists()
+    assert "NaN or infinite actions for 1 of 1 observations: this checkpoint's planner is broken" in capsys.readouterr().err
+
+
 def test_evaluate_refuses_an_env_without_physics_to_replay_before_any_episode(run30, monkeypatch, capsys):
     import distdiff.cli
 

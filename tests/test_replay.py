@@ -82,6 +82,13 @@ def test_the_offline_share_holds_on_average_where_a_batch_cannot_split_it_exactl
         assert np.mean(counts) / 4 == pytest.approx(expected, abs=0.02)
 
 
+def test_a_whole_offline_share_is_exact_even_where_its_float_product_is_not():
+    # 100 × 0.29 is 28.999999999999996 in floats: every batch would have drawn its count at random.
+    replay = make_replay(offline=[constant_episode(-1.0, 100, 0.0)], offline_ratio=0.29)
+    replay.add([constant_episode(1.0, 100, 1.0)])
+    assert {int((b.cond[:, 0] < 0).sum()) for b in replay.sample(20, 100)} == {29}
+
+
 def test_negative_weighting_is_refused():
     with pytest.raises(ValueError, match="return_weighting"):
         make_replay(return_weighting=-1.0)

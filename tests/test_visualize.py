@@ -96,6 +96,26 @@ def test_imposing_an_observation_reads_it_back(tiny_episodes):
     assert np.allclose(xs, [2.0, 2.5, 4.0])
 
 
+def test_the_videos_real_side_goes_on_past_a_fall_as_the_alignment_error_replays_it():
+    problem = render.gl_problem(width=WIDTH, height=HEIGHT)
+    if problem is not None:
+        pytest.skip(f"no headless OpenGL backend here: {problem}")
+    from distdiff.rollout import physics_state, replay_actions
+
+    env = render.make_render_env("Walker2d-v5", WIDTH, HEIGHT)
+    try:
+        env.reset(seed=0)
+        qpos, qvel = physics_state(env)
+        qpos[1] = 0.5  # below the healthy height: the first step terminates
+        actions = np.random.default_rng(0).uniform(-1, 1, size=(5, 6))
+        frames, obs, ended = render.render_rollout(env, qpos, qvel, actions)
+        replayed = replay_actions(env, qpos, qvel, np.concatenate([actions, actions[-1:]]))
+    finally:
+        env.close()
+    assert ended == 1 and len(frames) == 6
+    np.testing.assert_allclose(obs, replayed, atol=1e-9)  # (MuJoCo's solver warm start: ~1e-13)
+
+
 def test_plan_vs_real_video(planner_cfg, tmp_path):
     problem = render.gl_problem(width=WIDTH, height=HEIGHT)
     if problem is not None:

@@ -204,8 +204,8 @@ def finished_metrics(cfg: Config, run_dir: Path, state: Dict[str, object], c: Co
 
 def beats(new: Optional[float], old: Optional[float]) -> bool:
     """Whether mean return ``new`` makes a better best than ``old``. Not a NaN or missing one (a
-    planner's NaN action makes an episode's return NaN, and best.json keeps it as null): by
-    ``>`` alone, one such best.pt stood for good, and every later evaluation lost to it."""
+    simulator's non-finite reward makes an episode's return NaN, and best.json keeps it as
+    null): by ``>`` alone, one such best.pt stood for good, and every later evaluation lost to it."""
     def finite(x):
         return x is not None and math.isfinite(x)
 
@@ -614,7 +614,7 @@ class OnlineRun:
     def keep_if_best(self, metrics: Dict[str, object]) -> Optional[Dict[str, object]]:
         """Write the checkpoint just evaluated, with its metrics, to ``best.pt`` if its mean return
         beats every earlier evaluation of this run dir (resumed runs included); the best one's
-        metrics (None while no evaluation had a finite return)."""
+        metrics (None, or a best.json's null return, while no evaluation had a finite return)."""
         best = self.best_so_far()
         if beats(metrics["return_mean"], None if best is None else best["return_mean"]):
             best = {k: metrics[k] for k in BEST_KEYS}

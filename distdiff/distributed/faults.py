@@ -91,7 +91,8 @@ class WorkerFaults:
             # broadcast was its only call): a restart all the same.
             restarted, what, may_drop = True, "was restarted by Ray", limit >= 0
         elif isinstance(e, RayTaskError):
-            # The actor lives but its task raised (its envs failed twice in a row).
+            # The actor lives but its task raised: its envs failed twice in a row, or its planner
+            # failed or returned NaN actions.
             restarted, what, may_drop = False, f"failed a rollout; retrying it: {cause(e)}", True
         else:
             # Ray itself lost the rollout: its memory monitor killed the worker

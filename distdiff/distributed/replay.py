@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from fractions import Fraction
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -86,7 +87,7 @@ class Replay:
 
     def add(self, episodes: List[Episode]) -> int:
         """Store episodes (evicting the oldest beyond capacity); returns the online size. An
-        episode with a NaN or an infinity (actions a planner got wrong, a simulator that gave up)
+        episode with a NaN or an infinity (a simulator that gave up)
         is counted but not stored: every window of it would turn a whole batch non-finite."""
         for ep in episodes:
             self.added_episodes += 1  # (what a checkpoint's episode count is matched against)
@@ -148,12 +149,13 @@ class Replay:
 
     def sample(self, n_batches: int, batch_size: int) -> List[Batch]:
         online = self._online_windows()
-        share = float(batch_size) if online is None else batch_size * self.offline_ratio
+        # From the ratio as written: in floats, 100 × 0.29 is not 29, and would draw at random.
+        share = Fraction(batch_size) if online is None else Fraction(str(float(self.offline_ratio))) * batch_size
         if self.offline is None:
             if online is None:
                 raise RuntimeError("the replay is empty: no offline data and no online episodes yet")
-            share = 0.0
-        whole, fraction = int(share), share - int(share)
+            share = Fraction(0)
+        whole, fraction = int(share), float(share - int(share))
         out = []
         for _ in range(n_batches):
             # Where batch_size × offline_ratio is no whole number, rounded up or down at random

@@ -56,8 +56,9 @@ SHARED_STORAGE = ("a sweep over more than one node needs its --storage on a file
                   "the same path (README, Ray Tune)")
 # The mode of the metrics that have a better end: the other one would rank the worst trial first.
 BETTER = {"normalized_score": "max", "return_mean": "max", "alignment_error": "min"}
-# The schedulers' numeric options, which Ray checks with bare asserts or not at all.
+# The fields that set a trial's budget, which ASHA's one max_t must match.
 BUDGET_FIELDS = ("online.env_steps", "online.updates", "online.updates_per_env_step", "online.wall_time_s")
+# The schedulers' numeric options, which Ray checks with bare asserts or not at all.
 SCHEDULER_RANGES = {
     ("asha", "grace_period"): (">= 1", lambda v: v >= 1),
     ("asha", "max_t"): (">= 1", lambda v: v >= 1),
