@@ -73,6 +73,54 @@ def test_overwrite_replaces_the_dataset(minari_root, tiny_episodes):
     _assert_same_episodes(load_episodes("local/test/overwrite-v0").episodes, tiny_episodes[5:7])
 
 
+def test_an_env_named_with_its_module_trains_on_its_own_data(minari_root, tiny_episodes):
+    # README's way to a custom env is `module:Env-vN`; Gymnasium records the id without the module.
+    env_id = "gymnasium.envs.mujoco:Walker2d-v5"
+    assert env_family(env_id) == "Walker2d"
+    write_episodes("local/walker2d/module-v0", tiny_episodes[:2], env_id=env_id, algorithm_name="random")
+    loaded = load_episodes("local/walker2d/module-v0", env_id=env_id, obs_dim=17, act_dim=6, log=pytest.fail)
+    assert len(loaded.episodes) == 2
+
+
+def test_a_stray_or_copied_folder_in_the_store_neither_hides_nor_breaks_a_dataset(minari_root, tiny_episodes):
+    import shutil
+
+    write_episodes("local/test/kept-v0", tiny_episodes[:2], env_id="Walker2d-v5", algorithm_name="random")
+    # A backup beside it (Minari's own list of local datasets failed on its name), and a copy
+    # under another id (which that list left out, though it loads).
+    shutil.copytree(minari_root / "local/test/kept-v0", minari_root / "local/test/kept-v0.bak")
+    shutil.copytree(minari_root / "local/test/kept-v0", minari_root / "local/test/copied-v0")
+    try:
+        assert dataset_exists("local/test/kept-v0") and dataset_exists("local/test/copied-v0")
+        assert not dataset_exists("local/test/other-v0")
+        assert len(load_episodes("local/test/copied-v0").episodes) == 2
+    finally:
+        shutil.rmtree(minari_root / "local/test/kept-v0.bak")
+
+
+def test_episodes_whose_arrays_do_not_have_the_recorded_shapes_are_refused(minari_root):
+    from minari.data_collector import EpisodeBuffer
+
+    rng = np.random.default_rng(0)
+    buffers = [EpisodeBuffer(id=0, observations=rng.standard_normal((6, 11)), actions=rng.uniform(-1, 1, (5, 6)),
+                             rewards=rng.standard_normal(5), terminations=np.zeros(5, bool),
+                             truncations=np.array([0, 0, 0, 0, 1], bool))]
+    minari.create_dataset_from_buffers(dataset_id="local/test/narrow-v0", buffer=buffers, env="Walker2d-v5",
+                                       algorithm_name="test")
+    with pytest.raises(DatasetError, match=r"episode 0 holds observations of shape \(6, 11\).*expected \(T\+1, 17\)"):
+        load_episodes("local/test/narrow-v0", obs_dim=17, act_dim=6)
+
+
+def test_a_dataset_whose_metadata_counts_more_episodes_than_it_holds_is_named_unreadable(minari_root, tiny_episodes):
+    write_episodes("local/test/overcounted-v0", tiny_episodes[:2], env_id="Walker2d-v5", algorithm_name="random")
+    meta_path = minari_root / "local/test/overcounted-v0/data/metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta["total_episodes"] = 5
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(DatasetError, match="rm -r"):
+        load_episodes("local/test/overcounted-v0")
+
+
 def test_no_episodes_is_refused(minari_root):
     with pytest.raises(DatasetError, match="no episodes"):
         write_episodes("local/test/empty-v0", [], env_id="Walker2d-v5", algorithm_name="random")

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -49,9 +50,11 @@ def datasets_root() -> str:
 
 
 def env_family(env_id: str) -> str:
-    """An env id without its namespace and version: ``Walker2d`` for ``Walker2d-v5`` or
-    ``myns/Walker2d-v4``. Datasets and checkpoints of one family fit each other's configs."""
-    return env_id.split("/")[-1].split("-")[0]
+    """An env id without its module, namespace and version: ``Walker2d`` for ``Walker2d-v5``,
+    ``myns/Walker2d-v4`` or ``mymodule:Walker2d-v4`` (Gymnasium records a dataset's env without
+    the module that registered it). Datasets and checkpoints of one family fit each other's
+    configs."""
+    return env_id.split(":")[-1].split("/")[-1].split("-")[0]
 
 
 def reference_scores(env_id: str):
@@ -67,9 +70,10 @@ def normalized_score(episode_return, ref_min: Optional[float], ref_max: Optional
 
 
 def dataset_exists(dataset_id: str) -> bool:
-    import minari
-
-    return dataset_id in minari.list_local_datasets()
+    """Whether the store holds a dataset at ``dataset_id``'s own path: not Minari's list of every
+    local dataset, which fails on a stray folder anywhere in the store (a backup copy named
+    ``…-v0.bak``) and leaves out a dataset copied under another id, which loads all the same."""
+    return (Path(datasets_root()) / dataset_id / "data").is_dir()
 
 
 def _missing_message(dataset_id: str, why: str) -> str:
@@ -205,12 +209,21 @@ def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[
             f"registered here: their dynamics may differ")
     try:
         raw = list(ds.iterate_episodes())
-    except (ValueError, OSError) as e:  # Minari reads the episodes' files only now
+    except (ValueError, OSError, KeyError) as e:  # Minari reads the episodes' files only now (h5py: KeyError)
         raise _unreadable(dataset_id, e) from e
     episodes = []
+    widths = (obs_dim or (obs_shape or (None,))[0], act_dim or (act_shape or (None,))[0])
     for i, ep in enumerate(raw):
         if len(ep.actions) == 0:
             raise DatasetError(f"dataset {dataset_id!r}: episode {i} holds no steps")
+        # The arrays themselves, not only the space the dataset recorded: a dataset made from
+        # buffers by hand is not checked against it.
+        shapes = [np.shape(ep.observations), np.shape(ep.actions), np.shape(ep.rewards)]
+        if (len(shapes[0]) != 2 or len(shapes[1]) != 2 or len(shapes[2]) != 1
+                or any(w is not None and s[1] != w for s, w in zip(shapes, widths))):
+            raise DatasetError(f"dataset {dataset_id!r}: episode {i} holds observations of shape {shapes[0]}, actions "
+                               f"of shape {shapes[1]} and rewards of shape {shapes[2]}; expected (T+1, {widths[0]}), "
+                               f"(T, {widths[1]}) and (T,)")
         try:
             episodes.append(Episode(observations=ep.observations, actions=ep.actions, rewards=ep.rewards,
                                     terminated=bool(np.asarray(ep.terminations)[-1]),
