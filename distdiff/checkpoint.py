@@ -73,7 +73,9 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
     except Exception as e:  # a damaged file fails in many ways (unpickler, zip, struct, key errors); all mean "unreadable"
         # Not torch's advice to load it with weights_only=False: that would run code from the file.
         message = str(e)
-        why = ("it holds Python objects, which distdiff never unpickles" if "Unsupported global" in message
+        # (torch names a global of a blocked module, os.system's posix among them, otherwise.)
+        objects = "Unsupported global" in message or "unsupported GLOBAL" in message
+        why = ("it holds Python objects, which distdiff never unpickles" if objects
                else "damaged, or not a torch file" if "Weights only load failed" in message
                else f"{type(e).__name__}: {message.splitlines()[0] if message else ''}")
         raise CheckpointError(f"{path} is not a readable distdiff checkpoint ({why})") from e

@@ -17,7 +17,8 @@ from typing import Callable, Iterator, Optional
 
 from tqdm import tqdm
 
-from distdiff.rundir import BEST, checkpoint_file, foreign_run_files, holds_run
+from distdiff.rundir import (BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, REPLAY, checkpoint_file, foreign_run_files,
+                             holds_run)
 
 
 # The CPUs this process may run on as it starts (a Slurm job's, taskset's), read before torch is
@@ -169,17 +170,23 @@ def check_run_dir(run_dir: Path, *, overwrite: bool, keep: Optional[Path] = None
     have loaded, so a start that fails keeps the old run; never ``keep`` (the --init checkpoint)."""
     check_outside_job_copy(run_dir, "--run-dir")
     check_output(run_dir, "--run-dir", directory=True)
+    # Whether or not a run is there: --overwrite clears its files, the --init one among them.
+    if overwrite and keep is not None and run_dir.resolve() in (keep.resolve(), *keep.resolve().parents):
+        fail(f"--init {keep} is inside {run_dir}, which --overwrite would clear; start the new run elsewhere")
     if not holds_run(run_dir):
         others = foreign_run_files(run_dir)  # (the library refuses them too, later)
         if others:
             fail(f"{run_dir} holds no run, and {', '.join(others)} of something else, which the run would write over "
                  f"(and --overwrite remove): choose a new or empty --run-dir")
+        # An earlier run's best checkpoint without its checkpoint.pt (deleted to save space): the
+        # new run's first evaluation would write over it.
+        if (run_dir / BEST).exists() and not overwrite:
+            fail(f"{run_dir} holds {BEST} of an earlier run (without its {CHECKPOINT}), which the new run would write "
+                 f"over: pass --overwrite to replace it, or choose another --run-dir")
         return
     if not overwrite:
         fail(f"{run_dir} holds a run already: continue it with --resume, choose another --run-dir, "
              f"or pass --overwrite to replace it")
-    if keep is not None and run_dir.resolve() in (keep.resolve(), *keep.resolve().parents):
-        fail(f"--init {keep} is inside {run_dir}, which --overwrite would clear; start the new run elsewhere")
 
 
 # Set by Ray in the driver of a job (`ray job submit`): ray._private.runtime_env.constants.
@@ -200,12 +207,31 @@ def check_outside_job_copy(path: Path, flag: str) -> None:
 
 def check_output(path: Path, flag: str, *, directory: bool = False) -> None:
     """Fail now, not after the work, when ``path`` cannot be written as a file (or made a
-    directory)."""
+    directory): a file or dangling link in its way, or a read-only place."""
     if path.exists() and path.is_dir() != directory:
         fail(f"{flag} {path} is a {'file' if directory else 'directory'}; give a {'directory' if directory else 'file name'}")
-    parent = next((p for p in path.parents if p.exists()), None)
+    # (lexists: a link to nothing is in the way too; mkdir fails on it after the work.)
+    parent = next((p for p in path.parents if os.path.lexists(p)), None)
+    if parent is not None and not parent.exists():
+        fail(f"{flag} {path}: {parent} is a link to {os.readlink(parent)}, which is not there")
     if parent is not None and not parent.is_dir():
         fail(f"{flag} {path}: {parent} is a file")
+    # Where the writes go: the existing directory itself, else the nearest existing parent.
+    place = path if path.is_dir() else parent
+    if place is not None and not os.access(place, os.W_OK | os.X_OK):
+        fail(f"{flag} {path}: {place} cannot be written here (read-only, or not this user's)")
+    if not directory and path.exists() and not os.access(path, os.W_OK):
+        fail(f"{flag} {path} cannot be written here (read-only, or not this user's)")
+
+
+def check_eval_output(out: Path, checkpoint: Path, flag: str = "--out") -> None:
+    """:func:`check_output` for an evaluation's summary, which must not land on the checkpoint it
+    judges or another file of its run (a slip like ``--out runs/a/best.pt`` wrote JSON over it)."""
+    check_output(out, flag)
+    taken = {CHECKPOINT, REPLAY, BEST, BEST_METRICS, METRICS, CONFIG}
+    if out.exists() and (out.resolve() == checkpoint.resolve() or out.name in taken) or out.suffix == ".pt":
+        fail(f"{flag} {out} would write the summary over a checkpoint or a file of a run; give a .json name such as "
+             f"eval.json")
 
 
 def check_resume_dir(run_dir: Path) -> None:

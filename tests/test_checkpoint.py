@@ -206,6 +206,21 @@ class _Payload:
         return (open, (self.marker, "w"))
 
 
+class _SystemPayload(_Payload):
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_that_would_run_a_command_is_called_what_it_is(tmp_path):
+    # torch names a global of a blocked module (os.system's posix) otherwise than one it does not allow.
+    marker = tmp_path / "pwned"
+    path = tmp_path / "checkpoint.pt"
+    torch.save({"format": "distdiff.checkpoint", "format_version": VERSION, "evil": _SystemPayload(str(marker))}, path)
+    with pytest.raises(CheckpointError, match="holds Python objects, which distdiff never unpickles"):
+        load_checkpoint(path)
+    assert not marker.exists()
+
+
 def test_loading_never_runs_pickled_code(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "checkpoint.pt"

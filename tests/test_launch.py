@@ -797,6 +797,44 @@ def test_a_run_dir_that_holds_files_of_a_runs_names_that_no_run_wrote_is_refused
     cli.check_run_dir(home / "sub", overwrite=False)
 
 
+def test_an_earlier_runs_best_pt_and_the_init_checkpoint_are_not_cleared_unasked(tmp_path, capsys):
+    # Its checkpoint.pt deleted to save space, best.pt kept: no run is held, and yet --overwrite
+    # cleared the --init checkpoint in it, and without --overwrite the new run wrote over it.
+    from distdiff import cli, config
+
+    run = tmp_path / "run"
+    run.mkdir()
+    config.save(config.load(None), run / "config.yaml")
+    (run / "best.pt").write_bytes(b"weights")
+    with pytest.raises(SystemExit):
+        cli.check_run_dir(run, overwrite=True, keep=run / "best.pt")
+    assert "--init" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.check_run_dir(run, overwrite=False, keep=tmp_path / "prior.pt")
+    assert "holds best.pt of an earlier run (without its checkpoint.pt)" in capsys.readouterr().err
+    cli.check_run_dir(run, overwrite=True, keep=tmp_path / "prior.pt")
+
+
+def test_an_output_behind_a_link_to_nothing_is_refused_before_the_work(tmp_path, capsys):
+    from distdiff import cli
+
+    (tmp_path / "runs").symlink_to(tmp_path / "purged")
+    for path, directory in ((tmp_path / "runs" / "train-1", True), (tmp_path / "runs" / "eval.json", False)):
+        with pytest.raises(SystemExit):
+            cli.check_output(path, "--out", directory=directory)
+        assert f"{tmp_path / 'runs'} is a link to {tmp_path / 'purged'}, which is not there" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_to_write_its_summary_over_a_checkpoint(run30, capsys):
+    from distdiff import cli
+
+    for out in (run30 / "best.pt", run30 / "checkpoint.pt", run30 / "elsewhere.pt"):
+        with pytest.raises(SystemExit):
+            cli.check_eval_output(out, run30 / "checkpoint.pt")
+        assert "would write the summary over a checkpoint or a file of a run" in capsys.readouterr().err
+    cli.check_eval_output(run30 / "other.eval.json", run30 / "checkpoint.pt")
+
+
 def test_default_run_dirs_of_runs_started_in_the_same_second_differ(monkeypatch):
     from distdiff import cli
 
