@@ -38,6 +38,16 @@ def launch_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def script_in_process(name: str, monkeypatch):
+    """:func:`launch_script`, imported without its settings of this process's environment
+    (thread limits, Ray auth), which would hold for every test after it."""
+    import distdiff.cli
+
+    monkeypatch.setattr(distdiff.cli, "limit_threads", lambda: None)
+    monkeypatch.setattr(distdiff.cli, "default_ray_auth", lambda: None)
+    return launch_script(name)
 SMOKE_CONFIG = ROOT / "configs" / "smoke.yaml"
 
 LAYOUT = TrajectoryLayout(obs_dim=1, act_dim=1)

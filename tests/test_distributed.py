@@ -24,7 +24,7 @@ import ray
 import torch
 from ray.exceptions import ActorUnavailableError, RayActorError
 
-from _helpers import assert_same, launch_script, ray_address_file_kept, snapshot, tiny_online_config
+from _helpers import assert_same, ray_address_file_kept, script_in_process, snapshot, tiny_online_config
 from distdiff import config as config_lib
 from distdiff.checkpoint import load_checkpoint
 from distdiff.distributed.cluster import RunFailed
@@ -1177,12 +1177,9 @@ def test_a_failed_final_evaluation_stops_the_run_and_a_resume_runs_it_again(ray_
     assert sorted(p.stat().st_size for p in (tmp_path / "longer").glob("events.out.tfevents.*")) == events
 
     # launch/train.py finds it over before it looks for Ray: no cluster starts to say so.
-    import distdiff.cli
     from distdiff.distributed import cluster
 
-    monkeypatch.setattr(distdiff.cli, "limit_threads", lambda: None)
-    monkeypatch.setattr(distdiff.cli, "default_ray_auth", lambda: None)
-    script = launch_script("train")
+    script = script_in_process("train", monkeypatch)
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray was looked for")

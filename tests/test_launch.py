@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import ROOT, launch_script
+from _helpers import ROOT, launch_script, script_in_process
 from distdiff.checkpoint import load_checkpoint
 from distdiff.data.minari_io import WALKER2D_REF_MAX_SCORE, WALKER2D_REF_MIN_SCORE, dataset_exists, load_episodes
 from distdiff.rollout import make_env, random_episodes
@@ -83,11 +83,7 @@ def test_collect_random(minari_root, subprocess_env):
 
 
 def test_collect_interrupted_says_how_far_it_got_and_writes_nothing(minari_root, monkeypatch, capsys):
-    import distdiff.cli
-
-    monkeypatch.setattr(distdiff.cli, "limit_threads", lambda: None)
-    monkeypatch.setattr(distdiff.cli, "default_ray_auth", lambda: None)
-    script = launch_script("collect")
+    script = script_in_process("collect", monkeypatch)
 
     def interrupted_at_the_third(env, n_episodes, seed, progress):
         for episode in range(2):
@@ -102,11 +98,7 @@ def test_collect_interrupted_says_how_far_it_got_and_writes_nothing(minari_root,
 
 
 def test_evaluate_interrupted_says_how_far_it_got_and_writes_nothing(run30, tmp_path, monkeypatch, capsys):
-    import distdiff.cli
-
-    monkeypatch.setattr(distdiff.cli, "limit_threads", lambda: None)
-    monkeypatch.setattr(distdiff.cli, "default_ray_auth", lambda: None)
-    script = launch_script("evaluate")
+    script = script_in_process("evaluate", monkeypatch)
 
     def interrupted_at_the_second(planner, cfg, progress):
         progress(None)
@@ -121,12 +113,9 @@ def test_evaluate_interrupted_says_how_far_it_got_and_writes_nothing(run30, tmp_
 
 def test_evaluate_of_a_planner_with_nan_actions_fails_with_a_message_not_a_traceback(run30, tmp_path, monkeypatch,
                                                                                       capsys):
-    import distdiff.cli
     from distdiff.rollout import NonFinitePlan
 
-    monkeypatch.setattr(distdiff.cli, "limit_threads", lambda: None)
-    monkeypatch.setattr(distdiff.cli, "default_ray_auth", lambda: None)
-    script = launch_script("evaluate")
+    script = script_in_process("evaluate", monkeypatch)
 
     def nan_plans(*args, **kwargs):
         raise NonFinitePlan("the planner returned NaN or infinite actions for 1 of 1 observations")
@@ -140,11 +129,7 @@ def test_evaluate_of_a_planner_with_nan_actions_fails_with_a_message_not_a_trace
 
 
 def test_evaluate_refuses_an_env_without_physics_to_replay_before_any_episode(run30, monkeypatch, capsys):
-    import distdiff.cli
-
-    monkeypatch.setattr(distdiff.cli, "limit_threads", lambda: None)
-    monkeypatch.setattr(distdiff.cli, "default_ray_auth", lambda: None)
-    script = launch_script("evaluate")
+    script = script_in_process("evaluate", monkeypatch)
     monkeypatch.setattr(script.config_lib, "alignment_problem", lambda env_id: f"env.id {env_id!r} is not a MuJoCo env")
     monkeypatch.setattr(script, "evaluate", lambda *a, **kw: pytest.fail("evaluated"))
     with pytest.raises(SystemExit) as stopped:

@@ -17,7 +17,7 @@ import pytest
 import torch
 import yaml
 
-from _helpers import SESSION_RAY, launch_script, tiny_online_config
+from _helpers import SESSION_RAY, script_in_process, tiny_online_config
 from distdiff import config as config_lib
 from distdiff.config import ConfigError
 from distdiff.distributed.tuning import (load_spec, make_scheduler, make_tuner, on_trial_driver, param_space,
@@ -382,11 +382,7 @@ def test_the_best_config_under_asha_is_one_of_the_trials_it_let_finish(tiny_data
 @pytest.fixture
 def tune_script(monkeypatch):
     """launch/tune.py, imported without its settings of this process's environment (threads, Ray auth)."""
-    import distdiff.cli
-
-    monkeypatch.setattr(distdiff.cli, "limit_threads", lambda: None)
-    monkeypatch.setattr(distdiff.cli, "default_ray_auth", lambda: None)
-    return launch_script("tune")
+    return script_in_process("tune", monkeypatch)
 
 
 def test_a_sweep_whose_trials_all_failed_has_no_best_config(tiny_dataset, tmp_path, monkeypatch, tune_script, capsys):
