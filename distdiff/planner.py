@@ -16,6 +16,12 @@ from distdiff.nn.dynamics import model_rollout, rollout_error
 from distdiff.normalizer import Normalizer
 
 
+def _best(scores: torch.Tensor) -> torch.Tensor:
+    """``[b]``: each row's best candidate of ``scores`` ``[b, n]``, a NaN score never: argmax
+    takes NaN for the largest, and a rollout or V that overflowed would have chosen its plan."""
+    return torch.nan_to_num(scores, nan=-torch.inf).argmax(dim=1)
+
+
 class Plan(NamedTuple):
     states: np.ndarray  # [B, H, obs_dim], env units; states[:, 0] is the given observation
     actions: np.ndarray  # [B, H, act_dim], env units
@@ -106,7 +112,7 @@ class Planner:
         cond = cond.repeat_interleave(n, dim=0)
         x = self.sample(cond, generator).trajectories
         if self.cfg.dynamics_candidates > 1:
-            best = self._dynamics_scores(x).reshape(b, n).argmax(dim=1)
+            best = _best(self._dynamics_scores(x).reshape(b, n))
             x = x.reshape(b, n, *x.shape[1:])[torch.arange(b), best]
             n = 1
         values = None
@@ -114,7 +120,7 @@ class Planner:
         if self.guidance.n_candidates > 1 or self.guided_by_value:
             t0 = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
             values = self.value(x, t0).reshape(b, n)
-            best = values.argmax(dim=1)
+            best = _best(values)
             x = x.reshape(b, n, *x.shape[1:])[torch.arange(b), best]
             values = values[torch.arange(b), best].cpu().numpy()
         # Exactness of s_0: write the given observation back rather than trusting the round trip

@@ -146,6 +146,19 @@ def test_plan_executes_the_best_of_its_candidates(sampler):
     np.testing.assert_array_equal(plan.states[:, 0], obs)
 
 
+def test_a_candidate_whose_value_is_nan_is_never_the_one_executed():
+    class NanForTheBest(torch.nn.Module):  # V = Σ actions, NaN where it is highest
+        def forward(self, x, t):
+            v = ActionSum()(x, t)
+            return torch.where(v == v.reshape(3, -1).max(dim=1).values.repeat_interleave(v.shape[0] // 3), torch.nan, v)
+
+    d = gaussian_diffusion("cosine", 20, "x0")
+    planner = Planner(diffusion=d, denoiser=exact_denoiser(d), value=NanForTheBest(), normalizer=TOY_NORMALIZER,
+                      guidance=GuidanceConfig(scale=0.0, n_candidates=4), planner=PlannerConfig(sampler="ddim", ddim_steps=4))
+    plan = planner.plan(TOY_OBS, generator=torch.Generator().manual_seed(5))
+    assert np.isfinite(plan.values).all()
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_a_planner_with_a_guidance_scale_plans_higher_values_from_the_same_noise(sampler):
     # The config's guidance reaches the sampler through the planner: same draws, a higher V.
