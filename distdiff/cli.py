@@ -17,8 +17,7 @@ from typing import Callable, Iterator, Optional
 
 from tqdm import tqdm
 
-from distdiff.rundir import (BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, REPLAY, checkpoint_file, foreign_run_files,
-                             holds_run)
+from distdiff.rundir import BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, checkpoint_file, foreign_run_files, holds_run
 
 
 # The CPUs this process may run on as it starts (a Slurm job's, taskset's), read before torch is
@@ -224,12 +223,11 @@ def check_output(path: Path, flag: str, *, directory: bool = False) -> None:
         fail(f"{flag} {path} cannot be written here (read-only, or not this user's)")
 
 
-def check_eval_output(out: Path, checkpoint: Path, flag: str = "--out") -> None:
-    """:func:`check_output` for an evaluation's summary, which must not land on the checkpoint it
-    judges or another file of its run (a slip like ``--out runs/a/best.pt`` wrote JSON over it)."""
+def check_eval_output(out: Path, flag: str = "--out") -> None:
+    """:func:`check_output` for an evaluation's summary, which must not land on a checkpoint or
+    another file of a run (a slip like ``--out runs/a/best.pt`` wrote JSON over it)."""
     check_output(out, flag)
-    taken = {CHECKPOINT, REPLAY, BEST, BEST_METRICS, METRICS, CONFIG}
-    if out.exists() and (out.resolve() == checkpoint.resolve() or out.name in taken) or out.suffix == ".pt":
+    if out.suffix == ".pt" or out.name in (BEST_METRICS, METRICS, CONFIG):
         fail(f"{flag} {out} would write the summary over a checkpoint or a file of a run; give a .json name such as "
              f"eval.json")
 

@@ -618,10 +618,15 @@ def check_trainable(cfg: Config) -> None:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
+def as_written(ratio: float) -> Fraction:
+    """A config's ratio as its decimal reads: products of counts with the float round some
+    whole numbers down (0.29 × 100,000 is 28,999.99…)."""
+    return Fraction(str(float(ratio)))
+
+
 def updates_for(cfg: Config, env_steps: int) -> int:
-    """The learner updates that ``env_steps`` env steps call for (``online.updates_per_env_step``),
-    from the ratio as written: the float product rounds some down (0.29 × 100,000 is 28,999.99…)."""
-    return int(Fraction(str(float(cfg.online.updates_per_env_step))) * env_steps)
+    """The learner updates that ``env_steps`` env steps call for (``online.updates_per_env_step``)."""
+    return int(as_written(cfg.online.updates_per_env_step) * env_steps)
 
 
 def value_of(cfg: Config, name: str) -> Any:

@@ -7,10 +7,10 @@ import numpy as np
 
 import torch
 
-from distdiff.config import Config
+from distdiff.config import Config, alignment_problem
 from distdiff.data.minari_io import reference_scores
 from distdiff.planner import Planner
-from distdiff.rollout import (EpisodeResult, alignment_on_states, can_replay, make_env, mean_alignment_error,
+from distdiff.rollout import (EpisodeResult, alignment_on_states, make_env, mean_alignment_error,
                               per_step_alignment_error, run_episodes, summarize)
 
 
@@ -51,6 +51,9 @@ def evaluate(planner: Planner, cfg: Optional[Config] = None, *, episodes: Option
             raise EvaluationStopped("the evaluation was stopped")
         return planner.plan(obs, generator=generator)
 
+    problem = alignment_problem(cfg.env.id) if cfg.eval.measure_alignment else ""
+    if problem:
+        raise ValueError(f"{problem}; set eval.measure_alignment false to judge without it")
     envs, shadows = [], [] if cfg.eval.measure_alignment else None
     try:
         # In the try: an env that fails to build must not leave the ones before it open.
@@ -58,10 +61,6 @@ def evaluate(planner: Planner, cfg: Optional[Config] = None, *, episodes: Option
             envs.append(make_env(cfg.env.id, cfg.env.max_episode_steps))
             if shadows is not None:
                 shadows.append(make_env(cfg.env.id))
-                if not can_replay(shadows[-1]):
-                    raise ValueError(f"{cfg.env.id} is not a MuJoCo env: the alignment error replays plans in a copy "
-                                     f"of the env set to the real one's physics state; set eval.measure_alignment "
-                                     f"false to judge without it")
         results = run_episodes(
             plan,
             envs,

@@ -14,7 +14,7 @@ import operator
 import sys
 from pathlib import Path
 
-from distdiff.cli import (check_eval_output, check_output, fail, limit_threads, line_buffered_output, make_parser, positive_int,
+from distdiff.cli import (check_eval_output, fail, limit_threads, line_buffered_output, make_parser, positive_int,
                           progress_bar)
 
 limit_threads()
@@ -51,8 +51,9 @@ def main(argv=None) -> int:
         args.cfg__guidance__scale = args.guidance
     if args.episodes is not None:
         args.cfg__eval__episodes = args.episodes
-    if args.out is not None:
-        check_eval_output(args.out, checkpoint_file(args.checkpoint))
+    # Before the work: beside the checkpoint by default, which may be someone else's or read-only.
+    check_eval_output(args.out or eval_file(checkpoint_file(args.checkpoint)),
+                      "--out" if args.out is not None else "the summary (--out for another place)")
     try:
         state = load_checkpoint(args.checkpoint)
         base = config_lib.from_dict(state["config"])
@@ -62,8 +63,6 @@ def main(argv=None) -> int:
             print(f"note: {BEST} was chosen by the run's evaluations on eval.seed={base.eval.seed}; it is judged "
                   f"on other episodes, eval.seed={args.cfg__eval__seed} (--eval.seed for others)", file=sys.stderr)
         cfg = config_lib.from_args(args, base=base)
-        if args.out is None:  # beside the checkpoint, which may be someone else's or read-only
-            check_output(eval_file(checkpoint_file(args.checkpoint)), "the summary (--out for another place)")
         if cfg.online.prior_weight > 0 and args.cfg__online__prior_weight is not None and "prior" not in state:
             fail(f"--online.prior_weight blends a phase-2 checkpoint with the prior it started from, and "
                  f"{args.checkpoint} is not one (it is its own prior): the blend would judge it unchanged")

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from distdiff.config import as_written
 from distdiff.data.episodes import Episode, completed_return
 from distdiff.data.windows import Batch, WindowDataset, episode_windows
 from distdiff.layout import TrajectoryLayout
@@ -149,8 +150,8 @@ class Replay:
 
     def sample(self, n_batches: int, batch_size: int) -> List[Batch]:
         online = self._online_windows()
-        # From the ratio as written: in floats, 100 × 0.29 is not 29, and would draw at random.
-        share = Fraction(batch_size) if online is None else Fraction(str(float(self.offline_ratio))) * batch_size
+        # (As written: in floats, 100 × 0.29 is not 29, and would draw at random.)
+        share = Fraction(batch_size) if online is None else as_written(self.offline_ratio) * batch_size
         if self.offline is None:
             if online is None:
                 raise RuntimeError("the replay is empty: no offline data and no online episodes yet")
