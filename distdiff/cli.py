@@ -242,6 +242,48 @@ def check_resume_dir(run_dir: Path) -> None:
         fail(f"--resume {run_dir}: no such directory")
 
 
+AUTORESUME_HELP = ("With --run-dir: continue the run there if it holds one (as --resume does), else start it there: "
+                   "one command line for a job that a scheduler requeues or restarts. A run there that this command "
+                   "line's config (--config, --init, --section.field) would not have started is refused, naming the "
+                   "fields that differ.")
+
+
+def check_autoresume_flags(args: argparse.Namespace) -> None:
+    if args.resume:
+        fail("--autoresume resumes the run in --run-dir by itself; drop --resume")
+    if args.run_dir is None:
+        fail("--autoresume needs --run-dir, the same dir at every start of the job")
+    if args.overwrite:
+        fail("--autoresume continues the run in --run-dir; --overwrite would remove it")
+
+
+def start_config(args: argparse.Namespace):
+    """The config this command line starts a run with: from ``--config``, else ``--init``'s
+    checkpoint's, else the defaults, with the ``--section.field`` flags."""
+    from distdiff import config as config_lib
+    from distdiff.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        base = config_lib.from_dict(load_checkpoint(args.init)["config"]) if args.init and not args.config else None
+        return config_lib.from_args(args, base=base)
+    except (config_lib.ConfigError, CheckpointError) as e:
+        fail(str(e))
+
+
+def check_autoresumed(ran, given, run_dir: Path, script: str) -> None:
+    """Refuse to go on with a run that ``--autoresume`` found in ``run_dir`` whose config ``ran``
+    (with this command line's ``--section.field`` flags) is not ``given``, the one this command
+    line starts: the job's config file or flags changed since it started, and going on would
+    train neither what the run was nor what the command line asks for."""
+    from distdiff import config as config_lib
+
+    changed = config_lib.changed_fields(ran, given)
+    if changed:
+        fail(f"--autoresume: the run in {run_dir} was started with another config than this command line makes "
+             f"({'; '.join(changed)}): continue it as it is with python launch/{script} --resume {run_dir} (changing "
+             f"fields with --section.field), or start another --run-dir")
+
+
 def default_run_dir(kind: str) -> Path:
     # A random suffix: runs started in the same second (a job array across nodes, a shell loop,
     # containers that are all pid 1) would otherwise share a dir that none of them holds a

@@ -635,6 +635,21 @@ def value_of(cfg: Config, name: str) -> Any:
     return getattr(getattr(cfg, section), key)
 
 
+def changed_fields(ran: Config, given: Config) -> List[str]:
+    """``field RAN there, GIVEN here`` for each field whose value differs between the config a run
+    ran with and ``given``, save a ``data.dataset_id`` the run recorded as ``given``'s fallback
+    (it trained on that where the configured dataset could not be had, and said so in its config)."""
+    ran_d, given_d = ran.to_dict(), given.to_dict()
+    changed = []
+    for section, fields in given_d.items():
+        for name, value in fields.items():
+            before = ran_d[section][name]
+            fell_back = (section, name) == ("data", "dataset_id") and before == given.data.fallback_dataset_id
+            if before != value and not fell_back:
+                changed.append(f"{section}.{name} {before!r} there, {value!r} here")
+    return changed
+
+
 def net_fields() -> List[str]:
     """The fields a checkpoint's nets were made with: their shapes (env dims, model) and the noise
     levels the denoiser learned to read and undo (the schedule, its steps, what it predicts). A

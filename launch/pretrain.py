@@ -5,15 +5,17 @@
     python launch/pretrain.py --config configs/walker2d.yaml --data.dataset_id local/walker2d/sac-medium-v0
     tensorboard --logdir runs/
 
-Ctrl-C saves a checkpoint; --resume RUN_DIR continues it.
+Ctrl-C saves a checkpoint; --resume RUN_DIR continues it, and --autoresume --run-dir RUN_DIR
+continues it or starts it (a requeued job).
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from distdiff.cli import (check_resume_dir, check_run_dir, default_run_dir, fail, limit_threads, line_buffered_output,
-                          make_parser, sigterm_as_interrupt)
+from distdiff.cli import (AUTORESUME_HELP, check_autoresume_flags, check_autoresumed, check_resume_dir, check_run_dir,
+                          default_run_dir, fail, limit_threads, line_buffered_output, make_parser, sigterm_as_interrupt,
+                          start_config)
 
 limit_threads()
 line_buffered_output()
@@ -36,11 +38,19 @@ def main(argv=None) -> int:
                    help="Start from this checkpoint's weights and normalizer (fresh optimizers, step 0): fine-tunes a "
                         "prior, e.g. with --model.returns_condition true to add a return condition to an unconditioned one. "
                         "Its config is the base of --section.field flags unless --config is given.")
+    p.add_argument("--autoresume", action="store_true", help=AUTORESUME_HELP)
     p.add_argument("--overwrite", action="store_true", help="Start again in a --run-dir that holds a run, replacing its files.")
     config_lib.add_arguments(p)
     args = p.parse_args(argv)
     if args.dataset:
         args.cfg__data__dataset_id = args.dataset
+    given = None
+    if args.autoresume:
+        check_autoresume_flags(args)
+        if (args.run_dir / CHECKPOINT).is_file():
+            given = start_config(args)
+            print(f"--autoresume: {args.run_dir} holds a run; resuming it")
+            args.resume, args.init, args.config = True, None, None
     run_dir = None
     try:
         if args.resume:
@@ -59,6 +69,8 @@ def main(argv=None) -> int:
             check_resume_dir(args.run_dir)
             base = config_lib.from_dict(load_checkpoint(args.run_dir / CHECKPOINT)["config"])
             cfg = config_lib.from_args(args, base=base)
+            if given is not None:
+                check_autoresumed(cfg, given, args.run_dir, "pretrain.py")
             run_dir = args.run_dir
         else:
             # From --init without --config: the checkpoint's config, whose model fits its nets.

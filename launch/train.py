@@ -10,7 +10,7 @@ Connects to RAY_ADDRESS or a local `ray start` cluster if there is one. Ends wit
 updates, weights_version, and the episodes collected online) in the run dir, and best.pt, the
 checkpoint of the evaluation with the highest mean return (evaluations come at most every
 online.eval_every updates, and at the end). Ctrl-C saves a checkpoint; --resume RUN_DIR
-continues it.
+continues it, and --autoresume --run-dir RUN_DIR continues it or starts it (a requeued job).
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ import errno
 import sys
 from pathlib import Path
 
-from distdiff.cli import (add_ray_arguments, check_resume_dir, check_run_dir, default_ray_auth, default_run_dir, fail,
-                          limit_threads, line_buffered_output, make_parser, sigterm_as_interrupt)
+from distdiff.cli import (AUTORESUME_HELP, add_ray_arguments, check_autoresume_flags, check_autoresumed,
+                          check_resume_dir, check_run_dir, default_ray_auth, default_run_dir, fail, limit_threads,
+                          line_buffered_output, make_parser, sigterm_as_interrupt, start_config)
 
 limit_threads()
 line_buffered_output()
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "diffusion n_steps, schedule and prediction) must stay its own.")
     p.add_argument("--run-dir", type=Path, default=None, help="Output dir (default runs/train-TIME-HEX, HEX random).")
     p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR", help="Continue a run from its checkpoint and replay.")
+    p.add_argument("--autoresume", action="store_true", help=AUTORESUME_HELP)
     p.add_argument("--overwrite", action="store_true", help="Start again in a --run-dir that holds a run, replacing its files.")
     add_ray_arguments(p)
     config_lib.add_arguments(p)
@@ -59,6 +61,13 @@ def main(argv=None) -> int:
         args.cfg__online__num_actors = args.num_actors
     if args.dataset:
         args.cfg__data__dataset_id = args.dataset
+    given = None
+    if args.autoresume:
+        check_autoresume_flags(args)
+        if holds_run(args.run_dir):
+            given = start_config(args)
+            print(f"--autoresume: {args.run_dir} holds a run; resuming it")
+            args.resume, args.run_dir, args.init, args.config = args.run_dir, None, None, None
     if args.resume and args.init:
         fail("--resume and --init exclude each other")
     if args.resume and (args.overwrite or args.run_dir):
@@ -81,6 +90,8 @@ def main(argv=None) -> int:
         elif state is not None and not args.config:
             base = config_lib.from_dict(state["config"])
         cfg = config_lib.from_args(args, base=base)
+        if given is not None:
+            check_autoresumed(cfg, given, args.resume, "train.py")
         config_lib.check_trainable(cfg)
         if state is not None:
             check_made_with(state, cfg)

@@ -369,3 +369,13 @@ def test_a_run_saved_before_a_field_resumes_as_it_trained():
     # Phase 2 at the full rate, without finishing owed updates, offline starts weighted as pretraining's.
     assert (cfg.online.lr_scale, cfg.online.finish_updates, cfg.online.offline_start_window_weight) == (1.0, False, 3.0)
     assert len(said) == 1 and "online.lr_scale 1.0 (added in 1354450)" in said[0]
+
+
+def test_changed_fields_names_each_difference_but_a_dataset_the_run_fell_back_to():
+    given = config.load(None, {"data.dataset_id": "mujoco/walker2d/medium-v0"})
+    fell_back = config.load(None, {"data.dataset_id": given.data.fallback_dataset_id})
+    assert config.changed_fields(fell_back, given) == []
+    other = config.load(None, {"data.dataset_id": "local/walker2d/other-v0", "train.lr": 1e-3})
+    assert config.changed_fields(other, given) == [
+        "data.dataset_id 'local/walker2d/other-v0' there, 'mujoco/walker2d/medium-v0' here",
+        "train.lr 0.001 there, 0.0002 here"]

@@ -839,3 +839,72 @@ def test_sigterm_interrupts_work_that_has_no_checks_and_its_handler_is_given_bac
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(5)  # (the handler runs at the next bytecode)
     assert signal.getsignal(signal.SIGTERM) == before
+
+
+def _autoresume_argv(run_dir, dataset, *extra, config=ROOT / SMOKE):
+    # As the run30 fixture's pretraining was started.
+    return ["--autoresume", "--run-dir", str(run_dir), "--config", str(config), "--data.dataset_id", dataset,
+            "--data.fallback_dataset_id", "", "--train.steps", "30", *map(str, extra)]
+
+
+def _other_smoke_config(tmp_path):
+    other = tmp_path / "other.yaml"
+    other.write_text((ROOT / SMOKE).read_text().replace("train: {steps: 200,", "train: {steps: 200, lr: 0.001,"))
+    return other
+
+
+def test_pretrain_autoresume_resumes_a_run_it_started_and_starts_one_that_is_not_there(run30, tmp_path, tiny_dataset,
+                                                                                      monkeypatch, capsys):
+    script = script_in_process("pretrain", monkeypatch)
+    calls = []
+    monkeypatch.setattr(script, "pretrain", lambda cfg, run_dir, **kw: calls.append((cfg, run_dir, kw)) or run_dir)
+    run_dir = tmp_path / "run"
+    shutil.copytree(run30, run_dir)
+    # The job requeued with the command line that started it, and a field it may change.
+    assert script.main(_autoresume_argv(run_dir, tiny_dataset, "--train.checkpoint_every", 7)) == 0
+    cfg, where, kw = calls.pop()
+    assert where == run_dir and kw["resume"] and kw["init"] is None
+    assert cfg.train.checkpoint_every == 7 and cfg.train.steps == 30
+    assert f"--autoresume: {run_dir} holds a run; resuming it" in capsys.readouterr().out
+    # Where nothing is yet: the same command line starts the run.
+    assert script.main(_autoresume_argv(tmp_path / "new", tiny_dataset)) == 0
+    cfg, where, kw = calls.pop()
+    assert where == tmp_path / "new" and not kw["resume"] and cfg.data.dataset_id == tiny_dataset
+    # A config file that changed since the run started: neither the run's training nor the file's.
+    with pytest.raises(SystemExit) as stop:
+        script.main(_autoresume_argv(run_dir, tiny_dataset, config=_other_smoke_config(tmp_path)))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and not calls
+    assert f"the run in {run_dir} was started with another config" in err and "train.lr 0.0002 there, 0.001 here" in err
+    assert f"python launch/pretrain.py --resume {run_dir}" in err
+    for flags, expected in [([], "--autoresume needs --run-dir"), (["--run-dir", run_dir, "--overwrite"], "--overwrite"),
+                            (["--resume", run_dir], "drop --resume")]:
+        with pytest.raises(SystemExit) as stop:
+            script.main(["--autoresume", *map(str, flags)])
+        assert stop.value.code == 2 and expected in capsys.readouterr().err
+
+
+def test_train_autoresume_resumes_a_run_stopped_in_phase_1_and_refuses_another_config(run30, tmp_path, tiny_dataset,
+                                                                                       monkeypatch, capsys):
+    from distdiff.distributed import cluster, driver
+
+    script = script_in_process("train", monkeypatch)
+    calls = []
+    monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: False)
+    monkeypatch.setattr(driver, "train", lambda cfg, run_dir, **kw: calls.append((cfg, run_dir, kw)) or {})
+    run_dir = tmp_path / "run"
+    (run_dir / "pretrain").mkdir(parents=True)
+    shutil.copy(run30 / "checkpoint.pt", run_dir / "pretrain" / "checkpoint.pt")
+    assert script.main(_autoresume_argv(run_dir, tiny_dataset)) == 0
+    cfg, where, kw = calls.pop()
+    assert where == run_dir and kw["resume"] and kw["init"] is None and cfg.train.steps == 30
+    with pytest.raises(SystemExit) as stop:
+        script.main(_autoresume_argv(run_dir, tiny_dataset, "--num-actors", 3, config=_other_smoke_config(tmp_path)))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and not calls
+    # The flags are on both sides: only the file's change is named.
+    assert "train.lr 0.0002 there, 0.001 here" in err and "num_actors" not in err
+    assert f"python launch/train.py --resume {run_dir}" in err
+    assert script.main(_autoresume_argv(tmp_path / "new", tiny_dataset)) == 0
+    _, where, kw = calls.pop()
+    assert where == tmp_path / "new" and not kw["resume"]
