@@ -10,7 +10,7 @@ ASHA stops weak trials early (PBT with `scheduler: pbt`). At the end: a table of
 (with --init CHECKPOINT for a sweep whose trials start from the sweep file's `init:`), both in
 STORAGE/NAME/ (NAME: the sweep file's `name`). A sweep whose trials all failed writes
 no best_config.yaml and exits with 1. An interrupted sweep continues with --resume (finished
-trials are not run again).
+trials are not run again); --autoresume continues it or starts it (a requeued job).
 """
 from __future__ import annotations
 
@@ -50,19 +50,29 @@ def main(argv=None) -> int:
                         "trials.csv and best_config.yaml (default: %(default)s). On more than one node, a directory "
                         "that every node mounts at the same path (NFS).")
     p.add_argument("--resume", action="store_true", help="Continue the interrupted sweep in --storage.")
+    p.add_argument("--autoresume", action="store_true",
+                   help="Continue the sweep in --storage if it is stored there (as --resume does), else start it: one "
+                        "command line for a job that is requeued or restarted (--num-samples and --max-concurrent "
+                        "count where it starts).")
     add_ray_arguments(p)
     args = p.parse_args(argv)
     check_outside_job_copy(args.storage, "--storage")
     check_output(args.storage, "--storage", directory=True)
 
+    if args.autoresume and args.resume:
+        fail("--autoresume resumes a stored sweep by itself; drop --resume")
     if args.resume and (args.num_samples is not None or args.max_concurrent is not None):
         fail("--resume continues the sweep as it started: Tune keeps its number of trials and how many run at once, "
              "so --num-samples and --max-concurrent would do nothing")
 
-    from distdiff.distributed.tuning import check_new, check_resumable, load_spec
+    from distdiff.distributed.tuning import check_new, check_resumable, load_spec, stored, sweep_path
 
     try:
         spec = load_spec(args.config, num_samples=args.num_samples, max_concurrent=args.max_concurrent)
+        if args.autoresume and stored(spec, args.storage):
+            # (Tune keeps the stored sweep's number of trials and how many run at once.)
+            print(f"--autoresume: a sweep is stored at {sweep_path(spec, args.storage)}; resuming it")
+            args.resume = True
         # Before Ray starts, which takes a while.
         if args.resume:
             check_resumable(spec, args.storage)
@@ -73,7 +83,7 @@ def main(argv=None) -> int:
 
     from distdiff.data.minari_io import DatasetError
     from distdiff.distributed.cluster import connect_job, shutdown
-    from distdiff.distributed.tuning import make_tuner, shortfall, summarize, sweep_dataset, sweep_path
+    from distdiff.distributed.tuning import make_tuner, shortfall, summarize, sweep_dataset
 
     env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH",) if k in os.environ}
     started = connect_job(args.address, args.num_cpus, runtime_env={"env_vars": env_vars} if env_vars else None)

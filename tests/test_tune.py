@@ -1057,3 +1057,35 @@ def test_the_trainable_carries_no_copy_of_the_init_checkpoint(ray_session, tiny_
                                  space={"guidance.scale": {"uniform": [0.0, 1.0]}}))
     # Ray pickles the trainable for every trial: the checkpoint goes to the object store once.
     assert len(cloudpickle.dumps(make_trainable(spec))) < prior.stat().st_size / 4
+
+
+def test_autoresume_resumes_a_stored_sweep_and_starts_one_where_none_is(tiny_dataset, tmp_path, monkeypatch, tune_script,
+                                                                        capsys):
+    from distdiff.distributed import cluster, tuning
+
+    class Started(Exception):
+        pass
+
+    resumed = []
+
+    def make_tuner(spec, storage, *, resume, pinned):
+        resumed.append(resume)
+        raise Started
+
+    monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: False)
+    monkeypatch.setattr(tuning, "make_tuner", make_tuner)
+    sweep, storage = write_sweep(tmp_path / "s.yaml", tiny_dataset), tmp_path / "storage"
+    argv = ["--config", str(sweep), "--storage", str(storage), "--autoresume", "--num-samples", "2"]
+    with pytest.raises(Started):
+        tune_script.main(argv)
+    assert resumed.pop() is False
+    # What Tune restores a sweep from (Tuner.can_restore), as its first start left it.
+    (storage / "sweep").mkdir(parents=True)
+    (storage / "sweep" / "tuner.pkl").write_bytes(b"")
+    with pytest.raises(Started):
+        tune_script.main(argv)
+    assert resumed.pop() is True
+    assert f"--autoresume: a sweep is stored at {storage / 'sweep'}; resuming it" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as stop:
+        tune_script.main([*argv, "--resume"])
+    assert stop.value.code == 2 and "drop --resume" in capsys.readouterr().err

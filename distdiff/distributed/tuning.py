@@ -721,7 +721,7 @@ def check_resumable(spec: SweepSpec, storage: Path) -> Path:
     sweep (:func:`sweep_record`; sweeps of earlier versions recorded none); no Ray needed, so
     launch/tune.py checks it before it starts or joins one."""
     path = sweep_path(spec, storage)
-    if not tune.Tuner.can_restore(str(path)):
+    if not stored(spec, storage):
         raise ConfigError(f"no sweep to resume at {path}")
     if (path / RECORD).is_file():
         started, now = _as_read_now(json.loads((path / RECORD).read_text())), _as_read_now(sweep_record(spec))
@@ -749,11 +749,16 @@ def _as_read_now(value: Any) -> Any:
     return value
 
 
+def stored(spec: SweepSpec, storage: Path) -> bool:
+    """Whether a sweep of ``spec``'s name is stored in ``storage``, for Tune to resume."""
+    return tune.Tuner.can_restore(str(sweep_path(spec, storage)))
+
+
 def check_new(spec: SweepSpec, storage: Path) -> None:
     """Refuse a new sweep where one is stored: Tune would add its trials to the old ones', and
     a later --resume would pick whichever state file is newest."""
     path = sweep_path(spec, storage)
-    if tune.Tuner.can_restore(str(path)):
+    if stored(spec, storage):
         raise ConfigError(f"a sweep is already stored at {path}: continue it with --resume, or give this one another "
                           "`name` or --storage (or remove that directory)")
 
