@@ -87,6 +87,9 @@ def test_constructor_validation():
         GaussianDiffusion(betas=torch.tensor([0.1, 1.0]), layout=LAYOUT, horizon=4)
     with pytest.raises(ValueError, match="both"):
         gaussian_diffusion(clip_min=torch.zeros(2))
+    for obs_dim, act_dim in ((0, 1), (1, 0)):
+        with pytest.raises(ValueError, match="must be positive"):
+            TrajectoryLayout(obs_dim=obs_dim, act_dim=act_dim)
 
 
 # ----- loss -----------------------------------------------------------------------------------
@@ -241,16 +244,41 @@ def test_same_generator_seed_same_samples(sampler, kw):
     assert not torch.equal(_run(d, sampler, n=64, seed=3, **kw), _run(d, sampler, n=64, seed=4, **kw))
 
 
+# Every parametrization: the shipped Walker2d config predicts x0 with clip_denoised on.
+@pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
 @pytest.mark.parametrize("sampler,kw", [("ddpm", {}), ("ddim", {"n_steps": 5, "eta": 0.0}), ("ddim", {"n_steps": 5, "eta": 1.0})])
-def test_clip_range_bounds_the_samples(sampler, kw):
+def test_clip_range_bounds_the_samples(sampler, kw, prediction):
     lo, hi = torch.tensor([-1.0, -0.5]), torch.tensor([1.0, 0.25])
-    d = gaussian_diffusion("cosine", 20, "epsilon", clip_min=lo, clip_max=hi)
+    d = gaussian_diffusion("cosine", 20, prediction, clip_min=lo, clip_max=hi)
     x = _run(d, sampler, n=2000, **kw)
     states, actions = free_entries(x)
     for values, a, b in ((states, lo[0], hi[0]), (actions, lo[1], hi[1])):
         assert values.min() >= a - 1e-5 and values.max() <= b + 1e-5
     # the data's mean 1.5 lies above the state's clip range: the clip is active, not vacuous
     assert (states > hi[0] - 1e-3).float().mean() > 0.2
+
+
+def test_ddim_adds_noise_of_the_scale_its_eta_asks_between_0_and_1():
+    # x_t' = √ᾱ' x̂⁰ + √(1 − ᾱ' − σ²) ε̂ + σ z with σ = η √((1 − ᾱ')/(1 − ᾱ) · (1 − ᾱ/ᾱ')) (Song et
+    # al. 2021, eq. 16). From the same start noise, the first step at η = 0.5 differs from η = 0's
+    # by (√(1 − ᾱ' − σ²) − √(1 − ᾱ')) ε̂ + σ z, whose spread checks σ where η² = η cannot (0 and 1).
+    d = gaussian_diffusion("cosine", 20, "x0")
+    a = alphas_cumprod64(d)
+    first = {eta: d.ddim_sample_loop(exact_denoiser(d), _cond(4000), n_steps=3, eta=eta, return_chain=True,
+                                     generator=torch.Generator().manual_seed(0)).chain[:, 1].double() for eta in (0.0, 0.5)}
+    t, t_next = 19, 10  # the levels of 3 steps: 19, 9.5 rounded half to even, 0
+    sigma = 0.5 * math.sqrt((1 - a[t_next]) / (1 - a[t]) * (1 - a[t] / a[t_next]))
+    eps_change = math.sqrt(1 - a[t_next] - sigma ** 2) - math.sqrt(1 - a[t_next])
+    spread = (first[0.5] - first[0.0])[:, 1:, :].std().item()  # (s_0 is clamped in both)
+    assert spread == pytest.approx(math.sqrt(sigma ** 2 + eps_change ** 2), rel=0.1)
+
+
+def test_the_loss_is_a_mean_over_the_entries_it_weighs_with_the_action_weight():
+    # An x0 model off by 1 everywhere, horizon 4 on the 1 + 1 dim layout: s_0 is clamped (weight 0),
+    # a_0 weighs action_weight, the other 6 entries 1: (6 + 10) / 7 entries.
+    d = gaussian_diffusion("cosine", 5, "x0", action_weight=10.0)
+    x0 = torch.zeros(3, 4, 2)
+    assert d.loss(lambda x, t: torch.ones_like(x), x0, x0[:, 0, :1]).item() == pytest.approx(16 / 7)
 
 
 def test_ddim_step_count_is_validated():

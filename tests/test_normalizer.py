@@ -97,3 +97,19 @@ def test_integer_input_is_normalized_like_float_input(form):
     x = ints if form == "numpy" else torch.from_numpy(ints)
     with np.errstate(divide="ignore"):
         np.testing.assert_allclose(np.asarray(norm.normalize(x), dtype=np.float64), [[1.25, 0.6]], rtol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "minmax"])
+def test_the_clip_range_of_a_constant_dimension_is_finite(kind):
+    # (A NaN bound would carry into every plan's entries of that dimension through the clip.)
+    data = np.stack([np.arange(10.0), np.full(10, 3.0)], axis=1)
+    norm = Normalizer.fit(data, kind=kind)
+    assert np.isfinite(norm.clip_min.numpy()).all() and np.isfinite(norm.clip_max.numpy()).all()
+    assert norm.clip_min[1] == 0 and norm.clip_max[1] == 0
+
+
+def test_the_clip_range_is_the_datas_own_normalized_range():
+    # mean 0.75, sd √3/4: the largest value, 1, is 1/√3 above the mean in sds; not widened to 1.
+    norm = Normalizer.fit(np.array([[0.0], [1.0], [1.0], [1.0]]), kind="gaussian")
+    assert norm.clip_max.item() == pytest.approx(1 / np.sqrt(3), rel=1e-5)
+    assert norm.clip_min.item() == pytest.approx(-np.sqrt(3), rel=1e-5)

@@ -214,10 +214,64 @@ def test_the_guide_at_t0_is_scaled_by_diffusers_clipped_variance_not_zero():
     torch.testing.assert_close(LAYOUT.actions(guided), torch.full((2, 4, 1), 0.1 * sigma2))
 
 
-def test_the_sampler_takes_ddim_eta_from_the_config():
-    plans = [toy_planner(GuidanceConfig(scale=0.0), PlannerConfig(sampler="ddim", ddim_steps=4, ddim_eta=eta))
-             .plan(TOY_OBS, generator=torch.Generator().manual_seed(0)).trajectories for eta in (0.0, 1.0)]
-    assert not torch.equal(*plans)
+@pytest.mark.parametrize("eta", [0.0, 0.5, 0.8, 1.0])
+def test_the_sampler_takes_ddim_eta_from_the_config(eta):
+    planner = toy_planner(GuidanceConfig(scale=0.0), PlannerConfig(sampler="ddim", ddim_steps=4, ddim_eta=eta))
+    cond = TOY_NORMALIZER.slice(LAYOUT.state_slice).normalize(torch.from_numpy(TOY_OBS))
+    direct = planner.diffusion.ddim_sample_loop(planner.denoiser, cond, n_steps=4, eta=eta,
+                                                generator=torch.Generator().manual_seed(0)).trajectories
+    assert torch.equal(planner.plan(TOY_OBS, generator=torch.Generator().manual_seed(0)).trajectories, direct)
+
+
+@pytest.mark.parametrize("steps", [3, 4])
+def test_the_sampler_takes_ddim_steps_from_the_config(steps):
+    d = gaussian_diffusion("cosine", 20, "x0")
+    exact, levels = exact_denoiser(d), []
+
+    def denoiser(x, t):
+        levels.append(int(t[0]))
+        return exact(x, t)
+
+    toy_planner(GuidanceConfig(scale=0.0), PlannerConfig(sampler="ddim", ddim_steps=steps), denoiser=denoiser).plan(TOY_OBS)
+    assert len(levels) == steps
+
+
+class ActionSumAtZero(torch.nn.Module):
+    """V = Σ actions at noise level 0 and −Σ actions at any other: V is trained on noised plans
+    with their level, so ranking clean candidates at another level reverses the choice here."""
+
+    def forward(self, x, t):
+        v = ActionSum()(x, t)
+        return torch.where(t == 0, v, -v)
+
+
+def test_candidates_are_ranked_by_v_at_noise_level_0():
+    d = gaussian_diffusion("cosine", 20, "x0")
+    planner = Planner(diffusion=d, denoiser=exact_denoiser(d), value=ActionSumAtZero(), normalizer=TOY_NORMALIZER,
+                      guidance=GuidanceConfig(scale=0.0, n_candidates=4), planner=PlannerConfig(sampler="ddim", ddim_steps=4))
+    plan = planner.plan(TOY_OBS, generator=torch.Generator().manual_seed(5))
+    cond = TOY_NORMALIZER.slice(LAYOUT.state_slice).normalize(torch.from_numpy(TOY_OBS)).repeat_interleave(4, dim=0)
+    candidates = planner.sample(cond, torch.Generator().manual_seed(5)).trajectories.reshape(3, 4, 4, 2)
+    best = LAYOUT.actions(candidates).sum(dim=(-1, -2)).argmax(dim=1)
+    assert torch.equal(plan.trajectories, candidates[torch.arange(3), best])
+
+
+def test_candidates_ranked_by_the_value_of_their_model_rollout_use_v_at_noise_level_0():
+    from distdiff.nn.dynamics import model_rollout
+
+    class StepByAction(torch.nn.Module):
+        def forward(self, states, actions):
+            return states + actions
+
+    d = gaussian_diffusion("cosine", 20, "x0")
+    planner = Planner(diffusion=d, denoiser=exact_denoiser(d), value=ActionSumAtZero(), dynamics=StepByAction(),
+                      normalizer=TOY_NORMALIZER, guidance=GuidanceConfig(scale=0.0, n_candidates=1),
+                      planner=PlannerConfig(sampler="ddim", ddim_steps=4, dynamics_candidates=4, dynamics_rank="value"))
+    plan = planner.plan(TOY_OBS, generator=torch.Generator().manual_seed(5))
+    cond = TOY_NORMALIZER.slice(LAYOUT.state_slice).normalize(torch.from_numpy(TOY_OBS)).repeat_interleave(4, dim=0)
+    candidates = planner.sample(cond, torch.Generator().manual_seed(5)).trajectories
+    reached = LAYOUT.actions(model_rollout(StepByAction(), candidates, LAYOUT)).sum(dim=(-1, -2)).reshape(3, 4)
+    assert torch.equal(plan.trajectories, candidates.reshape(3, 4, 4, 2)[torch.arange(3), reached.argmax(dim=1)])
 
 
 class ReturnEcho(torch.nn.Module):
