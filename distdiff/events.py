@@ -8,9 +8,12 @@ from the files itself, tag by tag.
 """
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
 from collections import deque
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import BinaryIO, Callable, Dict, Iterator, Optional
 
 from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event
@@ -55,31 +58,67 @@ def drop_redone(log_dir: Path, keep: Callable[[str, int], bool], unchanged: Opti
     refuses; events of other kinds stay. A record that a crash cut short ends its file. Returns
     how many summaries went.
 
-    ``unchanged``: :func:`event_sizes` when the checkpoint resumed from was written. A file of
-    the same name and size has had nothing logged since, and is not read (a run of days has
-    gigabytes of events, most of them figures, which a resume would otherwise parse in pure
-    Python for minutes). Sizes, not times: a run dir copied without its files' times keeps them."""
+    ``unchanged``: :func:`event_sizes` when the checkpoint resumed from was written. A file's
+    first that many bytes were on disk then, logged at or before the checkpoint's counters, and
+    are not read: only what came after them (a run of days has gigabytes of events, most of them
+    figures, which TensorBoard's reader checksums in pure Python at ~10 MB/s, and a resume read
+    them all for minutes; the final evaluation logs after its checkpoint, so a resume that raises
+    the budget found every file changed). A file smaller than that is not the one the checkpoint
+    saw, and is read whole. Sizes, not times: a run dir copied without its files' times keeps
+    them."""
     def kept(record: bytes) -> bool:
         event = Event.FromString(record)
         return not event.HasField("summary") or all(keep(v.tag, event.step) for v in event.summary.value)
 
     dropped = 0
     for path in sorted(Path(log_dir).glob(EVENTS_GLOB)):
-        if not path.is_file() or unchanged and unchanged.get(path.name) == path.stat().st_size:
+        if not path.is_file():
+            continue
+        size = path.stat().st_size
+        start = (unchanged or {}).get(path.name, 0)
+        start = start if start <= size else 0
+        if start == size:
             continue
         # Streamed, twice for the one file to rewrite (the crashed run's), never held whole.
-        if all(kept(record) for record in RawEventFileLoader(str(path)).Load()):
-            continue
-        n = 0
-        with replacing(path) as tmp, open(tmp, "wb") as f:
-            writer = RecordWriter(f)
-            for record in RawEventFileLoader(str(path)).Load():
-                if kept(record):
-                    writer.write(record)
-                else:
-                    n += 1
-        dropped += n
+        with _from_byte(path, start) as tail:
+            if all(kept(record) for record in RawEventFileLoader(str(tail)).Load()):
+                continue
+            n = 0
+            with replacing(path) as tmp, open(tmp, "wb") as f:
+                with open(path, "rb") as src:
+                    _copy(src, f, start)
+                writer = RecordWriter(f)
+                for record in RawEventFileLoader(str(tail)).Load():
+                    if kept(record):
+                        writer.write(record)
+                    else:
+                        n += 1
+            dropped += n
     return dropped
+
+
+@contextlib.contextmanager
+def _from_byte(path: Path, start: int) -> Iterator[Path]:
+    """``path`` from byte ``start`` (a record's first) on, as a file of its own: TensorBoard's
+    reader reads a file from its start only."""
+    if start == 0:
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as d, open(path, "rb") as src:
+        tail = Path(d) / path.name
+        src.seek(start)
+        with open(tail, "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        yield tail
+
+
+def _copy(src: BinaryIO, dst: BinaryIO, n_bytes: int) -> None:
+    while n_bytes:
+        chunk = src.read(min(n_bytes, 1 << 20))
+        if not chunk:
+            raise OSError(f"{src.name} was cut short while a resume rewrote it")
+        dst.write(chunk)
+        n_bytes -= len(chunk)
 
 
 class RecentRate:

@@ -3,6 +3,7 @@ its checkpoint), and strict JSON."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.compat.proto.event_pb2 import Event
@@ -103,16 +104,27 @@ def test_files_unchanged_since_the_checkpoint_are_not_read(tmp_path, monkeypatch
     assert set(at_checkpoint) == {"events.out.tfevents.1", "events.out.tfevents.2"}
     write("events.out.tfevents.2", 4, 5)  # past the checkpoint, then the crash
     read = []
-    loader = events.RawEventFileLoader
-    monkeypatch.setattr(events, "RawEventFileLoader", lambda path: read.append(path) or loader(path))
+
+    class Loader(events.RawEventFileLoader):  # the steps of the summaries it reads, by file name
+        def Load(self):
+            for record in super().Load():
+                read.append((Path(self._file_path).name, Event.FromString(record).step))
+                yield record
+
+    monkeypatch.setattr(events, "RawEventFileLoader", Loader)
 
     assert drop_redone(tmp_path, lambda tag, step: step <= 3, unchanged=at_checkpoint) == 2
-    assert set(read) == {str(tmp_path / "events.out.tfevents.2")}
+    # Of the changed file, only what came after the checkpoint (twice: checked, then rewritten).
+    assert {step for name, step in read if name == "events.out.tfevents.2" and step} == {4, 5}
+    assert not [name for name, _ in read if name == "events.out.tfevents.1"]
     assert scalars(tmp_path, "a") == [(1, 1.0), (2, 2.0), (3, 3.0)]
-    # Names another run dir's checkpoint recorded (a Tune trial's, a copy) match no file here.
+    assert not list(tmp_path.glob(".*"))
+    # Names another run dir's checkpoint recorded (a Tune trial's, a copy) match no file here; a
+    # file smaller than recorded is not the one the checkpoint saw: each is read whole.
     read.clear()
-    drop_redone(tmp_path, lambda tag, step: True, unchanged={"events.out.tfevents.9": 10})
-    assert len(read) == 2
+    drop_redone(tmp_path, lambda tag, step: True, unchanged={"events.out.tfevents.9": 10,
+                                                             "events.out.tfevents.1": 10 ** 6})
+    assert {step for _, step in read if step} == {1, 2, 3}
 
 
 def test_json_has_null_for_every_non_finite_number_wherever_it_is():
