@@ -149,7 +149,7 @@ class OnlineConfig:
                                   "Once spent, no rollout or learner call starts; those in flight, an evaluation in flight "
                                   "and the final evaluation still end. metrics.json's phase2_s counts phase 2's "
                                   "seconds across resumes.")
-    updates_per_env_step: float = _f(0.5, "Learner updates owed per collected env step.")
+    updates_per_env_step: float = _f(0.5, "Learner updates owed per collected env step. 0 collects without training, and without the checkpoints, figures and evaluations counted in updates: its checkpoint comes at the end, or when stopped.")
     max_update_lag: int = _f(500, "Rollouts pause while the learner owes more updates than this, so the update/step ratio holds.")
     updates_per_call: int = _f(25, "Updates per learner call (one replay sample of that many batches).")
     broadcast_every: int = _f(50, "Learner updates between weight broadcasts (a new weights version).")

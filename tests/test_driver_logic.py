@@ -282,3 +282,26 @@ def test_a_learner_call_that_runs_long_is_noted_every_ten_minutes():
     run.train_ref = None  # none in flight: nothing to say
     run.note_long_learner_call(5000.0)
     assert len(notes) == 2
+
+
+def test_a_run_that_collects_only_does_not_keep_a_reference_per_rollout(monkeypatch):
+    # The replay's calls storing rollouts are checked after each learner call, and a run with
+    # online.updates_per_env_step 0 makes none: their references piled up, one per rollout.
+    from types import SimpleNamespace
+
+    from distdiff.distributed import driver
+
+    run = run_stub(**{"online.updates_per_env_step": 0.0})
+    run.workers, run.adds, run.rollouts, run.promised, run.submitted, run.parked = [0, 1], [], {}, {}, {}, []
+    run.faults = SimpleNamespace(delivered=lambda i: None)
+    run.replay = SimpleNamespace(add_rollout=SimpleNamespace(remote=lambda ref: object()))
+    run.bar = SimpleNamespace(update=lambda n: None)
+    run.log_rollout = run.scalar = lambda *args: None
+    run.collecting = False
+    monkeypatch.setattr(driver.ray, "get", lambda ref: SimpleNamespace(env_rebuilds=0, env_steps=5, episodes=[]))
+    # The newest add is still running when the others are seen done.
+    monkeypatch.setattr(driver.ray, "wait", lambda refs, **kw: (refs[:-1], refs[-1:]))
+    for k in range(100):
+        run.rollouts[k] = k % 2
+        assert run.take_rollout(k)
+    assert run.counters.env_steps == 500 and len(run.adds) <= 2 * len(run.workers) + 1

@@ -996,6 +996,9 @@ class OnlineRun:
         self.faults.delivered(i)
         c.env_rebuilds += result.env_rebuilds
         self.adds.append(self.replay.add_rollout.remote(ref))
+        if len(self.adds) > 2 * len(self.workers):
+            # Seen after each learner call, which a run that collects only never makes.
+            self.check_adds()
         c.env_steps += result.env_steps
         c.episodes += len(result.episodes)
         self.bar.update(result.env_steps)
