@@ -3,12 +3,15 @@ files of a run dir (a real run checks them end to end in test_distributed.py).""
 from __future__ import annotations
 
 import json
+import math
 import time
 
+import numpy as np
 import pytest
 
 from _helpers import tiny_online_config
-from distdiff.distributed.driver import (Counters, OnlineRun, _evaluated_update, describe_evaluation,
+from distdiff.data.episodes import Episode
+from distdiff.distributed.driver import (Counters, OnlineRun, _evaluated_update, beats, describe_evaluation,
                                          finished_metrics, step_axis)
 from distdiff.events import RecentRate
 from distdiff.rundir import clear_run, resume_checkpoint
@@ -55,9 +58,6 @@ def test_learner_tags_are_logged_at_updates_the_rest_at_env_steps():
 
 
 def test_a_rollout_cut_by_its_share_of_the_budget_logs_only_its_reward_per_step():
-    import numpy as np
-
-    from distdiff.data.episodes import Episode
     from distdiff.distributed.messages import RolloutResult
 
     run = run_stub()
@@ -82,8 +82,6 @@ def test_a_rollout_cut_by_its_share_of_the_budget_logs_only_its_reward_per_step(
 def test_a_measured_plan_is_drawn_once_and_named_by_the_weights_that_made_it():
     # The figure is logged at the current update; the plan came from the weights its rollout
     # started with. Drawn again at each figure_every, an old plan passed for a new point.
-    import numpy as np
-
     from _helpers import gaussian_normalizer
     from distdiff.rollout import PlanCheck
 
@@ -135,7 +133,6 @@ def test_owed_updates_follow_the_ratio_as_written_not_its_float_product():
     assert run_stub({"env_steps": 90}, **{"online.updates_per_env_step": 0.7}).owed_updates() == 63
     import dataclasses
 
-    import numpy as np
     run = run_stub({"env_steps": 100_000})  # a config made in code, with a NumPy float
     run.cfg = dataclasses.replace(run.cfg, online=dataclasses.replace(run.cfg.online,
                                                                       updates_per_env_step=np.float64(0.29)))
@@ -305,3 +302,42 @@ def test_a_run_that_collects_only_does_not_keep_a_reference_per_rollout(monkeypa
         run.rollouts[k] = k % 2
         assert run.take_rollout(k)
     assert run.counters.env_steps == 500 and len(run.adds) <= 2 * len(run.workers) + 1
+
+
+def test_the_weights_lag_logged_is_how_many_versions_a_rollouts_weights_trail_the_learners():
+    from distdiff.distributed.messages import RolloutResult
+
+    run = run_stub({"version": 7})
+    run.ref_min = run.ref_max = None
+    run.env_rate, run.dropped, run.last_example = (lambda now, count: 0.0), set(), None
+    logged = {}
+    run.scalar = lambda tag, value, at=None: logged.setdefault(tag, value)
+    ep = Episode(np.zeros((4, 17)), np.zeros((3, 6)), np.ones(3), terminated=True, truncated=False)
+    run.log_rollout(RolloutResult(worker_id=0, version=3, episodes=[ep], returns=[3.0], lengths=[3],
+                                  plan_errors=np.zeros((0, 4)), env_steps=3, env_rebuilds=0, example=None))
+    assert logged["perf/weights_lag"] == 4
+
+
+def test_updates_for_floors_a_fraction_over_one_half():
+    from distdiff.config import updates_for
+
+    cfg = tiny_online_config("local/unused-v0", **{"online.updates_per_env_step": 0.2})
+    assert updates_for(cfg, 8) == 1  # 1.6 updates called for: the second is owed at step 10, not 8
+    assert updates_for(cfg, 10) == 2
+
+
+def test_a_tie_or_an_infinite_return_never_becomes_the_best():
+    assert not beats(100.0, 100.0)  # the earlier best.pt stays
+    assert not beats(math.inf, 100.0)  # a non-finite reward's return, as NaN
+    assert beats(100.0, math.inf) and beats(100.0, None) and beats(100.5, 100.0)
+
+
+def test_a_run_owing_exactly_one_update_it_will_make_is_not_over(tmp_path):
+    cfg = tiny_online_config("local/unused-v0", **{"online.env_steps": 200, "online.updates_per_env_step": 0.2,
+                                                   "online.finish_updates": True})
+    counters = Counters(env_steps=200, updates=39, version=5)  # 40 called for
+    (tmp_path / "metrics.json").write_text(json.dumps({"env_steps": 200, "updates": 39, "weights_version": 5}))
+    assert finished_metrics(cfg, tmp_path, {"weights_version": 5}, counters) is None
+    counters.updates = 40
+    (tmp_path / "metrics.json").write_text(json.dumps({"env_steps": 200, "updates": 40, "weights_version": 5}))
+    assert finished_metrics(cfg, tmp_path, {"weights_version": 5}, counters) is not None

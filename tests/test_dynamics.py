@@ -233,3 +233,49 @@ def test_transition_loss_is_zero_for_the_models_own_transitions_and_not_for_stan
         still = x.clone()
         still[:, :, layout.state_slice] = x[:, :1, layout.state_slice]  # states that never move
         assert transition_loss(model, still, mask, layout).item() > 1e-4
+
+
+def _identity_model(obs_dim: int, act_dim: int) -> DynamicsNet:
+    model = DynamicsNet(obs_dim=obs_dim, act_dim=act_dim, dim=16)
+    with torch.no_grad():
+        torch.nn.init.zeros_(model.net[-1].weight)
+        torch.nn.init.zeros_(model.net[-1].bias)
+    return model
+
+
+@torch.no_grad()
+def test_a_dynamics_model_predicts_the_change_so_a_zero_output_layer_stands_still():
+    # The residual form: an untrained model starts near the identity, not near 0.
+    torch.manual_seed(0)
+    model = _identity_model(3, 2)
+    states, actions = torch.randn(5, 3), torch.randn(5, 2)
+    torch.testing.assert_close(model(states, actions), states)
+
+
+@torch.no_grad()
+def test_transition_loss_is_the_mean_squared_state_error_over_the_real_transitions_only():
+    # A mean over state dims (not a sum: the loss scale, and so the rate, would grow with the
+    # env's obs_dim) and over the real transitions (not every row: padding would dilute it).
+    layout = TrajectoryLayout(obs_dim=2, act_dim=1)
+    torch.manual_seed(0)
+    model = _identity_model(2, 1)  # predicts s_{j+1} = s_j
+    x = torch.randn(2, 5, layout.transition_dim)
+    mask = torch.ones_like(x)
+    mask[0, 2, layout.action_slice] = 0  # episode 0 ends at row 2: transitions 0 and 1 are real
+    mask[0, 3:] = 0
+    states = layout.states(x)
+    step = ((states[:, 1:] - states[:, :-1]) ** 2).mean(-1)  # [2, 4]
+    want = (step[0, :2].sum() + step[1].sum()) / 6
+    torch.testing.assert_close(transition_loss(model, x, mask, layout), want)
+
+
+@torch.no_grad()
+def test_rollout_error_is_the_mean_squared_state_distance_after_s0():
+    # What ranks candidate plans: squared (a large miss weighs more than many small ones), averaged.
+    layout = TrajectoryLayout(obs_dim=2, act_dim=1)
+    torch.manual_seed(0)
+    model = _identity_model(2, 1)  # the model's rollout stays at s_0
+    x = torch.randn(3, 6, layout.transition_dim)
+    states = layout.states(x)
+    want = ((states[:, 1:] - states[:, :1]) ** 2).mean(dim=(1, 2))
+    torch.testing.assert_close(rollout_error(model, x, layout), want)

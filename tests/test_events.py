@@ -11,6 +11,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
+from distdiff.distributed.driver import Counters, step_axis
 from distdiff.events import CONFIG_TEXT, EVENTS_GLOB, drop_redone, kept_before
 from distdiff.files import to_json
 
@@ -138,3 +139,12 @@ def test_an_event_with_a_refused_value_is_dropped(tmp_path):
     with open(tmp_path / "events.out.tfevents.1", "wb") as f:
         RecordWriter(f).write(event.SerializeToString())
     assert drop_redone(tmp_path, lambda tag, step: tag == "a") == 1
+
+
+def test_kept_before_judges_each_tag_on_its_own_axis():
+    # As the driver calls it: learner tags at updates, the rest at env steps.
+    counters = Counters(env_steps=300, updates=5)
+    keep = kept_before(lambda tag: getattr(counters, step_axis(tag)))
+    assert keep("losses/denoiser", 5) and not keep("losses/denoiser", 6)
+    assert keep("charts/episode_return", 300) and not keep("charts/episode_return", 301)
+    assert keep(f"{CONFIG_TEXT}/text_summary", 299) and not keep(f"{CONFIG_TEXT}/text_summary", 300)

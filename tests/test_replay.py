@@ -258,3 +258,35 @@ def test_a_cut_walk_is_completed_at_its_mean_pace_undiscounted():
     ep = Episode(np.zeros((5, 1)), np.zeros((4, 1)), np.array([1.0, 1.0, 1.0, 3.0]), False, False)
     assert continuation(ep, 1.0, 6) == pytest.approx(2 * 1.5)  # 2 missing steps at the mean reward 1.5
     assert completed_return(ep, 6) == pytest.approx(6.0 + 3.0)
+
+
+def _flat_episode(level: float, length: int) -> Episode:
+    return Episode(np.full((length + 1, 3), level), np.zeros((length, 2)), np.ones(length), False, True)
+
+
+def _read_only(ep: Episode) -> Episode:
+    for a in (ep.observations, ep.actions, ep.rewards):
+        a.setflags(write=False)
+    return ep
+
+
+def test_an_episode_copy_owns_its_arrays():
+    ep = _read_only(_flat_episode(1.0, 5))
+    copy = ep.copy()
+    for mine, theirs in zip((copy.observations, copy.actions, copy.rewards), (ep.observations, ep.actions, ep.rewards)):
+        assert not np.shares_memory(mine, theirs) and mine.flags.writeable
+        np.testing.assert_array_equal(mine, theirs)
+
+
+def test_the_replay_stores_its_own_copy_of_each_episode_not_the_senders_arrays():
+    # Episodes arrive through Ray as read-only views of the object store: kept as they are, they
+    # pin each sender's whole rollout object there for as long as the replay holds them.
+    norm = fit_normalizer([_flat_episode(-1.0, 10), _flat_episode(1.0, 10)], LAYOUT, "gaussian")
+    replay = Replay(offline_episodes=[], normalizer=norm.state_dict(), layout=LAYOUT, horizon=4, discount=0.99,
+                    termination_penalty=0.0, capacity=1000, offline_ratio=0.0)
+    sent = _read_only(_flat_episode(1.0, 20))
+    replay.add([sent])
+    (stored,) = replay.episodes
+    for mine, theirs in zip((stored.observations, stored.actions, stored.rewards),
+                            (sent.observations, sent.actions, sent.rewards)):
+        assert not np.shares_memory(mine, theirs)

@@ -447,3 +447,23 @@ def test_best_pt_is_judged_on_other_episodes_within_the_seeds_range():
     # Episode i resets with seed + i: a million on, no evaluation of a run reaches them.
     assert held_out_seed(10_000) == 1_010_000
     assert 0 <= held_out_seed(2**63 - 1) < 2**63  # (the config's range of eval.seed)
+
+
+def test_walker2d_reference_scores_are_d4rls():
+    # The normalized score every Walker2d result is reported in (Fu et al. 2020's random and expert).
+    assert reference_scores("Walker2d-v5") == (1.629008, 4592.3)
+    assert normalized_score(4592.3, *reference_scores("Walker2d-v5")) == pytest.approx(100.0)
+
+
+def test_a_score_with_either_reference_missing_is_none():
+    assert normalized_score(100.0, None, 4592.3) is None
+    assert normalized_score(100.0, 1.6, None) is None
+
+
+def test_the_summarys_return_std_is_the_episodes_population_std():
+    def result(seed, ret):
+        return EpisodeResult(Episode(np.zeros((3, 17)), np.zeros((2, 6)), [ret, 0.0], False, True),
+                             np.zeros((0, 4)), 1, None, seed)
+
+    summary = summarize([result(0, 10.0), result(1, 20.0), result(2, 60.0)])
+    assert summary["return_std"] == pytest.approx(np.std([10.0, 20.0, 60.0]))  # ddof 0; return_se has ddof 1

@@ -13,7 +13,8 @@ from _helpers import assert_same, make_trainer, snapshot, tiny_online_config
 from distdiff import config as config_lib
 from distdiff import pretrain as pretrain_lib
 from distdiff.checkpoint import load_checkpoint
-from distdiff.training import Trainer, ema_update, load_flat_weights, lr_multiplier, planner_from_checkpoint, prior_of
+from distdiff.training import (Trainer, ema_update, flat_weights, load_flat_weights, lr_multiplier, planner_from_checkpoint,
+                               prior_of)
 
 
 def test_overfits_a_fixed_batch(tiny_episodes):
@@ -392,3 +393,19 @@ def test_the_nets_the_config_refuses_for_their_norm_groups_are_those_that_fail_o
         except ValueError:
             failed = True
         assert failed == bool(group_norm_problem(horizon, dim, dim_mults, unet=unet)), (net_type, failed)
+
+
+def test_every_net_a_rollout_worker_plans_with_is_the_ema_copy(tiny_episodes):
+    # weights() shipping the online value net: guidance on the workers used the noisy net, not
+    # the EMA one the planner and the checkpoint's planner use.
+    trainer, windows = make_trainer(tiny_episodes[:2], **{"train.train_dynamics": True, "train.ema_start": 0,
+                                                          "train.ema_every": 1, "train.ema_decay": 0.5})
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        trainer.update(windows.sample(8, rng))
+    weights = trainer.weights()
+    assert set(weights) == {"denoiser", "value", "dynamics"}
+    for name, flat in weights.items():
+        ema, online = flat_weights(getattr(trainer, f"ema_{name}")), flat_weights(getattr(trainer, name))
+        assert np.array_equal(flat, ema), name
+        assert not np.array_equal(flat, online), name  # (a decay of 0.5 keeps them apart)
