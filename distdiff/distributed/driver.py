@@ -1251,6 +1251,9 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
     try:
         run = OnlineRun(cfg, run_dir, state, data.episodes, counters, replay_state=replay_state, log=log,
                         progress=progress, on_evaluation=on_evaluation, rerun_unfinished_evaluation=own_run_dir)
+        # The actors hold their own copies now: not kept in this process for the whole run (a
+        # 1M-step dataset's episodes are ~100 MB, a full replay's state as much again).
+        del data, replay_state, state
         # Ctrl-C during the loop is taken between results, never inside a TensorBoard write
         # (see deferred_interrupt): the first lets the rollouts in flight finish, a second
         # stops waiting for them; a third, or one in the final evaluation, raises at once.
