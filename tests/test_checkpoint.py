@@ -319,3 +319,34 @@ def test_training_on_from_a_checkpoint_keeps_the_noise_its_denoiser_learned(trai
     for load in (lambda: Trainer.from_checkpoint(state, cfg=other), lambda: planner_from_checkpoint(state, other)):
         with pytest.raises(CheckpointError, match="diffusion.schedule is"):
             load()
+
+
+class _OnDevice(torch.Tensor):
+    """A tensor that says when it is moved to CPU: a GPU's tensors, on a machine without one."""
+
+    def cpu(self, *args, **kwargs):
+        return "moved"
+
+
+def test_every_tensor_of_a_checkpoint_is_moved_to_cpu_however_deeply_nested():
+    # Optimizer moments sit in dicts of dicts, prior weights in lists and tuples: one left on a
+    # GPU makes the checkpoint fail to load with a plain torch.load where there is none.
+    from distdiff.checkpoint import to_cpu
+
+    t = torch.zeros(2).as_subclass(_OnDevice)
+    payload = {"opt": {"state": {0: {"exp_avg": t}}, "param_groups": [{"betas": (0.9, 0.99)}]},
+               "listed": [t, (t, 3)], "step": 7}
+    assert to_cpu(payload) == {"opt": {"state": {0: {"exp_avg": "moved"}}, "param_groups": [{"betas": (0.9, 0.99)}]},
+                               "listed": ["moved", ("moved", 3)], "step": 7}
+
+
+def test_an_empty_checkpoint_file_is_called_empty(tmp_path):
+    # What a crash or a full disk leaves; "not a torch file" sends the user hunting elsewhere.
+    from distdiff.checkpoint import CheckpointError, load_checkpoint
+
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "text.pt").write_bytes(b"hello")
+    with pytest.raises(CheckpointError, match=r"\(an empty file\)$"):
+        load_checkpoint(tmp_path / "empty.pt")
+    with pytest.raises(CheckpointError, match=r"\(not a torch file, or damaged\)$"):
+        load_checkpoint(tmp_path / "text.pt")

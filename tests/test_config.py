@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from _helpers import ROOT, tiny_online_config
+from _helpers import ROOT, SMOKE_CONFIG, tiny_online_config
 from distdiff import config
 from distdiff.config import Config, ConfigError
 
@@ -379,3 +379,52 @@ def test_changed_fields_names_each_difference_but_a_dataset_the_run_fell_back_to
     assert config.changed_fields(other, given) == [
         "data.dataset_id 'local/walker2d/other-v0' there, 'mujoco/walker2d/medium-v0' here",
         "train.lr 0.001 there, 0.0002 here"]
+
+
+@pytest.mark.parametrize("overrides", [
+    {"data.discount": 1.0},  # undiscounted returns, as the help's (0, 1] says
+    {"planner.ddim_steps": 20, "diffusion.n_steps": 20},  # DDIM over every step of the schedule
+    {"online.offline_ratio": 0.0},  # online batches only
+    {"online.offline_ratio": 1.0},  # offline batches only
+])
+def test_the_closed_ends_of_documented_ranges_are_accepted(overrides):
+    # A bound written one-off would refuse a config the help promises, with no way around it.
+    config.load(None, overrides)
+
+
+@pytest.mark.parametrize("text, expected", [("1", True), ("0", False), ("yes", True), ("no", False), ("TRUE", True)])
+def test_a_boolean_flag_reads_1_and_0_as_true_and_false(text, expected):
+    # `--train.train_value 1` read as false would train no value net, and say nothing.
+    assert config.load(None, {"train.train_value": text, "guidance.scale": 0.0, "guidance.n_candidates": 1}
+                       ).train.train_value is expected
+
+
+def test_overrides_onto_a_base_config_leave_the_base_as_it_was():
+    # from_dict/from_args onto a planner's or a checkpoint's config must not edit it in place: a
+    # planner would plan with the overridden value, a shared test fixture would leak it onward.
+    base = config.load(SMOKE_CONFIG)
+    before = config.load(SMOKE_CONFIG)
+    config.from_dict({"guidance": {"scale": 0.5}, "online": {"envs_per_actor": 7}}, base)
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    config.from_args(parser.parse_args(["--planner.replan_every", "2"]), base=base)
+    assert base == before
+
+
+def test_a_measure_interval_of_zero_is_refused_before_any_rollout():
+    # Accepted, every rollout actor fails after pretraining on `plans_made % 0`.
+    with pytest.raises(ConfigError, match="online.measure_every must be >= 1, got 0"):
+        config.load(None, {"online.measure_every": 0})
+
+
+def test_a_seed_of_2_to_the_63_is_refused_by_the_config_and_by_the_flags():
+    # Config and flags share one range (the 63-bit streams, held_out_seed's wrap).
+    from distdiff import cli
+
+    for key in ("train.seed", "eval.seed"):
+        with pytest.raises(ConfigError, match=rf"{key} must be in \[0, 2\*\*63\)"):
+            config.load(None, {key: 2**63})
+        config.load(None, {key: 2**63 - 1})
+    with pytest.raises(argparse.ArgumentTypeError, match="must be < "):
+        cli.seed_int(str(2**63))
+    assert cli.seed_int(str(2**63 - 1)) == 2**63 - 1

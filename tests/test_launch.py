@@ -1,6 +1,7 @@
 """Smoke runs of the launch scripts as a user runs them: separate processes, configs/smoke.yaml."""
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import math
@@ -19,6 +20,7 @@ import pytest
 import torch
 
 from _helpers import ROOT, launch_script, script_in_process
+from distdiff import config
 from distdiff.checkpoint import load_checkpoint
 from distdiff.data.minari_io import WALKER2D_REF_MAX_SCORE, WALKER2D_REF_MIN_SCORE, dataset_exists, load_episodes
 from distdiff.rollout import make_env, random_episodes
@@ -59,7 +61,9 @@ def test_help(script, subprocess_env):
     if script in ("pretrain.py", "train.py"):
         assert "--model.horizon" in proc.stdout and "Planning horizon" in proc.stdout  # every config field
     if script == "evaluate.py":  # the fields of how a checkpoint acts, not those of its nets
-        assert "--guidance.scale" in proc.stdout and "--online.prior_weight" in proc.stdout
+        # As options, not only in the description, which names some of them.
+        assert re.search(r"^\s+--guidance\.scale ", proc.stdout, re.M)
+        assert re.search(r"^\s+--online\.prior_weight ", proc.stdout, re.M)
         assert "--model.horizon" not in proc.stdout and "--train.lr " not in proc.stdout
 
 
@@ -908,3 +912,48 @@ def test_train_autoresume_resumes_a_run_stopped_in_phase_1_and_refuses_another_c
     assert script.main(_autoresume_argv(tmp_path / "new", tiny_dataset)) == 0
     _, where, kw = calls.pop()
     assert where == tmp_path / "new" and not kw["resume"]
+
+
+def test_overwrite_refuses_an_init_checkpoint_anywhere_inside_the_run_dir(tmp_path, capsys):
+    # --overwrite clears phase 1's dir too: the prior passed as --init would be gone.
+    from distdiff import cli
+
+    run = tmp_path / "run"
+    (run / "pretrain").mkdir(parents=True)
+    (run / "pretrain" / "checkpoint.pt").write_bytes(b"weights")
+    with pytest.raises(SystemExit):
+        cli.check_run_dir(run, overwrite=True, keep=run / "pretrain" / "checkpoint.pt")
+    assert "which --overwrite would clear" in capsys.readouterr().err
+
+
+def test_an_output_under_a_file_is_refused_in_words_before_the_work(tmp_path, capsys):
+    # mkdir would fail on it after the whole run or evaluation.
+    from distdiff import cli
+
+    (tmp_path / "notes").write_text("")
+    for path, directory in ((tmp_path / "notes" / "run", True), (tmp_path / "notes" / "eval.json", False)):
+        with pytest.raises(SystemExit):
+            cli.check_output(path, "--out", directory=directory)
+        assert f"{tmp_path / 'notes'} is a file" in capsys.readouterr().err
+
+
+def test_autoresume_refuses_overwrite_in_its_own_words(tmp_path, capsys):
+    # Otherwise a requeued job with --overwrite is told to drop --resume, which it never gave.
+    from distdiff import cli
+
+    with pytest.raises(SystemExit):
+        cli.check_autoresume_flags(argparse.Namespace(resume=None, run_dir=tmp_path, overwrite=True))
+    assert "--autoresume continues the run in --run-dir; --overwrite would remove it" in capsys.readouterr().err
+
+
+def test_autoresume_given_config_and_init_compares_with_the_config_file(tmp_path):
+    # --init's config is the base only without --config: with both, the file's model is what
+    # the job trains, and what a found run is compared with.
+    from distdiff import cli
+    from distdiff.checkpoint import save_checkpoint
+
+    init = save_checkpoint(tmp_path / "init.pt", {"config": config.load(None).to_dict()})
+    args = argparse.Namespace(config=ROOT / SMOKE, init=init, cfg__train__steps="30")
+    assert cli.start_config(args) == config.load(ROOT / SMOKE, {"train.steps": 30})
+    assert cli.start_config(argparse.Namespace(config=None, init=init, cfg__train__steps="30")) == \
+        config.load(None, {"train.steps": 30})

@@ -497,3 +497,44 @@ def test_the_fallback_is_collected_with_the_given_seed(minari_root):
         env.close()
     for ep, start in zip(data.episodes, expected):
         np.testing.assert_array_equal(ep.observations[0], start.astype(np.float32))
+
+
+@pytest.mark.parametrize("damage, said", [
+    (lambda ep: {"rewards": ep.rewards[:, None]}, r"rewards of shape \(\d+, 1\)"),  # broadcast into [T, T] returns
+    (lambda ep: {"actions": ep.actions[:, :5]}, r"actions of shape \(\d+, 5\)"),  # not the config's act_dim
+])
+def test_an_episode_whose_arrays_have_other_shapes_than_the_config_is_refused(tiny_dataset, monkeypatch, damage, said):
+    from minari.dataset.minari_dataset import MinariDataset
+
+    from distdiff.data.minari_io import DatasetError, load_episodes
+
+    iterate = MinariDataset.iterate_episodes
+
+    def damaged(self, *args, **kwargs):
+        for i, ep in enumerate(iterate(self, *args, **kwargs)):
+            yield dataclasses.replace(ep, **damage(ep)) if i == 1 else ep
+
+    monkeypatch.setattr(MinariDataset, "iterate_episodes", damaged)
+    with pytest.raises(DatasetError, match=f"episode 1 holds .*{said}"):
+        load_episodes(tiny_dataset, obs_dim=17, act_dim=6)
+
+
+def test_a_dataset_with_a_nan_action_is_refused(tiny_dataset, monkeypatch):
+    # One NaN action makes the normalizer NaN and every update non-finite, far from the cause.
+    from minari.dataset.minari_dataset import MinariDataset
+
+    from distdiff.data.minari_io import DatasetError, load_episodes
+
+    iterate = MinariDataset.iterate_episodes
+
+    def with_nan(self, *args, **kwargs):
+        for i, ep in enumerate(iterate(self, *args, **kwargs)):
+            if i == 3:
+                actions = ep.actions.copy()
+                actions[2, 1] = np.nan
+                ep = dataclasses.replace(ep, actions=actions)
+            yield ep
+
+    monkeypatch.setattr(MinariDataset, "iterate_episodes", with_nan)
+    with pytest.raises(DatasetError, match=r"hold NaN or infinite values \(the first: episode 3\)"):
+        load_episodes(tiny_dataset)

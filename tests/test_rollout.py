@@ -3,11 +3,14 @@ measured from physics states rebuilt from observations alone (velocities inside 
 observation's ±10 clip)."""
 from __future__ import annotations
 
+from unittest import mock
+
+import mujoco
 import numpy as np
 import pytest
 import torch
 
-from _helpers import gaussian_normalizer
+from _helpers import gaussian_normalizer, make_trainer
 from distdiff import config, evaluation
 from distdiff.data.episodes import Episode
 from distdiff.data.minari_io import normalized_score, reference_scores
@@ -467,3 +470,79 @@ def test_the_summarys_return_std_is_the_episodes_population_std():
 
     summary = summarize([result(0, 10.0), result(1, 20.0), result(2, 60.0)])
     assert summary["return_std"] == pytest.approx(np.std([10.0, 20.0, 60.0]))  # ddof 0; return_se has ddof 1
+
+
+@pytest.fixture(scope="module")
+def worker_trainer(tiny_episodes):
+    trainer, _ = make_trainer(tiny_episodes[:4])
+    return trainer
+
+
+def _plain_worker(trainer, worker_id=0, **overrides):
+    from distdiff.distributed.messages import Weights
+    from distdiff.distributed.worker import RolloutWorker
+
+    cfg = config.from_dict({"online": {"envs_per_actor": 2}, **overrides}, trainer.cfg)
+    worker = RolloutWorker(config=cfg.to_dict(), normalizer=trainer.normalizer.state_dict(), worker_id=worker_id)
+    worker.set_weights(Weights(version=1, weights=trainer.weights()))
+    return worker
+
+
+def test_a_rollout_measures_only_every_nth_plan_of_an_episode(worker_trainer):
+    # Each measured plan costs H shadow env steps; collection sets 10**9 to measure next to none.
+    worker = _plain_worker(worker_trainer, online={"envs_per_actor": 2, "measure_every": 10**9})
+    try:
+        result = worker.rollout(0, max_steps=13)  # plans at steps 0, 4, 8, 12 of each episode
+    finally:
+        worker._close_envs()
+    assert min(result.lengths) > 4, "the test needs episodes of more than one plan"
+    assert result.plan_errors.shape[0] == len(result.episodes)  # each episode's first plan only
+
+
+def test_runs_with_other_seeds_roll_out_other_episodes(worker_trainer):
+    # Replicates of a sweep (a train.seed each) would otherwise collect the same episodes.
+    def starts(seed):
+        worker = _plain_worker(worker_trainer, train={"seed": seed})
+        try:
+            return np.stack([ep.observations[0] for ep in worker.rollout(3, max_steps=2).episodes])
+        finally:
+            worker._close_envs()
+
+    assert np.array_equal(starts(0), starts(0)) and not np.array_equal(starts(0), starts(1))
+
+
+@pytest.mark.parametrize("error", [mujoco.FatalError("mj_stackAlloc"), FloatingPointError("overflow"),
+                                   ValueError("bad action")])
+def test_an_env_failure_of_any_kind_is_retried_from_draws_no_other_rollout_uses(worker_trainer, error):
+    # The retry's episodes must be new ones: the next task's draws would be stored twice.
+    worker = _plain_worker(worker_trainer)
+    seeds, run = [], worker._run
+
+    def fails_first(seed, *args):
+        seeds.append(seed)
+        if len(seeds) == 1:
+            raise error
+        return run(seed, *args)
+
+    try:
+        with mock.patch.object(worker, "_run", side_effect=fails_first):
+            result = worker.rollout(3, max_steps=3)
+    finally:
+        worker._close_envs()
+    assert result.env_rebuilds == 1 and len(seeds) == 2
+    assert seeds[1] not in {worker._seed(task) for task in range(64)}
+
+
+def test_an_evaluation_reports_the_guidance_scale_it_planned_with_unless_the_guide_is_the_callers(monkeypatch):
+    # eval.json and metrics.json name the scale; a value-guided run's must not read None.
+    from distdiff import evaluation
+
+    monkeypatch.setattr(evaluation, "run_episodes",
+                        lambda plan, envs, **kw: [result(kw["seed"] + i, 9, False) for i in range(kw["n_episodes"])])
+    cfg = eval_cfg(**{"guidance.scale": 0.3})
+    planner = StubPlanner()
+    assert evaluation.evaluate(planner, cfg)["guidance_scale"] == 0.3  # unguided planner object
+    planner.guide, planner.guided_by_value = object(), True
+    assert evaluation.evaluate(planner, cfg)["guidance_scale"] == 0.3
+    planner.guided_by_value = False  # a guide of the caller's own
+    assert evaluation.evaluate(planner, cfg)["guidance_scale"] is None

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from _helpers import assert_same, make_trainer, snapshot, tiny_online_config
+from _helpers import SMOKE_CONFIG, assert_same, make_trainer, snapshot, tiny_online_config
 from distdiff import config as config_lib
 from distdiff import pretrain as pretrain_lib
 from distdiff.checkpoint import load_checkpoint
@@ -409,3 +409,47 @@ def test_every_net_a_rollout_worker_plans_with_is_the_ema_copy(tiny_episodes):
         ema, online = flat_weights(getattr(trainer, f"ema_{name}")), flat_weights(getattr(trainer, name))
         assert np.array_equal(flat, ema), name
         assert not np.array_equal(flat, online), name  # (a decay of 0.5 keeps them apart)
+
+
+def test_a_run_records_the_dataset_it_loaded_even_where_the_config_names_another_and_a_fallback():
+    # A resume on its own downloaded dataset must not record the fallback's id in config.yaml:
+    # the next resume would train on random-policy episodes.
+    from distdiff.data.minari_io import LoadedDataset
+    from distdiff.pretrain import trained_on
+
+    cfg = config_lib.load(None, {"data.dataset_id": "mujoco/walker2d/medium-v0"})
+    own = LoadedDataset("farama/walker2d/mirror-v0", "Walker2d-v5", [], None, None)
+    assert trained_on(cfg, own).data.dataset_id == "farama/walker2d/mirror-v0"
+    assert trained_on(cfg, LoadedDataset(cfg.data.dataset_id, None, [], None, None)) is cfg
+
+
+def test_windows_keep_a_given_normalizer_and_draw_episode_starts_by_their_weight(tiny_episodes):
+    # A resume or an --init keeps the normalizer its nets learned in; data.start_window_weight is
+    # what pretraining samples by.
+    from distdiff.data.minari_io import LoadedDataset
+    from distdiff.pretrain import load_windows
+
+    data = LoadedDataset("local/walker2d/tiny-v0", "Walker2d-v5", tiny_episodes, None, None)
+    cfg = config_lib.load(SMOKE_CONFIG, {"data.start_window_weight": 10.0})
+    given = make_trainer(tiny_episodes[:2])[0].normalizer
+    _, windows = load_windows(cfg, given, data)
+    assert windows.normalizer is given
+    windows.get = lambda index: index  # (the drawn window indices)
+    drawn = windows.sample(20_000, np.random.default_rng(0))
+    starts = np.mean(windows.window_start < cfg.model.horizon)  # their share of the windows
+    expected = 10 * starts / (10 * starts + 1 - starts)
+    assert np.mean(windows.window_start[drawn] < cfg.model.horizon) == pytest.approx(expected, abs=0.02)
+
+
+def test_an_init_whose_value_net_predicted_another_target_lends_no_value_statistics(tiny_dataset, tmp_path):
+    # Its statistics would standardize the new targets wrongly (pretrain's own comment).
+    from distdiff.checkpoint import load_checkpoint
+    from distdiff.pretrain import load_windows, pretrain
+
+    prior_cfg = tiny_online_config(tiny_dataset, **{"train.steps": 2, "data.value_target": "return_to_go"})
+    prior = pretrain(prior_cfg, tmp_path / "prior", quiet=True)
+    cfg = tiny_online_config(tiny_dataset, **{"train.steps": 2, "data.value_target": "window"})
+    stats = load_checkpoint(pretrain(cfg, tmp_path / "window", init=prior, quiet=True))["value_stats"]
+    _, windows = load_windows(cfg, None)
+    assert stats["mean"] == pytest.approx(float(windows.returns.mean()))
+    assert stats["mean"] != pytest.approx(load_checkpoint(prior)["value_stats"]["mean"])

@@ -1073,6 +1073,7 @@ def test_autoresume_resumes_a_stored_sweep_and_starts_one_where_none_is(tiny_dat
         raise Started
 
     monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: False)
+    monkeypatch.setattr(tuning, "shortfall", lambda spec: [])  # (it asks the Ray this test does not start)
     monkeypatch.setattr(tuning, "make_tuner", make_tuner)
     sweep, storage = write_sweep(tmp_path / "s.yaml", tiny_dataset), tmp_path / "storage"
     argv = ["--config", str(sweep), "--storage", str(storage), "--autoresume", "--num-samples", "2"]
@@ -1089,3 +1090,38 @@ def test_autoresume_resumes_a_stored_sweep_and_starts_one_where_none_is(tiny_dat
     with pytest.raises(SystemExit) as stop:
         tune_script.main([*argv, "--resume"])
     assert stop.value.code == 2 and "drop --resume" in capsys.readouterr().err
+
+
+def test_the_best_config_of_a_sweep_that_minimizes_is_its_lowest_trial(tiny_dataset, tmp_path):
+    # With metric alignment_error, best_config.yaml must be the best-aligned trial, not the worst.
+    from distdiff.distributed.tuning import load_spec, summarize
+
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, metric="alignment_error", mode="min"))
+    (tmp_path / "storage" / "sweep").mkdir(parents=True)
+    results = FakeResults(({"diffusion.schedule": "linear", "guidance.scale": 0.0}, {"alignment_error": 0.5}, None),
+                          ({"diffusion.schedule": "sigmoid", "guidance.scale": 0.5}, {"alignment_error": 0.2}, None),
+                          ({"diffusion.schedule": "linear", "guidance.scale": 0.1}, {"alignment_error": 0.9}, None))
+    best = config_lib.load(summarize(results, spec, tmp_path / "storage")["best_config"])
+    assert (best.diffusion.schedule, best.guidance.scale) == ("sigmoid", 0.5)
+
+
+def test_the_best_config_and_the_trial_table_keep_the_training_seed_each_trial_drew(tiny_dataset, tmp_path):
+    # param_space draws a train.seed per trial: best_config.yaml must train the winner again.
+    from distdiff.distributed.tuning import load_spec, summarize
+
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset))
+    (tmp_path / "storage" / "sweep").mkdir(parents=True)
+    results = FakeResults(
+        ({"diffusion.schedule": "linear", "guidance.scale": 0.0, "train.seed": 11}, {"normalized_score": 3.0}, None),
+        ({"diffusion.schedule": "sigmoid", "guidance.scale": 0.5, "train.seed": 1234}, {"normalized_score": 5.0}, None))
+    out = summarize(results, spec, tmp_path / "storage")
+    assert config_lib.load(out["best_config"]).train.seed == 1234
+    assert "train.seed" in out["table"].read_text().splitlines()[0]
+
+
+def test_a_randint_upper_bound_far_above_its_low_one_is_checked_before_any_trial(tiny_dataset, tmp_path):
+    # A drawn replan_every above the horizon (8) would fail its trial an hour in.
+    from distdiff.distributed.tuning import load_spec
+
+    with pytest.raises(ConfigError, match="with planner.replan_every=20: (.|\n)*planner.replan_every must be in"):
+        load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, space={"planner.replan_every": {"randint": [1, 20]}}))
