@@ -14,7 +14,9 @@ It never runs ``ray stop``: that would kill every Ray on the machine.
 """
 from __future__ import annotations
 
+import socket
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -24,6 +26,7 @@ from ray.exceptions import ActorUnavailableError
 
 from _helpers import SESSION_RAY, ray_address_file_kept, tiny_online_config
 from distdiff import config as config_lib
+from distdiff import provenance
 from distdiff.checkpoint import load_checkpoint
 from distdiff.distributed import actors
 from distdiff.distributed.driver import Counters, OnlineRun, train
@@ -264,3 +267,59 @@ def test_custom_resources_are_asked_as_labels_not_whole_units():
                   **{"online.learner_resource": "learner", "online.actor_resource": "rollout", "online.num_actors": 4})
     assert res.actor_resources == {"rollout": actors.LABEL_AMOUNT} and res.learner_resources == {"learner": actors.LABEL_AMOUNT}
     assert actors.LABEL_AMOUNT < 0.01 and res.actors_that_fit == 4
+
+
+
+def test_a_trials_bundles_are_its_driver_the_learner_then_one_per_actor():
+    # tuning.trial_resources' layout, with and without the driver's bundle (which Ray leaves
+    # out when the driver asks for nothing). Another actor's bundle would starve the learner's GPU node.
+    for driver in (0, 1):
+        n = driver + 1 + 3
+        assert actors.bundle_of(n, 3) == driver
+        assert [actors.bundle_of(n, 3, i) for i in range(3)] == [driver + 1, driver + 2, driver + 3]
+    assert actors.bundle_of(6, 3) is None and actors.bundle_of(3, 3) is None
+
+
+def test_an_address_whose_port_is_not_a_number_is_left_to_ray_to_judge():
+    # `--address localhost:637O` (a typo): Ray's own error names it; a ValueError from int()
+    # here would not.
+    from distdiff.distributed.cluster import _listens
+
+    assert _listens("localhost:637O") is None and _listens("[::1]:port") is None
+
+
+
+def test_the_code_digest_does_not_depend_on_the_order_files_are_listed(monkeypatch):
+    # Two nodes with the same install list its files in their filesystems' orders: a digest that
+    # followed it would refuse every actor on the other node.
+    listed = Path.rglob
+    monkeypatch.setattr(Path, "rglob", lambda self, pattern: reversed(list(listed(self, pattern))))
+    assert provenance._digest() == provenance.CODE_DIGEST
+
+
+def test_the_code_digest_tells_apart_the_same_bytes_in_other_files(tmp_path, monkeypatch):
+    import distdiff
+
+    pkg = tmp_path / "distdiff"
+    pkg.mkdir()
+    monkeypatch.setattr(distdiff, "__file__", str(pkg / "__init__.py"))
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("x = 1\n")
+    (pkg / "b.py").write_text("y = 2\n")
+    first = provenance._digest()
+    (pkg / "a.py").write_text("x = 1\ny = 2\n")
+    (pkg / "b.py").write_text("")
+    assert provenance._digest() != first
+
+
+def test_a_code_mismatch_says_which_of_its_causes_it_is():
+    host = socket.gethostname()
+    here = provenance.DRIVER_CODE[1]
+    provenance.check_same_code(None)
+    provenance.check_same_code(provenance.DRIVER_CODE)
+    with pytest.raises(RuntimeError, match="its files changed after the driver started"):
+        provenance.check_same_code(("0" * 16, here))
+    with pytest.raises(RuntimeError, match="non-editable install run from the source tree"):
+        provenance.check_same_code(("0" * 16, f"/elsewhere/distdiff on {host}"))
+    with pytest.raises(RuntimeError, match="install the same version on every node"):
+        provenance.check_same_code(("0" * 16, "/opt/distdiff on another-host-xyz"))

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from _helpers import tiny_online_config
+from distdiff import config, rundir
 from distdiff.data.episodes import Episode
 from distdiff.distributed.driver import (Counters, OnlineRun, _evaluated_update, beats, describe_evaluation,
                                          finished_metrics, step_axis)
@@ -341,3 +342,44 @@ def test_a_run_owing_exactly_one_update_it_will_make_is_not_over(tmp_path):
     counters.updates = 40
     (tmp_path / "metrics.json").write_text(json.dumps({"env_steps": 200, "updates": 40, "weights_version": 5}))
     assert finished_metrics(cfg, tmp_path, {"weights_version": 5}, counters) is not None
+
+
+
+def test_each_checkpoint_gets_its_own_evaluation_summary_beside_it(tmp_path):
+    # launch/evaluate.py of checkpoint.pt and of best.pt must not write over each other's summary.
+    assert rundir.eval_file(tmp_path / "checkpoint.pt") == tmp_path / "eval.json"
+    assert rundir.eval_file(tmp_path / "best.pt") == tmp_path / "best.eval.json"
+    assert rundir.eval_file(tmp_path / "sub" / "mine.pt") == tmp_path / "sub" / "mine.eval.json"
+
+
+def test_a_checkpoint_is_given_as_itself_or_as_its_run_dir(tmp_path):
+    assert rundir.checkpoint_file(tmp_path) == tmp_path / "checkpoint.pt"
+    assert rundir.checkpoint_file(str(tmp_path / "best.pt")) == tmp_path / "best.pt"  # (need not exist yet)
+
+
+def test_clearing_a_run_removes_every_file_a_run_writes_in_both_phases(tmp_path):
+    for d in (tmp_path, tmp_path / "pretrain"):
+        d.mkdir(exist_ok=True)
+        for name in rundir.RUN_FILES:
+            (d / name).write_text("x")
+    (tmp_path / "pretrain" / ".checkpoint.partial.pt").write_text("half")
+    (tmp_path / "notes.txt").write_text("mine")
+    rundir.clear_run(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert {"best.eval.json", "eval.json", "best.json"} <= set(rundir.RUN_FILES)
+
+
+def test_run_files_beside_a_distdiff_config_are_a_runs_and_a_run_is_never_foreign(tmp_path):
+    # A run stopped before its first checkpoint wrote its config and metrics: --overwrite may
+    # clear it. The same names beside another tool's config.yaml are someone else's.
+    config.save(config.Config(), tmp_path / "config.yaml")
+    (tmp_path / "metrics.json").write_text("{}")
+    assert rundir.foreign_run_files(tmp_path) == []
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.yaml").write_text("optimizer: adam\n")  # another tool's
+    (other / "metrics.json").write_text("{}")
+    assert rundir.foreign_run_files(other) == ["config.yaml", "metrics.json"]
+    (other / "checkpoint.pt").write_text("a run's")
+    assert rundir.foreign_run_files(other) == []
+    rundir.check_new_run(other, resume=True, overwrite=False)  # resuming a run: nothing of it is foreign

@@ -2,6 +2,7 @@
 video, the report, and the script as a user runs it."""
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -18,7 +19,8 @@ from distdiff.checkpoint import load_checkpoint
 from distdiff.data.episodes import Episode
 from distdiff.layout import TrajectoryLayout
 from distdiff.planner import Plan
-from distdiff.report import alignment_starts, figure1_data, in_units, load_dataset, mean_error, pick_start
+from distdiff.report import (alignment_starts, figure1_data, in_units, load_dataset, mean_error, pick_start,
+                             render_report)
 from distdiff.rollout import make_env
 from distdiff.training import planner_from_checkpoint
 
@@ -320,3 +322,112 @@ def test_the_plan_vs_real_figure_names_the_walkers_height_angle_and_speed():
     # Another env: its first dims, unnamed.
     dims, actions = plots.plan_vs_real_dims("Swimmer-v5", 8, 2)
     assert dims == [(d, f"state[{d}]") for d in range(6)] and actions == ["a[0]", "a[1]"]
+
+
+
+def _legend(ax):
+    return {t.get_text(): h.get_linestyle() for t, h in zip(ax.get_legend().get_texts(), ax.get_legend().legend_handles)}
+
+
+def test_the_plan_vs_real_figures_bottom_row_shows_the_planned_actions():
+    from distdiff.rollout import PlanCheck
+
+    dims, names = plots.plan_vs_real_dims("Walker2d-v5", 17, 6)
+    actions = np.tile(np.arange(6.0), (8, 1)) + 10.0
+    fig = plots.plan_vs_real_figure(PlanCheck(np.zeros((8, 17)), actions, np.ones((8, 17))), dims, names)
+    try:
+        for d in range(6):
+            (line,) = fig.axes[6 + d].get_lines()
+            assert set(line.get_ydata()) == {10.0 + d}
+    finally:
+        plots.plt.close(fig)
+
+
+def test_figure1_draws_the_dataset_dashed_and_the_legend_says_which_is_which():
+    # Solid: the plan, dashed: the dataset (which may be shorter); the legend must say the same,
+    # or a reader compares the wrong curves.
+    groups = plots.state_groups("Other-v0", 2)
+    plan_s, real_s = np.zeros((4, 2)), np.ones((3, 2))
+    fig = plots.figure1(plan_s, np.zeros((4, 1)), real_s, np.full((3, 1), 2.0), groups, plots.action_group("Other-v0", 1))
+    try:
+        ax = fig.axes[0]
+        plan_lines, real_lines = ax.lines[0::2], ax.lines[1::2]
+        assert all(set(line.get_ydata()) == {0.0} and line.get_linestyle() == "-" for line in plan_lines)
+        assert all(set(line.get_ydata()) == {1.0} and line.get_linestyle() == "--" for line in real_lines)
+        legend = _legend(ax)
+        assert legend["plan (sampled)"] == "-" and legend["dataset (real)"] == "--"
+        assert set(fig.axes[1].lines[1].get_ydata()) == {2.0}
+    finally:
+        plots.plt.close(fig)
+
+
+def test_the_alignment_figure_shows_reached_states_and_the_mean_error_over_starts():
+    groups = plots.state_groups("Other-v0", 2)
+    errors = np.array([[0.0, 1.0, 2.0], [0.0, 3.0, np.nan]])
+    run = plots.AlignmentRun("run", np.zeros((3, 2)), np.full((3, 2), 5.0), errors)
+    fig = plots.alignment_figure([run], groups)
+    try:
+        top, bottom = fig.axes[0], fig.axes[-1]
+        assert set(top.lines[1].get_ydata()) == {5.0} and top.lines[1].get_linestyle() == "--"
+        assert _legend(top)["reached (executing the plan)"] == "--"
+        mean_line = bottom.lines[-1]
+        np.testing.assert_allclose(mean_line.get_ydata(), [0.0, 2.0, 2.0])  # per step over starts, NaN left out
+        assert bottom.get_legend().get_texts()[0].get_text() == "run (mean 2.000)"
+    finally:
+        plots.plt.close(fig)
+
+
+
+def test_the_report_table_and_captions_say_what_the_figures_show(tmp_path):
+    out = tmp_path / "viz"
+    rows = [{"label": "run", "checkpoint": "runs/a/checkpoint.pt", "step": 40, "return_mean": 120.0,
+             "return_std": 7.5, "normalized_score": 3.3, "alignment_error": 0.5, "alignment_error_starts": None}]
+    figure1 = {"png": str(out / "figure1.png"), "svg": str(out / "figure1.svg"), "dataset": "d", "episode": 1,
+               "start": 2, "units": "raw"}
+    text = render_report(out, title="T", rows=rows, episodes=3, figure1=figure1, alignment=None, video=None)
+    assert "| 120.0 ± 7.5 | 3.3 |" in text
+    assert "(figure1.png)" in text and "(figure1.svg)" in text  # relative to the report
+    with pytest.raises(ValueError, match="out of range"):  # the last state has no step to plan from
+        pick_start([Episode(np.zeros((5, 1)), np.zeros((4, 1)), np.zeros(4), False, True)], 2, 0, 4)
+    assert "the plan sampled conditioned on that state (solid) against the dataset's own continuation (dashed)" in text
+
+
+
+def test_the_video_pairs_the_plans_state_k_with_the_state_reached_after_k_actions(monkeypatch):
+    h = 4
+    planned = [np.full((2, 2, 3), k, np.uint8) for k in range(h)]
+    real = [np.full((2, 2, 3), 100 + k, np.uint8) for k in range(h + 1)]
+    seen = {}
+
+    def render_states(env, states, x0=0.0):
+        seen["x0"] = x0
+        return planned
+
+    monkeypatch.setattr(render, "render_states", render_states)
+    monkeypatch.setattr(render, "render_rollout", lambda env, qpos, qvel, actions: (real, None, 2))
+    labels = []
+    monkeypatch.setattr(render, "label", lambda frame, text: labels.append(text) or frame)
+    frames = render.plan_vs_real_frames(None, np.zeros((h, 17)), np.zeros((h, 6)), np.array([1.5] + [0.0] * 8), None)
+    assert frames.shape == (h + 1, 2, 4, 3)
+    assert [int(f[0, 0, 0]) for f in frames] == [0, 1, 2, 3, 3]  # the plan's last state held in frame H
+    assert [int(f[0, -1, 0]) for f in frames] == [100, 101, 102, 103, 104]
+    assert labels[0::2] == ["plan t=0", "plan t=1", "plan t=2", "plan t=3", "plan t=3 (end)"]
+    assert labels[1::2] == ["real t=0", "real t=1", "real t=2 (fell at 2)", "real t=3 (fell at 2)", "real t=4 (fell at 2)"]
+    assert seen["x0"] == 1.5  # the plan starts where the real walker stands
+
+
+def test_a_chosen_opengl_platform_is_kept(monkeypatch):
+    monkeypatch.setenv("MUJOCO_GL", "egl")
+    monkeypatch.setenv("PYOPENGL_PLATFORM", "osmesa")
+    assert render.configure_gl() == "egl"
+    assert os.environ["PYOPENGL_PLATFORM"] == "osmesa"
+
+
+def test_observations_that_are_not_qpos_and_qvel_are_refused():
+    # Imposing another env's observation would set joints from velocities, silently.
+    env = SimpleNamespace(unwrapped=SimpleNamespace(model=SimpleNamespace(nq=9, nv=9)),
+                          observation_space=SimpleNamespace(shape=(20,)), spec=None)
+    with pytest.raises(ValueError, match="not qpos"):
+        render.n_positions(env)
+    env.observation_space.shape = (17,)
+    assert render.n_positions(env) == 8
