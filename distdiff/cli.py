@@ -257,6 +257,19 @@ def check_autoresume_flags(args: argparse.Namespace) -> None:
         fail("--autoresume continues the run in --run-dir; --overwrite would remove it")
 
 
+def autoresume(args: argparse.Namespace, holds: Callable[[Path], bool]):
+    """``--autoresume``: where ``--run-dir`` holds a run (``holds``), make the command line
+    ``--resume RUN_DIR`` and return the config it would have started a run with, which that run
+    must have (:func:`check_autoresumed`); else None, and the command line starts the run."""
+    check_autoresume_flags(args)
+    if not holds(args.run_dir):
+        return None
+    given = start_config(args)
+    print(f"--autoresume: {args.run_dir} holds a run; resuming it")
+    args.resume, args.run_dir, args.init, args.config = args.run_dir, None, None, None
+    return given
+
+
 def start_config(args: argparse.Namespace):
     """The config this command line starts a run with: from ``--config``, else ``--init``'s
     checkpoint's, else the defaults, with the ``--section.field`` flags."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from distdiff.cli import (AUTORESUME_HELP, check_autoresume_flags, check_autoresumed, check_resume_dir, check_run_dir,
+from distdiff.cli import (AUTORESUME_HELP, autoresume, check_autoresumed, check_resume_dir, check_run_dir,
                           default_run_dir, fail, limit_threads, line_buffered_output, make_parser, sigterm_as_interrupt,
                           start_config)
 
@@ -44,13 +44,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.dataset:
         args.cfg__data__dataset_id = args.dataset
-    given = None
-    if args.autoresume:
-        check_autoresume_flags(args)
-        if (args.run_dir / CHECKPOINT).is_file():
-            given = start_config(args)
-            print(f"--autoresume: {args.run_dir} holds a run; resuming it")
-            args.resume, args.init, args.config = True, None, None
+    given = autoresume(args, lambda run_dir: (run_dir / CHECKPOINT).is_file()) if args.autoresume else None
     run_dir = None
     try:
         if args.resume:
@@ -74,8 +68,7 @@ def main(argv=None) -> int:
             run_dir = args.run_dir
         else:
             # From --init without --config: the checkpoint's config, whose model fits its nets.
-            base = config_lib.from_dict(load_checkpoint(args.init)["config"]) if args.init and not args.config else None
-            cfg = config_lib.from_args(args, base=base)
+            cfg = start_config(args)
             run_dir = args.run_dir or default_run_dir("pretrain")
             check_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
         if cfg.train.steps == 0 and args.init is None:

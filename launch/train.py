@@ -19,9 +19,9 @@ import errno
 import sys
 from pathlib import Path
 
-from distdiff.cli import (AUTORESUME_HELP, add_ray_arguments, check_autoresume_flags, check_autoresumed,
-                          check_resume_dir, check_run_dir, default_ray_auth, default_run_dir, fail, limit_threads,
-                          line_buffered_output, make_parser, sigterm_as_interrupt, start_config)
+from distdiff.cli import (AUTORESUME_HELP, add_ray_arguments, autoresume, check_autoresumed, check_resume_dir,
+                          check_run_dir, default_ray_auth, default_run_dir, fail, limit_threads, line_buffered_output,
+                          make_parser, sigterm_as_interrupt)
 
 limit_threads()
 line_buffered_output()
@@ -61,13 +61,7 @@ def main(argv=None) -> int:
         args.cfg__online__num_actors = args.num_actors
     if args.dataset:
         args.cfg__data__dataset_id = args.dataset
-    given = None
-    if args.autoresume:
-        check_autoresume_flags(args)
-        if holds_run(args.run_dir):
-            given = start_config(args)
-            print(f"--autoresume: {args.run_dir} holds a run; resuming it")
-            args.resume, args.run_dir, args.init, args.config = args.run_dir, None, None, None
+    given = autoresume(args, holds_run) if args.autoresume else None
     if args.resume and args.init:
         fail("--resume and --init exclude each other")
     if args.resume and (args.overwrite or args.run_dir):

@@ -128,17 +128,13 @@ def test_a_failed_worker_is_retried_once_after_a_growing_back_off_and_not_while_
     assert not faults.waiting and faults.due(100.0) == []
 
 
-def _raised_in_rollout(error: Exception) -> RayTaskError:
-    return RayTaskError("rollout", "Traceback (most recent call last): ...", error)
-
-
 def test_failures_between_deliveries_never_add_up_to_a_drop():
     # delivered() must reset the strikes, not only the failures: otherwise a worker whose env
     # fails now and then is given up after MAX_STRIKES failures over its whole life.
     faults = WorkerFaults(1, max_restarts=-1)
     for round_ in range(3):
         for n in range(MAX_STRIKES - 1):
-            assert faults.failed(0, _raised_in_rollout(RuntimeError("env")), now=100.0 * round_ + n).drop is None
+            assert faults.failed(0, raised(RuntimeError("env")), now=100.0 * round_ + n).drop is None
         faults.delivered(0)
     assert faults.strikes == [0]
 
@@ -159,5 +155,5 @@ def test_restarts_found_by_missing_weights_are_no_strikes_when_ray_restarts_for_
     # MAX_FAILING_S of failures may drop it, not MAX_STRIKES restarts in a row.
     faults = WorkerFaults(1, max_restarts=-1)
     for n in range(2 * MAX_STRIKES):
-        assert faults.failed(0, _raised_in_rollout(NoWeights("rollout before set_weights")), now=float(n)).drop is None
+        assert faults.failed(0, raised(NoWeights("rollout before set_weights")), now=float(n)).drop is None
     assert faults.strikes == [0]

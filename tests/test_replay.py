@@ -260,10 +260,6 @@ def test_a_cut_walk_is_completed_at_its_mean_pace_undiscounted():
     assert completed_return(ep, 6) == pytest.approx(6.0 + 3.0)
 
 
-def _flat_episode(level: float, length: int) -> Episode:
-    return Episode(np.full((length + 1, 3), level), np.zeros((length, 2)), np.ones(length), False, True)
-
-
 def _read_only(ep: Episode) -> Episode:
     for a in (ep.observations, ep.actions, ep.rewards):
         a.setflags(write=False)
@@ -271,7 +267,7 @@ def _read_only(ep: Episode) -> Episode:
 
 
 def test_an_episode_copy_owns_its_arrays():
-    ep = _read_only(_flat_episode(1.0, 5))
+    ep = _read_only(constant_episode(1.0, 5, 1.0))
     copy = ep.copy()
     for mine, theirs in zip((copy.observations, copy.actions, copy.rewards), (ep.observations, ep.actions, ep.rewards)):
         assert not np.shares_memory(mine, theirs) and mine.flags.writeable
@@ -281,10 +277,8 @@ def test_an_episode_copy_owns_its_arrays():
 def test_the_replay_stores_its_own_copy_of_each_episode_not_the_senders_arrays():
     # Episodes arrive through Ray as read-only views of the object store: kept as they are, they
     # pin each sender's whole rollout object there for as long as the replay holds them.
-    norm = fit_normalizer([_flat_episode(-1.0, 10), _flat_episode(1.0, 10)], LAYOUT, "gaussian")
-    replay = Replay(offline_episodes=[], normalizer=norm.state_dict(), layout=LAYOUT, horizon=4, discount=0.99,
-                    termination_penalty=0.0, capacity=1000, offline_ratio=0.0)
-    sent = _read_only(_flat_episode(1.0, 20))
+    replay = make_replay()
+    sent = _read_only(constant_episode(1.0, 20, 1.0))
     replay.add([sent])
     (stored,) = replay.episodes
     for mine, theirs in zip((stored.observations, stored.actions, stored.rewards),

@@ -464,11 +464,7 @@ def test_a_score_with_either_reference_missing_is_none():
 
 
 def test_the_summarys_return_std_is_the_episodes_population_std():
-    def result(seed, ret):
-        return EpisodeResult(Episode(np.zeros((3, 17)), np.zeros((2, 6)), [ret, 0.0], False, True),
-                             np.zeros((0, 4)), 1, None, seed)
-
-    summary = summarize([result(0, 10.0), result(1, 20.0), result(2, 60.0)])
+    summary = summarize([result(10, 1, False), result(20, 1, False), result(60, 1, False)])  # returns 10, 20, 60
     assert summary["return_std"] == pytest.approx(np.std([10.0, 20.0, 60.0]))  # ddof 0; return_se has ddof 1
 
 
