@@ -1,7 +1,7 @@
 """Evaluation of a planner in the real env: returns, normalized score, alignment error."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 
@@ -51,9 +51,7 @@ def evaluate(planner: Planner, cfg: Optional[Config] = None, *, episodes: Option
             raise EvaluationStopped("the evaluation was stopped")
         return planner.plan(obs, generator=generator)
 
-    problem = alignment_problem(cfg.env.id) if cfg.eval.measure_alignment else ""
-    if problem:
-        raise ValueError(f"{problem}; set eval.measure_alignment false to judge without it")
+    check_measurable(cfg)
     envs, shadows = [], [] if cfg.eval.measure_alignment else None
     try:
         # In the try: an env that fails to build must not leave the ones before it open.
@@ -76,9 +74,22 @@ def evaluate(planner: Planner, cfg: Optional[Config] = None, *, episodes: Option
     finally:
         for env in envs + (shadows or []):
             env.close()
-    summary = summarize(results, *reference_scores(cfg.env.id))
-    # (None under a guide of your own, which the config's scale does not describe.)
     own_guide = getattr(planner, "guide", None) is not None and not getattr(planner, "guided_by_value", True)
+    return summary_of(results, cfg, own_guide=own_guide)
+
+
+def check_measurable(cfg: Config) -> None:
+    """Refuses an evaluation asked to measure the alignment error in an env that cannot replay plans."""
+    problem = alignment_problem(cfg.env.id) if cfg.eval.measure_alignment else ""
+    if problem:
+        raise ValueError(f"{problem}; set eval.measure_alignment false to judge without it")
+
+
+def summary_of(results: List[EpisodeResult], cfg: Config, *, own_guide: bool = False) -> dict:
+    """An evaluation's summary of its episodes (:func:`distdiff.rollout.summarize`), scored
+    against the env's reference returns, with the guidance scale it planned with (None under a
+    guide of your own, which the config's scale does not describe)."""
+    summary = summarize(results, *reference_scores(cfg.env.id))
     summary["guidance_scale"] = None if own_guide else cfg.guidance.scale
     return summary
 

@@ -6,6 +6,10 @@
 A phase-2 checkpoint can be judged blended with the prior it started from (see README):
 
     python launch/evaluate.py --checkpoint runs/train-X/checkpoint.pt --online.prior_weight 0.4
+
+Many episodes run faster on Ray's rollout actors, eval.num_envs episodes per actor's task:
+
+    python launch/evaluate.py --checkpoint runs/train-X/checkpoint.pt --episodes 100 --num-actors 16
 """
 from __future__ import annotations
 
@@ -14,11 +18,12 @@ import operator
 import sys
 from pathlib import Path
 
-from distdiff.cli import (check_eval_output, fail, limit_threads, line_buffered_output, make_parser, positive_int,
-                          progress_bar)
+from distdiff.cli import (add_ray_arguments, check_eval_output, default_ray_auth, fail, limit_threads,
+                          line_buffered_output, make_parser, positive_int, progress_bar)
 
 limit_threads()
 line_buffered_output()
+default_ray_auth()
 
 import torch  # noqa: E402
 
@@ -31,6 +36,24 @@ from distdiff.rundir import BEST, checkpoint_file, eval_file  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
+def judge(args, cfg, planner, bar) -> dict:
+    """The evaluation's summary, from parallel Ray actors or from this process."""
+    if args.num_actors == 1:
+        return evaluate(planner, cfg, progress=lambda r: bar.update(1))
+    from distdiff.distributed.cluster import RunFailed, connect_job, shutdown
+    from distdiff.distributed.collection import evaluate_in_parallel
+
+    started = connect_job(args.address, args.num_cpus, log=bar.write)
+    try:
+        return evaluate_in_parallel(planner, cfg, num_actors=args.num_actors, progress=bar.update)
+    except RunFailed as e:
+        bar.close()
+        fail(f"{e}\nnothing was written", code=1)
+    finally:
+        if started:
+            shutdown()
+
+
 def main(argv=None) -> int:
     p = make_parser(__doc__)
     p.add_argument("--checkpoint", type=Path, required=True, help="checkpoint.pt (or its run dir).")
@@ -38,6 +61,12 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=None, help="Guidance scale k (same as --guidance.scale).")
     p.add_argument("--out", type=Path, default=None,
                    help="Summary JSON (default beside the checkpoint: eval.json, or NAME.eval.json for NAME.pt).")
+    p.add_argument("--num-actors", type=positive_int, default=1,
+                   help="Run the episodes on this many parallel Ray actors, on the Ray that --address finds (1: in "
+                        "this process, without Ray). Each episode starts where it would with 1; the sampler's noise "
+                        "is drawn per eval.num_envs episodes, so the figures are the same for every --num-actors "
+                        "above 1, and others with 1, whose envs share one stream (default: %(default)s).")
+    add_ray_arguments(p)
     config_lib.add_arguments(p, from_checkpoint=True)
     p.add_argument("--config", type=Path, default=None, help=argparse.SUPPRESS)  # refused below, with the reason
     args = p.parse_args(argv)
@@ -75,7 +104,7 @@ def main(argv=None) -> int:
         fail(str(e))
     bar = progress_bar(total=cfg.eval.episodes, desc="evaluate")
     try:
-        summary = evaluate(planner, cfg, progress=lambda r: bar.update(1))
+        summary = judge(args, cfg, planner, bar)
     except NonFinitePlan as e:
         bar.close()
         fail(f"{e}: this checkpoint's planner is broken; nothing was written")
@@ -84,6 +113,7 @@ def main(argv=None) -> int:
         print(f"interrupted after {bar.n} of {cfg.eval.episodes} episodes; nothing was written", file=sys.stderr)
         return 130
     bar.close()
+    summary["num_actors"] = args.num_actors
     summary["checkpoint"] = str(args.checkpoint)
     summary["step"] = int(state["step"])
     # What was judged besides the checkpoint's own config: two eval.json of one checkpoint differ

@@ -36,7 +36,7 @@ from distdiff.files import to_json
 from distdiff.pretrain import load_windows, pretrain
 from distdiff.rollout import make_env
 from distdiff.rundir import CHECKPOINT
-from distdiff.training import NonFiniteError
+from distdiff.training import NonFiniteError, flat_weights, load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TAGS = [
@@ -559,11 +559,11 @@ def test_an_env_that_fails_is_rebuilt_and_the_task_runs_again_from_other_draws(p
         worker.version = 0  # (its initial weights do for this)
         envs, seeds, run = list(worker.envs), [], worker._run
 
-        def fails_first(seed, *args):
+        def fails_first(seed, **kwargs):
             seeds.append(seed)
             if len(seeds) == 1:
                 raise mujoco.FatalError("mj_stackAlloc: insufficient memory")  # not a RuntimeError
-            return run(seed, *args)
+            return run(seed, **kwargs)
 
         with mock.patch.object(worker, "_run", side_effect=fails_first):
             result = worker.rollout(3, max_steps=5)
@@ -593,6 +593,41 @@ def test_a_worker_plans_only_with_weights_handed_to_it_and_returns_episodes_in_s
         starts = np.stack([env.reset(seed=seed + i)[0] for i in range(4)]).astype(result.episodes[0].observations.dtype)
         assert np.array_equal(np.stack([ep.observations[0] for ep in result.episodes]), starts)
         assert result.lengths == [len(ep) for ep in result.episodes]
+    finally:
+        worker._close_envs()
+
+
+def test_a_workers_evaluation_starts_each_episode_where_evaluate_does_and_measures_every_plan(pretrained):
+    from distdiff.distributed.worker import NoWeights, RolloutWorker
+
+    cfg, ckpt = pretrained
+    # Phase 2's measure_every does not thin an evaluation's measures.
+    cfg = config_lib.from_dict({"online": {"envs_per_actor": 3, "measure_every": 10**9},
+                                "env": {"max_episode_steps": 40}}, cfg)
+    worker = RolloutWorker(config=cfg.to_dict(), normalizer=load_checkpoint(ckpt)["normalizer"], worker_id=1)
+    try:
+        with pytest.raises(NoWeights):
+            worker.evaluate(2, 3, seed=50)
+        worker.version = 0  # (its initial weights do for this)
+        results = worker.evaluate(2, 3, seed=50)
+        # Episodes 2, 3, 4 of an evaluation on seed 50, whichever worker runs them.
+        assert [r.seed for r in results] == [52, 53, 54]
+        env = make_env(cfg.env.id)
+        starts = np.stack([env.reset(seed=s)[0] for s in (52, 53, 54)]).astype(results[0].episode.observations.dtype)
+        assert np.array_equal(np.stack([r.episode.observations[0] for r in results]), starts)
+        assert all(len(r.plan_errors) == r.n_plans >= 1 for r in results)
+        # The sampler's draws are the episodes' own, not the worker's: another worker runs the same.
+        other = RolloutWorker(config=cfg.to_dict(), normalizer=load_checkpoint(ckpt)["normalizer"], worker_id=7)
+        try:
+            other.version = 0
+            load_weights(other.nets, {name: flat_weights(net) for name, net in worker.nets.items()})
+            again = other.evaluate(2, 3, seed=50)
+        finally:
+            other._close_envs()
+        assert all(np.array_equal(a.episode.actions, b.episode.actions) for a, b in zip(results, again, strict=True))
+        unmeasured = config_lib.from_dict({"eval": {"measure_alignment": False}}, cfg)
+        worker.cfg = unmeasured
+        assert all(len(r.plan_errors) == 0 for r in worker.evaluate(0, 1, seed=50))
     finally:
         worker._close_envs()
 
@@ -1621,6 +1656,50 @@ def test_parallel_collection_runs_the_episodes_asked_for_and_keeps_them_all(ray_
     planned = collect_episodes(3, num_actors=2, env_id="Walker2d-v5", max_episode_steps=20, seed=3,
                                checkpoint=load_checkpoint(ckpt), envs_per_actor=4)
     assert len(planned) == 3 and sum(int(f.read_text()) for f in ran.iterdir()) == 3
+
+
+def test_evaluate_on_parallel_actors_gives_the_same_figures_with_any_number_of_them(ray_session, pretrained, tmp_path,
+                                                                                    monkeypatch, capsys):
+    from distdiff.distributed.collection import evaluate_in_parallel
+    from distdiff.training import planner_from_checkpoint
+
+    cfg, ckpt = pretrained
+    script = script_in_process("evaluate", monkeypatch)
+    out = tmp_path / "eval.json"
+    assert script.main(["--checkpoint", str(ckpt), "--episodes", "3", "--eval.num_envs", "2", "--num-actors", "2",
+                        "--out", str(out)]) == 0
+    two = json.loads(out.read_text())
+    assert two["num_actors"] == 2 and two["episodes"] == 3 and len(two["episode_returns"]) == 3
+    assert two["overrides"] == {"eval.episodes": 3, "eval.num_envs": 2}
+    # Every plan measured, as in one process: a plan starts at the real state.
+    assert two["alignment_error_per_step"][0] < 1e-5
+    cfg = config_lib.from_dict({"eval": {"episodes": 3, "num_envs": 2}}, cfg)
+    one = evaluate_in_parallel(planner_from_checkpoint(load_checkpoint(ckpt), cfg), cfg, num_actors=1)
+    for key in ("episode_returns", "episode_lengths", "alignment_error_per_step", "terminations"):
+        assert one[key] == two[key], key
+
+
+def test_parallel_evaluation_stops_at_once_on_a_broken_planner(ray_session, pretrained, tmp_path, monkeypatch):
+    # The same seeds again would fail the same way: no retries, as a worker's death gets.
+    from distdiff.distributed import actors
+    from distdiff.distributed.collection import evaluate_in_parallel
+    from distdiff.distributed.worker import RolloutWorker
+    from distdiff.rollout import NonFinitePlan
+    from distdiff.training import planner_from_checkpoint
+
+    class NaNPlans(RolloutWorker):
+        def evaluate(self, first, n_episodes, *, seed):
+            (tmp_path / f"{first}-{time.monotonic_ns()}").touch()
+            raise NonFinitePlan("the planner returned NaN or infinite actions for 1 of 1 observations")
+
+    def make_worker(cfg, res, **kwargs):
+        return ray.remote(NaNPlans).options(num_cpus=0.01, max_restarts=0).remote(**kwargs)
+
+    monkeypatch.setattr(actors, "make_worker", make_worker)
+    cfg, ckpt = pretrained
+    with pytest.raises(RunFailed, match="the checkpoint's planner is broken: .*NaN or infinite actions"):
+        evaluate_in_parallel(planner_from_checkpoint(load_checkpoint(ckpt), cfg), cfg, num_actors=1)
+    assert len(list(tmp_path.iterdir())) == 1
 
 
 def test_init_checkpoint_that_does_not_fit_the_config_fails_before_any_actor(pretrained, tmp_path):

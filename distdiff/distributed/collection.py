@@ -1,5 +1,6 @@
-"""Episodes collected in parallel by rollout actors: random actions, or a trained planner run by
-the same workers as training (``launch/collect.py``)."""
+"""Episodes run in parallel by rollout actors outside training: collected with random actions or
+a trained planner (``launch/collect.py``), or a checkpoint evaluated (``launch/evaluate.py``),
+by the same workers as training."""
 from __future__ import annotations
 
 import itertools
@@ -7,19 +8,22 @@ import time
 from typing import Callable, Dict, List, Optional
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayError
+from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
 
 from distdiff import config as config_lib
 from distdiff.distributed import actors
 from distdiff.distributed.cluster import RunFailed
 from distdiff.distributed.faults import cause
 from distdiff.distributed.messages import Weights
+from distdiff.distributed.worker import PlanError
+from distdiff.evaluation import check_measurable, summary_of
 from distdiff.models import NETS
+from distdiff.planner import Planner
 from distdiff.provenance import DRIVER_CODE
-from distdiff.rollout import stream_seed
+from distdiff.rollout import EpisodeResult, NonFinitePlan, stream_seed
 from distdiff.training import planner_from_checkpoint
 
-COLLECT_TRIES = 5  # a collection task that fails this often stops the collection
+COLLECT_TRIES = 5  # a task that fails this often stops the collection or evaluation
 COLLECT_RESTART_S = 300.0  # and so does a worker that Ray has not restarted within this time
 
 
@@ -28,17 +32,10 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
                      progress: Optional[Callable[[int], None]] = None) -> List:
     """``n_episodes`` episodes from ``num_actors`` parallel actors: random actions, or the EMA
     planner of ``checkpoint`` (the same rollout workers as training)."""
-    from distdiff.training import flat_weights
-
     actors.check_code_on_every_node(DRIVER_CODE)  # (the random policy's tasks check nothing themselves)
     cfg = config_lib.from_dict(checkpoint["config"]) if checkpoint is not None else config_lib.Config()
-    if checkpoint is not None:
-        # Planner actors beyond one per task would build their nets and envs to sit idle.
-        num_actors = max(1, min(num_actors, -(-n_episodes // envs_per_actor)))
-    # The cluster's CPUs shared as training shares them with its actors (there is no learner):
-    # asking 1/N CPU each, as this once did, held every actor on the node that started them.
-    cfg = config_lib.from_dict({"online": {"num_actors": num_actors, "actor_num_cpus": 0.0, "learner_num_cpus": 0.0,
-                                           "learner_num_gpus": 0.0, "actor_resource": "", "learner_resource": ""}}, cfg)
+    # (Planner actors beyond one per task would build their nets and envs to sit idle.)
+    cfg = _parallel(cfg, num_actors, n_episodes, envs_per_actor if checkpoint is not None else 1)
     res = actors.resources(cfg)
     # Exactly n_episodes are run, none cut off afterwards: which episodes of a task end first
     # is not chance (falls end first), so keeping those that arrived first would keep the shortest.
@@ -61,24 +58,71 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
         return [ep for k in sorted(by_task) for ep in by_task[k]]
     cfg = config_lib.from_dict({"online": {"envs_per_actor": envs_per_actor, "measure_every": 10**9},
                                 "env": {"max_episode_steps": max_episode_steps}, "train": {"seed": seed}}, cfg)
-    planner = planner_from_checkpoint(checkpoint, cfg)
+    # Seeded by the task alone, not by the worker that happens to be free for it: the same
+    # command collects the same episodes with any number of actors. (Not phase 2's streams,
+    # which also key on the worker: a run with the same seed starts from other states.)
+    return _planner_tasks(planner_from_checkpoint(checkpoint, cfg), cfg, n_episodes,
+                          lambda worker, task, n: worker.rollout.remote(task, n_envs=n, seed=stream_seed(seed, task)),
+                          # Copies: views would pin every task's object in the store until the caller is done.
+                          lambda result: [ep.copy() for ep in result.episodes], progress)
+
+
+def evaluate_in_parallel(planner: Planner, cfg: config_lib.Config, *, num_actors: int,
+                         progress: Optional[Callable[[int], None]] = None) -> Dict[str, object]:
+    """:func:`distdiff.evaluation.evaluate` of ``planner`` (:func:`planner_from_checkpoint`
+    with ``cfg``, which its workers act by), its episodes split between ``num_actors`` parallel
+    rollout actors, ``eval.num_envs`` each. Episode i starts from the state it starts from in
+    ``evaluate`` (seed ``eval.seed`` + i); the sampler's noise is drawn per ``eval.num_envs``
+    episodes, so the figures are the same for any ``num_actors`` but not those of one process,
+    whose envs share one stream."""
+    check_measurable(cfg)
+    actors.check_code_on_every_node(DRIVER_CODE)
+    per_task = min(cfg.eval.num_envs, cfg.eval.episodes)
+    cfg = config_lib.from_dict({"online": {"envs_per_actor": per_task}}, cfg)
+
+    def own(results: List[EpisodeResult]) -> List[EpisodeResult]:
+        # Copies, as in collect_episodes; the plan-vs-real example is not summarized.
+        return [r._replace(episode=r.episode.copy(), plan_errors=r.plan_errors.copy(), last_check=None)
+                for r in results]
+
+    results = _planner_tasks(planner, _parallel(cfg, num_actors, cfg.eval.episodes, per_task), cfg.eval.episodes,
+                             lambda worker, task, n: worker.evaluate.remote(task * per_task, n, seed=cfg.eval.seed),
+                             own, progress)
+    return summary_of(results, cfg)
+
+
+def _parallel(cfg: config_lib.Config, num_actors: int, n_episodes: int, per_task: int) -> config_lib.Config:
+    """``cfg`` with the cluster's CPUs shared as training shares them with its actors (there is no
+    learner), and no more actors than there are tasks: asking 1/N CPU each, as this once did,
+    held every actor on the node that started them."""
+    return config_lib.from_dict({"online": {"num_actors": max(1, min(num_actors, -(-n_episodes // per_task))),
+                                            "actor_num_cpus": 0.0, "learner_num_cpus": 0.0, "learner_num_gpus": 0.0,
+                                            "actor_resource": "", "learner_resource": ""}}, cfg)
+
+
+def _planner_tasks(planner: Planner, cfg: config_lib.Config, n_episodes: int, submit: Callable, keep: Callable,
+                   progress: Optional[Callable[[int], None]]) -> List:
+    """``n_episodes`` episodes of ``planner``, in tasks of ``online.envs_per_actor`` episodes run
+    by ``online.num_actors`` rollout workers: ``submit(worker, task, n)`` starts task ``task`` of
+    ``n`` episodes, ``keep(result)`` makes its list of what is returned. A task whose worker died
+    or whose envs raised is run again, with the same seeds; a planner that fails stops it all."""
+    from distdiff.training import flat_weights
+
     nets = {name: getattr(planner, name) for name in NETS}
     weights = ray.put(Weights(version=1, weights={name: flat_weights(net) for name, net in nets.items() if net is not None}))
+    per_task, num_actors = cfg.online.envs_per_actor, cfg.online.num_actors
+    res = actors.resources(cfg)
     workers = [actors.make_worker(cfg, res, config=cfg.to_dict(), normalizer=planner.normalizer.state_dict(), worker_id=i)
                for i in range(num_actors)]
-    # rollout -> (worker, task, its episodes, its failures, restart wait since)
+    # a task's ref -> (its worker, the task, its episodes, its failures, restart wait since)
     pending: Dict[ray.ObjectRef, tuple] = {}
     by_task: Dict[int, List] = {}
 
     def start(i: int, task: int, n: int, failures: int = 0, since: Optional[float] = None) -> None:
-        # The weights before every rollout: a restarted worker has none, and a worker that
+        # The weights before every task: a restarted worker has none, and a worker that
         # holds them loads nothing.
         workers[i].set_weights.remote(weights)
-        # Seeded by the task alone, not by the worker that happens to be free for it: the same
-        # command collects the same episodes with any number of actors. (Not phase 2's streams,
-        # which also key on the worker: a run with the same seed starts from other states.)
-        task_seed = stream_seed(seed, task)
-        pending[workers[i].rollout.remote(task, n_envs=n, seed=task_seed)] = (i, task, n, failures, since)
+        pending[submit(workers[i], task, n)] = (i, task, n, failures, since)
 
     def unasked() -> int:
         return n_episodes - sum(len(got) for got in by_task.values()) - sum(p[2] for p in pending.values())
@@ -87,13 +131,12 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
         tasks = itertools.count()  # numbered, so a retried task replays its seeds, and no other does
         for i in range(num_actors):
             if unasked() > 0:
-                start(i, next(tasks), min(envs_per_actor, unasked()))
+                start(i, next(tasks), min(per_task, unasked()))
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             i, task, n, failures, since = pending.pop(ready[0])
             try:
-                # Copies: views would pin every task's object in the store until the caller is done.
-                got = [ep.copy() for ep in ray.get(ready[0]).episodes]
+                got = keep(ray.get(ready[0]))
             except ActorUnavailableError as e:
                 # Ray is restarting the worker, and calls fail at once until it is back.
                 since = time.monotonic() if since is None else since
@@ -104,11 +147,14 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
                 start(i, task, n, failures, since)
                 continue
             except RayError as e:
+                if isinstance(e, RayTaskError) and isinstance(e.cause, (NonFinitePlan, PlanError)):
+                    # Its seeds again would fail the same way.
+                    raise RunFailed(f"the checkpoint's planner is broken: {cause(e)}") from e
                 # A worker that died with the task, or whose task raised: try again after a
-                # pause, as training does; what was collected so far is kept.
+                # pause, as training does; what was run so far is kept.
                 failures += 1
                 if failures >= COLLECT_TRIES or (isinstance(e, RayActorError) and e.actor_init_failed):
-                    raise RunFailed(f"collection task {task} failed {failures} times: {cause(e)}") from e
+                    raise RunFailed(f"task {task} failed {failures} times: {cause(e)}") from e
                 time.sleep(min(0.5 * failures, 5.0))
                 start(i, task, n, failures)
                 continue
@@ -116,8 +162,8 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
             if progress:
                 progress(len(got))
             if unasked() > 0:
-                start(i, next(tasks), min(envs_per_actor, unasked()))
+                start(i, next(tasks), min(per_task, unasked()))
     finally:
         for w in workers:
             ray.kill(w)
-    return [ep for k in sorted(by_task) for ep in by_task[k]]
+    return [item for k in sorted(by_task) for item in by_task[k]]

@@ -5,7 +5,7 @@ Kept light on imports (torch, gymnasium, numpy): many of these run on one machin
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import mujoco
 import numpy as np
@@ -17,7 +17,7 @@ from distdiff.models import build_models
 from distdiff.normalizer import Normalizer
 from distdiff.provenance import check_same_code
 from distdiff.planner import Planner
-from distdiff.rollout import make_env, run_episodes, stream_seed
+from distdiff.rollout import EpisodeResult, make_env, run_episodes, stream_seed
 from distdiff.training import load_weights
 
 log = logging.getLogger(__name__)
@@ -92,17 +92,9 @@ class RolloutWorker:
         task = self.tasks if task is None else task
         self.tasks += 1
         version = self.version
-        rebuilds = 0
-        try:
-            results = self._run(self._seed(task, seed=seed), max_steps, n_envs)
-        except ENV_ERRORS as e:
-            # An env that failed must not kill the worker: rebuild the envs and run the task once
-            # more, from other draws (on one thread the same ones would fail the same way).
-            log.warning("worker %d: env failed (%s); rebuilding envs", self.worker_id, e)
-            rebuilds = 1
-            self._close_envs()
-            self._make_envs()
-            results = self._run(self._seed(task, attempt=1, seed=seed), max_steps, n_envs)
+        results, rebuilds = self._rebuilding(lambda attempt: self._run(
+            self._seed(task, attempt, seed), n_envs=n_envs, max_steps=max_steps,
+            measure_every=self.cfg.online.measure_every))
         errors = [r.plan_errors for r in results if len(r.plan_errors)]
         return RolloutResult(
             worker_id=self.worker_id,
@@ -116,7 +108,37 @@ class RolloutWorker:
             example=next((r.last_check for r in results if r.last_check is not None), None),
         )
 
-    def _run(self, seed: int, max_steps: Optional[int], n_envs: Optional[int]):
+    def evaluate(self, first: int, n_episodes: int, *, seed: int) -> List[EpisodeResult]:
+        """Episodes ``first`` to ``first + n_episodes - 1`` of an evaluation on ``seed``, with the
+        ``eval.*`` settings of this worker's config: episode i resets with seed + i, as in
+        :func:`distdiff.evaluation.evaluate`, so the same episodes start from the same states
+        however they are split between workers; the sampler draws from the stream of ``first``."""
+        if self.version < 0:
+            raise NoWeights("evaluate before set_weights: a worker must never plan with random weights")
+        if n_episodes > len(self.envs):
+            raise ValueError(f"{n_episodes} episodes asked of a worker with {len(self.envs)} envs")
+        results, _ = self._rebuilding(lambda attempt: self._run(
+            stream_seed(seed, first, attempt), n_envs=n_episodes, first_reset=seed + first,
+            measure_every=1 if self.cfg.eval.measure_alignment else None))
+        return results
+
+    def _rebuilding(self, run: Callable[[int], List[EpisodeResult]]) -> Tuple[List[EpisodeResult], int]:
+        """``run(0)``, or, when an env failed, ``run(1)`` on rebuilt envs (with its other draws:
+        on one thread the same ones would fail the same way); its results and the rebuilds."""
+        try:
+            return run(0), 0
+        except ENV_ERRORS as e:
+            # An env that failed must not kill the worker.
+            log.warning("worker %d: env failed (%s); rebuilding envs", self.worker_id, e)
+            self._close_envs()
+            self._make_envs()
+            return run(1), 1
+
+    def _run(self, seed: int, *, n_envs: Optional[int], measure_every: Optional[int],
+             max_steps: Optional[int] = None, first_reset: Optional[int] = None) -> List[EpisodeResult]:
+        """One episode on each of the first ``n_envs`` envs (all by default), the sampler seeded
+        by ``seed``, the envs reset from ``first_reset`` (default: ``seed``); every
+        ``measure_every``-th plan's alignment error measured (None: none)."""
         generator = torch.Generator().manual_seed(seed)
 
         def plan(obs):
@@ -133,10 +155,10 @@ class RolloutWorker:
             execution=self.cfg.planner.execution,
             horizon=self.cfg.model.horizon,
             replan_every=self.cfg.planner.replan_every,
-            seed=seed,
+            seed=seed if first_reset is None else first_reset,
             state_normalizer=self.planner.state_normalizer,
-            shadows=self.shadows,
-            measure_every=self.cfg.online.measure_every,
+            shadows=None if measure_every is None else self.shadows,
+            measure_every=measure_every or 1,
             max_steps=max_steps,
         )
 
