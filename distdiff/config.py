@@ -169,6 +169,8 @@ class OnlineConfig:
     actor_max_restarts: int = _f(-1, "Restarts Ray gives a dead rollout actor (-1 = unlimited).")
     rollout_timeout_s: float = _f(0.0, "Seconds a rollout may take, counted from its submission, before its actor is killed for Ray to restart (a hung env, a node that stopped answering); 0 = no limit. "
                                        "Set it well above the longest rollout, its actor's start included (Walker2d: minutes for 16 whole episodes on a busy laptop), and mind that an actor waiting for a node an autoscaler adds counts too.")
+    learner_timeout_s: float = _f(0.0, "Seconds a learner's call (online.updates_per_call updates) may run before the learner is taken for hung (a stuck GPU, a node that stopped answering) and the run stops, its last checkpoint intact, for --resume or --autoresume (a scheduler's requeue) to go on from; 0 = no limit (it is said every 10 minutes that the call still runs). "
+                                        "Set it well above the longest call, its first included (torch.compile's warm-up: minutes).")
 
 
 @dataclass
@@ -526,6 +528,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(o.lr_scale > 0, f"online.lr_scale must be positive, got {o.lr_scale}")
     need(0.0 <= o.prior_weight < 1.0, f"online.prior_weight must be in [0, 1), got {o.prior_weight}")
     need(o.rollout_timeout_s >= 0, f"online.rollout_timeout_s must be >= 0 (0: no limit), got {o.rollout_timeout_s}")
+    need(o.learner_timeout_s >= 0, f"online.learner_timeout_s must be >= 0 (0: no limit), got {o.learner_timeout_s}")
     if e:
         raise ConfigError("invalid config:\n  " + "\n  ".join(e))
 

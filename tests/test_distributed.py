@@ -1266,6 +1266,38 @@ def test_phase_1_on_the_drivers_cpu_says_so_where_the_cluster_has_gpus(ray_sessi
             assert all("launch/pretrain.py where torch sees one, then launch/train.py --init" in m for m in warned)
 
 
+def test_a_learner_that_hangs_stops_the_run_at_the_learner_timeout_with_its_last_checkpoint_intact(
+        ray_session, pretrained, tmp_path, monkeypatch):
+    # A stuck GPU: the call never returns and the actor never dies. Without the timeout the
+    # run, and the job's allocation, would wait for ever.
+    from distdiff.distributed import actors
+    from distdiff.distributed.actors import RayLearner
+
+    class Hangs(RayLearner):
+        def train(self, batches):
+            if self.trainer.step >= self.start + 12:
+                time.sleep(3600)
+            return super().train(batches)
+
+        def ready(self):
+            self.start = self.trainer.step
+
+    def make_learner(cfg, res, **kwargs):
+        learner = ray.remote(Hangs).options(num_cpus=res.learner_cpus).remote(device="cpu", **kwargs)
+        ray.get(learner.ready.remote())
+        return learner
+
+    monkeypatch.setattr(actors, "make_learner", make_learner)
+    cfg, ckpt = pretrained
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.learner_timeout_s": 4.0})
+    started = time.monotonic()
+    with pytest.raises(RunFailed, match="past online.learner_timeout_s 4: the learner is taken for hung"):
+        train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+    assert time.monotonic() - started < 120
+    saved = load_checkpoint(tmp_path / "checkpoint.pt")  # the one at 10 updates, before it hung
+    assert saved["run"]["updates"] == 10 and saved["step"] == load_checkpoint(ckpt)["step"] + 10
+
+
 def test_a_learner_not_started_is_reported_while_the_run_waits_for_it(ray_session, pretrained, tmp_path, monkeypatch):
     from distdiff.distributed import driver
 

@@ -12,6 +12,7 @@ import pytest
 from _helpers import tiny_online_config
 from distdiff import config, rundir
 from distdiff.data.episodes import Episode
+from distdiff.distributed.cluster import RunFailed
 from distdiff.distributed.driver import (Counters, OnlineRun, _evaluated_update, beats, describe_evaluation,
                                          finished_metrics, step_axis)
 from distdiff.events import RecentRate
@@ -280,6 +281,25 @@ def test_a_learner_call_that_runs_long_is_noted_every_ten_minutes():
     run.train_ref = None  # none in flight: nothing to say
     run.note_long_learner_call(5000.0)
     assert len(notes) == 2
+
+
+def test_a_learner_call_past_the_learner_timeout_stops_the_run_and_none_before():
+    run = run_stub(**{"online.learner_timeout_s": 900.0})
+    notes = []
+    run.log, run.train_ref, run.train_since, run.next_train_note = notes.append, object(), 100.0, 100.0
+    run.run_dir = "runs/x"
+    for now in (100.0, 700.0, 999.0):
+        run.note_long_learner_call(now)
+        run.stop_if_learner_hangs(now)
+    assert notes and "the run stops if it reaches online.learner_timeout_s 900" in notes[0]
+    with pytest.raises(RunFailed, match=r"has run 900 s, past online.learner_timeout_s 900: the learner is taken "
+                                         r"for hung .*--resume or --autoresume goes on from the last checkpoint in runs/x"):
+        run.stop_if_learner_hangs(1000.0)
+    run.train_ref = None  # no call in flight: nothing runs long
+    run.stop_if_learner_hangs(5000.0)
+    off = run_stub()  # 0: no limit
+    off.train_ref, off.train_since = object(), 0.0
+    off.stop_if_learner_hangs(10**7)
 
 
 def test_a_run_that_collects_only_does_not_keep_a_reference_per_rollout(monkeypatch):

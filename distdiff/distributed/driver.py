@@ -843,6 +843,7 @@ class OnlineRun:
         now = time.perf_counter()
         self.kill_overdue(now)
         self.note_long_learner_call(now)
+        self.stop_if_learner_hangs(now)
         for i in self.faults.due(now):
             if self.collecting:
                 self.submit(i)
@@ -914,14 +915,28 @@ class OnlineRun:
 
     def note_long_learner_call(self, now: float) -> None:
         """Say, every LEARNER_CALL_NOTE_S, that the learner's call in flight has run that long
-        (a call is seconds): a learner that hangs without dying (a stuck GPU) is not stopped,
-        and the run would otherwise only stop moving."""
+        (a call is seconds): a learner that hangs without dying (a stuck GPU) is stopped only by
+        ``online.learner_timeout_s``, and the run would otherwise only stop moving."""
         if self.train_ref is None or now - self.next_train_note < LEARNER_CALL_NOTE_S:
             return
         self.next_train_note = now
+        timeout = self.cfg.online.learner_timeout_s
+        then = (f"the run stops if it reaches online.learner_timeout_s {timeout:g}" if timeout else
+                "a learner that hangs is not stopped (online.learner_timeout_s 0): stop the run (Ctrl-C, again until "
+                "it stops waiting for the learner), and --resume goes on from its last checkpoint")
         self.log(f"the learner's call of up to {self.cfg.online.updates_per_call} updates has run "
-                 f"{now - self.train_since:.0f} s; a learner that hangs is not stopped: stop the run (Ctrl-C, again "
-                 f"until it stops waiting for the learner), and --resume goes on from its last checkpoint")
+                 f"{now - self.train_since:.0f} s; {then}")
+
+    def stop_if_learner_hangs(self, now: float) -> None:
+        """Stop the run once the learner's call has run ``online.learner_timeout_s``: a learner
+        that hangs without dying would hold the run, and the job's allocation, for ever. Nothing
+        is checkpointed (the learner's state is out of reach); the last checkpoint stays."""
+        timeout = self.cfg.online.learner_timeout_s
+        if timeout and self.train_ref is not None and now - self.train_since >= timeout:
+            raise RunFailed(f"the learner's call of up to {self.cfg.online.updates_per_call} updates has run "
+                            f"{now - self.train_since:.0f} s, past online.learner_timeout_s {timeout:g}: the learner "
+                            f"is taken for hung (a stuck GPU, a node that stopped answering); --resume or --autoresume "
+                            f"goes on from the last checkpoint in {self.run_dir}")
 
     def train_more(self) -> None:
         """Start the learner's next call if none runs and updates are owed."""
