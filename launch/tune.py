@@ -83,7 +83,7 @@ def main(argv=None) -> int:
 
     from distdiff.data.minari_io import DatasetError
     from distdiff.distributed.cluster import connect_job, shutdown
-    from distdiff.distributed.tuning import make_tuner, shortfall, summarize, sweep_dataset
+    from distdiff.distributed.tuning import make_tuner, shortfall, summarize, sweep_dataset, trial_count
 
     env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH",) if k in os.environ}
     started = connect_job(args.address, args.num_cpus, runtime_env={"env_vars": env_vars} if env_vars else None)
@@ -102,7 +102,9 @@ def main(argv=None) -> int:
         unfinished = [r for r in results if r.error is None and not r.metrics.get("done", False)]
         if unfinished:
             # Tune turns Ctrl-C into a graceful stop and returns: no table for a sweep cut short.
-            print(f"sweep interrupted with {len(unfinished)} trial(s) unfinished; continue it with: "
+            # (Counting those not made yet, which the results leave out.)
+            left = len(unfinished) + max(0, trial_count(spec) - len(results))
+            print(f"sweep interrupted with {left} of {trial_count(spec)} trial(s) unfinished; continue it with: "
                   f"python launch/tune.py --config {args.config} --storage {args.storage} --resume", file=sys.stderr)
             return 130
         if results.num_errors:

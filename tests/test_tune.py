@@ -1,6 +1,7 @@
 """Ray Tune sweeps: a real 2-trial sweep, interrupted and resumed, and invalid spaces refused."""
 from __future__ import annotations
 
+import copy
 import json
 import queue
 import re
@@ -133,7 +134,7 @@ def test_scheduler_options_are_checked_and_passed_on(tiny_dataset, tmp_path):
     assert (asha._time_attr, asha._reduction_factor, asha._max_t) == ("updates", 3, 20)
     assert sorted(milestone for milestone, _ in asha._brackets[0]._rungs) == [2, 6, 18]
     # The `zero:` domain of guidance.scale is resampled with its exact zeros.
-    values = [pbt._hyperparam_mutations["guidance.scale"]() for _ in range(100)]
+    values = [pbt._hyperparam_mutations["guidance.scale"].sample() for _ in range(100)]
     assert 0.0 in values and all(v == 0.0 or 0.001 <= v <= 1.0 for v in values)
 
 
@@ -191,9 +192,24 @@ def test_resume_takes_a_relative_storage_path(tiny_dataset, tmp_path, monkeypatc
 def test_zero_or_loguniform_domain_samples_both(tiny_dataset, tmp_path):
     spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset))
     domain = param_space(spec)["guidance.scale"]
-    values = [domain.func(None) for _ in range(200)]
+    values = [domain.sample() for _ in range(200)]
     zeros = sum(v == 0.0 for v in values)
     assert 60 < zeros < 140 and all(v == 0.0 or 0.001 <= v <= 1.0 for v in values)
+
+
+def test_a_resumed_sweep_makes_its_remaining_trials_from_the_zero_domain_as_a_new_one_does(tiny_dataset, tmp_path):
+    # Tune stores a function of the space (tune.sample_from) as a placeholder, which a sweep
+    # resumed before its trials were all made resolved to nothing: they failed on a
+    # guidance.scale of ('__fn_ph', ...). The space must hold no function, and its draws must
+    # come from the sweep's seeded generator, which a resume restores.
+    from collections import defaultdict
+
+    from ray.tune.impl.placeholder import inject_placeholders
+
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset))
+    stored = inject_placeholders(copy.deepcopy(param_space(spec)), defaultdict(list))
+    assert stored["guidance.scale"] is not None and not isinstance(stored["guidance.scale"], tuple)
+    assert [c["guidance.scale"] for c in drawn_configs(spec)] == [c["guidance.scale"] for c in drawn_configs(spec)]
 
 
 def drawn_configs(spec, n_live: int = 0):
@@ -493,7 +509,11 @@ def trial_dirs(storage: Path):
 def test_sweep_is_interrupted_resumed_and_summarized(ray_session, tiny_dataset, tmp_path, subprocess_env):
     import ray
 
-    sweep = write_sweep(tmp_path / "sweep.yaml", tiny_dataset)
+    # Three trials, one at a time: the third is not made yet when the second is interrupted, and
+    # the resumed sweep makes it (a `zero:` domain's draw once came back as a placeholder then).
+    sweep = write_sweep(tmp_path / "sweep.yaml", tiny_dataset,
+                        space={"diffusion.schedule": {"grid": ["linear", "sigmoid", "cosine"]},
+                               "guidance.scale": {"loguniform": [0.001, 1.0], "zero": 0.5}})
     storage = tmp_path / "storage"
     cmd = [sys.executable, str(ROOT / "launch" / "tune.py"), "--config", str(sweep), "--storage", str(storage),
            "--num-cpus", "2", "--address", "local"]
@@ -522,6 +542,8 @@ def test_sweep_is_interrupted_resumed_and_summarized(ray_session, tiny_dataset, 
             phase2 += "phase 2: online alignment" in line
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 130, "".join(seen + list(lines.queue))[-3000:]
+        reader.join(timeout=10)
+        assert "sweep interrupted with 2 of 3 trial(s) unfinished" in "".join(seen + list(lines.queue))
         assert not (storage / "sweep" / "trials.csv").exists()
         # Read only now: Tune copies trial files to storage in the background, a whole file at a
         # time but not atomically, and waits only for its last copy, at exit.
@@ -546,12 +568,14 @@ def test_sweep_is_interrupted_resumed_and_summarized(ray_session, tiny_dataset, 
     assert (first / "result.json").read_text() == first_results
     assert (first / "metrics.json").read_text() == first_metrics
     dirs = trial_dirs(storage)
-    assert len(dirs) == 2 and all((d / "metrics.json").is_file() for d in dirs)
+    assert len(dirs) == 3 and all((d / "metrics.json").is_file() for d in dirs)
+    assert "errored" not in out.stderr
 
     table = (storage / "sweep" / "trials.csv").read_text().splitlines()
     # With the training seed each trial drew (the sweep sets none).
     assert table[0].startswith("trial_id,diffusion.schedule,guidance.scale,train.seed,normalized_score")
-    assert len(table) == 3
+    assert len(table) == 4
+    assert all(float(row.split(",")[2]) == 0.0 or 0.001 <= float(row.split(",")[2]) <= 1.0 for row in table[1:])
     # Every trial's TensorBoard events (training scalars) sit under the storage dir.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -661,8 +685,7 @@ def test_loguniform_draws_log_uniformly_with_and_without_zero(tiny_dataset, tmp_
     values = param_space(plain)["guidance.scale"].sample(size=600)
     assert 0.55 < sum(v < 0.1 for v in values) / 600 < 0.8  # 2/3 below 0.1 log-uniformly, 1/10 uniformly
     zeros = load_spec(write_sweep(tmp_path / "b.yaml", tiny_dataset, space={"guidance.scale": {"loguniform": [0.001, 1.0], "zero": 0.1}}))
-    domain = param_space(zeros)["guidance.scale"]
-    values = [domain.func(None) for _ in range(600)]
+    values = param_space(zeros)["guidance.scale"].sample(size=600)
     nonzero = [v for v in values if v != 0.0]
     assert 0.05 < 1 - len(nonzero) / 600 < 0.16
     assert 0.55 < sum(v < 0.1 for v in nonzero) / len(nonzero) < 0.8

@@ -15,7 +15,6 @@ import inspect
 import itertools
 import json
 import math
-import random
 import shutil
 import socket
 import tempfile
@@ -24,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import ray
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 from ray.tune.search.basic_variant import BasicVariantGenerator
-from ray.tune.search.sample import Function
+from ray.tune.search.sample import Float, Sampler
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint
@@ -463,7 +463,25 @@ def _check_schedule(spec: SweepSpec) -> None:
                           "learner updates: PBT would never act; lower it")
 
 
-def _domain(dom: Dict[str, Any], rng: random.Random):
+class ZeroOrLogUniform(Sampler):
+    """The draws of a `zero:` domain: exactly 0 with probability ``p_zero``, else log-uniform
+    over the domain's [lower, upper]. A sampler of Tune's, not a tune.sample_from function:
+    Tune draws it with the sweep's seeded generator, where it stores a function as a
+    placeholder that a resumed sweep resolves to nothing (its trials not made yet failed on
+    a guidance.scale of ``('__fn_ph', ...)``)."""
+
+    def __init__(self, p_zero: float):
+        self.p_zero = p_zero
+
+    def sample(self, domain: Float, config=None, size: int = 1, random_state=None):
+        # (Domain.sample hands over Tune's generator, the sweep's, or a fresh one for PBT's draws.)
+        zero = random_state.uniform(0.0, 1.0, size=size) < self.p_zero
+        items = np.where(zero, 0.0, np.exp(random_state.uniform(math.log(domain.lower), math.log(domain.upper),
+                                                                size=size)))
+        return items if len(items) > 1 else domain.cast(items[0])
+
+
+def _domain(dom: Dict[str, Any]):
     kind = next(k for k in DOMAINS if k in dom)
     arg = dom[kind]
     if kind == "choice":
@@ -476,13 +494,13 @@ def _domain(dom: Dict[str, Any], rng: random.Random):
         return tune.randint(int(arg[0]), int(arg[1]) + 1)
     if "zero" not in dom:
         return tune.loguniform(*arg)
-    p_zero, (lo, hi) = float(dom["zero"]), arg
-    return tune.sample_from(lambda _: 0.0 if rng.random() < p_zero else math.exp(rng.uniform(math.log(lo), math.log(hi))))
+    domain = Float(*arg)
+    domain.set_sampler(ZeroOrLogUniform(float(dom["zero"])))
+    return domain
 
 
 def param_space(spec: SweepSpec) -> Dict[str, Any]:
-    rng = random.Random(spec.seed)
-    space = {key: _domain(dom, rng) for key, dom in spec.space.items()}
+    space = {key: _domain(dom) for key, dom in spec.space.items()}
     if TRAIN_SEED not in spec.space and TRAIN_SEED not in spec.fixed:
         # A training seed of its own per trial, drawn as the rest: the num_samples repeats of a
         # grid point are replicates, not one run again, and their spread is a seed's.
@@ -670,12 +688,11 @@ def _mutation(dom: Dict[str, Any], domain: Any) -> Any:
     """What PBT draws or perturbs a swept field with. A list for choice and grid: PBT moves to a
     neighbour in it or resamples it, where a domain would have it multiply the value by 0.8 or
     1.2 ("cosine" * 1.2 stops the sweep). The domain for the numbers, whose perturbations
-    :class:`WithinBounds` keeps in range; a plain function for the `zero:` domain, since PBT
-    refuses tune.sample_from."""
+    :class:`WithinBounds` keeps in range."""
     kind = next(k for k in DOMAINS if k in dom)
     if kind in ("choice", "grid"):
         return list(dom[kind])
-    return (lambda f=domain.func: f(None)) if isinstance(domain, Function) else domain
+    return domain
 
 
 class WithinBounds:
