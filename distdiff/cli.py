@@ -244,8 +244,9 @@ def check_resume_dir(run_dir: Path) -> None:
 
 AUTORESUME_HELP = ("With --run-dir: continue the run there if it holds one (as --resume does), else start it there: "
                    "one command line for a job that a scheduler requeues or restarts. A run there that this command "
-                   "line's config (--config, --init, --section.field) would not have started is refused, naming the "
-                   "fields that differ.")
+                   "line's config file (--config, or --init's config) would not have started is refused, naming the "
+                   "fields that differ; --section.field flags change the run's config as with --resume (a larger "
+                   "budget trains it on), and the resume says which fields they change.")
 
 
 def check_autoresume_flags(args: argparse.Namespace) -> None:
@@ -295,6 +296,17 @@ def check_autoresumed(ran, given, run_dir: Path, script: str) -> None:
         fail(f"--autoresume: the run in {run_dir} was started with another config than this command line makes "
              f"({'; '.join(changed)}): continue it as it is with python launch/{script} --resume {run_dir} (changing "
              f"fields with --section.field), or start another --run-dir")
+
+
+def note_changes(ran, cfg, run_dir: Path) -> None:
+    """Say which fields of the config a run ran with (``ran``) a resume's flags change in
+    ``cfg``: a requeued job's edited flags change its hyperparameters mid-run, which its log
+    then shows."""
+    from distdiff import config as config_lib
+
+    changed = [f"{key} {before!r} -> {value!r}" for key, before, value in config_lib.differences(ran, cfg)]
+    if changed:
+        print(f"note: resuming {run_dir} with this command line's changes to its config: {'; '.join(changed)}")
 
 
 def default_run_dir(kind: str) -> Path:

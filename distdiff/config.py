@@ -638,19 +638,25 @@ def value_of(cfg: Config, name: str) -> Any:
     return getattr(getattr(cfg, section), key)
 
 
-def changed_fields(ran: Config, given: Config) -> List[str]:
-    """``field RAN there, GIVEN here`` for each field whose value differs between the config a run
-    ran with and ``given``, save a ``data.dataset_id`` the run recorded as ``given``'s fallback
-    (it trained on that where the configured dataset could not be had, and said so in its config)."""
+def differences(ran: Config, given: Config) -> List[Tuple[str, Any, Any]]:
+    """``(field, value in ran, value in given)`` for each field whose value differs between the
+    config a run ran with and ``given``, save a ``data.dataset_id`` the run recorded as
+    ``given``'s fallback (it trained on that where the configured dataset could not be had, and
+    said so in its config)."""
     ran_d, given_d = ran.to_dict(), given.to_dict()
-    changed = []
+    out = []
     for section, fields in given_d.items():
         for name, value in fields.items():
             before = ran_d[section][name]
             fell_back = (section, name) == ("data", "dataset_id") and before == given.data.fallback_dataset_id
             if before != value and not fell_back:
-                changed.append(f"{section}.{name} {before!r} there, {value!r} here")
-    return changed
+                out.append((f"{section}.{name}", before, value))
+    return out
+
+
+def changed_fields(ran: Config, given: Config) -> List[str]:
+    """``field RAN there, GIVEN here`` for each of :func:`differences`."""
+    return [f"{key} {before!r} there, {value!r} here" for key, before, value in differences(ran, given)]
 
 
 def net_fields() -> List[str]:

@@ -101,6 +101,20 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
         return _pretrain(cfg, Path(run_dir), resume=resume, quiet=quiet, data=data, init=init, overwrite=overwrite)
 
 
+def check_continues(state: Dict[str, object], run_dir: Path) -> None:
+    """Refuse to resume pretraining in ``run_dir`` from its checkpoint ``state`` when that is a
+    launch/train.py run's: its pretraining would write over phase 2's checkpoint (learner,
+    counters, prior)."""
+    if "run" in state:
+        raise CheckpointError(f"{run_dir} holds a launch/train.py run, which pretraining does not continue: resume it "
+                              f"with launch/train.py --resume {run_dir}")
+
+
+def is_done(state: Dict[str, object], cfg: Config) -> bool:
+    """Whether the pretraining checkpointed in ``state`` has done ``cfg``'s ``train.steps``."""
+    return int(state["step"]) >= cfg.train.steps
+
+
 def _pretrain(cfg: Config, run_dir: Path, *, resume: bool, quiet: bool, data: Optional[LoadedDataset],
               init: Optional[str | Path], overwrite: bool) -> Path:
     from torch.utils.tensorboard import SummaryWriter
@@ -110,10 +124,13 @@ def _pretrain(cfg: Config, run_dir: Path, *, resume: bool, quiet: bool, data: Op
     if resume and init is not None:
         raise ValueError("resume continues this run's own checkpoint; it cannot also start from init")
     state = load_checkpoint(ckpt_path) if resume else None
-    if state is not None and "run" in state:
-        # Its pretraining would write over phase 2's checkpoint (learner, counters, prior).
-        raise CheckpointError(f"{run_dir} holds a launch/train.py run, which pretraining does not continue: resume it "
-                              f"with launch/train.py --resume {run_dir}")
+    if state is not None:
+        check_continues(state, run_dir)
+        if is_done(state, cfg):
+            # Nothing to train, so nothing is written: the config of this call would otherwise
+            # become the run's without training a step (and a later --autoresume with the
+            # run's own command line would be refused for it).
+            return ckpt_path
     start = load_checkpoint(init) if init is not None else None
     if start is not None:
         check_env(start, cfg)

@@ -14,8 +14,8 @@ import sys
 from pathlib import Path
 
 from distdiff.cli import (AUTORESUME_HELP, autoresume, check_autoresumed, check_resume_dir, check_run_dir,
-                          default_run_dir, fail, limit_threads, line_buffered_output, make_parser, sigterm_as_interrupt,
-                          start_config)
+                          default_run_dir, fail, limit_threads, line_buffered_output, make_parser, note_changes,
+                          sigterm_as_interrupt, start_config)
 
 limit_threads()
 line_buffered_output()
@@ -23,8 +23,9 @@ line_buffered_output()
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint  # noqa: E402
 from distdiff.data.minari_io import DatasetError  # noqa: E402
-from distdiff.pretrain import pretrain  # noqa: E402
+from distdiff.pretrain import check_continues, is_done, pretrain  # noqa: E402
 from distdiff.rundir import CHECKPOINT  # noqa: E402
+from distdiff.training import check_made_with  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -61,10 +62,20 @@ def main(argv=None) -> int:
             if args.overwrite:
                 fail("--resume continues the run in --run-dir; --overwrite would remove it")
             check_resume_dir(args.run_dir)
-            base = config_lib.from_dict(load_checkpoint(args.run_dir / CHECKPOINT)["config"])
+            state = load_checkpoint(args.run_dir / CHECKPOINT)
+            check_continues(state, args.run_dir)
+            base = config_lib.from_dict(state["config"])
             cfg = config_lib.from_args(args, base=base)
             if given is not None:
                 check_autoresumed(cfg, given, args.run_dir, "pretrain.py")
+            # Before the start line: what the run's nets cannot train with is refused first.
+            check_made_with(state, cfg)
+            note_changes(base, cfg, args.run_dir)
+            if is_done(state, cfg):
+                print(f"{args.run_dir} has pretrained its {cfg.train.steps} steps: nothing to train, nothing written "
+                      f"(--train.steps N with a larger N trains it on)")
+                print(f"checkpoint: {args.run_dir / CHECKPOINT}")
+                return 0
             run_dir = args.run_dir
         else:
             # From --init without --config: the checkpoint's config, whose model fits its nets.

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from distdiff.cli import (AUTORESUME_HELP, add_ray_arguments, autoresume, check_autoresumed, check_resume_dir,
                           check_run_dir, default_ray_auth, default_run_dir, fail, limit_threads, line_buffered_output,
-                          make_parser, sigterm_as_interrupt)
+                          make_parser, note_changes, sigterm_as_interrupt)
 
 limit_threads()
 line_buffered_output()
@@ -86,6 +86,8 @@ def main(argv=None) -> int:
         cfg = config_lib.from_args(args, base=base)
         if given is not None:
             check_autoresumed(cfg, given, args.resume, "train.py")
+        if args.resume:
+            note_changes(base, cfg, args.resume)
         config_lib.check_trainable(cfg)
         if state is not None:
             check_made_with(state, cfg)

@@ -864,12 +864,22 @@ def test_pretrain_autoresume_resumes_a_run_it_started_and_starts_one_that_is_not
     monkeypatch.setattr(script, "pretrain", lambda cfg, run_dir, **kw: calls.append((cfg, run_dir, kw)) or run_dir)
     run_dir = tmp_path / "run"
     shutil.copytree(run30, run_dir)
-    # The job requeued with the command line that started it, and a field it may change.
-    assert script.main(_autoresume_argv(run_dir, tiny_dataset, "--train.checkpoint_every", 7)) == 0
+    # The job requeued with the command line that started it, and fields it may change: a larger
+    # budget trains it on, and the log says what the flags changed.
+    assert script.main(_autoresume_argv(run_dir, tiny_dataset, "--train.checkpoint_every", 7, "--train.steps", 40)) == 0
     cfg, where, kw = calls.pop()
     assert where == run_dir and kw["resume"] and kw["init"] is None
-    assert cfg.train.checkpoint_every == 7 and cfg.train.steps == 30
-    assert f"--autoresume: {run_dir} holds a run; resuming it" in capsys.readouterr().out
+    assert cfg.train.checkpoint_every == 7 and cfg.train.steps == 40
+    out = capsys.readouterr().out
+    assert f"--autoresume: {run_dir} holds a run; resuming it" in out
+    assert f"note: resuming {run_dir} with this command line's changes to its config: " in out
+    assert "train.steps 30 -> 40" in out and "train.checkpoint_every 100 -> 7" in out
+    # Its budget done: nothing to train, nothing written, no start line.
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    assert script.main(_autoresume_argv(run_dir, tiny_dataset, "--train.lr", 0.001)) == 0
+    out = capsys.readouterr().out
+    assert not calls and f"{run_dir} has pretrained its 30 steps: nothing to train, nothing written" in out
+    assert "pretraining on" not in out and {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
     # Where nothing is yet: the same command line starts the run.
     assert script.main(_autoresume_argv(tmp_path / "new", tiny_dataset)) == 0
     cfg, where, kw = calls.pop()
@@ -888,6 +898,23 @@ def test_pretrain_autoresume_resumes_a_run_it_started_and_starts_one_that_is_not
         assert stop.value.code == 2 and expected in capsys.readouterr().err
 
 
+def test_pretrain_refuses_a_resume_it_cannot_continue_before_its_start_line(run30, tmp_path, monkeypatch, capsys):
+    from distdiff.checkpoint import save_checkpoint
+
+    script = script_in_process("pretrain", monkeypatch)
+    save_checkpoint(tmp_path / "checkpoint.pt", {"run": {"env_steps": 40}, "step": 24,
+                                                 "config": config.Config().to_dict()})
+    with pytest.raises(SystemExit) as stop:
+        script.main(["--resume", str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and "holds a launch/train.py run" in err and "pretraining on" not in out
+    # Nor nets the run did not make: another value target.
+    with pytest.raises(SystemExit) as stop:
+        script.main(["--resume", str(run30), "--data.value_target", "window", "--train.steps", "40"])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and "value" in err and "pretraining on" not in out
+
+
 def test_train_autoresume_resumes_a_run_stopped_in_phase_1_and_refuses_another_config(run30, tmp_path, tiny_dataset,
                                                                                        monkeypatch, capsys):
     from distdiff.distributed import cluster, driver
@@ -902,6 +929,12 @@ def test_train_autoresume_resumes_a_run_stopped_in_phase_1_and_refuses_another_c
     assert script.main(_autoresume_argv(run_dir, tiny_dataset)) == 0
     cfg, where, kw = calls.pop()
     assert where == run_dir and kw["resume"] and kw["init"] is None and cfg.train.steps == 30
+    assert "note: resuming" not in capsys.readouterr().out  # its own config: nothing changed
+    # A flag that changes the run's config (the budget of a requeued job) is said as it resumes.
+    assert script.main(_autoresume_argv(run_dir, tiny_dataset, "--online.env_steps", 999)) == 0
+    assert calls.pop()[0].online.env_steps == 999
+    assert re.search(rf"note: resuming {run_dir} with this command line's changes to its config: "
+                     r"online.env_steps \d+ -> 999\n", capsys.readouterr().out)
     with pytest.raises(SystemExit) as stop:
         script.main(_autoresume_argv(run_dir, tiny_dataset, "--num-actors", 3, config=_other_smoke_config(tmp_path)))
     err = capsys.readouterr().err

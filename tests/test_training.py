@@ -362,6 +362,20 @@ def test_pretraining_does_not_resume_over_a_train_run(tmp_path):
     assert (tmp_path / CHECKPOINT).read_bytes() == before
 
 
+def test_a_finished_pretraining_resumed_writes_nothing_whatever_its_flags(tiny_dataset, tmp_path):
+    # Its config would become the run's without a step trained under it, and a later
+    # --autoresume with the run's own command line would be refused for the difference.
+    from distdiff.rundir import CHECKPOINT, CONFIG
+
+    cfg = tiny_online_config(tiny_dataset, **{"train.steps": 4})
+    pretrain_lib.pretrain(cfg, tmp_path, quiet=True)
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert CHECKPOINT in files and CONFIG in files
+    changed = config_lib.from_dict({"train": {"lr": 0.005}}, cfg)
+    assert pretrain_lib.pretrain(changed, tmp_path, resume=True, quiet=True) == tmp_path / CHECKPOINT
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == files
+
+
 def test_a_start_from_a_checkpoint_of_another_env_is_refused(tmp_path):
     # HalfCheetah and Walker2d both have 17 and 6 dims: the nets would load, with the wrong
     # normalizer and dynamics behind them.
