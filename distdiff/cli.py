@@ -140,6 +140,20 @@ def add_ray_arguments(parser) -> None:
                         help="CPUs of the embedded Ray (default: those this process may run on, e.g. a Slurm job's).")
 
 
+def take_alias(args: argparse.Namespace, alias: str, field: str) -> None:
+    """``--ALIAS`` is short for ``--FIELD``, a config field's flag: the field takes its value.
+    The two given with different values are refused, where argparse would keep one of them
+    without a word."""
+    value = getattr(args, alias.replace("-", "_"))
+    if value is None:
+        return
+    dest = "cfg__" + field.replace(".", "__")
+    given = getattr(args, dest, None)
+    if given is not None and given != value:
+        fail(f"--{alias} {value} and --{field} {given} set the same field: pass one of them")
+    setattr(args, dest, value)
+
+
 def int_at_least(minimum: int, below: Optional[int] = None):
     """An argparse type: an integer of at least ``minimum`` (and less than ``below``)."""
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from distdiff.cli import (add_ray_arguments, check_eval_output, default_ray_auth, fail, limit_threads,
-                          line_buffered_output, make_parser, positive_int, progress_bar)
+                          line_buffered_output, make_parser, positive_int, progress_bar, take_alias)
 
 limit_threads()
 line_buffered_output()
@@ -76,10 +76,8 @@ def main(argv=None) -> int:
     if refused:
         fail(f"{', '.join(refused)}: {'these' if len(refused) > 1 else 'this'} made or trained the checkpoint's nets, "
              f"which evaluate judges as they are; it overrides only how they act (--help lists those flags)")
-    if args.guidance is not None:
-        args.cfg__guidance__scale = args.guidance
-    if args.episodes is not None:
-        args.cfg__eval__episodes = args.episodes
+    take_alias(args, "guidance", "guidance.scale")
+    take_alias(args, "episodes", "eval.episodes")
     # Before the work: beside the checkpoint by default, which may be someone else's or read-only.
     check_eval_output(args.out or eval_file(checkpoint_file(args.checkpoint)),
                       "--out" if args.out is not None else "the summary (--out for another place)")

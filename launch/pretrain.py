@@ -15,7 +15,7 @@ from pathlib import Path
 
 from distdiff.cli import (AUTORESUME_HELP, autoresume, check_autoresumed, check_resume_dir, check_run_dir,
                           default_run_dir, fail, limit_threads, line_buffered_output, make_parser, note_changes,
-                          sigterm_as_interrupt, start_config)
+                          sigterm_as_interrupt, start_config, take_alias)
 
 limit_threads()
 line_buffered_output()
@@ -43,8 +43,7 @@ def main(argv=None) -> int:
     p.add_argument("--overwrite", action="store_true", help="Start again in a --run-dir that holds a run, replacing its files.")
     config_lib.add_arguments(p)
     args = p.parse_args(argv)
-    if args.dataset:
-        args.cfg__data__dataset_id = args.dataset
+    take_alias(args, "dataset", "data.dataset_id")
     given = autoresume(args, lambda run_dir: (run_dir / CHECKPOINT).is_file()) if args.autoresume else None
     run_dir = None
     try:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from distdiff.cli import (AUTORESUME_HELP, add_ray_arguments, autoresume, check_autoresumed, check_resume_dir,
                           check_run_dir, default_ray_auth, default_run_dir, fail, limit_threads, line_buffered_output,
-                          make_parser, note_changes, sigterm_as_interrupt)
+                          make_parser, note_changes, sigterm_as_interrupt, take_alias)
 
 limit_threads()
 line_buffered_output()
@@ -57,10 +57,8 @@ DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if args.num_actors is not None:
-        args.cfg__online__num_actors = args.num_actors
-    if args.dataset:
-        args.cfg__data__dataset_id = args.dataset
+    take_alias(args, "num-actors", "online.num_actors")
+    take_alias(args, "dataset", "data.dataset_id")
     given = autoresume(args, holds_run) if args.autoresume else None
     if args.resume and args.init:
         fail("--resume and --init exclude each other")
