@@ -1196,12 +1196,14 @@ def test_a_failed_final_evaluation_stops_the_run_and_a_resume_runs_it_again(ray_
         messages, reported = [], []
         longer = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": factor * cfg.online.env_steps})
         summary = train(longer, tmp_path / "longer", resume=True, log=messages.append, progress=False,
-                        on_evaluation=lambda m: reported.append(m["updates"]))
+                        on_evaluation=lambda m: reported.append((m["updates"], m["final"])))
         return summary, messages, reported
 
-    # With budget left, the evaluation runs first, then the run goes on.
+    # With budget left, the evaluation runs first, then the run goes on; only the last one is
+    # the run's final evaluation (which a sweep's ASHA ranks by).
     second, messages, reported = resume(2)
-    assert reported[0] == state["run"]["updates"] < second["updates"] == reported[-1]
+    assert reported[0] == (state["run"]["updates"], False) and reported[-1] == (second["updates"], True)
+    assert state["run"]["updates"] < second["updates"] and second["final"] is True
     assert any("runs again first" in m for m in messages), messages
     # Nor is the final one of a run that is over run again: a resume with the same budget starts
     # no actor and logs nothing, and says how to go on.

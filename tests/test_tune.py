@@ -393,6 +393,16 @@ def test_the_best_config_under_asha_is_one_of_the_trials_it_let_finish(tiny_data
         ({"diffusion.schedule": "linear", "guidance.scale": 0.1}, {"normalized_score": 20.0, "updates": 8}, None))
     best = config_lib.load(summarize(results, spec, tmp_path / "storage")["best_config"])
     assert (best.diffusion.schedule, best.guidance.scale) == ("sigmoid", 0.5)
+    # A trial whose budget ended after fewer updates (its wall time, or its env steps with
+    # online.finish_updates false) ran to its end all the same: its last report is final.
+    results = FakeResults(
+        ({"diffusion.schedule": "linear", "guidance.scale": 0.0}, {"normalized_score": 30.0, "updates": 2}, None),
+        ({"diffusion.schedule": "sigmoid", "guidance.scale": 0.5},
+         {"normalized_score": 25.0, "updates": 8, "final": True}, None),
+        ({"diffusion.schedule": "cosine", "guidance.scale": 0.1},
+         {"normalized_score": 27.0, "updates": 6, "final": True}, None))
+    best = config_lib.load(summarize(results, spec, tmp_path / "storage")["best_config"])
+    assert (best.diffusion.schedule, best.guidance.scale) == ("cosine", 0.1)
 
 
 @pytest.fixture

@@ -541,9 +541,11 @@ class OnlineRun:
         thread.start()
         self.evaluation = PendingEvaluation(result, at, thread, time.perf_counter())
 
-    def finish_evaluation(self) -> Dict[str, object]:
+    def finish_evaluation(self, final: bool = False) -> Dict[str, object]:
         """Wait for the evaluation in flight; the run's metrics summary, also written to
-        ``metrics.json`` (so it holds the latest evaluation).
+        ``metrics.json`` (so it holds the latest evaluation). ``final``: the run's last one, at
+        the end of its budget (``"final"`` in the metrics; a sweep's scheduler may stop a trial
+        at an earlier one).
 
         ``on_evaluation`` (e.g. a Ray Tune report, which reports a copy of ``checkpoint.pt`` and
         ``replay.pt`` with the metrics) sees the metrics with the checkpoint of the same weights
@@ -570,6 +572,7 @@ class OnlineRun:
             # written, in UTC.
             "phase2_s": round(at["phase2_ms"] / 1000, 1) if at["phase2_ms"] >= 0 else None,
             "written_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "final": final,
         }
         for key in EVAL_SCALARS:
             if metrics[key] is not None:
@@ -594,7 +597,7 @@ class OnlineRun:
         """Checkpoint and evaluate the newest weights, waiting for the result (the final
         evaluation); the metrics summary of :meth:`finish_evaluation`."""
         self.start_evaluation()
-        return self.finish_evaluation()
+        return self.finish_evaluation(final=True)
 
     def best_so_far(self) -> Optional[Dict[str, object]]:
         """The metrics of the evaluation ``best.pt`` holds; None when there is none, or it cannot

@@ -48,7 +48,8 @@ CUSTOM_RESOURCE_WHY = ("a trial's actors are placed in its placement group, whos
                        "of the sweep's `resources:`, so an actor that asks for a custom resource is never placed and "
                        "the trial waits forever; a sweep places its actors through `resources:`")
 TRAIN_SEED = "train.seed"  # drawn per trial unless the sweep sets it (param_space)
-REPORTED = ("normalized_score", "alignment_error", "return_mean", "return_std", "env_steps", "updates", "weights_version")
+REPORTED = ("normalized_score", "alignment_error", "return_mean", "return_std", "env_steps", "updates", "weights_version",
+            "final")
 TIME_ATTR = "updates"  # the schedulers' time (make_scheduler)
 RECORD = "distdiff_sweep.json"  # what a sweep started with, in STORAGE/NAME (sweep_record)
 PINNED = "distdiff_dataset.json"  # the fields that fixed the dataset of its trials (pinned_dataset)
@@ -812,14 +813,17 @@ def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False, pinned: 
 
 
 def ran_to_the_end(spec: SweepSpec, finished: List[Any]) -> List[Any]:
-    """The trials to rank: under ASHA, those that trained to its ``max_t`` (or, short of that,
-    the most updates). The ones it stopped at a rung reported last after fewer updates, and a
-    lucky early evaluation would outrank the final ones of the trials it judged better."""
+    """The trials to rank: under ASHA, those whose last report is their run's final evaluation
+    (``final``), or that trained to its ``max_t`` (or, short of that, the most updates). The
+    ones it stopped at a rung reported last after fewer updates, and a lucky early evaluation
+    would outrank the final ones of the trials it judged better; a trial whose budget ended
+    after fewer updates than others' (a wall-time budget, online.finish_updates false) ran to
+    its end all the same."""
     if spec.scheduler != "asha" or not finished:
         return finished
     most = max(r.metrics.get(TIME_ATTR, 0) for r in finished)
     end = min(most, scheduler_options(spec).get("max_t", most))
-    return [r for r in finished if r.metrics.get(TIME_ATTR, 0) >= end]
+    return [r for r in finished if r.metrics.get("final") or r.metrics.get(TIME_ATTR, 0) >= end]
 
 
 def summarize(results, spec: SweepSpec, storage: Path) -> Dict[str, Any]:
