@@ -330,12 +330,19 @@ def default_run_dir(kind: str) -> Path:
     return Path("runs") / f"{kind}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
 
 
-def note_selection_seeds(checkpoint: Path, seed: int, flag: str) -> None:
-    """best.pt was chosen by the run's evaluations on its eval.seed: judged on those episodes
-    again, it looks better than it is. Said when a script does that."""
-    if checkpoint_file(checkpoint).name == BEST:
-        print(f"note: {BEST} was chosen by the run's evaluations on eval.seed={seed}; judged on the same episodes "
-              f"it looks better than it is: pass {flag} for other ones", file=sys.stderr)
+def held_out_for_best(checkpoints, seed: int, flag: str) -> int:
+    """The seed to judge ``checkpoints`` on, where ``seed`` is their runs' ``eval.seed``: another
+    one (:func:`distdiff.evaluation.held_out_seed`), said on stderr, when one of them is a
+    ``best.pt``, which the run's evaluations chose on ``seed``'s episodes (on them it would look
+    better than it is: the winner's curse)."""
+    from distdiff.evaluation import held_out_seed
+
+    if not any(checkpoint_file(path).name == BEST for path in checkpoints):
+        return seed
+    held = held_out_seed(seed)
+    print(f"note: {BEST} was chosen by the run's evaluations on eval.seed={seed}; it is judged on other episodes, "
+          f"{flag.lstrip('-')}={held} ({flag} for others)", file=sys.stderr)
+    return held
 
 
 def fail(message: str, code: int = 2) -> None:

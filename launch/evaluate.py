@@ -18,8 +18,8 @@ import operator
 import sys
 from pathlib import Path
 
-from distdiff.cli import (add_ray_arguments, check_eval_output, default_ray_auth, fail, limit_threads,
-                          line_buffered_output, make_parser, positive_int, progress_bar, take_alias)
+from distdiff.cli import (add_ray_arguments, check_eval_output, default_ray_auth, fail, held_out_for_best,
+                          limit_threads, line_buffered_output, make_parser, positive_int, progress_bar, take_alias)
 
 limit_threads()
 line_buffered_output()
@@ -29,10 +29,10 @@ import torch  # noqa: E402
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
-from distdiff.evaluation import evaluate, held_out_seed  # noqa: E402
+from distdiff.evaluation import evaluate  # noqa: E402
 from distdiff.files import to_json, write_json  # noqa: E402
 from distdiff.rollout import NonFinitePlan  # noqa: E402
-from distdiff.rundir import BEST, checkpoint_file, eval_file  # noqa: E402
+from distdiff.rundir import checkpoint_file, eval_file  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
@@ -84,11 +84,10 @@ def main(argv=None) -> int:
     try:
         state = load_checkpoint(args.checkpoint)
         base = config_lib.from_dict(state["config"])
-        if args.cfg__eval__seed is None and checkpoint_file(args.checkpoint).name == BEST:
-            # The episodes that chose it would judge it better than it is (the winner's curse).
-            args.cfg__eval__seed = held_out_seed(base.eval.seed)
-            print(f"note: {BEST} was chosen by the run's evaluations on eval.seed={base.eval.seed}; it is judged "
-                  f"on other episodes, eval.seed={args.cfg__eval__seed} (--eval.seed for others)", file=sys.stderr)
+        if args.cfg__eval__seed is None:
+            seed = held_out_for_best([args.checkpoint], base.eval.seed, "--eval.seed")
+            if seed != base.eval.seed:  # (an override, recorded in the summary as one)
+                args.cfg__eval__seed = seed
         cfg = config_lib.from_args(args, base=base)
         if cfg.online.prior_weight > 0 and args.cfg__online__prior_weight is not None and "prior" not in state:
             fail(f"--online.prior_weight blends a phase-2 checkpoint with the prior it started from, and "

@@ -24,8 +24,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from distdiff.cli import (check_output, fail, int_at_least, limit_threads, line_buffered_output, make_parser,
-                          non_negative_int, note_selection_seeds, positive_int, seed_int)
+from distdiff.cli import (check_output, fail, held_out_for_best, int_at_least, limit_threads, line_buffered_output,
+                          make_parser, non_negative_int, positive_int, seed_int)
 
 limit_threads()
 line_buffered_output()
@@ -88,7 +88,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--starts", type=positive_int, default=4, metavar="K",
                    help="Real start states of the alignment figure: env.reset(seed=SEED+i), i < K (default 4).")
     p.add_argument("--seed", type=seed_int, default=None,
-                   help="Seed of the start states, the sampler and the evaluation (default: the checkpoint's eval.seed).")
+                   help="Seed of the start states, the sampler and the evaluation (default: the checkpoint's eval.seed; "
+                        "for a best.pt, which the run's evaluations chose on those episodes, another one, as "
+                        "evaluate.py judges it).")
     p.add_argument("--data-episode", type=non_negative_int, default=None, metavar="I",
                    help="Dataset episode of Figure 1 (default: the first with a full horizon of continuation).")
     p.add_argument("--data-start", type=non_negative_int, default=None, metavar="T",
@@ -151,9 +153,8 @@ def main(argv=None) -> int:
     check_output(out, "--out", directory=True)
     seed = cfg.eval.seed if args.seed is None else args.seed
     if args.seed is None and args.episodes > 0:
-        for _, path, _, c, _ in runs:  # (--compare's too, where its run chose it on these seeds)
-            if c.eval.seed == seed:
-                note_selection_seeds(path, seed, "--seed")
+        # (--compare's too, where its run chose it on these seeds)
+        seed = held_out_for_best([path for _, path, _, c, _ in runs if c.eval.seed == seed], seed, "--seed")
 
     def gen(p):  # the same sampler noise for every checkpoint
         return torch.Generator(device=p.device).manual_seed(seed)

@@ -242,17 +242,32 @@ def test_the_reports_mean_error_averages_per_step_means_like_the_figures():
     assert mean_error(np.full((2, 3), np.nan)) is None
 
 
-def test_a_best_pt_compared_on_the_seeds_that_chose_it_is_noted(tiny_ckpt, tmp_path, monkeypatch, capsys):
+def test_a_best_pt_is_judged_on_other_episodes_than_those_that_chose_it(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    # As evaluate.py judges it: on the seeds that chose it, it looks better than it is.
     import shutil
 
     script = launch_script("visualize")
-    monkeypatch.setattr(script, "evaluate", lambda *args, **kwargs: (_ for _ in ()).throw(KeyboardInterrupt))
+    seeds = []
+
+    def evaluate(planner, cfg, *, episodes, seed, **kwargs):
+        seeds.append(seed)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "evaluate", evaluate)
     best = tmp_path / "run" / "best.pt"
     best.parent.mkdir()
     shutil.copy(tiny_ckpt, best)
+    own = load_checkpoint(tiny_ckpt)["config"]["eval"]["seed"]
     assert script.main(["--checkpoint", str(tiny_ckpt), "--compare", str(best), "--out", str(tmp_path / "viz"),
                         "--episodes", "1", "--starts", "1", "--no-video"]) == 130
-    assert "note: best.pt was chosen by the run's evaluations on eval.seed=" in capsys.readouterr().err
+    assert seeds == [own + 1_000_000]
+    assert (f"note: best.pt was chosen by the run's evaluations on eval.seed={own}; it is judged on other episodes, "
+            f"seed={own + 1_000_000} (--seed for others)") in capsys.readouterr().err
+    # A seed given is the one used.
+    seeds.clear()
+    assert script.main(["--checkpoint", str(best), "--out", str(tmp_path / "viz2"), "--seed", "7",
+                        "--episodes", "1", "--starts", "1", "--no-video"]) == 130
+    assert seeds == [7] and "note:" not in capsys.readouterr().err
 
 
 def test_compare_notices_checkpoints_that_normalize_states_differently(tiny_ckpt):
