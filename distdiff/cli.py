@@ -144,13 +144,20 @@ def take_alias(args: argparse.Namespace, alias: str, field: str) -> None:
     """``--ALIAS`` is short for ``--FIELD``, a config field's flag: the field takes its value.
     The two given with different values are refused, where argparse would keep one of them
     without a word."""
+    from distdiff import config as config_lib
+
     value = getattr(args, alias.replace("-", "_"))
-    if value is None:
+    if value is None or value == "":  # (an empty --dataset is none, as it always was)
         return
     dest = "cfg__" + field.replace(".", "__")
-    given = getattr(args, dest, None)
-    if given is not None and given != value:
-        fail(f"--{alias} {value} and --{field} {given} set the same field: pass one of them")
+    given = getattr(args, dest, None)  # (the field's flag is text until the config parses it)
+    if given is not None:
+        try:
+            same = config_lib.field_value(field, given) == config_lib.field_value(field, value)
+        except config_lib.ConfigError:
+            same = False
+        if not same:
+            fail(f"--{alias} {value} and --{field} {given} set the same field: pass one of them")
     setattr(args, dest, value)
 
 

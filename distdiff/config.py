@@ -698,6 +698,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, from_checkpoint: bool = Fa
                                help=text)
 
 
+def field_value(key: str, value: Any) -> Any:
+    """``value`` (a flag's text, or a value) as the field ``key`` (``section.field``) takes it;
+    ConfigError where it cannot."""
+    section, name = key.split(".")
+    return _coerce(value, typing.get_type_hints(type(getattr(Config(), section)))[name], key)
+
+
 def given_overrides(args: argparse.Namespace) -> Dict[str, Any]:
     """The ``--section.field`` flags given (as text), by dotted field name."""
     return {key.removeprefix("cfg__").replace("__", "."): value for key, value in vars(args).items()

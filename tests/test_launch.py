@@ -932,15 +932,37 @@ def test_a_short_flag_and_its_fields_flag_given_different_values_are_refused(scr
     assert stop.value.code == 2 and said in capsys.readouterr().err
 
 
-def test_a_short_flag_and_its_fields_flag_may_agree(monkeypatch):
+def test_evaluate_takes_a_short_flag_and_its_fields_flag_that_agree(run30, tmp_path, monkeypatch):
+    script = script_in_process("evaluate", monkeypatch)
+    judged = []
+    monkeypatch.setattr(script, "judge", lambda args, cfg, planner, bar: judged.append(cfg) or {})
+    assert script.main(["--checkpoint", str(run30), "--guidance", "0.2", "--guidance.scale", "0.2", "--episodes", "2",
+                        "--eval.episodes", "2", "--out", str(tmp_path / "e.json")]) == 0
+    assert judged[0].guidance.scale == 0.2 and judged[0].eval.episodes == 2
+
+
+@pytest.mark.parametrize("short, field, value, text", [
+    ("guidance", "guidance.scale", 0.2, "0.2"), ("guidance", "guidance.scale", 0.2, "2e-1"),
+    ("episodes", "eval.episodes", 3, "3"), ("num-actors", "online.num_actors", 2, "2"),
+    ("dataset", "data.dataset_id", "local/a-v0", "local/a-v0")])
+def test_a_short_flag_and_its_fields_flag_may_agree(short, field, value, text):
+    # As the parser leaves them: the short flag typed, the field's flag as its text.
     from distdiff import cli
 
-    args = argparse.Namespace(guidance=0.2, cfg__guidance__scale=0.2)
-    cli.take_alias(args, "guidance", "guidance.scale")
-    assert args.cfg__guidance__scale == 0.2
-    args = argparse.Namespace(guidance=None, cfg__guidance__scale=0.3)  # the short one not given
-    cli.take_alias(args, "guidance", "guidance.scale")
-    assert args.cfg__guidance__scale == 0.3
+    args = argparse.Namespace(**{short.replace("-", "_"): value, "cfg__" + field.replace(".", "__"): text})
+    cli.take_alias(args, short, field)
+    assert config.field_value(field, getattr(args, "cfg__" + field.replace(".", "__"))) == value
+    args = argparse.Namespace(**{short.replace("-", "_"): None, "cfg__" + field.replace(".", "__"): text})
+    cli.take_alias(args, short, field)  # the short one not given: the field's stands
+    assert getattr(args, "cfg__" + field.replace(".", "__")) == text
+
+
+def test_an_empty_dataset_flag_is_none(monkeypatch):
+    from distdiff import cli
+
+    args = argparse.Namespace(dataset="", cfg__data__dataset_id="local/b-v0")
+    cli.take_alias(args, "dataset", "data.dataset_id")
+    assert args.cfg__data__dataset_id == "local/b-v0"
 
 
 def test_train_autoresume_resumes_a_run_stopped_in_phase_1_and_refuses_another_config(run30, tmp_path, tiny_dataset,

@@ -935,7 +935,11 @@ class OnlineRun:
         that hangs without dying would hold the run, and the job's allocation, for ever. Nothing
         is checkpointed (the learner's state is out of reach); the last checkpoint stays."""
         timeout = self.cfg.online.learner_timeout_s
-        if timeout and self.train_ref is not None and now - self.train_since >= timeout:
+        if not timeout or self.train_ref is None or now - self.train_since < timeout:
+            return
+        # A call that has returned is not hung, however long the driver took to take its
+        # result (a replay checkpoint written meanwhile, a Tune report's copy).
+        if not ray.wait([self.train_ref], timeout=0, fetch_local=False)[0]:
             raise RunFailed(f"the learner's call of up to {self.cfg.online.updates_per_call} updates has run "
                             f"{now - self.train_since:.0f} s, past online.learner_timeout_s {timeout:g}: the learner "
                             f"is taken for hung (a stuck GPU, a node that stopped answering); --resume or --autoresume "
