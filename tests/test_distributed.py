@@ -1268,28 +1268,34 @@ def test_phase_1_on_the_drivers_cpu_says_so_where_the_cluster_has_gpus(ray_sessi
             assert all("launch/pretrain.py where torch sees one, then launch/train.py --init" in m for m in warned)
 
 
-def test_a_learner_that_hangs_stops_the_run_at_the_learner_timeout_with_its_last_checkpoint_intact(
-        ray_session, pretrained, tmp_path, monkeypatch):
-    # A stuck GPU: the call never returns and the actor never dies. Without the timeout the
-    # run, and the job's allocation, would wait for ever.
+def learner_turning_after(updates: int, turn: Callable[[list], list], monkeypatch) -> None:
+    """Make the runs' learner one that trains as its own for ``updates`` updates, then passes
+    each call's batches through ``turn`` first (which may spoil them, or never return)."""
     from distdiff.distributed import actors
     from distdiff.distributed.actors import RayLearner
 
-    class Hangs(RayLearner):
+    class Turns(RayLearner):
         def train(self, batches):
-            if self.trainer.step >= self.start + 12:
-                time.sleep(3600)
+            if self.trainer.step >= self.start + updates:
+                batches = turn(batches)
             return super().train(batches)
 
         def ready(self):
             self.start = self.trainer.step
 
     def make_learner(cfg, res, **kwargs):
-        learner = ray.remote(Hangs).options(num_cpus=res.learner_cpus).remote(device="cpu", **kwargs)
+        learner = ray.remote(Turns).options(num_cpus=res.learner_cpus).remote(device="cpu", **kwargs)
         ray.get(learner.ready.remote())
         return learner
 
     monkeypatch.setattr(actors, "make_learner", make_learner)
+
+
+def test_a_learner_that_hangs_stops_the_run_at_the_learner_timeout_with_its_last_checkpoint_intact(
+        ray_session, pretrained, tmp_path, monkeypatch):
+    # A stuck GPU: the call never returns and the actor never dies. Without the timeout the
+    # run, and the job's allocation, would wait for ever.
+    learner_turning_after(12, lambda batches: time.sleep(3600), monkeypatch)
     cfg, ckpt = pretrained
     cfg = tiny_online_config(cfg.data.dataset_id, **{"online.learner_timeout_s": 4.0})
     started = time.monotonic()
@@ -1399,27 +1405,9 @@ def test_nan_batch_is_skipped_and_repeated_failure_stops(pretrained):
 
 def test_a_learner_whose_updates_turn_non_finite_stops_the_run_with_its_last_checkpoint_intact(
         ray_session, pretrained, tmp_path, monkeypatch):
-    from distdiff.distributed import actors
-    from distdiff.distributed.actors import RayLearner
-
-    class GoesBad(RayLearner):
-        """Trains normally until 12 updates are done, then every batch of every call holds a NaN
-        (a loss gone to inf)."""
-
-        def train(self, batches):
-            if self.trainer.step >= self.start + 12:
-                batches = [b._replace(x_start=b.x_start * float("nan")) for b in batches]
-            return super().train(batches)
-
-        def ready(self):
-            self.start = self.trainer.step
-
-    def make_learner(cfg, res, **kwargs):
-        learner = ray.remote(GoesBad).options(num_cpus=res.learner_cpus).remote(device="cpu", **kwargs)
-        ray.get(learner.ready.remote())
-        return learner
-
-    monkeypatch.setattr(actors, "make_learner", make_learner)
+    # Every batch of every call past 12 updates holds a NaN (a loss gone to inf).
+    learner_turning_after(12, lambda batches: [b._replace(x_start=b.x_start * float("nan")) for b in batches],
+                          monkeypatch)
     cfg, ckpt = pretrained
     cfg = tiny_online_config(cfg.data.dataset_id, **{"online.max_nonfinite": 5})
     messages = []

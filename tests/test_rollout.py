@@ -514,11 +514,11 @@ def test_an_env_failure_of_any_kind_is_retried_from_draws_no_other_rollout_uses(
     worker = _plain_worker(worker_trainer)
     seeds, run = [], worker._run
 
-    def fails_first(seed, *args):
+    def fails_first(seed, **kwargs):
         seeds.append(seed)
         if len(seeds) == 1:
             raise error
-        return run(seed, *args)
+        return run(seed, **kwargs)
 
     try:
         with mock.patch.object(worker, "_run", side_effect=fails_first):
