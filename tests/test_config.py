@@ -428,3 +428,12 @@ def test_a_seed_of_2_to_the_63_is_refused_by_the_config_and_by_the_flags():
     with pytest.raises(argparse.ArgumentTypeError, match="must be < "):
         cli.seed_int(str(2**63))
     assert cli.seed_int(str(2**63 - 1)) == 2**63 - 1
+
+
+# config.validate: a negative learner timeout is refused (mutant: the check dropped; the run
+# would stop at its first learner call that has not returned at once).
+def test_a_negative_learner_timeout_is_refused():
+    cfg = config.from_dict({"online": {"learner_timeout_s": -1.0}})
+    with pytest.raises(config.ConfigError, match="online.learner_timeout_s must be >= 0"):
+        config.validate(cfg)
+    config.validate(config.from_dict({"online": {"learner_timeout_s": 0.0}}))

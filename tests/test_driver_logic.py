@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections import defaultdict
+from concurrent.futures import Future
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -313,8 +316,6 @@ def test_a_learner_call_past_the_learner_timeout_stops_the_run_and_none_before(m
 def test_a_run_that_collects_only_does_not_keep_a_reference_per_rollout(monkeypatch):
     # The replay's calls storing rollouts are checked after each learner call, and a run with
     # online.updates_per_env_step 0 makes none: their references piled up, one per rollout.
-    from types import SimpleNamespace
-
     from distdiff.distributed import driver
 
     run = run_stub(**{"online.updates_per_env_step": 0.0})
@@ -411,3 +412,52 @@ def test_run_files_beside_a_distdiff_config_are_a_runs_and_a_run_is_never_foreig
     (other / "checkpoint.pt").write_text("a run's")
     assert rundir.foreign_run_files(other) == []
     rundir.check_new_run(other, resume=True, overwrite=False)  # resuming a run: nothing of it is foreign
+
+
+def _evaluated_run(tmp_path):
+    """An OnlineRun whose evaluation in flight has returned, with only what finish_evaluation reads."""
+    run = run_stub()
+    summary = defaultdict(float, episodes=2, terminations=0)
+    at = defaultdict(int, phase2_ms=-1)
+
+    def start_evaluation():
+        done = Future()
+        done.set_result(summary)
+        run.evaluation = (done, at, None, 0.0)
+
+    run.start_evaluation, run.run_dir, run.on_evaluation = start_evaluation, tmp_path, None
+    run.scalar = lambda *a: None
+    run.log = lambda line: None
+    run.keep_if_best = lambda metrics: None
+    return run
+
+
+# driver: the run's last evaluation is marked final, an earlier one is not (mutants: evaluate()
+# without final=True; "final": True always). ASHA's ranking (ran_to_the_end) reads it.
+def test_only_the_runs_last_evaluation_is_final(tmp_path):
+    import json
+
+    run = _evaluated_run(tmp_path)
+    run.start_evaluation()
+    assert run.finish_evaluation()["final"] is False
+    assert json.loads((tmp_path / "metrics.json").read_text())["final"] is False
+    assert run.evaluate()["final"] is True
+    assert json.loads((tmp_path / "metrics.json").read_text())["final"] is True
+
+
+# driver.turn: each turn of the loop checks the learner timeout (mutant: the call dropped, so
+# online.learner_timeout_s never stops a hung learner).
+def test_each_turn_checks_the_learner_timeout(monkeypatch):
+    from distdiff.distributed import driver
+
+    run = run_stub(**{"online.learner_timeout_s": 5.0})
+    checked = []
+    run.take_evaluation = lambda: None
+    run.stopping = lambda: False
+    run.rollouts, run.train_ref, run.evaluation = {}, object(), None
+    run.faults = SimpleNamespace(waiting=False, due=lambda now: [])
+    run.kill_overdue = run.note_long_learner_call = lambda now: None
+    run.stop_if_learner_hangs = checked.append
+    monkeypatch.setattr(driver.ray, "wait", lambda refs, **kw: ([], list(refs)))
+    run.turn()
+    assert len(checked) == 1

@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import List
 
 import numpy as np
@@ -1040,3 +1041,49 @@ def test_autoresume_given_config_and_init_compares_with_the_config_file(tmp_path
     assert cli.start_config(args) == config.load(ROOT / SMOKE, {"train.steps": 30})
     assert cli.start_config(argparse.Namespace(config=None, init=init, cfg__train__steps="30")) == \
         config.load(None, {"train.steps": 30})
+
+
+# cli.take_alias: the short flag given alone must set its field (mutant: setattr dropped).
+def test_a_short_flag_given_alone_sets_its_field():
+    from distdiff import cli
+
+    args = argparse.Namespace(guidance=0.2, cfg__guidance__scale=None)
+    cli.take_alias(args, "guidance", "guidance.scale")
+    assert args.cfg__guidance__scale == 0.2
+
+
+# cli.take_alias: a field's flag that does not parse is not "the same" as the short flag's value
+# (mutant: `same = True` on ConfigError silently drops --guidance.scale abc).
+def test_a_short_flag_beside_an_unparseable_fields_flag_is_refused(capsys):
+    from distdiff import cli
+
+    args = argparse.Namespace(guidance=0.2, cfg__guidance__scale="abc")
+    with pytest.raises(SystemExit) as stop:
+        cli.take_alias(args, "guidance", "guidance.scale")
+    assert stop.value.code == 2 and "set the same field" in capsys.readouterr().err
+
+
+# cli.held_out_for_best: one best.pt among several checkpoints (visualize.py --compare) is enough
+# to judge them all on held-out episodes (mutant: any -> all).
+def test_one_best_pt_among_the_compared_checkpoints_moves_the_seed(tmp_path, capsys):
+    from distdiff.cli import held_out_for_best
+    from distdiff.evaluation import held_out_seed
+
+    paths = [tmp_path / "a" / "checkpoint.pt", tmp_path / "b" / "best.pt"]
+    assert held_out_for_best(paths, 7, "--seed") == held_out_seed(7) != 7
+    assert "--seed" in capsys.readouterr().err
+    assert held_out_for_best(paths[:1], 7, "--seed") == 7
+
+
+# launch/evaluate.py judge: any --num-actors above 1 runs the episodes on Ray's actors
+# (mutant: `num_actors <= 2` ran --num-actors 2 in this process, its flag ignored).
+def test_evaluate_with_two_actors_runs_them_on_ray(monkeypatch):
+    from distdiff.distributed import cluster, collection
+
+    script = script_in_process("evaluate", monkeypatch)
+    monkeypatch.setattr(cluster, "connect_job", lambda *a, **k: False)
+    monkeypatch.setattr(collection, "evaluate_in_parallel",
+                        lambda planner, cfg, *, num_actors, progress: {"num_actors": num_actors})
+    monkeypatch.setattr(script, "evaluate", lambda *a, **k: pytest.fail("evaluated in this process"))
+    bar = SimpleNamespace(write=print, update=lambda n=1: None, close=lambda: None)
+    assert script.judge(SimpleNamespace(num_actors=2, address=None, num_cpus=None), None, None, bar) == {"num_actors": 2}

@@ -4,6 +4,7 @@ observation's ±10 clip)."""
 from __future__ import annotations
 
 from unittest import mock
+from types import SimpleNamespace
 
 import mujoco
 import numpy as np
@@ -542,3 +543,47 @@ def test_an_evaluation_reports_the_guidance_scale_it_planned_with_unless_the_gui
     assert evaluation.evaluate(planner, cfg)["guidance_scale"] == 0.3
     planner.guided_by_value = False  # a guide of the caller's own
     assert evaluation.evaluate(planner, cfg)["guidance_scale"] is None
+
+
+def _bare_worker(n_envs=3, measure_alignment=True):
+    """A RolloutWorker with only what evaluate() reads, its _run recording its arguments."""
+    from distdiff.distributed.worker import RolloutWorker
+
+    worker = RolloutWorker.__new__(RolloutWorker)
+    worker.version, worker.envs, worker.worker_id = 0, [object()] * n_envs, 0
+    worker.cfg = config.from_dict({"eval": {"measure_alignment": measure_alignment}})
+    calls = []
+    worker._run = lambda seed, **kw: calls.append((seed, kw)) or ["episode"] * kw["n_envs"]
+    return worker, calls
+
+
+# worker.evaluate: the sampler's stream is the first episode's and each env resets from
+# eval.seed + its episode (mutants: stream_seed(seed, 0, ...), first_reset=seed, n_episodes check
+# off by one, no measure when measure_alignment).
+def test_a_workers_evaluation_seeds_its_stream_and_resets_by_its_first_episode():
+    from distdiff.rollout import stream_seed
+
+    worker, calls = _bare_worker()
+    assert worker.evaluate(3, 2, seed=50) == ["episode"] * 2
+    seed, kw = calls[0]
+    assert seed == stream_seed(50, 3, 0) != stream_seed(50, 0, 0)
+    assert kw["first_reset"] == 53 and kw["n_envs"] == 2 and kw["measure_every"] == 1
+    with pytest.raises(ValueError, match="4 episodes asked of a worker with 3 envs"):
+        worker.evaluate(0, 4, seed=50)
+    unmeasured, calls = _bare_worker(measure_alignment=False)
+    unmeasured.evaluate(0, 1, seed=50)
+    assert calls[0][1]["measure_every"] is None
+
+
+# evaluation.evaluate / check_measurable: an env that cannot replay plans is refused before any env
+# is built when the alignment error is asked for, and not otherwise (mutants: the call dropped from
+# evaluate(); the measure_alignment condition inverted).
+def test_evaluate_refuses_an_env_without_physics_before_building_one(monkeypatch):
+    from distdiff import evaluation
+
+    monkeypatch.setattr(evaluation, "alignment_problem", lambda env_id: f"env.id {env_id!r} is not a MuJoCo env")
+    monkeypatch.setattr(evaluation, "make_env", lambda *a, **k: pytest.fail("an env was built"))
+    cfg = config.from_dict({"eval": {"measure_alignment": True}})
+    with pytest.raises(ValueError, match="is not a MuJoCo env; set eval.measure_alignment false"):
+        evaluation.evaluate(SimpleNamespace(device="cpu", config=cfg), cfg, episodes=1)
+    evaluation.check_measurable(config.from_dict({"eval": {"measure_alignment": False}}))

@@ -1158,3 +1158,33 @@ def test_a_randint_upper_bound_far_above_its_low_one_is_checked_before_any_trial
 
     with pytest.raises(ConfigError, match="with planner.replan_every=20: (.|\n)*planner.replan_every must be in"):
         load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, space={"planner.replan_every": {"randint": [1, 20]}}))
+
+
+# tuning.tune_metrics: a trial reports "final" to Tune, which ran_to_the_end ranks by
+# (mutant: "final" dropped from REPORTED, so a trial whose budget ended early is left out again).
+def test_a_trial_reports_whether_its_evaluation_is_final():
+    from distdiff.distributed.tuning import tune_metrics
+
+    spec = SimpleNamespace(metric="normalized_score")
+    assert tune_metrics(spec, {"normalized_score": 1.0, "updates": 6, "final": True})["final"] is True
+    assert tune_metrics(spec, {"normalized_score": 1.0, "updates": 2, "final": False})["final"] is False
+
+
+# launch/tune.py: an interrupted sweep counts the trials Tune had not made yet as unfinished
+# (mutant: only the unfinished results are counted).
+def test_an_interrupted_sweep_counts_the_trials_not_made_yet(tiny_dataset, tmp_path, monkeypatch, tune_script, capsys):
+    import ray
+
+    from distdiff.distributed import cluster, tuning
+
+    class Results(list):
+        num_errors = 0
+
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset)  # a grid of 2, one sample each: 2 trials
+    storage = tmp_path / "storage"
+    monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    results = Results([SimpleNamespace(error=None, metrics={"done": False})])  # the second never made
+    monkeypatch.setattr(tuning, "make_tuner", lambda *args, **kwargs: SimpleNamespace(fit=lambda: results))
+    assert tune_script.main(["--config", str(sweep), "--storage", str(storage)]) == 130
+    assert "sweep interrupted with 2 of 2 trial(s) unfinished" in capsys.readouterr().err
