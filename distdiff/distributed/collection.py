@@ -56,8 +56,8 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
             if progress:
                 progress(len(got))
         return [ep for k in sorted(by_task) for ep in by_task[k]]
-    cfg = config_lib.from_dict({"online": {"envs_per_actor": envs_per_actor, "measure_every": 10**9},
-                                "env": {"max_episode_steps": max_episode_steps}, "train": {"seed": seed}}, cfg)
+    cfg = config_lib.from_dict({"online": {"measure_every": 10**9}, "env": {"max_episode_steps": max_episode_steps},
+                                "train": {"seed": seed}}, cfg)
     # Seeded by the task alone, not by the worker that happens to be free for it: the same
     # command collects the same episodes with any number of actors. (Not phase 2's streams,
     # which also key on the worker: a run with the same seed starts from other states.)
@@ -78,24 +78,26 @@ def evaluate_in_parallel(planner: Planner, cfg: config_lib.Config, *, num_actors
     check_measurable(cfg)
     actors.check_code_on_every_node(DRIVER_CODE)
     per_task = min(cfg.eval.num_envs, cfg.eval.episodes)
-    cfg = config_lib.from_dict({"online": {"envs_per_actor": per_task}}, cfg)
+    cfg = _parallel(cfg, num_actors, cfg.eval.episodes, per_task)
 
     def own(results: List[EpisodeResult]) -> List[EpisodeResult]:
         # Copies, as in collect_episodes; the plan-vs-real example is not summarized.
         return [r._replace(episode=r.episode.copy(), plan_errors=r.plan_errors.copy(), last_check=None)
                 for r in results]
 
-    results = _planner_tasks(planner, _parallel(cfg, num_actors, cfg.eval.episodes, per_task), cfg.eval.episodes,
+    results = _planner_tasks(planner, cfg, cfg.eval.episodes,
                              lambda worker, task, n: worker.evaluate.remote(task * per_task, n, seed=cfg.eval.seed),
                              own, progress)
     return summary_of(results, cfg)
 
 
 def _parallel(cfg: config_lib.Config, num_actors: int, n_episodes: int, per_task: int) -> config_lib.Config:
-    """``cfg`` with the cluster's CPUs shared as training shares them with its actors (there is no
-    learner), and no more actors than there are tasks: asking 1/N CPU each, as this once did,
-    held every actor on the node that started them."""
+    """``cfg`` for ``n_episodes`` in tasks of ``per_task`` (a worker's envs): the cluster's CPUs
+    shared as training shares them with its actors (there is no learner), and no more actors
+    than there are tasks. (Asking 1/N CPU each, as this once did, held every actor on the node
+    that started them.)"""
     return config_lib.from_dict({"online": {"num_actors": max(1, min(num_actors, -(-n_episodes // per_task))),
+                                            "envs_per_actor": per_task,
                                             "actor_num_cpus": 0.0, "learner_num_cpus": 0.0, "learner_num_gpus": 0.0,
                                             "actor_resource": "", "learner_resource": ""}}, cfg)
 
