@@ -132,6 +132,7 @@ class EvalConfig:
     num_envs: int = _f(10, "Environments stepped together, planned in one sampler batch.")
     measure_alignment: bool = _f(True, "Replay each plan's actions in a shadow env to measure the alignment error.")
     seed: int = _f(10_000, "Seed of the evaluation envs and sampler.")
+    num_actors: int = _f(0, "A training run's evaluations (online.eval_every's and the final one) run on this many of its rollout actors (at most online.num_actors), eval.num_envs episodes per task, each in a thread of its own beside the actor's rollouts, which it slows while it runs; 0 = in a thread of the driver. On a cluster the final evaluation then takes 1/N of the time, and the driver's process stays free for the loop. The sampler's draws are then made per task: the figures are those of launch/evaluate.py --num-actors (any N above 1), not of one process.")
 
 
 @dataclass
@@ -163,7 +164,7 @@ class OnlineConfig:
     finish_updates: bool = _f(True, "When the env-step budget is spent, still run the updates owed to the last collected steps (within the update and wall-time budgets).")
     measure_every: int = _f(16, "Actors measure the alignment error of every N-th plan of each episode, its first included (costs H shadow env steps); evaluations measure every plan.")
     checkpoint_every: int = _f(500, "Learner updates between run checkpoints (learner, replay, counters).")
-    eval_every: int = _f(0, "Learner updates between evaluations (checkpoint + eval episodes, reported to Ray Tune; they run in a thread of the driver while training goes on); 0 = only at the end.")
+    eval_every: int = _f(0, "Learner updates between evaluations (checkpoint + eval episodes, reported to Ray Tune; they run while training goes on, in a thread of the driver or on eval.num_actors rollout actors); 0 = only at the end.")
     figure_every: int = _f(500, "Learner updates between plan-vs-real figures in TensorBoard.")
     max_nonfinite: int = _f(20, "Consecutive non-finite updates that stop the run.")
     actor_max_restarts: int = _f(-1, "Restarts Ray gives a dead rollout actor (-1 = unlimited).")
@@ -501,6 +502,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     for key, seed in (("train.seed", cfg.train.seed), ("eval.seed", cfg.eval.seed)):
         need(0 <= seed < 2**63, f"{key} must be in [0, 2**63), got {seed}")
     at_least(1, "eval.episodes", "eval.num_envs")
+    at_least(0, "eval.num_actors")
     o = cfg.online
     at_least(1, "online.num_actors", "online.envs_per_actor", "online.updates_per_call", "online.broadcast_every",
              "online.measure_every", "online.checkpoint_every", "online.figure_every", "online.max_nonfinite")

@@ -36,7 +36,7 @@ from distdiff.files import to_json
 from distdiff.pretrain import load_windows, pretrain
 from distdiff.rollout import make_env
 from distdiff.rundir import CHECKPOINT
-from distdiff.training import NonFiniteError, flat_weights, load_weights
+from distdiff.training import NonFiniteError, flat_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 TAGS = [
@@ -142,7 +142,7 @@ def test_every_worker_plans_with_the_newest_weights(ray_session, pretrained, tmp
 
     class Inspectable(RolloutWorker):
         def held_weights(self):
-            return {name: flat_weights(net) for name, net in self.nets.items()}
+            return {name: flat_weights(net) for name, net in self.acting.nets.items()}
 
     cfg, ckpt = pretrained
     run = start_run(cfg, tmp_path, ckpt)
@@ -171,7 +171,7 @@ def test_a_busy_worker_gets_only_the_newest_version_with_its_next_rollout(ray_se
 
     class Recording(RolloutWorker):
         def set_weights(self, payload):
-            if payload.version > self.version:
+            if payload.version > self.acting.version:
                 self.loaded = getattr(self, "loaded", []) + [payload.version]
             return super().set_weights(payload)
 
@@ -556,23 +556,23 @@ def test_an_env_that_fails_is_rebuilt_and_the_task_runs_again_from_other_draws(p
     cfg, ckpt = pretrained
     worker = RolloutWorker(config=cfg.to_dict(), normalizer=load_checkpoint(ckpt)["normalizer"], worker_id=0)
     try:
-        worker.version = 0  # (its initial weights do for this)
-        envs, seeds, run = list(worker.envs), [], worker._run
+        worker.acting.version = 0  # (its initial weights do for this)
+        envs, seeds, run = list(worker.acting.envs), [], worker._run
 
-        def fails_first(seed, **kwargs):
+        def fails_first(acting, seed, **kwargs):
             seeds.append(seed)
             if len(seeds) == 1:
                 raise mujoco.FatalError("mj_stackAlloc: insufficient memory")  # not a RuntimeError
-            return run(seed, **kwargs)
+            return run(acting, seed, **kwargs)
 
         with mock.patch.object(worker, "_run", side_effect=fails_first):
             result = worker.rollout(3, max_steps=5)
         assert result.env_rebuilds == 1 and result.env_steps > 0
-        assert not set(map(id, worker.envs)) & set(map(id, envs)), "the envs were not rebuilt"
+        assert not set(map(id, worker.acting.envs)) & set(map(id, envs)), "the envs were not rebuilt"
         # The same draws would fail the same way: the retry has its own.
         assert len(seeds) == 2 and seeds[0] == worker._seed(3) and seeds[1] != seeds[0]
     finally:
-        worker._close_envs()
+        worker.close()
 
 
 def test_a_worker_plans_only_with_weights_handed_to_it_and_returns_episodes_in_seed_order(pretrained):
@@ -586,7 +586,7 @@ def test_a_worker_plans_only_with_weights_handed_to_it_and_returns_episodes_in_s
         # Never with the random weights it is built with: a restarted process has no others.
         with pytest.raises(NoWeights):
             worker.rollout(5)
-        worker.version = 0  # (its initial weights do for this)
+        worker.acting.version = 0  # (its initial weights do for this)
         result = worker.rollout(5)
         seed = worker._seed(5)
         env = make_env(cfg.env.id)
@@ -594,42 +594,52 @@ def test_a_worker_plans_only_with_weights_handed_to_it_and_returns_episodes_in_s
         assert np.array_equal(np.stack([ep.observations[0] for ep in result.episodes]), starts)
         assert result.lengths == [len(ep) for ep in result.episodes]
     finally:
-        worker._close_envs()
+        worker.close()
 
 
-def test_a_workers_evaluation_starts_each_episode_where_evaluate_does_and_measures_every_plan(pretrained):
+def test_a_workers_evaluation_plans_with_the_weights_it_is_given_and_starts_each_episode_where_evaluate_does(
+        pretrained):
+    from distdiff.distributed.collection import weights_of
     from distdiff.distributed.worker import NoWeights, RolloutWorker
+    from distdiff.training import planner_from_checkpoint
 
     cfg, ckpt = pretrained
     # Phase 2's measure_every does not thin an evaluation's measures.
-    cfg = config_lib.from_dict({"online": {"envs_per_actor": 3, "measure_every": 10**9},
+    cfg = config_lib.from_dict({"online": {"envs_per_actor": 1, "measure_every": 10**9}, "eval": {"num_envs": 3},
                                 "env": {"max_episode_steps": 40}}, cfg)
-    worker = RolloutWorker(config=cfg.to_dict(), normalizer=load_checkpoint(ckpt)["normalizer"], worker_id=1)
+    state = load_checkpoint(ckpt)
+    weights = weights_of(planner_from_checkpoint(state, cfg), version=7)
+    worker = RolloutWorker(config=cfg.to_dict(), normalizer=state["normalizer"], worker_id=1)
     try:
-        with pytest.raises(NoWeights):
-            worker.evaluate(2, 3, seed=50)
-        worker.version = 0  # (its initial weights do for this)
-        results = worker.evaluate(2, 3, seed=50)
+        results = worker.evaluate(2, 3, seed=50, weights=weights)
         # Episodes 2, 3, 4 of an evaluation on seed 50, whichever worker runs them.
         assert [r.seed for r in results] == [52, 53, 54]
         env = make_env(cfg.env.id)
         starts = np.stack([env.reset(seed=s)[0] for s in (52, 53, 54)]).astype(results[0].episode.observations.dtype)
         assert np.array_equal(np.stack([r.episode.observations[0] for r in results]), starts)
         assert all(len(r.plan_errors) == r.n_plans >= 1 for r in results)
+        # Planned by nets of its own, which hold the weights given; the rollouts' hold none yet
+        # (an evaluation beside a rollout must not change the weights it plans with).
+        for name, flat in weights.weights.items():
+            assert np.array_equal(flat_weights(worker.judging.nets[name]), flat)
+            assert not np.array_equal(flat_weights(worker.acting.nets[name]), flat)
+        with pytest.raises(NoWeights):
+            worker.rollout(0)
         # The sampler's draws are the episodes' own, not the worker's: another worker runs the same.
-        other = RolloutWorker(config=cfg.to_dict(), normalizer=load_checkpoint(ckpt)["normalizer"], worker_id=7)
+        other = RolloutWorker(config=cfg.to_dict(), normalizer=state["normalizer"], worker_id=7)
         try:
-            other.version = 0
-            load_weights(other.nets, {name: flat_weights(net) for name, net in worker.nets.items()})
-            again = other.evaluate(2, 3, seed=50)
+            again = other.evaluate(2, 3, seed=50, weights=weights)
         finally:
-            other._close_envs()
+            other.close()
         assert all(np.array_equal(a.episode.actions, b.episode.actions) for a, b in zip(results, again, strict=True))
-        unmeasured = config_lib.from_dict({"eval": {"measure_alignment": False}}, cfg)
-        worker.cfg = unmeasured
-        assert all(len(r.plan_errors) == 0 for r in worker.evaluate(0, 1, seed=50))
+        # A version it holds is not loaded again; another one is.
+        with mock.patch.object(worker.judging, "load") as load:
+            worker.evaluate(0, 1, seed=50, weights=weights)
+            load.assert_not_called()
+            worker.evaluate(0, 1, seed=50, weights=weights._replace(version=8))
+            load.assert_called_once()
     finally:
-        worker._close_envs()
+        worker.close()
 
 
 def test_a_planner_that_raises_is_not_taken_for_an_env_failure(pretrained):
@@ -640,26 +650,26 @@ def test_a_planner_that_raises_is_not_taken_for_an_env_failure(pretrained):
     cfg, ckpt = pretrained
     worker = RolloutWorker(config=cfg.to_dict(), normalizer=load_checkpoint(ckpt)["normalizer"], worker_id=0)
     try:
-        worker.version = 0  # (its initial weights do for this)
-        with mock.patch.object(worker.planner, "plan", side_effect=RuntimeError("shapes do not match")), \
-                mock.patch.object(worker, "_make_envs") as make_envs:
+        worker.acting.version = 0  # (its initial weights do for this)
+        with mock.patch.object(worker.acting.planner, "plan", side_effect=RuntimeError("shapes do not match")), \
+                mock.patch.object(worker.acting, "make_envs") as make_envs:
             with pytest.raises(PlanError, match="shapes do not match"):
                 worker.rollout(0)
         make_envs.assert_not_called()
         # Nor one that returns NaN actions, which MuJoCo would run as zero torque.
-        real_plan = worker.planner.plan
+        real_plan = worker.acting.planner.plan
 
         def nan_actions(obs, generator=None):
             plan = real_plan(obs, generator=generator)
             return plan._replace(actions=np.full_like(plan.actions, np.nan))
 
-        with mock.patch.object(worker.planner, "plan", side_effect=nan_actions), \
-                mock.patch.object(worker, "_make_envs") as make_envs:
+        with mock.patch.object(worker.acting.planner, "plan", side_effect=nan_actions), \
+                mock.patch.object(worker.acting, "make_envs") as make_envs:
             with pytest.raises(NonFinitePlan):
                 worker.rollout(0)
         make_envs.assert_not_called()
     finally:
-        worker._close_envs()
+        worker.close()
 
 
 @pytest.mark.parametrize("first_error, restarts, failed, said", [
@@ -1470,7 +1480,7 @@ def test_a_rollout_is_seeded_by_its_number_in_the_run_not_by_the_worker_process(
         assert not all(np.array_equal(a, b) for a, b in zip(first, episodes(workers[1], task=8)))
     finally:
         for w in workers:
-            w._close_envs()
+            w.close()
 
 
 def _free_ports(n: int) -> List[int]:
@@ -1710,7 +1720,7 @@ def test_parallel_evaluation_stops_at_once_on_a_broken_planner(ray_session, pret
     from distdiff.training import planner_from_checkpoint
 
     class NaNPlans(RolloutWorker):
-        def evaluate(self, first, n_episodes, *, seed):
+        def evaluate(self, first, n_episodes, *, seed, weights):
             (tmp_path / f"{first}-{time.monotonic_ns()}").touch()
             raise NonFinitePlan("the planner returned NaN or infinite actions for 1 of 1 observations")
 
@@ -1722,6 +1732,89 @@ def test_parallel_evaluation_stops_at_once_on_a_broken_planner(ray_session, pret
     with pytest.raises(RunFailed, match="the checkpoint's planner is broken: .*NaN or infinite actions"):
         evaluate_in_parallel(planner_from_checkpoint(load_checkpoint(ckpt), cfg), cfg, num_actors=1)
     assert len(list(tmp_path.iterdir())) == 1
+
+
+def test_an_evaluation_runs_beside_a_rollout_of_the_same_worker(ray_session, pretrained, tmp_path):
+    # Queued behind the rollout, it would wait for it (and the rollout's timeout, counted from its
+    # submission, would run out while it waited behind the evaluation).
+    from distdiff.distributed import actors
+    from distdiff.distributed.collection import weights_of
+    from distdiff.training import planner_from_checkpoint
+
+    class Blocked(actors.RayRolloutWorker):
+        def rollout(self, task=None, **kwargs):
+            deadline = time.monotonic() + 180
+            while not (tmp_path / "go").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return super().rollout(task, **kwargs)
+
+    cfg, ckpt = pretrained
+    cfg = config_lib.from_dict({"online": {"envs_per_actor": 1}, "eval": {"num_envs": 1},
+                                "env": {"max_episode_steps": 20}}, cfg)
+    state = load_checkpoint(ckpt)
+    weights = ray.put(weights_of(planner_from_checkpoint(state, cfg)))
+    worker = ray.remote(concurrency_groups=actors.WORKER_GROUPS)(Blocked).options(num_cpus=0.01).remote(
+        config=cfg.to_dict(), normalizer=state["normalizer"], worker_id=0)
+    try:
+        ray.get(worker.set_weights.remote(weights))
+        rollout = worker.rollout.remote(0)
+        results = ray.get(worker.evaluate.remote(0, 1, seed=50, weights=weights), timeout=90)
+        assert len(results) == 1 and not ray.wait([rollout], timeout=0)[0]
+        (tmp_path / "go").touch()
+        assert ray.get(rollout, timeout=90).env_steps > 0
+    finally:
+        ray.kill(worker)
+
+
+def test_a_runs_evaluation_on_its_workers_judges_its_checkpoint_as_evaluate_on_parallel_actors_does(
+        ray_session, pretrained, tmp_path, monkeypatch):
+    from distdiff.distributed import driver
+    from distdiff.distributed.collection import evaluate_in_parallel
+    from distdiff.training import planner_from_checkpoint
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("evaluated in the driver's process")
+
+    monkeypatch.setattr(driver, "evaluate", not_here)
+    cfg, ckpt = pretrained
+    # More actors asked for than the run has: it has two.
+    cfg = config_lib.from_dict({"eval": {"episodes": 3, "num_envs": 2, "num_actors": 3}}, cfg)
+    run = start_run(cfg, tmp_path, ckpt, num_actors=2)
+    try:
+        ray.get(run.learner.train.remote(run.replay.sample.remote(2, cfg.train.batch_size)))
+        metrics = run.evaluate()
+        # Its rollouts still plan with the weights they had; the evaluation's are its own.
+        assert ray.get([w.ping.remote() for w in run.workers])[0].version == run.counters.version
+    finally:
+        run.close()
+    assert metrics["final"] and metrics["eval_episodes"] == 3
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    other = evaluate_in_parallel(planner_from_checkpoint(load_checkpoint(tmp_path / CHECKPOINT), cfg), cfg,
+                                 num_actors=1)
+    assert saved["return_mean"] == other["return_mean"] and saved["alignment_error"] == other["alignment_error"]
+
+
+def test_a_run_stops_waiting_for_an_evaluation_on_its_workers_when_it_ends(ray_session, pretrained, tmp_path):
+    from distdiff.distributed import actors
+
+    class Slow(actors.RayRolloutWorker):
+        def evaluate(self, first, n_episodes, *, seed, weights):
+            time.sleep(300)
+
+    cfg, ckpt = pretrained
+    cfg = config_lib.from_dict({"eval": {"num_actors": 1}}, cfg)
+    run = start_run(cfg, tmp_path, ckpt, num_actors=1)
+    try:
+        ray.kill(run.workers[0])
+        run.workers[0] = ray.remote(concurrency_groups=actors.WORKER_GROUPS)(Slow).options(num_cpus=0.01).remote(
+            config=run.cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=0)
+        run.start_evaluation()
+        evaluation = run.evaluation
+        run.stop_evaluating()
+        assert not evaluation.thread.is_alive()
+        assert isinstance(evaluation.result.exception(), EvaluationStopped)
+    finally:
+        run.close()
 
 
 def test_init_checkpoint_that_does_not_fit_the_config_fails_before_any_actor(pretrained, tmp_path):

@@ -209,10 +209,10 @@ def test_a_rollout_workers_ranking_planner_holds_the_broadcast_dynamics_model(tr
     worker = RolloutWorker(config=cfg.to_dict(), normalizer=trainer.normalizer.state_dict(), worker_id=0)
     try:
         worker.set_weights(Weights(version=1, weights=trainer.weights()))
-        for a, b in zip(worker.planner.dynamics.state_dict().values(), trainer.ema_dynamics.state_dict().values()):
+        for a, b in zip(worker.acting.planner.dynamics.state_dict().values(), trainer.ema_dynamics.state_dict().values()):
             assert torch.equal(a, b)
     finally:
-        worker._close_envs()
+        worker.close()
 
 
 def test_broadcasts_carry_the_dynamics_model_only_when_it_trains(tiny_episodes):

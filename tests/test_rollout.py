@@ -491,7 +491,7 @@ def test_a_rollout_measures_only_every_nth_plan_of_an_episode(worker_trainer):
     try:
         result = worker.rollout(0, max_steps=13)  # plans at steps 0, 4, 8, 12 of each episode
     finally:
-        worker._close_envs()
+        worker.close()
     assert min(result.lengths) > 4, "the test needs episodes of more than one plan"
     assert result.plan_errors.shape[0] == len(result.episodes)  # each episode's first plan only
 
@@ -503,7 +503,7 @@ def test_runs_with_other_seeds_roll_out_other_episodes(worker_trainer):
         try:
             return np.stack([ep.observations[0] for ep in worker.rollout(3, max_steps=2).episodes])
         finally:
-            worker._close_envs()
+            worker.close()
 
     assert np.array_equal(starts(0), starts(0)) and not np.array_equal(starts(0), starts(1))
 
@@ -515,17 +515,17 @@ def test_an_env_failure_of_any_kind_is_retried_from_draws_no_other_rollout_uses(
     worker = _plain_worker(worker_trainer)
     seeds, run = [], worker._run
 
-    def fails_first(seed, **kwargs):
+    def fails_first(acting, seed, **kwargs):
         seeds.append(seed)
         if len(seeds) == 1:
             raise error
-        return run(seed, **kwargs)
+        return run(acting, seed, **kwargs)
 
     try:
         with mock.patch.object(worker, "_run", side_effect=fails_first):
             result = worker.rollout(3, max_steps=3)
     finally:
-        worker._close_envs()
+        worker.close()
     assert result.env_rebuilds == 1 and len(seeds) == 2
     assert seeds[1] not in {worker._seed(task) for task in range(64)}
 
@@ -546,14 +546,16 @@ def test_an_evaluation_reports_the_guidance_scale_it_planned_with_unless_the_gui
 
 
 def _bare_worker(n_envs=3, measure_alignment=True):
-    """A RolloutWorker with only what evaluate() reads, its _run recording its arguments."""
+    """A RolloutWorker with only what evaluate() reads, evaluation envs made and weights of
+    version 1 loaded, its _run recording its arguments."""
     from distdiff.distributed.worker import RolloutWorker
 
     worker = RolloutWorker.__new__(RolloutWorker)
-    worker.version, worker.envs, worker.worker_id = 0, [object()] * n_envs, 0
+    worker.worker_id = 0
     worker.cfg = config.from_dict({"eval": {"measure_alignment": measure_alignment}})
+    worker.judging = SimpleNamespace(envs=[object()] * n_envs, version=1)
     calls = []
-    worker._run = lambda seed, **kw: calls.append((seed, kw)) or ["episode"] * kw["n_envs"]
+    worker._run = lambda acting, seed, **kw: calls.append((seed, kw)) or ["episode"] * kw["n_envs"]
     return worker, calls
 
 
@@ -561,17 +563,19 @@ def _bare_worker(n_envs=3, measure_alignment=True):
 # eval.seed + its episode (mutants: stream_seed(seed, 0, ...), first_reset=seed, n_episodes check
 # off by one, no measure when measure_alignment).
 def test_a_workers_evaluation_seeds_its_stream_and_resets_by_its_first_episode():
+    from distdiff.distributed.messages import Weights
     from distdiff.rollout import stream_seed
 
+    held = Weights(version=1, weights={})
     worker, calls = _bare_worker()
-    assert worker.evaluate(3, 2, seed=50) == ["episode"] * 2
+    assert worker.evaluate(3, 2, seed=50, weights=held) == ["episode"] * 2
     seed, kw = calls[0]
     assert seed == stream_seed(50, 3, 0) != stream_seed(50, 0, 0)
     assert kw["first_reset"] == 53 and kw["n_envs"] == 2 and kw["measure_every"] == 1
-    with pytest.raises(ValueError, match="4 episodes asked of a worker with 3 envs"):
-        worker.evaluate(0, 4, seed=50)
+    with pytest.raises(ValueError, match="4 episodes asked of a worker with 3 evaluation envs"):
+        worker.evaluate(0, 4, seed=50, weights=held)
     unmeasured, calls = _bare_worker(measure_alignment=False)
-    unmeasured.evaluate(0, 1, seed=50)
+    unmeasured.evaluate(0, 1, seed=50, weights=held)
     assert calls[0][1]["measure_every"] is None
 
 

@@ -44,7 +44,14 @@ class NodeIdMixin:
 
 
 class RayRolloutWorker(NodeIdMixin, RolloutWorker):
-    """A RolloutWorker that can say which node it runs on."""
+    """A RolloutWorker that can say which node it runs on, and runs evaluations in a thread of
+    their own (Ray's concurrency group ``evaluation``): a run's evaluation runs beside the
+    rollouts, not queued behind one (whose timeout, counted from its submission, would run out
+    while it waits). Everything else keeps the actor's one thread, in submission order."""
+
+    @ray.method(concurrency_group="evaluation")
+    def evaluate(self, first, n_episodes, *, seed, weights):
+        return super().evaluate(first, n_episodes, seed=seed, weights=weights)
 
 
 class RayReplay(NodeIdMixin, Replay):
@@ -64,7 +71,9 @@ class RayLearner(NodeIdMixin, Learner):
         return super().train([Batch.from_numpy(batch) for batch in batches])
 
 
-RolloutWorkerActor = ray.remote(RayRolloutWorker)
+# A RayRolloutWorker (or a subclass) as a Ray actor class: its evaluations in a thread of their own.
+WORKER_GROUPS = {"evaluation": 1}
+RolloutWorkerActor = ray.remote(concurrency_groups=WORKER_GROUPS)(RayRolloutWorker)
 
 
 def _random_episodes(env_id: str, max_episode_steps: int, n_episodes: int, seed: int):

@@ -3,9 +3,10 @@ a trained planner (``launch/collect.py``), or a checkpoint evaluated (``launch/e
 by the same workers as training."""
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import ray
 from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
@@ -16,12 +17,12 @@ from distdiff.distributed.cluster import RunFailed
 from distdiff.distributed.faults import cause
 from distdiff.distributed.messages import Weights
 from distdiff.distributed.worker import PlanError
-from distdiff.evaluation import check_measurable, summary_of
+from distdiff.evaluation import EvaluationStopped, check_measurable, summary_of
 from distdiff.models import NETS
 from distdiff.planner import Planner
 from distdiff.provenance import DRIVER_CODE
 from distdiff.rollout import EpisodeResult, NonFinitePlan, stream_seed
-from distdiff.training import planner_from_checkpoint
+from distdiff.training import flat_weights, planner_from_checkpoint
 
 COLLECT_TRIES = 5  # a task that fails this often stops the collection or evaluation
 COLLECT_RESTART_S = 300.0  # and so does a worker that Ray has not restarted within this time
@@ -58,36 +59,65 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
         return [ep for k in sorted(by_task) for ep in by_task[k]]
     cfg = config_lib.from_dict({"online": {"measure_every": 10**9}, "env": {"max_episode_steps": max_episode_steps},
                                 "train": {"seed": seed}}, cfg)
-    # Seeded by the task alone, not by the worker that happens to be free for it: the same
-    # command collects the same episodes with any number of actors. (Not phase 2's streams,
-    # which also key on the worker: a run with the same seed starts from other states.)
-    return _planner_tasks(planner_from_checkpoint(checkpoint, cfg), cfg, n_episodes,
-                          lambda worker, task, n: worker.rollout.remote(task, n_envs=n, seed=stream_seed(seed, task)),
-                          # Copies: views would pin every task's object in the store until the caller is done.
-                          lambda result: [ep.copy() for ep in result.episodes], progress)
+    planner = planner_from_checkpoint(checkpoint, cfg)
+    weights = ray.put(weights_of(planner))
+
+    def submit(worker, task: int, n: int) -> ray.ObjectRef:
+        # The weights before every task: a restarted worker has none, and a worker that holds
+        # them loads nothing. Seeded by the task alone, not by the worker that happens to be
+        # free for it: the same command collects the same episodes with any number of actors.
+        # (Not phase 2's streams, which also key on the worker: a run with the same seed starts
+        # from other states.)
+        worker.set_weights.remote(weights)
+        return worker.rollout.remote(task, n_envs=n, seed=stream_seed(seed, task))
+
+    with own_workers(cfg, planner) as workers:
+        # Copies: views would pin every task's object in the store until the caller is done.
+        return run_tasks(workers, n_episodes, cfg.online.envs_per_actor, submit,
+                         lambda result: [ep.copy() for ep in result.episodes], progress)
+
+
+def weights_of(planner: Planner, version: int = 1) -> Weights:
+    """The nets of ``planner`` as a published weights version, for workers to load."""
+    nets = {name: getattr(planner, name) for name in NETS}
+    return Weights(version=version, weights={name: flat_weights(net) for name, net in nets.items() if net is not None})
 
 
 def evaluate_in_parallel(planner: Planner, cfg: config_lib.Config, *, num_actors: int,
                          progress: Optional[Callable[[int], None]] = None) -> Dict[str, object]:
     """:func:`distdiff.evaluation.evaluate` of ``planner`` (:func:`planner_from_checkpoint`
     with ``cfg``, which its workers act by), its episodes split between ``num_actors`` parallel
-    rollout actors, ``eval.num_envs`` each. Episode i starts from the state it starts from in
-    ``evaluate`` (seed ``eval.seed`` + i); the sampler's noise is drawn per ``eval.num_envs``
-    episodes, so the figures are the same for any ``num_actors`` but not those of one process,
-    whose envs share one stream."""
+    rollout actors made for it (:func:`evaluate_on`)."""
     check_measurable(cfg)
     actors.check_code_on_every_node(DRIVER_CODE)
+    # (Their rollout envs sit idle: one each.)
+    cfg = config_lib.from_dict({"online": {"envs_per_actor": 1}},
+                               _parallel(cfg, num_actors, cfg.eval.episodes, min(cfg.eval.num_envs, cfg.eval.episodes)))
+    with own_workers(cfg, planner) as workers:
+        return evaluate_on(workers, ray.put(weights_of(planner)), cfg, progress=progress)
+
+
+def evaluate_on(workers: List, weights: ray.ObjectRef, cfg: config_lib.Config, *,
+                stop: Optional[Callable[[], bool]] = None, progress: Optional[Callable[[int], None]] = None
+                ) -> Dict[str, object]:
+    """:func:`distdiff.evaluation.evaluate` of the planner that ``weights`` (a ref to the
+    :class:`Weights` of :func:`weights_of`) make in ``workers`` (rollout actors of ``cfg``),
+    its episodes split between them, ``eval.num_envs`` per task. Episode i starts from the state it
+    starts from in ``evaluate`` (seed ``eval.seed`` + i); the sampler's noise is drawn per
+    task, so the figures are the same for any number of workers but not those of one process,
+    whose envs share one stream. ``stop`` is asked while it waits: when it says so, it raises
+    EvaluationStopped (the tasks in flight run out in their workers)."""
     per_task = min(cfg.eval.num_envs, cfg.eval.episodes)
-    cfg = _parallel(cfg, num_actors, cfg.eval.episodes, per_task)
 
     def own(results: List[EpisodeResult]) -> List[EpisodeResult]:
         # Copies, as in collect_episodes; the plan-vs-real example is not summarized.
         return [r._replace(episode=r.episode.copy(), plan_errors=r.plan_errors.copy(), last_check=None)
                 for r in results]
 
-    results = _planner_tasks(planner, cfg, cfg.eval.episodes,
-                             lambda worker, task, n: worker.evaluate.remote(task * per_task, n, seed=cfg.eval.seed),
-                             own, progress)
+    results = run_tasks(workers, cfg.eval.episodes, per_task,
+                        lambda worker, task, n: worker.evaluate.remote(task * per_task, n, seed=cfg.eval.seed,
+                                                                       weights=weights),
+                        own, progress, stop)
     return summary_of(results, cfg)
 
 
@@ -102,70 +132,74 @@ def _parallel(cfg: config_lib.Config, num_actors: int, n_episodes: int, per_task
                                             "actor_resource": "", "learner_resource": ""}}, cfg)
 
 
-def _planner_tasks(planner: Planner, cfg: config_lib.Config, n_episodes: int, submit: Callable, keep: Callable,
-                   progress: Optional[Callable[[int], None]]) -> List:
-    """``n_episodes`` episodes of ``planner``, in tasks of ``online.envs_per_actor`` episodes run
-    by ``online.num_actors`` rollout workers: ``submit(worker, task, n)`` starts task ``task`` of
-    ``n`` episodes, ``keep(result)`` makes its list of what is returned. A task whose worker died
-    or whose envs raised is run again, with the same seeds; a planner that fails stops it all."""
-    from distdiff.training import flat_weights
-
-    nets = {name: getattr(planner, name) for name in NETS}
-    weights = ray.put(Weights(version=1, weights={name: flat_weights(net) for name, net in nets.items() if net is not None}))
-    per_task, num_actors = cfg.online.envs_per_actor, cfg.online.num_actors
+@contextlib.contextmanager
+def own_workers(cfg: config_lib.Config, planner: Planner) -> Iterator[List]:
+    """``online.num_actors`` rollout workers of ``cfg`` with ``planner``'s normalizer, killed on the way out."""
     res = actors.resources(cfg)
     workers = [actors.make_worker(cfg, res, config=cfg.to_dict(), normalizer=planner.normalizer.state_dict(), worker_id=i)
-               for i in range(num_actors)]
-    # a task's ref -> (its worker, the task, its episodes, its failures, restart wait since)
+               for i in range(cfg.online.num_actors)]
+    try:
+        yield workers
+    finally:
+        for w in workers:
+            ray.kill(w)
+
+
+def run_tasks(workers: List, n_episodes: int, per_task: int, submit: Callable, keep: Callable,
+              progress: Optional[Callable[[int], None]] = None, stop: Optional[Callable[[], bool]] = None) -> List:
+    """``n_episodes`` episodes of ``workers`` (rollout actors), in tasks of ``per_task``
+    episodes: ``submit(worker, task, n)`` starts task ``task`` of ``n`` episodes, ``keep(result)``
+    makes its list of what is returned. A task whose worker died or whose envs raised is run
+    again, with the same seeds, by the next worker (Ray may be restarting that one, or a run's
+    loop have given it up); a planner that fails stops it all. ``stop``: see :func:`evaluate_on`."""
+    # a task's ref -> (its worker, the task, its episodes, its failures, unavailable workers since)
     pending: Dict[ray.ObjectRef, tuple] = {}
     by_task: Dict[int, List] = {}
 
     def start(i: int, task: int, n: int, failures: int = 0, since: Optional[float] = None) -> None:
-        # The weights before every task: a restarted worker has none, and a worker that
-        # holds them loads nothing.
-        workers[i].set_weights.remote(weights)
         pending[submit(workers[i], task, n)] = (i, task, n, failures, since)
 
     def unasked() -> int:
         return n_episodes - sum(len(got) for got in by_task.values()) - sum(p[2] for p in pending.values())
 
-    try:
-        tasks = itertools.count()  # numbered, so a retried task replays its seeds, and no other does
-        for i in range(num_actors):
-            if unasked() > 0:
-                start(i, next(tasks), min(per_task, unasked()))
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            i, task, n, failures, since = pending.pop(ready[0])
-            try:
-                got = keep(ray.get(ready[0]))
-            except ActorUnavailableError as e:
-                # Ray is restarting the worker, and calls fail at once until it is back.
-                since = time.monotonic() if since is None else since
-                if time.monotonic() - since > COLLECT_RESTART_S:
-                    raise RunFailed(f"rollout actor {i} was not restarted within {COLLECT_RESTART_S:g} s: "
-                                    f"{cause(e)}") from e
-                time.sleep(1.0)
-                start(i, task, n, failures, since)
-                continue
-            except RayError as e:
-                if isinstance(e, RayTaskError) and isinstance(e.cause, (NonFinitePlan, PlanError)):
-                    # Its seeds again would fail the same way.
-                    raise RunFailed(f"the checkpoint's planner is broken: {cause(e)}") from e
-                # A worker that died with the task, or whose task raised: try again after a
-                # pause, as training does; what was run so far is kept.
-                failures += 1
-                if failures >= COLLECT_TRIES or (isinstance(e, RayActorError) and e.actor_init_failed):
-                    raise RunFailed(f"task {task} failed {failures} times: {cause(e)}") from e
-                time.sleep(min(0.5 * failures, 5.0))
-                start(i, task, n, failures)
-                continue
-            by_task[task] = got
-            if progress:
-                progress(len(got))
-            if unasked() > 0:
-                start(i, next(tasks), min(per_task, unasked()))
-    finally:
-        for w in workers:
-            ray.kill(w)
+    tasks = itertools.count()  # numbered, so a retried task replays its seeds, and no other does
+    for i in range(len(workers)):
+        if unasked() > 0:
+            start(i, next(tasks), min(per_task, unasked()))
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if stop is None else 0.25)
+        if stop is not None and stop():
+            raise EvaluationStopped("the evaluation was stopped")
+        if not ready:
+            continue
+        i, task, n, failures, since = pending.pop(ready[0])
+        following = (i + 1) % len(workers)
+        try:
+            got = keep(ray.get(ready[0]))
+        except ActorUnavailableError as e:
+            # Ray is restarting the worker, and calls fail at once until it is back.
+            since = time.monotonic() if since is None else since
+            if time.monotonic() - since > COLLECT_RESTART_S:
+                raise RunFailed(f"no rollout actor took task {task} within {COLLECT_RESTART_S:g} s: "
+                                f"{cause(e)}") from e
+            time.sleep(1.0)
+            start(following, task, n, failures, since)
+            continue
+        except RayError as e:
+            if isinstance(e, RayTaskError) and isinstance(e.cause, (NonFinitePlan, PlanError)):
+                # Its seeds again would fail the same way.
+                raise RunFailed(f"the checkpoint's planner is broken: {cause(e)}") from e
+            # A worker that died with the task, or whose task raised: try again after a
+            # pause, as training does; what was run so far is kept.
+            failures += 1
+            if failures >= COLLECT_TRIES or (isinstance(e, RayActorError) and e.actor_init_failed):
+                raise RunFailed(f"task {task} failed {failures} times: {cause(e)}") from e
+            time.sleep(min(0.5 * failures, 5.0))
+            start(following, task, n, failures)
+            continue
+        by_task[task] = got
+        if progress:
+            progress(len(got))
+        if unasked() > 0:
+            start(i, next(tasks), min(per_task, unasked()))
     return [item for k in sorted(by_task) for item in by_task[k]]

@@ -32,6 +32,7 @@ from distdiff.config import Config
 from distdiff.data.minari_io import LoadedDataset, normalized_score, reference_scores
 from distdiff.distributed import actors
 from distdiff.distributed.cluster import RunFailed
+from distdiff.distributed.collection import evaluate_on, weights_of
 from distdiff.distributed.faults import WorkerFaults, cause
 from distdiff.distributed.messages import RolloutResult, TrainStats
 from distdiff.evaluation import EvaluationStopped, evaluate
@@ -507,10 +508,11 @@ class OnlineRun:
             raise RunFailed(f"the {who} failed while its state was taken for a checkpoint: {cause(e)}") from e
 
     def start_evaluation(self) -> None:
-        """Checkpoint, then evaluate the newest weights in fresh envs, in a thread of this process
-        beside the loop: rollouts and learner calls go on meanwhile (an evaluation of 100
+        """Checkpoint, then evaluate the newest weights in fresh envs, from a thread of this
+        process beside the loop: rollouts and learner calls go on meanwhile (an evaluation of 100
         Walker2d episodes takes minutes of one core, which would leave every actor and the
-        learner idle). :meth:`finish_evaluation` takes its result."""
+        learner idle). The episodes run in that thread, or split between ``eval.num_actors``
+        rollout workers, each beside its rollouts. :meth:`finish_evaluation` takes its result."""
         if self.published_at != self.counters.updates:
             # The version the checkpoint's weights go by is the one the actors get next.
             self.broadcast()
@@ -526,12 +528,20 @@ class OnlineRun:
             self.evaluation = PendingEvaluation(result, at, None, time.perf_counter())
             return
 
+        # On eval.num_actors of the rollout workers the loop has not given up, if any are asked for.
+        judges = [w for i, w in enumerate(self.workers) if i not in self.dropped][:self.cfg.eval.num_actors]
+
         def work() -> None:
             try:
                 # The planner the checkpoint makes, so launch/evaluate.py on it judges the same
                 # one (blended with the prior by online.prior_weight).
-                result.set_result(evaluate(planner_from_checkpoint(state, self.cfg), self.cfg,
-                                           stop=self.stop_evaluation.is_set))
+                planner = planner_from_checkpoint(state, self.cfg)
+                if judges:
+                    # Versioned by the learner's step: a worker loads each evaluation's weights once.
+                    weights = ray.put(weights_of(planner, version=at["step"]))
+                    result.set_result(evaluate_on(judges, weights, self.cfg, stop=self.stop_evaluation.is_set))
+                else:
+                    result.set_result(evaluate(planner, self.cfg, stop=self.stop_evaluation.is_set))
             except BaseException as e:  # re-raised in the loop's thread, which takes the result
                 result.set_exception(e)
 

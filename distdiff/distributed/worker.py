@@ -38,6 +38,37 @@ class PlanError(Exception):
     """The planner raised: a bug or broken weights, which rebuilding the envs cannot fix."""
 
 
+class Acting:
+    """A planner with nets of its own, the envs it plans for and, to measure its plans, their
+    shadows (which replay a plan's actions). A worker's rollouts have one; its evaluations get
+    another on the first: they run in another thread beside the rollouts (see ``evaluate``), and
+    weights loaded or envs rebuilt under a thread's feet would corrupt its episodes."""
+
+    def __init__(self, cfg, normalizer: Normalizer, n_envs: int, *, shadows: bool = True):
+        self.cfg, self.n_envs, self.with_shadows = cfg, n_envs, shadows
+        models = build_models(cfg, normalizer)
+        self.nets = models.nets()
+        for net in self.nets.values():
+            net.eval().requires_grad_(False)
+        self.planner = Planner.from_config(cfg, diffusion=models.diffusion, denoiser=models.denoiser, value=models.value,
+                                           dynamics=models.dynamics, normalizer=normalizer)
+        self.version = -1  # of the weights it holds; -1 before any
+        self.make_envs()
+
+    def load(self, published: Weights) -> None:
+        load_weights(self.nets, published.weights)
+        self.version = int(published.version)
+
+    def make_envs(self) -> None:
+        env = self.cfg.env
+        self.envs = [make_env(env.id, env.max_episode_steps) for _ in range(self.n_envs)]
+        self.shadows = [make_env(env.id) for _ in range(self.n_envs)] if self.with_shadows else None
+
+    def close_envs(self) -> None:
+        for env in self.envs + (self.shadows or []):
+            env.close()
+
+
 class RolloutWorker:
     def __init__(self, *, config: Dict[str, object], normalizer: Dict[str, object], worker_id: int,
                  driver_code: Optional[Tuple[str, str]] = None):
@@ -47,31 +78,20 @@ class RolloutWorker:
         self.cfg = cfg
         self.worker_id = worker_id
         self.normalizer = Normalizer.from_state_dict(normalizer)
-        models = build_models(cfg, self.normalizer)
-        self.nets = models.nets()
-        for net in self.nets.values():
-            net.eval().requires_grad_(False)
-        self.planner = Planner.from_config(cfg, diffusion=models.diffusion, denoiser=models.denoiser, value=models.value,
-                                           dynamics=models.dynamics,
-                                           normalizer=self.normalizer)
-        self.version = -1
+        self.acting = Acting(cfg, self.normalizer, cfg.online.envs_per_actor)
+        self.judging: Optional[Acting] = None  # the evaluations' own, made by the first
         self.tasks = 0
-        self._make_envs()
 
-    def _make_envs(self) -> None:
-        n = self.cfg.online.envs_per_actor
-        self.envs = [make_env(self.cfg.env.id, self.cfg.env.max_episode_steps) for _ in range(n)]
-        self.shadows = [make_env(self.cfg.env.id) for _ in range(n)]
-
-    def _close_envs(self) -> None:
-        for env in self.envs + self.shadows:
-            env.close()
+    def close(self) -> None:
+        """Close the envs (a worker that Ray kills needs none of this)."""
+        for acting in (self.acting, self.judging):
+            if acting is not None:
+                acting.close_envs()
 
     def set_weights(self, published: Weights) -> int:
-        if published.version > self.version:
-            load_weights(self.nets, published.weights)
-            self.version = int(published.version)
-        return self.version
+        if published.version > self.acting.version:
+            self.acting.load(published)
+        return self.acting.version
 
     def _seed(self, task: int, attempt: int = 0, seed: Optional[int] = None) -> int:
         # Independent streams per (run seed, worker, task), or per given seed, and per retry.
@@ -87,13 +107,14 @@ class RolloutWorker:
         id; ``seed`` seeds it instead, the same on any worker. The driver's share of what is
         left of an env-step budget: only the first ``n_envs`` envs run, and their episodes end
         (truncated) after ``max_steps`` steps."""
-        if self.version < 0:
+        acting = self.acting
+        if acting.version < 0:
             raise NoWeights("rollout before set_weights: a worker must never plan with random weights")
         task = self.tasks if task is None else task
         self.tasks += 1
-        version = self.version
-        results, rebuilds = self._rebuilding(lambda attempt: self._run(
-            self._seed(task, attempt, seed), n_envs=n_envs, max_steps=max_steps,
+        version = acting.version
+        results, rebuilds = self._rebuilding(acting, lambda attempt: self._run(
+            acting, self._seed(task, attempt, seed), n_envs=n_envs, max_steps=max_steps,
             measure_every=self.cfg.online.measure_every))
         errors = [r.plan_errors for r in results if len(r.plan_errors)]
         return RolloutResult(
@@ -108,59 +129,69 @@ class RolloutWorker:
             example=next((r.last_check for r in results if r.last_check is not None), None),
         )
 
-    def evaluate(self, first: int, n_episodes: int, *, seed: int) -> List[EpisodeResult]:
-        """Episodes ``first`` to ``first + n_episodes - 1`` of an evaluation on ``seed``, with the
-        ``eval.*`` settings of this worker's config: episode i resets with seed + i, as in
-        :func:`distdiff.evaluation.evaluate`, so the same episodes start from the same states
-        however they are split between workers; the sampler draws from the stream of ``first``."""
-        if self.version < 0:
-            raise NoWeights("evaluate before set_weights: a worker must never plan with random weights")
-        if n_episodes > len(self.envs):
-            raise ValueError(f"{n_episodes} episodes asked of a worker with {len(self.envs)} envs")
-        results, _ = self._rebuilding(lambda attempt: self._run(
-            stream_seed(seed, first, attempt), n_envs=n_episodes, first_reset=seed + first,
+    def evaluate(self, first: int, n_episodes: int, *, seed: int, weights: Weights) -> List[EpisodeResult]:
+        """Episodes ``first`` to ``first + n_episodes - 1`` of an evaluation of ``weights`` on
+        ``seed``, with the ``eval.*`` settings of this worker's config: episode i resets with
+        seed + i, as in :func:`distdiff.evaluation.evaluate`, so the same episodes start from
+        the same states however they are split between workers; the sampler draws from the
+        stream of ``first``. Run by a planner and ``eval.num_envs`` envs of its own, made on
+        the first call, so that it may run beside a rollout (Ray's actor runs it in a thread
+        of its own: ``distdiff.distributed.actors``) and leaves the rollouts' weights as they
+        were. ``weights`` are loaded when their version is not the one it holds."""
+        if self.judging is None:
+            self.judging = Acting(self.cfg, self.normalizer, self.cfg.eval.num_envs,
+                                  shadows=self.cfg.eval.measure_alignment)
+        judging = self.judging
+        if n_episodes > len(judging.envs):
+            raise ValueError(f"{n_episodes} episodes asked of a worker with {len(judging.envs)} evaluation envs "
+                             f"(eval.num_envs)")
+        if weights.version != judging.version:
+            judging.load(weights)
+        results, _ = self._rebuilding(judging, lambda attempt: self._run(
+            judging, stream_seed(seed, first, attempt), n_envs=n_episodes, first_reset=seed + first,
             measure_every=1 if self.cfg.eval.measure_alignment else None))
         return results
 
-    def _rebuilding(self, run: Callable[[int], List[EpisodeResult]]) -> Tuple[List[EpisodeResult], int]:
-        """``run(0)``, or, when an env failed, ``run(1)`` on rebuilt envs (with its other draws:
-        on one thread the same ones would fail the same way); its results and the rebuilds."""
+    def _rebuilding(self, acting: Acting, run: Callable[[int], List[EpisodeResult]]) -> Tuple[List[EpisodeResult], int]:
+        """``run(0)``, or, when an env of ``acting`` failed, ``run(1)`` on its rebuilt envs (with
+        its other draws: on one thread the same ones would fail the same way); its results and
+        the rebuilds."""
         try:
             return run(0), 0
         except ENV_ERRORS as e:
             # An env that failed must not kill the worker.
             log.warning("worker %d: env failed (%s); rebuilding envs", self.worker_id, e)
-            self._close_envs()
-            self._make_envs()
+            acting.close_envs()
+            acting.make_envs()
             return run(1), 1
 
-    def _run(self, seed: int, *, n_envs: Optional[int], measure_every: Optional[int],
+    def _run(self, acting: Acting, seed: int, *, n_envs: Optional[int], measure_every: Optional[int],
              max_steps: Optional[int] = None, first_reset: Optional[int] = None) -> List[EpisodeResult]:
-        """One episode on each of the first ``n_envs`` envs (all by default), the sampler seeded
-        by ``seed``, the envs reset from ``first_reset`` (default: ``seed``); every
-        ``measure_every``-th plan's alignment error measured (None: none)."""
+        """One episode on each of the first ``n_envs`` envs of ``acting`` (all by default), its
+        sampler seeded by ``seed``, the envs reset from ``first_reset`` (default: ``seed``);
+        every ``measure_every``-th plan's alignment error measured (None: none)."""
         generator = torch.Generator().manual_seed(seed)
 
         def plan(obs):
             try:
-                return self.planner.plan(obs, generator=generator)
+                return acting.planner.plan(obs, generator=generator)
             except Exception as e:
                 # Not one of the env failures rollout() rebuilds the envs for.
                 raise PlanError(f"worker {self.worker_id}: the planner failed: {e!r}") from e
 
         return run_episodes(
             plan,
-            self.envs,
-            n_episodes=len(self.envs) if n_envs is None else min(n_envs, len(self.envs)),
+            acting.envs,
+            n_episodes=len(acting.envs) if n_envs is None else min(n_envs, len(acting.envs)),
             execution=self.cfg.planner.execution,
             horizon=self.cfg.model.horizon,
             replan_every=self.cfg.planner.replan_every,
             seed=seed if first_reset is None else first_reset,
-            state_normalizer=self.planner.state_normalizer,
-            shadows=None if measure_every is None else self.shadows,
+            state_normalizer=acting.planner.state_normalizer,
+            shadows=None if measure_every is None else acting.shadows,
             measure_every=measure_every or 1,
             max_steps=max_steps,
         )
 
     def ping(self) -> WorkerState:
-        return WorkerState(worker_id=self.worker_id, version=self.version, tasks=self.tasks)
+        return WorkerState(worker_id=self.worker_id, version=self.acting.version, tasks=self.tasks)
