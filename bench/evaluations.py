@@ -3,7 +3,8 @@
 Runs the same phase 2 twice from one short-pretrained prior, with a fixed update budget: once
 with only the final evaluation, once with one every ``--eval-every`` updates too. Each
 evaluation is timed where the driver calls it. Prints one JSON line: each run's wall time,
-evaluations and their total time, and ``hidden_share`` = 1 − extra wall time ÷ (the extra
+evaluations and their total time (played in a thread of the driver, or with ``--eval-actors``
+on the rollout actors), and ``hidden_share`` = 1 − extra wall time ÷ (the extra
 evaluations × one evaluation's time alone, that of the first run's final one, which nothing
 runs beside): 0 when the run waits for every evaluation, 1 when training hides them all.
 (Timed beside training, an evaluation takes longer, as it shares the cores.)
@@ -38,24 +39,32 @@ def main():
     p.add_argument("--updates", type=int, default=600, help="phase 2's update budget, in both runs")
     p.add_argument("--eval-every", type=int, default=150, help="online.eval_every of the run with mid-run evaluations.")
     p.add_argument("--eval-episodes", type=int, default=100, help="as the README recommends for choosing best.pt")
+    p.add_argument("--eval-actors", type=int, default=0,
+                   help="eval.num_actors: the evaluations' episodes on this many of the rollout actors (0: in a "
+                        "thread of the driver)")
     args = p.parse_args()
     use_minari_store(args.minari_path)
     base = {"data.dataset_id": args.dataset, "data.fallback_dataset_id": "", "train.steps": args.pretrain_steps,
             "train.num_threads": 1, "online.num_actors": args.num_actors, "online.env_steps": 0,
             "online.updates": args.updates, "online.finish_updates": False, "eval.episodes": args.eval_episodes,
-            "eval.num_envs": args.eval_episodes}
-    evaluate, seconds = driver.evaluate, []
+            "eval.num_envs": args.eval_episodes, "eval.num_actors": args.eval_actors}
+    if args.eval_actors:
+        # A task per actor: eval.num_envs episodes each.
+        base["eval.num_envs"] = -(-args.eval_episodes // min(args.eval_actors, args.num_actors))
+    seconds = []
 
-    def timed_evaluate(*a, **kw):
-        t = time.perf_counter()
-        try:
-            return evaluate(*a, **kw)
-        finally:
-            seconds.append(time.perf_counter() - t)
+    def timed(evaluate):
+        def timed_evaluate(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return evaluate(*a, **kw)
+            finally:
+                seconds.append(time.perf_counter() - t)
+        return timed_evaluate
 
-    driver.evaluate = timed_evaluate
-    out = {"num_actors": args.num_actors, "updates": args.updates, "eval_every": args.eval_every,
-           "eval_episodes": args.eval_episodes}
+    driver.evaluate, driver.evaluate_on = timed(driver.evaluate), timed(driver.evaluate_on)
+    out = {"num_actors": args.num_actors, "eval_actors": args.eval_actors, "updates": args.updates,
+           "eval_every": args.eval_every, "eval_episodes": args.eval_episodes}
     ray.init(address="local", include_dashboard=False, logging_level="warning")
     with tempfile.TemporaryDirectory() as tmp:
         prior = pretrain(config_lib.load(args.config, base), Path(tmp) / "prior", quiet=True)
