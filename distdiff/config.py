@@ -132,7 +132,7 @@ class EvalConfig:
     num_envs: int = _f(10, "Environments stepped together, planned in one sampler batch.")
     measure_alignment: bool = _f(True, "Replay each plan's actions in a shadow env to measure the alignment error.")
     seed: int = _f(10_000, "Seed of the evaluation envs and sampler.")
-    num_actors: int = _f(0, "A training run's evaluations (online.eval_every's and the final one) run on this many of its rollout actors (at most online.num_actors), eval.num_envs episodes per task, each in a thread of its own beside the actor's rollouts, which it slows while it runs; 0 = in a thread of the driver. On a cluster the final evaluation then takes 1/N of the time, and the driver's process stays free for the loop. The sampler's draws are then made per task: the figures are those of launch/evaluate.py --num-actors (any N above 1), not of one process.")
+    num_actors: int = _f(0, "A training run's evaluations (online.eval_every's and the final one) run on up to this many of its rollout actors at once (no more than it has), eval.num_envs episodes per task, each in a thread of its own beside the actor's rollouts, which it slows while it runs (mind online.rollout_timeout_s); 0 = in a thread of the driver. With N tasks (eval.episodes / eval.num_envs) or more, the final evaluation then takes about 1/N of the time, and the driver's process stays free for the loop. The sampler's draws are made per task: the figures are those of launch/evaluate.py --num-actors (any N above 1), not of one process.")
 
 
 @dataclass
@@ -169,7 +169,7 @@ class OnlineConfig:
     max_nonfinite: int = _f(20, "Consecutive non-finite updates that stop the run.")
     actor_max_restarts: int = _f(-1, "Restarts Ray gives a dead rollout actor (-1 = unlimited).")
     rollout_timeout_s: float = _f(0.0, "Seconds a rollout may take, counted from its submission, before its actor is killed for Ray to restart (a hung env, a node that stopped answering); 0 = no limit. "
-                                       "Set it well above the longest rollout, its actor's start included (Walker2d: minutes for 16 whole episodes on a busy laptop), and mind that an actor waiting for a node an autoscaler adds counts too.")
+                                       "Set it well above the longest rollout, its actor's start included (Walker2d: minutes for 16 whole episodes on a busy laptop), and mind that an actor waiting for a node an autoscaler adds counts too, as does an evaluation beside the rollout (eval.num_actors), which slows it.")
     learner_timeout_s: float = _f(0.0, "Seconds a learner's call (online.updates_per_call updates) may run before the learner is taken for hung (a stuck GPU, a node that stopped answering) and the run stops, its last checkpoint intact, for --resume or --autoresume (a scheduler's requeue) to go on from; 0 = no limit (it is said every 10 minutes that the call still runs). "
                                         "Set it well above the longest call, its first included (torch.compile's warm-up: minutes).")
 

@@ -608,7 +608,7 @@ def test_a_workers_evaluation_plans_with_the_weights_it_is_given_and_starts_each
     cfg = config_lib.from_dict({"online": {"envs_per_actor": 1, "measure_every": 10**9}, "eval": {"num_envs": 3},
                                 "env": {"max_episode_steps": 40}}, cfg)
     state = load_checkpoint(ckpt)
-    weights = weights_of(planner_from_checkpoint(state, cfg), version=7)
+    weights = weights_of(planner_from_checkpoint(state, cfg))
     worker = RolloutWorker(config=cfg.to_dict(), normalizer=state["normalizer"], worker_id=1)
     try:
         results = worker.evaluate(2, 3, seed=50, weights=weights)
@@ -632,14 +632,20 @@ def test_a_workers_evaluation_plans_with_the_weights_it_is_given_and_starts_each
         finally:
             other.close()
         assert all(np.array_equal(a.episode.actions, b.episode.actions) for a, b in zip(results, again, strict=True))
-        # A version it holds is not loaded again; another one is.
-        with mock.patch.object(worker.judging, "load") as load:
-            worker.evaluate(0, 1, seed=50, weights=weights)
-            load.assert_not_called()
-            worker.evaluate(0, 1, seed=50, weights=weights._replace(version=8))
-            load.assert_called_once()
+        # Each task's weights are loaded, whatever version they carry.
+        other_weights = weights._replace(weights={k: v + 0.01 for k, v in weights.weights.items()})
+        worker.evaluate(0, 1, seed=50, weights=other_weights)
+        assert np.array_equal(flat_weights(worker.judging.nets["denoiser"]), other_weights.weights["denoiser"])
     finally:
         worker.close()
+    # Without the alignment error: no shadow envs, no measures.
+    unmeasured = RolloutWorker(config=config_lib.from_dict({"eval": {"measure_alignment": False}}, cfg).to_dict(),
+                               normalizer=state["normalizer"], worker_id=1)
+    try:
+        assert all(len(r.plan_errors) == 0 for r in unmeasured.evaluate(0, 1, seed=50, weights=weights))
+        assert unmeasured.judging.shadows is None
+    finally:
+        unmeasured.close()
 
 
 def test_a_planner_that_raises_is_not_taken_for_an_env_failure(pretrained):
@@ -1792,6 +1798,124 @@ def test_a_runs_evaluation_on_its_workers_judges_its_checkpoint_as_evaluate_on_p
     other = evaluate_in_parallel(planner_from_checkpoint(load_checkpoint(tmp_path / CHECKPOINT), cfg), cfg,
                                  num_actors=1)
     assert saved["return_mean"] == other["return_mean"] and saved["alignment_error"] == other["alignment_error"]
+
+
+def test_parallel_tasks_go_on_without_a_worker_that_died_for_good_or_was_given_up(ray_session):
+    from distdiff.distributed.collection import run_tasks
+
+    @ray.remote(num_cpus=0.01, max_restarts=0)
+    class Echo:
+        def run(self, task, n):
+            return [task] * n
+
+    workers = [Echo.remote() for _ in range(3)]
+    ray.kill(workers[0], no_restart=True)
+    ran_on = []
+
+    def submit(worker, task, n):
+        ran_on.append(workers.index(worker))
+        return worker.run.remote(task, n)
+
+    try:
+        # Two at a time, never on worker 2 (a run's loop gave it up).
+        got = run_tasks(workers, 7, 2, submit, list, width=2, usable=lambda i: i != 2)
+    finally:
+        for w in workers:
+            ray.kill(w)
+    assert got == [0, 0, 1, 1, 2, 2, 3]
+    # The dead worker got its first task only, which ran again on the other one.
+    assert ran_on.count(0) == 1 and 2 not in ran_on and len(ran_on) == 5
+
+
+def test_parallel_tasks_spread_over_the_workers_again_after_a_failure(ray_session, tmp_path):
+    # A task run again elsewhere must not leave its first worker idle for good.
+    from distdiff.distributed.collection import run_tasks
+
+    @ray.remote(num_cpus=0.01, max_restarts=0)
+    class FailsOnce:
+        def __init__(self, marker):
+            self.marker = marker
+
+        def run(self, task, n):
+            if not self.marker.exists():
+                self.marker.touch()
+                raise ValueError("an env that failed once")
+            time.sleep(0.5)
+            return [task] * n
+
+    workers = [FailsOnce.remote(tmp_path / "failed"), FailsOnce.remote(tmp_path / "failed")]
+    ran_on = []
+
+    def submit(worker, task, n):
+        ran_on.append(workers.index(worker))
+        return worker.run.remote(task, n)
+
+    try:
+        got = run_tasks(workers, 8, 1, submit, list)
+    finally:
+        for w in workers:
+            ray.kill(w)
+    assert got == list(range(8)) and len(ran_on) == 9
+    # Back from its second's back-off while the other still has ~3 s of tasks.
+    assert min(ran_on.count(0), ran_on.count(1)) >= 2
+
+
+def test_parallel_tasks_go_to_the_worker_that_is_free(ray_session):
+    # Not queued behind a slow worker's task while a fast one waits.
+    from distdiff.distributed.collection import run_tasks
+
+    @ray.remote(num_cpus=0.01)
+    class Paced:
+        def __init__(self, seconds):
+            self.seconds = seconds
+
+        def run(self, task, n):
+            time.sleep(self.seconds)
+            return [task] * n
+
+    workers = [Paced.remote(2.0), Paced.remote(0.05)]
+    ran_on = []
+
+    def submit(worker, task, n):
+        ran_on.append(workers.index(worker))
+        return worker.run.remote(task, n)
+
+    try:
+        assert run_tasks(workers, 8, 1, submit, list) == list(range(8))
+    finally:
+        for w in workers:
+            ray.kill(w)
+    assert ran_on.count(0) <= 2
+
+
+def test_a_runs_evaluation_leaves_out_the_workers_its_loop_gave_up(ray_session, pretrained, tmp_path, monkeypatch):
+    from distdiff.distributed import actors, driver
+
+    class Marks(actors.RayRolloutWorker):
+        def evaluate(self, first, n_episodes, *, seed, weights):
+            (tmp_path / "played on 0").touch()
+            return super().evaluate(first, n_episodes, seed=seed, weights=weights)
+
+    cfg, ckpt = pretrained
+    cfg = config_lib.from_dict({"eval": {"episodes": 2, "num_envs": 1, "num_actors": 2},
+                                "env": {"max_episode_steps": 20}}, cfg)
+    run = start_run(cfg, tmp_path / "run", ckpt, num_actors=2)
+    played_here = []
+    try:
+        ray.kill(run.workers[0])
+        run.workers[0] = ray.remote(concurrency_groups=actors.WORKER_GROUPS)(Marks).options(num_cpus=0.01).remote(
+            config=run.cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=0)
+        run.dropped.add(0)
+        assert run.evaluate()["eval_episodes"] == 2
+        assert not (tmp_path / "played on 0").exists()
+        # With every worker given up (the loop then stops), the driver plays it.
+        monkeypatch.setattr(driver, "evaluate", lambda planner, cfg, **_: played_here.append(1) or scripted_summary(1.0))
+        run.dropped.add(1)
+        ray.get(run.learner.train.remote(run.replay.sample.remote(2, cfg.train.batch_size)))  # (new weights)
+        run.evaluate()
+    finally:
+        run.close()
+    assert played_here == [1]
 
 
 def test_a_run_stops_waiting_for_an_evaluation_on_its_workers_when_it_ends(ray_session, pretrained, tmp_path):

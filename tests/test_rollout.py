@@ -546,14 +546,14 @@ def test_an_evaluation_reports_the_guidance_scale_it_planned_with_unless_the_gui
 
 
 def _bare_worker(n_envs=3, measure_alignment=True):
-    """A RolloutWorker with only what evaluate() reads, evaluation envs made and weights of
-    version 1 loaded, its _run recording its arguments."""
+    """A RolloutWorker with only what evaluate() reads, its evaluation envs made, its _run
+    recording its arguments."""
     from distdiff.distributed.worker import RolloutWorker
 
     worker = RolloutWorker.__new__(RolloutWorker)
     worker.worker_id = 0
     worker.cfg = config.from_dict({"eval": {"measure_alignment": measure_alignment}})
-    worker.judging = SimpleNamespace(envs=[object()] * n_envs, version=1)
+    worker.judging = SimpleNamespace(envs=[object()] * n_envs, load=lambda weights: None)
     calls = []
     worker._run = lambda acting, seed, **kw: calls.append((seed, kw)) or ["episode"] * kw["n_envs"]
     return worker, calls

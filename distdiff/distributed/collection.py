@@ -26,6 +26,7 @@ from distdiff.training import flat_weights, planner_from_checkpoint
 
 COLLECT_TRIES = 5  # a task that fails this often stops the collection or evaluation
 COLLECT_RESTART_S = 300.0  # and so does a worker that Ray has not restarted within this time
+MAX_BACK_OFF_S = 8.0  # the longest a worker that keeps failing waits between tasks
 
 
 def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episode_steps: int, seed: int,
@@ -77,10 +78,10 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
                          lambda result: [ep.copy() for ep in result.episodes], progress)
 
 
-def weights_of(planner: Planner, version: int = 1) -> Weights:
-    """The nets of ``planner`` as a published weights version, for workers to load."""
+def weights_of(planner: Planner) -> Weights:
+    """The nets of ``planner`` as weights for workers to load (version 1)."""
     nets = {name: getattr(planner, name) for name in NETS}
-    return Weights(version=version, weights={name: flat_weights(net) for name, net in nets.items() if net is not None})
+    return Weights(version=1, weights={name: flat_weights(net) for name, net in nets.items() if net is not None})
 
 
 def evaluate_in_parallel(planner: Planner, cfg: config_lib.Config, *, num_actors: int,
@@ -98,15 +99,16 @@ def evaluate_in_parallel(planner: Planner, cfg: config_lib.Config, *, num_actors
 
 
 def evaluate_on(workers: List, weights: ray.ObjectRef, cfg: config_lib.Config, *,
-                stop: Optional[Callable[[], bool]] = None, progress: Optional[Callable[[int], None]] = None
-                ) -> Dict[str, object]:
+                stop: Optional[Callable[[], bool]] = None, progress: Optional[Callable[[int], None]] = None,
+                width: Optional[int] = None, usable: Callable[[int], bool] = lambda i: True) -> Dict[str, object]:
     """:func:`distdiff.evaluation.evaluate` of the planner that ``weights`` (a ref to the
     :class:`Weights` of :func:`weights_of`) make in ``workers`` (rollout actors of ``cfg``),
     its episodes split between them, ``eval.num_envs`` per task. Episode i starts from the state it
     starts from in ``evaluate`` (seed ``eval.seed`` + i); the sampler's noise is drawn per
     task, so the figures are the same for any number of workers but not those of one process,
     whose envs share one stream. ``stop`` is asked while it waits: when it says so, it raises
-    EvaluationStopped (the tasks in flight run out in their workers)."""
+    EvaluationStopped (the tasks in flight run out in their workers). ``width`` and ``usable``:
+    how many tasks run at once and on which workers (:func:`run_tasks`)."""
     per_task = min(cfg.eval.num_envs, cfg.eval.episodes)
 
     def own(results: List[EpisodeResult]) -> List[EpisodeResult]:
@@ -117,7 +119,7 @@ def evaluate_on(workers: List, weights: ray.ObjectRef, cfg: config_lib.Config, *
     results = run_tasks(workers, cfg.eval.episodes, per_task,
                         lambda worker, task, n: worker.evaluate.remote(task * per_task, n, seed=cfg.eval.seed,
                                                                        weights=weights),
-                        own, progress, stop)
+                        own, progress, stop, width=width, usable=usable)
     return summary_of(results, cfg)
 
 
@@ -146,26 +148,50 @@ def own_workers(cfg: config_lib.Config, planner: Planner) -> Iterator[List]:
 
 
 def run_tasks(workers: List, n_episodes: int, per_task: int, submit: Callable, keep: Callable,
-              progress: Optional[Callable[[int], None]] = None, stop: Optional[Callable[[], bool]] = None) -> List:
+              progress: Optional[Callable[[int], None]] = None, stop: Optional[Callable[[], bool]] = None, *,
+              width: Optional[int] = None, usable: Callable[[int], bool] = lambda i: True) -> List:
     """``n_episodes`` episodes of ``workers`` (rollout actors), in tasks of ``per_task``
     episodes: ``submit(worker, task, n)`` starts task ``task`` of ``n`` episodes, ``keep(result)``
-    makes its list of what is returned. A task whose worker died or whose envs raised is run
-    again, with the same seeds, by the next worker (Ray may be restarting that one, or a run's
-    loop have given it up); a planner that fails stops it all. ``stop``: see :func:`evaluate_on`."""
+    makes its list of what is returned. At most ``width`` tasks run at once (default: one per
+    worker), each started on the worker with the fewest in flight (then the lowest index) among
+    those ``usable(i)`` allows (a run's loop gives workers up). A task whose worker died or whose
+    envs raised is run again, with the same seeds; its worker takes no task until a back-off
+    has passed (Ray may be restarting it, or not at all), which doubles with each failure in a
+    row, while others do. A planner that fails stops it all. ``stop``: see :func:`evaluate_on`."""
     # a task's ref -> (its worker, the task, its episodes, its failures, unavailable workers since)
     pending: Dict[ray.ObjectRef, tuple] = {}
     by_task: Dict[int, List] = {}
+    in_flight, failing = [0] * len(workers), [0] * len(workers)
+    back_at = [0.0] * len(workers)  # when a worker that failed may take a task again
+    gone: Dict[int, str] = {}  # workers whose constructor raised (Ray never restarts them): why
 
-    def start(i: int, task: int, n: int, failures: int = 0, since: Optional[float] = None) -> None:
+    def start(task: int, n: int, failures: int = 0, since: Optional[float] = None) -> None:
+        choice = [i for i in range(len(workers)) if i not in gone and usable(i)]
+        if not choice:
+            why = f": {next(iter(gone.values()))}" if gone else ""
+            raise RunFailed(f"no rollout actor is left to run task {task} on{why}")
+        now = time.monotonic()
+        ready_now = [i for i in choice if back_at[i] <= now]
+        if not ready_now:
+            # Every one is backing off: wait for the first back.
+            i = min(choice, key=lambda j: back_at[j])
+            time.sleep(back_at[i] - now)
+        else:
+            i = min(ready_now, key=lambda j: (in_flight[j], j))
+        in_flight[i] += 1
         pending[submit(workers[i], task, n)] = (i, task, n, failures, since)
+
+    def failed(i: int) -> None:
+        failing[i] += 1
+        back_at[i] = time.monotonic() + min(2.0 ** (failing[i] - 1), MAX_BACK_OFF_S)
 
     def unasked() -> int:
         return n_episodes - sum(len(got) for got in by_task.values()) - sum(p[2] for p in pending.values())
 
     tasks = itertools.count()  # numbered, so a retried task replays its seeds, and no other does
-    for i in range(len(workers)):
+    for _ in range(len(workers) if width is None else width):
         if unasked() > 0:
-            start(i, next(tasks), min(per_task, unasked()))
+            start(next(tasks), min(per_task, unasked()))
     while pending:
         ready, _ = ray.wait(list(pending), num_returns=1, timeout=None if stop is None else 0.25)
         if stop is not None and stop():
@@ -173,33 +199,37 @@ def run_tasks(workers: List, n_episodes: int, per_task: int, submit: Callable, k
         if not ready:
             continue
         i, task, n, failures, since = pending.pop(ready[0])
-        following = (i + 1) % len(workers)
+        in_flight[i] -= 1
         try:
             got = keep(ray.get(ready[0]))
         except ActorUnavailableError as e:
             # Ray is restarting the worker, and calls fail at once until it is back.
+            failed(i)
             since = time.monotonic() if since is None else since
             if time.monotonic() - since > COLLECT_RESTART_S:
                 raise RunFailed(f"no rollout actor took task {task} within {COLLECT_RESTART_S:g} s: "
                                 f"{cause(e)}") from e
-            time.sleep(1.0)
-            start(following, task, n, failures, since)
+            start(task, n, failures, since)
             continue
         except RayError as e:
             if isinstance(e, RayTaskError) and isinstance(e.cause, (NonFinitePlan, PlanError)):
                 # Its seeds again would fail the same way.
                 raise RunFailed(f"the checkpoint's planner is broken: {cause(e)}") from e
-            # A worker that died with the task, or whose task raised: try again after a
-            # pause, as training does; what was run so far is kept.
-            failures += 1
-            if failures >= COLLECT_TRIES or (isinstance(e, RayActorError) and e.actor_init_failed):
-                raise RunFailed(f"task {task} failed {failures} times: {cause(e)}") from e
-            time.sleep(min(0.5 * failures, 5.0))
-            start(following, task, n, failures)
+            # A worker that died with the task, or whose task raised: the task runs again; what
+            # was run so far is kept.
+            failed(i)
+            if isinstance(e, RayActorError) and e.actor_init_failed:
+                gone[i] = cause(e)  # the worker's failure, not the task's
+            else:
+                failures += 1
+                if failures >= COLLECT_TRIES:
+                    raise RunFailed(f"task {task} failed {failures} times: {cause(e)}") from e
+            start(task, n, failures)
             continue
+        failing[i] = 0
         by_task[task] = got
         if progress:
             progress(len(got))
         if unasked() > 0:
-            start(i, next(tasks), min(per_task, unasked()))
+            start(next(tasks), min(per_task, unasked()))
     return [item for k in sorted(by_task) for item in by_task[k]]

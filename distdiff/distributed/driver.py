@@ -508,7 +508,7 @@ class OnlineRun:
             raise RunFailed(f"the {who} failed while its state was taken for a checkpoint: {cause(e)}") from e
 
     def start_evaluation(self) -> None:
-        """Checkpoint, then evaluate the newest weights in fresh envs, from a thread of this
+        """Checkpoint, then evaluate the newest weights, from a thread of this
         process beside the loop: rollouts and learner calls go on meanwhile (an evaluation of 100
         Walker2d episodes takes minutes of one core, which would leave every actor and the
         learner idle). The episodes run in that thread, or split between ``eval.num_actors``
@@ -528,18 +528,19 @@ class OnlineRun:
             self.evaluation = PendingEvaluation(result, at, None, time.perf_counter())
             return
 
-        # On eval.num_actors of the rollout workers the loop has not given up, if any are asked for.
-        judges = [w for i, w in enumerate(self.workers) if i not in self.dropped][:self.cfg.eval.num_actors]
+        # On eval.num_actors of the rollout workers at once, if any are asked for and the loop has
+        # not given them all up (then it stops anyway); a task goes on without one it gives up.
+        on_workers = self.cfg.eval.num_actors > 0 and len(self.dropped) < len(self.workers)
 
         def work() -> None:
             try:
                 # The planner the checkpoint makes, so launch/evaluate.py on it judges the same
                 # one (blended with the prior by online.prior_weight).
                 planner = planner_from_checkpoint(state, self.cfg)
-                if judges:
-                    # Versioned by the learner's step: a worker loads each evaluation's weights once.
-                    weights = ray.put(weights_of(planner, version=at["step"]))
-                    result.set_result(evaluate_on(judges, weights, self.cfg, stop=self.stop_evaluation.is_set))
+                if on_workers:
+                    result.set_result(evaluate_on(self.workers, ray.put(weights_of(planner)), self.cfg,
+                                                  stop=self.stop_evaluation.is_set, width=self.cfg.eval.num_actors,
+                                                  usable=lambda i: i not in self.dropped))
                 else:
                     result.set_result(evaluate(planner, self.cfg, stop=self.stop_evaluation.is_set))
             except BaseException as e:  # re-raised in the loop's thread, which takes the result

@@ -5,6 +5,7 @@ Kept light on imports (torch, gymnasium, numpy): many of these run on one machin
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
 import mujoco
@@ -75,6 +76,10 @@ class RolloutWorker:
         check_same_code(driver_code)
         cfg = from_dict(config)
         torch.set_num_threads(1)
+        # load_flat_weights silences this warning inside warnings.catch_warnings, which is not
+        # thread-safe: with an evaluation loading weights beside set_weights, two of them could
+        # leave the process's filters without it. Silenced here once, both save it.
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.cfg = cfg
         self.worker_id = worker_id
         self.normalizer = Normalizer.from_state_dict(normalizer)
@@ -137,7 +142,7 @@ class RolloutWorker:
         stream of ``first``. Run by a planner and ``eval.num_envs`` envs of its own, made on
         the first call, so that it may run beside a rollout (Ray's actor runs it in a thread
         of its own: ``distdiff.distributed.actors``) and leaves the rollouts' weights as they
-        were. ``weights`` are loaded when their version is not the one it holds."""
+        were."""
         if self.judging is None:
             self.judging = Acting(self.cfg, self.normalizer, self.cfg.eval.num_envs,
                                   shadows=self.cfg.eval.measure_alignment)
@@ -145,8 +150,9 @@ class RolloutWorker:
         if n_episodes > len(judging.envs):
             raise ValueError(f"{n_episodes} episodes asked of a worker with {len(judging.envs)} evaluation envs "
                              f"(eval.num_envs)")
-        if weights.version != judging.version:
-            judging.load(weights)
+        # Every task: a memcpy of ~6 MB beside the episodes, and no version that two different
+        # evaluations could share.
+        judging.load(weights)
         results, _ = self._rebuilding(judging, lambda attempt: self._run(
             judging, stream_seed(seed, first, attempt), n_envs=n_episodes, first_reset=seed + first,
             measure_every=1 if self.cfg.eval.measure_alignment else None))
