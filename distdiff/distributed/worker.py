@@ -77,8 +77,9 @@ class RolloutWorker:
         cfg = from_dict(config)
         torch.set_num_threads(1)
         # load_flat_weights silences this warning inside warnings.catch_warnings, which is not
-        # thread-safe: with an evaluation loading weights beside set_weights, two of them could
-        # leave the process's filters without it. Silenced here once, both save it.
+        # thread-safe: an evaluation loading weights beside set_weights could leave the process's
+        # filters without it. Silenced here for the whole process, whatever filters either
+        # thread restores hold it.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         self.cfg = cfg
         self.worker_id = worker_id
