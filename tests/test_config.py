@@ -98,6 +98,7 @@ def test_overrides_are_typed():
         ({"train.batch_size": 0}, "train.batch_size must be >= 1, got 0"),
         ({"online.num_actors": 0}, "online.num_actors must be >= 1, got 0"),
         ({"eval.episodes": -2}, "eval.episodes must be >= 1, got -2"),
+        ({"eval.num_actors": -1}, "eval.num_actors must be >= 0, got -1"),
         ({"train.value_lr": 0.0}, "train.value_lr must be positive, got 0.0"),
     ],
 )

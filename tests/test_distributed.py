@@ -1888,6 +1888,136 @@ def test_parallel_tasks_go_to_the_worker_that_is_free(ray_session):
     assert ran_on.count(0) <= 2
 
 
+def test_parallel_tasks_leave_out_workers_whose_constructor_raised(ray_session):
+    from distdiff.distributed.collection import run_tasks
+
+    @ray.remote(num_cpus=0.01, max_restarts=0)
+    class Broken:
+        def __init__(self):
+            raise RuntimeError("no env here")
+
+        def run(self, task, n):
+            raise AssertionError("never runs")
+
+    @ray.remote(num_cpus=0.01, max_restarts=0)
+    class Slow:
+        def run(self, task, n):
+            time.sleep(0.4)
+            return [task] * n
+
+    # Every worker unbuildable: said with the constructor's error, not retried for ever (in a
+    # thread with a time limit, so that the test cannot hang).
+    broken, raised = [Broken.remote() for _ in range(2)], []
+
+    def run():
+        try:
+            run_tasks(broken, 2, 1, lambda w, t, n: w.run.remote(t, n), list)
+        except RunFailed as e:
+            raised.append(e)
+
+    try:
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        thread.join(timeout=60)
+    finally:
+        for w in broken:
+            ray.kill(w)
+    assert raised, "still retrying the unbuildable workers after 60 s"
+    assert re.search("no rollout actor is left to run task .* no env here", str(raised[0]))
+    # One unbuildable among good ones: one task, never another after its back-off.
+    workers, ran_on = [Broken.remote(), Slow.remote()], []
+
+    def submit(worker, task, n):
+        ran_on.append(workers.index(worker))
+        return worker.run.remote(task, n)
+
+    try:
+        assert run_tasks(workers, 8, 1, submit, list) == list(range(8))
+    finally:
+        for w in workers:
+            ray.kill(w)
+    assert ran_on.count(0) == 1
+
+
+def test_a_lone_worker_that_fails_waits_out_its_back_off_before_its_next_task(ray_session):
+    from distdiff.distributed.collection import run_tasks
+
+    @ray.remote(num_cpus=0.01, max_restarts=0)
+    class FailsTwice:
+        def __init__(self):
+            self.calls = []
+
+        def run(self, task, n):
+            self.calls.append(time.monotonic())
+            if len(self.calls) <= 2:
+                raise ValueError("an env that failed")
+            return [task] * n
+
+        def times(self):
+            return self.calls
+
+    worker = FailsTwice.remote()
+    try:
+        assert run_tasks([worker], 1, 1, lambda w, t, n: w.run.remote(t, n), list) == [0]
+        calls = ray.get(worker.times.remote())
+    finally:
+        ray.kill(worker)
+    gaps = [b - a for a, b in zip(calls, calls[1:])]
+    # 1 s, then 2 s: not retried at once, as fast as Ray fails it.
+    assert len(calls) == 3 and gaps[0] >= 0.9 and gaps[1] >= 1.9, gaps
+
+
+def test_a_parallel_evaluation_plays_episodes_from_its_seed_each_once(ray_session, pretrained, monkeypatch):
+    # As distdiff.evaluation.evaluate does: an offset would shift every parallel count alike.
+    from distdiff.distributed import collection
+    from distdiff.training import planner_from_checkpoint
+
+    cfg, ckpt = pretrained
+    cfg = config_lib.from_dict({"eval": {"episodes": 3, "num_envs": 2}, "env": {"max_episode_steps": 20}}, cfg)
+    seen, real = [], collection.summary_of
+    monkeypatch.setattr(collection, "summary_of",
+                        lambda results, c: seen.extend(r.seed for r in results) or real(results, c))
+    collection.evaluate_in_parallel(planner_from_checkpoint(load_checkpoint(ckpt), cfg), cfg, num_actors=2)
+    assert seen == [cfg.eval.seed + i for i in range(3)]
+
+
+def test_a_runs_evaluation_runs_no_more_tasks_at_once_than_eval_num_actors(ray_session, pretrained, tmp_path,
+                                                                            monkeypatch):
+    from distdiff.distributed import actors, driver
+
+    marks = tmp_path / "marks"
+    marks.mkdir()
+
+    class Logs(actors.RayRolloutWorker):
+        def evaluate(self, first, n_episodes, *, seed, weights):
+            (marks / f"start-{first}").write_text(repr(time.time()))
+            time.sleep(1.0)
+            out = super().evaluate(first, n_episodes, seed=seed, weights=weights)
+            (marks / f"end-{first}").write_text(repr(time.time()))
+            return out
+
+    def not_here(*args, **kwargs):
+        raise AssertionError("evaluated in the driver's process")
+
+    monkeypatch.setattr(driver, "evaluate", not_here)
+    cfg, ckpt = pretrained
+    # One actor at a time, of two: on the workers still (1 is not 0), one task after the other.
+    cfg = config_lib.from_dict({"eval": {"episodes": 2, "num_envs": 1, "num_actors": 1},
+                                "env": {"max_episode_steps": 20}}, cfg)
+    run = start_run(cfg, tmp_path / "run", ckpt, num_actors=2)
+    try:
+        for i in range(2):
+            ray.kill(run.workers[i])
+            run.workers[i] = ray.remote(concurrency_groups=actors.WORKER_GROUPS)(Logs).options(num_cpus=0.01).remote(
+                config=run.cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=i)
+        assert run.evaluate()["eval_episodes"] == 2
+    finally:
+        run.close()
+    at = {p.name: float(p.read_text()) for p in marks.iterdir()}
+    assert set(at) == {"start-0", "end-0", "start-1", "end-1"}
+    assert at["start-1"] >= at["end-0"]
+
+
 def test_a_runs_evaluation_leaves_out_the_workers_its_loop_gave_up(ray_session, pretrained, tmp_path, monkeypatch):
     from distdiff.distributed import actors, driver
 

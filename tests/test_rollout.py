@@ -545,6 +545,25 @@ def test_an_evaluation_reports_the_guidance_scale_it_planned_with_unless_the_gui
     assert evaluation.evaluate(planner, cfg)["guidance_scale"] is None
 
 
+def test_an_evaluation_whose_env_fails_rebuilds_its_own_envs_not_the_rollouts(worker_trainer):
+    from distdiff.distributed.messages import Weights
+
+    worker = _plain_worker(worker_trainer, eval={"num_envs": 2, "measure_alignment": False})
+    weights = Weights(version=1, weights=worker_trainer.weights())
+    try:
+        worker.evaluate(0, 1, seed=5, weights=weights)  # (builds the evaluation's envs)
+        broken, rollout_envs = worker.judging.envs[0], list(worker.acting.envs)
+        broken.step = mock.Mock(side_effect=ValueError("bad action"))  # fails for good
+        results = worker.evaluate(0, 1, seed=5, weights=weights)
+        assert len(results) == 1 and broken not in worker.judging.envs
+        assert worker.acting.envs == rollout_envs  # a rollout beside it keeps its envs
+        with mock.patch.object(worker.judging, "close_envs", wraps=worker.judging.close_envs) as closed:
+            worker.close()
+        closed.assert_called_once()  # the evaluation's envs too
+    finally:
+        worker.close()
+
+
 def _bare_worker(n_envs=3, measure_alignment=True):
     """A RolloutWorker with only what evaluate() reads, its evaluation envs made, its _run
     recording its arguments."""
