@@ -1800,16 +1800,11 @@ def test_a_runs_evaluation_on_its_workers_judges_its_checkpoint_as_evaluate_on_p
     assert saved["return_mean"] == other["return_mean"] and saved["alignment_error"] == other["alignment_error"]
 
 
-def test_parallel_tasks_go_on_without_a_worker_that_died_for_good_or_was_given_up(ray_session):
+def tasks_on(workers, n_episodes, per_task, **kwargs):
+    """``run_tasks`` over ``workers`` (actors with ``run(task, n)``), then kills them; what it
+    returned and the index of the worker each submission went to, in order."""
     from distdiff.distributed.collection import run_tasks
 
-    @ray.remote(num_cpus=0.01, max_restarts=0)
-    class Echo:
-        def run(self, task, n):
-            return [task] * n
-
-    workers = [Echo.remote() for _ in range(3)]
-    ray.kill(workers[0], no_restart=True)
     ran_on = []
 
     def submit(worker, task, n):
@@ -1817,11 +1812,22 @@ def test_parallel_tasks_go_on_without_a_worker_that_died_for_good_or_was_given_u
         return worker.run.remote(task, n)
 
     try:
-        # Two at a time, never on worker 2 (a run's loop gave it up).
-        got = run_tasks(workers, 7, 2, submit, list, width=2, usable=lambda i: i != 2)
+        return run_tasks(workers, n_episodes, per_task, submit, list, **kwargs), ran_on
     finally:
         for w in workers:
             ray.kill(w)
+
+
+def test_parallel_tasks_go_on_without_a_worker_that_died_for_good_or_was_given_up(ray_session):
+    @ray.remote(num_cpus=0.01, max_restarts=0)
+    class Echo:
+        def run(self, task, n):
+            return [task] * n
+
+    workers = [Echo.remote() for _ in range(3)]
+    ray.kill(workers[0], no_restart=True)
+    # Two at a time, never on worker 2 (a run's loop gave it up).
+    got, ran_on = tasks_on(workers, 7, 2, width=2, usable=lambda i: i != 2)
     assert got == [0, 0, 1, 1, 2, 2, 3]
     # The dead worker got its first task only, which ran again on the other one.
     assert ran_on.count(0) == 1 and 2 not in ran_on and len(ran_on) == 5
@@ -1829,8 +1835,6 @@ def test_parallel_tasks_go_on_without_a_worker_that_died_for_good_or_was_given_u
 
 def test_parallel_tasks_spread_over_the_workers_again_after_a_failure(ray_session, tmp_path):
     # A task run again elsewhere must not leave its first worker idle for good.
-    from distdiff.distributed.collection import run_tasks
-
     @ray.remote(num_cpus=0.01, max_restarts=0)
     class FailsOnce:
         def __init__(self, marker):
@@ -1843,18 +1847,7 @@ def test_parallel_tasks_spread_over_the_workers_again_after_a_failure(ray_sessio
             time.sleep(0.5)
             return [task] * n
 
-    workers = [FailsOnce.remote(tmp_path / "failed"), FailsOnce.remote(tmp_path / "failed")]
-    ran_on = []
-
-    def submit(worker, task, n):
-        ran_on.append(workers.index(worker))
-        return worker.run.remote(task, n)
-
-    try:
-        got = run_tasks(workers, 8, 1, submit, list)
-    finally:
-        for w in workers:
-            ray.kill(w)
+    got, ran_on = tasks_on([FailsOnce.remote(tmp_path / "failed"), FailsOnce.remote(tmp_path / "failed")], 8, 1)
     assert got == list(range(8)) and len(ran_on) == 9
     # Back from its second's back-off while the other still has ~3 s of tasks.
     assert min(ran_on.count(0), ran_on.count(1)) >= 2
@@ -1862,8 +1855,6 @@ def test_parallel_tasks_spread_over_the_workers_again_after_a_failure(ray_sessio
 
 def test_parallel_tasks_go_to_the_worker_that_is_free(ray_session):
     # Not queued behind a slow worker's task while a fast one waits.
-    from distdiff.distributed.collection import run_tasks
-
     @ray.remote(num_cpus=0.01)
     class Paced:
         def __init__(self, seconds):
@@ -1873,19 +1864,8 @@ def test_parallel_tasks_go_to_the_worker_that_is_free(ray_session):
             time.sleep(self.seconds)
             return [task] * n
 
-    workers = [Paced.remote(2.0), Paced.remote(0.05)]
-    ran_on = []
-
-    def submit(worker, task, n):
-        ran_on.append(workers.index(worker))
-        return worker.run.remote(task, n)
-
-    try:
-        assert run_tasks(workers, 8, 1, submit, list) == list(range(8))
-    finally:
-        for w in workers:
-            ray.kill(w)
-    assert ran_on.count(0) <= 2
+    got, ran_on = tasks_on([Paced.remote(2.0), Paced.remote(0.05)], 8, 1)
+    assert got == list(range(8)) and ran_on.count(0) <= 2
 
 
 def test_parallel_tasks_leave_out_workers_whose_constructor_raised(ray_session):
@@ -1925,18 +1905,8 @@ def test_parallel_tasks_leave_out_workers_whose_constructor_raised(ray_session):
     assert raised, "still retrying the unbuildable workers after 60 s"
     assert re.search("no rollout actor is left to run task .* no env here", str(raised[0]))
     # One unbuildable among good ones: one task, never another after its back-off.
-    workers, ran_on = [Broken.remote(), Slow.remote()], []
-
-    def submit(worker, task, n):
-        ran_on.append(workers.index(worker))
-        return worker.run.remote(task, n)
-
-    try:
-        assert run_tasks(workers, 8, 1, submit, list) == list(range(8))
-    finally:
-        for w in workers:
-            ray.kill(w)
-    assert ran_on.count(0) == 1
+    got, ran_on = tasks_on([Broken.remote(), Slow.remote()], 8, 1)
+    assert got == list(range(8)) and ran_on.count(0) == 1
 
 
 def test_a_lone_worker_that_fails_waits_out_its_back_off_before_its_next_task(ray_session):
