@@ -943,8 +943,14 @@ def test_best_evaluation_keeps_its_checkpoint_across_resumes(ray_session, pretra
         return train(longer, tmp_path, resume=True, log=messages.append, progress=False), messages
 
     monkeypatch.setattr(driver, "evaluate", scripted_evaluate)
-    first = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+    reports = []
+    first = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False, on_evaluation=reports.append)
     assert len(evaluated) >= 3 and first["best"]["return_mean"] == 300.0 == max(s for s, _ in evaluated)
+    # The last weights (40 updates, a multiple of eval_every) are judged once, by the final
+    # evaluation: a mid-run one there, reported as not final, made ASHA stop a trial at its
+    # max_t before its final one ran.
+    assert [r["final"] for r in reports if r["updates"] == first["updates"]] == [True]
+    assert len(evaluated) == len(reports) and reports[-1] == first
     best = load_checkpoint(tmp_path / "best.pt")
     assert best["best"] == first["best"]
     # best.pt holds the very weights that earned the best score, not the last broadcast's.

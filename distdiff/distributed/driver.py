@@ -757,6 +757,11 @@ class OnlineRun:
     def owed_updates(self) -> int:
         return owed_updates(self.cfg, self.counters)
 
+    def trains_on(self) -> bool:
+        """Whether the learner has more updates to make after its last call: budget is left to
+        collect, or updates are owed that it may still make."""
+        return self.budget_left(self.t0) or self.may_train(False, self.t0) and self.owed_updates() >= 1
+
     def has_training_data(self) -> bool:
         """Whether the replay can sample a batch. With no offline data, only once it has stored
         an episode: it refuses non-finite ones, so the first rollouts may store nothing, and it
@@ -994,7 +999,11 @@ class OnlineRun:
         # waits for the first learner call after it ends, once however many came due.
         self.take_evaluation()
         idle = self.evaluation is None
-        eval_due = self.next_eval is not None and c.updates >= self.next_eval and not self.stopping()
+        # Not of the run's last weights: the final evaluation, which follows, judges them. (Reported
+        # as not final, a mid-run one there made a sweep's ASHA stop the trial at its max_t before
+        # the final one ran.)
+        eval_due = self.next_eval is not None and c.updates >= self.next_eval and not self.stopping() \
+            and self.trains_on()
         if eval_due and not idle and not self.said_slow:
             self.said_slow = True
             self.log(f"evaluations come due faster than they end (the one at update "
