@@ -720,8 +720,34 @@ def refused_overrides(args: argparse.Namespace) -> List[str]:
     return [f"--{key}" for key in given_overrides(args) if key not in acting]
 
 
+# Fields that act only under another field's setting: (fields, whether it holds, what it is).
+INERT_UNLESS: Tuple[Tuple[Tuple[str, ...], Callable[[Config], bool], str], ...] = (
+    (("guidance.return_quantile", "guidance.return_scale", "train.condition_dropout"),
+     lambda c: c.model.returns_condition, "model.returns_condition true"),
+    (("guidance.n_guide_steps", "guidance.t_stopgrad", "guidance.scale_grad_by_std"),
+     lambda c: c.guidance.scale > 0, "guidance.scale > 0"),
+    (("planner.ddim_steps", "planner.ddim_eta"), lambda c: c.planner.sampler == "ddim", "planner.sampler ddim"),
+    (("planner.replan_every",), lambda c: c.planner.execution == "receding", "planner.execution receding"),
+    (("planner.dynamics_rank",), lambda c: c.planner.dynamics_candidates > 1, "planner.dynamics_candidates > 1"),
+)
+
+
+def inert_flags(cfg: Config, given) -> List[str]:
+    """Why each of the ``given`` fields (dotted names) would change nothing under ``cfg``, if any
+    would: a flag for one of them was taken without a word. Flags only: a config file or a
+    sweep's space may set them all alike, whatever else it sets."""
+    problems = []
+    for fields, holds, needs in INERT_UNLESS:
+        named = [f"--{key}" for key in fields if key in given]
+        if named and not holds(cfg):
+            problems.append(f"{', '.join(named)} would do nothing: {'they act' if len(named) > 1 else 'it acts'} "
+                            f"only with {needs}")
+    return problems
+
+
 def from_args(args: argparse.Namespace, base: Optional[Config] = None) -> Config:
-    """Build the config from ``--config`` (or ``base``, e.g. a checkpoint's) and the ``--section.field`` flags."""
+    """Build the config from ``--config`` (or ``base``, e.g. a checkpoint's) and the ``--section.field`` flags.
+    Refuses flags that would do nothing under the config they make (:func:`inert_flags`)."""
     overrides = given_overrides(args)
     if base is None:
         path = getattr(args, "config", None)
@@ -729,9 +755,13 @@ def from_args(args: argparse.Namespace, base: Optional[Config] = None) -> Config
         if data == {}:
             # (README: an empty file means the defaults; said, in case the wrong file was given.)
             print(f"warning: config file {path} sets nothing: the defaults are used", file=sys.stderr)
-        return load(path, overrides, data=data)
-    cfg, errors = _merge(_nest(overrides), base)
-    validate(cfg, errors)
+        cfg = load(path, overrides, data=data)
+    else:
+        cfg, errors = _merge(_nest(overrides), base)
+        validate(cfg, errors)
+    inert = inert_flags(cfg, overrides)
+    if inert:
+        raise ConfigError("invalid flags:\n  " + "\n  ".join(inert))
     return cfg
 
 

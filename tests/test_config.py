@@ -438,3 +438,36 @@ def test_a_negative_learner_timeout_is_refused():
     with pytest.raises(config.ConfigError, match="online.learner_timeout_s must be >= 0"):
         config.validate(cfg)
     config.validate(config.from_dict({"online": {"learner_timeout_s": 0.0}}))
+
+
+def test_flags_that_would_do_nothing_under_the_config_they_make_are_refused():
+    # A return quantile on an unconditioned model was taken, and recorded as an override,
+    # without a word; so were DDIM settings for the DDPM sampler, and guidance steps at scale 0.
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+
+    def flags(*argv, base=None):
+        return config.from_args(parser.parse_args(list(argv)), base=base)
+
+    unconditioned = config.load(SMOKE_CONFIG, {"model.returns_condition": False, "guidance.scale": 0.0,
+                                               "planner.sampler": "ddpm"})
+    with pytest.raises(ConfigError) as e:
+        flags("--guidance.return_quantile", "0.99", "--guidance.return_scale", "3", "--planner.ddim_eta", "0.5",
+              "--guidance.t_stopgrad", "1", base=unconditioned)
+    assert str(e.value).splitlines()[1:] == [
+        "  --guidance.return_quantile, --guidance.return_scale would do nothing: they act only with "
+        "model.returns_condition true",
+        "  --guidance.t_stopgrad would do nothing: it acts only with guidance.scale > 0",
+        "  --planner.ddim_eta would do nothing: it acts only with planner.sampler ddim"]
+    # Under the config the flags themselves make, not the base's: they act there.
+    cfg = flags("--model.returns_condition", "true", "--guidance.return_quantile", "0.99", "--planner.sampler", "ddim",
+                "--planner.ddim_eta", "0.5", "--guidance.scale", "0.1", "--guidance.t_stopgrad", "1", base=unconditioned)
+    assert (cfg.guidance.return_quantile, cfg.planner.ddim_eta, cfg.guidance.t_stopgrad) == (0.99, 0.5, 1)
+    for argv, says in [(["--planner.execution", "open_loop", "--planner.replan_every", "2"], "planner.execution receding"),
+                       (["--planner.dynamics_rank", "value"], "planner.dynamics_candidates > 1"),
+                       (["--train.condition_dropout", "0.5"], "model.returns_condition true"),
+                       (["--guidance.n_guide_steps", "3"], "guidance.scale > 0")]:
+        with pytest.raises(ConfigError, match=f"would do nothing: it acts only with {re.escape(says)}"):
+            flags("--config", str(SMOKE_CONFIG), "--guidance.scale", "0", *argv)
+    # A config file may set them all alike (so may a sweep's space): only flags are refused.
+    assert config.load(SMOKE_CONFIG, {"planner.execution": "open_loop", "planner.replan_every": 2}).planner.replan_every == 2

@@ -287,6 +287,10 @@ def test_flags_that_would_do_nothing_or_the_wrong_thing_are_refused(run30, minar
         # A pretraining checkpoint is its own prior: blended with itself, it is judged unchanged.
         (("evaluate.py", "--checkpoint", run30, "--online.prior_weight", 0.5, "--episodes", 1),
          "--online.prior_weight blends a phase-2 checkpoint with the prior it started from"),
+        # A return condition the checkpoint's denoiser does not have: it was judged unchanged,
+        # with the flag recorded as an override.
+        (("evaluate.py", "--checkpoint", run30, "--guidance.return_quantile", 0.99, "--episodes", 1),
+         "--guidance.return_quantile would do nothing: it acts only with model.returns_condition true"),
     ]:
         proc = run(*args, env=subprocess_env)
         assert proc.returncode == 2 and says in proc.stderr, proc.stderr[-2000:]
