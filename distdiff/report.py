@@ -52,10 +52,15 @@ def pick_start(episodes: Sequence[Episode], horizon: int, episode: Optional[int]
     if not 0 <= episode < len(episodes):
         raise ValueError(f"--data-episode {episode} is out of range: the dataset has {len(episodes)} episodes")
     n = len(episodes[episode])
+    # A start leaves a full horizon of the data's continuation to draw beside the plan; an
+    # episode shorter than the horizon has one start, its first. (Later starts drew a few
+    # states, and no action line at all.)
+    last = max(0, n - horizon)
     if start is None:
-        start = max(0, (n - horizon) // 2)
-    if not 0 <= start < n:
-        raise ValueError(f"--data-start {start} is out of range: episode {episode} has {n} steps")
+        start = last // 2
+    if not 0 <= start <= last:
+        raise ValueError(f"--data-start {start} is out of range: episode {episode} has {n} steps, so starts 0 to "
+                         f"{last} leave a horizon ({horizon}) of data after them")
     return episode, start
 
 

@@ -94,7 +94,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--data-episode", type=non_negative_int, default=None, metavar="I",
                    help="Dataset episode of Figure 1 (default: the first with a full horizon of continuation).")
     p.add_argument("--data-start", type=non_negative_int, default=None, metavar="T",
-                   help="Step of that episode to start from (default: the middle of the admissible starts).")
+                   help="Step of that episode to start from, at most its length minus the horizon, so that a "
+                        "horizon of the data follows it (default: the middle of those starts).")
     p.add_argument("--units", choices=("raw", "normalized"), default="raw",
                    help="Units of the state and action plots: raw env units (m, rad, m/s, rad/s; actions in [-1, 1]) "
                         "or normalized by the checkpoint's normalizer (default raw). Alignment errors are always normalized.")

@@ -292,6 +292,14 @@ def test_pick_start_defaults_to_the_middle_of_the_first_full_episode():
         return Episode(np.zeros((n + 1, 1)), np.zeros((n, 1)), np.zeros(n), False, True)
     assert pick_start([ep(3), ep(4), ep(20)], horizon=4) == (1, 0)
     assert pick_start([ep(20)], horizon=4) == (0, 8)
+    # Only starts with a horizon of data after them: the last is 20 - 4 (the audit's 870 of 871
+    # drew two states and no action); an episode shorter than the horizon has its first alone.
+    assert pick_start([ep(20)], horizon=4, episode=0, start=16) == (0, 16)
+    with pytest.raises(ValueError, match="episode 0 has 20 steps, so starts 0 to 16 leave a horizon"):
+        pick_start([ep(20)], horizon=4, episode=0, start=17)
+    assert pick_start([ep(3)], horizon=4, episode=0, start=0) == (0, 0)
+    with pytest.raises(ValueError, match="starts 0 to 0"):
+        pick_start([ep(3)], horizon=4, episode=0, start=1)
 
 
 def test_alignment_starts_replays_each_starts_own_actions():
