@@ -16,7 +16,7 @@ from _helpers import tiny_online_config
 from distdiff import config, rundir
 from distdiff.data.episodes import Episode
 from distdiff.distributed.cluster import RunFailed
-from distdiff.distributed.driver import (Counters, OnlineRun, _evaluated_update, beats, describe_evaluation,
+from distdiff.distributed.driver import (Counters, OnlineRun, _evaluated_update, beats, describe_evaluation, lowered_budget,
                                          finished_metrics, step_axis)
 from distdiff.events import RecentRate
 from distdiff.rundir import clear_run, resume_checkpoint
@@ -461,3 +461,20 @@ def test_each_turn_checks_the_learner_timeout(monkeypatch):
     monkeypatch.setattr(driver.ray, "wait", lambda refs, **kw: ([], list(refs)))
     run.turn()
     assert len(checked) == 1
+
+
+def test_a_resume_that_lowers_a_budget_to_what_the_run_has_done_says_so():
+    # A resume's --online.env_steps 1000 read as "1000 more" ran only the owed updates and the
+    # final evaluation of a run at env step 4929, with a note of the change alone.
+    ran = tiny_online_config("local/walker2d/tiny-v0", **{"online.env_steps": 20_000, "online.updates": 0})
+    at = Counters(env_steps=4929, updates=260)
+    lowered = tiny_online_config("local/walker2d/tiny-v0", **{"online.env_steps": 1000, "online.updates": 0})
+    said = lowered_budget(lowered, ran, at)
+    assert said.startswith("warning: online.env_steps 1000 (the run has collected 4929) is spent already")
+    assert "raise the budget above what the run has done" in said
+    both = tiny_online_config("local/walker2d/tiny-v0", **{"online.env_steps": 4929, "online.updates": 100})
+    assert "online.env_steps 4929 (the run has collected 4929) and online.updates 100 (it has made 260) are spent" in \
+        lowered_budget(both, ran, at)
+    # Not for a budget left, nor for one the run had spent itself (a resume of its final evaluation).
+    assert lowered_budget(tiny_online_config("local/walker2d/tiny-v0", **{"online.env_steps": 5000}), ran, at) is None
+    assert lowered_budget(lowered, lowered, at) is None

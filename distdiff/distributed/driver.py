@@ -203,6 +203,21 @@ def finished_metrics(cfg: Config, run_dir: Path, state: Dict[str, object], c: Co
     return metrics if same else None
 
 
+def lowered_budget(cfg: Config, ran: Config, c: Counters) -> Optional[str]:
+    """A warning where ``cfg``, a resume's config, has a budget spent that ``ran``, the run's own,
+    had not: the resume's flags lowered it to what the run has done already, or below (a
+    budget counts the whole phase 2, not from the resume). None otherwise."""
+    if not budget_spent(cfg, c) or budget_spent(ran, c):
+        return None
+    o = cfg.online
+    spent = ([f"online.env_steps {o.env_steps} (the run has collected {c.env_steps})"]
+             * bool(o.env_steps and c.env_steps >= o.env_steps)
+             + [f"online.updates {o.updates} (it has made {c.updates})"] * bool(o.updates and c.updates >= o.updates))
+    return (f"warning: {' and '.join(spent)} {'are' if len(spent) > 1 else 'is'} spent already: a budget counts the whole phase 2, not from a "
+            f"resume. The run collects nothing more; it makes the updates it owes, then its final evaluation. "
+            f"To train on, raise the budget above what the run has done")
+
+
 def beats(new: Optional[float], old: Optional[float]) -> bool:
     """Whether mean return ``new`` makes a better best than ``old``. Not a NaN or missing one (a
     simulator's non-finite reward makes an episode's return NaN, and best.json keeps it as
@@ -1260,6 +1275,9 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         if over is not None:
             log(over.message)
             return over.metrics
+        lowered = lowered_budget(cfg, config_lib.from_dict(state["config"]), counters)
+        if lowered:
+            log(lowered)
         if (run_dir / REPLAY).is_file():
             replay_state = load_checkpoint(run_dir / REPLAY)["replay"]
         elif counters.episodes:
