@@ -83,7 +83,7 @@ def main(argv=None) -> int:
 
     from distdiff.data.minari_io import DatasetError
     from distdiff.distributed.cluster import connect_job, shutdown
-    from distdiff.distributed.tuning import make_tuner, shortfall, summarize, sweep_dataset, trial_count
+    from distdiff.distributed.tuning import make_tuner, pbt_changes, shortfall, summarize, sweep_dataset, trial_count
 
     env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH",) if k in os.environ}
     started = connect_job(args.address, args.num_cpus, runtime_env={"env_vars": env_vars} if env_vars else None)
@@ -120,8 +120,8 @@ def main(argv=None) -> int:
     if out["best_config"] is None:
         fail(f"no trial ended without an error and with a {spec.metric} to rank it by: no best config (trials: "
              f"{out['table']}; their error.txt under {sweep_path(spec, args.storage)})", code=1)
-    if spec.scheduler == "pbt":
-        print(f"note: PBT changed the trials' configs as they trained (the pbt_policy_*.txt files in "
+    if pbt_changes(spec, args.storage):
+        print(f"note: PBT changed trials' configs as they trained (the pbt_policy_*.txt files in "
               f"{sweep_path(spec, args.storage)} list when): best_config.yaml is where the best one ended, which a run "
               "from the start with those values does not repeat")
     init = f" --init {spec.init}" if spec.init else ""

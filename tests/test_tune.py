@@ -22,7 +22,7 @@ from _helpers import SESSION_RAY, script_in_process, tiny_online_config
 from distdiff import config as config_lib
 from distdiff.config import ConfigError
 from distdiff.distributed.tuning import (load_spec, make_scheduler, make_tuner, on_trial_driver, param_space,
-                                         scheduler_options, search_alg, summarize, trial_resources, update_budget)
+                                         pbt_changes, scheduler_options, search_alg, summarize, trial_resources, update_budget)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -932,6 +932,8 @@ def test_the_closing_lines_say_how_to_train_the_best_config(tiny_dataset, prior,
             ("init", {"base": None, "init": str(prior)}, f"best_config.yaml --init {prior}", "PBT")):
         sweep = write_sweep(tmp_path / f"{name}.yaml", tiny_dataset, name=name, fixed=fixed, space=space, **extra)
         (tmp_path / "storage" / name).mkdir(parents=True)  # (Tune makes it)
+        if name == "pbt":  # (so does PBT, where it changed a trial's config)
+            (tmp_path / "storage" / name / "pbt_policy_t0.txt").write_text("[]")
         assert tune_script.main(["--config", str(sweep), "--storage", str(tmp_path / "storage")]) == 0
         out = capsys.readouterr().out
         assert says in out and silent not in out
@@ -1188,3 +1190,19 @@ def test_an_interrupted_sweep_counts_the_trials_not_made_yet(tiny_dataset, tmp_p
     monkeypatch.setattr(tuning, "make_tuner", lambda *args, **kwargs: SimpleNamespace(fit=lambda: results))
     assert tune_script.main(["--config", str(sweep), "--storage", str(storage)]) == 130
     assert "sweep interrupted with 2 of 2 trial(s) unfinished" in capsys.readouterr().err
+
+
+def test_the_pbt_note_is_for_sweeps_whose_configs_pbt_changed(tiny_dataset, tmp_path):
+    # It was printed after every PBT sweep, also one where PBT changed no trial's config (no
+    # pbt_policy file), telling the user that best_config.yaml would not repeat its trial.
+    fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2}
+    pbt = load_spec(write_sweep(tmp_path / "p.yaml", tiny_dataset, scheduler="pbt", fixed=fixed, max_concurrent=2,
+                                pbt={"mutations": ["guidance.scale"]}))
+    storage = tmp_path / "storage"
+    (storage / pbt.name).mkdir(parents=True)
+    (storage / pbt.name / "pbt_global.txt").write_text("")
+    assert pbt_changes(pbt, storage) == []
+    (storage / pbt.name / "pbt_policy_a1_00001.txt").write_text("[]")
+    assert pbt_changes(pbt, storage) == [storage.resolve() / pbt.name / "pbt_policy_a1_00001.txt"]
+    asha = load_spec(write_sweep(tmp_path / "a.yaml", tiny_dataset, scheduler="asha", fixed=fixed))
+    assert pbt_changes(asha, storage) == []

@@ -714,6 +714,12 @@ class WithinBounds:
         return config
 
 
+def pbt_changes(spec: SweepSpec, storage: Path) -> List[Path]:
+    """The files in which PBT recorded the trial configs it changed (Ray's
+    ``pbt_policy_TRIAL.txt``, one per trial it changed): none where it changed none."""
+    return sorted(sweep_path(spec, storage).glob("pbt_policy_*.txt")) if spec.scheduler == "pbt" else []
+
+
 def sweep_path(spec: SweepSpec, storage: Path) -> Path:
     # Tune's storage layer (pyarrow) refuses relative paths, the default --storage among them.
     return Path(storage).resolve() / spec.name
