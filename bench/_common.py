@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Dict, Optional
 
 import numpy as np
 
+from distdiff import config as config_lib
+from distdiff.cli import non_negative_int, positive_int  # noqa: F401  (argparse types, for the scripts)
 from distdiff.distributed.messages import Weights
 from distdiff.models import build_models
 from distdiff.normalizer import Normalizer
@@ -18,6 +21,26 @@ MINARI_PATH_HELP = "Minari store (default: MINARI_DATASETS_PATH, else ../shared/
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=os.path.join(ROOT, "configs", "walker2d.yaml"),
                         help="Config the benchmark's model and run are built from.")
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number > 0 (seconds, scales)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text}")
+    return value
+
+
+def load_config(parser: argparse.ArgumentParser, path, overrides: Optional[Dict[str, object]] = None):
+    """``--config`` with the benchmark's ``overrides``; a usage error, not a traceback, for a config
+    (or a flag's value) that does not load."""
+    try:
+        return config_lib.load(path, overrides)
+    except config_lib.ConfigError as e:
+        parser.error(str(e))
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):

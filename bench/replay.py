@@ -23,13 +23,12 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import HelpFormatter, add_config_argument  # noqa: E402
+from _common import HelpFormatter, add_config_argument, load_config, positive_int  # noqa: E402
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from distdiff import config as config_lib  # noqa: E402
 from distdiff.data.episodes import Episode  # noqa: E402
 from distdiff.data.windows import Batch  # noqa: E402
 from distdiff.distributed.replay import Replay  # noqa: E402
@@ -40,12 +39,12 @@ from distdiff.normalizer import Normalizer  # noqa: E402
 def main():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
     add_config_argument(p)
-    p.add_argument("--episodes", type=int, default=None,
+    p.add_argument("--episodes", type=positive_int, default=None,
                    help="online episodes in the replay (default: as many as online.replay_capacity holds)")
-    p.add_argument("--repeats", type=int, default=5, help="Samples timed of each kind (their median is printed).")
+    p.add_argument("--repeats", type=positive_int, default=5, help="Samples timed of each kind (their median is printed).")
     args = p.parse_args()
     torch.set_num_threads(1)
-    cfg = config_lib.load(args.config)
+    cfg = load_config(p, args.config)
     o, n_steps = cfg.online, cfg.env.max_episode_steps
     rng = np.random.default_rng(0)
 
@@ -62,7 +61,7 @@ def main():
                     offline_ratio=o.offline_ratio, value_target=cfg.data.value_target,
                     return_weighting=o.return_weighting, offline_start_weight=o.offline_start_window_weight,
                     online_start_weight=o.start_window_weight, time_limit=n_steps, seed=0)
-    replay.add([episode() for _ in range(args.episodes or o.replay_capacity // n_steps)])
+    replay.add([episode() for _ in range(o.replay_capacity // n_steps if args.episodes is None else args.episodes)])
     after_add, again = [], []
     for _ in range(args.repeats):
         replay.add([episode()])
@@ -92,7 +91,8 @@ def to_learner_ms(batches, repeats: int) -> dict:
                 batches = [Batch.from_numpy(b) for b in batches]
             return len(batches)
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="error")
+    # A cluster of its own, as every benchmark starts: not one RAY_ADDRESS or a `ray start` names.
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="error")
     try:
         actor = Takes.remote()
         out = {}
