@@ -20,9 +20,8 @@ import time
 import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import HelpFormatter, add_config_argument, fresh_checkpoint, unit_normalizer  # noqa: E402
+from _common import HelpFormatter, add_config_argument, fresh_checkpoint, load_config, positive_int, unit_normalizer  # noqa: E402
 
-from distdiff import config as config_lib  # noqa: E402
 from distdiff.distributed.actors import LearnerActor, RolloutWorkerActor  # noqa: E402
 
 
@@ -36,15 +35,15 @@ def plasma():
     return {"mib": int(m.group(1)), "objects": int(m.group(2))}
 
 
-def settled_plasma(timeout_s: float = 30.0):
+def settled_plasma(timeout_s: float = 60.0, still: int = 4):
     """Object-store use once the frees Ray makes in the background are done: the same reading
-    twice, half a second apart."""
-    last, deadline = plasma(), time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    ``still`` times over, half a second apart. (Twice was not enough: Ray frees versions in
+    bursts, and one run read 32 versions alive between two of them.)"""
+    last, same, deadline = plasma(), 1, time.monotonic() + timeout_s
+    while same < still and time.monotonic() < deadline:
         time.sleep(0.5)
         now = plasma()
-        if now == last:
-            break
+        same = same + 1 if now == last else 1
         last = now
     return last
 
@@ -63,11 +62,9 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
     add_config_argument(p)
     p.add_argument("--sizes", type=positive_sizes, default="1,8,32", help="Comma-separated numbers of rollout actors to broadcast to.")
-    p.add_argument("--repeats", type=int, default=10, help="Broadcasts timed per size (their median is printed, the higher middle one for an even count).")
+    p.add_argument("--repeats", type=positive_int, default=10, help="Broadcasts timed per size (their median is printed, the higher middle one for an even count).")
     args = p.parse_args()
-    if args.repeats < 1:
-        p.error(f"--repeats must be >= 1, got {args.repeats}")
-    cfg = config_lib.load(args.config, {"online.envs_per_actor": 1})
+    cfg = load_config(p, args.config, {"online.envs_per_actor": 1})
     sizes = args.sizes
     ray.init(address="local", include_dashboard=False, logging_level="warning")
     env = {"env_vars": {"OMP_NUM_THREADS": "1"}}
