@@ -24,21 +24,22 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import MINARI_PATH_HELP, HelpFormatter, add_config_argument, use_minari_store  # noqa: E402
+from _common import (MINARI_PATH_HELP, HelpFormatter, add_config_argument, load_config, positive_float,  # noqa: E402
+                     positive_int, use_minari_store)
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
 from distdiff import config as config_lib  # noqa: E402
-from distdiff.checkpoint import load_checkpoint  # noqa: E402
+from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from distdiff.files import to_json  # noqa: E402
 from distdiff.data.minari_io import load_episodes, normalized_score, reference_scores  # noqa: E402
 from distdiff.distributed.driver import train  # noqa: E402
 from distdiff.evaluation import alignment_on_observations, evaluate  # noqa: E402
 from distdiff.pretrain import pretrain  # noqa: E402
 from distdiff.rollout import OBSERVED_VELOCITY_CLIP, make_env  # noqa: E402
-from distdiff.training import planner_from_checkpoint  # noqa: E402
+from distdiff.training import check_made_with, planner_from_checkpoint  # noqa: E402
 
 
 def keep(summary):
@@ -52,18 +53,21 @@ def main():
     add_config_argument(p)
     p.add_argument("--dataset", default="local/walker2d/sac-medium-v0", help="Offline dataset of pretraining and phase 2.")
     p.add_argument("--minari-path", default=None, help=MINARI_PATH_HELP)
-    p.add_argument("--scale", type=float, default=1.0, help="Multiplies pretraining steps, online env steps and eval episodes.")
-    p.add_argument("--pretrain-steps", type=int, default=30000,
+    p.add_argument("--scale", type=positive_float, default=1.0, help="Multiplies pretraining steps, online env steps and eval episodes.")
+    p.add_argument("--pretrain-steps", type=positive_int, default=30000,
                    help="Offline steps of the prior; 9,000 left it under-trained: as many offline updates alone doubled its score (bench/README.md).")
-    p.add_argument("--online-env-steps", type=int, default=10000, help="Phase 2's env-step budget.")
-    p.add_argument("--eval-episodes", type=int, default=100,
+    p.add_argument("--online-env-steps", type=positive_int, default=10000, help="Phase 2's env-step budget.")
+    p.add_argument("--eval-episodes", type=positive_int, default=100,
                    help="Evaluation episodes per planner; 10 left score differences of ~10 points within the noise (bench/README.md).")
-    p.add_argument("--num-actors", type=int, default=1, help="Phase 2's rollout actors.")
+    p.add_argument("--num-actors", type=positive_int, default=1, help="Phase 2's rollout actors.")
     p.add_argument("--out", type=Path, default=Path("runs") / "bench-alignment", help="Where the prior's and the aligned run's dirs go (a rerun replaces them).")
-    p.add_argument("--init", type=Path, default=None, help="Reuse a pretrained checkpoint instead of pretraining.")
+    p.add_argument("--init", type=Path, default=None,
+                   help="Reuse a pretrained checkpoint (or run dir) instead of pretraining. It is judged and fine-tuned "
+                        "under --config, whose model must be the checkpoint's: pass the config it was made with (its "
+                        "run dir's config.yaml) where that is not configs/walker2d.yaml.")
     p.add_argument("--aligned", type=Path, default=None,
                    help="With --init: compare with this aligned checkpoint instead of running the online phase.")
-    p.add_argument("--data-states", type=int, default=256,
+    p.add_argument("--data-states", type=positive_int, default=256,
                    help="Offline-data states (fixed seed) on which prior and aligned plans are also compared.")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="Override a config field for the whole benchmark, e.g. --set online.return_weighting=0 (repeatable).")
@@ -75,12 +79,20 @@ def main():
     overrides = dict(item.split("=", 1) for item in args.set)  # (a field set twice: the last one)
     use_minari_store(args.minari_path)
     episodes = max(1, int(args.eval_episodes * args.scale))
-    cfg = config_lib.load(args.config, {
+    cfg = load_config(p, args.config, {
         "data.dataset_id": args.dataset, "data.fallback_dataset_id": "", "train.steps": int(args.pretrain_steps * args.scale),
         "train.num_threads": os.cpu_count(), "eval.episodes": episodes, "eval.num_envs": episodes,
         "online.env_steps": int(args.online_env_steps * args.scale), "online.num_actors": args.num_actors,
         "online.envs_per_actor": 4, "online.checkpoint_every": 1000, "online.figure_every": 250, **overrides,
     })
+    for flag, path in (("--init", args.init), ("--aligned", args.aligned)):
+        if path is not None:
+            # Here, not after the dataset has loaded and the prior has been judged.
+            try:
+                check_made_with(load_checkpoint(path), cfg)
+            except CheckpointError as e:
+                p.error(f"{flag} {path}: {e}; the benchmark builds its planners from --config {args.config}: pass "
+                        f"the config the checkpoint was made with (its run dir's config.yaml)")
     t0 = time.perf_counter()
     ckpt = args.init or pretrain(cfg, args.out / "prior", quiet=True, overwrite=True)
     t_pretrain = time.perf_counter() - t0
