@@ -20,7 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import MINARI_PATH_HELP, HelpFormatter, use_minari_store  # noqa: E402
+from _common import MINARI_PATH_HELP, HelpFormatter, non_negative_int, positive_int, use_minari_store  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -40,6 +40,10 @@ def rmse(err: torch.Tensor, mask: torch.Tensor) -> float:
 def reconstruction(path: Path, dataset: str, n_windows: int, timesteps, seed: int) -> dict:
     state = load_checkpoint(path)
     cfg = from_dict(state["config"])
+    beyond = [t for t in timesteps if t >= cfg.diffusion.n_steps]
+    if beyond:
+        raise ValueError(f"--timesteps {' '.join(map(str, beyond))}: {path} has noise levels 0 to "
+                         f"{cfg.diffusion.n_steps - 1} (diffusion.n_steps {cfg.diffusion.n_steps})")
     planner = planner_from_checkpoint(state, cfg)
     diffusion, layout = planner.diffusion, planner.layout
     episodes = load_episodes(dataset, obs_dim=cfg.env.obs_dim, act_dim=cfg.env.act_dim).episodes
@@ -76,14 +80,17 @@ def main():
     p.add_argument("checkpoints", type=Path, nargs="+", help="Checkpoints (or run dirs) to measure.")
     p.add_argument("--dataset", default="local/walker2d/sac-medium-v0", help="Dataset the offline windows come from.")
     p.add_argument("--minari-path", default=None, help=MINARI_PATH_HELP)
-    p.add_argument("--windows", type=int, default=512, help="Offline windows measured (the same for every checkpoint).")
-    p.add_argument("--timesteps", type=int, nargs="+", default=[0, 1, 2, 4, 8], help="Noise levels t measured.")
+    p.add_argument("--windows", type=positive_int, default=512, help="Offline windows measured (the same for every checkpoint).")
+    p.add_argument("--timesteps", type=non_negative_int, nargs="+", default=[0, 1, 2, 4, 8], help="Noise levels t measured.")
     p.add_argument("--seed", type=int, default=1, help="Seed of the windows drawn and of their noise.")
     args = p.parse_args()
     use_minari_store(args.minari_path)
     torch.set_num_threads(1)
-    print(json.dumps({str(c): reconstruction(c, args.dataset, args.windows, args.timesteps, args.seed)
-                      for c in args.checkpoints}))
+    try:
+        out = {str(c): reconstruction(c, args.dataset, args.windows, args.timesteps, args.seed) for c in args.checkpoints}
+    except ValueError as e:
+        p.error(str(e))
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -22,9 +22,9 @@ from pathlib import Path
 import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import MINARI_PATH_HELP, HelpFormatter, add_config_argument, use_minari_store  # noqa: E402
+from _common import (MINARI_PATH_HELP, HelpFormatter, add_config_argument, load_config, non_negative_int,  # noqa: E402
+                     positive_int, use_minari_store)
 
-from distdiff import config as config_lib  # noqa: E402
 from distdiff.distributed import driver  # noqa: E402
 from distdiff.pretrain import pretrain  # noqa: E402
 
@@ -34,12 +34,12 @@ def main():
     add_config_argument(p)
     p.add_argument("--dataset", default="local/walker2d/sac-medium-v0", help="Offline dataset of the prior and of phase 2.")
     p.add_argument("--minari-path", default=None, help=MINARI_PATH_HELP)
-    p.add_argument("--pretrain-steps", type=int, default=300, help="the prior's offline steps (its quality does not matter here)")
-    p.add_argument("--num-actors", type=int, default=1, help="Phase 2's rollout actors.")
-    p.add_argument("--updates", type=int, default=600, help="phase 2's update budget, in both runs")
-    p.add_argument("--eval-every", type=int, default=150, help="online.eval_every of the run with mid-run evaluations.")
-    p.add_argument("--eval-episodes", type=int, default=100, help="as the README recommends for choosing best.pt")
-    p.add_argument("--eval-actors", type=int, default=0,
+    p.add_argument("--pretrain-steps", type=positive_int, default=300, help="the prior's offline steps (its quality does not matter here)")
+    p.add_argument("--num-actors", type=positive_int, default=1, help="Phase 2's rollout actors.")
+    p.add_argument("--updates", type=positive_int, default=600, help="phase 2's update budget, in both runs")
+    p.add_argument("--eval-every", type=positive_int, default=150, help="online.eval_every of the run with mid-run evaluations.")
+    p.add_argument("--eval-episodes", type=positive_int, default=100, help="as the README recommends for choosing best.pt")
+    p.add_argument("--eval-actors", type=non_negative_int, default=0,
                    help="eval.num_actors: the evaluations' episodes on this many of the rollout actors (0: in a "
                         "thread of the driver)")
     args = p.parse_args()
@@ -65,11 +65,13 @@ def main():
     driver.evaluate, driver.evaluate_on = timed(driver.evaluate), timed(driver.evaluate_on)
     out = {"num_actors": args.num_actors, "eval_actors": args.eval_actors, "updates": args.updates,
            "eval_every": args.eval_every, "eval_episodes": args.eval_episodes}
+    # Both runs' configs before any work: one that does not load is a usage error.
+    configs = {name: load_config(p, args.config, {**base, "online.eval_every": every})
+               for name, every in (("without", 0), ("with", args.eval_every))}
     ray.init(address="local", include_dashboard=False, logging_level="warning")
     with tempfile.TemporaryDirectory() as tmp:
-        prior = pretrain(config_lib.load(args.config, base), Path(tmp) / "prior", quiet=True)
-        for name, every in (("without", 0), ("with", args.eval_every)):
-            cfg = config_lib.load(args.config, {**base, "online.eval_every": every})
+        prior = pretrain(configs["without"], Path(tmp) / "prior", quiet=True)
+        for name, cfg in configs.items():
             seconds.clear()
             t = time.perf_counter()
             metrics = driver.train(cfg, Path(tmp) / name, init=prior, log=lambda s: None, progress=False)

@@ -14,11 +14,10 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import HelpFormatter, add_config_argument, fresh_checkpoint  # noqa: E402
+from _common import HelpFormatter, add_config_argument, fresh_checkpoint, load_config, non_negative_int, positive_int  # noqa: E402
 
 import torch  # noqa: E402
 
-from distdiff import config as config_lib  # noqa: E402
 from distdiff.data.windows import Batch  # noqa: E402
 from distdiff.distributed.learner import Learner  # noqa: E402
 
@@ -27,16 +26,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
     add_config_argument(p)
     p.add_argument("--device", default="cpu", help="cpu or cuda.")
-    p.add_argument("--batch-size", type=int, default=None, help="train.batch_size (default: the config's).")
-    p.add_argument("--updates", type=int, default=100, help="Updates timed, after the warm-up.")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="train.batch_size (default: the config's).")
+    p.add_argument("--updates", type=positive_int, default=100, help="Updates timed, after the warm-up.")
     p.add_argument("--precision", default="fp32", help="train.precision: fp32 or bf16")
     p.add_argument("--compile", default="none", help="train.compile: none, default or reduce-overhead")
-    p.add_argument("--warmup", type=int, default=20, help="untimed updates first (compilation, CUDA graph capture)")
+    p.add_argument("--warmup", type=non_negative_int, default=20, help="untimed updates first (compilation, CUDA graph capture)")
     args = p.parse_args()
     overrides = {"train.precision": args.precision, "train.compile": args.compile}
-    if args.batch_size:
+    if args.batch_size is not None:
         overrides["train.batch_size"] = args.batch_size
-    cfg = config_lib.load(args.config, overrides)
+    cfg = load_config(p, args.config, overrides)
     learner = Learner(config=cfg.to_dict(), checkpoint=fresh_checkpoint(cfg), device=args.device)
     b, h, d = cfg.train.batch_size, cfg.model.horizon, cfg.env.obs_dim + cfg.env.act_dim
     batches = [Batch(torch.randn(b, h, d), torch.ones(b, h, d), torch.randn(b, cfg.env.obs_dim), torch.randn(b),

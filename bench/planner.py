@@ -26,12 +26,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from distdiff import config as config_lib  # noqa: E402
 from distdiff.models import build_models  # noqa: E402
 from distdiff.planner import Planner  # noqa: E402
 from distdiff.rollout import make_env, run_episodes  # noqa: E402
 
-from _common import HelpFormatter, add_config_argument, unit_normalizer  # noqa: E402
+from _common import HelpFormatter, add_config_argument, load_config, positive_float, unit_normalizer  # noqa: E402
 
 
 def random_rate(env_id: str, steps: int) -> float:
@@ -77,11 +76,11 @@ def planner_rate(cfg, n_envs: int, seconds: float, measure: bool) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
     add_config_argument(p)
-    p.add_argument("--seconds", type=float, default=20.0, help="Wall time per planner measurement.")
+    p.add_argument("--seconds", type=positive_float, default=20.0, help="Wall time per planner measurement.")
     args = p.parse_args()
     torch.set_num_threads(1)
-    cfg = config_lib.load(args.config)
-    diffuser = config_lib.load(args.config, {
+    cfg = load_config(p, args.config)
+    diffuser = load_config(p, args.config, {
         "model.horizon": 32, "model.dim_mults": (1, 2, 4, 8), "diffusion.n_steps": 20, "planner.sampler": "ddpm", "guidance.n_candidates": 64,
         "guidance.scale": 0.1, "guidance.n_guide_steps": 2, "planner.execution": "receding", "planner.replan_every": 1})
     rand = random_rate(cfg.env.id, 5000)

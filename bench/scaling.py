@@ -14,9 +14,8 @@ import time
 import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import HelpFormatter, add_config_argument, fresh_weights, unit_normalizer  # noqa: E402
+from _common import HelpFormatter, add_config_argument, fresh_weights, load_config, positive_float, positive_int, unit_normalizer  # noqa: E402
 
-from distdiff import config as config_lib  # noqa: E402
 from distdiff.distributed.actors import RolloutWorkerActor  # noqa: E402
 
 
@@ -47,12 +46,10 @@ def rate(cfg, n: int, seconds: float, weights_ref) -> float:
 def main():
     p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=HelpFormatter)
     add_config_argument(p)
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="N, the rollout actors of the second run (default: this machine's cores).")
-    p.add_argument("--seconds", type=float, default=30.0, help="Wall time of each of the two runs.")
+    p.add_argument("--workers", type=positive_int, default=os.cpu_count(), help="N, the rollout actors of the second run (default: this machine's cores).")
+    p.add_argument("--seconds", type=positive_float, default=30.0, help="Wall time of each of the two runs.")
     args = p.parse_args()
-    if args.workers < 1 or args.seconds <= 0:
-        p.error("--workers must be >= 1 and --seconds > 0")
-    cfg = config_lib.load(args.config)
+    cfg = load_config(p, args.config)
     ray.init(address="local", num_cpus=args.workers, include_dashboard=False, logging_level="warning")
     ref = ray.put(fresh_weights(cfg))
     one = rate(cfg, 1, args.seconds, ref)
