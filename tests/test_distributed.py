@@ -805,6 +805,18 @@ def test_a_replay_checkpoint_that_does_not_load_stops_the_resume(ray_session, pr
                   replay_state={"lengths": torch.zeros(0, dtype=torch.long)}, log=lambda s: None, progress=False)
 
 
+def test_a_damaged_replay_file_stops_the_resume_with_a_way_to_go_on(ray_session, pretrained, tmp_path):
+    # It read as a damaged checkpoint, with no word that checkpoint.pt was sound.
+    from distdiff.checkpoint import CheckpointError, save_checkpoint
+
+    cfg, ckpt = pretrained
+    save_checkpoint(tmp_path / "checkpoint.pt", {**load_checkpoint(ckpt), "run": Counters(env_steps=100).to_dict()})
+    (tmp_path / "replay.pt").write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(CheckpointError, match="replay.pt, the replay's episodes, cannot be read .*To resume without "
+                                              "them, move it out of"):
+        train(cfg, tmp_path, resume=True, log=lambda s: None, progress=False)
+
+
 @pytest.mark.parametrize("failure", ["ctrl-c", "learner"])
 def test_a_start_that_fails_midway_leaves_no_actor_holding_the_cluster(failure, ray_session, pretrained, tmp_path,
                                                                         monkeypatch):

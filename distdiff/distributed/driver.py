@@ -1279,7 +1279,15 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         if lowered:
             log(lowered)
         if (run_dir / REPLAY).is_file():
-            replay_state = load_checkpoint(run_dir / REPLAY)["replay"]
+            try:
+                replay_state = load_checkpoint(run_dir / REPLAY)["replay"]
+            except (CheckpointError, KeyError) as e:
+                # The run's weights and counters are in checkpoint.pt, which loaded: say how to
+                # go on without the episodes, as a resume does where replay.pt is missing.
+                raise CheckpointError(f"{run_dir / REPLAY}, the replay's episodes, cannot be read ({e}). To resume "
+                                      f"without them, move it out of {run_dir}: the replay then starts empty and the "
+                                      f"learner goes on from {CHECKPOINT}; or start the run again with --overwrite") \
+                    from e
         elif counters.episodes:
             log(f"warning: {run_dir / REPLAY} is missing: the replay starts empty, without the "
                 f"{_count(counters.episodes, 'episode')} collected so far")
