@@ -8,7 +8,6 @@ from typing import Dict, Optional
 import numpy as np
 
 from distdiff import config as config_lib
-from distdiff.cli import non_negative_int, positive_int  # noqa: F401  (argparse types, for the scripts)
 from distdiff.distributed.messages import Weights
 from distdiff.models import build_models
 from distdiff.normalizer import Normalizer

@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (MINARI_PATH_HELP, HelpFormatter, add_config_argument, load_config, positive_float,  # noqa: E402
-                     positive_int, use_minari_store)
+                     use_minari_store)
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
@@ -33,6 +33,7 @@ import torch  # noqa: E402
 
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from distdiff.cli import positive_int  # noqa: E402
 from distdiff.files import to_json  # noqa: E402
 from distdiff.data.minari_io import load_episodes, normalized_score, reference_scores  # noqa: E402
 from distdiff.distributed.driver import train  # noqa: E402
@@ -85,11 +86,13 @@ def main():
         "online.env_steps": int(args.online_env_steps * args.scale), "online.num_actors": args.num_actors,
         "online.envs_per_actor": 4, "online.checkpoint_every": 1000, "online.figure_every": 250, **overrides,
     })
+    # Loaded once, and checked here, not after the dataset has loaded and the prior has been judged.
+    given = {}
     for flag, path in (("--init", args.init), ("--aligned", args.aligned)):
         if path is not None:
-            # Here, not after the dataset has loaded and the prior has been judged.
             try:
-                check_made_with(load_checkpoint(path), cfg)
+                given[flag] = load_checkpoint(path)
+                check_made_with(given[flag], cfg)
             except CheckpointError as e:
                 p.error(f"{flag} {path}: {e}; the benchmark builds its planners from --config {args.config}: pass "
                         f"the config the checkpoint was made with (its run dir's config.yaml)")
@@ -110,29 +113,29 @@ def main():
     all_obs = all_obs[np.abs(all_obs[:, n_pos:]).max(axis=1) < OBSERVED_VELOCITY_CLIP]  # physics unknown at the clip
     data_states = all_obs[rng.choice(len(all_obs), size=args.data_states, replace=False)]
 
-    def judge(path):
+    def judge(checkpoint):
         # Episodes are chaotic: with two threads' rounding the same weights scored 14.4 and 40.4
         # instead of 17.4 and 33.0, so every judgement uses one thread, pretrained here or not.
         torch.set_num_threads(1)
-        planner = planner_from_checkpoint(load_checkpoint(path), cfg)
+        planner = planner_from_checkpoint(checkpoint, cfg)
         out = keep(evaluate(planner, cfg))
         shared = alignment_on_observations(planner, cfg, data_states)
         out["alignment_error_data_states"] = shared["alignment_error"]
         out["one_step_error_data_states"] = shared["one_step_error"]
         return out
 
-    prior = judge(ckpt)
+    prior = judge(given.get("--init", ckpt))
     metrics = {"env_steps": None, "updates": None}
     t1 = time.perf_counter()
     if args.aligned is None:
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
         # judge() evaluates the aligned planner; the run's own final evaluation would repeat it.
         online_cfg = config_lib.from_dict({"eval": {"episodes": 1, "num_envs": 1}}, cfg)
-        metrics = train(online_cfg, args.out / "aligned", init=ckpt, log=lambda s: print(s, file=sys.stderr), progress=False,
-                        overwrite=True)
+        metrics = train(online_cfg, args.out / "aligned", init=ckpt, init_state=given.get("--init"),
+                        log=lambda s: print(s, file=sys.stderr), progress=False, overwrite=True)
         ray.shutdown()
     t_online = time.perf_counter() - t1
-    aligned = judge(args.aligned or args.out / "aligned" / "checkpoint.pt")
+    aligned = judge(given.get("--aligned", args.out / "aligned" / "checkpoint.pt"))
     # The references the planners are scored with (D4RL's), not the dataset's own.
     behaviour = normalized_score(np.mean([e.episode_return for e in data.episodes]), *reference_scores(cfg.env.id))
     print(to_json({

@@ -20,8 +20,9 @@ import time
 import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import HelpFormatter, add_config_argument, fresh_checkpoint, load_config, positive_int, unit_normalizer  # noqa: E402
+from _common import HelpFormatter, add_config_argument, fresh_checkpoint, load_config, unit_normalizer  # noqa: E402
 
+from distdiff.cli import positive_int  # noqa: E402
 from distdiff.distributed.actors import LearnerActor, RolloutWorkerActor  # noqa: E402
 
 

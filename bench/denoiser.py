@@ -20,12 +20,13 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import MINARI_PATH_HELP, HelpFormatter, non_negative_int, positive_int, use_minari_store  # noqa: E402
+from _common import MINARI_PATH_HELP, HelpFormatter, use_minari_store  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from distdiff.checkpoint import load_checkpoint  # noqa: E402
+from distdiff.cli import non_negative_int, positive_int  # noqa: E402
 from distdiff.config import from_dict  # noqa: E402
 from distdiff.data.minari_io import load_episodes  # noqa: E402
 from distdiff.data.windows import WindowDataset  # noqa: E402

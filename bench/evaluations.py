@@ -22,9 +22,9 @@ from pathlib import Path
 import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (MINARI_PATH_HELP, HelpFormatter, add_config_argument, load_config, non_negative_int,  # noqa: E402
-                     positive_int, use_minari_store)
+from _common import MINARI_PATH_HELP, HelpFormatter, add_config_argument, load_config, use_minari_store  # noqa: E402
 
+from distdiff.cli import non_negative_int, positive_int  # noqa: E402
 from distdiff.distributed import driver  # noqa: E402
 from distdiff.pretrain import pretrain  # noqa: E402
 

@@ -14,10 +14,11 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import HelpFormatter, add_config_argument, fresh_checkpoint, load_config, non_negative_int, positive_int  # noqa: E402
+from _common import HelpFormatter, add_config_argument, fresh_checkpoint, load_config  # noqa: E402
 
 import torch  # noqa: E402
 
+from distdiff.cli import non_negative_int, positive_int  # noqa: E402
 from distdiff.data.windows import Batch  # noqa: E402
 from distdiff.distributed.learner import Learner  # noqa: E402
 

@@ -23,12 +23,13 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import HelpFormatter, add_config_argument, load_config, positive_int  # noqa: E402
+from _common import HelpFormatter, add_config_argument, load_config  # noqa: E402
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
+from distdiff.cli import positive_int  # noqa: E402
 from distdiff.data.episodes import Episode  # noqa: E402
 from distdiff.data.windows import Batch  # noqa: E402
 from distdiff.distributed.replay import Replay  # noqa: E402

@@ -14,8 +14,10 @@ import time
 import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import HelpFormatter, add_config_argument, fresh_weights, load_config, positive_float, positive_int, unit_normalizer  # noqa: E402
+from _common import (HelpFormatter, add_config_argument, fresh_weights, load_config, positive_float,  # noqa: E402
+                     unit_normalizer)
 
+from distdiff.cli import positive_int  # noqa: E402
 from distdiff.distributed.actors import RolloutWorkerActor  # noqa: E402
 
 

@@ -773,8 +773,8 @@ class OnlineRun:
         return owed_updates(self.cfg, self.counters)
 
     def trains_on(self) -> bool:
-        """Whether the learner has more updates to make after its last call: budget is left to
-        collect, or updates are owed that it may still make."""
+        """Whether the learner has updates to make from here: budget is left to collect, or
+        updates are owed that it may still make. If not, the final evaluation comes next."""
         return self.budget_left(self.t0) or self.may_train(False, self.t0) and self.owed_updates() >= 1
 
     def has_training_data(self) -> bool:
@@ -814,16 +814,15 @@ class OnlineRun:
         o, c = self.cfg.online, self.counters
         self.interrupted = interrupted
         self.broadcast()
-        self.collecting = self.budget_left(time.perf_counter())
+        self.t0 = time.perf_counter()
+        self.collecting = self.budget_left(self.t0)
         # (With nothing left to train, the final evaluation that follows judges the same weights.)
-        if self.evaluate_first and (self.collecting or self.may_train(self.collecting, time.perf_counter())
-                                    and self.owed_updates() >= 1):
+        if self.evaluate_first and self.trains_on():
             self.log(f"evaluation: the run stopped during the one at update {c.updates}, which runs again first")
             self.start_evaluation()
         self.evaluate_first = False
         if self.collecting:
             self.log_budget_share()
-        self.t0 = time.perf_counter()
         self.env_rate, self.update_rate = RecentRate(self.t0, c.env_steps), RecentRate(self.t0, c.updates)
         self.busy_rate = RecentRate(self.t0, self.learner_seconds)
         self.next_ckpt, self.next_fig = self.after(o.checkpoint_every), self.after(o.figure_every)
