@@ -84,3 +84,19 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
     if payload.get("format_version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {payload.get('format_version')}, this distdiff reads {VERSION}")
     return payload
+
+
+def load_own_checkpoint(path: Path, *, otherwise: str = "") -> Dict[str, Any]:
+    """The checkpoint a resume continues from, its run's own last one. One that is there and
+    cannot be read was damaged from outside (a crash leaves the one before it whole:
+    :func:`save_checkpoint`), and every resume of the run would stop on it: the error says how
+    to go on, ``otherwise`` adding a way the caller knows of."""
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        if not path.is_file():
+            raise
+        raise CheckpointError(f"{e}. It is the run's last checkpoint, and distdiff writes checkpoints whole (a crash "
+                              f"leaves the one before), so it was damaged from outside the run: a resume cannot go on "
+                              f"from it. Start the run again with --overwrite in place of --resume or --autoresume"
+                              f"{otherwise}") from e

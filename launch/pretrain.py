@@ -21,7 +21,7 @@ limit_threads()
 line_buffered_output()
 
 from distdiff import config as config_lib  # noqa: E402
-from distdiff.checkpoint import CheckpointError, CheckpointWriteError, load_checkpoint  # noqa: E402
+from distdiff.checkpoint import CheckpointError, CheckpointWriteError, load_own_checkpoint  # noqa: E402
 from distdiff.data.minari_io import DatasetError  # noqa: E402
 from distdiff.pretrain import check_continues, is_done, pretrain  # noqa: E402
 from distdiff.rundir import CHECKPOINT  # noqa: E402
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
             if args.overwrite:
                 fail("--resume continues the run in --run-dir; --overwrite would remove it")
             check_resume_dir(args.run_dir)
-            state = load_checkpoint(args.run_dir / CHECKPOINT)
+            state = load_own_checkpoint(args.run_dir / CHECKPOINT)
             check_continues(state, args.run_dir)
             base = config_lib.from_dict(state["config"])
             cfg = config_lib.from_args(args, base=base)

@@ -1091,3 +1091,34 @@ def test_evaluate_with_two_actors_runs_them_on_ray(monkeypatch):
     monkeypatch.setattr(script, "evaluate", lambda *a, **k: pytest.fail("evaluated in this process"))
     bar = SimpleNamespace(write=print, update=lambda n=1: None, close=lambda: None)
     assert script.judge(SimpleNamespace(num_actors=2, address=None, num_cpus=None), None, None, bar) == {"num_actors": 2}
+
+
+@pytest.mark.parametrize("script", ["train", "pretrain"])
+def test_a_resume_from_a_damaged_checkpoint_says_how_to_go_on(script, run30, tmp_path, tiny_dataset, monkeypatch,
+                                                              capsys):
+    # Damaged from outside (distdiff's writes are atomic): every --autoresume of a requeued job
+    # stopped on it, saying only that it could not be read.
+    from distdiff.distributed import cluster, driver
+
+    main = script_in_process(script, monkeypatch).main
+    calls = []
+    monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: False)
+    monkeypatch.setattr(driver, "train", lambda cfg, run_dir, **kw: calls.append(kw) or {})
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoint.pt").write_bytes(run30.joinpath("checkpoint.pt").read_bytes()[:5000])
+    if script == "train":
+        shutil.copy(run30 / "checkpoint.pt", run_dir / "best.pt")
+    with pytest.raises(SystemExit) as stop:
+        main(_autoresume_argv(run_dir, tiny_dataset))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and not calls
+    assert f"{run_dir / 'checkpoint.pt'} is not a readable distdiff checkpoint" in err
+    assert "Start the run again with --overwrite in place of --resume or --autoresume" in err
+    assert (f"or start phase 2 from its best evaluation's weights: --init {run_dir / 'best.pt'}" in err) \
+        == (script == "train")
+    if script == "train":
+        # The way out it names goes: the run starts again there.
+        assert main(["--config", str(ROOT / SMOKE), "--dataset", tiny_dataset, "--run-dir", str(run_dir),
+                     "--overwrite"]) == 0
+        assert calls.pop()["overwrite"]

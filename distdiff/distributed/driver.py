@@ -25,7 +25,7 @@ from ray.exceptions import ObjectStoreFullError, OutOfDiskError, RayActorError, 
 from tqdm import tqdm
 
 from distdiff import config as config_lib
-from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from distdiff.checkpoint import CheckpointError, load_checkpoint, load_own_checkpoint, save_checkpoint
 from distdiff.cli import Interrupt, deferred_interrupt, progress_bar, sigterm_as_interrupt
 from distdiff.files import write_json
 from distdiff.config import Config
@@ -1193,7 +1193,9 @@ def resume_state(run_dir: Path) -> Dict[str, object]:
     """The checkpoint a resume of the run in ``run_dir`` continues from (:func:`resume_checkpoint`),
     loaded; refuses the run dir of an offline pretraining (launch/pretrain.py)."""
     path = resume_checkpoint(run_dir)
-    state = load_checkpoint(path)
+    best = run_dir / BEST
+    state = load_own_checkpoint(path, otherwise=f", or start phase 2 from its best evaluation's weights: --init {best} "
+                                                f"--run-dir NEW_DIR" if best.is_file() else "")
     if path == run_dir / CHECKPOINT and "run" not in state:
         raise CheckpointError(f"{run_dir} holds an offline pretraining run (launch/pretrain.py), which phase 2 "
                               f"does not continue: start phase 2 from it with --init {run_dir}")
