@@ -13,7 +13,7 @@ from typing import Any, Dict
 import torch
 
 from distdiff.files import replacing
-from distdiff.rundir import CHECKPOINT, PRETRAIN, checkpoint_file
+from distdiff.rundir import CHECKPOINT, CONFIG, PRETRAIN, checkpoint_file
 
 FORMAT = "distdiff.checkpoint"
 VERSION = 1
@@ -61,8 +61,10 @@ def load_checkpoint(path: str | Path) -> Dict[str, Any]:
     path = checkpoint_file(path)
     if not path.is_file():
         phase1 = path.parent / PRETRAIN / CHECKPOINT
-        hint = f" (its run stopped in phase 1: {phase1} is its pretraining's)" \
-            if path.name == CHECKPOINT and phase1.is_file() else ""
+        hint = "" if path.name != CHECKPOINT \
+            else f" (its run stopped in phase 1: {phase1} is its pretraining's)" if phase1.is_file() \
+            else (" (a run stopped there before its first checkpoint: the command line that started it, or "
+                  "--autoresume, starts it again)") if (path.parent / CONFIG).is_file() else ""
         raise CheckpointError(f"no checkpoint at {path}{hint}")
     if not zipfile.is_zipfile(path):
         # What torch.save writes; torch.load would fail on anything else with a key or EOF error.

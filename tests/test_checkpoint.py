@@ -196,6 +196,16 @@ def test_a_run_stopped_in_phase_1_points_to_its_pretraining_checkpoint(trained, 
         load_checkpoint(tmp_path)
 
 
+def test_a_run_stopped_before_its_first_checkpoint_is_said_to_start_again(tmp_path):
+    # A SIGTERM while the actors start leaves the run's config.yaml and events: --resume there
+    # said only that there was no checkpoint.
+    config.save(config.Config(), tmp_path / "config.yaml")
+    with pytest.raises(CheckpointError, match=r"no checkpoint at .*checkpoint.pt \(a run stopped there before its "
+                                              r"first checkpoint: the command line that started it, or --autoresume, "
+                                              r"starts it again\)$"):
+        load_checkpoint(tmp_path)
+
+
 class _Payload:
     """Unpickling this would create a file: loading must never run code from a checkpoint."""
 
