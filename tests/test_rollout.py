@@ -475,18 +475,19 @@ def worker_trainer(tiny_episodes):
     return trainer
 
 
-def _plain_worker(trainer, worker_id=0, **overrides):
+def _plain_worker(trainer, worker_id=0, measure=True, **overrides):
     from distdiff.distributed.messages import Weights
     from distdiff.distributed.worker import RolloutWorker
 
     cfg = config.from_dict({"online": {"envs_per_actor": 2}, **overrides}, trainer.cfg)
-    worker = RolloutWorker(config=cfg.to_dict(), normalizer=trainer.normalizer.state_dict(), worker_id=worker_id)
+    worker = RolloutWorker(config=cfg.to_dict(), normalizer=trainer.normalizer.state_dict(), worker_id=worker_id,
+                           measure=measure)
     worker.set_weights(Weights(version=1, weights=trainer.weights()))
     return worker
 
 
 def test_a_rollout_measures_only_every_nth_plan_of_an_episode(worker_trainer):
-    # Each measured plan costs H shadow env steps; collection sets 10**9 to measure next to none.
+    # Each measured plan costs H shadow env steps.
     worker = _plain_worker(worker_trainer, online={"envs_per_actor": 2, "measure_every": 10**9})
     try:
         result = worker.rollout(0, max_steps=13)  # plans at steps 0, 4, 8, 12 of each episode
@@ -494,6 +495,19 @@ def test_a_rollout_measures_only_every_nth_plan_of_an_episode(worker_trainer):
         worker.close()
     assert min(result.lengths) > 4, "the test needs episodes of more than one plan"
     assert result.plan_errors.shape[0] == len(result.episodes)  # each episode's first plan only
+
+
+def test_a_worker_that_only_collects_measures_no_plan_and_makes_no_shadow_envs(worker_trainer):
+    # A collection keeps only the episodes: it replayed every episode's first plan, in shadow
+    # envs made for it, and threw the errors away.
+    worker = _plain_worker(worker_trainer, measure=False)
+    try:
+        result = worker.rollout(0, max_steps=5)
+        assert worker.acting.shadows is None
+    finally:
+        worker.close()
+    assert len(result.episodes) == 2 and result.plan_errors.shape == (0, worker_trainer.cfg.model.horizon)
+    assert result.example is None
 
 
 def test_runs_with_other_seeds_roll_out_other_episodes(worker_trainer):

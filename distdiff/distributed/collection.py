@@ -58,8 +58,7 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
             if progress:
                 progress(len(got))
         return [ep for k in sorted(by_task) for ep in by_task[k]]
-    cfg = config_lib.from_dict({"online": {"measure_every": 10**9}, "env": {"max_episode_steps": max_episode_steps},
-                                "train": {"seed": seed}}, cfg)
+    cfg = config_lib.from_dict({"env": {"max_episode_steps": max_episode_steps}}, cfg)
     planner = planner_from_checkpoint(checkpoint, cfg)
     weights = ray.put(weights_of(planner))
 
@@ -72,7 +71,7 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
         worker.set_weights.remote(weights)
         return worker.rollout.remote(task, n_envs=n, seed=stream_seed(seed, task))
 
-    with own_workers(cfg, planner) as workers:
+    with own_workers(cfg, planner, measure=False) as workers:
         # Copies: views would pin every task's object in the store until the caller is done.
         return run_tasks(workers, n_episodes, cfg.online.envs_per_actor, submit,
                          lambda result: [ep.copy() for ep in result.episodes], progress)
@@ -94,7 +93,8 @@ def evaluate_in_parallel(planner: Planner, cfg: config_lib.Config, *, num_actors
     # (Their rollout envs sit idle: one each.)
     cfg = config_lib.from_dict({"online": {"envs_per_actor": 1}},
                                _parallel(cfg, num_actors, cfg.eval.episodes, min(cfg.eval.num_envs, cfg.eval.episodes)))
-    with own_workers(cfg, planner) as workers:
+    # (Their rollouts' envs sit idle too: no shadows for them.)
+    with own_workers(cfg, planner, measure=False) as workers:
         return evaluate_on(workers, ray.put(weights_of(planner)), cfg, progress=progress)
 
 
@@ -135,10 +135,12 @@ def _parallel(cfg: config_lib.Config, num_actors: int, n_episodes: int, per_task
 
 
 @contextlib.contextmanager
-def own_workers(cfg: config_lib.Config, planner: Planner) -> Iterator[List]:
-    """``online.num_actors`` rollout workers of ``cfg`` with ``planner``'s normalizer, killed on the way out."""
+def own_workers(cfg: config_lib.Config, planner: Planner, *, measure: bool) -> Iterator[List]:
+    """``online.num_actors`` rollout workers of ``cfg`` with ``planner``'s normalizer, killed on
+    the way out; ``measure``: see :class:`RolloutWorker`."""
     res = actors.resources(cfg)
-    workers = [actors.make_worker(cfg, res, config=cfg.to_dict(), normalizer=planner.normalizer.state_dict(), worker_id=i)
+    workers = [actors.make_worker(cfg, res, config=cfg.to_dict(), normalizer=planner.normalizer.state_dict(),
+                                  worker_id=i, measure=measure)
                for i in range(cfg.online.num_actors)]
     try:
         yield workers

@@ -72,7 +72,9 @@ class Acting:
 
 class RolloutWorker:
     def __init__(self, *, config: Dict[str, object], normalizer: Dict[str, object], worker_id: int,
-                 driver_code: Optional[Tuple[str, str]] = None):
+                 driver_code: Optional[Tuple[str, str]] = None, measure: bool = True):
+        """``measure``: rollouts measure their plans' alignment error (``online.measure_every``),
+        in shadow envs of their own; a collection, which keeps only the episodes, makes none."""
         check_same_code(driver_code)
         cfg = from_dict(config)
         torch.set_num_threads(1)
@@ -84,7 +86,8 @@ class RolloutWorker:
         self.cfg = cfg
         self.worker_id = worker_id
         self.normalizer = Normalizer.from_state_dict(normalizer)
-        self.acting = Acting(cfg, self.normalizer, cfg.online.envs_per_actor)
+        self.measure = measure
+        self.acting = Acting(cfg, self.normalizer, cfg.online.envs_per_actor, shadows=measure)
         self.judging: Optional[Acting] = None  # the evaluations' own, made by the first
         self.tasks = 0
 
@@ -121,7 +124,7 @@ class RolloutWorker:
         version = acting.version
         results, rebuilds = self._rebuilding(acting, lambda attempt: self._run(
             acting, self._seed(task, attempt, seed), n_envs=n_envs, max_steps=max_steps,
-            measure_every=self.cfg.online.measure_every))
+            measure_every=self.cfg.online.measure_every if self.measure else None))
         errors = [r.plan_errors for r in results if len(r.plan_errors)]
         return RolloutResult(
             worker_id=self.worker_id,
