@@ -16,9 +16,6 @@ def linear_beta_schedule(n_steps: int, beta_start: float = 1e-4, beta_end: float
     end is capped at MAX_BETA, and below ~50 ᾱ is ~0 well before T (at 20 steps < 1e-3 from t = 14):
     the chain spends its last levels on pure noise, which the cosine schedule was made to avoid.
     """
-    if n_steps == 1:
-        # One step must take data all the way to the noise the samplers start from.
-        return torch.tensor([MAX_BETA], dtype=torch.float64)
     scale = 1000.0 / n_steps
     return torch.linspace(scale * beta_start, min(scale * beta_end, MAX_BETA), n_steps, dtype=torch.float64)
 
@@ -53,6 +50,8 @@ SCHEDULES = {
 def make_beta_schedule(name: str, n_steps: int) -> torch.Tensor:
     if name not in SCHEDULES:
         raise ValueError(f"unknown beta schedule {name!r}; choose one of {sorted(SCHEDULES)}")
-    if n_steps < 1:
-        raise ValueError(f"n_steps must be >= 1, got {n_steps}")
+    if n_steps < 2:
+        # (As the diffusion asks: a chain of one step has no step 1 to borrow step 0's clipped
+        # posterior variance from.)
+        raise ValueError(f"n_steps must be >= 2, got {n_steps}")
     return SCHEDULES[name](n_steps)
