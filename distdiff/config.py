@@ -520,7 +520,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
              f"online.{key} must be empty or a custom resource name (not CPU, GPU, memory, object_store_memory, node:..., no surrounding spaces), got {name!r}")
     if all(value(key) >= 0 for key in budgets):  # (a negative one is said above)
         need(o.env_steps > 0 or o.updates > 0 or o.wall_time_s > 0, "online needs a budget: env_steps, updates or wall_time_s")
-    need(o.updates_per_env_step > 0 or o.env_steps > 0 or o.wall_time_s > 0,
+    need(o.updates_per_env_step > 0 or o.updates <= 0 or o.env_steps > 0 or o.wall_time_s > 0,
          "online.updates is the only budget but online.updates_per_env_step is 0: no update would ever run")
     need(o.max_update_lag >= o.updates_per_call,
          f"online.max_update_lag must be >= online.updates_per_call ({o.updates_per_call}), got {o.max_update_lag}")

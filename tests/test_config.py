@@ -111,6 +111,14 @@ def test_a_negative_budget_is_not_also_called_a_missing_one():
     assert "online.env_steps must be >= 0, got -1" in message and "needs a budget" not in message
 
 
+
+def test_no_budget_at_all_is_not_also_called_an_updates_only_budget():
+    none = {"online.env_steps": 0, "online.updates": 0, "online.wall_time_s": 0, "online.updates_per_env_step": 0}
+    message = _error(none)
+    assert "online needs a budget" in message and "online.updates is the only budget" not in message
+    assert "online.updates is the only budget" in _error({**none, "online.updates": 10})
+
+
 @pytest.mark.parametrize("overrides, expected", [
     ({"online.updates_per_env_step": "inf"}, "online.updates_per_env_step must be a finite number"),
     ({"data.termination_penalty": float("nan")}, "data.termination_penalty must be a finite number"),
