@@ -317,9 +317,12 @@ class Trainer:
     # ----- weights and planners ------------------------------------------------------------
     def weights(self) -> Dict[str, np.ndarray]:
         """The EMA weights, flat, on CPU: what rollout workers plan with (see :func:`flat_weights`).
-        The dynamics model only when it trains: otherwise no planner uses it, and every broadcast
-        would carry its 0.6 MB to every actor for nothing."""
-        out = {"denoiser": flat_weights(self.ema_denoiser), "value": flat_weights(self.ema_value)}
+        The value net and the dynamics model only when they train: otherwise no planner uses
+        them (:meth:`Planner.from_config`), and every broadcast would carry them (the dynamics
+        model's 0.6 MB) to every actor for nothing."""
+        out = {"denoiser": flat_weights(self.ema_denoiser)}
+        if self.cfg.train.train_value:
+            out["value"] = flat_weights(self.ema_value)
         if self.cfg.train.train_dynamics:
             out["dynamics"] = flat_weights(self.ema_dynamics)
         return out

@@ -215,11 +215,23 @@ def test_a_rollout_workers_ranking_planner_holds_the_broadcast_dynamics_model(tr
         worker.close()
 
 
-def test_broadcasts_carry_the_dynamics_model_only_when_it_trains(tiny_episodes):
+def test_broadcasts_carry_the_value_net_and_dynamics_model_only_when_they_train(tiny_episodes):
     off, _ = make_trainer(tiny_episodes[:2])
     on, _ = make_trainer(tiny_episodes[:2], **WITH_DYNAMICS)
     assert set(off.weights()) == {"denoiser", "value"}
     assert set(on.weights()) == {"denoiser", "value", "dynamics"}
+    no_value, _ = make_trainer(tiny_episodes[:2], **{"train.train_value": False, "guidance.scale": 0.0,
+                                                      "guidance.n_candidates": 1})
+    assert set(no_value.weights()) == {"denoiser"}
+    # What a worker plans with from them: no value net to load.
+    cfg = config.from_dict({"online": {"envs_per_actor": 1}}, no_value.cfg)
+    worker = RolloutWorker(config=cfg.to_dict(), normalizer=no_value.normalizer.state_dict(), worker_id=0)
+    try:
+        worker.set_weights(Weights(version=1, weights=no_value.weights()))
+        assert worker.acting.planner.value is None
+        assert len(worker.rollout(0, max_steps=2).episodes) == 1
+    finally:
+        worker.close()
 
 
 def test_transition_loss_is_zero_for_the_models_own_transitions_and_not_for_standing_still():

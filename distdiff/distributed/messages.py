@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional
 
 import numpy as np
 
-if TYPE_CHECKING:  # the learner's process has no use for the env code
+if TYPE_CHECKING:  # annotations only: distdiff.distributed.learner, which imports this, imports no env code
     from distdiff.data.episodes import Episode
     from distdiff.rollout import PlanCheck
 
