@@ -356,7 +356,8 @@ class Trainer:
         }
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        with_dynamics = has_dynamics(state, self.cfg)
+        check_dynamics(state, self.cfg)
+        with_dynamics = has_dynamics(state)
         try:
             self.denoiser.load_state_dict(state["denoiser"])
             self.value.load_state_dict(state["value"])
@@ -480,7 +481,8 @@ def planner_from_checkpoint(state: Dict[str, object] | str | Path, cfg: Optional
     check_made_with(state, cfg)
     normalizer = Normalizer.from_state_dict(state["normalizer"])
     models = build_models(cfg, normalizer)
-    with_dynamics = has_dynamics(state, cfg)
+    check_dynamics(state, cfg)
+    with_dynamics = has_dynamics(state)
     prior, w = prior_of(state), cfg.online.prior_weight
     try:
         for name, net in models.nets().items():
@@ -497,11 +499,15 @@ def planner_from_checkpoint(state: Dict[str, object] | str | Path, cfg: Optional
                                normalizer=normalizer, device=device, guide=guide)
 
 
-def has_dynamics(state: Dict[str, object], cfg: Config) -> bool:
+def has_dynamics(state: Dict[str, object]) -> bool:
     """Whether a checkpoint holds a dynamics model. Those written before it existed do not: they
-    still load, with a fresh one. Either way, ranking plans by an untrained model is refused."""
-    trained = "ema_dynamics" in state and bool(state.get("config", {}).get("train", {}).get("train_dynamics", False))
+    still load, with a fresh one (:func:`check_dynamics` refuses to rank plans by it)."""
+    return "ema_dynamics" in state
+
+
+def check_dynamics(state: Dict[str, object], cfg: Config) -> None:
+    """Refuse ``cfg`` ranking plans by a dynamics model that the checkpoint ``state`` did not train."""
+    trained = has_dynamics(state) and bool(state.get("config", {}).get("train", {}).get("train_dynamics", False))
     if cfg.planner.dynamics_candidates > 1 and not trained:
         raise CheckpointError("planner.dynamics_candidates > 1 needs a checkpoint whose run trained the dynamics model "
                               "(train.train_dynamics true): pretrain with it, or plan with 1 candidate")
-    return "ema_dynamics" in state

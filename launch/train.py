@@ -32,7 +32,7 @@ from distdiff.checkpoint import CheckpointError, CheckpointWriteError, load_chec
 from distdiff.data.minari_io import DatasetError  # noqa: E402
 from distdiff.files import to_json  # noqa: E402
 from distdiff.rundir import holds_run  # noqa: E402
-from distdiff.training import check_made_with, has_dynamics  # noqa: E402
+from distdiff.training import check_dynamics, check_made_with  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +89,7 @@ def main(argv=None) -> int:
         config_lib.check_trainable(cfg)
         if state is not None:
             check_made_with(state, cfg)
-            has_dynamics(state, cfg)
+            check_dynamics(state, cfg)
         over = run_over(cfg, args.resume, state) if args.resume else None
     except (config_lib.ConfigError, CheckpointError) as e:
         fail(str(e))

@@ -36,7 +36,7 @@ from distdiff.config import Config, ConfigError
 from distdiff.data.minari_io import REFERENCE_SCORES, reference_scores
 from distdiff.files import finite, write_text
 from distdiff.rundir import CHECKPOINT, REPLAY, checkpoint_file, holds_run
-from distdiff.training import VALUE_TARGET_FIELDS, check_made_with, has_dynamics, planner_from_checkpoint
+from distdiff.training import VALUE_TARGET_FIELDS, check_dynamics, check_made_with, planner_from_checkpoint
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 SCHEDULERS = ("asha", "pbt", "fifo")
@@ -359,7 +359,7 @@ def _example_configs(spec: SweepSpec) -> List[Config]:
             config_lib.check_trainable(configs[-1])
             if spec.init_state is not None:
                 check_made_with(spec.init_state, configs[-1])
-                has_dynamics(spec.init_state, configs[-1])
+                check_dynamics(spec.init_state, configs[-1])
         except (ConfigError, CheckpointError) as e:
             at = f" with {', '.join(f'{k}={v!r}' for k, v in params.items())}" if params else ""
             of = f" (init: {spec.init})" if isinstance(e, CheckpointError) else ""
