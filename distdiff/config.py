@@ -400,6 +400,8 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     from distdiff.data.windows import VALUE_TARGETS
     from distdiff.data.minari_io import DATASET_ID, LOCAL_NAMESPACE
     from distdiff.nn.temporal import group_norm_problem
+    from distdiff.normalizer import KINDS as NORMALIZERS
+    from distdiff.rollout import EXECUTIONS
 
     e: List[str] = list(errors or [])
 
@@ -429,7 +431,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
          and cfg.data.fallback_dataset_id.startswith(LOCAL_NAMESPACE),
          f"data.fallback_dataset_id must be empty (no fallback) or look like {LOCAL_NAMESPACE}name-vN, got "
          f"{cfg.data.fallback_dataset_id!r}")
-    need(cfg.data.normalizer in ("gaussian", "minmax"), f"data.normalizer must be gaussian or minmax, got {cfg.data.normalizer!r}")
+    need(cfg.data.normalizer in NORMALIZERS, f"data.normalizer must be one of {list(NORMALIZERS)}, got {cfg.data.normalizer!r}")
     at_least(0, "online.start_window_weight")
     positive("online.offline_start_window_weight", "data.start_window_weight")
     need(0.0 < cfg.data.discount <= 1.0, f"data.discount must be in (0, 1], got {cfg.data.discount}")
@@ -485,7 +487,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(1 <= cfg.planner.ddim_steps <= cfg.diffusion.n_steps,
          f"planner.ddim_steps must be in [1, diffusion.n_steps={cfg.diffusion.n_steps}], got {cfg.planner.ddim_steps}")
     need(0.0 <= cfg.planner.ddim_eta <= 1.0, f"planner.ddim_eta must be in [0, 1], got {cfg.planner.ddim_eta}")
-    need(cfg.planner.execution in ("open_loop", "receding"), f"planner.execution must be open_loop or receding, got {cfg.planner.execution!r}")
+    need(cfg.planner.execution in EXECUTIONS, f"planner.execution must be one of {list(EXECUTIONS)}, got {cfg.planner.execution!r}")
     need(1 <= cfg.planner.replan_every <= cfg.model.horizon,
          f"planner.replan_every must be in [1, model.horizon={cfg.model.horizon}], got {cfg.planner.replan_every}")
     at_least(0, "train.steps", "train.warmup_steps")

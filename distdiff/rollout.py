@@ -18,6 +18,9 @@ from distdiff.normalizer import Normalizer
 from distdiff.planner import Plan
 
 PlanFn = Callable[[np.ndarray], Plan]
+# How plans are executed (run_episodes): each plan's whole horizon (the seed's Alg. 2), or its
+# first planner.replan_every actions.
+EXECUTIONS = ("open_loop", "receding")
 
 
 class NonFinitePlan(Exception):
@@ -183,8 +186,8 @@ def run_episodes(
     error is measured. With ``max_steps`` an episode still running after that many steps ends
     there, truncated, as if the env's time limit were that short. Returned in seed order.
     """
-    if execution not in ("open_loop", "receding"):
-        raise ValueError(f"unknown execution mode {execution!r}")
+    if execution not in EXECUTIONS:
+        raise ValueError(f"unknown execution mode {execution!r}; choose one of {list(EXECUTIONS)}")
     if max_steps is not None and max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {max_steps}")
     steps_per_plan = horizon if execution == "open_loop" else replan_every
