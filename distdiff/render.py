@@ -81,22 +81,14 @@ def gl_problem(env_id: str = "Walker2d-v5", width: int = 32, height: int = 32) -
     return None
 
 
-def n_positions(env) -> int:
-    """Observed positions (``nq - 1``); checks the observation is ``qpos[1:] + qvel``."""
-    model = env.unwrapped.model
-    obs_dim = env.observation_space.shape[0]
-    if obs_dim != model.nq - 1 + model.nv:
-        raise ValueError(f"{env.spec.id if env.spec else env}: observations have {obs_dim} values, not qpos[1:] + qvel "
-                         f"({model.nq - 1} + {model.nv}); cannot impose them on the simulator")
-    return model.nq - 1
-
-
 def impose_observation(env, obs: np.ndarray, x: float = 0.0) -> None:
     """Set the simulator to the state an observation describes, at forward position ``x``."""
-    npos = n_positions(env)
-    obs = np.asarray(obs, dtype=np.float64)
-    qpos = np.concatenate([[x], obs[:npos]])
-    qvel = obs[npos:].copy()
+    # (Here: distdiff.rollout imports torch and Gymnasium, and this module must stay light for
+    # configure_gl, which runs before them.)
+    from distdiff.rollout import physics_state_from_observation
+
+    qpos, qvel = physics_state_from_observation(env, obs)
+    qpos[0] = x
     env.unwrapped.set_state(qpos, qvel)
 
 
@@ -108,8 +100,9 @@ def integrate_x(states: np.ndarray, dt: float, x0: float = 0.0, npos: int = 8) -
 
 def render_states(env, states: np.ndarray, x0: float = 0.0) -> list:
     """One frame per state, each imposed on the simulator (x integrated from the velocities)."""
-    npos = n_positions(env)
-    xs = integrate_x(states, env.unwrapped.dt, x0, npos)
+    # (The forward velocity qvel[0] follows the nq - 1 observed positions; impose_observation
+    # refuses observations of another layout.)
+    xs = integrate_x(states, env.unwrapped.dt, x0, env.unwrapped.model.nq - 1)
     frames = []
     for s, x in zip(states, xs):
         impose_observation(env, s, x)

@@ -448,9 +448,12 @@ def test_a_chosen_opengl_platform_is_kept(monkeypatch):
 
 def test_observations_that_are_not_qpos_and_qvel_are_refused():
     # Imposing another env's observation would set joints from velocities, silently.
-    env = SimpleNamespace(unwrapped=SimpleNamespace(model=SimpleNamespace(nq=9, nv=9)),
-                          observation_space=SimpleNamespace(shape=(20,)), spec=None)
+    placed = []
+    env = SimpleNamespace(unwrapped=SimpleNamespace(model=SimpleNamespace(nq=9, nv=9),
+                                                    set_state=lambda *state: placed.append(state)), spec=None)
     with pytest.raises(ValueError, match="not qpos"):
-        render.n_positions(env)
-    env.observation_space.shape = (17,)
-    assert render.n_positions(env) == 8
+        render.impose_observation(env, np.zeros(20))
+    assert not placed
+    render.impose_observation(env, np.arange(17.0), x=2.0)
+    (qpos, qvel), = placed
+    assert qpos.tolist() == [2.0, *range(8)] and qvel.tolist() == list(range(8, 17))
