@@ -291,6 +291,16 @@ def random_episodes(env: gym.Env, n_episodes: int, seed: int, progress=None) -> 
     return out
 
 
+def random_episodes_in(env_id: str, max_episode_steps: Optional[int], n_episodes: int, seed: int,
+                       progress=None) -> List[Episode]:
+    """:func:`random_episodes` in an env of their own, closed after."""
+    env = make_env(env_id, max_episode_steps)
+    try:
+        return random_episodes(env, n_episodes, seed, progress)
+    finally:
+        env.close()
+
+
 def standard_error(values: np.ndarray) -> Optional[float]:
     """The standard error of the mean of ``values``: their sample standard deviation (n − 1,
     where ``return_std`` is the population's) over √n; None for fewer than two."""

@@ -30,7 +30,7 @@ from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from distdiff.data.minari_io import (DATASET_ID, LOCAL_NAMESPACE, DatasetError, dataset_exists,  # noqa: E402
                                      datasets_root, write_episodes)
-from distdiff.rollout import NonFinitePlan, make_env, random_episodes, run_episodes  # noqa: E402
+from distdiff.rollout import NonFinitePlan, make_env, random_episodes_in, run_episodes  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
 
@@ -58,11 +58,8 @@ def collect(args, state, cfg, planner, bar) -> Tuple[str, str, list]:
         algorithm = "random" if state is None else f"distdiff:{args.policy}"
     elif args.policy == "random":
         env_id, algorithm = args.env, "random"
-        env = make_env(env_id, args.max_episode_steps)
-        try:
-            episodes = random_episodes(env, args.episodes, args.seed, progress=lambda ep: bar.update(1))
-        finally:
-            env.close()
+        episodes = random_episodes_in(env_id, args.max_episode_steps, args.episodes, args.seed,
+                                      progress=lambda ep: bar.update(1))
     else:
         torch.set_num_threads(cfg.train.num_threads)
         env_id, algorithm = cfg.env.id, f"distdiff:{args.policy}"

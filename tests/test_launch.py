@@ -90,12 +90,12 @@ def test_collect_random(minari_root, subprocess_env):
 def test_collect_interrupted_says_how_far_it_got_and_writes_nothing(minari_root, monkeypatch, capsys):
     script = script_in_process("collect", monkeypatch)
 
-    def interrupted_at_the_third(env, n_episodes, seed, progress):
+    def interrupted_at_the_third(env_id, max_episode_steps, n_episodes, seed, progress):
         for episode in range(2):
             progress(episode)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(script, "random_episodes", interrupted_at_the_third)
+    monkeypatch.setattr(script, "random_episodes_in", interrupted_at_the_third)
     assert script.main(["--policy", "random", "--episodes", "5", "--dataset-id", "local/walker2d/cut-v0"]) == 130
     assert ("interrupted after 2 of 5 episodes; nothing was written (the same command collects the same episodes "
             "again)") in capsys.readouterr().err

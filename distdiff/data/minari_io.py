@@ -347,14 +347,10 @@ def write_episodes(
 
 
 def _collect_random(dataset_id: str, n_episodes: int, env_id: str, max_episode_steps: int, seed: int, log) -> None:
-    from distdiff.rollout import make_env, random_episodes
+    from distdiff.rollout import random_episodes_in
 
     log(f"collecting {n_episodes} random-policy episodes into {dataset_id!r} under {datasets_root()}")
-    env = make_env(env_id, max_episode_steps)
-    try:
-        episodes = random_episodes(env, n_episodes, seed)
-    finally:
-        env.close()
+    episodes = random_episodes_in(env_id, max_episode_steps, n_episodes, seed)
     write_episodes(dataset_id, episodes, env_id=env_id, algorithm_name="random", max_episode_steps=max_episode_steps)
 
 

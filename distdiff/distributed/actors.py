@@ -26,6 +26,7 @@ from distdiff.distributed.messages import TrainStats
 from distdiff.distributed.replay import Replay
 from distdiff.distributed.worker import RolloutWorker
 from distdiff.provenance import DRIVER_CODE, check_same_code
+from distdiff.rollout import random_episodes_in
 
 # Each actor process gets one math thread: on small machines a second one competing with the
 # rollout processes makes small-model steps many times slower.
@@ -76,17 +77,7 @@ WORKER_GROUPS = {"evaluation": 1}
 RolloutWorkerActor = ray.remote(concurrency_groups=WORKER_GROUPS)(RayRolloutWorker)
 
 
-def _random_episodes(env_id: str, max_episode_steps: int, n_episodes: int, seed: int):
-    from distdiff.rollout import make_env, random_episodes
-
-    env = make_env(env_id, max_episode_steps)
-    try:
-        return random_episodes(env, n_episodes, seed)
-    finally:
-        env.close()
-
-
-random_episodes_task = ray.remote(runtime_env=_THREADS)(_random_episodes)
+random_episodes_task = ray.remote(runtime_env=_THREADS)(random_episodes_in)
 
 
 @ray.remote(num_cpus=0)
