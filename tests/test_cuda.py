@@ -99,7 +99,7 @@ def test_cuda_checkpoint_resumes_and_plans_on_cpu():
     assert all(not t.is_cuda for d in tensors for t in _tensors(d))
     # the optimizer moments come along, and CPU training goes on from them
     cpu = Trainer.from_checkpoint(state, cfg=cfg, device="cpu")
-    assert cpu.step == learner.step() == 10
+    assert cpu.step == learner.trainer.step == 10
     assert cpu.update(_batches(cfg, 1, seed=2)[0]) is not None
     # a resume on the GPU continues the device's random stream, which a CPU learner ignores
     Learner(config=cfg.to_dict(), checkpoint=state, device="cuda", resumed=True)

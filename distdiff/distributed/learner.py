@@ -73,7 +73,3 @@ class Learner:
     def state_dict(self) -> Dict[str, object]:
         """On CPU: the driver that saves it may run where there is no GPU."""
         return to_cpu({**self.trainer.state_dict(), "prior": self.prior, "weights_version": self.version})
-
-    def step(self) -> int:
-        return self.trainer.step
-
