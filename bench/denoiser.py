@@ -67,7 +67,7 @@ def reconstruction(path: Path, dataset: str, n_windows: int, timesteps, seed: in
         tt = torch.full((n_windows,), t, dtype=torch.long)
         noise = torch.randn(batch.x_start.shape, generator=generator)
         x_t = layout.condition(diffusion.q_sample(batch.x_start, tt, noise), batch.cond)
-        x_hat, _ = diffusion.model_predictions(model, x_t, tt)
+        x_hat = diffusion.model_predictions(model, x_t, tt).x_start
         out[f"t{t}"] = {
             "input_states": rmse((x_t - batch.x_start)[..., states], mask[..., states]),
             "states": rmse((x_hat - batch.x_start)[..., states], mask[..., states]),

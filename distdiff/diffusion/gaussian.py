@@ -35,6 +35,21 @@ class Sample(NamedTuple):
     chain: Optional[torch.Tensor]
 
 
+class ModelPrediction(NamedTuple):
+    """The denoiser's estimates at one noise level: the clean trajectory (clipped) and the noise."""
+
+    x_start: torch.Tensor
+    noise: torch.Tensor
+
+
+class Posterior(NamedTuple):
+    """q(τᵗ⁻¹ | τᵗ, τ⁰), broadcastable over the batch."""
+
+    mean: torch.Tensor
+    variance: torch.Tensor
+    log_variance_clipped: torch.Tensor
+
+
 def extract(a: torch.Tensor, t: torch.Tensor, x_shape) -> torch.Tensor:
     """Gather ``a[t]`` and reshape it to broadcast over a batch of shape ``x_shape``."""
     return a.gather(-1, t).reshape(t.shape[0], *((1,) * (len(x_shape) - 1)))
@@ -142,11 +157,12 @@ class GaussianDiffusion(nn.Module):
             - extract(self.sqrt_one_minus_alphas_cumprod, t, x_t.shape) * v
         )
 
-    def q_posterior(self, x_start, x_t, t):
+    def q_posterior(self, x_start, x_t, t) -> Posterior:
         mean = extract(self.posterior_mean_coef1, t, x_t.shape) * x_start + extract(
             self.posterior_mean_coef2, t, x_t.shape
         ) * x_t
-        return mean, extract(self.posterior_variance, t, x_t.shape), extract(self.posterior_log_variance_clipped, t, x_t.shape)
+        return Posterior(mean, extract(self.posterior_variance, t, x_t.shape),
+                         extract(self.posterior_log_variance_clipped, t, x_t.shape))
 
     # ----- training ----------------------------------------------------------------------
     def loss(
@@ -190,17 +206,16 @@ class GaussianDiffusion(nn.Module):
             return self.predict_start_from_v(x, t, out)
         return out
 
-    def model_predictions(self, model: Denoiser, x: torch.Tensor, t: torch.Tensor):
-        """Returns ``(x_start, noise)`` estimated by the model, ``x_start`` clipped."""
+    def model_predictions(self, model: Denoiser, x: torch.Tensor, t: torch.Tensor) -> ModelPrediction:
         x_start = self._start_from_output(x, t, model(x, t))
         if self.clip_min is not None:
             x_start = torch.maximum(torch.minimum(x_start, self.clip_max), self.clip_min)
-        return x_start, self.predict_noise_from_start(x, t, x_start)
+        return ModelPrediction(x_start, self.predict_noise_from_start(x, t, x_start))
 
     def p_sample(self, model: Denoiser, x: torch.Tensor, t: torch.Tensor, generator=None) -> torch.Tensor:
         """One ancestral step x_t → x_{t−1}, σ_t² = (1−ᾱ_{t−1})/(1−ᾱ_t)·β_t (Alg. 1.2)."""
-        x_start, _ = self.model_predictions(model, x, t)
-        mean, _, log_var = self.q_posterior(x_start, x, t)
+        posterior = self.q_posterior(self.model_predictions(model, x, t).x_start, x, t)
+        mean, log_var = posterior.mean, posterior.log_variance_clipped
         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         nonzero = (t != 0).to(x.dtype).reshape(-1, *((1,) * (x.ndim - 1)))
         return mean + nonzero * (0.5 * log_var).exp() * noise
