@@ -1,6 +1,6 @@
 """distdiff: distributed training of diffusion-model trajectory planners for continuous control, on Ray.
 
-The math (``layout``, ``diffusion``, ``nn``) imports only torch and numpy; no module outside
+The math (``layout``, ``diffusion``, ``nn``) imports only torch; no module outside
 ``distdiff.distributed`` imports Ray.
 """
 from importlib.metadata import PackageNotFoundError, version

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 
@@ -43,10 +42,8 @@ class TrajectoryLayout:
     def first_state(self, x):
         return x[..., 0, self.state_slice]
 
-    def join(self, states, actions):
-        """States and actions (or their masks) as the rows of trajectories; torch or numpy, as given."""
-        if isinstance(states, np.ndarray):
-            return np.concatenate([states, actions], axis=-1)
+    def join(self, states: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """States and actions (or their masks) as the rows of trajectories."""
         return torch.cat([states, actions], dim=-1)
 
     def condition(self, x: torch.Tensor, state: torch.Tensor) -> torch.Tensor:

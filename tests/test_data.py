@@ -135,7 +135,7 @@ def test_the_clip_range_holds_the_last_state_of_every_episode(kind):
     assert np.all(rows >= states.clip_min.numpy() - 1e-6) and np.all(rows <= states.clip_max.numpy() + 1e-6)
     # The mean and scale are still the transitions' alone.
     assert norm.shift.tolist() == Normalizer.fit(np.concatenate(
-        [LAYOUT.join(ep.observations[:-1], ep.actions) for ep in episodes]), kind=kind).shift.tolist()
+        [np.concatenate([ep.observations[:-1], ep.actions], axis=-1) for ep in episodes]), kind=kind).shift.tolist()
 
 
 def test_fit_normalizer_checks_the_layout():

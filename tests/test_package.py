@@ -47,6 +47,19 @@ def test_the_diffusion_math_imports_only_torch():
     loaded = _loaded_after_import(TORCH_ONLY)
     assert "torch" in loaded
     assert not loaded & {"ray", "gymnasium", "mujoco", "minari", "tensorboard", "matplotlib"}
+    # In its own source too, numpy included (which torch loads anyway): beside the standard
+    # library, torch and the math's own modules alone.
+    math = set(TORCH_ONLY)
+    for module in TORCH_ONLY:
+        path = PACKAGE.parent / (module.replace(".", "/") + ".py")
+        if not path.is_file():
+            path = path.with_suffix("") / "__init__.py"
+        nodes = list(ast.walk(ast.parse(path.read_text())))
+        imported = {a.name for n in nodes if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+        outside = {name for name in imported if name.split(".")[0] not in {*sys.stdlib_module_names, "torch"}
+                   and name not in math and name.split(".")[0] != "__future__"}
+        assert not outside, f"{module} imports {sorted(outside)}"
 
 
 def test_the_package_has_a_version():

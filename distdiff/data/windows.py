@@ -35,7 +35,8 @@ def fit_normalizer(episodes: Sequence[Episode], layout: TrajectoryLayout, kind: 
     fallen one: the clip range holds it, or no sampled plan could show a fall."""
     if not episodes:
         raise ValueError("no episodes to fit a normalizer to")
-    rows = np.concatenate([layout.join(ep.observations[:-1], ep.actions) for ep in episodes])
+    rows = torch.cat([layout.join(torch.as_tensor(ep.observations[:-1], dtype=torch.float64),
+                                  torch.as_tensor(ep.actions, dtype=torch.float64)) for ep in episodes]).numpy()
     if rows.shape[1] != layout.transition_dim:
         raise ValueError(f"episode rows have {rows.shape[1]} dims, layout expects {layout.transition_dim}")
     fitted = Normalizer.fit(rows, kind=kind)
@@ -194,13 +195,13 @@ class WindowDataset:
         ep = self.window_episode[index]
         steps = self.window_start[index][:, None] + np.arange(self.horizon)[None, :]
         length = self.lengths[ep][:, None]
-        obs = self.observations[self.obs_offset[ep][:, None] + np.minimum(steps, length)]
-        act = self.actions[self.act_offset[ep][:, None] + np.minimum(steps, length - 1)]
+        obs = torch.from_numpy(self.observations[self.obs_offset[ep][:, None] + np.minimum(steps, length)])
+        act = torch.from_numpy(self.actions[self.act_offset[ep][:, None] + np.minimum(steps, length - 1)])
         # s_T is real (steps <= length), its action is padding (steps < length).
-        mask = self.layout.join(np.broadcast_to((steps <= length)[..., None], obs.shape),
-                                np.broadcast_to((steps < length)[..., None], act.shape)).astype(np.float32)
-        x = torch.from_numpy(self.layout.join(obs, act))
-        return Batch(x, torch.from_numpy(mask), self.layout.first_state(x).clone(), torch.from_numpy(self.returns[index]),
+        mask = self.layout.join(torch.from_numpy(steps <= length)[..., None].expand(obs.shape),
+                                torch.from_numpy(steps < length)[..., None].expand(act.shape)).float()
+        x = self.layout.join(obs, act)
+        return Batch(x, mask, self.layout.first_state(x).clone(), torch.from_numpy(self.returns[index]),
                      torch.from_numpy(self.window_returns[index]))
 
     def return_quantiles(self, n: int = 101) -> np.ndarray:
