@@ -11,7 +11,7 @@ import numpy as np
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, to_cpu
-from distdiff.cli import deferred_interrupt, progress_bar
+from distdiff.process import deferred_interrupt, progress_bar
 from distdiff.config import Config
 from distdiff.data.minari_io import DatasetMissing, LoadedDataset, have_or_collect, load_or_collect
 from distdiff.data.windows import WindowDataset, fit_normalizer

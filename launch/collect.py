@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 from typing import Tuple
 
-from distdiff.cli import (add_ray_arguments, default_ray_auth, fail, limit_threads, line_buffered_output, make_parser,
-                          positive_int, progress_bar, seed_int)
+from distdiff.cli import add_ray_arguments, connect_job, fail, line_buffered_output, make_parser, positive_int, seed_int
+from distdiff.process import default_ray_auth, limit_threads, progress_bar
 
 limit_threads()
 line_buffered_output()
@@ -42,7 +42,7 @@ def collect(args, state, cfg, planner, bar) -> Tuple[str, str, list]:
     algorithm they are recorded under, and the episodes."""
     if args.num_actors > 1:
         from distdiff.distributed.collection import collect_episodes
-        from distdiff.distributed.cluster import RunFailed, connect_job, shutdown
+        from distdiff.distributed.cluster import RunFailed, shutdown
 
         started = connect_job(args.address, args.num_cpus, log=bar.write)
         try:

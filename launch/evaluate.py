@@ -18,8 +18,9 @@ import operator
 import sys
 from pathlib import Path
 
-from distdiff.cli import (add_ray_arguments, check_eval_output, default_ray_auth, fail, held_out_for_best,
-                          limit_threads, line_buffered_output, make_parser, positive_int, progress_bar, take_alias)
+from distdiff.cli import (add_ray_arguments, connect_job, check_eval_output, fail, held_out_for_best, line_buffered_output,
+                          make_parser, positive_int, take_alias)
+from distdiff.process import default_ray_auth, limit_threads, progress_bar
 
 limit_threads()
 line_buffered_output()
@@ -40,7 +41,7 @@ def judge(args, cfg, planner, bar) -> dict:
     """The evaluation's summary, from parallel Ray actors or from this process."""
     if args.num_actors == 1:
         return evaluate(planner, cfg, progress=lambda r: bar.update(1))
-    from distdiff.distributed.cluster import RunFailed, connect_job, shutdown
+    from distdiff.distributed.cluster import RunFailed, shutdown
     from distdiff.distributed.collection import evaluate_in_parallel
 
     started = connect_job(args.address, args.num_cpus, log=bar.write)

@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 from distdiff.cli import (AUTORESUME_HELP, autoresume, check_autoresumed, check_resume_dir, check_run_dir,
-                          default_run_dir, fail, limit_threads, line_buffered_output, make_parser, note_changes,
-                          sigterm_as_interrupt, start_config, take_alias)
+                          default_run_dir, fail, line_buffered_output, make_parser, note_changes, start_config,
+                          take_alias)
+from distdiff.process import limit_threads, sigterm_as_interrupt
 
 limit_threads()
 line_buffered_output()

@@ -19,9 +19,10 @@ import errno
 import sys
 from pathlib import Path
 
-from distdiff.cli import (AUTORESUME_HELP, add_ray_arguments, autoresume, check_autoresumed, check_resume_dir,
-                          check_run_dir, default_ray_auth, default_run_dir, fail, limit_threads, line_buffered_output,
-                          make_parser, note_changes, sigterm_as_interrupt, take_alias)
+from distdiff.cli import (AUTORESUME_HELP, add_ray_arguments, connect_job, autoresume, check_autoresumed, check_resume_dir,
+                          check_run_dir, default_run_dir, fail, line_buffered_output, make_parser, note_changes,
+                          take_alias)
+from distdiff.process import default_ray_auth, limit_threads, sigterm_as_interrupt
 
 limit_threads()
 line_buffered_output()
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
         fail("--resume continues with the run's own config; drop --config (override fields with --section.field)")
     if args.resume:
         check_resume_dir(args.resume)
-    from distdiff.distributed.cluster import RunFailed, connect_job, shutdown
+    from distdiff.distributed.cluster import RunFailed, shutdown
     from distdiff.distributed.driver import resume_state, run_over, train
 
     # Before Ray starts: a config that cannot train, or that the checkpoint's nets do not fit.

@@ -19,8 +19,9 @@ import os
 import sys
 from pathlib import Path
 
-from distdiff.cli import (add_ray_arguments, check_output, check_outside_job_copy, default_ray_auth, fail,
-                          limit_threads, line_buffered_output, make_parser, positive_int)
+from distdiff.cli import (add_ray_arguments, connect_job, check_output, check_outside_job_copy, fail, line_buffered_output,
+                          make_parser, positive_int)
+from distdiff.process import default_ray_auth, limit_threads
 
 limit_threads()
 line_buffered_output()
@@ -82,7 +83,7 @@ def main(argv=None) -> int:
         fail(str(e))
 
     from distdiff.data.minari_io import DatasetError
-    from distdiff.distributed.cluster import connect_job, shutdown
+    from distdiff.distributed.cluster import shutdown
     from distdiff.distributed.tuning import make_tuner, pbt_changes, shortfall, summarize, sweep_dataset, trial_count
 
     env_vars = {k: os.environ[k] for k in ("MINARI_DATASETS_PATH",) if k in os.environ}

@@ -24,8 +24,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from distdiff.cli import (check_output, fail, held_out_for_best, int_at_least, limit_threads, line_buffered_output,
-                          make_parser, non_negative_int, positive_int, seed_int)
+from distdiff.cli import (check_output, fail, held_out_for_best, int_at_least, line_buffered_output, make_parser,
+                          non_negative_int, positive_int, seed_int)
+from distdiff.process import limit_threads
 
 limit_threads()
 line_buffered_output()

@@ -43,10 +43,10 @@ def launch_script(name: str):
 def script_in_process(name: str, monkeypatch):
     """:func:`launch_script`, imported without its settings of this process's environment
     (thread limits, Ray auth), which would hold for every test after it."""
-    import distdiff.cli
+    import distdiff.process
 
-    monkeypatch.setattr(distdiff.cli, "limit_threads", lambda: None)
-    monkeypatch.setattr(distdiff.cli, "default_ray_auth", lambda: None)
+    monkeypatch.setattr(distdiff.process, "limit_threads", lambda: None)
+    monkeypatch.setattr(distdiff.process, "default_ray_auth", lambda: None)
     return launch_script(name)
 SMOKE_CONFIG = ROOT / "configs" / "smoke.yaml"
 

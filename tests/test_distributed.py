@@ -1847,8 +1847,10 @@ def test_parallel_tasks_go_on_without_a_worker_that_died_for_good_or_was_given_u
     # Two at a time, never on worker 2 (a run's loop gave it up).
     got, ran_on = tasks_on(workers, 7, 2, width=2, usable=lambda i: i != 2)
     assert got == [0, 0, 1, 1, 2, 2, 3]
-    # The dead worker got its first task only, which ran again on the other one.
-    assert ran_on.count(0) == 1 and 2 not in ran_on and len(ran_on) == 5
+    # The dead worker took its first task, which ran again on the other one; every task it takes
+    # after its back-off (none unless the other's tasks outlast it, as on a loaded machine) fails
+    # the same way and runs again there too.
+    assert ran_on.count(0) >= 1 and 2 not in ran_on and ran_on.count(1) == 4
 
 
 def test_parallel_tasks_spread_over_the_workers_again_after_a_failure(ray_session, tmp_path):

@@ -487,7 +487,7 @@ def test_collect_with_a_checkpoint_policy(run30, minari_root, subprocess_env):
 def test_the_scripts_present_a_token_to_clusters_only_where_there_is_one(where, tmp_path, monkeypatch):
     # Token mode with no token refuses every cluster, a plain `ray start --head` on a fresh
     # machine included; without token mode a driver never sends the one it has.
-    from distdiff.cli import default_ray_auth
+    from distdiff.process import default_ray_auth
 
     for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.setenv(var, "")  # so that teardown puts back what was there, whatever this test sets
@@ -512,7 +512,7 @@ def test_the_scripts_present_a_token_to_clusters_only_where_there_is_one(where, 
 def test_rays_token_file_is_made_this_users_alone(tmp_path, monkeypatch):
     # Ray writes it with the umask's mode: another user of a shared server could read it and run
     # jobs as this one on every cluster it guards.
-    from distdiff.cli import keep_ray_token_private
+    from distdiff.process import keep_ray_token_private
 
     monkeypatch.setenv("HOME", str(tmp_path))
     token = tmp_path / ".ray" / "auth_token"
@@ -540,7 +540,7 @@ def test_progress_bars_redraw_rarely_into_a_log_file():
     # A run that lasts days under nohup or `ray job submit` would write ~25 MB a day of redraws.
     import io
 
-    from distdiff.cli import progress_bar
+    from distdiff.process import progress_bar
 
     log = io.StringIO()
     bar = progress_bar(total=1000, desc="online", file=log)
@@ -646,15 +646,15 @@ def test_an_embedded_ray_offers_the_cpus_this_process_may_run_on(tmp_path, monke
     import ray
     import ray._private.utils
 
-    from distdiff import cli
+    from distdiff import process
     from distdiff.distributed import cluster
 
     # A Slurm job of 3 CPUs on a 128-core node (as the process started: torch's OpenMP may pin
     # its main thread to one later); a container with a quota of 2 CPUs on 8.
-    monkeypatch.setattr(cli, "STARTED_ON", frozenset({4, 5, 6}))
+    monkeypatch.setattr(process, "STARTED_ON", frozenset({4, 5, 6}))
     monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda **kwargs: 128)
     assert cluster.allotted_cpus() == 3
-    monkeypatch.setattr(cli, "STARTED_ON", frozenset(range(8)))
+    monkeypatch.setattr(process, "STARTED_ON", frozenset(range(8)))
     monkeypatch.setattr(ray._private.utils, "get_num_cpus", lambda **kwargs: 2)
     assert cluster.allotted_cpus() == 2
     # What connect() starts an embedded Ray with: those CPUs, and a token already written.
@@ -673,7 +673,7 @@ def test_an_embedded_ray_offers_the_cpus_this_process_may_run_on(tmp_path, monke
 
 
 def test_an_embedded_ray_starts_with_a_token_written_once_and_private(tmp_path, monkeypatch):
-    from distdiff.cli import make_ray_token_if_none
+    from distdiff.process import make_ray_token_if_none
 
     for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
         monkeypatch.delenv(var, raising=False)
@@ -709,6 +709,7 @@ def test_a_ctrl_c_while_ray_shuts_down_is_not_a_traceback(monkeypatch):
 
 
 def test_a_ctrl_c_while_connecting_to_ray_is_one_line(monkeypatch, capsys):
+    from distdiff import cli
     from distdiff.distributed import cluster
 
     def interrupted(*args, **kwargs):
@@ -716,7 +717,7 @@ def test_a_ctrl_c_while_connecting_to_ray_is_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(cluster, "connect", interrupted)
     with pytest.raises(SystemExit) as stop:
-        cluster.connect_job(None, None)
+        cli.connect_job(None, None)
     assert stop.value.code == 130
     assert capsys.readouterr().err.strip() == "error: interrupted while connecting to Ray; nothing was started"
 
@@ -725,22 +726,22 @@ def test_a_ctrl_c_while_connecting_to_ray_is_one_line(monkeypatch, capsys):
 
     monkeypatch.setattr(cluster, "connect", unreachable)
     with pytest.raises(SystemExit) as stop:
-        cluster.connect_job("10.0.0.1:6379", None)
+        cli.connect_job("10.0.0.1:6379", None)
     assert stop.value.code == 2 and "nothing listens there" in capsys.readouterr().err
 
 
 def test_a_ray_job_refuses_run_dirs_in_its_temporary_copy(tmp_path, monkeypatch, capsys):
     from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
 
-    from distdiff import cli
+    from distdiff import cli, process
 
     import inspect
 
     from ray._private.runtime_env.working_dir import WorkingDirPlugin
 
-    assert cli.RAY_JOB_ENV == RAY_JOB_CONFIG_JSON_ENV_VAR  # what Ray sets in a job's driver
+    assert process.RAY_JOB_ENV == RAY_JOB_CONFIG_JSON_ENV_VAR  # what Ray sets in a job's driver
     assert '"working_dir_files"' in inspect.getsource(WorkingDirPlugin.__init__)  # where it unpacks the copy
-    monkeypatch.setenv(cli.RAY_JOB_ENV, "{}")
+    monkeypatch.setenv(process.RAY_JOB_ENV, "{}")
     relative = Path("runs") / "job"
     # A job without --working-dir, or one that changed directory: the relative path is the user's.
     cli.check_run_dir(relative, overwrite=False)
@@ -754,7 +755,7 @@ def test_a_ray_job_refuses_run_dirs_in_its_temporary_copy(tmp_path, monkeypatch,
         assert stop.value.code == 2
         assert f"{relative} is a relative path, and this Ray job runs in Ray's temporary copy" in capsys.readouterr().err
     cli.check_run_dir(tmp_path / "run", overwrite=False)  # absolute
-    monkeypatch.delenv(cli.RAY_JOB_ENV)
+    monkeypatch.delenv(process.RAY_JOB_ENV)
     cli.check_run_dir(relative, overwrite=False)  # outside a job
 
 
@@ -840,7 +841,7 @@ def test_default_run_dirs_of_runs_started_in_the_same_second_differ(monkeypatch)
 
 
 def test_sigterm_interrupts_work_that_has_no_checks_and_its_handler_is_given_back():
-    from distdiff.cli import sigterm_as_interrupt
+    from distdiff.process import sigterm_as_interrupt
 
     before = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
@@ -1082,10 +1083,10 @@ def test_one_best_pt_among_the_compared_checkpoints_moves_the_seed(tmp_path, cap
 # launch/evaluate.py judge: any --num-actors above 1 runs the episodes on Ray's actors
 # (mutant: `num_actors <= 2` ran --num-actors 2 in this process, its flag ignored).
 def test_evaluate_with_two_actors_runs_them_on_ray(monkeypatch):
-    from distdiff.distributed import cluster, collection
+    from distdiff.distributed import collection
 
     script = script_in_process("evaluate", monkeypatch)
-    monkeypatch.setattr(cluster, "connect_job", lambda *a, **k: False)
+    monkeypatch.setattr(script, "connect_job", lambda *a, **k: False)
     monkeypatch.setattr(collection, "evaluate_in_parallel",
                         lambda planner, cfg, *, num_actors, progress: {"num_actors": num_actors})
     monkeypatch.setattr(script, "evaluate", lambda *a, **k: pytest.fail("evaluated in this process"))

@@ -12,7 +12,7 @@ import ray
 import torch
 from ray.exceptions import AuthenticationError
 
-import distdiff.cli
+import distdiff.process
 from _helpers import ROOT, make_trainer, tiny_online_config
 from distdiff import config as config_lib
 from distdiff import pretrain as pretrain_lib
@@ -67,7 +67,7 @@ def test_readme_training_snippet_calls_the_api_as_it_is(monkeypatch):
             return {} if real is driver.train else False
         return call
 
-    monkeypatch.setattr(distdiff.cli, "default_ray_auth", lambda: calls.setdefault("default_ray_auth", {}))
+    monkeypatch.setattr(distdiff.process, "default_ray_auth", lambda: calls.setdefault("default_ray_auth", {}))
     monkeypatch.setattr(cluster, "connect", stand_in(cluster.connect))
     monkeypatch.setattr(driver, "train", stand_in(driver.train))
     monkeypatch.chdir(ROOT)
@@ -111,7 +111,7 @@ def test_joining_a_token_cluster_after_ray_was_imported_without_token_mode_says_
 
     monkeypatch.setattr(ray, "init", refused)
     with pytest.raises(cluster.ClusterUnreachable, match=r"Ray was imported before RAY_AUTH_MODE=token was set: call "
-                                                         r"distdiff.cli.default_ray_auth\(\) before anything imports ray"):
+                                                         r"distdiff.process.default_ray_auth\(\) before anything imports ray"):
         cluster.connect("127.0.0.1:6379", log=lambda s: None)
     # With no token here, the hint says where one goes.
     monkeypatch.delenv("RAY_AUTH_TOKEN")

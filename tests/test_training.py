@@ -238,7 +238,7 @@ def test_ctrl_c_during_pretraining_is_deferred_to_a_step_boundary():
     TensorBoard's writer can hang its close); a second one raises at once."""
     import signal
 
-    from distdiff.cli import deferred_interrupt
+    from distdiff.process import deferred_interrupt
 
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     # SIGTERM (ray job stop, a preemption): stop at the next step and save, as after a Ctrl-C.

@@ -16,7 +16,7 @@ from ray.exceptions import NodeDiedError, RayError, TaskUnschedulableError
 from ray.util import get_current_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from distdiff.cli import THREAD_VARS
+from distdiff.process import THREAD_VARS
 from distdiff.config import Config, ConfigError
 from distdiff.data.windows import Batch
 from distdiff.distributed.cluster import RunFailed

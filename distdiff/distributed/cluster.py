@@ -1,5 +1,5 @@
 """Finding Ray for a job (a running cluster, else an embedded one), and the errors a job's
-launch script turns into a message instead of a traceback."""
+launch script turns into a message instead of a traceback (``distdiff.cli.connect_job``)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,9 +11,9 @@ from typing import Callable, Dict, Optional
 import ray
 from ray.exceptions import AuthenticationError
 
-from distdiff import cli
-from distdiff.cli import (RAY_JOB_ENV, fail, keep_ray_token_private, make_ray_token_if_none, ray_token_available,
-                          ray_token_mode)
+from distdiff import process
+from distdiff.process import (RAY_JOB_ENV, keep_ray_token_private, make_ray_token_if_none, ray_token_available,
+                              ray_token_mode)
 from distdiff.distributed.faults import cause
 
 
@@ -70,15 +70,15 @@ def beside_the_job(runtime_env: Optional[Dict[str, object]]) -> Optional[Dict[st
 
 def allotted_cpus() -> Optional[int]:
     """The CPUs an embedded Ray offers: those this process could run on as it started
-    (:data:`distdiff.cli.STARTED_ON`: a Slurm job's, taskset's, a container's cpuset), at most
+    (:data:`distdiff.process.STARTED_ON`: a Slurm job's, taskset's, a container's cpuset), at most
     Ray's own count. Ray 2.60 counts the machine's cores and a cgroup limit at the root only: a
     Slurm job of 32 CPUs on a 128-core node offered 128, and sweeps and actors' shares went by
     them. None where there is no affinity (macOS): Ray's."""
-    if cli.STARTED_ON is None:
+    if process.STARTED_ON is None:
         return None
     from ray._private.utils import get_num_cpus  # (Ray is pinned; its cgroup quota, e.g. docker --cpus)
 
-    return max(1, min(len(cli.STARTED_ON), int(get_num_cpus(override_docker_cpu_warning=True))))
+    return max(1, min(len(process.STARTED_ON), int(get_num_cpus(override_docker_cpu_warning=True))))
 
 
 def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: Callable[[str], None] = print,
@@ -107,7 +107,7 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
             elif "RAY_AUTH_MODE" not in os.environ and ray_token_available():
                 # (The launch scripts call it first; a notebook or script may import Ray before.)
                 hint = ("; this machine has a token, but Ray was imported before RAY_AUTH_MODE=token was set: call "
-                        "distdiff.cli.default_ray_auth() before anything imports ray, or set RAY_AUTH_MODE=token")
+                        "distdiff.process.default_ray_auth() before anything imports ray, or set RAY_AUTH_MODE=token")
             else:
                 hint = ("; a cluster with token auth (the default where `ray start` found a token) needs its token "
                         "here: ~/.ray/auth_token, RAY_AUTH_TOKEN_PATH or RAY_AUTH_TOKEN")
@@ -126,19 +126,6 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
     log(f"ray: {why}; started an embedded local Ray: {describe(ray.cluster_resources())}")
     keep_ray_token_private(log)  # (one it made just now among them)
     return True
-
-
-def connect_job(address: Optional[str], num_cpus: Optional[int], log: Callable[[str], None] = print,
-                runtime_env: Optional[Dict[str, object]] = None) -> bool:
-    """:func:`connect` for a launch script, which has made nothing yet: a cluster it cannot reach,
-    or a Ctrl-C while Ray starts or answers (which can take seconds), ends the script with one
-    line instead of a traceback."""
-    try:
-        return connect(address, num_cpus, log=log, runtime_env=runtime_env)
-    except ClusterUnreachable as e:
-        fail(str(e))
-    except KeyboardInterrupt:
-        fail("interrupted while connecting to Ray; nothing was started", code=130)
 
 
 def shutdown() -> None:

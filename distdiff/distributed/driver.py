@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint, load_own_checkpoint, save_checkpoint
-from distdiff.cli import Interrupt, deferred_interrupt, progress_bar, sigterm_as_interrupt
+from distdiff.process import Interrupt, deferred_interrupt, progress_bar, sigterm_as_interrupt
 from distdiff.files import write_json
 from distdiff.config import Config
 from distdiff.data.minari_io import LoadedDataset, normalized_score, reference_scores
