@@ -100,6 +100,16 @@ def test_overrides_are_typed():
         ({"eval.episodes": -2}, "eval.episodes must be >= 1, got -2"),
         ({"eval.num_actors": -1}, "eval.num_actors must be >= 0, got -1"),
         ({"train.value_lr": 0.0}, "train.value_lr must be positive, got 0.0"),
+        # Each would fail far into a run, or train nothing without a word: a rollout indexing
+        # past its plan's horizon, the replay asked for a negative count of online windows, an
+        # EMA (what planners use) that never moves.
+        ({"model.horizon": 32, "planner.replan_every": 33}, "planner.replan_every must be in [1, model.horizon=32], got 33"),
+        ({"online.offline_ratio": 1.5}, "online.offline_ratio must be in [0, 1], got 1.5"),
+        ({"online.offline_ratio": -0.1}, "online.offline_ratio must be in [0, 1], got -0.1"),
+        ({"train.ema_decay": 1.0}, "train.ema_decay must be in [0, 1), got 1.0"),
+        ({"online.max_update_lag": 1, "online.updates_per_call": 5},
+         "online.max_update_lag must be >= online.updates_per_call (5), got 1"),
+        ({"model.horizon": 32, "online.replay_capacity": 31}, "online.replay_capacity must hold at least one horizon (32), got 31"),
     ],
 )
 def test_invalid_values_are_rejected(overrides, expected):
@@ -109,7 +119,6 @@ def test_invalid_values_are_rejected(overrides, expected):
 def test_a_negative_budget_is_not_also_called_a_missing_one():
     message = _error({"online.env_steps": -1})
     assert "online.env_steps must be >= 0, got -1" in message and "needs a budget" not in message
-
 
 
 def test_no_budget_at_all_is_not_also_called_an_updates_only_budget():

@@ -501,7 +501,7 @@ def test_a_rollout_past_its_timeout_has_its_actor_restarted_and_the_run_finishes
         def rollout(self, task=None, **share):
             if self.tasks == 1 and not hung.exists():
                 hung.touch()
-                time.sleep(300)
+                time.sleep(1800)
             return super().rollout(task, **share)
 
     # The workers are up before the loop times their rollouts (two starting at once on 2 cores
@@ -512,7 +512,8 @@ def test_a_rollout_past_its_timeout_has_its_actor_restarted_and_the_run_finishes
     t0 = time.monotonic()
     run, messages, stored = run_with_worker_class(HangsOnce, (cfg, pretrained[1]), tmp_path, worker_ids=(0, 1),
                                                   before_run=lambda run: ray.get([w.ping.remote() for w in run.workers]))
-    assert hung.exists() and time.monotonic() - t0 < 200
+    # (Far below the hang: the run did not wait for it, however loaded the machine.)
+    assert hung.exists() and time.monotonic() - t0 < 600
     assert any("its rollout has run for" in m and "past online.rollout_timeout_s 8" in m for m in messages), messages
     # Killed and restarted as after any death.
     c = run.counters
@@ -1335,7 +1336,7 @@ def test_a_learner_that_hangs_stops_the_run_at_the_learner_timeout_with_its_last
     started = time.monotonic()
     with pytest.raises(RunFailed, match="past online.learner_timeout_s 4: the learner is taken for hung"):
         train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
-    assert time.monotonic() - started < 120
+    assert time.monotonic() - started < 600  # (far below the hang, however loaded the machine)
     saved = load_checkpoint(tmp_path / "checkpoint.pt")  # the one at 10 updates, before it hung
     assert saved["run"]["updates"] == 10 and saved["step"] == load_checkpoint(ckpt)["step"] + 10
 

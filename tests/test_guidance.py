@@ -57,6 +57,23 @@ def test_guide_takes_exact_gradient_steps_and_reclamps(n_steps):
     assert torch.equal(out, want)
 
 
+def test_every_guide_step_sees_the_conditioning_state_exactly():
+    # A value whose gradient depends on s_0: a step taken from a moved s_0 goes elsewhere, which
+    # the constant gradient of v_sum could not show.
+    seen = []
+
+    def v_of_start(x, t):
+        seen.append(x[:, 0, 0].detach().clone())
+        return x[:, 0, 0] * x.sum(dim=(-1, -2))
+
+    x = torch.zeros(2, 4, 2)
+    out = ValueGuide(v_of_start, scale=0.25, n_steps=3)(x, torch.tensor([5, 5]), _clamp_to(-7.0))
+    assert len(seen) == 3
+    assert torch.equal(seen[0], torch.zeros(2))  # (the input as given; clamped from then on)
+    assert all(torch.equal(s, torch.full((2,), -7.0)) for s in seen[1:])
+    assert torch.equal(out[:, 0, 0], torch.full((2,), -7.0))
+
+
 def test_guide_scales_by_posterior_variance_per_sample():
     post_var = torch.tensor([0.0, 0.1, 0.2, 0.4])
     x = torch.zeros(2, 4, 2)

@@ -510,6 +510,36 @@ def test_a_worker_that_only_collects_measures_no_plan_and_makes_no_shadow_envs(w
     assert result.example is None
 
 
+def test_a_worker_keeps_the_newer_weights_it_holds(worker_trainer):
+    # Weights arriving out of order (a restarted worker handed the newest, then an older
+    # broadcast still queued for it) must not take it back a version.
+    from distdiff.distributed.messages import Weights
+
+    worker = _plain_worker(worker_trainer)
+    try:
+        newer = {name: flat.copy() for name, flat in worker_trainer.weights().items()}
+        assert worker.set_weights(Weights(version=2, weights=newer)) == 2
+        older = {name: np.zeros_like(flat) for name, flat in newer.items()}
+        assert worker.set_weights(Weights(version=1, weights=older)) == 2
+        held = torch.nn.utils.parameters_to_vector(worker.acting.nets["denoiser"].parameters())
+        assert bool(held.abs().sum() > 0)
+    finally:
+        worker.close()
+
+
+def test_workers_counting_their_own_tasks_roll_out_other_episodes(worker_trainer):
+    # rollout() without a task numbers it by the worker's own count, 0 on every worker: their
+    # ids must set them apart, or all of them would collect the same episodes.
+    def starts(worker_id):
+        worker = _plain_worker(worker_trainer, worker_id=worker_id)
+        try:
+            return np.stack([ep.observations[0] for ep in worker.rollout(max_steps=2).episodes])
+        finally:
+            worker.close()
+
+    assert not np.array_equal(starts(0), starts(1))
+
+
 def test_runs_with_other_seeds_roll_out_other_episodes(worker_trainer):
     # Replicates of a sweep (a train.seed each) would otherwise collect the same episodes.
     def starts(seed):

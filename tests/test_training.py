@@ -44,12 +44,51 @@ def test_overfits_a_fixed_batch(tiny_episodes):
     assert v1 < 0.5 * v0, f"value loss {v0:.3f} -> {v1:.3f}"
 
 
-def test_update_reports_finite_losses(tiny_episodes):
-    trainer, windows = make_trainer(tiny_episodes[:2], **{"train.train_dynamics": True})
+@pytest.mark.parametrize("trained", [("denoiser", "value", "dynamics"), ("denoiser",)])
+def test_an_update_steps_the_nets_that_train_and_reports_their_losses_alone(tiny_episodes, trained):
+    overrides = {"train.train_dynamics": "dynamics" in trained}
+    if "value" not in trained:
+        overrides.update({"train.train_value": False, "guidance.scale": 0.0, "guidance.n_candidates": 1})
+    trainer, windows = make_trainer(tiny_episodes[:2], **overrides)
+    nets = ("denoiser", "value", "dynamics")
+    before = {net: [p.clone() for p in getattr(trainer, net).parameters()] for net in nets}
     out = trainer.update(windows.sample(8, np.random.default_rng(0)))
-    assert set(out) == {f"losses/{net}{suffix}" for net in ("denoiser", "value", "dynamics") for suffix in ("", "_grad_norm")}
+    assert set(out) == {f"losses/{net}{suffix}" for net in trained for suffix in ("", "_grad_norm")}
     assert all(math.isfinite(v) for v in out.values())
     assert trainer.step == 1
+    for net in nets:
+        moved = any(not torch.equal(a, b) for a, b in zip(before[net], getattr(trainer, net).parameters()))
+        assert moved == (net in trained), net
+
+
+def test_gradients_are_clipped_to_grad_clip_and_their_norm_before_it_is_reported(tiny_episodes):
+    trainer, windows = make_trainer(tiny_episodes[:2], **{"train.grad_clip": 1e-3, "train.train_dynamics": True})
+    out = trainer.update(windows.sample(8, np.random.default_rng(0)))
+    for net in ("denoiser", "value", "dynamics"):
+        grads = [p.grad for p in getattr(trainer, net).parameters() if p.grad is not None]
+        assert float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) <= 1.01e-3
+        assert out[f"losses/{net}_grad_norm"] > 1e-2, net  # the norm before clipping, which says how far it was cut
+
+
+def test_condition_dropout_drops_the_return_condition_of_that_share_of_windows(tiny_episodes):
+    # Classifier-free guidance (return_scale > 1) mixes the conditioned prediction with the
+    # unconditioned one: a denoiser that never saw its condition dropped has no unconditioned one.
+    masks = []
+    for dropout in (0.25, 0.0):
+        trainer, windows = make_trainer(tiny_episodes[:2], **{"model.returns_condition": True,
+                                                              "train.condition_dropout": dropout})
+        forward = trainer.denoiser.forward
+
+        def spy(*args, returns_mask=None, **kwargs):
+            masks.append(returns_mask.detach().clone())
+            return forward(*args, returns_mask=returns_mask, **kwargs)
+
+        trainer.denoiser.forward = spy
+        trainer.update(windows.sample(4000, np.random.default_rng(0)))
+        assert len(masks) == 1
+        kept = masks.pop()
+        assert set(kept.unique().tolist()) <= {0.0, 1.0}
+        assert abs(float((kept == 0).float().mean()) - dropout) < 0.03
 
 
 def _poison(batch, where):
@@ -121,19 +160,30 @@ def test_ema_follows_only_every_kth_step(tiny_episodes):
     assert any(not torch.equal(a, b) for a, b in zip(before, trainer.ema_denoiser.parameters()))
 
 
-def test_ema_copies_until_start_then_lags(tiny_episodes):
+@pytest.mark.parametrize("net", ["denoiser", "value", "dynamics"])
+def test_ema_copies_until_start_then_lags(tiny_episodes, net):
+    # Every net a planner uses is its EMA copy: the value net guides and ranks, the dynamics
+    # model ranks; an EMA left at its first copy would plan with nets that never learned.
     trainer, windows = make_trainer(tiny_episodes[:2], **{"train.ema_start": 2, "train.ema_every": 1,
-                                                          "train.ema_decay": 0.75})
+                                                          "train.ema_decay": 0.75, "train.train_dynamics": True})
+    ema_net, online_net = getattr(trainer, f"ema_{net}"), getattr(trainer, net)
     rng = np.random.default_rng(0)
     trainer.update(windows.sample(8, rng))
-    for a, b in zip(trainer.ema_denoiser.parameters(), trainer.denoiser.parameters()):
+    for a, b in zip(ema_net.parameters(), online_net.parameters()):
         assert torch.equal(a, b)
-    previous = [p.clone() for p in trainer.ema_denoiser.parameters()]
+    previous = [p.clone() for p in ema_net.parameters()]
     trainer.update(windows.sample(8, rng))
-    for old, ema, online in zip(previous, trainer.ema_denoiser.parameters(), trainer.denoiser.parameters()):
+    for old, ema, online in zip(previous, ema_net.parameters(), online_net.parameters()):
         torch.testing.assert_close(ema, 0.75 * old + 0.25 * online)
+    assert any(not torch.equal(e, o) for e, o in zip(ema_net.parameters(), online_net.parameters()))
+
+
+def test_planners_and_workers_get_the_ema_weights(tiny_episodes):
+    trainer, windows = make_trainer(tiny_episodes[:2], **{"train.ema_start": 0, "train.ema_decay": 0.75})
+    rng = np.random.default_rng(0)
+    for _ in range(2):
+        trainer.update(windows.sample(8, rng))
     assert any(not torch.equal(e, o) for e, o in zip(trainer.ema_denoiser.parameters(), trainer.denoiser.parameters()))
-    # planners and rollout workers get the EMA weights
     weights = trainer.weights()
     copy = deepcopy(trainer.denoiser)
     for p in copy.parameters():
