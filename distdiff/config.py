@@ -35,7 +35,7 @@ def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EnvConfig:
     id: str = _f("Walker2d-v5", "Gymnasium environment id the planner acts in.")
     obs_dim: int = _f(17, "Observation size; checked against the dataset.")
@@ -43,7 +43,7 @@ class EnvConfig:
     max_episode_steps: int = _f(1000, "Episode step limit (truncation). Online episodes that an env-step budget cuts short have their return_to_go targets completed up to it.")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DataConfig:
     dataset_id: str = _f("mujoco/walker2d/medium-v0", "Minari dataset id, looked up under MINARI_DATASETS_PATH first.")
     download: bool = _f(True, "Download the dataset from Minari's remote if it is not local (needs internet; ids under local/ never are).")
@@ -56,7 +56,7 @@ class DataConfig:
     start_window_weight: float = _f(1.0, "Windows that begin within an episode's first model.horizon steps are drawn this many times as often in pretraining: long episodes hold few starts, and a planner that starts badly falls early. Phase 2's offline share has its own, online.offline_start_window_weight.")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ModelConfig:
     horizon: int = _f(32, "Planning horizon H: rows (s_j, a_j) per trajectory.")
     dim: int = _f(32, "Base channel width of the denoiser U-Net.")
@@ -67,7 +67,7 @@ class ModelConfig:
     dynamics_dim: int = _f(256, "Width of the dynamics model (an MLP of 3 hidden layers over (s_j, a_j)), used by planner.dynamics_candidates.")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DiffusionConfig:
     n_steps: int = _f(20, "Number of diffusion timesteps T.")
     schedule: str = _f("cosine", "Beta schedule: linear, cosine or sigmoid.")
@@ -77,7 +77,7 @@ class DiffusionConfig:
     clip_denoised: bool = _f(True, "Clip the predicted clean trajectory to the normalized data range while sampling.")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GuidanceConfig:
     scale: float = _f(0.0, "Guidance scale k in τ ← τ + k∇V; 0 samples unguided.")
     n_guide_steps: int = _f(2, "Gradient steps per denoising step.")
@@ -89,7 +89,7 @@ class GuidanceConfig:
     return_scale: float = _f(1.0, "Classifier-free guidance weight w of the return condition (Ho & Salimans 2022): out = out_uncond + w·(out_cond − out_uncond). 1 samples the conditional model (one denoiser pass); > 1 pushes past it at two passes per step.")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PlannerConfig:
     sampler: str = _f("ddim", "ddpm (ancestral, all T steps) or ddim (fewer steps, for acting).")
     ddim_steps: int = _f(2, "Denoising steps of the DDIM sampler. On Walker2d 2 steps scored 55.0 against 49.0 for 5 with plans 36 % closer to the dynamics: each step feeds the denoiser's imprecise low-noise estimates back (bench/README.md).")
@@ -100,7 +100,7 @@ class PlannerConfig:
     dynamics_rank: str = _f("error", "How the dynamics model ranks candidates. error: the plan whose states it best reproduces from the plan's actions, open loop from s_0. value: the plan whose actions reach, in the model, the trajectory of highest V (a plan heading for a fall reaches a low-value one, however plausible its own states look).")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class TrainConfig:
     steps: int = _f(20000, "Updates (gradient steps) of offline pretraining.")
     batch_size: int = _f(64, "Trajectory windows per gradient step.")
@@ -126,7 +126,7 @@ class TrainConfig:
     compile: str = _f("none", "torch.compile the training nets: none, default or reduce-overhead (CUDA graphs). Costs a warm-up of tens of seconds; see bench/README.md.")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvalConfig:
     episodes: int = _f(10, "Evaluation episodes.")
     num_envs: int = _f(10, "Environments stepped together, planned in one sampler batch.")
@@ -135,7 +135,7 @@ class EvalConfig:
     num_actors: int = _f(0, "A training run's evaluations (online.eval_every's and the final one) run on up to this many of its rollout actors at once (no more than it has), eval.num_envs episodes per task, each in a thread of its own beside the actor's rollouts, which it slows while it runs (mind online.rollout_timeout_s); 0 = in a thread of the driver. With N tasks (eval.episodes / eval.num_envs) or more, the final evaluation then takes about 1/N of the time, and the driver's process stays free for the loop. The sampler's draws are made per task: the figures are those of launch/evaluate.py --num-actors (any N above 1), not of one process.")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class OnlineConfig:
     num_actors: int = _f(2, "Rollout actors (each a Ray actor with a CPU copy of the planner).")
     envs_per_actor: int = _f(16, "Envs per actor, planned together in one sampler batch.")
@@ -174,7 +174,7 @@ class OnlineConfig:
                                         "Set it well above the longest call, its first included (torch.compile's warm-up: minutes).")
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
     data: DataConfig = field(default_factory=DataConfig)
