@@ -1123,3 +1123,26 @@ def test_a_resume_from_a_damaged_checkpoint_says_how_to_go_on(script, run30, tmp
         assert main(["--config", str(ROOT / SMOKE), "--dataset", tiny_dataset, "--run-dir", str(run_dir),
                      "--overwrite"]) == 0
         assert calls.pop()["overwrite"]
+
+
+# The flags README's commands give to other programs: Ray's CLI, Docker, Slurm's sbatch,
+# TensorBoard, apt; and the placeholder of every config field.
+OTHER_PROGRAMS_FLAGS = {"--block", "--head", "--include-dashboard", "--resources", "--temp-dir", "--generate",
+                        "--runtime-env-json", "--working-dir", "--entrypoint-num-gpus", "--follow", "--build",
+                        "--build-arg", "--scale", "--cpus-per-task", "--mem", "--time", "--signal", "--requeue",
+                        "--open-mode", "--logdir", "--no-install-recommends", "--section.field"}
+
+
+def test_every_flag_readme_names_is_one_a_script_takes(monkeypatch, capsys):
+    # A flag renamed in a script and not in README is a command that fails as the user copies it.
+    taken = set()
+    for name in ("collect", "pretrain", "evaluate", "train", "tune", "visualize"):
+        main = script_in_process(name, monkeypatch).main
+        with pytest.raises(SystemExit) as stop:
+            main(["--help"])
+        assert stop.value.code == 0
+        taken |= set(re.findall(r"(?<![\w-])--[a-z][\w.-]*\w", capsys.readouterr().out))
+    assert {"--num-actors", "--model.horizon", "--guidance.scale", "--compare", "--max-concurrent"} <= taken
+    named = set(re.findall(r"(?<![\w-])--[a-z][\w.-]*\w", (ROOT / "README.md").read_text()))
+    assert not named - taken - OTHER_PROGRAMS_FLAGS
+    assert not OTHER_PROGRAMS_FLAGS - named, "no longer in README: drop them from the list"
