@@ -39,7 +39,7 @@ from distdiff.data.minari_io import load_episodes, normalized_score, reference_s
 from distdiff.distributed.driver import train  # noqa: E402
 from distdiff.evaluation import alignment_on_observations, evaluate  # noqa: E402
 from distdiff.pretrain import pretrain  # noqa: E402
-from distdiff.rollout import OBSERVED_VELOCITY_CLIP, make_env  # noqa: E402
+from distdiff.rollout import make_env, observed_velocity_clip  # noqa: E402
 from distdiff.training import check_made_with, planner_from_checkpoint  # noqa: E402
 
 
@@ -110,7 +110,8 @@ def main():
     env = make_env(cfg.env.id)
     n_pos = env.unwrapped.model.nq - 1
     env.close()
-    all_obs = all_obs[np.abs(all_obs[:, n_pos:]).max(axis=1) < OBSERVED_VELOCITY_CLIP]  # physics unknown at the clip
+    # (The physics is unknown at the clip.)
+    all_obs = all_obs[np.abs(all_obs[:, n_pos:]).max(axis=1) < observed_velocity_clip(cfg.env.id)]
     data_states = all_obs[rng.choice(len(all_obs), size=args.data_states, replace=False)]
 
     def judge(checkpoint):

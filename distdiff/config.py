@@ -595,6 +595,24 @@ def _import_problem(module: str) -> str:
     return ""
 
 
+def dataset_problems(cfg: Config) -> List[str]:
+    """``data.dataset_id`` and ``data.fallback_dataset_id`` that name another env than
+    ``env.id`` (``local/walker2d/random-v0`` for Hopper-v5): refused before any work. Later, the
+    dataset is refused only once it is downloaded, and a fallback collected under another env's
+    name would be refused by every run of that env."""
+    from distdiff.data.minari_io import LOCAL_NAMESPACE, env_family, other_env_named
+
+    ours = f"{LOCAL_NAMESPACE}{env_family(cfg.env.id).lower()}/random-v0"
+    problems = []
+    for key in ("dataset_id", "fallback_dataset_id"):
+        dataset_id = getattr(cfg.data, key)
+        other = other_env_named(dataset_id, cfg.env.id) if dataset_id else None
+        if other:
+            problems.append(f"data.{key} {dataset_id!r} names {other}, and env.id is {cfg.env.id}: pass --data.{key} "
+                            f"with a dataset of {cfg.env.id} (e.g. {ours})")
+    return problems
+
+
 def check_trainable(cfg: Config) -> None:
     """What training needs of a config beyond :func:`validate`: not part of it, since the configs
     of checkpoints saved before these checks must still load to be evaluated. The env is made
@@ -618,6 +636,7 @@ def check_trainable(cfg: Config) -> None:
     problem = _env_problem(cfg.env)
     if problem:
         errors.append(problem)
+    errors.extend(dataset_problems(cfg))
     problem = alignment_problem(cfg.env.id)
     if problem:
         errors.append(f"{problem} (phase 2 measures it on every run)")

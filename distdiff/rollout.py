@@ -7,6 +7,7 @@ disturbed and receding-horizon plans are judged over their whole horizon.
 """
 from __future__ import annotations
 
+import math
 import warnings
 from typing import Callable, List, NamedTuple, Optional
 
@@ -14,6 +15,7 @@ import gymnasium as gym
 import numpy as np
 
 from distdiff.data.episodes import Episode
+from distdiff.data.minari_io import env_family
 from distdiff.normalizer import Normalizer
 from distdiff.planner import Plan
 
@@ -78,9 +80,15 @@ def replay_actions(shadow: gym.Env, qpos, qvel, actions: np.ndarray) -> np.ndarr
     return reached
 
 
-# Walker2d and Hopper observe qvel clipped to ±10: a state at the clip has an unknown velocity,
-# so the physics cannot restart from it (other envs rarely move that fast; skipped there too).
-OBSERVED_VELOCITY_CLIP = 10.0
+# Gymnasium's Walker2d and Hopper (v4, v5) observe qvel clipped to ±10: a state at the clip has
+# an unknown velocity, so the physics cannot restart from it. HalfCheetah and the other MuJoCo
+# envs observe it whole (a running HalfCheetah's is past 10 in half its states).
+OBSERVED_VELOCITY_CLIPS = {"Walker2d": 10.0, "Hopper": 10.0}
+
+
+def observed_velocity_clip(env_id: str) -> float:
+    """The bound of the velocities ``env_id``'s observations show (inf: not clipped)."""
+    return OBSERVED_VELOCITY_CLIPS.get(env_family(env_id), math.inf)
 
 
 def physics_state_from_observation(env: gym.Env, observation: np.ndarray):
@@ -113,12 +121,13 @@ def alignment_on_states(plan_fn: PlanFn, shadow: gym.Env, observations: np.ndarr
     NaN for a planned state whose velocity is at the observation clip. Given states at the clip
     are refused: the plans' actions could not be executed from the state they were planned from.
     """
+    clip = observed_velocity_clip(shadow.spec.id)
     at_clip = [i for i, o in enumerate(observations)
-               if np.abs(physics_state_from_observation(shadow, o)[1]).max() >= OBSERVED_VELOCITY_CLIP]
+               if np.abs(physics_state_from_observation(shadow, o)[1]).max() >= clip]
     if at_clip:
         raise ValueError(f"{len(at_clip)} of {len(observations)} states (the first: index {at_clip[0]}) have a "
-                         f"velocity at the observation clip (±{OBSERVED_VELOCITY_CLIP}), from which the physics "
-                         f"cannot restart; leave them out")
+                         f"velocity at the observation clip (±{clip:g}), from which the physics cannot restart; "
+                         f"leave them out")
     compounded, one_step = [], []
     for i in range(0, len(observations), batch_size):
         obs = observations[i:i + batch_size]
@@ -129,7 +138,7 @@ def alignment_on_states(plan_fn: PlanFn, shadow: gym.Env, observations: np.ndarr
             stepped = np.full_like(plan.states[k][1:], np.nan, dtype=np.float64)
             for j, s in enumerate(plan.states[k][:-1]):
                 qpos, qvel = physics_state_from_observation(shadow, s)
-                if np.abs(qvel).max() < OBSERVED_VELOCITY_CLIP:
+                if np.abs(qvel).max() < clip:
                     stepped[j] = replay_actions(shadow, qpos, qvel, plan.actions[k][j:j + 2])[1]
             one_step.append(alignment_errors(plan.states[k][1:], stepped, state_normalizer))
     return StateAlignment(np.array(compounded), np.array(one_step))

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from distdiff.data.minari_io import (DATASET_ID, LOCAL_NAMESPACE, DatasetError, dataset_exists,  # noqa: E402
-                                     datasets_root, write_episodes)
+                                     datasets_root, env_family, other_env_named, write_episodes)
 from distdiff.rollout import NonFinitePlan, make_env, random_episodes_in, run_episodes  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
@@ -129,6 +129,13 @@ def main(argv=None) -> int:
         if discrete:
             fail(f"--env {args.env}: its actions are {type(env.action_space).__name__}, and distdiff plans continuous "
                  "(Box) actions")
+    env_id = args.env if state is None else cfg.env.id
+    other = other_env_named(args.dataset_id, env_id)
+    if other:
+        # Every run of env_id would refuse it by its name, and its records those of another env.
+        fail(f"--dataset-id {args.dataset_id} names {other}, and the episodes would be of {env_id}: "
+             f"name it for {env_id} (e.g. local/{env_family(env_id).lower()}/NAME-v0)"
+             + (", or pass --env" if state is None else ""))
     bar = progress_bar(total=args.episodes, desc="collect")
     try:
         env_id, algorithm, episodes = collect(args, state, cfg, planner, bar)
@@ -147,7 +154,7 @@ def main(argv=None) -> int:
     except DatasetError as e:
         fail(str(e))
     returns = np.array([ep.episode_return for ep in episodes])
-    print(f"wrote {args.dataset_id}: {len(episodes)} episodes, {sum(len(e) for e in episodes)} steps, "
+    print(f"wrote {args.dataset_id} ({env_id}): {len(episodes)} episodes, {sum(len(e) for e in episodes)} steps, "
           f"return {returns.mean():.1f} ± {returns.std():.1f} -> {datasets_root()}")
     return 0
 

@@ -82,6 +82,9 @@ def main(argv=None) -> int:
             cfg = start_config(args)
             run_dir = args.run_dir or default_run_dir("pretrain")
             check_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
+        problems = config_lib.dataset_problems(cfg)
+        if problems:
+            fail("invalid config:\n  " + "\n  ".join(problems))
         if cfg.train.steps == 0 and args.init is None:
             print("warning: train.steps is 0: the checkpoint will hold untrained nets", file=sys.stderr)
         print(f"pretraining on {cfg.data.dataset_id} -> {run_dir}", flush=True)

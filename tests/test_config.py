@@ -141,6 +141,23 @@ def test_values_that_would_fail_training_are_refused_before_it(overrides, expect
         config.check_trainable(config.load(None, overrides))
 
 
+def test_datasets_named_for_another_env_are_refused_before_any_work():
+    # A Hopper run with the default (Walker2d) ids: refused only after Ray had started and the
+    # download had retried for 25 s, naming the fallback alone; the fallback's fix alone then
+    # trained to the end on random Hopper episodes, the named dataset never used.
+    hopper = {"env.id": "Hopper-v5", "env.obs_dim": 11, "env.act_dim": 3}
+    with pytest.raises(ConfigError) as refused:
+        config.check_trainable(config.load(None, hopper))
+    message = str(refused.value)
+    assert ("data.dataset_id 'mujoco/walker2d/medium-v0' names Walker2d, and env.id is Hopper-v5: pass "
+            "--data.dataset_id with a dataset of Hopper-v5 (e.g. local/hopper/random-v0)") in message
+    assert "data.fallback_dataset_id 'local/walker2d/random-v0' names Walker2d" in message
+    config.check_trainable(config.load(None, {**hopper, "data.dataset_id": "mujoco/hopper/medium-v0",
+                                              "data.fallback_dataset_id": "local/hopper/random-v0"}))
+    config.check_trainable(config.load(None, {**hopper, "data.dataset_id": "local/mine-v0",
+                                              "data.fallback_dataset_id": ""}))  # names no env
+
+
 def test_configs_that_trained_before_stricter_checks_still_load():
     # Checkpoints carry their config; evaluate.py and --resume read it through validate.
     saved = {"train": {"grad_clip": float("inf")}, "online": {"wall_time_s": float("inf"), "learner_num_gpus": -2.0},

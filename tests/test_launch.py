@@ -71,7 +71,7 @@ def test_help(script, subprocess_env):
 def test_collect_random(minari_root, subprocess_env):
     proc = ok(run("collect.py", "--policy", "random", "--episodes", 3, "--max-episode-steps", 30,
                   "--dataset-id", "local/walker2d/collected-v0", "--seed", 4, env=subprocess_env))
-    assert "wrote local/walker2d/collected-v0: 3 episodes" in proc.stdout
+    assert "wrote local/walker2d/collected-v0 (Walker2d-v5): 3 episodes" in proc.stdout
     data = load_episodes("local/walker2d/collected-v0", obs_dim=17, act_dim=6, env_id="Walker2d-v5")
     assert data.env_id == "Walker2d-v5"
     assert (data.ref_min_score, data.ref_max_score) == (WALKER2D_REF_MIN_SCORE, WALKER2D_REF_MAX_SCORE)
@@ -148,6 +148,17 @@ def test_collect_refuses_an_existing_id(tiny_dataset, tiny_episodes, subprocess_
     assert proc.returncode != 0
     assert "already exists" in proc.stderr and "--overwrite" in proc.stderr
     assert len(load_episodes(tiny_dataset).episodes) == len(tiny_episodes)
+
+
+def test_collect_refuses_an_id_named_for_another_env_before_any_episode(minari_root, monkeypatch, capsys):
+    # Walker2d episodes (the default --env) under a Hopper name: every Hopper run refused them.
+    main = script_in_process("collect", monkeypatch).main
+    with pytest.raises(SystemExit) as stop:
+        main(["--policy", "random", "--episodes", "2", "--dataset-id", "local/hopper/oops-v0"])
+    assert stop.value.code == 2
+    assert ("--dataset-id local/hopper/oops-v0 names Hopper, and the episodes would be of Walker2d-v5: name it for "
+            "Walker2d-v5 (e.g. local/walker2d/NAME-v0), or pass --env") in capsys.readouterr().err
+    assert not dataset_exists("local/hopper/oops-v0")
 
 
 def test_collect_refuses_an_id_of_minaris_remote(minari_root, subprocess_env):

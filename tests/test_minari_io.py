@@ -538,3 +538,16 @@ def test_a_dataset_with_a_nan_action_is_refused(tiny_dataset, monkeypatch):
     monkeypatch.setattr(MinariDataset, "iterate_episodes", with_nan)
     with pytest.raises(DatasetError, match=r"hold NaN or infinite values \(the first: episode 3\)"):
         load_episodes(tiny_dataset)
+
+
+def test_a_missing_datasets_advice_makes_one_of_the_runs_env_under_a_name_of_its_own():
+    # It named Walker2d's dataset and env whatever the run's env: followed in a Hopper run, it
+    # made Hopper episodes under a Walker2d name.
+    with pytest.raises(DatasetError) as missing:
+        load_minari("local/hopper/typo-v0", env_id="Hopper-v5")
+    assert ("python launch/collect.py --policy random --episodes 50 --env Hopper-v5 --dataset-id "
+            "local/hopper/typo-v0\nthen run the same command again.") in str(missing.value)
+    with pytest.raises(DatasetError) as missing:
+        load_minari("local/walker2d/absent-v0", env_id="Hopper-v5")
+    assert ("--env Hopper-v5 --dataset-id local/hopper/random-v0\nand pass --data.dataset_id "
+            "local/hopper/random-v0.") in str(missing.value)

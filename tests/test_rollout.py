@@ -16,9 +16,10 @@ from distdiff import config, evaluation
 from distdiff.data.episodes import Episode
 from distdiff.data.minari_io import normalized_score, reference_scores
 from distdiff.planner import Plan
-from distdiff.rollout import (OBSERVED_VELOCITY_CLIP, EpisodeResult, StateAlignment, alignment_errors,
+from distdiff.rollout import (EpisodeResult, StateAlignment, alignment_errors,
                               alignment_on_states, make_env, physics_state, physics_state_from_observation,
-                              random_episodes, replay_actions, run_episodes, stream_seed, summarize)
+                              observed_velocity_clip, random_episodes, replay_actions, run_episodes, stream_seed,
+                              summarize)
 
 H = 8
 
@@ -99,6 +100,35 @@ def replaying(starts, states, actions, edit=lambda planned: planned):
     return plan_fn
 
 
+def test_only_the_envs_that_clip_observed_velocities_refuse_states_past_the_clip():
+    # HalfCheetah observes its velocities whole: half of a running one's states are past 10, and
+    # refusing them skewed the benchmark's shared states toward slow ones.
+    assert observed_velocity_clip("Walker2d-v5") == observed_velocity_clip("Hopper-v4") == 10.0
+    assert observed_velocity_clip("HalfCheetah-v5") == np.inf
+    for env_id, refused in (("HalfCheetah-v5", False), ("Hopper-v5", True)):
+        env = make_env(env_id)
+        try:
+            start, _ = env.reset(seed=0)
+            fast = start.copy()
+            fast[env.unwrapped.model.nq - 1] = 12.0  # the forward velocity
+            act_dim = env.action_space.shape[0]
+
+            def still(obs):
+                n = len(obs)
+                return Plan(states=np.repeat(obs[:, None], H, axis=1), actions=np.zeros((n, H, act_dim)), values=None,
+                            trajectories=torch.zeros(0))
+
+            normalizer = gaussian_normalizer(len(start))
+            if refused:
+                with pytest.raises(ValueError, match=r"observation clip \(±10\)"):
+                    alignment_on_states(still, env, fast[None], normalizer)
+            else:
+                measured = alignment_on_states(still, env, fast[None], normalizer)
+                assert np.isfinite(measured.compounded).all() and np.isfinite(measured.one_step).all()
+        finally:
+            env.close()
+
+
 def test_a_plan_the_dynamics_produce_has_no_alignment_error(walker):
     starts, states, actions = walker_rollouts(5, seed=0)
     exact = alignment_on_states(replaying(starts, states, actions), walker, starts, gaussian_normalizer(17), batch_size=2)
@@ -106,7 +136,7 @@ def test_a_plan_the_dynamics_produce_has_no_alignment_error(walker):
     np.testing.assert_allclose(exact.compounded, 0.0, atol=1e-9)
     n_pos = walker.unwrapped.model.nq - 1
     # unknown velocity: no restart from there
-    clipped = np.abs(states[:, :-1, n_pos:]).max(axis=2) >= OBSERVED_VELOCITY_CLIP
+    clipped = np.abs(states[:, :-1, n_pos:]).max(axis=2) >= observed_velocity_clip("Walker2d-v5")
     assert clipped.any() and not clipped.all()  # these random rollouts have both kinds
     assert np.isnan(exact.one_step[clipped]).all()
     np.testing.assert_allclose(exact.one_step[~clipped], 0.0, atol=1e-9)

@@ -76,15 +76,22 @@ def dataset_exists(dataset_id: str) -> bool:
     return (Path(datasets_root()) / dataset_id / "data").is_dir()
 
 
-def _missing_message(dataset_id: str, why: str) -> str:
-    get = ("Make it" if dataset_id.startswith(LOCAL_NAMESPACE) else
-           "Download it where there is internet (--data.download true, the default), or make a local one")
+def _missing_message(dataset_id: str, why: str, env_id: Optional[str]) -> str:
+    """Why ``dataset_id`` is not there, and the commands that make one of ``env_id``'s (the env of
+    the run that asked for it; None: not known)."""
+    local = dataset_id.startswith(LOCAL_NAMESPACE)
+    get = "Make it" if local else "Download it where there is internet (--data.download true, the default), or make a local one"
+    from distdiff.config import EnvConfig
+
+    env = env_id or EnvConfig().id
+    # (Under a name of the env's own: a dataset named for another env is refused by its runs.)
+    made = dataset_id if local and not other_env_named(dataset_id, env) else f"{LOCAL_NAMESPACE}{env_family(env).lower()}/random-v0"
     return (
         f"dataset {dataset_id!r} is not available: {why}\n"
         f"Local datasets are looked up under MINARI_DATASETS_PATH={datasets_root()}.\n"
         f"{get}, e.g.:\n"
-        f"  python launch/collect.py --policy random --episodes 50 --dataset-id local/walker2d/random-v0\n"
-        f"(with --env ENV_ID for another env than Walker2d-v5) and pass --data.dataset_id local/walker2d/random-v0."
+        f"  python launch/collect.py --policy random --episodes 50 --env {env} --dataset-id {made}\n"
+        + (f"and pass --data.dataset_id {made}." if made != dataset_id else "then run the same command again.")
     )
 
 
@@ -134,7 +141,9 @@ def _quiet_retries():
         hub_logging.set_verbosity(level)
 
 
-def load_minari(dataset_id: str, *, download: bool = False, log=print):
+def load_minari(dataset_id: str, *, download: bool = False, env_id: Optional[str] = None, log=print):
+    """The Minari dataset ``dataset_id``, downloaded when it is not local and ``download``;
+    ``env_id``: the env it is for, which the advice of a missing one names."""
     import minari
 
     if not DATASET_ID.match(dataset_id):  # (an id from a checkpoint's config too, which no flag checked)
@@ -144,9 +153,10 @@ def load_minari(dataset_id: str, *, download: bool = False, log=print):
     except FileNotFoundError:
         if dataset_id.startswith(LOCAL_NAMESPACE):
             raise DatasetError(_missing_message(
-                dataset_id, f"it is not in the local Minari store (ids under {LOCAL_NAMESPACE} are made on this machine)")) from None
+                dataset_id, f"it is not in the local Minari store (ids under {LOCAL_NAMESPACE} are made on this machine)",
+                env_id)) from None
         if not download:
-            raise DatasetMissing(_missing_message(dataset_id, "it is not in the local Minari store")) from None
+            raise DatasetMissing(_missing_message(dataset_id, "it is not in the local Minari store", env_id)) from None
     except (ValueError, OSError) as e:
         raise _unreadable(dataset_id, e) from e
     log(f"dataset {dataset_id!r} is not local: downloading it from Minari's remote (without a network, its client "
@@ -159,7 +169,7 @@ def load_minari(dataset_id: str, *, download: bool = False, log=print):
         raise DatasetError(f"dataset {dataset_id!r} cannot be downloaded: {e}") from e
     except Exception as e:  # whatever Minari's HTTP client raises: told apart by unreachable()
         if unreachable(e):
-            raise DatasetMissing(_missing_message(dataset_id, f"download failed ({type(e).__name__}: {e})")) from e
+            raise DatasetMissing(_missing_message(dataset_id, f"download failed ({type(e).__name__}: {e})", env_id)) from e
         # Reached, and the remote failed (busy, rate-limited) or a disk did: training
         # on the fallback's random-policy episodes instead would waste the run.
         raise DatasetError(f"dataset {dataset_id!r} could not be downloaded ({type(e).__name__}: {e}); the fallback "
@@ -188,7 +198,7 @@ def unreachable(error: BaseException) -> bool:
 def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[int] = None, act_dim: Optional[int] = None,
                   env_id: Optional[str] = None, log=print) -> LoadedDataset:
     """Load every episode, checking the dataset's env and shapes against what the config expects."""
-    ds = load_minari(dataset_id, download=download, log=log)
+    ds = load_minari(dataset_id, download=download, env_id=env_id, log=log)
     spec = ds.spec.env_spec
     ds_env = spec.id if spec is not None else None
     obs_shape, act_shape = ds.spec.observation_space.shape, ds.spec.action_space.shape
@@ -354,7 +364,7 @@ def _collect_random(dataset_id: str, n_episodes: int, env_id: str, max_episode_s
     write_episodes(dataset_id, episodes, env_id=env_id, algorithm_name="random", max_episode_steps=max_episode_steps)
 
 
-def _other_env_named(dataset_id: str, env_id: str) -> Optional[str]:
+def other_env_named(dataset_id: str, env_id: str) -> Optional[str]:
     """The registered env family that a namespace of ``dataset_id`` names (``walker2d`` in
     local/walker2d/random-v0), when it is not ``env_id``'s; None otherwise."""
     import gymnasium as gym
@@ -382,7 +392,7 @@ def have_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallba
     not read."""
     if dataset_id != fallback_id or fallback_episodes < 1:
         try:
-            load_minari(dataset_id, download=download, log=log)
+            load_minari(dataset_id, download=download, env_id=env_id, log=log)
             return dataset_id
         except DatasetMissing as e:
             if not fallback_id or fallback_episodes < 1:
@@ -391,7 +401,7 @@ def have_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallba
                 f"not on {dataset_id!r} (data.fallback_dataset_id; empty: no fallback)")
     # The lock only when it is missing: a store that holds it may be read-only.
     if not dataset_exists(fallback_id):
-        other = _other_env_named(fallback_id, env_id)
+        other = other_env_named(fallback_id, env_id)
         if other:
             # Collected in this env under that name, it would fail every later run of that env.
             raise DatasetError(f"the fallback dataset {fallback_id!r} (data.fallback_dataset_id) names {other}, and would "
