@@ -557,13 +557,14 @@ def _made(env_id: str):
         # that is not installed here stops every env, with an error about OpenGL.
         gl = os.environ.get("MUJOCO_GL")
         problem = _import_problem("mujoco") if gl else ""
-        why = (f"MuJoCo does not import with MUJOCO_GL={gl} ({problem}); training does not render: unset "
-               f"MUJOCO_GL, or install that backend") if problem else f"{type(e).__name__}: {e}"
+        why = (f"MuJoCo does not import with MUJOCO_GL={gl} ({problem}): unset MUJOCO_GL, or install that backend "
+               f"(training and evaluation do not render; launch/visualize.py picks an installed one where it is "
+               f"unset)") if problem else f"{type(e).__name__}: {e}"
         return why, None, False
     return "", shapes, replayable
 
 
-def _env_problem(env: EnvConfig) -> str:
+def env_problem(env: EnvConfig) -> str:
     """Why ``env`` cannot be trained here ("" if it can): its id cannot be made (:func:`_made`),
     or its spaces have other sizes than ``obs_dim``/``act_dim``."""
     why, shapes, _ = _made(env.id)
@@ -633,7 +634,7 @@ def check_trainable(cfg: Config) -> None:
     if o.replay_capacity < cfg.env.max_episode_steps:
         errors.append(f"online.replay_capacity ({o.replay_capacity}) must hold a whole episode "
                       f"(env.max_episode_steps={cfg.env.max_episode_steps}): pass --online.replay_capacity")
-    problem = _env_problem(cfg.env)
+    problem = env_problem(cfg.env)
     if problem:
         errors.append(problem)
     errors.extend(dataset_problems(cfg))

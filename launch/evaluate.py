@@ -93,6 +93,10 @@ def main(argv=None) -> int:
         if cfg.online.prior_weight > 0 and args.cfg__online__prior_weight is not None and "prior" not in state:
             fail(f"--online.prior_weight blends a phase-2 checkpoint with the prior it started from, and "
                  f"{args.checkpoint} is not one (it is its own prior): the blend would judge it unchanged")
+        # (Here, not as a traceback from the first env made: a MUJOCO_GL whose backend is missing.)
+        problem = config_lib.env_problem(cfg.env)
+        if problem:
+            fail(problem)
         problem = config_lib.alignment_problem(cfg.env.id) if cfg.eval.measure_alignment else ""
         if problem:
             fail(f"{problem}: pass --eval.measure_alignment false to judge it without the alignment error")

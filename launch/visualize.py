@@ -138,6 +138,10 @@ def main(argv=None) -> int:
             if not _same_normalizer(state["normalizer"], state2["normalizer"]):
                 print(f"warning: --compare {args.compare} normalizes states differently (another dataset?): each "
                       "checkpoint's alignment errors are in its own normalized units, not comparable", file=sys.stderr)
+        # (Before any figure is written: a MUJOCO_GL whose backend is missing fails the first env.)
+        problem = config_lib.env_problem(cfg.env)
+        if problem:
+            raise ValueError(problem)
         torch.set_num_threads(cfg.train.num_threads)
         data = load_dataset(cfg, args.dataset)
     except DatasetError as e:

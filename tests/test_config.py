@@ -171,7 +171,7 @@ def test_configs_that_trained_before_stricter_checks_still_load():
 
 def test_a_mujoco_gl_that_mujoco_does_not_import_with_is_named(subprocess_env):
     # In a fresh process: MuJoCo reads MUJOCO_GL when it is first imported.
-    probe = "from distdiff.config import EnvConfig, _env_problem; print(_env_problem(EnvConfig()))"
+    probe = "from distdiff.config import EnvConfig, env_problem; print(env_problem(EnvConfig()))"
     out = subprocess.run([sys.executable, "-c", probe], env={**subprocess_env, "MUJOCO_GL": "nonesuch"},
                          capture_output=True, text=True, timeout=120)
     assert "MuJoCo does not import with MUJOCO_GL=nonesuch" in out.stdout and "unset MUJOCO_GL" in out.stdout, out

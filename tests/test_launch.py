@@ -452,6 +452,18 @@ def test_evaluating_best_pt_keeps_its_own_summary_and_judges_it_on_other_episode
     assert json.loads((tmp_path / "best.eval.json").read_text())["overrides"]["eval.seed"] == 1
 
 
+@pytest.mark.parametrize("script", ["evaluate.py", "visualize.py"])
+def test_a_mujoco_gl_whose_backend_is_missing_is_said_before_any_work(script, run30, tmp_path, subprocess_env):
+    # A traceback from OpenGL at the first env made; visualize.py had written its first figure.
+    out = tmp_path / "out"
+    proc = run(script, "--checkpoint", run30, "--episodes", 1, "--out", out / ("eval.json" if script == "evaluate.py"
+                                                                             else "viz"),
+               env={**subprocess_env, "MUJOCO_GL": "nonesuch"})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "MuJoCo does not import with MUJOCO_GL=nonesuch" in proc.stderr and "unset MUJOCO_GL" in proc.stderr
+    assert not out.exists()
+
+
 def test_evaluate_refuses_a_corrupt_checkpoint(tmp_path, subprocess_env):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(b"\x00garbage" * 100)
