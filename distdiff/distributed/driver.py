@@ -1211,9 +1211,6 @@ def pretrain_phase(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool,
     checked_resources(cfg, log)
     # (A device that is not there fails here, before the old run goes.)
     device = resolve_device(cfg.train.device)
-    # A resume of a run stopped in phase 1 continues pretraining from its own checkpoint.
-    log(f"{'resuming ' if resume else ''}phase 1: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps, "
-        f"{device.type} of this driver's machine)")
     gpus = ray.cluster_resources().get("GPU", 0)
     if cfg.train.device == "auto" and device.type == "cpu" and gpus and cfg.train.steps:
         log(f"warning: the cluster has {gpus:g} GPU(s), and torch in this driver's process sees none: phase 1 trains "
@@ -1223,6 +1220,10 @@ def pretrain_phase(cfg: Config, run_dir: Path, *, resume: bool, overwrite: bool,
     own = load_checkpoint(phase1)["config"]["data"]["dataset_id"] if resume and phase1.is_file() else None
     data = load_data(cfg, own=own, log=log)
     cfg = trained_on(cfg, data)
+    # Once the data is had: the dataset named is the one trained on, the fallback where it stood in.
+    # A resume of a run stopped in phase 1 continues pretraining from its own checkpoint.
+    log(f"{'resuming ' if resume else ''}phase 1: offline pretraining on {cfg.data.dataset_id} ({cfg.train.steps} steps, "
+        f"{device.type} of this driver's machine)")
     if overwrite:
         clear_run(run_dir)
     state = load_checkpoint(pretrain(cfg, run_dir / PRETRAIN, resume=resume, quiet=not progress, data=data))
