@@ -1,7 +1,8 @@
 """Figures: a plan beside what its actions really did."""
 from __future__ import annotations
 
-from typing import List, NamedTuple, Sequence, Tuple
+import functools
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import matplotlib
 
@@ -14,13 +15,45 @@ from distdiff.files import replacing  # noqa: E402
 from distdiff.rollout import PlanCheck, mean_alignment_error, per_step_alignment_error  # noqa: E402
 
 
+@functools.lru_cache(maxsize=None)
+def observed_joints(env_id: str, obs_dim: int) -> Optional[Tuple[List[str], List[str]]]:
+    """The names of ``env_id``'s observed positions and velocities, where its observation is
+    qpos without the forward position, then qvel (Gymnasium's MuJoCo locomotion envs: Hopper,
+    HalfCheetah, Walker2d), from its model's joints (``rootz`` …, ``rootx vel`` …); None for
+    other envs, and where the env cannot be made here."""
+    import gymnasium as gym
+
+    from distdiff.rollout import make_env
+
+    try:
+        env = make_env(env_id)
+    except gym.error.Error:  # (an id of a test, or of an env this machine lacks: its figure goes on without)
+        return None
+    try:
+        model = getattr(env.unwrapped, "model", None)
+        if model is None or obs_dim != model.nq - 1 + model.nv:
+            return None
+        # One qpos and one qvel per joint where every joint is a hinge or a slide.
+        joints = [model.joint(j).name for j in range(model.njnt)] if model.njnt == model.nq == model.nv else None
+        if joints is None:
+            return [f"qpos[{d}]" for d in range(1, model.nq)], [f"qvel[{d}]" for d in range(model.nv)]
+        return joints[1:], [f"{name} vel" for name in joints]
+    finally:
+        env.close()
+
+
 def plan_vs_real_dims(env_id: str, obs_dim: int, act_dim: int, n: int = 6) -> Tuple[List[Tuple[int, str]], List[str]]:
-    """The state dims :func:`plan_vs_real_figure` shows, named, and the action names. On Walker2d
-    the torso's height, angle and forward velocity (a fall and the speed show there) and three
-    joints; elsewhere the first ``n`` dims."""
+    """The state dims :func:`plan_vs_real_figure` shows, named, and the action names: the body's
+    height, angle and forward velocity (a fall and the speed show there) and three joints, in a
+    MuJoCo locomotion env (:func:`observed_joints`); elsewhere the first ``n`` dims."""
     if env_id.startswith("Walker2d") and obs_dim == 17:
         names = _WALKER_POS + _WALKER_VEL
         states = [(d, names[d]) for d in (0, 1, 8, 2, 3, 5)]
+    elif (joints := observed_joints(env_id, obs_dim)) is not None and len(joints[0]) >= 2:
+        positions, velocities = joints
+        npos = len(positions)
+        chosen = [0, 1, npos] + list(range(2, npos))
+        states = [(d, (positions + velocities)[d]) for d in chosen[:n]]
     else:
         states = [(d, f"state[{d}]") for d in range(min(n, obs_dim))]
     return states, action_group(env_id, act_dim).names[:n]
@@ -72,11 +105,24 @@ _WALKER_ACT = ["thigh R", "leg R", "foot R", "thigh L", "leg L", "foot L"]
 
 
 def state_groups(env_id: str, obs_dim: int) -> List[DimGroup]:
-    """Position-like and velocity dims of the env's observation (Walker2d named), else one group."""
+    """Position and velocity dims of the env's observation, in two groups (Walker2d's named by
+    hand, other MuJoCo locomotion envs' by their joints: :func:`observed_joints`), else one."""
     if env_id.startswith("Walker2d") and obs_dim == 17:
         return [DimGroup("positions (qpos[1:])", list(range(8)), _WALKER_POS, "z: m, angles: rad"),
                 DimGroup("velocities (qvel)", list(range(8, 17)), _WALKER_VEL, "ẋ, ż: m/s, ω: rad/s")]
+    joints = observed_joints(env_id, obs_dim)
+    if joints is not None:
+        positions, velocities = joints
+        npos = len(positions)
+        return [DimGroup("positions (qpos[1:])", list(range(npos)), positions, "m or rad"),
+                DimGroup("velocities (qvel)", list(range(npos, obs_dim)), velocities, "m/s or rad/s")]
     return [DimGroup("state", list(range(obs_dim)), [f"s[{d}]" for d in range(obs_dim)], "env units")]
+
+
+def _color(i: int, n: int):
+    """The color of dim ``i`` of a panel of ``n``: matplotlib's 10-color cycle, or 20 colors for
+    more dims than 10 (an 11th dim drawn in the first one's color reads as the same curve)."""
+    return f"C{i}" if n <= 10 else plt.get_cmap("tab20")(i % 20)
 
 
 def action_group(env_id: str, act_dim: int) -> DimGroup:
@@ -90,7 +136,7 @@ def _ylabel(group: DimGroup, units: str) -> str:
 
 
 def _style_legend(ax, group: DimGroup, solid: str, dashed: str):
-    handles = [Line2D([], [], color=f"C{i % 10}", label=n) for i, n in enumerate(group.names)]
+    handles = [Line2D([], [], color=_color(i, len(group.names)), label=n) for i, n in enumerate(group.names)]
     handles += [Line2D([], [], color="k", label=solid), Line2D([], [], color="k", linestyle="--", label=dashed)]
     ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
 
@@ -99,8 +145,9 @@ def _pair_panel(ax, group: DimGroup, first: np.ndarray, second: np.ndarray, *, u
                 fontsize: int):
     """Each dim of ``group`` in its color: ``first`` solid, ``second`` dashed (it may be shorter)."""
     for i, d in enumerate(group.dims):
-        ax.plot(np.arange(len(first)), first[:, d], color=f"C{i % 10}", linewidth=1.6)
-        ax.plot(np.arange(len(second)), second[:, d], color=f"C{i % 10}", linewidth=1.2, linestyle="--")
+        color = _color(i, len(group.dims))
+        ax.plot(np.arange(len(first)), first[:, d], color=color, linewidth=1.6)
+        ax.plot(np.arange(len(second)), second[:, d], color=color, linewidth=1.2, linestyle="--")
     ax.set_title(title, fontsize=fontsize)
     ax.set_xlabel("horizon step")
     ax.set_ylabel(_ylabel(group, units), fontsize=fontsize - 1)

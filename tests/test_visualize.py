@@ -9,6 +9,7 @@ import subprocess
 import sys
 from types import SimpleNamespace
 
+import matplotlib.colors
 import numpy as np
 import pytest
 import torch
@@ -342,9 +343,28 @@ def test_the_plan_vs_real_figure_names_the_walkers_height_angle_and_speed():
     planned_line, reached_line = fig.axes[2].get_lines()
     assert set(planned_line.get_ydata()) == {1.0} and set(reached_line.get_ydata()) == {0.0}
     assert fig.axes[6].get_title() == "action: thigh R" and fig._suptitle.get_text() == "a title"
-    # Another env: its first dims, unnamed.
+    # Another env whose observation is not qpos[1:] + qvel: its first dims, unnamed.
     dims, actions = plots.plan_vs_real_dims("Swimmer-v5", 8, 2)
     assert dims == [(d, f"state[{d}]") for d in range(6)] and actions == ["a[0]", "a[1]"]
+
+
+def test_other_locomotion_envs_are_drawn_by_their_joints_positions_apart_from_velocities():
+    # Hopper's and HalfCheetah's states shared one panel of a 10-color cycle (s[10] in s[0]'s
+    # color), and the plan-vs-real figure showed HalfCheetah's first six positions, no speed.
+    dims, _ = plots.plan_vs_real_dims("HalfCheetah-v5", 17, 6)
+    assert dims[:3] == [(0, "rootz"), (1, "rooty"), (8, "rootx vel")]
+    positions, velocities = plots.state_groups("Hopper-v5", 11)
+    assert positions.dims == list(range(5)) and velocities.dims == list(range(5, 11))
+    assert positions.names[:2] == ["rootz", "rooty"] and velocities.names[0] == "rootx vel"
+    many = plots.state_groups("Other-v0", 17)[0]
+    fig, ax = plots.plt.subplots()
+    try:
+        plots._pair_panel(ax, many, np.zeros((3, 17)), np.zeros((3, 17)), units="raw", title="", labels=("a", "b"),
+                          fontsize=9)
+        colors = {tuple(matplotlib.colors.to_rgba(line.get_color())) for line in ax.lines}
+        assert len(colors) == 17
+    finally:
+        plots.plt.close(fig)
 
 
 
