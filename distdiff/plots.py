@@ -15,12 +15,20 @@ from distdiff.files import replacing  # noqa: E402
 from distdiff.rollout import PlanCheck, mean_alignment_error, per_step_alignment_error  # noqa: E402
 
 
+class ModelNames(NamedTuple):
+    """What a MuJoCo env's model names: its observed positions and velocities (where its
+    observation is qpos without the forward position, then qvel; else None) and its actuators."""
+
+    positions: Optional[List[str]]
+    velocities: Optional[List[str]]
+    actuators: List[str]
+
+
 @functools.lru_cache(maxsize=None)
-def observed_joints(env_id: str, obs_dim: int) -> Optional[Tuple[List[str], List[str]]]:
-    """The names of ``env_id``'s observed positions and velocities, where its observation is
-    qpos without the forward position, then qvel (Gymnasium's MuJoCo locomotion envs: Hopper,
-    HalfCheetah, Walker2d), from its model's joints (``rootz`` …, ``rootx vel`` …); None for
-    other envs, and where the env cannot be made here."""
+def model_names(env_id: str) -> Optional[ModelNames]:
+    """:class:`ModelNames` of ``env_id`` (Gymnasium's MuJoCo envs: Hopper, HalfCheetah, Walker2d
+    observe qpos[1:] + qvel), from its model's joints (``rootz`` …, ``rootx vel`` …) and
+    actuators; None for an env without a MuJoCo model, or one that cannot be made here."""
     import gymnasium as gym
 
     from distdiff.rollout import make_env
@@ -31,15 +39,31 @@ def observed_joints(env_id: str, obs_dim: int) -> Optional[Tuple[List[str], List
         return None
     try:
         model = getattr(env.unwrapped, "model", None)
-        if model is None or obs_dim != model.nq - 1 + model.nv:
+        if model is None:
             return None
+        # An unnamed actuator (Hopper's) by the joint it drives (transmission type 0: a joint).
+        actuators = [model.actuator(a).name or (model.joint(int(model.actuator_trnid[a, 0])).name
+                                                if model.actuator_trntype[a] == 0 else "") or f"a[{a}]"
+                     for a in range(model.nu)]
+        if env.observation_space.shape != (model.nq - 1 + model.nv,):
+            return ModelNames(None, None, actuators)
         # One qpos and one qvel per joint where every joint is a hinge or a slide.
-        joints = [model.joint(j).name for j in range(model.njnt)] if model.njnt == model.nq == model.nv else None
-        if joints is None:
-            return [f"qpos[{d}]" for d in range(1, model.nq)], [f"qvel[{d}]" for d in range(model.nv)]
-        return joints[1:], [f"{name} vel" for name in joints]
+        if model.njnt == model.nq == model.nv:
+            joints = [model.joint(j).name for j in range(model.njnt)]
+            return ModelNames(joints[1:], [f"{name} vel" for name in joints], actuators)
+        return ModelNames([f"qpos[{d}]" for d in range(1, model.nq)], [f"qvel[{d}]" for d in range(model.nv)],
+                          actuators)
     finally:
         env.close()
+
+
+def observed_joints(env_id: str, obs_dim: int) -> Optional[Tuple[List[str], List[str]]]:
+    """The names of ``env_id``'s ``obs_dim`` observed positions and velocities
+    (:func:`model_names`), or None."""
+    names = model_names(env_id)
+    if names is None or names.positions is None or len(names.positions) + len(names.velocities) != obs_dim:
+        return None
+    return names.positions, names.velocities
 
 
 def plan_vs_real_dims(env_id: str, obs_dim: int, act_dim: int, n: int = 6) -> Tuple[List[Tuple[int, str]], List[str]]:
@@ -126,8 +150,12 @@ def _color(i: int, n: int):
 
 
 def action_group(env_id: str, act_dim: int) -> DimGroup:
+    """The actions, named: Walker2d's by hand, another MuJoCo env's by its actuators."""
     if env_id.startswith("Walker2d") and act_dim == 6:
         return DimGroup("actions (joint torque commands)", list(range(6)), _WALKER_ACT, "control in [-1, 1]")
+    names = model_names(env_id)
+    if names is not None and len(names.actuators) == act_dim:
+        return DimGroup("actions (actuators)", list(range(act_dim)), names.actuators, "env units")
     return DimGroup("actions", list(range(act_dim)), [f"a[{d}]" for d in range(act_dim)], "env units")
 
 

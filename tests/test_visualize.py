@@ -343,9 +343,11 @@ def test_the_plan_vs_real_figure_names_the_walkers_height_angle_and_speed():
     planned_line, reached_line = fig.axes[2].get_lines()
     assert set(planned_line.get_ydata()) == {1.0} and set(reached_line.get_ydata()) == {0.0}
     assert fig.axes[6].get_title() == "action: thigh R" and fig._suptitle.get_text() == "a title"
-    # Another env whose observation is not qpos[1:] + qvel: its first dims, unnamed.
+    # Another env whose observation is not qpos[1:] + qvel: its first dims, unnamed; its actions
+    # by its actuators.
     dims, actions = plots.plan_vs_real_dims("Swimmer-v5", 8, 2)
-    assert dims == [(d, f"state[{d}]") for d in range(6)] and actions == ["a[0]", "a[1]"]
+    assert dims == [(d, f"state[{d}]") for d in range(6)] and actions == ["motor1_rot", "motor2_rot"]
+    assert plots.action_group("Other-v0", 2).names == ["a[0]", "a[1]"]  # (an env not made here)
 
 
 def test_other_locomotion_envs_are_drawn_by_their_joints_positions_apart_from_velocities():
@@ -356,6 +358,8 @@ def test_other_locomotion_envs_are_drawn_by_their_joints_positions_apart_from_ve
     positions, velocities = plots.state_groups("Hopper-v5", 11)
     assert positions.dims == list(range(5)) and velocities.dims == list(range(5, 11))
     assert positions.names[:2] == ["rootz", "rooty"] and velocities.names[0] == "rootx vel"
+    # Hopper's actuators have no names: the joints they drive name them.
+    assert plots.action_group("Hopper-v5", 3).names == ["thigh_joint", "leg_joint", "foot_joint"]
     many = plots.state_groups("Other-v0", 17)[0]
     fig, ax = plots.plt.subplots()
     try:
