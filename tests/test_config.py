@@ -191,7 +191,9 @@ def test_another_env_with_walker2d_sizes_is_refused_before_training():
             "env.id 'Hopper-v5' has observations of shape (11,) and actions of shape (3,), the config's env.obs_dim "
             "and env.act_dim are 17 and 6")):
         config.check_trainable(config.load(None, {"env.id": "Hopper-v5"}))
-    config.check_trainable(config.load(None, {"env.id": "Hopper-v5", "env.obs_dim": 11, "env.act_dim": 3}))
+    config.check_trainable(config.load(None, {"env.id": "Hopper-v5", "env.obs_dim": 11, "env.act_dim": 3,
+                                              "data.dataset_id": "mujoco/hopper/medium-v0",
+                                              "data.fallback_dataset_id": "local/hopper/random-v0"}))
 
 
 def test_an_env_whose_plans_cannot_be_replayed_is_refused_before_training():

@@ -290,7 +290,7 @@ def test_a_metric_the_trials_would_not_report_is_refused(tiny_dataset, tmp_path)
     fixed = {**FIXED, "data.dataset_id": tiny_dataset}
     # Only D4RL's envs have reference scores: others report no normalized_score.
     swimmer = {**fixed, "env.id": "Swimmer-v5", "env.obs_dim": 8, "env.act_dim": 2,
-               "data.fallback_dataset_id": "local/swimmer/random-v0"}
+               "data.dataset_id": "local/swimmer/tiny-v0", "data.fallback_dataset_id": "local/swimmer/random-v0"}
     with pytest.raises(ConfigError, match="metric normalized_score: env.id Swimmer-v5 has no reference score"):
         load_spec(write_sweep(tmp_path / "fixed.yaml", tiny_dataset, fixed=swimmer))
     assert load_spec(write_sweep(tmp_path / "r.yaml", tiny_dataset, metric="return_mean",
