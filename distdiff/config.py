@@ -601,16 +601,15 @@ def dataset_problems(cfg: Config) -> List[str]:
     ``env.id`` (``local/walker2d/random-v0`` for Hopper-v5): refused before any work. Later, the
     dataset is refused only once it is downloaded, and a fallback collected under another env's
     name would be refused by every run of that env."""
-    from distdiff.data.minari_io import LOCAL_NAMESPACE, env_family, other_env_named
+    from distdiff.data.minari_io import local_id, other_env_named
 
-    ours = f"{LOCAL_NAMESPACE}{env_family(cfg.env.id).lower()}/random-v0"
     problems = []
     for key in ("dataset_id", "fallback_dataset_id"):
         dataset_id = getattr(cfg.data, key)
         other = other_env_named(dataset_id, cfg.env.id) if dataset_id else None
         if other:
             problems.append(f"data.{key} {dataset_id!r} names {other}, and env.id is {cfg.env.id}: pass --data.{key} "
-                            f"with a dataset of {cfg.env.id} (e.g. {ours})")
+                            f"with a dataset of {cfg.env.id} (e.g. {local_id(cfg.env.id)})")
     return problems
 
 

@@ -31,7 +31,7 @@ def model_names(env_id: str) -> Optional[ModelNames]:
     actuators; None for an env without a MuJoCo model, or one that cannot be made here."""
     import gymnasium as gym
 
-    from distdiff.rollout import make_env
+    from distdiff.rollout import make_env, observed_positions
 
     try:
         env = make_env(env_id)
@@ -45,7 +45,7 @@ def model_names(env_id: str) -> Optional[ModelNames]:
         actuators = [model.actuator(a).name or (model.joint(int(model.actuator_trnid[a, 0])).name
                                                 if model.actuator_trntype[a] == 0 else "") or f"a[{a}]"
                      for a in range(model.nu)]
-        if env.observation_space.shape != (model.nq - 1 + model.nv,):
+        if observed_positions(env) is None:
             return ModelNames(None, None, actuators)
         # One qpos and one qvel per joint where every joint is a hinge or a slide.
         if model.njnt == model.nq == model.nv:

@@ -91,6 +91,16 @@ def observed_velocity_clip(env_id: str) -> float:
     return OBSERVED_VELOCITY_CLIPS.get(env_family(env_id), math.inf)
 
 
+def observed_positions(env: gym.Env) -> Optional[int]:
+    """How many positions a Gymnasium MuJoCo locomotion env observes (``nq - 1``), where its
+    observation is qpos without the forward position, then qvel (Walker2d, Hopper, HalfCheetah):
+    those :func:`physics_state_from_observation` reads; None for other envs."""
+    model = getattr(env.unwrapped, "model", None)
+    if model is None or env.observation_space.shape != (model.nq - 1 + model.nv,):
+        return None
+    return model.nq - 1
+
+
 def physics_state_from_observation(env: gym.Env, observation: np.ndarray):
     """(qpos, qvel) of a Gymnasium MuJoCo locomotion env whose observation is qpos without the
     forward position, then qvel (Walker2d, Hopper, HalfCheetah). The forward position changes

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from distdiff.data.minari_io import (DATASET_ID, LOCAL_NAMESPACE, DatasetError, dataset_exists,  # noqa: E402
-                                     datasets_root, env_family, other_env_named, write_episodes)
+                                     datasets_root, local_id, other_env_named, write_episodes)
 from distdiff.rollout import NonFinitePlan, make_env, random_episodes_in, run_episodes  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
 
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     if other:
         # Every run of env_id would refuse it by its name, and its records those of another env.
         fail(f"--dataset-id {args.dataset_id} names {other}, and the episodes would be of {env_id}: "
-             f"name it for {env_id} (e.g. local/{env_family(env_id).lower()}/NAME-v0)"
+             f"name it for {env_id} (e.g. {local_id(env_id, 'NAME-v0')})"
              + (", or pass --env" if state is None else ""))
     bar = progress_bar(total=args.episodes, desc="collect")
     try:

@@ -18,8 +18,8 @@ import operator
 import sys
 from pathlib import Path
 
-from distdiff.cli import (add_ray_arguments, connect_job, check_eval_output, fail, held_out_for_best, line_buffered_output,
-                          make_parser, positive_int, take_alias)
+from distdiff.cli import (add_ray_arguments, check_eval_output, connect_job, fail, held_out_for_best,
+                          line_buffered_output, make_parser, positive_int, take_alias)
 from distdiff.process import default_ray_auth, limit_threads, progress_bar
 
 limit_threads()

@@ -19,9 +19,9 @@ import errno
 import sys
 from pathlib import Path
 
-from distdiff.cli import (AUTORESUME_HELP, add_ray_arguments, connect_job, autoresume, check_autoresumed, check_resume_dir,
-                          check_run_dir, default_run_dir, fail, line_buffered_output, make_parser, note_changes,
-                          take_alias)
+from distdiff.cli import (AUTORESUME_HELP, add_ray_arguments, autoresume, check_autoresumed, check_resume_dir,
+                          check_run_dir, connect_job, default_run_dir, fail, line_buffered_output, make_parser,
+                          note_changes, take_alias)
 from distdiff.process import default_ray_auth, limit_threads, sigterm_as_interrupt
 
 limit_threads()

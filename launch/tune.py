@@ -19,8 +19,8 @@ import os
 import sys
 from pathlib import Path
 
-from distdiff.cli import (add_ray_arguments, connect_job, check_output, check_outside_job_copy, fail, line_buffered_output,
-                          make_parser, positive_int)
+from distdiff.cli import (add_ray_arguments, check_output, check_outside_job_copy, connect_job, fail,
+                          line_buffered_output, make_parser, positive_int)
 from distdiff.process import default_ray_auth, limit_threads
 
 limit_threads()

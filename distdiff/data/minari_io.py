@@ -76,16 +76,21 @@ def dataset_exists(dataset_id: str) -> bool:
     return (Path(datasets_root()) / dataset_id / "data").is_dir()
 
 
+def local_id(env_id: str, name: str = "random-v0") -> str:
+    """A local dataset id named for ``env_id`` (``local/hopper/random-v0`` for Hopper-v5): the name
+    a dataset of that env must have, :func:`other_env_named` refusing another env's."""
+    return f"{LOCAL_NAMESPACE}{env_family(env_id).lower()}/{name}"
+
+
 def _missing_message(dataset_id: str, why: str, env_id: Optional[str]) -> str:
     """Why ``dataset_id`` is not there, and the commands that make one of ``env_id``'s (the env of
     the run that asked for it; None: not known)."""
-    local = dataset_id.startswith(LOCAL_NAMESPACE)
-    get = "Make it" if local else "Download it where there is internet (--data.download true, the default), or make a local one"
     from distdiff.config import EnvConfig
 
+    local = dataset_id.startswith(LOCAL_NAMESPACE)
+    get = "Make it" if local else "Download it where there is internet (--data.download true, the default), or make a local one"
     env = env_id or EnvConfig().id
-    # (Under a name of the env's own: a dataset named for another env is refused by its runs.)
-    made = dataset_id if local and not other_env_named(dataset_id, env) else f"{LOCAL_NAMESPACE}{env_family(env).lower()}/random-v0"
+    made = dataset_id if local and not other_env_named(dataset_id, env) else local_id(env)
     return (
         f"dataset {dataset_id!r} is not available: {why}\n"
         f"Local datasets are looked up under MINARI_DATASETS_PATH={datasets_root()}.\n"
@@ -405,8 +410,7 @@ def have_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallba
         if other:
             # Collected in this env under that name, it would fail every later run of that env.
             raise DatasetError(f"the fallback dataset {fallback_id!r} (data.fallback_dataset_id) names {other}, and would "
-                               f"be collected in {env_id}: pass --data.fallback_dataset_id "
-                               f"local/{env_family(env_id).lower()}/random-v0 "
+                               f"be collected in {env_id}: pass --data.fallback_dataset_id {local_id(env_id)} "
                                f"(or '' for no fallback)")
         with _lock(fallback_id):
             if not dataset_exists(fallback_id):  # or another run made it while this one waited
