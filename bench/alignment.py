@@ -35,7 +35,7 @@ from distdiff import config as config_lib  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from distdiff.cli import positive_int  # noqa: E402
 from distdiff.files import to_json  # noqa: E402
-from distdiff.data.minari_io import load_episodes, normalized_score, reference_scores  # noqa: E402
+from distdiff.data.minari_io import load_episodes, normalized_score  # noqa: E402
 from distdiff.distributed.driver import train  # noqa: E402
 from distdiff.evaluation import alignment_on_observations, evaluate  # noqa: E402
 from distdiff.pretrain import pretrain  # noqa: E402
@@ -137,8 +137,8 @@ def main():
         ray.shutdown()
     t_online = time.perf_counter() - t1
     aligned = judge(given.get("--aligned", args.out / "aligned" / "checkpoint.pt"))
-    # The references the planners are scored with (D4RL's), not the dataset's own.
-    behaviour = normalized_score(np.mean([e.episode_return for e in data.episodes]), *reference_scores(cfg.env.id))
+    # The references the planners are scored with (the config's: D4RL's on Walker2d), not the dataset's own.
+    behaviour = normalized_score(np.mean([e.episode_return for e in data.episodes]), *config_lib.reference_returns(cfg))
     print(to_json({
         "prior": prior, "aligned": aligned, "behaviour": {"normalized_score": None if behaviour is None else float(behaviour)},
         "budget": {"pretrain_steps": None if args.init else cfg.train.steps,  # --init: whatever made that checkpoint

@@ -132,6 +132,7 @@ class EvalConfig:
     num_envs: int = _f(10, "Environments stepped together, planned in one sampler batch.")
     measure_alignment: bool = _f(True, "Replay each plan's actions in a shadow env to measure the alignment error.")
     seed: int = _f(10_000, "Seed of the evaluation envs and sampler.")
+    reference_returns: Tuple[float, ...] = _f((), "Random and expert episode returns of the normalized score, 100·(R − random)/(expert − random), as random,expert (e.g. --eval.reference_returns=-5,360, an = before a negative first value). Empty: D4RL's for Walker2d, Hopper, HalfCheetah and Ant; for another env, no normalized score (a Minari dataset's metadata may hold its ref_min_score and ref_max_score: the run names them).")
     num_actors: int = _f(0, "A training run's evaluations (online.eval_every's and the final one) run on up to this many of its rollout actors at once (no more than it has), eval.num_envs episodes per task, each in a thread of its own beside the actor's rollouts, which it slows while it runs (mind online.rollout_timeout_s); 0 = in a thread of the driver. With N tasks (eval.episodes / eval.num_envs) or more, the final evaluation then takes about 1/N of the time, and the driver's process stays free for the loop. The sampler's draws are made per task: the figures are those of launch/evaluate.py --num-actors (any N above 1), not of one process.")
 
 
@@ -504,6 +505,9 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     for key, seed in (("train.seed", cfg.train.seed), ("eval.seed", cfg.eval.seed)):
         need(0 <= seed < 2**63, f"{key} must be in [0, 2**63), got {seed}")
     at_least(1, "eval.episodes", "eval.num_envs")
+    refs = cfg.eval.reference_returns
+    need(refs == () or (len(refs) == 2 and all(map(math.isfinite, refs)) and refs[0] < refs[1]),
+         f"eval.reference_returns must be empty or two finite returns, random below expert, got {list(refs)}")
     at_least(0, "eval.num_actors")
     o = cfg.online
     at_least(1, "online.num_actors", "online.envs_per_actor", "online.updates_per_call", "online.broadcast_every",
@@ -586,6 +590,17 @@ def alignment_problem(env_id: str) -> str:
         return ""
     return (f"env.id {env_id!r} is not a MuJoCo env: the alignment error replays each plan's actions in a copy "
             f"of the env set to the real one's physics state, which only MuJoCo envs allow")
+
+
+def reference_returns(cfg: Config) -> Tuple[Optional[float], Optional[float]]:
+    """The (random, expert) returns that ``cfg``'s normalized score is measured between:
+    ``eval.reference_returns``, else D4RL's for its env, else (None, None): no score."""
+    from distdiff.data.minari_io import reference_scores
+
+    if cfg.eval.reference_returns:
+        random, expert = cfg.eval.reference_returns
+        return random, expert
+    return reference_scores(cfg.env.id)
 
 
 def _import_problem(module: str) -> str:
@@ -712,7 +727,8 @@ def add_arguments(parser: argparse.ArgumentParser, *, from_checkpoint: bool = Fa
         hints = typing.get_type_hints(section_type)
         for f in dataclasses.fields(section_type):
             default = "the checkpoint's" if from_checkpoint else f.default
-            metavar = {bool: "BOOL", int: "INT", float: "FLOAT", Tuple[int, ...]: "INT,INT,..."}.get(hints[f.name], "VALUE")
+            metavar = {bool: "BOOL", int: "INT", float: "FLOAT", Tuple[int, ...]: "INT,INT,...",
+                       Tuple[float, ...]: "FLOAT,FLOAT"}.get(hints[f.name], "VALUE")
             # argparse %-formats help strings: a literal % (as in "36 % closer") must be doubled.
             text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
             if shown is not None and f"{name}.{f.name}" not in shown:

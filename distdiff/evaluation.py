@@ -7,8 +7,7 @@ import numpy as np
 
 import torch
 
-from distdiff.config import Config, alignment_problem
-from distdiff.data.minari_io import reference_scores
+from distdiff.config import Config, alignment_problem, reference_returns
 from distdiff.planner import Planner
 from distdiff.rollout import (EpisodeResult, alignment_on_states, make_env, mean_alignment_error,
                               per_step_alignment_error, run_episodes, summarize)
@@ -89,7 +88,7 @@ def summary_of(results: List[EpisodeResult], cfg: Config, *, own_guide: bool = F
     """An evaluation's summary of its episodes (:func:`distdiff.rollout.summarize`), scored
     against the env's reference returns, with the guidance scale it planned with (None under a
     guide of your own, which the config's scale does not describe)."""
-    summary = summarize(results, *reference_scores(cfg.env.id))
+    summary = summarize(results, *reference_returns(cfg))
     summary["guidance_scale"] = None if own_guide else cfg.guidance.scale
     return summary
 

@@ -12,7 +12,7 @@ import numpy as np
 from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, to_cpu
 from distdiff.process import deferred_interrupt, progress_bar
-from distdiff.config import Config
+from distdiff.config import Config, reference_returns
 from distdiff.data.minari_io import DatasetMissing, LoadedDataset, have_or_collect, load_or_collect
 from distdiff.data.windows import WindowDataset, fit_normalizer
 from distdiff.events import CONFIG_TEXT, RecentRate, drop_redone, flushed_sizes, kept_before
@@ -43,12 +43,29 @@ def load_data(cfg: Config, *, own: Optional[str] = None, log=print) -> LoadedDat
     if own is not None and own != d.dataset_id:
         log(f"resuming on the run's own dataset {own!r}, not on {d.dataset_id!r}, which the config names")
     try:
-        return load_or_collect(**_source(cfg, own, log), obs_dim=cfg.env.obs_dim, act_dim=cfg.env.act_dim)
+        data = load_or_collect(**_source(cfg, own, log), obs_dim=cfg.env.obs_dim, act_dim=cfg.env.act_dim)
     except DatasetMissing as e:
         if own is None or not d.fallback_dataset_id:
             raise
         raise DatasetMissing(f"{e}\nA resume trains on the run's own dataset: {d.fallback_dataset_id!r} "
                              f"(data.fallback_dataset_id) does not stand in for it") from e
+    note = references_note(cfg, data)
+    if note:
+        log(note)
+    return data
+
+
+def references_note(cfg: Config, data: LoadedDataset) -> str:
+    """Where ``cfg`` has no reference returns to score against and ``data``'s metadata records
+    some (Minari's ``ref_min_score``, ``ref_max_score``), how to score against them ("" else).
+    Said, not taken: the config says what a run is (its config.yaml, which a resume compares
+    with the command line's), its scoring included."""
+    if reference_returns(cfg)[0] is not None or data.ref_min_score is None or data.ref_max_score is None:
+        return ""
+    refs = f"{float(data.ref_min_score)!r},{float(data.ref_max_score)!r}"
+    return (f"note: {cfg.env.id} has no reference returns of D4RL's, so no normalized score is reported; dataset "
+            f"{data.dataset_id!r} records ref_min_score and ref_max_score {refs}: --eval.reference_returns={refs} "
+            "scores against them")
 
 
 def dataset_to_train_on(cfg: Config, log=print) -> str:

@@ -6,7 +6,7 @@
 Datasets land under MINARI_DATASETS_PATH (default ~/.minari/datasets), with ids under local/ (the
 others are Minari's remote datasets); an existing id is refused unless --overwrite is given. The env
 is Walker2d-v5 unless --env says otherwise (a checkpoint collects in its own). D4RL's reference
-scores are stored where D4RL has them (Walker2d, Hopper, HalfCheetah), so
+scores are stored where D4RL has them (Walker2d, Hopper, HalfCheetah, Ant), so
 minari.get_normalized_score works on the result (on 0-1, where distdiff reports 0-100).
 """
 from __future__ import annotations

@@ -110,6 +110,11 @@ def test_overrides_are_typed():
         ({"online.max_update_lag": 1, "online.updates_per_call": 5},
          "online.max_update_lag must be >= online.updates_per_call (5), got 1"),
         ({"model.horizon": 32, "online.replay_capacity": 31}, "online.replay_capacity must hold at least one horizon (32), got 31"),
+        # A score measured between an expert below random, or one reference, would be garbage.
+        ({"eval.reference_returns": "360,-5"}, "eval.reference_returns must be empty or two finite returns, random "
+                                               "below expert, got [360.0, -5.0]"),
+        ({"eval.reference_returns": [5.0]}, "eval.reference_returns must be empty or two finite returns"),
+        ({"eval.reference_returns": "1,inf"}, "eval.reference_returns must be empty or two finite returns"),
     ],
 )
 def test_invalid_values_are_rejected(overrides, expected):
@@ -263,6 +268,16 @@ def test_command_line_flags():
     bad = parser.parse_args(["--model.horizon", "-1"])
     with pytest.raises(ConfigError, match="model.horizon"):
         config.from_args(bad, base=Config())
+
+
+def test_reference_returns_come_from_the_config_before_d4rls_and_a_negative_one_parses_as_a_flag():
+    parser = argparse.ArgumentParser()
+    config.add_arguments(parser)
+    cfg = config.from_args(parser.parse_args(["--env.id", "Swimmer-v5", "--eval.reference_returns=-5,360"]))
+    assert config.reference_returns(cfg) == (-5.0, 360.0)
+    assert config.reference_returns(Config()) == (1.629008, 4592.3)  # Walker2d's, D4RL's
+    swimmer = config.load(None, {"env.id": "Swimmer-v5", "env.obs_dim": 8, "env.act_dim": 2})
+    assert config.reference_returns(swimmer) == (None, None)
 
 
 def test_numbers_in_exponent_form_are_read_as_numbers(tmp_path):

@@ -430,6 +430,8 @@ def test_a_written_dataset_records_its_step_limit_and_the_simulators_version(min
 def test_reference_scores_are_d4rls_for_every_family_and_namespace():
     assert reference_scores("Hopper-v5") == (-20.272305, 3234.3)
     assert reference_scores("HalfCheetah-v5") == (-280.178953, 12135.0)
+    assert reference_scores("Ant-v5") == (-325.6, 3879.7)
+    assert reference_scores("Swimmer-v5") == (None, None)  # D4RL has none
     assert env_family("myns/Walker2d-v4") == "Walker2d"
     assert reference_scores("myns/Walker2d-v4") == reference_scores("Walker2d-v5") != (None, None)
 

@@ -487,6 +487,26 @@ def test_a_run_records_the_dataset_it_loaded_even_where_the_config_names_another
     assert trained_on(cfg, LoadedDataset(cfg.data.dataset_id, None, [], None, None)) is cfg
 
 
+def test_a_dataset_that_records_reference_returns_the_config_lacks_is_named_with_the_flag_that_takes_them(monkeypatch):
+    # Minari's own datasets of envs D4RL never scored (Swimmer, Humanoid, ...) record references
+    # of their own: the run reports no score, and says how to have one.
+    from distdiff.data.minari_io import LoadedDataset
+
+    swimmer = config_lib.load(None, {"env.id": "Swimmer-v5", "env.obs_dim": 8, "env.act_dim": 2,
+                                     "data.dataset_id": "mujoco/swimmer/expert-v0"})
+    recorded = LoadedDataset("mujoco/swimmer/expert-v0", "Swimmer-v5", [], -3.5, 360.25)
+    note = pretrain_lib.references_note(swimmer, recorded)
+    assert "no normalized score is reported" in note and "--eval.reference_returns=-3.5,360.25" in note
+    monkeypatch.setattr(pretrain_lib, "load_or_collect", lambda **kw: recorded)
+    said = []
+    assert pretrain_lib.load_data(swimmer, log=said.append) is recorded and said == [note]
+    # Not where the config scores already (its own references, or D4RL's), nor without any recorded.
+    given = config_lib.from_dict({"eval": {"reference_returns": [-5.0, 350.0]}}, swimmer)
+    assert pretrain_lib.references_note(given, recorded) == ""
+    assert pretrain_lib.references_note(config_lib.load(None), recorded) == ""
+    assert pretrain_lib.references_note(swimmer, recorded._replace(ref_max_score=None)) == ""
+
+
 def test_windows_keep_a_given_normalizer_and_draw_episode_starts_by_their_weight(tiny_episodes):
     # A resume or an --init keeps the normalizer its nets learned in; data.start_window_weight is
     # what pretraining samples by.

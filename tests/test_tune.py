@@ -291,8 +291,12 @@ def test_a_metric_the_trials_would_not_report_is_refused(tiny_dataset, tmp_path)
     # Only D4RL's envs have reference scores: others report no normalized_score.
     swimmer = {**fixed, "env.id": "Swimmer-v5", "env.obs_dim": 8, "env.act_dim": 2,
                "data.dataset_id": "local/swimmer/tiny-v0", "data.fallback_dataset_id": "local/swimmer/random-v0"}
-    with pytest.raises(ConfigError, match="metric normalized_score: env.id Swimmer-v5 has no reference score"):
+    with pytest.raises(ConfigError, match="metric normalized_score: env.id Swimmer-v5 has no reference returns "
+                                          "(.|\n)*set eval.reference_returns"):
         load_spec(write_sweep(tmp_path / "fixed.yaml", tiny_dataset, fixed=swimmer))
+    # Its own references, given: its trials report a score.
+    scored = {**swimmer, "eval.reference_returns": [-5.0, 360.0]}
+    assert load_spec(write_sweep(tmp_path / "scored.yaml", tiny_dataset, fixed=scored)).metric == "normalized_score"
     assert load_spec(write_sweep(tmp_path / "r.yaml", tiny_dataset, metric="return_mean",
                                  fixed=swimmer)).metric == "return_mean"
     for name, kw in (("fixed", {"fixed": {**fixed, "eval.measure_alignment": False}}),

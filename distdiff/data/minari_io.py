@@ -14,11 +14,12 @@ from filelock import FileLock
 
 from distdiff.data.episodes import Episode
 
-# D4RL's reference returns, random and expert (Fu et al. 2020), so normalized scores are comparable.
+# D4RL's reference returns, random and expert (Fu et al. 2020; its infos.py), so normalized
+# scores are comparable: its four locomotion envs. Another env's come from eval.reference_returns.
 WALKER2D_REF_MIN_SCORE = 1.629008
 WALKER2D_REF_MAX_SCORE = 4592.3
 REFERENCE_SCORES = {"Walker2d": (WALKER2D_REF_MIN_SCORE, WALKER2D_REF_MAX_SCORE),
-                    "Hopper": (-20.272305, 3234.3), "HalfCheetah": (-280.178953, 12135.0)}
+                    "Hopper": (-20.272305, 3234.3), "HalfCheetah": (-280.178953, 12135.0), "Ant": (-325.6, 3879.7)}
 # What Minari accepts as an id (its DATASET_ID_RE: optional namespaces, a name, no `.` anywhere,
 # so never a path out of the store), with the version that distdiff needs.
 DATASET_ID = re.compile(r"^(?:[-\w][-\w/]*[-\w]+/)?[-\w]+?-v\d+\Z")

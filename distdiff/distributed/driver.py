@@ -29,7 +29,7 @@ from distdiff.checkpoint import CheckpointError, load_checkpoint, load_own_check
 from distdiff.process import Interrupt, deferred_interrupt, progress_bar, sigterm_as_interrupt
 from distdiff.files import write_json
 from distdiff.config import Config
-from distdiff.data.minari_io import LoadedDataset, normalized_score, reference_scores
+from distdiff.data.minari_io import LoadedDataset, normalized_score
 from distdiff.distributed import actors
 from distdiff.distributed.cluster import RunFailed
 from distdiff.distributed.collection import evaluate_on, weights_of
@@ -321,7 +321,7 @@ class OnlineRun:
         self.adds: List[ray.ObjectRef] = []  # the replay's calls storing rollouts, until seen to succeed
         self.handed = [-1] * len(self.workers)  # the newest version handed to each worker
         self.dropped: Set[int] = set()  # workers that kept failing: no share of the budget, no weights
-        self.ref_min, self.ref_max = reference_scores(cfg.env.id)
+        self.ref_min, self.ref_max = config_lib.reference_returns(cfg)
         self.last_example = None
         self.train_ref = None  # the learner's call in flight
         self.train_since = self.next_train_note = 0.0  # when it started; when a long one is noted next

@@ -33,7 +33,7 @@ from ray.tune.search.sample import Float, Sampler
 from distdiff import config as config_lib
 from distdiff.checkpoint import CheckpointError, load_checkpoint
 from distdiff.config import Config, ConfigError
-from distdiff.data.minari_io import REFERENCE_SCORES, reference_scores
+from distdiff.data.minari_io import REFERENCE_SCORES
 from distdiff.files import finite, write_text
 from distdiff.rundir import CHECKPOINT, REPLAY, checkpoint_file, holds_run
 from distdiff.training import VALUE_TARGET_FIELDS, check_dynamics, check_made_with, planner_from_checkpoint
@@ -204,11 +204,12 @@ def _check_metric(spec: SweepSpec, configs: List[Config]) -> List[str]:
     """Trials report only the metrics they have, and Tune stops the whole sweep at a report
     that lacks its metric: refuse a metric that some trial could never report."""
     if spec.metric == "normalized_score":
-        envs = sorted({c.env.id for c in configs if reference_scores(c.env.id)[0] is None})
+        envs = sorted({c.env.id for c in configs if config_lib.reference_returns(c)[0] is None})
         if envs:
-            return [f"metric normalized_score: env.id {', '.join(envs)} has no reference score (only "
-                    f"{', '.join(sorted(REFERENCE_SCORES))} has one), so its trials would report none and Tune would "
-                    "stop the sweep at their first report; use metric return_mean"]
+            return [f"metric normalized_score: env.id {', '.join(envs)} has no reference returns (D4RL's are known for "
+                    f"{', '.join(sorted(REFERENCE_SCORES))}), so its trials would report no normalized_score and Tune "
+                    "would stop the sweep at their first report: set eval.reference_returns (random,expert) under "
+                    "`fixed`, or use metric return_mean"]
     if spec.metric == "alignment_error" and not all(c.eval.measure_alignment for c in configs):
         return ["metric alignment_error is measured only with eval.measure_alignment true, and this sweep's trials "
                 "can have it false: they would report none and Tune would stop the sweep at their first report; "
