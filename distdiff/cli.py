@@ -11,7 +11,7 @@ import secrets
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 from distdiff.process import RAY_JOB_ENV
 from distdiff.rundir import BEST, BEST_METRICS, CHECKPOINT, CONFIG, METRICS, checkpoint_file, foreign_run_files, holds_run
@@ -22,6 +22,12 @@ class ArgumentParser(argparse.ArgumentParser):
     usage runs to ~50 lines above the one error that matters. A mistyped option gets the
     closest real one."""
 
+    _given: List[str] = []
+
+    def parse_known_args(self, args=None, namespace=None):
+        self._given = list(sys.argv[1:] if args is None else args)  # (for error's hints)
+        return super().parse_known_args(args, namespace)
+
     def error(self, message: str):
         if message.startswith("unrecognized arguments"):
             # Only what --help shows: a hidden flag is one this script refuses.
@@ -29,6 +35,12 @@ class ArgumentParser(argparse.ArgumentParser):
             hints = [f"{wrong}: did you mean {close[0]}?" for wrong in re.findall(r"--[\w.-]+", message)
                      if (close := difflib.get_close_matches(wrong, shown, n=1, cutoff=0.8))]
             message += "".join(f"\n  {hint}" for hint in hints)
+        elif (m := re.match(r"argument ([^:/ ]+)\S*: expected one argument$", message)):
+            # argparse reads a value that starts with - and is no plain number (-5,360) as a flag.
+            given = self._given
+            at = given.index(m.group(1)) if m.group(1) in given else -1
+            if 0 <= at < len(given) - 1 and given[at + 1].startswith("-"):
+                message += f" (a value that starts with - goes after an =: {m.group(1)}={given[at + 1]})"
         self.exit(2, f"usage: {self.prog} [options] (see --help)\n{self.prog}: error: {message}\n")
 
 

@@ -132,7 +132,7 @@ class EvalConfig:
     num_envs: int = _f(10, "Environments stepped together, planned in one sampler batch.")
     measure_alignment: bool = _f(True, "Replay each plan's actions in a shadow env to measure the alignment error.")
     seed: int = _f(10_000, "Seed of the evaluation envs and sampler.")
-    reference_returns: Tuple[float, ...] = _f((), "Random and expert episode returns of the normalized score, 100·(R − random)/(expert − random), as random,expert (e.g. --eval.reference_returns=-5,360, an = before a negative first value). Empty: D4RL's for Walker2d, Hopper, HalfCheetah and Ant; for another env, no normalized score (a Minari dataset's metadata may hold its ref_min_score and ref_max_score: the run names them).")
+    reference_returns: Tuple[float, ...] = _f((), "Returns of a random and an expert policy, which the normalized score maps to 0 and 100: 100·(R − random)/(expert − random), given as RANDOM,EXPERT (with = where RANDOM is negative: --eval.reference_returns=-5,360). Empty: D4RL's for Walker2d, Hopper, HalfCheetah and Ant, and no normalized score in another env (where a Minari dataset's metadata records references of its own, a run's start names them).")
     num_actors: int = _f(0, "A training run's evaluations (online.eval_every's and the final one) run on up to this many of its rollout actors at once (no more than it has), eval.num_envs episodes per task, each in a thread of its own beside the actor's rollouts, which it slows while it runs (mind online.rollout_timeout_s); 0 = in a thread of the driver. With N tasks (eval.episodes / eval.num_envs) or more, the final evaluation then takes about 1/N of the time, and the driver's process stays free for the loop. The sampler's draws are made per task: the figures are those of launch/evaluate.py --num-actors (any N above 1), not of one process.")
 
 
@@ -726,7 +726,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, from_checkpoint: bool = Fa
         group = parser.add_argument_group(f"{name} (config section)")
         hints = typing.get_type_hints(section_type)
         for f in dataclasses.fields(section_type):
-            default = "the checkpoint's" if from_checkpoint else f.default
+            default = "the checkpoint's" if from_checkpoint else "empty" if f.default == () else f.default
             metavar = {bool: "BOOL", int: "INT", float: "FLOAT", Tuple[int, ...]: "INT,INT,...",
                        Tuple[float, ...]: "FLOAT,FLOAT"}.get(hints[f.name], "VALUE")
             # argparse %-formats help strings: a literal % (as in "36 % closer") must be doubled.

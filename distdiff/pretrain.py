@@ -3,6 +3,7 @@ Minari dataset (Alg. 1.1 and the value)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -49,7 +50,8 @@ def load_data(cfg: Config, *, own: Optional[str] = None, log=print) -> LoadedDat
             raise
         raise DatasetMissing(f"{e}\nA resume trains on the run's own dataset: {d.fallback_dataset_id!r} "
                              f"(data.fallback_dataset_id) does not stand in for it") from e
-    note = references_note(cfg, data)
+    # (Not on a resume: references given then would put the run's scores on two scales.)
+    note = references_note(cfg, data) if own is None else ""
     if note:
         log(note)
     return data
@@ -57,15 +59,17 @@ def load_data(cfg: Config, *, own: Optional[str] = None, log=print) -> LoadedDat
 
 def references_note(cfg: Config, data: LoadedDataset) -> str:
     """Where ``cfg`` has no reference returns to score against and ``data``'s metadata records
-    some (Minari's ``ref_min_score``, ``ref_max_score``), how to score against them ("" else).
+    usable ones (Minari's ``ref_min_score``, ``ref_max_score``), how to score against them ("" else).
     Said, not taken: the config says what a run is (its config.yaml, which a resume compares
     with the command line's), its scoring included."""
     if reference_returns(cfg)[0] is not None or data.ref_min_score is None or data.ref_max_score is None:
         return ""
-    refs = f"{float(data.ref_min_score)!r},{float(data.ref_max_score)!r}"
-    return (f"note: {cfg.env.id} has no reference returns of D4RL's, so no normalized score is reported; dataset "
-            f"{data.dataset_id!r} records ref_min_score and ref_max_score {refs}: --eval.reference_returns={refs} "
-            "scores against them")
+    low, high = float(data.ref_min_score), float(data.ref_max_score)
+    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+        return ""
+    return (f"note: D4RL has no reference returns for {cfg.env.id}, so no normalized score is reported; dataset "
+            f"{data.dataset_id!r} records ref_min_score {low!r} and ref_max_score {high!r}: pass "
+            f"--eval.reference_returns={low!r},{high!r} (in a sweep: under `fixed`) to score against them")
 
 
 def dataset_to_train_on(cfg: Config, log=print) -> str:

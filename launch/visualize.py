@@ -138,6 +138,11 @@ def main(argv=None) -> int:
             if not _same_normalizer(state["normalizer"], state2["normalizer"]):
                 print(f"warning: --compare {args.compare} normalizes states differently (another dataset?): each "
                       "checkpoint's alignment errors are in its own normalized units, not comparable", file=sys.stderr)
+            refs, refs2 = config_lib.reference_returns(cfg), config_lib.reference_returns(cfg2)
+            if refs != refs2:
+                print(f"warning: --compare {args.compare} scores against other reference returns {list(refs2)} than "
+                      f"--checkpoint's {list(refs)} (eval.reference_returns): their normalized scores are on other "
+                      "scales, compare their returns", file=sys.stderr)
         # (Before any figure is written: a MUJOCO_GL whose backend is missing fails the first env.)
         problem = config_lib.env_problem(cfg.env)
         if problem:

@@ -280,6 +280,19 @@ def test_reference_returns_come_from_the_config_before_d4rls_and_a_negative_one_
     assert config.reference_returns(swimmer) == (None, None)
 
 
+def test_a_value_argparse_reads_as_a_flag_is_answered_with_the_form_it_takes(capsys):
+    from distdiff.cli import make_parser
+
+    parser = make_parser(None)
+    config.add_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--eval.reference_returns", "-5,360"])
+    assert "(a value that starts with - goes after an =: --eval.reference_returns=-5,360)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a value left out is not given that hint
+        parser.parse_args(["--eval.reference_returns"])
+    assert "goes after an =" not in capsys.readouterr().err
+
+
 def test_numbers_in_exponent_form_are_read_as_numbers(tmp_path):
     # YAML 1.1 (PyYAML) reads 1e-4 and 1.5e3 as text; a sweep's bounds or options would then be no number.
     path = tmp_path / "c.yaml"

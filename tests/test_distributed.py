@@ -92,8 +92,10 @@ def read_events(run_dir: Path):
 
 def test_two_worker_run_finishes_and_logs(ray_session, pretrained, tmp_path):
     cfg, ckpt = pretrained
-    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.figure_every": 10})
+    # References of 0 and 100 make every normalized score its return: scored against the config's.
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.figure_every": 10, "eval.reference_returns": "0,100"})
     metrics = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
+    assert metrics["normalized_score"] == pytest.approx(metrics["return_mean"])
     assert metrics["env_steps"] == cfg.online.env_steps
     assert metrics["updates"] > 0 and metrics["weights_version"] > 1
     # Updates owed to the last collected steps are run after collection ends.
@@ -120,6 +122,7 @@ def test_two_worker_run_finishes_and_logs(ray_session, pretrained, tmp_path):
     lengths, fell = values("charts/episode_length"), values("charts/terminated")
     assert 0 < len(lengths) == len(fell) == len(values("charts/episode_return")) <= metrics["episodes"]
     assert all(n == cfg.env.max_episode_steps or f == 1.0 for n, f in zip(lengths, fell))
+    assert values("charts/normalized_score") == pytest.approx(values("charts/episode_return"))
     # The phase-2 rate, and the learner's share of the time; no fault in a run without any.
     rates = values("charts/learning_rate")
     assert rates == pytest.approx([cfg.train.lr * cfg.online.lr_scale] * len(rates), rel=1e-6)

@@ -500,6 +500,13 @@ def test_a_dataset_that_records_reference_returns_the_config_lacks_is_named_with
     monkeypatch.setattr(pretrain_lib, "load_or_collect", lambda **kw: recorded)
     said = []
     assert pretrain_lib.load_data(swimmer, log=said.append) is recorded and said == [note]
+    # Not to a resume, whose scores so far had none: a pair given now would start a second scale.
+    said.clear()
+    pretrain_lib.load_data(swimmer, own=recorded.dataset_id, log=said.append)
+    assert said == []
+    # Nor references the config would refuse.
+    assert pretrain_lib.references_note(swimmer, recorded._replace(ref_min_score=400.0)) == ""
+    assert pretrain_lib.references_note(swimmer, recorded._replace(ref_max_score=float("nan"))) == ""
     # Not where the config scores already (its own references, or D4RL's), nor without any recorded.
     given = config_lib.from_dict({"eval": {"reference_returns": [-5.0, 350.0]}}, swimmer)
     assert pretrain_lib.references_note(given, recorded) == ""

@@ -292,11 +292,15 @@ def test_a_metric_the_trials_would_not_report_is_refused(tiny_dataset, tmp_path)
     swimmer = {**fixed, "env.id": "Swimmer-v5", "env.obs_dim": 8, "env.act_dim": 2,
                "data.dataset_id": "local/swimmer/tiny-v0", "data.fallback_dataset_id": "local/swimmer/random-v0"}
     with pytest.raises(ConfigError, match="metric normalized_score: env.id Swimmer-v5 has no reference returns "
-                                          "(.|\n)*set eval.reference_returns"):
+                                          "(.|\n)*eval.reference_returns: \\[RANDOM, EXPERT\\]"):
         load_spec(write_sweep(tmp_path / "fixed.yaml", tiny_dataset, fixed=swimmer))
     # Its own references, given: its trials report a score.
     scored = {**swimmer, "eval.reference_returns": [-5.0, 360.0]}
     assert load_spec(write_sweep(tmp_path / "scored.yaml", tiny_dataset, fixed=scored)).metric == "normalized_score"
+    # Nor ranked by scores measured on scales that differ from trial to trial.
+    with pytest.raises(ConfigError, match="space: eval.reference_returns cannot be swept"):
+        load_spec(write_sweep(tmp_path / "swept.yaml", tiny_dataset, fixed=swimmer,
+                              space={"eval.reference_returns": {"choice": [[-5.0, 360.0], [0.0, 500.0]]}}))
     assert load_spec(write_sweep(tmp_path / "r.yaml", tiny_dataset, metric="return_mean",
                                  fixed=swimmer)).metric == "return_mean"
     for name, kw in (("fixed", {"fixed": {**fixed, "eval.measure_alignment": False}}),

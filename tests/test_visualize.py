@@ -271,6 +271,28 @@ def test_a_best_pt_is_judged_on_other_episodes_than_those_that_chose_it(tiny_ckp
     assert seeds == [7] and "note:" not in capsys.readouterr().err
 
 
+def test_compare_notices_checkpoints_scored_against_other_reference_returns(tiny_ckpt, tmp_path, monkeypatch, capsys):
+    import torch as torch_lib
+
+    script = launch_script("visualize")
+
+    def evaluate(*args, **kwargs):  # (stops the script once the warnings are out)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "evaluate", evaluate)
+    state = load_checkpoint(tiny_ckpt)
+    state["config"]["eval"]["reference_returns"] = [-5.0, 360.0]
+    other = tmp_path / "other.pt"
+    torch_lib.save(state, other)
+    args = ["--checkpoint", str(tiny_ckpt), "--out", str(tmp_path / "viz"), "--episodes", "1", "--starts", "1",
+            "--no-video"]
+    assert script.main([*args, "--compare", str(other)]) == 130
+    assert ("scores against other reference returns [-5.0, 360.0] than --checkpoint's [1.629008, 4592.3]"
+            in capsys.readouterr().err)
+    assert script.main([*args, "--compare", str(tiny_ckpt)]) == 130
+    assert "reference returns" not in capsys.readouterr().err
+
+
 def test_compare_notices_checkpoints_that_normalize_states_differently(tiny_ckpt):
     # Alignment errors are in each checkpoint's own normalized units.
     script = launch_script("visualize")

@@ -208,8 +208,8 @@ def _check_metric(spec: SweepSpec, configs: List[Config]) -> List[str]:
         if envs:
             return [f"metric normalized_score: env.id {', '.join(envs)} has no reference returns (D4RL's are known for "
                     f"{', '.join(sorted(REFERENCE_SCORES))}), so its trials would report no normalized_score and Tune "
-                    "would stop the sweep at their first report: set eval.reference_returns (random,expert) under "
-                    "`fixed`, or use metric return_mean"]
+                    "would stop the sweep at their first report: give them under `fixed` (eval.reference_returns: "
+                    "[RANDOM, EXPERT]), or use metric return_mean"]
     if spec.metric == "alignment_error" and not all(c.eval.measure_alignment for c in configs):
         return ["metric alignment_error is measured only with eval.measure_alignment true, and this sweep's trials "
                 "can have it false: they would report none and Tune would stop the sweep at their first report; "
@@ -297,6 +297,10 @@ def _option_errors(spec: SweepSpec) -> List[str]:
         errors += [f"{where}: {k} is set by the sweep's `resources`, the same for every trial" for k in keys
                    if k in RESOURCE_FIELDS]
     errors += [f"space: {k} cannot be swept: {CUSTOM_RESOURCE_WHY}" for k in spec.space if k in CUSTOM_RESOURCE_FIELDS]
+    if "eval.reference_returns" in spec.space:
+        errors.append("space: eval.reference_returns cannot be swept: it sets the scale trials' normalized scores are "
+                      "measured on, not how they train, and trials scored on other scales cannot be ranked; fix it "
+                      "under `fixed`")
     errors += [f"{k} is both swept (space) and fixed (`fixed`), where it would never be used: keep one" for k in spec.space
                if k in spec.fixed]
     if spec.scheduler == "asha":
