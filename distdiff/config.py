@@ -598,8 +598,8 @@ def reference_returns(cfg: Config) -> Tuple[Optional[float], Optional[float]]:
     from distdiff.data.minari_io import reference_scores
 
     if cfg.eval.reference_returns:
-        random, expert = cfg.eval.reference_returns
-        return random, expert
+        low, high = cfg.eval.reference_returns
+        return low, high
     return reference_scores(cfg.env.id)
 
 

@@ -86,7 +86,7 @@ def check_measurable(cfg: Config) -> None:
 
 def summary_of(results: List[EpisodeResult], cfg: Config, *, own_guide: bool = False) -> dict:
     """An evaluation's summary of its episodes (:func:`distdiff.rollout.summarize`), scored
-    against the env's reference returns, with the guidance scale it planned with (None under a
+    against the config's reference returns (:func:`distdiff.config.reference_returns`), with the guidance scale it planned with (None under a
     guide of your own, which the config's scale does not describe)."""
     summary = summarize(results, *reference_returns(cfg))
     summary["guidance_scale"] = None if own_guide else cfg.guidance.scale
