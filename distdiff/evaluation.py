@@ -86,9 +86,13 @@ def check_measurable(cfg: Config) -> None:
 
 def summary_of(results: List[EpisodeResult], cfg: Config, *, own_guide: bool = False) -> dict:
     """An evaluation's summary of its episodes (:func:`distdiff.rollout.summarize`), scored
-    against the config's reference returns (:func:`distdiff.config.reference_returns`), with the guidance scale it planned with (None under a
-    guide of your own, which the config's scale does not describe)."""
-    summary = summarize(results, *reference_returns(cfg))
+    against the config's reference returns (:func:`distdiff.config.reference_returns`), which it
+    names, with the guidance scale it planned with (None under a guide of your own, which the
+    config's scale does not describe)."""
+    references = reference_returns(cfg)
+    summary = summarize(results, *references)
+    # The scale the score is on: runs of other envs, or given eval.reference_returns, differ.
+    summary["reference_returns"] = None if references[0] is None else list(references)
     summary["guidance_scale"] = None if own_guide else cfg.guidance.scale
     return summary
 

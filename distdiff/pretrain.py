@@ -69,7 +69,8 @@ def references_note(cfg: Config, data: LoadedDataset) -> str:
         return ""
     return (f"note: D4RL has no reference returns for {cfg.env.id}, so no normalized score is reported; dataset "
             f"{data.dataset_id!r} records ref_min_score {low!r} and ref_max_score {high!r}: pass "
-            f"--eval.reference_returns={low!r},{high!r} (in a sweep: under `fixed`) to score against them")
+            f"--eval.reference_returns={low!r},{high!r} (in a sweep file, under `fixed`: eval.reference_returns: "
+            f"[{low!r}, {high!r}]) to score against them")
 
 
 def dataset_to_train_on(cfg: Config, log=print) -> str:

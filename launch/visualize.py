@@ -119,6 +119,10 @@ def _same_normalizer(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k] == b[k] if isinstance(a[k], str) else torch.equal(a[k], b[k]) for k in a)
 
 
+def _scale(references) -> str:
+    return "no reference returns" if references[0] is None else f"reference returns {list(references)}"
+
+
 def main(argv=None) -> int:
     args = parser().parse_args(argv)
     if args.dataset is not None and not DATASET_ID.match(args.dataset):
@@ -140,9 +144,9 @@ def main(argv=None) -> int:
                       "checkpoint's alignment errors are in its own normalized units, not comparable", file=sys.stderr)
             refs, refs2 = config_lib.reference_returns(cfg), config_lib.reference_returns(cfg2)
             if refs != refs2:
-                print(f"warning: --compare {args.compare} scores against other reference returns {list(refs2)} than "
-                      f"--checkpoint's {list(refs)} (eval.reference_returns): their normalized scores are on other "
-                      "scales, compare their returns", file=sys.stderr)
+                print(f"warning: --compare {args.compare} scores against {_scale(refs2)}, --checkpoint against "
+                      f"{_scale(refs)} (eval.reference_returns): their normalized scores are not comparable, compare "
+                      "their returns", file=sys.stderr)
         # (Before any figure is written: a MUJOCO_GL whose backend is missing fails the first env.)
         problem = config_lib.env_problem(cfg.env)
         if problem:

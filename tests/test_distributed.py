@@ -79,7 +79,7 @@ def scripted_summary(return_mean: float) -> dict:
     """What an evaluation returns, for tests that script it in place of the real one."""
     return {"episodes": 1, "return_mean": return_mean, "return_std": 0.0, "return_se": None,
             "normalized_score": return_mean / 10, "normalized_score_se": None, "terminations": 0,
-            "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
+            "reference_returns": [0.0, 1000.0], "alignment_error": 0.1, "alignment_error_per_step": [0.1]}
 
 
 def read_events(run_dir: Path):
@@ -95,7 +95,7 @@ def test_two_worker_run_finishes_and_logs(ray_session, pretrained, tmp_path):
     # References of 0 and 100 make every normalized score its return: scored against the config's.
     cfg = tiny_online_config(cfg.data.dataset_id, **{"online.figure_every": 10, "eval.reference_returns": "0,100"})
     metrics = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
-    assert metrics["normalized_score"] == pytest.approx(metrics["return_mean"])
+    assert metrics["normalized_score"] == pytest.approx(metrics["return_mean"]) and metrics["reference_returns"] == [0, 100]
     assert metrics["env_steps"] == cfg.online.env_steps
     assert metrics["updates"] > 0 and metrics["weights_version"] > 1
     # Updates owed to the last collected steps are run after collection ends.

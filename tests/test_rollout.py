@@ -451,8 +451,10 @@ def test_evaluate_runs_the_configured_execution_with_the_given_seed(monkeypatch)
     with pytest.raises(ValueError, match="at least one episode"):
         evaluation.evaluate(planner, eval_cfg(), episodes=0)
     # The config's own references, where it gives some, in place of D4RL's.
+    assert summary["reference_returns"] == [1.629008, 4592.3]
     summary = evaluation.evaluate(planner, eval_cfg(**{"eval.reference_returns": "10,210"}), seed=11)
     assert summary["normalized_score"] == pytest.approx(100 * (returns.mean() - 10) / 200)
+    assert summary["reference_returns"] == [10.0, 210.0]
 
 
 def test_alignment_on_observations_averages_per_step_and_seeds_its_sampler(monkeypatch):

@@ -287,8 +287,8 @@ def test_compare_notices_checkpoints_scored_against_other_reference_returns(tiny
     args = ["--checkpoint", str(tiny_ckpt), "--out", str(tmp_path / "viz"), "--episodes", "1", "--starts", "1",
             "--no-video"]
     assert script.main([*args, "--compare", str(other)]) == 130
-    assert ("scores against other reference returns [-5.0, 360.0] than --checkpoint's [1.629008, 4592.3]"
-            in capsys.readouterr().err)
+    assert ("scores against reference returns [-5.0, 360.0], --checkpoint against reference returns "
+            "[1.629008, 4592.3]" in capsys.readouterr().err)
     assert script.main([*args, "--compare", str(tiny_ckpt)]) == 130
     assert "reference returns" not in capsys.readouterr().err
 

@@ -64,7 +64,8 @@ def reference_scores(env_id: str):
 
 
 def normalized_score(episode_return, ref_min: Optional[float], ref_max: Optional[float]):
-    """D4RL's score, 100·(R − R_random)/(R_expert − R_random); None without references."""
+    """D4RL's formula, 100·(R − R_random)/(R_expert − R_random), against the references given
+    (:func:`distdiff.config.reference_returns` picks a run's); None without them."""
     if ref_min is None or ref_max is None:
         return None
     return 100.0 * (np.asarray(episode_return, dtype=np.float64) - ref_min) / (ref_max - ref_min)

@@ -589,7 +589,7 @@ class OnlineRun:
         self.evaluated = (at["step"], at["updates"], summary)
         metrics = {
             **{k: summary[k] for k in (*EVAL_SCALARS, "return_std", "return_se", "normalized_score_se",
-                                       "alignment_error_per_step")},
+                                       "reference_returns", "alignment_error_per_step")},
             # (terminations are of these; "episodes", below, counts those collected online)
             "eval_episodes": summary["episodes"],
             **{k: at[k] for k in ("env_steps", "updates", "episodes", "weights_version", "worker_restarts",
