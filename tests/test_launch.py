@@ -36,6 +36,17 @@ def run(script, *args, env, timeout=120):
                           capture_output=True, text=True, timeout=timeout)
 
 
+def refused(script, *args, monkeypatch, capsys) -> str:
+    """What ``launch/<script>`` says on stderr as it exits with 2, run in this process: each
+    subprocess cost ~2 s of imports, and the tests around run the scripts' own processes."""
+    main = script_in_process(script.removesuffix(".py"), monkeypatch).main
+    with pytest.raises(SystemExit) as exited:
+        main(list(map(str, args)))
+    stderr = capsys.readouterr().err
+    assert exited.value.code == 2, stderr[-2000:]
+    return stderr
+
+
 def ok(proc):
     assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}"
     return proc
@@ -143,10 +154,10 @@ def test_evaluate_refuses_an_env_without_physics_to_replay_before_any_episode(ru
     assert "is not a MuJoCo env: pass --eval.measure_alignment false" in capsys.readouterr().err
 
 
-def test_collect_refuses_an_existing_id(tiny_dataset, tiny_episodes, subprocess_env):
-    proc = run("collect.py", "--policy", "random", "--episodes", 2, "--dataset-id", tiny_dataset, env=subprocess_env)
-    assert proc.returncode != 0
-    assert "already exists" in proc.stderr and "--overwrite" in proc.stderr
+def test_collect_refuses_an_existing_id(tiny_dataset, tiny_episodes, monkeypatch, capsys):
+    stderr = refused("collect.py", "--policy", "random", "--episodes", 2, "--dataset-id", tiny_dataset,
+                     monkeypatch=monkeypatch, capsys=capsys)
+    assert "already exists" in stderr and "--overwrite" in stderr
     assert len(load_episodes(tiny_dataset).episodes) == len(tiny_episodes)
 
 
@@ -161,27 +172,26 @@ def test_collect_refuses_an_id_named_for_another_env_before_any_episode(minari_r
     assert not dataset_exists("local/hopper/oops-v0")
 
 
-def test_collect_refuses_an_id_of_minaris_remote(minari_root, subprocess_env):
+def test_collect_refuses_an_id_of_minaris_remote(minari_root, monkeypatch, capsys):
     # A config naming the remote dataset would train on these random episodes instead.
-    proc = run("collect.py", "--policy", "random", "--episodes", 1, "--dataset-id", "mujoco/walker2d/medium-v0",
-               env=subprocess_env)
-    assert proc.returncode == 2 and "must be under local/ (e.g. local/walker2d/medium-v0)" in proc.stderr
+    assert "must be under local/ (e.g. local/walker2d/medium-v0)" in refused(
+        "collect.py", "--policy", "random", "--episodes", 1, "--dataset-id", "mujoco/walker2d/medium-v0",
+        monkeypatch=monkeypatch, capsys=capsys)
     assert not dataset_exists("mujoco/walker2d/medium-v0")
 
 
-def test_collect_refuses_an_id_without_version(minari_root, subprocess_env):
-    proc = run("collect.py", "--policy", "random", "--episodes", 1, "--dataset-id", "local/walker2d/noversion",
-               env=subprocess_env)
-    assert proc.returncode != 0 and "-vN" in proc.stderr
+def test_collect_refuses_an_id_without_version(minari_root, monkeypatch, capsys):
+    assert "-vN" in refused("collect.py", "--policy", "random", "--episodes", 1, "--dataset-id",
+                            "local/walker2d/noversion", monkeypatch=monkeypatch, capsys=capsys)
     assert not dataset_exists("local/walker2d/noversion")
 
 
 @pytest.mark.parametrize("flag", ["--episodes", "--max-episode-steps", "--num-envs", "--num-actors"])
-def test_collect_refuses_a_count_below_one(flag, minari_root, subprocess_env):
+def test_collect_refuses_a_count_below_one(flag, minari_root, monkeypatch, capsys):
     args = {"--episodes": 1, flag: 0}
-    proc = run("collect.py", "--policy", "random", "--dataset-id", "local/walker2d/zero-v0",
-               *(x for kv in args.items() for x in kv), env=subprocess_env)
-    assert proc.returncode == 2 and f"argument {flag}: must be >= 1, got 0" in proc.stderr
+    assert f"argument {flag}: must be >= 1, got 0" in refused(
+        "collect.py", "--policy", "random", "--dataset-id", "local/walker2d/zero-v0",
+        *(x for kv in args.items() for x in kv), monkeypatch=monkeypatch, capsys=capsys)
     assert not dataset_exists("local/walker2d/zero-v0")
 
 
@@ -263,10 +273,12 @@ def test_a_run_dir_that_holds_a_run_is_kept_unless_overwrite(run30, tmp_path, ti
       "--guidance.scale", "0.1"], "--diffusion.schedule, --train.lr: these made or trained the checkpoint's nets"),
     (["train.py", "--online.replay_capacity", "500"], "online.replay_capacity (500) must hold a whole episode"),
 ])
-def test_bad_arguments_fail_before_any_work(args, expected, subprocess_env):
+def test_bad_arguments_fail_before_any_work(args, expected, monkeypatch, capsys):
     # Before Ray starts too: nothing listens at this address, and connecting would fail otherwise.
-    proc = run(*args, env={**subprocess_env, "RAY_ADDRESS": "127.0.0.1:1"})
-    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr[-2000:]
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:1")
+    monkeypatch.chdir(ROOT)
+    stderr = refused(*args, monkeypatch=monkeypatch, capsys=capsys)
+    assert expected in stderr, stderr[-2000:]
 
 
 def test_train_refuses_what_its_checkpoint_cannot_do_before_ray_starts(run30, subprocess_env):
