@@ -39,7 +39,7 @@ from distdiff.data.minari_io import load_episodes, normalized_score  # noqa: E40
 from distdiff.distributed.driver import train  # noqa: E402
 from distdiff.evaluation import alignment_on_observations, evaluate  # noqa: E402
 from distdiff.pretrain import pretrain  # noqa: E402
-from distdiff.rollout import make_env, observed_velocity_clip  # noqa: E402
+from distdiff.rollout import make_env, observed_positions, observed_velocity_clip  # noqa: E402
 from distdiff.training import check_made_with, planner_from_checkpoint  # noqa: E402
 
 
@@ -108,8 +108,10 @@ def main():
     rng = np.random.default_rng(0)
     all_obs = np.concatenate([e.observations[:-1] for e in data.episodes])
     env = make_env(cfg.env.id)
-    n_pos = env.unwrapped.model.nq - 1
+    n_pos = observed_positions(env)
     env.close()
+    if n_pos is None:
+        p.error(f"{cfg.env.id}: its observations are not qpos[1:] + qvel, from which the shared states' physics is set")
     # (The physics is unknown at the clip.)
     all_obs = all_obs[np.abs(all_obs[:, n_pos:]).max(axis=1) < observed_velocity_clip(cfg.env.id)]
     data_states = all_obs[rng.choice(len(all_obs), size=args.data_states, replace=False)]

@@ -506,7 +506,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
         need(0 <= seed < 2**63, f"{key} must be in [0, 2**63), got {seed}")
     at_least(1, "eval.episodes", "eval.num_envs")
     refs = cfg.eval.reference_returns
-    need(refs == () or (len(refs) == 2 and all(map(math.isfinite, refs)) and refs[0] < refs[1]),
+    need(refs == () or usable_references(refs),
          f"eval.reference_returns must be empty or two finite returns, random below expert, got {list(refs)}")
     at_least(0, "eval.num_actors")
     o = cfg.online
@@ -590,6 +590,12 @@ def alignment_problem(env_id: str) -> str:
         return ""
     return (f"env.id {env_id!r} is not a MuJoCo env: the alignment error replays each plan's actions in a copy "
             f"of the env set to the real one's physics state, which only MuJoCo envs allow")
+
+
+def usable_references(pair) -> bool:
+    """Whether ``pair`` can be a normalized score's (random, expert) returns: two finite numbers,
+    random below expert."""
+    return len(pair) == 2 and all(map(math.isfinite, pair)) and pair[0] < pair[1]
 
 
 def reference_returns(cfg: Config) -> Tuple[Optional[float], Optional[float]]:

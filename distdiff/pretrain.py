@@ -3,7 +3,6 @@ Minari dataset (Alg. 1.1 and the value)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -65,7 +64,7 @@ def references_note(cfg: Config, data: LoadedDataset) -> str:
     if reference_returns(cfg)[0] is not None or data.ref_min_score is None or data.ref_max_score is None:
         return ""
     low, high = float(data.ref_min_score), float(data.ref_max_score)
-    if not (math.isfinite(low) and math.isfinite(high) and low < high):
+    if not config_lib.usable_references((low, high)):  # (what the flag would be refused for)
         return ""
     return (f"note: D4RL has no reference returns for {cfg.env.id}, so no normalized score is reported; dataset "
             f"{data.dataset_id!r} records ref_min_score {low!r} and ref_max_score {high!r}: pass "

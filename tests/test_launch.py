@@ -163,12 +163,10 @@ def test_collect_refuses_an_existing_id(tiny_dataset, tiny_episodes, monkeypatch
 
 def test_collect_refuses_an_id_named_for_another_env_before_any_episode(minari_root, monkeypatch, capsys):
     # Walker2d episodes (the default --env) under a Hopper name: every Hopper run refused them.
-    main = script_in_process("collect", monkeypatch).main
-    with pytest.raises(SystemExit) as stop:
-        main(["--policy", "random", "--episodes", "2", "--dataset-id", "local/hopper/oops-v0"])
-    assert stop.value.code == 2
+    stderr = refused("collect.py", "--policy", "random", "--episodes", 2, "--dataset-id", "local/hopper/oops-v0",
+                     monkeypatch=monkeypatch, capsys=capsys)
     assert ("--dataset-id local/hopper/oops-v0 names Hopper, and the episodes would be of Walker2d-v5: name it for "
-            "Walker2d-v5 (e.g. local/walker2d/NAME-v0), or pass --env") in capsys.readouterr().err
+            "Walker2d-v5 (e.g. local/walker2d/NAME-v0), or pass --env") in stderr
     assert not dataset_exists("local/hopper/oops-v0")
 
 
