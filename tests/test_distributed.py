@@ -2181,6 +2181,60 @@ def test_a_drivers_runtime_env_leaves_out_the_variables_its_ray_job_sets(monkeyp
     assert beside_the_job({"env_vars": {"MINARI_DATASETS_PATH": "/d", "OTHER": "1"}}) == {"env_vars": {"OTHER": "1"}}
 
 
+def test_a_jobs_processes_get_one_thread_unless_its_driver_says_otherwise(monkeypatch):
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    from distdiff.distributed import cluster
+    from distdiff.process import THREAD_VARS
+
+    monkeypatch.delenv(RAY_JOB_CONFIG_JSON_ENV_VAR, raising=False)
+    for var in THREAD_VARS:
+        # (set first, so that the teardown also removes what connect() adds)
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    monkeypatch.delenv("MINARI_DATASETS_PATH")
+    ours = {"env_vars": {"MINARI_DATASETS_PATH": "/data/minari", "MKL_NUM_THREADS": "2"}, "working_dir": "."}
+    # A cluster's processes get them in the job's runtime env: the driver's own value where it
+    # has one, else 1; a value the caller's runtime env gives wins.
+    assert cluster.job_runtime_env(ours, embedded=False) == {"working_dir": ".", "env_vars": {
+        "OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1",
+        "MINARI_DATASETS_PATH": "/data/minari"}}
+    # An embedded Ray's processes inherit the driver's environment: only what it lacks is set up.
+    assert cluster.job_runtime_env(ours, embedded=True) == {"working_dir": ".", "env_vars": {
+        "MKL_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1",
+        "MINARI_DATASETS_PATH": "/data/minari"}}
+    # connect() puts the missing ones in the environment first: an embedded Ray then needs none.
+    started = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(cluster, "make_ray_token_if_none", lambda: None)
+    monkeypatch.setattr(cluster, "keep_ray_token_private", lambda log: None)
+    assert cluster.connect(address="local", log=lambda s: None) is True
+    assert started[-1]["runtime_env"] is None
+    assert {var: os.environ[var] for var in THREAD_VARS} == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "1",
+                                                             "OPENBLAS_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1"}
+
+
+def test_a_runs_actors_run_their_threads_without_a_runtime_env_of_their_own(ray_session, pretrained, tmp_path):
+    # A runtime env of its own costs each actor's start ~0.3 s of CPU (cluster.job_runtime_env):
+    # the actors inherit the job's environment, and set their torch threads themselves.
+    cfg, ckpt = pretrained
+    cfg = config_lib.from_dict({"train": {"num_threads": 2}}, cfg)
+    run = start_run(cfg, tmp_path, ckpt, num_actors=1)
+
+    def threads(self):
+        return torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS"), ray.get_runtime_context().runtime_env
+
+    try:
+        got = ray.get([a.__ray_call__.remote(threads) for a in (run.learner, run.replay, *run.workers)])
+    finally:
+        run.close()
+    assert [n for n, _, _ in got] == [2, 1, 1]
+    assert all(omp == os.environ["OMP_NUM_THREADS"] == "1" and not env.get("env_vars") for _, omp, env in got), got
+
+
 def test_the_code_check_passes_over_a_node_that_left(ray_session, monkeypatch):
     # ray.nodes() still lists a node that an autoscaler is draining, or that died a moment ago.
     from distdiff.distributed import actors

@@ -6,17 +6,22 @@ actor asks for ``online.actor_num_cpus`` CPUs and, when ``online.actor_resource`
 little of that. A custom resource thus works as a node label: start the learner's node with
 ``--resources='{"learner": 1}'`` and only the CPU nodes with ``{"rollout": 1}``, and the actors
 stay off the learner's node. The replay (no CPU of its own) stays on the driver's node.
+
+Threads: no actor asks for a runtime env of its own (one costs each actor's start ~0.3 s of
+CPU). They inherit one BLAS/OpenMP thread from the job (``cluster.connect``: an embedded Ray's
+environment, a cluster job's runtime env), and each sets its torch threads itself: the rollout
+worker and the replay one, the learner ``train.num_threads``.
 """
 from __future__ import annotations
 
 from typing import Dict, List, NamedTuple, Optional
 
 import ray
+import torch
 from ray.exceptions import NodeDiedError, RayError, TaskUnschedulableError
 from ray.util import get_current_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from distdiff.process import THREAD_VARS
 from distdiff.config import Config, ConfigError
 from distdiff.data.windows import Batch
 from distdiff.distributed.cluster import RunFailed
@@ -27,10 +32,6 @@ from distdiff.distributed.replay import Replay
 from distdiff.distributed.worker import RolloutWorker
 from distdiff.provenance import DRIVER_CODE, check_same_code
 from distdiff.rollout import random_episodes_in
-
-# Each actor process gets one math thread: on small machines a second one competing with the
-# rollout processes makes small-model steps many times slower.
-_THREADS = {"env_vars": {var: "1" for var in THREAD_VARS}}
 
 # How much of a custom resource an actor asks for: any amount on a node (e.g. {"learner": 1})
 # then admits any number of such actors, so the resource only says where they may run.
@@ -61,6 +62,11 @@ class RayReplay(NodeIdMixin, Replay):
     so, against 7.9 ms as torch tensors, which Ray pickles (bench/replay.py, 2026-12-06): time on
     the learner's path, since the call starts only once its batches are in."""
 
+    def __init__(self, **kwargs):
+        # (The plain class leaves its process's threads alone: a test or benchmark runs it in its own.)
+        torch.set_num_threads(1)
+        super().__init__(**kwargs)
+
     def sample(self, n_batches: int, batch_size: int) -> List[Batch]:
         return [batch.numpy() for batch in super().sample(n_batches, batch_size)]
 
@@ -77,7 +83,7 @@ WORKER_GROUPS = {"evaluation": 1}
 RolloutWorkerActor = ray.remote(concurrency_groups=WORKER_GROUPS)(RayRolloutWorker)
 
 
-random_episodes_task = ray.remote(runtime_env=_THREADS)(random_episodes_in)
+random_episodes_task = ray.remote(random_episodes_in)
 
 
 @ray.remote(num_cpus=0)
@@ -248,7 +254,7 @@ def _own_bundle(cfg: Config, worker_id: Optional[int] = None) -> Dict[str, objec
 
 def make_learner(cfg: Config, res: Resources, **kwargs):
     return LearnerActor.options(num_cpus=res.learner_cpus, num_gpus=res.learner_gpus, resources=res.learner_resources,
-                                runtime_env=_THREADS, **_own_bundle(cfg)).remote(
+                                **_own_bundle(cfg)).remote(
         device="cuda" if res.learner_gpus > 0 else "cpu", driver_code=DRIVER_CODE, **kwargs)
 
 
@@ -257,7 +263,7 @@ def make_replay(**kwargs):
     # anyway, and losing a worker node must never lose the replay. (Left to Ray, an actor with
     # no CPU lands on any node; a soft affinity was measured not to hold either.)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    return ReplayActor.options(num_cpus=0, scheduling_strategy=here, runtime_env=_THREADS).remote(**kwargs)
+    return ReplayActor.options(num_cpus=0, scheduling_strategy=here).remote(**kwargs)
 
 
 def make_worker(cfg: Config, res: Resources, **kwargs):
@@ -265,5 +271,5 @@ def make_worker(cfg: Config, res: Resources, **kwargs):
     # first hands the restarted worker the newest weights.
     return RolloutWorkerActor.options(num_cpus=res.actor_cpus, resources=res.actor_resources,
                                       max_restarts=cfg.online.actor_max_restarts, max_task_retries=0,
-                                      runtime_env=_THREADS, **_own_bundle(cfg, kwargs["worker_id"])).remote(
+                                      **_own_bundle(cfg, kwargs["worker_id"])).remote(
         driver_code=DRIVER_CODE, **kwargs)
