@@ -39,6 +39,7 @@ from distdiff.data.minari_io import load_episodes, normalized_score  # noqa: E40
 from distdiff.distributed.driver import train  # noqa: E402
 from distdiff.evaluation import alignment_on_observations, evaluate  # noqa: E402
 from distdiff.pretrain import pretrain  # noqa: E402
+from distdiff.process import limit_threads  # noqa: E402
 from distdiff.rollout import make_env, observed_positions, observed_velocity_clip  # noqa: E402
 from distdiff.training import check_made_with, planner_from_checkpoint  # noqa: E402
 
@@ -131,6 +132,7 @@ def main():
     metrics = {"env_steps": None, "updates": None}
     t1 = time.perf_counter()
     if args.aligned is None:
+        limit_threads()  # (inherited by the actors, as a run's are: cluster.connect)
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
         # judge() evaluates the aligned planner; the run's own final evaluation would repeat it.
         online_cfg = config_lib.from_dict({"eval": {"episodes": 1, "num_envs": 1}}, cfg)

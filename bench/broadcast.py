@@ -24,6 +24,7 @@ from _common import HelpFormatter, add_config_argument, fresh_checkpoint, load_c
 
 from distdiff.cli import positive_int  # noqa: E402
 from distdiff.distributed.actors import LearnerActor, RolloutWorkerActor  # noqa: E402
+from distdiff.process import limit_threads  # noqa: E402
 
 
 def plasma():
@@ -67,11 +68,11 @@ def main():
     args = p.parse_args()
     cfg = load_config(p, args.config, {"online.envs_per_actor": 1})
     sizes = args.sizes
+    limit_threads()  # (inherited by the actors, as a run's are: cluster.connect)
     ray.init(address="local", include_dashboard=False, logging_level="warning")
-    env = {"env_vars": {"OMP_NUM_THREADS": "1"}}
-    learner = LearnerActor.options(num_cpus=0, runtime_env=env).remote(config=cfg.to_dict(), checkpoint=fresh_checkpoint(cfg), device="cpu")
+    learner = LearnerActor.options(num_cpus=0).remote(config=cfg.to_dict(), checkpoint=fresh_checkpoint(cfg), device="cpu")
     t0 = time.perf_counter()
-    workers = [RolloutWorkerActor.options(num_cpus=0.01, runtime_env=env).remote(
+    workers = [RolloutWorkerActor.options(num_cpus=0.01).remote(
         config=cfg.to_dict(), normalizer=unit_normalizer(cfg).state_dict(), worker_id=i) for i in range(max(sizes))]
     ray.get([w.ping.remote() for w in workers])
     out = {"actor_startup_s": time.perf_counter() - t0}

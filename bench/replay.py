@@ -35,6 +35,7 @@ from distdiff.data.windows import Batch  # noqa: E402
 from distdiff.distributed.replay import Replay  # noqa: E402
 from distdiff.models import layout_of  # noqa: E402
 from distdiff.normalizer import Normalizer  # noqa: E402
+from distdiff.process import limit_threads  # noqa: E402
 
 
 def main():
@@ -93,6 +94,7 @@ def to_learner_ms(batches, repeats: int) -> dict:
             return len(batches)
 
     # A cluster of its own, as every benchmark starts: not one RAY_ADDRESS or a `ray start` names.
+    limit_threads()  # (inherited by the actors, as a run's are: cluster.connect)
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="error")
     try:
         actor = Takes.remote()

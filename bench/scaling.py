@@ -19,10 +19,11 @@ from _common import (HelpFormatter, add_config_argument, fresh_weights, load_con
 
 from distdiff.cli import positive_int  # noqa: E402
 from distdiff.distributed.actors import RolloutWorkerActor  # noqa: E402
+from distdiff.process import limit_threads  # noqa: E402
 
 
 def rate(cfg, n: int, seconds: float, weights_ref) -> float:
-    workers = [RolloutWorkerActor.options(num_cpus=1, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}}).remote(
+    workers = [RolloutWorkerActor.options(num_cpus=1).remote(
         config=cfg.to_dict(), normalizer=unit_normalizer(cfg).state_dict(), worker_id=i) for i in range(n)]
     ray.get([w.set_weights.remote(weights_ref) for w in workers])
     ray.get([w.rollout.remote() for w in workers])  # warm up
@@ -52,6 +53,7 @@ def main():
     p.add_argument("--seconds", type=positive_float, default=30.0, help="Wall time of each of the two runs.")
     args = p.parse_args()
     cfg = load_config(p, args.config)
+    limit_threads()  # (inherited by the actors, as a run's are: cluster.connect)
     ray.init(address="local", num_cpus=args.workers, include_dashboard=False, logging_level="warning")
     ref = ray.put(fresh_weights(cfg))
     one = rate(cfg, 1, args.seconds, ref)
