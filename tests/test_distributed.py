@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, List
 from unittest import mock
 
@@ -148,9 +149,9 @@ def test_every_worker_plans_with_the_newest_weights(ray_session, pretrained, tmp
             return {name: flat_weights(net) for name, net in self.acting.nets.items()}
 
     cfg, ckpt = pretrained
-    run = start_run(cfg, tmp_path, ckpt)
+    with rollout_actors_of(Inspectable, range(cfg.online.num_actors)):
+        run = start_run(cfg, tmp_path, ckpt)
     try:
-        replace_workers(run, Inspectable, range(len(run.workers)))
         published = []
         for _ in range(3):
             # Updates between versions, so each version's weights differ from the last.
@@ -186,11 +187,9 @@ def test_a_busy_worker_gets_only_the_newest_version_with_its_next_rollout(ray_se
             return self.loaded
 
     cfg, ckpt = pretrained
-    run = start_run(cfg, tmp_path, ckpt)
+    with rollout_actors_of(Recording):
+        run = start_run(cfg, tmp_path, ckpt)
     try:
-        ray.kill(run.workers[0])
-        run.workers[0] = ray.remote(Recording).options(num_cpus=0.01).remote(
-            config=cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=0)
         run.broadcast()
         busy = run.start_rollout(0)
         for _ in range(5):
@@ -374,26 +373,38 @@ def test_an_actor_that_cannot_be_built_is_dropped_not_retried_forever(ray_sessio
     assert (tmp_path / "replay.pt").is_file()
 
 
-def replace_workers(run, worker_class, worker_ids, max_restarts=-1) -> None:
-    """Workers ``worker_ids`` of ``run`` replaced by ``worker_class`` actors, with Ray's
-    ``max_restarts`` and no task retries (as the run's own)."""
-    for i in worker_ids:
-        ray.kill(run.workers[i])
-        run.workers[i] = ray.remote(worker_class).options(num_cpus=0.01, max_restarts=max_restarts,
-                                                          max_task_retries=0).remote(
-            config=run.cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=i)
+@contextlib.contextmanager
+def rollout_actors_of(worker_class, worker_ids=(0,)):
+    """Runs started meanwhile make their rollout actors ``worker_ids`` of ``worker_class`` (a
+    RolloutWorker subclass local to a test, which Ray ships by value; this module is not
+    importable there), with the options the run gives its own: made in their place, where
+    replacing started ones would cost a process start each (~1 s here)."""
+    from distdiff.distributed import actors
+
+    real, local = actors.RolloutWorkerActor, ray.remote(concurrency_groups=actors.WORKER_GROUPS)(worker_class)
+
+    class Either:
+        @staticmethod
+        def options(**options):
+            def remote(**kwargs):
+                return (local if kwargs["worker_id"] in worker_ids else real).options(**options).remote(**kwargs)
+
+            return SimpleNamespace(remote=remote)
+
+    with mock.patch.object(actors, "RolloutWorkerActor", Either):
+        yield
 
 
-def run_with_worker_class(worker_class, pretrained, tmp_path, worker_ids=(0,), before_run=None, max_restarts=-1):
-    """A run to its budget whose workers ``worker_ids`` are ``worker_class`` (with Ray's
-    ``max_restarts``); the run, its log and the replay's state at the end. ``before_run(run)``
-    is called once the workers are in place."""
+def run_with_worker_class(worker_class, pretrained, tmp_path, worker_ids=(0,), before_run=None):
+    """A run to its budget whose workers ``worker_ids`` are ``worker_class``; the run, its log
+    and the replay's state at the end. ``before_run(run)`` is called once the actors are made."""
     cfg, ckpt = pretrained
     messages = []
     data, _ = load_windows(cfg, None)
-    run = OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(), log=messages.append, progress=False)
+    with rollout_actors_of(worker_class, worker_ids):
+        run = OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(), log=messages.append,
+                        progress=False)
     try:
-        replace_workers(run, worker_class, worker_ids, max_restarts)
         if before_run is not None:
             before_run(run)
         run.run()
@@ -476,10 +487,10 @@ def test_workers_whose_restarts_are_spent_are_dropped_at_once(ray_session, pretr
     cfg = tiny_online_config(pretrained[0].data.dataset_id, **{"online.actor_max_restarts": 1})
     messages = []
     data, _ = load_windows(cfg, None)
-    run = OnlineRun(cfg, tmp_path, load_checkpoint(pretrained[1]), data.episodes, Counters(), log=messages.append,
-                    progress=False)
+    with rollout_actors_of(DiesInEveryRollout, range(cfg.online.num_actors)):
+        run = OnlineRun(cfg, tmp_path, load_checkpoint(pretrained[1]), data.episodes, Counters(), log=messages.append,
+                        progress=False)
     try:
-        replace_workers(run, DiesInEveryRollout, range(len(run.workers)), max_restarts=1)
         with pytest.raises(RunFailed, match="no rollout actor is left alive"):
             run.run()
     finally:
@@ -763,9 +774,10 @@ def test_workers_that_die_in_every_rollout_are_dropped_and_the_run_stops(ray_ses
     cfg, ckpt = pretrained
     messages = []
     data, _ = load_windows(cfg, None)
-    run = OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(), log=messages.append, progress=False)
+    with rollout_actors_of(DiesEveryTime, range(cfg.online.num_actors)):
+        run = OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(), log=messages.append,
+                        progress=False)
     try:
-        replace_workers(run, DiesEveryTime, range(len(run.workers)))
         with pytest.raises(RunFailed, match="no rollout actor is left alive"):
             run.run()
     finally:
@@ -1998,12 +2010,9 @@ def test_a_runs_evaluation_runs_no_more_tasks_at_once_than_eval_num_actors(ray_s
     # One actor at a time, of two: on the workers still (1 is not 0), one task after the other.
     cfg = config_lib.from_dict({"eval": {"episodes": 2, "num_envs": 1, "num_actors": 1},
                                 "env": {"max_episode_steps": 20}}, cfg)
-    run = start_run(cfg, tmp_path / "run", ckpt, num_actors=2)
+    with rollout_actors_of(Logs, (0, 1)):
+        run = start_run(cfg, tmp_path / "run", ckpt, num_actors=2)
     try:
-        for i in range(2):
-            ray.kill(run.workers[i])
-            run.workers[i] = ray.remote(concurrency_groups=actors.WORKER_GROUPS)(Logs).options(num_cpus=0.01).remote(
-                config=run.cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=i)
         assert run.evaluate()["eval_episodes"] == 2
     finally:
         run.close()
@@ -2023,12 +2032,10 @@ def test_a_runs_evaluation_leaves_out_the_workers_its_loop_gave_up(ray_session, 
     cfg, ckpt = pretrained
     cfg = config_lib.from_dict({"eval": {"episodes": 2, "num_envs": 1, "num_actors": 2},
                                 "env": {"max_episode_steps": 20}}, cfg)
-    run = start_run(cfg, tmp_path / "run", ckpt, num_actors=2)
+    with rollout_actors_of(Marks):
+        run = start_run(cfg, tmp_path / "run", ckpt, num_actors=2)
     played_here = []
     try:
-        ray.kill(run.workers[0])
-        run.workers[0] = ray.remote(concurrency_groups=actors.WORKER_GROUPS)(Marks).options(num_cpus=0.01).remote(
-            config=run.cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=0)
         run.dropped.add(0)
         assert run.evaluate()["eval_episodes"] == 2
         assert not (tmp_path / "played on 0").exists()
@@ -2051,11 +2058,9 @@ def test_a_run_stops_waiting_for_an_evaluation_on_its_workers_when_it_ends(ray_s
 
     cfg, ckpt = pretrained
     cfg = config_lib.from_dict({"eval": {"num_actors": 1}}, cfg)
-    run = start_run(cfg, tmp_path, ckpt, num_actors=1)
+    with rollout_actors_of(Slow):
+        run = start_run(cfg, tmp_path, ckpt, num_actors=1)
     try:
-        ray.kill(run.workers[0])
-        run.workers[0] = ray.remote(concurrency_groups=actors.WORKER_GROUPS)(Slow).options(num_cpus=0.01).remote(
-            config=run.cfg.to_dict(), normalizer=run.normalizer.state_dict(), worker_id=0)
         run.start_evaluation()
         evaluation = run.evaluation
         run.stop_evaluating()
