@@ -19,8 +19,9 @@ import tempfile
 # tests/test_cuda.py (bench/cuda_check.sh runs it so).
 if os.environ.get("DISTDIFF_TEST_CUDA") != "1":
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
+from distdiff.process import limit_threads  # noqa: E402 (imports no torch)
+
+limit_threads()
 _HOME = tempfile.mkdtemp(prefix="distdiff-tests-home-")
 atexit.register(shutil.rmtree, _HOME, ignore_errors=True)
 os.environ.update(HOME=_HOME, XDG_CACHE_HOME=os.path.join(_HOME, ".cache"),

@@ -7,10 +7,11 @@ little of that. A custom resource thus works as a node label: start the learner'
 ``--resources='{"learner": 1}'`` and only the CPU nodes with ``{"rollout": 1}``, and the actors
 stay off the learner's node. The replay (no CPU of its own) stays on the driver's node.
 
-Threads: no actor asks for a runtime env of its own (one costs each actor's start ~0.3 s of
-CPU). They inherit one BLAS/OpenMP thread from the job (``cluster.connect``: an embedded Ray's
-environment, a cluster job's runtime env), and each sets its torch threads itself: the rollout
-worker and the replay one, the learner ``train.num_threads``.
+Threads: no actor asks for a runtime env of its own: in an embedded Ray, where the job needs
+none, one would cost each actor's start ~0.3 s of CPU. They inherit one BLAS/OpenMP thread from
+the job (``cluster.connect``: an embedded Ray's environment, a cluster job's runtime env; a Ray
+the caller started gives them its own environment), and each sets its torch threads itself:
+the rollout worker and the replay one, the learner ``train.num_threads``.
 """
 from __future__ import annotations
 

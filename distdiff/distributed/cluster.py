@@ -105,18 +105,21 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
     when this process started Ray (and must stop it).
 
     The job's tasks and actors get one BLAS/OpenMP thread each unless this process's
-    environment says otherwise (:func:`job_runtime_env`). A Ray initialized already is used as
-    it is: its workers have whatever environment it gave them (the actors set their torch
-    threads themselves either way)."""
+    environment says otherwise (:func:`job_runtime_env`); before an embedded Ray starts, this
+    process's environment gets those it lacks (:func:`~distdiff.process.limit_threads`), for
+    Ray's processes to inherit. A Ray initialized already is used as it is: its workers have
+    whatever environment it gave them (the actors set their torch threads themselves either
+    way)."""
     if ray.is_initialized():
         log("ray: using the already initialized Ray instance")
         return False
-    process.limit_threads()
     address = address or os.environ.get("RAY_ADDRESS")
     asked_local = address == "local"
     if not asked_local:
         address = address or _live_local_cluster()
     embedded = asked_local or not address
+    if embedded:
+        process.limit_threads()
     runtime_env = job_runtime_env(runtime_env, embedded)
     if not embedded:
         # Ray retries an address where nothing listens for minutes, logging each try.
