@@ -53,6 +53,17 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
         return super()._get_help_string(action)
 
 
+def start_local_ray(**options) -> None:
+    """A Ray of the benchmark's own (not one that RAY_ADDRESS or a `ray start` names), whose
+    processes inherit one BLAS/OpenMP thread each, as an embedded run's do (``cluster.connect``)."""
+    import ray
+
+    from distdiff.process import limit_threads
+
+    limit_threads()
+    ray.init(**{"address": "local", "include_dashboard": False, "logging_level": "warning", **options})
+
+
 def use_minari_store(path) -> None:
     """An explicit --minari-path wins over MINARI_DATASETS_PATH, which wins over ../shared."""
     if path is not None:

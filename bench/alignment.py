@@ -25,7 +25,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (MINARI_PATH_HELP, HelpFormatter, add_config_argument, load_config, positive_float,  # noqa: E402
-                     use_minari_store)
+                     start_local_ray, use_minari_store)
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
@@ -39,7 +39,6 @@ from distdiff.data.minari_io import load_episodes, normalized_score  # noqa: E40
 from distdiff.distributed.driver import train  # noqa: E402
 from distdiff.evaluation import alignment_on_observations, evaluate  # noqa: E402
 from distdiff.pretrain import pretrain  # noqa: E402
-from distdiff.process import limit_threads  # noqa: E402
 from distdiff.rollout import make_env, observed_positions, observed_velocity_clip  # noqa: E402
 from distdiff.training import check_made_with, planner_from_checkpoint  # noqa: E402
 
@@ -132,8 +131,7 @@ def main():
     metrics = {"env_steps": None, "updates": None}
     t1 = time.perf_counter()
     if args.aligned is None:
-        limit_threads()  # (inherited by the actors, as a run's are: cluster.connect)
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="warning")
+        start_local_ray(num_cpus=os.cpu_count())
         # judge() evaluates the aligned planner; the run's own final evaluation would repeat it.
         online_cfg = config_lib.from_dict({"eval": {"episodes": 1, "num_envs": 1}}, cfg)
         metrics = train(online_cfg, args.out / "aligned", init=ckpt, init_state=given.get("--init"),

@@ -20,11 +20,11 @@ import time
 import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import HelpFormatter, add_config_argument, fresh_checkpoint, load_config, unit_normalizer  # noqa: E402
+from _common import (HelpFormatter, add_config_argument, fresh_checkpoint, load_config, start_local_ray,  # noqa: E402
+                     unit_normalizer)
 
 from distdiff.cli import positive_int  # noqa: E402
 from distdiff.distributed.actors import LearnerActor, RolloutWorkerActor  # noqa: E402
-from distdiff.process import limit_threads  # noqa: E402
 
 
 def plasma():
@@ -68,8 +68,7 @@ def main():
     args = p.parse_args()
     cfg = load_config(p, args.config, {"online.envs_per_actor": 1})
     sizes = args.sizes
-    limit_threads()  # (inherited by the actors, as a run's are: cluster.connect)
-    ray.init(address="local", include_dashboard=False, logging_level="warning")
+    start_local_ray()
     learner = LearnerActor.options(num_cpus=0).remote(config=cfg.to_dict(), checkpoint=fresh_checkpoint(cfg), device="cpu")
     t0 = time.perf_counter()
     workers = [RolloutWorkerActor.options(num_cpus=0.01).remote(

@@ -22,12 +22,12 @@ from pathlib import Path
 import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import MINARI_PATH_HELP, HelpFormatter, add_config_argument, load_config, use_minari_store  # noqa: E402
+from _common import (MINARI_PATH_HELP, HelpFormatter, add_config_argument, load_config, start_local_ray,  # noqa: E402
+                     use_minari_store)
 
 from distdiff.cli import non_negative_int, positive_int  # noqa: E402
 from distdiff.distributed import driver  # noqa: E402
 from distdiff.pretrain import pretrain  # noqa: E402
-from distdiff.process import limit_threads  # noqa: E402
 
 
 def main():
@@ -69,8 +69,7 @@ def main():
     # Both runs' configs before any work: one that does not load is a usage error.
     configs = {name: load_config(p, args.config, {**base, "online.eval_every": every})
                for name, every in (("without", 0), ("with", args.eval_every))}
-    limit_threads()  # (inherited by the actors, as a run's are: cluster.connect)
-    ray.init(address="local", include_dashboard=False, logging_level="warning")
+    start_local_ray()
     with tempfile.TemporaryDirectory() as tmp:
         prior = pretrain(configs["without"], Path(tmp) / "prior", quiet=True)
         for name, cfg in configs.items():

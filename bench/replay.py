@@ -23,7 +23,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import HelpFormatter, add_config_argument, load_config  # noqa: E402
+from _common import HelpFormatter, add_config_argument, load_config, start_local_ray  # noqa: E402
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
@@ -35,7 +35,6 @@ from distdiff.data.windows import Batch  # noqa: E402
 from distdiff.distributed.replay import Replay  # noqa: E402
 from distdiff.models import layout_of  # noqa: E402
 from distdiff.normalizer import Normalizer  # noqa: E402
-from distdiff.process import limit_threads  # noqa: E402
 
 
 def main():
@@ -93,9 +92,7 @@ def to_learner_ms(batches, repeats: int) -> dict:
                 batches = [Batch.from_numpy(b) for b in batches]
             return len(batches)
 
-    # A cluster of its own, as every benchmark starts: not one RAY_ADDRESS or a `ray start` names.
-    limit_threads()  # (inherited by the actors, as a run's are: cluster.connect)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="error")
+    start_local_ray(num_cpus=2, logging_level="error")
     try:
         actor = Takes.remote()
         out = {}

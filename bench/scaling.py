@@ -15,11 +15,10 @@ import ray
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (HelpFormatter, add_config_argument, fresh_weights, load_config, positive_float,  # noqa: E402
-                     unit_normalizer)
+                     start_local_ray, unit_normalizer)
 
 from distdiff.cli import positive_int  # noqa: E402
 from distdiff.distributed.actors import RolloutWorkerActor  # noqa: E402
-from distdiff.process import limit_threads  # noqa: E402
 
 
 def rate(cfg, n: int, seconds: float, weights_ref) -> float:
@@ -53,8 +52,7 @@ def main():
     p.add_argument("--seconds", type=positive_float, default=30.0, help="Wall time of each of the two runs.")
     args = p.parse_args()
     cfg = load_config(p, args.config)
-    limit_threads()  # (inherited by the actors, as a run's are: cluster.connect)
-    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, logging_level="warning")
+    start_local_ray(num_cpus=args.workers)
     ref = ray.put(fresh_weights(cfg))
     one = rate(cfg, 1, args.seconds, ref)
     many = rate(cfg, args.workers, args.seconds, ref)
