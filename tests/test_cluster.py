@@ -30,6 +30,7 @@ from distdiff import provenance
 from distdiff.checkpoint import load_checkpoint
 from distdiff.distributed import actors
 from distdiff.distributed.driver import Counters, OnlineRun, train
+from distdiff.distributed.messages import unpack_tensors
 from distdiff.pretrain import load_windows, pretrain
 
 def node_of(actor, timeout: float = 120.0) -> str:
@@ -209,7 +210,7 @@ def test_run_finishes_on_the_remaining_node_when_a_rollout_node_is_removed(clust
         assert doomed not in cluster.cluster.worker_nodes, "the node was never removed"
         assert run.counters.worker_restarts >= 1
         # Every delivered trajectory reached the replay, and the budget was collected exactly.
-        stored = ray.get(run.replay.state_dict.remote())
+        stored = unpack_tensors(ray.get(run.replay.state_dict.remote()))
         assert int(stored["lengths"].sum()) == run.counters.env_steps == cfg.online.env_steps
         assert stored["added_episodes"] == run.counters.episodes
         after = [node_of(w) for w in run.workers]

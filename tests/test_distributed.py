@@ -1,6 +1,7 @@
 """The distributed actor-learner on a real local Ray (2 CPUs, no dashboard)."""
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -32,6 +33,7 @@ from distdiff.distributed.cluster import RunFailed
 from distdiff.distributed.driver import (Counters, OnlineRun, checked_resources, resume_checkpoint,
                                          rollout_share, train)
 from distdiff.distributed.learner import Learner
+from distdiff.distributed.messages import TensorBytes, pack_tensors, unpack_tensors
 from distdiff.evaluation import EvaluationStopped
 from distdiff.files import to_json
 from distdiff.pretrain import load_windows, pretrain
@@ -277,7 +279,7 @@ def test_a_budget_smaller_than_the_actors_episodes_runs_fewer_of_them_whole_and_
     run.log_rollout = log_recording
     try:
         run.run()
-        stored = ray.get(run.replay.state_dict.remote())
+        stored = unpack_tensors(ray.get(run.replay.state_dict.remote()))
     finally:
         run.close()
     assert run.counters.env_steps == cfg.online.env_steps
@@ -408,7 +410,7 @@ def run_with_worker_class(worker_class, pretrained, tmp_path, worker_ids=(0,), b
         if before_run is not None:
             before_run(run)
         run.run()
-        stored = ray.get(run.replay.state_dict.remote())
+        stored = unpack_tensors(ray.get(run.replay.state_dict.remote()))
     finally:
         run.close()
     return run, messages, stored
@@ -2331,3 +2333,60 @@ def test_the_replay_actor_sends_numpy_batches_that_train_the_learner_as_its_own_
         runs.append((learner.train(batches), snapshot(learner.trainer)))
     assert runs[0][0].losses == runs[1][0].losses and runs[0][0].updates == 3
     assert_same(runs[0][1], runs[1][1])
+
+
+def assert_same_tree(a, b, where="state"):
+    """``a`` and ``b`` alike all the way down: the same containers, tensors of one dtype, shape and
+    values."""
+    assert type(a) is type(b), f"{where}: {type(a).__name__} against {type(b).__name__}"
+    if torch.is_tensor(a):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for k in a:
+            assert_same_tree(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_tree(x, y, f"{where}[{i}]")
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b), where
+    else:
+        assert a == b, where
+
+
+def test_states_cross_ray_packed_and_come_back_as_they_were(ray_session, pretrained):
+    # Ray pickles a tensor through torch.save, one at a time: hundreds of them in a learner's state.
+    from distdiff.distributed.actors import RayLearner, RayReplay
+    from distdiff.distributed.replay import Replay
+    from distdiff.models import layout_of
+
+    Point = collections.namedtuple("Point", "x y")
+    odd = {"bf16": torch.randn(3, 2).bfloat16(), "bool": torch.tensor([True, False]), "scalar": torch.tensor(7.5),
+           "empty": torch.zeros(0, 4), "strided": torch.arange(12.0).reshape(3, 4).t(), "int": torch.arange(5),
+           "nested": [(torch.ones(2), 3, "a"), Point(torch.zeros(1, dtype=torch.float64), None)],
+           "array": np.arange(3.0), "betas": (0.9, 0.999)}
+    packed = pack_tensors(odd)
+    assert isinstance(packed["nested"][1], Point) and isinstance(packed["nested"][1].x, TensorBytes)
+    back = unpack_tensors(ray.get(ray.put(packed)))
+    assert_same_tree(odd, back)
+    back["int"] += 1  # its own memory, not the object store's read-only map
+
+    cfg, ckpt = pretrained
+    plain = Learner(config=cfg.to_dict(), checkpoint=load_checkpoint(ckpt), device="cpu").state_dict()
+    shipped = RayLearner(config=cfg.to_dict(), checkpoint=ray.get(ray.put(pack_tensors(load_checkpoint(ckpt)))),
+                         device="cpu").state_dict()
+    assert not any(torch.is_tensor(v) for v in shipped["denoiser"].values())
+    assert_same_tree(plain, unpack_tensors(ray.get(ray.put(shipped))))
+
+    data, windows = load_windows(cfg, None)
+    kwargs = dict(offline_episodes=data.episodes, normalizer=windows.normalizer.state_dict(), layout=layout_of(cfg),
+                  horizon=cfg.model.horizon, discount=cfg.data.discount,
+                  termination_penalty=cfg.data.termination_penalty, capacity=1000, offline_ratio=0.5, seed=0)
+    replay = Replay(**kwargs)
+    replay.add(data.episodes[:3])
+    shipped = ray.get(ray.put(pack_tensors(replay.state_dict())))
+    assert isinstance(shipped["observations"], TensorBytes)
+    loaded = RayReplay(**kwargs)
+    loaded.load_state_dict(shipped, added_episodes=3)
+    assert_same_tree(replay.state_dict(), unpack_tensors(ray.get(ray.put(loaded.state_dict()))))

@@ -28,7 +28,7 @@ from distdiff.data.windows import Batch
 from distdiff.distributed.cluster import RunFailed
 from distdiff.distributed.faults import cause
 from distdiff.distributed.learner import Learner
-from distdiff.distributed.messages import TrainStats
+from distdiff.distributed.messages import TrainStats, pack_tensors, unpack_tensors
 from distdiff.distributed.replay import Replay
 from distdiff.distributed.worker import RolloutWorker
 from distdiff.provenance import DRIVER_CODE, check_same_code
@@ -61,7 +61,8 @@ class RayReplay(NodeIdMixin, Replay):
     """A Replay that can say which node it runs on, and hands its batches to the learner as
     numpy arrays: a learner call's 25 batches (9 MB at the defaults) reach its call in 1.2 ms
     so, against 7.9 ms as torch tensors, which Ray pickles (bench/replay.py, 2026-12-06): time on
-    the learner's path, since the call starts only once its batches are in."""
+    the learner's path, since the call starts only once its batches are in. Its state crosses
+    Ray with the tensors packed, as the learner's does."""
 
     def __init__(self, **kwargs):
         # (The plain class leaves its process's threads alone: a test or benchmark runs it in its own.)
@@ -71,12 +72,26 @@ class RayReplay(NodeIdMixin, Replay):
     def sample(self, n_batches: int, batch_size: int) -> List[Batch]:
         return [batch.numpy() for batch in super().sample(n_batches, batch_size)]
 
+    def state_dict(self) -> Dict[str, object]:
+        return pack_tensors(super().state_dict())
+
+    def load_state_dict(self, state: Dict[str, object], added_episodes: Optional[int] = None) -> int:
+        return super().load_state_dict(unpack_tensors(state), added_episodes)
+
 
 class RayLearner(NodeIdMixin, Learner):
-    """A Learner that can say which node it runs on, and trains on RayReplay's batches."""
+    """A Learner that can say which node it runs on, trains on RayReplay's batches, and takes
+    and gives its state with the tensors packed (messages.pack_tensors): the driver passes the
+    checkpoint it starts from so, and fetches the state for each checkpoint it writes."""
+
+    def __init__(self, *, checkpoint, **kwargs):
+        super().__init__(checkpoint=unpack_tensors(checkpoint), **kwargs)
 
     def train(self, batches: List[Batch]) -> TrainStats:
         return super().train([Batch.from_numpy(batch) for batch in batches])
+
+    def state_dict(self) -> Dict[str, object]:
+        return pack_tensors(super().state_dict())
 
 
 # A RayRolloutWorker (or a subclass) as a Ray actor class: its evaluations in a thread of their own.

@@ -34,7 +34,7 @@ from distdiff.distributed import actors
 from distdiff.distributed.cluster import RunFailed
 from distdiff.distributed.collection import evaluate_on, weights_of
 from distdiff.distributed.faults import WorkerFaults, cause
-from distdiff.distributed.messages import RolloutResult, TrainStats
+from distdiff.distributed.messages import RolloutResult, TrainStats, pack_tensors, unpack_tensors
 from distdiff.evaluation import EvaluationStopped, evaluate
 from distdiff.events import CONFIG_TEXT, RecentRate, drop_redone, flushed_sizes, kept_before
 from distdiff.models import layout_of
@@ -360,7 +360,7 @@ class OnlineRun:
         """The learner (from ``state``), the replay (with ``replay_state`` when resuming) and the
         rollout actors, each kept as soon as it is made: a failure kills those made so far."""
         cfg_dict = cfg.to_dict()
-        self.learner = actors.make_learner(cfg, res, config=cfg_dict, checkpoint=ray.put(state),
+        self.learner = actors.make_learner(cfg, res, config=cfg_dict, checkpoint=ray.put(pack_tensors(state)),
                                            version=counters.version, max_nonfinite=cfg.online.max_nonfinite,
                                            resumed=resumed)
         self.replay = actors.make_replay(
@@ -376,7 +376,7 @@ class OnlineRun:
             # Waited for: a replay.pt that does not load must stop the resume, not leave the
             # run to go on from an empty replay.
             try:
-                dropped = ray.get(self.replay.load_state_dict.remote(replay_state, counters.episodes))
+                dropped = ray.get(self.replay.load_state_dict.remote(pack_tensors(replay_state), counters.episodes))
             except RayTaskError as e:
                 raise CheckpointError(f"{self.run_dir / REPLAY} does not load into the replay: {cause(e)}") from e
             except RayError as e:  # the actor itself: its process died, or its node
@@ -515,10 +515,10 @@ class OnlineRun:
 
     @staticmethod
     def state_of(who: str, ref: ray.ObjectRef) -> Dict[str, object]:
-        """An actor's state for a checkpoint; one that died meanwhile stops the run, by name
-        (nothing is written: the last checkpoint stays)."""
+        """An actor's state for a checkpoint, its tensors unpacked; one that died meanwhile stops
+        the run, by name (nothing is written: the last checkpoint stays)."""
         try:
-            return ray.get(ref)
+            return unpack_tensors(ray.get(ref))
         except RayError as e:
             raise RunFailed(f"the {who} failed while its state was taken for a checkpoint: {cause(e)}") from e
 
