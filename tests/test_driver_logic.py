@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future
@@ -16,8 +17,8 @@ from _helpers import tiny_online_config
 from distdiff import config, rundir
 from distdiff.data.episodes import Episode
 from distdiff.distributed.cluster import RunFailed
-from distdiff.distributed.driver import (Counters, OnlineRun, _evaluated_update, beats, describe_evaluation, lowered_budget,
-                                         finished_metrics, step_axis)
+from distdiff.distributed.driver import (Counters, OnlineRun, PendingEvaluation, _evaluated_update, beats,
+                                         describe_evaluation, finished_metrics, lowered_budget, step_axis)
 from distdiff.events import RecentRate
 from distdiff.rundir import clear_run, resume_checkpoint
 
@@ -415,20 +416,24 @@ def test_run_files_beside_a_distdiff_config_are_a_runs_and_a_run_is_never_foreig
 
 
 def _evaluated_run(tmp_path):
-    """An OnlineRun whose evaluation in flight has returned, with only what finish_evaluation reads."""
+    """An OnlineRun whose evaluation in flight has returned, with only what finish_evaluation and
+    keep_on_interrupt read; ``run.said`` and ``run.checkpoints`` record its log and checkpoints."""
     run = run_stub()
     summary = defaultdict(float, episodes=2, terminations=0)
     at = defaultdict(int, phase2_ms=-1)
 
-    def start_evaluation():
+    def start_evaluation(final=False):
         done = Future()
         done.set_result(summary)
-        run.evaluation = (done, at, None, 0.0)
+        run.evaluation = PendingEvaluation(done, at, None, 0.0, final)
 
     run.start_evaluation, run.run_dir, run.on_evaluation = start_evaluation, tmp_path, None
     run.scalar = lambda *a: None
-    run.log = lambda line: None
+    run.said, run.checkpoints = [], []
+    run.log = run.said.append
+    run.checkpoint = lambda: run.checkpoints.append(run.counters.to_dict())
     run.keep_if_best = lambda metrics: None
+    run.stop_evaluation = threading.Event()
     return run
 
 
@@ -443,6 +448,23 @@ def test_only_the_runs_last_evaluation_is_final(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["final"] is False
     assert run.evaluate()["final"] is True
     assert json.loads((tmp_path / "metrics.json").read_text())["final"] is True
+
+
+# driver.keep_on_interrupt: a Ctrl-C as the final evaluation ends keeps it as the final one and
+# ends the run (it was saved as not final, with a checkpoint and "resume with --resume", which
+# then found the run over and reported the evaluation as not final for good).
+def test_a_ctrl_c_as_the_final_evaluation_ends_keeps_it_final_and_ends_the_run(tmp_path):
+    run = _evaluated_run(tmp_path)
+    run.start_evaluation(final=True)
+    metrics = run.keep_on_interrupt()
+    assert metrics["final"] is True and json.loads((tmp_path / "metrics.json").read_text())["final"] is True
+    assert run.checkpoints == [] and run.evaluation is None
+    assert run.said == ["interrupted as the final evaluation ended: its result is kept, and the run is over"]
+    # A mid-run one that ended is kept too, and the run is checkpointed for a resume.
+    run.start_evaluation()
+    assert run.keep_on_interrupt() is None
+    assert json.loads((tmp_path / "metrics.json").read_text())["final"] is False and len(run.checkpoints) == 1
+    assert run.said[-1].startswith("interrupted: saving a checkpoint; resume with --resume")
 
 
 # driver.turn: each turn of the loop checks the learner timeout (mutant: the call dropped, so
@@ -472,9 +494,15 @@ def test_a_resume_that_lowers_a_budget_to_what_the_run_has_done_says_so():
     said = lowered_budget(lowered, ran, at)
     assert said.startswith("warning: online.env_steps 1000 (the run has collected 4929) is spent already")
     assert "raise the budget above what the run has done" in said
+    # 4929 env steps at 0.2 updates each call for 985: what it still makes, or that it makes none.
+    assert "it makes the 725 updates it owes, then its final evaluation" in said
+    no_finish = tiny_online_config("local/walker2d/tiny-v0", **{"online.env_steps": 1000, "online.updates": 0,
+                                                                "online.finish_updates": False})
+    assert "The run collects nothing more; its final evaluation comes next." in lowered_budget(no_finish, ran, at)
     both = tiny_online_config("local/walker2d/tiny-v0", **{"online.env_steps": 4929, "online.updates": 100})
-    assert "online.env_steps 4929 (the run has collected 4929) and online.updates 100 (it has made 260) are spent" in \
-        lowered_budget(both, ran, at)
+    said = lowered_budget(both, ran, at)
+    assert "online.env_steps 4929 (the run has collected 4929) and online.updates 100 (it has made 260) are spent" in said
+    assert "its final evaluation comes next" in said
     # Not for a budget left, nor for one the run had spent itself (a resume of its final evaluation).
     assert lowered_budget(tiny_online_config("local/walker2d/tiny-v0", **{"online.env_steps": 5000}), ran, at) is None
     assert lowered_budget(lowered, lowered, at) is None

@@ -148,6 +148,7 @@ class PendingEvaluation(NamedTuple):
     at: Dict[str, int]  # the counters of the checkpoint it evaluates, and its learner step
     thread: Optional[threading.Thread]  # None when the result is an earlier one's
     started: float  # time.perf_counter() when it started
+    final: bool  # the run's last evaluation, at the end of its budget
 
 
 class Counters:
@@ -213,9 +214,11 @@ def lowered_budget(cfg: Config, ran: Config, c: Counters) -> Optional[str]:
     spent = ([f"online.env_steps {o.env_steps} (the run has collected {c.env_steps})"]
              * bool(o.env_steps and c.env_steps >= o.env_steps)
              + [f"online.updates {o.updates} (it has made {c.updates})"] * bool(o.updates and c.updates >= o.updates))
+    owed = owed_updates(cfg, c) if o.finish_updates else 0
+    then = (f"it makes the {_count(owed, 'update')} it owes, then its final evaluation" if owed >= 1
+            else "its final evaluation comes next")
     return (f"warning: {' and '.join(spent)} {'are' if len(spent) > 1 else 'is'} spent already: a budget counts the whole phase 2, not from a "
-            f"resume. The run collects nothing more; it makes the updates it owes, then its final evaluation. "
-            f"To train on, raise the budget above what the run has done")
+            f"resume. The run collects nothing more; {then}. To train on, raise the budget above what the run has done")
 
 
 def beats(new: Optional[float], old: Optional[float]) -> bool:
@@ -522,12 +525,14 @@ class OnlineRun:
         except RayError as e:
             raise RunFailed(f"the {who} failed while its state was taken for a checkpoint: {cause(e)}") from e
 
-    def start_evaluation(self) -> None:
+    def start_evaluation(self, final: bool = False) -> None:
         """Checkpoint, then evaluate the newest weights, from a thread of this
         process beside the loop: rollouts and learner calls go on meanwhile (an evaluation of 100
         Walker2d episodes takes minutes of one core, which would leave every actor and the
         learner idle). The episodes run in that thread, or split between ``eval.num_actors``
-        rollout workers, each beside its rollouts. :meth:`finish_evaluation` takes its result."""
+        rollout workers, each beside its rollouts. :meth:`finish_evaluation` takes its result.
+        ``final``: the run's last one, at the end of its budget (``"final"`` in its metrics; a
+        sweep's scheduler may stop a trial at an earlier one)."""
         if self.published_at != self.counters.updates:
             # The version the checkpoint's weights go by is the one the actors get next.
             self.broadcast()
@@ -540,7 +545,7 @@ class OnlineRun:
             # same weights, whose episodes would be the same too.
             self.log(f"evaluation: no update since the one at update {self.evaluated[1]}; its result stands")
             result.set_result(self.evaluated[2])
-            self.evaluation = PendingEvaluation(result, at, None, time.perf_counter())
+            self.evaluation = PendingEvaluation(result, at, None, time.perf_counter(), final)
             return
 
         # On eval.num_actors of the rollout workers at once, if any are asked for and the loop has
@@ -565,20 +570,18 @@ class OnlineRun:
         # second Ctrl-C, a failure) must not wait for it, nor leave it playing.
         thread = threading.Thread(target=work, name="evaluation", daemon=True)
         thread.start()
-        self.evaluation = PendingEvaluation(result, at, thread, time.perf_counter())
+        self.evaluation = PendingEvaluation(result, at, thread, time.perf_counter(), final)
 
-    def finish_evaluation(self, final: bool = False) -> Dict[str, object]:
+    def finish_evaluation(self) -> Dict[str, object]:
         """Wait for the evaluation in flight; the run's metrics summary, also written to
-        ``metrics.json`` (so it holds the latest evaluation). ``final``: the run's last one, at
-        the end of its budget (``"final"`` in the metrics; a sweep's scheduler may stop a trial
-        at an earlier one).
+        ``metrics.json`` (so it holds the latest evaluation).
 
         ``on_evaluation`` (e.g. a Ray Tune report, which reports a copy of ``checkpoint.pt`` and
         ``replay.pt`` with the metrics) sees the metrics with the checkpoint of the same weights
         and ``metrics.json`` already on disk in the run dir. No checkpoint is written while an
         evaluation is in flight, so ``checkpoint.pt`` is still the one evaluated.
         """
-        result, at, thread, started = self.evaluation
+        result, at, thread, started, final = self.evaluation
         # Kept in flight until it returns: a Ctrl-C during the wait leaves it for close() to stop.
         error = result.exception()
         if error is not None:
@@ -621,9 +624,13 @@ class OnlineRun:
 
     def evaluate(self) -> Dict[str, object]:
         """Checkpoint and evaluate the newest weights, waiting for the result (the final
-        evaluation); the metrics summary of :meth:`finish_evaluation`."""
-        self.start_evaluation()
-        return self.finish_evaluation(final=True)
+        evaluation); the metrics summary of :meth:`finish_evaluation`. A Ctrl-C raises during
+        the wait only: one that came as the result is taken would leave it half taken (its
+        TensorBoard points logged, metrics.json not written) for keep_on_interrupt to take again."""
+        self.start_evaluation(final=True)
+        self.evaluation.result.exception()
+        with deferred_interrupt():  # (the result is in: a Ctrl-C now lets the run end as it would)
+            return self.finish_evaluation()
 
     def best_so_far(self) -> Optional[Dict[str, object]]:
         """The metrics of the evaluation ``best.pt`` holds; None when there is none, or it cannot
@@ -1102,10 +1109,11 @@ class OnlineRun:
             self.checkpoint()
             raise
 
-    def keep_on_interrupt(self) -> None:
+    def keep_on_interrupt(self) -> Optional[Dict[str, object]]:
         """After a Ctrl-C: keep what the run did for ``--resume``. An evaluation in flight is
         stopped; it keeps its result if it ended meanwhile, else its checkpoint stays the run's.
-        Otherwise the learner's and the replay's state are checkpointed."""
+        Otherwise the learner's and the replay's state are checkpointed. Returns the run's
+        final metrics when its final evaluation had ended: the run is over, not interrupted."""
         # Saved with Ctrl-C deferred again: one pressed meanwhile must not raise inside a write.
         with deferred_interrupt():
             evaluation = self.evaluation
@@ -1113,7 +1121,10 @@ class OnlineRun:
                 self.stop_evaluating()  # (returns at once if it has ended)
                 error = evaluation.result.exception() if evaluation.result.done() else EvaluationStopped("playing")
                 if error is None:
-                    self.finish_evaluation()  # it ended meanwhile: its result is kept
+                    metrics = self.finish_evaluation()  # it ended meanwhile: its result is kept
+                    if evaluation.final:
+                        self.log("interrupted as the final evaluation ended: its result is kept, and the run is over")
+                        return metrics
                     evaluation = None
                 elif not isinstance(error, EvaluationStopped):
                     self.log(f"the evaluation at update {evaluation.at['updates']} failed: "
@@ -1122,13 +1133,16 @@ class OnlineRun:
             if evaluation is not None:
                 # Stopped without its result: checkpoint.pt is still the one it was judging,
                 # marked so, and stays the run's, or those weights could never be judged again.
+                since = [_count(self.counters.updates - evaluation.at["updates"], "update"),
+                         _count(self.counters.env_steps - evaluation.at["env_steps"], "env step")]
                 self.log(f"interrupted during the evaluation at update {evaluation.at['updates']}: its checkpoint "
                          f"stays the run's, and the evaluation runs first on --resume {self.run_dir} (the "
-                         f"{_count(self.counters.updates - evaluation.at['updates'], 'update')} since are done again)")
+                         f"{' and '.join(since)} since are done again)")
             else:
                 self.log(f"interrupted: saving a checkpoint; resume with --resume {self.run_dir}")
                 # (The learner or the replay dead meanwhile: RunFailed, naming it; the last checkpoint stays.)
                 self.checkpoint()
+        return None
 
     def stop_evaluating(self) -> None:
         """Stop the evaluation in flight, if any, before its next plan: its result is not wanted
@@ -1339,9 +1353,11 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
         # the loop).
         raise RunFailed(f"an actor of the run died: {cause(e)}") from e
     except KeyboardInterrupt:
-        if run is not None:
-            run.keep_on_interrupt()
-        raise
+        if run is None:
+            raise
+        metrics = run.keep_on_interrupt()
+        if metrics is None:
+            raise
     finally:
         if run is not None:
             run.close()
