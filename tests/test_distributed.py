@@ -298,8 +298,8 @@ def test_a_run_resumed_while_the_learner_lagged_trains_then_collects(ray_session
     cfg, ckpt = pretrained
     cfg = tiny_online_config(cfg.data.dataset_id, **{"online.env_steps": 1100, "online.max_update_lag": 5})
     data, _ = load_windows(cfg, None)
-    run = OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(env_steps=1000), log=lambda s: None,
-                    progress=False)
+    run = OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(env_steps=1000, episodes=20),
+                    log=lambda s: None, progress=False)
     submitted_at, start_rollout = [], run.start_rollout
 
     def start_recording(i, **share):
@@ -309,8 +309,12 @@ def test_a_run_resumed_while_the_learner_lagged_trains_then_collects(ray_session
     run.start_rollout = start_recording
     try:
         run.run()
+        stored = unpack_tensors(ray.get(run.replay.state_dict.remote()))
     finally:
         run.close()
+    # Resumed without a replay.pt: the empty replay counts on from the run's 20 episodes, as the
+    # checkpoint does (the count a later resume cuts the replay back to).
+    assert stored["added_episodes"] == run.counters.episodes > 20
     # No rollout started before the learner was back within the lag of its 200 owed updates.
     assert submitted_at and min(submitted_at) >= 200 - cfg.online.max_update_lag
     assert run.counters.env_steps == 1100

@@ -176,6 +176,20 @@ def test_a_refused_episode_after_the_checkpoint_drops_only_what_the_checkpoint_d
     assert make_replay().load_state_dict(old, added_episodes=3) == 1
 
 
+def test_a_replay_started_empty_on_a_resume_counts_on_from_the_checkpoint():
+    # A resume whose replay.pt was lost: the run has counted 10 episodes. Two more are stored,
+    # then a crash between replay.pt and checkpoint.pt (still at 10): the next resume drops both,
+    # which its rollouts collect again. Counted from 0 instead, it kept them, and they were
+    # collected twice.
+    started = make_replay(added_episodes=10)
+    started.add([constant_episode(float(k), 30, 1.0) for k in range(2)])
+    state = started.state_dict()
+    assert state["added_episodes"] == 12 and state["arrivals"].tolist() == [11, 12]
+    resumed = make_replay()
+    assert resumed.load_state_dict(state, added_episodes=10) == 2
+    assert resumed.size() == 0 and resumed.added_episodes == 10
+
+
 def test_offline_episodes_are_never_completed_to_the_time_limit():
     # A dataset collected with a shorter time limit than the env's: its episodes were not cut.
     short = constant_episode(1.0, 10, 1.0)

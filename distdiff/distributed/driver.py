@@ -374,7 +374,7 @@ class OnlineRun:
             value_target=cfg.data.value_target,
             return_weighting=cfg.online.return_weighting, offline_start_weight=cfg.online.offline_start_window_weight,
             online_start_weight=cfg.online.start_window_weight, time_limit=cfg.env.max_episode_steps,
-            seed=cfg.train.seed)
+            seed=cfg.train.seed, added_episodes=counters.episodes)
         if replay_state is not None:
             # Waited for: a replay.pt that does not load must stop the resume, not leave the
             # run to go on from an empty replay.

@@ -56,6 +56,7 @@ class Replay:
         online_start_weight: float = 1.0,
         time_limit: Optional[int] = None,
         seed: int = 0,
+        added_episodes: int = 0,
     ):
         if return_weighting < 0:
             raise ValueError(f"return_weighting must be >= 0, got {return_weighting}")
@@ -82,7 +83,9 @@ class Replay:
         self.windows: deque = deque()
         self.arrivals: deque = deque()  # each stored episode's number among all added (refused ones count)
         self.transitions = 0
-        self.added_episodes = 0
+        # Counted on from the episodes its run counted before (a resume whose replay.pt was lost
+        # starts an empty replay): a later resume cuts the replay back to its checkpoint's count.
+        self.added_episodes = added_episodes
         self._online: Optional[WindowDataset] = None
         self.rng = np.random.default_rng(seed)
 
