@@ -66,10 +66,15 @@ def main(argv=None) -> int:
         fail("--resume continues the sweep as it started: Tune keeps its number of trials and how many run at once, "
              "so --num-samples and --max-concurrent would do nothing")
 
-    from distdiff.distributed.tuning import check_new, check_resumable, load_spec, stored, sweep_path
+    from distdiff.distributed.tuning import check_new, check_resumable, load_spec, started_counts, stored, sweep_path
 
     try:
-        spec = load_spec(args.config, num_samples=args.num_samples, max_concurrent=args.max_concurrent)
+        counts = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent}
+        if args.resume or args.autoresume:
+            # Those the stored sweep started with, which Tune keeps: a PBT sweep started with
+            # --max-concurrent 2 from a file that says 1 is judged, and counted, by them.
+            counts.update(started_counts(args.config, args.storage))
+        spec = load_spec(args.config, **counts)
         if args.autoresume and stored(spec, args.storage):
             # (Tune keeps the stored sweep's number of trials and how many run at once.)
             print(f"--autoresume: a sweep is stored at {sweep_path(spec, args.storage)}; resuming it")

@@ -978,6 +978,25 @@ def test_a_trial_goes_on_from_what_was_restored_or_its_own_last_checkpoint(tmp_p
         trial_start(run_dir, tmp_path / "on-the-head-only")
 
 
+def test_a_trial_that_goes_on_from_another_trials_checkpoint_drops_its_own_best(tmp_path):
+    # PBT: its best.pt was of the line it leaves, with weights of its old config.
+    from distdiff.distributed.tuning import REPORTED_BY, trial_start
+    from distdiff.rundir import BEST, BEST_EVAL, BEST_METRICS, CHECKPOINT
+
+    run_dir, restored = tmp_path / "trial", tmp_path / "restored"
+    restored.mkdir()
+    (restored / CHECKPOINT).write_bytes(b"reported")
+    for by, kept in (("mine", True), (None, True), ("other", False)):  # (None: a sweep begun before the mark)
+        run_dir.mkdir(exist_ok=True)
+        for name in (BEST, BEST_METRICS, BEST_EVAL):
+            (run_dir / name).write_text("best so far")
+        (restored / REPORTED_BY).unlink(missing_ok=True)
+        if by is not None:
+            (restored / REPORTED_BY).write_text(by)
+        assert trial_start(run_dir, restored, "mine") is True
+        assert [(run_dir / name).is_file() for name in (BEST, BEST_METRICS, BEST_EVAL)] == [kept] * 3, by
+
+
 def test_the_dataset_is_had_once_where_the_sweep_starts_and_fixed_for_every_trial(tiny_dataset, tmp_path):
     from distdiff.data.minari_io import dataset_exists
     from distdiff.distributed.tuning import pinned_dataset
@@ -1133,6 +1152,43 @@ def test_autoresume_resumes_a_stored_sweep_and_starts_one_where_none_is(tiny_dat
     with pytest.raises(SystemExit) as stop:
         tune_script.main([*argv, "--resume"])
     assert stop.value.code == 2 and "drop --resume" in capsys.readouterr().err
+
+
+def test_a_resume_judges_and_counts_the_sweep_by_the_counts_it_started_with(tiny_dataset, tmp_path, monkeypatch,
+                                                                             tune_script):
+    # A PBT sweep file that says max_concurrent 1, started with --max-concurrent 2: its --resume,
+    # which takes no count flags, was refused for the file's 1 ("pbt ... needs at least two").
+    from distdiff.distributed import cluster, tuning
+
+    class Started(Exception):
+        pass
+
+    seen = []
+    real = tuning.make_tuner
+
+    def make_tuner(spec, storage, *, resume, pinned):
+        seen.append((resume, spec.num_samples, spec.max_concurrent))
+        if not resume:
+            real(spec, storage, resume=False, pinned=pinned)  # (records what the sweep starts with)
+        raise Started
+
+    monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: False)
+    monkeypatch.setattr(tuning, "shortfall", lambda spec: [])
+    monkeypatch.setattr(tuning, "sweep_dataset", lambda spec, storage, resume: {})
+    monkeypatch.setattr(tuning, "make_tuner", make_tuner)
+    fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2}
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset, scheduler="pbt", fixed=fixed, num_samples=2,
+                        max_concurrent=1, space={"guidance.scale": {"uniform": [0.0, 1.0]}},
+                        pbt={"mutations": ["guidance.scale"]})
+    storage = tmp_path / "storage"
+    with pytest.raises(Started):
+        tune_script.main(["--config", str(sweep), "--storage", str(storage), "--num-samples", "3",
+                          "--max-concurrent", "2"])
+    (storage / "sweep" / "tuner.pkl").write_bytes(b"")  # as if Tune had saved its state
+    for how in (["--resume"], ["--autoresume"], ["--autoresume", "--num-samples", "9"]):
+        with pytest.raises(Started):
+            tune_script.main(["--config", str(sweep), "--storage", str(storage), *how])
+    assert seen == [(False, 3, 2)] + [(True, 3, 2)] * 3
 
 
 def test_the_best_config_of_a_sweep_that_minimizes_is_its_lowest_trial(tiny_dataset, tmp_path):

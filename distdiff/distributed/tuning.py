@@ -35,7 +35,7 @@ from distdiff.checkpoint import CheckpointError, load_checkpoint
 from distdiff.config import Config, ConfigError
 from distdiff.data.minari_io import REFERENCE_SCORES
 from distdiff.files import finite, write_text
-from distdiff.rundir import CHECKPOINT, REPLAY, checkpoint_file, holds_run
+from distdiff.rundir import BEST, BEST_EVAL, BEST_METRICS, CHECKPOINT, REPLAY, checkpoint_file, holds_run
 from distdiff.training import VALUE_TARGET_FIELDS, check_dynamics, check_made_with, planner_from_checkpoint
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
@@ -51,7 +51,9 @@ TRAIN_SEED = "train.seed"  # drawn per trial unless the sweep sets it (param_spa
 REPORTED = ("normalized_score", "alignment_error", "return_mean", "return_std", "env_steps", "updates", "weights_version",
             "final")
 TIME_ATTR = "updates"  # the schedulers' time (make_scheduler)
-RECORD = "distdiff_sweep.json"  # what a sweep started with, in STORAGE/NAME (sweep_record)
+RECORD = "distdiff_sweep.json"  # what a sweep started with, in STORAGE/NAME (sweep_record, and its COUNTS)
+REPORTED_BY = "trial_id"  # in each checkpoint a trial reports: that trial's id (trial_start)
+COUNTS = "counts"  # the record's num_samples and max_concurrent, which Tune keeps: not compared on a resume
 PINNED = "distdiff_dataset.json"  # the fields that fixed the dataset of its trials (pinned_dataset)
 SHARED_STORAGE = ("a sweep over more than one node needs its --storage on a filesystem that every node mounts at "
                   "the same path (README, Ray Tune)")
@@ -587,12 +589,13 @@ def make_trainable(spec: SweepSpec, pinned: Optional[Dict[str, Any]] = None):
         # make_tuner). get_trial_dir() is a directory on the trial's node that only the sweep's
         # own node syncs.
         run_dir = Path(tune.get_context().get_storage().trial_working_directory)
+        trial_id = tune.get_context().get_trial_id()
         restored = tune.get_checkpoint()
         if restored is None:
             resume = trial_start(run_dir, None)
         else:
             with restored.as_directory() as d:
-                resume = trial_start(run_dir, Path(d))
+                resume = trial_start(run_dir, Path(d), trial_id)
 
         def report(metrics: Dict[str, Any]) -> None:
             reported = tune_metrics(spec, metrics)
@@ -600,6 +603,7 @@ def make_trainable(spec: SweepSpec, pinned: Optional[Dict[str, Any]] = None):
                 for name in (CHECKPOINT, REPLAY):
                     if (run_dir / name).is_file():
                         shutil.copy2(run_dir / name, Path(d) / name)
+                (Path(d) / REPORTED_BY).write_text(trial_id)
                 tune.report(reported, checkpoint=tune.Checkpoint.from_directory(d))
 
         # A trial restores only checkpoints reported, each with its evaluation's result, and
@@ -623,11 +627,12 @@ def check_storage_here(storage) -> None:
                            f"{SHARED_STORAGE}") from e
 
 
-def trial_start(run_dir: Path, restored: Optional[Path]) -> bool:
-    """Where a trial starts from, in its run dir; True: it resumes. A restored checkpoint (PBT
-    copying another trial, a resumed sweep, a retry of a failed trial) is copied in. Without one,
-    a retry on the node of a failed attempt goes on from that attempt's last checkpoint of its
-    own (of phase 1 or 2; Tune saw none of them); elsewhere, or at first, the trial starts."""
+def trial_start(run_dir: Path, restored: Optional[Path], trial_id: Optional[str] = None) -> bool:
+    """Where trial ``trial_id`` starts from, in its run dir; True: it resumes. A restored
+    checkpoint (PBT copying another trial, a resumed sweep, a retry of a failed trial) is copied
+    in. Without one, a retry on the node of a failed attempt goes on from that attempt's last
+    checkpoint of its own (of phase 1 or 2; Tune saw none of them); elsewhere, or at first, the
+    trial starts."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if restored is not None:
         if not (restored / CHECKPOINT).is_file():
@@ -638,6 +643,14 @@ def trial_start(run_dir: Path, restored: Optional[Path]) -> bool:
         for name in (CHECKPOINT, REPLAY):
             if (restored / name).is_file():
                 shutil.copy2(restored / name, run_dir / name)
+        by = restored / REPORTED_BY
+        if by.is_file() and by.read_text() != trial_id:
+            # Another trial's (PBT): this trial's best evaluation so far is of the line it leaves,
+            # with weights of its old config; kept, best.pt would stand beside the new config
+            # until the new line beat it. (A checkpoint that names no trial is of a sweep begun
+            # before this mark, and taken for the trial's own.)
+            for name in (BEST, BEST_METRICS, BEST_EVAL):
+                (run_dir / name).unlink(missing_ok=True)
     return holds_run(run_dir)
 
 
@@ -754,6 +767,7 @@ def check_resumable(spec: SweepSpec, storage: Path) -> Path:
         raise ConfigError(f"no sweep to resume at {path}")
     if (path / RECORD).is_file():
         started, now = _as_read_now(json.loads((path / RECORD).read_text())), _as_read_now(sweep_record(spec))
+        started.pop(COUNTS, None)
         changed = sorted(k for k in started.keys() | now.keys() if started.get(k) != now.get(k))
         if changed:
             what = ", ".join("the init checkpoint's contents" if k == "init_sha256" else
@@ -781,6 +795,20 @@ def _as_read_now(value: Any) -> Any:
 def stored(spec: SweepSpec, storage: Path) -> bool:
     """Whether a sweep of ``spec``'s name is stored in ``storage``, for Tune to resume."""
     return tune.Tuner.can_restore(str(sweep_path(spec, storage)))
+
+
+def started_counts(path: str | Path, storage: Path) -> Dict[str, int]:
+    """``num_samples`` and ``max_concurrent`` as the sweep of the sweep file at ``path`` started
+    with them (the file's, or the command line's then), where that sweep is stored in
+    ``storage``: Tune keeps them, and a resume checks and reports its sweep by them, not by what
+    the file says now. {} where no sweep is stored, or one of a distdiff before this record."""
+    raw = config_lib.read(Path(path), what="sweep file")
+    name = raw.get("name") if isinstance(raw, dict) else None
+    spec = SweepSpec(**({"name": name} if isinstance(name, str) else {}))
+    record = sweep_path(spec, storage) / RECORD
+    if not (stored(spec, storage) and record.is_file()):
+        return {}
+    return json.loads(record.read_text()).get(COUNTS, {})
 
 
 def check_new(spec: SweepSpec, storage: Path) -> None:
@@ -811,7 +839,8 @@ def make_tuner(spec: SweepSpec, storage: Path, *, resume: bool = False, pinned: 
     path = sweep_path(spec, storage)
     path.mkdir(parents=True, exist_ok=True)
     # Whole or not at all: --resume reads both.
-    write_text(path / RECORD, json.dumps(sweep_record(spec), indent=1, sort_keys=True))
+    counts = {"num_samples": spec.num_samples, "max_concurrent": spec.max_concurrent}
+    write_text(path / RECORD, json.dumps({**sweep_record(spec), COUNTS: counts}, indent=1, sort_keys=True))
     write_text(path / PINNED, json.dumps(pinned or {}, indent=1, sort_keys=True))
     space = param_space(spec)
     return tune.Tuner(
