@@ -83,7 +83,7 @@ class GuidanceConfig:
     n_guide_steps: int = _f(2, "Gradient steps per denoising step.")
     t_stopgrad: int = _f(2, "No guidance at noise levels t < t_stopgrad. The starting noise (level T-1) is always "
                             "guided, so a few-step DDIM sampler is guided even where its steps land below t_stopgrad.")
-    scale_grad_by_std: bool = _f(True, "Scale the value gradient by the posterior variance σ_t² (σ_1² at t = 0, as in Diffuser).")
+    scale_grad_by_std: bool = _f(True, "Scale the value gradient by the posterior variance σ_t² (σ_1² at t = 0, as Ho et al.'s code clips it; Diffuser's 1e-20 leaves t = 0 unguided).")
     n_candidates: int = _f(1, "Plans sampled per state; the one with the highest V is executed (needs the value net if > 1).")
     return_quantile: float = _f(0.9, "With model.returns_condition: plans are sampled conditioned on this quantile of the offline data's window returns (reward per step over the horizon).")
     return_scale: float = _f(1.0, "Classifier-free guidance weight w of the return condition (Ho & Salimans 2022): out = out_uncond + w·(out_cond − out_uncond). 1 samples the conditional model (one denoiser pass); > 1 pushes past it at two passes per step.")

@@ -76,7 +76,8 @@ class Planner:
                 scale=guidance.scale,
                 n_steps=guidance.n_guide_steps,
                 t_stopgrad=guidance.t_stopgrad,
-                # Diffuser's clipped σ_t²: the true σ_0² = 0 would switch guidance off at t = 0.
+                # σ_t² with σ_0² clipped to σ_1², as in Ho et al.'s code: the true 0 would switch guidance
+                # off at t = 0. (Diffuser clamps it to 1e-20, which does.)
                 posterior_variance=diffusion.posterior_log_variance_clipped.exp() if guidance.scale_grad_by_std else None,
             )
         self.guided_by_value = guide is None and self.guide is not None

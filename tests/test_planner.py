@@ -206,7 +206,7 @@ def test_the_guide_takes_its_steps_scale_and_stopgrad_from_the_config():
     torch.testing.assert_close(LAYOUT.actions(guided), torch.full((2, 4, 1), 0.3))  # 3 steps of 0.1, ∇V = 1
 
 
-def test_the_guide_at_t0_is_scaled_by_diffusers_clipped_variance_not_zero():
+def test_the_guide_at_t0_is_scaled_by_the_clipped_variance_not_zero():
     planner = toy_planner(GuidanceConfig(scale=0.1, n_guide_steps=1, t_stopgrad=0, scale_grad_by_std=True))
     guided = planner.guide(torch.zeros(2, 4, 2), torch.zeros(2, dtype=torch.long), lambda y: y)
     sigma2 = planner.diffusion.posterior_variance[1].item()  # σ_0² = 0 is clipped to σ_1²

@@ -15,10 +15,11 @@ class ValueGuide:
 
     ``scale`` is k; ``n_steps`` gradient steps are taken per denoising step, each followed by
     re-clamping s_0; steps at noise levels ``t < t_stopgrad`` are left unguided; with
-    ``posterior_variance`` given, the gradient is scaled by σ_t² as in Diffuser. Diffuser's σ_t²
-    is the clipped one, ``diffusion.posterior_log_variance_clipped.exp()`` (as the planner passes
-    it): the true ``posterior_variance`` has σ_0² = 0, which switches guidance off at t = 0,
-    where a 2-step DDIM's only guided step after the starting noise lands.
+    ``posterior_variance`` given, the gradient is scaled by σ_t² as in Diffuser. The planner
+    passes ``diffusion.posterior_log_variance_clipped.exp()``, whose σ_0² is σ_1² (Ho et al.'s
+    code): the true σ_0² = 0 would switch guidance off at t = 0, where a 2-step DDIM's only
+    guided step after the starting noise lands. (Diffuser clamps σ_0² to 1e-20, which does; its
+    default t_stopgrad 2 leaves t = 0 unguided anyway.)
     """
 
     def __init__(
