@@ -485,6 +485,31 @@ def test_each_turn_checks_the_learner_timeout(monkeypatch):
     assert len(checked) == 1
 
 
+# driver.settle_training: a learner call settled outside the loop (the checkpoint after a failed
+# evaluation, or a Ctrl-C's) waits no longer than online.learner_timeout_s (mutant: ray.get with
+# no limit, which held the run for ever on a hung learner).
+def test_settling_a_learner_call_waits_no_longer_than_the_learner_timeout(monkeypatch):
+    from distdiff.distributed import driver
+
+    run = run_stub(**{"online.learner_timeout_s": 30.0})
+    run.train_ref, run.train_since, run.run_dir = object(), time.perf_counter() - 10.0, "RUN"
+    waited = []
+
+    def wait(refs, timeout, fetch_local):
+        waited.append(timeout)
+        run.train_since -= timeout  # as if that time had passed; the call never returns
+        return [], list(refs)
+
+    def get(ref):
+        raise AssertionError("waited on the hung call without a limit")
+
+    monkeypatch.setattr(driver.ray, "wait", wait)
+    monkeypatch.setattr(driver.ray, "get", get)
+    with pytest.raises(RunFailed, match="past online.learner_timeout_s 30: the learner is taken for hung"):
+        run.settle_training()
+    assert 19.0 < waited[0] <= 20.0 and waited[1:] == [0]
+
+
 def test_a_resume_that_lowers_a_budget_to_what_the_run_has_done_says_so():
     # A resume's --online.env_steps 1000 read as "1000 more" ran only the owed updates and the
     # final evaluation of a run at env step 4929, with a note of the change alone.

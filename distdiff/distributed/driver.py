@@ -796,6 +796,13 @@ class OnlineRun:
         """Wait for the learner's call in flight, if any, and count its updates; its stats."""
         if self.train_ref is None:
             return None
+        timeout = self.cfg.online.learner_timeout_s
+        if timeout:
+            # Not for ever on a learner that hangs: the loop checks the timeout at each turn, but
+            # a checkpoint after a failed evaluation, or a Ctrl-C's, settles the call outside it.
+            ray.wait([self.train_ref], timeout=max(0.0, self.train_since + timeout - time.perf_counter()),
+                     fetch_local=False)
+            self.stop_if_learner_hangs(time.perf_counter())
         try:
             # Kept until it returns: a Ctrl-C during the wait leaves it for the checkpoint to settle.
             stats = ray.get(self.train_ref)
