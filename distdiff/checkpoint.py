@@ -8,7 +8,7 @@ from __future__ import annotations
 import shutil
 import zipfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict
 
 import torch
 
@@ -28,16 +28,25 @@ class CheckpointWriteError(OSError):
     is intact."""
 
 
+def map_leaves(obj, is_leaf: Callable[[Any], bool], fn: Callable[[Any], Any]):
+    """``obj`` with ``fn`` applied to every leaf (``is_leaf``) in its dicts, lists and tuples
+    (named tuples kept as their type); anything else as it is."""
+    if is_leaf(obj):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_leaves(v, is_leaf, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [map_leaves(v, is_leaf, fn) for v in obj]
+    if isinstance(obj, tuple):
+        items = [map_leaves(v, is_leaf, fn) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
+    return obj
+
+
 def to_cpu(obj):
     """``obj`` with every tensor in its dicts, lists and tuples on CPU: a checkpoint written where
     training ran on a GPU must load with a plain ``torch.load`` where there is none."""
-    if torch.is_tensor(obj):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
+    return map_leaves(obj, torch.is_tensor, lambda t: t.cpu())
 
 
 def save_checkpoint(path: str | Path, payload: Dict[str, Any]) -> Path:

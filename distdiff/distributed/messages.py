@@ -1,12 +1,15 @@
 """What crosses Ray between the driver and its actors, as named tuples: a field is read by name,
 and a misspelt one fails where it is read, not as a missing dict key far from the actor that
-made the result."""
+made the result. State dicts (a checkpoint's learner and replay) cross with their tensors packed
+(:func:`pack_tensors`)."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
+
+from distdiff.checkpoint import map_leaves
 
 if TYPE_CHECKING:  # annotations only: distdiff.distributed.learner, which imports this, imports no env code
     from distdiff.data.episodes import Episode
@@ -67,33 +70,22 @@ class TensorBytes(NamedTuple):
 def pack_tensors(obj):
     """``obj`` with every tensor in its dicts, lists and tuples as :class:`TensorBytes`, for an
     actor's method to return or a driver to pass; :func:`unpack_tensors` restores it."""
-    if torch.is_tensor(obj):
-        t = obj.detach().cpu().contiguous()
-        return TensorBytes(t.reshape(-1).view(torch.uint8).numpy(), str(t.dtype).removeprefix("torch."),
-                           tuple(t.shape))
-    if isinstance(obj, dict):
-        return {k: pack_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [pack_tensors(v) for v in obj]
-    if isinstance(obj, tuple):
-        items = [pack_tensors(v) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-    return obj
+    return map_leaves(obj, torch.is_tensor, _packed)
 
 
 def unpack_tensors(obj):
     """``obj`` with every :class:`TensorBytes` a tensor again, in memory of its own: what Ray
     hands over maps its object store read-only, and would be held there while the tensor lives."""
-    if isinstance(obj, TensorBytes):
-        dtype = getattr(torch, obj.dtype)
-        if not obj.data.size:  # (no bytes to view as another dtype)
-            return torch.empty(obj.shape, dtype=dtype)
-        return torch.from_numpy(obj.data.copy()).view(dtype).reshape(obj.shape)
-    if isinstance(obj, dict):
-        return {k: unpack_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [unpack_tensors(v) for v in obj]
-    if isinstance(obj, tuple):
-        items = [unpack_tensors(v) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-    return obj
+    return map_leaves(obj, lambda x: isinstance(x, TensorBytes), _unpacked)
+
+
+def _packed(tensor: torch.Tensor) -> TensorBytes:
+    t = tensor.detach().cpu().contiguous()
+    return TensorBytes(t.reshape(-1).view(torch.uint8).numpy(), str(t.dtype).removeprefix("torch."), tuple(t.shape))
+
+
+def _unpacked(packed: TensorBytes) -> torch.Tensor:
+    dtype = getattr(torch, packed.dtype)
+    if not packed.data.size:  # (no bytes to view as another dtype)
+        return torch.empty(packed.shape, dtype=dtype)
+    return torch.from_numpy(packed.data.copy()).view(dtype).reshape(packed.shape)
