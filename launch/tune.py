@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     started = connect_job(args.address, args.num_cpus, runtime_env={"env_vars": env_vars} if env_vars else None)
     short = shortfall(spec)
     if short:
-        what = f"a trial reserves {' and '.join(short)} for its driver, learner and rollout actors"
+        what = f"a trial reserves {' and '.join(short)}"
         if started:
             shutdown()
             fail(f"{what}, more than this machine's Ray: it would never start. Lower the sweep's `resources:` or "

@@ -431,6 +431,7 @@ def test_a_sweep_whose_trials_all_failed_has_no_best_config(tiny_dataset, tmp_pa
     (storage / "sweep" / "best_config.yaml").write_text("train: {steps: 1}\n")
     monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: False)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     failed = ({"diffusion.schedule": "linear", "guidance.scale": 0.0}, {}, "failed")
     for results in (FakeResults(failed), FakeResults(failed, failed)):
         monkeypatch.setattr(tuning, "make_tuner", lambda *args, **kwargs: SimpleNamespace(fit=lambda: results))
@@ -457,12 +458,31 @@ def test_a_trial_larger_than_the_embedded_ray_fails_before_any_trial(tiny_datase
     shutdowns = []
     monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: True)  # an embedded Ray
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 1.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 1.0}}])
     monkeypatch.setattr(ray, "shutdown", lambda: shutdowns.append(1))
     sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset)  # 0.25 + 0.5 + 2 x 0.25 CPUs a trial
     with pytest.raises(SystemExit) as stop:
         tune_script.main(["--config", str(sweep), "--storage", str(tmp_path / "storage")])
     assert stop.value.code == 2 and shutdowns == [1]
-    assert "a trial reserves 1.25 CPU (the cluster has 1)" in capsys.readouterr().err
+    assert "a trial reserves 1.25 CPU for its driver, learner and rollout actors (the cluster has 1)" in \
+        capsys.readouterr().err
+
+
+def test_a_bundle_no_node_holds_is_a_shortfall_though_the_cluster_has_enough(tiny_dataset, tmp_path, monkeypatch):
+    # A placement group's bundle is placed whole on one node: a 6-CPU learner never starts on
+    # 4-CPU nodes, however many of them there are.
+    import ray
+
+    from distdiff.distributed.tuning import shortfall
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 4.0, "GPU": 1.0}}] * 3 + [{"Alive": False, "Resources": {"CPU": 64.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 12.0, "GPU": 3.0})
+    resources = {"driver_cpus": 0.25, "learner_cpus": 6, "learner_gpus": 1, "actor_cpus": 0.25}
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, resources=resources))
+    assert shortfall(spec) == ["6 CPU and 1 GPU for its learner on one node (the nodes have at most 4 CPU and 1 GPU each)"]
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, resources={**resources, "learner_cpus": 4}))
+    assert shortfall(spec) == []
 
 
 def test_resume_without_a_sweep_fails_before_ray_starts(tiny_dataset, tmp_path, monkeypatch, tune_script, capsys):
@@ -930,6 +950,7 @@ def test_the_closing_lines_say_how_to_train_the_best_config(tiny_dataset, prior,
 
     monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: False)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2}
     space = {"guidance.scale": {"uniform": [0.0, 1.0]}}
     results = FakeResults(({"guidance.scale": 0.5}, {"normalized_score": 3.0, "updates": 8}, None))
@@ -1250,6 +1271,7 @@ def test_an_interrupted_sweep_counts_the_trials_not_made_yet(tiny_dataset, tmp_p
     storage = tmp_path / "storage"
     monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: False)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     results = Results([SimpleNamespace(error=None, metrics={"done": False})])  # the second never made
     monkeypatch.setattr(tuning, "make_tuner", lambda *args, **kwargs: SimpleNamespace(fit=lambda: results))
     assert tune_script.main(["--config", str(sweep), "--storage", str(storage)]) == 130

@@ -679,10 +679,22 @@ def largest_trial(spec: SweepSpec) -> Dict[str, float]:
 
 
 def shortfall(spec: SweepSpec) -> List[str]:
-    """What the largest trial (:func:`largest_trial`) reserves beyond all the connected
-    cluster has, in words: such a trial never starts unless an autoscaler adds nodes."""
+    """What a trial reserves beyond what the connected cluster has, in words: the largest trial
+    (:func:`largest_trial`) beyond all of it, or a bundle of its placement group (its learner's,
+    its driver's, a rollout actor's) beyond every node, where the bundle must fit whole. Such a
+    trial never starts unless an autoscaler adds nodes."""
     need, have = largest_trial(spec), ray.cluster_resources()
-    return [f"{need[k]:g} {k} (the cluster has {have.get(k, 0):g})" for k in need if need[k] > have.get(k, 0) + 1e-9]
+    short = [f"{need[k]:g} {k} for its driver, learner and rollout actors (the cluster has {have.get(k, 0):g})"
+             for k in need if need[k] > have.get(k, 0) + 1e-9]
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    driver, learner, actor = spec.resources.bundles(1)
+    for who, bundle in (("its learner", learner), ("its driver", driver), ("each rollout actor", actor)):
+        asks = {k: v for k, v in bundle.items() if v > 0}
+        if asks and nodes and not any(all(node.get(k, 0.0) + 1e-9 >= v for k, v in asks.items()) for node in nodes):
+            most = {k: max(node.get(k, 0.0) for node in nodes) for k in asks}
+            short.append(f"{' and '.join(f'{v:g} {k}' for k, v in asks.items())} for {who} on one node (the nodes "
+                         f"have at most {' and '.join(f'{v:g} {k}' for k, v in most.items())} each)")
+    return short
 
 
 def make_scheduler(spec: SweepSpec, space: Dict[str, Any]):
