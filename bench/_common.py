@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from distdiff import config as config_lib
+from distdiff.data.episodes import Episode
 from distdiff.distributed.messages import Weights
-from distdiff.models import build_models
+from distdiff.models import build_models, layout_of
 from distdiff.normalizer import Normalizer
 from distdiff.training import Trainer, flat_weights
 
@@ -90,3 +91,25 @@ def fresh_checkpoint(cfg) -> dict:
                     return_quantiles=np.linspace(-1.0, 1.0, 101)).state_dict()
     state["step"] = cfg.train.steps
     return state
+
+
+def synthetic_episodes(cfg, n: int, rng: np.random.Generator) -> List[Episode]:
+    """``n`` time-limit-long episodes of Gaussian states, uniform actions and Gaussian rewards: a
+    replay's cost depends on their number and length, not on their values."""
+    steps, obs, act = cfg.env.max_episode_steps, cfg.env.obs_dim, cfg.env.act_dim
+    return [Episode(rng.normal(size=(steps + 1, obs)).astype(np.float32),
+                    rng.uniform(-1, 1, size=(steps, act)).astype(np.float32),
+                    rng.normal(size=steps).astype(np.float32), False, True) for _ in range(n)]
+
+
+def replay_kwargs(cfg, offline: List[Episode]) -> Dict[str, object]:
+    """The Replay's arguments as a run of ``cfg`` gives them, with ``offline`` as its offline
+    episodes and a normalizer fitted on them."""
+    o = cfg.online
+    data = np.concatenate([np.concatenate([e.observations[:-1], e.actions], axis=1) for e in offline])
+    return dict(offline_episodes=offline, normalizer=Normalizer.fit(data, kind=cfg.data.normalizer).state_dict(),
+                layout=layout_of(cfg), horizon=cfg.model.horizon, discount=cfg.data.discount,
+                termination_penalty=cfg.data.termination_penalty, capacity=o.replay_capacity,
+                offline_ratio=o.offline_ratio, value_target=cfg.data.value_target,
+                return_weighting=o.return_weighting, offline_start_weight=o.offline_start_window_weight,
+                online_start_weight=o.start_window_weight, time_limit=cfg.env.max_episode_steps, seed=0)

@@ -23,18 +23,16 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import HelpFormatter, add_config_argument, load_config, start_local_ray  # noqa: E402
+from _common import (HelpFormatter, add_config_argument, load_config, replay_kwargs, start_local_ray,  # noqa: E402
+                     synthetic_episodes)
 
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
 from distdiff.cli import positive_int  # noqa: E402
-from distdiff.data.episodes import Episode  # noqa: E402
 from distdiff.data.windows import Batch  # noqa: E402
 from distdiff.distributed.replay import Replay  # noqa: E402
-from distdiff.models import layout_of  # noqa: E402
-from distdiff.normalizer import Normalizer  # noqa: E402
 
 
 def main():
@@ -48,24 +46,11 @@ def main():
     cfg = load_config(p, args.config)
     o, n_steps = cfg.online, cfg.env.max_episode_steps
     rng = np.random.default_rng(0)
-
-    def episode():
-        return Episode(rng.normal(size=(n_steps + 1, cfg.env.obs_dim)).astype(np.float32),
-                       rng.uniform(-1, 1, size=(n_steps, cfg.env.act_dim)).astype(np.float32),
-                       rng.normal(size=n_steps).astype(np.float32), False, True)
-
-    offline = [episode() for _ in range(200)]
-    data = np.concatenate([np.concatenate([e.observations[:-1], e.actions], axis=1) for e in offline])
-    replay = Replay(offline_episodes=offline, normalizer=Normalizer.fit(data, kind=cfg.data.normalizer).state_dict(),
-                    layout=layout_of(cfg), horizon=cfg.model.horizon, discount=cfg.data.discount,
-                    termination_penalty=cfg.data.termination_penalty, capacity=o.replay_capacity,
-                    offline_ratio=o.offline_ratio, value_target=cfg.data.value_target,
-                    return_weighting=o.return_weighting, offline_start_weight=o.offline_start_window_weight,
-                    online_start_weight=o.start_window_weight, time_limit=n_steps, seed=0)
-    replay.add([episode() for _ in range(o.replay_capacity // n_steps if args.episodes is None else args.episodes)])
+    replay = Replay(**replay_kwargs(cfg, synthetic_episodes(cfg, 200, rng)))
+    replay.add(synthetic_episodes(cfg, o.replay_capacity // n_steps if args.episodes is None else args.episodes, rng))
     after_add, again = [], []
     for _ in range(args.repeats):
-        replay.add([episode()])
+        replay.add(synthetic_episodes(cfg, 1, rng))
         t0 = time.perf_counter()
         replay.sample(o.updates_per_call, cfg.train.batch_size)
         t1 = time.perf_counter()
