@@ -27,6 +27,7 @@ def run_stub(counters=None, **overrides) -> OnlineRun:
     """An OnlineRun with only its config and counters: what the budget methods read."""
     run = OnlineRun.__new__(OnlineRun)
     run.cfg, run.counters = tiny_online_config("local/unused-v0", **overrides), Counters(**(counters or {}))
+    run.replay_filled = True  # the replay can sample a batch
     return run
 
 
@@ -159,6 +160,28 @@ def test_rollouts_wait_for_the_learner_near_the_end_of_an_update_budget_too():
     run.counters.env_steps = 20 + run.cfg.online.max_update_lag * 2  # a debt of the lag: no longer waits
     run.submit(1)
     assert started == [1]
+
+
+def test_rollouts_do_not_wait_for_a_learner_that_has_nothing_to_train_on():
+    # A resume without replay.pt and with no offline data: the checkpoint owed more than the lag,
+    # and the learner waits for episodes. Parked, every worker waited for it: the loop ended at
+    # once, blaming NaN episodes, and so did every resume after it.
+    run = run_stub({"env_steps": 20_000, "updates": 10, "episodes": 100},
+                   **{"online.offline_ratio": 0.0, "online.env_steps": 0, "online.updates": 5000})
+    run.interrupted, run.parked, started = None, [], []
+    run.start_rollout = lambda i, **share: started.append(i)
+    run.replay_filled = False
+    run.replay = SimpleNamespace(size=SimpleNamespace(remote=lambda: 0))
+    import distdiff.distributed.driver as driver
+
+    assert run.owed_updates() > run.cfg.online.max_update_lag
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(driver.ray, "get", lambda size: size)
+        run.submit(0)
+        assert started == [0] and not run.parked
+        run.replay.size.remote = lambda: 1  # its first episode stored: the learner can pay the debt
+        run.submit(1)
+    assert run.parked == [1] and started == [0]
 
 
 def test_an_evaluation_with_a_nan_return_never_becomes_the_best_nor_blocks_later_ones(tmp_path):

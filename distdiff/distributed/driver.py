@@ -279,6 +279,7 @@ class OnlineRun:
         self.log = _above_progress_bars(log) if progress else log
         self.on_evaluation = on_evaluation
         self.counters = counters
+        self.start_episodes = counters.episodes
         self.normalizer = Normalizer.from_state_dict(state["normalizer"])
         res = checked_resources(cfg, log)
         log(f"actors: {_count(cfg.online.num_actors, 'rollout actor')} x {_count(cfg.online.envs_per_actor, 'env')} "
@@ -861,7 +862,8 @@ class OnlineRun:
             # are sound: a resume (with working rollout actors) goes on from what they hold.
             self.checkpoint()
             if self.parked and not self.has_training_data():
-                raise RunFailed(f"the replay refused every episode collected ({c.episodes}: NaN or infinite values) "
+                raise RunFailed(f"the replay refused every episode collected "
+                                f"({c.episodes - self.start_episodes} since the run started: NaN or infinite values) "
                                 f"and there is no offline data (online.offline_ratio 0): the learner has nothing "
                                 f"to train on")
             if self.parked:
@@ -939,8 +941,10 @@ class OnlineRun:
         if self.stopping():
             return  # (the loop drains what runs at its next turn)
         # The whole debt, not its part within the update budget: near the budget's end (or all
-        # along, with a budget below the lag) the ratio would hold no longer.
-        if update_debt(self.cfg, c) > o.max_update_lag:
+        # along, with a budget below the lag) the ratio would hold no longer. Only while the
+        # learner can pay it: a resume whose replay starts empty, with no offline data, owes
+        # what the checkpoint owed, and the learner waits for the episodes parking would hold back.
+        if update_debt(self.cfg, c) > o.max_update_lag and self.has_training_data():
             self.parked.append(i)
             return
         share = None
