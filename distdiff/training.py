@@ -212,6 +212,7 @@ class Trainer:
         self.step = 0
         self.skipped_updates = 0
         self.skipped_in_a_row = 0  # not checkpointed: a resume is not stopped by old ones
+        self.nonfinite: List[str] = []  # what the last skipped update found non-finite
 
     def _set_learning_rates(self, multiplier: float = 1.0) -> None:
         tc = self.cfg.train
@@ -244,8 +245,8 @@ class Trainer:
             return losses
         self.skipped_in_a_row += 1
         if self.skipped_in_a_row >= max_in_a_row:
-            raise NonFiniteError(f"{self.skipped_in_a_row} non-finite updates in a row; stopping with the last good "
-                                 "checkpoint intact")
+            raise NonFiniteError(f"{self.skipped_in_a_row} non-finite updates in a row (in the last: "
+                                 f"{', '.join(self.nonfinite)}); stopping with the last good checkpoint intact")
         return None
 
     def update(self, batch: Batch) -> Optional[Dict[str, float]]:
@@ -287,6 +288,11 @@ class Trainer:
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
             self.skipped_updates += 1
+            # Named in the error that repeated skips raise: a value loss alone points at its
+            # targets, every loss at once at the batch or the weights.
+            self.nonfinite = [name for name, v in zip(("denoiser loss", "value loss", "dynamics loss",
+                                                       "denoiser gradient", "value gradient", "dynamics gradient"),
+                                                      stats) if not math.isfinite(v)]
             return None
         self.opt_denoiser.step()
         if self.cfg.train.train_value:

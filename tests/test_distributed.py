@@ -1455,7 +1455,7 @@ def test_nan_batch_is_skipped_and_repeated_failure_stops(pretrained):
     stats = learner.train([bad, good])
     assert stats.skipped == 1 and stats.updates == 1
     assert all(torch.isfinite(p).all() for p in learner.trainer.denoiser.parameters())
-    with pytest.raises(NonFiniteError):
+    with pytest.raises(NonFiniteError, match=r"3 non-finite updates in a row \(in the last: denoiser loss, value loss"):
         learner.train([bad, bad, bad])
 
 

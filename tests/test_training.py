@@ -115,6 +115,9 @@ def test_non_finite_batch_is_skipped_and_changes_nothing(tiny_episodes, where):
     before = snapshot(trainer)
     assert trainer.update(_poison(windows.sample(8, rng), where)) is None
     assert trainer.skipped_updates == 1
+    # Named in the error repeated skips raise: a bad return reaches the value net's loss alone.
+    assert ("value loss" in trainer.nonfinite) == (where != "window_returns")
+    assert ("denoiser loss" in trainer.nonfinite) == (where != "returns")
     assert trainer.step == 3
     assert_same(snapshot(trainer), before)
     assert all(p.grad is None for p in trainer.denoiser.parameters())
