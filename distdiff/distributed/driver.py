@@ -586,7 +586,9 @@ class OnlineRun:
         # Kept in flight until it returns: a Ctrl-C during the wait leaves it for close() to stop.
         error = result.exception()
         if error is not None:
-            # Its checkpoint stays marked (no metrics.json of it): a resume runs it again.
+            # Its checkpoint stays marked (no metrics.json of it): a resume runs it again. Unless,
+            # mid-run, take_evaluation checkpoints the training done since over it: a resume goes
+            # on from those newer weights, and the failed evaluation's are not judged again.
             self.evaluation = None
             raise RunFailed(f"the evaluation at update {at['updates']} failed: {type(error).__name__}: {error}") from error
         summary = result.result()
@@ -726,7 +728,7 @@ class OnlineRun:
         self.bar.set_postfix(updates=self.counters.updates, refresh=False)
 
     def log_figure(self) -> None:
-        """Draw the latest measured plan, once: the figure is logged at the current update, and
+        """Draw the latest rollout's example plan (:attr:`RolloutResult.example`), once: the figure is logged at the current update, and
         the plan was made with the weights its rollout started with, which its title names."""
         if self.last_example is None:
             return
@@ -738,7 +740,8 @@ class OnlineRun:
         error = mean_alignment_error(per_step_alignment_error(
             [alignment_errors(example.planned_states, example.reached_states, states)]))
         dims, actions = plan_vs_real_dims(env.id, env.obs_dim, env.act_dim)
-        title = (f"a rollout's latest measured plan (one in online.measure_every {self.cfg.online.measure_every}), "
+        title = (f"the latest rollout's example: one episode's last measured plan (one in online.measure_every "
+                 f"{self.cfg.online.measure_every}), "
                  f"by weights version {version} of {self.counters.version}: alignment error {error:.3f}")
         tag = "rollout/plan_vs_real"
         self.writer.add_figure(tag, plan_vs_real_figure(example, dims, actions, title), self.step_of(tag))
@@ -838,8 +841,11 @@ class OnlineRun:
         self.evaluate_first = False
         if self.collecting:
             self.log_budget_share()
-        self.env_rate, self.update_rate = RecentRate(self.t0, c.env_steps), RecentRate(self.t0, c.updates)
-        self.busy_rate = RecentRate(self.t0, self.learner_seconds)
+        # From here: the evaluation resumed above first writes its checkpoint, a wait that the
+        # first minute's rates would count as training's.
+        t_rates = time.perf_counter()
+        self.env_rate, self.update_rate = RecentRate(t_rates, c.env_steps), RecentRate(t_rates, c.updates)
+        self.busy_rate = RecentRate(t_rates, self.learner_seconds)
         self.next_ckpt, self.next_fig = self.after(o.checkpoint_every), self.after(o.figure_every)
         self.next_eval = self.after(o.eval_every) if o.eval_every else None
         self.bar = progress_bar(total=o.env_steps or None, initial=c.env_steps, desc="online", unit="step",
