@@ -712,11 +712,16 @@ def net_fields() -> List[str]:
             "diffusion.n_steps", "diffusion.schedule", "diffusion.prediction"]
 
 
+# Acting fields that only a training run reads, with what a caller judging a checkpoint has instead.
+TRAINING_ONLY = {"eval.num_actors": "its parallel rollout actors are --num-actors"}
+
+
 def acting_fields() -> List[str]:
     """The fields that change how a trained checkpoint acts, which judging it may override. The
     others made its nets (model, diffusion schedule, normalizer, value target) or train them."""
     acting = ["env.max_episode_steps", "diffusion.clip_denoised", "online.prior_weight", "train.num_threads"]
-    acting += [f"{name}.{f.name}" for name in ("guidance", "planner", "eval") for f in dataclasses.fields(_sections()[name])]
+    acting += [f"{name}.{f.name}" for name in ("guidance", "planner", "eval") for f in dataclasses.fields(_sections()[name])
+               if f"{name}.{f.name}" not in TRAINING_ONLY]
     return acting
 
 
@@ -732,7 +737,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, from_checkpoint: bool = Fa
         group = parser.add_argument_group(f"{name} (config section)")
         hints = typing.get_type_hints(section_type)
         for f in dataclasses.fields(section_type):
-            default = "the checkpoint's" if from_checkpoint else "empty" if f.default == () else f.default
+            default = "the checkpoint's" if from_checkpoint else "empty" if f.default in ((), "") else f.default
             metavar = {bool: "BOOL", int: "INT", float: "FLOAT", Tuple[int, ...]: "INT,INT,...",
                        Tuple[float, ...]: "FLOAT,FLOAT"}.get(hints[f.name], "VALUE")
             # argparse %-formats help strings: a literal % (as in "36 % closer") must be doubled.
@@ -760,7 +765,7 @@ def refused_overrides(args: argparse.Namespace) -> List[str]:
     """The ``--section.field`` flags given that are not :func:`acting_fields`: a checkpoint's nets
     were made and trained with its own, so overriding them would change nothing or misread it."""
     acting = set(acting_fields())
-    return [f"--{key}" for key in given_overrides(args) if key not in acting]
+    return [f"--{key}" for key in given_overrides(args) if key not in acting and key not in TRAINING_ONLY]
 
 
 # Fields that act only under another field's setting: (fields, whether it holds, what it is).
@@ -796,7 +801,7 @@ def from_args(args: argparse.Namespace, base: Optional[Config] = None) -> Config
         path = getattr(args, "config", None)
         data = read(path) if path is not None else None
         if data == {}:
-            # (README: an empty file means the defaults; said, in case the wrong file was given.)
+            # (The defaults, as for no file; said, in case the wrong file was given.)
             print(f"warning: config file {path} sets nothing: the defaults are used", file=sys.stderr)
         cfg = load(path, overrides, data=data)
     else:

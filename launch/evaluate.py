@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.config is not None:
         fail("evaluate plans with the checkpoint's own config; drop --config (override fields with --section.field)")
+    for key, instead in config_lib.TRAINING_ONLY.items():
+        if key in config_lib.given_overrides(args):
+            fail(f"--{key} sets what a training run does; {instead}")
     refused = config_lib.refused_overrides(args)
     if refused:
         fail(f"{', '.join(refused)}: {'these' if len(refused) > 1 else 'this'} made or trained the checkpoint's nets, "

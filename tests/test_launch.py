@@ -270,6 +270,9 @@ def test_a_run_dir_that_holds_a_run_is_kept_unless_overwrite(run30, tmp_path, ti
     (["evaluate.py", "--checkpoint", "nowhere", "--train.lr", "1", "--diffusion.schedule", "linear",
       "--guidance.scale", "0.1"], "--diffusion.schedule, --train.lr: these made or trained the checkpoint's nets"),
     (["train.py", "--online.replay_capacity", "500"], "online.replay_capacity (500) must hold a whole episode"),
+    # A training run's: evaluate.py ran its episodes serially, the flag taken without a word.
+    (["evaluate.py", "--checkpoint", "nowhere", "--eval.num_actors", "8"],
+     "--eval.num_actors sets what a training run does; its parallel rollout actors are --num-actors"),
 ])
 def test_bad_arguments_fail_before_any_work(args, expected, monkeypatch, capsys):
     # Before Ray starts too: nothing listens at this address, and connecting would fail otherwise.
