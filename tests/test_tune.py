@@ -173,10 +173,11 @@ def test_the_shipped_sweep_loads():
 def test_the_shipped_sweep_over_a_prior_loads_where_the_quickstart_left_its_run(prior, tmp_path):
     (tmp_path / "configs").mkdir()
     shutil.copy2(ROOT / "configs" / "tune_prior.yaml", tmp_path / "configs")
-    (tmp_path / "runs" / "quickstart").mkdir(parents=True)
-    shutil.copy2(prior, tmp_path / "runs" / "quickstart")
+    # The prior phase 1 made, not the run's aligned checkpoint beside pretrain/.
+    (tmp_path / "runs" / "quickstart" / "pretrain").mkdir(parents=True)
+    shutil.copy2(prior, tmp_path / "runs" / "quickstart" / "pretrain")
     spec = load_spec(tmp_path / "configs" / "tune_prior.yaml")
-    assert spec.init == str(tmp_path / "runs" / "quickstart") and spec.trial_config({}).model.dim == 16
+    assert spec.init == str(tmp_path / "runs" / "quickstart" / "pretrain") and spec.trial_config({}).model.dim == 16
     scheduler = make_scheduler(spec, param_space(spec))
     assert scheduler._time_attr == "updates"
 
