@@ -56,7 +56,7 @@ REPORTED_BY = "trial_id"  # in each checkpoint a trial reports: that trial's id 
 COUNTS = "counts"  # the record's num_samples and max_concurrent, which Tune keeps: not compared on a resume
 PINNED = "distdiff_dataset.json"  # the fields that fixed the dataset of its trials (pinned_dataset)
 SHARED_STORAGE = ("a sweep over more than one node needs its --storage on a filesystem that every node mounts at "
-                  "the same path (README, Ray Tune)")
+                  "the same path (README, \"Sweeps (Ray Tune)\")")
 # The mode of the metrics that have a better end: the other one would rank the worst trial first.
 BETTER = {"normalized_score": "max", "return_mean": "max", "alignment_error": "min"}
 # The fields that set a trial's budget, which ASHA's one max_t must match.
