@@ -91,8 +91,11 @@ def flat_weights(module: torch.nn.Module) -> np.ndarray:
 
     One contiguous NumPy array travels through Ray's object store zero-copy: a reader maps it
     instead of unpickling one tensor at a time, which makes a broadcast cost a memcpy per actor.
+    Joined where the nets are, then copied once: a GPU learner's state holds hundreds of tensors,
+    and a copy of each to the host would wait for the GPU each time.
     """
-    return torch.cat([t.detach().reshape(-1).to("cpu", torch.float32) for t in module.state_dict().values()]).numpy()
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in module.state_dict().values()])
+    return flat.to("cpu").numpy()
 
 
 @torch.no_grad()
