@@ -80,6 +80,9 @@ def main(argv=None) -> int:
     if refused:
         fail(f"{', '.join(refused)}: {'these' if len(refused) > 1 else 'this'} made or trained the checkpoint's nets, "
              f"which evaluate judges as they are; it overrides only how they act (--help lists those flags)")
+    if args.num_actors > 1 and "train.num_threads" in config_lib.given_overrides(args):
+        fail("--train.num_threads sets the threads of an evaluation in this process (--num-actors 1); rollout "
+             "actors plan with one thread each")
     take_alias(args, "guidance", "guidance.scale")
     take_alias(args, "episodes", "eval.episodes")
     # Before the work: beside the checkpoint by default, which may be someone else's or read-only.

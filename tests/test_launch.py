@@ -273,6 +273,8 @@ def test_a_run_dir_that_holds_a_run_is_kept_unless_overwrite(run30, tmp_path, ti
     # A training run's: evaluate.py ran its episodes serially, the flag taken without a word.
     (["evaluate.py", "--checkpoint", "nowhere", "--eval.num_actors", "8"],
      "--eval.num_actors sets what a training run does; its parallel rollout actors are --num-actors"),
+    (["evaluate.py", "--checkpoint", "nowhere", "--num-actors", "2", "--train.num_threads", "2"],
+     "--train.num_threads sets the threads of an evaluation in this process (--num-actors 1)"),
 ])
 def test_bad_arguments_fail_before_any_work(args, expected, monkeypatch, capsys):
     # Before Ray starts too: nothing listens at this address, and connecting would fail otherwise.
