@@ -721,7 +721,6 @@ class OnlineRun:
         log("perf/updates_per_s", self.update_rate(time.perf_counter(), self.counters.updates))
         log("perf/windows_per_s", stats.windows / max(stats.seconds, 1e-9))
         # Near 1: the learner is the bottleneck (actors wait, parked); well below: env steps are.
-        self.learner_seconds += stats.seconds
         log("perf/learner_busy", self.busy_rate(time.perf_counter(), self.learner_seconds))
         log("charts/learning_rate", stats.learning_rate)
         log("replay/size", replay_size)
@@ -822,6 +821,7 @@ class OnlineRun:
         self.train_ref = None
         self.counters.updates += stats.updates
         self.counters.skipped_updates += stats.skipped
+        self.learner_seconds += stats.seconds  # (a call a checkpoint settles computed too)
         return stats
 
     def run(self, interrupted: Optional[Interrupt] = None) -> None:
