@@ -256,6 +256,15 @@ def test_candidates_are_ranked_by_v_at_noise_level_0():
     assert torch.equal(plan.trajectories, candidates[torch.arange(3), best])
 
 
+class LaterStatesSumAtZero(torch.nn.Module):
+    """V = Σ states after the first at noise level 0, −Σ at any other: it reads what a model
+    rollout changes (which keeps the plan's actions), so it tells the rollout from the plan."""
+
+    def forward(self, x, t):
+        v = LAYOUT.states(x)[:, 1:].sum(dim=(-1, -2))
+        return torch.where(t == 0, v, -v)
+
+
 def test_candidates_ranked_by_the_value_of_their_model_rollout_use_v_at_noise_level_0():
     from distdiff.nn.dynamics import model_rollout
 
@@ -264,14 +273,17 @@ def test_candidates_ranked_by_the_value_of_their_model_rollout_use_v_at_noise_le
             return states + actions
 
     d = gaussian_diffusion("cosine", 20, "x0")
-    planner = Planner(diffusion=d, denoiser=exact_denoiser(d), value=ActionSumAtZero(), dynamics=StepByAction(),
+    planner = Planner(diffusion=d, denoiser=exact_denoiser(d), value=LaterStatesSumAtZero(), dynamics=StepByAction(),
                       normalizer=TOY_NORMALIZER, guidance=GuidanceConfig(scale=0.0, n_candidates=1),
                       planner=PlannerConfig(sampler="ddim", ddim_steps=4, dynamics_candidates=4, dynamics_rank="value"))
     plan = planner.plan(TOY_OBS, generator=torch.Generator().manual_seed(5))
     cond = TOY_NORMALIZER.slice(LAYOUT.state_slice).normalize(torch.from_numpy(TOY_OBS)).repeat_interleave(4, dim=0)
     candidates = planner.sample(cond, torch.Generator().manual_seed(5)).trajectories
-    reached = LAYOUT.actions(model_rollout(StepByAction(), candidates, LAYOUT)).sum(dim=(-1, -2)).reshape(3, 4)
+    reached = LAYOUT.states(model_rollout(StepByAction(), candidates, LAYOUT))[:, 1:].sum(dim=(-1, -2)).reshape(3, 4)
     assert torch.equal(plan.trajectories, candidates.reshape(3, 4, 4, 2)[torch.arange(3), reached.argmax(dim=1)])
+    # Ranked by the plans' own states, some row would choose another: the test tells the two apart.
+    own = LAYOUT.states(candidates)[:, 1:].sum(dim=(-1, -2)).reshape(3, 4)
+    assert (own.argmax(dim=1) != reached.argmax(dim=1)).any()
 
 
 class ReturnEcho(torch.nn.Module):
