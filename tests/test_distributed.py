@@ -898,8 +898,22 @@ def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path,
         return real_evaluate(planner, cfg, **kwargs)
 
     monkeypatch.setattr(driver, "evaluate", recording_evaluate)
+    spoiled = []  # (the learner actor's own copy)
+
+    def one_nan_batch(batches):
+        # The first call's first batch holds a NaN, once per learner: each run skips one update.
+        if spoiled:
+            return batches
+        spoiled.append(True)
+        return [batches[0]._replace(x_start=batches[0].x_start * float("nan")), *batches[1:]]
+
+    learner_turning_after(0, one_nan_batch, monkeypatch)
     first = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
     saved = load_checkpoint(tmp_path / "checkpoint.pt")
+    # The NaN update was skipped and counted, and the update it was owed made instead.
+    assert saved["run"]["skipped_updates"] == saved["skipped_updates"] == first["skipped_updates"] == 1
+    assert first["updates"] == int(cfg.online.updates_per_env_step * first["env_steps"])
+    assert saved["step"] - load_checkpoint(ckpt)["step"] == first["updates"]
     stored = load_checkpoint(tmp_path / "replay.pt")["replay"]
     replay_before = stored["added_episodes"]
     assert saved["run"]["env_steps"] == first["env_steps"] and saved["step"] > cfg.train.steps
@@ -930,9 +944,15 @@ def test_resume_continues_counters_and_replay(ray_session, pretrained, tmp_path,
     assert torch.equal(resumed["lengths"][:n], stored["lengths"])
     assert torch.equal(resumed["observations"][:steps + n], stored["observations"])
     assert int(resumed["lengths"].sum()) == second["env_steps"]
-    # Rollouts are numbered on from where the first run stopped, so none repeats a seed.
+    # Rollouts are numbered on from where the first run stopped, so none repeats a seed: every
+    # episode of both runs starts from a state of its own.
     final = load_checkpoint(tmp_path / "checkpoint.pt")
     assert final["run"]["rollouts"] > saved["run"]["rollouts"] > 0
+    starts = torch.cumsum(resumed["lengths"] + 1, 0) - (resumed["lengths"] + 1)
+    assert len(torch.unique(resumed["observations"][starts], dim=0)) == len(resumed["lengths"])
+    # Skipped updates are counted on, on both: each run skipped one.
+    assert final["run"]["skipped_updates"] == second["skipped_updates"] == 2
+    assert resumed_events.Scalars("faults/skipped_updates")[-1].value == 2
     # Phase 2's time goes on too (its wall-time budget counts each process alone): what a run had.
     assert final["run"]["phase2_ms"] > saved["run"]["phase2_ms"] > 0
     assert second["phase2_s"] == round(final["run"]["phase2_ms"] / 1000, 1) > first["phase2_s"] > 0
