@@ -440,6 +440,8 @@ def test_killed_worker_is_replaced_and_nothing_delivered_is_lost(ray_session, pr
     class Staged(RolloutWorker):
         def rollout(self, task=None, **share):
             if self.worker_id == 0 and (marks / "killed").exists():
+                if self.acting.version < 0:  # asked to sample before it was handed weights
+                    (marks / "unarmed").touch()
                 (marks / "back").touch()
             elif self.worker_id == 0 and self.tasks == 1:
                 (marks / "in_flight").touch()
@@ -477,8 +479,10 @@ def test_killed_worker_is_replaced_and_nothing_delivered_is_lost(ray_session, pr
     assert stored["added_episodes"] == run.counters.episodes
     after = [version for worker, version, killed in results if worker == 0 and killed]
     assert after, "the restarted worker never delivered a rollout"
-    # It was handed the weights published at the kill or later before it sampled.
+    # It was handed the weights published at the kill or later before it sampled, with its
+    # first rollout (not a later broadcast's, after rollouts that failed for want of them).
     assert min(after) >= at_kill["version"]
+    assert not (marks / "unarmed").exists()
 
 
 def test_workers_whose_restarts_are_spent_are_dropped_at_once(ray_session, pretrained, tmp_path):
