@@ -224,9 +224,12 @@ def _pretrain(cfg: Config, run_dir: Path, *, resume: bool, quiet: bool, data: Op
                 if trainer.step % cfg.train.checkpoint_every == 0:
                     save()
     except KeyboardInterrupt:
-        save()
-        bar.close()
-        writer.close()
+        # Saved with Ctrl-C (and SIGTERM) deferred again, as phase 2 saves: one that came
+        # meanwhile would raise inside the write and lose the steps since the last checkpoint.
+        with deferred_interrupt():
+            save()
+            bar.close()
+            writer.close()
         raise
     bar.close()
     save()

@@ -12,7 +12,7 @@ import torch
 from _helpers import SMOKE_CONFIG, assert_same, make_trainer, snapshot, tiny_online_config
 from distdiff import config as config_lib
 from distdiff import pretrain as pretrain_lib
-from distdiff.checkpoint import load_checkpoint
+from distdiff.checkpoint import load_checkpoint, save_checkpoint
 from distdiff.training import (Trainer, ema_update, flat_weights, load_flat_weights, lr_multiplier, planner_from_checkpoint,
                                prior_of)
 
@@ -353,6 +353,30 @@ def test_cuda_asked_for_where_there_is_none_is_a_config_error():
 
     with pytest.raises(config_lib.ConfigError, match=r"online.learner_num_gpus\) is cuda .* pass --online.learner_num_gpus 0"):
         Learner(config=config_lib.Config().to_dict(), checkpoint={}, device="cuda")
+
+
+def test_a_second_ctrl_c_while_interrupted_pretraining_saves_does_not_lose_the_save(tiny_dataset, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    update, saving = Trainer.update, []
+
+    def interrupted_at_the_third(self, batch):
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: the loop stops at its next check
+        return update(self, batch)
+
+    def second_ctrl_c_then_save(path, payload):
+        saving.append(payload["step"])
+        os.kill(os.getpid(), signal.SIGINT)  # an impatient second one, as the save starts
+        save_checkpoint(path, payload)
+
+    monkeypatch.setattr(Trainer, "update", interrupted_at_the_third)
+    monkeypatch.setattr(pretrain_lib, "save_checkpoint", second_ctrl_c_then_save)
+    cfg = tiny_online_config(tiny_dataset, **{"train.steps": 50, "train.checkpoint_every": 50})
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_lib.pretrain(cfg, tmp_path, quiet=True)
+    assert saving == [4] and load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4
 
 
 def test_pretraining_skips_scattered_bad_batches_and_stops_at_a_run_of_them(tiny_dataset, tmp_path, monkeypatch):
