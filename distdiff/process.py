@@ -33,6 +33,22 @@ def limit_threads() -> None:
         os.environ.setdefault(var, "1")
 
 
+@contextlib.contextmanager
+def thread_limits() -> Iterator[None]:
+    """:func:`limit_threads` within, for the processes started there to inherit; this process's
+    environment as it was after (a library caller's later subprocesses keep their own threads)."""
+    before = {var: os.environ.get(var) for var in THREAD_VARS}
+    limit_threads()
+    try:
+        yield
+    finally:
+        for var, value in before.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
 def ray_token_file() -> Path:
     """Ray's own token file, ``~/.ray/auth_token`` (RAY_AUTH_TOKEN_PATH names another)."""
     return Path.home() / ".ray" / "auth_token"

@@ -2239,17 +2239,23 @@ def test_a_jobs_processes_get_one_thread_unless_its_driver_says_otherwise(monkey
     assert cluster.job_runtime_env(ours, embedded=True) == {"working_dir": ".", "env_vars": {
         "MKL_NUM_THREADS": "2", "OPENBLAS_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1",
         "MINARI_DATASETS_PATH": "/data/minari"}}
-    # connect() puts the missing ones in the environment first: an embedded Ray then needs none.
+    # connect() puts the missing ones in the environment while Ray starts: an embedded Ray then
+    # needs none, and the caller's environment is as it was after (a notebook's subprocesses
+    # kept one thread each).
     started = []
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(kwargs))
+    monkeypatch.setattr(ray, "init", lambda **kwargs: started.append(
+        {**kwargs, "environ": {var: os.environ[var] for var in THREAD_VARS}}))
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     monkeypatch.setattr(cluster, "make_ray_token_if_none", lambda: None)
     monkeypatch.setattr(cluster, "keep_ray_token_private", lambda log: None)
     assert cluster.connect(address="local", log=lambda s: None) is True
     assert started[-1]["runtime_env"] is None
-    assert {var: os.environ[var] for var in THREAD_VARS} == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "1",
-                                                             "OPENBLAS_NUM_THREADS": "1", "VECLIB_MAXIMUM_THREADS": "1"}
+    assert started[-1]["environ"] == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                                      "VECLIB_MAXIMUM_THREADS": "1"}
+    assert {var: os.environ.get(var) for var in THREAD_VARS} == {"OMP_NUM_THREADS": "4", "MKL_NUM_THREADS": None,
+                                                                 "OPENBLAS_NUM_THREADS": None,
+                                                                 "VECLIB_MAXIMUM_THREADS": None}
 
 
 def test_a_runs_actors_run_their_threads_without_a_runtime_env_of_their_own(ray_session, pretrained, tmp_path):

@@ -104,11 +104,11 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
     when this process started Ray (and must stop it).
 
     The job's tasks and actors get one BLAS/OpenMP thread each unless this process's
-    environment says otherwise (:func:`job_runtime_env`); before an embedded Ray starts, this
-    process's environment gets those it lacks (:func:`~distdiff.process.limit_threads`), for
-    Ray's processes to inherit. A Ray initialized already is used as it is: its workers have
-    whatever environment it gave them (the actors set their torch threads themselves either
-    way)."""
+    environment says otherwise (:func:`job_runtime_env`); while an embedded Ray starts, this
+    process's environment holds those it lacks (:func:`~distdiff.process.thread_limits`), for
+    Ray's processes to inherit, and is as it was after. A Ray initialized already is used as it
+    is: its workers have whatever environment it gave them (the actors set their torch threads
+    themselves either way)."""
     if ray.is_initialized():
         log("ray: using the already initialized Ray instance")
         return False
@@ -117,10 +117,8 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
     if not asked_local:
         address = address or _live_local_cluster()
     embedded = asked_local or not address
-    if embedded:
-        process.limit_threads()
-    runtime_env = job_runtime_env(runtime_env, embedded)
     if not embedded:
+        runtime_env = job_runtime_env(runtime_env, embedded=False)
         # Ray retries an address where nothing listens for minutes, logging each try.
         if "://" not in address and _listens(address) is False:
             raise ClusterUnreachable(f"cannot connect to the Ray cluster at {address}: nothing listens there (is "
@@ -146,8 +144,9 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
         keep_ray_token_private(log)
         return False
     make_ray_token_if_none()
-    ray.init(address="local", num_cpus=num_cpus or allotted_cpus(), include_dashboard=False, logging_level="warning",
-             runtime_env=runtime_env)
+    with process.thread_limits():
+        ray.init(address="local", num_cpus=num_cpus or allotted_cpus(), include_dashboard=False,
+                 logging_level="warning", runtime_env=job_runtime_env(runtime_env, embedded=True))
     why = "as the address 'local' asks" if asked_local else "no running cluster found"
     log(f"ray: {why}; started an embedded local Ray: {describe(ray.cluster_resources())}")
     keep_ray_token_private(log)  # (one it made just now among them)
