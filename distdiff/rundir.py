@@ -50,17 +50,21 @@ def holds_run(run_dir: str | Path) -> bool:
 
 
 def foreign_run_files(run_dir: str | Path) -> List[str]:
-    """The files of a run's names in ``run_dir`` that no run wrote, which a new run there would
-    write over and ``clear_run`` would remove (a --run-dir of ~, or of a project's root): where it
-    holds no run, those beside a ``config.yaml`` that is not a distdiff config (a run writes its
-    config before anything else)."""
+    """The files of a run's names in ``run_dir`` and in its phase 1's dir that no run wrote, which
+    a new run there would write over and ``clear_run`` would remove (a --run-dir of ~, or of a
+    project's root, which may have a ``pretrain/`` of its own): where it holds no run, those beside
+    a ``config.yaml`` that is not a distdiff config (a run writes its config before anything else)."""
     from distdiff.config import is_config_file
 
     run_dir = Path(run_dir)
     if holds_run(run_dir):
         return []
-    present = sorted(name for name in RUN_FILES if (run_dir / name).is_file())
-    return [] if CONFIG in present and is_config_file(run_dir / CONFIG) else present
+    found = []
+    for d in (run_dir, run_dir / PRETRAIN):
+        present = sorted(name for name in RUN_FILES if (d / name).is_file())
+        if not (CONFIG in present and is_config_file(d / CONFIG)):
+            found += [(d / name).relative_to(run_dir).as_posix() for name in present]
+    return found
 
 
 def check_new_run(run_dir: str | Path, *, resume: bool, overwrite: bool) -> None:

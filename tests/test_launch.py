@@ -828,6 +828,19 @@ def test_a_run_dir_that_holds_files_of_a_runs_names_that_no_run_wrote_is_refused
     check_new_run(stopped, resume=False, overwrite=False)
     cli.check_run_dir(tmp_path / "new", overwrite=False)
     cli.check_run_dir(home / "sub", overwrite=False)
+    # A project's own pretrain/ (a package, say): clear_run would remove its files too.
+    project = tmp_path / "project"
+    (project / "pretrain").mkdir(parents=True)
+    for name in ("config.yaml", "metrics.json"):
+        (project / "pretrain" / name).write_text("lr: 1\n")
+    with pytest.raises(SystemExit):
+        cli.check_run_dir(project, overwrite=True)
+    assert "holds no run, and pretrain/config.yaml, pretrain/metrics.json of something else" in capsys.readouterr().err
+    with pytest.raises(FileExistsError, match="pretrain/config.yaml, pretrain/metrics.json of something else"):
+        check_new_run(project, resume=False, overwrite=True)
+    # A run stopped in its phase 1, before that phase's first checkpoint: pretrain/ holds its config.
+    config.save(config.load(None), project / "pretrain" / "config.yaml")
+    cli.check_run_dir(project, overwrite=False)
 
 
 def test_an_earlier_runs_best_pt_and_the_init_checkpoint_are_not_cleared_unasked(tmp_path, capsys):
