@@ -248,8 +248,9 @@ class Trainer:
             return losses
         self.skipped_in_a_row += 1
         if self.skipped_in_a_row >= max_in_a_row:
-            raise NonFiniteError(f"{self.skipped_in_a_row} non-finite updates in a row (in the last: "
-                                 f"{', '.join(self.nonfinite)}); stopping with the last good checkpoint intact")
+            found = f" (in the last: {', '.join(self.nonfinite)})" if self.nonfinite else ""
+            raise NonFiniteError(f"{self.skipped_in_a_row} non-finite updates in a row{found}; stopping with the last "
+                                 f"good checkpoint intact")
         return None
 
     def update(self, batch: Batch) -> Optional[Dict[str, float]]:

@@ -95,8 +95,12 @@ def main(argv=None) -> int:
         saved = run_dir is not None and (run_dir / CHECKPOINT).is_file()
         fail(f"{e}\n" + (f"the last checkpoint is intact: python launch/pretrain.py --resume {run_dir}" if saved
                          else "no checkpoint was written yet"), code=1)
-    except (config_lib.ConfigError, DatasetError, CheckpointError, FloatingPointError) as e:
+    except (config_lib.ConfigError, DatasetError, CheckpointError) as e:
         fail(str(e))
+    except FloatingPointError as e:  # updates that kept going non-finite: a failure after work, not a refusal
+        saved = run_dir is not None and (run_dir / CHECKPOINT).is_file()
+        fail(f"{e}\n" + (f"its last checkpoint: {run_dir / CHECKPOINT}" if saved else "no checkpoint was written yet"),
+             code=1)
     except KeyboardInterrupt:
         saved = run_dir is not None and (run_dir / CHECKPOINT).is_file()
         print("interrupted; " + (f"checkpoint saved; resume with: python launch/pretrain.py --resume {run_dir}" if saved

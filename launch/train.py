@@ -111,9 +111,10 @@ def main(argv=None) -> int:
                             resume=args.resume is not None, overwrite=args.overwrite)
     except (config_lib.ConfigError, DatasetError, CheckpointError) as e:
         fail(str(e))
-    except (RunFailed, OSError) as e:
+    except (RunFailed, OSError, FloatingPointError) as e:
         # A full or read-only disk (a checkpoint, TensorBoard's writer, metrics.json) ends the run
-        # after its last whole checkpoint; any other OSError keeps its traceback.
+        # after its last whole checkpoint; any other OSError keeps its traceback. (FloatingPointError:
+        # phase 1's updates kept going non-finite; phase 2's learner says so as a RunFailed.)
         if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError) and e.errno not in DISK_FULL:
             raise
         if holds_run(run_dir):

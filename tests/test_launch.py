@@ -380,6 +380,24 @@ def test_resume_continues_the_step_count_exactly(run30, tmp_path, tiny_dataset, 
     assert any(not torch.equal(first["denoiser"][k], v) for k, v in state["denoiser"].items())
 
 
+def test_pretraining_whose_updates_keep_going_non_finite_fails_with_1_not_the_refusal_2(tmp_path, tiny_dataset,
+                                                                                         monkeypatch, capsys):
+    # 2 says "refused before any work" (README, Exit status): a scheduler's retry logic reads it so.
+    from distdiff import pretrain as pretrain_lib
+
+    script = script_in_process("pretrain", monkeypatch)
+    update = Trainer.update
+    monkeypatch.setattr(pretrain_lib, "MAX_SKIPPED_IN_A_ROW", 2)
+    monkeypatch.setattr(Trainer, "update", lambda self, batch: update(self, batch) if self.step < 4 else None)
+    with pytest.raises(SystemExit) as stop:
+        script.main(["--config", SMOKE, "--data.dataset_id", tiny_dataset, "--data.fallback_dataset_id", "",
+                     "--run-dir", str(tmp_path / "run"), "--train.steps", "50", "--train.checkpoint_every", "2"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "2 non-finite updates in a row" in err, err[-2000:]
+    assert f"its last checkpoint: {tmp_path / 'run' / 'checkpoint.pt'}" in err
+    assert load_checkpoint(tmp_path / "run").get("step") == 4
+
+
 def test_interrupted_pretrain_saves_a_resumable_checkpoint(tmp_path, tiny_dataset, subprocess_env):
     run_dir = tmp_path / "interrupted"
     args = ["--config", SMOKE, "--data.dataset_id", tiny_dataset, "--data.fallback_dataset_id", "",
