@@ -59,6 +59,24 @@ def ray_token_available() -> bool:
     return bool(os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")) or ray_token_file().is_file()
 
 
+def token_path_problem() -> str:
+    """Why the token file RAY_AUTH_TOKEN_PATH names cannot serve, if it cannot: Ray fails in
+    token mode with an error that no caller expects (and with the variable set, no token is
+    made in its place)."""
+    name = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if not name or os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return ""
+    try:
+        empty = not Path(name).expanduser().read_text().strip()
+    except OSError as e:
+        why = f"which cannot be read ({e.strerror})"
+    else:
+        if not empty:
+            return ""
+        why = "which is empty"
+    return f"RAY_AUTH_TOKEN_PATH names {name}, {why}: point it at the cluster's token file, or unset it"
+
+
 def make_ray_token_if_none() -> None:
     """Write a token to ``~/.ray/auth_token``, this user's alone, where Ray finds none, before an
     embedded Ray starts (which would write one itself). Runs that start at once on nodes sharing

@@ -565,6 +565,36 @@ def test_the_scripts_present_a_token_to_clusters_only_where_there_is_one(where, 
     assert os.environ.get("RAY_AUTH_MODE") == expected
 
 
+def test_a_token_file_that_cannot_serve_and_a_dashboards_address_are_said_before_ray_starts(tmp_path, monkeypatch):
+    # Ray raised an AuthenticationError (the token file) or a ValueError (the address) that the
+    # scripts turned into tracebacks; the token's also stopped an embedded Ray.
+    import ray
+
+    from distdiff.distributed import cluster
+
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.setenv(var, "")
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: pytest.fail("Ray started"))
+    missing, empty = tmp_path / "missing.token", tmp_path / "empty.token"
+    empty.write_text("\n")
+    for path, why in ((missing, "which cannot be read (No such file or directory)"), (empty, "which is empty")):
+        monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+        with pytest.raises(cluster.ClusterUnreachable, match=f"RAY_AUTH_TOKEN_PATH names {path}, {re.escape(why)}"):
+            cluster.connect(address="local", log=lambda s: None)
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # (no token is read then)
+    assert cluster.process.token_path_problem() == ""
+    monkeypatch.delenv("RAY_AUTH_TOKEN_PATH")
+
+    def unparsed(**kwargs):
+        raise ValueError(f"Invalid address format: {kwargs['address']}")
+
+    monkeypatch.setattr(ray, "init", unparsed)
+    with pytest.raises(cluster.ClusterUnreachable, match="an http:// address is the dashboard's"):
+        cluster.connect(address="http://127.0.0.1:8265", log=lambda s: None)
+
+
 def test_rays_token_file_is_made_this_users_alone(tmp_path, monkeypatch):
     # Ray writes it with the umask's mode: another user of a shared server could read it and run
     # jobs as this one on every cluster it guards.

@@ -19,7 +19,7 @@ from distdiff.distributed.faults import cause
 
 class ClusterUnreachable(RuntimeError):
     """The Ray cluster given (``--address``, RAY_ADDRESS, a local ``ray start``) refused or did
-    not answer this driver."""
+    not answer this driver, or the token this driver is told to present cannot be read."""
 
 
 class RunFailed(RuntimeError):
@@ -112,6 +112,9 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
     if ray.is_initialized():
         log("ray: using the already initialized Ray instance")
         return False
+    problem = process.token_path_problem()
+    if problem:
+        raise ClusterUnreachable(problem)
     address = address or os.environ.get("RAY_ADDRESS")
     asked_local = address == "local"
     if not asked_local:
@@ -125,6 +128,10 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
                                      f"`ray start --head` running there? check --address and RAY_ADDRESS)")
         try:
             ray.init(address=address, logging_level="warning", runtime_env=runtime_env)
+        except ValueError as e:  # an address Ray cannot parse
+            hint = (" (an http:// address is the dashboard's, which `ray job submit` takes; a driver connects to "
+                    "the head's HOST:6379, or its Ray Client address ray://HOST:10001)") if "http" in address else ""
+            raise ClusterUnreachable(f"cannot connect to the Ray cluster at {address}: {e}{hint}") from e
         except (ConnectionError, AuthenticationError) as e:
             if ray_token_mode():
                 hint = ""
