@@ -153,6 +153,10 @@ def main(argv=None) -> int:
                        max_episode_steps=args.max_episode_steps, overwrite=args.overwrite)
     except DatasetError as e:
         fail(str(e))
+    except KeyboardInterrupt:
+        print(f"interrupted while writing {args.dataset_id}; nothing was written"
+              + (" (the dataset it was to replace stays)" if args.overwrite else ""), file=sys.stderr)
+        return 130
     returns = np.array([ep.episode_return for ep in episodes])
     print(f"wrote {args.dataset_id} ({env_id}): {len(episodes)} episodes, {sum(len(e) for e in episodes)} steps, "
           f"return {returns.mean():.1f} ± {returns.std():.1f} -> {datasets_root()}")

@@ -71,6 +71,22 @@ def test_overwrite_replaces_the_dataset(minari_root, tiny_episodes):
     write_episodes("local/test/overwrite-v0", tiny_episodes[5:7], env_id="Walker2d-v5", algorithm_name="random",
                    overwrite=True)
     _assert_same_episodes(load_episodes("local/test/overwrite-v0").episodes, tiny_episodes[5:7])
+    # A write that fails part way (a full disk, a Ctrl-C) leaves the old dataset, not neither.
+    real = minari.create_dataset_from_buffers
+
+    def fails_half_way(**kwargs):
+        real(**kwargs)
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(minari, "create_dataset_from_buffers", fails_half_way)
+        with pytest.raises(KeyboardInterrupt):
+            write_episodes("local/test/overwrite-v0", tiny_episodes[:1], env_id="Walker2d-v5", algorithm_name="random",
+                           overwrite=True)
+    _assert_same_episodes(load_episodes("local/test/overwrite-v0").episodes, tiny_episodes[5:7])
+    # Nothing hidden is left beside it, whole or not.
+    assert not [p.name for p in (minari_root / "local" / "test").iterdir() if "overwrite-v0" in p.name and
+                p.name != "overwrite-v0"]
 
 
 def test_an_env_named_with_its_module_trains_on_its_own_data(minari_root, tiny_episodes):

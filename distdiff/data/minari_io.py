@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import re
+import secrets
 import shutil
 from pathlib import Path
 from typing import List, NamedTuple, Optional, Sequence
@@ -310,22 +311,43 @@ def write_episodes(
     """Write a Minari dataset; an existing id is refused unless ``overwrite``. It records the
     env the episodes were collected in (its step limit ``max_episode_steps``, None: the
     registered one) and the simulator's version, which changes the dynamics."""
+    if not episodes:
+        raise DatasetError("no episodes to write")
+    target = os.path.join(datasets_root(), *dataset_id.split("/"))
+    aside = None
+    if dataset_exists(dataset_id):
+        if not overwrite:
+            raise DatasetError(f"dataset {dataset_id!r} already exists under {datasets_root()}; pass --overwrite to replace it")
+        # Kept, hidden (Minari lists no hidden dir), until the new one is whole: a write that
+        # fails (a full disk, a Ctrl-C) puts it back rather than leave neither.
+        aside = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.replaced-{secrets.token_hex(4)}")
+        os.rename(target, aside)
+    elif os.path.exists(target):
+        raise DatasetError(f"{target} exists but holds no readable dataset (an interrupted write?); remove it first")
+    try:
+        written = _create(dataset_id, episodes, env_id=env_id, algorithm_name=algorithm_name,
+                          max_episode_steps=max_episode_steps, description=description)
+    except BaseException:
+        # A half-written dataset would block every later write of this id and load as garbage.
+        shutil.rmtree(target, ignore_errors=True)
+        if aside is not None:
+            os.rename(aside, target)
+        raise
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+    return written
+
+
+def _create(dataset_id: str, episodes: Sequence[Episode], *, env_id: str, algorithm_name: str,
+            max_episode_steps: Optional[int], description: str):
+    """The Minari dataset of ``episodes`` at ``dataset_id``, where nothing is (:func:`write_episodes`)."""
     import importlib.metadata
 
     import gymnasium as gym
     import minari
     from minari.data_collector import EpisodeBuffer
 
-    if not episodes:
-        raise DatasetError("no episodes to write")
-    if dataset_exists(dataset_id):
-        if not overwrite:
-            raise DatasetError(f"dataset {dataset_id!r} already exists under {datasets_root()}; pass --overwrite to replace it")
-        minari.delete_dataset(dataset_id)
     ref_min, ref_max = reference_scores(env_id)
-    target = os.path.join(datasets_root(), *dataset_id.split("/"))
-    if os.path.exists(target):
-        raise DatasetError(f"{target} exists but holds no readable dataset (an interrupted write?); remove it first")
     env = gym.make(env_id, **({} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}))
     buffers = [
         EpisodeBuffer(
@@ -355,10 +377,6 @@ def write_episodes(
             description=description or f"{len(episodes)} {env_id} episodes collected by distdiff ({algorithm_name})",
             data_format="hdf5",
         )
-    except BaseException:
-        # A half-written dataset would block every later write of this id and load as garbage.
-        shutil.rmtree(target, ignore_errors=True)
-        raise
     finally:
         env.close()
 
