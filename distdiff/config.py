@@ -154,7 +154,7 @@ class OnlineConfig:
     updates_per_env_step: float = _f(0.5, "Learner updates owed per collected env step. 0 collects without training, and without the checkpoints, figures and evaluations counted in updates: its checkpoint comes at the end, or when stopped.")
     max_update_lag: int = _f(500, "Rollouts pause while the learner owes more updates than this, so the update/step ratio holds.")
     updates_per_call: int = _f(25, "Updates per learner call (one replay sample of that many batches).")
-    broadcast_every: int = _f(50, "Learner updates between weight broadcasts (a new weights version).")
+    broadcast_every: int = _f(50, "Learner updates between weight broadcasts (a new weights version), at least: the weights are published after the learner call (online.updates_per_call updates) that reaches it, so 30 with calls of 25 broadcasts every 50.")
     replay_capacity: int = _f(200_000, "Online transitions kept in the replay (FIFO over whole episodes; at least env.max_episode_steps).")
     offline_ratio: float = _f(0.5, "Fraction of each batch drawn from the offline dataset (on average where batch_size × it is no whole number: that batch's count is rounded up or down at random).")
     lr_scale: float = _f(0.25, "Phase 2's learning rates are train.lr, train.value_lr and train.dynamics_lr times this. At 1, 5k updates from a trained Walker2d prior cost it 4-7 points of score, with or without online data; at 0.25 the score held and the online data still aligned (bench/README.md).")

@@ -1076,10 +1076,21 @@ def test_the_loop_goes_on_while_an_evaluation_runs_and_best_pt_is_what_it_evalua
         evaluated.append((score, {k: v.clone() for k, v in planner.denoiser.state_dict().items()}))
         return scripted_summary(score)
 
+    begin_evaluation, training_meanwhile = OnlineRun.begin_evaluation, []
+
+    def noting_the_learner(self, pending, final=False):
+        if not final:
+            training_meanwhile.append(self.train_ref is not None)
+        begin_evaluation(self, pending, final)
+
     monkeypatch.setattr(OnlineRun, "log_rollout", log_and_count)
+    monkeypatch.setattr(OnlineRun, "begin_evaluation", noting_the_learner)
     monkeypatch.setattr(driver, "evaluate", scripted_evaluate)
     metrics = train(cfg, tmp_path, init=ckpt, log=messages.append, progress=False)
     assert len(during) >= 2 and said_slow()
+    # A mid-run evaluation's checkpoint is written while the learner's next call runs, not
+    # before the call starts (the learner, a GPU, waited for the write).
+    assert any(training_meanwhile), training_meanwhile
     best = metrics["best"]
     assert best["return_mean"] == 300.0 and best["env_steps"] < during[0] <= metrics["env_steps"]
     assert 10 <= best["updates"] < metrics["updates"]
@@ -1088,6 +1099,8 @@ def test_the_loop_goes_on_while_an_evaluation_runs_and_best_pt_is_what_it_evalua
     saved = load_checkpoint(tmp_path / "best.pt")
     assert all(torch.equal(saved["ema_denoiser"][k], v) for k, v in evaluated[0][1].items())
     assert saved["run"]["updates"] == best["updates"] and saved["run"]["env_steps"] == best["env_steps"]
+    # Its learner state is the one those counters count: asked for before the next call, not after.
+    assert saved["step"] - load_checkpoint(ckpt)["step"] == saved["run"]["updates"]
 
 
 def test_an_evaluation_of_weights_already_evaluated_keeps_their_result(ray_session, pretrained, tmp_path, monkeypatch):

@@ -345,6 +345,7 @@ class OnlineRun:
         self.said_slow = False  # that evaluations come due faster than they end
         self.figure_due = False  # a plan-vs-real figure, drawn once the next learner call is in flight
         self.due_checkpoint: Optional[PendingCheckpoint] = None  # written once the next learner call is in flight
+        self.due_evaluation: Optional[PendingCheckpoint] = None  # begun then too (its checkpoint asked for)
         self.size_ref: Optional[ray.ObjectRef] = None  # the replay's size, asked with the learner's call in flight
         self.ahead: Optional[ray.ObjectRef] = None  # a full call's batches, sampled ahead for the next call
         self.next_ckpt = self.next_fig = 0  # the update at which each comes due
@@ -534,12 +535,22 @@ class OnlineRun:
         rollout workers, each beside its rollouts. :meth:`finish_evaluation` takes its result.
         ``final``: the run's last one, at the end of its budget (``"final"`` in its metrics; a
         sweep's scheduler may stop a trial at an earlier one)."""
+        self.begin_evaluation(self.request_evaluation(), final)
+
+    def request_evaluation(self) -> PendingCheckpoint:
+        """The first half of :meth:`start_evaluation`: the checkpoint of the newest weights, asked
+        for; the loop asks before the learner's next call and begins the evaluation (writing the
+        checkpoint) while that call runs."""
         if self.published_at != self.counters.updates:
             # The version the checkpoint's weights go by is the one the actors get next.
             self.broadcast()
-        state = self.checkpoint(evaluating=True)
+        return self.request_checkpoint(evaluating=True)
+
+    def begin_evaluation(self, pending: PendingCheckpoint, final: bool = False) -> None:
+        """The second half of :meth:`start_evaluation`: write ``pending`` and evaluate its weights."""
+        state = self.write_checkpoint(pending)
         # The counters the checkpoint holds: its evaluation is reported at them, whenever it ends.
-        at = {**self.counters.to_dict(), "weights_version": int(state["weights_version"]), "step": int(state["step"])}
+        at = {**pending.run, "weights_version": int(state["weights_version"]), "step": int(state["step"])}
         result: Future = Future()
         if self.evaluated is not None and self.evaluated[0] == at["step"]:
             # No update since the last evaluation (one came due with the last learner call): the
@@ -911,6 +922,9 @@ class OnlineRun:
         elif not self.take_rollout(ready[0]):
             return
         self.train_more()
+        if self.due_evaluation is not None:
+            pending, self.due_evaluation = self.due_evaluation, None
+            self.begin_evaluation(pending)
         if self.due_checkpoint is not None:
             # Written (up to ~45 MB, seconds on a slow disk) while the learner trains on.
             self.write_checkpoint(self.due_checkpoint)
@@ -1054,7 +1068,8 @@ class OnlineRun:
                 self.due_checkpoint = self.request_checkpoint()
             self.next_ckpt = self.after(o.checkpoint_every)
         if eval_due:
-            self.start_evaluation()
+            # Begun (its checkpoint written, up to ~45 MB) once the learner's next call is in flight.
+            self.due_evaluation = self.request_evaluation()
             self.next_eval = self.after(o.eval_every)
         self.collecting = self.collecting and self.budget_left(self.t0)
         if self.collecting:
