@@ -1019,6 +1019,36 @@ def test_a_trial_that_goes_on_from_another_trials_checkpoint_drops_its_own_best(
         assert [(run_dir / name).is_file() for name in (BEST, BEST_METRICS, BEST_EVAL)] == [kept] * 3, by
 
 
+def test_a_trial_restarted_in_a_new_working_dir_takes_its_stored_best_and_events(tmp_path):
+    # A sweep resumed in a new Ray session (or a retry on another node) starts the trial in an
+    # empty working dir, which Tune syncs over the stored one: its next evaluation, better than
+    # nothing, replaced the stored best.pt, and the events logged past the checkpoint stayed.
+    from distdiff.distributed.tuning import REPORTED_BY, trial_start
+    from distdiff.rundir import BEST, BEST_EVAL, BEST_METRICS, CHECKPOINT
+
+    restored, stored = tmp_path / "restored", tmp_path / "storage" / "trial"
+    restored.mkdir()
+    stored.mkdir(parents=True)
+    (restored / CHECKPOINT).write_bytes(b"reported")
+    (restored / REPORTED_BY).write_text("mine")
+    for name in (BEST, BEST_METRICS, BEST_EVAL, "events.out.tfevents.1.node.1.0", "metrics.json"):
+        (stored / name).write_text(f"stored {name}")
+    fresh = tmp_path / "fresh"
+    assert trial_start(fresh, restored, "mine", stored=stored) is True
+    assert sorted(p.name for p in fresh.iterdir()) == sorted(
+        [CHECKPOINT, BEST, BEST_METRICS, BEST_EVAL, "events.out.tfevents.1.node.1.0"])
+    assert (fresh / BEST).read_text() == f"stored {BEST}"
+    # A working dir that kept its files (the same session and node) keeps its own.
+    (fresh / BEST).write_text("its own")
+    assert trial_start(fresh, restored, "mine", stored=stored) is True
+    assert (fresh / BEST).read_text() == "its own"
+    # Another trial's checkpoint (PBT): nothing of this trial's old line comes back.
+    other = tmp_path / "other"
+    (restored / REPORTED_BY).write_text("theirs")
+    trial_start(other, restored, "mine", stored=stored)
+    assert sorted(p.name for p in other.iterdir()) == [CHECKPOINT]
+
+
 def test_the_dataset_is_had_once_where_the_sweep_starts_and_fixed_for_every_trial(tiny_dataset, tmp_path):
     from distdiff.data.minari_io import dataset_exists
     from distdiff.distributed.tuning import pinned_dataset

@@ -595,7 +595,8 @@ def make_trainable(spec: SweepSpec, pinned: Optional[Dict[str, Any]] = None):
             resume = trial_start(run_dir, None)
         else:
             with restored.as_directory() as d:
-                resume = trial_start(run_dir, Path(d), trial_id)
+                resume = trial_start(run_dir, Path(d), trial_id,
+                                     stored=Path(tune.get_context().get_storage().trial_fs_path))
 
         def report(metrics: Dict[str, Any]) -> None:
             reported = tune_metrics(spec, metrics)
@@ -627,12 +628,14 @@ def check_storage_here(storage) -> None:
                            f"{SHARED_STORAGE}") from e
 
 
-def trial_start(run_dir: Path, restored: Optional[Path], trial_id: Optional[str] = None) -> bool:
+def trial_start(run_dir: Path, restored: Optional[Path], trial_id: Optional[str] = None,
+                stored: Optional[Path] = None) -> bool:
     """Where trial ``trial_id`` starts from, in its run dir; True: it resumes. A restored
     checkpoint (PBT copying another trial, a resumed sweep, a retry of a failed trial) is copied
-    in. Without one, a retry on the node of a failed attempt goes on from that attempt's last
-    checkpoint of its own (of phase 1 or 2; Tune saw none of them); elsewhere, or at first, the
-    trial starts."""
+    in, and, where it is the trial's own and the run dir is new, what the trial had synced to
+    ``stored`` (its dir in the sweep's storage): its best so far and its TensorBoard events. Without
+    one, a retry on the node of a failed attempt goes on from that attempt's last checkpoint of
+    its own (of phase 1 or 2; Tune saw none of them); elsewhere, or at first, the trial starts."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if restored is not None:
         if not (restored / CHECKPOINT).is_file():
@@ -651,6 +654,18 @@ def trial_start(run_dir: Path, restored: Optional[Path], trial_id: Optional[str]
             # before this mark, and taken for the trial's own.)
             for name in (BEST, BEST_METRICS, BEST_EVAL):
                 (run_dir / name).unlink(missing_ok=True)
+        elif stored is not None and not (run_dir / BEST).exists() and stored.resolve() != run_dir.resolve():
+            # A working dir of its own that this attempt starts empty (a sweep resumed in a new Ray
+            # session, a retry on another node), which Tune syncs over the stored one and never
+            # deletes there: without its best.*, its next evaluation would be "best" and replace
+            # the stored best; without its events, those logged past the checkpoint would stay
+            # stored beside the ones logged again. (The run trims the copies to the checkpoint.)
+            for name in (BEST, BEST_METRICS, BEST_EVAL):
+                if (stored / name).is_file():
+                    shutil.copy2(stored / name, run_dir / name)
+            for events in stored.glob("events.out.tfevents.*"):
+                if not (run_dir / events.name).exists():
+                    shutil.copy2(events, run_dir / events.name)
     return holds_run(run_dir)
 
 
