@@ -344,6 +344,9 @@ class FakeResults:
     def __iter__(self):
         return iter(self.results)
 
+    def __len__(self):
+        return len(self.results)
+
     def get_dataframe(self):
         import pandas as pd
 
@@ -425,7 +428,6 @@ def test_a_sweep_whose_trials_all_failed_has_no_best_config(tiny_dataset, tmp_pa
 
     from distdiff.distributed import cluster, tuning
 
-    sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset)
     storage = tmp_path / "storage"
     (storage / "sweep").mkdir(parents=True)
     # An earlier sweep of this name found one; this one's table must not sit beside it.
@@ -434,7 +436,10 @@ def test_a_sweep_whose_trials_all_failed_has_no_best_config(tiny_dataset, tmp_pa
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     failed = ({"diffusion.schedule": "linear", "guidance.scale": 0.0}, {}, "failed")
-    for results in (FakeResults(failed), FakeResults(failed, failed)):
+    # (One trial: Tune's get_best_result gives the only one, even a failed one.)
+    one = write_sweep(tmp_path / "one.yaml", tiny_dataset, space={"guidance.scale": {"uniform": [0.0, 1.0]}})
+    for sweep, results in ((one, FakeResults(failed)),
+                           (write_sweep(tmp_path / "s.yaml", tiny_dataset), FakeResults(failed, failed))):
         monkeypatch.setattr(tuning, "make_tuner", lambda *args, **kwargs: SimpleNamespace(fit=lambda: results))
         with pytest.raises(SystemExit) as stop:
             tune_script.main(["--config", str(sweep), "--storage", str(storage)])
@@ -954,12 +959,13 @@ def test_the_closing_lines_say_how_to_train_the_best_config(tiny_dataset, prior,
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
     fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2}
     space = {"guidance.scale": {"uniform": [0.0, 1.0]}}
-    results = FakeResults(({"guidance.scale": 0.5}, {"normalized_score": 3.0, "updates": 8}, None))
-    monkeypatch.setattr(tuning, "make_tuner", lambda *args, **kwargs: SimpleNamespace(fit=lambda: results))
+    trial = ({"guidance.scale": 0.5}, {"normalized_score": 3.0, "updates": 8}, None)
     for name, extra, says, silent in (
             ("pbt", {"scheduler": "pbt", "num_samples": 2, "max_concurrent": 2, "pbt": {"mutations": ["guidance.scale"]}},
              "which a run from the start with those values does not repeat", "--init"),
             ("init", {"base": None, "init": str(prior)}, f"best_config.yaml --init {prior}", "PBT")):
+        results = FakeResults(*[trial] * extra.get("num_samples", 1))
+        monkeypatch.setattr(tuning, "make_tuner", lambda *args, **kwargs: SimpleNamespace(fit=lambda: results))
         sweep = write_sweep(tmp_path / f"{name}.yaml", tiny_dataset, name=name, fixed=fixed, space=space, **extra)
         (tmp_path / "storage" / name).mkdir(parents=True)  # (Tune makes it)
         if name == "pbt":  # (so does PBT, where it changed a trial's config)
@@ -1307,6 +1313,11 @@ def test_an_interrupted_sweep_counts_the_trials_not_made_yet(tiny_dataset, tmp_p
     monkeypatch.setattr(tuning, "make_tuner", lambda *args, **kwargs: SimpleNamespace(fit=lambda: results))
     assert tune_script.main(["--config", str(sweep), "--storage", str(storage)]) == 130
     assert "sweep interrupted with 2 of 2 trial(s) unfinished" in capsys.readouterr().err
+    # Interrupted as the first trial ended, before Tune made the second: none made is unfinished,
+    # and the sweep was summarized from one trial of two, and exited 0.
+    results[:] = [SimpleNamespace(error=None, metrics={"done": True})]
+    assert tune_script.main(["--config", str(sweep), "--storage", str(tmp_path / "storage2")]) == 130
+    assert "sweep interrupted with 1 of 2 trial(s) unfinished" in capsys.readouterr().err
 
 
 def test_the_pbt_note_is_for_sweeps_whose_configs_pbt_changed(tiny_dataset, tmp_path):
