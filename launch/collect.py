@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         fail(str(e))
     except KeyboardInterrupt:
         print(f"interrupted while writing {args.dataset_id}; nothing was written"
-              + (" (the dataset it was to replace stays)" if args.overwrite else ""), file=sys.stderr)
+              + (" (the dataset it was to replace stays)" if dataset_exists(args.dataset_id) else ""), file=sys.stderr)
         return 130
     returns = np.array([ep.episode_return for ep in episodes])
     print(f"wrote {args.dataset_id} ({env_id}): {len(episodes)} episodes, {sum(len(e) for e in episodes)} steps, "

@@ -113,6 +113,21 @@ def test_collect_interrupted_says_how_far_it_got_and_writes_nothing(minari_root,
     assert not dataset_exists("local/walker2d/cut-v0")
 
 
+def test_collect_interrupted_while_writing_over_a_dataset_says_it_stays(tiny_dataset, tiny_episodes, monkeypatch,
+                                                                          capsys):
+    # (A Ctrl-C inside the write came out as a traceback; write_episodes puts the old one back.)
+    script = script_in_process("collect", monkeypatch)
+    monkeypatch.setattr(script, "random_episodes_in", lambda *args, **kwargs: tiny_episodes[:2])
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "write_episodes", interrupted)
+    assert script.main(["--policy", "random", "--episodes", "2", "--dataset-id", tiny_dataset, "--overwrite"]) == 130
+    assert (f"interrupted while writing {tiny_dataset}; nothing was written (the dataset it was to replace stays)"
+            in capsys.readouterr().err)
+
+
 def test_evaluate_interrupted_says_how_far_it_got_and_writes_nothing(run30, tmp_path, monkeypatch, capsys):
     script = script_in_process("evaluate", monkeypatch)
 

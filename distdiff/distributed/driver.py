@@ -738,8 +738,9 @@ class OnlineRun:
         self.bar.set_postfix(updates=self.counters.updates, refresh=False)
 
     def log_figure(self) -> None:
-        """Draw the latest rollout's example plan (:attr:`RolloutResult.example`), once: the figure is logged at the current update, and
-        the plan was made with the weights its rollout started with, which its title names."""
+        """Draw the latest rollout's example plan (:attr:`RolloutResult.example`), once: the figure
+        is logged at the current update, and the plan was made with the weights its rollout
+        started with, which its title names."""
         if self.last_example is None:
             return
         from distdiff.plots import plan_vs_real_dims, plan_vs_real_figure
