@@ -100,6 +100,33 @@ def test_a_config_changed_in_code_is_checked_before_any_work(tmp_path):
     assert not (tmp_path / "p").exists() and not (tmp_path / "t").exists()
 
 
+def test_the_address_auto_is_the_recorded_cluster_and_a_stale_record_fails_at_once(monkeypatch):
+    # Ray's own "auto" retried a record of a killed cluster for minutes.
+    import ray._private.services as ray_services
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    inits = []
+    monkeypatch.setattr(ray, "init", lambda **kwargs: inits.append(kwargs["address"]))
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(cluster, "keep_ray_token_private", lambda log: None)
+    def recorded(address):
+        def lookup(addr, temp_dir):
+            if address is None:
+                raise ConnectionError("Could not find any running Ray instance.")  # as Ray says it
+            return address
+        return lookup
+
+    for found, listens, said in ((None, None, "Could not find any running Ray instance."),
+                                 ("10.0.0.9:6379", False, "recorded at 10.0.0.9:6379 does not answer")):
+        monkeypatch.setattr(ray_services, "get_ray_address_from_environment", recorded(found))
+        monkeypatch.setattr(cluster, "_listens", lambda address: listens)
+        with pytest.raises(cluster.ClusterUnreachable, match=f"address 'auto': .*{re.escape(said)}"):
+            cluster.connect("auto", log=lambda s: None)
+    monkeypatch.setattr(ray_services, "get_ray_address_from_environment", recorded("10.0.0.9:6379"))
+    monkeypatch.setattr(cluster, "_listens", lambda address: True)
+    assert cluster.connect("auto", log=lambda s: None) is False and inits == ["10.0.0.9:6379"]
+
+
 def test_joining_a_token_cluster_after_ray_was_imported_without_token_mode_says_what_to_do(monkeypatch):
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     monkeypatch.setenv("RAY_AUTH_TOKEN", "a-token")

@@ -117,6 +117,19 @@ def connect(address: Optional[str] = None, num_cpus: Optional[int] = None, log: 
         raise ClusterUnreachable(problem)
     address = address or os.environ.get("RAY_ADDRESS")
     asked_local = address == "local"
+    if address == "auto":
+        # Looked up as ray.init looks it up (the cluster `ray start` recorded on this machine), and
+        # checked: a stale record (a cluster killed without `ray stop`) made ray.init retry it
+        # for minutes.
+        from ray._private.services import get_ray_address_from_environment  # Ray is pinned
+
+        try:
+            address = get_ray_address_from_environment("auto", None)
+        except ConnectionError as e:
+            raise ClusterUnreachable(f"address 'auto': {e}") from e
+        if _listens(address) is False:
+            raise ClusterUnreachable(f"address 'auto': the cluster `ray start` recorded at {address} does not answer "
+                                     f"(stopped, or killed without `ray stop`)")
     if not asked_local:
         address = address or _live_local_cluster()
     embedded = asked_local or not address
