@@ -765,7 +765,7 @@ def refused_overrides(args: argparse.Namespace) -> List[str]:
     """The ``--section.field`` flags given that are not :func:`acting_fields`: a checkpoint's nets
     were made and trained with its own, so overriding them would change nothing or misread it."""
     acting = set(acting_fields())
-    return [f"--{key}" for key in given_overrides(args) if key not in acting and key not in TRAINING_ONLY]
+    return [f"--{key}" for key in given_overrides(args) if key not in acting]
 
 
 # Fields that act only under another field's setting: (fields, whether it holds, what it is).

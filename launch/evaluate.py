@@ -73,14 +73,15 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.config is not None:
         fail("evaluate plans with the checkpoint's own config; drop --config (override fields with --section.field)")
+    given = config_lib.given_overrides(args)
     for key, instead in config_lib.TRAINING_ONLY.items():
-        if key in config_lib.given_overrides(args):
+        if key in given:
             fail(f"--{key} sets what a training run does; {instead}")
     refused = config_lib.refused_overrides(args)
     if refused:
         fail(f"{', '.join(refused)}: {'these' if len(refused) > 1 else 'this'} made or trained the checkpoint's nets, "
              f"which evaluate judges as they are; it overrides only how they act (--help lists those flags)")
-    if args.num_actors > 1 and "train.num_threads" in config_lib.given_overrides(args):
+    if args.num_actors > 1 and "train.num_threads" in given:
         fail("--train.num_threads sets the threads of an evaluation in this process (--num-actors 1); rollout "
              "actors plan with one thread each")
     take_alias(args, "guidance", "guidance.scale")

@@ -47,6 +47,10 @@ def main(argv=None) -> int:
     take_alias(args, "dataset", "data.dataset_id")
     given = autoresume(args, lambda run_dir: (run_dir / CHECKPOINT).is_file()) if args.autoresume else None
     run_dir = None
+
+    def saved() -> bool:  # (when the run stopped: whether it has a checkpoint to go on from)
+        return run_dir is not None and (run_dir / CHECKPOINT).is_file()
+
     try:
         if args.resume:
             if isinstance(args.resume, Path):
@@ -92,18 +96,15 @@ def main(argv=None) -> int:
         with sigterm_as_interrupt():
             path = pretrain(cfg, run_dir, resume=bool(args.resume), init=args.init, overwrite=args.overwrite)
     except CheckpointWriteError as e:
-        saved = run_dir is not None and (run_dir / CHECKPOINT).is_file()
-        fail(f"{e}\n" + (f"the last checkpoint is intact: python launch/pretrain.py --resume {run_dir}" if saved
+        fail(f"{e}\n" + (f"the last checkpoint is intact: python launch/pretrain.py --resume {run_dir}" if saved()
                          else "no checkpoint was written yet"), code=1)
     except (config_lib.ConfigError, DatasetError, CheckpointError) as e:
         fail(str(e))
     except FloatingPointError as e:  # updates that kept going non-finite: a failure after work, not a refusal
-        saved = run_dir is not None and (run_dir / CHECKPOINT).is_file()
-        fail(f"{e}\n" + (f"its last checkpoint: {run_dir / CHECKPOINT}" if saved else "no checkpoint was written yet"),
+        fail(f"{e}\n" + (f"its last checkpoint: {run_dir / CHECKPOINT}" if saved() else "no checkpoint was written yet"),
              code=1)
     except KeyboardInterrupt:
-        saved = run_dir is not None and (run_dir / CHECKPOINT).is_file()
-        print("interrupted; " + (f"checkpoint saved; resume with: python launch/pretrain.py --resume {run_dir}" if saved
+        print("interrupted; " + (f"checkpoint saved; resume with: python launch/pretrain.py --resume {run_dir}" if saved()
                                  else "no checkpoint was written yet"), file=sys.stderr)
         return 130
     print(f"checkpoint: {path}")
