@@ -5,6 +5,7 @@ import contextlib
 import json
 import math
 import os
+import secrets
 from pathlib import Path
 from typing import Iterator
 
@@ -17,10 +18,23 @@ def _fsync(path: Path, flags: int) -> None:
         os.close(fd)
 
 
-def partial_path(path: Path) -> Path:
-    """The temporary file that :func:`replacing` writes ``path`` to (left behind only by a
-    process killed mid-write)."""
-    return path.with_name(f".{path.stem}.partial{path.suffix}")
+def partial_glob(path: Path) -> str:
+    """The names (a glob in ``path``'s dir) of the temporary files that :func:`replacing` writes
+    ``path`` to, which only a process killed mid-write leaves behind."""
+    return f".{path.stem}.partial-*{path.suffix}"
+
+
+def _new_partial(path: Path) -> Path:
+    # A name of this write's own, made here (O_EXCL): two processes writing one file at once
+    # (two evaluations of one checkpoint) would otherwise write and rename each other's, and a
+    # link planted at a predictable name (in a dir others can write to) is never written through.
+    while True:
+        tmp = path.with_name(f".{path.stem}.partial-{secrets.token_hex(4)}{path.suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
 
 
 @contextlib.contextmanager
@@ -33,10 +47,7 @@ def replacing(path: Path) -> Iterator[Path]:
     a power loss some filesystems (XFS, ext4 without auto_da_alloc) would otherwise show the
     renamed file empty, with the old one already gone."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = partial_path(path)
-    # A link left at this predictable name (in a dir others can write to) would have the write
-    # go through it, to the file it points at.
-    tmp.unlink(missing_ok=True)
+    tmp = _new_partial(path)
     try:
         yield tmp
         _fsync(tmp, os.O_RDWR)  # (Windows syncs only what is open for writing)

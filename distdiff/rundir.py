@@ -6,7 +6,7 @@ import contextlib
 from pathlib import Path
 from typing import List
 
-from distdiff.files import partial_path
+from distdiff.files import partial_glob
 
 CHECKPOINT = "checkpoint.pt"
 REPLAY = "replay.pt"
@@ -87,7 +87,8 @@ def clear_run(run_dir: str | Path) -> None:
         for name in RUN_FILES:
             (d / name).unlink(missing_ok=True)
             # A write cut short where no clean-up could run (the process killed with its node).
-            partial_path(d / name).unlink(missing_ok=True)
+            for partial in d.glob(partial_glob(d / name)):
+                partial.unlink(missing_ok=True)
         # With the rewrite of one that a resume's clean-up left cut short (killed mid-way):
         # TensorBoard reads a hidden events file too.
         for events in [*d.glob("events.out.tfevents.*"), *d.glob(".events.out.tfevents.*.partial*")]:

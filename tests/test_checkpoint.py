@@ -256,16 +256,32 @@ def test_a_write_that_fails_leaves_the_old_file_and_nothing_else(tmp_path):
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["plan.mp4"]
 
 
-def test_a_link_at_the_temporary_name_is_not_written_through(tmp_path):
+def test_a_link_at_the_temporary_name_is_not_written_through(tmp_path, monkeypatch):
     from distdiff import files
 
-    # Someone else's file, and a link to it where the next checkpoint's temporary file goes.
+    # Someone else's file, and a link to it where the next write's temporary file would go.
     target = tmp_path / "theirs.txt"
     target.write_text("theirs")
-    files.partial_path(tmp_path / "metrics.json").symlink_to(target)
+    names = iter(["0bad", "600d"])
+    monkeypatch.setattr(files.secrets, "token_hex", lambda n: next(names))
+    (tmp_path / ".metrics.partial-0bad.json").symlink_to(target)
     files.write_json(tmp_path / "metrics.json", {"return_mean": 1.0})
     assert target.read_text() == "theirs"
     assert not (tmp_path / "metrics.json").is_symlink() and "return_mean" in (tmp_path / "metrics.json").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".metrics.partial-0bad.json", "metrics.json", "theirs.txt"]
+
+
+def test_two_writes_of_one_file_at_once_each_write_their_own(tmp_path):
+    from distdiff.files import replacing
+
+    # Two evaluations of one checkpoint, writing its summary at the same time.
+    path = tmp_path / "eval.json"
+    with replacing(path) as first:
+        first.write_text("first")
+        with replacing(path) as second:
+            second.write_text("second")
+        assert path.read_text() == "second"
+    assert path.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["eval.json"]
 
 
 def test_a_replaced_file_reaches_the_disk_before_its_rename_and_the_rename_after(tmp_path, monkeypatch):
@@ -280,7 +296,9 @@ def test_a_replaced_file_reaches_the_disk_before_its_rename_and_the_rename_after
     monkeypatch.setattr(files, "_fsync", record)
     files.write_json(tmp_path / "metrics.json", {"return_mean": 1.0})
     # The new file's data before the rename (the name is not there yet), the directory after.
-    assert synced == [(str(tmp_path / ".metrics.partial.json"), False), (str(tmp_path), True)]
+    (partial, partial_missing), (synced_dir, renamed) = synced
+    assert re.fullmatch(r".metrics.partial-[0-9a-f]{8}.json", Path(partial).name) and not partial_missing
+    assert (synced_dir, renamed) == (str(tmp_path), True)
 
 
 def test_a_checkpoint_that_cannot_be_written_says_where_and_keeps_the_one_before(tmp_path, monkeypatch):

@@ -290,8 +290,8 @@ def test_the_cluster_is_described_in_words_not_as_rays_dict():
 
 def test_clearing_a_run_takes_the_partial_files_of_writes_cut_short(tmp_path):
     # A node lost mid-write leaves the temporary file that the write's own clean-up would remove.
-    (tmp_path / ".checkpoint.partial.pt").write_bytes(b"half")
-    (tmp_path / ".replay.partial.pt").write_bytes(b"half")
+    (tmp_path / ".checkpoint.partial-8f2e01ac.pt").write_bytes(b"half")
+    (tmp_path / ".replay.partial-0c9d4b17.pt").write_bytes(b"half")
     (tmp_path / "notes.txt").write_text("mine")
     clear_run(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
@@ -415,7 +415,7 @@ def test_clearing_a_run_removes_every_file_a_run_writes_in_both_phases(tmp_path)
         d.mkdir(exist_ok=True)
         for name in rundir.RUN_FILES:
             (d / name).write_text("x")
-    (tmp_path / "pretrain" / ".checkpoint.partial.pt").write_text("half")
+    (tmp_path / "pretrain" / ".checkpoint.partial-8f2e01ac.pt").write_text("half")
     (tmp_path / "notes.txt").write_text("mine")
     rundir.clear_run(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]

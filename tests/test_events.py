@@ -55,13 +55,14 @@ def test_a_start_that_failed_before_its_checkpoint_leaves_no_config_beside_the_n
 
 
 def test_overwrite_takes_the_rewrite_of_an_events_file_a_kill_left_behind(tmp_path):
-    from distdiff.files import partial_path
     from distdiff.rundir import clear_run
 
     with SummaryWriter(str(tmp_path)) as w:
         w.add_scalar("losses/value", 1.0, 1)
     (path,) = tmp_path.glob(EVENTS_GLOB)
-    partial_path(path).write_bytes(path.read_bytes())  # TensorBoard reads this hidden file too
+    # The rewrite a resume's clean-up was killed in (files.replacing's name): TensorBoard reads
+    # this hidden file too.
+    path.with_name(f".{path.stem}.partial-8f2e01ac{path.suffix}").write_bytes(path.read_bytes())
     assert len(scalars(tmp_path, "losses/value")) == 2
     clear_run(tmp_path)
     assert not list(tmp_path.iterdir())
