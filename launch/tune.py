@@ -114,9 +114,6 @@ def main(argv=None) -> int:
             print(f"sweep interrupted with {left} of {trial_count(spec)} trial(s) unfinished; continue it with: "
                   f"python launch/tune.py --config {args.config} --storage {args.storage} --resume", file=sys.stderr)
             return 130
-        if results.num_errors:
-            print(f"warning: {results.num_errors} trial(s) errored; see their error.txt under {args.storage / spec.name}",
-                  file=sys.stderr)
         out = summarize(results, spec, args.storage)
     except (ConfigError, DatasetError) as e:
         fail(str(e))
@@ -134,6 +131,12 @@ def main(argv=None) -> int:
     init = f" --init {spec.init}" if spec.init else ""
     print(f"trials: {out['table']}\nbest config: {out['best_config']}\n"
           f"train it: python launch/train.py --config {out['best_config']}{init}")
+    if results.num_errors:
+        # The best is of the others: a script (a job requeued until it succeeds) must see that the
+        # sweep did not run whole, as Tune's own tune.run raises by default.
+        print(f"{results.num_errors} of {len(results)} trial(s) errored, and the best config is of the others: see "
+              f"their error.txt under {sweep_path(spec, args.storage)}; --resume runs them again", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -975,6 +975,27 @@ def test_the_closing_lines_say_how_to_train_the_best_config(tiny_dataset, prior,
         assert says in out and silent not in out
 
 
+def test_a_sweep_with_errored_trials_writes_the_best_of_the_others_and_exits_1(tiny_dataset, tmp_path, monkeypatch,
+                                                                           tune_script, capsys):
+    import ray
+
+    from distdiff.distributed import cluster, tuning
+
+    monkeypatch.setattr(cluster, "connect", lambda *args, **kwargs: False)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": {"CPU": 2.0}}])
+    results = FakeResults(({"diffusion.schedule": "linear", "guidance.scale": 0.0}, {"normalized_score": 3.0}, None),
+                          ({"diffusion.schedule": "sigmoid", "guidance.scale": 0.5}, {}, "failed"))
+    monkeypatch.setattr(tuning, "make_tuner", lambda *args, **kwargs: SimpleNamespace(fit=lambda: results))
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset)
+    (tmp_path / "storage" / "sweep").mkdir(parents=True)  # (Tune makes it)
+    assert tune_script.main(["--config", str(sweep), "--storage", str(tmp_path / "storage")]) == 1
+    out = capsys.readouterr()
+    assert "train it: python launch/train.py --config" in out.out
+    assert "1 of 2 trial(s) errored, and the best config is of the others" in out.err and "--resume" in out.err
+    assert config_lib.load(tmp_path / "storage" / "sweep" / "best_config.yaml").diffusion.schedule == "linear"
+
+
 def test_pbt_mutates_no_field_that_made_the_nets_or_the_value_target(tiny_dataset, tmp_path):
     # PBT restores a trial from another's checkpoint into the mutated config.
     fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2}
