@@ -115,3 +115,23 @@ def test_cuda_checkpoint_resumes_and_plans_on_cpu():
         b = cpu_planner.denoiser(x, t)
     # cuDNN convolutions run in TF32 by default: agreement to ~1e-3, not float32 rounding
     torch.testing.assert_close(a, b, rtol=1e-2, atol=2e-3)
+
+
+def test_a_diffusion_and_its_guide_follow_the_device_whatever_they_were_made_on():
+    from _helpers import LAYOUT
+    from distdiff.diffusion.gaussian import GaussianDiffusion
+    from distdiff.diffusion.guidance import ValueGuide
+    from distdiff.diffusion.schedules import make_beta_schedule
+
+    d = GaussianDiffusion(betas=make_beta_schedule("cosine", 20).cuda(), layout=LAYOUT, horizon=4)
+    d.set_clip_range(-torch.ones(LAYOUT.transition_dim), torch.ones(LAYOUT.transition_dim))
+    assert d.betas.device.type == "cpu" and d.clip_min.device.type == "cpu"  # moved with the module, below
+    d = d.cuda()
+    d.set_clip_range(-torch.ones(LAYOUT.transition_dim), torch.ones(LAYOUT.transition_dim))  # on a moved one
+    assert d.clip_min.is_cuda
+    # The planner takes the guide's variance before a later move of its diffusion would reach it.
+    guide = ValueGuide(lambda x, t: x.sum(dim=(-1, -2)), scale=0.1,
+                       posterior_variance=d.posterior_log_variance_clipped.exp().cpu())
+    x = torch.zeros(2, 4, LAYOUT.transition_dim, device="cuda")
+    out = guide(x, torch.tensor([3, 3], device="cuda"), lambda y: y)
+    assert out.is_cuda and torch.all(out > 0)

@@ -74,6 +74,28 @@ def test_every_guide_step_sees_the_conditioning_state_exactly():
     assert torch.equal(out[:, 0, 0], torch.full((2,), -7.0))
 
 
+@pytest.mark.parametrize("sampler,kw", SAMPLERS)
+def test_a_guide_that_moves_s0_cannot_move_it_for_the_denoiser(sampler, kw):
+    # Any step function may be passed as a guide, one that ignores its clamp too: the sampler
+    # re-clamps what it returns, so every denoising step sees the exact conditioning state.
+    d = gaussian_diffusion()
+    den, seen = exact_denoiser(d), []
+
+    def model(x, t):
+        seen.append(x[:, 0, 0].clone())
+        return den(x, t)
+
+    g = torch.Generator().manual_seed(0)
+    careless = lambda x, t, clamp: x + 1.0  # noqa: E731
+    if sampler == "ddpm":
+        out = d.p_sample_loop(model, _cond(8), guide=careless, generator=g).trajectories
+    else:
+        out = d.ddim_sample_loop(model, _cond(8), guide=careless, generator=g, **kw).trajectories
+    assert len(seen) == (kw["n_steps"] if kw else d.n_steps)
+    assert all(torch.equal(s, _cond(8)[:, 0]) for s in seen)
+    assert torch.equal(out[:, 0, 0], _cond(8)[:, 0])
+
+
 def test_guide_scales_by_posterior_variance_per_sample():
     post_var = torch.tensor([0.0, 0.1, 0.2, 0.4])
     x = torch.zeros(2, 4, 2)

@@ -38,7 +38,12 @@ def test_quantile_of_inverts_the_table_and_clamps():
 class Recorder(torch.nn.Module):
     """Output = the return condition where it is kept, else -1, per sample."""
 
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
     def forward(self, x, t, returns=None, returns_mask=None):
+        self.batches.append(x.shape[0])
         r = torch.full((x.shape[0],), -1.0) if returns is None else returns
         if returns_mask is not None:
             r = torch.where(returns_mask > 0, r, torch.full_like(r, -1.0))
@@ -48,9 +53,12 @@ class Recorder(torch.nn.Module):
 @pytest.mark.parametrize("scale", [0.0, 1.0, 2.5])
 def test_classifier_free_guidance_mixes_conditional_and_unconditional(scale):
     x, t = torch.zeros(3, 4, 2), torch.zeros(3, dtype=torch.long)
-    out = ReturnConditioned(Recorder(), returns=0.8, scale=scale)(x, t)
+    recorder = Recorder()
+    out = ReturnConditioned(recorder, returns=0.8, scale=scale)(x, t)
     # conditional 0.8, unconditional -1: w = 0 is the unconditional model, 1 the conditional
     torch.testing.assert_close(out, torch.full_like(x, -1.0 + scale * 1.8))
+    # Both models in one batch only where both count.
+    assert recorder.batches == ([3] if scale in (0.0, 1.0) else [6])
 
 
 def test_conditioning_needs_the_quantile_table(tiny_episodes):

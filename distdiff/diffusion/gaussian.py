@@ -23,8 +23,9 @@ Clamp = Callable[[torch.Tensor], torch.Tensor]
 class Guide(Protocol):
     """A guidance step: given ``x`` at noise level ``t``, return the guided ``x``.
 
-    ``clamp`` re-applies the inpainting condition; a guide calls it after each of its
-    gradient steps so that ``s_0`` is never moved.
+    ``clamp`` re-applies the inpainting condition; a guide that takes several gradient steps
+    calls it after each, so that each step sees the exact ``s_0``. The samplers clamp what a
+    guide returns, so no guide can move ``s_0`` for the next denoising step.
     """
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, clamp: Clamp) -> torch.Tensor: ...
@@ -80,7 +81,8 @@ class GaussianDiffusion(nn.Module):
         self.prediction = prediction
         self.n_steps = int(betas.shape[0])
 
-        betas = betas.to(torch.float64)
+        # On the CPU: the buffers are made here and moved with the module (.to) afterwards.
+        betas = betas.detach().to("cpu", torch.float64)
         alphas = 1.0 - betas
         alphas_cumprod = torch.cumprod(alphas, dim=0)
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
@@ -118,8 +120,11 @@ class GaussianDiffusion(nn.Module):
         if (clip_min is None) != (clip_max is None):
             raise ValueError("give both clip_min and clip_max, or neither")
         if clip_min is not None:
-            clip_min = torch.as_tensor(clip_min, dtype=torch.float32).reshape(self.layout.transition_dim)
-            clip_max = torch.as_tensor(clip_max, dtype=torch.float32).reshape(self.layout.transition_dim)
+            # On the module's device: set on a diffusion already moved, the clip must follow it.
+            clip_min = torch.as_tensor(clip_min, dtype=torch.float32, device=self.betas.device).reshape(
+                self.layout.transition_dim)
+            clip_max = torch.as_tensor(clip_max, dtype=torch.float32, device=self.betas.device).reshape(
+                self.layout.transition_dim)
         self.register_buffer("clip_min", clip_min, persistent=False)
         self.register_buffer("clip_max", clip_max, persistent=False)
 
@@ -229,7 +234,7 @@ class GaussianDiffusion(nn.Module):
         # alone acts only at the levels a step lands on: a 2-step DDIM lands on t = 0 only, where
         # the default t_stopgrad switches it off, so its plans would be silently unguided.
         t = torch.full((x.shape[0],), self.n_steps - 1, device=x.device, dtype=torch.long)
-        return guide(x, t, clamp)
+        return clamp(guide(x, t, clamp))
 
     @torch.no_grad()
     def p_sample_loop(
@@ -250,7 +255,7 @@ class GaussianDiffusion(nn.Module):
             if guide is not None and i > 0:
                 # At the level it landed on: Diffuser's guidance before the next step. Never the
                 # clean output, which Diffuser returns as the last step leaves it.
-                x = guide(x, t - 1, clamp)
+                x = clamp(guide(x, t - 1, clamp))
             if return_chain:
                 chain.append(x)
         return Sample(x, torch.stack(chain, dim=1) if return_chain else None)
@@ -290,7 +295,7 @@ class GaussianDiffusion(nn.Module):
                 z = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                 x = clamp(a_prev.sqrt() * x_start + (1 - a_prev - sigma**2).clamp(min=0).sqrt() * noise + sigma * z)
                 if guide is not None:
-                    x = guide(x, t_prev, clamp)  # (not the clean output, as in p_sample_loop)
+                    x = clamp(guide(x, t_prev, clamp))  # (not the clean output, as in p_sample_loop)
             else:
                 x = clamp(x_start)
             if return_chain:

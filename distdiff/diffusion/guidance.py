@@ -55,7 +55,8 @@ class ValueGuide:
         for _ in range(self.n_steps):
             grad = self.gradient(x, t)
             if self.posterior_variance is not None:
-                grad = self.posterior_variance[t].reshape(active.shape) * grad
+                # (.to: a no-op where the planner's diffusion was moved before it took the copy)
+                grad = self.posterior_variance.to(t.device)[t].reshape(active.shape) * grad
             # where, not a multiplication by 0: a non-finite gradient of an inactive plan
             # must leave it as it is, not turn it into NaN.
             x = clamp(torch.where(active, x + self.scale * grad, x))
@@ -67,8 +68,9 @@ class ReturnConditioned:
     guidance (Ho & Salimans 2022): ``out = out_∅ + w·(out_R − out_∅)``.
 
     ``returns`` is the condition the denoiser was trained on (a window return's quantile);
-    ``scale`` w = 1 runs the conditional model alone, w > 1 runs the conditional and the
-    unconditional model in one batch and extrapolates from the second past the first. For a
+    ``scale`` w = 1 runs the conditional model alone, w = 0 the unconditional one alone; any
+    other w runs both in one batch and mixes them (w > 1 extrapolates from the second past the
+    first). For a
     fixed ``x`` and ``t`` each parameterization (ε, x₀ or v) is an affine function of the
     others, and affine maps keep affine combinations (weights 1 − w and w), so the mix is the
     same whichever the network predicts.
@@ -83,6 +85,9 @@ class ReturnConditioned:
         r = torch.full((x.shape[0],), self.returns, device=x.device, dtype=x.dtype)
         if self.scale == 1.0:
             return self.denoiser(x, t, returns=r)
+        if self.scale == 0.0:
+            # The unconditional model alone: no batch of both to mix with weight 0.
+            return self.denoiser(x, t, returns=r, returns_mask=torch.zeros_like(r))
         keep = torch.cat([torch.ones_like(r), torch.zeros_like(r)])
         cond, uncond = self.denoiser(torch.cat([x, x]), torch.cat([t, t]), returns=torch.cat([r, r]), returns_mask=keep).chunk(2)
         return uncond + self.scale * (cond - uncond)
