@@ -289,11 +289,14 @@ def stream_seed(seed: int, *key: int) -> int:
 
 
 def random_episodes(env: gym.Env, n_episodes: int, seed: int, progress=None) -> List[Episode]:
-    """Uniform random actions; episode ``e`` resets and draws its actions with seed ``seed + e``,
-    so that episodes collected in parallel tasks are those of one call."""
+    """Uniform random actions; episode ``e`` resets with seed ``seed + e`` and draws its actions
+    from a stream of that seed's own, so that episodes collected in parallel tasks are those of
+    one call."""
     out = []
     for e in range(n_episodes):
-        env.action_space.seed(seed + e)
+        # Not seed + e itself: gymnasium makes both generators alike from a seed, so the first
+        # actions would be the reset's noise scaled, and a model could read a_0..a_2 off s_0.
+        env.action_space.seed(stream_seed(seed + e, 1))
         o, _ = env.reset(seed=seed + e)
         obs, act, rew = [o], [], []
         while True:

@@ -369,12 +369,18 @@ def test_random_episodes_are_seeded_per_episode_and_flag_falls_and_time_limits()
         episodes = random_episodes(env, 8, seed=0)
         split = random_episodes(env, 3, seed=0) + random_episodes(env, 5, seed=3)  # as parallel tasks collect them
         starts = [env.reset(seed=e)[0] for e in range(8)]
+        init_qpos = env.unwrapped.init_qpos.copy()
     finally:
         env.close()
     for ep, start in zip(episodes, starts):
         np.testing.assert_array_equal(ep.observations[0], start.astype(np.float32))  # episode e resets with seed + e
-    for a, b in zip(episodes, split, strict=True):  # and draws its actions with it: the same however split
+    for a, b in zip(episodes, split, strict=True):  # and draws its actions by it: the same however split
         np.testing.assert_array_equal(a.actions, b.actions)
+    # From a stream of its own: gymnasium seeds the action space's generator and the reset's
+    # alike, and the reset's uniform noise on qpos[1:6] (obs[0:5], ±0.005) would be a_0[1:6] scaled.
+    for ep in episodes:
+        noise = (ep.observations[0, :5] - init_qpos[1:6]) / 0.005
+        assert not np.allclose(ep.actions[0, 1:6], noise, atol=1e-3)
     assert {ep.terminated for ep in episodes} == {True, False}, "the fixture must hold falls and time limits"
     for ep in episodes:
         assert ep.terminated != ep.truncated  # a fall, or the time limit, never both
