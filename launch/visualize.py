@@ -167,8 +167,9 @@ def main(argv=None) -> int:
     out = args.out or first.parent / ("viz" if first.name == CHECKPOINT else f"viz-{first.stem}")
     check_output(out, "--out", directory=True)
     seed = cfg.eval.seed if args.seed is None else args.seed
-    if args.seed is None and args.episodes > 0:
-        # (--compare's too, where its run chose it on these seeds)
+    if args.seed is None:
+        # (--compare's too, where its run chose it on these seeds; with no episodes evaluated as
+        # well: the alignment starts and the video are of the same episodes)
         seed = held_out_for_best([path for _, path, _, c, _ in runs if c.eval.seed == seed], seed, "--seed")
 
     def gen(p):  # the same sampler noise for every checkpoint

@@ -269,6 +269,17 @@ def test_a_best_pt_is_judged_on_other_episodes_than_those_that_chose_it(tiny_ckp
     assert script.main(["--checkpoint", str(best), "--out", str(tmp_path / "viz2"), "--seed", "7",
                         "--episodes", "1", "--starts", "1", "--no-video"]) == 130
     assert seeds == [7] and "note:" not in capsys.readouterr().err
+    # With no episodes evaluated too: its alignment starts (and video) are of those episodes.
+    starts = []
+
+    def alignment_starts(planner, env_id, seeds, **kwargs):
+        starts.append(seeds)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script, "alignment_starts", alignment_starts)
+    assert script.main(["--checkpoint", str(best), "--out", str(tmp_path / "viz3"), "--episodes", "0", "--starts", "1",
+                        "--no-video"]) == 130
+    assert starts == [[own + 1_000_000]] and "note: best.pt was chosen" in capsys.readouterr().err
 
 
 def test_compare_notices_checkpoints_scored_against_other_reference_returns(tiny_ckpt, tmp_path, monkeypatch, capsys):
