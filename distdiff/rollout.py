@@ -8,7 +8,6 @@ disturbed and receding-horizon plans are judged over their whole horizon.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, List, NamedTuple, Optional
 
 import gymnasium as gym
@@ -43,7 +42,7 @@ class EpisodeResult(NamedTuple):
     episode: Episode
     plan_errors: np.ndarray  # [n_measured_plans, H] RMSE per horizon step
     n_plans: int
-    last_check: Optional[PlanCheck]  # the episode's latest measured plan (one in measure_every), as far into it as that goes
+    last_check: Optional[PlanCheck]  # the episode's latest measured plan (one in measure_every)
     seed: int  # the env's reset seed
 
 
@@ -165,10 +164,12 @@ def per_step_alignment_error(errors) -> np.ndarray:
     (a one-step error from a state at the velocity clip) is left out of its step, and a step with
     none but NaN stays NaN."""
     e = np.asarray(errors, dtype=np.float64)
-    e = np.where(np.isfinite(e), e, np.nan).reshape(-1, e.shape[-1])
-    with warnings.catch_warnings():  # (all-NaN steps)
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmean(e, axis=0)
+    e = e.reshape(-1, e.shape[-1])
+    # Counted by hand, not np.nanmean, whose all-NaN warning only warnings.catch_warnings could
+    # silence: not thread-safe, and a run's evaluation thread summarizes beside its loop.
+    measured = np.isfinite(e)
+    count = measured.sum(axis=0)
+    return np.where(count > 0, np.where(measured, e, 0.0).sum(axis=0) / np.maximum(count, 1), np.nan)
 
 
 def mean_alignment_error(per_step) -> float:
@@ -239,10 +240,13 @@ def run_episodes(
         need = [i for i in active if plans[i] is None or cursor[i] >= steps_per_plan]
         if need:
             plan = plan_fn(np.stack([obs[i] for i in need]))
-            bad = ~np.isfinite(plan.actions).reshape(len(need), -1).all(axis=1)
+            # States too: a plan whose states are not finite would drop out of the alignment
+            # error (its mean leaves out what is not finite) and flatter the planner.
+            bad = ~(np.isfinite(plan.actions).reshape(len(need), -1).all(axis=1)
+                    & np.isfinite(plan.states).reshape(len(need), -1).all(axis=1))
             if bad.any():
-                raise NonFinitePlan(f"the planner returned NaN or infinite actions for {int(bad.sum())} of "
-                                    f"{len(need)} observations")
+                raise NonFinitePlan(f"the planner returned NaN or infinite actions or states for {int(bad.sum())} "
+                                    f"of {len(need)} observations")
             for k, i in enumerate(need):
                 plans[i] = (plan.states[k], plan.actions[k])
                 cursor[i] = 0
@@ -285,7 +289,8 @@ def stream_seed(seed: int, *key: int) -> int:
     """A 63-bit seed of its own for each ``key`` under ``seed`` (a worker, a task, a retry):
     rollouts of a long run draw thousands, which 31 bits would repeat, and keys kept apart from
     the seed (``[0, 1, 2]`` and ``[2**32, 2]`` are one list of 32-bit words)."""
-    return int(np.random.SeedSequence(seed, spawn_key=key).generate_state(1, np.uint64)[0] >> 1)
+    # (int first: NumPy 1.x has no type for a uint64 shifted by a Python int)
+    return int(np.random.SeedSequence(seed, spawn_key=key).generate_state(1, np.uint64)[0]) >> 1
 
 
 def random_episodes(env: gym.Env, n_episodes: int, seed: int, progress=None) -> List[Episode]:

@@ -18,8 +18,8 @@ from distdiff.data.minari_io import normalized_score, reference_scores
 from distdiff.planner import Plan
 from distdiff.rollout import (EpisodeResult, StateAlignment, alignment_errors,
                               alignment_on_states, make_env, physics_state, physics_state_from_observation,
-                              observed_velocity_clip, random_episodes, replay_actions, run_episodes, stream_seed,
-                              summarize)
+                              observed_velocity_clip, per_step_alignment_error, random_episodes, replay_actions,
+                              run_episodes, stream_seed, summarize)
 
 H = 8
 
@@ -285,9 +285,32 @@ def run_on(plan_fn, limits, **kw):
 def test_a_plan_with_nan_actions_is_refused_not_run_as_zero_torque():
     from distdiff.rollout import NonFinitePlan
 
-    with pytest.raises(NonFinitePlan, match="NaN or infinite actions for 2 of 2 observations"):
+    with pytest.raises(NonFinitePlan, match="NaN or infinite actions or states for 2 of 2 observations"):
         run_on(constant_plan([0.5] * (H - 1) + [np.nan]), [12, 12], n_episodes=2, execution="receding", horizon=H,
                replan_every=4, seed=0)
+
+
+def test_a_plan_with_infinite_states_is_refused_not_left_out_of_the_alignment_error():
+    from distdiff.rollout import NonFinitePlan
+
+    finite = constant_plan(0.5)
+
+    def plan_fn(obs):
+        plan = finite(obs)
+        plan.states[-1, -1, 0] = np.inf  # the last plan's last state
+        return plan
+
+    with pytest.raises(NonFinitePlan, match="for 1 of 2 observations"):
+        run_on(plan_fn, [12, 12], n_episodes=2, execution="receding", horizon=H, replan_every=4, seed=0,
+               state_normalizer=gaussian_normalizer(17))
+
+
+def test_the_mean_per_step_leaves_out_only_what_was_not_measured():
+    errors = np.array([[0.0, 1.0, np.nan], [0.0, 3.0, np.nan], [0.0, np.nan, np.nan]])
+    per_step = per_step_alignment_error(errors)
+    np.testing.assert_array_equal(per_step[:2], [0.0, 2.0])
+    assert np.isnan(per_step[2])  # no plan measured there
+    np.testing.assert_array_equal(per_step_alignment_error(errors.reshape(3, 1, 3)), per_step)  # (any leading axes)
 
 
 def test_replay_goes_on_past_a_fall_as_the_physics_does():
