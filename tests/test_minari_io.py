@@ -25,6 +25,7 @@ from distdiff.data.minari_io import (
     reference_scores,
     write_episodes,
 )
+from distdiff.data import minari_io
 from distdiff.rollout import make_env, random_episodes
 
 
@@ -46,7 +47,7 @@ def test_tiny_dataset_round_trip(tiny_dataset, tiny_episodes):
 
 
 def test_round_trip_keeps_termination_and_truncation_flags(minari_root):
-    env = make_env("Walker2d-v5", 14)  # short limit: some episodes fall, others hit the limit
+    env = make_env("Walker2d-v5", 20)  # short limit: some episodes fall, others hit the limit
     try:
         episodes = random_episodes(env, 8, seed=0)
     finally:
@@ -264,6 +265,69 @@ def test_concurrent_runs_collect_the_fallback_dataset_once(minari_root):
     assert sum(any("collecting" in line for line in log) for log in logs) == 1
     _assert_same_episodes(loaded[0].episodes, loaded[1].episodes)
     assert len(loaded[0].episodes) == 3
+
+
+def test_a_run_that_finds_the_fallback_half_written_waits_for_it(minari_root, monkeypatch):
+    # Minari makes the dataset's dir before it writes into it: a second run that looked then
+    # found "a dataset" and read it half written.
+    import minari.utils
+
+    made, go, generate = threading.Event(), threading.Event(), minari.utils._generate_dataset_path
+
+    def slow(dataset_id):
+        path = generate(dataset_id)
+        made.set()
+        go.wait(timeout=60)
+        return path
+
+    monkeypatch.setattr(minari.utils, "_generate_dataset_path", slow)
+    loaded, errors, logs = [None, None], [], [[], []]
+
+    def run(i):
+        try:
+            loaded[i] = load_or_collect("mujoco/walker2d/nowhere-v0", download=False, fallback_id="local/test/half-v0",
+                                        fallback_episodes=3, env_id="Walker2d-v5", obs_dim=17, act_dim=6,
+                                        max_episode_steps=10, log=logs[i].append)
+        except Exception as e:  # (reported below, with what the run said)
+            errors.append(e)
+
+    first = threading.Thread(target=run, args=(0,))
+    first.start()
+    assert made.wait(timeout=60)
+    second = threading.Thread(target=run, args=(1,))
+    second.start()
+    second.join(timeout=1.0)  # (where it read without waiting, it has failed by now)
+    go.set()
+    first.join()
+    second.join()
+    assert not errors, errors
+    _assert_same_episodes(loaded[0].episodes, loaded[1].episodes)
+    assert any("is in the store already" in line for line in logs[1])
+
+
+def test_a_dataset_written_while_a_run_collects_it_as_its_fallback_is_refused_not_mixed(minari_root, tiny_episodes):
+    # collect.py, run as the missing-dataset advice says, while a run collects the same id.
+    lock = minari_io._lock("local/test/both-v0")
+    lock.acquire()
+    outcome = []
+    writer = threading.Thread(target=lambda: outcome.append(_try_write("local/test/both-v0", tiny_episodes[:2])))
+    writer.start()
+    writer.join(timeout=1.0)
+    assert writer.is_alive(), "the write did not wait for the run collecting it"
+    minari_io._write("local/test/both-v0", tiny_episodes[:3], env_id="Walker2d-v5", algorithm_name="random",
+                     max_episode_steps=None, description="", overwrite=False)  # (as the run does, its lock held)
+    lock.release()
+    writer.join()
+    assert "already exists" in outcome[0]
+    assert len(load_episodes("local/test/both-v0", obs_dim=17, act_dim=6).episodes) == 3
+
+
+def _try_write(dataset_id, episodes):
+    try:
+        write_episodes(dataset_id, episodes, env_id="Walker2d-v5", algorithm_name="random")
+    except DatasetError as e:
+        return str(e)
+    return "written"
 
 
 def _remote(monkeypatch, error):

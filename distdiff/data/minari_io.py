@@ -105,7 +105,8 @@ def _missing_message(dataset_id: str, why: str, env_id: Optional[str]) -> str:
 
 def _lock(dataset_id: str) -> FileLock:
     """One process at a time makes a dataset in the store (Tune trials on one machine would each
-    download or collect it, and the later writer find it half written)."""
+    download or collect it, and the later writer find it half written), and a run that finds the
+    fallback there waits for one half-way through it (Minari makes the dir before writing it)."""
     os.makedirs(datasets_root(), exist_ok=True)
     return FileLock(os.path.join(datasets_root(), f".{dataset_id.replace('/', '__')}.lock"))
 
@@ -313,6 +314,15 @@ def write_episodes(
     registered one) and the simulator's version, which changes the dynamics."""
     if not episodes:
         raise DatasetError("no episodes to write")
+    # (A run collecting the same id as its fallback meanwhile: one at a time, the second refused.)
+    with _lock(dataset_id):
+        return _write(dataset_id, episodes, env_id=env_id, algorithm_name=algorithm_name,
+                      max_episode_steps=max_episode_steps, description=description, overwrite=overwrite)
+
+
+def _write(dataset_id: str, episodes: Sequence[Episode], *, env_id: str, algorithm_name: str,
+           max_episode_steps: Optional[int], description: str, overwrite: bool):
+    """:func:`write_episodes`, its lock held."""
     target = os.path.join(datasets_root(), *dataset_id.split("/"))
     aside = None
     if dataset_exists(dataset_id):
@@ -386,7 +396,8 @@ def _collect_random(dataset_id: str, n_episodes: int, env_id: str, max_episode_s
 
     log(f"collecting {n_episodes} random-policy episodes into {dataset_id!r} under {datasets_root()}")
     episodes = random_episodes_in(env_id, max_episode_steps, n_episodes, seed)
-    write_episodes(dataset_id, episodes, env_id=env_id, algorithm_name="random", max_episode_steps=max_episode_steps)
+    _write(dataset_id, episodes, env_id=env_id, algorithm_name="random", max_episode_steps=max_episode_steps,
+           description="", overwrite=False)  # (the caller holds its lock)
 
 
 def other_env_named(dataset_id: str, env_id: str) -> Optional[str]:
@@ -424,7 +435,6 @@ def have_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallba
                 raise
             log(f"warning: {str(e).splitlines()[0]}; training on the local dataset {fallback_id!r} instead, "
                 f"not on {dataset_id!r} (data.fallback_dataset_id; empty: no fallback)")
-    # The lock only when it is missing: a store that holds it may be read-only.
     if not dataset_exists(fallback_id):
         other = other_env_named(fallback_id, env_id)
         if other:
@@ -432,7 +442,28 @@ def have_or_collect(dataset_id: str, *, download: bool, fallback_id: str, fallba
             raise DatasetError(f"the fallback dataset {fallback_id!r} (data.fallback_dataset_id) names {other}, and would "
                                f"be collected in {env_id}: pass --data.fallback_dataset_id {local_id(env_id)} "
                                f"(or '' for no fallback)")
-        with _lock(fallback_id):
-            if not dataset_exists(fallback_id):  # or another run made it while this one waited
-                _collect_random(fallback_id, fallback_episodes, env_id, max_episode_steps, seed, log)
+    lock = _lock_unless_read_only(fallback_id)
+    try:
+        if not dataset_exists(fallback_id):  # or another run made it while this one waited
+            if lock is None:
+                raise DatasetError(f"the fallback dataset {fallback_id!r} cannot be collected: the Minari store "
+                                   f"{datasets_root()} cannot be written to")
+            _collect_random(fallback_id, fallback_episodes, env_id, max_episode_steps, seed, log)
+        else:
+            log(f"the fallback dataset {fallback_id!r} is in the store already: its episodes are those it was made "
+                f"with (data.fallback_episodes and env.max_episode_steps apply only where it is collected)")
+    finally:
+        if lock is not None:
+            lock.release()
     return fallback_id
+
+
+def _lock_unless_read_only(dataset_id: str) -> Optional[FileLock]:
+    """:func:`_lock` of ``dataset_id``, acquired; None for a store this process cannot write to
+    (one shared read-only), where none of its runs writes either."""
+    try:
+        lock = _lock(dataset_id)
+        lock.acquire()
+    except OSError:
+        return None
+    return lock
