@@ -396,6 +396,10 @@ class Trainer:
         fine-tuning a prior. A return-conditioned denoiser may start from an unconditioned one:
         its return embedding is then the zero-initialized one it was built with, so training
         begins at exactly the old planner."""
+        # Nets of the same shapes would load under another noise schedule, and denoise wrong.
+        differ = [d for d in _differences(state, self.cfg) if not d.startswith("model.returns_condition ")]
+        if differ:
+            raise _does_not_fit(differ)
         try:
             for name in ("denoiser", "ema_denoiser"):
                 missing, unexpected = getattr(self, name).load_state_dict(state[name], strict=False)

@@ -132,3 +132,7 @@ def test_a_return_condition_added_to_a_trained_prior_starts_as_that_prior(tiny_d
     np.testing.assert_array_equal(plans[0].states, plans[1].states)
     with pytest.raises(CheckpointError, match="does not fit"):
         pretrain(tiny_online_config(tiny_dataset, **{"model.dim": 16}), tmp_path / "other", quiet=True, init=prior)
+    # The noise the denoiser learned too, which no shape shows.
+    with pytest.raises(CheckpointError, match="does not fit .*diffusion.schedule is 'cosine' there, 'linear' here"):
+        pretrain(tiny_online_config(tiny_dataset, **{"diffusion.schedule": "linear"}), tmp_path / "other", quiet=True,
+                 init=prior)
