@@ -198,40 +198,58 @@ def _pretrain(cfg: Config, run_dir: Path, *, resume: bool, quiet: bool, data: Op
     # learner call's): one update's batch in a hundred would be noise, its spikes read as instability.
     sums: Dict[str, float] = {}
     summed = 0
+    saved_at = None
+
+    def log_point() -> None:
+        nonlocal sums, summed
+        losses = {k: v / summed for k, v in sums.items()}
+        sums, summed = {}, 0
+        for k, v in losses.items():
+            writer.add_scalar(k, v, trainer.step)
+        writer.add_scalar("perf/updates_per_s", update_rate(time.perf_counter(), trainer.step), trainer.step)
+        writer.add_scalar("charts/learning_rate", trainer.opt_denoiser.param_groups[0]["lr"], trainer.step)
+        writer.add_scalar("faults/skipped_updates", trainer.skipped_updates, trainer.step)
+        trained = {"denoiser": True, "value": cfg.train.train_value, "dynamics": cfg.train.train_dynamics}
+        bar.set_postfix({net: f"{losses[f'losses/{net}']:.4f}" for net, on in trained.items() if on})
+
     try:
         with deferred_interrupt() as interrupted:
             while trainer.step < cfg.train.steps:
                 if interrupted.is_set():
                     raise KeyboardInterrupt
-                trainer.follow_lr_schedule()
-                losses = trainer.checked_update(windows.sample(cfg.train.batch_size, rng), MAX_SKIPPED_IN_A_ROW)
-                if losses is None:
-                    continue
-                bar.update(1)
-                for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                summed += 1
-                if trainer.step % cfg.train.log_every == 0:
-                    losses = {k: v / summed for k, v in sums.items()}
-                    sums, summed = {}, 0
+                # Whole: a second Ctrl-C inside an update (its nets stepped one by one, then the
+                # step count and the EMA) would have the save below write it half done, and one
+                # inside TensorBoard's writer can hang its close.
+                with interrupted.hold():
+                    trainer.follow_lr_schedule()
+                    losses = trainer.checked_update(windows.sample(cfg.train.batch_size, rng), MAX_SKIPPED_IN_A_ROW)
+                    if losses is None:
+                        continue
+                    bar.update(1)
                     for k, v in losses.items():
-                        writer.add_scalar(k, v, trainer.step)
-                    writer.add_scalar("perf/updates_per_s", update_rate(time.perf_counter(), trainer.step), trainer.step)
-                    writer.add_scalar("charts/learning_rate", trainer.opt_denoiser.param_groups[0]["lr"], trainer.step)
-                    writer.add_scalar("faults/skipped_updates", trainer.skipped_updates, trainer.step)
-                    trained = {"denoiser": True, "value": cfg.train.train_value, "dynamics": cfg.train.train_dynamics}
-                    bar.set_postfix({net: f"{losses[f'losses/{net}']:.4f}" for net, on in trained.items() if on})
-                if trainer.step % cfg.train.checkpoint_every == 0:
-                    save()
+                        sums[k] = sums.get(k, 0.0) + v
+                    summed += 1
+                    if trainer.step % cfg.train.log_every == 0:
+                        log_point()
+                    if trainer.step % cfg.train.checkpoint_every == 0:
+                        save()
+                        saved_at = trainer.step
+            if summed:  # the updates since the last point
+                log_point()
+            if saved_at != trainer.step:
+                save()
     except KeyboardInterrupt:
         # Saved with Ctrl-C (and SIGTERM) deferred again, as phase 2 saves: one that came
         # meanwhile would raise inside the write and lose the steps since the last checkpoint.
         with deferred_interrupt():
+            if summed:
+                log_point()
             save()
+        raise
+    finally:
+        # On a failure too (a divergence): the points just before it are what tell it, and
+        # TensorBoard's writer thread would drop what it holds at exit.
+        with deferred_interrupt():
             bar.close()
             writer.close()
-        raise
-    bar.close()
-    save()
-    writer.close()
     return ckpt_path

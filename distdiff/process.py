@@ -142,6 +142,22 @@ class Interrupt(threading.Event):
     def __init__(self):
         super().__init__()
         self.again = threading.Event()
+        self._holding = False
+        self._held = False
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """Around a step that must not stop half-way (an update of several nets, then their EMA
+        and its logging): a Ctrl-C that would raise inside it raises as it ends instead, and one
+        more raises at once (a step that hangs)."""
+        self._holding, self._held = True, False
+        try:
+            yield
+        finally:
+            self._holding = False
+        if self._held:
+            self._held = False
+            raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -170,6 +186,8 @@ def deferred_interrupt(raise_at: int = 2) -> Iterator[Interrupt]:
             requested.set()
         elif raise_at == 3 and not requested.again.is_set():
             requested.again.set()
+        elif requested._holding and not requested._held:
+            requested._held = True
         else:
             raise KeyboardInterrupt
 

@@ -312,6 +312,43 @@ def test_ctrl_c_during_pretraining_is_deferred_to_a_step_boundary():
             with pytest.raises(KeyboardInterrupt):
                 signal.raise_signal(presses[0])
     assert {sig: signal.getsignal(sig) for sig in before} == before
+    # Inside a step held whole, the Ctrl-C that would raise raises as it ends; one more at once.
+    with deferred_interrupt() as interrupted:
+        signal.raise_signal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            with interrupted.hold():
+                signal.raise_signal(signal.SIGINT)
+                finished = True
+        assert finished
+        with pytest.raises(KeyboardInterrupt, match="at once"):
+            with interrupted.hold():
+                signal.raise_signal(signal.SIGINT)
+                try:
+                    signal.raise_signal(signal.SIGINT)
+                except KeyboardInterrupt:
+                    raise KeyboardInterrupt("at once") from None
+
+
+def test_a_second_ctrl_c_inside_a_pretraining_update_saves_it_whole(tiny_dataset, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    update_ema, done = Trainer._update_ema, []
+
+    def interrupted_twice_before_the_ema(self):
+        if self.step == 4 and "interrupted" not in done:
+            # The nets stepped and the step counted, not yet their EMA: two impatient Ctrl-Cs.
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            done.append("interrupted")
+        update_ema(self)
+        done.append(self.step)
+
+    monkeypatch.setattr(Trainer, "_update_ema", interrupted_twice_before_the_ema)
+    cfg = tiny_online_config(tiny_dataset, **{"train.steps": 50, "train.checkpoint_every": 50})
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_lib.pretrain(cfg, tmp_path, quiet=True)
+    assert done[-2:] == ["interrupted", 4] and load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4
 
 
 def test_a_planner_blends_a_phase_2_checkpoint_with_its_prior(tiny_episodes):
@@ -420,11 +457,20 @@ def test_pretraining_logs_each_loss_as_the_mean_since_the_last_point(tiny_datase
         return {**checked_update(self, batch, limit), "losses/denoiser": float(self.step)}
 
     monkeypatch.setattr(Trainer, "checked_update", numbered)
-    cfg = tiny_online_config(tiny_dataset, **{"train.steps": 20, "train.log_every": 10})
+    saved, save = [], pretrain_lib.save_checkpoint
+    monkeypatch.setattr(pretrain_lib, "save_checkpoint", lambda path, payload: (saved.append(payload["step"]),
+                                                                                save(path, payload)))
+    cfg = tiny_online_config(tiny_dataset, **{"train.steps": 25, "train.log_every": 10, "train.checkpoint_every": 10})
     pretrain_lib.pretrain(cfg, tmp_path, quiet=True)
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
     events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("losses/denoiser")] == [(10, 5.5), (20, 15.5)]
+    # The last point holds the updates after the last multiple of log_every.
+    assert [(e.step, e.value) for e in events.Scalars("losses/denoiser")] == [(10, 5.5), (20, 15.5), (25, 23.0)]
+    assert saved == [10, 20, 25]
+    # At the end on a multiple of checkpoint_every: saved once.
+    saved.clear()
+    pretrain_lib.pretrain(config_lib.from_dict({"train": {"steps": 30}}, cfg), tmp_path, resume=True, quiet=True)
+    assert saved == [30]
 
 
 def test_pretraining_does_not_resume_over_a_train_run(tmp_path):
