@@ -27,6 +27,9 @@ from distdiff.training import flat_weights, planner_from_checkpoint
 COLLECT_TRIES = 5  # a task that fails this often stops the collection or evaluation
 COLLECT_RESTART_S = 300.0  # and so does a worker that Ray has not restarted within this time
 MAX_BACK_OFF_S = 8.0  # the longest a worker that keeps failing waits between tasks
+# A call to an actor that Ray is restarting (or that is dead for good) fails at once; one that
+# fails later ran, and its worker died with it: the same error, told apart by how soon it came.
+FAST_FAIL_S = 1.0
 
 
 def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episode_steps: int, seed: int,
@@ -157,10 +160,12 @@ def run_tasks(workers: List, n_episodes: int, per_task: int, submit: Callable, k
     makes its list of what is returned. At most ``width`` tasks run at once (default: one per
     worker), each started on the worker with the fewest in flight (then the lowest index) among
     those ``usable(i)`` allows (a run's loop gives workers up). A task whose worker died or whose
-    envs raised is run again, with the same seeds; its worker takes no task until a back-off
-    has passed (Ray may be restarting it, or not at all), which doubles with each failure in a
-    row, while others do. A planner that fails stops it all. ``stop``: see :func:`evaluate_on`."""
-    # a task's ref -> (its worker, the task, its episodes, its failures, unavailable workers since)
+    envs raised is run again, with the same seeds, up to ``COLLECT_TRIES`` times; its worker
+    takes no task until a back-off has passed (Ray may be restarting it), which doubles with each
+    failure in a row, while others do. A worker that cannot be built or is dead for good takes
+    no task again. A planner that fails stops it all. ``stop``: see :func:`evaluate_on`."""
+    # a task's ref -> (its worker, the task, its episodes, its failures, unavailable workers since,
+    # when it was submitted)
     pending: Dict[ray.ObjectRef, tuple] = {}
     by_task: Dict[int, List] = {}
     in_flight, failing = [0] * len(workers), [0] * len(workers)
@@ -181,7 +186,7 @@ def run_tasks(workers: List, n_episodes: int, per_task: int, submit: Callable, k
         else:
             i = min(ready_now, key=lambda j: (in_flight[j], j))
         in_flight[i] += 1
-        pending[submit(workers[i], task, n)] = (i, task, n, failures, since)
+        pending[submit(workers[i], task, n)] = (i, task, n, failures, since, time.monotonic())
 
     def failed(i: int) -> None:
         failing[i] += 1
@@ -200,32 +205,35 @@ def run_tasks(workers: List, n_episodes: int, per_task: int, submit: Callable, k
             raise EvaluationStopped("the evaluation was stopped")
         if not ready:
             continue
-        i, task, n, failures, since = pending.pop(ready[0])
+        i, task, n, failures, since, submitted = pending.pop(ready[0])
         in_flight[i] -= 1
         try:
             got = keep(ray.get(ready[0]))
-        except ActorUnavailableError as e:
-            # Ray is restarting the worker, and calls fail at once until it is back.
-            failed(i)
-            since = time.monotonic() if since is None else since
-            if time.monotonic() - since > COLLECT_RESTART_S:
-                raise RunFailed(f"no rollout actor took task {task} within {COLLECT_RESTART_S:g} s: "
-                                f"{cause(e)}") from e
-            start(task, n, failures, since)
-            continue
         except RayError as e:
             if isinstance(e, RayTaskError) and isinstance(e.cause, (NonFinitePlan, PlanError)):
                 # Its seeds again would fail the same way.
                 raise RunFailed(f"the checkpoint's planner is broken: {cause(e)}") from e
-            # A worker that died with the task, or whose task raised: the task runs again; what
-            # was run so far is kept.
             failed(i)
-            if isinstance(e, RayActorError) and e.actor_init_failed:
-                gone[i] = cause(e)  # the worker's failure, not the task's
+            at_once = time.monotonic() - submitted <= FAST_FAIL_S
+            if isinstance(e, ActorUnavailableError) and at_once:
+                # Ray is restarting the worker, and calls fail at once until it is back.
+                since = time.monotonic() if since is None else since
+                if time.monotonic() - since > COLLECT_RESTART_S:
+                    raise RunFailed(f"no rollout actor took task {task} within {COLLECT_RESTART_S:g} s: "
+                                    f"{cause(e)}") from e
+                start(task, n, failures, since)
+                continue
+            if isinstance(e, RayActorError) and (e.actor_init_failed or at_once and not e.preempted):
+                # The worker's failure, not the task's: its constructor raised, or it is dead for
+                # good (restarts spent: a restarting one is unavailable), and Ray never restarts it.
+                gone[i] = cause(e)
             else:
+                # A worker that died running the task (Ray says unavailable where it restarts the
+                # worker), or a task that raised: it runs again; what was run so far is kept.
                 failures += 1
                 if failures >= COLLECT_TRIES:
-                    raise RunFailed(f"task {task} failed {failures} times: {cause(e)}") from e
+                    died = " (its worker died running it)" if isinstance(e, RayActorError) else ""
+                    raise RunFailed(f"task {task} failed {failures} times{died}: {cause(e)}") from e
             start(task, n, failures)
             continue
         failing[i] = 0
