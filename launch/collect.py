@@ -49,7 +49,7 @@ def collect(args, state, cfg, planner, bar) -> Tuple[str, str, list]:
             env_id = args.env if state is None else cfg.env.id
             episodes = collect_episodes(args.episodes, num_actors=args.num_actors, env_id=env_id,
                                         max_episode_steps=args.max_episode_steps, seed=args.seed, checkpoint=state,
-                                        envs_per_actor=args.num_envs, progress=bar.update)
+                                        envs_per_actor=args.num_envs, progress=bar.update, log=bar.write)
         except RunFailed as e:
             fail(f"{e}\nnothing was written", code=1)
         finally:

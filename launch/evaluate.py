@@ -46,7 +46,7 @@ def judge(args, cfg, planner, bar) -> dict:
 
     started = connect_job(args.address, args.num_cpus, log=bar.write)
     try:
-        return evaluate_in_parallel(planner, cfg, num_actors=args.num_actors, progress=bar.update)
+        return evaluate_in_parallel(planner, cfg, num_actors=args.num_actors, progress=bar.update, log=bar.write)
     except RunFailed as e:
         bar.close()
         fail(f"{e}\nnothing was written", code=1)

@@ -1773,6 +1773,44 @@ def test_parallel_collection_runs_the_episodes_asked_for_and_keeps_them_all(ray_
     assert len(planned) == 3 and sum(int(f.read_text()) for f in ran.iterdir()) == 3
 
 
+def test_collection_says_while_its_actors_wait_to_start_and_runs_random_tasks_num_actors_at_once(
+        ray_session, pretrained, monkeypatch):
+    from distdiff.data.episodes import Episode
+    from distdiff.distributed import actors, collection
+    from distdiff.distributed.worker import RolloutWorker
+
+    class SlowToStart(RolloutWorker):
+        def __init__(self, **kwargs):
+            time.sleep(1.5)  # (an actor waiting for a node with free CPUs, as far as the driver sees)
+            super().__init__(**kwargs)
+
+    monkeypatch.setattr(actors, "make_worker", lambda cfg, res, **kwargs: ray.remote(SlowToStart).options(
+        num_cpus=0.01, max_restarts=0).remote(**kwargs))
+    monkeypatch.setattr(collection, "ACTOR_WAIT_NOTE_S", 0.5)
+    said = []
+    cfg, ckpt = pretrained
+    planned = collection.collect_episodes(2, num_actors=1, env_id="Walker2d-v5", max_episode_steps=10, seed=3,
+                                          checkpoint=load_checkpoint(ckpt), envs_per_actor=2, log=said.append)
+    assert len(planned) == 2
+    assert said and said[0].startswith("1 of 1 rollout actors have not started after 0.5 s") and "ray status" in said[0]
+
+    # Random-policy tasks: no more at once than the actors asked for, however many CPUs there are.
+    in_flight, done = [], []
+
+    class Task:
+        def options(self, **kwargs):
+            return self
+
+        def remote(self, env_id, max_episode_steps, n, seed):
+            in_flight.append(len(in_flight) - len(done) + 1)
+            return ray.put([Episode(np.zeros((2, 17)), np.zeros((1, 6)), np.zeros(1), False, True)] * n)
+
+    monkeypatch.setattr(actors, "random_episodes_task", Task())
+    got = collection.collect_episodes(40, num_actors=2, env_id="Walker2d-v5", max_episode_steps=10, seed=0,
+                                      progress=done.append)
+    assert len(got) == 40 and len(in_flight) == 4 and max(in_flight) == 2  # (tasks of 10 at most)
+
+
 def test_evaluate_on_parallel_actors_gives_the_same_figures_with_any_number_of_them(ray_session, pretrained, tmp_path,
                                                                                     monkeypatch, capsys):
     from distdiff.distributed.collection import evaluate_in_parallel

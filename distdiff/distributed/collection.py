@@ -30,13 +30,16 @@ MAX_BACK_OFF_S = 8.0  # the longest a worker that keeps failing waits between ta
 # A call to an actor that Ray is restarting (or that is dead for good) fails at once; one that
 # fails later ran, and its worker died with it: the same error, told apart by how soon it came.
 FAST_FAIL_S = 1.0
+ACTOR_WAIT_NOTE_S = 60.0  # how often it says that actors have not started (not placed yet)
 
 
 def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episode_steps: int, seed: int,
                      checkpoint: Optional[Dict[str, object]] = None, envs_per_actor: int = 4,
-                     progress: Optional[Callable[[int], None]] = None) -> List:
-    """``n_episodes`` episodes from ``num_actors`` parallel actors: random actions, or the EMA
-    planner of ``checkpoint`` (the same rollout workers as training)."""
+                     progress: Optional[Callable[[int], None]] = None,
+                     log: Callable[[str], None] = print) -> List:
+    """``n_episodes`` episodes from ``num_actors`` parallel actors: random actions (in tasks,
+    ``num_actors`` at once), or the EMA planner of ``checkpoint`` (the same rollout workers as
+    training); ``log``: what it says while its actors wait to start."""
     actors.check_code_on_every_node(DRIVER_CODE)  # (the random policy's tasks check nothing themselves)
     cfg = config_lib.from_dict(checkpoint["config"]) if checkpoint is not None else config_lib.Config()
     # (Planner actors beyond one per task would build their nets and envs to sit idle.)
@@ -47,8 +50,18 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
     if checkpoint is None:
         per_task = max(1, min(10, n_episodes // max(num_actors, 1)))
         counts = [min(per_task, n_episodes - k) for k in range(0, n_episodes, per_task)]
-        refs = {actors.random_episodes_task.options(num_cpus=res.actor_cpus).remote(
-            env_id, max_episode_steps, n, seed + k * per_task): k for k, n in enumerate(counts)}
+        queued = iter(enumerate(counts))
+
+        def submit() -> None:
+            k, n = next(queued)
+            refs[actors.random_episodes_task.options(num_cpus=res.actor_cpus).remote(
+                env_id, max_episode_steps, n, seed + k * per_task)] = k
+
+        # At most num_actors at once, as asked: each asks for up to a CPU, and a cluster with
+        # more would otherwise run them all at once.
+        refs: Dict[ray.ObjectRef, int] = {}
+        for _ in range(min(cfg.online.num_actors, len(counts))):
+            submit()
         by_task: Dict[int, List] = {}
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)
@@ -60,6 +73,8 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
             by_task[refs.pop(ready[0])] = got
             if progress:
                 progress(len(got))
+            if len(by_task) + len(refs) < len(counts):
+                submit()
         return [ep for k in sorted(by_task) for ep in by_task[k]]
     cfg = config_lib.from_dict({"env": {"max_episode_steps": max_episode_steps}}, cfg)
     planner = planner_from_checkpoint(checkpoint, cfg)
@@ -74,7 +89,7 @@ def collect_episodes(n_episodes: int, *, num_actors: int, env_id: str, max_episo
         worker.set_weights.remote(weights)
         return worker.rollout.remote(task, n_envs=n, seed=stream_seed(seed, task))
 
-    with own_workers(cfg, planner, measure=False) as workers:
+    with own_workers(cfg, planner, measure=False, log=log) as workers:
         # Copies: views would pin every task's object in the store until the caller is done.
         return run_tasks(workers, n_episodes, cfg.online.envs_per_actor, submit,
                          lambda result: [ep.copy() for ep in result.episodes], progress)
@@ -87,17 +102,18 @@ def weights_of(planner: Planner) -> Weights:
 
 
 def evaluate_in_parallel(planner: Planner, cfg: config_lib.Config, *, num_actors: int,
-                         progress: Optional[Callable[[int], None]] = None) -> Dict[str, object]:
+                         progress: Optional[Callable[[int], None]] = None,
+                         log: Callable[[str], None] = print) -> Dict[str, object]:
     """:func:`distdiff.evaluation.evaluate` of ``planner`` (:func:`planner_from_checkpoint`
     with ``cfg``, which its workers act by), its episodes split between ``num_actors`` parallel
-    rollout actors made for it (:func:`evaluate_on`)."""
+    rollout actors made for it (:func:`evaluate_on`); ``log``: what it says while they wait to start."""
     check_measurable(cfg)
     actors.check_code_on_every_node(DRIVER_CODE)
     # (Their rollout envs sit idle: one each.)
     cfg = config_lib.from_dict({"online": {"envs_per_actor": 1}},
                                _parallel(cfg, num_actors, cfg.eval.episodes, min(cfg.eval.num_envs, cfg.eval.episodes)))
     # (Their rollouts' envs sit idle too: no shadows for them.)
-    with own_workers(cfg, planner, measure=False) as workers:
+    with own_workers(cfg, planner, measure=False, log=log) as workers:
         return evaluate_on(workers, ray.put(weights_of(planner)), cfg, progress=progress)
 
 
@@ -138,14 +154,29 @@ def _parallel(cfg: config_lib.Config, num_actors: int, n_episodes: int, per_task
 
 
 @contextlib.contextmanager
-def own_workers(cfg: config_lib.Config, planner: Planner, *, measure: bool) -> Iterator[List]:
-    """``online.num_actors`` rollout workers of ``cfg`` with ``planner``'s normalizer, killed on
-    the way out; ``measure``: see :class:`RolloutWorker`."""
+def own_workers(cfg: config_lib.Config, planner: Planner, *, measure: bool,
+                log: Callable[[str], None] = print) -> Iterator[List]:
+    """``online.num_actors`` rollout workers of ``cfg`` with ``planner``'s normalizer, started,
+    killed on the way out; ``measure``: see :class:`RolloutWorker`."""
     res = actors.resources(cfg)
     workers = [actors.make_worker(cfg, res, config=cfg.to_dict(), normalizer=planner.normalizer.state_dict(),
                                   worker_id=i, measure=measure)
                for i in range(cfg.online.num_actors)]
     try:
+        # Waited for with a word each minute: on a cluster whose CPUs other jobs hold, the actors
+        # wait to be placed, and the tasks queued on them would wait without one. (A constructor
+        # that raised is left to the tasks, which give its worker up.)
+        started = [w.__ray_ready__.remote() for w in workers]  # (every Ray actor's; Ray Serve waits on it so)
+        waited = 0.0
+        while True:
+            _, started = ray.wait(started, num_returns=len(started), timeout=ACTOR_WAIT_NOTE_S)
+            if not started:
+                break
+            waited += ACTOR_WAIT_NOTE_S
+            log(f"{len(started)} of {len(workers)} rollout actors have not started after {waited:g} s (not placed "
+                f"yet, or still starting): each asks for {res.actor_cpus:g} CPU"
+                + "".join(f" and a node with {name!r}" for name in res.actor_resources or {})
+                + "; `ray status` shows what the cluster has free")
         yield workers
     finally:
         for w in workers:
