@@ -1202,7 +1202,7 @@ def test_evaluate_with_two_actors_runs_them_on_ray(monkeypatch):
     script = script_in_process("evaluate", monkeypatch)
     monkeypatch.setattr(script, "connect_job", lambda *a, **k: False)
     monkeypatch.setattr(collection, "evaluate_in_parallel",
-                        lambda planner, cfg, *, num_actors, progress: {"num_actors": num_actors})
+                        lambda planner, cfg, *, num_actors, progress, log: {"num_actors": num_actors})
     monkeypatch.setattr(script, "evaluate", lambda *a, **k: pytest.fail("evaluated in this process"))
     bar = SimpleNamespace(write=print, update=lambda n=1: None, close=lambda: None)
     assert script.judge(SimpleNamespace(num_actors=2, address=None, num_cpus=None), None, None, bar) == {"num_actors": 2}
