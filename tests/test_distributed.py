@@ -2084,6 +2084,28 @@ def test_a_lone_worker_that_fails_waits_out_its_back_off_before_its_next_task(ra
     assert len(calls) == 3 and gaps[0] >= 0.9 and gaps[1] >= 1.9, gaps
 
 
+def test_a_stop_asked_while_every_worker_backs_off_is_taken_at_once(ray_session):
+    from distdiff.distributed.collection import run_tasks
+    from distdiff.evaluation import EvaluationStopped
+
+    @ray.remote(num_cpus=0.01, max_restarts=0)
+    class AlwaysFails:
+        def run(self, task, n):
+            raise ValueError("an env that fails")
+
+    worker = AlwaysFails.remote()
+    t0 = time.monotonic()
+    try:
+        # Failures at ~0 s and ~1 s, then a back-off of 2 s, through which the stop comes at 1.6 s.
+        with pytest.raises(EvaluationStopped):
+            run_tasks([worker], 1, 1, lambda w, t, n: w.run.remote(t, n), list,
+                      stop=lambda: time.monotonic() - t0 > 1.6)
+        elapsed = time.monotonic() - t0
+    finally:
+        ray.kill(worker)
+    assert elapsed < 2.6, f"stopped {elapsed - 1.6:.1f} s after it was asked"
+
+
 def test_a_parallel_evaluation_plays_episodes_from_its_seed_each_once(ray_session, pretrained, monkeypatch):
     # As distdiff.evaluation.evaluate does: an offset would shift every parallel count alike.
     from distdiff.distributed import collection

@@ -211,9 +211,13 @@ def run_tasks(workers: List, n_episodes: int, per_task: int, submit: Callable, k
         now = time.monotonic()
         ready_now = [i for i in choice if back_at[i] <= now]
         if not ready_now:
-            # Every one is backing off: wait for the first back.
+            # Every one is backing off: wait for the first back (up to MAX_BACK_OFF_S), asking
+            # ``stop`` meanwhile as the wait for results does.
             i = min(choice, key=lambda j: back_at[j])
-            time.sleep(back_at[i] - now)
+            while time.monotonic() < back_at[i]:
+                if stop is not None and stop():
+                    raise EvaluationStopped("the evaluation was stopped")
+                time.sleep(min(0.25, max(back_at[i] - time.monotonic(), 0.0)))
         else:
             i = min(ready_now, key=lambda j: (in_flight[j], j))
         in_flight[i] += 1
