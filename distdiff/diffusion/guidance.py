@@ -70,10 +70,9 @@ class ReturnConditioned:
     ``returns`` is the condition the denoiser was trained on (a window return's quantile);
     ``scale`` w = 1 runs the conditional model alone, w = 0 the unconditional one alone; any
     other w runs both in one batch and mixes them (w > 1 extrapolates from the second past the
-    first). For a
-    fixed ``x`` and ``t`` each parameterization (ε, x₀ or v) is an affine function of the
-    others, and affine maps keep affine combinations (weights 1 − w and w), so the mix is the
-    same whichever the network predicts.
+    first). For a fixed ``x`` and ``t`` each parameterization (ε, x₀ or v) is an affine
+    function of the others, and affine maps keep affine combinations (weights 1 − w and w), so
+    the mix is the same whichever the network predicts.
     """
 
     def __init__(self, denoiser, *, returns: float, scale: float = 1.0):
