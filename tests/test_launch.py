@@ -377,7 +377,8 @@ def test_resume_continues_the_step_count_exactly(run30, tmp_path, tiny_dataset, 
     assert state["step"] == 40
     acc = EventAccumulator(str(resumed)).Reload()
     logged = acc.Scalars("losses/denoiser")
-    assert [e.step for e in logged] == [20, 40] and 1e6 not in [e.value for e in logged]
+    # (30: the run's updates after its point at 20, logged as it ended; 40: those of the resume)
+    assert [e.step for e in logged] == [20, 30, 40] and 1e6 not in [e.value for e in logged]
     # The config at the start and at the resume, with the resume's override.
     configs = acc.Tensors("config/text_summary")
     assert [e.step for e in configs] == [0, 30]
