@@ -20,7 +20,7 @@ import typing
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
@@ -48,7 +48,7 @@ class DataConfig:
     dataset_id: str = _f("mujoco/walker2d/medium-v0", "Minari dataset id, looked up under MINARI_DATASETS_PATH first.")
     download: bool = _f(True, "Download the dataset from Minari's remote if it is not local (needs internet; ids under local/ never are).")
     fallback_dataset_id: str = _f("local/walker2d/random-v0", "Local dataset (an id under local/) used when dataset_id is not local and cannot be downloaded (offline; a remote that has no such id is an error); collected with a random policy if missing, and recorded as the run's data.dataset_id. Empty: no fallback.")
-    fallback_episodes: int = _f(200, "Episodes the fallback dataset is collected with.")
+    fallback_episodes: int = _f(200, "Episodes the fallback dataset is collected with; 0: no fallback.")
     normalizer: str = _f("gaussian", "Per-dimension normalizer: gaussian or minmax.")
     discount: float = _f(0.997, "Discount of the return that the value net predicts.")
     value_target: str = _f("return_to_go", "What the value net predicts of a window. return_to_go: the discounted return from s_0 to the episode's end (Diffuser's; online episodes cut short by the env-step budget are completed to env.max_episode_steps at their mean reward). window: the discounted return of the window's own H transitions, the termination penalty included, i.e. what the plan itself earns; a time limit shows only in the last H-1 windows before it (nothing is earned past it), and past a cut by the env-step budget its real steps stand for the rest (bench/README.md).")
@@ -229,7 +229,11 @@ def _coerce(value, tp, where: str):
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected a number, got {value!r}") from None
     if tp is str:
-        # YAML's null: empty ("no fallback", "no custom resource"), not the string "None".
+        # YAML's null: empty ("no fallback", "no custom resource"), not the string "None". A list,
+        # mapping or yes/no is refused, not made its Python text ({learner: 1} as a resource name
+        # that no node has: the learner would wait for ever).
+        if isinstance(value, (list, tuple, dict, bool)):
+            raise ConfigError(f"{where}: expected text, got {value!r}")
         return "" if value is None else str(value)
     raise ConfigError(f"{where}: unsupported type {tp}")
 
@@ -467,19 +471,23 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(0.0 <= cfg.guidance.return_quantile <= 1.0, f"guidance.return_quantile must be in [0, 1], got {cfg.guidance.return_quantile}")
     need(0.0 <= cfg.train.condition_dropout < 1.0, f"train.condition_dropout must be in [0, 1), got {cfg.train.condition_dropout}")
     if cfg.model.returns_condition and cfg.guidance.return_scale != 1.0:
-        need(cfg.train.condition_dropout > 0, "guidance.return_scale != 1 needs an unconditional model: set train.condition_dropout > 0")
+        need(cfg.train.condition_dropout > 0, "guidance.return_scale != 1 needs an unconditional model: one trained with "
+                                              "train.condition_dropout > 0 (a checkpoint trained without has none)")
     need(cfg.guidance.n_candidates == 1 or cfg.planner.dynamics_candidates == 1,
          "choose plans by value (guidance.n_candidates > 1) or by dynamics (planner.dynamics_candidates > 1), not both")
     if cfg.planner.dynamics_candidates > 1:
-        need(cfg.train.train_dynamics, "planner.dynamics_candidates > 1 needs the dynamics model: set train.train_dynamics true")
+        need(cfg.train.train_dynamics, "planner.dynamics_candidates > 1 needs the dynamics model: train.train_dynamics true "
+                                       "(a checkpoint trained without it has none)")
     # A window of one row holds no transition: the dynamics model would learn nothing and rank by NaN.
     need(cfg.model.horizon >= 2 or not cfg.train.train_dynamics,
          f"train.train_dynamics needs model.horizon >= 2 (a window of {cfg.model.horizon} row holds no transition)")
     need(cfg.planner.dynamics_rank in ("error", "value"), f"planner.dynamics_rank must be error or value, got {cfg.planner.dynamics_rank!r}")
     if cfg.planner.dynamics_candidates > 1 and cfg.planner.dynamics_rank == "value":
-        need(cfg.train.train_value, "planner.dynamics_rank value needs the value net: set train.train_value true")
+        need(cfg.train.train_value, "planner.dynamics_rank value needs the value net: train.train_value true (a "
+                                    "checkpoint trained without it has none)")
     if cfg.guidance.scale > 0 or cfg.guidance.n_candidates > 1:
-        need(cfg.train.train_value, "guidance (scale > 0 or n_candidates > 1) needs the value net: set train.train_value true")
+        need(cfg.train.train_value, "guidance (scale > 0 or n_candidates > 1) needs the value net: train.train_value "
+                                    "true (a checkpoint trained without it has none)")
     if cfg.guidance.scale > 0:
         need(0 <= cfg.guidance.t_stopgrad < cfg.diffusion.n_steps,
              f"guidance.t_stopgrad must be in [0, diffusion.n_steps={cfg.diffusion.n_steps}) when guidance.scale > 0: "
@@ -491,7 +499,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     need(cfg.planner.execution in EXECUTIONS, f"planner.execution must be one of {list(EXECUTIONS)}, got {cfg.planner.execution!r}")
     need(1 <= cfg.planner.replan_every <= cfg.model.horizon,
          f"planner.replan_every must be in [1, model.horizon={cfg.model.horizon}], got {cfg.planner.replan_every}")
-    at_least(0, "train.steps", "train.warmup_steps")
+    at_least(0, "train.steps", "train.warmup_steps", "data.fallback_episodes")
     at_least(1, "train.batch_size", "train.ema_every", "train.log_every", "train.checkpoint_every", "train.num_threads")
     positive("train.lr", "train.value_lr", "train.dynamics_lr")
     need(cfg.train.lr_schedule in LR_SCHEDULES, f"train.lr_schedule must be one of {list(LR_SCHEDULES)}, got {cfg.train.lr_schedule!r}")
@@ -634,19 +642,25 @@ def dataset_problems(cfg: Config) -> List[str]:
     return problems
 
 
+def nonfinite_problems(cfg: Config, keys: Optional[Iterable[str]] = None) -> List[str]:
+    """The fields of ``cfg`` (or of them, ``keys``) that are NaN or infinite. NaN passes every
+    comparison of validate, and an infinity most; only two fields mean something by one (no
+    clipping, no time limit). Not part of validate: old checkpoints with others still load."""
+    problems = []
+    for key in keys if keys is not None else [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg)
+                                               for f in dataclasses.fields(getattr(cfg, s.name))]:
+        value = value_of(cfg, key)
+        if isinstance(value, float) and not math.isfinite(value) and not (
+                math.isinf(value) and value > 0 and key in ("train.grad_clip", "online.wall_time_s")):
+            problems.append(f"{key} must be a finite number, got {value}")
+    return problems
+
+
 def check_trainable(cfg: Config) -> None:
     """What training needs of a config beyond :func:`validate`: not part of it, since the configs
     of checkpoints saved before these checks must still load to be evaluated. The env is made
     once here, before any work, not first in every rollout actor after pretraining."""
-    errors = []
-    # NaN passes every comparison of validate, and an infinity most; only these two fields mean
-    # something by one (no clipping, no time limit). Old checkpoints with either still load.
-    for section in dataclasses.fields(cfg):
-        for f in dataclasses.fields(getattr(cfg, section.name)):
-            value, key = getattr(getattr(cfg, section.name), f.name), f"{section.name}.{f.name}"
-            if isinstance(value, float) and not math.isfinite(value) and not (
-                    math.isinf(value) and value > 0 and key in ("train.grad_clip", "online.wall_time_s")):
-                errors.append(f"{key} must be a finite number, got {value}")
+    errors = nonfinite_problems(cfg)
     o = cfg.online
     if not (0 <= o.learner_num_gpus <= 1 or o.learner_num_gpus == -1):
         errors.append(f"online.learner_num_gpus must be in [0, 1] (the learner trains on one GPU), or -1 for one if "
@@ -777,6 +791,9 @@ INERT_UNLESS: Tuple[Tuple[Tuple[str, ...], Callable[[Config], bool], str], ...] 
     (("planner.ddim_steps", "planner.ddim_eta"), lambda c: c.planner.sampler == "ddim", "planner.sampler ddim"),
     (("planner.replan_every",), lambda c: c.planner.execution == "receding", "planner.execution receding"),
     (("planner.dynamics_rank",), lambda c: c.planner.dynamics_candidates > 1, "planner.dynamics_candidates > 1"),
+    (("train.warmup_steps", "train.lr_min_ratio"), lambda c: c.train.lr_schedule == "cosine", "train.lr_schedule cosine"),
+    (("train.value_lr",), lambda c: c.train.train_value, "train.train_value true"),
+    (("train.dynamics_lr",), lambda c: c.train.train_dynamics, "train.train_dynamics true"),
 )
 
 
@@ -807,9 +824,11 @@ def from_args(args: argparse.Namespace, base: Optional[Config] = None) -> Config
     else:
         cfg, errors = _merge(_nest(overrides), base)
         validate(cfg, errors)
-    inert = inert_flags(cfg, overrides)
-    if inert:
-        raise ConfigError("invalid flags:\n  " + "\n  ".join(inert))
+    # NaN or infinite flags, before any work (--guidance inf planned NaN, blamed on the checkpoint;
+    # --train.grad_clip nan switched clipping off): those of a checkpoint's config still load.
+    problems = inert_flags(cfg, overrides) + nonfinite_problems(cfg, overrides)
+    if problems:
+        raise ConfigError("invalid flags:\n  " + "\n  ".join(problems))
     return cfg
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from distdiff.cli import (AUTORESUME_HELP, add_ray_arguments, autoresume, check_autoresumed, check_resume_dir,
                           check_run_dir, connect_job, default_run_dir, fail, line_buffered_output, make_parser,
-                          note_changes, take_alias)
+                          note_changes, positive_int, take_alias)
 from distdiff.process import default_ray_auth, limit_threads, sigterm_as_interrupt
 
 limit_threads()
@@ -38,7 +38,7 @@ from distdiff.training import check_dynamics, check_made_with  # noqa: E402
 
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser(__doc__)
-    p.add_argument("--num-actors", type=int, default=None, help="Rollout actors (same as --online.num_actors).")
+    p.add_argument("--num-actors", type=positive_int, default=None, help="Rollout actors (same as --online.num_actors).")
     p.add_argument("--dataset", default=None, help="Minari dataset id (same as --data.dataset_id).")
     p.add_argument("--init", type=Path, default=None,
                    help="Start phase 2 from this checkpoint (skips pretraining). Its config is the base of "

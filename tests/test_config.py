@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import subprocess
 import sys
@@ -504,6 +505,16 @@ def test_a_negative_learner_timeout_is_refused():
     config.validate(config.from_dict({"online": {"learner_timeout_s": 0.0}}))
 
 
+def test_text_fields_refuse_lists_mappings_and_yes_or_no():
+    # ray start --resources='{"learner": 1}' copied into YAML: a resource no node has, as text.
+    for value in ({"learner": 1}, ["Walker2d-v5"], True):
+        with pytest.raises(ConfigError, match="online.learner_resource: expected text, got"):
+            config.load(None, {"online.learner_resource": value})
+    assert config.load(None, {"online.learner_resource": None}).online.learner_resource == ""
+    with pytest.raises(ConfigError, match="data.fallback_episodes must be >= 0"):
+        config.load(None, {"data.fallback_episodes": -1})
+
+
 def test_flags_that_would_do_nothing_under_the_config_they_make_are_refused():
     # A return quantile on an unconditioned model was taken, and recorded as an override,
     # without a word; so were DDIM settings for the DDPM sampler, and guidance steps at scale 0.
@@ -530,8 +541,16 @@ def test_flags_that_would_do_nothing_under_the_config_they_make_are_refused():
     for argv, says in [(["--planner.execution", "open_loop", "--planner.replan_every", "2"], "planner.execution receding"),
                        (["--planner.dynamics_rank", "value"], "planner.dynamics_candidates > 1"),
                        (["--train.condition_dropout", "0.5"], "model.returns_condition true"),
-                       (["--guidance.n_guide_steps", "3"], "guidance.scale > 0")]:
+                       (["--guidance.n_guide_steps", "3"], "guidance.scale > 0"),
+                       (["--train.lr_schedule", "constant", "--train.warmup_steps", "100"], "train.lr_schedule cosine"),
+                       (["--train.train_dynamics", "false", "--train.dynamics_lr", "0.01"], "train.train_dynamics true")]:
         with pytest.raises(ConfigError, match=f"would do nothing: it acts only with {re.escape(says)}"):
             flags("--config", str(SMOKE_CONFIG), "--guidance.scale", "0", *argv)
+    # NaN or infinite flags, refused before any work; a checkpoint's own config is not judged.
+    with pytest.raises(ConfigError, match=r"guidance.scale must be a finite number, got inf\n"
+                                          r"  train.grad_clip must be a finite number, got nan"):
+        flags("--guidance.scale", "inf", "--train.grad_clip", "nan", base=unconditioned)
+    assert flags("--online.wall_time_s", "inf", base=config.from_dict({"data": {"termination_penalty": math.nan}},
+                                                                     unconditioned)).online.wall_time_s == math.inf
     # A config file may set them all alike (so may a sweep's space): only flags are refused.
     assert config.load(SMOKE_CONFIG, {"planner.execution": "open_loop", "planner.replan_every": 2}).planner.replan_every == 2
