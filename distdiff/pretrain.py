@@ -238,6 +238,9 @@ def _pretrain(cfg: Config, run_dir: Path, *, resume: bool, quiet: bool, data: Op
                 log_point()
             if saved_at != trainer.step:
                 save()
+            # A stop that came with the last steps or the save: pretraining is done and saved, and
+            # the caller (train.py's phase 2) must not start anything more.
+            stopped = interrupted.is_set()
     except KeyboardInterrupt:
         # Saved with Ctrl-C (and SIGTERM) deferred again, as phase 2 saves: one that came
         # meanwhile would raise inside the write and lose the steps since the last checkpoint.
@@ -252,4 +255,6 @@ def _pretrain(cfg: Config, run_dir: Path, *, resume: bool, quiet: bool, data: Op
         with deferred_interrupt():
             bar.close()
             writer.close()
+    if stopped:
+        raise KeyboardInterrupt
     return ckpt_path

@@ -2084,6 +2084,25 @@ def test_a_lone_worker_that_fails_waits_out_its_back_off_before_its_next_task(ra
     assert len(calls) == 3 and gaps[0] >= 0.9 and gaps[1] >= 1.9, gaps
 
 
+def test_a_learner_that_hangs_while_its_state_is_taken_stops_the_run_at_its_timeout(ray_session):
+    # A checkpoint's state_dict was waited for without the limit that the learner's calls have.
+    from types import SimpleNamespace
+
+    from distdiff.distributed.driver import OnlineRun
+
+    @ray.remote(num_cpus=0.01)
+    def hangs():
+        time.sleep(60)
+
+    cfg = config_lib.from_dict({"online": {"learner_timeout_s": 0.5}}, config_lib.Config())
+    ref = hangs.remote()
+    try:
+        with pytest.raises(RunFailed, match=r"has not given its state for a checkpoint within .*\(0.5 s\): it hangs"):
+            OnlineRun.state_of(SimpleNamespace(cfg=cfg), "learner", ref)
+    finally:
+        ray.cancel(ref, force=True)
+
+
 def test_a_stop_asked_while_every_worker_backs_off_is_taken_at_once(ray_session):
     from distdiff.distributed.collection import run_tasks
     from distdiff.evaluation import EvaluationStopped

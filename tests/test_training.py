@@ -351,6 +351,25 @@ def test_a_second_ctrl_c_inside_a_pretraining_update_saves_it_whole(tiny_dataset
     assert done[-2:] == ["interrupted", 4] and load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 4
 
 
+def test_a_stop_that_comes_with_pretrainings_last_save_is_not_taken_as_done(tiny_dataset, tmp_path, monkeypatch):
+    # SIGTERM (a preemption) as the last checkpoint is written: train.py's phase 2 must not start.
+    import os
+    import signal
+
+    saves, save = [], pretrain_lib.save_checkpoint
+
+    def save_as_sigterm_comes(path, payload):
+        saves.append(payload["step"])
+        os.kill(os.getpid(), signal.SIGTERM)
+        save(path, payload)
+
+    monkeypatch.setattr(pretrain_lib, "save_checkpoint", save_as_sigterm_comes)
+    cfg = tiny_online_config(tiny_dataset, **{"train.steps": 5, "train.checkpoint_every": 100})
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_lib.pretrain(cfg, tmp_path, quiet=True)
+    assert saves == [5] and load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 5
+
+
 def test_a_planner_blends_a_phase_2_checkpoint_with_its_prior(tiny_episodes):
     trainer, _ = make_trainer(tiny_episodes[:2])
     pretrained = trainer.state_dict()

@@ -518,10 +518,14 @@ class OnlineRun:
                                                     "evaluating": pending.evaluating, "events": pending.events})
         return learner_state
 
-    @staticmethod
-    def state_of(who: str, ref: ray.ObjectRef) -> Dict[str, object]:
+    def state_of(self, who: str, ref: ray.ObjectRef) -> Dict[str, object]:
         """An actor's state for a checkpoint, its tensors unpacked; one that died meanwhile stops
-        the run, by name (nothing is written: the last checkpoint stays)."""
+        the run, by name (nothing is written: the last checkpoint stays), and so does a learner
+        that hangs past ``online.learner_timeout_s``, as it does in a call."""
+        timeout = self.cfg.online.learner_timeout_s if who == "learner" else 0.0
+        if timeout and not ray.wait([ref], timeout=timeout, fetch_local=False)[0]:
+            raise RunFailed(f"the learner has not given its state for a checkpoint within online.learner_timeout_s "
+                            f"({timeout:g} s): it hangs (a stuck GPU?); the last checkpoint stays")
         try:
             return unpack_tensors(ray.get(ref))
         except RayError as e:
@@ -1040,7 +1044,11 @@ class OnlineRun:
         o, c = self.cfg.online, self.counters
         stats = self.settle_training()
         self.check_adds()
-        self.log_train(stats, ray.get(self.size_ref))
+        try:
+            size = ray.get(self.size_ref)
+        except RayError as e:  # (by name: the run's error would say only "an actor of the run died")
+            raise RunFailed(f"the replay failed: {cause(e)}") from e
+        self.log_train(stats, size)
         # Counted from the last broadcast, an evaluation's included.
         if c.updates - self.published_at >= o.broadcast_every:
             self.broadcast()
@@ -1148,7 +1156,10 @@ class OnlineRun:
         Otherwise the learner's and the replay's state are checkpointed. Returns the run's
         final metrics when its final evaluation had ended: the run is over, not interrupted."""
         # Saved with Ctrl-C deferred again: one pressed meanwhile must not raise inside a write.
-        with deferred_interrupt():
+        with deferred_interrupt() as again:
+            if self.interrupted is not None and self.interrupted.again.is_set():
+                # The loop took two already: the next stops at once (README: "a third").
+                again.set()
             evaluation = self.evaluation
             if evaluation is not None:
                 self.stop_evaluating()  # (returns at once if it has ended)
@@ -1173,6 +1184,10 @@ class OnlineRun:
                          f"{' and '.join(since)} since are done again)")
             else:
                 self.log(f"interrupted: saving a checkpoint; resume with --resume {self.run_dir}")
+                if self.train_ref is not None:
+                    self.log(f"waiting for the learner's call in flight ({time.perf_counter() - self.train_since:.0f} "
+                             "s so far) to count its updates: Ctrl-C again stops without this checkpoint (the last "
+                             "one stays)")
                 # (The learner or the replay dead meanwhile: RunFailed, naming it; the last checkpoint stays.)
                 self.checkpoint()
         return None
@@ -1185,8 +1200,11 @@ class OnlineRun:
             self.evaluation.thread.join(timeout=60)
 
     def close(self) -> None:
-        self.stop_evaluating()
-        self.release()
+        try:
+            self.stop_evaluating()
+        finally:
+            # (A Ctrl-C while the evaluation stops must not leave the actors holding the cluster.)
+            self.release()
 
     def release(self) -> None:
         """Give back what the run holds: the caller's torch threads, the actors and their CPUs,
