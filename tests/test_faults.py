@@ -32,6 +32,15 @@ def test_a_death_is_one_restart_however_many_calls_fail_while_ray_restarts_the_w
     assert faults.failed(0, died(), now=100.0).restart  # a new death after a delivery counts again
 
 
+def test_a_death_after_another_failure_in_a_row_is_counted_as_a_restart():
+    # A rollout that raised (its envs), then its retry killed by the rollout timeout or out of
+    # memory: the restart was counted nowhere, as only a run's first failure could count one.
+    faults = WorkerFaults(1, max_restarts=-1)
+    assert not faults.failed(0, raised(RuntimeError("injected env failure")), now=0.0).restart
+    assert faults.failed(0, died(), now=1.0).restart and faults.deaths == [1]
+    assert not faults.failed(0, unavailable(), now=2.0).restart  # (calls while it restarts)
+
+
 def test_a_worker_whose_restarts_are_spent_is_dropped_at_its_next_death_without_counting_it():
     faults = WorkerFaults(1, max_restarts=1)
     assert faults.failed(0, died(), now=0.0).restart

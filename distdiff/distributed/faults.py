@@ -27,7 +27,7 @@ class Verdict(NamedTuple):
     """What the driver does about one failed rollout."""
 
     what: str  # what happened to the worker, for the log
-    restart: bool  # count one more worker restart (once per run of failures, not per call)
+    restart: bool  # count one more worker restart (once per run of failures, not per call; logged)
     lost: bool  # count one more rollout lost by a worker that lives on
     first: bool  # the first failure in a row: the one that is logged
     drop: Optional[str]  # why the worker is given up, or None: it is retried at retry_at
@@ -53,12 +53,16 @@ class WorkerFaults:
         # their missing weights. Never more than Ray has counted: a death inside a call may come
         # as the actor being unavailable, as a call made while it restarts does.
         self.deaths = [0] * n_workers
+        # Whether a restart was counted in the failures in a row: once per run of them, however
+        # many calls fail while Ray restarts it, and also when the run began with another failure.
+        self.restart_counted = [False] * n_workers
         self.failing_since: Dict[int, float] = {}  # when the failures in a row began
         self.retry_at: Dict[int, float] = {}  # failed workers, retried after a back-off while Ray restarts them
 
     def delivered(self, i: int) -> None:
         """Worker ``i`` delivered a rollout: its failures in a row are over."""
         self.failures[i] = self.strikes[i] = 0
+        self.restart_counted[i] = False
         self.failing_since.pop(i, None)
 
     def failed(self, i: int, e: RayError, now: float, retry: bool = True) -> Verdict:
@@ -77,10 +81,10 @@ class WorkerFaults:
             # (A preemption spends none, and is not counted.)
             return _dropped(f"died with its restarts spent (online.actor_max_restarts {limit})", first)
         no_weights = isinstance(e, RayTaskError) and isinstance(e.cause, NoWeights)
-        # A restart found by its missing weights is counted only in a worker that was healthy:
-        # after a death, the retry's set_weights may reach the restarting actor and fail unseen,
-        # and its rollout then finds the same restart.
-        self.deaths[i] += died or no_weights and first
+        # A restart found by its missing weights is counted only where none was counted in this
+        # run of failures: after a death, the retry's set_weights may reach the restarting actor
+        # and fail unseen, and its rollout then finds the same restart.
+        self.deaths[i] += died or no_weights and not self.restart_counted[i]
         if isinstance(e, RayActorError):
             # The actor died with this task and Ray restarts it. A call made while it restarts
             # fails at once (ActorUnavailableError): no sign that it keeps failing.
@@ -113,8 +117,10 @@ class WorkerFaults:
                 notice = (f"has failed {n} rollouts in a row ({failing_s:.0f} s); retrying it until "
                           f"{MAX_FAILING_S:.0f} s have passed (a restart can wait for a node)")
             self.retry_at[i] = now + min(0.5 * n, 5.0)
-        return Verdict(what=what, restart=restarted and first, lost=not restarted, first=first, drop=drop,
-                       notice=notice)
+        # (A rollout that raised, then a retry whose worker died: the death is counted too.)
+        restart = restarted and not self.restart_counted[i]
+        self.restart_counted[i] |= restart
+        return Verdict(what=what, restart=restart, lost=not restarted, first=first, drop=drop, notice=notice)
 
     def due(self, now: float) -> List[int]:
         """The workers whose back-off has ended, each returned once."""
