@@ -457,7 +457,34 @@ def _evaluated_run(tmp_path):
     run.checkpoint = lambda: run.checkpoints.append(run.counters.to_dict())
     run.keep_if_best = lambda metrics: None
     run.stop_evaluation = threading.Event()
+    run.interrupted, run.train_ref = None, None  # (no Ctrl-C seen by the loop, no learner call in flight)
     return run
+
+
+# driver.keep_on_interrupt: after the loop's two Ctrl-Cs (README: "a third stops at once"), the
+# next one stops the save at once; it took two more, while the wait for the learner said nothing.
+def test_after_the_loops_two_ctrl_cs_the_next_stops_the_save_at_once(tmp_path):
+    import os
+    import signal
+    import time
+
+    from distdiff.process import Interrupt
+
+    run = _evaluated_run(tmp_path)
+    run.interrupted = Interrupt()
+    run.interrupted.set()
+    run.interrupted.again.set()
+    run.evaluation, run.train_ref, run.train_since = None, "a learner call in flight", time.perf_counter()
+
+    def checkpoint():
+        os.kill(os.getpid(), signal.SIGINT)  # while it waits for the learner's call
+        run.checkpoints.append("written")
+
+    run.checkpoint = checkpoint
+    with pytest.raises(KeyboardInterrupt):
+        run.keep_on_interrupt()
+    assert run.checkpoints == []
+    assert any(line.startswith("waiting for the learner's call in flight") for line in run.said)
 
 
 # driver: the run's last evaluation is marked final, an earlier one is not (mutants: evaluate()
