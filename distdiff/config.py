@@ -215,11 +215,20 @@ def _coerce(value, tp, where: str):
             return value.lower() in ("true", "1", "yes")
         raise ConfigError(f"{where}: expected true or false, got {value!r}")
     if tp is int:
+        if isinstance(value, str):
+            # A flag as YAML reads a file: 1e5 and 3.0 are whole numbers there, 1.5 is not.
+            try:
+                value = int(value)
+            except ValueError:
+                try:
+                    value = float(value)
+                except ValueError:
+                    raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
         if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         try:
             return int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
     if tp is float:
         if isinstance(value, bool):  # YAML's on/yes/true would be a scale of 1.0

@@ -235,12 +235,19 @@ def test_unknown_field_and_section_are_rejected():
     [
         ({"model.horizon": "abc"}, "model.horizon: expected an integer"),
         ({"model.horizon": 8.5}, "model.horizon: expected an integer"),
+        ({"train.steps": "1.5e0"}, "train.steps: expected an integer, got 1.5"),
+        ({"train.steps": "inf"}, "train.steps: expected an integer"),
         ({"train.train_value": "maybe"}, "train.train_value: expected true or false"),
         ({"train.lr": "fast"}, "train.lr: expected a number"),
     ],
 )
 def test_badly_typed_values_are_rejected(overrides, expected):
     assert expected in _error(overrides)
+
+
+def test_a_whole_number_flag_reads_as_a_config_file_reads_it():
+    # YAML reads train: {steps: 1e5} as 100000; the flag --train.steps 1e5 was refused.
+    assert config.load(None, {"train.steps": "1e5", "model.horizon": "16.0"}).train.steps == 100_000
 
 
 def test_unknown_field_in_yaml_is_rejected(tmp_path):
