@@ -461,6 +461,18 @@ def _evaluated_run(tmp_path):
     return run
 
 
+# driver.keep_on_interrupt: a stopped evaluation says what a resume does again, and nothing where
+# nothing was done since (the final one: "the 0 updates and 0 env steps since are done again").
+def test_a_stopped_evaluation_says_what_is_done_again_only_where_something_is(tmp_path):
+    for final, updates, says in ((True, 0, f"runs first on --resume {tmp_path}"),
+                                 (False, 5, "(the 5 updates and 0 env steps since are done again)")):
+        run = _evaluated_run(tmp_path)
+        run.evaluation = PendingEvaluation(Future(), defaultdict(int, phase2_ms=-1), None, 0.0, final)  # not ended
+        run.counters.updates = updates
+        assert run.keep_on_interrupt() is None and run.checkpoints == []
+        assert run.said[-1].endswith(says), run.said
+
+
 # driver.keep_on_interrupt: after the loop's two Ctrl-Cs (README: "a third stops at once"), the
 # next one stops the save at once; it took two more, while the wait for the learner said nothing.
 def test_after_the_loops_two_ctrl_cs_the_next_stops_the_save_at_once(tmp_path):

@@ -1177,11 +1177,13 @@ class OnlineRun:
             if evaluation is not None:
                 # Stopped without its result: checkpoint.pt is still the one it was judging,
                 # marked so, and stays the run's, or those weights could never be judged again.
-                since = [_count(self.counters.updates - evaluation.at["updates"], "update"),
-                         _count(self.counters.env_steps - evaluation.at["env_steps"], "env step")]
+                updates = self.counters.updates - evaluation.at["updates"]
+                steps = self.counters.env_steps - evaluation.at["env_steps"]
+                # (Nothing since, for the final evaluation: said only where something is redone.)
+                again = (f" (the {_count(updates, 'update')} and {_count(steps, 'env step')} since are done again)"
+                         if updates or steps else "")
                 self.log(f"interrupted during the evaluation at update {evaluation.at['updates']}: its checkpoint "
-                         f"stays the run's, and the evaluation runs first on --resume {self.run_dir} (the "
-                         f"{' and '.join(since)} since are done again)")
+                         f"stays the run's, and the evaluation runs first on --resume {self.run_dir}{again}")
             else:
                 self.log(f"interrupted: saving a checkpoint; resume with --resume {self.run_dir}")
                 if self.train_ref is not None:
