@@ -826,7 +826,8 @@ def test_a_replay_checkpoint_that_does_not_load_stops_the_resume(ray_session, pr
 
     cfg, ckpt = pretrained
     data, _ = load_windows(cfg, None)
-    with pytest.raises(CheckpointError, match="replay.pt does not load into the replay"):
+    with pytest.raises(CheckpointError, match="replay.pt does not load into the replay: .*To resume without its "
+                                              "episodes, move it out of"):
         OnlineRun(cfg, tmp_path, load_checkpoint(ckpt), data.episodes, Counters(env_steps=100),
                   replay_state={"lengths": torch.zeros(0, dtype=torch.long)}, log=lambda s: None, progress=False)
 
@@ -839,7 +840,7 @@ def test_a_damaged_replay_file_stops_the_resume_with_a_way_to_go_on(ray_session,
     save_checkpoint(tmp_path / "checkpoint.pt", {**load_checkpoint(ckpt), "run": Counters(env_steps=100).to_dict()})
     (tmp_path / "replay.pt").write_bytes(b"PK\x03\x04 cut short")
     with pytest.raises(CheckpointError, match="replay.pt, the replay's episodes, cannot be read .*To resume without "
-                                              "them, move it out of"):
+                                              "its episodes, move it out of"):
         train(cfg, tmp_path, resume=True, log=lambda s: None, progress=False)
 
 

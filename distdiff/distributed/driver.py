@@ -97,6 +97,13 @@ def checked_resources(cfg: Config, log: Callable[[str], None]) -> actors.Resourc
     return res
 
 
+def without_replay(run_dir: Path) -> str:
+    """How to resume a run whose replay.pt cannot be used: its weights and counters are in
+    checkpoint.pt, and a resume without replay.pt starts with an empty replay."""
+    return (f"To resume without its episodes, move it out of {run_dir}: the replay then starts empty and the "
+            f"learner goes on from {CHECKPOINT}; or start the run again with --overwrite")
+
+
 def learner_asks(res: actors.Resources) -> str:
     """The GPUs and CPUs the learner asks for, in words ("" for none)."""
     return " and ".join([f"{res.learner_gpus:g} GPU"] * (res.learner_gpus > 0)
@@ -383,7 +390,8 @@ class OnlineRun:
             try:
                 dropped = ray.get(self.replay.load_state_dict.remote(pack_tensors(replay_state), counters.episodes))
             except RayTaskError as e:
-                raise CheckpointError(f"{self.run_dir / REPLAY} does not load into the replay: {cause(e)}") from e
+                raise CheckpointError(f"{self.run_dir / REPLAY} does not load into the replay: {cause(e)}. "
+                                      f"{without_replay(self.run_dir)}") from e
             except RayError as e:  # the actor itself: its process died, or its node
                 raise RunFailed(f"the replay failed while loading {self.run_dir / REPLAY}: {cause(e)}") from e
             if dropped:
@@ -1353,10 +1361,8 @@ def train(cfg: Config, run_dir: str | Path, *, init: Optional[str | Path] = None
             except (CheckpointError, KeyError) as e:
                 # The run's weights and counters are in checkpoint.pt, which loaded: say how to
                 # go on without the episodes, as a resume does where replay.pt is missing.
-                raise CheckpointError(f"{run_dir / REPLAY}, the replay's episodes, cannot be read ({e}). To resume "
-                                      f"without them, move it out of {run_dir}: the replay then starts empty and the "
-                                      f"learner goes on from {CHECKPOINT}; or start the run again with --overwrite") \
-                    from e
+                raise CheckpointError(f"{run_dir / REPLAY}, the replay's episodes, cannot be read ({e}). "
+                                      f"{without_replay(run_dir)}") from e
         elif counters.episodes:
             log(f"warning: {run_dir / REPLAY} is missing: the replay starts empty, without the "
                 f"{_count(counters.episodes, 'episode')} collected so far")
