@@ -228,7 +228,7 @@ def _coerce(value, tp, where: str):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         try:
             return int(value)
-        except (TypeError, ValueError, OverflowError):
+        except (TypeError, ValueError):
             raise ConfigError(f"{where}: expected an integer, got {value!r}") from None
     if tp is float:
         if isinstance(value, bool):  # YAML's on/yes/true would be a scale of 1.0

@@ -106,11 +106,11 @@ def main(argv=None) -> int:
         tuner = make_tuner(spec, args.storage, resume=args.resume, pinned=pinned)
         results = tuner.fit()
         unfinished = [r for r in results if r.error is None and not r.metrics.get("done", False)]
-        # (A Ctrl-C taken as the last trial made so far ended leaves none unfinished: counted by
-        # those not made yet, which the results leave out.)
-        if unfinished or len(results) < trial_count(spec):
+        # With those not made yet, which the results leave out (a Ctrl-C taken as the last trial
+        # made so far ended leaves none of them unfinished).
+        left = len(unfinished) + max(0, trial_count(spec) - len(results))
+        if left:
             # Tune turns Ctrl-C into a graceful stop and returns: no table for a sweep cut short.
-            left = len(unfinished) + max(0, trial_count(spec) - len(results))
             print(f"sweep interrupted with {left} of {trial_count(spec)} trial(s) unfinished; continue it with: "
                   f"python launch/tune.py --config {args.config} --storage {args.storage} --resume", file=sys.stderr)
             return 130
