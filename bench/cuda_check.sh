@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU learner path in one go: the CUDA tests, then bench/learner.py over precision,
-# torch.compile mode and batch size. Needs only torch (with CUDA), numpy, PyYAML and pytest (the
-# tests), so it runs on a bare GPU machine from the repo root:  bash bench/cuda_check.sh [OUTDIR]
+# torch.compile mode and batch size. Needs only torch (with CUDA), numpy, PyYAML, tqdm and pytest
+# (the tests), so it runs on a bare GPU machine from the repo root: bash bench/cuda_check.sh [OUTDIR]
 # Each line of OUTDIR/learner.jsonl is one bench/learner.py result. It goes on past a failed
 # test (the benchmarks may still tell why) and says so on its last line.
 set -u -o pipefail

@@ -415,7 +415,7 @@ def validate(cfg: Config, errors: Optional[List[str]] = None) -> None:
     from distdiff.data.minari_io import DATASET_ID, LOCAL_NAMESPACE
     from distdiff.nn.temporal import group_norm_problem
     from distdiff.normalizer import KINDS as NORMALIZERS
-    from distdiff.rollout import EXECUTIONS
+    from distdiff.planner import EXECUTIONS
 
     e: List[str] = list(errors or [])
 

@@ -16,6 +16,11 @@ from distdiff.nn.dynamics import model_rollout, rollout_error
 from distdiff.normalizer import Normalizer
 
 
+# How plans are executed (distdiff.rollout.run_episodes): each plan's whole horizon (the seed's
+# Alg. 2), or its first planner.replan_every actions. Here, not in rollout: the config checks
+# them, and loading a config must not import gymnasium (bench/cuda_check.sh runs without it).
+EXECUTIONS = ("open_loop", "receding")
+
 def _best(scores: torch.Tensor) -> torch.Tensor:
     """``[b]``: each row's best candidate of ``scores`` ``[b, n]``, a NaN score never: argmax
     takes NaN for the largest, and a rollout or V that overflowed would have chosen its plan."""

@@ -16,12 +16,9 @@ import numpy as np
 from distdiff.data.episodes import Episode
 from distdiff.data.minari_io import env_family
 from distdiff.normalizer import Normalizer
-from distdiff.planner import Plan
+from distdiff.planner import EXECUTIONS, Plan
 
 PlanFn = Callable[[np.ndarray], Plan]
-# How plans are executed (run_episodes): each plan's whole horizon (the seed's Alg. 2), or its
-# first planner.replan_every actions.
-EXECUTIONS = ("open_loop", "receding")
 
 
 class NonFinitePlan(Exception):

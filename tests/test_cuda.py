@@ -1,8 +1,9 @@
 """The GPU learner path: skipped where torch sees no CUDA device (CI has none), and in the rest of
 the suite's runs, which hide GPUs (conftest.py).
 
-Needs only torch, numpy and PyYAML, so it also runs on a bare GPU machine without Ray or
-MuJoCo: ``DISTDIFF_TEST_CUDA=1 python -m pytest tests/test_cuda.py``.
+Needs only torch, numpy, PyYAML, tqdm and pytest, so it also runs on a bare GPU machine without
+Ray or MuJoCo: ``DISTDIFF_TEST_CUDA=1 python -m pytest tests/test_cuda.py`` (test_package.py
+checks that it does).
 """
 from __future__ import annotations
 

@@ -62,6 +62,35 @@ def test_the_diffusion_math_imports_only_torch():
         assert not outside, f"{module} imports {sorted(outside)}"
 
 
+# What the lent GPU machines' image lacks (it has torch, numpy, PyYAML, pytest and tqdm):
+# bench/cuda_check.sh runs tests/test_cuda.py and bench/learner.py there.
+NOT_ON_A_BARE_GPU_MACHINE = ("gymnasium", "mujoco", "ray", "minari")
+
+
+def test_the_gpu_checks_run_without_the_simulator_ray_or_minari():
+    # Loading a config once imported gymnasium (for the names of the execution modes), and every
+    # CUDA test and learner benchmark failed on the GPU machine before any CUDA code ran.
+    code = f"""
+import importlib.abc, runpy, sys
+
+class Bare(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in {NOT_ON_A_BARE_GPU_MACHINE!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}}")
+
+sys.meta_path.insert(0, Bare())
+sys.path[:0] = ["tests"]
+import conftest, test_cuda
+test_cuda._cfg()
+test_cuda._cfg(**{{"model.returns_condition": True, "train.train_dynamics": True}})
+sys.argv = ["bench/learner.py", "--updates", "1", "--warmup", "0"]
+runpy.run_path("bench/learner.py", run_name="__main__")
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert '"updates_per_s"' in out.stdout
+
+
 def test_the_package_has_a_version():
     assert distdiff.__version__ != "0.0.0+unknown"
 
