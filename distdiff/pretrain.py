@@ -117,6 +117,9 @@ def pretrain(cfg: Config, run_dir: str | Path, *, resume: bool = False, quiet: b
     interrupted run loses at most one interval and ``resume=True`` continues its step count.
     """
     config_lib.validate(cfg)  # (a config made in code, e.g. by dataclasses.replace, was never checked)
+    problems = config_lib.nonfinite_problems(cfg)
+    if problems:
+        raise config_lib.ConfigError("invalid config:\n  " + "\n  ".join(problems))
     check_new_run(run_dir, resume=resume, overwrite=overwrite)
     with torch_threads(cfg.train.num_threads):
         return _pretrain(cfg, Path(run_dir), resume=resume, quiet=quiet, data=data, init=init, overwrite=overwrite)

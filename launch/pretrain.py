@@ -86,7 +86,7 @@ def main(argv=None) -> int:
             cfg = start_config(args)
             run_dir = args.run_dir or default_run_dir("pretrain")
             check_run_dir(run_dir, overwrite=args.overwrite, keep=args.init)
-        problems = config_lib.dataset_problems(cfg)
+        problems = config_lib.nonfinite_problems(cfg) + config_lib.dataset_problems(cfg)
         if problems:
             fail("invalid config:\n  " + "\n  ".join(problems))
         if cfg.train.steps == 0 and args.init is None:

@@ -19,8 +19,9 @@ from typing import List
 import numpy as np
 import pytest
 import torch
+import yaml
 
-from _helpers import ROOT, launch_script, script_in_process
+from _helpers import ROOT, SMOKE_CONFIG, launch_script, script_in_process
 from distdiff import config
 from distdiff.checkpoint import load_checkpoint
 from distdiff.data.minari_io import WALKER2D_REF_MAX_SCORE, WALKER2D_REF_MIN_SCORE, dataset_exists, load_episodes
@@ -454,6 +455,23 @@ def test_pretrain_rejects_an_invalid_config_before_any_work(tmp_path, tiny_datas
     assert "model.horizon" in proc.stderr and "diffusion.schedule" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not run_dir.exists()
+
+
+def test_pretrain_refuses_a_non_finite_value_of_its_config_file_as_train_does(tmp_path, tiny_dataset, monkeypatch,
+                                                                              capsys):
+    # The flags were checked, a --config file's values were not: grad_clip .nan switched
+    # clipping off (nan > 0 is false) for a pretraining that train.py would have refused.
+    script = script_in_process("pretrain", monkeypatch)
+    monkeypatch.setattr(script, "pretrain", lambda *a, **k: pytest.fail("pretrained on a non-finite config"))
+    path = tmp_path / "nan.yaml"
+    raw = yaml.safe_load(SMOKE_CONFIG.read_text())
+    raw["train"]["grad_clip"] = float("nan")
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SystemExit) as stop:
+        script.main(["--config", str(path), "--dataset", tiny_dataset, "--run-dir", str(tmp_path / "never")])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and "train.grad_clip must be a finite number, got nan" in err
+    assert "pretraining on" not in out and not (tmp_path / "never").exists()
 
 
 def test_pretrain_on_a_missing_dataset_says_how_to_make_one(tmp_path, minari_root, subprocess_env):

@@ -1,6 +1,7 @@
 """The learner: it overfits a fixed batch, skips non-finite updates untouched, tracks an EMA."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from copy import deepcopy
@@ -502,6 +503,14 @@ def test_pretraining_does_not_resume_over_a_train_run(tmp_path):
     with pytest.raises(CheckpointError, match=f"{tmp_path} holds a launch/train.py run, .* launch/train.py --resume {tmp_path}"):
         pretrain_lib.pretrain(config_lib.Config(), tmp_path, resume=True, quiet=True)
     assert (tmp_path / CHECKPOINT).read_bytes() == before
+
+
+def test_pretraining_refuses_a_config_made_in_code_with_a_non_finite_value(tmp_path):
+    cfg = dataclasses.replace(config_lib.Config(), data=dataclasses.replace(config_lib.Config().data,
+                                                                            termination_penalty=float("-inf")))
+    with pytest.raises(config_lib.ConfigError, match="data.termination_penalty must be a finite number, got -inf"):
+        pretrain_lib.pretrain(cfg, tmp_path / "never", quiet=True)
+    assert not (tmp_path / "never").exists()
 
 
 def test_a_finished_pretraining_resumed_writes_nothing_whatever_its_flags(tiny_dataset, tmp_path):
