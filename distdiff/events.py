@@ -8,16 +8,13 @@ from the files itself, tag by tag.
 """
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
+import struct
 from collections import deque
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, Iterator, Optional
+from typing import BinaryIO, Callable, Dict, Iterator, Optional, Tuple
 
-from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
+import google_crc32c
 from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.summary.writer.record_writer import RecordWriter
 
 from distdiff.files import replacing
 
@@ -61,13 +58,13 @@ def drop_redone(log_dir: Path, keep: Callable[[str, int], bool], unchanged: Opti
     ``unchanged``: :func:`event_sizes` when the checkpoint resumed from was written. A file's
     first that many bytes were on disk then, logged at or before the checkpoint's counters, and
     are not read: only what came after them (a run of days has gigabytes of events, most of them
-    figures, which TensorBoard's reader checksums in pure Python at ~10 MB/s, and a resume read
-    them all for minutes; the final evaluation logs after its checkpoint, so a resume that raises
-    the budget found every file changed). A file smaller than that is not the one the checkpoint
-    saw, and is read whole. Sizes, not times: a run dir copied without its files' times keeps
-    them."""
-    def kept(record: bytes) -> bool:
-        event = Event.FromString(record)
+    figures; the final evaluation logs after its checkpoint, so a resume that raises the budget
+    finds every file changed). A file smaller than that is not the one the checkpoint saw, and
+    is read whole, as are files the checkpoint does not name (a Tune trial that PBT moves onto
+    another trial's checkpoint). Sizes, not times: a run dir copied without its files' times
+    keeps them."""
+    def kept(data: bytes) -> bool:
+        event = Event.FromString(data)
         return not event.HasField("summary") or all(keep(v.tag, event.step) for v in event.summary.value)
 
     dropped = 0
@@ -80,36 +77,47 @@ def drop_redone(log_dir: Path, keep: Callable[[str, int], bool], unchanged: Opti
         if start == size:
             continue
         # Streamed, twice for the one file to rewrite (the crashed run's), never held whole.
-        with _from_byte(path, start) as tail:
-            if all(kept(record) for record in RawEventFileLoader(str(tail)).Load()):
+        with open(path, "rb") as src:
+            src.seek(start)
+            if all(kept(data) for _, data in records(src)):
                 continue
-            n = 0
-            with replacing(path) as tmp, open(tmp, "wb") as f:
-                with open(path, "rb") as src:
-                    _copy(src, f, start)
-                writer = RecordWriter(f)
-                for record in RawEventFileLoader(str(tail)).Load():
-                    if kept(record):
-                        writer.write(record)
-                    else:
-                        n += 1
-            dropped += n
+        n = 0
+        with replacing(path) as tmp, open(tmp, "wb") as f, open(path, "rb") as src:
+            _copy(src, f, start)
+            for record, data in records(src):
+                if kept(data):
+                    f.write(record)  # as it was stored, checksums and all
+                else:
+                    n += 1
+        dropped += n
     return dropped
 
 
-@contextlib.contextmanager
-def _from_byte(path: Path, start: int) -> Iterator[Path]:
-    """``path`` from byte ``start`` (a record's first) on, as a file of its own: TensorBoard's
-    reader reads a file from its start only."""
-    if start == 0:
-        yield path
-        return
-    with tempfile.TemporaryDirectory() as d, open(path, "rb") as src:
-        tail = Path(d) / path.name
-        src.seek(start)
-        with open(tail, "wb") as dst:
-            shutil.copyfileobj(src, dst)
-        yield tail
+def _masked_crc(data: bytes) -> int:
+    """The checksum a TFRecord stores: CRC-32C, masked (TensorFlow's ``masked_crc32c``)."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def records(f: BinaryIO) -> Iterator[Tuple[bytes, bytes]]:
+    """The records of an event file from ``f``'s position (a record's first byte) on: each as
+    stored (its length, data and their checksums) and its data, a serialized ``Event``. Ends at
+    the first record cut short or failing a checksum (a crash's, the file's last), as
+    TensorBoard's reader does. Not that reader: it checksums in pure Python at ~10 MB/s, and a
+    resume that reads a file whole (one Tune's PBT moved onto another trial's checkpoint) waited
+    minutes for days of figures, holding its trial's GPU."""
+    while True:
+        header = f.read(12)
+        if len(header) < 12:
+            return
+        length, length_crc = struct.unpack("<QI", header)
+        if _masked_crc(header[:8]) != length_crc:
+            return
+        data = f.read(length)
+        footer = f.read(4)
+        if len(data) < length or len(footer) < 4 or _masked_crc(data) != struct.unpack("<I", footer)[0]:
+            return
+        yield header + data + footer, data
 
 
 def _copy(src: BinaryIO, dst: BinaryIO, n_bytes: int) -> None:

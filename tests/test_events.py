@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import RawEventFileLoader
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import Summary
 from tensorboard.summary.writer.record_writer import RecordWriter
@@ -106,14 +108,14 @@ def test_files_unchanged_since_the_checkpoint_are_not_read(tmp_path, monkeypatch
     assert set(at_checkpoint) == {"events.out.tfevents.1", "events.out.tfevents.2"}
     write("events.out.tfevents.2", 4, 5)  # past the checkpoint, then the crash
     read = []
+    real = events.records
 
-    class Loader(events.RawEventFileLoader):  # the steps of the summaries it reads, by file name
-        def Load(self):
-            for record in super().Load():
-                read.append((Path(self._file_path).name, Event.FromString(record).step))
-                yield record
+    def records(f):  # the steps of the summaries it reads, by file name
+        for record, data in real(f):
+            read.append((Path(f.name).name, Event.FromString(data).step))
+            yield record, data
 
-    monkeypatch.setattr(events, "RawEventFileLoader", Loader)
+    monkeypatch.setattr(events, "records", records)
 
     assert drop_redone(tmp_path, lambda tag, step: step <= 3, unchanged=at_checkpoint) == 2
     # Of the changed file, only what came after the checkpoint (twice: checked, then rewritten).
@@ -127,6 +129,42 @@ def test_files_unchanged_since_the_checkpoint_are_not_read(tmp_path, monkeypatch
     drop_redone(tmp_path, lambda tag, step: True, unchanged={"events.out.tfevents.9": 10,
                                                              "events.out.tfevents.1": 10 ** 6})
     assert {step for _, step in read if step} == {1, 2, 3}
+
+
+def test_a_file_read_whole_is_read_and_rewritten_without_tensorboards_python_checksum(tmp_path, monkeypatch):
+    # TensorBoard's reader and writer checksum each byte in Python (~10 MB/s): a Tune trial that
+    # PBT moved onto another trial's checkpoint read its days of events whole for minutes.
+    import tensorboard.compat.tensorflow_stub.pywrap_tensorflow as stub
+    from distdiff import events
+
+    with SummaryWriter(str(tmp_path)) as w:
+        w.add_text("notes", "x" * 100_000, 0)
+        for k in range(1, 11):
+            w.add_scalar("losses/value", float(k), k)
+    (path,) = tmp_path.glob(EVENTS_GLOB)
+    with open(path, "rb") as f:
+        ours = [data for _, data in events.records(f)]
+    assert ours == list(RawEventFileLoader(str(path)).Load())  # TensorBoard's reader, the same records
+    monkeypatch.setattr(stub, "crc32c", lambda data: pytest.fail("checksummed in Python"))
+
+    assert drop_redone(tmp_path, lambda tag, step: step <= 4, unchanged={"events.out.tfevents.other": 10}) == 6
+    monkeypatch.undo()
+    assert scalars(tmp_path, "losses/value") == [(k, float(k)) for k in range(1, 5)]
+    assert len(EventAccumulator(str(tmp_path)).Reload().Tensors("notes/text_summary")) == 1
+
+
+def test_a_record_that_fails_its_checksum_ends_the_file_as_tensorboard_reads_it(tmp_path):
+    with SummaryWriter(str(tmp_path)) as w:
+        for k in range(1, 6):
+            w.add_scalar("losses/value", float(k), k)
+    (path,) = tmp_path.glob(EVENTS_GLOB)
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0xFF  # in the data of the last record (step 5)
+    path.write_bytes(bytes(data))
+    assert len(list(RawEventFileLoader(str(path)).Load())) == 5  # the file's version event, steps 1-4
+
+    assert drop_redone(tmp_path, lambda tag, step: step <= 3) == 1  # step 4; step 5 is not read
+    assert scalars(tmp_path, "losses/value") == [(k, float(k)) for k in range(1, 4)]
 
 
 def test_json_has_null_for_every_non_finite_number_wherever_it_is():

@@ -64,7 +64,7 @@ def test_the_diffusion_math_imports_only_torch():
 
 # What the lent GPU machines' image lacks (it has torch, numpy, PyYAML, pytest and tqdm):
 # bench/cuda_check.sh runs tests/test_cuda.py and bench/learner.py there.
-NOT_ON_A_BARE_GPU_MACHINE = ("gymnasium", "mujoco", "ray", "minari")
+NOT_ON_A_BARE_GPU_MACHINE = ("gymnasium", "mujoco", "ray", "minari", "google_crc32c")
 
 
 def test_the_gpu_checks_run_without_the_simulator_ray_or_minari():
