@@ -136,12 +136,28 @@ def default_ray_auth() -> None:
 RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
 
 
-class Interrupt(threading.Event):
+class Flag:
+    """An event that a signal handler sets, and loops check between steps (nothing waits on one).
+    Not a threading.Event: its set() takes a lock that is not reentrant, and a SIGTERM that came
+    while the Ctrl-C handler was inside it ran a handler that waited for that lock for ever: the
+    process then took no signal but SIGKILL, and saved nothing."""
+
+    def __init__(self):
+        self._set = False
+
+    def set(self) -> None:
+        self._set = True
+
+    def is_set(self) -> bool:
+        return self._set
+
+
+class Interrupt(Flag):
     """Set by a first Ctrl-C; ``again`` by a second one, where a third is what raises."""
 
     def __init__(self):
         super().__init__()
-        self.again = threading.Event()
+        self.again = Flag()
         self._holding = False
         self._held = False
 

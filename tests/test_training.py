@@ -330,6 +330,45 @@ def test_ctrl_c_during_pretraining_is_deferred_to_a_step_boundary():
                     raise KeyboardInterrupt("at once") from None
 
 
+def test_a_sigterm_that_comes_while_the_ctrl_c_handler_sets_its_flag_is_taken_too():
+    # The flags were threading.Events, whose set() takes a lock that is not reentrant: a SIGTERM
+    # handled inside the Ctrl-C handler's set() waited for that lock for ever, and the process
+    # took no signal but SIGKILL. In a subprocess, killed if it hangs so.
+    import subprocess
+    import sys
+
+    code = """
+import os, signal, sys
+from distdiff.process import deferred_interrupt
+
+events = []
+
+def tracer(frame, event, arg):
+    if frame.f_code.co_name != "set" or events:
+        return None
+
+    def local(frame, event, arg):
+        events.append(event)
+        # The SIGTERM at the handler's set()'s second line (inside the lock it took), or as it returns.
+        if events.count("line") == 2 or (event == "return" and events.count("line") < 2):
+            os.kill(os.getpid(), signal.SIGTERM)
+        return local
+    return local
+
+with deferred_interrupt() as requested:
+    sys.settrace(tracer)
+    os.kill(os.getpid(), signal.SIGINT)
+    sys.settrace(None)
+    print(requested.is_set(), requested.again.is_set(), "return" in events)
+"""
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process hung in its signal handlers")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True", "True"]  # both flags, as SIGTERM sets them
+
+
 def test_a_second_ctrl_c_inside_a_pretraining_update_saves_it_whole(tiny_dataset, tmp_path, monkeypatch):
     import os
     import signal
