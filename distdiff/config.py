@@ -806,6 +806,12 @@ INERT_UNLESS: Tuple[Tuple[Tuple[str, ...], Callable[[Config], bool], str], ...] 
 )
 
 
+# Fields that only phase 1 (offline pretraining) reads: launch/train.py --init skips it, and took
+# a flag for one of them without a word.
+PHASE_1_ONLY = ("train.steps", "train.lr_schedule", "train.warmup_steps", "train.lr_min_ratio", "train.log_every",
+                "train.checkpoint_every", "train.device", "data.start_window_weight")
+
+
 def inert_flags(cfg: Config, given) -> List[str]:
     """Why each of the ``given`` fields (dotted names) would change nothing under ``cfg``, if any
     would: a flag for one of them was taken without a word. Flags only: a config file or a

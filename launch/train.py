@@ -69,6 +69,11 @@ def main(argv=None) -> int:
         fail("--resume continues with the run's own config; drop --config (override fields with --section.field)")
     if args.resume:
         check_resume_dir(args.resume)
+    if args.init:
+        idle = [f"--{key}" for key in config_lib.PHASE_1_ONLY if key in config_lib.given_overrides(args)]
+        if idle:
+            fail(f"{', '.join(idle)} would do nothing: --init skips phase 1 (pretraining), the only one that reads "
+                 f"{'them' if len(idle) > 1 else 'it'}")
     from distdiff.distributed.cluster import RunFailed, shutdown
     from distdiff.distributed.driver import resume_state, run_over, train
 

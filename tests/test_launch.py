@@ -306,6 +306,9 @@ def test_train_refuses_what_its_checkpoint_cannot_do_before_ray_starts(run30, su
     for args, says in [
         (("--init", run30, "--model.horizon", 16), "checkpoint does not fit this model config: model.horizon is 8 "
                                                    "there, 16 here"),
+        (("--init", run30, "--train.steps", 50, "--train.lr_schedule", "cosine", "--train.lr", 1e-4),
+         "--train.steps, --train.lr_schedule would do nothing: --init skips phase 1 (pretraining), the only one that "
+         "reads them"),
         (("--resume", run30), f"{run30} holds an offline pretraining run (launch/pretrain.py), which phase 2 does not "
                               f"continue: start phase 2 from it with --init {run30}"),
         (("--resume", run30 / "checkpoint.pt"), f"--resume takes the run's dir, not a file in it: --resume {run30}"),
