@@ -807,9 +807,9 @@ INERT_UNLESS: Tuple[Tuple[Tuple[str, ...], Callable[[Config], bool], str], ...] 
 
 
 # Fields that only phase 1 (offline pretraining) reads: launch/train.py --init skips it, and took
-# a flag for one of them without a word.
+# a flag for one of them without a word. (The normalizer is fit there; phase 2 keeps the prior's.)
 PHASE_1_ONLY = ("train.steps", "train.lr_schedule", "train.warmup_steps", "train.lr_min_ratio", "train.log_every",
-                "train.checkpoint_every", "train.device", "data.start_window_weight")
+                "train.checkpoint_every", "train.device", "data.start_window_weight", "data.normalizer")
 
 
 def inert_flags(cfg: Config, given) -> List[str]:

@@ -1007,6 +1007,36 @@ def test_pbt_mutates_no_field_that_made_the_nets_or_the_value_target(tiny_datase
             load_spec(sweep)
 
 
+def test_pbt_mutates_no_budget_and_no_field_that_only_pretraining_reads(tiny_dataset, tmp_path):
+    fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2}
+    for key, dom, says in (
+            # The update debt is owed over all of phase 2: x1.2 at 100k env steps owed 10,000 updates at once.
+            ("online.updates_per_env_step", {"uniform": [0.1, 0.2]}, "sets a trial's budget or its updates"),
+            ("train.lr_schedule", {"choice": ["constant", "cosine"]}, "acts only in pretraining, and PBT acts in "
+                                                                      "phase 2")):
+        sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset, scheduler="pbt", fixed=fixed, num_samples=2,
+                            max_concurrent=2, space={key: dom}, pbt={"mutations": [key]})
+        with pytest.raises(ConfigError, match=re.escape(f"pbt.mutations: {key} {says}")):
+            load_spec(sweep)
+    # A wall-time budget starts again with each process PBT starts for a trial.
+    sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset, scheduler="pbt", max_concurrent=2, num_samples=2,
+                        fixed={**fixed, "online.wall_time_s": 600}, space={"guidance.scale": {"uniform": [0.0, 1.0]}},
+                        pbt={"mutations": ["guidance.scale"]})
+    with pytest.raises(ConfigError, match="online.wall_time_s counts one process's seconds"):
+        load_spec(sweep)
+
+
+def test_a_sweep_from_an_init_checkpoint_sweeps_no_field_that_only_pretraining_reads(tiny_dataset, prior, tmp_path):
+    # Its trials skip pretraining: they would differ by their seeds alone, and best_config.yaml
+    # would name a "best" pretraining field that no trial used.
+    space = {"guidance.scale": {"uniform": [0.0, 1.0]}, "train.steps": {"choice": [100, 200]},
+             "data.normalizer": {"choice": ["gaussian", "minmax"]}}
+    with pytest.raises(ConfigError) as refused:
+        load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, base=None, init=str(prior), space=space))
+    for key in ("train.steps", "data.normalizer"):
+        assert f"space: {key} acts only in pretraining, which the trials from `init` skip" in str(refused.value)
+
+
 def test_a_trial_goes_on_from_what_was_restored_or_its_own_last_checkpoint(tmp_path):
     from distdiff.distributed.tuning import trial_start
     from distdiff.rundir import CHECKPOINT, PRETRAIN, REPLAY
