@@ -595,6 +595,9 @@ def test_sweep_is_interrupted_resumed_and_summarized(ray_session, tiny_dataset, 
         first_results = (first / "result.json").read_text()
         first_metrics = (first / "metrics.json").read_text()
         assert len(first_results.splitlines()) == 1 and "normalized_score" in json.loads(first_metrics)
+        # Its reported checkpoint carries the evaluation of it (trial_start's best_of_restored).
+        (reported,) = first.glob("checkpoint_*")
+        assert json.loads((reported / "evaluation.json").read_text())["updates"] == json.loads(first_results)["updates"]
 
         # A new sweep of the same name would add its trials to this one's.
         again = subprocess.run(cmd, env=subprocess_env, capture_output=True, text=True, timeout=120)
@@ -1074,6 +1077,34 @@ def test_a_trial_that_goes_on_from_another_trials_checkpoint_drops_its_own_best(
             (restored / REPORTED_BY).write_text(by)
         assert trial_start(run_dir, restored, "mine") is True
         assert [(run_dir / name).is_file() for name in (BEST, BEST_METRICS, BEST_EVAL)] == [kept] * 3, by
+
+
+def test_a_trial_restarted_in_a_new_working_dir_keeps_a_reported_evaluation_better_than_the_stored_best(tmp_path):
+    # Storage takes a trial's files only every few minutes: a sweep stopped after the evaluation
+    # that beat the best, before the next copy, stored the older best.pt, and the resumed trial
+    # does not evaluate its restored checkpoint again.
+    from distdiff.checkpoint import load_checkpoint, save_checkpoint
+    from distdiff.distributed.tuning import REPORTED_BY, REPORTED_EVALUATION, trial_start
+    from distdiff.files import write_json
+    from distdiff.rundir import BEST, BEST_EVAL, BEST_METRICS, CHECKPOINT
+
+    for stored_return, restored_return, best_is in ((250.0, 300.0, 1000), (350.0, 300.0, 500), (None, 300.0, 1000)):
+        restored, stored, fresh = (tmp_path / f"{stored_return}" / name for name in ("restored", "stored", "fresh"))
+        restored.mkdir(parents=True)
+        stored.mkdir()
+        save_checkpoint(restored / CHECKPOINT, {"step": 1000, "weights": torch.ones(2)})
+        (restored / REPORTED_BY).write_text("mine")
+        write_json(restored / REPORTED_EVALUATION, {"return_mean": restored_return, "updates": 1000})
+        save_checkpoint(stored / BEST, {"step": 500, "weights": torch.zeros(2),
+                                        "best": {"return_mean": stored_return, "updates": 500}})
+        write_json(stored / BEST_METRICS, {"return_mean": stored_return, "updates": 500})
+        (stored / BEST_EVAL).write_text("evaluate.py's summary of the update-500 best")
+
+        assert trial_start(fresh, restored, "mine", stored=stored) is True
+        best = load_checkpoint(fresh / BEST)
+        assert best["step"] == best["best"]["updates"] == best_is, stored_return
+        assert json.loads((fresh / BEST_METRICS).read_text())["updates"] == best_is
+        assert (fresh / BEST_EVAL).is_file() == (best_is == 500)
 
 
 def test_a_trial_restarted_in_a_new_working_dir_takes_its_stored_best_and_events(tmp_path):

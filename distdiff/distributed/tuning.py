@@ -31,10 +31,10 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.tune.search.sample import Float, Sampler
 
 from distdiff import config as config_lib
-from distdiff.checkpoint import CheckpointError, load_checkpoint
+from distdiff.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from distdiff.config import Config, ConfigError
 from distdiff.data.minari_io import REFERENCE_SCORES
-from distdiff.files import finite, write_text
+from distdiff.files import finite, write_json, write_text
 from distdiff.rundir import BEST, BEST_EVAL, BEST_METRICS, CHECKPOINT, REPLAY, checkpoint_file, holds_run
 from distdiff.training import VALUE_TARGET_FIELDS, check_dynamics, check_made_with, planner_from_checkpoint
 
@@ -53,6 +53,7 @@ REPORTED = ("normalized_score", "alignment_error", "return_mean", "return_std", 
 TIME_ATTR = "updates"  # the schedulers' time (make_scheduler)
 RECORD = "distdiff_sweep.json"  # what a sweep started with, in STORAGE/NAME (sweep_record, and its COUNTS)
 REPORTED_BY = "trial_id"  # in each checkpoint a trial reports: that trial's id (trial_start)
+REPORTED_EVALUATION = "evaluation.json"  # and its evaluation's figures, as best.json holds them
 COUNTS = "counts"  # the record's num_samples and max_concurrent, which Tune keeps: not compared on a resume
 PINNED = "distdiff_dataset.json"  # the fields that fixed the dataset of its trials (pinned_dataset)
 SHARED_STORAGE = ("a sweep over more than one node needs its --storage on a filesystem that every node mounts at "
@@ -594,7 +595,7 @@ def make_trainable(spec: SweepSpec, pinned: Optional[Dict[str, Any]] = None):
     """The Tune trainable, sized by a placement group for the trial's driver, learner and actors.
     An `init` checkpoint goes to the object store once, not into every trial's pickled function.
     ``pinned``: fields fixed for every trial (:func:`pinned_dataset`), beside the sweep file's."""
-    from distdiff.distributed.driver import train
+    from distdiff.distributed.driver import BEST_KEYS, train
 
     init_state, spec = spec.init_state, copy.copy(spec)
     spec.init_state = None
@@ -624,6 +625,7 @@ def make_trainable(spec: SweepSpec, pinned: Optional[Dict[str, Any]] = None):
                     if (run_dir / name).is_file():
                         shutil.copy2(run_dir / name, Path(d) / name)
                 (Path(d) / REPORTED_BY).write_text(trial_id)
+                write_json(Path(d) / REPORTED_EVALUATION, {k: metrics[k] for k in BEST_KEYS})
                 tune.report(reported, checkpoint=tune.Checkpoint.from_directory(d))
 
         # A trial restores only checkpoints reported, each with its evaluation's result, and
@@ -685,7 +687,28 @@ def trial_start(run_dir: Path, restored: Optional[Path], trial_id: Optional[str]
             for events in stored.glob("events.out.tfevents.*"):
                 if not (run_dir / events.name).exists():
                     shutil.copy2(events, run_dir / events.name)
+            best_of_restored(run_dir, restored)
     return holds_run(run_dir)
+
+
+def best_of_restored(run_dir: Path, restored: Path) -> None:
+    """Make the restored checkpoint ``best.pt`` where its evaluation beats the best in ``run_dir``
+    (the stored one, just copied): Tune copies a trial's files to storage only every few
+    minutes, at a report, and a sweep stopped in between kept an older best.pt there. The
+    restored checkpoint was reported with its evaluation, which the trial does not run again."""
+    from distdiff.distributed.driver import beats
+
+    if not (restored / REPORTED_EVALUATION).is_file():  # (reported by an older distdiff)
+        return
+    evaluation = json.loads((restored / REPORTED_EVALUATION).read_text())
+    try:
+        best = json.loads((run_dir / BEST_METRICS).read_text())["return_mean"]
+    except (OSError, ValueError, KeyError, TypeError):
+        best = None  # none, or one that cannot be read: the run's next evaluation would replace it too
+    if beats(evaluation["return_mean"], best):
+        save_checkpoint(run_dir / BEST, {**load_checkpoint(restored / CHECKPOINT), "best": evaluation})
+        write_json(run_dir / BEST_METRICS, evaluation)
+        (run_dir / BEST_EVAL).unlink(missing_ok=True)  # launch/evaluate.py's summary of the old one
 
 
 def trial_resources(spec: SweepSpec, params: Dict[str, Any]):
