@@ -9,12 +9,12 @@ import time
 from typing import Callable, Dict, Iterator, List, Optional
 
 import ray
-from ray.exceptions import ActorUnavailableError, RayActorError, RayError, RayTaskError
+from ray.exceptions import RayActorError, RayError, RayTaskError
 
 from distdiff import config as config_lib
 from distdiff.distributed import actors
 from distdiff.distributed.cluster import RunFailed
-from distdiff.distributed.faults import cause
+from distdiff.distributed.faults import called_while_restarting, cause, dead_for_good
 from distdiff.distributed.messages import Weights
 from distdiff.distributed.worker import PlanError
 from distdiff.evaluation import EvaluationStopped, check_measurable, summary_of
@@ -27,9 +27,6 @@ from distdiff.training import flat_weights, planner_from_checkpoint
 COLLECT_TRIES = 5  # a task that fails this often stops the collection or evaluation
 COLLECT_RESTART_S = 300.0  # and so does a worker that Ray has not restarted within this time
 MAX_BACK_OFF_S = 8.0  # the longest a worker that keeps failing waits between tasks
-# A call to an actor that Ray is restarting (or that is dead for good) fails at once; one that
-# fails later ran, and its worker died with it: the same error, told apart by how soon it came.
-FAST_FAIL_S = 1.0
 ACTOR_WAIT_NOTE_S = 60.0  # how often it says that actors have not started (not placed yet)
 
 
@@ -195,8 +192,8 @@ def run_tasks(workers: List, n_episodes: int, per_task: int, submit: Callable, k
     takes no task until a back-off has passed (Ray may be restarting it), which doubles with each
     failure in a row, while others do. A worker that cannot be built or is dead for good takes
     no task again. A planner that fails stops it all. ``stop``: see :func:`evaluate_on`."""
-    # a task's ref -> (its worker, the task, its episodes, its failures, unavailable workers since,
-    # when it was submitted)
+    # a task's ref -> (its worker, the task, its episodes, its failures, since when it has waited
+    # for a worker that Ray restarts)
     pending: Dict[ray.ObjectRef, tuple] = {}
     by_task: Dict[int, List] = {}
     in_flight, failing = [0] * len(workers), [0] * len(workers)
@@ -221,7 +218,7 @@ def run_tasks(workers: List, n_episodes: int, per_task: int, submit: Callable, k
         else:
             i = min(ready_now, key=lambda j: (in_flight[j], j))
         in_flight[i] += 1
-        pending[submit(workers[i], task, n)] = (i, task, n, failures, since, time.monotonic())
+        pending[submit(workers[i], task, n)] = (i, task, n, failures, since)
 
     def failed(i: int) -> None:
         failing[i] += 1
@@ -240,7 +237,7 @@ def run_tasks(workers: List, n_episodes: int, per_task: int, submit: Callable, k
             raise EvaluationStopped("the evaluation was stopped")
         if not ready:
             continue
-        i, task, n, failures, since, submitted = pending.pop(ready[0])
+        i, task, n, failures, since = pending.pop(ready[0])
         in_flight[i] -= 1
         try:
             got = keep(ray.get(ready[0]))
@@ -249,22 +246,22 @@ def run_tasks(workers: List, n_episodes: int, per_task: int, submit: Callable, k
                 # Its seeds again would fail the same way.
                 raise RunFailed(f"the checkpoint's planner is broken: {cause(e)}") from e
             failed(i)
-            at_once = time.monotonic() - submitted <= FAST_FAIL_S
-            if isinstance(e, ActorUnavailableError) and at_once:
-                # Ray is restarting the worker, and calls fail at once until it is back.
+            if called_while_restarting(e):
+                # The task never ran: Ray is restarting the worker, and calls fail until it is back.
                 since = time.monotonic() if since is None else since
                 if time.monotonic() - since > COLLECT_RESTART_S:
                     raise RunFailed(f"no rollout actor took task {task} within {COLLECT_RESTART_S:g} s: "
                                     f"{cause(e)}") from e
                 start(task, n, failures, since)
                 continue
-            if isinstance(e, RayActorError) and (e.actor_init_failed or at_once and not e.preempted):
-                # The worker's failure, not the task's: its constructor raised, or it is dead for
-                # good (restarts spent: a restarting one is unavailable), and Ray never restarts it.
+            if dead_for_good(e):
+                # The worker's failure, and maybe not the task's (a call to a worker dead already):
+                # Ray never restarts it, and the task runs elsewhere. A task that kills every
+                # worker's last life stops the run once no worker is left.
                 gone[i] = cause(e)
             else:
-                # A worker that died running the task (Ray says unavailable where it restarts the
-                # worker), or a task that raised: it runs again; what was run so far is kept.
+                # A worker that died running the task (Ray restarts it), or a task that raised: it
+                # runs again; what was run so far is kept.
                 failures += 1
                 if failures >= COLLECT_TRIES:
                     died = " (its worker died running it)" if isinstance(e, RayActorError) else ""

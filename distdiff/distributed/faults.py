@@ -18,6 +18,27 @@ MAX_STRIKES = 10
 MAX_FAILING_S = 600.0
 
 
+# What Ray (2.60) says of a call made while it restarts the actor: its core worker fails the
+# calls it holds with this reason. The call the actor died in is "unavailable" too, with another
+# reason (its connection closed); both come a second or two after the call, as Ray waits that
+# long for news of a death, so only the reason tells a restart from a death in the call.
+RESTARTING = "The actor is restarting"
+
+
+def called_while_restarting(error: Exception) -> bool:
+    """Whether a call failed because Ray was restarting its actor: it never ran."""
+    return isinstance(error, ActorUnavailableError) and RESTARTING in str(error)
+
+
+def dead_for_good(error: Exception) -> bool:
+    """Whether the actor is gone for good: its constructor raised, or Ray says it died, which it
+    says only of an actor it does not restart (restarts spent, killed for good); one it restarts
+    is "unavailable" (in the call it died in, and in those made meanwhile). A preemption spends
+    no restart."""
+    return isinstance(error, RayActorError) and (error.actor_init_failed or not isinstance(
+        error, ActorUnavailableError) and not error.preempted)
+
+
 def cause(error: Exception) -> str:
     """The last line of a remote error: the exception the actor raised, without Ray's traceback."""
     return str(error).strip().splitlines()[-1]
@@ -49,10 +70,6 @@ class WorkerFaults:
         self.max_restarts = max_restarts
         self.failures = [0] * n_workers  # in a row, for the pause before a retry
         self.strikes = [0] * n_workers  # in a row, of those that may drop the worker
-        # Restarts of each worker seen here: deaths Ray reported as such, and restarts found by
-        # their missing weights. Never more than Ray has counted: a death inside a call may come
-        # as the actor being unavailable, as a call made while it restarts does.
-        self.deaths = [0] * n_workers
         # Whether a restart was counted in the failures in a row: once per run of them, however
         # many calls fail while Ray restarts it, and also when the run began with another failure.
         self.restart_counted = [False] * n_workers
@@ -75,19 +92,17 @@ class WorkerFaults:
             # Its constructor raised: Ray never restarts such an actor.
             return _dropped(f"cannot be restarted: {cause(e)}", first)
         limit = self.max_restarts
-        died = isinstance(e, RayActorError) and not isinstance(e, ActorUnavailableError) and not e.preempted
-        if died and 0 <= limit <= self.deaths[i]:
-            # Ray gives it no restart more: dropped now rather than after MAX_STRIKES calls.
-            # (A preemption spends none, and is not counted.)
-            return _dropped(f"died with its restarts spent (online.actor_max_restarts {limit})", first)
+        if dead_for_good(e):
+            # Dropped now rather than after MAX_STRIKES calls.
+            why = (f"with its restarts spent (online.actor_max_restarts {limit})" if limit >= 0
+                   else f"and Ray does not restart it: {cause(e)}")
+            return _dropped(f"died {why}", first)
         no_weights = isinstance(e, RayTaskError) and isinstance(e.cause, NoWeights)
-        # A restart found by its missing weights is counted only where none was counted in this
-        # run of failures: after a death, the retry's set_weights may reach the restarting actor
-        # and fail unseen, and its rollout then finds the same restart.
-        self.deaths[i] += died or no_weights and not self.restart_counted[i]
         if isinstance(e, RayActorError):
-            # The actor died with this task and Ray restarts it. A call made while it restarts
-            # fails at once (ActorUnavailableError): no sign that it keeps failing.
+            # The actor died with this task, or a call was made while Ray restarts it: neither a
+            # sign that it keeps failing. (A restart found by its missing weights, below, after a
+            # death: the retry's set_weights reached the restarting actor and failed unseen, and
+            # the rollout found the same restart, counted once per run of failures.)
             restarted, what = True, "died; Ray restarts it"
             may_drop = limit >= 0 and not isinstance(e, ActorUnavailableError)
         elif no_weights:
