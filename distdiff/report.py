@@ -14,7 +14,7 @@ from distdiff.data.episodes import Episode
 from distdiff.data.minari_io import DatasetMissing, LoadedDataset, dataset_exists, load_episodes
 from distdiff.planner import Planner
 from distdiff.rollout import (PlanCheck, alignment_errors, make_env, mean_alignment_error, per_step_alignment_error,
-                              physics_state, replay_actions)
+                              physics_state, replay_actions, solver_warmstart)
 
 
 def load_dataset(cfg: Config, dataset_id: Optional[str] = None, log: Callable[[str], None] = print) -> LoadedDataset:
@@ -105,11 +105,11 @@ def alignment_starts(planner: Planner, env_id: str, seeds: Sequence[int],
         starts = []
         for s in seeds:
             obs, _ = env.reset(seed=int(s))
-            starts.append((int(s), obs, *physics_state(env)))
-        plan = planner.plan(np.stack([o for _, o, _, _ in starts]), generator=generator)
+            starts.append((int(s), obs, *physics_state(env), solver_warmstart(env)))
+        plan = planner.plan(np.stack([o for _, o, _, _, _ in starts]), generator=generator)
         out = []
-        for k, (s, _, qpos, qvel) in enumerate(starts):
-            reached = replay_actions(shadow, qpos, qvel, plan.actions[k])
+        for k, (s, obs, qpos, qvel, warmstart) in enumerate(starts):
+            reached = replay_actions(shadow, qpos, qvel, plan.actions[k], warmstart=warmstart, observation=obs)
             errors = alignment_errors(plan.states[k], reached, planner.state_normalizer)
             out.append(StartCheck(s, qpos, qvel, PlanCheck(plan.states[k], plan.actions[k], reached), errors))
         return out

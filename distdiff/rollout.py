@@ -59,8 +59,21 @@ def physics_state(env: gym.Env):
     return data.qpos.copy(), data.qvel.copy()
 
 
-def replay_actions(shadow: gym.Env, qpos, qvel, actions: np.ndarray) -> np.ndarray:
+def solver_warmstart(env: gym.Env) -> np.ndarray:
+    """The accelerations MuJoCo's constraint solver starts ``env``'s next step from (its last
+    step's): part of the state a replay must copy to step as the env would."""
+    return env.unwrapped.data.qacc_warmstart.copy()
+
+
+def replay_actions(shadow: gym.Env, qpos, qvel, actions: np.ndarray, *, warmstart: Optional[np.ndarray] = None,
+                   observation: Optional[np.ndarray] = None) -> np.ndarray:
     """States reached by executing ``actions`` from (qpos, qvel), one per action.
+
+    ``warmstart``: the env's :func:`solver_warmstart` at that state (None: none, as after a
+    reset); the shadow's own, left by its last replay, moved its replays ~1e-13 off the env's
+    steps, by what it had replayed before. ``observation``: the env's observation there, the
+    first state reached; an env that observes forces (Ant's contacts) computes them only as it
+    steps, and the shadow's were those of its last replay.
 
     Past a termination too: the physics goes on where the env's episode would end (on Walker2d,
     the walker lies on the floor), so a plan whose actions make it fall is judged at every step.
@@ -68,8 +81,9 @@ def replay_actions(shadow: gym.Env, qpos, qvel, actions: np.ndarray) -> np.ndarr
     planners, the one whose plans fell read as the better aligned."""
     env = shadow.unwrapped
     env.set_state(qpos, qvel)
+    env.data.qacc_warmstart[:] = 0.0 if warmstart is None else warmstart
     reached = np.empty((len(actions), env.observation_space.shape[0]))
-    reached[0] = env._get_obs()
+    reached[0] = env._get_obs() if observation is None else observation
     low, high = env.action_space.low, env.action_space.high
     for j in range(1, len(actions)):
         reached[j] = env.step(np.clip(actions[j - 1], low, high))[0]
@@ -139,7 +153,7 @@ def alignment_on_states(plan_fn: PlanFn, shadow: gym.Env, observations: np.ndarr
         obs = observations[i:i + batch_size]
         plan = plan_fn(obs)
         for k, o in enumerate(obs):
-            reached = replay_actions(shadow, *physics_state_from_observation(shadow, o), plan.actions[k])
+            reached = replay_actions(shadow, *physics_state_from_observation(shadow, o), plan.actions[k], observation=o)
             compounded.append(alignment_errors(plan.states[k], reached, state_normalizer))
             stepped = np.full_like(plan.states[k][1:], np.nan, dtype=np.float64)
             for j, s in enumerate(plan.states[k][:-1]):
@@ -248,7 +262,8 @@ def run_episodes(
                 plans[i] = (plan.states[k], plan.actions[k])
                 cursor[i] = 0
                 if shadows is not None and state_normalizer is not None and plans_made[i] % measure_every == 0:
-                    reached = replay_actions(shadows[i], *physics_state(envs[i]), plan.actions[k])
+                    reached = replay_actions(shadows[i], *physics_state(envs[i]), plan.actions[k],
+                                             warmstart=solver_warmstart(envs[i]), observation=obs[i])
                     errors[i].append(alignment_errors(plan.states[k], reached, state_normalizer))
                     checks[i] = PlanCheck(plan.states[k], plan.actions[k], reached)
                 plans_made[i] += 1
