@@ -51,6 +51,9 @@ def main(argv=None) -> int:
     def saved() -> bool:  # (when the run stopped: whether it has a checkpoint to go on from)
         return run_dir is not None and (run_dir / CHECKPOINT).is_file()
 
+    if args.init is not None and "data.normalizer" in config_lib.given_overrides(args):
+        fail("--data.normalizer would do nothing: a run from --init keeps its checkpoint's normalizer, which its nets "
+             "learned in")
     try:
         if args.resume:
             if isinstance(args.resume, Path):

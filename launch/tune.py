@@ -66,7 +66,8 @@ def main(argv=None) -> int:
         fail("--resume continues the sweep as it started: Tune keeps its number of trials and how many run at once, "
              "so --num-samples and --max-concurrent would do nothing")
 
-    from distdiff.distributed.tuning import check_new, check_resumable, load_spec, started_counts, stored, sweep_path
+    from distdiff.distributed.tuning import (check_new, check_resumable, idle_options, load_spec, started_counts, stored,
+                                            sweep_path)
 
     try:
         counts = {"num_samples": args.num_samples, "max_concurrent": args.max_concurrent}
@@ -74,15 +75,22 @@ def main(argv=None) -> int:
             # Those the stored sweep started with, which Tune keeps: a PBT sweep started with
             # --max-concurrent 2 from a file that says 1 is judged, and counted, by them.
             counts.update(started_counts(args.config, args.storage))
-        spec = load_spec(args.config, **counts)
+        spec = load_spec(args.config, allow_idle=bool(args.resume or args.autoresume), **counts)
         if args.autoresume and stored(spec, args.storage):
             # (Tune keeps the stored sweep's number of trials and how many run at once.)
             print(f"--autoresume: a sweep is stored at {sweep_path(spec, args.storage)}; resuming it")
             args.resume = True
         # Before Ray starts, which takes a while.
+        idle = idle_options(spec)
         if args.resume:
             check_resumable(spec, args.storage)
+            for problem in idle:
+                # A sweep started before they were refused: its file may not change now.
+                print(f"warning: {problem} (this sweep was started before such options were refused, and goes on "
+                      "as it started)", file=sys.stderr)
         else:
+            if idle:
+                fail("invalid sweep:\n  " + "\n  ".join(idle))
             check_new(spec, args.storage)
     except ConfigError as e:
         fail(str(e))

@@ -319,6 +319,8 @@ def test_train_refuses_what_its_checkpoint_cannot_do_before_ray_starts(run30, su
         assert "cannot connect" not in proc.stderr and "Traceback" not in proc.stderr
     proc = run("pretrain.py", "--resume", run30 / "checkpoint.pt", env=subprocess_env)
     assert proc.returncode == 2 and f"--resume takes the run's dir, not a file in it: --resume {run30}" in proc.stderr
+    proc = run("pretrain.py", "--init", run30, "--data.normalizer", "minmax", env=subprocess_env)
+    assert proc.returncode == 2 and "--data.normalizer would do nothing: a run from --init keeps" in proc.stderr
 
 
 def test_flags_that_would_do_nothing_or_the_wrong_thing_are_refused(run30, minari_root, subprocess_env, tmp_path):

@@ -1029,6 +1029,34 @@ def test_pbt_mutates_no_budget_and_no_field_that_only_pretraining_reads(tiny_dat
         load_spec(sweep)
 
 
+def test_a_sweep_stored_before_its_idle_options_were_refused_resumes_with_a_warning(tiny_dataset, tmp_path, monkeypatch,
+                                                                                    tune_script, capsys):
+    # Its file may not change on a resume, and its trials could go on no other way.
+    from ray import tune
+
+    fixed = {**FIXED, "data.dataset_id": tiny_dataset, "online.eval_every": 2, "online.wall_time_s": 600}
+    path = write_sweep(tmp_path / "s.yaml", tiny_dataset, scheduler="pbt", max_concurrent=2, num_samples=2,
+                       fixed=fixed, space={"guidance.scale": {"uniform": [0.0, 1.0]}},
+                       pbt={"mutations": ["guidance.scale"]})
+    storage = tmp_path / "storage"
+    make_tuner(load_spec(path, allow_idle=True), storage)  # as an older distdiff started it
+    monkeypatch.setattr(tune.Tuner, "can_restore", lambda path: True)  # (as if Tune had saved its state)
+
+    class Started(Exception):
+        pass
+
+    def connect_job(*args, **kwargs):
+        raise Started
+
+    monkeypatch.setattr(tune_script, "connect_job", connect_job)
+    with pytest.raises(Started):
+        tune_script.main(["--config", str(path), "--storage", str(storage), "--resume"])
+    assert "warning: online.wall_time_s counts one process's seconds" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # a new sweep of it is refused
+        tune_script.main(["--config", str(path), "--storage", str(tmp_path / "new")])
+    assert stop.value.code == 2 and "online.wall_time_s counts one process's seconds" in capsys.readouterr().err
+
+
 def test_a_sweep_from_an_init_checkpoint_sweeps_no_field_that_only_pretraining_reads(tiny_dataset, prior, tmp_path):
     # Its trials skip pretraining: they would differ by their seeds alone, and best_config.yaml
     # would name a "best" pretraining field that no trial used.

@@ -306,9 +306,6 @@ def _option_errors(spec: SweepSpec) -> List[str]:
                       "under `fixed`")
     errors += [f"{k} is both swept (space) and fixed (`fixed`), where it would never be used: keep one" for k in spec.space
                if k in spec.fixed]
-    if spec.init is not None:
-        errors += [f"space: {k} acts only in pretraining, which the trials from `init` skip: it would change nothing"
-                   for k in spec.space if k in config_lib.PHASE_1_ONLY]
     if spec.scheduler == "asha":
         # ASHA stops every trial at one max_t, and its rungs compare trials at equal updates.
         errors += [f"space: {k} sets a trial's budget, and asha stops every trial at one max_t; fix it under `fixed`, "
@@ -341,15 +338,6 @@ def _option_errors(spec: SweepSpec) -> List[str]:
                 errors.append(f"pbt.mutations: {key} made the trials' nets or what their value net predicts, and PBT "
                               "restores a trial from another's checkpoint into the mutated config, which that "
                               "checkpoint does not fit; sweep it with asha or fifo")
-            elif key in BUDGET_FIELDS:
-                # The update debt is owed over the whole of phase 2: a mutated ratio applied to
-                # every env step collected before it (x1.2 at 100k steps: 10,000 updates owed at
-                # once, the rollouts parked meanwhile).
-                errors.append(f"pbt.mutations: {key} sets a trial's budget or its updates over all its env steps "
-                              "so far, not from the mutation on; sweep it with fifo")
-            elif key in config_lib.PHASE_1_ONLY:
-                errors.append(f"pbt.mutations: {key} acts only in pretraining, and PBT acts in phase 2: the mutation "
-                              "would change nothing; sweep it with asha or fifo")
         if "online.num_actors" in spec.space:
             # PBT hands a trial the whole config of the trial it copies, its number of actors
             # too, while the trial's placement group keeps the size it started with.
@@ -392,12 +380,47 @@ def _example_configs(spec: SweepSpec) -> List[Config]:
     return configs
 
 
-def load_spec(path: str | Path, **overrides: Any) -> SweepSpec:
+def idle_options(spec: SweepSpec) -> List[str]:
+    """What the sweep sets that its trials would never act on as it means. Refused by
+    :func:`load_spec` for a new sweep; a sweep stored before these were refused is resumed with
+    them said as warnings (its file may not change, and its trials could go on no other way)."""
+    problems = []
+    if spec.init is not None:
+        problems += [f"space: {k} acts only in pretraining, which the trials from `init` skip: it would change "
+                     "nothing" for k in spec.space if k in config_lib.PHASE_1_ONLY]
+    if spec.scheduler != "pbt":
+        return problems
+    for key in spec.pbt.get("mutations", []) if isinstance(spec.pbt.get("mutations"), list) else []:
+        if key in BUDGET_FIELDS:
+            # The update debt is owed over the whole of phase 2: a mutated ratio applied to every
+            # env step collected before it (x1.2 at 100k steps: 10,000 updates owed at once, the
+            # rollouts parked meanwhile).
+            problems.append(f"pbt.mutations: {key} sets a trial's budget or its updates over all its env steps so "
+                            "far, not from the mutation on; sweep it with fifo")
+        elif key in config_lib.PHASE_1_ONLY:
+            problems.append(f"pbt.mutations: {key} acts only in pretraining, and PBT acts in phase 2: the mutation "
+                            "would change nothing; sweep it with asha or fifo")
+    try:
+        wall_time = spec.trial_config({}).online.wall_time_s > 0
+    except ConfigError:
+        wall_time = False  # (said by the other checks)
+    if wall_time or "online.wall_time_s" in spec.space:
+        # Counted in the process: a resume has them again, and PBT starts a trial's process again
+        # each time it pauses the trial or copies another into it.
+        problems.append("online.wall_time_s counts one process's seconds, and pbt starts a trial's process again "
+                        "each time it pauses or copies it: a trial's wall time would never run out while PBT kept "
+                        "restarting it. Budget the trials with online.env_steps or online.updates")
+    return problems
+
+
+def load_spec(path: str | Path, *, allow_idle: bool = False, **overrides: Any) -> SweepSpec:
     """Read and check a sweep file, with ``overrides`` of its options (the command line's
     ``num_samples`` and ``max_concurrent``; None: the file's); every problem is reported before
-    any trial starts."""
+    any trial starts. ``allow_idle``: leave :func:`idle_options` to the caller (a resume)."""
     spec, errors = _read_spec(Path(path), overrides)
     errors += _option_errors(spec)
+    if not allow_idle:
+        errors += idle_options(spec)
     if errors:
         raise ConfigError("invalid sweep:\n  " + "\n  ".join(errors))
     configs = _example_configs(spec)
@@ -467,14 +490,7 @@ def _check_schedule(spec: SweepSpec) -> None:
         raise ConfigError(f"invalid sweep: {name} compares trials by their evaluations, and online.eval_every "
                           f"{'can be' if len(everies) > 1 else 'is'} 0 (a trial reports only at its end): set it")
     options = scheduler_options(spec)
-    cfg = spec.trial_config({})
-    if name == "pbt" and (cfg.online.wall_time_s > 0 or "online.wall_time_s" in spec.space):
-        # Counted in the process: a resume has them again, and PBT starts a trial's process again
-        # each time it pauses the trial or copies another into it.
-        raise ConfigError("invalid sweep: online.wall_time_s counts one process's seconds, and pbt starts a trial's "
-                          "process again each time it pauses or copies it: a trial's wall time would never run out "
-                          "while PBT kept restarting it. Budget the trials with online.env_steps or online.updates")
-    first, budget = options[key], update_budget(cfg)
+    first, budget = options[key], update_budget(spec.trial_config({}))
     if name == "asha" and "max_t" not in options:
         raise ConfigError("invalid sweep: asha needs max_t (learner updates) when the trials' budget sets no "
                           "number of updates (online.updates, or online.env_steps)")
