@@ -305,6 +305,42 @@ def test_a_run_that_finds_the_fallback_half_written_waits_for_it(minari_root, mo
     assert any("is in the store already" in line for line in logs[1])
 
 
+def test_a_run_that_finds_its_dataset_half_downloaded_or_written_waits_for_it(minari_root, tiny_episodes, monkeypatch):
+    # A download, as a write, makes the dataset's dir before its files: a run that looked then
+    # was told to remove the dataset that the other run was still downloading.
+    import minari.utils
+
+    made, go, generate = threading.Event(), threading.Event(), minari.utils._generate_dataset_path
+
+    def slow(dataset_id):
+        path = generate(dataset_id)
+        made.set()
+        go.wait(timeout=60)
+        return path
+
+    monkeypatch.setattr(minari.utils, "_generate_dataset_path", slow)
+    writer = threading.Thread(target=write_episodes, args=("local/test/busy-v0", tiny_episodes[:3]),
+                              kwargs={"env_id": "Walker2d-v5", "algorithm_name": "random"})
+    writer.start()
+    assert made.wait(timeout=60)
+    loaded, errors = [], []
+
+    def load():
+        try:
+            loaded.append(minari_io.load_minari("local/test/busy-v0"))
+        except Exception as e:  # (reported below)
+            errors.append(e)
+
+    reader = threading.Thread(target=load)
+    reader.start()
+    reader.join(timeout=1.0)  # (where it read without waiting, it has failed by now)
+    go.set()
+    writer.join()
+    reader.join()
+    assert not errors, errors
+    assert loaded[0].total_episodes == 3
+
+
 def test_a_dataset_written_while_a_run_collects_it_as_its_fallback_is_refused_not_mixed(minari_root, tiny_episodes):
     # collect.py, run as the missing-dataset advice says, while a run collects the same id.
     lock = minari_io._lock("local/test/both-v0")

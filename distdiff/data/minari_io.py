@@ -167,7 +167,7 @@ def load_minari(dataset_id: str, *, download: bool = False, env_id: Optional[str
         if not download:
             raise DatasetMissing(_missing_message(dataset_id, "it is not in the local Minari store", env_id)) from None
     except (ValueError, OSError) as e:
-        raise _unreadable(dataset_id, e) from e
+        return _once_written(dataset_id, e)
     log(f"dataset {dataset_id!r} is not local: downloading it from Minari's remote (without a network, its client "
         f"retries for about 25 s)")
     try:
@@ -183,6 +183,23 @@ def load_minari(dataset_id: str, *, download: bool = False, env_id: Optional[str
         # on the fallback's random-policy episodes instead would waste the run.
         raise DatasetError(f"dataset {dataset_id!r} could not be downloaded ({type(e).__name__}: {e}); the fallback "
                            f"stands in only where the remote cannot be reached: try again later") from e
+
+
+def _once_written(dataset_id: str, error: Exception):
+    """A dataset Minari failed to open (``error``), opened again once no other process holds its
+    lock: one that another run is downloading or writing is half there (both make its dir
+    first), and the advice to remove it would have removed that run's download."""
+    import minari
+
+    lock = _lock_unless_read_only(dataset_id)
+    if lock is None:
+        raise _unreadable(dataset_id, error) from error
+    try:
+        return minari.load_dataset(dataset_id, download=False)
+    except (ValueError, OSError) as e:  # (gone meanwhile, too: a writer that failed cleans up)
+        raise _unreadable(dataset_id, e) from e
+    finally:
+        lock.release()
 
 
 # What an HTTP client raises when it cannot connect (no network, a name that does not resolve,
