@@ -568,6 +568,24 @@ def test_dataset_ids_need_a_version_number():
         load_minari("local/../../x-v0")
 
 
+def test_a_dataset_recorded_through_wrappers_says_so(minari_root, tiny_episodes):
+    # Another tool's dataset of Walker2d-v5 with its actions rescaled: the planner would learn
+    # actions the env does not take, without a word.
+    import gymnasium as gym
+    from minari.data_collector import EpisodeBuffer
+
+    env = gym.wrappers.RescaleAction(gym.make("Walker2d-v5"), -2.0, 2.0)
+    buffers = [EpisodeBuffer(id=i, observations=ep.observations, actions=(2.0 * ep.actions).astype(np.float32),
+                             rewards=ep.rewards, terminations=np.eye(len(ep.rewards), dtype=bool)[-1] & ep.terminated,
+                             truncations=np.eye(len(ep.rewards), dtype=bool)[-1] & ep.truncated)
+               for i, ep in enumerate(tiny_episodes[:2])]
+    minari.create_dataset_from_buffers("local/test/rescaled-v0", buffers, env=env, algorithm_name="other tool")
+    said = []
+    load_episodes("local/test/rescaled-v0", obs_dim=17, act_dim=6, env_id="Walker2d-v5", log=said.append)
+    assert said == ["warning: dataset 'local/test/rescaled-v0' was recorded in Walker2d-v5 wrapped in RescaleAction, "
+                    "and the planner acts in Walker2d-v5 as registered here: their dynamics may differ"]
+
+
 def test_a_dataset_of_another_version_of_the_env_fits_the_config_and_says_so(minari_root, tiny_episodes):
     write_episodes("local/test/v4-v0", tiny_episodes[:2], env_id="Walker2d-v4", algorithm_name="random")
     said = []

@@ -306,9 +306,14 @@ def _recorded_otherwise(spec, env_id: str) -> str:
     expected = {**defaults, **here.kwargs}
     changed = {k: v for k, v in (spec.kwargs or {}).items()
                if k not in RENDERING and (k not in expected or _plain(v) != _plain(expected[k]))}
-    if spec.id == here.id and not changed:
+    # Wrappers the recording env had beyond gym.make's own (a normalized observation, rescaled
+    # actions): the data's states or actions are not the env's.
+    ours = {w.name for w in here.additional_wrappers or ()}
+    wrapped = [w.name for w in getattr(spec, "additional_wrappers", None) or () if w.name not in ours]
+    if spec.id == here.id and not changed and not wrapped:
         return ""
-    return spec.id + (f" with {', '.join(f'{k}={v!r}' for k, v in sorted(changed.items()))}" if changed else "")
+    return (spec.id + (f" with {', '.join(f'{k}={v!r}' for k, v in sorted(changed.items()))}" if changed else "")
+            + (f" wrapped in {', '.join(wrapped)}" if wrapped else ""))
 
 
 def _plain(value):
