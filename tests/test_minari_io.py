@@ -267,9 +267,9 @@ def test_concurrent_runs_collect_the_fallback_dataset_once(minari_root):
     assert len(loaded[0].episodes) == 3
 
 
-def test_a_run_that_finds_the_fallback_half_written_waits_for_it(minari_root, monkeypatch):
-    # Minari makes the dataset's dir before it writes into it: a second run that looked then
-    # found "a dataset" and read it half written.
+def writes_held_after_their_dir(monkeypatch):
+    """Minari's dataset writes, each held after it made the dataset's dir (as a download's, whose
+    client makes it first too) until ``go`` is set; ``made`` is set then."""
     import minari.utils
 
     made, go, generate = threading.Event(), threading.Event(), minari.utils._generate_dataset_path
@@ -281,6 +281,27 @@ def test_a_run_that_finds_the_fallback_half_written_waits_for_it(minari_root, mo
         return path
 
     monkeypatch.setattr(minari.utils, "_generate_dataset_path", slow)
+    return made, go
+
+
+def second_during_first(first, second, made, go) -> None:
+    """Run ``first`` (a write held by :func:`writes_held_after_their_dir`), and ``second`` once
+    the write's dir is made; the write goes on a second later."""
+    writing = threading.Thread(target=first)
+    writing.start()
+    assert made.wait(timeout=60)
+    other = threading.Thread(target=second)
+    other.start()
+    other.join(timeout=1.0)  # (where it read without waiting, it has failed by now)
+    go.set()
+    writing.join()
+    other.join()
+
+
+def test_a_run_that_finds_the_fallback_half_written_waits_for_it(minari_root, monkeypatch):
+    # Minari makes the dataset's dir before it writes into it: a second run that looked then
+    # found "a dataset" and read it half written.
+    made, go = writes_held_after_their_dir(monkeypatch)
     loaded, errors, logs = [None, None], [], [[], []]
 
     def run(i):
@@ -291,15 +312,7 @@ def test_a_run_that_finds_the_fallback_half_written_waits_for_it(minari_root, mo
         except Exception as e:  # (reported below, with what the run said)
             errors.append(e)
 
-    first = threading.Thread(target=run, args=(0,))
-    first.start()
-    assert made.wait(timeout=60)
-    second = threading.Thread(target=run, args=(1,))
-    second.start()
-    second.join(timeout=1.0)  # (where it read without waiting, it has failed by now)
-    go.set()
-    first.join()
-    second.join()
+    second_during_first(lambda: run(0), lambda: run(1), made, go)
     assert not errors, errors
     _assert_same_episodes(loaded[0].episodes, loaded[1].episodes)
     assert any("is in the store already" in line for line in logs[1])
@@ -308,21 +321,7 @@ def test_a_run_that_finds_the_fallback_half_written_waits_for_it(minari_root, mo
 def test_a_run_that_finds_its_dataset_half_downloaded_or_written_waits_for_it(minari_root, tiny_episodes, monkeypatch):
     # A download, as a write, makes the dataset's dir before its files: a run that looked then
     # was told to remove the dataset that the other run was still downloading.
-    import minari.utils
-
-    made, go, generate = threading.Event(), threading.Event(), minari.utils._generate_dataset_path
-
-    def slow(dataset_id):
-        path = generate(dataset_id)
-        made.set()
-        go.wait(timeout=60)
-        return path
-
-    monkeypatch.setattr(minari.utils, "_generate_dataset_path", slow)
-    writer = threading.Thread(target=write_episodes, args=("local/test/busy-v0", tiny_episodes[:3]),
-                              kwargs={"env_id": "Walker2d-v5", "algorithm_name": "random"})
-    writer.start()
-    assert made.wait(timeout=60)
+    made, go = writes_held_after_their_dir(monkeypatch)
     loaded, errors = [], []
 
     def load():
@@ -331,12 +330,8 @@ def test_a_run_that_finds_its_dataset_half_downloaded_or_written_waits_for_it(mi
         except Exception as e:  # (reported below)
             errors.append(e)
 
-    reader = threading.Thread(target=load)
-    reader.start()
-    reader.join(timeout=1.0)  # (where it read without waiting, it has failed by now)
-    go.set()
-    writer.join()
-    reader.join()
+    second_during_first(lambda: write_episodes("local/test/busy-v0", tiny_episodes[:3], env_id="Walker2d-v5",
+                                               algorithm_name="random"), load, made, go)
     assert not errors, errors
     assert loaded[0].total_episodes == 3
 
