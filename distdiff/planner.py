@@ -21,6 +21,7 @@ from distdiff.normalizer import Normalizer
 # them, and loading a config must not import gymnasium (bench/cuda_check.sh runs without it).
 EXECUTIONS = ("open_loop", "receding")
 
+
 def _best(scores: torch.Tensor) -> torch.Tensor:
     """``[b]``: each row's best candidate of ``scores`` ``[b, n]``, a NaN score never: argmax
     takes NaN for the largest, and a rollout or V that overflowed would have chosen its plan."""

@@ -75,7 +75,7 @@ def main(argv=None) -> int:
             # Those the stored sweep started with, which Tune keeps: a PBT sweep started with
             # --max-concurrent 2 from a file that says 1 is judged, and counted, by them.
             counts.update(started_counts(args.config, args.storage))
-        spec = load_spec(args.config, allow_idle=bool(args.resume or args.autoresume), **counts)
+        spec = load_spec(args.config, allow_idle=True, **counts)  # (refused below, for a new sweep only)
         if args.autoresume and stored(spec, args.storage):
             # (Tune keeps the stored sweep's number of trials and how many run at once.)
             print(f"--autoresume: a sweep is stored at {sweep_path(spec, args.storage)}; resuming it")

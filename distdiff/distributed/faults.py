@@ -100,14 +100,14 @@ class WorkerFaults:
         no_weights = isinstance(e, RayTaskError) and isinstance(e.cause, NoWeights)
         if isinstance(e, RayActorError):
             # The actor died with this task, or a call was made while Ray restarts it: neither a
-            # sign that it keeps failing. (A restart found by its missing weights, below, after a
-            # death: the retry's set_weights reached the restarting actor and failed unseen, and
-            # the rollout found the same restart, counted once per run of failures.)
+            # sign that it keeps failing.
             restarted, what = True, "died; Ray restarts it"
             may_drop = limit >= 0 and not isinstance(e, ActorUnavailableError)
         elif no_weights:
             # Ray restarted it while it had no task running (killed while parked, or while the
-            # broadcast was its only call): a restart all the same.
+            # broadcast was its only call): a restart all the same. (After a death, the retry's
+            # set_weights may reach the restarting actor and fail unseen, and its rollout find the
+            # same restart: counted once per run of failures, below.)
             restarted, what, may_drop = True, "was restarted by Ray", limit >= 0
         elif isinstance(e, RayTaskError):
             # The actor lives but its task raised: its envs failed twice in a row, or its planner

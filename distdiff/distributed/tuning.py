@@ -390,7 +390,8 @@ def idle_options(spec: SweepSpec) -> List[str]:
                      "nothing" for k in spec.space if k in config_lib.PHASE_1_ONLY]
     if spec.scheduler != "pbt":
         return problems
-    for key in spec.pbt.get("mutations", []) if isinstance(spec.pbt.get("mutations"), list) else []:
+    mutations = spec.pbt.get("mutations")
+    for key in mutations if isinstance(mutations, list) else []:  # (another kind is refused elsewhere)
         if key in BUDGET_FIELDS:
             # The update debt is owed over the whole of phase 2: a mutated ratio applied to every
             # env step collected before it (x1.2 at 100k steps: 10,000 updates owed at once, the
