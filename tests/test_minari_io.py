@@ -160,6 +160,14 @@ def test_a_dataset_minari_made_with_no_episodes_is_refused_on_load(minari_root):
     ("emptied", "is in the local Minari store .* cannot be read .* remove it, rm -r .*, and make it again"),
     # Not to be removed: another Minari reads it.
     ("newer", r"in the local Minari store .* was made by Minari 99.0.0, which Minari \S+ does not read$"),
+    # Metadata another tool wrote, or an edit: each escaped as Minari's own KeyError, AssertionError,
+    # AttributeError; and told apart from damage, which alone is to be removed.
+    ("unversioned", r"in the local Minari store .* has metadata that Minari \S+ does not read \(KeyError: "
+                    r"'minari_version'\), in .*/data/metadata.json: another tool wrote it, or an edit changed it$"),
+    ("nullversion", r"in the local Minari store .* has metadata that Minari \S+ does not read \(AssertionError\), in "),
+    ("otherformat", r"in the local Minari store .* has metadata that Minari \S+ does not read \(KeyError: 'parquet2'\)"),
+    ("listed", r"in the local Minari store .* has metadata that Minari \S+ does not read \(AttributeError: "),
+    ("badspace", r"in the local Minari store .* has metadata that Minari \S+ does not read \(KeyError: 'type'\)"),
 ])
 def test_a_damaged_local_dataset_is_a_clear_error(minari_root, tiny_episodes, damage, expected):
     dataset_id = f"local/test/damaged-{damage}-v0"
@@ -171,7 +179,13 @@ def test_a_damaged_local_dataset_is_a_clear_error(minari_root, tiny_episodes, da
         next(data.glob("main_data.*")).write_bytes(b"")
     else:
         metadata = json.loads((data / "metadata.json").read_text())
-        (data / "metadata.json").write_text(json.dumps({**metadata, "minari_version": "99.0.0"}))
+        edited = {"newer": {**metadata, "minari_version": "99.0.0"},
+                  "unversioned": {k: v for k, v in metadata.items() if k != "minari_version"},
+                  "nullversion": {**metadata, "minari_version": None},
+                  "otherformat": {**metadata, "data_format": "parquet2"},
+                  "listed": list(metadata),
+                  "badspace": {**metadata, "observation_space": "{}"}}[damage]
+        (data / "metadata.json").write_text(json.dumps(edited))
     with pytest.raises(DatasetError, match=f"{dataset_id!r} {expected}"):
         load_episodes(dataset_id)
 

@@ -111,10 +111,17 @@ def _lock(dataset_id: str) -> FileLock:
     return FileLock(os.path.join(datasets_root(), f".{dataset_id.replace('/', '__')}.lock"))
 
 
-def _unreadable(dataset_id: str, e: Exception) -> DatasetError:
-    """What a dataset that Minari fails to open is: a store path that cannot be used, a dataset
-    another Minari version made, or damaged files (an interrupted write, a partial copy), which
-    only the last is to be removed for."""
+# What Minari raises for a dataset it cannot read: files damaged or missing (OSError, ValueError;
+# h5py's KeyError), and metadata another tool or version wrote, or an edit left (KeyError,
+# TypeError, AttributeError, and AssertionError: Minari checks its metadata with asserts).
+UNREADABLE = (OSError, ValueError, KeyError, TypeError, AttributeError, AssertionError)
+
+
+def _unreadable(dataset_id: str, e: Exception, *, opening: bool = True) -> DatasetError:
+    """What a dataset that Minari fails to open (``opening``) or read is: a store path that
+    cannot be used, a dataset another Minari version made, metadata that is not Minari's, or
+    damaged files (an interrupted write, a partial copy), which only the last is to be removed
+    for."""
     import minari
 
     root = datasets_root()
@@ -122,14 +129,22 @@ def _unreadable(dataset_id: str, e: Exception) -> DatasetError:
     if not os.path.isdir(data):
         return DatasetError(f"dataset {dataset_id!r}: the Minari store {root} cannot be used "
                             f"({type(e).__name__}: {e}); check MINARI_DATASETS_PATH")
+    metadata = os.path.join(data, "metadata.json")
     try:
-        with open(os.path.join(data, "metadata.json")) as f:
-            made_by = json.load(f).get("minari_version")
+        with open(metadata) as f:
+            fields = json.load(f)
     except (OSError, ValueError):
-        made_by = None
+        fields = None
+    made_by = fields.get("minari_version") if isinstance(fields, dict) else None
     if made_by is not None and made_by not in minari.supported_dataset_versions:
         return DatasetError(f"dataset {dataset_id!r} in the local Minari store ({root}) was made by Minari {made_by}, "
                             f"which Minari {minari.__version__} does not read")
+    if opening and fields is not None and not isinstance(e, (OSError, ValueError)):
+        # Written whole, and not as Minari writes it: removing it may lose what another tool made.
+        why = ": ".join(filter(None, (type(e).__name__, str(e))))  # (Minari's asserts say nothing)
+        return DatasetError(f"dataset {dataset_id!r} in the local Minari store ({root}) has metadata that Minari "
+                            f"{minari.__version__} does not read ({why}), in {metadata}: another tool wrote it, "
+                            f"or an edit changed it")
     again = "make it again" if dataset_id.startswith(LOCAL_NAMESPACE) else "the next run downloads it again"
     return DatasetError(f"dataset {dataset_id!r} is in the local Minari store ({root}) but cannot be read "
                         f"({type(e).__name__}: {e}; a write or download cut short leaves it so): remove it, "
@@ -166,7 +181,7 @@ def load_minari(dataset_id: str, *, download: bool = False, env_id: Optional[str
                 env_id)) from None
         if not download:
             raise DatasetMissing(_missing_message(dataset_id, "it is not in the local Minari store", env_id)) from None
-    except (ValueError, OSError) as e:
+    except UNREADABLE as e:
         return _once_written(dataset_id, e)
     log(f"dataset {dataset_id!r} is not local: downloading it from Minari's remote (without a network, its client "
         f"retries for about 25 s)")
@@ -196,7 +211,7 @@ def _once_written(dataset_id: str, error: Exception):
         raise _unreadable(dataset_id, error) from error
     try:
         return minari.load_dataset(dataset_id, download=False)
-    except (ValueError, OSError) as e:  # (gone meanwhile, too: a writer that failed cleans up)
+    except UNREADABLE as e:  # (gone meanwhile, too: a writer that failed cleans up)
         raise _unreadable(dataset_id, e) from e
     finally:
         lock.release()
@@ -225,9 +240,12 @@ def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[
                   env_id: Optional[str] = None, log=print) -> LoadedDataset:
     """Load every episode, checking the dataset's env and shapes against what the config expects."""
     ds = load_minari(dataset_id, download=download, env_id=env_id, log=log)
-    spec = ds.spec.env_spec
+    try:  # (the spec reads metadata Minari did not check on opening)
+        spec = ds.spec.env_spec
+        obs_shape, act_shape = ds.spec.observation_space.shape, ds.spec.action_space.shape
+    except UNREADABLE as e:
+        raise _unreadable(dataset_id, e) from e
     ds_env = spec.id if spec is not None else None
-    obs_shape, act_shape = ds.spec.observation_space.shape, ds.spec.action_space.shape
     problems = []
     if env_id is not None and ds_env is not None and env_family(ds_env) != env_family(env_id):
         problems.append(f"it was recorded in {ds_env}, the config's env is {env_id}")
@@ -246,7 +264,7 @@ def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[
     try:
         raw = list(ds.iterate_episodes())
     except (ValueError, OSError, KeyError) as e:  # Minari reads the episodes' files only now (h5py: KeyError)
-        raise _unreadable(dataset_id, e) from e
+        raise _unreadable(dataset_id, e, opening=False) from e
     episodes = []
     widths = (obs_dim or (obs_shape or (None,))[0], act_dim or (act_shape or (None,))[0])
     for i, ep in enumerate(raw):
