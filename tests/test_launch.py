@@ -731,6 +731,16 @@ def test_train_that_fails_says_whether_its_last_checkpoint_resumes_it(tmp_path, 
     err = capsys.readouterr().err
     assert stop.value.code == 1 and "No space left on device" in err
     assert f"the last checkpoint in {run_dir} is intact: python launch/train.py --resume {run_dir}" in err
+    # Phase 1's updates that kept going non-finite (its learner's, in phase 2, are a RunFailed).
+    from distdiff.training import NonFiniteError
+
+    error[0] = NonFiniteError("3 non-finite updates in a row (in the last: denoiser loss); stopping with the last "
+                              "good checkpoint")
+    with pytest.raises(SystemExit) as stop:
+        script.main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 1 and "3 non-finite updates in a row" in err
+    assert f"the last checkpoint in {run_dir} is intact: python launch/train.py --resume {run_dir}" in err
     # Any other OSError is a bug to see whole.
     error[0] = PermissionError(errno.EACCES, "Permission denied")
     with pytest.raises(PermissionError):
