@@ -622,6 +622,36 @@ def test_a_worker_plans_only_with_weights_handed_to_it_and_returns_episodes_in_s
         worker.close()
 
 
+def test_a_worker_whose_weights_failed_to_load_half_way_plans_with_none_of_them_and_says_why(pretrained):
+    # Not NoWeights: that one reads as a restart Ray made unseen, and this worker was never restarted.
+    from distdiff.distributed.collection import weights_of
+    from distdiff.distributed.worker import NoWeights, RolloutWorker, WeightsNotLoaded
+    from distdiff.training import planner_from_checkpoint
+
+    cfg, ckpt = pretrained
+    cfg = config_lib.from_dict({"online": {"envs_per_actor": 1}, "env": {"max_episode_steps": 10}}, cfg)
+    state = load_checkpoint(ckpt)
+    good = weights_of(planner_from_checkpoint(state, cfg))
+    worker = RolloutWorker(config=cfg.to_dict(), normalizer=state["normalizer"], worker_id=0)
+    try:
+        assert worker.set_weights(good._replace(version=3)) == 3
+        # The denoiser's loads, then the value's does not fit: the nets hold neither version.
+        assert list(good.weights)[0] == "denoiser"
+        broken = good._replace(version=4, weights={name: flat[:-1] if name == "value" else flat + 1
+                                                   for name, flat in good.weights.items()})
+        with pytest.raises(ValueError, match="flat weights have"):
+            worker.set_weights(broken)
+        with pytest.raises(WeightsNotLoaded, match=r"^weights version 4 failed to load: ValueError: flat weights have"):
+            worker.rollout(0)
+        assert not issubclass(WeightsNotLoaded, NoWeights)
+        # The next version (a retry's) loads whole, and the worker plans with it.
+        assert worker.set_weights(good._replace(version=5)) == 5
+        assert worker.rollout(0).version == 5 and worker.load_failure is None
+        assert np.array_equal(flat_weights(worker.acting.nets["denoiser"]), good.weights["denoiser"])
+    finally:
+        worker.close()
+
+
 def test_a_workers_evaluation_plans_with_the_weights_it_is_given_and_starts_each_episode_where_evaluate_does(
         pretrained):
     from distdiff.distributed.collection import weights_of

@@ -6,7 +6,7 @@ import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError, OutOfMemoryError, RayActorError, RayTaskError
 
 from distdiff.distributed.faults import MAX_FAILING_S, MAX_STRIKES, WorkerFaults
-from distdiff.distributed.worker import NoWeights
+from distdiff.distributed.worker import NoWeights, WeightsNotLoaded
 
 
 # The errors as Ray 2.60 raises them (seen on a local cluster, max_task_retries 0): a worker that
@@ -26,7 +26,8 @@ def dead() -> ActorDiedError:
 
 
 def raised(error: Exception) -> RayTaskError:
-    return RayTaskError("rollout", "Traceback (most recent call last): ...", error)
+    # (Ray's traceback ends with the line the actor's exception prints.)
+    return RayTaskError("rollout", f"Traceback (most recent call last): ...\n{type(error).__name__}: {error}", error)
 
 
 def test_a_death_is_one_restart_however_many_calls_fail_while_ray_restarts_the_worker():
@@ -93,6 +94,9 @@ def test_missing_weights_are_a_restart_unless_a_death_was_just_counted():
 
 @pytest.mark.parametrize("error, what", [
     (raised(RuntimeError("injected env failure")), "failed a rollout; retrying it: "),
+    # Its own process failed to load them: no restart, and a bug that repeats drops the worker.
+    (raised(WeightsNotLoaded("weights version 4 failed to load: ValueError: flat weights have (9,) entries")),
+     "failed a rollout; retrying it: WeightsNotLoaded: weights version 4 failed to load"),
     (OutOfMemoryError("Task was killed due to the node running low on memory."),
      "lost a rollout (OutOfMemoryError); retrying it: Task was killed"),
 ])

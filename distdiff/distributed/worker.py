@@ -30,6 +30,12 @@ class NoWeights(RuntimeError):
     it had no task running: a restart the driver did not see."""
 
 
+class WeightsNotLoaded(RuntimeError):
+    """A rollout asked of a worker whose last ``set_weights`` failed, in its own process (a
+    bug, or weights that do not fit its nets): nets loaded half-way plan with no version's
+    weights, and a failure in the worker's process is not a restart."""
+
+
 # What an env that went wrong raises: MuJoCo's fatal errors (a simulation it cannot go on with,
 # mujoco.FatalError is not a RuntimeError), and Gymnasium's checks of what it is given.
 ENV_ERRORS = (RuntimeError, ValueError, FloatingPointError, mujoco.FatalError)
@@ -57,6 +63,7 @@ class Acting:
         self.make_envs()
 
     def load(self, published: Weights) -> None:
+        self.version = -1  # until loaded whole: nets loaded half-way hold no version's weights
         load_weights(self.nets, published.weights)
         self.version = int(published.version)
 
@@ -90,6 +97,7 @@ class RolloutWorker:
         self.acting = Acting(cfg, self.normalizer, cfg.online.envs_per_actor, shadows=measure)
         self.judging: Optional[Acting] = None  # the evaluations' own, made by the first
         self.tasks = 0
+        self.load_failure: Optional[str] = None  # why the last set_weights failed; None if it did not
 
     def close(self) -> None:
         """Close the envs (a worker that Ray kills needs none of this)."""
@@ -99,7 +107,12 @@ class RolloutWorker:
 
     def set_weights(self, published: Weights) -> int:
         if published.version > self.acting.version:
-            self.acting.load(published)
+            try:
+                self.acting.load(published)
+            except Exception as e:  # (raised again) the driver's broadcast does not wait to see it
+                self.load_failure = f"weights version {published.version} failed to load: {type(e).__name__}: {e}"
+                raise
+            self.load_failure = None
         return self.acting.version
 
     def _seed(self, task: int, attempt: int = 0, seed: Optional[int] = None) -> int:
@@ -118,6 +131,8 @@ class RolloutWorker:
         (truncated) after ``max_steps`` steps."""
         acting = self.acting
         if acting.version < 0:
+            if self.load_failure is not None:
+                raise WeightsNotLoaded(self.load_failure)
             raise NoWeights("rollout before set_weights: a worker must never plan with random weights")
         task = self.tasks if task is None else task
         self.tasks += 1
