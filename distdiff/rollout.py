@@ -280,7 +280,7 @@ def run_episodes(
             truncated = truncated or (max_steps is not None and len(traj[i]["rew"]) >= max_steps)
             if terminated or truncated:
                 ep = Episode(np.array(traj[i]["obs"]), np.array(traj[i]["act"]), np.array(traj[i]["rew"]),
-                             bool(terminated), bool(truncated and not terminated))
+                             bool(terminated), bool(truncated and not terminated), seed=int(seeds[i]))
                 err = np.array(errors[i]) if errors[i] else np.zeros((0, horizon))
                 result = EpisodeResult(ep, err, int(plans_made[i]), checks[i], seeds[i])
                 results.append(result)
@@ -324,7 +324,8 @@ def random_episodes(env: gym.Env, n_episodes: int, seed: int, progress=None) -> 
             rew.append(r)
             if terminated or truncated:
                 break
-        out.append(Episode(np.array(obs), np.array(act), np.array(rew), bool(terminated), bool(truncated and not terminated)))
+        out.append(Episode(np.array(obs), np.array(act), np.array(rew), bool(terminated), bool(truncated and not terminated),
+                           seed=seed + e))
         if progress is not None:
             progress(out[-1])
     return out

@@ -1732,6 +1732,7 @@ def test_parallel_collection_with_random_and_planner_policies(ray_session, pretr
     env = make_env("Walker2d-v5")
     starts = np.stack([env.reset(seed=3 + k)[0] for k in range(7)]).astype(random_eps[0].observations.dtype)
     assert np.array_equal(np.stack([ep.observations[0] for ep in random_eps]), starts)
+    assert [ep.seed for ep in random_eps] == list(range(3, 10))  # (what a dataset of them records)
     # A checkpoint trained with its actors on labelled nodes (online.actor_resource) collects
     # on any node: this cluster has no such label, where its workers would never start.
     state = load_checkpoint(ckpt)
@@ -1739,6 +1740,10 @@ def test_parallel_collection_with_random_and_planner_policies(ray_session, pretr
     planned = collect_episodes(3, num_actors=2, env_id="Walker2d-v5", max_episode_steps=30, seed=3,
                                checkpoint=state, envs_per_actor=2)
     assert len(planned) == 3 and all(ep.actions.shape[1] == 6 for ep in planned)
+    # Each planned episode knows the seed its env was reset with: the start it planned from.
+    assert len({ep.seed for ep in planned}) == 3
+    assert all(np.array_equal(env.reset(seed=ep.seed)[0].astype(ep.observations.dtype), ep.observations[0])
+               for ep in planned)
     # The same command collects the same episodes, whichever actor ran which task, and with
     # one actor: a task is seeded by its number, not by the worker that was free for it.
     alone = collect_episodes(3, num_actors=1, env_id="Walker2d-v5", max_episode_steps=30, seed=3,

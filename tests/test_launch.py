@@ -97,6 +97,7 @@ def test_collect_random(minari_root, subprocess_env):
     for a, b in zip(data.episodes, expected):
         assert np.array_equal(a.observations, b.observations) and np.array_equal(a.actions, b.actions)
         assert (a.terminated, a.truncated) == (b.terminated, b.truncated)
+    assert [ep.seed for ep in data.episodes] == [4, 5, 6]  # (their resets')
 
 
 def test_collect_interrupted_says_how_far_it_got_and_writes_nothing(minari_root, monkeypatch, capsys):

@@ -35,7 +35,7 @@ def _assert_same_episodes(loaded, original):
         assert np.array_equal(a.observations, b.observations)
         assert np.array_equal(a.actions, b.actions)
         assert np.array_equal(a.rewards, b.rewards)
-        assert (a.terminated, a.truncated) == (b.terminated, b.truncated)
+        assert (a.terminated, a.truncated, a.seed) == (b.terminated, b.truncated, b.seed)
 
 
 def test_tiny_dataset_round_trip(tiny_dataset, tiny_episodes):
@@ -44,6 +44,20 @@ def test_tiny_dataset_round_trip(tiny_dataset, tiny_episodes):
     assert data.env_id == "Walker2d-v5"
     _assert_same_episodes(data.episodes, tiny_episodes)
     assert (data.ref_min_score, data.ref_max_score) == (WALKER2D_REF_MIN_SCORE, WALKER2D_REF_MAX_SCORE)
+    # Each episode keeps the seed its env was reset with, where Minari's own collector keeps it:
+    # a reader of the dataset remakes any episode's start state.
+    assert [ep.seed for ep in data.episodes] == list(range(len(tiny_episodes)))
+    stored = minari.load_dataset(tiny_dataset).storage.get_episode_metadata([0, len(tiny_episodes) - 1])
+    assert [meta["seed"] for meta in stored] == [0, len(tiny_episodes) - 1]
+    env = make_env("Walker2d-v5")
+    assert all(np.array_equal(env.reset(seed=ep.seed)[0].astype(np.float32), ep.observations[0])
+               for ep in data.episodes[:3])
+
+
+def test_episodes_of_unknown_seeds_are_written_and_read_without_one(minari_root, tiny_episodes):
+    unseeded = [dataclasses.replace(ep, seed=None) for ep in tiny_episodes[:2]]
+    write_episodes("local/test/unseeded-v0", unseeded, env_id="Walker2d-v5", algorithm_name="random")
+    _assert_same_episodes(load_episodes("local/test/unseeded-v0").episodes, unseeded)
 
 
 def test_round_trip_keeps_termination_and_truncation_flags(minari_root):

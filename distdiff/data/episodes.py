@@ -14,12 +14,15 @@ class Episode:
     rewards: np.ndarray  # [T]
     terminated: bool  # a true terminal state (the walker fell), not a time limit
     truncated: bool
+    # The env's reset seed, which Minari keeps per episode (its start state is reset(seed=seed)'s);
+    # None where it is not known: a dataset that recorded none, an episode restored from a replay.
+    seed: Optional[int] = None
 
     def copy(self) -> "Episode":
         """With arrays of its own. Those that arrive through Ray are read-only views of the object
         store: kept, they would pin the sender's whole object there for as long as they live."""
         return Episode(self.observations.copy(), self.actions.copy(), self.rewards.copy(), self.terminated,
-                       self.truncated)
+                       self.truncated, self.seed)
 
     def __post_init__(self):
         self.observations = np.asarray(self.observations, dtype=np.float32)

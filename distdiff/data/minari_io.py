@@ -263,6 +263,7 @@ def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[
             f"registered here: their dynamics may differ")
     try:
         raw = list(ds.iterate_episodes())
+        seeds = [meta.get("seed") for meta in ds.storage.get_episode_metadata(ds.episode_indices)]
     except (ValueError, OSError, KeyError) as e:  # Minari reads the episodes' files only now (h5py: KeyError)
         raise _unreadable(dataset_id, e, opening=False) from e
     episodes = []
@@ -281,7 +282,7 @@ def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[
         try:
             episodes.append(Episode(observations=ep.observations, actions=ep.actions, rewards=ep.rewards,
                                     terminated=bool(np.asarray(ep.terminations)[-1]),
-                                    truncated=bool(np.asarray(ep.truncations)[-1])))
+                                    truncated=bool(np.asarray(ep.truncations)[-1]), seed=seeds[i]))
         except ValueError as e:  # arrays whose lengths do not fit each other
             raise DatasetError(f"dataset {dataset_id!r}: episode {i}: {e}") from e
     if not episodes:
@@ -407,6 +408,7 @@ def _create(dataset_id: str, episodes: Sequence[Episode], *, env_id: str, algori
             rewards=ep.rewards.astype(np.float64),
             terminations=np.eye(1, len(ep), len(ep) - 1, dtype=bool)[0] & ep.terminated,
             truncations=np.eye(1, len(ep), len(ep) - 1, dtype=bool)[0] & ep.truncated,
+            seed=ep.seed,
         )
         for i, ep in enumerate(episodes)
     ]
