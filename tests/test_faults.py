@@ -2,6 +2,8 @@
 cluster tests in test_distributed.py kill and fail real workers, and check that runs go on)."""
 from __future__ import annotations
 
+import traceback
+
 import pytest
 from ray.exceptions import ActorDiedError, ActorUnavailableError, OutOfMemoryError, RayActorError, RayTaskError
 
@@ -26,8 +28,9 @@ def dead() -> ActorDiedError:
 
 
 def raised(error: Exception) -> RayTaskError:
-    # (Ray's traceback ends with the line the actor's exception prints.)
-    return RayTaskError("rollout", f"Traceback (most recent call last): ...\n{type(error).__name__}: {error}", error)
+    # (Ray's traceback ends with the line the actor's exception prints: module.Class: message.)
+    last = traceback.format_exception_only(error)[-1]
+    return RayTaskError("rollout", f"Traceback (most recent call last): ...\n{last}", error)
 
 
 def test_a_death_is_one_restart_however_many_calls_fail_while_ray_restarts_the_worker():
@@ -96,7 +99,7 @@ def test_missing_weights_are_a_restart_unless_a_death_was_just_counted():
     (raised(RuntimeError("injected env failure")), "failed a rollout; retrying it: "),
     # Its own process failed to load them: no restart, and a bug that repeats drops the worker.
     (raised(WeightsNotLoaded("weights version 4 failed to load: ValueError: flat weights have (9,) entries")),
-     "failed a rollout; retrying it: WeightsNotLoaded: weights version 4 failed to load"),
+     "failed a rollout; retrying it: distdiff.distributed.worker.WeightsNotLoaded: weights version 4 failed to load"),
     (OutOfMemoryError("Task was killed due to the node running low on memory."),
      "lost a rollout (OutOfMemoryError); retrying it: Task was killed"),
 ])

@@ -182,6 +182,7 @@ def test_a_dataset_minari_made_with_no_episodes_is_refused_on_load(minari_root):
     ("otherformat", r"in the local Minari store .* has metadata that Minari \S+ does not read \(KeyError: 'parquet2'\)"),
     ("listed", r"in the local Minari store .* has metadata that Minari \S+ does not read \(AttributeError: "),
     ("badspace", r"in the local Minari store .* has metadata that Minari \S+ does not read \(KeyError: 'type'\)"),
+    ("spacetext", r"in the local Minari store .* has metadata that Minari \S+ does not read \(JSONDecodeError: "),
 ])
 def test_a_damaged_local_dataset_is_a_clear_error(minari_root, tiny_episodes, damage, expected):
     dataset_id = f"local/test/damaged-{damage}-v0"
@@ -198,10 +199,36 @@ def test_a_damaged_local_dataset_is_a_clear_error(minari_root, tiny_episodes, da
                   "nullversion": {**metadata, "minari_version": None},
                   "otherformat": {**metadata, "data_format": "parquet2"},
                   "listed": list(metadata),
-                  "badspace": {**metadata, "observation_space": "{}"}}[damage]
+                  "badspace": {**metadata, "observation_space": "{}"},
+                  "spacetext": {**metadata, "observation_space": "Box(-inf, inf, (17,), float64)"}}[damage]
         (data / "metadata.json").write_text(json.dumps(edited))
     with pytest.raises(DatasetError, match=f"{dataset_id!r} {expected}"):
         load_episodes(dataset_id)
+
+
+def test_a_dataset_whose_write_was_killed_before_its_metadata_is_to_be_removed(minari_root, monkeypatch):
+    # Minari writes a first part of the metadata, then the rest with the dataset's id: a writer
+    # killed between the two (SIGKILL, out of memory) runs no cleanup, and leaves a metadata.json
+    # that parses.
+    import gymnasium as gym
+    from minari.dataset.minari_storage import MinariStorage
+
+    class Killed(Exception):
+        pass
+
+    def killed(self, metadata):
+        raise Killed
+
+    monkeypatch.setattr(MinariStorage, "update_metadata", killed)
+    with pytest.raises(Killed):
+        minari.create_dataset_from_buffers(dataset_id="local/test/killed-v0", buffer=[],
+                                           env=gym.make("Walker2d-v5").spec, algorithm_name="none",
+                                           data_format="hdf5")
+    monkeypatch.undo()
+    with pytest.raises(DatasetError, match=r"'local/test/killed-v0' is in the local Minari store .* cannot be read "
+                                           r"\(KeyError: 'dataset_id'; a write or download cut short leaves it so\): "
+                                           r"remove it, rm -r .*/local/test/killed-v0, and make it again"):
+        load_episodes("local/test/killed-v0")
 
 
 def test_a_fallback_named_for_another_env_is_not_collected_in_this_one(minari_root, monkeypatch):

@@ -139,7 +139,13 @@ def _unreadable(dataset_id: str, e: Exception, *, opening: bool = True) -> Datas
     if made_by is not None and made_by not in minari.supported_dataset_versions:
         return DatasetError(f"dataset {dataset_id!r} in the local Minari store ({root}) was made by Minari {made_by}, "
                             f"which Minari {minari.__version__} does not read")
-    if opening and fields is not None and not isinstance(e, (OSError, ValueError)):
+    # Minari writes a dataset's metadata in two steps, its id with the second: without it, a
+    # write was cut short (killed: no cleanup ran), not made by another tool.
+    cut_short = isinstance(fields, dict) and "dataset_id" not in fields and fields.get("total_episodes") == 0
+    # (Opening reads no JSON but metadata.json, which parsed: a JSONDecodeError is of a space or
+    # env spec inside it.)
+    foreign = isinstance(e, json.JSONDecodeError) or not isinstance(e, (OSError, ValueError))
+    if opening and fields is not None and foreign and not cut_short:
         # Written whole, and not as Minari writes it: removing it may lose what another tool made.
         why = ": ".join(filter(None, (type(e).__name__, str(e))))  # (Minari's asserts say nothing)
         return DatasetError(f"dataset {dataset_id!r} in the local Minari store ({root}) has metadata that Minari "
