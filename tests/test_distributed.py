@@ -96,7 +96,9 @@ def read_events(run_dir: Path):
 def test_two_worker_run_finishes_and_logs(ray_session, pretrained, tmp_path):
     cfg, ckpt = pretrained
     # References of 0 and 100 make every normalized score its return: scored against the config's.
-    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.figure_every": 10, "eval.reference_returns": "0,100"})
+    # Two envs per actor: a rollout of several episodes.
+    cfg = tiny_online_config(cfg.data.dataset_id, **{"online.figure_every": 10, "eval.reference_returns": "0,100",
+                                                     "online.envs_per_actor": 2, "online.env_steps": 400})
     metrics = train(cfg, tmp_path, init=ckpt, log=lambda s: None, progress=False)
     assert metrics["normalized_score"] == pytest.approx(metrics["return_mean"]) and metrics["reference_returns"] == [0, 100]
     assert metrics["env_steps"] == cfg.online.env_steps
@@ -115,6 +117,11 @@ def test_two_worker_run_finishes_and_logs(ray_session, pretrained, tmp_path):
     def values(tag):
         return [e.value for e in acc.Scalars(tag)]
 
+    # Every point at a step of its own, in order: TensorBoard's default loader keeps one point per
+    # step (this reader keeps them all), and showed one episode of each rollout.
+    for tag in scalars:
+        steps = [e.step for e in acc.Scalars(tag)]
+        assert all(a < b for a, b in zip(steps, steps[1:])), (tag, steps)
     # The alignment error at every horizon step; at step 0 the plan starts at the real state.
     steps = sorted(t for t in scalars if t.startswith("rollout/alignment_error_step/"))
     assert steps == [f"rollout/alignment_error_step/{j:02d}" for j in range(cfg.model.horizon)]

@@ -86,6 +86,28 @@ def test_a_rollout_cut_by_its_share_of_the_budget_logs_only_its_reward_per_step(
     assert [v for tag, v in logged if tag == "charts/terminated"] == [1.0, 0.0]
 
 
+def test_a_rollouts_episodes_are_logged_each_at_a_step_of_its_own_its_last_at_the_count_now():
+    # TensorBoard's default loader keeps one point per step: at one step, a rollout of
+    # envs_per_actor episodes showed one.
+    from distdiff.distributed.messages import RolloutResult
+
+    run = run_stub({"env_steps": 108})  # (counted: 100 before the rollout, and its 8)
+    run.ref_min, run.ref_max = 0.0, 100.0
+    run.env_rate, run.dropped, run.last_example = (lambda now, count: 0.0), set(), None
+    logged = []
+    run.writer = type("Writer", (), {"add_scalar": lambda self, tag, value, step: logged.append((tag, step))})()
+    fell = Episode(np.zeros((4, 17)), np.zeros((3, 6)), np.ones(3), terminated=True, truncated=False)
+    up = Episode(np.zeros((6, 17)), np.zeros((5, 6)), np.ones(5), terminated=False, truncated=True)
+    result = RolloutResult(worker_id=0, version=0, episodes=[fell, up], returns=[3.0, 5.0], lengths=[3, 5],
+                           plan_errors=np.zeros((1, 4)), env_steps=8, env_rebuilds=0, example=None)
+    run.log_rollout(result)
+    for tag in ("charts/reward_per_step", "charts/episode_return", "charts/normalized_score",
+                "charts/episode_length", "charts/terminated"):
+        assert [step for t, step in logged if t == tag] == [103, 108], tag
+    # What the rollout reports as a whole is at the count now.
+    assert {step for t, step in logged if not t.startswith("charts/")} == {108}
+
+
 def test_a_measured_plan_is_drawn_once_and_named_by_the_weights_that_made_it():
     # The figure is logged at the current update; the plan came from the weights its rollout
     # started with. Drawn again at each figure_every, an old plan passed for a new point.

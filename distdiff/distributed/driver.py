@@ -696,23 +696,30 @@ class OnlineRun:
         self.writer.add_scalar(tag, value, self.step_of(tag, at))
 
     def log_rollout(self, result: RolloutResult, cut: bool = False) -> None:
-        """``cut``: the rollout ran on a share of the budget shorter than an episode."""
+        """``cut``: the rollout ran on a share of the budget shorter than an episode. (Called with
+        the rollout's env steps already counted.)"""
         log = self.scalar
+        # Each episode at a step of its own, the env-step count once its steps are counted (the
+        # rollout's episodes one after another, its last at the count now): TensorBoard keeps one
+        # point per step, and showed one episode of each rollout's envs_per_actor.
+        ended = self.counters.env_steps - sum(result.lengths)
         for episode, ret, n in zip(result.episodes, result.returns, result.lengths):
+            ended += n
+            at = {"env_steps": ended}
             # Comparable between whole episodes and those the env-step budget cut short.
-            log("charts/reward_per_step", ret / n)
+            log("charts/reward_per_step", ret / n, at)
             if cut:
                 # None of its episodes: those cut are not an episode's return (they would dip
                 # every curve where a run ends), and keeping only those that fell before the
                 # cut would leave the falls.
                 continue
-            log("charts/episode_return", ret)
+            log("charts/episode_return", ret, at)
             score = normalized_score(ret, self.ref_min, self.ref_max)
             if score is not None:
-                log("charts/normalized_score", float(score))
-            log("charts/episode_length", n)
+                log("charts/normalized_score", float(score), at)
+            log("charts/episode_length", n, at)
             # 1 for an episode the env ended (on Walker2d, a fall): smoothed, the rate of falls.
-            log("charts/terminated", float(episode.terminated))
+            log("charts/terminated", float(episode.terminated), at)
         errors = result.plan_errors
         if len(errors):
             per_step = per_step_alignment_error(errors)
