@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import json
 import socket
 import threading
@@ -25,7 +26,9 @@ from distdiff.data.minari_io import (
     reference_scores,
     write_episodes,
 )
+import distdiff
 from distdiff.data import minari_io
+from distdiff.provenance import CODE_DIGEST
 from distdiff.rollout import make_env, random_episodes
 
 
@@ -70,8 +73,27 @@ def test_round_trip_keeps_termination_and_truncation_flags(minari_root):
     episodes.append(dataclasses.replace(episodes[0], terminated=False, truncated=False))
     flags = {(ep.terminated, ep.truncated) for ep in episodes}
     assert flags == {(True, False), (False, True), (False, False)}, "the fixture must cover every flag combination"
-    write_episodes("local/test/flags-v0", episodes, env_id="Walker2d-v5", algorithm_name="random")
+    write_episodes("local/test/flags-v0", episodes, env_id="Walker2d-v5", algorithm_name="random", max_episode_steps=20)
     _assert_same_episodes(load_episodes("local/test/flags-v0").episodes, episodes)
+
+
+def test_episodes_that_contradict_the_step_limit_recorded_are_refused(minari_root):
+    # The limit is what the env is remade with from the dataset (Minari's recover_environment).
+    env = make_env("Walker2d-v5", 5)
+    try:
+        episodes = random_episodes(env, 2, seed=0)  # truncated at 5 steps, each
+    finally:
+        env.close()
+    with pytest.raises(DatasetError, match=r"episode 0 has 5 steps and was truncated before the step limit 1000 that "
+                                           r"Walker2d-v5 is recorded with: give the limit it was collected under"):
+        write_episodes("local/test/unlimited-v0", episodes, env_id="Walker2d-v5", algorithm_name="random")
+    with pytest.raises(DatasetError, match=r"episode 0 has 5 steps and is longer than the step limit 4 "):
+        write_episodes("local/test/unlimited-v0", episodes, env_id="Walker2d-v5", algorithm_name="random",
+                       max_episode_steps=4)
+    assert not dataset_exists("local/test/unlimited-v0")
+    write_episodes("local/test/unlimited-v0", episodes, env_id="Walker2d-v5", algorithm_name="random",
+                   max_episode_steps=5)
+    assert minari.load_dataset("local/test/unlimited-v0").spec.env_spec.max_episode_steps == 5
 
 
 def test_existing_id_is_refused_without_overwrite(tiny_dataset, tiny_episodes):
@@ -591,6 +613,27 @@ def test_a_written_dataset_records_its_step_limit_and_the_simulators_version(min
     # Minari's recover_environment() gives back a 30-step env, and warns under another MuJoCo.
     assert ds.spec.env_spec.max_episode_steps == 30
     assert f"mujoco=={importlib.metadata.version('mujoco')}" in ds.storage.metadata["requirements"]
+    # What `minari show` says of it: the limit, the seeds, whose references; and which distdiff.
+    description = ds.storage.metadata["description"]
+    assert description.startswith("2 Walker2d-v5 episodes collected by distdiff (random); step limit 30; "
+                                  "reset seeds 0..1, each episode's in its metadata; reference scores: D4RL's")
+    assert ds.storage.metadata["code_permalink"] == f"distdiff {distdiff.__version__}, code {CODE_DIGEST}"
+
+
+def test_a_dataset_recorded_under_another_simulator_says_so(minari_root, tiny_episodes):
+    # Minari warns only where it remakes the env, which distdiff does not.
+    write_episodes("local/test/oldsim-v0", tiny_episodes[:2], env_id="Walker2d-v5", algorithm_name="random")
+    said = []
+    load_episodes("local/test/oldsim-v0", env_id="Walker2d-v5", log=said.append)
+    assert said == []  # (recorded with this simulator)
+    metadata = minari_root / "local/test/oldsim-v0/data/metadata.json"
+    fields = json.loads(metadata.read_text())
+    fields["requirements"] = ["mujoco==3.1.6", "gymnasium>=1.0", "not a requirement", "torch==0.0.1"]
+    metadata.write_text(json.dumps(fields))
+    load_episodes("local/test/oldsim-v0", env_id="Walker2d-v5", log=said.append)
+    assert said == [f"warning: dataset 'local/test/oldsim-v0' was recorded with mujoco==3.1.6 (here "
+                    f"{importlib.metadata.version('mujoco')}): the dynamics of its episodes and of the rollouts may "
+                    f"differ"]
 
 
 def test_reference_scores_are_d4rls_for_every_family_and_namespace():

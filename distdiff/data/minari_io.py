@@ -267,6 +267,11 @@ def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[
         # data then follow dynamics other than the rollouts', and the alignment error shows both.
         log(f"warning: dataset {dataset_id!r} was recorded in {recorded}, and the planner acts in {env_id} as "
             f"registered here: their dynamics may differ")
+    simulator = _other_simulator(ds.storage.metadata.get("requirements") or [])
+    if simulator:
+        # Minari says so only when it remakes the env (recover_environment), which distdiff does not.
+        log(f"warning: dataset {dataset_id!r} was recorded with {simulator}: the dynamics of its episodes and of "
+            f"the rollouts may differ")
     try:
         raw = list(ds.iterate_episodes())
         seeds = [meta.get("seed") for meta in ds.storage.get_episode_metadata(ds.episode_indices)]
@@ -302,6 +307,30 @@ def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[
                            f"values (the first: episode {bad[0]})")
     meta = ds.storage.metadata
     return LoadedDataset(dataset_id, ds_env, episodes, meta.get("ref_min_score"), meta.get("ref_max_score"))
+
+
+# The packages whose version changes an env's dynamics, of those a dataset records as its requirements.
+SIMULATOR = ("mujoco", "gymnasium")
+
+
+def _other_simulator(requirements: Sequence[str]) -> str:
+    """Which of a dataset's ``requirements`` (pip-style, Minari's metadata) the simulator
+    installed here does not meet, as "mujoco==3.1.6 (here 4.0.1)"; "" if none. Those that do not
+    parse, or name a package not installed, are left to Minari to say."""
+    import importlib.metadata
+
+    from packaging.requirements import InvalidRequirement, Requirement
+
+    unmet = []
+    for text in requirements:
+        try:
+            req = Requirement(str(text))
+            installed = importlib.metadata.version(req.name)
+        except (InvalidRequirement, importlib.metadata.PackageNotFoundError):
+            continue
+        if req.name.lower() in SIMULATOR and not req.specifier.contains(installed, prereleases=True):
+            unmet.append(f"{text} (here {installed})")
+    return ", ".join(unmet)
 
 
 # Arguments of a MuJoCo env that change how it is drawn, not how it moves.
@@ -404,8 +433,23 @@ def _create(dataset_id: str, episodes: Sequence[Episode], *, env_id: str, algori
     import minari
     from minari.data_collector import EpisodeBuffer
 
+    import distdiff
+    from distdiff.provenance import CODE_DIGEST
+
     ref_min, ref_max = reference_scores(env_id)
     env = gym.make(env_id, **({} if max_episode_steps is None else {"max_episode_steps": max_episode_steps}))
+    limit = env.spec.max_episode_steps
+    if limit is not None:
+        # The limit is recorded for whoever remakes the env from the dataset: one the episodes
+        # contradict would be wrong for all of them.
+        longer = [i for i, ep in enumerate(episodes) if len(ep) > limit]
+        cut = [i for i, ep in enumerate(episodes) if ep.truncated and not ep.terminated and len(ep) < limit]
+        if longer or cut:
+            env.close()
+            i = (longer or cut)[0]
+            raise DatasetError(f"episode {i} has {len(episodes[i])} steps and "
+                               f"{'is longer than' if longer else 'was truncated before'} the step limit {limit} that "
+                               f"{env_id} is recorded with: give the limit it was collected under (max_episode_steps)")
     buffers = [
         EpisodeBuffer(
             id=i,
@@ -426,17 +470,32 @@ def _create(dataset_id: str, episodes: Sequence[Episode], *, env_id: str, algori
             algorithm_name=algorithm_name,
             author="distdiff",
             author_email="n/a",
-            code_permalink="n/a",
+            # No public address to link to: which distdiff made it, as its runs name the code.
+            code_permalink=f"distdiff {distdiff.__version__}, code {CODE_DIGEST}",
             eval_env=env.spec,
             ref_min_score=ref_min,
             ref_max_score=ref_max,
             # (Minari warns where a dataset's env is recovered with other versions.)
             requirements=[f"{name}=={importlib.metadata.version(name)}" for name in ("gymnasium", "mujoco")],
-            description=description or f"{len(episodes)} {env_id} episodes collected by distdiff ({algorithm_name})",
+            description=description or _describe(episodes, env_id, algorithm_name, limit, ref_min is not None),
             data_format="hdf5",
         )
     finally:
         env.close()
+
+
+def _describe(episodes: Sequence[Episode], env_id: str, algorithm_name: str, limit: Optional[int],
+              d4rl_references: bool) -> str:
+    """A dataset's default description: what ``minari show`` says of it."""
+    seeds = [ep.seed for ep in episodes if ep.seed is not None]
+    parts = [f"{len(episodes)} {env_id} episodes collected by distdiff ({algorithm_name})",
+             f"step limit {limit}" if limit is not None else "no step limit"]
+    if seeds:
+        parts.append(f"reset seeds {min(seeds)}..{max(seeds)}, each episode's in its metadata")
+    if d4rl_references:
+        parts.append(f"reference scores: D4RL's {env_family(env_id)} random and expert returns, measured in its "
+                     f"v2 env")
+    return "; ".join(parts)
 
 
 def _collect_random(dataset_id: str, n_episodes: int, env_id: str, max_episode_steps: int, seed: int, log) -> None:
