@@ -1279,7 +1279,7 @@ def test_a_resume_from_a_damaged_checkpoint_says_how_to_go_on(script, run30, tmp
 OTHER_PROGRAMS_FLAGS = {"--block", "--head", "--include-dashboard", "--resources", "--temp-dir", "--generate",
                         "--runtime-env-json", "--working-dir", "--entrypoint-num-gpus", "--follow", "--build",
                         "--build-arg", "--scale", "--cpus-per-task", "--mem", "--time", "--signal", "--requeue",
-                        "--open-mode", "--logdir", "--no-install-recommends", "--section.field"}
+                        "--open-mode", "--logdir", "--samples_per_plugin", "--no-install-recommends", "--section.field"}
 
 
 def test_every_flag_readme_names_is_one_a_script_takes(monkeypatch, capsys):
