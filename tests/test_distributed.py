@@ -149,6 +149,17 @@ def test_two_worker_run_finishes_and_logs(ray_session, pretrained, tmp_path):
     assert f"|online.env_steps|{cfg.online.env_steps}|" in table and f'|data.dataset_id|"{cfg.data.dataset_id}"|' in table
 
 
+def test_a_rollout_actor_is_named_by_its_worker_id():
+    # Ray prefixes what an actor's process prints with its repr (seen on a local cluster, Ray
+    # 2.60: "(RolloutWorker(worker_id=3) pid=...)"), where 32 workers printed as one class name.
+    from distdiff.distributed.actors import RayRolloutWorker
+
+    worker = RayRolloutWorker.__new__(RayRolloutWorker)
+    assert repr(worker) == "RolloutWorker(worker_id=?)"  # (before its constructor has run)
+    worker.worker_id = 3
+    assert repr(worker) == "RolloutWorker(worker_id=3)"
+
+
 def test_every_worker_plans_with_the_newest_weights(ray_session, pretrained, tmp_path):
     from distdiff.distributed.worker import RolloutWorker
     from distdiff.training import flat_weights

@@ -56,6 +56,11 @@ class RayRolloutWorker(NodeIdMixin, RolloutWorker):
     def evaluate(self, first, n_episodes, *, seed, weights):
         return super().evaluate(first, n_episodes, seed=seed, weights=weights)
 
+    def __repr__(self) -> str:
+        # Ray names the actor by it: in the prefix of what its process prints (a MuJoCo warning,
+        # a traceback), and in `ray list actors`; otherwise 32 workers print as one class.
+        return f"RolloutWorker(worker_id={getattr(self, 'worker_id', '?')})"
+
 
 class RayReplay(NodeIdMixin, Replay):
     """A Replay that can say which node it runs on, and hands its batches to the learner as
