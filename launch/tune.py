@@ -112,6 +112,10 @@ def main(argv=None) -> int:
     try:
         pinned = sweep_dataset(spec, args.storage, resume=args.resume)
         tuner = make_tuner(spec, args.storage, resume=args.resume, pinned=pinned)
+        # Before Tune's own line, which names a directory of its ray/tune/* copies alone, in the
+        # Ray session's temporary files: no Ray option names another.
+        print(f"TensorBoard, every trial's curves (copied every few minutes): tensorboard --logdir "
+              f"{sweep_path(spec, args.storage)} (not the driver_artifacts Tune names below)")
         results = tuner.fit()
         unfinished = [r for r in results if r.error is None and not r.metrics.get("done", False)]
         # With those not made yet, which the results leave out (a Ctrl-C taken as the last trial

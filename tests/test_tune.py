@@ -88,6 +88,34 @@ def test_invalid_spaces_are_refused_before_any_trial(tiny_dataset, tmp_path, sub
     assert "ray:" not in out.stdout and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("scheduler, metric, mode, kept", [
+    ("asha", "normalized_score", "max", [0, 1, 3]),  # the two best, and the latest
+    ("fifo", "alignment_error", "min", [1, 2, 3]),
+    ("pbt", "normalized_score", "max", [0, 1, 2, 3]),  # every one: PBT restores old ones
+])
+def test_a_sweep_keeps_each_trials_best_checkpoints_by_its_metric_and_its_latest(scheduler, metric, mode, kept,
+                                                                                 tiny_dataset, tmp_path):
+    # As Tune's own checkpoint manager keeps a trial's reports: the two newest dropped the best
+    # weights, which ResultGrid's get_best_checkpoint and best_checkpoints then missed.
+    from ray.train import Checkpoint
+    from ray.train._internal.checkpoint_manager import _CheckpointManager
+    from ray.train._internal.session import _TrainingResult
+
+    from distdiff.distributed.tuning import run_config
+
+    extra = {"pbt": {"mutations": ["guidance.scale"]}, "max_concurrent": 2} if scheduler == "pbt" else {}
+    spec = load_spec(write_sweep(tmp_path / "s.yaml", tiny_dataset, scheduler=scheduler, metric=metric, mode=mode,
+                                 fixed={"data.dataset_id": tiny_dataset, **FIXED, "online.eval_every": 4}, **extra))
+    manager = _CheckpointManager(run_config(spec, tmp_path / "storage").checkpoint_config)
+    scores = {"normalized_score": [0.15, 0.14, 0.12, 0.10], "alignment_error": [0.9, 0.5, 0.6, 0.8]}[metric]
+    for i, score in enumerate(scores):
+        (tmp_path / f"c{i}").mkdir()
+        manager.register_checkpoint(_TrainingResult(Checkpoint.from_directory(str(tmp_path / f"c{i}")),
+                                                    {metric: score}))
+    assert [i for i in range(4) if (tmp_path / f"c{i}").exists()] == kept
+    assert manager.latest_checkpoint_result.checkpoint.path == str(tmp_path / "c3")  # (what a resume goes on from)
+
+
 def test_a_trial_reserves_a_bundle_for_each_of_its_own_actors(tiny_dataset, tmp_path):
     unfixed = {k: v for k, v in {**FIXED, "data.dataset_id": tiny_dataset}.items() if k != "online.num_actors"}
     sweep = write_sweep(tmp_path / "s.yaml", tiny_dataset, fixed=unfixed, space={"online.num_actors": {"choice": [1, 3]}})
@@ -440,12 +468,17 @@ def test_a_sweep_whose_trials_all_failed_has_no_best_config(tiny_dataset, tmp_pa
     one = write_sweep(tmp_path / "one.yaml", tiny_dataset, space={"guidance.scale": {"uniform": [0.0, 1.0]}})
     for sweep, results in ((one, FakeResults(failed)),
                            (write_sweep(tmp_path / "s.yaml", tiny_dataset), FakeResults(failed, failed))):
-        monkeypatch.setattr(tuning, "make_tuner", lambda *args, **kwargs: SimpleNamespace(fit=lambda: results))
+        monkeypatch.setattr(tuning, "make_tuner", lambda *args, **kwargs: SimpleNamespace(
+            fit=lambda: print("Tune: To visualize your results with TensorBoard, ...") or results))
         with pytest.raises(SystemExit) as stop:
             tune_script.main(["--config", str(sweep), "--storage", str(storage)])
         assert stop.value.code == 1
-        assert "no trial ended without an error" in capsys.readouterr().err
+        out, err = capsys.readouterr()
+        assert "no trial ended without an error" in err
         assert (storage / "sweep" / "trials.csv").is_file() and not (storage / "sweep" / "best_config.yaml").exists()
+        # Where the trials' curves are, before Tune names its own copies of a few.
+        said = f"TensorBoard, every trial's curves (copied every few minutes): tensorboard --logdir {storage / 'sweep'} "
+        assert said in out and out.index(said) < out.index("Tune: To visualize")
 
 
 def test_resume_refuses_what_tune_would_ignore(tiny_dataset, tmp_path, tune_script, capsys):

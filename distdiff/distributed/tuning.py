@@ -909,7 +909,12 @@ def check_new(spec: SweepSpec, storage: Path) -> None:
 def run_config(spec: SweepSpec, storage: Path) -> tune.RunConfig:
     return tune.RunConfig(name=spec.name, storage_path=str(sweep_path(spec, storage).parent),
                           # PBT restores trials from other trials' older checkpoints: keep them all.
-                          checkpoint_config=tune.CheckpointConfig(num_to_keep=None if spec.scheduler == "pbt" else 2),
+                          # Others keep the two best by the sweep's metric, and the latest (Ray never
+                          # drops it: a resume goes on from it): the two newest dropped the best
+                          # weights, which get_best_checkpoint and best_checkpoints then missed.
+                          checkpoint_config=tune.CheckpointConfig(
+                              num_to_keep=None if spec.scheduler == "pbt" else 2,
+                              checkpoint_score_attribute=spec.metric, checkpoint_score_order=spec.mode),
                           # Each trial's run dir (TensorBoard events, best.pt, metrics.json) goes to
                           # storage in the background every few minutes and at its end; not at each
                           # report, which would wait for a copy of the whole run dir, checkpoint and
