@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from collections import deque
 from pathlib import Path
-from typing import BinaryIO, Callable, Dict, Iterator, Optional, Tuple
+from typing import BinaryIO, Callable, Dict, Iterator, Optional, Set, Tuple
 
 import google_crc32c
 from tensorboard.compat.proto.event_pb2 import Event
@@ -91,6 +91,12 @@ def drop_redone(log_dir: Path, keep: Callable[[str, int], bool], unchanged: Opti
                     n += 1
         dropped += n
     return dropped
+
+
+def event_tags(path: Path) -> Set[str]:
+    """The tags of the summaries an event file holds (up to a record cut short)."""
+    with open(path, "rb") as f:
+        return {v.tag for _, data in records(f) for v in Event.FromString(data).summary.value}
 
 
 def _masked_crc(data: bytes) -> int:

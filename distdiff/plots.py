@@ -204,6 +204,11 @@ def figure1(plan_states: np.ndarray, plan_actions: np.ndarray, real_states: np.n
     return fig
 
 
+# The error panel's checkpoints: colour, marker and dashes (black and grey, not tab10's C0-C9,
+# which name the state dimensions in the panels above).
+CHECKPOINT_STYLES = (("black", "o", "-"), ("0.55", "s", "--"), ("#8c510a", "^", ":"), ("#01665e", "D", "-."))
+
+
 class AlignmentRun(NamedTuple):
     """One checkpoint's plans from shared start states, beside what their actions really did."""
 
@@ -226,13 +231,16 @@ def alignment_figure(runs: Sequence[AlignmentRun], groups: Sequence[DimGroup], *
                         title=f"{run.label}: {g.title}", labels=("planned", "reached (executing the plan)"), fontsize=9)
     ax = fig.add_subplot(grid[n_rows - 1, :])
     for k, run in enumerate(runs):
+        # Not the dimensions' colours above, and a marker and dash each: told apart in greyscale
+        # and by readers who do not tell red from green.
+        color, marker, dashes = CHECKPOINT_STYLES[k % len(CHECKPOINT_STYLES)]
         steps = np.arange(run.errors.shape[1])
         for e in run.errors:
-            ax.plot(steps, e, color=f"C{k}", alpha=0.25, linewidth=0.8)
+            ax.plot(steps, e, color=color, alpha=0.25, linewidth=0.8, linestyle=dashes)
         mean = per_step_alignment_error(run.errors)
         overall = mean_alignment_error(mean)
-        ax.plot(steps, mean, color=f"C{k}", linewidth=2.0, marker="o", markersize=3,
-                label=f"{run.label} (mean {overall:.3f})")
+        ax.plot(steps, mean, color=color, linewidth=2.0, marker=marker, markersize=4, linestyle=dashes,
+                label=f"{run.label} (mean {overall:.3f}; thin: each start)")
     ax.set_title("alignment error per horizon step", fontsize=10)
     ax.set_xlabel("horizon step")
     ax.set_ylabel("RMSE (normalized state units)", fontsize=9)
@@ -253,8 +261,9 @@ def save_figure(fig, stem, formats: Sequence[str] = ("png", "svg"), dpi: int = 1
     paths = []
     for fmt in formats:
         p = stem.with_suffix(f".{fmt}")
-        # An interrupted rerun leaves the old figure, not half a new one.
-        with replacing(p) as tmp:
+        # An interrupted rerun leaves the old figure, not half a new one. SVG text as text, not
+        # glyph outlines: labels a paper's figure editor can change.
+        with replacing(p) as tmp, plt.rc_context({"svg.fonttype": "none"}):
             fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
         paths.append(str(p))
     return paths

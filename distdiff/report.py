@@ -130,8 +130,11 @@ def _fmt(v, spec=".3f") -> str:
     return "n/a" if v is None else format(v, spec)
 
 
-def _figure_section(title: str, alt: str, caption: str, files: dict, out_dir) -> list:
-    """A report section: caption, the PNG embedded, a link to the SVG."""
+def _figure_section(title: str, alt: str, caption: str, files: dict, out_dir, tag: Optional[str]) -> list:
+    """A report section: caption, the PNG embedded, a link to the SVG; or, with ``tag``, where
+    TensorBoard shows the figure (its server serves no file of the log dir: they showed broken)."""
+    if tag is not None:
+        return [f"## {title}", "", caption, "", f"In the Images tab: `{tag}`.", ""]
     return [f"## {title}", "", caption, "", f"![{alt}]({_rel(files['png'], out_dir)})", "",
             f"Vector version: [{Path(files['svg']).name}]({_rel(files['svg'], out_dir)})", ""]
 
@@ -142,8 +145,11 @@ def _rel(path, base: Path) -> str:
 
 def render_report(out_dir: Path, *, title: str, rows: Sequence[Dict[str, object]], episodes: int,
                   figure1: Optional[Dict[str, object]], alignment: Optional[Dict[str, object]],
-                  video: Optional[Dict[str, object]], notes: Sequence[str] = ()) -> str:
-    """The Markdown of report.md; every path is written relative to ``out_dir``.
+                  video: Optional[Dict[str, object]], notes: Sequence[str] = (),
+                  tags: Optional[Dict[str, str]] = None) -> str:
+    """The Markdown of report.md; every path is written relative to ``out_dir``. ``tags``: the
+    TensorBoard tags of the figures and video by name (figure1, alignment, video), for the copy
+    in TensorBoard's Text tab, which names them in place of the files.
 
     rows: one per checkpoint: label, checkpoint, step, and the evaluation summary's
     return_mean, return_std, normalized_score, alignment_error, plus alignment_error_starts (the
@@ -158,7 +164,7 @@ def render_report(out_dir: Path, *, title: str, rows: Sequence[Dict[str, object]
                      "averaged over horizon steps 1 to H-1 (step 0 is the start state, exact in every plan).")
     else:
         lines.append("Evaluation skipped (`--episodes 0`).")
-    lines += ["", "| checkpoint | step | return (mean ± std) | normalized score | alignment error (evaluation) "
+    lines += ["", "| checkpoint | step | return (mean ± std) | normalized score (0-100) | alignment error (evaluation) "
               "| alignment error (figure's start states) |", "|---|---|---|---|---|---|"]
     for r in rows:
         ret = "n/a" if r.get("return_mean") is None else f"{r['return_mean']:.1f} ± {r['return_std']:.1f}"
@@ -170,16 +176,18 @@ def render_report(out_dir: Path, *, title: str, rows: Sequence[Dict[str, object]
             "Figure 1: a plan from a real dataset state", "Figure 1",
             f"Dataset `{figure1['dataset']}`, episode {figure1['episode']}, step {figure1['start']}: the plan "
             f"sampled conditioned on that state (solid) against the dataset's own continuation (dashed), "
-            f"{figure1['units']} units.", figure1, out_dir)
+            f"{figure1['units']} units.", figure1, out_dir, tags and tags["figure1"])
     if alignment is not None:
         lines += _figure_section(
             "Alignment: planned vs reached states", "Alignment",
             f"Start states: `env.reset(seed=s)` for s in {list(alignment['seeds'])} (the same for every checkpoint). "
             f"Top: the first start's planned (solid) and reached (dashed) states, {alignment['units']} units; "
-            "bottom: RMSE per horizon step in normalized units.", alignment, out_dir)
+            "bottom: RMSE per horizon step in normalized units.", alignment, out_dir, tags and tags["alignment"])
     if video is not None:
+        where = (f"In the Images tab: `{tags['video']}`" if tags
+                 else f"[{Path(video['path']).name}]({_rel(video['path'], out_dir)})")
         lines += ["## Imagined plan vs real rollout", "",
-                  f"[{Path(video['path']).name}]({_rel(video['path'], out_dir)}) ({video['frames']} frames, "
+                  f"{where} ({video['frames']} frames, "
                   f"{video['fps']:g} fps): left, the plan's states imposed on the simulator (x integrated from the "
                   f"planned forward velocity); right, the plan's actions executed from the same start "
                   f"(`env.reset(seed={video['seed']})`).", ""]

@@ -43,12 +43,15 @@ from distdiff import plots, render  # noqa: E402
 from distdiff.checkpoint import CheckpointError, load_checkpoint  # noqa: E402
 from distdiff.data.minari_io import DATASET_ID, DatasetError  # noqa: E402
 from distdiff.evaluation import evaluate  # noqa: E402
+from distdiff.events import EVENTS_GLOB, event_tags  # noqa: E402
 from distdiff.files import write_json, write_text  # noqa: E402
 from distdiff.report import (alignment_starts, figure1_data, in_units, load_dataset, mean_error,  # noqa: E402
                              render_report)
 from distdiff.rollout import NonFinitePlan  # noqa: E402
-from distdiff.rundir import CHECKPOINT, checkpoint_file  # noqa: E402
+from distdiff.rundir import CHECKPOINT, checkpoint_file, holds_run  # noqa: E402
 from distdiff.training import planner_from_checkpoint  # noqa: E402
+
+DIAGNOSTICS = "diagnostics"  # the TensorBoard tags' section: what this script writes, and may remove again
 
 
 MIN_FPS, MAX_FPS = 0.01, 1000.0
@@ -184,7 +187,20 @@ def main(argv=None) -> int:
     from torch.utils.tensorboard import SummaryWriter
 
     step = int(state["step"])
+    # Each checkpoint named with its step in the figures (a lab meeting sees "run (step 350)");
+    # the bare labels name TensorBoard's tags, the same across reruns.
+    titled = [f"{label} (step {int(st['step'])})" for label, (_, _, st, _, _) in zip(labels, runs)]
     out.mkdir(parents=True, exist_ok=True)
+    # An earlier run of this script's (the default --out is fixed): its points at the same steps
+    # would stand beside these, and TensorBoard show one of them. Events of anything else (a run's
+    # curves, another logdir) are not this script's to remove.
+    earlier = sorted(path for path in out.glob(EVENTS_GLOB) if path.is_file())
+    foreign = [path for path in earlier if any(not tag.startswith(f"{DIAGNOSTICS}/") for tag in event_tags(path))]
+    if holds_run(out) or foreign:
+        fail(f"--out {out} holds TensorBoard events of something else than visualize.py "
+             f"({(foreign or earlier or [out / CHECKPOINT])[0].name}): give a directory of its own")
+    for path in earlier:
+        path.unlink()
     writer = SummaryWriter(str(out))
     notes, written, interrupted = [], [], False
     try:
@@ -192,10 +208,10 @@ def main(argv=None) -> int:
         rs, ra = in_units(planner, f1.real_states, f1.real_actions, args.units)
         groups = plots.state_groups(cfg.env.id, cfg.env.obs_dim)
         fig = plots.figure1(ps, pa, rs, ra, groups, plots.action_group(cfg.env.id, cfg.env.act_dim), units=args.units,
-                            title=f"{labels[0]}: plan from {data.dataset_id} episode {f1.episode} step {f1.start} "
+                            title=f"{titled[0]}: plan from {data.dataset_id} episode {f1.episode} step {f1.start} "
                                   f"vs the dataset's continuation")
         fig1 = plots.save_figure(fig, out / "figure1")
-        writer.add_figure("diagnostics/figure1", fig, step)  # closes the figure
+        writer.add_figure(f"{DIAGNOSTICS}/figure1", fig, step)  # closes the figure
         written += fig1
         if len(f1.real_states) < len(f1.plan_states):
             notes.append(f"Figure 1: the dataset episode ends {len(f1.real_states) - 1} steps after the start state, "
@@ -204,7 +220,7 @@ def main(argv=None) -> int:
         # Alignment: the same real start states for every checkpoint
         seeds = [seed + i for i in range(args.starts)]
         align_runs, starts_of = [], []
-        for label, (_, _, _, c, p) in zip(labels, runs):
+        for label, (_, _, _, c, p) in zip(titled, runs):
             checks = alignment_starts(p, c.env.id, seeds, generator=gen(p))
             starts_of.append(checks)
             planned, _ = in_units(p, checks[0].check.planned_states, None, args.units)
@@ -214,11 +230,12 @@ def main(argv=None) -> int:
                                      title=f"plans from env.reset(seed=s), s = {seeds[0]}..{seeds[-1]}, "
                                            f"vs executing their actions")
         align = plots.save_figure(fig, out / "alignment")
-        writer.add_figure("diagnostics/alignment", fig, step)
+        writer.add_figure(f"{DIAGNOSTICS}/alignment", fig, step)
         written += align
-        for label, run in zip(labels, align_runs):
+        for label, run, (_, _, st, _, _) in zip(labels, align_runs, runs):
             if mean_error(run.errors) is not None:
-                writer.add_scalar(f"diagnostics/alignment_error_starts/{label}", mean_error(run.errors), step)
+                # (At each checkpoint's own step: --compare's is another run's.)
+                writer.add_scalar(f"{DIAGNOSTICS}/alignment_error_starts/{label}", mean_error(run.errors), int(st["step"]))
 
         # Video: the first start's plan imposed on the simulator beside the real execution of its actions
         video = None
@@ -237,7 +254,7 @@ def main(argv=None) -> int:
                 env.close()
         if problem is None:
             path = render.write_video(out / "plan_vs_real", frames, args.fps, args.video_format)
-            render.add_video(writer, "diagnostics/plan_vs_real", frames, args.fps, step)
+            render.add_video(writer, f"{DIAGNOSTICS}/plan_vs_real", frames, args.fps, step)
             video = {"path": path, "frames": len(frames), "fps": args.fps, "seed": start.seed}
             written.append(str(path))
         elif args.no_video:
@@ -260,17 +277,19 @@ def main(argv=None) -> int:
                 row.update(summary)
                 for k in ("return_mean", "normalized_score", "alignment_error"):
                     if summary.get(k) is not None:
-                        writer.add_scalar(f"diagnostics/{k}/{label}", summary[k], step)
+                        writer.add_scalar(f"{DIAGNOSTICS}/{k}/{label}", summary[k], row["step"])
             rows.append(row)
 
         fig1_info = {"dataset": data.dataset_id, "episode": f1.episode, "start": f1.start, "units": args.units,
                      "png": fig1[0], "svg": fig1[1]}
         align_info = {"seeds": seeds, "units": args.units, "png": align[0], "svg": align[1]}
-        md = render_report(out, title=f"Diagnostics of {labels[0]}", rows=rows, episodes=args.episodes,
-                           figure1=fig1_info, alignment=align_info, video=video, notes=notes)
-        write_text(out / "report.md", md)
+        report = dict(title=f"Diagnostics of {titled[0]}", rows=rows, episodes=args.episodes, figure1=fig1_info,
+                      alignment=align_info, video=video, notes=notes)
+        write_text(out / "report.md", render_report(out, **report))
         written.append(str(out / "report.md"))
-        writer.add_text("diagnostics/report", md, step)
+        writer.add_text(f"{DIAGNOSTICS}/report", render_report(out, **report, tags={
+            "figure1": f"{DIAGNOSTICS}/figure1", "alignment": f"{DIAGNOSTICS}/alignment",
+            "video": f"{DIAGNOSTICS}/plan_vs_real"}), step)
         write_json(out / "summary.json", {"rows": rows, "figure1": {k: v for k, v in fig1_info.items()},
                                           "alignment_seeds": seeds,
                                           "video": None if video is None else {**video, "path": str(video["path"])}})

@@ -234,6 +234,41 @@ def test_interrupted_it_lists_the_files_it_wrote_and_writes_no_report(tiny_ckpt,
     assert f"interrupted: report.md and summary.json not written in {out}" in printed.err
 
 
+def test_each_checkpoints_numbers_are_at_its_own_step_and_a_rerun_replaces_its_events(tiny_ckpt, tmp_path,
+                                                                                        tiny_dataset, capsys):
+    # --compare's numbers stood at the first checkpoint's step; a rerun into the same --out (its
+    # default is fixed) added its points beside the last run's, at the same steps.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from distdiff.pretrain import pretrain
+
+    cfg = config.load(SMOKE_CONFIG, overrides={"data.dataset_id": tiny_dataset, "train.steps": 10})
+    shorter = pretrain(cfg, tmp_path / "shorter", quiet=True)
+    script = launch_script("visualize")
+    out = tmp_path / "viz"
+    argv = ["--checkpoint", str(tiny_ckpt), "--compare", str(shorter), "--out", str(out), "--episodes", "0",
+            "--starts", "1", "--no-video"]
+    for _ in range(2):
+        assert script.main(argv) == 0
+    assert len(list(out.glob("events.out.tfevents.*"))) == 1
+    acc = EventAccumulator(str(out)).Reload()
+    steps = {tag.rsplit("/", 1)[1]: [e.step for e in acc.Scalars(tag)]
+             for tag in acc.Tags()["scalars"] if tag.startswith("diagnostics/alignment_error_starts/")}
+    assert steps == {"run": [20], "shorter": [10]}
+    assert "(step 20)" in (out / "report.md").read_text()
+    # A directory of other events (a run's, TensorBoard's logdir of something else) is not cleared.
+    from torch.utils.tensorboard import SummaryWriter
+
+    other = tmp_path / "other"
+    with SummaryWriter(str(other)) as writer:
+        writer.add_scalar("losses/denoiser", 1.0, 5)
+    [events] = other.glob("events.out.tfevents.*")
+    with pytest.raises(SystemExit) as stop:
+        script.main([*argv[:4], "--out", str(other), *argv[6:]])
+    assert stop.value.code == 2 and events.is_file()
+    assert f"holds TensorBoard events of something else than visualize.py ({events.name})" in capsys.readouterr().err
+
+
 def test_the_reports_mean_error_averages_per_step_means_like_the_figures():
     # A start with no error past step 0 (NaN: not measured): per-step means 0, 1, 2; over the steps after the exact
     # start, 1.5, where pooling every finite entry past it (1, 2) would give the same only by luck
@@ -452,9 +487,38 @@ def test_the_alignment_figure_shows_reached_states_and_the_mean_error_over_start
         assert _legend(top)["reached (executing the plan)"] == "--"
         mean_line = bottom.lines[-1]
         np.testing.assert_allclose(mean_line.get_ydata(), [0.0, 2.0, 2.0])  # per step over starts, NaN left out
-        assert bottom.get_legend().get_texts()[0].get_text() == "run (mean 2.000)"
+        assert bottom.get_legend().get_texts()[0].get_text() == "run (mean 2.000; thin: each start)"
     finally:
         plots.plt.close(fig)
+
+
+def test_the_alignment_figures_checkpoints_are_told_apart_without_colour_and_not_by_the_dimensions_colours():
+    # Greyscale, or a reader who does not tell red from green: markers and dashes; and not C0, C1,
+    # which name the state dimensions in the panels above.
+    groups = plots.state_groups("Other-v0", 2)
+    runs = [plots.AlignmentRun(name, np.zeros((3, 2)), np.ones((3, 2)), np.ones((2, 3))) for name in ("a", "b")]
+    fig = plots.alignment_figure(runs, groups)
+    try:
+        means = [line for line in fig.axes[-1].lines if line.get_linewidth() == 2.0]
+        assert len(means) == 2
+        assert means[0].get_marker() != means[1].get_marker()
+        assert means[0].get_linestyle() != means[1].get_linestyle()
+        dimension_colours = {matplotlib.colors.to_hex(f"C{i}") for i in range(10)}
+        assert not {matplotlib.colors.to_hex(line.get_color()) for line in means} & dimension_colours
+    finally:
+        plots.plt.close(fig)
+
+
+def test_a_figures_svg_keeps_its_text_as_text(tmp_path):
+    # A paper's figure editor changes a label; as glyph outlines it could not.
+    import xml.etree.ElementTree as ET
+
+    fig = plots.alignment_figure([plots.AlignmentRun("run", np.zeros((3, 2)), np.ones((3, 2)), np.ones((1, 3)))],
+                                 plots.state_groups("Other-v0", 2))
+    png, svg = plots.save_figure(fig, tmp_path / "alignment")
+    plots.plt.close(fig)
+    texts = ["".join(t.itertext()) for t in ET.parse(svg).iter("{http://www.w3.org/2000/svg}text")]
+    assert "alignment error per horizon step" in texts
 
 
 
@@ -470,6 +534,10 @@ def test_the_report_table_and_captions_say_what_the_figures_show(tmp_path):
     with pytest.raises(ValueError, match="out of range"):  # the last state has no step to plan from
         pick_start([Episode(np.zeros((5, 1)), np.zeros((4, 1)), np.zeros(4), False, True)], 2, 0, 4)
     assert "the plan sampled conditioned on that state (solid) against the dataset's own continuation (dashed)" in text
+    # TensorBoard's copy names the figure's tag: its server serves no file of the log dir.
+    tagged = render_report(out, title="T", rows=rows, episodes=3, figure1=figure1, alignment=None, video=None,
+                           tags={"figure1": "diagnostics/figure1", "alignment": "a", "video": "v"})
+    assert "![" not in tagged and "figure1.svg" not in tagged and "In the Images tab: `diagnostics/figure1`." in tagged
 
 
 
