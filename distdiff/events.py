@@ -93,10 +93,21 @@ def drop_redone(log_dir: Path, keep: Callable[[str, int], bool], unchanged: Opti
     return dropped
 
 
-def event_tags(path: Path) -> Set[str]:
-    """The tags of the summaries an event file holds (up to a record cut short)."""
+def event_tags(path: Path) -> Optional[Set[str]]:
+    """The tags of the summaries an event file holds (up to a record cut short); None for a file
+    that is not one: bytes that are no record from the first, or a record that is no Event."""
+    from google.protobuf.message import DecodeError
+
+    tags: Set[str] = set()
     with open(path, "rb") as f:
-        return {v.tag for _, data in records(f) for v in Event.FromString(data).summary.value}
+        read = False
+        try:
+            for _, data in records(f):
+                read = True
+                tags.update(v.tag for v in Event.FromString(data).summary.value)
+        except DecodeError:
+            return None
+        return tags if read or f.tell() == 0 else None
 
 
 def _masked_crc(data: bytes) -> int:

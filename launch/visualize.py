@@ -195,12 +195,15 @@ def main(argv=None) -> int:
     # would stand beside these, and TensorBoard show one of them. Events of anything else (a run's
     # curves, another logdir) are not this script's to remove.
     earlier = sorted(path for path in out.glob(EVENTS_GLOB) if path.is_file())
-    foreign = [path for path in earlier if any(not tag.startswith(f"{DIAGNOSTICS}/") for tag in event_tags(path))]
+    foreign = [path for path in earlier
+               if (tags := event_tags(path)) is None or any(not tag.startswith(f"{DIAGNOSTICS}/") for tag in tags)]
     if holds_run(out) or foreign:
         fail(f"--out {out} holds TensorBoard events of something else than visualize.py "
              f"({(foreign or earlier or [out / CHECKPOINT])[0].name}): give a directory of its own")
     for path in earlier:
         path.unlink()
+    if earlier:
+        print(f"removed the TensorBoard events of an earlier visualize.py in {out}: {len(earlier)} file(s)")
     writer = SummaryWriter(str(out))
     notes, written, interrupted = [], [], False
     try:

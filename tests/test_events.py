@@ -14,7 +14,7 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 from torch.utils.tensorboard import SummaryWriter
 
 from distdiff.distributed.driver import Counters, step_axis
-from distdiff.events import CONFIG_TEXT, EVENTS_GLOB, drop_redone, kept_before
+from distdiff.events import CONFIG_TEXT, EVENTS_GLOB, drop_redone, event_tags, kept_before
 from distdiff.files import to_json
 
 
@@ -187,3 +187,23 @@ def test_kept_before_judges_each_tag_on_its_own_axis():
     assert keep("losses/denoiser", 5) and not keep("losses/denoiser", 6)
     assert keep("charts/episode_return", 300) and not keep("charts/episode_return", 301)
     assert keep(f"{CONFIG_TEXT}/text_summary", 299) and not keep(f"{CONFIG_TEXT}/text_summary", 300)
+
+
+def test_the_tags_of_an_event_file_and_of_bytes_that_are_none():
+    # What visualize.py reads before it removes an --out's events: only its own, never a file it
+    # cannot read as events.
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        with SummaryWriter(d) as writer:
+            writer.add_scalar("diagnostics/return_mean/run", 1.0, 3)
+            writer.add_text("diagnostics/report", "# r", 3)
+        [path] = Path(d).glob(EVENTS_GLOB)
+        assert event_tags(path) == {"diagnostics/return_mean/run", "diagnostics/report/text_summary"}
+        whole = path.read_bytes()
+        path.write_bytes(whole[:-3])  # the last record cut short (a killed writer): the others read
+        assert event_tags(path) == {"diagnostics/return_mean/run"}
+        path.write_bytes(b"")  # made, and nothing written yet
+        assert event_tags(path) == set()
+        path.write_bytes(b"a user's notes, named as an event file" * 2)
+        assert event_tags(path) is None

@@ -1295,3 +1295,17 @@ def test_every_flag_readme_names_is_one_a_script_takes(monkeypatch, capsys):
     named = set(re.findall(r"(?<![\w-])--[a-z][\w.-]*\w", (ROOT / "README.md").read_text()))
     assert not named - taken - OTHER_PROGRAMS_FLAGS
     assert not OTHER_PROGRAMS_FLAGS - named, "no longer in README: drop them from the list"
+
+
+def test_the_tensorboard_commands_readme_gives_are_ones_tensorboard_takes():
+    # `--samples_per_plugin images=all` read well, and TensorBoard 2.21 refused it.
+    import argparse
+
+    from tensorboard.plugins.core.core_plugin import CorePluginLoader
+
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    CorePluginLoader().define_flags(parser)
+    commands = re.findall(r"`tensorboard (--[^`]*)`", (ROOT / "README.md").read_text())
+    assert any("--samples_per_plugin" in c for c in commands)
+    for command in commands:
+        parser.parse_args(command.replace("RUN", "runs/x").split())

@@ -628,10 +628,11 @@ def test_a_dataset_recorded_under_another_simulator_says_so(minari_root, tiny_ep
     assert said == []  # (recorded with this simulator)
     metadata = minari_root / "local/test/oldsim-v0/data/metadata.json"
     fields = json.loads(metadata.read_text())
-    fields["requirements"] = ["mujoco==3.1.6", "gymnasium>=1.0", "not a requirement", "torch==0.0.1"]
+    fields["requirements"] = ["mujoco==3.1.6", "gymnasium>=1.0", "not a requirement", "torch==0.0.1",
+                              'mujoco==2.0; python_version < "3"']
     metadata.write_text(json.dumps(fields))
     load_episodes("local/test/oldsim-v0", env_id="Walker2d-v5", log=said.append)
-    assert said == [f"warning: dataset 'local/test/oldsim-v0' was recorded with mujoco==3.1.6 (here "
+    assert said == [f"note: dataset 'local/test/oldsim-v0' was recorded with mujoco==3.1.6 (here "
                     f"{importlib.metadata.version('mujoco')}): the dynamics of its episodes and of the rollouts may "
                     f"differ"]
 

@@ -668,6 +668,17 @@ def test_sweep_is_interrupted_resumed_and_summarized(ray_session, tiny_dataset, 
     best = config_lib.load(storage / "sweep" / "best_config.yaml")
     scores = {json.loads((d / "metrics.json").read_text())["normalized_score"]: d for d in dirs}
     best_dir = scores[max(scores)]
+    # README's notebook lines, as written, from where the sweep's default --storage would be.
+    [snippet] = [block for block in re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+                 if "tune.ExperimentAnalysis" in block]
+    notebook = tmp_path / "notebook"
+    (notebook / "runs" / "tune").mkdir(parents=True)
+    (notebook / "runs" / "tune" / "distdiff-tune").symlink_to(storage / "sweep")
+    (notebook / "read.py").write_text(snippet + "print(len(analysis.trials), Path(best.path).name)\n")
+    read = subprocess.run([sys.executable, "read.py"], cwd=notebook, env=subprocess_env, capture_output=True,
+                          text=True, timeout=120)
+    assert read.returncode == 0, read.stderr[-3000:]
+    assert read.stdout.split()[-2:] == ["3", best_dir.name]
     params = yaml.safe_load((best_dir / "params.json").read_text())
     assert best.diffusion.schedule == params["diffusion.schedule"]
     assert best.train.seed == params["train.seed"]  # the best trial as it ran

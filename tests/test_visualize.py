@@ -251,6 +251,7 @@ def test_each_checkpoints_numbers_are_at_its_own_step_and_a_rerun_replaces_its_e
     for _ in range(2):
         assert script.main(argv) == 0
     assert len(list(out.glob("events.out.tfevents.*"))) == 1
+    assert f"removed the TensorBoard events of an earlier visualize.py in {out}: 1 file(s)" in capsys.readouterr().out
     acc = EventAccumulator(str(out)).Reload()
     steps = {tag.rsplit("/", 1)[1]: [e.step for e in acc.Scalars(tag)]
              for tag in acc.Tags()["scalars"] if tag.startswith("diagnostics/alignment_error_starts/")}
@@ -267,6 +268,11 @@ def test_each_checkpoints_numbers_are_at_its_own_step_and_a_rerun_replaces_its_e
         script.main([*argv[:4], "--out", str(other), *argv[6:]])
     assert stop.value.code == 2 and events.is_file()
     assert f"holds TensorBoard events of something else than visualize.py ({events.name})" in capsys.readouterr().err
+    # Nor are bytes that are no event file, under an event file's name.
+    events.write_bytes(b"not a record at all, but a user's file" * 3)
+    with pytest.raises(SystemExit) as stop:
+        script.main([*argv[:4], "--out", str(other), *argv[6:]])
+    assert stop.value.code == 2 and events.is_file()
 
 
 def test_the_reports_mean_error_averages_per_step_means_like_the_figures():

@@ -270,7 +270,9 @@ def load_episodes(dataset_id: str, *, download: bool = False, obs_dim: Optional[
     simulator = _other_simulator(ds.storage.metadata.get("requirements") or [])
     if simulator:
         # Minari says so only when it remakes the env (recover_environment), which distdiff does not.
-        log(f"warning: dataset {dataset_id!r} was recorded with {simulator}: the dynamics of its episodes and of "
+        # A note, not a warning: distdiff pins its simulator, and Minari's own datasets were made
+        # with an older one, so nothing is to be done about it but to know it.
+        log(f"note: dataset {dataset_id!r} was recorded with {simulator}: the dynamics of its episodes and of "
             f"the rollouts may differ")
     try:
         raw = list(ds.iterate_episodes())
@@ -328,6 +330,8 @@ def _other_simulator(requirements: Sequence[str]) -> str:
             installed = importlib.metadata.version(req.name)
         except (InvalidRequirement, importlib.metadata.PackageNotFoundError):
             continue
+        if req.marker is not None and not req.marker.evaluate():
+            continue  # (for another platform or Python)
         if req.name.lower() in SIMULATOR and not req.specifier.contains(installed, prereleases=True):
             unmet.append(f"{text} (here {installed})")
     return ", ".join(unmet)
